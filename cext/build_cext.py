@@ -1,0 +1,35 @@
+"""cffi build script for trapless's C extension, `hypervisor._hv` (out-of-line API mode).
+
+The cdef is the ABI header plus the extension's API header, read from the files the
+C code includes, so Python and C see one definition of every number and struct.
+"""
+import re
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SOURCES = ["guest_mem.c", "hypercall.c", "console.c", "version.c", "sched.c", "domain.c", "kvm.c"]
+
+
+def cdef_part(path: Path) -> str:
+    m = re.search(r"/\* cdef-begin \*/(.*)/\* cdef-end \*/", path.read_text(), re.S)
+    if not m:
+        raise SystemExit(f"{path}: cdef markers missing")
+    return m.group(1)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(cdef_part(ROOT / "abi" / "xen_abi.h") + cdef_part(HERE / "hv_api.h"))
+ffibuilder.set_source(
+    "hypervisor._hv",
+    '#include "hv.h"\n',
+    sources=[str((HERE / s).relative_to(ROOT)) for s in SOURCES],
+    include_dirs=[str(HERE.relative_to(ROOT)), "abi"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(ROOT / "build" / "cffi"), verbose=True)

@@ -1,0 +1,111 @@
+/*
+ * domain.c - a domain: its guest memory, counters and console; engine-independent.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "hv.h"
+
+uint64_t hv_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+void hv_set_error(char *buf, int len, const char *fmt, ...)
+{
+    va_list ap;
+    if (!buf || len <= 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(buf, (size_t)len, fmt, ap);
+    va_end(ap);
+}
+
+int hv_kvm_create_vm(struct hv_domain *d, char *err, int err_len);
+void hv_kvm_destroy_vm(struct hv_domain *d);
+
+struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err, int err_len)
+{
+    struct hv_domain *d;
+
+    if (cfg->ram_bytes == 0 || cfg->ram_bytes % HV_PAGE_SIZE) {
+        hv_set_error(err, err_len, "memory size %llu is not a whole number of pages",
+                     (unsigned long long)cfg->ram_bytes);
+        return NULL;
+    }
+    if (cfg->pt_pool_start > cfg->pt_pool_end || cfg->pt_pool_end > cfg->ram_bytes ||
+        cfg->pt_pool_start % HV_PAGE_SIZE || cfg->pt_pool_end % HV_PAGE_SIZE) {
+        hv_set_error(err, err_len, "page-table pool [%#llx, %#llx) is not inside guest memory",
+                     (unsigned long long)cfg->pt_pool_start, (unsigned long long)cfg->pt_pool_end);
+        return NULL;
+    }
+    d = calloc(1, sizeof(*d));
+    if (!d) {
+        hv_set_error(err, err_len, "out of host memory");
+        return NULL;
+    }
+    d->domid = cfg->domid;
+    d->ram_bytes = cfg->ram_bytes;
+    d->pt_pool_start = cfg->pt_pool_start;
+    d->pt_pool_end = cfg->pt_pool_end;
+    d->console_fd = cfg->console_fd;
+    d->shutdown_code = -1;
+    d->kvm_vm_fd = -1;
+    memcpy(d->handle, cfg->handle, sizeof(d->handle));
+    pthread_mutex_init(&d->console_lock, NULL);
+
+    /* Guest RAM: anonymous, zero-filled, committed only as the guest touches it. */
+    d->ram = mmap(NULL, d->ram_bytes, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (d->ram == MAP_FAILED) {
+        hv_set_error(err, err_len, "cannot map %llu bytes of guest memory: %s",
+                     (unsigned long long)d->ram_bytes, strerror(errno));
+        free(d);
+        return NULL;
+    }
+    if (cfg->engine != HV_ENGINE_KVM) {
+        hv_set_error(err, err_len, "unknown engine %d", cfg->engine);
+        munmap(d->ram, d->ram_bytes);
+        free(d);
+        return NULL;
+    }
+    if (hv_kvm_create_vm(d, err, err_len) < 0) {
+        munmap(d->ram, d->ram_bytes);
+        free(d);
+        return NULL;
+    }
+    return d;
+}
+
+void hv_vcpu_destroy(struct hv_vcpu *v);
+
+void hv_domain_destroy(struct hv_domain *d)
+{
+    if (!d)
+        return;
+    for (int i = 0; i < HV_MAX_VCPUS; i++)
+        if (d->vcpus[i])
+            hv_vcpu_destroy(d->vcpus[i]);
+    hv_kvm_destroy_vm(d);
+    munmap(d->ram, d->ram_bytes);
+    pthread_mutex_destroy(&d->console_lock);
+    free(d);
+}
+
+uint8_t *hv_domain_ram(struct hv_domain *d)
+{
+    return d->ram;
+}
+
+struct hv_counters *hv_domain_counters(struct hv_domain *d)
+{
+    return &d->counters;
+}

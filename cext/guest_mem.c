@@ -1,0 +1,115 @@
+/*
+ * guest_mem.c - the one door to guest memory: translation through the guest's own
+ * page tables, bounds checks against the domain's RAM, and copies in and out.
+ *
+ * A guest pointer is a guest virtual address. Every byte a hypercall reads or writes
+ * goes through hv_copy_from_guest / hv_copy_to_guest, which walk the guest's 4-level
+ * page tables exactly as the MMU would (present, writable, 2 MiB and 1 GiB pages) and
+ * refuse anything outside the domain's RAM. A bad pointer is -XEN_EFAULT; nothing is
+ * ever read or written outside [ram, ram + ram_bytes).
+ */
+#include <string.h>
+
+#include "hv.h"
+
+#define PTE_P    (1ULL << 0)
+#define PTE_RW   (1ULL << 1)
+#define PTE_PS   (1ULL << 7)
+#define PTE_ADDR 0x000ffffffffff000ULL
+
+int hv_gpa_valid(struct hv_domain *d, uint64_t gpa, uint64_t len)
+{
+    return gpa < d->ram_bytes && len <= d->ram_bytes - gpa;
+}
+
+static int read_pte(struct hv_domain *d, uint64_t table, unsigned idx, uint64_t *pte)
+{
+    uint64_t gpa = (table & PTE_ADDR) + idx * 8ULL;
+    if (!hv_gpa_valid(d, gpa, 8))
+        return -XEN_EFAULT;
+    memcpy(pte, d->ram + gpa, 8);
+    return 0;
+}
+
+static int canonical(uint64_t va)
+{
+    uint64_t top = va >> 47;
+    return top == 0 || top == 0x1ffff;
+}
+
+int hv_gva_to_gpa(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t entry, cr3;
+
+    if (!canonical(gva))
+        return -XEN_EFAULT;
+    if (v->ops->get_cr3(v, &cr3) < 0)
+        return -XEN_EFAULT;
+
+    entry = cr3;
+    for (int level = 4; level >= 1; level--) {
+        unsigned shift = 12 + 9 * (level - 1);
+        unsigned idx = (gva >> shift) & 511;
+        if (read_pte(d, entry, idx, &entry) < 0)
+            return -XEN_EFAULT;
+        if (!(entry & PTE_P) || (write && !(entry & PTE_RW)))
+            return -XEN_EFAULT;
+        if ((level == 3 || level == 2) && (entry & PTE_PS)) {
+            uint64_t size = 1ULL << shift;
+            *gpa = (entry & PTE_ADDR & ~(size - 1)) | (gva & (size - 1));
+            goto found;
+        }
+    }
+    *gpa = (entry & PTE_ADDR) | (gva & 0xfff);
+found:
+    if (!hv_gpa_valid(d, *gpa, 1))
+        return -XEN_EFAULT;
+    /* Page tables are the hypervisor's to write: never through a guest pointer. */
+    if (write && *gpa >= d->pt_pool_start && *gpa < d->pt_pool_end)
+        return -XEN_EFAULT;
+    return 0;
+}
+
+/* Copy page by page: a buffer may straddle pages that map anywhere (or nowhere). */
+static int copy_guest(struct hv_vcpu *v, uint64_t gva, uint8_t *host, uint64_t len, int write)
+{
+    while (len) {
+        uint64_t gpa, chunk = HV_PAGE_SIZE - (gva & (HV_PAGE_SIZE - 1));
+        if (chunk > len)
+            chunk = len;
+        if (hv_gva_to_gpa(v, gva, write, &gpa) < 0 || !hv_gpa_valid(v->dom, gpa, chunk))
+            return -XEN_EFAULT;
+        if (write)
+            memcpy(v->dom->ram + gpa, host, chunk);
+        else
+            memcpy(host, v->dom->ram + gpa, chunk);
+        gva += chunk;
+        host += chunk;
+        len -= chunk;
+    }
+    return 0;
+}
+
+int hv_copy_from_guest(struct hv_vcpu *v, void *dst, uint64_t gva, uint64_t len)
+{
+    return copy_guest(v, gva, dst, len, 0);
+}
+
+int hv_copy_to_guest(struct hv_vcpu *v, uint64_t gva, const void *src, uint64_t len)
+{
+    /* Check the whole range first so a fault half-way leaves guest memory untouched. */
+    uint64_t gpa, end = gva + len, va = gva;
+    if (len && end < gva)
+        return -XEN_EFAULT;
+    while (len && va < end) {
+        if (hv_gva_to_gpa(v, va, 1, &gpa) < 0)
+            return -XEN_EFAULT;
+        va = (va | (HV_PAGE_SIZE - 1)) + 1;
+        if (va == 0)
+            break;
+    }
+    if (len && hv_gva_to_gpa(v, end - 1, 1, &gpa) < 0)
+        return -XEN_EFAULT;
+    return copy_guest(v, gva, (uint8_t *)src, len, 1);
+}

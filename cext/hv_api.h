@@ -1,0 +1,100 @@
+/*
+ * hv_api.h - what the C extension offers Python (cffi cdef reads the marked part).
+ *
+ * A domain owns guest memory, counters and the console; a vCPU runs on an engine.
+ * Python builds the domain's memory, sets the boot state, then calls hv_vcpu_run()
+ * from a thread of its own: the call releases the GIL and returns only when the
+ * vCPU stops (shutdown, fault, or a kick from another thread).
+ */
+#ifndef TRAPLESS_HV_API_H
+#define TRAPLESS_HV_API_H
+#include <stdint.h>
+
+/* cdef-begin */
+
+/* Exits, by reason: one counter each (the engines map their own exit codes here). */
+enum hv_exit_reason {
+    HV_EXIT_HYPERCALL,      /* out to the hypercall port */
+    HV_EXIT_IO,             /* any other port I/O */
+    HV_EXIT_MMIO,           /* access to guest-physical memory the guest may not touch */
+    HV_EXIT_HLT,
+    HV_EXIT_IRQ_WINDOW,     /* the vCPU became interruptible: inject now */
+    HV_EXIT_INTR,           /* kicked out of the guest by a signal */
+    HV_EXIT_SHUTDOWN,       /* triple fault */
+    HV_EXIT_FAIL_ENTRY,
+    HV_EXIT_OTHER,
+    HV_EXIT_NR
+};
+
+/* Why hv_vcpu_run() returned. */
+enum hv_stop_reason {
+    HV_STOP_SHUTDOWN,       /* the guest shut down; code = Xen shutdown reason */
+    HV_STOP_FAULT,          /* triple fault, or an exit the VMM cannot handle */
+    HV_STOP_KICKED,         /* hv_vcpu_kick() from another thread */
+    HV_STOP_ERROR           /* the engine itself failed (ioctl error) */
+};
+
+struct hv_stop {
+    int      reason;        /* enum hv_stop_reason */
+    int      code;          /* shutdown reason, or the engine's raw exit code */
+    uint64_t rip;
+    uint64_t elapsed_ns;    /* wall time spent inside hv_vcpu_run */
+    char     message[200];  /* one line, for HV_STOP_FAULT and HV_STOP_ERROR */
+};
+
+struct hv_counters {
+    uint64_t exits[HV_EXIT_NR];                           /* by enum hv_exit_reason */
+    /* by hypercall number; the last slot counts numbers out of range */
+    uint64_t hypercalls[TRAPLESS_NR_HYPERCALLS + 1];
+    uint64_t hypercall_errors[TRAPLESS_NR_HYPERCALLS + 1]; /* returned a negative errno */
+    uint64_t unknown_port_io;                   /* port I/O nobody claims */
+};
+
+/* The state a vCPU starts in: 64-bit long mode, flat segments, paging on. */
+struct hv_boot_state {
+    uint64_t rip;
+    uint64_t rsp;
+    uint64_t rsi;           /* start_info */
+    uint64_t cr3;           /* guest-physical address of the top-level page table */
+    uint64_t gdt_base;      /* guest-virtual */
+    uint16_t gdt_limit;
+    uint16_t code_selector;
+    uint16_t data_selector;
+};
+
+enum hv_engine {
+    HV_ENGINE_KVM,          /* hardware-assisted: /dev/kvm */
+    HV_ENGINE_NR
+};
+
+struct hv_domain_config {
+    int      engine;        /* enum hv_engine */
+    uint32_t domid;
+    uint64_t ram_bytes;
+    uint64_t pt_pool_start; /* guest-physical range the guest may not write: page tables */
+    uint64_t pt_pool_end;
+    int      console_fd;    /* console output is written here; -1 drops it */
+    uint8_t  handle[16];    /* the domain's UUID (XENVER_guest_handle) */
+};
+
+struct hv_domain;
+struct hv_vcpu;
+
+/* Engines. Returns 1 if usable; otherwise 0 and a one-line reason in why. */
+int  hv_kvm_available(char *why, int why_len);
+
+/* Domains: NULL on failure with a one-line reason in err. */
+struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err, int err_len);
+void     hv_domain_destroy(struct hv_domain *d);
+uint8_t *hv_domain_ram(struct hv_domain *d);
+struct hv_counters *hv_domain_counters(struct hv_domain *d);
+int      hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int len);
+
+/* vCPUs. */
+struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_len);
+int      hv_vcpu_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len);
+int      hv_vcpu_run(struct hv_vcpu *v, struct hv_stop *stop);
+void     hv_vcpu_kick(struct hv_vcpu *v);
+
+/* cdef-end */
+#endif

@@ -1,0 +1,435 @@
+/*
+ * kvm.c - the kvm engine: hardware-assisted virtualization through /dev/kvm.
+ *
+ * One KVM VM per domain, no in-kernel irqchip, one thread per vCPU inside KVM_RUN.
+ * Registers travel through KVM_CAP_SYNC_REGS, so a hypercall costs one exit and no
+ * extra ioctl. Page-table frames sit in a read-only memslot: the guest reads them,
+ * only the hypervisor writes them.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "hv.h"
+
+#define KICK_SIGNAL SIGUSR1
+#define TSS_ADDR    0xfffbd000ULL   /* three pages KVM wants on Intel; outside guest RAM */
+
+static int kvm_fd = -1;
+static int kvm_open_errno;
+static int kvm_run_size;
+static pthread_once_t kvm_once = PTHREAD_ONCE_INIT;
+
+static void kick_handler(int sig)
+{
+    (void)sig;                      /* only here to make KVM_RUN return -EINTR */
+}
+
+static void kvm_open_once(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = kick_handler;   /* no SA_RESTART: the ioctl must return */
+    sigemptyset(&sa.sa_mask);
+    sigaction(KICK_SIGNAL, &sa, NULL);
+
+    kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm_fd < 0) {
+        kvm_open_errno = errno;
+        return;
+    }
+    kvm_run_size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+}
+
+int hv_kvm_available(char *why, int why_len)
+{
+    static const struct { int cap; const char *name; } needed[] = {
+        { KVM_CAP_SYNC_REGS, "KVM_CAP_SYNC_REGS" },
+        { KVM_CAP_READONLY_MEM, "KVM_CAP_READONLY_MEM" },
+        { KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT" },
+    };
+    pthread_once(&kvm_once, kvm_open_once);
+    if (kvm_fd < 0) {
+        if (kvm_open_errno == ENOENT)
+            hv_set_error(why, why_len, "/dev/kvm does not exist (no KVM on this host)");
+        else
+            hv_set_error(why, why_len, "cannot open /dev/kvm: %s", strerror(kvm_open_errno));
+        return 0;
+    }
+    if (ioctl(kvm_fd, KVM_GET_API_VERSION, 0) != KVM_API_VERSION) {
+        hv_set_error(why, why_len, "/dev/kvm speaks an unknown KVM API version");
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(needed) / sizeof(needed[0]); i++) {
+        if (ioctl(kvm_fd, KVM_CHECK_EXTENSION, needed[i].cap) <= 0) {
+            hv_set_error(why, why_len, "/dev/kvm lacks %s", needed[i].name);
+            return 0;
+        }
+    }
+    if (kvm_run_size < (int)sizeof(struct kvm_run)) {
+        hv_set_error(why, why_len, "/dev/kvm reports a bad vCPU mmap size");
+        return 0;
+    }
+    return 1;
+}
+
+static int set_slot(struct hv_domain *d, uint32_t slot, uint64_t start, uint64_t end,
+                    uint32_t flags, char *err, int err_len)
+{
+    struct kvm_userspace_memory_region r = {
+        .slot = slot,
+        .flags = flags,
+        .guest_phys_addr = start,
+        .memory_size = end - start,
+        .userspace_addr = (uint64_t)(uintptr_t)(d->ram + start),
+    };
+    if (start == end)
+        return 0;
+    if (ioctl(d->kvm_vm_fd, KVM_SET_USER_MEMORY_REGION, &r) < 0) {
+        hv_set_error(err, err_len, "KVM_SET_USER_MEMORY_REGION [%#llx, %#llx): %s",
+                     (unsigned long long)start, (unsigned long long)end, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+int hv_kvm_create_vm(struct hv_domain *d, char *err, int err_len)
+{
+    if (!hv_kvm_available(err, err_len))
+        return -1;
+    d->kvm_vm_fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
+    if (d->kvm_vm_fd < 0) {
+        hv_set_error(err, err_len, "KVM_CREATE_VM: %s", strerror(errno));
+        return -1;
+    }
+    if (ioctl(d->kvm_vm_fd, KVM_SET_TSS_ADDR, TSS_ADDR) < 0 && errno != ENOTTY) {
+        hv_set_error(err, err_len, "KVM_SET_TSS_ADDR: %s", strerror(errno));
+        goto fail;
+    }
+    /* RAM below the page-table pool, the pool (read-only to the guest), RAM above. */
+    if (set_slot(d, 0, 0, d->pt_pool_start, 0, err, err_len) < 0 ||
+        set_slot(d, 1, d->pt_pool_start, d->pt_pool_end, KVM_MEM_READONLY, err, err_len) < 0 ||
+        set_slot(d, 2, d->pt_pool_end, d->ram_bytes, 0, err, err_len) < 0)
+        goto fail;
+    return 0;
+fail:
+    close(d->kvm_vm_fd);
+    d->kvm_vm_fd = -1;
+    return -1;
+}
+
+void hv_kvm_destroy_vm(struct hv_domain *d)
+{
+    if (d->kvm_vm_fd >= 0)
+        close(d->kvm_vm_fd);
+    d->kvm_vm_fd = -1;
+}
+
+/* ---- engine ops ---- */
+
+static int kvm_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
+{
+    if (!v->cr3_valid) {
+        struct kvm_sregs sregs;
+        if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+            return -1;
+        v->cr3 = sregs.cr3;
+        v->cr3_valid = 1;
+    }
+    *cr3 = v->cr3;
+    return 0;
+}
+
+static void kvm_kick(struct hv_vcpu *v)
+{
+    pthread_mutex_lock(&v->kick_lock);
+    __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    if (v->in_run && !pthread_equal(v->thread, pthread_self()))
+        pthread_kill(v->thread, KICK_SIGNAL);
+    pthread_mutex_unlock(&v->kick_lock);
+}
+
+static const struct hv_engine_ops kvm_ops = {
+    .get_cr3 = kvm_get_cr3,
+    .kick = kvm_kick,
+};
+
+/* ---- vCPUs ---- */
+
+static int set_cpuid(struct hv_vcpu *v, char *err, int err_len)
+{
+    int nent = 256, rc = -1;
+    struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + nent * sizeof(struct kvm_cpuid_entry2));
+    if (!cpuid) {
+        hv_set_error(err, err_len, "out of host memory");
+        return -1;
+    }
+    cpuid->nent = nent;
+    if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, cpuid) < 0)
+        hv_set_error(err, err_len, "KVM_GET_SUPPORTED_CPUID: %s", strerror(errno));
+    else if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
+        hv_set_error(err, err_len, "KVM_SET_CPUID2: %s", strerror(errno));
+    else
+        rc = 0;
+    free(cpuid);
+    return rc;
+}
+
+struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_len)
+{
+    struct hv_vcpu *v;
+
+    if (id < 0 || id >= HV_MAX_VCPUS || d->vcpus[id]) {
+        hv_set_error(err, err_len, "bad or duplicate vCPU id %d", id);
+        return NULL;
+    }
+    v = calloc(1, sizeof(*v));
+    if (!v) {
+        hv_set_error(err, err_len, "out of host memory");
+        return NULL;
+    }
+    v->dom = d;
+    v->id = id;
+    v->ops = &kvm_ops;
+    v->run_size = (size_t)kvm_run_size;
+    pthread_mutex_init(&v->kick_lock, NULL);
+    v->fd = ioctl(d->kvm_vm_fd, KVM_CREATE_VCPU, id);
+    if (v->fd < 0) {
+        hv_set_error(err, err_len, "KVM_CREATE_VCPU: %s", strerror(errno));
+        free(v);
+        return NULL;
+    }
+    v->run = mmap(NULL, v->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
+    if (v->run == MAP_FAILED) {
+        hv_set_error(err, err_len, "mmap of kvm_run: %s", strerror(errno));
+        close(v->fd);
+        free(v);
+        return NULL;
+    }
+    if (set_cpuid(v, err, err_len) < 0) {
+        munmap(v->run, v->run_size);
+        close(v->fd);
+        free(v);
+        return NULL;
+    }
+    v->run->kvm_valid_regs = KVM_SYNC_X86_REGS;
+    d->vcpus[id] = v;
+    return v;
+}
+
+void hv_vcpu_destroy(struct hv_vcpu *v)
+{
+    v->dom->vcpus[v->id] = NULL;
+    munmap(v->run, v->run_size);
+    close(v->fd);
+    pthread_mutex_destroy(&v->kick_lock);
+    free(v);
+}
+
+static void flat_segment(struct kvm_segment *s, uint16_t selector, int code)
+{
+    memset(s, 0, sizeof(*s));
+    s->selector = selector;
+    s->base = 0;
+    s->limit = 0xffffffff;
+    s->type = code ? 0xb : 0x3;     /* execute/read or read/write, accessed */
+    s->present = 1;
+    s->s = 1;
+    s->l = code ? 1 : 0;
+    s->db = code ? 0 : 1;
+    s->g = 1;
+}
+
+int hv_vcpu_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len)
+{
+    struct kvm_sregs sregs;
+    struct kvm_regs regs;
+    struct kvm_fpu fpu;
+
+    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0) {
+        hv_set_error(err, err_len, "KVM_GET_SREGS: %s", strerror(errno));
+        return -1;
+    }
+    flat_segment(&sregs.cs, bs->code_selector, 1);
+    flat_segment(&sregs.ds, bs->data_selector, 0);
+    sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
+    memset(&sregs.tr, 0, sizeof(sregs.tr));
+    sregs.tr.limit = 0x67;
+    sregs.tr.type = 0xb;            /* busy 64-bit TSS: VM entry insists on one */
+    sregs.tr.present = 1;
+    memset(&sregs.ldt, 0, sizeof(sregs.ldt));
+    sregs.ldt.type = 0x2;
+    sregs.ldt.unusable = 1;
+    sregs.gdt.base = bs->gdt_base;
+    sregs.gdt.limit = bs->gdt_limit;
+    sregs.idt.base = 0;             /* the guest installs its own IDT */
+    sregs.idt.limit = 0;
+    sregs.cr0 = 0x80050033;         /* PG WP NE ET MP PE */
+    sregs.cr3 = bs->cr3;
+    sregs.cr4 = 0x620;              /* OSXMMEXCPT OSFXSR PAE */
+    sregs.efer = 0xd00;             /* NXE LMA LME */
+    if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0) {
+        hv_set_error(err, err_len, "KVM_SET_SREGS: %s", strerror(errno));
+        return -1;
+    }
+    memset(&regs, 0, sizeof(regs));
+    regs.rip = bs->rip;
+    regs.rsp = bs->rsp;
+    regs.rsi = bs->rsi;
+    regs.rflags = 0x2;              /* interrupts off until the guest is ready */
+    if (ioctl(v->fd, KVM_SET_REGS, &regs) < 0) {
+        hv_set_error(err, err_len, "KVM_SET_REGS: %s", strerror(errno));
+        return -1;
+    }
+    memset(&fpu, 0, sizeof(fpu));
+    fpu.fcw = 0x37f;
+    fpu.mxcsr = 0x1f80;
+    if (ioctl(v->fd, KVM_SET_FPU, &fpu) < 0) {
+        hv_set_error(err, err_len, "KVM_SET_FPU: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the run loop ---- */
+
+static int stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+
+static int stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const char *fmt, ...)
+{
+    va_list ap;
+    stop->reason = reason;
+    stop->code = code;
+    stop->rip = rip;
+    va_start(ap, fmt);
+    vsnprintf(stop->message, sizeof(stop->message), fmt, ap);
+    va_end(ap);
+    return reason;
+}
+
+static void port_io(struct hv_vcpu *v, struct kvm_run *run)
+{
+    struct kvm_regs *regs = &run->s.regs.regs;
+
+    if (run->io.port == TRAPLESS_HYPERCALL_PORT && run->io.direction == KVM_EXIT_IO_OUT &&
+        run->io.size == 4 && run->io.count == 1) {
+        struct hv_hcall h = {
+            .nr = regs->rax, .a1 = regs->rdi, .a2 = regs->rsi,
+            .a3 = regs->rdx, .a4 = regs->r10, .a5 = regs->r8,
+        };
+        v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+        regs->rax = (uint64_t)hv_hypercall(v, &h);
+        run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+        return;
+    }
+    /* A port nobody claims: reads float high, writes vanish, as on real hardware. */
+    v->dom->counters.exits[HV_EXIT_IO]++;
+    v->dom->counters.unknown_port_io++;
+    if (run->io.direction == KVM_EXIT_IO_IN)
+        memset((uint8_t *)run + run->io.data_offset, 0xff, (size_t)run->io.size * run->io.count);
+}
+
+static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    struct hv_domain *d = v->dom;
+    struct kvm_run *run = v->run;
+    struct hv_counters *c = &d->counters;
+
+    for (;;) {
+        if (__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE))
+            return stop_with(stop, HV_STOP_SHUTDOWN, d->shutdown_reason, run->s.regs.regs.rip,
+                             "shutdown");
+        if (__atomic_exchange_n(&v->kicked, 0, __ATOMIC_SEQ_CST))
+            return stop_with(stop, HV_STOP_KICKED, 0, run->s.regs.regs.rip, "stopped by the toolstack");
+
+        if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+            if (errno == EINTR || errno == EAGAIN) {
+                c->exits[HV_EXIT_INTR]++;
+                __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+                continue;
+            }
+            return stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
+                             "KVM_RUN failed: %s", strerror(errno));
+        }
+        v->cr3_valid = 0;
+        uint64_t rip = run->s.regs.regs.rip;
+
+        switch (run->exit_reason) {
+        case KVM_EXIT_IO:
+            port_io(v, run);
+            break;
+        case KVM_EXIT_HLT:
+            c->exits[HV_EXIT_HLT]++;
+            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_HLT, rip,
+                             "hlt with nothing that could wake the vCPU (rflags %#llx)",
+                             (unsigned long long)run->s.regs.regs.rflags);
+        case KVM_EXIT_MMIO:
+            c->exits[HV_EXIT_MMIO]++;
+            if (run->mmio.is_write && run->mmio.phys_addr >= d->pt_pool_start &&
+                run->mmio.phys_addr < d->pt_pool_end)
+                return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_MMIO, rip,
+                                 "direct write to page-table frame at guest-physical %#llx "
+                                 "(page tables change only through mmu_update)",
+                                 (unsigned long long)run->mmio.phys_addr);
+            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_MMIO, rip,
+                             "%s of guest-physical %#llx, outside guest memory",
+                             run->mmio.is_write ? "write" : "read",
+                             (unsigned long long)run->mmio.phys_addr);
+        case KVM_EXIT_SHUTDOWN:
+            c->exits[HV_EXIT_SHUTDOWN]++;
+            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_SHUTDOWN, rip, "triple fault");
+        case KVM_EXIT_FAIL_ENTRY:
+            c->exits[HV_EXIT_FAIL_ENTRY]++;
+            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_FAIL_ENTRY, rip,
+                             "VM entry failed (hardware reason %#llx)",
+                             (unsigned long long)run->fail_entry.hardware_entry_failure_reason);
+        case KVM_EXIT_INTR:
+            c->exits[HV_EXIT_INTR]++;
+            break;
+        case KVM_EXIT_INTERNAL_ERROR:
+            c->exits[HV_EXIT_OTHER]++;
+            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_INTERNAL_ERROR, rip,
+                             "KVM internal error (suberror %u)", run->internal.suberror);
+        default:
+            c->exits[HV_EXIT_OTHER]++;
+            return stop_with(stop, HV_STOP_FAULT, (int)run->exit_reason, rip,
+                             "unhandled exit (exit_reason=%u)", run->exit_reason);
+        }
+    }
+}
+
+int hv_vcpu_run(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    uint64_t t0 = hv_now_ns();
+    int rc;
+
+    memset(stop, 0, sizeof(*stop));
+    pthread_mutex_lock(&v->kick_lock);
+    v->thread = pthread_self();
+    v->in_run = 1;
+    pthread_mutex_unlock(&v->kick_lock);
+
+    rc = run_loop(v, stop);
+
+    pthread_mutex_lock(&v->kick_lock);
+    v->in_run = 0;
+    pthread_mutex_unlock(&v->kick_lock);
+    stop->elapsed_ns = hv_now_ns() - t0;
+    return rc;
+}
+
+void hv_vcpu_kick(struct hv_vcpu *v)
+{
+    __atomic_store_n(&v->kicked, 1, __ATOMIC_SEQ_CST);
+    v->ops->kick(v);
+}

@@ -1,0 +1,206 @@
+"""Domain builder: lays out a PV domain's memory and the state its vCPU starts in.
+
+Follows Xen's x86-64 PV start-of-day layout (XEN-ABI-FACTS §17). After the kernel
+image, each element 4 KiB-aligned: the page-frame list (mfn_list), start_info, the
+xenstore and console ring pages, the page tables (pt_base), the boot stack and the
+boot GDT. The whole region is mapped 1:1 from VIRT_BASE, writable except the page
+tables, and ends on a 4 MiB boundary with at least 512 KiB of padding.
+
+trapless keeps page tables in a pool of guest-physical frames the guest cannot write
+(a read-only memslot on kvm): the bootstrap tables come first, then zeroed spare frames
+the guest may turn into new tables later. start_info.nr_pt_frames covers the pool.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+
+from abi import C, ffi
+
+from .errors import ImageError
+from .image import PVImage
+
+PAGE = 4096
+PTE_P, PTE_RW, PTE_A, PTE_D = 1 << 0, 1 << 1, 1 << 5, 1 << 6
+# Accessed and dirty are set up front: the CPU must never need to write a page-table
+# frame itself, since the guest's view of the pool is read-only.
+TABLE_FLAGS = PTE_P | PTE_RW | PTE_A
+SPARE_PT_FRAMES = 64
+BOOT_STACK_PAGES = 4
+CODE_SELECTOR, DATA_SELECTOR = 0x08, 0x10
+GDT_ENTRIES = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)  # null, 64-bit code, data (accessed)
+START_INFO_MAGIC = b"xen-3.0-x86_64"
+REGION_ALIGN, REGION_PAD = 4 << 20, 512 << 10
+
+
+def page_up(x: int) -> int:
+    return (x + PAGE - 1) & ~(PAGE - 1)
+
+
+def hypercall_page() -> bytes:
+    """128 stubs of 32 bytes: mov eax, N ; out HYPERCALL_PORT, eax ; ret (int3 padding)."""
+    stubs = bytearray(b"\xcc" * PAGE)
+    for n in range(C.TRAPLESS_HYPERCALL_PAGE_STUBS):
+        stub = b"\xb8" + struct.pack("<I", n) + bytes([0xE7, C.TRAPLESS_HYPERCALL_PORT]) + b"\xc3"
+        off = n * C.TRAPLESS_HYPERCALL_STUB_SIZE
+        stubs[off:off + len(stub)] = stub
+    return bytes(stubs)
+
+
+@dataclass
+class Layout:
+    """Where everything of one domain lives (pseudo-physical unless named virt)."""
+    virt_base: int
+    ram_bytes: int
+    image_start: int
+    image_end: int
+    mfn_list: int
+    start_info: int
+    xenstore: int
+    console: int
+    pt_start: int
+    pt_bootstrap_frames: int
+    pt_end: int
+    stack_bottom: int
+    stack_top: int
+    gdt: int
+    region_end: int
+
+    def virt(self, phys: int) -> int:
+        return self.virt_base + phys
+
+    @property
+    def nr_pages(self) -> int:
+        return self.ram_bytes // PAGE
+
+
+def tables_needed(start: int, end: int) -> int:
+    """Page-table frames (L4 + L3s + L2s + L1s) to map virtual [start, end) with 4 KiB pages."""
+    def spans(shift: int) -> int:
+        return ((end - 1) >> shift) - (start >> shift) + 1
+    return 1 + spans(39) + spans(30) + spans(21)
+
+
+def plan(image: PVImage, ram_bytes: int) -> Layout:
+    """Choose the layout; one-line ImageError if the domain's memory is too small."""
+    first = min(s.paddr for s in image.segments) & ~(PAGE - 1)
+    img_end = page_up(max(s.paddr + s.memsz for s in image.segments))
+    nr_pages = ram_bytes // PAGE
+    mfn_list = img_end
+    start_info = page_up(mfn_list + nr_pages * 8)
+    xenstore = start_info + PAGE
+    console = xenstore + PAGE
+    pt_start = console + PAGE
+    # The number of bootstrap tables depends on the region's size, which depends on it:
+    # grow until it stops changing.
+    boot = 4
+    while True:
+        pt_end = pt_start + (boot + SPARE_PT_FRAMES) * PAGE
+        stack_bottom = pt_end
+        stack_top = stack_bottom + BOOT_STACK_PAGES * PAGE
+        gdt = stack_top
+        last = gdt + PAGE
+        region_end = (last + REGION_PAD + REGION_ALIGN - 1) & ~(REGION_ALIGN - 1)
+        need = tables_needed(image.virt_base + first, image.virt_base + region_end)
+        if need <= boot:
+            break
+        boot = need
+    if region_end > ram_bytes:
+        raise ImageError(
+            f"{ram_bytes >> 20} MiB of guest memory is too small: the start-of-day region "
+            f"needs {region_end >> 20} MiB")
+    return Layout(image.virt_base, ram_bytes, first, img_end, mfn_list, start_info, xenstore,
+                  console, pt_start, boot, pt_end, stack_bottom, stack_top, gdt, region_end)
+
+
+class PageTableWriter:
+    """Builds the bootstrap 4-level page tables in the pool, frame by frame."""
+
+    def __init__(self, ram: memoryview, layout: Layout):
+        self.ram, self.layout = ram, layout
+        self.next_frame = layout.pt_start
+        self.root = self._new_table()
+
+    def _new_table(self) -> int:
+        frame = self.next_frame
+        self.next_frame += PAGE
+        if self.next_frame > self.layout.pt_start + self.layout.pt_bootstrap_frames * PAGE:
+            raise AssertionError("bootstrap page-table estimate too small")
+        return frame
+
+    def _entry(self, table: int, index: int) -> int:
+        return struct.unpack_from("<Q", self.ram, table + index * 8)[0]
+
+    def _set(self, table: int, index: int, value: int) -> None:
+        struct.pack_into("<Q", self.ram, table + index * 8, value)
+
+    def map_page(self, virt: int, phys: int, writable: bool) -> None:
+        table = self.root
+        for shift in (39, 30, 21):
+            index = (virt >> shift) & 511
+            entry = self._entry(table, index)
+            if not entry & PTE_P:
+                child = self._new_table()
+                self._set(table, index, child | TABLE_FLAGS)
+                table = child
+            else:
+                table = entry & 0x000FFFFFFFFFF000
+        leaf = phys | PTE_P | PTE_A | PTE_D | (PTE_RW if writable else 0)
+        self._set(table, (virt >> 12) & 511, leaf)
+
+
+@dataclass
+class BootState:
+    rip: int
+    rsp: int
+    rsi: int
+    cr3: int
+    gdt_base: int
+    gdt_limit: int
+    code_selector: int = CODE_SELECTOR
+    data_selector: int = DATA_SELECTOR
+
+
+def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str) -> BootState:
+    """Write the image and the start-of-day region into zeroed guest RAM."""
+    encoded = cmdline.encode()
+    if len(encoded) >= C.XEN_MAX_GUEST_CMDLINE:
+        raise ImageError(f"command line is {len(encoded)} bytes; the limit is "
+                         f"{C.XEN_MAX_GUEST_CMDLINE - 1}")
+    for seg in image.segments:
+        ram[seg.paddr:seg.paddr + len(seg.data)] = seg.data
+    if image.hypercall_page is not None:
+        hp = image.hypercall_page - layout.virt_base
+        ram[hp:hp + PAGE] = hypercall_page()
+
+    # mfn_list: trapless domains are auto-translated, so pfn == mfn.
+    struct.pack_into(f"<{layout.nr_pages}Q", ram, layout.mfn_list, *range(layout.nr_pages))
+
+    pt = PageTableWriter(ram, layout)
+    for phys in range(layout.image_start, layout.region_end, PAGE):
+        writable = not layout.pt_start <= phys < layout.pt_end
+        pt.map_page(layout.virt(phys), phys, writable)
+
+    struct.pack_into(f"<{len(GDT_ENTRIES)}Q", ram, layout.gdt, *GDT_ENTRIES)
+
+    si = ffi.new("struct start_info *")
+    si.magic = START_INFO_MAGIC
+    si.nr_pages = layout.nr_pages
+    si.shared_info = 0
+    si.flags = 0
+    si.store_mfn = layout.xenstore // PAGE
+    si.console_mfn = layout.console // PAGE
+    si.pt_base = layout.virt(layout.pt_start)
+    si.nr_pt_frames = (layout.pt_end - layout.pt_start) // PAGE
+    si.mfn_list = layout.virt(layout.mfn_list)
+    si.cmd_line = encoded
+    raw = bytes(ffi.buffer(si))
+    ram[layout.start_info:layout.start_info + len(raw)] = raw
+
+    return BootState(rip=image.entry, rsp=layout.virt(layout.stack_top),
+                     rsi=layout.virt(layout.start_info), cr3=pt.root,
+                     gdt_base=layout.virt(layout.gdt), gdt_limit=len(GDT_ENTRIES) * 8 - 1)
+
+
+

@@ -1,0 +1,121 @@
+"""`python -m hypervisor`: run a domain, or measure the hypercall path.
+
+Exit status of `run` (also in README.md):
+  0 poweroff · 2 bad usage, bad image or no usable engine · 3 reboot · 4 suspend ·
+  5 crash · 6 watchdog · 7 soft_reset · 8 guest fault (triple fault, unhandled exit) ·
+  9 timed out (--timeout)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from abi import C
+
+from .errors import TraplessError
+
+EXIT_USAGE = 2
+EXIT_FAULT = 8
+EXIT_TIMEOUT = 9
+EXIT_BY_SHUTDOWN = {
+    C.SHUTDOWN_poweroff: 0, C.SHUTDOWN_reboot: 3, C.SHUTDOWN_suspend: 4,
+    C.SHUTDOWN_crash: 5, C.SHUTDOWN_watchdog: 6, C.SHUTDOWN_soft_reset: 7,
+}
+STATUS_HELP = ("exit status: 0 poweroff, 2 usage/image/engine error, 3 reboot, 4 suspend, "
+               "5 crash, 6 watchdog, 7 soft_reset, 8 guest fault, 9 timed out")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # argparse's own errors are usage errors: one line, status 2.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def stats_table(domain) -> Table:
+    counters = domain.counters()
+    table = Table(title=f"{domain.name}: exits and hypercalls ({domain.engine})")
+    table.add_column("counter")
+    table.add_column("count", justify="right")
+    for reason, n in counters.exits.items():
+        if n:
+            table.add_row(f"exit: {reason}", str(n))
+    table.add_row("exits in total", str(counters.total_exits), style="bold")
+    for name, n in sorted(counters.hypercalls.items()):
+        errors = counters.hypercall_errors.get(name, 0)
+        table.add_row(f"hypercall: {name}", f"{n}" + (f" ({errors} failed)" if errors else ""))
+    if counters.unknown_port_io:
+        table.add_row("unclaimed port I/O", str(counters.unknown_port_io))
+    return table
+
+
+def cmd_run(args) -> int:
+    from .domain import Domain
+
+    if args.image is None:
+        from guest_kernel.pv_kernel import build_pv_kernel
+        image = build_pv_kernel()
+    else:
+        image = args.image
+
+    def to_stdout(chunk: bytes) -> None:
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+
+    with Domain(image, memory_mib=args.memory, cmdline=args.cmdline, engine=args.engine,
+                on_console=to_stdout) as dom:
+        stop = dom.run(timeout=args.timeout)
+        if args.stats:
+            Console().print(stats_table(dom))
+    err = sys.stderr
+    if stop.kind == "shutdown":
+        status = EXIT_BY_SHUTDOWN.get(stop.reason, EXIT_FAULT)
+        if status:
+            print(f"trapless: {dom.name} shut down: {stop.shutdown_name}", file=err)
+        return status
+    if stop.kind == "stopped":
+        print(f"trapless: {dom.name} {stop.message} (rip={stop.rip:#x})", file=err)
+        return EXIT_TIMEOUT
+    print(f"trapless: {dom.name} guest fault: {stop.message} at rip={stop.rip:#x}", file=err)
+    return EXIT_FAULT
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m hypervisor", description="trapless: a paravirtualized hypervisor "
+                "with a Xen-style hypercall ABI", epilog=STATUS_HELP)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run one domain", epilog=STATUS_HELP)
+    run.add_argument("image", nargs="?", help="PV kernel ELF image (default: the built-in PV kernel)")
+    run.add_argument("--memory", type=int, default=64, metavar="MIB", help="guest memory (default 64)")
+    run.add_argument("--engine", choices=["kvm"], help="engine (default: best available)")
+    run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line")
+    run.add_argument("--stats", action="store_true", help="print exit and hypercall counters")
+    run.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="stop the guest after this long (exit status 9)")
+    run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="hypercall round trip vs bare exit round trip")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--iterations", type=int, default=100_000)
+    bench.add_argument("--engine", choices=["kvm"])
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TraplessError as e:
+        print(f"trapless: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,209 @@
+"""A running domain: guest memory and counters in C, a vCPU thread, a console stream.
+
+The vCPU thread sits inside hv_vcpu_run() (C, GIL released) until the guest stops.
+Console output arrives on a pipe the C console service writes to; a reader thread
+hands it to whoever listens (stdout for `run`, a buffer for tests and the console).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from abi import HYPERCALL_NAMES, SHUTDOWN_NAMES
+
+from . import builder, engines
+from ._hv import ffi, lib
+from .errors import EngineError, ImageError
+from .image import PVImage, load_image
+
+EXIT_REASON_NAMES = {
+    getattr(lib, n): n[len("HV_EXIT_"):].lower()
+    for n in dir(lib) if n.startswith("HV_EXIT_") and n != "HV_EXIT_NR"
+}
+
+
+@dataclass
+class StopInfo:
+    """Why a domain stopped, in words a user can act on."""
+    kind: str                   # "shutdown", "fault", "stopped", "error"
+    reason: int = 0             # Xen shutdown reason for "shutdown"
+    rip: int = 0
+    message: str = ""
+    elapsed_ns: int = 0
+
+    @property
+    def shutdown_name(self) -> str:
+        return SHUTDOWN_NAMES.get(self.reason, f"reason {self.reason}")
+
+
+@dataclass
+class Counters:
+    exits: dict[str, int]
+    hypercalls: dict[str, int]
+    hypercall_errors: dict[str, int]
+    unknown_port_io: int
+    total_exits: int = field(init=False)
+
+    def __post_init__(self):
+        self.total_exits = sum(self.exits.values())
+
+
+class Domain:
+    """One guest: build it, start its vCPU, wait for it, read its counters."""
+
+    def __init__(self, image: PVImage | str | Path | bytes, *, memory_mib: int = 64,
+                 cmdline: str = "", engine: str | None = None, domid: int = 1,
+                 name: str = "", on_console: Callable[[bytes], None] | None = None):
+        if not 4 <= memory_mib <= 4096:
+            raise ImageError(f"memory {memory_mib} MiB: must be between 4 and 4096 MiB")
+        self.engine = engines.choose(engine)
+        ram_bytes = memory_mib << 20
+        self.image = image if isinstance(image, PVImage) else load_image(image, ram_bytes)
+        self.layout = builder.plan(self.image, ram_bytes)
+        self.domid, self.name, self.cmdline = domid, name or f"d{domid}", cmdline
+        self.uuid = uuid.uuid4()
+        self.console_output = bytearray()
+        self._listeners = [on_console] if on_console else []
+        self._stop: StopInfo | None = None
+        self._thread: threading.Thread | None = None
+
+        self._console_r, self._console_w = os.pipe()
+        cfg = ffi.new("struct hv_domain_config *")
+        cfg.engine = engines.ENGINES[self.engine]
+        cfg.domid = domid
+        cfg.ram_bytes = ram_bytes
+        cfg.pt_pool_start = self.layout.pt_start
+        cfg.pt_pool_end = self.layout.pt_end
+        cfg.console_fd = self._console_w
+        cfg.handle = self.uuid.bytes
+        err = ffi.new("char[256]")
+        self._dom = lib.hv_domain_create(cfg, err, len(err))
+        if self._dom == ffi.NULL:
+            self._close_pipe()
+            raise EngineError(f"cannot create domain: {ffi.string(err).decode()}")
+        self._vcpu = lib.hv_vcpu_create(self._dom, 0, err, len(err))
+        if self._vcpu == ffi.NULL:
+            self.destroy()
+            raise EngineError(f"cannot create vCPU: {ffi.string(err).decode()}")
+        try:
+            ram = ffi.buffer(lib.hv_domain_ram(self._dom), ram_bytes)
+            boot = builder.build(memoryview(ram), self.image, self.layout, cmdline)
+        except Exception:
+            self.destroy()
+            raise
+        bs = ffi.new("struct hv_boot_state *", vars(boot))
+        if lib.hv_vcpu_set_boot_state(self._vcpu, bs, err, len(err)) < 0:
+            self.destroy()
+            raise EngineError(f"cannot set the vCPU's boot state: {ffi.string(err).decode()}")
+        self._counters = lib.hv_domain_counters(self._dom)
+        self._reader = threading.Thread(target=self._read_console, name=f"{self.name}-console",
+                                        daemon=True)
+        self._reader.start()
+
+    # ---- console ----
+    def _read_console(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._console_r, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.console_output += chunk
+            for listen in self._listeners:
+                listen(chunk)
+
+    def send_input(self, data: bytes) -> int:
+        """Queue keyboard input for CONSOLEIO_read; returns how many bytes fit."""
+        buf = ffi.from_buffer(data)
+        return lib.hv_domain_console_input(self._dom, buf, len(data))
+
+    # ---- running ----
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run_vcpu, name=f"{self.name}-vcpu0",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run_vcpu(self) -> None:
+        stop = ffi.new("struct hv_stop *")
+        rc = lib.hv_vcpu_run(self._vcpu, stop)
+        kind = {lib.HV_STOP_SHUTDOWN: "shutdown", lib.HV_STOP_FAULT: "fault",
+                lib.HV_STOP_KICKED: "stopped", lib.HV_STOP_ERROR: "error"}[rc]
+        self._stop = StopInfo(kind, stop.code, stop.rip, ffi.string(stop.message).decode(),
+                              stop.elapsed_ns)
+        # The guest can write no more: close our end so the reader drains and ends.
+        os.close(self._console_w)
+        self._console_w = -1
+
+    def wait(self, timeout: float | None = None) -> StopInfo | None:
+        """Block until the vCPU stops (None if timeout passes first)."""
+        if self._thread is None:
+            raise RuntimeError("domain not started")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return None
+        self._reader.join()
+        return self._stop
+
+    def run(self, timeout: float | None = None) -> StopInfo:
+        """Start, wait; on timeout stop the vCPU and report it as stopped."""
+        self.start()
+        stop = self.wait(timeout)
+        if stop is None:
+            self.stop()
+            stop = self.wait()
+            stop.message = f"timed out after {timeout:g} s"
+        return stop
+
+    def stop(self) -> None:
+        """Ask the vCPU to leave the guest; run() returns with kind 'stopped'."""
+        lib.hv_vcpu_kick(self._vcpu)
+
+    @property
+    def stop_info(self) -> StopInfo | None:
+        return self._stop
+
+    # ---- counters ----
+    def counters(self) -> Counters:
+        """A snapshot, read while the guest runs (aligned 64-bit loads: no locking)."""
+        c = self._counters
+        hc = {HYPERCALL_NAMES.get(n, "out_of_range"): c.hypercalls[n]
+              for n in range(len(c.hypercalls)) if c.hypercalls[n]}
+        he = {HYPERCALL_NAMES.get(n, "out_of_range"): c.hypercall_errors[n]
+              for n in range(len(c.hypercall_errors)) if c.hypercall_errors[n]}
+        exits = {EXIT_REASON_NAMES[i]: c.exits[i] for i in range(lib.HV_EXIT_NR)}
+        return Counters(exits, hc, he, c.unknown_port_io)
+
+    # ---- teardown ----
+    def _close_pipe(self) -> None:
+        for fd in (self._console_w, self._console_r):
+            if fd >= 0:
+                os.close(fd)
+        self._console_w = self._console_r = -1
+
+    def destroy(self) -> None:
+        """Stop the vCPU if running, free the VM, guest memory and the console pipe."""
+        if self._thread is not None and self._thread.is_alive():
+            self.stop()
+            self._thread.join()
+        if self._console_w >= 0:
+            os.close(self._console_w)
+            self._console_w = -1
+        if getattr(self, "_reader", None) is not None:
+            self._reader.join()
+        if self._console_r >= 0:
+            os.close(self._console_r)
+            self._console_r = -1
+        if self._dom is not None and self._dom != ffi.NULL:
+            lib.hv_domain_destroy(self._dom)
+        self._dom = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
