@@ -1,0 +1,33 @@
+# trapless: make setup · make run-guest · make test · make bench
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+KERNEL := build/pv-kernel.elf
+CMDLINE ?= console=hvc0 hello from make run-guest
+
+.PHONY: setup run-guest test bench kernel clean
+
+# A virtualenv with trapless installed in editable mode; the C extension is rebuilt
+# whenever a C source or the ABI header changes.
+setup: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml setup.py cext/*.c cext/*.h cext/build_cext.py abi/xen_abi.h
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+kernel: $(KERNEL)
+$(KERNEL): $(VENV)/.installed guest_kernel/*.py abi/xen_abi.h
+	@mkdir -p build
+	$(BIN)/python -m guest_kernel pv -o $@
+
+run-guest: $(KERNEL)
+	$(BIN)/python -m hypervisor run $(KERNEL) --cmdline "$(CMDLINE)"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m hypervisor bench
+
+clean:
+	rm -rf build $(VENV) *.egg-info hypervisor/_hv*.so

@@ -1,0 +1,287 @@
+"""Loading and validating a PV guest's ELF image: segments, Xen notes, entry and symbols."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import construct
+
+from abi import C
+from guest_kernel.elf import (
+    ELF_MAGIC, ELFCLASS32, ELFCLASS64, ELFDATA2LSB, ELFDATA2MSB, EM_X86_64,
+    ET_CORE, ET_DYN, ET_EXEC, ET_NONE, ET_REL, NHDR_SIZE, PAGE_SIZE, PHDR_SIZE, PT_LOAD,
+    PT_NOTE, SHDR_SIZE, SHN_UNDEF, SHT_NOTE, SHT_SYMTAB, STT_FILE, STT_SECTION, SYM_SIZE,
+    XEN_NOTE_OWNER, Elf64_Ehdr, Elf64_Phdr, Elf64_Shdr, Elf64_Sym, Elf_Ident, Elf_Nhdr,
+    align_up, pflags_to_flags,
+)
+from hypervisor.errors import ImageError
+
+ADDRESS_LIMIT = 1 << 64
+
+E_TYPE_NAMES = {ET_NONE: "ET_NONE", ET_REL: "ET_REL", ET_EXEC: "ET_EXEC",
+                ET_DYN: "ET_DYN", ET_CORE: "ET_CORE"}
+
+# Notes whose descriptor is a number (4 or 8 bytes, little-endian).
+NUMERIC_NOTES = {
+    C.XEN_ELFNOTE_ENTRY: "ENTRY",
+    C.XEN_ELFNOTE_HYPERCALL_PAGE: "HYPERCALL_PAGE",
+    C.XEN_ELFNOTE_VIRT_BASE: "VIRT_BASE",
+    C.XEN_ELFNOTE_PADDR_OFFSET: "PADDR_OFFSET",
+}
+
+
+@dataclass
+class Segment:
+    """One loaded PT_LOAD segment."""
+    vaddr: int       # guest virtual address
+    paddr: int       # pseudo-physical address: vaddr - virt_base
+    data: bytes      # file contents (p_filesz bytes); the rest up to memsz is zero
+    memsz: int
+    flags: str       # subset of "rwx", in that order
+
+    @property
+    def end(self) -> int:
+        return self.vaddr + self.memsz
+
+
+@dataclass
+class PVImage:
+    """A validated PV image, ready for the domain builder."""
+    entry: int
+    virt_base: int
+    segments: list[Segment]
+    hypercall_page: int | None
+    guest_os: str | None
+    notes: dict[int, bytes] = field(default_factory=dict)    # raw Xen note descriptors
+    symbols: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def image_start(self) -> int:
+        """Lowest virtual address of any loaded segment."""
+        return min(seg.vaddr for seg in self.segments)
+
+    @property
+    def image_end(self) -> int:
+        """Highest virtual address + 1 of any loaded segment (not page-rounded)."""
+        return max(seg.end for seg in self.segments)
+
+
+def _range(start: int, end: int) -> str:
+    return f"[{start:#x}-{end:#x})"
+
+
+class _Reader:
+    """The file's bytes, with bounds-checked access that reports problems as ImageError."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name = name
+        self.data = data
+
+    def fail(self, problem: str) -> ImageError:
+        return ImageError(f"{self.name}: {problem}")
+
+    def span(self, offset: int, size: int, what: str) -> bytes:
+        end = offset + size
+        if end > len(self.data):
+            raise self.fail(f"truncated: {what} {_range(offset, end)} runs past the end "
+                            f"of the file ({len(self.data):#x} bytes)")
+        return self.data[offset:end]
+
+    def parse(self, struct: construct.Construct, offset: int, what: str):
+        raw = self.span(offset, struct.sizeof(), what)
+        try:
+            return struct.parse(raw)
+        except construct.ConstructError as err:  # should not happen once the bounds hold
+            raise self.fail(f"cannot decode {what}: {str(err).splitlines()[0]}") from None
+
+
+def _read_source(source: str | Path | bytes, name: str | None) -> tuple[str, bytes]:
+    if isinstance(source, (bytes, bytearray)):
+        return name or "<image>", bytes(source)
+    path = Path(source)
+    name = name or str(source)
+    if not path.exists():
+        raise ImageError(f"{name}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{name}: is a directory, not an image file")
+    if not path.is_file():
+        raise ImageError(f"{name}: not a regular file")
+    try:
+        return name, path.read_bytes()
+    except OSError as err:
+        raise ImageError(f"{name}: cannot read ({err.strerror})") from None
+
+
+def _check_header(rd: _Reader):
+    """The ELF header, once it is known to be ELF64, little-endian, x86-64, ET_EXEC."""
+    if not rd.data:
+        raise rd.fail("empty file")
+    if rd.data[:4] != ELF_MAGIC:
+        raise rd.fail("not an ELF file (bad magic)")
+    ident = rd.parse(Elf_Ident, 0, "ELF identification")
+    if ident.ei_class == ELFCLASS32:
+        raise rd.fail("not a 64-bit ELF file (ELFCLASS32)")
+    if ident.ei_class != ELFCLASS64:
+        raise rd.fail(f"unknown ELF class {ident.ei_class}")
+    if ident.ei_data == ELFDATA2MSB:
+        raise rd.fail("big-endian ELF file (ELFDATA2MSB); x86-64 images are little-endian")
+    if ident.ei_data != ELFDATA2LSB:
+        raise rd.fail(f"unknown ELF data encoding {ident.ei_data}")
+    ehdr = rd.parse(Elf64_Ehdr, 0, "ELF header")
+    if ehdr.e_machine != EM_X86_64:
+        raise rd.fail(f"not an x86-64 ELF file (e_machine {ehdr.e_machine}, "
+                      f"expected EM_X86_64 = {EM_X86_64})")
+    if ehdr.e_type != ET_EXEC:
+        kind = E_TYPE_NAMES.get(ehdr.e_type, str(ehdr.e_type))
+        raise rd.fail(f"not an executable (e_type {kind}, expected ET_EXEC)")
+    if ehdr.e_phnum and ehdr.e_phentsize != PHDR_SIZE:
+        raise rd.fail(f"bad program header size {ehdr.e_phentsize} (expected {PHDR_SIZE})")
+    if ehdr.e_shnum and ehdr.e_shentsize != SHDR_SIZE:
+        raise rd.fail(f"bad section header size {ehdr.e_shentsize} (expected {SHDR_SIZE})")
+    return ehdr
+
+
+def _parse_notes(rd: _Reader, blob: bytes, where: str, notes: dict[int, bytes]) -> None:
+    """Add the Xen notes found in a note area to notes (later duplicates win)."""
+    pos = 0
+    while pos + NHDR_SIZE <= len(blob):
+        hdr = Elf_Nhdr.parse(blob[pos:pos + NHDR_SIZE])
+        name_at = pos + NHDR_SIZE
+        desc_at = name_at + align_up(hdr.n_namesz, 4)
+        next_at = desc_at + align_up(hdr.n_descsz, 4)
+        if desc_at + hdr.n_descsz > len(blob):
+            raise rd.fail(f"malformed note at offset {pos:#x} of {where}: "
+                          f"it runs past the end of the note area")
+        owner = blob[name_at:name_at + hdr.n_namesz].rstrip(b"\0")
+        if owner == XEN_NOTE_OWNER.encode():
+            notes[hdr.n_type] = blob[desc_at:desc_at + hdr.n_descsz]
+        pos = next_at
+
+
+def _numeric_note(rd: _Reader, notes: dict[int, bytes], note_type: int) -> int | None:
+    desc = notes.get(note_type)
+    if desc is None:
+        return None
+    if len(desc) not in (4, 8):
+        raise rd.fail(f"{NUMERIC_NOTES[note_type]} note has a {len(desc)}-byte value "
+                      f"(expected 4 or 8 bytes)")
+    return int.from_bytes(desc, "little")
+
+
+def _read_symbols(rd: _Reader, shdrs: list) -> dict[str, int]:
+    symbols: dict[str, int] = {}
+    for index, sh in enumerate(shdrs):
+        if sh.sh_type != SHT_SYMTAB:
+            continue
+        if sh.sh_link >= len(shdrs):
+            raise rd.fail(f"section {index} (symbol table) links to missing string "
+                          f"table {sh.sh_link}")
+        strings = shdrs[sh.sh_link]
+        table = rd.span(sh.sh_offset, sh.sh_size, f"section {index} (symbol table)")
+        names = rd.span(strings.sh_offset, strings.sh_size, f"section {sh.sh_link} (string table)")
+        for at in range(0, len(table) - SYM_SIZE + 1, SYM_SIZE):
+            sym = Elf64_Sym.parse(table[at:at + SYM_SIZE])
+            if sym.st_shndx == SHN_UNDEF or (sym.st_info & 0xF) in (STT_SECTION, STT_FILE):
+                continue
+            end = names.find(b"\0", sym.st_name)
+            name = names[sym.st_name:end if end >= 0 else len(names)].decode(errors="replace")
+            if name:
+                symbols[name] = sym.st_value
+    return symbols
+
+
+def load_image(source: str | Path | bytes, mem_bytes: int, name: str | None = None) -> PVImage:
+    """Read and check a PV ELF image for a domain of mem_bytes of pseudo-physical memory.
+
+    name labels error messages (default: the path as given, or "<image>" for bytes).
+    """
+    name, data = _read_source(source, name)
+    rd = _Reader(name, data)
+    ehdr = _check_header(rd)
+
+    phdrs = [rd.parse(Elf64_Phdr, ehdr.e_phoff + i * PHDR_SIZE, "program headers")
+             for i in range(ehdr.e_phnum)]
+    shdrs = []
+    if ehdr.e_shoff and ehdr.e_shnum:
+        shdrs = [rd.parse(Elf64_Shdr, ehdr.e_shoff + i * SHDR_SIZE, "section headers")
+                 for i in range(ehdr.e_shnum)]
+
+    # Xen notes: from PT_NOTE segments, else from SHT_NOTE sections.
+    notes: dict[int, bytes] = {}
+    for i, ph in enumerate(phdrs):
+        if ph.p_type == PT_NOTE:
+            where = f"segment {i} (notes)"
+            _parse_notes(rd, rd.span(ph.p_offset, ph.p_filesz, where), where, notes)
+    if not any(ph.p_type == PT_NOTE for ph in phdrs):
+        for i, sh in enumerate(shdrs):
+            if sh.sh_type == SHT_NOTE:
+                where = f"section {i} (notes)"
+                _parse_notes(rd, rd.span(sh.sh_offset, sh.sh_size, where), where, notes)
+
+    virt_base = _numeric_note(rd, notes, C.XEN_ELFNOTE_VIRT_BASE)
+    paddr_offset = _numeric_note(rd, notes, C.XEN_ELFNOTE_PADDR_OFFSET)
+    if paddr_offset is not None and virt_base is None:
+        raise rd.fail("PADDR_OFFSET note without a VIRT_BASE note")
+    virt_base = virt_base or 0
+    paddr_offset = paddr_offset or 0
+
+    # Loadable segments: virtual = p_paddr + VIRT_BASE - PADDR_OFFSET; pseudo-physical =
+    # virtual - VIRT_BASE.  Segment numbers in messages are program header indexes.
+    segments: list[Segment] = []
+    numbers: list[int] = []
+    for i, ph in enumerate(phdrs):
+        if ph.p_type != PT_LOAD or ph.p_memsz == 0:
+            continue
+        if ph.p_filesz > ph.p_memsz:
+            raise rd.fail(f"segment {i}: file size {ph.p_filesz:#x} exceeds memory size "
+                          f"{ph.p_memsz:#x}")
+        contents = rd.span(ph.p_offset, ph.p_filesz, f"segment {i} data")
+        vaddr = ph.p_paddr + virt_base - paddr_offset
+        if ph.p_paddr + ph.p_memsz > ADDRESS_LIMIT or not 0 <= vaddr <= ADDRESS_LIMIT - ph.p_memsz:
+            raise rd.fail(f"segment {i}: address range wraps around (p_paddr {ph.p_paddr:#x}, "
+                          f"size {ph.p_memsz:#x})")
+        paddr = vaddr - virt_base
+        if paddr < 0:
+            raise rd.fail(f"segment {i} {_range(vaddr, vaddr + ph.p_memsz)} lies below VIRT_BASE "
+                          f"{virt_base:#x} (p_paddr {ph.p_paddr:#x} is less than PADDR_OFFSET "
+                          f"{paddr_offset:#x})")
+        if paddr + ph.p_memsz > mem_bytes:
+            raise rd.fail(f"segment {i} {_range(vaddr, vaddr + ph.p_memsz)} lies outside guest "
+                          f"memory: pseudo-physical {_range(paddr, paddr + ph.p_memsz)} is not "
+                          f"within {_range(0, mem_bytes)}")
+        segment = Segment(vaddr=vaddr, paddr=paddr, data=contents, memsz=ph.p_memsz,
+                          flags=pflags_to_flags(ph.p_flags))
+        for other, number in zip(segments, numbers):
+            if segment.vaddr < other.end and other.vaddr < segment.end:
+                raise rd.fail(f"segment {i} {_range(segment.vaddr, segment.end)} overlaps "
+                              f"segment {number} {_range(other.vaddr, other.end)}")
+        segments.append(segment)
+        numbers.append(i)
+    if not segments:
+        raise rd.fail("no loadable (PT_LOAD) segments")
+
+    entry = _numeric_note(rd, notes, C.XEN_ELFNOTE_ENTRY)
+    if entry is None:
+        entry = ehdr.e_entry
+    if entry == 0:
+        raise rd.fail("no entry point (e_entry is 0 and there is no ENTRY note)")
+    if not any("x" in seg.flags and seg.vaddr <= entry < seg.end for seg in segments):
+        raise rd.fail(f"entry point {entry:#x} is not inside an executable loaded segment")
+
+    image = PVImage(entry=entry, virt_base=virt_base, segments=segments, hypercall_page=None,
+                    guest_os=None, notes=notes, symbols=_read_symbols(rd, shdrs))
+
+    hypercall_page = _numeric_note(rd, notes, C.XEN_ELFNOTE_HYPERCALL_PAGE)
+    if hypercall_page is not None:
+        if hypercall_page % PAGE_SIZE:
+            raise rd.fail(f"HYPERCALL_PAGE {hypercall_page:#x} is not page-aligned")
+        start, end = image.image_start, align_up(image.image_end, PAGE_SIZE)
+        if not start <= hypercall_page <= end - PAGE_SIZE:
+            raise rd.fail(f"HYPERCALL_PAGE {hypercall_page:#x} is outside the loaded image "
+                          f"{_range(start, end)}")
+        image.hypercall_page = hypercall_page
+
+    guest_os = notes.get(C.XEN_ELFNOTE_GUEST_OS)
+    if guest_os is not None:
+        image.guest_os = guest_os.split(b"\0", 1)[0].decode(errors="replace")
+    return image

@@ -1,0 +1,90 @@
+"""The ABI as Python derives it from abi/xen_abi.h equals what the C compiler computes,
+and both equal Xen's public x86-64 ABI (shared/XEN-ABI-FACTS.md)."""
+import subprocess
+
+import pytest
+
+import abi
+from abi import C
+
+
+@pytest.fixture(scope="module")
+def compiled_layout(tmp_path_factory):
+    """{struct: (size, {field: offset})} as gcc lays the header out."""
+    lines = ['#include <stdio.h>', '#include <stddef.h>', f'#include "{abi.HEADER}"', "int main(void) {"]
+    for s in abi.struct_names():
+        lines.append(f'printf("%s size %zu\\n", "{s}", sizeof(struct {s}));')
+        for field, _, _ in abi.struct_fields(s):
+            lines.append(f'printf("%s.%s %zu\\n", "{s}", "{field}", offsetof(struct {s}, {field}));')
+    lines.append("return 0; }")
+    d = tmp_path_factory.mktemp("abi")
+    (d / "layout.c").write_text("\n".join(lines))
+    subprocess.run(["gcc", "-Wall", "-o", d / "layout", d / "layout.c"], check=True)
+    out = subprocess.run([d / "layout"], check=True, capture_output=True, text=True).stdout
+    return dict(line.rsplit(" ", 1) for line in out.splitlines())
+
+
+def test_python_layout_equals_c_compiler(compiled_layout):
+    assert abi.struct_names(), "the header declares no structs?"
+    for s in abi.struct_names():
+        assert int(compiled_layout[f"{s} size"]) == abi.sizeof(s), s
+        for field, offset, _ in abi.struct_fields(s):
+            assert int(compiled_layout[f"{s}.{field}"]) == offset, f"{s}.{field}"
+
+
+def test_compiled_extension_sees_the_same_layout():
+    from hypervisor._hv import ffi as ext_ffi, lib
+    for s in abi.struct_names():
+        assert ext_ffi.sizeof(f"struct {s}") == abi.sizeof(s)
+    assert lib.__HYPERVISOR_console_io == C.__HYPERVISOR_console_io
+
+
+# Xen's public x86-64 ABI, from shared/XEN-ABI-FACTS.md: (struct, size, {field: offset}).
+XEN_LAYOUTS = [
+    ("start_info", 1168, dict(magic=0, nr_pages=32, shared_info=40, flags=48, store_mfn=56,
+                              store_evtchn=64, console_mfn=72, console_evtchn=80, pt_base=88,
+                              nr_pt_frames=96, mfn_list=104, mod_start=112, mod_len=120,
+                              cmd_line=128, first_p2m_pfn=1152, nr_p2m_frames=1160)),
+    ("xen_compile_info", 144, dict(compiler=0, compile_by=64, compile_domain=80, compile_date=112)),
+    ("xen_platform_parameters", 8, dict(virt_start=0)),
+    ("xen_feature_info", 8, dict(submap_idx=0, submap=4)),
+    ("sched_shutdown", 4, dict(reason=0)),
+    ("sched_poll", 24, dict(ports=0, nr_ports=8, timeout=16)),
+    ("sched_remote_shutdown", 8, dict(domain_id=0, reason=4)),
+]
+
+
+@pytest.mark.parametrize("struct,size,fields", XEN_LAYOUTS, ids=[x[0] for x in XEN_LAYOUTS])
+def test_layout_matches_xen(struct, size, fields):
+    assert abi.sizeof(struct) == size
+    for field, offset in fields.items():
+        assert abi.offsetof(struct, field) == offset, field
+
+
+def test_every_header_struct_is_checked_against_xen():
+    assert {s for s, _, _ in XEN_LAYOUTS} == set(abi.struct_names())
+
+
+XEN_NUMBERS = dict(
+    __HYPERVISOR_set_trap_table=0, __HYPERVISOR_mmu_update=1, __HYPERVISOR_memory_op=12,
+    __HYPERVISOR_multicall=13, __HYPERVISOR_set_timer_op=15, __HYPERVISOR_xen_version=17,
+    __HYPERVISOR_console_io=18, __HYPERVISOR_grant_table_op=20, __HYPERVISOR_vcpu_op=24,
+    __HYPERVISOR_mmuext_op=26, __HYPERVISOR_sched_op=29, __HYPERVISOR_event_channel_op=32,
+    __HYPERVISOR_hvm_op=34, __HYPERVISOR_hypfs_op=42,
+    XEN_EPERM=1, XEN_EFAULT=14, XEN_EINVAL=22, XEN_ENOSYS=38, XEN_ETIME=62, XEN_ENOSPC=28,
+    CONSOLEIO_write=0, CONSOLEIO_read=1, XENVER_version=0, XENVER_guest_handle=8,
+    XENVER_build_id=10, SCHEDOP_yield=0, SCHEDOP_shutdown=2, SCHEDOP_shutdown_code=5,
+    SHUTDOWN_poweroff=0, SHUTDOWN_crash=3, SHUTDOWN_soft_reset=5,
+    XEN_ELFNOTE_ENTRY=1, XEN_ELFNOTE_HYPERCALL_PAGE=2, XEN_ELFNOTE_VIRT_BASE=3,
+    XEN_ELFNOTE_GUEST_OS=6, XEN_ELFNOTE_PHYS32_ENTRY=18, DOMID_SELF=0x7FF0,
+)
+
+
+def test_numbers_match_xen():
+    for name, value in XEN_NUMBERS.items():
+        assert getattr(C, name) == value, name
+
+
+def test_hypercall_numbers_are_dense_and_named():
+    assert sorted(abi.HYPERCALL_NAMES) == [n for n in range(43) if n != 11]
+    assert abi.HYPERCALL_NAMES[18] == "console_io"
