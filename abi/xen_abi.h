@@ -62,7 +62,10 @@
 #define TRAPLESS_NR_HYPERCALLS                      43
 
 /* ---- the hypercall page ------------------------------------------------------ */
-/* Stub N lives at page + N * 32 and is: mov eax, N ; out TRAPLESS_HYPERCALL_PORT, eax ; ret */
+/* Stub N lives at page + N * 32 and is: mov eax, N ; in eax, TRAPLESS_HYPERCALL_PORT ;
+ * cdqe ; ret. The exit hands the VMM rax and the argument registers; the result comes
+ * back as the data the `in` reads (a 32-bit errno or count, sign-extended by cdqe).
+ * Guests only `call page + N * 32` and never depend on what the stub holds. */
 #define TRAPLESS_HYPERCALL_STUB_SIZE                32
 #define TRAPLESS_HYPERCALL_PAGE_STUBS              128
 #define TRAPLESS_HYPERCALL_PORT                   0xCA

@@ -2,8 +2,8 @@
  * kvm.c - the kvm engine: hardware-assisted virtualization through /dev/kvm.
  *
  * One KVM VM per domain, no in-kernel irqchip, one thread per vCPU inside KVM_RUN.
- * Registers travel through KVM_CAP_SYNC_REGS, so a hypercall costs one exit and no
- * extra ioctl. Page-table frames sit in a read-only memslot: the guest reads them,
+ * Registers come out through KVM_CAP_SYNC_REGS and the result goes back as the data of
+ * the stub's `in`, so a hypercall costs one exit and no extra ioctl or register set. Page-table frames sit in a read-only memslot: the guest reads them,
  * only the hypervisor writes them.
  */
 #include <errno.h>
@@ -320,23 +320,28 @@ static int stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, c
 static void port_io(struct hv_vcpu *v, struct kvm_run *run)
 {
     struct kvm_regs *regs = &run->s.regs.regs;
+    uint8_t *data = (uint8_t *)run + run->io.data_offset;
 
-    if (run->io.port == TRAPLESS_HYPERCALL_PORT && run->io.direction == KVM_EXIT_IO_OUT &&
+    if (run->io.port == TRAPLESS_HYPERCALL_PORT && run->io.direction == KVM_EXIT_IO_IN &&
         run->io.size == 4 && run->io.count == 1) {
+        /* The stub's `in eax` takes the result back: KVM writes eax as it completes the
+         * instruction, so no register set (and its cost) is needed on the way in. */
         struct hv_hcall h = {
             .nr = regs->rax, .a1 = regs->rdi, .a2 = regs->rsi,
             .a3 = regs->rdx, .a4 = regs->r10, .a5 = regs->r8,
         };
+        int64_t ret;
         v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
-        regs->rax = (uint64_t)hv_hypercall(v, &h);
-        run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+        ret = hv_hypercall(v, &h);
+        int32_t result = ret == (int32_t)ret ? (int32_t)ret : -XEN_EOVERFLOW;
+        memcpy(data, &result, 4);
         return;
     }
     /* A port nobody claims: reads float high, writes vanish, as on real hardware. */
     v->dom->counters.exits[HV_EXIT_IO]++;
     v->dom->counters.unknown_port_io++;
     if (run->io.direction == KVM_EXIT_IO_IN)
-        memset((uint8_t *)run + run->io.data_offset, 0xff, (size_t)run->io.size * run->io.count);
+        memset(data, 0xff, (size_t)run->io.size * run->io.count);
 }
 
 static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 
 from abi import C, ffi
+from guest_kernel.asm import Assembler, eax
 
 from .errors import ImageError
 from .image import PVImage
@@ -39,13 +40,21 @@ def page_up(x: int) -> int:
 
 
 def hypercall_page() -> bytes:
-    """128 stubs of 32 bytes: mov eax, N ; out HYPERCALL_PORT, eax ; ret (int3 padding)."""
-    stubs = bytearray(b"\xcc" * PAGE)
+    """128 stubs of 32 bytes: mov eax, N ; in eax, HYPERCALL_PORT ; cdqe ; ret.
+
+    The exit hands the VMM rax and the argument registers; the result comes back as
+    the data of the `in` (see abi/xen_abi.h). Padding is int3.
+    """
+    a = Assembler(base=0)
+    a.section(".text")
     for n in range(C.TRAPLESS_HYPERCALL_PAGE_STUBS):
-        stub = b"\xb8" + struct.pack("<I", n) + bytes([0xE7, C.TRAPLESS_HYPERCALL_PORT]) + b"\xc3"
-        off = n * C.TRAPLESS_HYPERCALL_STUB_SIZE
-        stubs[off:off + len(stub)] = stub
-    return bytes(stubs)
+        a.align(C.TRAPLESS_HYPERCALL_STUB_SIZE, 0xCC)
+        a.mov(eax, n)
+        a.in_(eax, C.TRAPLESS_HYPERCALL_PORT)
+        a.cdqe()
+        a.ret()
+    a.align(PAGE, 0xCC)
+    return a.assemble().section(".text").data
 
 
 @dataclass

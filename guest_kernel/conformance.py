@@ -1,0 +1,124 @@
+"""Guest side of the conformance suite (XTF in spirit): one way to report.
+
+A conformance guest calls hypercalls with good and bad arguments and reports every
+result on its console as one line, which the host parses and checks:
+
+    result <case> <rax as signed decimal>
+    bytes <case> <hex of a guest buffer>
+
+Expectations live on the host side (tests/conformance), next to the case.
+"""
+from __future__ import annotations
+
+import re
+
+from abi import offsetof
+
+from .asm import byte, eax, ecx, esi, ptr, qword, r12, r13, rax, rbx, rdi, rsi
+from .runtime import PVProgram
+
+RESULT_RE = re.compile(r"^result (\S+) (-?\d+)$", re.M)
+BYTES_RE = re.compile(r"^bytes (\S+) ([0-9a-f]*)$", re.M)
+
+
+# Guest-virtual addresses a conformance case aims bad pointers at. The start-of-day
+# region of a small guest in 64 MiB ends at 4 MiB (hosts assert it via Domain.layout).
+NULL = 0
+NON_CANONICAL = 0x0000_8000_0000_0000
+UNMAPPED = 0x4000_0000
+MAPPED_END = 0x40_0000
+
+
+class ConformanceGuest(PVProgram):
+    """A PV program with reporting helpers."""
+
+    def __init__(self, name: str):
+        super().__init__(guest_os=f"trapless-conformance-{name}")
+        self._emit_report_helpers()
+
+    def _emit_report_helpers(self) -> None:
+        a = self.a
+        a.jmp("after_report_helpers")
+        a.label("print_hexbytes")   # rdi = buffer, rsi = length
+        a.push(rbx)
+        a.push(r12)
+        a.push(r13)
+        a.mov(rbx, rdi)
+        a.mov(r12, rsi)
+        a.label("print_hexbytes.loop")
+        a.test(r12, r12)
+        a.je("print_hexbytes.done")
+        a.movzx(r13, byte[rbx])
+        a.mov(rdi, r13)
+        a.shr(rdi, 4)
+        a.call("print_nibble")
+        a.mov(rdi, r13)
+        a.and_(rdi, 15)
+        a.call("print_nibble")
+        a.inc(rbx)
+        a.dec(r12)
+        a.jmp("print_hexbytes.loop")
+        a.label("print_hexbytes.done")
+        a.pop(r13)
+        a.pop(r12)
+        a.pop(rbx)
+        a.ret()
+        a.label("print_nibble")     # rdi = 0..15
+        a.lea(rsi, ptr["hexdigits"])
+        a.add(rdi, rsi)
+        a.mov(esi, 1)
+        a.jmp("print")
+        a.label("after_report_helpers")
+
+    def start_info_field(self, reg, field: str) -> None:
+        """reg <- start_info.field (a 64-bit field)."""
+        self.a.mov(reg, qword["start_info_ptr"])
+        self.a.mov(reg, qword[reg + offsetof("start_info", field)])
+
+    def fill(self, where: str | int, length: int, value: int) -> None:
+        """memset(where, value, length), so a case can show what a failed call left alone."""
+        a = self.a
+        self.load_arg(rdi, where)
+        a.mov(ecx, length)
+        a.mov(eax, value)
+        a.rep_stosb()
+
+    def report(self, case: str) -> None:
+        """Print `result <case> <rax>`; rax is preserved in rbx across the print."""
+        a = self.a
+        a.mov(rbx, rax)
+        self.print(f"result {case} ")
+        a.mov(rdi, rbx)
+        a.call("print_sdec")
+        self.print("\n")
+        a.mov(rax, rbx)
+
+    def call(self, case: str, hypercall: str | int, *args) -> None:
+        """Make one hypercall and report its result as `case`."""
+        if isinstance(hypercall, int):
+            self.hypercall_nr(hypercall, *args)
+        else:
+            self.hypercall(hypercall, *args)
+        self.report(case)
+
+    def dump(self, case: str, where: str | int, length: int) -> None:
+        """Print `bytes <case> <hex>` of `length` bytes at a label or address."""
+        self.print(f"bytes {case} ")
+        self.load_arg(rdi, where)
+        self.load_arg(rsi, length)
+        self.a.call("print_hexbytes")
+        self.print("\n")
+
+    def finish(self) -> bytes:
+        """Power off after the cases; returns the ELF image."""
+        self.a.xor(rax, rax)
+        self.a.ret()
+        return self.elf()
+
+
+def parse(console: str) -> tuple[dict[str, int], dict[str, bytes]]:
+    """({case: result}, {case: bytes}) from a conformance guest's console output."""
+    results = {m.group(1): int(m.group(2)) for m in RESULT_RE.finditer(console)}
+    dumps = {m.group(1): bytes.fromhex(m.group(2)) for m in BYTES_RE.finditer(console)}
+    return results, dumps
+

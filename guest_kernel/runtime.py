@@ -1,0 +1,217 @@
+"""The PV guest runtime: what every trapless PV guest is made of.
+
+`PVProgram` opens an Assembler with Xen's layout conventions and emits the pieces
+every guest shares: the entry stub (own stack, start_info saved), the hypercall page
+(stub N labelled `hypercall_<name>`), hypercall wrappers, console printing of
+strings and numbers, and shutdown. Kernels, conformance cases and benchmarks add
+their own code and call `image()` to get an ELF image.
+
+Register conventions of the helpers: arguments in rdi, rsi; they preserve every
+register but rax, rcx, rdx, rsi, rdi, r8-r11 (the System V caller-saved set), so
+guest code keeps its state in rbx, rbp, r12-r15.
+"""
+from __future__ import annotations
+
+from abi import C, HYPERCALL_NAMES, offsetof
+
+from .asm import (Assembler, byte, dword, ptr, qword, r8, r10, r12, r13, r15, rax, rbx, rcx,
+                  rdi, rdx, rsi, rsp, al, cl, dl, eax, ecx, edi, edx, esi)
+from .elf import build_elf
+
+LOAD_ADDRESS = 0x100000          # where trapless PV kernels are linked (VIRT_BASE 0)
+STACK_SIZE = 16384
+ARG_REGS = (rdi, rsi, rdx, r10, r8)  # Xen's x86-64 hypercall argument registers
+
+
+class PVProgram:
+    """An Assembler plus the PV runtime. Emit code after `entry`, then call image()."""
+
+    def __init__(self, guest_os: str = "trapless-pv", base: int = LOAD_ADDRESS):
+        self.guest_os = guest_os
+        self.a = a = Assembler(base=base)
+        self._strings: dict[str, str] = {}
+        a.section(".text")
+        a.label("_start")
+        # Xen hands us start_info in rsi and a bootstrap stack; keep start_info, use our stack.
+        a.mov(qword["start_info_ptr"], rsi)
+        a.lea(rsp, ptr["stack_top"])
+        a.call("main")
+        # main returned: power off with its return value as the reason.
+        a.mov(rdi, rax)
+        a.call("shutdown")
+        a.label("hang")
+        a.jmp("hang")
+        self._emit_helpers()
+        a.section(".data")
+        a.label("start_info_ptr")
+        a.dq(0)
+        a.label("shutdown_arg")
+        a.dd(0)
+        a.section(".bss")
+        a.align(16)
+        a.label("stack_bottom")
+        a.reserve(STACK_SIZE)
+        a.label("stack_top")
+        a.label("scratch")          # a page of scratch space for hypercall buffers
+        a.reserve(4096)
+        a.section(".text")
+        a.label("main")
+
+    # ---- emitting hypercalls -------------------------------------------------
+    def load_arg(self, reg, value) -> None:
+        """reg <- value: an int, a register, or a label name (its address)."""
+        a = self.a
+        if isinstance(value, str):
+            a.lea(reg, ptr[value])
+        elif isinstance(value, int):
+            if value == 0:
+                a.xor(reg, reg)
+            else:
+                a.mov(reg, value)
+        elif value is not reg:
+            a.mov(reg, value)
+
+    def hypercall(self, name: str, *args) -> None:
+        """Emit a call of hypercall `name` (e.g. "console_io") with up to five arguments."""
+        if len(args) > len(ARG_REGS):
+            raise ValueError(f"hypercall {name}: at most {len(ARG_REGS)} arguments")
+        for reg, value in zip(ARG_REGS, args):
+            self.load_arg(reg, value)
+        self.a.call(f"hypercall_{name}")
+
+    def hypercall_nr(self, nr: int, *args) -> None:
+        """Call stub `nr` of the hypercall page, named or not (for -ENOSYS checks)."""
+        for reg, value in zip(ARG_REGS, args):
+            self.load_arg(reg, value)
+        self.a.call(f"hypercall_{HYPERCALL_NAMES.get(nr, f'nr{nr}')}")
+
+    def string(self, text: str) -> str:
+        """The label of a NUL-terminated copy of text in .rodata."""
+        if text not in self._strings:
+            label = f"str_{len(self._strings)}"
+            self._strings[text] = label
+        return self._strings[text]
+
+    def print(self, text: str) -> None:
+        self.load_arg(rdi, self.string(text))
+        self.a.call("print_cstr")
+
+    # ---- the shared helpers --------------------------------------------------
+    def _emit_helpers(self) -> None:
+        a = self.a
+        # print_cstr(rdi = NUL-terminated string)
+        a.label("print_cstr")
+        a.mov(rsi, rdi)
+        a.label("print_cstr.len")
+        a.cmp(byte[rsi], 0)
+        a.je("print_cstr.go")
+        a.inc(rsi)
+        a.jmp("print_cstr.len")
+        a.label("print_cstr.go")
+        a.sub(rsi, rdi)
+        # print(rdi = buffer, rsi = length): CONSOLEIO_write
+        a.label("print")
+        a.mov(rdx, rdi)
+        a.mov(rdi, C.CONSOLEIO_write)
+        a.call("hypercall_console_io")
+        a.ret()
+
+        # print_dec(rdi = unsigned value)
+        a.label("print_dec")
+        a.mov(rax, rdi)
+        a.lea(rsi, ptr["numbuf_end"])
+        a.mov(rcx, 10)
+        a.label("print_dec.loop")
+        a.xor(edx, edx)
+        a.div(rcx)
+        a.add(dl, ord("0"))
+        a.dec(rsi)
+        a.mov(byte[rsi], dl)
+        a.test(rax, rax)
+        a.jne("print_dec.loop")
+        a.jmp("print_num.out")
+
+        # print_sdec(rdi = signed value)
+        a.label("print_sdec")
+        a.test(rdi, rdi)
+        a.jns("print_dec")
+        a.push(rdi)
+        a.lea(rdi, ptr["minus"])
+        a.mov(esi, 1)
+        a.call("print")
+        a.pop(rdi)
+        a.neg(rdi)
+        a.jmp("print_dec")
+
+        # print_hex(rdi = value): 0x-prefixed, no leading zeros
+        a.label("print_hex")
+        a.mov(rax, rdi)
+        a.lea(rsi, ptr["numbuf_end"])
+        a.lea(r8, ptr["hexdigits"])
+        a.label("print_hex.loop")
+        a.mov(rcx, rax)
+        a.and_(ecx, 15)
+        a.mov(cl, byte[r8 + rcx])
+        a.dec(rsi)
+        a.mov(byte[rsi], cl)
+        a.shr(rax, 4)
+        a.jne("print_hex.loop")
+        a.dec(rsi)
+        a.mov(byte[rsi], ord("x"))
+        a.dec(rsi)
+        a.mov(byte[rsi], ord("0"))
+        # print the digits between rsi and numbuf_end
+        a.label("print_num.out")
+        a.mov(rdi, rsi)
+        a.lea(rsi, ptr["numbuf_end"])
+        a.sub(rsi, rdi)
+        a.jmp("print")
+
+        # shutdown(rdi = reason): SCHEDOP_shutdown, never returns
+        a.label("shutdown")
+        a.mov(dword["shutdown_arg"], edi)
+        a.mov(edi, C.SCHEDOP_shutdown)
+        a.lea(rsi, ptr["shutdown_arg"])
+        a.call("hypercall_sched_op")
+        a.label("shutdown.hang")
+        a.jmp("shutdown.hang")
+
+    # ---- output --------------------------------------------------------------
+    def image(self):
+        """Finish the program; returns (sections, symbols, entry, notes) for build_elf."""
+        a = self.a
+        a.section(".rodata")
+        a.label("hexdigits")
+        a.ascii("0123456789abcdef")
+        a.label("minus")
+        a.ascii("-")
+        for text, label in self._strings.items():
+            a.label(label)
+            a.asciz(text)
+        a.section(".data")
+        a.label("numbuf")
+        a.reserve(24)
+        a.label("numbuf_end")
+        # The hypercall page: one page, stub N at N*32, filled in by the domain builder.
+        a.section(".text")
+        a.align(4096)
+        a.label("hypercall_page")
+        for n in range(C.TRAPLESS_HYPERCALL_PAGE_STUBS):
+            a.label(f"hypercall_{HYPERCALL_NAMES.get(n, f'nr{n}')}")
+            a.reserve(C.TRAPLESS_HYPERCALL_STUB_SIZE)
+        return a.assemble()
+
+    def elf(self) -> bytes:
+        img = self.image()
+        entry = img.symbols["_start"]
+        notes = [
+            (C.XEN_ELFNOTE_GUEST_OS, self.guest_os),
+            (C.XEN_ELFNOTE_XEN_VERSION, "xen-3.0"),
+            (C.XEN_ELFNOTE_LOADER, "generic"),
+            (C.XEN_ELFNOTE_ENTRY, entry),
+            (C.XEN_ELFNOTE_VIRT_BASE, 0),
+            (C.XEN_ELFNOTE_PADDR_OFFSET, 0),
+            (C.XEN_ELFNOTE_HYPERCALL_PAGE, img.symbols["hypercall_page"]),
+        ]
+        return build_elf(img.sections, img.symbols, entry, notes)
+

@@ -1,0 +1,20 @@
+"""Every hypercall number trapless does not implement returns -ENOSYS, and the domain
+goes on; the implemented ones are listed here so the suite names the rest."""
+from abi import C, HYPERCALL_NAMES
+
+from guest_kernel.conformance import ConformanceGuest
+
+IMPLEMENTED = {C.__HYPERVISOR_console_io, C.__HYPERVISOR_xen_version, C.__HYPERVISOR_sched_op}
+
+
+def test_unimplemented_hypercalls_are_enosys(run_cases):
+    g = ConformanceGuest("unimplemented")
+    numbers = [n for n in range(C.TRAPLESS_HYPERCALL_PAGE_STUBS) if n not in IMPLEMENTED]
+    for n in numbers:
+        g.call(f"nr{n}", n, 0, 0, 0, 0, 0)
+    run = run_cases(g.finish())
+    for n in numbers:
+        assert run[f"nr{n}"] == -C.XEN_ENOSYS, HYPERCALL_NAMES.get(n, n)
+    counters = run.domain.counters()
+    assert counters.hypercall_errors["set_trap_table"] == 1
+    assert counters.hypercall_errors["out_of_range"] == C.TRAPLESS_HYPERCALL_PAGE_STUBS - C.TRAPLESS_NR_HYPERCALLS
