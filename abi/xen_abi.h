@@ -265,6 +265,335 @@ struct start_info {
 #define XEN_ELFNOTE_SUPPORTED_FEATURES  17
 #define XEN_ELFNOTE_PHYS32_ENTRY        18
 
+/* ---- event_channel_op(cmd, arg): the 2-level event channel ABI ------------------------ */
+#define EVTCHNOP_bind_interdomain   0
+#define EVTCHNOP_bind_virq          1
+#define EVTCHNOP_bind_pirq          2
+#define EVTCHNOP_close              3
+#define EVTCHNOP_send               4
+#define EVTCHNOP_status             5
+#define EVTCHNOP_alloc_unbound      6
+#define EVTCHNOP_bind_ipi           7
+#define EVTCHNOP_bind_vcpu          8
+#define EVTCHNOP_unmask             9
+#define EVTCHNOP_reset             10
+#define EVTCHNOP_init_control      11
+#define EVTCHNOP_expand_array      12
+#define EVTCHNOP_set_priority      13
+#define EVTCHNOP_reset_cont        14
+
+#define EVTCHN_2L_NR_CHANNELS    4096
+
+struct evtchn_alloc_unbound {
+    uint16_t dom;
+    uint16_t remote_dom;
+    uint32_t port;                  /* out */
+};
+
+struct evtchn_bind_interdomain {
+    uint16_t remote_dom;
+    uint16_t _pad0;
+    uint32_t remote_port;
+    uint32_t local_port;            /* out */
+};
+
+struct evtchn_bind_virq {
+    uint32_t virq;
+    uint32_t vcpu;
+    uint32_t port;                  /* out */
+};
+
+struct evtchn_bind_pirq {
+    uint32_t pirq;
+    uint32_t flags;
+    uint32_t port;                  /* out */
+};
+
+struct evtchn_bind_ipi {
+    uint32_t vcpu;
+    uint32_t port;                  /* out */
+};
+
+struct evtchn_close {
+    uint32_t port;
+};
+
+struct evtchn_send {
+    uint32_t port;
+};
+
+struct evtchn_unmask {
+    uint32_t port;
+};
+
+struct evtchn_status {
+    uint16_t dom;
+    uint16_t _pad0;
+    uint32_t port;
+    uint32_t status;                /* out: EVTCHNSTAT_* */
+    uint32_t vcpu;                  /* out */
+    uint16_t u_dom;                 /* out: unbound remote dom / interdomain dom */
+    uint16_t _pad1;
+    uint32_t u_port;                /* out: interdomain port; pirq and virq share offset 16 */
+};
+
+struct evtchn_bind_vcpu {
+    uint32_t port;
+    uint32_t vcpu;
+};
+
+struct evtchn_reset {
+    uint16_t dom;
+};
+
+#define EVTCHNSTAT_closed       0
+#define EVTCHNSTAT_unbound      1
+#define EVTCHNSTAT_interdomain  2
+#define EVTCHNSTAT_pirq         3
+#define EVTCHNSTAT_virq         4
+#define EVTCHNSTAT_ipi          5
+
+#define VIRQ_TIMER       0
+#define VIRQ_DEBUG       1
+#define VIRQ_CONSOLE     2
+#define VIRQ_DOM_EXC     3
+#define VIRQ_TBUF        4
+#define VIRQ_DEBUGGER    6
+#define VIRQ_XENOPROF    7
+#define VIRQ_CON_RING    8
+#define VIRQ_PCPU_STATE  9
+#define VIRQ_MEM_EVENT  10
+#define VIRQ_ARGO       11
+#define VIRQ_ENOMEM     12
+#define VIRQ_XENPMU     13
+#define NR_VIRQS        24
+
+/* ---- shared_info and vcpu_info ------------------------------------------------------- */
+#define XEN_LEGACY_MAX_VCPUS 32
+
+struct vcpu_time_info {
+    uint32_t version;               /* odd while the hypervisor updates */
+    uint32_t pad0;
+    uint64_t tsc_timestamp;
+    uint64_t system_time;           /* ns at tsc_timestamp */
+    uint32_t tsc_to_system_mul;
+    int8_t   tsc_shift;
+    uint8_t  flags;
+    uint8_t  pad1[2];
+};
+
+#define XEN_PVCLOCK_TSC_STABLE_BIT   1
+#define XEN_PVCLOCK_GUEST_STOPPED    2
+
+struct arch_vcpu_info {
+    uint64_t cr2;
+    uint64_t pad;
+};
+
+struct vcpu_info {
+    uint8_t  evtchn_upcall_pending;
+    uint8_t  evtchn_upcall_mask;
+    uint8_t  _pad0[6];
+    uint64_t evtchn_pending_sel;
+    struct arch_vcpu_info arch;
+    struct vcpu_time_info time;
+};
+
+struct arch_shared_info {
+    uint64_t max_pfn;
+    uint64_t pfn_to_mfn_frame_list_list;
+    uint64_t nmi_reason;
+    uint64_t p2m_cr3;
+    uint64_t p2m_vaddr;
+    uint64_t p2m_generation;
+};
+
+struct shared_info {
+    struct vcpu_info vcpu_info[32];
+    uint64_t evtchn_pending[64];
+    uint64_t evtchn_mask[64];
+    uint32_t wc_version;
+    uint32_t wc_sec;
+    uint32_t wc_nsec;
+    uint32_t wc_sec_hi;
+    struct arch_shared_info arch;
+};
+
+/* ---- hvm_op: the upcall vector ------------------------------------------------------ */
+#define HVMOP_set_param            0
+#define HVMOP_get_param            1
+#define HVM_PARAM_CALLBACK_IRQ     0
+#define HVM_PARAM_STORE_PFN        1
+#define HVM_PARAM_STORE_EVTCHN     2
+#define HVM_PARAM_TIMER_MODE      10
+#define HVM_PARAM_CONSOLE_PFN     17
+#define HVM_PARAM_CONSOLE_EVTCHN  18
+#define HVM_NR_PARAMS             39
+/* CALLBACK_IRQ value: type in bits 63..56; type 2 = vector in the low 8 bits */
+#define HVM_PARAM_CALLBACK_TYPE_SHIFT   56
+#define HVM_PARAM_CALLBACK_TYPE_GSI      0
+#define HVM_PARAM_CALLBACK_TYPE_PCI_INTX 1
+#define HVM_PARAM_CALLBACK_TYPE_VECTOR   2
+
+struct xen_hvm_param {
+    uint16_t domid;
+    uint16_t _pad0;
+    uint32_t index;
+    uint64_t value;
+};
+
+/* ---- timers: set_timer_op(timeout_ns) and vcpu_op(cmd, vcpuid, arg) ------------------- */
+#define VCPUOP_initialise                  0
+#define VCPUOP_up                          1
+#define VCPUOP_down                        2
+#define VCPUOP_is_up                       3
+#define VCPUOP_get_runstate_info           4
+#define VCPUOP_register_runstate_memory_area 5
+#define VCPUOP_set_periodic_timer          6
+#define VCPUOP_stop_periodic_timer         7
+#define VCPUOP_set_singleshot_timer        8
+#define VCPUOP_stop_singleshot_timer       9
+#define VCPUOP_register_vcpu_info         10
+#define VCPUOP_send_nmi                   11
+#define VCPUOP_get_physid                 12
+#define VCPUOP_register_vcpu_time_memory_area 13
+
+struct vcpu_set_periodic_timer {
+    uint64_t period_ns;
+};
+
+struct vcpu_set_singleshot_timer {
+    uint64_t timeout_abs_ns;
+    uint32_t flags;
+    uint32_t _pad0;
+};
+#define VCPU_SSHOTTMR_future 1
+
+struct vcpu_register_vcpu_info {
+    uint64_t mfn;
+    uint32_t offset;
+    uint32_t rsvd;
+};
+
+struct vcpu_runstate_info {
+    int32_t  state;
+    uint32_t _pad0;
+    uint64_t state_entry_time;
+    uint64_t time[4];
+};
+#define RUNSTATE_running   0
+#define RUNSTATE_runnable  1
+#define RUNSTATE_blocked   2
+#define RUNSTATE_offline   3
+
+/* ---- memory_op(cmd, arg) ------------------------------------------------------------ */
+#define XENMEMOP_CMD_MASK              0x3f
+#define XENMEM_increase_reservation    0
+#define XENMEM_decrease_reservation    1
+#define XENMEM_maximum_ram_page        2
+#define XENMEM_current_reservation     3
+#define XENMEM_maximum_reservation     4
+#define XENMEM_machphys_mfn_list       5
+#define XENMEM_populate_physmap        6
+#define XENMEM_add_to_physmap          7
+#define XENMEM_memory_map              9
+#define XENMEM_machine_memory_map     10
+#define XENMEM_exchange               11
+#define XENMEM_machphys_mapping       12
+#define XENMEM_set_memory_map         13
+#define XENMEM_maximum_gpfn           14
+#define XENMEM_remove_from_physmap    15
+#define XENMEM_add_to_physmap_batch   23
+#define XENMEM_claim_pages            24
+#define XENMEM_acquire_resource       28
+
+struct xen_memory_reservation {
+    uint64_t extent_start;          /* guest pointer to xen_pfn_t[] */
+    uint64_t nr_extents;
+    uint32_t extent_order;
+    uint32_t mem_flags;
+    uint16_t domid;
+    uint8_t  _pad0[6];
+};
+
+struct xen_memory_map {
+    uint32_t nr_entries;            /* in: capacity; out: entries written */
+    uint32_t _pad0;
+    uint64_t buffer;                /* guest pointer to e820 entries */
+};
+
+/* One e820 record as the guest sees it: packed, 20 bytes (addr @0, size @8, type @16). */
+struct e820_entry {
+    uint32_t addr_lo;
+    uint32_t addr_hi;
+    uint32_t size_lo;
+    uint32_t size_hi;
+    uint32_t type;
+};
+#define E820_RAM       1
+#define E820_RESERVED  2
+#define E820_ACPI      3
+#define E820_NVS       4
+#define E820_UNUSABLE  5
+
+struct xen_add_to_physmap {
+    uint16_t domid;
+    uint16_t size;
+    uint32_t space;
+    uint64_t idx;
+    uint64_t gpfn;
+};
+#define XENMAPSPACE_shared_info   0
+#define XENMAPSPACE_grant_table   1
+#define XENMAPSPACE_gmfn          2
+#define XENMAPSPACE_gmfn_range    3
+#define XENMAPSPACE_gmfn_foreign  4
+#define XENMAPSPACE_dev_mmio      5
+
+/* ---- mmu_update(reqs, count, success_count, domid) ------------------------------------ */
+struct mmu_update {
+    uint64_t ptr;                   /* machine address of the PTE; low 2 bits = command */
+    uint64_t val;
+};
+#define MMU_NORMAL_PT_UPDATE        0
+#define MMU_MACHPHYS_UPDATE         1
+#define MMU_PT_UPDATE_PRESERVE_AD   2
+#define MMU_PT_UPDATE_NO_TRANSLATE  3
+
+/* ---- mmuext_op(ops, count, success_count, domid) -------------------------------------- */
+struct mmuext_op {
+    uint32_t cmd;
+    uint32_t _pad0;
+    uint64_t arg1;                  /* mfn or linear_addr */
+    uint64_t arg2;                  /* nr_ents, vcpumask or src_mfn */
+};
+#define MMUEXT_PIN_L1_TABLE       0
+#define MMUEXT_PIN_L2_TABLE       1
+#define MMUEXT_PIN_L3_TABLE       2
+#define MMUEXT_PIN_L4_TABLE       3
+#define MMUEXT_UNPIN_TABLE        4
+#define MMUEXT_NEW_BASEPTR        5
+#define MMUEXT_TLB_FLUSH_LOCAL    6
+#define MMUEXT_INVLPG_LOCAL       7
+#define MMUEXT_TLB_FLUSH_MULTI    8
+#define MMUEXT_INVLPG_MULTI       9
+#define MMUEXT_TLB_FLUSH_ALL     10
+#define MMUEXT_INVLPG_ALL        11
+#define MMUEXT_FLUSH_CACHE       12
+#define MMUEXT_SET_LDT           13
+#define MMUEXT_NEW_USER_BASEPTR  15
+#define MMUEXT_CLEAR_PAGE        16
+#define MMUEXT_COPY_PAGE         17
+#define MMUEXT_MARK_SUPER        19
+#define MMUEXT_UNMARK_SUPER      20
+
+/* ---- multicall(entries, nr) ----------------------------------------------------------- */
+struct multicall_entry {
+    uint64_t op;
+    int64_t  result;
+    uint64_t args[6];
+};
+
 /* cdef-end */
 
 #endif /* TRAPLESS_XEN_ABI_H */

@@ -10,6 +10,7 @@
 
 #include "../abi/xen_abi.h"
 #include "hv_api.h"
+#include "mm.h"
 
 #define HV_PAGE_SIZE   4096ULL
 #define HV_PAGE_SHIFT  12
@@ -28,6 +29,10 @@ struct hv_engine_ops {
     int  (*get_cr3)(struct hv_vcpu *v, uint64_t *cr3);
     /* Make the vCPU leave guest mode soon (from any thread). */
     void (*kick)(struct hv_vcpu *v);
+    /* Switch the top-level page table (vCPU thread only; flushes the guest TLB). */
+    int  (*set_cr3)(struct hv_vcpu *v, uint64_t cr3);
+    /* Drop the vCPU's cached translations after the hypervisor changed its page tables. */
+    int  (*flush_tlb)(struct hv_vcpu *v);
 };
 
 struct hv_domain {
@@ -48,9 +53,15 @@ struct hv_domain {
     int shutdown_reason;
     int shutdown_code;              /* latched by SCHEDOP_shutdown_code, -1 if none */
 
+    /* memory service (memory.c, mm.c): frame ownership, types and reservations */
+    struct hv_mm mm;
+    uint64_t shared_info_gpa;       /* where the guest placed shared_info; HV_NO_PAGE if not yet */
+
     int kvm_vm_fd;
     struct hv_vcpu *vcpus[HV_MAX_VCPUS];
 };
+
+#define HV_NO_PAGE (~0ULL)
 
 struct hv_vcpu {
     struct hv_domain *dom;
@@ -81,6 +92,10 @@ int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_console_io(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_xen_version(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_sched_op(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_memory_op(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_mmu_update(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_multicall(struct hv_vcpu *v, const struct hv_hcall *h);
 
 void hv_domain_shutdown(struct hv_domain *d, int reason);
 

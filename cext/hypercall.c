@@ -9,8 +9,12 @@
 typedef int64_t (*hv_handler)(struct hv_vcpu *v, const struct hv_hcall *h);
 
 static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
+    [__HYPERVISOR_mmu_update]  = do_mmu_update,
+    [__HYPERVISOR_memory_op]   = do_memory_op,
+    [__HYPERVISOR_multicall]   = do_multicall,
     [__HYPERVISOR_xen_version] = do_xen_version,
     [__HYPERVISOR_console_io]  = do_console_io,
+    [__HYPERVISOR_mmuext_op]  = do_mmuext_op,
     [__HYPERVISOR_sched_op]    = do_sched_op,
 };
 

@@ -149,6 +149,36 @@ static int kvm_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
     return 0;
 }
 
+/* KVM rebuilds its MMU context, flushing the guest's translations, whenever a
+ * KVM_SET_SREGS changes cr3 or cr4. There is no flush ioctl, so a flush with the same
+ * cr3 toggles CR4.PGE and puts it back. */
+static int kvm_set_cr3(struct hv_vcpu *v, uint64_t cr3)
+{
+    struct kvm_sregs sregs;
+    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+        return -1;
+    if (sregs.cr3 == cr3)
+        return v->ops->flush_tlb(v);
+    sregs.cr3 = cr3;
+    if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
+        return -1;
+    v->cr3 = cr3;
+    v->cr3_valid = 1;
+    return 0;
+}
+
+static int kvm_flush_tlb(struct hv_vcpu *v)
+{
+    struct kvm_sregs sregs;
+    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+        return -1;
+    sregs.cr4 ^= 1ULL << 7;         /* PGE */
+    if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
+        return -1;
+    sregs.cr4 ^= 1ULL << 7;
+    return ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0 ? -1 : 0;
+}
+
 static void kvm_kick(struct hv_vcpu *v)
 {
     pthread_mutex_lock(&v->kick_lock);
@@ -161,6 +191,8 @@ static void kvm_kick(struct hv_vcpu *v)
 static const struct hv_engine_ops kvm_ops = {
     .get_cr3 = kvm_get_cr3,
     .kick = kvm_kick,
+    .set_cr3 = kvm_set_cr3,
+    .flush_tlb = kvm_flush_tlb,
 };
 
 /* ---- vCPUs ---- */

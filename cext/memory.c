@@ -1,0 +1,2 @@
+#include "hv.h"
+int64_t do_memory_op(struct hv_vcpu *v, const struct hv_hcall *h) { return -XEN_ENOSYS; }
