@@ -82,7 +82,17 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
         free(d);
         return NULL;
     }
+    if (hv_events_init(d, cfg->max_evtchn_ports, err, err_len) < 0 ||
+        hv_timers_start(d, err, err_len) < 0) {
+        hv_domain_destroy(d);
+        return NULL;
+    }
     return d;
+}
+
+int hv_domain_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq)
+{
+    return hv_send_virq(d, vcpu, virq);
 }
 
 void hv_vcpu_destroy(struct hv_vcpu *v);
@@ -91,10 +101,13 @@ void hv_domain_destroy(struct hv_domain *d)
 {
     if (!d)
         return;
+    hv_timers_stop(d);                  /* first: it touches vCPUs */
     for (int i = 0; i < HV_MAX_VCPUS; i++)
         if (d->vcpus[i])
             hv_vcpu_destroy(d->vcpus[i]);
+    hv_events_destroy(d);
     hv_kvm_destroy_vm(d);
+    hv_mm_destroy(d);
     munmap(d->ram, d->ram_bytes);
     pthread_mutex_destroy(&d->console_lock);
     free(d);

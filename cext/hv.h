@@ -16,6 +16,8 @@
 #define HV_PAGE_SHIFT  12
 #define HV_MAX_VCPUS   1
 #define HV_CONSOLE_IN  4096         /* console input ring, bytes (power of two) */
+#define HV_DEFAULT_MAX_PORTS 1024   /* event channel ports per domain unless configured */
+#define HV_NO_DEADLINE (~0ULL)
 
 /* The arguments of one hypercall, in Xen's x86-64 convention. */
 struct hv_hcall {
@@ -35,6 +37,22 @@ struct hv_engine_ops {
     int  (*flush_tlb)(struct hv_vcpu *v);
 };
 
+/* One event channel (events.c). */
+struct hv_evtchn {
+    uint8_t  state;                 /* EVTCHNSTAT_* */
+    uint16_t remote_dom;            /* unbound: who may bind; interdomain: the peer */
+    uint32_t remote_port;           /* interdomain: the peer's port */
+    uint32_t vcpu;                  /* vCPU notified */
+    uint32_t virq;                  /* virq: which */
+};
+
+/* Timers of one vCPU (timers.c); guarded by the domain's timer_lock. */
+struct hv_vcpu_timers {
+    uint64_t singleshot;            /* absolute system time, 0 = off */
+    uint64_t period, next_periodic; /* period 0 = off */
+    uint64_t fired;                 /* expiries delivered */
+};
+
 struct hv_domain {
     uint32_t domid;
     uint8_t *ram;                   /* host mapping of guest-physical [0, ram_bytes) */
@@ -52,6 +70,22 @@ struct hv_domain {
     volatile int shutting_down;
     int shutdown_reason;
     int shutdown_code;              /* latched by SCHEDOP_shutdown_code, -1 if none */
+
+    /* interrupt service (events.c): ports, the upcall vector, shared_info */
+    pthread_mutex_t ev_lock;
+    struct hv_evtchn *ports;        /* [max_ports] */
+    uint32_t max_ports;
+    uint8_t  callback_vector;       /* 0 = no upcalls */
+    uint64_t hvm_params[HVM_NR_PARAMS];
+    uint8_t *shared_info_private;   /* shared_info before the guest places it */
+    uint64_t boot_wallclock_ns;     /* CLOCK_REALTIME at system time 0 */
+    uint64_t boot_system_time;      /* system time when the domain was created */
+
+    /* timer service (timers.c): one thread per domain fires every vCPU's timers */
+    pthread_mutex_t timer_lock;
+    pthread_cond_t  timer_cond;
+    pthread_t timer_thread;
+    int timer_thread_started, timer_stop;
 
     /* memory service (memory.c, mm.c): frame ownership, types and reservations */
     struct hv_mm mm;
@@ -78,7 +112,23 @@ struct hv_vcpu {
     pthread_mutex_t kick_lock;
     pthread_t thread;
     int in_run;                     /* thread is inside hv_vcpu_run */
-    volatile int kicked;
+    volatile int kicked;            /* the toolstack asked the vCPU to stop */
+
+    /* blocking: SCHEDOP_block, SCHEDOP_poll and hlt sleep here until notified */
+    pthread_mutex_t wait_lock;
+    pthread_cond_t  wait_cond;
+    int waiting;
+
+    uint64_t vcpu_info_gpa;         /* HV_NO_PAGE: the slot in shared_info */
+    uint32_t virq_to_port[NR_VIRQS];
+    struct hv_vcpu_timers timers;
+
+    /* PV clock: guest TSC = host TSC + tsc_offset, scaled to ns by mul/shift */
+    pthread_mutex_t time_lock;      /* the timer thread and the vCPU both refresh it */
+    int64_t  tsc_offset;
+    uint32_t tsc_to_system_mul;
+    int8_t   tsc_shift;
+    uint32_t time_version;
 };
 
 /* ---- guest memory: the one door (guest_mem.c) ---- */
@@ -98,6 +148,29 @@ int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_multicall(struct hv_vcpu *v, const struct hv_hcall *h);
 
 void hv_domain_shutdown(struct hv_domain *d, int reason);
+
+/* ---- interrupt service (events.c) ---- */
+int64_t do_event_channel_op(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_hvm_op(struct hv_vcpu *v, const struct hv_hcall *h);
+int  hv_events_init(struct hv_domain *d, uint32_t max_ports, char *err, int err_len);
+void hv_events_destroy(struct hv_domain *d);
+struct shared_info *hv_shared_info(struct hv_domain *d);
+struct vcpu_info *hv_vcpu_info(struct hv_vcpu *v);
+void hv_shared_info_placed(struct hv_domain *d, uint64_t old_gpa);
+int  hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
+int  hv_upcall_wanted(struct hv_vcpu *v);
+void hv_vcpu_notify(struct hv_vcpu *v);
+int  hv_vcpu_wait(struct hv_vcpu *v, uint64_t deadline, int (*done)(struct hv_vcpu *, void *), void *arg);
+struct hv_domain *hv_domain_lookup(uint32_t domid);
+
+/* ---- timer service (timers.c) ---- */
+int64_t do_set_timer_op(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_vcpu_op(struct hv_vcpu *v, const struct hv_hcall *h);
+int  hv_timers_start(struct hv_domain *d, char *err, int err_len);
+void hv_timers_stop(struct hv_domain *d);
+uint64_t hv_system_time(void);
+void hv_pvclock_update(struct hv_vcpu *v);
+int  hv_pvclock_init(struct hv_vcpu *v, int64_t tsc_offset, uint64_t tsc_khz);
 
 /* ---- helpers ---- */
 uint64_t hv_now_ns(void);

@@ -48,6 +48,8 @@ struct hv_counters {
     uint64_t hypercalls[TRAPLESS_NR_HYPERCALLS + 1];
     uint64_t hypercall_errors[TRAPLESS_NR_HYPERCALLS + 1]; /* returned a negative errno */
     uint64_t unknown_port_io;                   /* port I/O nobody claims */
+    uint64_t upcalls;                           /* callback vectors injected */
+    uint64_t blocks;                            /* SCHEDOP_block / poll / hlt sleeps */
 };
 
 /* The state a vCPU starts in: 64-bit long mode, flat segments, paging on. */
@@ -75,10 +77,14 @@ struct hv_domain_config {
     uint64_t pt_pool_end;
     int      console_fd;    /* console output is written here; -1 drops it */
     uint8_t  handle[16];    /* the domain's UUID (XENVER_guest_handle) */
+    uint32_t max_evtchn_ports; /* 0 = the default (1024) */
 };
 
 struct hv_domain;
 struct hv_vcpu;
+
+/* 1 if the hypercall table has a handler for nr (the rest answer -ENOSYS). */
+int  hv_hypercall_implemented(uint32_t nr);
 
 /* Engines. Returns 1 if usable; otherwise 0 and a one-line reason in why. */
 int  hv_kvm_available(char *why, int why_len);
@@ -89,6 +95,18 @@ void     hv_domain_destroy(struct hv_domain *d);
 uint8_t *hv_domain_ram(struct hv_domain *d);
 struct hv_counters *hv_domain_counters(struct hv_domain *d);
 int      hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int len);
+/* Make a VIRQ pending on a vCPU, as the hypervisor's own devices do (0 or -errno). */
+int      hv_domain_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
+
+/* Memory service (memory.c, mm.c). hv_mm_init types and counts the builder's page
+ * tables, walking from cr3 (once, after the domain's memory is built); hv_mm_audit
+ * recounts every frame's references from the tables and checks Xen's invariants
+ * (call it while the vCPU is stopped).
+ * Both: 0, or -1 with a one-line reason in err. */
+int      hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len);
+int      hv_mm_audit(struct hv_domain *d, char *err, int err_len);
+/* Pages of guest RAM resident in host memory (mincore); ~0 on failure. */
+uint64_t hv_domain_resident_pages(struct hv_domain *d);
 
 /* vCPUs. */
 struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_len);

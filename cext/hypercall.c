@@ -12,10 +12,14 @@ static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
     [__HYPERVISOR_mmu_update]  = do_mmu_update,
     [__HYPERVISOR_memory_op]   = do_memory_op,
     [__HYPERVISOR_multicall]   = do_multicall,
+    [__HYPERVISOR_set_timer_op] = do_set_timer_op,
     [__HYPERVISOR_xen_version] = do_xen_version,
     [__HYPERVISOR_console_io]  = do_console_io,
-    [__HYPERVISOR_mmuext_op]  = do_mmuext_op,
+    [__HYPERVISOR_vcpu_op]     = do_vcpu_op,
+    [__HYPERVISOR_mmuext_op]   = do_mmuext_op,
     [__HYPERVISOR_sched_op]    = do_sched_op,
+    [__HYPERVISOR_event_channel_op] = do_event_channel_op,
+    [__HYPERVISOR_hvm_op]      = do_hvm_op,
 };
 
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h)
@@ -29,4 +33,9 @@ int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h)
     if (ret < 0 && ret >= -4095)
         c->hypercall_errors[slot]++;
     return ret;
+}
+
+int hv_hypercall_implemented(uint32_t nr)
+{
+    return nr < TRAPLESS_NR_HYPERCALLS && hypercall_table[nr] != NULL;
 }

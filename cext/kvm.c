@@ -19,6 +19,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <x86intrin.h>
+
 #include "hv.h"
 
 #define KICK_SIGNAL SIGUSR1
@@ -152,31 +154,70 @@ static int kvm_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
 /* KVM rebuilds its MMU context, flushing the guest's translations, whenever a
  * KVM_SET_SREGS changes cr3 or cr4. There is no flush ioctl, so a flush with the same
  * cr3 toggles CR4.PGE and puts it back. */
-static int kvm_set_cr3(struct hv_vcpu *v, uint64_t cr3)
-{
-    struct kvm_sregs sregs;
-    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
-        return -1;
-    if (sregs.cr3 == cr3)
-        return v->ops->flush_tlb(v);
-    sregs.cr3 = cr3;
-    if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
-        return -1;
-    v->cr3 = cr3;
-    v->cr3_valid = 1;
-    return 0;
-}
+/* Register changes a hypercall asks for wait until KVM has completed the hypercall's
+ * `in`: a KVM_SET_SREGS while it is pending makes the guest execute the `in` again on
+ * some hosts (PVM). The run loop applies them right after (apply_pending). vCPU thread
+ * only, hence thread-local. */
+static __thread int in_exit, pending_set_cr3, pending_flush;
+static __thread uint64_t pending_cr3;
 
-static int kvm_flush_tlb(struct hv_vcpu *v)
+static int apply_sregs(struct hv_vcpu *v, int set_cr3, uint64_t cr3, int flush)
 {
     struct kvm_sregs sregs;
     if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
         return -1;
+    if (set_cr3 && sregs.cr3 != cr3) {
+        sregs.cr3 = cr3;            /* a new cr3 is itself a flush */
+        if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
+            return -1;
+        v->cr3 = cr3;
+        v->cr3_valid = 1;
+        return 0;
+    }
+    if (!set_cr3 && !flush)
+        return 0;
     sregs.cr4 ^= 1ULL << 7;         /* PGE */
     if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
         return -1;
     sregs.cr4 ^= 1ULL << 7;
     return ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0 ? -1 : 0;
+}
+
+static int kvm_set_cr3(struct hv_vcpu *v, uint64_t cr3)
+{
+    if (in_exit) {
+        pending_set_cr3 = 1;
+        pending_cr3 = cr3;
+        v->cr3 = cr3;               /* the rest of the hypercall already sees it */
+        v->cr3_valid = 1;
+        return 0;
+    }
+    return apply_sregs(v, 1, cr3, 0);
+}
+
+static int kvm_flush_tlb(struct hv_vcpu *v)
+{
+    if (in_exit) {
+        pending_flush = 1;
+        return 0;
+    }
+    return apply_sregs(v, 0, 0, 1);
+}
+
+/* Complete the pending `in` without entering the guest (immediate_exit), then change
+ * the registers the hypercall asked for. */
+static int apply_pending(struct hv_vcpu *v)
+{
+    int set_cr3 = pending_set_cr3, flush = pending_flush, rc;
+    pending_set_cr3 = pending_flush = 0;
+    if (!set_cr3 && !flush)
+        return 0;
+    __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    rc = ioctl(v->fd, KVM_RUN, 0);
+    __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    if (rc == 0 || (errno != EINTR && errno != EAGAIN))
+        return -1;
+    return apply_sregs(v, set_cr3, pending_cr3, flush);
 }
 
 static void kvm_kick(struct hv_vcpu *v)
@@ -214,6 +255,35 @@ static int set_cpuid(struct hv_vcpu *v, char *err, int err_len)
         rc = 0;
     free(cpuid);
     return rc;
+}
+
+/* The PV clock needs the guest's TSC: host TSC + the offset KVM applies, at the rate
+ * KVM reports. KVM_VCPU_TSC_OFFSET gives the offset exactly; older kernels get it
+ * from the guest's IA32_TSC read next to the host's TSC. */
+static int pvclock_setup(struct hv_vcpu *v, char *err, int err_len)
+{
+    int64_t offset = 0;
+    struct kvm_device_attr attr = {
+        .group = KVM_VCPU_TSC_CTRL, .attr = KVM_VCPU_TSC_OFFSET, .addr = (uint64_t)(uintptr_t)&offset,
+    };
+    int khz = ioctl(v->fd, KVM_GET_TSC_KHZ, 0);
+
+    if (khz <= 0) {
+        hv_set_error(err, err_len, "KVM_GET_TSC_KHZ: %s", strerror(errno));
+        return -1;
+    }
+    if (ioctl(v->fd, KVM_GET_DEVICE_ATTR, &attr) < 0) {
+        struct { struct kvm_msrs hdr; struct kvm_msr_entry e; } msrs = {
+            .hdr.nmsrs = 1, .e.index = 0x10,   /* IA32_TSC */
+        };
+        uint64_t before = __rdtsc();
+        if (ioctl(v->fd, KVM_GET_MSRS, &msrs) != 1) {
+            hv_set_error(err, err_len, "cannot read the guest TSC: %s", strerror(errno));
+            return -1;
+        }
+        offset = (int64_t)(msrs.e.data - (before + (__rdtsc() - before) / 2));
+    }
+    return hv_pvclock_init(v, offset, (uint64_t)khz);
 }
 
 struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_len)
@@ -254,7 +324,16 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
         return NULL;
     }
     v->run->kvm_valid_regs = KVM_SYNC_X86_REGS;
+    v->vcpu_info_gpa = HV_NO_PAGE;
+    v->thread = pthread_self();
+    pthread_mutex_init(&v->wait_lock, NULL);
+    pthread_cond_init(&v->wait_cond, NULL);
+    pthread_mutex_init(&v->time_lock, NULL);
     d->vcpus[id] = v;
+    if (pvclock_setup(v, err, err_len) < 0) {
+        hv_vcpu_destroy(v);
+        return NULL;
+    }
     return v;
 }
 
@@ -264,6 +343,9 @@ void hv_vcpu_destroy(struct hv_vcpu *v)
     munmap(v->run, v->run_size);
     close(v->fd);
     pthread_mutex_destroy(&v->kick_lock);
+    pthread_mutex_destroy(&v->wait_lock);
+    pthread_cond_destroy(&v->wait_cond);
+    pthread_mutex_destroy(&v->time_lock);
     free(v);
 }
 
@@ -376,6 +458,33 @@ static void port_io(struct hv_vcpu *v, struct kvm_run *run)
         memset(data, 0xff, (size_t)run->io.size * run->io.count);
 }
 
+static int upcall_deliverable(struct hv_vcpu *v, void *unused)
+{
+    return hv_upcall_wanted(v);
+}
+
+/* Inject the callback vector if an upcall is due and the vCPU can take it now;
+ * otherwise ask KVM for an exit as soon as it can (interrupt window). */
+static int deliver_upcall(struct hv_vcpu *v)
+{
+    struct kvm_run *run = v->run;
+
+    if (!hv_upcall_wanted(v)) {
+        run->request_interrupt_window = 0;
+        return 0;
+    }
+    if (run->ready_for_interrupt_injection && run->if_flag) {
+        struct kvm_interrupt irq = { .irq = v->dom->callback_vector };
+        if (ioctl(v->fd, KVM_INTERRUPT, &irq) < 0)
+            return -1;
+        v->dom->counters.upcalls++;
+        run->request_interrupt_window = 0;
+        return 0;
+    }
+    run->request_interrupt_window = 1;
+    return 0;
+}
+
 static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
 {
     struct hv_domain *d = v->dom;
@@ -388,6 +497,9 @@ static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                              "shutdown");
         if (__atomic_exchange_n(&v->kicked, 0, __ATOMIC_SEQ_CST))
             return stop_with(stop, HV_STOP_KICKED, 0, run->s.regs.regs.rip, "stopped by the toolstack");
+        if (deliver_upcall(v) < 0)
+            return stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
+                             "KVM_INTERRUPT failed: %s", strerror(errno));
 
         if (ioctl(v->fd, KVM_RUN, 0) < 0) {
             if (errno == EINTR || errno == EAGAIN) {
@@ -403,13 +515,26 @@ static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
 
         switch (run->exit_reason) {
         case KVM_EXIT_IO:
+            in_exit = 1;
             port_io(v, run);
+            in_exit = 0;
+            if (apply_pending(v) < 0)
+                return stop_with(stop, HV_STOP_ERROR, errno, rip,
+                                 "cannot switch or flush the vCPU's page tables: %s",
+                                 strerror(errno));
             break;
         case KVM_EXIT_HLT:
             c->exits[HV_EXIT_HLT]++;
-            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_HLT, rip,
-                             "hlt with nothing that could wake the vCPU (rflags %#llx)",
-                             (unsigned long long)run->s.regs.regs.rflags);
+            if (!(run->s.regs.regs.rflags & (1ULL << 9)))
+                return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_HLT, rip,
+                                 "hlt with interrupts disabled: nothing can wake the vCPU");
+            /* Idle until an upcall can be delivered (or the toolstack stops us). */
+            c->blocks++;
+            hv_vcpu_wait(v, HV_NO_DEADLINE, upcall_deliverable, NULL);
+            break;
+        case KVM_EXIT_IRQ_WINDOW_OPEN:
+            c->exits[HV_EXIT_IRQ_WINDOW]++;
+            break;
         case KVM_EXIT_MMIO:
             c->exits[HV_EXIT_MMIO]++;
             if (run->mmio.is_write && run->mmio.phys_addr >= d->pt_pool_start &&
@@ -468,5 +593,5 @@ int hv_vcpu_run(struct hv_vcpu *v, struct hv_stop *stop)
 void hv_vcpu_kick(struct hv_vcpu *v)
 {
     __atomic_store_n(&v->kicked, 1, __ATOMIC_SEQ_CST);
-    v->ops->kick(v);
+    hv_vcpu_notify(v);                  /* wakes it from block/poll/hlt, or kicks it out */
 }

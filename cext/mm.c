@@ -1,3 +1,542 @@
+/*
+ * mm.c - PV page tables: frame types and counts, mmu_update and mmuext_op.
+ *
+ * The guest writes no page table itself: they sit in the read-only pool and change only
+ * here. Xen's invariants, kept per frame (mm.h): a page-table frame is in the pool and
+ * is never mapped writable; a frame outside the pool is never a page table; a present
+ * entry of a table in use maps only populated frames of this domain, with flags a PV
+ * domU may use; an upper-level entry points at a table of the next level down, which
+ * it holds in use. Accessed (and dirty) are forced on in every present entry written,
+ * so the CPU never has to write a pool frame itself. As in Xen, the guest flushes its
+ * TLB (mmuext_op) after changing mappings in use; a stale translation can only reach
+ * what the guest could reach before, and never a pool frame for writing.
+ *
+ * Errors are Xen's: a bad flag or a table of the wrong type or place is -EINVAL; an
+ * L1 entry naming a frame outside the domain's RAM is -EPERM (Xen: "non-privileged
+ * attempt to map MMIO space"); one naming a frame the domain does not hold, or a page
+ * table writable, is -EBUSY (Xen's failed get_page / get_page_type). A rejected update
+ * changes nothing and stops the batch.
+ */
+#include <stdlib.h>
+#include <string.h>
+
 #include "hv.h"
-int64_t do_mmu_update(struct hv_vcpu *v, const struct hv_hcall *h) { return -XEN_ENOSYS; }
-int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h) { return -XEN_ENOSYS; }
+
+#define PTE_P          (1ULL << 0)
+#define PTE_RW         (1ULL << 1)
+#define PTE_US         (1ULL << 2)
+#define PTE_A          (1ULL << 5)
+#define PTE_D          (1ULL << 6)
+#define PTE_G          (1ULL << 8)
+#define PTE_AVAIL      (7ULL << 9)
+#define PTE_AVAIL_HIGH (0x7ffULL << 52)
+#define PTE_NX         (1ULL << 63)
+#define PTE_ADDR       0x000ffffffffff000ULL
+
+/* What a PV domU may set, as Xen's base_disallow_mask: no cache attributes (PWT, PCD,
+ * PAT), no superpages (PS), and global only in L1 entries. */
+#define UPPER_ALLOWED  (PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D | PTE_AVAIL | \
+                        PTE_AVAIL_HIGH | PTE_NX | PTE_ADDR)
+#define L1_ALLOWED     (UPPER_ALLOWED | PTE_G)
+
+#define ENTRIES 512
+
+int hv_mm_in_pool(const struct hv_mm *mm, uint64_t mfn)
+{
+    return mfn >= mm->pool_first && mfn < mm->pool_end;
+}
+
+int hv_mm_frame_usable(struct hv_domain *d, uint64_t gpfn)
+{
+    const struct hv_mm *mm = &d->mm;
+    return mm->frames && gpfn < mm->nr_pages && !hv_mm_in_pool(mm, gpfn) &&
+           (mm->frames[gpfn].flags & HV_FRAME_POPULATED);
+}
+
+/* Xen's guest_handle_okay: the whole range lies in one canonical half. */
+int hv_mm_range_ok(uint64_t gva, uint64_t len)
+{
+    uint64_t last = gva + len - 1;
+    if (len == 0)
+        return 1;
+    if (last < gva)
+        return 0;
+    return ((gva >> 47) == 0 && (last >> 47) == 0) ||
+           ((gva >> 47) == 0x1ffff && (last >> 47) == 0x1ffff);
+}
+
+static uint64_t *table_of(struct hv_domain *d, uint64_t mfn)
+{
+    return (uint64_t *)(d->ram + (mfn << HV_PAGE_SHIFT));
+}
+
+static int take_table(struct hv_domain *d, uint64_t mfn, int type);
+static void drop_table(struct hv_domain *d, uint64_t mfn);
+
+/* Take the reference a present entry of a level-`level` table holds on what it names. */
+static int take_entry(struct hv_domain *d, int level, uint64_t e)
+{
+    struct hv_mm *mm = &d->mm;
+    uint64_t mfn = (e & PTE_ADDR) >> HV_PAGE_SHIFT;
+    struct hv_frame *f;
+
+    if (!(e & PTE_P))
+        return 0;
+    if (e & ~(level == 1 ? L1_ALLOWED : UPPER_ALLOWED))
+        return -XEN_EINVAL;
+    if (level > 1)
+        return take_table(d, mfn, level - 1);
+    if (mfn >= mm->nr_pages)
+        return -XEN_EPERM;
+    f = &mm->frames[mfn];
+    if (!(f->flags & HV_FRAME_POPULATED))
+        return -XEN_EBUSY;
+    if ((e & PTE_RW) && hv_mm_in_pool(mm, mfn))
+        return -XEN_EBUSY;
+    f->map_count++;
+    if (e & PTE_RW)
+        f->wmap_count++;
+    return 0;
+}
+
+static void drop_entry(struct hv_domain *d, int level, uint64_t e)
+{
+    uint64_t mfn = (e & PTE_ADDR) >> HV_PAGE_SHIFT;
+    struct hv_frame *f;
+
+    if (!(e & PTE_P))
+        return;
+    if (level > 1) {
+        drop_table(d, mfn);
+        return;
+    }
+    f = &d->mm.frames[mfn];
+    f->map_count--;
+    if (e & PTE_RW)
+        f->wmap_count--;
+}
+
+/* Check every entry of a table about to come into use, taking their references; on the
+ * first bad entry give back what was taken and fail with its error. */
+static int validate_table(struct hv_domain *d, uint64_t mfn, int level)
+{
+    uint64_t *t = table_of(d, mfn);
+    uint64_t ad = level == 1 ? PTE_A | PTE_D : PTE_A;
+    for (int i = 0; i < ENTRIES; i++) {
+        int rc = take_entry(d, level, t[i]);
+        if (rc) {
+            while (i--)
+                drop_entry(d, level, t[i]);
+            return rc;
+        }
+    }
+    /* Entries written before the table was in use may lack accessed/dirty; the CPU
+     * must not be left to set them in a frame it cannot write. */
+    for (int i = 0; i < ENTRIES; i++)
+        if ((t[i] & PTE_P) && (t[i] & ad) != ad)
+            __atomic_store_n(&t[i], t[i] | ad, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* One more use of frame mfn as a table of the given level; the first use validates it. */
+static int take_table(struct hv_domain *d, uint64_t mfn, int type)
+{
+    struct hv_mm *mm = &d->mm;
+    struct hv_frame *f;
+    int rc;
+
+    if (mfn >= mm->nr_pages || !hv_mm_in_pool(mm, mfn))
+        return -XEN_EINVAL;
+    f = &mm->frames[mfn];
+    if (!(f->flags & HV_FRAME_POPULATED))
+        return -XEN_EINVAL;
+    if (f->type_count) {
+        if (f->type != type)
+            return -XEN_EINVAL;
+        f->type_count++;
+        return 0;
+    }
+    /* Claim the type before looking inside: a table reachable from itself would then be
+     * met at another level and refused, so validation always ends. */
+    f->type = (uint8_t)type;
+    f->type_count = 1;
+    rc = validate_table(d, mfn, type);
+    if (rc) {
+        f->type = HV_FT_NONE;
+        f->type_count = 0;
+    }
+    return rc;
+}
+
+/* The last use of a table gives back the references of its entries. */
+static void drop_table(struct hv_domain *d, uint64_t mfn)
+{
+    struct hv_frame *f = &d->mm.frames[mfn];
+    if (--f->type_count)
+        return;
+    const uint64_t *t = table_of(d, mfn);
+    for (int i = 0; i < ENTRIES; i++)
+        drop_entry(d, f->type, t[i]);
+    f->type = HV_FT_NONE;
+}
+
+/* ---- mmu_update ---- */
+
+static int update_entry(struct hv_domain *d, uint64_t ptr, uint64_t val)
+{
+    struct hv_mm *mm = &d->mm;
+    int cmd = (int)(ptr & 3);
+    uint64_t mfn, old, *slot;
+    struct hv_frame *f;
+    int rc;
+
+    ptr &= ~3ULL;
+    mfn = ptr >> HV_PAGE_SHIFT;
+    if ((ptr & 7) || mfn >= mm->nr_pages || !hv_mm_in_pool(mm, mfn) ||
+        !(mm->frames[mfn].flags & HV_FRAME_POPULATED))
+        return -XEN_EINVAL;
+    f = &mm->frames[mfn];
+    slot = (uint64_t *)(d->ram + ptr);
+    old = __atomic_load_n(slot, __ATOMIC_RELAXED);
+    if (cmd == MMU_PT_UPDATE_PRESERVE_AD)
+        val |= old & (PTE_A | PTE_D);
+    if (val & PTE_P)
+        val |= PTE_A | PTE_D;
+    /* A pool frame not in use as a table is checked when it comes into use. */
+    if (f->type_count) {
+        rc = take_entry(d, f->type, val);
+        if (rc)
+            return rc;
+    }
+    __atomic_store_n(slot, val, __ATOMIC_RELEASE);
+    if (f->type_count)
+        drop_entry(d, f->type, old);
+    return 0;
+}
+
+static int mmu_update_one(struct hv_vcpu *v, const void *item)
+{
+    const struct mmu_update *req = item;
+    struct hv_domain *d = v->dom;
+    uint64_t mfn;
+
+    switch (req->ptr & 3) {
+    case MMU_NORMAL_PT_UPDATE:
+    case MMU_PT_UPDATE_PRESERVE_AD:
+    case MMU_PT_UPDATE_NO_TRANSLATE:    /* pfn == mfn: the same as a normal update */
+        return update_entry(d, req->ptr, req->val);
+    case MMU_MACHPHYS_UPDATE:
+        /* The m2p of an auto-translated domain is the identity: only that is accepted. */
+        mfn = req->ptr >> HV_PAGE_SHIFT;
+        if (mfn >= d->mm.nr_pages || !(d->mm.frames[mfn].flags & HV_FRAME_POPULATED) ||
+            req->val != mfn)
+            return -XEN_EINVAL;
+        return 0;
+    }
+    return -XEN_ENOSYS;
+}
+
+/* ---- mmuext_op ---- */
+
+static int pin_table(struct hv_domain *d, uint64_t mfn, int type)
+{
+    struct hv_mm *mm = &d->mm;
+    int rc;
+
+    if (mfn >= mm->nr_pages || !(mm->frames[mfn].flags & HV_FRAME_POPULATED))
+        return -XEN_EINVAL;
+    rc = take_table(d, mfn, type);
+    if (rc)
+        return rc;
+    if (mm->frames[mfn].flags & HV_FRAME_PINNED) {     /* pins do not nest */
+        drop_table(d, mfn);
+        return -XEN_EINVAL;
+    }
+    mm->frames[mfn].flags |= HV_FRAME_PINNED;
+    return 0;
+}
+
+/* Unpinned, a table keeps its type for as long as something else still uses it. */
+static int unpin_table(struct hv_domain *d, uint64_t mfn)
+{
+    struct hv_mm *mm = &d->mm;
+
+    if (mfn >= mm->nr_pages || !(mm->frames[mfn].flags & HV_FRAME_POPULATED) ||
+        !(mm->frames[mfn].flags & HV_FRAME_PINNED))
+        return -XEN_EINVAL;
+    mm->frames[mfn].flags &= ~HV_FRAME_PINNED;
+    drop_table(d, mfn);
+    return 0;
+}
+
+static int new_baseptr(struct hv_vcpu *v, uint64_t mfn)
+{
+    struct hv_domain *d = v->dom;
+    struct hv_mm *mm = &d->mm;
+    uint64_t old = mm->base_mfn;
+    int rc;
+
+    if (mfn == old)
+        return v->ops->set_cr3(v, mfn << HV_PAGE_SHIFT) < 0 ? -XEN_EIO : 0;
+    rc = take_table(d, mfn, HV_FT_L4);
+    if (rc)
+        return rc;
+    if (v->ops->set_cr3(v, mfn << HV_PAGE_SHIFT) < 0) {
+        drop_table(d, mfn);
+        return -XEN_EIO;
+    }
+    mm->base_mfn = mfn;
+    if (old != HV_NO_FRAME)
+        drop_table(d, old);
+    return 0;
+}
+
+/* Frames the guest may write: populated RAM outside the pool. */
+static int writable_frame(struct hv_domain *d, uint64_t mfn)
+{
+    return hv_mm_frame_usable(d, mfn);
+}
+
+static int mmuext_one(struct hv_vcpu *v, const void *item)
+{
+    const struct mmuext_op *op = item;
+    struct hv_domain *d = v->dom;
+    uint64_t mask;
+
+    switch (op->cmd) {
+    case MMUEXT_PIN_L1_TABLE:
+    case MMUEXT_PIN_L2_TABLE:
+    case MMUEXT_PIN_L3_TABLE:
+    case MMUEXT_PIN_L4_TABLE:
+        return pin_table(d, op->arg1, (int)(op->cmd - MMUEXT_PIN_L1_TABLE) + HV_FT_L1);
+    case MMUEXT_UNPIN_TABLE:
+        return unpin_table(d, op->arg1);
+    case MMUEXT_NEW_BASEPTR:
+        return new_baseptr(v, op->arg1);
+    case MMUEXT_TLB_FLUSH_MULTI:
+    case MMUEXT_INVLPG_MULTI:
+        /* arg2 points at a vCPU bitmap; Xen reads one word per 64 vCPUs. */
+        if (hv_copy_from_guest(v, &mask, op->arg2, sizeof(mask)) < 0)
+            return -XEN_EINVAL;
+        /* fall through: one vCPU, so every flush is a local one */
+    case MMUEXT_TLB_FLUSH_LOCAL:
+    case MMUEXT_INVLPG_LOCAL:
+    case MMUEXT_TLB_FLUSH_ALL:
+    case MMUEXT_INVLPG_ALL:
+        return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
+    case MMUEXT_FLUSH_CACHE:
+        return -XEN_EACCES;         /* a domain without devices may not (Xen) */
+    case MMUEXT_CLEAR_PAGE:
+        if (!writable_frame(d, op->arg1))
+            return -XEN_EINVAL;
+        memset(d->ram + (op->arg1 << HV_PAGE_SHIFT), 0, HV_PAGE_SIZE);
+        return 0;
+    case MMUEXT_COPY_PAGE:
+        if (op->arg2 >= d->mm.nr_pages ||
+            !(d->mm.frames[op->arg2].flags & HV_FRAME_POPULATED) || !writable_frame(d, op->arg1))
+            return -XEN_EINVAL;
+        memmove(d->ram + (op->arg1 << HV_PAGE_SHIFT), d->ram + (op->arg2 << HV_PAGE_SHIFT),
+                HV_PAGE_SIZE);
+        return 0;
+    case MMUEXT_MARK_SUPER:
+    case MMUEXT_UNMARK_SUPER:
+        return -XEN_EOPNOTSUPP;     /* as Xen since superpage support was removed */
+    }
+    return -XEN_ENOSYS;
+}
+
+/* ---- the batch shape mmu_update and mmuext_op share ---- */
+
+/* foreigndom: low 16 bits the page owner, high 16 bits the page-table owner + 1. Only
+ * the domain itself qualifies; like Xen, naming its own id as a foreign domain is -ESRCH. */
+static int owner_is_self(struct hv_domain *d, uint32_t foreigndom)
+{
+    uint32_t pt_dom = foreigndom >> 16;
+    return (foreigndom & 0xffff) == DOMID_SELF && (pt_dom == 0 || pt_dom - 1 == d->domid);
+}
+
+static int64_t run_batch(struct hv_vcpu *v, const struct hv_hcall *h, uint64_t item_size,
+                         int (*one)(struct hv_vcpu *v, const void *item))
+{
+    struct hv_domain *d = v->dom;
+    uint64_t items = h->a1, pdone = h->a3;
+    uint32_t count = (uint32_t)h->a2, i;
+    uint8_t item[32];
+    int rc = 0;
+
+    if (!d->mm.frames)
+        return -XEN_ENOSYS;
+    if (!hv_mm_range_ok(items, (uint64_t)count * item_size))
+        return -XEN_EFAULT;
+    if (!owner_is_self(d, (uint32_t)h->a4))
+        return -XEN_ESRCH;
+    for (i = 0; i < count; i++) {
+        if (hv_copy_from_guest(v, item, items + (uint64_t)i * item_size, item_size) < 0) {
+            rc = -XEN_EFAULT;
+            break;
+        }
+        rc = one(v, item);
+        if (rc)
+            break;
+    }
+    /* Like Xen, the count is written whatever happened, and a bad pointer is ignored. */
+    if (pdone)
+        hv_copy_to_guest(v, pdone, &i, sizeof(i));
+    return rc;
+}
+
+int64_t do_mmu_update(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    return run_batch(v, h, sizeof(struct mmu_update), mmu_update_one);
+}
+
+int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    return run_batch(v, h, sizeof(struct mmuext_op), mmuext_one);
+}
+
+/* ---- set-up, tear-down, audit ---- */
+
+void hv_mm_destroy(struct hv_domain *d)
+{
+    free(d->mm.frames);
+    memset(&d->mm, 0, sizeof(d->mm));
+}
+
+int hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len)
+{
+    struct hv_mm *mm = &d->mm;
+    uint64_t root = cr3 >> HV_PAGE_SHIFT;
+    int rc;
+
+    hv_mm_destroy(d);
+    mm->nr_pages = d->ram_bytes >> HV_PAGE_SHIFT;
+    mm->frames = calloc(mm->nr_pages, sizeof(*mm->frames));
+    if (!mm->frames) {
+        hv_set_error(err, err_len, "out of host memory for %llu frame records",
+                     (unsigned long long)mm->nr_pages);
+        return -1;
+    }
+    for (uint64_t i = 0; i < mm->nr_pages; i++)
+        mm->frames[i].flags = HV_FRAME_POPULATED;
+    mm->nr_populated = mm->nr_pages;
+    mm->pool_first = d->pt_pool_start >> HV_PAGE_SHIFT;
+    mm->pool_end = d->pt_pool_end >> HV_PAGE_SHIFT;
+    mm->base_mfn = HV_NO_FRAME;
+
+    if ((cr3 & (HV_PAGE_SIZE - 1)) || !hv_mm_in_pool(mm, root)) {
+        hv_set_error(err, err_len, "cr3 %#llx is not a frame of the page-table pool [%#llx, %#llx)",
+                     (unsigned long long)cr3, (unsigned long long)d->pt_pool_start,
+                     (unsigned long long)d->pt_pool_end);
+        hv_mm_destroy(d);
+        return -1;
+    }
+    /* The bootstrap L4 is in use as cr3 and pinned, as Xen pins the initial top level. */
+    rc = take_table(d, root, HV_FT_L4);
+    if (rc) {
+        hv_set_error(err, err_len, "the bootstrap page tables from cr3 %#llx are invalid "
+                     "(Xen errno %d)", (unsigned long long)cr3, -rc);
+        hv_mm_destroy(d);
+        return -1;
+    }
+    mm->base_mfn = root;
+    mm->frames[root].type_count++;
+    mm->frames[root].flags |= HV_FRAME_PINNED;
+    return 0;
+}
+
+/* Recount every reference from the tables themselves and compare with the records. */
+int hv_mm_audit(struct hv_domain *d, char *err, int err_len)
+{
+    struct hv_mm *mm = &d->mm;
+    uint64_t n = mm->nr_pages, populated = 0;
+    uint32_t *type_refs, *maps, *wmaps;
+    int rc = -1;
+
+    if (!mm->frames) {
+        hv_set_error(err, err_len, "memory service not initialised");
+        return -1;
+    }
+    type_refs = calloc(n, sizeof(uint32_t));
+    maps = calloc(n, sizeof(uint32_t));
+    wmaps = calloc(n, sizeof(uint32_t));
+    if (!type_refs || !maps || !wmaps) {
+        hv_set_error(err, err_len, "out of host memory");
+        goto out;
+    }
+    if (mm->base_mfn != HV_NO_FRAME)
+        type_refs[mm->base_mfn]++;
+    for (uint64_t m = 0; m < n; m++) {
+        const struct hv_frame *f = &mm->frames[m];
+        if (f->flags & HV_FRAME_POPULATED)
+            populated++;
+        if (f->flags & HV_FRAME_PINNED)
+            type_refs[m]++;
+        if (!f->type_count)
+            continue;
+        const uint64_t *t = table_of(d, m);
+        for (int i = 0; i < ENTRIES; i++) {
+            uint64_t e = t[i], c = (e & PTE_ADDR) >> HV_PAGE_SHIFT;
+            if (!(e & PTE_P))
+                continue;
+            if (!(e & PTE_A) || (f->type == HV_FT_L1 && !(e & PTE_D)) ||
+                (e & ~(f->type == HV_FT_L1 ? L1_ALLOWED : UPPER_ALLOWED)) || c >= n) {
+                hv_set_error(err, err_len, "frame %#llx entry %d: %#llx is not allowed",
+                             (unsigned long long)m, i, (unsigned long long)e);
+                goto out;
+            }
+            if (f->type == HV_FT_L1) {
+                maps[c]++;
+                if (e & PTE_RW)
+                    wmaps[c]++;
+            } else {
+                if (mm->frames[c].type != f->type - 1) {
+                    hv_set_error(err, err_len, "frame %#llx (L%d) entry %d names frame %#llx "
+                                 "of type %d", (unsigned long long)m, f->type, i,
+                                 (unsigned long long)c, mm->frames[c].type);
+                    goto out;
+                }
+                type_refs[c]++;
+            }
+        }
+    }
+    for (uint64_t m = 0; m < n; m++) {
+        const struct hv_frame *f = &mm->frames[m];
+        const char *bad = NULL;
+        if (f->type_count != type_refs[m])
+            bad = "type count";
+        else if (f->map_count != maps[m] || f->wmap_count != wmaps[m])
+            bad = "mapping count";
+        else if ((f->type_count == 0) != (f->type == HV_FT_NONE))
+            bad = "type without references";
+        else if (f->type != HV_FT_NONE && !hv_mm_in_pool(mm, m))
+            bad = "page table outside the pool";
+        else if (f->wmap_count && hv_mm_in_pool(mm, m))
+            bad = "pool frame mapped writable";
+        else if ((f->map_count || f->type_count) && !(f->flags & HV_FRAME_POPULATED))
+            bad = "unpopulated frame in use";
+        if (bad) {
+            hv_set_error(err, err_len, "frame %#llx: %s (type %d count %u/%u, maps %u/%u, "
+                         "writable %u/%u)", (unsigned long long)m, bad, f->type, f->type_count,
+                         type_refs[m], f->map_count, maps[m], f->wmap_count, wmaps[m]);
+            goto out;
+        }
+    }
+    if (populated != mm->nr_populated) {
+        hv_set_error(err, err_len, "%llu frames populated, %llu counted",
+                     (unsigned long long)populated, (unsigned long long)mm->nr_populated);
+        goto out;
+    }
+    if (d->shared_info_gpa != HV_NO_PAGE &&
+        !hv_mm_frame_usable(d, d->shared_info_gpa >> HV_PAGE_SHIFT)) {
+        hv_set_error(err, err_len, "shared_info at %#llx is not a usable frame",
+                     (unsigned long long)d->shared_info_gpa);
+        goto out;
+    }
+    rc = 0;
+out:
+    free(type_refs);
+    free(maps);
+    free(wmaps);
+    return rc;
+}

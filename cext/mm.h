@@ -1,12 +1,61 @@
 /*
- * mm.h - the memory service's per-domain state (owned by memory.c and mm.c).
+ * mm.h - the memory service's per-domain state: one record per guest frame (memory.c, mm.c).
+ *
+ * trapless domains are auto-translated with pfn == mfn, so a frame number is both. Every
+ * frame below nr_pages belongs to the domain; it is populated (backed by host memory the
+ * guest may use) or released by the balloon. Page tables live only in the pool
+ * [pool_first, pool_end), which the guest can read but never write.
+ *
+ * A frame's page-table type (L1..L4) is held by references, as in Xen: a pin, a present
+ * entry of a validated table one level up, and use as the vCPU's base table each hold one.
+ * The first reference validates the table and takes references for all its present
+ * entries; the last one releases them. A pool frame without references is an unused
+ * table: writes to it are not checked until it is first used.
  */
 #ifndef TRAPLESS_MM_H
 #define TRAPLESS_MM_H
 #include <stdint.h>
 
-struct hv_mm {
-    uint64_t nr_pages;              /* frames of guest-physical memory */
+enum hv_frame_type {
+    HV_FT_NONE = 0,                 /* plain RAM, or a pool frame not in use as a table */
+    HV_FT_L1 = 1,
+    HV_FT_L2 = 2,
+    HV_FT_L3 = 3,
+    HV_FT_L4 = 4,
 };
+
+#define HV_FRAME_POPULATED  0x01
+#define HV_FRAME_PINNED     0x02
+
+struct hv_frame {
+    uint8_t  flags;                 /* HV_FRAME_* */
+    uint8_t  type;                  /* enum hv_frame_type; HV_FT_NONE while type_count is 0 */
+    uint16_t _pad;
+    uint32_t type_count;            /* references holding the type (see above) */
+    uint32_t map_count;             /* present entries of validated L1 tables mapping it */
+    uint32_t wmap_count;            /* ... of which writable */
+};
+
+#define HV_NO_FRAME (~0ULL)
+
+struct hv_mm {
+    uint64_t nr_pages;              /* frames of guest-physical memory: the maximum reservation */
+    uint64_t nr_populated;          /* the current reservation */
+    uint64_t pool_first, pool_end;  /* frame numbers of the page-table pool */
+    uint64_t base_mfn;              /* L4 installed as cr3 by us (holds a type ref); HV_NO_FRAME */
+    uint64_t alloc_hint;            /* where increase_reservation starts looking */
+    struct hv_frame *frames;        /* nr_pages records; NULL until hv_mm_init */
+};
+
+struct hv_domain;
+
+/* Shared between memory.c (memory_op) and mm.c (page tables). */
+int  hv_mm_in_pool(const struct hv_mm *mm, uint64_t mfn);
+/* 1 if the whole guest-virtual range lies in one canonical half (Xen's guest_handle_okay). */
+int  hv_mm_range_ok(uint64_t gva, uint64_t len);
+/* 1 if gpfn is populated RAM outside the pool: a frame the hypervisor may write for the
+ * guest (shared_info, vcpu_info, rings). */
+int  hv_mm_frame_usable(struct hv_domain *d, uint64_t gpfn);
+void hv_mm_destroy(struct hv_domain *d);
 
 #endif

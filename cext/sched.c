@@ -1,5 +1,8 @@
 /*
- * sched.c - sched_op: yield, shutdown and the latched shutdown code.
+ * sched.c - sched_op: yield, block, poll, shutdown and the latched shutdown code.
+ *
+ * block and poll sleep in the vCPU's own thread (the GIL is not held) until an event
+ * arrives, a deadline passes, or the toolstack stops the vCPU.
  */
 #include <sched.h>
 
@@ -14,7 +17,7 @@ void hv_domain_shutdown(struct hv_domain *d, int reason)
     __atomic_store_n(&d->shutting_down, 1, __ATOMIC_RELEASE);
     for (int i = 0; i < HV_MAX_VCPUS; i++)
         if (d->vcpus[i])
-            d->vcpus[i]->ops->kick(d->vcpus[i]);
+            hv_vcpu_notify(d->vcpus[i]);
 }
 
 static int read_reason(struct hv_vcpu *v, uint64_t arg, uint32_t *reason)
@@ -28,6 +31,59 @@ static int read_reason(struct hv_vcpu *v, uint64_t arg, uint32_t *reason)
     return 0;
 }
 
+static int upcall_pending(struct hv_vcpu *v, void *unused)
+{
+    return __atomic_load_n(&hv_vcpu_info(v)->evtchn_upcall_pending, __ATOMIC_ACQUIRE);
+}
+
+#define MAX_POLL_PORTS 128
+
+struct poll_set {
+    uint32_t ports[MAX_POLL_PORTS];
+    uint32_t n;
+};
+
+static int any_port_pending(struct hv_vcpu *v, void *arg)
+{
+    struct poll_set *ps = arg;
+    struct shared_info *s = hv_shared_info(v->dom);
+    for (uint32_t i = 0; i < ps->n; i++) {
+        uint32_t p = ps->ports[i];
+        if (__atomic_load_n(&s->evtchn_pending[p / 64], __ATOMIC_ACQUIRE) & (1ULL << (p % 64)))
+            return 1;
+    }
+    return 0;
+}
+
+static int64_t sched_block(struct hv_vcpu *v)
+{
+    /* Re-enable upcalls and sleep until one is pending (Xen's SCHEDOP_block). */
+    __atomic_store_n(&hv_vcpu_info(v)->evtchn_upcall_mask, 0, __ATOMIC_SEQ_CST);
+    v->dom->counters.blocks++;
+    hv_vcpu_wait(v, HV_NO_DEADLINE, upcall_pending, NULL);
+    return 0;
+}
+
+static int64_t sched_poll(struct hv_vcpu *v, uint64_t arg)
+{
+    struct sched_poll sp;
+    struct poll_set ps;
+
+    if (hv_copy_from_guest(v, &sp, arg, sizeof(sp)) < 0)
+        return -XEN_EFAULT;
+    if (sp.nr_ports > MAX_POLL_PORTS)
+        return -XEN_EINVAL;
+    if (hv_copy_from_guest(v, ps.ports, sp.ports, sp.nr_ports * sizeof(uint32_t)) < 0)
+        return -XEN_EFAULT;
+    ps.n = sp.nr_ports;
+    for (uint32_t i = 0; i < ps.n; i++)
+        if (ps.ports[i] >= v->dom->max_ports)
+            return -XEN_EINVAL;
+    v->dom->counters.blocks++;
+    hv_vcpu_wait(v, sp.timeout ? sp.timeout : HV_NO_DEADLINE, any_port_pending, &ps);
+    return 0;
+}
+
 int64_t do_sched_op(struct hv_vcpu *v, const struct hv_hcall *h)
 {
     uint32_t reason;
@@ -37,6 +93,10 @@ int64_t do_sched_op(struct hv_vcpu *v, const struct hv_hcall *h)
     case SCHEDOP_yield:
         sched_yield();
         return 0;
+    case SCHEDOP_block:
+        return sched_block(v);
+    case SCHEDOP_poll:
+        return sched_poll(v, h->a2);
     case SCHEDOP_shutdown:
         if ((rc = read_reason(v, h->a2, &reason)) < 0)
             return rc;

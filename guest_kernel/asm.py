@@ -1160,6 +1160,36 @@ class Assembler:
         reg, rm = (src, dst) if isinstance(src, Register) else (dst, src)
         self._modrm_insn(text, b"\x84" if bits == 8 else b"\x85", reg, rm, bits)
 
+    def xchg(self, dst, src):
+        """Exchange; with a memory operand the CPU locks the bus (an atomic swap)."""
+        text = self._text("xchg", dst, src)
+        self._check_rm(text, dst)
+        self._check_rm(text, src)
+        if isinstance(dst, Mem) and isinstance(src, Mem):
+            raise AsmError(f"{text}: both operands are memory")
+        bits = self._operand_size(text, dst, src)
+        if bits == 64 and _is_gpr(dst) and _is_gpr(src) and dst.num == src.num == 0:
+            return self._emit(text, b"\x90")            # as GNU as spells xchg rax, rax
+        if (bits > 8 and _is_gpr(dst) and _is_gpr(src) and (dst.num == 0 or src.num == 0)
+                and not (bits == 32 and dst.num == src.num)):  # 90 would not zero-extend
+            other = src if dst.num == 0 else dst        # 90+r: xchg with the accumulator
+            return self._opreg_insn(text, 0x90, other, bits)
+        reg, rm = (src, dst) if isinstance(src, Register) else (dst, src)
+        self._modrm_insn(text, b"\x86" if bits == 8 else b"\x87", reg, rm, bits)
+
+    def bsf(self, dst, src):
+        """Index of the lowest set bit of src (ZF set, dst undefined, if src is 0)."""
+        text = self._text("bsf", dst, src)
+        if not _is_gpr(dst, 16, 32, 64):
+            raise AsmError(f"{text}: destination must be a 16, 32 or 64-bit register")
+        self._check_rm(text, src, "source")
+        bits = self._operand_size(text, dst, src)
+        self._modrm_insn(text, b"\x0f\xbc", dst, src, bits)
+
+    def lock(self):
+        """The lock prefix, for the read-modify-write instruction that follows."""
+        self._emit("lock", b"\xf0")
+
     def _unary(self, name, op):
         digit, opcode8, opcode = _UNARY_OPS[name]
         text = self._text(name, op)

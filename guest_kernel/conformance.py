@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from abi import offsetof
+from abi import ffi, offsetof
 
 from .asm import byte, eax, ecx, esi, ptr, qword, r12, r13, rax, rbx, rdi, rsi
 from .runtime import PVProgram
@@ -32,9 +32,28 @@ MAPPED_END = 0x40_0000
 class ConformanceGuest(PVProgram):
     """A PV program with reporting helpers."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, events: bool = False):
+        """events=True: IDT, shared_info, upcall vector and PV clock are set up first."""
         super().__init__(guest_os=f"trapless-conformance-{name}")
         self._emit_report_helpers()
+        if events:
+            from .pvlib import emit_events, emit_pvclock, emit_traps
+            self.a.call("idt_init")
+            self.a.call("events_init")
+            self.report("events_init")
+            self._emit_later = (emit_traps, emit_events, emit_pvclock)
+        else:
+            self._emit_later = ()
+
+    def struct(self, label: str, struct: str, **fields) -> str:
+        """A `struct <struct>` in .data at label, laid out by the ABI header."""
+        raw = bytes(ffi.buffer(ffi.new(f"struct {struct} *", fields)))
+        self.a.section(".data")
+        self.a.align(8)
+        self.a.label(label)
+        self.a.db(raw)
+        self.a.section(".text")
+        return label
 
     def _emit_report_helpers(self) -> None:
         a = self.a
@@ -113,6 +132,8 @@ class ConformanceGuest(PVProgram):
         """Power off after the cases; returns the ELF image."""
         self.a.xor(rax, rax)
         self.a.ret()
+        for emit in self._emit_later:
+            emit(self)
         return self.elf()
 
 

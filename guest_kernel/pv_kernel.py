@@ -1,16 +1,94 @@
 """The trapless PV kernel (a Mini-OS in spirit), emitted instruction by instruction.
 
-v0: prints a banner with the version xen_version reports (major.minor and
-extraversion), prints its command line from start_info, and powers off.
+It prints a banner with the version xen_version reports and its command line; sets
+up its IDT; maps shared_info and registers its upcall vector; binds VIRQ_TIMER and
+runs a 100 Hz tick for `ticks=N` ticks (default 10), blocking between ticks and
+timing them with the PV clock; then powers off.
 """
 from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import byte, edi, qword, rax, rbx, rdi, rip
+from .asm import (byte, dl, dword, eax, ecx, edi, edx, esi, ptr, qword, r12, r13, rax, rbx,
+                  rcx, rdi, rdx, rip, rsi)
+from .pvlib import UPCALL_VECTOR, emit_events, emit_pvclock, emit_traps, set_port_handler
 from .runtime import PVProgram
 
-EXTRAVERSION_BUF = "scratch"
+TICK_NS = 10_000_000            # 100 Hz
+DEFAULT_TICKS = 10
+
+
+def emit_cmdline_helpers(p: PVProgram) -> None:
+    """cmdline_number(rdi = "key=" cstr) -> rax = its decimal value, or -1 if absent."""
+    a = p.a
+    a.label("cmdline_number")
+    a.mov(rsi, qword["start_info_ptr"])
+    a.add(rsi, offsetof("start_info", "cmd_line"))
+    a.label("cmdline_number.scan")      # try the key at every position of the line
+    a.xor(ecx, ecx)
+    a.label("cmdline_number.cmp")
+    a.movzx(eax, byte[rdi + rcx])
+    a.test(eax, eax)
+    a.je("cmdline_number.found")
+    a.movzx(edx, byte[rsi + rcx])
+    a.cmp(eax, edx)
+    a.jne("cmdline_number.next")
+    a.inc(rcx)
+    a.jmp("cmdline_number.cmp")
+    a.label("cmdline_number.next")
+    a.cmp(byte[rsi], 0)
+    a.je("cmdline_number.absent")
+    a.inc(rsi)
+    a.jmp("cmdline_number.scan")
+    a.label("cmdline_number.found")
+    a.add(rsi, rcx)
+    a.xor(eax, eax)
+    a.label("cmdline_number.digit")
+    a.movzx(edx, byte[rsi])
+    a.sub(edx, ord("0"))
+    a.cmp(edx, 9)
+    a.ja("cmdline_number.done")
+    a.imul(rax, rax, 10)
+    a.add(rax, rdx)
+    a.inc(rsi)
+    a.jmp("cmdline_number.digit")
+    a.label("cmdline_number.done")
+    a.ret()
+    a.label("cmdline_number.absent")
+    a.mov(rax, -1)
+    a.ret()
+
+    # print_ms(rdi = ns): "<ms>.<3 digits>"
+    a.label("print_ms")
+    a.mov(rax, rdi)
+    a.xor(edx, edx)
+    a.mov(ecx, 1_000_000)
+    a.div(rcx)
+    a.push(rdx)
+    a.mov(rdi, rax)
+    a.call("print_dec")
+    a.lea(rdi, ptr["dot"])
+    a.mov(esi, 1)
+    a.call("print")
+    a.pop(rax)                          # remainder in ns: three digits of µs
+    a.xor(edx, edx)
+    a.mov(ecx, 1000)
+    a.div(rcx)
+    a.add(rax, 1000)                    # print 1xyz, then drop the leading 1
+    a.lea(rdi, ptr["numbuf_end"])
+    a.mov(ecx, 10)
+    for _ in range(3):
+        a.xor(edx, edx)
+        a.div(rcx)
+        a.add(dl, ord("0"))
+        a.dec(rdi)
+        a.mov(byte[rdi], dl)
+    a.mov(esi, 3)
+    a.jmp("print")
+    a.section(".rodata")
+    a.label("dot")
+    a.ascii(".")
+    a.section(".text")
 
 
 def emit_banner(p: PVProgram) -> None:
@@ -25,28 +103,133 @@ def emit_banner(p: PVProgram) -> None:
     a.mov(rdi, rbx)
     a.and_(edi, 0xFFFF)
     a.call("print_dec")
-    p.hypercall("xen_version", C.XENVER_extraversion, EXTRAVERSION_BUF)
-    a.mov(byte[rip + EXTRAVERSION_BUF + (C.XEN_EXTRAVERSION_LEN - 1)], 0)  # never trust the terminator
-    p.load_arg(rdi, EXTRAVERSION_BUF)
+    p.hypercall("xen_version", C.XENVER_extraversion, "scratch")
+    a.mov(byte[rip + "scratch" + (C.XEN_EXTRAVERSION_LEN - 1)], 0)  # never trust the terminator
+    p.load_arg(rdi, "scratch")
     a.call("print_cstr")
-    p.print("\n")
-
-
-def emit_cmdline(p: PVProgram) -> None:
-    a = p.a
-    p.print("command line: ")
+    p.print("\ncommand line: ")
     a.mov(rdi, qword["start_info_ptr"])
     a.add(rdi, offsetof("start_info", "cmd_line"))
     a.call("print_cstr")
     p.print("\n")
 
 
+def fail_unless_zero(p: PVProgram, what: str) -> None:
+    """If rax != 0: print what failed with the errno and crash the domain."""
+    a = p.a
+    ok = f"ok_{len(p._strings)}_{what.replace(' ', '_')}"
+    a.test(rax, rax)
+    a.je(ok)
+    a.mov(rbx, rax)
+    p.print(f"{what} failed: ")
+    a.mov(rdi, rbx)
+    a.call("print_sdec")
+    p.print("\n")
+    a.mov(edi, C.SHUTDOWN_crash)
+    a.call("shutdown")
+    a.label(ok)
+
+
+def emit_events_and_ticks(p: PVProgram) -> None:
+    a = p.a
+    a.call("idt_init")
+    a.call("events_init")
+    fail_unless_zero(p, "events_init")
+    p.print(f"events: shared_info mapped, upcalls on vector {UPCALL_VECTOR:#x}\n")
+    # Wall clock: boot time of the host's epoch clock plus system time.
+    p.print("wall clock: ")
+    a.call("pvclock_read")
+    a.xor(edx, edx)
+    a.mov(ecx, 1_000_000_000)
+    a.div(rcx)
+    a.mov(edi, dword[rip + "shared_info" + offsetof("shared_info", "wc_sec")])
+    a.add(rdi, rax)
+    a.call("print_dec")
+    p.print(" s since the epoch\n")
+
+    a.mov(edi, C.VIRQ_TIMER)
+    a.call("bind_virq")
+    a.mov(r12, rax)
+    a.test(rax, rax)
+    a.jns("ticks.bound")
+    fail_unless_zero(p, "bind_virq")
+    a.label("ticks.bound")
+    set_port_handler(p, r12, "timer_tick")
+    p.print("VIRQ_TIMER bound to port ")
+    a.mov(rdi, r12)
+    a.call("print_dec")
+    p.print("\n")
+
+    p.load_arg(rdi, p.string("ticks="))
+    a.call("cmdline_number")
+    a.test(rax, rax)
+    a.jns("ticks.have")
+    a.mov(eax, DEFAULT_TICKS)
+    a.label("ticks.have")
+    a.mov(qword["ticks_wanted"], rax)
+    a.sti()
+    a.call("pvclock_read")
+    a.mov(r13, rax)
+    p.hypercall("vcpu_op", C.VCPUOP_set_periodic_timer, 0, "tick_period")
+    fail_unless_zero(p, "set_periodic_timer")
+    a.label("ticks.loop")
+    a.mov(rax, qword["ticks_seen"])
+    a.cmp(rax, qword["ticks_wanted"])
+    a.jae("ticks.done")
+    p.hypercall("sched_op", C.SCHEDOP_block, 0)
+    a.jmp("ticks.loop")
+    a.label("ticks.done")
+    p.hypercall("vcpu_op", C.VCPUOP_stop_periodic_timer, 0, 0)
+    a.call("pvclock_read")
+    a.sub(rax, r13)
+    a.mov(rbx, rax)
+    a.mov(rdi, qword["ticks_seen"])
+    a.call("print_dec")
+    p.print(" ticks at 100 Hz in ")
+    a.mov(rdi, rbx)
+    a.call("print_ms")
+    p.print(" ms of PV-clock time\n")
+
+    # timer_tick(rdi = port): count, and say so every 10 ticks
+    a.jmp("ticks.after_handler")
+    a.label("timer_tick")
+    a.inc(qword["ticks_seen"])
+    a.mov(rax, qword["ticks_seen"])
+    a.xor(edx, edx)
+    a.mov(ecx, 10)
+    a.div(rcx)
+    a.test(rdx, rdx)
+    a.jne("timer_tick.out")
+    p.print("tick ")
+    a.mov(rdi, qword["ticks_seen"])
+    a.call("print_dec")
+    p.print("\n")
+    a.label("timer_tick.out")
+    a.ret()
+    a.label("ticks.after_handler")
+
+    a.section(".data")
+    a.align(8)
+    a.label("tick_period")
+    a.dq(TICK_NS)
+    a.label("ticks_wanted")
+    a.dq(0)
+    a.label("ticks_seen")
+    a.dq(0)
+    a.section(".text")
+
+
 def build_pv_kernel() -> bytes:
     """The PV kernel's ELF image."""
     p = PVProgram(guest_os="trapless-pv-kernel")
+    a = p.a
     emit_banner(p)
-    emit_cmdline(p)
+    emit_events_and_ticks(p)
     p.print("powering off\n")
-    p.a.mov(rax, C.SHUTDOWN_poweroff)
-    p.a.ret()
+    a.mov(rax, C.SHUTDOWN_poweroff)
+    a.ret()
+    emit_cmdline_helpers(p)
+    emit_traps(p)
+    emit_events(p)
+    emit_pvclock(p)
     return p.elf()

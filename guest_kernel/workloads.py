@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abi import C
 
-from .asm import eax, edi, esi, r12
+from .asm import byte, eax, ebx, edi, esi, ptr, qword, r12, r13, rax, rbx, rcx, rdx, rip
 from .runtime import PVProgram
 
 UNCLAIMED_PORT = 0x80  # the POST-code port: no device model claims it
@@ -57,3 +57,119 @@ def bare_exit_loop(iterations: int) -> bytes:
 
 
 
+
+
+def _measuring_program(name: str, samples: int) -> PVProgram:
+    """A PV program with traps, events and the PV clock set up, and a `samples` array."""
+    from .pvlib import emit_events, emit_pvclock, emit_traps
+    p = PVProgram(guest_os=f"trapless-bench-{name}")
+    p.a.call("idt_init")
+    p.a.call("events_init")
+    p.a.section(".bss")
+    p.a.align(8)
+    p.a.label("samples")
+    p.a.reserve(8 * samples)
+    p.a.section(".data")
+    p.a.label("sample_index")
+    p.a.dq(0)
+    p.a.label("mark")
+    p.a.dq(0)
+    p.a.section(".text")
+    p._late_emitters = (emit_traps, emit_events, emit_pvclock)
+    return p
+
+
+def _finish(p: PVProgram) -> bytes:
+    p.a.xor(eax, eax)
+    p.a.ret()
+    for emit in p._late_emitters:
+        emit(p)
+    return p.elf()
+
+
+def _record_since_mark(p: PVProgram) -> None:
+    """samples[sample_index++] = pvclock now - mark (in a handler: caller-saved only)."""
+    a = p.a
+    a.call("pvclock_read")
+    a.sub(rax, qword["mark"])
+    a.mov(rcx, qword["sample_index"])
+    a.lea(rdx, ptr["samples"])
+    a.mov(qword[rdx + rcx * 8], rax)
+    a.inc(qword["sample_index"])
+
+
+def timer_lateness(samples: int, delay_ns: int = 1_000_000) -> bytes:
+    """`samples` one-shot timers, each `delay_ns` ahead; samples[i] = delivery - deadline."""
+    from .pvlib import set_port_handler
+    p = _measuring_program("timer-lateness", samples)
+    a = p.a
+    a.mov(edi, C.VIRQ_TIMER)
+    a.call("bind_virq")
+    a.mov(rbx, rax)
+    set_port_handler(p, rbx, "on_timer")
+    a.sti()
+    a.mov(r12, samples)
+    a.label("next")
+    a.mov(r13, qword["sample_index"])
+    a.call("pvclock_read")
+    a.add(rax, delay_ns)
+    a.mov(qword["mark"], rax)
+    p.hypercall("set_timer_op", rax)
+    a.label("wait")
+    p.hypercall("sched_op", C.SCHEDOP_block, 0)
+    a.cmp(qword["sample_index"], r13)
+    a.je("wait")
+    a.dec(r12)
+    a.jne("next")
+    a.jmp("done")
+    a.label("on_timer")
+    _record_since_mark(p)
+    a.ret()
+    a.label("done")
+    return _finish(p)
+
+
+def upcall_latency(samples: int) -> bytes:
+    """EVTCHNOP_send on an IPI port to self; samples[i] = handler entry - just before send."""
+    from .pvlib import set_port_handler, UPCALL_MASK
+    p = _measuring_program("upcall-latency", samples)
+    a = p.a
+    p.hypercall("event_channel_op", C.EVTCHNOP_bind_ipi, "ipi_arg")
+    a.mov(ebx, 1)                       # the first port
+    set_port_handler(p, rbx, "on_ipi")
+    a.mov(byte[rip + "shared_info" + UPCALL_MASK], 0)
+    a.sti()
+    a.mov(r12, samples)
+    a.label("next")
+    a.call("pvclock_read")
+    a.mov(qword["mark"], rax)
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "send_arg")
+    a.dec(r12)
+    a.jne("next")
+    a.jmp("done")
+    a.label("on_ipi")
+    _record_since_mark(p)
+    a.ret()
+    a.label("done")
+    a.section(".data")
+    a.label("ipi_arg")
+    a.dd(0, 0)
+    a.label("send_arg")
+    a.dd(1)
+    a.section(".text")
+    return _finish(p)
+
+
+def clock_read_cost(samples: int) -> bytes:
+    """samples[i] = the PV-clock difference of two back-to-back reads: what one read
+    costs, so the latencies above can be read net of their own measuring."""
+    p = _measuring_program("clock-read", samples)
+    a = p.a
+    a.mov(r12, samples)
+    a.label("next")
+    a.call("pvclock_read")
+    a.mov(qword["mark"], rax)
+    _record_since_mark(p)
+    a.dec(r12)
+    a.jne("next")
+    return _finish(p)

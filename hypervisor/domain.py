@@ -46,6 +46,8 @@ class Counters:
     hypercalls: dict[str, int]
     hypercall_errors: dict[str, int]
     unknown_port_io: int
+    upcalls: int = 0                # callback vectors injected
+    blocks: int = 0                 # sleeps in SCHEDOP_block / poll / hlt
     total_exits: int = field(init=False)
 
     def __post_init__(self):
@@ -57,7 +59,8 @@ class Domain:
 
     def __init__(self, image: PVImage | str | Path | bytes, *, memory_mib: int = 64,
                  cmdline: str = "", engine: str | None = None, domid: int = 1,
-                 name: str = "", on_console: Callable[[bytes], None] | None = None):
+                 name: str = "", on_console: Callable[[bytes], None] | None = None,
+                 max_evtchn_ports: int = 0):
         if not 4 <= memory_mib <= 4096:
             raise ImageError(f"memory {memory_mib} MiB: must be between 4 and 4096 MiB")
         self.engine = engines.choose(engine)
@@ -80,6 +83,7 @@ class Domain:
         cfg.pt_pool_end = self.layout.pt_end
         cfg.console_fd = self._console_w
         cfg.handle = self.uuid.bytes
+        cfg.max_evtchn_ports = max_evtchn_ports
         err = ffi.new("char[256]")
         self._dom = lib.hv_domain_create(cfg, err, len(err))
         if self._dom == ffi.NULL:
@@ -95,6 +99,9 @@ class Domain:
         except Exception:
             self.destroy()
             raise
+        if lib.hv_mm_init(self._dom, boot.cr3, err, len(err)) < 0:
+            self.destroy()
+            raise EngineError(f"cannot set up the domain's memory: {ffi.string(err).decode()}")
         bs = ffi.new("struct hv_boot_state *", vars(boot))
         if lib.hv_vcpu_set_boot_state(self._vcpu, bs, err, len(err)) < 0:
             self.destroy()
@@ -116,6 +123,10 @@ class Domain:
             self.console_output += chunk
             for listen in self._listeners:
                 listen(chunk)
+
+    def send_virq(self, virq: int, vcpu: int = 0) -> int:
+        """Make a VIRQ pending (as the hypervisor's own devices do): 0 or -errno."""
+        return lib.hv_domain_send_virq(self._dom, vcpu, virq)
 
     def send_input(self, data: bytes) -> int:
         """Queue keyboard input for CONSOLEIO_read; returns how many bytes fit."""
@@ -167,6 +178,13 @@ class Domain:
     def stop_info(self) -> StopInfo | None:
         return self._stop
 
+    def read_guest(self, vaddr: int, size: int) -> bytes:
+        """Bytes of the start-of-day region by virtual address (it maps 1:1 from VIRT_BASE)."""
+        phys = vaddr - self.layout.virt_base
+        if not (self.layout.image_start <= phys and phys + size <= self.layout.region_end):
+            raise ValueError(f"{vaddr:#x}+{size} is outside the start-of-day region")
+        return bytes(ffi.buffer(lib.hv_domain_ram(self._dom) + phys, size))
+
     # ---- counters ----
     def counters(self) -> Counters:
         """A snapshot, read while the guest runs (aligned 64-bit loads: no locking)."""
@@ -176,7 +194,7 @@ class Domain:
         he = {HYPERCALL_NAMES.get(n, "out_of_range"): c.hypercall_errors[n]
               for n in range(len(c.hypercall_errors)) if c.hypercall_errors[n]}
         exits = {EXIT_REASON_NAMES[i]: c.exits[i] for i in range(lib.HV_EXIT_NR)}
-        return Counters(exits, hc, he, c.unknown_port_io)
+        return Counters(exits, hc, he, c.unknown_port_io, c.upcalls, c.blocks)
 
     # ---- teardown ----
     def _close_pipe(self) -> None:

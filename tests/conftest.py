@@ -32,8 +32,9 @@ def run_guest(engine):
     domains = []
 
     def run(image, cmdline: str = "", memory_mib: int = 64, timeout: float = 30,
-            console_input: bytes = b""):
-        dom = Domain(image, memory_mib=memory_mib, cmdline=cmdline, engine=engine)
+            console_input: bytes = b"", **domain_options):
+        dom = Domain(image, memory_mib=memory_mib, cmdline=cmdline, engine=engine,
+                     **domain_options)
         domains.append(dom)
         if console_input:
             assert dom.send_input(console_input) == len(console_input)

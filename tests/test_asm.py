@@ -282,6 +282,21 @@ def generate_forms():
     for name in asm._SIMPLE:
         yield form(name.replace(" ", "_"), gnu=name)
 
+    for bits in SIZES:
+        for dst in regs(bits):
+            for src in regs(bits):
+                yield form("xchg", dst, src)
+        for i, m in enumerate(mems(bits)):
+            yield form("xchg", m, reg_cycle(bits, i))
+            yield form("xchg", reg_cycle(bits, i + 3), m)
+    for bits in (16, 32, 64):
+        for dst in regs(bits):
+            for src in regs(bits):
+                yield form("bsf", dst, src)
+        for i, m in enumerate(mems(bits)):
+            yield form("bsf", reg_cycle(bits, i), m)
+    yield form("lock")
+
 
 FORMS = list(generate_forms())
 GROUPS = sorted({group for group, *_ in FORMS})

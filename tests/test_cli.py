@@ -1,0 +1,147 @@
+"""End to end: `python -m hypervisor` as a user runs it — output and exit status."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from guest_kernel.asm import rax
+from guest_kernel.conformance import ConformanceGuest
+from guest_kernel.pv_kernel import build_pv_kernel
+from hypervisor import engines
+
+needs_kvm = pytest.mark.skipif(engines.why_unavailable("kvm") is not None,
+                               reason=f"kvm engine unavailable: {engines.why_unavailable('kvm')}")
+
+
+def hv(*args, env=None, timeout=60):
+    return subprocess.run([sys.executable, "-m", "hypervisor", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kernel") / "pv-kernel.elf"
+    path.write_bytes(build_pv_kernel())
+    return path
+
+
+@needs_kvm
+def test_pv_kernel_boots_prints_and_powers_off(kernel):
+    r = hv("run", kernel, "--cmdline", "hello world ticks=5")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "trapless PV kernel: Xen 4.19.0-trapless"
+    assert lines[1] == "command line: hello world ticks=5"
+    assert "events: shared_info mapped, upcalls on vector 0xf3" in lines
+    assert "VIRQ_TIMER bound to port 1" in lines
+    assert any(line.startswith("5 ticks at 100 Hz in ") for line in lines)
+    assert lines[-1] == "powering off"
+    assert r.stderr == ""
+
+
+@needs_kvm
+def test_stats_table_counts_hypercalls(kernel):
+    r = hv("run", kernel, "--stats", "--cmdline", "ticks=1")
+    assert r.returncode == 0, r.stderr
+    assert "hypercall: xen_version" in r.stdout
+    assert "hypercall: sched_op" in r.stdout
+
+
+@needs_kvm
+@pytest.mark.parametrize("reason,status", [("reboot", 3), ("crash", 5), ("watchdog", 6)])
+def test_shutdown_reasons_become_exit_statuses(tmp_path, reason, status):
+    from abi import C
+    g = ConformanceGuest(reason)
+    g.a.mov(rax, getattr(C, f"SHUTDOWN_{reason}"))
+    g.a.ret()
+    image = tmp_path / "g.elf"
+    image.write_bytes(g.elf())
+    r = hv("run", image)
+    assert r.returncode == status
+    assert r.stderr == f"trapless: d1 shut down: {reason}\n"
+
+
+@needs_kvm
+def test_triple_fault_is_reported_and_the_host_survives(tmp_path):
+    from guest_kernel.runtime import PVProgram
+    p = PVProgram("triple-fault")
+    p.print("about to fault\n")
+    p.a.ud2()                       # no IDT yet: #UD -> #GP -> #DF -> triple fault
+    image = tmp_path / "tf.elf"
+    image.write_bytes(p.elf())
+    r = hv("run", image)
+    assert r.returncode == 8
+    assert r.stdout == "about to fault\n"
+    assert r.stderr.startswith("trapless: d1 guest fault: triple fault at rip=0x")
+    assert "Traceback" not in r.stderr
+    # and the next domain runs fine
+    assert hv("run", "--cmdline", "ticks=1").returncode == 0
+
+
+@needs_kvm
+def test_guest_exception_handler_reports_and_crashes(tmp_path):
+    from guest_kernel.pvlib import emit_traps
+    from guest_kernel.runtime import PVProgram
+    p = PVProgram("exception")
+    p.a.call("idt_init")
+    p.a.ud2()
+    emit_traps(p)
+    image = tmp_path / "ud.elf"
+    image.write_bytes(p.elf())
+    r = hv("run", image)
+    assert r.returncode == 5
+    assert "trapless PV kernel: exception 6 error 0x0 at rip 0x" in r.stdout
+
+
+@needs_kvm
+def test_timeout_stops_a_spinning_guest(tmp_path):
+    from guest_kernel.runtime import PVProgram
+    p = PVProgram("spin")
+    p.a.label("spin")
+    p.a.jmp("spin")
+    image = tmp_path / "spin.elf"
+    image.write_bytes(p.elf())
+    r = hv("run", image, "--timeout", "0.5")
+    assert r.returncode == 9
+    assert r.stderr.startswith("trapless: d1 timed out after 0.5 s (rip=0x")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "empty file"),
+    (b"#!/bin/sh\necho hi\n" + b"\0" * 64, "not an ELF file"),
+    (b"\x7fELF\x01\x01\x01" + b"\0" * 57, "not a 64-bit ELF file (ELFCLASS32)"),
+])
+def test_bad_images_are_one_line_errors(tmp_path, content, message):
+    image = tmp_path / "bad.elf"
+    image.write_bytes(content)
+    r = hv("run", image, env={"TRAPLESS_NO_KVM": ""})
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert r.stdout == ""
+
+
+def test_missing_image_file(tmp_path):
+    r = hv("run", tmp_path / "nope.elf")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "nope.elf" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--memory", "lots"], "invalid int value"),
+    (["run", "--memory", "1"], "memory 1 MiB"),
+    (["run", "--engine", "vmware"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_options_are_one_line_errors(args, message):
+    r = hv(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_no_kvm_is_one_line_and_status_2(kernel):
+    r = hv("run", kernel, env={"TRAPLESS_NO_KVM": "1"})
+    assert r.returncode == 2
+    assert r.stderr == "trapless: no engine can run here (kvm: KVM disabled by TRAPLESS_NO_KVM)\n"
