@@ -11,7 +11,8 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SOURCES = ["guest_mem.c", "hypercall.c", "console.c", "version.c", "sched.c", "domain.c", "kvm.c",
-           "memory.c", "mm.c", "multicall.c", "events.c", "timers.c"]
+           "memory.c", "mm.c", "multicall.c", "events.c", "timers.c",
+           "devices.c"]
 
 
 def cdef_part(path: Path) -> str:

@@ -106,6 +106,7 @@ void hv_domain_destroy(struct hv_domain *d)
         if (d->vcpus[i])
             hv_vcpu_destroy(d->vcpus[i]);
     hv_events_destroy(d);
+    hv_devices_destroy(d);
     hv_kvm_destroy_vm(d);
     hv_mm_destroy(d);
     munmap(d->ram, d->ram_bytes);

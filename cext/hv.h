@@ -91,6 +91,13 @@ struct hv_domain {
     struct hv_mm mm;
     uint64_t shared_info_gpa;       /* where the guest placed shared_info; HV_NO_PAGE if not yet */
 
+    /* the last hypercalls, for `trace` (hypercall.c) */
+    struct hv_trace_entry trace[HV_TRACE_ENTRIES];
+    uint64_t trace_seq;
+
+    /* device models of native guests (devices.c); NULL when the domain has none */
+    struct hv_devices *devices;
+
     int kvm_vm_fd;
     struct hv_vcpu *vcpus[HV_MAX_VCPUS];
 };
@@ -113,6 +120,8 @@ struct hv_vcpu {
     pthread_t thread;
     int in_run;                     /* thread is inside hv_vcpu_run */
     volatile int kicked;            /* the toolstack asked the vCPU to stop */
+    volatile int paused;            /* the toolstack paused it */
+    uint64_t cpu_ns_at_stop;        /* thread CPU time when hv_vcpu_run last returned */
 
     /* blocking: SCHEDOP_block, SCHEDOP_poll and hlt sleep here until notified */
     pthread_mutex_t wait_lock;
@@ -162,6 +171,17 @@ int  hv_upcall_wanted(struct hv_vcpu *v);
 void hv_vcpu_notify(struct hv_vcpu *v);
 int  hv_vcpu_wait(struct hv_vcpu *v, uint64_t deadline, int (*done)(struct hv_vcpu *, void *), void *arg);
 struct hv_domain *hv_domain_lookup(uint32_t domid);
+
+/* ---- device models (devices.c): what a native guest's privileged I/O reaches ---- */
+/* Port I/O the hypercall port does not take: 1 if a device model claimed it. */
+int  hv_devices_port_io(struct hv_vcpu *v, uint16_t port, int size, int is_write, uint8_t *data);
+/* A guest-physical access KVM could not satisfy from RAM: 1 if emulated. */
+int  hv_devices_mmio(struct hv_vcpu *v, uint64_t gpa, int size, int is_write, uint8_t *data);
+/* The vector of the highest-priority device interrupt ready for the CPU, or -1. */
+int  hv_devices_irq_vector(struct hv_domain *d);
+/* The CPU took that vector: the interrupt controller moves it to in-service. */
+void hv_devices_irq_injected(struct hv_domain *d, int vector);
+void hv_devices_destroy(struct hv_domain *d);
 
 /* ---- timer service (timers.c) ---- */
 int64_t do_set_timer_op(struct hv_vcpu *v, const struct hv_hcall *h);

@@ -80,6 +80,24 @@ struct hv_domain_config {
     uint32_t max_evtchn_ports; /* 0 = the default (1024) */
 };
 
+/* One traced hypercall (the domain keeps the last HV_TRACE_ENTRIES). */
+#define HV_TRACE_ENTRIES 256
+struct hv_trace_entry {
+    uint64_t seq;           /* 1, 2, 3 ... in call order */
+    uint64_t time_ns;       /* system time when it returned */
+    uint64_t nr;
+    uint64_t args[5];
+    int64_t  ret;
+};
+
+/* What a vCPU is doing, for the toolstack. */
+enum hv_vcpu_state {
+    HV_VCPU_STOPPED,        /* not inside hv_vcpu_run */
+    HV_VCPU_RUNNING,
+    HV_VCPU_BLOCKED,        /* SCHEDOP_block / poll, or hlt */
+    HV_VCPU_PAUSED
+};
+
 struct hv_domain;
 struct hv_vcpu;
 
@@ -113,6 +131,12 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
 int      hv_vcpu_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len);
 int      hv_vcpu_run(struct hv_vcpu *v, struct hv_stop *stop);
 void     hv_vcpu_kick(struct hv_vcpu *v);
+/* Pause: the vCPU leaves the guest and sleeps until unpaused (or stopped). */
+void     hv_vcpu_pause(struct hv_vcpu *v, int paused);
+int      hv_vcpu_state(struct hv_vcpu *v);
+uint64_t hv_vcpu_cpu_ns(struct hv_vcpu *v);     /* CPU time of the vCPU's thread */
+/* Copy up to max of the latest traced hypercalls, oldest first; returns how many. */
+int      hv_domain_trace(struct hv_domain *d, struct hv_trace_entry *out, int max);
 
 /* cdef-end */
 #endif

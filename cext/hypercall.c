@@ -6,6 +6,8 @@
  */
 #include "hv.h"
 
+static void trace(struct hv_domain *d, const struct hv_hcall *h, int64_t ret);
+
 typedef int64_t (*hv_handler)(struct hv_vcpu *v, const struct hv_hcall *h);
 
 static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
@@ -32,7 +34,45 @@ int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h)
     c->hypercalls[slot]++;
     if (ret < 0 && ret >= -4095)
         c->hypercall_errors[slot]++;
+    trace(v->dom, h, ret);
     return ret;
+}
+
+/* Only the vCPU thread writes the ring; a reader copies entries and keeps those whose
+ * seq still matches after the copy (a torn one was being overwritten). */
+static void trace(struct hv_domain *d, const struct hv_hcall *h, int64_t ret)
+{
+    uint64_t seq = d->trace_seq + 1;
+    struct hv_trace_entry *e = &d->trace[seq % HV_TRACE_ENTRIES];
+
+    __atomic_store_n(&e->seq, 0, __ATOMIC_RELEASE);
+    e->time_ns = hv_now_ns();
+    e->nr = h->nr;
+    e->args[0] = h->a1;
+    e->args[1] = h->a2;
+    e->args[2] = h->a3;
+    e->args[3] = h->a4;
+    e->args[4] = h->a5;
+    e->ret = ret;
+    __atomic_store_n(&e->seq, seq, __ATOMIC_RELEASE);
+    __atomic_store_n(&d->trace_seq, seq, __ATOMIC_RELEASE);
+}
+
+int hv_domain_trace(struct hv_domain *d, struct hv_trace_entry *out, int max)
+{
+    uint64_t last = __atomic_load_n(&d->trace_seq, __ATOMIC_ACQUIRE);
+    uint64_t first = last > HV_TRACE_ENTRIES ? last - HV_TRACE_ENTRIES + 1 : 1;
+    int n = 0;
+
+    if (max > 0 && last - first + 1 > (uint64_t)max)
+        first = last - (uint64_t)max + 1;
+    for (uint64_t seq = first; seq <= last && n < max; seq++) {
+        const struct hv_trace_entry *e = &d->trace[seq % HV_TRACE_ENTRIES];
+        out[n] = *e;
+        if (__atomic_load_n(&e->seq, __ATOMIC_ACQUIRE) == seq && out[n].seq == seq)
+            n++;
+    }
+    return n;
 }
 
 int hv_hypercall_implemented(uint32_t nr)

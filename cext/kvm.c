@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <x86intrin.h>
@@ -451,33 +452,58 @@ static void port_io(struct hv_vcpu *v, struct kvm_run *run)
         memcpy(data, &result, 4);
         return;
     }
-    /* A port nobody claims: reads float high, writes vanish, as on real hardware. */
     v->dom->counters.exits[HV_EXIT_IO]++;
-    v->dom->counters.unknown_port_io++;
-    if (run->io.direction == KVM_EXIT_IO_IN)
-        memset(data, 0xff, (size_t)run->io.size * run->io.count);
+    for (uint32_t i = 0; i < run->io.count; i++) {
+        uint8_t *item = data + (size_t)i * run->io.size;
+        if (hv_devices_port_io(v, run->io.port, run->io.size,
+                               run->io.direction == KVM_EXIT_IO_OUT, item))
+            continue;
+        /* A port nobody claims: reads float high, writes vanish, as on real hardware. */
+        v->dom->counters.unknown_port_io++;
+        if (run->io.direction == KVM_EXIT_IO_IN)
+            memset(item, 0xff, run->io.size);
+    }
 }
 
-static int upcall_deliverable(struct hv_vcpu *v, void *unused)
+/* The vector the vCPU should take next: the PV upcall, else a device interrupt. */
+static int next_vector(struct hv_vcpu *v, int *is_upcall)
 {
-    return hv_upcall_wanted(v);
+    *is_upcall = hv_upcall_wanted(v);
+    if (*is_upcall)
+        return v->dom->callback_vector;
+    return v->dom->devices ? hv_devices_irq_vector(v->dom) : -1;
 }
 
-/* Inject the callback vector if an upcall is due and the vCPU can take it now;
- * otherwise ask KVM for an exit as soon as it can (interrupt window). */
-static int deliver_upcall(struct hv_vcpu *v)
+static int interrupt_due(struct hv_vcpu *v, void *unused)
+{
+    int is_upcall;
+    return next_vector(v, &is_upcall) >= 0;
+}
+
+static int not_paused(struct hv_vcpu *v, void *unused)
+{
+    return !__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE);
+}
+
+/* Inject the next vector if the vCPU can take it now; otherwise ask KVM for an exit
+ * as soon as it can (interrupt window). */
+static int deliver_interrupt(struct hv_vcpu *v)
 {
     struct kvm_run *run = v->run;
+    int is_upcall, vector = next_vector(v, &is_upcall);
 
-    if (!hv_upcall_wanted(v)) {
+    if (vector < 0) {
         run->request_interrupt_window = 0;
         return 0;
     }
     if (run->ready_for_interrupt_injection && run->if_flag) {
-        struct kvm_interrupt irq = { .irq = v->dom->callback_vector };
+        struct kvm_interrupt irq = { .irq = (uint32_t)vector };
         if (ioctl(v->fd, KVM_INTERRUPT, &irq) < 0)
             return -1;
-        v->dom->counters.upcalls++;
+        if (is_upcall)
+            v->dom->counters.upcalls++;
+        else
+            hv_devices_irq_injected(v->dom, vector);
         run->request_interrupt_window = 0;
         return 0;
     }
@@ -497,7 +523,11 @@ static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                              "shutdown");
         if (__atomic_exchange_n(&v->kicked, 0, __ATOMIC_SEQ_CST))
             return stop_with(stop, HV_STOP_KICKED, 0, run->s.regs.regs.rip, "stopped by the toolstack");
-        if (deliver_upcall(v) < 0)
+        if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE)) {
+            hv_vcpu_wait(v, HV_NO_DEADLINE, not_paused, NULL);
+            continue;
+        }
+        if (deliver_interrupt(v) < 0)
             return stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
                              "KVM_INTERRUPT failed: %s", strerror(errno));
 
@@ -528,15 +558,18 @@ static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             if (!(run->s.regs.regs.rflags & (1ULL << 9)))
                 return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_HLT, rip,
                                  "hlt with interrupts disabled: nothing can wake the vCPU");
-            /* Idle until an upcall can be delivered (or the toolstack stops us). */
+            /* Idle until an interrupt can be delivered (or the toolstack stops us). */
             c->blocks++;
-            hv_vcpu_wait(v, HV_NO_DEADLINE, upcall_deliverable, NULL);
+            hv_vcpu_wait(v, HV_NO_DEADLINE, interrupt_due, NULL);
             break;
         case KVM_EXIT_IRQ_WINDOW_OPEN:
             c->exits[HV_EXIT_IRQ_WINDOW]++;
             break;
         case KVM_EXIT_MMIO:
             c->exits[HV_EXIT_MMIO]++;
+            if (hv_devices_mmio(v, run->mmio.phys_addr, (int)run->mmio.len, run->mmio.is_write,
+                                run->mmio.data))
+                break;
             if (run->mmio.is_write && run->mmio.phys_addr >= d->pt_pool_start &&
                 run->mmio.phys_addr < d->pt_pool_end)
                 return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_MMIO, rip,
@@ -585,9 +618,50 @@ int hv_vcpu_run(struct hv_vcpu *v, struct hv_stop *stop)
 
     pthread_mutex_lock(&v->kick_lock);
     v->in_run = 0;
+    {
+        struct timespec ts;
+        if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+            v->cpu_ns_at_stop = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    }
     pthread_mutex_unlock(&v->kick_lock);
     stop->elapsed_ns = hv_now_ns() - t0;
     return rc;
+}
+
+void hv_vcpu_pause(struct hv_vcpu *v, int paused)
+{
+    __atomic_store_n(&v->paused, paused ? 1 : 0, __ATOMIC_SEQ_CST);
+    hv_vcpu_notify(v);                  /* out of the guest to sleep, or awake to go on */
+}
+
+int hv_vcpu_state(struct hv_vcpu *v)
+{
+    int state;
+    pthread_mutex_lock(&v->kick_lock);
+    if (!v->in_run)
+        state = HV_VCPU_STOPPED;
+    else if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE))
+        state = HV_VCPU_PAUSED;
+    else if (__atomic_load_n(&v->waiting, __ATOMIC_ACQUIRE))
+        state = HV_VCPU_BLOCKED;
+    else
+        state = HV_VCPU_RUNNING;
+    pthread_mutex_unlock(&v->kick_lock);
+    return state;
+}
+
+uint64_t hv_vcpu_cpu_ns(struct hv_vcpu *v)
+{
+    uint64_t ns = v->cpu_ns_at_stop;
+    pthread_mutex_lock(&v->kick_lock);
+    if (v->in_run) {
+        clockid_t clock;
+        struct timespec ts;
+        if (pthread_getcpuclockid(v->thread, &clock) == 0 && clock_gettime(clock, &ts) == 0)
+            ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    }
+    pthread_mutex_unlock(&v->kick_lock);
+    return ns;
 }
 
 void hv_vcpu_kick(struct hv_vcpu *v)

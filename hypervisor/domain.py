@@ -26,6 +26,24 @@ EXIT_REASON_NAMES = {
 }
 
 
+VCPU_STATES = {lib.HV_VCPU_STOPPED: "stopped", lib.HV_VCPU_RUNNING: "running",
+               lib.HV_VCPU_BLOCKED: "blocked", lib.HV_VCPU_PAUSED: "paused"}
+
+
+@dataclass
+class TraceEntry:
+    """One traced hypercall."""
+    seq: int
+    time_ns: int
+    nr: int
+    args: tuple[int, ...]
+    ret: int
+
+    @property
+    def name(self) -> str:
+        return HYPERCALL_NAMES.get(self.nr, f"hypercall_{self.nr}")
+
+
 @dataclass
 class StopInfo:
     """Why a domain stopped, in words a user can act on."""
@@ -173,6 +191,28 @@ class Domain:
     def stop(self) -> None:
         """Ask the vCPU to leave the guest; run() returns with kind 'stopped'."""
         lib.hv_vcpu_kick(self._vcpu)
+
+    def pause(self) -> None:
+        lib.hv_vcpu_pause(self._vcpu, 1)
+
+    def unpause(self) -> None:
+        lib.hv_vcpu_pause(self._vcpu, 0)
+
+    @property
+    def vcpu_state(self) -> str:
+        """stopped, running, blocked or paused."""
+        return VCPU_STATES[lib.hv_vcpu_state(self._vcpu)]
+
+    @property
+    def cpu_ns(self) -> int:
+        """CPU time the vCPU's thread has used."""
+        return lib.hv_vcpu_cpu_ns(self._vcpu)
+
+    def trace(self, last: int = lib.HV_TRACE_ENTRIES) -> list[TraceEntry]:
+        """The latest hypercalls (at most HV_TRACE_ENTRIES), oldest first."""
+        out = ffi.new("struct hv_trace_entry[]", last)
+        n = lib.hv_domain_trace(self._dom, out, last)
+        return [TraceEntry(e.seq, e.time_ns, e.nr, tuple(e.args), e.ret) for e in out[0:n]]
 
     @property
     def stop_info(self) -> StopInfo | None:
