@@ -12,7 +12,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SOURCES = ["guest_mem.c", "hypercall.c", "console.c", "version.c", "sched.c", "domain.c", "kvm.c",
            "memory.c", "mm.c", "multicall.c", "events.c", "timers.c",
-           "devices.c"]
+           "devices.c", "vcpu.c"]
 
 
 def cdef_part(path: Path) -> str:

@@ -29,8 +29,9 @@ void hv_set_error(char *buf, int len, const char *fmt, ...)
     va_end(ap);
 }
 
-int hv_kvm_create_vm(struct hv_domain *d, char *err, int err_len);
-void hv_kvm_destroy_vm(struct hv_domain *d);
+static const struct hv_engine_impl *const engines[HV_ENGINE_NR] = {
+    [HV_ENGINE_KVM] = &hv_kvm_engine,
+};
 
 struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err, int err_len)
 {
@@ -71,13 +72,14 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
         free(d);
         return NULL;
     }
-    if (cfg->engine != HV_ENGINE_KVM) {
+    if (cfg->engine < 0 || cfg->engine >= HV_ENGINE_NR || !engines[cfg->engine]) {
         hv_set_error(err, err_len, "unknown engine %d", cfg->engine);
         munmap(d->ram, d->ram_bytes);
         free(d);
         return NULL;
     }
-    if (hv_kvm_create_vm(d, err, err_len) < 0) {
+    d->engine = engines[cfg->engine];
+    if (d->engine->create_vm(d, err, err_len) < 0) {
         munmap(d->ram, d->ram_bytes);
         free(d);
         return NULL;
@@ -95,8 +97,6 @@ int hv_domain_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq)
     return hv_send_virq(d, vcpu, virq);
 }
 
-void hv_vcpu_destroy(struct hv_vcpu *v);
-
 void hv_domain_destroy(struct hv_domain *d)
 {
     if (!d)
@@ -107,7 +107,7 @@ void hv_domain_destroy(struct hv_domain *d)
             hv_vcpu_destroy(d->vcpus[i]);
     hv_events_destroy(d);
     hv_devices_destroy(d);
-    hv_kvm_destroy_vm(d);
+    d->engine->destroy_vm(d);
     hv_mm_destroy(d);
     munmap(d->ram, d->ram_bytes);
     pthread_mutex_destroy(&d->console_lock);

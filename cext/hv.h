@@ -53,6 +53,21 @@ struct hv_vcpu_timers {
     uint64_t fired;                 /* expiries delivered */
 };
 
+/* An engine: what runs a domain's vCPUs (kvm.c, ...). */
+struct hv_engine_impl {
+    const char *name;
+    int  (*available)(char *why, int why_len);
+    int  (*create_vm)(struct hv_domain *d, char *err, int err_len);
+    void (*destroy_vm)(struct hv_domain *d);
+    int  (*vcpu_create)(struct hv_vcpu *v, char *err, int err_len);  /* sets v->ops */
+    void (*vcpu_destroy)(struct hv_vcpu *v);
+    int  (*set_boot_state)(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len);
+    /* Run until the vCPU must stop; fills stop, returns enum hv_stop_reason. */
+    int  (*run)(struct hv_vcpu *v, struct hv_stop *stop);
+};
+
+extern const struct hv_engine_impl hv_kvm_engine;
+
 struct hv_domain {
     uint32_t domid;
     uint8_t *ram;                   /* host mapping of guest-physical [0, ram_bytes) */
@@ -98,6 +113,8 @@ struct hv_domain {
     /* device models of native guests (devices.c); NULL when the domain has none */
     struct hv_devices *devices;
 
+    const struct hv_engine_impl *engine;
+    void *engine_priv;              /* engine-specific per-domain state (not kvm's) */
     int kvm_vm_fd;
     struct hv_vcpu *vcpus[HV_MAX_VCPUS];
 };
@@ -108,6 +125,8 @@ struct hv_vcpu {
     struct hv_domain *dom;
     int id;
     const struct hv_engine_ops *ops;
+
+    void *engine_priv;              /* engine-specific per-vCPU state (not kvm's) */
 
     /* kvm engine */
     int fd;
@@ -191,6 +210,14 @@ void hv_timers_stop(struct hv_domain *d);
 uint64_t hv_system_time(void);
 void hv_pvclock_update(struct hv_vcpu *v);
 int  hv_pvclock_init(struct hv_vcpu *v, int64_t tsc_offset, uint64_t tsc_khz);
+
+/* ---- vCPUs (vcpu.c), shared by the engines ---- */
+void hv_vcpu_destroy(struct hv_vcpu *v);
+int  hv_next_vector(struct hv_vcpu *v, int *is_upcall);   /* -1: nothing to take */
+int  hv_interrupt_due(struct hv_vcpu *v, void *unused);
+int  hv_vcpu_not_paused(struct hv_vcpu *v, void *unused);
+int  hv_stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
 
 /* ---- helpers ---- */
 uint64_t hv_now_ns(void);

@@ -53,7 +53,7 @@ static void kvm_open_once(void)
     kvm_run_size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
 }
 
-int hv_kvm_available(char *why, int why_len)
+static int kvm_available(char *why, int why_len)
 {
     static const struct { int cap; const char *name; } needed[] = {
         { KVM_CAP_SYNC_REGS, "KVM_CAP_SYNC_REGS" },
@@ -105,9 +105,9 @@ static int set_slot(struct hv_domain *d, uint32_t slot, uint64_t start, uint64_t
     return 0;
 }
 
-int hv_kvm_create_vm(struct hv_domain *d, char *err, int err_len)
+static int kvm_create_vm(struct hv_domain *d, char *err, int err_len)
 {
-    if (!hv_kvm_available(err, err_len))
+    if (!kvm_available(err, err_len))
         return -1;
     d->kvm_vm_fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
     if (d->kvm_vm_fd < 0) {
@@ -130,7 +130,7 @@ fail:
     return -1;
 }
 
-void hv_kvm_destroy_vm(struct hv_domain *d)
+static void kvm_destroy_vm(struct hv_domain *d)
 {
     if (d->kvm_vm_fd >= 0)
         close(d->kvm_vm_fd);
@@ -287,67 +287,37 @@ static int pvclock_setup(struct hv_vcpu *v, char *err, int err_len)
     return hv_pvclock_init(v, offset, (uint64_t)khz);
 }
 
-struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_len)
+static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 {
-    struct hv_vcpu *v;
-
-    if (id < 0 || id >= HV_MAX_VCPUS || d->vcpus[id]) {
-        hv_set_error(err, err_len, "bad or duplicate vCPU id %d", id);
-        return NULL;
-    }
-    v = calloc(1, sizeof(*v));
-    if (!v) {
-        hv_set_error(err, err_len, "out of host memory");
-        return NULL;
-    }
-    v->dom = d;
-    v->id = id;
     v->ops = &kvm_ops;
     v->run_size = (size_t)kvm_run_size;
-    pthread_mutex_init(&v->kick_lock, NULL);
-    v->fd = ioctl(d->kvm_vm_fd, KVM_CREATE_VCPU, id);
+    v->fd = ioctl(v->dom->kvm_vm_fd, KVM_CREATE_VCPU, v->id);
     if (v->fd < 0) {
         hv_set_error(err, err_len, "KVM_CREATE_VCPU: %s", strerror(errno));
-        free(v);
-        return NULL;
+        return -1;
     }
     v->run = mmap(NULL, v->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
     if (v->run == MAP_FAILED) {
         hv_set_error(err, err_len, "mmap of kvm_run: %s", strerror(errno));
+        v->run = NULL;
         close(v->fd);
-        free(v);
-        return NULL;
-    }
-    if (set_cpuid(v, err, err_len) < 0) {
-        munmap(v->run, v->run_size);
-        close(v->fd);
-        free(v);
-        return NULL;
+        return -1;
     }
     v->run->kvm_valid_regs = KVM_SYNC_X86_REGS;
-    v->vcpu_info_gpa = HV_NO_PAGE;
-    v->thread = pthread_self();
-    pthread_mutex_init(&v->wait_lock, NULL);
-    pthread_cond_init(&v->wait_cond, NULL);
-    pthread_mutex_init(&v->time_lock, NULL);
-    d->vcpus[id] = v;
-    if (pvclock_setup(v, err, err_len) < 0) {
-        hv_vcpu_destroy(v);
-        return NULL;
+    if (set_cpuid(v, err, err_len) < 0 || pvclock_setup(v, err, err_len) < 0) {
+        munmap(v->run, v->run_size);
+        v->run = NULL;
+        close(v->fd);
+        return -1;
     }
-    return v;
+    return 0;
 }
 
-void hv_vcpu_destroy(struct hv_vcpu *v)
+static void kvm_vcpu_destroy(struct hv_vcpu *v)
 {
-    v->dom->vcpus[v->id] = NULL;
-    munmap(v->run, v->run_size);
+    if (v->run)
+        munmap(v->run, v->run_size);
     close(v->fd);
-    pthread_mutex_destroy(&v->kick_lock);
-    pthread_mutex_destroy(&v->wait_lock);
-    pthread_cond_destroy(&v->wait_cond);
-    pthread_mutex_destroy(&v->time_lock);
-    free(v);
 }
 
 static void flat_segment(struct kvm_segment *s, uint16_t selector, int code)
@@ -364,7 +334,7 @@ static void flat_segment(struct kvm_segment *s, uint16_t selector, int code)
     s->g = 1;
 }
 
-int hv_vcpu_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len)
+static int kvm_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len)
 {
     struct kvm_sregs sregs;
     struct kvm_regs regs;
@@ -417,21 +387,6 @@ int hv_vcpu_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, ch
 
 /* ---- the run loop ---- */
 
-static int stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
-
-static int stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const char *fmt, ...)
-{
-    va_list ap;
-    stop->reason = reason;
-    stop->code = code;
-    stop->rip = rip;
-    va_start(ap, fmt);
-    vsnprintf(stop->message, sizeof(stop->message), fmt, ap);
-    va_end(ap);
-    return reason;
-}
-
 static void port_io(struct hv_vcpu *v, struct kvm_run *run)
 {
     struct kvm_regs *regs = &run->s.regs.regs;
@@ -465,32 +420,12 @@ static void port_io(struct hv_vcpu *v, struct kvm_run *run)
     }
 }
 
-/* The vector the vCPU should take next: the PV upcall, else a device interrupt. */
-static int next_vector(struct hv_vcpu *v, int *is_upcall)
-{
-    *is_upcall = hv_upcall_wanted(v);
-    if (*is_upcall)
-        return v->dom->callback_vector;
-    return v->dom->devices ? hv_devices_irq_vector(v->dom) : -1;
-}
-
-static int interrupt_due(struct hv_vcpu *v, void *unused)
-{
-    int is_upcall;
-    return next_vector(v, &is_upcall) >= 0;
-}
-
-static int not_paused(struct hv_vcpu *v, void *unused)
-{
-    return !__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE);
-}
-
 /* Inject the next vector if the vCPU can take it now; otherwise ask KVM for an exit
  * as soon as it can (interrupt window). */
 static int deliver_interrupt(struct hv_vcpu *v)
 {
     struct kvm_run *run = v->run;
-    int is_upcall, vector = next_vector(v, &is_upcall);
+    int is_upcall, vector = hv_next_vector(v, &is_upcall);
 
     if (vector < 0) {
         run->request_interrupt_window = 0;
@@ -511,7 +446,7 @@ static int deliver_interrupt(struct hv_vcpu *v)
     return 0;
 }
 
-static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
+static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
 {
     struct hv_domain *d = v->dom;
     struct kvm_run *run = v->run;
@@ -519,16 +454,16 @@ static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
 
     for (;;) {
         if (__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE))
-            return stop_with(stop, HV_STOP_SHUTDOWN, d->shutdown_reason, run->s.regs.regs.rip,
+            return hv_stop_with(stop, HV_STOP_SHUTDOWN, d->shutdown_reason, run->s.regs.regs.rip,
                              "shutdown");
         if (__atomic_exchange_n(&v->kicked, 0, __ATOMIC_SEQ_CST))
-            return stop_with(stop, HV_STOP_KICKED, 0, run->s.regs.regs.rip, "stopped by the toolstack");
+            return hv_stop_with(stop, HV_STOP_KICKED, 0, run->s.regs.regs.rip, "stopped by the toolstack");
         if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE)) {
-            hv_vcpu_wait(v, HV_NO_DEADLINE, not_paused, NULL);
+            hv_vcpu_wait(v, HV_NO_DEADLINE, hv_vcpu_not_paused, NULL);
             continue;
         }
         if (deliver_interrupt(v) < 0)
-            return stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
+            return hv_stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
                              "KVM_INTERRUPT failed: %s", strerror(errno));
 
         if (ioctl(v->fd, KVM_RUN, 0) < 0) {
@@ -537,7 +472,7 @@ static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                 __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
                 continue;
             }
-            return stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
+            return hv_stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
                              "KVM_RUN failed: %s", strerror(errno));
         }
         v->cr3_valid = 0;
@@ -549,18 +484,18 @@ static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             port_io(v, run);
             in_exit = 0;
             if (apply_pending(v) < 0)
-                return stop_with(stop, HV_STOP_ERROR, errno, rip,
+                return hv_stop_with(stop, HV_STOP_ERROR, errno, rip,
                                  "cannot switch or flush the vCPU's page tables: %s",
                                  strerror(errno));
             break;
         case KVM_EXIT_HLT:
             c->exits[HV_EXIT_HLT]++;
             if (!(run->s.regs.regs.rflags & (1ULL << 9)))
-                return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_HLT, rip,
+                return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_HLT, rip,
                                  "hlt with interrupts disabled: nothing can wake the vCPU");
             /* Idle until an interrupt can be delivered (or the toolstack stops us). */
             c->blocks++;
-            hv_vcpu_wait(v, HV_NO_DEADLINE, interrupt_due, NULL);
+            hv_vcpu_wait(v, HV_NO_DEADLINE, hv_interrupt_due, NULL);
             break;
         case KVM_EXIT_IRQ_WINDOW_OPEN:
             c->exits[HV_EXIT_IRQ_WINDOW]++;
@@ -572,20 +507,20 @@ static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                 break;
             if (run->mmio.is_write && run->mmio.phys_addr >= d->pt_pool_start &&
                 run->mmio.phys_addr < d->pt_pool_end)
-                return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_MMIO, rip,
+                return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_MMIO, rip,
                                  "direct write to page-table frame at guest-physical %#llx "
                                  "(page tables change only through mmu_update)",
                                  (unsigned long long)run->mmio.phys_addr);
-            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_MMIO, rip,
+            return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_MMIO, rip,
                              "%s of guest-physical %#llx, outside guest memory",
                              run->mmio.is_write ? "write" : "read",
                              (unsigned long long)run->mmio.phys_addr);
         case KVM_EXIT_SHUTDOWN:
             c->exits[HV_EXIT_SHUTDOWN]++;
-            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_SHUTDOWN, rip, "triple fault");
+            return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_SHUTDOWN, rip, "triple fault");
         case KVM_EXIT_FAIL_ENTRY:
             c->exits[HV_EXIT_FAIL_ENTRY]++;
-            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_FAIL_ENTRY, rip,
+            return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_FAIL_ENTRY, rip,
                              "VM entry failed (hardware reason %#llx)",
                              (unsigned long long)run->fail_entry.hardware_entry_failure_reason);
         case KVM_EXIT_INTR:
@@ -593,79 +528,29 @@ static int run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             break;
         case KVM_EXIT_INTERNAL_ERROR:
             c->exits[HV_EXIT_OTHER]++;
-            return stop_with(stop, HV_STOP_FAULT, KVM_EXIT_INTERNAL_ERROR, rip,
+            return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_INTERNAL_ERROR, rip,
                              "KVM internal error (suberror %u)", run->internal.suberror);
         default:
             c->exits[HV_EXIT_OTHER]++;
-            return stop_with(stop, HV_STOP_FAULT, (int)run->exit_reason, rip,
+            return hv_stop_with(stop, HV_STOP_FAULT, (int)run->exit_reason, rip,
                              "unhandled exit (exit_reason=%u)", run->exit_reason);
         }
     }
 }
 
-int hv_vcpu_run(struct hv_vcpu *v, struct hv_stop *stop)
+
+const struct hv_engine_impl hv_kvm_engine = {
+    .name = "kvm",
+    .available = kvm_available,
+    .create_vm = kvm_create_vm,
+    .destroy_vm = kvm_destroy_vm,
+    .vcpu_create = kvm_vcpu_create,
+    .vcpu_destroy = kvm_vcpu_destroy,
+    .set_boot_state = kvm_set_boot_state,
+    .run = kvm_run_loop,
+};
+
+int hv_kvm_available(char *why, int why_len)
 {
-    uint64_t t0 = hv_now_ns();
-    int rc;
-
-    memset(stop, 0, sizeof(*stop));
-    pthread_mutex_lock(&v->kick_lock);
-    v->thread = pthread_self();
-    v->in_run = 1;
-    pthread_mutex_unlock(&v->kick_lock);
-
-    rc = run_loop(v, stop);
-
-    pthread_mutex_lock(&v->kick_lock);
-    v->in_run = 0;
-    {
-        struct timespec ts;
-        if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
-            v->cpu_ns_at_stop = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-    }
-    pthread_mutex_unlock(&v->kick_lock);
-    stop->elapsed_ns = hv_now_ns() - t0;
-    return rc;
-}
-
-void hv_vcpu_pause(struct hv_vcpu *v, int paused)
-{
-    __atomic_store_n(&v->paused, paused ? 1 : 0, __ATOMIC_SEQ_CST);
-    hv_vcpu_notify(v);                  /* out of the guest to sleep, or awake to go on */
-}
-
-int hv_vcpu_state(struct hv_vcpu *v)
-{
-    int state;
-    pthread_mutex_lock(&v->kick_lock);
-    if (!v->in_run)
-        state = HV_VCPU_STOPPED;
-    else if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE))
-        state = HV_VCPU_PAUSED;
-    else if (__atomic_load_n(&v->waiting, __ATOMIC_ACQUIRE))
-        state = HV_VCPU_BLOCKED;
-    else
-        state = HV_VCPU_RUNNING;
-    pthread_mutex_unlock(&v->kick_lock);
-    return state;
-}
-
-uint64_t hv_vcpu_cpu_ns(struct hv_vcpu *v)
-{
-    uint64_t ns = v->cpu_ns_at_stop;
-    pthread_mutex_lock(&v->kick_lock);
-    if (v->in_run) {
-        clockid_t clock;
-        struct timespec ts;
-        if (pthread_getcpuclockid(v->thread, &clock) == 0 && clock_gettime(clock, &ts) == 0)
-            ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-    }
-    pthread_mutex_unlock(&v->kick_lock);
-    return ns;
-}
-
-void hv_vcpu_kick(struct hv_vcpu *v)
-{
-    __atomic_store_n(&v->kicked, 1, __ATOMIC_SEQ_CST);
-    hv_vcpu_notify(v);                  /* wakes it from block/poll/hlt, or kicks it out */
+    return kvm_available(why, why_len);
 }
