@@ -3,7 +3,8 @@
 It prints a banner with the version xen_version reports and its command line; sets
 up its IDT; maps shared_info and registers its upcall vector; binds VIRQ_TIMER and
 runs a 100 Hz tick for `ticks=N` ticks (default 10), blocking between ticks and
-timing them with the PV clock; then powers off.
+timing them with the PV clock; balloons 1 MiB out and back in, maps it through
+mmu_update batched in one multicall, uses it and gives it back; then powers off.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from abi import C, offsetof
 from .asm import (byte, dl, dword, eax, ecx, edi, edx, esi, ptr, qword, r12, r13, rax, rbx,
                   rcx, rdi, rdx, rip, rsi)
 from .pvlib import UPCALL_VECTOR, emit_events, emit_pvclock, emit_traps, set_port_handler
+from .pv_memory import emit_memory_demo
 from .runtime import PVProgram
 
 TICK_NS = 10_000_000            # 100 Hz
@@ -225,6 +227,7 @@ def build_pv_kernel() -> bytes:
     a = p.a
     emit_banner(p)
     emit_events_and_ticks(p)
+    emit_memory_demo(p)
     p.print("powering off\n")
     a.mov(rax, C.SHUTDOWN_poweroff)
     a.ret()

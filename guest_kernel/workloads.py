@@ -6,9 +6,9 @@ dispatch adds to the hardware's own exit round trip.
 """
 from __future__ import annotations
 
-from abi import C
+from abi import C, offsetof
 
-from .asm import byte, eax, ebx, edi, esi, ptr, qword, r12, r13, rax, rbx, rcx, rdx, rip
+from .asm import byte, eax, ebx, ecx, edi, esi, ptr, qword, r12, r13, rax, rbx, rcx, rdi, rdx, rip
 from .runtime import PVProgram
 
 UNCLAIMED_PORT = 0x80  # the POST-code port: no device model claims it
@@ -172,4 +172,51 @@ def clock_read_cost(samples: int) -> bytes:
     _record_since_mark(p)
     a.dec(r12)
     a.jne("next")
+    return _finish(p)
+
+
+def mmu_update_batch(batched: bool, entries: int = 512) -> bytes:
+    """Fill a spare page-table frame with `entries` PTEs: one mmu_update carrying them
+    all (batched) or one mmu_update per entry. samples[0] = the ns it took."""
+    p = _measuring_program("mmu-batch" if batched else "mmu-single", 1)
+    a = p.a
+    a.section(".bss")
+    a.align(4096)
+    a.label("reqs")
+    a.reserve(16 * entries)
+    a.section(".text")
+    # the pool's last (spare, unused) frame takes the entries; frames from nr_pages/2 on
+    a.mov(rax, qword["start_info_ptr"])
+    a.mov(r12, qword[rax + offsetof("start_info", "pt_base")])
+    a.mov(rcx, qword[rax + offsetof("start_info", "nr_pt_frames")])
+    a.shl(rcx, 12)
+    a.add(r12, rcx)
+    a.sub(r12, 4096)
+    a.mov(r13, qword[rax + offsetof("start_info", "nr_pages")])
+    a.shr(r13, 1)
+    a.shl(r13, 12)
+    a.or_(r13, 0x63)                    # present, writable, accessed, dirty
+    a.lea(rdi, ptr["reqs"])
+    a.mov(ecx, entries)
+    a.label("fill")
+    a.mov(qword[rdi], r12)
+    a.mov(qword[rdi + 8], r13)
+    a.add(rdi, 16)
+    a.add(r12, 8)
+    a.add(r13, 4096)
+    a.dec(ecx)
+    a.jne("fill")
+    a.call("pvclock_read")
+    a.mov(qword["mark"], rax)
+    if batched:
+        p.hypercall("mmu_update", "reqs", entries, 0, C.DOMID_SELF)
+    else:
+        a.lea(rbx, ptr["reqs"])
+        a.mov(r12, entries)
+        a.label("one_by_one")
+        p.hypercall("mmu_update", rbx, 1, 0, C.DOMID_SELF)
+        a.add(rbx, 16)
+        a.dec(r12)
+        a.jne("one_by_one")
+    _record_since_mark(p)
     return _finish(p)

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from abi import C
 
+from .engines import ENGINES
 from .errors import TraplessError
 
 EXIT_USAGE = 2
@@ -48,6 +49,10 @@ def stats_table(domain) -> Table:
         table.add_row(f"hypercall: {name}", f"{n}" + (f" ({errors} failed)" if errors else ""))
     if counters.unknown_port_io:
         table.add_row("unclaimed port I/O", str(counters.unknown_port_io))
+    if counters.upcalls:
+        table.add_row("upcalls injected", str(counters.upcalls))
+    if counters.blocks:
+        table.add_row("sleeps (block, poll, hlt)", str(counters.blocks))
     return table
 
 
@@ -95,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one domain", epilog=STATUS_HELP)
     run.add_argument("image", nargs="?", help="PV kernel ELF image (default: the built-in PV kernel)")
     run.add_argument("--memory", type=int, default=64, metavar="MIB", help="guest memory (default 64)")
-    run.add_argument("--engine", choices=["kvm"], help="engine (default: best available)")
+    run.add_argument("--engine", choices=list(ENGINES), help="engine (default: best available)")
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line")
     run.add_argument("--stats", action="store_true", help="print exit and hypercall counters")
     run.add_argument("--timeout", type=float, metavar="SECONDS",
@@ -104,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="hypercall round trip vs bare exit round trip")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.add_argument("--iterations", type=int, default=100_000)
-    bench.add_argument("--engine", choices=["kvm"])
+    bench.add_argument("--iterations", type=int, default=100_000,
+                       help="hypercalls and bare exits per round (default 100,000)")
+    bench.add_argument("--samples", type=int, default=500,
+                       help="timers and upcalls to time (default 500)")
+    bench.add_argument("--engine", choices=list(ENGINES))
     bench.set_defaults(func=cmd_bench)
     return p
 

@@ -37,7 +37,15 @@ def test_pv_kernel_boots_prints_and_powers_off(kernel):
     assert "events: shared_info mapped, upcalls on vector 0xf3" in lines
     assert "VIRQ_TIMER bound to port 1" in lines
     assert any(line.startswith("5 ticks at 100 Hz in ") for line in lines)
-    assert lines[-1] == "powering off"
+    assert lines[-7:] == [
+        "memory: 16384 pages",
+        "balloon: gave back 256 pages (1 MiB): 16128 pages",
+        "balloon: populated 256 pages again: 16384 pages",
+        "mmu: mapped 256 pages at 0x400000 with one multicall of 2 mmu_updates (257 PTEs): ok",
+        "mmu: wrote and read back 256 pages through the new mappings: ok",
+        "mmu: unmapped them; balloon: gave back 256 pages: 16128 pages",
+        "powering off",
+    ]
     assert r.stderr == ""
 
 
@@ -145,3 +153,16 @@ def test_no_kvm_is_one_line_and_status_2(kernel):
     r = hv("run", kernel, env={"TRAPLESS_NO_KVM": "1"})
     assert r.returncode == 2
     assert r.stderr == "trapless: no engine can run here (kvm: KVM disabled by TRAPLESS_NO_KVM)\n"
+
+
+@needs_kvm
+def test_bench_json_has_the_promised_keys():
+    import json
+    r = hv("bench", "--json", "--iterations", "500", "--samples", "20", timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["hypercall_ns"] > 0 and result["bare_exit_ns"] > 0
+    assert abs(result["ratio"] - result["hypercall_ns"] / result["bare_exit_ns"]) < 0.002
+    assert result["timer_lateness"]["samples"] == 20
+    assert result["mmu_update_512"]["batched"]["mmu_update_calls"] == 1
+    assert result["mmu_update_512"]["single"]["mmu_update_calls"] == 512
