@@ -1,11 +1,11 @@
-# trapless: make setup · make run-guest · make test · make bench
+# trapless: make setup · make run-guest · make test · make bench · make conformance
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 KERNEL := build/pv-kernel.elf
 CMDLINE ?= console=hvc0 hello from make run-guest
 
-.PHONY: setup run-guest test bench kernel clean
+.PHONY: setup run-guest test bench conformance kernel clean
 
 # A virtualenv with trapless installed in editable mode; the C extension is rebuilt
 # whenever a C source or the ABI header changes.
@@ -28,6 +28,11 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m hypervisor bench
+
+# every conformance case on every available engine, the fuzz case at 100,000 calls
+conformance: setup
+	@mkdir -p build
+	$(BIN)/python -m hypervisor conformance --json build/conformance.json
 
 clean:
 	rm -rf build $(VENV) *.egg-info hypervisor/_hv*.so

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from abi import ffi, offsetof
+from abi import C, CONSTANTS, HYPERCALL_NAMES, ffi, offsetof
 
 from .asm import byte, eax, ecx, esi, ptr, qword, r12, r13, rax, rbx, rdi, rsi
 from .runtime import PVProgram
@@ -35,6 +35,7 @@ class ConformanceGuest(PVProgram):
     def __init__(self, name: str, events: bool = False):
         """events=True: IDT, shared_info, upcall vector and PV clock are set up first."""
         super().__init__(guest_os=f"trapless-conformance-{name}")
+        self.cases: dict[str, tuple[str, str]] = {}
         self._emit_report_helpers()
         if events:
             from .pvlib import emit_events, emit_pvclock, emit_traps
@@ -112,12 +113,18 @@ class ConformanceGuest(PVProgram):
         self.print("\n")
         a.mov(rax, rbx)
 
-    def call(self, case: str, hypercall: str | int, *args) -> None:
-        """Make one hypercall and report its result as `case`."""
+    def call(self, case: str, hypercall: str | int, *args, subop: int | None = None) -> None:
+        """Make one hypercall and report its result as `case`. The case is filed under
+        the hypercall and its sub-op (the first argument, unless subop says otherwise)."""
         if isinstance(hypercall, int):
             self.hypercall_nr(hypercall, *args)
+            name = HYPERCALL_NAMES.get(hypercall, f"hypercall_{hypercall}")
         else:
             self.hypercall(hypercall, *args)
+            name = hypercall
+        if subop is None and args and isinstance(args[0], int):
+            subop = args[0]
+        self.cases[case] = (name, subop_name(name, subop))
         self.report(case)
 
     def dump(self, case: str, where: str | int, length: int) -> None:
@@ -128,13 +135,40 @@ class ConformanceGuest(PVProgram):
         self.a.call("print_hexbytes")
         self.print("\n")
 
-    def finish(self) -> bytes:
-        """Power off after the cases; returns the ELF image."""
+    def finish(self) -> "GuestImage":
+        """Power off after the cases; returns the ELF image (which knows its cases)."""
         self.a.xor(rax, rax)
         self.a.ret()
         for emit in self._emit_later:
             emit(self)
-        return self.elf()
+        image = GuestImage(self.elf())
+        image.cases = dict(self.cases)
+        return image
+
+
+class GuestImage(bytes):
+    """An ELF image plus {case: (hypercall, sub-op)} of the calls its cases make."""
+    cases: dict[str, tuple[str, str]]
+
+
+# Sub-op constant prefixes per hypercall, for naming sub-ops in reports.
+SUBOP_PREFIX = {
+    "console_io": "CONSOLEIO_", "xen_version": "XENVER_", "sched_op": "SCHEDOP_",
+    "event_channel_op": "EVTCHNOP_", "hvm_op": "HVMOP_", "vcpu_op": "VCPUOP_",
+    "memory_op": "XENMEM_", "mmuext_op": "MMUEXT_",
+}
+
+
+def subop_name(hypercall: str, subop: int | None) -> str:
+    """XENVER_version for (xen_version, 0); "-" for a hypercall without sub-ops."""
+    prefix = SUBOP_PREFIX.get(hypercall)
+    if prefix is None or subop is None:
+        return "-"
+    if hypercall == "memory_op":
+        subop &= C.XENMEMOP_CMD_MASK
+    names = [k for k, v in CONSTANTS.items() if k.startswith(prefix) and v == subop
+             and not k.endswith(("_LEN", "_MASK"))]
+    return names[0] if names else f"unknown ({subop})"
 
 
 def parse(console: str) -> tuple[dict[str, int], dict[str, bytes]]:

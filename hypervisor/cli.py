@@ -92,6 +92,11 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_conformance(args) -> int:
+    from .conformance import main as conformance_main
+    return conformance_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m hypervisor", description="trapless: a paravirtualized hypervisor "
                 "with a Xen-style hypercall ABI", epilog=STATUS_HELP)
@@ -115,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timers and upcalls to time (default 500)")
     bench.add_argument("--engine", choices=list(ENGINES))
     bench.set_defaults(func=cmd_bench)
+
+    conf = sub.add_parser("conformance", help="run the hypercall ABI conformance suite, with a report")
+    conf.add_argument("--json", metavar="PATH", help="write one JSON record per checked case")
+    conf.add_argument("--fuzz-calls", type=int, default=100_000, metavar="N",
+                      help="random hypercalls the fuzz case makes per engine (default 100,000)")
+    conf.add_argument("--seed", type=lambda s: int(s, 0), metavar="SEED",
+                      help="replay the fuzz case with this seed")
+    conf.set_defaults(func=cmd_conformance)
     return p
 
 

@@ -145,7 +145,7 @@ class MMGuest(ConformanceGuest):
             a.shr(rax, 12)
         a.mov(qword[rip_plus("mm_op", 16)], rax)
         a.mov(dword["mm_done"], UNTOUCHED)
-        self.call(case, "mmuext_op", "mm_op", 1, "mm_done", domid)
+        self.call(case, "mmuext_op", "mm_op", 1, "mm_done", domid, subop=cmd)
         self._done(case)
 
     def pte(self, case: str, addr) -> None:
