@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 KERNEL := build/pv-kernel.elf
-CMDLINE ?= console=hvc0 hello from make run-guest
+CMDLINE ?= console=hvc0 ticks=20 hello from make run-guest
 
 .PHONY: setup run-guest test bench conformance kernel clean
 
