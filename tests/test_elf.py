@@ -6,12 +6,12 @@ import os
 import random
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from abi import C
+from guest_kernel.asm import Section   # the assembler's own section objects
 from guest_kernel.elf import (
     EHDR_SIZE, ELFCLASS32, ELFDATA2MSB, ET_DYN, ET_REL, NHDR_SIZE, PHDR_SIZE, PT_LOAD, PT_NOTE,
     PT_NULL, Elf64_Ehdr, Elf64_Phdr, Elf_Nhdr, build_elf, write_elf,
@@ -25,14 +25,6 @@ DATA = b"\x01\x02\x03\x04"
 LINUX_BASE = 0xffffffff80000000
 
 
-@dataclass
-class Section:
-    """Stands in for the assembler's sections."""
-    name: str
-    vaddr: int
-    data: bytes
-    memsz: int
-    flags: str
 
 
 def sections(base: int = 0x100000) -> list[Section]:
