@@ -1,11 +1,11 @@
-# trapless: make setup · make run-guest · make test · make bench · make conformance
+# trapless: make setup · make run-guest · make test · make bench · make conformance · make compare
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 KERNEL := build/pv-kernel.elf
 CMDLINE ?= console=hvc0 ticks=20 hello from make run-guest
 
-.PHONY: setup run-guest test bench conformance kernel clean
+.PHONY: setup run-guest test bench conformance compare kernel clean
 
 # A virtualenv with trapless installed in editable mode; the C extension is rebuilt
 # whenever a C source or the ABI header changes.
@@ -33,6 +33,12 @@ bench: setup
 conformance: setup
 	@mkdir -p build
 	$(BIN)/python -m hypervisor conformance --json build/conformance.json
+
+# every workload as a PV and a native guest on every available engine: the table, and
+# one JSON record per run in build/compare.json
+compare: setup
+	@mkdir -p build
+	$(BIN)/python -m hypervisor compare --json build/compare.json
 
 clean:
 	rm -rf build $(VENV) *.egg-info hypervisor/_hv*.so

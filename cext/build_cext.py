@@ -12,7 +12,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SOURCES = ["guest_mem.c", "hypercall.c", "console.c", "version.c", "sched.c", "domain.c", "kvm.c",
            "memory.c", "mm.c", "multicall.c", "events.c", "timers.c",
-           "devices.c", "vcpu.c"]
+           "devices.c", "dev_uart.c", "dev_pit.c", "dev_pic.c", "dev_rtc.c",
+           "dev_exit.c", "dev_ptw.c", "vcpu.c",
+           "bt.c", "bt_cpu.c", "bt_decode.c", "bt_uc.c"]
 
 
 def cdef_part(path: Path) -> str:
@@ -30,7 +32,7 @@ ffibuilder.set_source(
     sources=[str((HERE / s).relative_to(ROOT)) for s in SOURCES],
     include_dirs=[str(HERE.relative_to(ROOT)), "abi"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
-    libraries=["pthread"],
+    libraries=["pthread", "dl"],
 )
 
 if __name__ == "__main__":

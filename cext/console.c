@@ -3,7 +3,8 @@
  *
  * CONSOLEIO_write keeps what Xen keeps for an unprivileged domain (printable
  * characters, newline and tab) and writes it to the domain's console fd.
- * CONSOLEIO_read takes bytes the toolstack queued with hv_domain_console_input().
+ * CONSOLEIO_read takes bytes the toolstack queued with hv_domain_console_input(),
+ * which raises VIRQ_CONSOLE (if the guest bound it) so a guest can block for input.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -83,5 +84,7 @@ int hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int len)
     while (n < len && d->console_in_prod - d->console_in_cons < HV_CONSOLE_IN)
         d->console_in[d->console_in_prod++ & (HV_CONSOLE_IN - 1)] = buf[n++];
     pthread_mutex_unlock(&d->console_lock);
+    if (n > 0)
+        hv_send_virq(d, 0, VIRQ_CONSOLE);   /* -ENOENT when unbound: the guest polls instead */
     return n;
 }

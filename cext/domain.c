@@ -31,6 +31,7 @@ void hv_set_error(char *buf, int len, const char *fmt, ...)
 
 static const struct hv_engine_impl *const engines[HV_ENGINE_NR] = {
     [HV_ENGINE_KVM] = &hv_kvm_engine,
+    [HV_ENGINE_BT] = &hv_bt_engine,
 };
 
 struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err, int err_len)

@@ -193,6 +193,21 @@ int hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq)
     return port ? 0 : -XEN_ENOENT;
 }
 
+/* Ports pending and not masked, for the toolstack's `top` (read while the guest runs). */
+int hv_domain_pending_events(struct hv_domain *d)
+{
+    struct shared_info *s;
+    int n = 0;
+
+    pthread_mutex_lock(&d->ev_lock);    /* shared_info does not move under us */
+    s = hv_shared_info(d);
+    for (uint32_t w = 0; w < (d->max_ports + BITS - 1) / BITS; w++)
+        n += __builtin_popcountll(__atomic_load_n(&s->evtchn_pending[w], __ATOMIC_ACQUIRE) &
+                                  ~__atomic_load_n(&s->evtchn_mask[w], __ATOMIC_ACQUIRE));
+    pthread_mutex_unlock(&d->ev_lock);
+    return n;
+}
+
 /* ---- notification and waiting ---- */
 
 void hv_vcpu_notify(struct hv_vcpu *v)

@@ -11,6 +11,7 @@
 #include "../abi/xen_abi.h"
 #include "hv_api.h"
 #include "mm.h"
+#include "devices.h"
 
 #define HV_PAGE_SIZE   4096ULL
 #define HV_PAGE_SHIFT  12
@@ -67,6 +68,7 @@ struct hv_engine_impl {
 };
 
 extern const struct hv_engine_impl hv_kvm_engine;
+extern const struct hv_engine_impl hv_bt_engine;
 
 struct hv_domain {
     uint32_t domid;

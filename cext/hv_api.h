@@ -23,6 +23,7 @@ enum hv_exit_reason {
     HV_EXIT_SHUTDOWN,       /* triple fault */
     HV_EXIT_FAIL_ENTRY,
     HV_EXIT_OTHER,
+    HV_EXIT_PRIV_INSN,      /* bt: a privileged instruction translated into VMM code */
     HV_EXIT_NR
 };
 
@@ -66,6 +67,7 @@ struct hv_boot_state {
 
 enum hv_engine {
     HV_ENGINE_KVM,          /* hardware-assisted: /dev/kvm */
+    HV_ENGINE_BT,           /* binary translation: Unicorn (QEMU's TCG) */
     HV_ENGINE_NR
 };
 
@@ -106,6 +108,14 @@ int  hv_hypercall_implemented(uint32_t nr);
 
 /* Engines. Returns 1 if usable; otherwise 0 and a one-line reason in why. */
 int  hv_kvm_available(char *why, int why_len);
+/* The bt engine calls Unicorn's C API from the library at this path (the unicorn
+ * package's libunicorn): 0, or -1 with a one-line reason. Until it succeeds,
+ * hv_bt_available says why bt cannot run. */
+int  hv_bt_init(const char *library, char *err, int err_len);
+int  hv_bt_available(char *why, int why_len);
+/* bt's instruction decoder, for tests: the length of the instruction at code (and its
+ * kind: 0 plain, else sensitive), or -1 if it is not a valid x86-64 instruction. */
+int  hv_bt_insn_length(const uint8_t *code, int avail, int *kind);
 
 /* Domains: NULL on failure with a one-line reason in err. */
 struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err, int err_len);
@@ -115,6 +125,8 @@ struct hv_counters *hv_domain_counters(struct hv_domain *d);
 int      hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int len);
 /* Make a VIRQ pending on a vCPU, as the hypervisor's own devices do (0 or -errno). */
 int      hv_domain_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
+/* Event channel ports pending and not masked (shared_info), for the toolstack. */
+int      hv_domain_pending_events(struct hv_domain *d);
 
 /* Memory service (memory.c, mm.c). hv_mm_init types and counts the builder's page
  * tables, walking from cr3 (once, after the domain's memory is built); hv_mm_audit
@@ -137,6 +149,53 @@ int      hv_vcpu_state(struct hv_vcpu *v);
 uint64_t hv_vcpu_cpu_ns(struct hv_vcpu *v);     /* CPU time of the vCPU's thread */
 /* Copy up to max of the latest traced hypercalls, oldest first; returns how many. */
 int      hv_domain_trace(struct hv_domain *d, struct hv_trace_entry *out, int max);
+
+/* Emulated PC devices of a native domain (devices.c, dev_*.c): where they sit. */
+#define HV_UART_PORT        0x3F8   /* COM1, 16550 */
+#define HV_UART_IRQ         4
+#define HV_PIT_PORT         0x40    /* 8254: 0x40-0x42 counters, 0x43 control */
+#define HV_PIT_HZ           1193182
+#define HV_PIC_MASTER_PORT  0x20    /* 8259A pair: command, data */
+#define HV_PIC_SLAVE_PORT   0xA0
+#define HV_RTC_PORT         0x70    /* CMOS: index, data */
+#define HV_EXIT_PORT        0x501   /* write the shutdown reason (isa-debug-exit's spot) */
+
+enum hv_device {
+    HV_DEV_UART, HV_DEV_PIT, HV_DEV_PIC, HV_DEV_RTC, HV_DEV_EXIT, HV_DEV_NR
+};
+
+/* What the device models saw. */
+struct hv_device_stats {
+    uint64_t port_io[HV_DEV_NR];    /* accesses each model handled, by enum hv_device */
+    uint64_t bad_width;             /* wrong-width accesses to a model: ignored, read all-ones */
+    uint64_t uart_tx_bytes, uart_rx_bytes;
+    uint64_t pit_edges;             /* rising edges of PIT channel 0 (IRQ0) */
+    uint64_t irqs_delivered;        /* vectors the CPU took from the PIC */
+    uint64_t eois;
+    uint64_t rtc_reads;
+    uint64_t pte_writes;            /* trapped page-table stores, validated and applied */
+    uint64_t pte_rejected;          /* ... refused (the domain crashed) */
+    uint64_t pte_last_gpa, pte_last_value;  /* the last refused store */
+    int64_t  pte_last_error;        /* ... and its Xen errno (negative) */
+    uint32_t exit_value;            /* the last value written to the exit port */
+};
+
+/* Give a domain the devices a native guest drives (before its vCPU first runs):
+ * 0, or -1 with a one-line reason. */
+int      hv_domain_add_devices(struct hv_domain *d, char *err, int err_len);
+/* Copy the device statistics: 0, or -1 if the domain has no devices. */
+int      hv_domain_device_stats(struct hv_domain *d, struct hv_device_stats *out);
+/* Drive the device bus directly, as a vCPU's access would (tests, tools). port: 1 if a
+ * device model owns the port, 0 if not (a read then gives all-ones), -1 without devices
+ * or with a size other than 1, 2, 4. mmio_write: a store into the page-table pool. */
+int      hv_devices_port(struct hv_domain *d, uint16_t port, int size, int is_write, uint32_t *value);
+int      hv_devices_mmio_write(struct hv_domain *d, uint64_t gpa, int size, uint64_t value);
+/* The vector the PIC offers the CPU (-1: none), and the CPU taking it (INTA). */
+int      hv_devices_pending_vector(struct hv_domain *d);
+void     hv_devices_ack_vector(struct hv_domain *d, int vector);
+/* Freeze the device clock at these times in ns (system time, wall time since the epoch);
+ * 0, 0 returns it to the host's clocks. */
+void     hv_devices_set_clock(struct hv_domain *d, uint64_t mono_ns, uint64_t wall_ns);
 
 /* cdef-end */
 #endif

@@ -214,6 +214,15 @@ static int update_entry(struct hv_domain *d, uint64_t ptr, uint64_t val)
     return 0;
 }
 
+/* A native guest's trapped store to a page-table entry (dev_ptw.c): validated and
+ * applied exactly as one MMU_NORMAL_PT_UPDATE request. */
+int hv_mm_write_pte(struct hv_domain *d, uint64_t gpa, uint64_t val)
+{
+    if (!d->mm.frames || (gpa & 7))
+        return -XEN_EINVAL;
+    return update_entry(d, gpa | MMU_NORMAL_PT_UPDATE, val);
+}
+
 static int mmu_update_one(struct hv_vcpu *v, const void *item)
 {
     const struct mmu_update *req = item;

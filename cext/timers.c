@@ -122,6 +122,12 @@ static void *timer_main(void *arg)
             pthread_mutex_lock(&d->timer_lock);
             continue;
         }
+        /* A native domain's PIT keeps its own deadline (devices.c raises what is due). */
+        {
+            uint64_t device_next = hv_devices_timer(d);
+            if (device_next < next)
+                next = device_next;
+        }
         if (next == HV_NO_DEADLINE) {
             pthread_cond_wait(&d->timer_cond, &d->timer_lock);
         } else {

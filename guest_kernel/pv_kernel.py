@@ -5,6 +5,8 @@ up its IDT; maps shared_info and registers its upcall vector; binds VIRQ_TIMER a
 runs a 100 Hz tick for `ticks=N` ticks (default 10), blocking between ticks and
 timing them with the PV clock; balloons 1 MiB out and back in, maps it through
 mmu_update batched in one multicall, uses it and gives it back; then powers off.
+With `interactive` on its command line it runs a console shell instead, after the
+banner (pv_interactive.py): a person talks to it through `console DOM`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from abi import C, offsetof
 
 from .asm import (byte, dl, dword, eax, ecx, edi, edx, esi, ptr, qword, r12, r13, rax, rbx,
                   rcx, rdi, rdx, rip, rsi)
+from .pv_interactive import emit_interactive, emit_interactive_check
 from .pvlib import UPCALL_VECTOR, emit_events, emit_pvclock, emit_traps, set_port_handler
 from .pv_memory import emit_memory_demo
 from .runtime import PVProgram
@@ -226,6 +229,7 @@ def build_pv_kernel() -> bytes:
     p = PVProgram(guest_os="trapless-pv-kernel")
     a = p.a
     emit_banner(p)
+    emit_interactive_check(p)       # `interactive`: a console shell instead of the tick demo
     emit_events_and_ticks(p)
     emit_memory_demo(p)
     p.print("powering off\n")
@@ -235,4 +239,5 @@ def build_pv_kernel() -> bytes:
     emit_traps(p)
     emit_events(p)
     emit_pvclock(p)
+    emit_interactive(p)
     return p.elf()

@@ -9,6 +9,9 @@
   handler, likewise.
 - clock read: two back-to-back PV-clock reads; both latencies above include one read.
 - mmu_update: 512 PTE writes in one hypercall vs 512 single-entry hypercalls.
+- engines side by side (when no --engine is given): the null hypercall round trip and
+  the compute workload on every available engine (kvm, bt), interleaved in one run,
+  with the bt/kvm ratios.
 """
 from __future__ import annotations
 
@@ -69,6 +72,67 @@ def mmu_batch_vs_single(engine: str | None, entries: int = 512) -> dict:
     return out
 
 
+def compute_ns_per_round(engine: str, target_ms: float, rounds: int,
+                         start: int = 100_000) -> tuple[float, int]:
+    """ns per round of the compute workload on one engine, and the rounds used: the count
+    doubles until a run takes target_ms beyond a 1-round run (boot and teardown), so a
+    fast engine and a slow one are both measured over a span long enough to time."""
+    from guest_kernel import compare_workloads
+
+    def run_ns(n: int) -> int:
+        with Domain(compare_workloads.build("compute", "pv", n), memory_mib=16, engine=engine) as dom:
+            stop = dom.run(timeout=600)
+            if stop.kind != "shutdown" or stop.reason != 0:
+                raise TraplessError(f"compute guest did not power off: {stop.kind} {stop.message}")
+            return stop.elapsed_ns
+
+    n = start
+    while n < 400_000_000 and run_ns(n) - run_ns(1) < target_ms * 1e6:
+        n *= 2
+    spans = [run_ns(n) - run_ns(1) for _ in range(rounds)]
+    return statistics.median(spans) / n, n
+
+
+def side_by_side(iterations: int, rounds: int = 3, target_ms: float = 200,
+                 compute_start: int = 100_000) -> dict:
+    """The null hypercall and the compute workload on every available engine."""
+    from . import engines
+    names = engines.available()
+    hyper_img = workloads.hypercall_loop(iterations)
+    hyper = {name: [] for name in names}
+    for _ in range(rounds):                     # interleaved: both see the same machine
+        for name in names:
+            hyper[name].append(time_guest(hyper_img, iterations, name))
+    out = {"engines": names, "iterations": iterations}
+    for name in names:
+        ns, n = compute_ns_per_round(name, target_ms, rounds, compute_start)
+        out[name] = {"hypercall_ns": round(statistics.median(hyper[name]), 1),
+                     "compute_ns_per_round": round(ns, 3), "compute_rounds": n}
+    if "kvm" in out and "bt" in out:
+        out["hypercall_ratio_bt_over_kvm"] = round(out["bt"]["hypercall_ns"] / out["kvm"]["hypercall_ns"], 6)
+        out["compute_ratio_bt_over_kvm"] = round(out["bt"]["compute_ns_per_round"] /
+                                                 out["kvm"]["compute_ns_per_round"], 6)
+    return out
+
+
+def side_by_side_table(r: dict) -> Table:
+    names = r["engines"]
+    both = "compute_ratio_bt_over_kvm" in r
+    table = Table(title="engines side by side (same run)")
+    table.add_column("what")
+    for name in names:
+        table.add_column(name, justify="right")
+    if both:
+        table.add_column("bt / kvm", justify="right")
+    table.add_row(f"null hypercall round trip, ns ({r['iterations']:,} calls)",
+                  *(f"{r[n]['hypercall_ns']:.1f}" for n in names),
+                  *([f"{r['hypercall_ratio_bt_over_kvm']:.3g}"] if both else []))
+    table.add_row("compute workload (xorshift64), ns per round",
+                  *(f"{r[n]['compute_ns_per_round']:.3f}" for n in names),
+                  *([f"{r['compute_ratio_bt_over_kvm']:.3g}"] if both else []), style="bold")
+    return table
+
+
 def percentiles(values: list[int], bare_exit_ns: float) -> dict:
     ordered = sorted(values)
     median = statistics.median(ordered)
@@ -97,6 +161,8 @@ def measure(iterations: int = 100_000, engine: str | None = None, rounds: int = 
 
 def main(args) -> int:
     result = measure(args.iterations, args.engine, samples=args.samples)
+    if args.engine is None:
+        result["side_by_side"] = side_by_side(args.iterations)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -129,4 +195,6 @@ def main(args) -> int:
     mmu.add_row("time ratio single / batched", "", "", f"{m['time_ratio_single_over_batched']:.2f}",
                 style="bold")
     console.print(mmu)
+    if "side_by_side" in result:
+        console.print(side_by_side_table(result["side_by_side"]))
     return 0

@@ -49,6 +49,14 @@ def stats_table(domain) -> Table:
         table.add_row(f"hypercall: {name}", f"{n}" + (f" ({errors} failed)" if errors else ""))
     if counters.unknown_port_io:
         table.add_row("unclaimed port I/O", str(counters.unknown_port_io))
+    devices = domain.device_stats()
+    for name, value in (devices or {}).items():
+        if name == "port_io":
+            for device, n in zip(("uart", "pit", "pic", "rtc", "exit"), value):
+                if n:
+                    table.add_row(f"device: {device} port accesses", str(n))
+        elif value and not name.startswith("pte_last") and name != "exit_value":
+            table.add_row(f"device: {name.replace('_', ' ')}", str(value))
     if counters.upcalls:
         table.add_row("upcalls injected", str(counters.upcalls))
     if counters.blocks:
@@ -56,10 +64,23 @@ def stats_table(domain) -> Table:
     return table
 
 
+def say_engine_fallback(args) -> None:
+    """No engine asked for and the best one is missing: one line saying which runs instead
+    (printed once a domain is about to run, so an error stays the only line)."""
+    if getattr(args, "engine", "") is None:
+        from .engines import fallback_note
+        note = fallback_note()
+        if note:
+            print(f"trapless: {note}", file=sys.stderr)
+
+
 def cmd_run(args) -> int:
     from .domain import Domain
 
-    if args.image is None:
+    if args.image is None and args.native:
+        from guest_kernel.native_kernel import build_native_kernel
+        image = build_native_kernel()
+    elif args.image is None:
         from guest_kernel.pv_kernel import build_pv_kernel
         image = build_pv_kernel()
     else:
@@ -70,7 +91,8 @@ def cmd_run(args) -> int:
         sys.stdout.buffer.flush()
 
     with Domain(image, memory_mib=args.memory, cmdline=args.cmdline, engine=args.engine,
-                on_console=to_stdout) as dom:
+                on_console=to_stdout, native=args.native) as dom:
+        say_engine_fallback(args)
         stop = dom.run(timeout=args.timeout)
         if args.stats:
             Console().print(stats_table(dom))
@@ -78,7 +100,8 @@ def cmd_run(args) -> int:
     if stop.kind == "shutdown":
         status = EXIT_BY_SHUTDOWN.get(stop.reason, EXIT_FAULT)
         if status:
-            print(f"trapless: {dom.name} shut down: {stop.shutdown_name}", file=err)
+            why = f" ({stop.message})" if stop.message not in ("", "shutdown") else ""
+            print(f"trapless: {dom.name} shut down: {stop.shutdown_name}{why}", file=err)
         return status
     if stop.kind == "stopped":
         print(f"trapless: {dom.name} {stop.message} (rip={stop.rip:#x})", file=err)
@@ -89,7 +112,13 @@ def cmd_run(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import main as bench_main
+    say_engine_fallback(args)
     return bench_main(args)
+
+
+def cmd_compare(args) -> int:
+    from .compare import main as compare_main
+    return compare_main(args)
 
 
 def cmd_conformance(args) -> int:
@@ -108,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=list(ENGINES), help="engine (default: best available)")
     run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line")
     run.add_argument("--stats", action="store_true", help="print exit and hypercall counters")
+    run.add_argument("--native", action="store_true",
+                     help="a native (unmodified) kernel: give it the emulated PC devices "
+                          "(default image: the built-in native kernel)")
     run.add_argument("--timeout", type=float, metavar="SECONDS",
                      help="stop the guest after this long (exit status 9)")
     run.set_defaults(func=cmd_run)
@@ -128,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--seed", type=lambda s: int(s, 0), metavar="SEED",
                       help="replay the fuzz case with this seed")
     conf.set_defaults(func=cmd_conformance)
+
+    from guest_kernel.compare_workloads import WORKLOADS
+    compare = sub.add_parser("compare", help="every workload as a PV and a native guest: "
+                             "exits, wall time, native/pv ratios")
+    compare.add_argument("--json", metavar="PATH", help="write one JSON record per run")
+    compare.add_argument("--engine", choices=list(ENGINES), help="only this engine "
+                         "(default: every engine this host can run)")
+    compare.add_argument("--workload", action="append", choices=list(WORKLOADS),
+                         help="only this workload (repeatable; default: all)")
+    compare.add_argument("--quick", action="store_true",
+                         help="small versions of the workloads (seconds, not a minute)")
+    compare.set_defaults(func=cmd_compare)
     return p
 
 

@@ -20,6 +20,10 @@ from ._hv import ffi, lib
 from .errors import EngineError, ImageError
 from .image import PVImage, load_image
 
+# Guest RAM ends below 0xF0000000: KVM on Intel wants a few pages under 4 GiB
+# (KVM_SET_TSS_ADDR) that no memslot may cover.
+MIN_MEMORY_MIB, MAX_MEMORY_MIB = 4, 3840
+
 EXIT_REASON_NAMES = {
     getattr(lib, n): n[len("HV_EXIT_"):].lower()
     for n in dir(lib) if n.startswith("HV_EXIT_") and n != "HV_EXIT_NR"
@@ -78,9 +82,10 @@ class Domain:
     def __init__(self, image: PVImage | str | Path | bytes, *, memory_mib: int = 64,
                  cmdline: str = "", engine: str | None = None, domid: int = 1,
                  name: str = "", on_console: Callable[[bytes], None] | None = None,
-                 max_evtchn_ports: int = 0):
-        if not 4 <= memory_mib <= 4096:
-            raise ImageError(f"memory {memory_mib} MiB: must be between 4 and 4096 MiB")
+                 max_evtchn_ports: int = 0, native: bool = False):
+        if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
+            raise ImageError(f"memory {memory_mib} MiB: must be between {MIN_MEMORY_MIB} and "
+                             f"{MAX_MEMORY_MIB} MiB")
         self.engine = engines.choose(engine)
         ram_bytes = memory_mib << 20
         self.image = image if isinstance(image, PVImage) else load_image(image, ram_bytes)
@@ -111,6 +116,11 @@ class Domain:
         if self._vcpu == ffi.NULL:
             self.destroy()
             raise EngineError(f"cannot create vCPU: {ffi.string(err).decode()}")
+        # native: the emulated PC devices an unmodified kernel drives (cext/devices.c).
+        self.native = native
+        if native and lib.hv_domain_add_devices(self._dom, err, len(err)) < 0:
+            self.destroy()
+            raise EngineError(f"cannot add devices: {ffi.string(err).decode()}")
         try:
             ram = ffi.buffer(lib.hv_domain_ram(self._dom), ram_bytes)
             boot = builder.build(memoryview(ram), self.image, self.layout, cmdline)
@@ -164,6 +174,11 @@ class Domain:
                 lib.HV_STOP_KICKED: "stopped", lib.HV_STOP_ERROR: "error"}[rc]
         self._stop = StopInfo(kind, stop.code, stop.rip, ffi.string(stop.message).decode(),
                               stop.elapsed_ns)
+        devices = self.device_stats()
+        if devices and devices["pte_rejected"] and kind == "shutdown":
+            self._stop.message = (f"page-table store refused: {devices['pte_last_value']:#x} at "
+                                  f"guest-physical {devices['pte_last_gpa']:#x} "
+                                  f"(Xen errno {devices['pte_last_error']})")
         # The guest can write no more: close our end so the reader drains and ends.
         os.close(self._console_w)
         self._console_w = -1
@@ -208,6 +223,11 @@ class Domain:
         """CPU time the vCPU's thread has used."""
         return lib.hv_vcpu_cpu_ns(self._vcpu)
 
+    @property
+    def pending_events(self) -> int:
+        """Event channel ports pending and not masked in shared_info (for `top`)."""
+        return lib.hv_domain_pending_events(self._dom)
+
     def trace(self, last: int = lib.HV_TRACE_ENTRIES) -> list[TraceEntry]:
         """The latest hypercalls (at most HV_TRACE_ENTRIES), oldest first."""
         out = ffi.new("struct hv_trace_entry[]", last)
@@ -226,6 +246,15 @@ class Domain:
         return bytes(ffi.buffer(lib.hv_domain_ram(self._dom) + phys, size))
 
     # ---- counters ----
+    def device_stats(self) -> dict | None:
+        """What the emulated devices saw (native domains; None without devices)."""
+        out = ffi.new("struct hv_device_stats *")
+        if self._dom is None or lib.hv_domain_device_stats(self._dom, out) < 0:
+            return None
+        stats = {name: getattr(out, name) for name, _ in ffi.typeof(out[0]).fields}
+        stats["port_io"] = list(stats["port_io"])
+        return stats
+
     def counters(self) -> Counters:
         """A snapshot, read while the guest runs (aligned 64-bit loads: no locking)."""
         c = self._counters

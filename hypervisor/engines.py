@@ -1,27 +1,67 @@
-"""Engines: what runs a domain's vCPUs. `kvm` (hardware-assisted, /dev/kvm) for now.
+"""Engines: what runs a domain's vCPUs. `kvm` (hardware-assisted, /dev/kvm) where
+/dev/kvm works; `bt` (binary translation on Unicorn, QEMU's TCG) everywhere else.
 
-Selection is one place: `choose()`. TRAPLESS_NO_KVM=1 makes it behave as if
-/dev/kvm were missing, so the suite can be run the way a KVM-less host runs it.
+Selection is one place: `choose()`, which takes the first usable engine in ENGINES
+order. TRAPLESS_NO_KVM=1 makes it behave as if /dev/kvm were missing, so the suite can
+be run the way a KVM-less host runs it; TRAPLESS_NO_BT=1 does the same for Unicorn.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+from pathlib import Path
 
 from ._hv import ffi, lib
 from .errors import EngineError
 
-ENGINES = {"kvm": lib.HV_ENGINE_KVM}
+ENGINES = {"kvm": lib.HV_ENGINE_KVM, "bt": lib.HV_ENGINE_BT}
+
+
+def unicorn_library() -> Path | None:
+    """libunicorn as the unicorn package ships it (found without importing the package)."""
+    spec = importlib.util.find_spec("unicorn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        for name in ("libunicorn.so.2", "libunicorn.so"):
+            path = Path(folder) / "lib" / name
+            if path.is_file():
+                return path
+    return None
+
+
+@functools.cache
+def _load_unicorn() -> str | None:
+    """Hand libunicorn to the C extension once; None, or why bt cannot run."""
+    path = unicorn_library()
+    if path is None:
+        if importlib.util.find_spec("unicorn") is None:
+            return "the unicorn package is not installed (pip install unicorn==2.1.4)"
+        return "the unicorn package has no libunicorn (pip install unicorn==2.1.4)"
+    err = ffi.new("char[256]")
+    if lib.hv_bt_init(str(path).encode(), err, len(err)) < 0:
+        return ffi.string(err).decode()
+    return None
 
 
 def why_unavailable(name: str) -> str | None:
     """None if the engine can run here, else a one-line reason."""
     if name not in ENGINES:
         return f"unknown engine {name!r} (known: {', '.join(ENGINES)})"
+    why = ffi.new("char[256]")
     if name == "kvm":
         if os.environ.get("TRAPLESS_NO_KVM"):
             return "KVM disabled by TRAPLESS_NO_KVM"
-        why = ffi.new("char[256]")
         if not lib.hv_kvm_available(why, len(why)):
+            return ffi.string(why).decode()
+    if name == "bt":
+        if os.environ.get("TRAPLESS_NO_BT"):
+            return "bt disabled by TRAPLESS_NO_BT"
+        reason = _load_unicorn()
+        if reason:
+            return reason
+        if not lib.hv_bt_available(why, len(why)):
             return ffi.string(why).decode()
     return None
 
@@ -44,3 +84,17 @@ def choose(requested: str | None = None) -> str:
             return name
         reasons.append(f"{name}: {why}")
     raise EngineError("no engine can run here (" + "; ".join(reasons) + ")")
+
+
+def fallback_note() -> str | None:
+    """One line when choose() would pass over a better engine, e.g. "kvm unavailable
+    (/dev/kvm does not exist (no KVM on this host)); using bt"; None if it would not."""
+    skipped = []
+    for name in ENGINES:
+        why = why_unavailable(name)
+        if why is None:
+            if not skipped:
+                return None
+            return "; ".join(f"{n} unavailable ({w})" for n, w in skipped) + f"; using {name}"
+        skipped.append((name, why))
+    return None

@@ -10,8 +10,8 @@ from guest_kernel.conformance import ConformanceGuest
 from guest_kernel.pv_kernel import build_pv_kernel
 from hypervisor import engines
 
-needs_kvm = pytest.mark.skipif(engines.why_unavailable("kvm") is not None,
-                               reason=f"kvm engine unavailable: {engines.why_unavailable('kvm')}")
+needs_bt = pytest.mark.skipif(engines.why_unavailable("bt") is not None,
+                              reason=f"bt engine unavailable: {engines.why_unavailable('bt')}")
 
 
 def hv(*args, env=None, timeout=60):
@@ -27,9 +27,8 @@ def kernel(tmp_path_factory):
     return path
 
 
-@needs_kvm
-def test_pv_kernel_boots_prints_and_powers_off(kernel):
-    r = hv("run", kernel, "--cmdline", "hello world ticks=5")
+def test_pv_kernel_boots_prints_and_powers_off(kernel, engine):
+    r = hv("run", "--engine", engine, kernel, "--cmdline", "hello world ticks=5")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "trapless PV kernel: Xen 4.19.0-trapless"
@@ -49,37 +48,34 @@ def test_pv_kernel_boots_prints_and_powers_off(kernel):
     assert r.stderr == ""
 
 
-@needs_kvm
-def test_stats_table_counts_hypercalls(kernel):
-    r = hv("run", kernel, "--stats", "--cmdline", "ticks=1")
+def test_stats_table_counts_hypercalls(kernel, engine):
+    r = hv("run", "--engine", engine, kernel, "--stats", "--cmdline", "ticks=1")
     assert r.returncode == 0, r.stderr
     assert "hypercall: xen_version" in r.stdout
     assert "hypercall: sched_op" in r.stdout
 
 
-@needs_kvm
 @pytest.mark.parametrize("reason,status", [("reboot", 3), ("crash", 5), ("watchdog", 6)])
-def test_shutdown_reasons_become_exit_statuses(tmp_path, reason, status):
+def test_shutdown_reasons_become_exit_statuses(tmp_path, reason, status, engine):
     from abi import C
     g = ConformanceGuest(reason)
     g.a.mov(rax, getattr(C, f"SHUTDOWN_{reason}"))
     g.a.ret()
     image = tmp_path / "g.elf"
     image.write_bytes(g.elf())
-    r = hv("run", image)
+    r = hv("run", "--engine", engine, image)
     assert r.returncode == status
     assert r.stderr == f"trapless: d1 shut down: {reason}\n"
 
 
-@needs_kvm
-def test_triple_fault_is_reported_and_the_host_survives(tmp_path):
+def test_triple_fault_is_reported_and_the_host_survives(tmp_path, engine):
     from guest_kernel.runtime import PVProgram
     p = PVProgram("triple-fault")
     p.print("about to fault\n")
     p.a.ud2()                       # no IDT yet: #UD -> #GP -> #DF -> triple fault
     image = tmp_path / "tf.elf"
     image.write_bytes(p.elf())
-    r = hv("run", image)
+    r = hv("run", "--engine", engine, image)
     assert r.returncode == 8
     assert r.stdout == "about to fault\n"
     assert r.stderr.startswith("trapless: d1 guest fault: triple fault at rip=0x")
@@ -88,8 +84,7 @@ def test_triple_fault_is_reported_and_the_host_survives(tmp_path):
     assert hv("run", "--cmdline", "ticks=1").returncode == 0
 
 
-@needs_kvm
-def test_guest_exception_handler_reports_and_crashes(tmp_path):
+def test_guest_exception_handler_reports_and_crashes(tmp_path, engine):
     from guest_kernel.pvlib import emit_traps
     from guest_kernel.runtime import PVProgram
     p = PVProgram("exception")
@@ -98,20 +93,19 @@ def test_guest_exception_handler_reports_and_crashes(tmp_path):
     emit_traps(p)
     image = tmp_path / "ud.elf"
     image.write_bytes(p.elf())
-    r = hv("run", image)
+    r = hv("run", "--engine", engine, image)
     assert r.returncode == 5
     assert "trapless PV kernel: exception 6 error 0x0 at rip 0x" in r.stdout
 
 
-@needs_kvm
-def test_timeout_stops_a_spinning_guest(tmp_path):
+def test_timeout_stops_a_spinning_guest(tmp_path, engine):
     from guest_kernel.runtime import PVProgram
     p = PVProgram("spin")
     p.a.label("spin")
     p.a.jmp("spin")
     image = tmp_path / "spin.elf"
     image.write_bytes(p.elf())
-    r = hv("run", image, "--timeout", "0.5")
+    r = hv("run", "--engine", engine, image, "--timeout", "0.5")
     assert r.returncode == 9
     assert r.stderr.startswith("trapless: d1 timed out after 0.5 s (rip=0x")
 
@@ -149,16 +143,24 @@ def test_bad_options_are_one_line_errors(args, message):
     assert "Traceback" not in r.stderr
 
 
-def test_no_kvm_is_one_line_and_status_2(kernel):
-    r = hv("run", kernel, env={"TRAPLESS_NO_KVM": "1"})
+@needs_bt
+def test_without_kvm_bt_runs_the_guest_and_says_why_in_one_line(kernel):
+    r = hv("run", kernel, "--cmdline", "ticks=2", env={"TRAPLESS_NO_KVM": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "trapless: kvm unavailable (KVM disabled by TRAPLESS_NO_KVM); using bt\n"
+    assert r.stdout.splitlines()[-1] == "powering off"
+
+
+def test_no_engine_is_one_line_and_status_2(kernel):
+    r = hv("run", kernel, env={"TRAPLESS_NO_KVM": "1", "TRAPLESS_NO_BT": "1"})
     assert r.returncode == 2
-    assert r.stderr == "trapless: no engine can run here (kvm: KVM disabled by TRAPLESS_NO_KVM)\n"
+    assert r.stderr == ("trapless: no engine can run here (kvm: KVM disabled by TRAPLESS_NO_KVM; "
+                        "bt: bt disabled by TRAPLESS_NO_BT)\n")
 
 
-@needs_kvm
-def test_bench_json_has_the_promised_keys():
+def test_bench_json_has_the_promised_keys(engine):
     import json
-    r = hv("bench", "--json", "--iterations", "500", "--samples", "20", timeout=120)
+    r = hv("bench", "--json", "--engine", engine, "--iterations", "500", "--samples", "20", timeout=120)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["hypercall_ns"] > 0 and result["bare_exit_ns"] > 0

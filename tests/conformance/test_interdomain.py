@@ -1,13 +1,10 @@
 """Two domains, one interdomain event channel: a vCPU blocked with no timer set is
 woken by the other domain's EVTCHNOP_send."""
-import pytest
-
 from abi import C, offsetof
 
 from guest_kernel.asm import byte, dword, eax, qword, rax, rbx, rip
 from guest_kernel.conformance import ConformanceGuest, parse
 from guest_kernel.pvlib import PENDING_SEL, UPCALL_PENDING, set_port_handler
-from hypervisor import engines
 from hypervisor.domain import Domain
 
 OP = "event_channel_op"
@@ -71,10 +68,9 @@ def receiver(peer: int) -> bytes:
     return g.finish()
 
 
-@pytest.mark.skipif(engines.why_unavailable("kvm") is not None, reason="needs the kvm engine")
-def test_blocked_vcpu_is_woken_by_a_send_from_another_domain():
-    a = Domain(sender(peer=12), domid=11, engine="kvm")
-    b = Domain(receiver(peer=11), domid=12, engine="kvm")
+def test_blocked_vcpu_is_woken_by_a_send_from_another_domain(engine):
+    a = Domain(sender(peer=12), domid=11, engine=engine)
+    b = Domain(receiver(peer=11), domid=12, engine=engine)
     try:
         b.start()
         a.start()

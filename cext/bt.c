@@ -1,0 +1,902 @@
+/*
+ * bt.c - the bt engine: the same guests without KVM, by binary translation on Unicorn
+ * (QEMU's TCG).
+ *
+ * Guest RAM is the domain's own host memory, mapped into Unicorn with uc_mem_map_ptr;
+ * the page-table pool is mapped read-only. Every hook is a C function of this file:
+ *
+ *   - `in`/`out` (the helper TCG calls for port I/O): the hypercall stub's `in` to the
+ *     hypercall port runs the hypercall on the spot and hands back the result as the
+ *     data read; other ports go to the device models.
+ *   - the translator: when TCG has translated a new block (the edge hook), the block is
+ *     decoded (bt_decode.c) and every sensitive instruction in it gets a code hook of
+ *     its own; the block is dropped and translated again with the hooks in it. From
+ *     then on the VMM sees hlt, cli/sti, popf, iretq, mov to a control register, wrmsr,
+ *     lgdt/lidt, invlpg ... before the guest executes them, and counts them as traps.
+ *   - the MMU: TCG's TLB is filled by our own walk of the guest's page tables
+ *     (bt_cpu.c), so a refused access stops the emulator at the faulting instruction
+ *     and becomes a precise #PF.
+ *   - stores into the read-only page-table pool: handed to the device model
+ *     (hv_devices_mmio) as KVM's MMIO exit would be, or a fault.
+ *   - exceptions TCG raises: delivered through the guest's IDT by bt_cpu.c.
+ *
+ * The run loop mirrors kvm.c's: shutdown, kick and pause checks, interrupt delivery
+ * (hv_next_vector) when RFLAGS.IF allows, hlt waits in hv_vcpu_wait, faults reported
+ * with hv_stop_with. Timers and other threads stop the emulator with uc_emu_stop.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <x86intrin.h>
+
+#include "bt.h"
+
+#define TCG_BUFFER_BYTES (64u << 20)    /* translated code per vCPU; Unicorn's default is 1 GiB */
+
+/* ---- the TSC: guest rdtsc in TCG reads the host TSC; the PV clock needs its rate ---- */
+
+static uint64_t tsc_khz;
+static pthread_once_t tsc_once = PTHREAD_ONCE_INIT;
+
+/* A (tsc, ns) pair taken close together: the tightest of a few tries. */
+static void tsc_sample(uint64_t *tsc, uint64_t *ns)
+{
+    uint64_t best = ~0ULL;
+    for (int i = 0; i < 8; i++) {
+        uint64_t a = __rdtsc(), t = hv_now_ns(), c = __rdtsc();
+        if (c - a < best) {
+            best = c - a;
+            *tsc = a + (c - a) / 2;
+            *ns = t;
+        }
+    }
+}
+
+/* The rate against CLOCK_MONOTONIC (system time) over 20 ms, once per process. */
+static void calibrate_tsc(void)
+{
+    uint64_t t0 = 0, n0 = 0, t1 = 0, n1 = 0;
+    struct timespec gap = { 0, 20 * 1000 * 1000 };
+    tsc_sample(&t0, &n0);
+    nanosleep(&gap, NULL);
+    tsc_sample(&t1, &n1);
+    if (n1 > n0 && t1 > t0)
+        tsc_khz = (uint64_t)((double)(t1 - t0) * 1e6 / (double)(n1 - n0));
+}
+
+/* ---- the engine's availability ---- */
+
+static int bt_available(char *why, int why_len)
+{
+    if (!bt_uc_loaded) {
+        hv_set_error(why, why_len, "%s", bt_uc_why);
+        return 0;
+    }
+    return 1;
+}
+
+int hv_bt_available(char *why, int why_len)
+{
+    return bt_available(why, why_len);
+}
+
+static int bt_create_vm(struct hv_domain *d, char *err, int err_len)
+{
+    return bt_available(err, err_len) ? 0 : -1;
+}
+
+static void bt_destroy_vm(struct hv_domain *d)
+{
+}
+
+static struct bt_vcpu *bt_of(struct hv_vcpu *v)
+{
+    return v->engine_priv;
+}
+
+/* ---- engine ops ---- */
+
+static int bt_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
+{
+    *cr3 = bt_reg(bt_of(v), UC_X86_REG_CR3);
+    return 0;
+}
+
+/* Called from the hypercall hook, mid-block: TCG flushes its TLB and the rest of the
+ * stub (cdqe; ret) already runs on the new tables, as after a guest mov to cr3. */
+static int bt_set_cr3(struct hv_vcpu *v, uint64_t cr3)
+{
+    return bt_uc.reg_write(bt_of(v)->uc, UC_X86_REG_CR3, &cr3) == UC_ERR_OK ? 0 : -1;
+}
+
+static int bt_flush_tlb(struct hv_vcpu *v)
+{
+    return bt_uc.ctl(bt_of(v)->uc, UC_CTL_TLB_FLUSH_W) == UC_ERR_OK ? 0 : -1;
+}
+
+/* From any thread: make the vCPU leave the emulator soon. */
+static void bt_kick(struct hv_vcpu *v)
+{
+    struct bt_vcpu *b = bt_of(v);
+    if (!b)
+        return;                 /* being torn down */
+    pthread_mutex_lock(&b->kick_lock);
+    b->kick_pending = 1;
+    if (b->in_emu) {
+        bt_uc.emu_stop(b->uc);
+        /* A vCPU asleep in a hook (SCHEDOP_block) is inside the emulator's loop,
+         * where the stop cannot be lost; otherwise the kicker makes sure. */
+        if (!__atomic_load_n(&v->waiting, __ATOMIC_ACQUIRE))
+            pthread_cond_signal(&b->kick_cond);
+    }
+    pthread_mutex_unlock(&b->kick_lock);
+}
+
+static const struct hv_engine_ops bt_ops = {
+    .get_cr3 = bt_get_cr3,
+    .kick = bt_kick,
+    .set_cr3 = bt_set_cr3,
+    .flush_tlb = bt_flush_tlb,
+};
+
+/* uc_emu_stop only takes if the emulator has reached its loop; a stop that lands while
+ * uc_emu_start is still setting up is forgotten. This thread repeats an unanswered stop
+ * with a growing pause (0.1, 0.8, 6.4, 51 ms) until the vCPU leaves the emulator. */
+static void *kicker_main(void *arg)
+{
+    struct bt_vcpu *b = arg;
+    pthread_mutex_lock(&b->kick_lock);
+    while (!b->kicker_exit) {
+        uint64_t gen, pause_ns = 100 * 1000;
+        if (!(b->kick_pending && b->in_emu)) {
+            pthread_cond_wait(&b->kick_cond, &b->kick_lock);
+            continue;
+        }
+        gen = b->emu_gen;
+        for (int tries = 0; tries < 4 && !b->kicker_exit; tries++, pause_ns *= 8) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            uint64_t at = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec + pause_ns;
+            ts.tv_sec = (time_t)(at / 1000000000ULL);
+            ts.tv_nsec = (long)(at % 1000000000ULL);
+            pthread_cond_timedwait(&b->kick_cond, &b->kick_lock, &ts);
+            if (!(b->kick_pending && b->in_emu && b->emu_gen == gen))
+                break;
+            bt_uc.emu_stop(b->uc);
+        }
+        /* answered, or given up on: sleep until the next kick */
+        while (!b->kicker_exit && b->kick_pending && b->in_emu && b->emu_gen == gen)
+            pthread_cond_wait(&b->kick_cond, &b->kick_lock);
+    }
+    pthread_mutex_unlock(&b->kick_lock);
+    return NULL;
+}
+
+/* ---- sensitive instructions: the sites the translator found ---- */
+
+static unsigned site_bucket(uint64_t addr)
+{
+    return (unsigned)((addr * 0x9e3779b97f4a7c15ULL) >> 54) & (BT_SITE_BUCKETS - 1);
+}
+
+static struct bt_site *site_at(struct bt_vcpu *b, uint64_t addr)
+{
+    for (struct bt_site *s = b->sites[site_bucket(addr)]; s; s = s->next)
+        if (s->addr == addr)
+            return s;
+    return NULL;
+}
+
+static int interrupts_on(struct bt_vcpu *b)
+{
+    return (bt_reg(b, UC_X86_REG_RFLAGS) & RFLAGS_IF) != 0;
+}
+
+/* An interrupt is waiting and the guest can take it now. */
+static int deliverable(struct bt_vcpu *b)
+{
+    return hv_interrupt_due(b->v, NULL) && interrupts_on(b);
+}
+
+/* The code hook of one site: runs just before the guest would execute it. */
+static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
+{
+    struct bt_site *s = user;
+    struct bt_vcpu *b = s->b;
+    struct hv_counters *c = &b->v->dom->counters;
+    uint8_t now[15];
+
+    if (b->skip_once == s) {
+        b->skip_once = NULL;    /* the VMM could not emulate it: TCG runs it as it is */
+        return;
+    }
+    /* The hook is on an address: make sure the same instruction is still there. */
+    if (bt_read_virt(b, addr, now, s->len) < 0 || memcmp(now, s->bytes, s->len) != 0) {
+        struct bt_insn in;
+        uint8_t code[15];
+        int avail = 15;
+        while (avail > 0 && bt_read_virt(b, addr, code, avail) < 0)
+            avail--;
+        if (avail == 0 || bt_decode(code, avail, &in) < 0) {
+            s->kind = BT_PLAIN;
+            return;
+        }
+        s->kind = in.kind == BT_PORT_IO ? BT_PLAIN : in.kind;
+        s->len = in.len;
+        memcpy(s->bytes, code, in.len);
+    }
+    switch (s->kind) {
+    case BT_PLAIN:
+        return;
+    case BT_HLT:
+        b->stopped_at = s;      /* the VMM idles the vCPU instead */
+        bt_uc.emu_stop(uc);
+        return;
+    case BT_STI: case BT_POPF: case BT_IRET:
+        /* These may turn interrupts on: with one waiting, the VMM executes the
+         * instruction itself and delivers it (KVM's interrupt-window exit). */
+        if (hv_interrupt_due(b->v, NULL)) {
+            c->exits[HV_EXIT_IRQ_WINDOW]++;
+            b->stopped_at = s;
+            bt_uc.emu_stop(uc);
+            return;
+        }
+        c->exits[HV_EXIT_PRIV_INSN]++;
+        return;
+    default:
+        /* cli, mov to a control register, wrmsr, lidt, invlpg ...: TCG's helpers do
+         * what our VMM would (flush the TLB, load the IDT, ...); we count the trap. */
+        c->exits[HV_EXIT_PRIV_INSN]++;
+        return;
+    }
+}
+
+static int add_site(struct bt_vcpu *b, uint64_t addr, const struct bt_insn *in, const uint8_t *bytes)
+{
+    struct bt_site *s = calloc(1, sizeof(*s));
+    uc_hook hh;
+    unsigned k = site_bucket(addr);
+    if (!s)
+        return -1;
+    s->b = b;
+    s->addr = addr;
+    s->kind = in->kind;
+    s->len = in->len;
+    memcpy(s->bytes, bytes, in->len);
+    if (bt_uc.hook_add(b->uc, &hh, UC_HOOK_CODE, (void *)on_site, s, addr, addr) != UC_ERR_OK) {
+        free(s);
+        return -1;
+    }
+    s->next = b->sites[k];
+    b->sites[k] = s;
+    b->nr_sites++;
+    return 0;
+}
+
+/* Decode [pc, pc + size) and hook each sensitive instruction not hooked yet; returns
+ * how many were added. Port I/O is left to the port hooks. */
+static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
+{
+    uint8_t buf[4096 + 16];
+    int avail, added = 0;
+    uint64_t off = 0;
+
+    if (size > 4096)
+        size = 4096;
+    avail = (int)size + 15;
+    while (avail > 0 && bt_read_virt(b, pc, buf, avail) < 0)
+        avail--;
+    while (off < size && (int)off < avail) {
+        struct bt_insn in;
+        if (bt_decode(buf + off, avail - (int)off, &in) < 0)
+            break;              /* TCG will meet it too, and raise #UD */
+        if (in.kind != BT_PLAIN && in.kind != BT_PORT_IO && !site_at(b, pc + off) &&
+            add_site(b, pc + off, &in, buf + off) == 0)
+            added++;
+        off += in.len;
+    }
+    return added;
+}
+
+/* TCG has just translated a block and is about to run it. */
+static void on_new_block(uc_engine *uc, uc_tb *cur, uc_tb *prev, void *user)
+{
+    struct bt_vcpu *b = user;
+    if (scan(b, cur->pc, cur->size) == 0)
+        return;
+    /* translated without the new hooks: drop it before it runs, translate again */
+    if (!b->retranslate_end || cur->pc < b->retranslate_start)
+        b->retranslate_start = cur->pc;
+    if (cur->pc + cur->size > b->retranslate_end)
+        b->retranslate_end = cur->pc + cur->size;
+    bt_uc.emu_stop(uc);
+}
+
+/* ---- port I/O and hypercalls ---- */
+
+static void set_fatal(struct bt_vcpu *b, int code, const char *what, uint64_t gpa)
+{
+    if (b->fatal)
+        return;
+    b->fatal = 1;
+    hv_stop_with(&b->fatal_stop, HV_STOP_FAULT, code, bt_reg(b, UC_X86_REG_RIP), what,
+                 (unsigned long long)gpa);
+}
+
+/* After an exit handled inside a hook: leave the emulator if the loop has work. */
+static void after_exit(struct bt_vcpu *b)
+{
+    struct hv_vcpu *v = b->v;
+    if (__atomic_load_n(&v->dom->shutting_down, __ATOMIC_ACQUIRE) ||
+        __atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) ||
+        __atomic_load_n(&v->paused, __ATOMIC_ACQUIRE) || deliverable(b))
+        bt_uc.emu_stop(b->uc);
+}
+
+static uint32_t hypercall(struct bt_vcpu *b)
+{
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RDI, UC_X86_REG_RSI,
+                               UC_X86_REG_RDX, UC_X86_REG_R10, UC_X86_REG_R8 };
+    struct hv_hcall h;
+    void *vals[] = { &h.nr, &h.a1, &h.a2, &h.a3, &h.a4, &h.a5 };
+    int64_t ret;
+    int32_t result;
+
+    bt_uc.reg_read_batch(b->uc, ids, vals, 6);
+    b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+    ret = hv_hypercall(b->v, &h);
+    result = ret == (int32_t)ret ? (int32_t)ret : -XEN_EOVERFLOW;
+    after_exit(b);
+    return (uint32_t)result;
+}
+
+static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user)
+{
+    struct bt_vcpu *b = user;
+    struct hv_vcpu *v = b->v;
+    uint8_t data[4] = { 0 };
+    uint32_t value = 0;
+
+    if (port == TRAPLESS_HYPERCALL_PORT && size == 4)
+        return hypercall(b);
+    v->dom->counters.exits[HV_EXIT_IO]++;
+    if (!hv_devices_port_io(v, (uint16_t)port, size, 0, data)) {
+        /* A port nobody claims: reads float high, as on real hardware. */
+        v->dom->counters.unknown_port_io++;
+        memset(data, 0xff, sizeof(data));
+    }
+    memcpy(&value, data, (size_t)(size < 4 ? size : 4));
+    after_exit(b);
+    return value;
+}
+
+static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void *user)
+{
+    struct bt_vcpu *b = user;
+    struct hv_vcpu *v = b->v;
+    uint8_t data[4];
+
+    memcpy(data, &value, 4);
+    v->dom->counters.exits[HV_EXIT_IO]++;
+    if (!hv_devices_port_io(v, (uint16_t)port, size, 1, data))
+        v->dom->counters.unknown_port_io++;    /* writes vanish */
+    after_exit(b);
+}
+
+/* ---- memory: the TLB, the page-table pool, the world outside RAM ---- */
+
+static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e, void *user)
+{
+    struct bt_vcpu *b = user;
+    uint64_t gpa;
+    int perms, present;
+
+    if (bt_walk(b, va, access, &gpa, &perms, &present) == 0) {
+        e->paddr = gpa;
+        e->perms = perms;
+        return true;
+    }
+    b->fault_va = va;
+    b->fault_access = access;
+    b->fault_present = present;
+    b->fault_noncanonical = (va >> 47) != 0 && (va >> 47) != 0x1ffff;
+    return false;               /* the emulator stops at the instruction: UC_ERR_EXCEPTION */
+}
+
+/* A store into the read-only page-table pool: the VMM validates and applies it (the
+ * trapped PTE write of a native guest), as for KVM's MMIO exit. The region is read-only,
+ * so TCG drops the store itself after this hook says it was handled. */
+static bool on_pool_write(uc_engine *uc, int type, uint64_t gpa, int size, int64_t value, void *user)
+{
+    struct bt_vcpu *b = user;
+    struct hv_vcpu *v = b->v;
+    uint8_t data[8];
+
+    memcpy(data, &value, sizeof(data));
+    v->dom->counters.exits[HV_EXIT_MMIO]++;
+    if (size <= 8 && hv_devices_mmio(v, gpa, size, 1, data)) {
+        after_exit(b);
+        return true;
+    }
+    set_fatal(b, UC_ERR_WRITE_PROT, "direct write to page-table frame at guest-physical %#llx "
+              "(page tables change only through mmu_update)", gpa);
+    bt_uc.emu_stop(uc);
+    return false;
+}
+
+/* A guest-physical address outside RAM (a PTE of a native guest can name one). There
+ * are no memory-mapped devices; KVM reports the same access the same way. */
+static bool on_unmapped(uc_engine *uc, int type, uint64_t gpa, int size, int64_t value, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+    set_fatal(b, type, type == UC_MEM_WRITE_UNMAPPED ? "write of guest-physical %#llx, outside guest memory" :
+              type == UC_MEM_FETCH_UNMAPPED ? "fetch from guest-physical %#llx, outside guest memory" :
+              "read of guest-physical %#llx, outside guest memory", gpa);
+    bt_uc.emu_stop(uc);
+    return false;
+}
+
+/* ---- exceptions TCG raises ---- */
+
+static int has_error_code(int vector)
+{
+    return vector == 8 || (vector >= 10 && vector <= 14) || vector == 17 || vector == 21 ||
+           vector == 29 || vector == 30;
+}
+
+/* The instruction at rip decoded, or -1. */
+static int decode_at(struct bt_vcpu *b, uint64_t rip, struct bt_insn *in)
+{
+    uint8_t code[15];
+    int avail = 15;
+    while (avail > 0 && bt_read_virt(b, rip, code, avail) < 0)
+        avail--;
+    return avail ? bt_decode(code, avail, in) : -1;
+}
+
+/* QEMU remembers the last contributory exception (#DE, #GP ...) and, as it never
+ * delivers one itself, never forgets it: it reports the next contributory one as #DF,
+ * and anything after that as a silent halt (its triple fault). Only our delivery knows
+ * whether an exception is in flight, and none is when the guest runs: the instruction
+ * at rip raised its own fault, which its opcode tells. */
+static void fault_of_instruction(struct bt_vcpu *b, uint64_t rip, struct bt_event *ev)
+{
+    struct bt_insn in;
+    memset(ev, 0, sizeof(*ev));
+    if (decode_at(b, rip, &in) < 0 ||
+        (in.map == 1 && (in.opcode == 0x0b || in.opcode == 0xb9 || in.opcode == 0xff))) {
+        ev->vector = 6;         /* not an instruction, or ud0/ud1/ud2: #UD */
+    } else if (bt_is_divide(&in)) {
+        ev->vector = 0;         /* #DE */
+    } else {
+        ev->vector = 13;        /* #GP(0) */
+        ev->has_error = 1;
+    }
+}
+
+static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
+{
+    struct bt_vcpu *b = user;
+    struct bt_event *ev = &b->exception;
+
+    memset(ev, 0, sizeof(*ev));
+    ev->vector = (int)intno;
+    if (intno == 8)
+        fault_of_instruction(b, bt_reg(b, UC_X86_REG_RIP), ev);
+    else if (ev->vector == 3 || ev->vector == 4 || ev->vector >= 32)
+        ev->soft = 1;           /* int3, into, int n: rip is already past them */
+    else if (has_error_code(ev->vector))
+        ev->has_error = 1;      /* QEMU keeps the code to itself; #GP(0) is the usual one */
+    bt_uc.emu_stop(uc);
+}
+
+/* ---- vCPUs ---- */
+
+static int uc_fail(char *err, int err_len, const char *what, uc_err e)
+{
+    hv_set_error(err, err_len, "Unicorn %s: %s", what, bt_uc.strerror(e));
+    return -1;
+}
+
+static void bt_vcpu_destroy(struct hv_vcpu *v)
+{
+    struct bt_vcpu *b = bt_of(v);
+    if (!b)
+        return;
+    if (b->kicker_started) {
+        pthread_mutex_lock(&b->kick_lock);
+        b->kicker_exit = 1;
+        pthread_cond_signal(&b->kick_cond);
+        pthread_mutex_unlock(&b->kick_lock);
+        pthread_join(b->kicker, NULL);
+    }
+    if (b->uc)
+        bt_uc.close(b->uc);
+    for (int i = 0; i < BT_SITE_BUCKETS; i++) {
+        struct bt_site *s = b->sites[i];
+        while (s) {
+            struct bt_site *next = s->next;
+            free(s);
+            s = next;
+        }
+    }
+    pthread_cond_destroy(&b->kick_cond);
+    pthread_mutex_destroy(&b->kick_lock);
+    free(b);
+    v->engine_priv = NULL;
+}
+
+static int map_ram(struct bt_vcpu *b, uint64_t start, uint64_t end, uint32_t perms,
+                   char *err, int err_len)
+{
+    struct hv_domain *d = b->v->dom;
+    uc_err e;
+    if (start == end)
+        return 0;
+    e = bt_uc.mem_map_ptr(b->uc, start, end - start, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC,
+                          d->ram + start);
+    if (e != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot map guest memory", e);
+    /* mem_protect, not the mapping's own flags, makes TCG drop refused stores */
+    if (perms != (UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC) &&
+        (e = bt_uc.mem_protect(b->uc, start, end - start, perms)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot protect the page-table pool", e);
+    return 0;
+}
+
+static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
+{
+    struct hv_domain *d = v->dom;
+    struct bt_vcpu *b;
+    pthread_condattr_t attr;
+    uc_hook hh;
+    uc_err e;
+    int rc;
+
+    if (!bt_available(err, err_len))
+        return -1;
+    b = calloc(1, sizeof(*b));
+    if (!b) {
+        hv_set_error(err, err_len, "out of host memory");
+        return -1;
+    }
+    b->v = v;
+    b->exception.vector = -1;
+    pthread_mutex_init(&b->kick_lock, NULL);
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&b->kick_cond, &attr);
+    pthread_condattr_destroy(&attr);
+    v->engine_priv = b;
+    v->ops = &bt_ops;
+
+    if ((e = bt_uc.open(UC_ARCH_X86, UC_MODE_64, &b->uc)) != UC_ERR_OK) {
+        b->uc = NULL;
+        uc_fail(err, err_len, "cannot start an x86-64 CPU", e);
+        goto fail;
+    }
+    bt_uc.ctl(b->uc, UC_CTL_TCG_BUFFER_SIZE_W, (uint32_t)TCG_BUFFER_BYTES);
+    if ((e = bt_uc.ctl(b->uc, UC_CTL_TLB_TYPE_W, UC_TLB_VIRTUAL)) != UC_ERR_OK) {
+        uc_fail(err, err_len, "cannot take over the TLB", e);
+        goto fail;
+    }
+    /* RAM below the page-table pool, the pool (read-only to the guest), RAM above */
+    if (map_ram(b, 0, d->pt_pool_start, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, err, err_len) < 0 ||
+        map_ram(b, d->pt_pool_start, d->pt_pool_end, UC_PROT_READ | UC_PROT_EXEC, err, err_len) < 0 ||
+        map_ram(b, d->pt_pool_end, d->ram_bytes, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, err, err_len) < 0)
+        goto fail;
+
+    struct { int type; void *cb; int insn; } hooks[] = {
+        { UC_HOOK_INSN, (void *)on_in, UC_X86_INS_IN },
+        { UC_HOOK_INSN, (void *)on_out, UC_X86_INS_OUT },
+        { UC_HOOK_INTR, (void *)on_interrupt, 0 },
+        { UC_HOOK_TLB_FILL, (void *)on_tlb_fill, 0 },
+        { UC_HOOK_MEM_WRITE_PROT, (void *)on_pool_write, 0 },
+        { UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
+          (void *)on_unmapped, 0 },
+        { UC_HOOK_EDGE_GENERATED, (void *)on_new_block, 0 },
+    };
+    for (size_t i = 0; i < sizeof(hooks) / sizeof(hooks[0]); i++) {
+        if (hooks[i].type == UC_HOOK_INSN)
+            e = bt_uc.hook_add(b->uc, &hh, hooks[i].type, hooks[i].cb, b, 1, 0, hooks[i].insn);
+        else
+            e = bt_uc.hook_add(b->uc, &hh, hooks[i].type, hooks[i].cb, b, 1, 0);
+        if (e != UC_ERR_OK) {
+            uc_fail(err, err_len, "cannot add a hook", e);
+            goto fail;
+        }
+    }
+    rc = pthread_create(&b->kicker, NULL, kicker_main, b);
+    if (rc) {
+        hv_set_error(err, err_len, "cannot start the kicker thread: %s", strerror(rc));
+        goto fail;
+    }
+    b->kicker_started = 1;
+
+    /* Guest rdtsc in TCG is the host's TSC, unscaled: offset 0, the host's rate. */
+    pthread_once(&tsc_once, calibrate_tsc);
+    if (hv_pvclock_init(v, 0, tsc_khz) < 0) {
+        hv_set_error(err, err_len, "cannot measure the host TSC rate");
+        goto fail;
+    }
+    return 0;
+fail:
+    bt_vcpu_destroy(v);
+    return -1;
+}
+
+static int bt_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len)
+{
+    struct bt_vcpu *b = bt_of(v);
+    uc_x86_mmr gdtr = { .base = bs->gdt_base, .limit = bs->gdt_limit }, idtr = { 0 };
+    uc_x86_msr efer = { .rid = 0xc0000080, .value = 0xd00 };   /* NXE LMA LME */
+    static const int zeroed[] = {
+        UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RDI,
+        UC_X86_REG_RBP, UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
+        UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+    };
+    uint16_t code = bs->code_selector, data = bs->data_selector;
+    uint64_t zero = 0;
+    struct { int reg; uint64_t value; } setup[] = {
+        { UC_X86_REG_CR3, bs->cr3 },
+        { UC_X86_REG_CR4, 0x620 },      /* OSXMMEXCPT OSFXSR PAE */
+    };
+    uc_err e;
+
+    for (size_t i = 0; i < sizeof(setup) / sizeof(setup[0]); i++)
+        if ((e = bt_uc.reg_write(b->uc, setup[i].reg, &setup[i].value)) != UC_ERR_OK)
+            return uc_fail(err, err_len, "cannot set a control register", e);
+    if ((e = bt_uc.reg_write(b->uc, UC_X86_REG_MSR, &efer)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot set EFER", e);
+    bt_set_reg(b, UC_X86_REG_CR0, 0x80050033);      /* PG WP NE ET MP PE */
+    if ((e = bt_uc.reg_write(b->uc, UC_X86_REG_GDTR, &gdtr)) != UC_ERR_OK ||
+        (e = bt_uc.reg_write(b->uc, UC_X86_REG_IDTR, &idtr)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot set the descriptor tables", e);
+    /* In 64-bit mode Unicorn takes these as selectors only: the flat descriptors the
+     * builder's GDT holds are what the CPU starts with anyway. */
+    bt_uc.reg_write(b->uc, UC_X86_REG_CS, &code);
+    bt_uc.reg_write(b->uc, UC_X86_REG_SS, &data);
+    bt_uc.reg_write(b->uc, UC_X86_REG_DS, &data);
+    bt_uc.reg_write(b->uc, UC_X86_REG_ES, &data);
+    for (size_t i = 0; i < sizeof(zeroed) / sizeof(zeroed[0]); i++)
+        bt_uc.reg_write(b->uc, zeroed[i], &zero);
+    bt_set_reg(b, UC_X86_REG_RIP, bs->rip);
+    bt_set_reg(b, UC_X86_REG_RSP, bs->rsp);
+    bt_set_reg(b, UC_X86_REG_RSI, bs->rsi);
+    bt_set_reg(b, UC_X86_REG_RFLAGS, 0x2);          /* interrupts off until the guest is ready */
+    {
+        uint16_t fcw = 0x37f;
+        uint32_t mxcsr = 0x1f80;
+        bt_uc.reg_write(b->uc, UC_X86_REG_FPCW, &fcw);
+        bt_uc.reg_write(b->uc, UC_X86_REG_MXCSR, &mxcsr);
+    }
+    /* The very first block has no predecessor, so no edge hook sees it: hook the
+     * sensitive instructions near the entry point before anything is translated. */
+    scan(b, bs->rip, 4096);
+    return 0;
+}
+
+/* ---- the run loop ---- */
+
+/* The VMM's version of a sensitive instruction the hooks stopped in front of.
+ * 0 done (or left to TCG), -1 the vCPU must stop (stop filled). */
+static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
+{
+    struct hv_vcpu *v = b->v;
+    struct hv_counters *c = &v->dom->counters;
+    uint64_t rip = s->addr, rflags = bt_reg(b, UC_X86_REG_RFLAGS), rsp = bt_reg(b, UC_X86_REG_RSP);
+
+    switch (s->kind) {
+    case BT_HLT:
+        c->exits[HV_EXIT_HLT]++;
+        if (!(rflags & RFLAGS_IF)) {
+            hv_stop_with(stop, HV_STOP_FAULT, BT_HLT, rip,
+                         "hlt with interrupts disabled: nothing can wake the vCPU");
+            return -1;
+        }
+        bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        /* Idle until an interrupt can be delivered (or the toolstack stops us). */
+        c->blocks++;
+        hv_vcpu_wait(v, HV_NO_DEADLINE, hv_interrupt_due, NULL);
+        return 0;
+    case BT_STI:
+        bt_set_reg(b, UC_X86_REG_RFLAGS, rflags | RFLAGS_IF);
+        bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        return 0;
+    case BT_POPF: {
+        /* flags a ring-0 popf may change: CF PF AF ZF SF TF IF DF OF IOPL NT AC ID */
+        const uint64_t mask = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 |
+                              0x3000 | 0x4000 | 0x40000 | 0x200000;
+        uint64_t value = 0;
+        struct bt_insn in;
+        int width = decode_at(b, rip, &in) == 0 && in.opsize == 2 ? 2 : 8;
+        if (bt_read_virt(b, rsp, &value, width) < 0) {
+            b->skip_once = s;   /* let TCG run it and raise the #PF */
+            return 0;
+        }
+        if (width == 2)
+            value = (rflags & ~0xffffULL) | (value & 0xffff);
+        bt_set_reg(b, UC_X86_REG_RFLAGS, ((rflags & ~mask) | (value & mask)) & ~RFLAGS_RF);
+        bt_set_reg(b, UC_X86_REG_RSP, rsp + (uint64_t)width);
+        bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        return 0;
+    }
+    case BT_IRET: {
+        uint64_t frame[5];          /* rip, cs, rflags, rsp, ss */
+        struct bt_insn in;
+        uint64_t cs = bt_reg(b, UC_X86_REG_CS), ss = bt_reg(b, UC_X86_REG_SS);
+        /* the VMM does the plain case (iretq to ring 0, same segments); TCG the rest */
+        if (decode_at(b, rip, &in) < 0 || in.opsize != 8 ||
+            bt_read_virt(b, rsp, frame, sizeof(frame)) < 0 ||
+            (frame[1] & 0xffff) != cs || (frame[4] & 0xffff) != ss) {
+            b->skip_once = s;
+            return 0;
+        }
+        bt_set_reg(b, UC_X86_REG_RFLAGS, (frame[2] & 0x3d7fd7ULL) | 0x2);
+        bt_set_reg(b, UC_X86_REG_RSP, frame[3]);
+        bt_set_reg(b, UC_X86_REG_RIP, frame[0]);
+        return 0;
+    }
+    }
+    return 0;
+}
+
+/* Deliver the next interrupt if the vCPU can take it now; otherwise the sti, popf and
+ * iretq hooks stop the emulator as soon as it can. 0, or -1 with stop filled. */
+static int deliver_interrupt(struct bt_vcpu *b, struct hv_stop *stop)
+{
+    struct hv_vcpu *v = b->v;
+    int is_upcall, vector = hv_next_vector(v, &is_upcall);
+    struct bt_event ev = { .vector = vector };
+    uint64_t rip;
+    uint8_t op;
+
+    if (vector < 0 || !interrupts_on(b))
+        return 0;
+    /* Stopped right before a hlt (after sti, whose shadow would have let the hlt
+     * run first): the hlt has happened and this interrupt is what wakes it. */
+    rip = bt_reg(b, UC_X86_REG_RIP);
+    if (bt_read_virt(b, rip, &op, 1) == 0 && op == 0xf4) {
+        v->dom->counters.exits[HV_EXIT_HLT]++;
+        bt_set_reg(b, UC_X86_REG_RIP, rip + 1);
+    }
+    if (bt_deliver(b, &ev, stop) < 0)
+        return -1;
+    if (is_upcall)
+        v->dom->counters.upcalls++;
+    else
+        hv_devices_irq_injected(v->dom, vector);
+    return 0;
+}
+
+static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    struct bt_vcpu *b = bt_of(v);
+    struct hv_domain *d = v->dom;
+    struct hv_counters *c = &d->counters;
+    uint64_t last_unexplained = ~0ULL;
+
+    for (;;) {
+        uint64_t rip = bt_reg(b, UC_X86_REG_RIP);
+        int kicked;
+        uc_err e;
+
+        if (b->fatal) {
+            *stop = b->fatal_stop;
+            b->fatal = 0;
+            return stop->reason;
+        }
+        if (__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE))
+            return hv_stop_with(stop, HV_STOP_SHUTDOWN, d->shutdown_reason, rip, "shutdown");
+        if (__atomic_exchange_n(&v->kicked, 0, __ATOMIC_SEQ_CST))
+            return hv_stop_with(stop, HV_STOP_KICKED, 0, rip, "stopped by the toolstack");
+        if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE)) {
+            hv_vcpu_wait(v, HV_NO_DEADLINE, hv_vcpu_not_paused, NULL);
+            continue;
+        }
+        if (b->retranslate_end) {
+            bt_uc.ctl(b->uc, UC_CTL_TB_REMOVE_CACHE_W, b->retranslate_start, b->retranslate_end);
+            b->retranslate_start = b->retranslate_end = 0;
+        }
+        if (b->stopped_at) {
+            struct bt_site *s = b->stopped_at;
+            b->stopped_at = NULL;
+            if (s->addr == rip && emulate(b, s, stop) < 0)
+                return stop->reason;
+            continue;           /* the state changed: look again */
+        }
+        if (b->exception.vector >= 0) {
+            struct bt_event ev = b->exception;
+            b->exception.vector = -1;
+            if (bt_deliver(b, &ev, stop) < 0)
+                return stop->reason;
+        }
+        if (deliver_interrupt(b, stop) < 0)
+            return stop->reason;
+
+        /* A kick that came while we were outside the emulator is counted here, as
+         * KVM counts the KVM_RUN it cuts short (immediate_exit). */
+        pthread_mutex_lock(&b->kick_lock);
+        kicked = b->kick_pending;
+        b->kick_pending = 0;
+        if (!kicked) {
+            b->in_emu = 1;
+            b->emu_gen++;
+        }
+        pthread_mutex_unlock(&b->kick_lock);
+        if (kicked) {
+            c->exits[HV_EXIT_INTR]++;
+            continue;           /* something changed since the checks above */
+        }
+
+        rip = bt_reg(b, UC_X86_REG_RIP);
+        e = bt_uc.emu_start(b->uc, rip, 0, 0, 0);
+
+        pthread_mutex_lock(&b->kick_lock);
+        b->in_emu = 0;
+        kicked = b->kick_pending;   /* left set: counted on the way back in */
+        pthread_mutex_unlock(&b->kick_lock);
+
+        switch (e) {
+        case UC_ERR_OK:
+            break;
+        case UC_ERR_EXCEPTION:
+            bt_page_fault_event(b, &b->exception);
+            continue;
+        case UC_ERR_INSN_INVALID:
+            memset(&b->exception, 0, sizeof(b->exception));
+            b->exception.vector = 6;    /* #UD at the instruction */
+            continue;
+        default:
+            if (b->fatal)
+                continue;
+            return hv_stop_with(stop, HV_STOP_ERROR, e, bt_reg(b, UC_X86_REG_RIP),
+                                "Unicorn stopped: %s", bt_uc.strerror(e));
+        }
+        /* A stop nobody asked for: TCG ran a hlt we had no hook on yet, or QEMU's own
+         * exception latch turned a fault into a silent halt. */
+        if (!b->stopped_at && b->exception.vector < 0 && !b->fatal && !b->retranslate_end &&
+            !kicked && !__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE) &&
+            !__atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) &&
+            !__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE) && !deliverable(b)) {
+            uint64_t now = bt_reg(b, UC_X86_REG_RIP);
+            uint8_t prev;
+            if (bt_read_virt(b, now - 1, &prev, 1) == 0 && prev == 0xf4) {
+                c->exits[HV_EXIT_HLT]++;
+                if (!interrupts_on(b))
+                    return hv_stop_with(stop, HV_STOP_FAULT, BT_HLT, now - 1,
+                                        "hlt with interrupts disabled: nothing can wake the vCPU");
+                c->blocks++;
+                hv_vcpu_wait(v, HV_NO_DEADLINE, hv_interrupt_due, NULL);
+            } else if (now == last_unexplained) {
+                /* twice at the same instruction: QEMU's latch swallowed its fault */
+                fault_of_instruction(b, now, &b->exception);
+            }
+            last_unexplained = now;
+        } else {
+            last_unexplained = ~0ULL;
+        }
+    }
+}
+
+const struct hv_engine_impl hv_bt_engine = {
+    .name = "bt",
+    .available = bt_available,
+    .create_vm = bt_create_vm,
+    .destroy_vm = bt_destroy_vm,
+    .vcpu_create = bt_vcpu_create,
+    .vcpu_destroy = bt_vcpu_destroy,
+    .set_boot_state = bt_set_boot_state,
+    .run = bt_run,
+};
+
+int hv_bt_insn_length(const uint8_t *code, int avail, int *kind)
+{
+    struct bt_insn in;
+    if (bt_decode(code, avail, &in) < 0)
+        return -1;
+    if (kind)
+        *kind = in.kind;
+    return in.len;
+}

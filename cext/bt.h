@@ -1,0 +1,231 @@
+/*
+ * bt.h - the bt engine's private definitions: the slice of Unicorn's C API it calls
+ * (loaded at run time from the unicorn package's libunicorn), its per-vCPU state, and
+ * what its files (bt.c, bt_cpu.c, bt_decode.c, bt_uc.c) share.
+ */
+#ifndef TRAPLESS_BT_H
+#define TRAPLESS_BT_H
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hv.h"
+
+/* ---- Unicorn 2 public API, declared here from its documentation ---- */
+
+typedef struct uc_struct uc_engine;
+typedef size_t uc_hook;
+typedef int uc_err;
+
+enum {
+    UC_ARCH_X86 = 4,
+    UC_MODE_64 = 1 << 3,
+};
+
+enum {
+    UC_ERR_OK = 0,
+    UC_ERR_READ_UNMAPPED = 6,
+    UC_ERR_WRITE_UNMAPPED = 7,
+    UC_ERR_FETCH_UNMAPPED = 8,
+    UC_ERR_INSN_INVALID = 10,
+    UC_ERR_WRITE_PROT = 12,
+    UC_ERR_READ_PROT = 13,
+    UC_ERR_FETCH_PROT = 14,
+    UC_ERR_EXCEPTION = 21,
+};
+
+enum { UC_PROT_READ = 1, UC_PROT_WRITE = 2, UC_PROT_EXEC = 4 };
+
+enum {                              /* uc_mem_type */
+    UC_MEM_READ = 16, UC_MEM_WRITE, UC_MEM_FETCH,
+    UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_WRITE_PROT, UC_MEM_READ_PROT, UC_MEM_FETCH_PROT,
+};
+
+enum {                              /* uc_hook_type */
+    UC_HOOK_INTR = 1 << 0,
+    UC_HOOK_INSN = 1 << 1,
+    UC_HOOK_CODE = 1 << 2,
+    UC_HOOK_MEM_READ_UNMAPPED = 1 << 4,
+    UC_HOOK_MEM_WRITE_UNMAPPED = 1 << 5,
+    UC_HOOK_MEM_FETCH_UNMAPPED = 1 << 6,
+    UC_HOOK_MEM_WRITE_PROT = 1 << 8,
+    UC_HOOK_EDGE_GENERATED = 1 << 15,
+    UC_HOOK_TLB_FILL = 1 << 17,
+};
+
+enum {                              /* uc_x86_reg (the ones we use) */
+    UC_X86_REG_CS = 11, UC_X86_REG_DS = 17, UC_X86_REG_ES = 28, UC_X86_REG_SS = 49,
+    UC_X86_REG_RAX = 35, UC_X86_REG_RBP = 36, UC_X86_REG_RBX = 37, UC_X86_REG_RCX = 38,
+    UC_X86_REG_RDI = 39, UC_X86_REG_RDX = 40, UC_X86_REG_RIP = 41, UC_X86_REG_RSI = 43,
+    UC_X86_REG_RSP = 44,
+    UC_X86_REG_CR0 = 50, UC_X86_REG_CR2 = 52, UC_X86_REG_CR3 = 53, UC_X86_REG_CR4 = 54,
+    UC_X86_REG_R8 = 106, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11, UC_X86_REG_R12,
+    UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+    UC_X86_REG_IDTR = 242, UC_X86_REG_GDTR = 243, UC_X86_REG_TR = 245,
+    UC_X86_REG_FPCW = 246, UC_X86_REG_MSR = 248, UC_X86_REG_MXCSR = 249,
+    UC_X86_REG_FS_BASE = 250, UC_X86_REG_GS_BASE = 251, UC_X86_REG_RFLAGS = 253,
+};
+
+enum { UC_X86_INS_IN = 218, UC_X86_INS_OUT = 500 };
+
+/* uc_ctl commands: type | (number of arguments << 26) | (1 << 30) for a write. */
+#define BT_UC_CTL_WRITE(type, nargs) ((int)((type) | ((nargs) << 26) | (1 << 30)))
+#define UC_CTL_TB_REMOVE_CACHE_W  BT_UC_CTL_WRITE(9, 2)
+#define UC_CTL_TLB_FLUSH_W        BT_UC_CTL_WRITE(11, 0)
+#define UC_CTL_TLB_TYPE_W         BT_UC_CTL_WRITE(12, 1)
+#define UC_CTL_TCG_BUFFER_SIZE_W  BT_UC_CTL_WRITE(13, 1)
+#define UC_TLB_VIRTUAL 1
+
+typedef struct {                    /* uc_x86_mmr: GDTR, IDTR, TR */
+    uint16_t selector;
+    uint64_t base;
+    uint32_t limit;
+    uint32_t flags;
+} uc_x86_mmr;
+
+typedef struct {                    /* uc_x86_msr */
+    uint32_t rid;
+    uint64_t value;
+} uc_x86_msr;
+
+typedef struct {                    /* uc_tlb_entry */
+    uint64_t paddr;
+    int perms;
+} uc_tlb_entry;
+
+typedef struct {                    /* uc_tb: a translation block as the edge hook sees it */
+    uint64_t pc;
+    uint16_t icount;
+    uint16_t size;
+} uc_tb;
+
+/* The entry points, resolved by hv_bt_init (bt_uc.c). */
+struct bt_uc_api {
+    unsigned (*version)(unsigned *major, unsigned *minor);
+    uc_err (*open)(int arch, int mode, uc_engine **uc);
+    uc_err (*close)(uc_engine *uc);
+    const char *(*strerror)(uc_err code);
+    uc_err (*ctl)(uc_engine *uc, int control, ...);
+    uc_err (*reg_read)(uc_engine *uc, int regid, void *value);
+    uc_err (*reg_write)(uc_engine *uc, int regid, const void *value);
+    uc_err (*reg_read_batch)(uc_engine *uc, int const *regs, void **vals, int count);
+    uc_err (*mem_map_ptr)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms, void *ptr);
+    uc_err (*mem_protect)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms);
+    uc_err (*emu_start)(uc_engine *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
+    uc_err (*emu_stop)(uc_engine *uc);
+    uc_err (*hook_add)(uc_engine *uc, uc_hook *hh, int type, void *callback, void *user_data,
+                       uint64_t begin, uint64_t end, ...);
+};
+
+extern struct bt_uc_api bt_uc;
+/* 1 once hv_bt_init loaded a usable library; otherwise why not, in bt_uc_why. */
+extern int bt_uc_loaded;
+extern char bt_uc_why[200];
+
+/* ---- the x86-64 instruction decoder (bt_decode.c) ---- */
+
+/* Instructions the translator hands to VMM code instead of running them as they are. */
+enum bt_kind {
+    BT_PLAIN = 0,                   /* not sensitive */
+    BT_HLT, BT_CLI, BT_STI, BT_POPF, BT_IRET,
+    BT_MOV_CR, BT_MOV_DR, BT_WRMSR, BT_RDMSR,
+    BT_LGDT, BT_LIDT, BT_LLDT, BT_LTR, BT_INVLPG, BT_CLTS, BT_CACHE,
+    BT_PORT_IO,                     /* in/out/ins/outs: the port hooks take them */
+};
+
+struct bt_insn {
+    uint8_t len;                    /* bytes, prefixes included */
+    uint8_t kind;                   /* enum bt_kind */
+    uint8_t opsize;                 /* operand size in bytes: 2, 4 or 8 */
+    uint8_t has_modrm, modrm, sib, rex;
+    uint8_t map;                    /* 0: one-byte opcodes, 1: 0F, 2: 0F38, 3: 0F3A */
+    uint8_t opcode;
+    uint8_t addr32;                 /* 0x67 prefix */
+    uint8_t seg;                    /* 0x64 (fs) or 0x65 (gs) override, else 0 */
+    int32_t disp;
+    uint8_t disp_at_end_rel;        /* rip-relative: disp counts from the next instruction */
+};
+
+/* Decode one instruction from code[0..avail): 0 and *out filled, or -1 if it is not
+ * a valid x86-64 instruction (or is cut off). */
+int bt_decode(const uint8_t *code, int avail, struct bt_insn *out);
+/* 1 if the instruction is a div/idiv (the source of #DE). */
+int bt_is_divide(const struct bt_insn *in);
+
+/* ---- per-vCPU state (bt.c, bt_cpu.c) ---- */
+
+/* A sensitive instruction the translator found: a code hook on its address. */
+struct bt_site {
+    struct bt_vcpu *b;
+    uint64_t addr;
+    uint8_t kind;                   /* enum bt_kind */
+    uint8_t len;
+    uint8_t bytes[15];              /* as decoded, to notice code that changed since */
+    struct bt_site *next;           /* hash chain */
+};
+
+#define BT_SITE_BUCKETS 1024
+
+/* An exception or interrupt waiting to go through the guest's IDT. */
+struct bt_event {
+    int      vector;                /* -1: none */
+    int      has_error;
+    uint32_t error;
+    int      soft;                  /* int n / int3: the gate's DPL is checked */
+    int      set_cr2;
+    uint64_t cr2;
+};
+
+struct bt_vcpu {
+    struct hv_vcpu *v;
+    uc_engine *uc;
+
+    /* kicks from other threads (bt_kick): kick_lock guards in_emu, kick_pending and
+     * emu_gen; the kicker thread repeats a stop that landed before the emulator was
+     * ready to notice it */
+    pthread_mutex_t kick_lock;
+    pthread_cond_t  kick_cond;
+    pthread_t kicker;
+    int kicker_started, kicker_exit;
+    int in_emu;
+    int kick_pending;
+    uint64_t emu_gen;
+
+    /* why the emulator stopped, set by the hooks (vCPU thread only) */
+    struct bt_site *stopped_at;     /* a sensitive instruction for the VMM to emulate */
+    struct bt_site *skip_once;      /* let this one run as it is, once */
+    uint64_t retranslate_start, retranslate_end;    /* drop these blocks: new hooks */
+    struct bt_event exception;      /* raised by the emulated instruction */
+    int fatal;                      /* stop the domain with fatal_stop */
+    struct hv_stop fatal_stop;
+
+    /* the last guest-virtual access the TLB fill refused, for #PF/#GP */
+    uint64_t fault_va;
+    int fault_access;               /* UC_MEM_READ, UC_MEM_WRITE or UC_MEM_FETCH */
+    int fault_present;              /* the page is mapped, the access is not allowed */
+    int fault_noncanonical;
+
+    struct bt_site *sites[BT_SITE_BUCKETS];
+    uint64_t nr_sites;
+};
+
+/* bt_cpu.c: the MMU walk, guest memory reads by virtual address, IDT delivery. */
+int  bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perms, int *present);
+int  bt_read_virt(struct bt_vcpu *b, uint64_t va, void *dst, int len);
+uint64_t bt_reg(struct bt_vcpu *b, int regid);
+void bt_set_reg(struct bt_vcpu *b, int regid, uint64_t value);
+/* Deliver ev through the guest's IDT, escalating faults met on the way (#DF, then a
+ * triple fault). 0, or -1 with stop filled (triple fault, or something bt cannot do). */
+int  bt_deliver(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
+/* The #PF for the access the TLB fill refused last (cr2, error code). */
+void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
+
+#define RFLAGS_TF (1ULL << 8)
+#define RFLAGS_IF (1ULL << 9)
+#define RFLAGS_NT (1ULL << 14)
+#define RFLAGS_RF (1ULL << 16)
+#define RFLAGS_VM (1ULL << 17)
+
+#endif

@@ -1,0 +1,413 @@
+/*
+ * bt_cpu.c - the parts of an x86-64 CPU the bt engine provides itself, because Unicorn
+ * leaves them to its user: the MMU walk that fills TCG's TLB (so a refused access is a
+ * precise #PF with its error code), and the delivery of exceptions and interrupts
+ * through the guest's IDT (Unicorn has no interrupt controller and never enters an IDT).
+ *
+ * Delivery follows the 64-bit rules for a ring-0 guest: the gate is a present 64-bit
+ * interrupt or trap gate; the frame (ss, rsp, rflags, cs, rip, error code) goes on the
+ * current stack, or the IST stack the gate names, aligned down to 16 bytes; an
+ * interrupt gate clears IF. A fault met while delivering escalates as on hardware:
+ * a contributory fault during a contributory one (or a #PF during a #PF or a
+ * contributory fault) becomes #DF, and a fault during #DF is a triple fault.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "bt.h"
+
+#define PTE_P    (1ULL << 0)
+#define PTE_RW   (1ULL << 1)
+#define PTE_US   (1ULL << 2)
+#define PTE_PS   (1ULL << 7)
+#define PTE_NX   (1ULL << 63)
+#define PTE_ADDR 0x000ffffffffff000ULL
+
+#define CR0_PG   (1ULL << 31)
+#define CR0_WP   (1ULL << 16)
+#define EFER_NXE (1ULL << 11)
+#define MSR_EFER 0xc0000080
+
+#define PF_P     (1u << 0)
+#define PF_W     (1u << 1)
+#define PF_U     (1u << 2)
+#define PF_I     (1u << 4)
+
+uint64_t bt_reg(struct bt_vcpu *b, int regid)
+{
+    uint64_t value = 0;
+    bt_uc.reg_read(b->uc, regid, &value);
+    return value;
+}
+
+void bt_set_reg(struct bt_vcpu *b, int regid, uint64_t value)
+{
+    bt_uc.reg_write(b->uc, regid, &value);
+}
+
+static uint64_t efer(struct bt_vcpu *b)
+{
+    uc_x86_msr msr = { .rid = MSR_EFER };
+    bt_uc.reg_read(b->uc, UC_X86_REG_MSR, &msr);
+    return msr.value;
+}
+
+static int canonical(uint64_t va)
+{
+    uint64_t top = va >> 47;
+    return top == 0 || top == 0x1ffff;
+}
+
+/* Translate va for an access (UC_MEM_READ/WRITE/FETCH) as the MMU would: 0 with the
+ * guest-physical page and the permissions the whole walk grants (UC_PROT_*), or -1 with
+ * *present saying whether a translation exists at all. The walk reads the page tables
+ * straight from guest RAM and never leaves it. */
+int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perms, int *present)
+{
+    struct hv_domain *d = b->v->dom;
+    uint64_t cr0 = bt_reg(b, UC_X86_REG_CR0), table, entry = 0;
+    int user = (bt_reg(b, UC_X86_REG_CS) & 3) == 3;
+    int writable = 1, executable = 1, user_ok = 1, nx;
+
+    *present = 0;
+    if (!(cr0 & CR0_PG)) {
+        *gpa = va & ~(HV_PAGE_SIZE - 1);
+        *perms = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC;
+        *present = 1;
+        return 0;
+    }
+    if (!canonical(va))
+        return -1;
+    nx = (efer(b) & EFER_NXE) != 0;
+    table = bt_reg(b, UC_X86_REG_CR3) & PTE_ADDR;
+    for (int level = 4; level >= 1; level--) {
+        unsigned shift = 12 + 9 * (level - 1);
+        uint64_t at = table + ((va >> shift) & 511) * 8;
+        if (!hv_gpa_valid(d, at, 8))
+            return -1;
+        memcpy(&entry, d->ram + at, 8);
+        if (!(entry & PTE_P))
+            return -1;
+        writable &= (entry & PTE_RW) != 0;
+        user_ok &= (entry & PTE_US) != 0;
+        if (nx && (entry & PTE_NX))
+            executable = 0;
+        if ((level == 3 || level == 2) && (entry & PTE_PS)) {
+            uint64_t size = 1ULL << shift;
+            *gpa = ((entry & PTE_ADDR) & ~(size - 1)) | (va & (size - 1) & ~(HV_PAGE_SIZE - 1));
+            goto mapped;
+        }
+        table = entry & PTE_ADDR;
+    }
+    *gpa = entry & PTE_ADDR;
+mapped:
+    *present = 1;
+    if (user && !user_ok)
+        return -1;
+    *perms = UC_PROT_READ;
+    if (writable || (!user && !(cr0 & CR0_WP)))
+        *perms |= UC_PROT_WRITE;
+    if (executable)
+        *perms |= UC_PROT_EXEC;
+    switch (access) {
+    case UC_MEM_WRITE: return (*perms & UC_PROT_WRITE) ? 0 : -1;
+    case UC_MEM_FETCH: return (*perms & UC_PROT_EXEC) ? 0 : -1;
+    default:           return 0;
+    }
+}
+
+/* Read guest memory by virtual address, page by page, inside RAM only: 0 or -1. */
+int bt_read_virt(struct bt_vcpu *b, uint64_t va, void *dst, int len)
+{
+    uint8_t *out = dst;
+    while (len > 0) {
+        uint64_t gpa;
+        int perms, present, chunk = (int)(HV_PAGE_SIZE - (va & (HV_PAGE_SIZE - 1)));
+        if (chunk > len)
+            chunk = len;
+        if (bt_walk(b, va, UC_MEM_READ, &gpa, &perms, &present) < 0)
+            return -1;
+        gpa |= va & (HV_PAGE_SIZE - 1);
+        if (!hv_gpa_valid(b->v->dom, gpa, (uint64_t)chunk))
+            return -1;
+        memcpy(out, b->v->dom->ram + gpa, (size_t)chunk);
+        out += chunk;
+        va += (uint64_t)chunk;
+        len -= chunk;
+    }
+    return 0;
+}
+
+/* Write guest memory by virtual address as a ring-0 store would (the page must be
+ * writable and not a page-table frame): 0, or -1 with the first address refused. */
+static int write_virt(struct bt_vcpu *b, uint64_t va, const void *src, int len, uint64_t *bad)
+{
+    struct hv_domain *d = b->v->dom;
+    const uint8_t *in = src;
+    uint64_t at = va;
+    /* check every page first, so a fault half-way leaves memory untouched */
+    for (int left = len; left > 0;) {
+        uint64_t gpa;
+        int perms, present, chunk = (int)(HV_PAGE_SIZE - (at & (HV_PAGE_SIZE - 1)));
+        if (chunk > left)
+            chunk = left;
+        if (bt_walk(b, at, UC_MEM_WRITE, &gpa, &perms, &present) < 0 ||
+            !hv_gpa_valid(d, gpa, HV_PAGE_SIZE) ||
+            (gpa >= d->pt_pool_start && gpa < d->pt_pool_end)) {
+            *bad = at;
+            return -1;
+        }
+        at += (uint64_t)chunk;
+        left -= chunk;
+    }
+    while (len > 0) {
+        uint64_t gpa;
+        int perms, present, chunk = (int)(HV_PAGE_SIZE - (va & (HV_PAGE_SIZE - 1)));
+        if (chunk > len)
+            chunk = len;
+        bt_walk(b, va, UC_MEM_WRITE, &gpa, &perms, &present);
+        memcpy(d->ram + gpa + (va & (HV_PAGE_SIZE - 1)), in, (size_t)chunk);
+        in += chunk;
+        va += (uint64_t)chunk;
+        len -= chunk;
+    }
+    return 0;
+}
+
+/* ---- #PF for a refused access ---- */
+
+static uint64_t reg_by_number(struct bt_vcpu *b, int n)
+{
+    static const int ids[16] = {
+        UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
+        UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
+        UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
+        UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+    };
+    return bt_reg(b, ids[n & 15]);
+}
+
+/* The address the faulting instruction at rip meant to touch, when the decoder can
+ * tell (a ModRM memory operand, the stack, a string operand); 0 if not. The TLB fill
+ * only sees the page, and cr2 wants the byte. */
+static int access_address(struct bt_vcpu *b, uint64_t rip, int access, uint64_t *ea)
+{
+    uint8_t code[15];
+    struct bt_insn in;
+    int avail = 15;
+    uint64_t rsp = bt_reg(b, UC_X86_REG_RSP);
+
+    while (avail > 0 && bt_read_virt(b, rip, code, avail) < 0)
+        avail--;                /* the instruction may end just before an unmapped page */
+    if (avail == 0 || bt_decode(code, avail, &in) < 0)
+        return 0;
+    if (in.map == 0) {
+        uint8_t op = in.opcode, reg = (in.modrm >> 3) & 7;
+        if ((op >= 0x50 && op <= 0x57) || op == 0x68 || op == 0x6a || op == 0x9c ||
+            op == 0xe8 || (op == 0xff && (reg == 2 || reg == 6) && (in.modrm >> 6) == 3)) {
+            *ea = rsp - 8;
+            return 1;
+        }
+        if ((op >= 0x58 && op <= 0x5f) || op == 0x9d || op == 0xc3 || op == 0xc2 ||
+            op == 0xcf || (op == 0x8f && (in.modrm >> 6) == 3)) {
+            *ea = rsp;
+            return 1;
+        }
+        if (op >= 0xa4 && op <= 0xaf) {
+            *ea = bt_reg(b, access == UC_MEM_WRITE ? UC_X86_REG_RDI : UC_X86_REG_RSI);
+            return 1;
+        }
+    }
+    if (!in.has_modrm || (in.modrm >> 6) == 3)
+        return 0;
+    {
+        uint64_t addr = (uint64_t)(int64_t)in.disp;
+        int rm = in.modrm & 7, mod = in.modrm >> 6;
+        if (rm == 4) {
+            int base = (in.sib & 7) | ((in.rex & 1) << 3);
+            int index = ((in.sib >> 3) & 7) | ((in.rex & 2) << 2);
+            if (index != 4)
+                addr += reg_by_number(b, index) << (in.sib >> 6);
+            if (!((in.sib & 7) == 5 && mod == 0))
+                addr += reg_by_number(b, base);
+        } else if (rm == 5 && mod == 0) {
+            addr += rip + in.len;
+        } else {
+            addr += reg_by_number(b, rm | ((in.rex & 1) << 3));
+        }
+        if (in.addr32)
+            addr &= 0xffffffffULL;
+        if (in.seg == 0x64)
+            addr += bt_reg(b, UC_X86_REG_FS_BASE);
+        else if (in.seg == 0x65)
+            addr += bt_reg(b, UC_X86_REG_GS_BASE);
+        *ea = addr;
+        return 1;
+    }
+}
+
+void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev)
+{
+    uint64_t page = b->fault_va & ~(HV_PAGE_SIZE - 1), rip = bt_reg(b, UC_X86_REG_RIP), ea;
+    memset(ev, 0, sizeof(*ev));
+    if (b->fault_noncanonical) {
+        ev->vector = 13;        /* a non-canonical address is #GP(0), not #PF */
+        ev->has_error = 1;
+        return;
+    }
+    ev->vector = 14;
+    ev->has_error = 1;
+    ev->error = (b->fault_present ? PF_P : 0) |
+                (b->fault_access == UC_MEM_WRITE ? PF_W : 0) |
+                ((bt_reg(b, UC_X86_REG_CS) & 3) == 3 ? PF_U : 0) |
+                (b->fault_access == UC_MEM_FETCH && (efer(b) & EFER_NXE) ? PF_I : 0);
+    ev->set_cr2 = 1;
+    ev->cr2 = page;
+    if (b->fault_access == UC_MEM_FETCH) {
+        if ((rip & ~(HV_PAGE_SIZE - 1)) == page)
+            ev->cr2 = rip;
+    } else if (access_address(b, rip, b->fault_access, &ea)) {
+        /* an access straddling into the page faults at the page's first byte */
+        if ((ea & ~(HV_PAGE_SIZE - 1)) == page)
+            ev->cr2 = ea;
+    }
+}
+
+/* ---- IDT delivery ---- */
+
+static int contributory(int vector)
+{
+    return vector == 0 || (vector >= 10 && vector <= 13);
+}
+
+enum { DELIVERED = 0, FAULTED = 1, CANNOT = 2 };
+
+/* One attempt to enter the gate of ev. FAULTED: *fault is what went wrong on the way. */
+static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_event *fault,
+                      struct hv_stop *stop)
+{
+    static const int ids[] = { UC_X86_REG_RIP, UC_X86_REG_RSP, UC_X86_REG_RFLAGS,
+                               UC_X86_REG_CS, UC_X86_REG_SS };
+    uint64_t rip = 0, rsp = 0, rflags = 0, cs = 0, ss = 0;
+    void *vals[] = { &rip, &rsp, &rflags, &cs, &ss };
+    uc_x86_mmr idtr;
+    uint8_t gate[16];
+    uint64_t frame[6], new_rsp, target, bad;
+    int type, ist, n = 0;
+    uint16_t selector;
+    /* the error code of a fault in delivery names the IDT entry (IDT bit, EXT bit) */
+    uint32_t idt_error = (uint32_t)ev->vector * 8 + 2 + (ev->soft ? 0 : 1);
+
+    memset(fault, 0, sizeof(*fault));
+    bt_uc.reg_read_batch(b->uc, ids, vals, 5);
+    memset(&idtr, 0, sizeof(idtr));
+    bt_uc.reg_read(b->uc, UC_X86_REG_IDTR, &idtr);
+    if ((cs & 3) != 0) {
+        hv_stop_with(stop, HV_STOP_FAULT, ev->vector, rip,
+                     "vector %d arrived in ring %d; the bt engine delivers in ring 0 only",
+                     ev->vector, (int)(cs & 3));
+        return CANNOT;
+    }
+    if ((uint64_t)ev->vector * 16 + 15 > idtr.limit ||
+        bt_read_virt(b, idtr.base + (uint64_t)ev->vector * 16, gate, 16) < 0) {
+        fault->vector = 13;
+        fault->has_error = 1;
+        fault->error = idt_error;
+        return FAULTED;
+    }
+    type = gate[5] & 0x0f;
+    if (type != 0xe && type != 0xf) {
+        fault->vector = 13;
+        fault->has_error = 1;
+        fault->error = idt_error;
+        return FAULTED;
+    }
+    if (!(gate[5] & 0x80)) {
+        fault->vector = 11;     /* #NP */
+        fault->has_error = 1;
+        fault->error = idt_error;
+        return FAULTED;
+    }
+    selector = (uint16_t)(gate[2] | gate[3] << 8);
+    target = (uint64_t)gate[0] | (uint64_t)gate[1] << 8 | (uint64_t)gate[6] << 16 |
+             (uint64_t)gate[7] << 24 | (uint64_t)gate[8] << 32 | (uint64_t)gate[9] << 40 |
+             (uint64_t)gate[10] << 48 | (uint64_t)gate[11] << 56;
+    if ((selector & 3) != 0 || (selector & ~7) == 0) {
+        fault->vector = 13;
+        fault->has_error = 1;
+        fault->error = selector & ~3u;
+        return FAULTED;
+    }
+    ist = gate[4] & 7;
+    new_rsp = rsp;
+    if (ist) {
+        uc_x86_mmr tr;
+        memset(&tr, 0, sizeof(tr));
+        bt_uc.reg_read(b->uc, UC_X86_REG_TR, &tr);
+        if (tr.limit < 0x24 + (uint32_t)ist * 8 - 1 ||
+            bt_read_virt(b, tr.base + 0x24 + (uint64_t)(ist - 1) * 8, &new_rsp, 8) < 0) {
+            fault->vector = 10; /* #TS */
+            fault->has_error = 1;
+            fault->error = (uint32_t)(tr.selector & ~3u);
+            return FAULTED;
+        }
+    }
+    new_rsp &= ~15ULL;
+    if (ev->has_error)
+        frame[n++] = ev->error;
+    frame[n++] = rip;
+    frame[n++] = cs;
+    frame[n++] = rflags;
+    frame[n++] = rsp;
+    frame[n++] = ss;
+    new_rsp -= (uint64_t)n * 8;
+    if (write_virt(b, new_rsp, frame, n * 8, &bad) < 0) {
+        uint64_t gpa;
+        int perms, present;
+        bt_walk(b, bad, UC_MEM_WRITE, &gpa, &perms, &present);
+        fault->vector = 14;
+        fault->has_error = 1;
+        fault->error = PF_W | (present ? PF_P : 0);
+        fault->set_cr2 = 1;
+        fault->cr2 = bad;
+        return FAULTED;
+    }
+    if (ev->set_cr2)
+        bt_set_reg(b, UC_X86_REG_CR2, ev->cr2);
+    rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM);
+    if (type == 0xe)
+        rflags &= ~RFLAGS_IF;   /* an interrupt gate: no nesting until iretq */
+    bt_set_reg(b, UC_X86_REG_RSP, new_rsp);
+    bt_set_reg(b, UC_X86_REG_RFLAGS, rflags);
+    if (selector != cs)
+        bt_set_reg(b, UC_X86_REG_CS, selector);
+    bt_set_reg(b, UC_X86_REG_RIP, target);
+    return DELIVERED;
+}
+
+int bt_deliver(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop)
+{
+    struct bt_event cur = *ev, fault;
+
+    for (;;) {
+        int r = enter_gate(b, &cur, &fault, stop);
+        if (r == DELIVERED)
+            return 0;
+        if (r == CANNOT)
+            return -1;
+        if (cur.vector == 8) {
+            b->v->dom->counters.exits[HV_EXIT_SHUTDOWN]++;
+            hv_stop_with(stop, HV_STOP_FAULT, 8, bt_reg(b, UC_X86_REG_RIP), "triple fault");
+            return -1;
+        }
+        if (!cur.soft && cur.vector < 32 &&
+            ((contributory(cur.vector) && contributory(fault.vector)) ||
+             (cur.vector == 14 && (contributory(fault.vector) || fault.vector == 14)))) {
+            memset(&cur, 0, sizeof(cur));
+            cur.vector = 8;     /* #DF, error code 0 */
+            cur.has_error = 1;
+        } else {
+            cur = fault;
+        }
+    }
+}

@@ -1,0 +1,76 @@
+/*
+ * bt_uc.c - loading Unicorn for the bt engine: dlopen the libunicorn that the unicorn
+ * Python package ships (Python finds it and passes its path) and resolve the entry
+ * points bt.h declares. Nothing links against Unicorn at build time, so the extension
+ * builds and the kvm engine works on a host without it.
+ */
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "bt.h"
+
+struct bt_uc_api bt_uc;
+int bt_uc_loaded;
+char bt_uc_why[200] = "the Unicorn library was not loaded (hv_bt_init was not called)";
+
+static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
+
+#define UNICORN_MAJOR_WANTED 2
+
+int hv_bt_init(const char *library, char *err, int err_len)
+{
+    void *h;
+    unsigned major = 0, minor = 0;
+    struct { const char *name; void **slot; } syms[] = {
+        { "uc_version", (void **)&bt_uc.version },
+        { "uc_open", (void **)&bt_uc.open },
+        { "uc_close", (void **)&bt_uc.close },
+        { "uc_strerror", (void **)&bt_uc.strerror },
+        { "uc_ctl", (void **)&bt_uc.ctl },
+        { "uc_reg_read", (void **)&bt_uc.reg_read },
+        { "uc_reg_write", (void **)&bt_uc.reg_write },
+        { "uc_reg_read_batch", (void **)&bt_uc.reg_read_batch },
+        { "uc_mem_map_ptr", (void **)&bt_uc.mem_map_ptr },
+        { "uc_mem_protect", (void **)&bt_uc.mem_protect },
+        { "uc_emu_start", (void **)&bt_uc.emu_start },
+        { "uc_emu_stop", (void **)&bt_uc.emu_stop },
+        { "uc_hook_add", (void **)&bt_uc.hook_add },
+    };
+
+    pthread_mutex_lock(&load_lock);
+    if (bt_uc_loaded) {
+        pthread_mutex_unlock(&load_lock);
+        return 0;
+    }
+    h = dlopen(library, RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        snprintf(bt_uc_why, sizeof(bt_uc_why), "cannot load the Unicorn library: %s", dlerror());
+        goto fail;
+    }
+    for (size_t i = 0; i < sizeof(syms) / sizeof(syms[0]); i++) {
+        *syms[i].slot = dlsym(h, syms[i].name);
+        if (!*syms[i].slot) {
+            snprintf(bt_uc_why, sizeof(bt_uc_why), "%s lacks %s: not Unicorn 2", library,
+                     syms[i].name);
+            dlclose(h);
+            goto fail;
+        }
+    }
+    bt_uc.version(&major, &minor);
+    if (major != UNICORN_MAJOR_WANTED) {
+        snprintf(bt_uc_why, sizeof(bt_uc_why), "%s is Unicorn %u.%u; bt needs Unicorn %d",
+                 library, major, minor, UNICORN_MAJOR_WANTED);
+        dlclose(h);
+        goto fail;
+    }
+    bt_uc_loaded = 1;
+    bt_uc_why[0] = 0;
+    pthread_mutex_unlock(&load_lock);
+    return 0;
+fail:
+    hv_set_error(err, err_len, "%s", bt_uc_why);
+    pthread_mutex_unlock(&load_lock);
+    return -1;
+}

@@ -1,0 +1,121 @@
+"""xl-style config files: what parses, and the one-line error for each kind of mistake."""
+from pathlib import Path
+
+import pytest
+
+from hypervisor import config
+from hypervisor.errors import ConfigError
+
+
+@pytest.fixture
+def kernel(tmp_path) -> Path:
+    path = tmp_path / "k.elf"
+    path.write_bytes(b"\x7fELF" + bytes(60))     # only its existence and magic matter here
+    return path
+
+
+def write(tmp_path, text: str, name: str = "d.cfg") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_full_config_parses_with_comments_quotes_and_relative_kernel(tmp_path, kernel):
+    cfg = config.load(write(tmp_path, """
+# a domain for the demo
+name = "web-1"            # quoted strings
+kernel = 'k.elf'          # relative to the config file
+memory = 32
+maxmem = 32
+cmdline = "interactive # not a comment"
+extra = "quiet"
+engine = "kvm"
+vcpus = 1
+type = "pv"
+on_poweroff = "preserve"
+on_reboot = "destroy"
+on_crash = "restart";
+"""))
+    assert cfg.name == "web-1"
+    assert cfg.kernel == kernel
+    assert (cfg.memory, cfg.maxmem, cfg.engine) == (32, 32, "kvm")
+    assert cfg.full_cmdline == "interactive # not a comment quiet"
+    assert (cfg.on_poweroff, cfg.on_reboot, cfg.on_crash) == ("preserve", "destroy", "restart")
+
+
+def test_defaults_follow_xl(tmp_path, kernel):
+    cfg = config.load(write(tmp_path, 'kernel = "k.elf"\n'))
+    assert (cfg.name, cfg.memory, cfg.cmdline, cfg.engine) == (None, 64, "", None)
+    assert (cfg.on_poweroff, cfg.on_reboot, cfg.on_crash) == ("destroy", "restart", "destroy")
+
+
+def test_an_elf_image_is_its_own_config_and_words_override(kernel):
+    cfg = config.load(kernel, ["name=a", "memory=16", 'cmdline="interactive ticks=5"',
+                               "on_crash=preserve"])
+    assert (cfg.kernel, cfg.name, cfg.memory) == (kernel, "a", 16)
+    assert cfg.cmdline == "interactive ticks=5"
+    assert cfg.on_crash == "preserve"
+
+
+def test_words_alone_make_a_config(kernel):
+    cfg = config.from_words([f"kernel={kernel}", "name=solo"])
+    assert (cfg.kernel, cfg.name) == (kernel, "solo")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('memroy = 32\n', "d.cfg:1: unknown key 'memroy' (known: cmdline, engine, extra, kernel, "
+                      "maxmem, memory, name, on_crash, on_poweroff, on_reboot, type, vcpus)"),
+    ('name = x\n', 'd.cfg:1: name = x: strings must be quoted ("x")'),
+    ('\n\non_crash = "reboot"\n', "d.cfg:3: on_crash = 'reboot': must be destroy, restart or "
+                                  "preserve"),
+    ('memory = 2\n', "d.cfg:1: memory = 2: must be between 4 and 3840 MiB"),
+    ('memory = "lots"\n', "d.cfg:1: memory = 'lots': expected a whole number"),
+    ('just words\n', "d.cfg:1: expected `key = value`, got 'just words'"),
+    ('name = "a b"\n', "d.cfg:1: name = 'a b': must be 1-64 letters, digits, '_', '.' or '-', "
+                       "starting with a letter or '_'"),
+    ('cmdline = "open\n', 'd.cfg:1: cmdline: unterminated string "open'),
+    ('disk = [ "x" ]\n', "d.cfg:1: unknown key 'disk' (known: cmdline, engine, extra, kernel, "
+                         "maxmem, memory, name, on_crash, on_poweroff, on_reboot, type, vcpus)"),
+    ('memory = [ 1 ]\n', "d.cfg:1: memory: lists are not supported"),
+    ('vcpus = 2\n', "d.cfg:1: vcpus = 2: trapless domains have exactly one vCPU"),
+    ('type = "hvm"\n', 'd.cfg:1: type = \'hvm\': trapless runs PV domains only (type = "pv")'),
+    ('engine = "qemu"\n', "d.cfg:1: engine = 'qemu': unknown engine (known: kvm"),
+    ('name = "x"\n', 'd.cfg: kernel: missing (kernel = "path/to/image.elf")'),
+    ('kernel = "nope.elf"\n', "d.cfg: kernel = '{dir}/nope.elf': no such file"),
+    ('kernel = "k.elf"\nmemory = 64\nmaxmem = 32\n', "d.cfg: maxmem = 32: below memory (64 MiB)"),
+    ('kernel = "k.elf"\nmaxmem = 128\n', "d.cfg: maxmem = 128: above memory (64 MiB) is not "
+                                         "supported: a domain starts at its maximum reservation"),
+])
+def test_each_mistake_is_one_line_naming_file_line_and_key(tmp_path, kernel, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        config.load(path)
+    expected = f"{tmp_path}/" + message.format(dir=tmp_path)
+    assert "\n" not in str(e.value)
+    if message.startswith("d.cfg:1: engine"):       # the list of engines grows with the tree
+        assert str(e.value).startswith(expected)
+    else:
+        assert str(e.value) == expected
+
+
+@pytest.mark.parametrize("words, message", [
+    (["memory=x"], "command line: memory = 'x': expected a whole number"),
+    (["foo"], "'foo': expected key=value"),
+    (["=3"], "'=3': expected key=value"),
+    (["colour=red"], "command line: unknown key 'colour'"),
+    (["on_poweroff=explode"], "command line: on_poweroff = 'explode': must be destroy, restart "
+                              "or preserve"),
+])
+def test_override_mistakes_are_one_line(kernel, words, message):
+    with pytest.raises(ConfigError) as e:
+        config.load(kernel, words)
+    assert str(e.value).startswith(message)
+
+
+def test_a_missing_or_binary_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^/nonexistent/a\.cfg: no such file$"):
+        config.load("/nonexistent/a.cfg")
+    blob = tmp_path / "blob.cfg"
+    blob.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=r"blob\.cfg: neither an ELF image nor a text config"):
+        config.load(blob)
