@@ -242,6 +242,9 @@ class Toolstack:
         self._version: str | None = None
         self.log(f"toolstack started (pid {os.getpid()}); engines available: "
                  f"{', '.join(engines.available()) or 'none'}")
+        self.fallback_note = engines.fallback_note()
+        if self.fallback_note:
+            self.log(self.fallback_note)
 
     # ---- the log (`dmesg`) ----
     def log(self, message: str) -> None:
