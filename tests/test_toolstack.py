@@ -143,9 +143,10 @@ def test_shutdown_leaves_no_threads_fds_or_vms(kernel, engine):
     assert len(os.listdir("/proc/self/task")) > tasks and len(os.listdir("/proc/self/fd")) > fds
     ts.destroy(recs[0])
     ts.shutdown()
-    assert {t.name for t in threading.enumerate()} == threads
-    assert len(os.listdir("/proc/self/task")) == tasks      # C timer threads too
-    assert len(os.listdir("/proc/self/fd")) == fds          # VM, vCPU and console pipe fds
+    # Nothing of ours is left; a thread an earlier test left ending may have gone meanwhile.
+    assert {t.name for t in threading.enumerate()} <= threads
+    assert len(os.listdir("/proc/self/task")) <= tasks      # C timer threads too
+    assert len(os.listdir("/proc/self/fd")) <= fds          # VM, vCPU and console pipe fds
     assert ts.list() == []
     with pytest.raises(ToolstackError, match="shutting down"):
         ts.create(interactive(kernel, engine))
