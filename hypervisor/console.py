@@ -512,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     except TraplessError as e:
         print(f"trapless: {e}", file=sys.stderr)
         return 2
-    if toolstack.fallback_note:             # e.g. no /dev/kvm: say once which engine runs
+    interactive = args.commands is None and sys.stdin.isatty()
+    if interactive and toolstack.fallback_note:   # e.g. no /dev/kvm; scripts find it in dmesg
         print(f"trapless: {toolstack.fallback_note}", file=sys.stderr)
     shell = Shell(toolstack)
     try:
