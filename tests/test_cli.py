@@ -1,8 +1,4 @@
 """End to end: `python -m hypervisor` as a user runs it — output and exit status."""
-import os
-import subprocess
-import sys
-
 import pytest
 
 from guest_kernel.asm import rax
@@ -10,14 +6,11 @@ from guest_kernel.conformance import ConformanceGuest
 from guest_kernel.pv_kernel import build_pv_kernel
 from hypervisor import engines
 
+from helpers import hv
+
 needs_bt = pytest.mark.skipif(engines.why_unavailable("bt") is not None,
                               reason=f"bt engine unavailable: {engines.why_unavailable('bt')}")
 
-
-def hv(*args, env=None, timeout=60):
-    return subprocess.run([sys.executable, "-m", "hypervisor", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")

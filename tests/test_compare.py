@@ -3,23 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from guest_kernel import compare_workloads as cw
 from hypervisor import compare, engines
 
+from helpers import hv
+
 AVAILABLE = engines.available()
 needs_an_engine = pytest.mark.skipif(not AVAILABLE, reason="no engine can run here")
 
-
-def hv(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "hypervisor", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +22,7 @@ def quick_run(tmp_path_factory):
     if not AVAILABLE:
         pytest.skip("no engine can run here")
     path = tmp_path_factory.mktemp("compare") / "compare.json"
-    r = hv("compare", "--quick", "--json", path)
+    r = hv("compare", "--quick", "--json", path, timeout=300)
     return r, json.loads(path.read_text()) if path.exists() else None
 
 

@@ -8,19 +8,13 @@ from abi import C
 from guest_kernel.pv_kernel import build_pv_kernel
 from hypervisor.domain import Domain
 
+from helpers import wait_for
+
 
 @pytest.fixture(scope="module")
 def image() -> bytes:
     return build_pv_kernel()
 
-
-def wait_for(predicate, timeout=10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def type_line(dom: Domain, line: bytes) -> str:

@@ -1,20 +1,11 @@
 """The toolstack's view of a running domain: pause/unpause, state, trace, counters."""
 import time
 
-import pytest
-
 from abi import C
 from guest_kernel.pv_kernel import build_pv_kernel
 from hypervisor.domain import Domain
 
-
-def wait_for(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
+from helpers import wait_for
 
 
 def test_pause_stops_ticks_and_unpause_resumes(engine):

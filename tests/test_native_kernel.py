@@ -6,8 +6,6 @@ from __future__ import annotations
 import datetime
 import re
 import struct
-import subprocess
-import sys
 
 import pytest
 
@@ -19,6 +17,8 @@ from guest_kernel.asm import (al, ax, byte, cr0, cr3, dx, eax, edi, edx, ptr, qw
 from hypervisor._hv import ffi, lib
 from hypervisor.domain import Domain
 from hypervisor.image import load_image
+
+from helpers import hv
 
 MEMORY_MIB = 64
 FROZEN_WALL_NS = 1709251198 * 1_000_000_000 + 500_000_000   # half a second from any update
@@ -330,11 +330,6 @@ def test_a_native_guest_cannot_map_its_page_tables_writable(run):
 
 
 # ---- the command line ----------------------------------------------------------
-
-def hv(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "hypervisor", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
-
 
 def test_the_native_kernel_boots_from_the_command_line(engine):
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)

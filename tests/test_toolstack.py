@@ -15,6 +15,8 @@ from hypervisor.domain import TraceEntry
 from hypervisor.toolstack import (DomainSample, Toolstack, ToolstackError, describe_call,
                                   describe_result, rates)
 
+from helpers import wait_for
+
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
@@ -41,14 +43,6 @@ def ts():
     yield toolstack
     toolstack.shutdown()
 
-
-def wait_for(predicate, timeout=10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def interactive(kernel, engine, *words):
