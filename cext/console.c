@@ -84,7 +84,9 @@ int hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int len)
     while (n < len && d->console_in_prod - d->console_in_cons < HV_CONSOLE_IN)
         d->console_in[d->console_in_prod++ & (HV_CONSOLE_IN - 1)] = buf[n++];
     pthread_mutex_unlock(&d->console_lock);
-    if (n > 0)
+    if (n > 0) {
         hv_send_virq(d, 0, VIRQ_CONSOLE);   /* -ENOENT when unbound: the guest polls instead */
+        hv_devices_console_input(d);        /* a native guest's UART: data-ready interrupt */
+    }
     return n;
 }

@@ -83,6 +83,13 @@ static void update_irq(struct hv_devices *dev)
     hv_pic_set_irq(dev, HV_UART_IRQ, level);
 }
 
+/* The toolstack queued console input: the data-ready interrupt may rise now, so a
+ * guest idling in hlt wakes for it (devices.c calls this under the devices lock). */
+void hv_uart_input_arrived(struct hv_devices *dev)
+{
+    update_irq(dev);
+}
+
 static void transmit(struct hv_devices *dev, uint8_t byte)
 {
     int fd = dev->dom->console_fd;

@@ -208,6 +208,18 @@ void hv_devices_irq_injected(struct hv_domain *d, int vector)
     pthread_mutex_unlock(&dev->lock);
 }
 
+/* Console input was queued (console.c): the UART may raise its receive interrupt. */
+void hv_devices_console_input(struct hv_domain *d)
+{
+    struct hv_devices *dev = devices_of(d);
+    struct after after;
+    if (!dev)
+        return;
+    start(dev, &after);
+    hv_uart_input_arrived(dev);
+    finish(dev, &after);
+}
+
 /* ---- the device timer (called from timers.c's thread) ---- */
 
 uint64_t hv_devices_timer(struct hv_domain *d)

@@ -94,6 +94,7 @@ uint64_t hv_dev_wall_ns(struct hv_devices *dev);
  * lock; one byte at a time, the width is checked by the bus). */
 void    hv_uart_reset(struct hv_uart *u);
 uint8_t hv_uart_read(struct hv_devices *dev, int offset);
+void    hv_uart_input_arrived(struct hv_devices *dev);
 void    hv_uart_write(struct hv_devices *dev, int offset, uint8_t val);
 
 void    hv_pit_reset(struct hv_pit *p);

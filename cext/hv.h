@@ -203,6 +203,7 @@ int  hv_devices_irq_vector(struct hv_domain *d);
 /* The CPU took that vector: the interrupt controller moves it to in-service. */
 void hv_devices_irq_injected(struct hv_domain *d, int vector);
 void hv_devices_destroy(struct hv_domain *d);
+void hv_devices_console_input(struct hv_domain *d);    /* input queued: UART RX interrupt */
 
 /* ---- timer service (timers.c) ---- */
 int64_t do_set_timer_op(struct hv_vcpu *v, const struct hv_hcall *h);

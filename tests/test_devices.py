@@ -164,6 +164,20 @@ def test_uart_receives_what_the_console_queued(bus):
     assert bus.stats()["uart_rx_bytes"] == 2
 
 
+def test_uart_receive_interrupt_rises_when_input_arrives(bus):
+    """Queued console input raises IRQ4 at once (no port access needed), so a native
+    guest idling in hlt with the receive interrupt on wakes for a key."""
+    bus.pic_init(master_mask=0xEF)                   # only IRQ4 (COM1) unmasked
+    bus.out(IER, 0x01)                               # data-ready interrupt on
+    bus.out(MCR, 0x08)                               # OUT2: the line reaches the PIC
+    assert bus.vector() == -1                        # nothing received yet
+    assert bus.dom.send_input(b"k") == 1
+    assert bus.vector() == 0x24
+    bus.ack(0x24)
+    assert bus.inp(IIR) == 0x04                      # the source: data ready
+    assert bus.inp(THR) == ord("k")
+
+
 def test_uart_thre_interrupt_through_the_pic(bus):
     bus.pic_init(master_mask=0xEF)                   # only IRQ4 (COM1) unmasked
     bus.out(IER, 0x02)                               # THRE interrupt on, THR is empty
