@@ -22,13 +22,11 @@ r8-r11 and preserve the rest.
 """
 from __future__ import annotations
 
-from abi import C
-
 from hypervisor._hv import lib
 
-from .asm import (al, ax, byte, cl, dl, dword, dx, eax, ebx, ecx, edi, edx, ptr, qword, r8, r9,
-                  rax, rbx, rcx, rdi, rdx, rsi, rsp, word)
-from .elf import build_elf
+from .asm import (al, byte, dx, eax, ebx, ecx, edi, edx, ptr, qword, r8, r9, rax, rbx, rcx, rdi,
+                  rdx, rsi)
+from .pvlib import emit_traps
 from .runtime import PVProgram
 
 UART = lib.HV_UART_PORT
@@ -42,7 +40,6 @@ PIT_HZ = lib.HV_PIT_HZ
 RTC_INDEX, RTC_DATA = lib.HV_RTC_PORT, lib.HV_RTC_PORT + 1
 EXIT_PORT = lib.HV_EXIT_PORT
 CR0_WP = 1 << 16
-ERROR_CODE_VECTORS = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
 
 
 class NativeProgram(PVProgram):
@@ -61,20 +58,10 @@ class NativeProgram(PVProgram):
 
     hypercall_nr = hypercall
 
-    def _emit_helpers(self) -> None:
+    def _emit_print(self) -> None:
+        """print(rdi = buffer, rsi = length): each byte waits for LSR.THRE, then goes to
+        THR (two port accesses, two exits, per byte: the polled console of every PC kernel)."""
         a = self.a
-        # print_cstr(rdi = NUL-terminated string)
-        a.label("print_cstr")
-        a.mov(rsi, rdi)
-        a.label("print_cstr.len")
-        a.cmp(byte[rsi], 0)
-        a.je("print_cstr.go")
-        a.inc(rsi)
-        a.jmp("print_cstr.len")
-        a.label("print_cstr.go")
-        a.sub(rsi, rdi)
-        # print(rdi = buffer, rsi = length): each byte waits for LSR.THRE, then goes to THR
-        # (two port accesses, two exits, per byte: the polled console of every PC kernel)
         a.label("print")
         a.test(rsi, rsi)
         a.je("print.done")
@@ -95,47 +82,9 @@ class NativeProgram(PVProgram):
         a.label("print.done")
         a.ret()
 
-        # print_dec(rdi = unsigned value)
-        a.label("print_dec")
-        a.mov(rax, rdi)
-        a.lea(rsi, ptr["numbuf_end"])
-        a.mov(ecx, 10)
-        a.label("print_dec.loop")
-        a.xor(edx, edx)
-        a.div(rcx)
-        a.add(dl, ord("0"))
-        a.dec(rsi)
-        a.mov(byte[rsi], dl)
-        a.test(rax, rax)
-        a.jne("print_dec.loop")
-        a.jmp("print_num.out")
-
-        # print_hex(rdi = value): 0x and the digits, no leading zeros
-        a.label("print_hex")
-        a.mov(rax, rdi)
-        a.lea(rsi, ptr["numbuf_end"])
-        a.label("print_hex.loop")
-        a.mov(ecx, eax)
-        a.and_(ecx, 15)
-        a.add(ecx, ord("0"))
-        a.cmp(ecx, ord("9"))
-        a.jbe("print_hex.digit")
-        a.add(ecx, ord("a") - ord("9") - 1)
-        a.label("print_hex.digit")
-        a.dec(rsi)
-        a.mov(byte[rsi], cl)
-        a.shr(rax, 4)
-        a.jne("print_hex.loop")
-        a.sub(rsi, 2)
-        a.mov(byte[rsi], ord("0"))
-        a.mov(byte[rsi + 1], ord("x"))
-        a.label("print_num.out")
-        a.mov(rdi, rsi)
-        a.lea(rsi, ptr["numbuf_end"])
-        a.sub(rsi, rdi)
-        a.jmp("print")
-
-        # shutdown(rdi = Xen shutdown reason): the exit port; the VMM stops the vCPU there
+    def _emit_shutdown(self) -> None:
+        """shutdown(rdi = Xen shutdown reason): the exit port; the VMM stops the vCPU there."""
+        a = self.a
         a.label("shutdown")
         a.mov(eax, edi)
         a.mov(edx, EXIT_PORT)
@@ -145,103 +94,14 @@ class NativeProgram(PVProgram):
 
     def image(self):
         """Finish the program (no hypercall page); returns the assembled Image."""
-        a = self.a
-        a.section(".rodata")
-        for text, label in self._strings.items():
-            a.label(label)
-            a.asciz(text)
-        a.section(".data")
-        a.label("numbuf")
-        a.reserve(24)
-        a.label("numbuf_end")
-        return a.assemble()
-
-    def elf(self) -> bytes:
-        img = self.image()
-        entry = img.symbols["_start"]
-        notes = [
-            (C.XEN_ELFNOTE_GUEST_OS, self.guest_os),
-            (C.XEN_ELFNOTE_XEN_VERSION, "xen-3.0"),
-            (C.XEN_ELFNOTE_LOADER, "generic"),
-            (C.XEN_ELFNOTE_ENTRY, entry),
-            (C.XEN_ELFNOTE_VIRT_BASE, 0),
-            (C.XEN_ELFNOTE_PADDR_OFFSET, 0),
-        ]
-        return build_elf(img.sections, img.symbols, entry, notes)
+        self._emit_data()
+        return self.a.assemble()
 
 
 def emit_native_traps(p: NativeProgram) -> None:
     """idt_init, idt_set_gate; every exception prints its vector, error code and rip and
     crashes the domain through the exit port."""
-    a = p.a
-    a.section(".data")
-    a.align(16)
-    a.label("idtr")
-    a.dw(256 * 16 - 1)
-    a.dq("idt")
-    a.section(".bss")
-    a.align(4096)
-    a.label("idt")
-    a.reserve(256 * 16)
-    a.section(".text")
-
-    # idt_set_gate(rdi = vector, rsi = handler): present 64-bit interrupt gate, ring 0
-    a.label("idt_set_gate")
-    a.lea(rax, ptr["idt"])
-    a.shl(rdi, 4)
-    a.add(rdi, rax)
-    a.mov(rax, rsi)
-    a.mov(dword[rdi], eax)                      # offset 15:0, then the selector over it
-    a.mov(dword[rdi + 2], 0x8E000008)           # selector 0x08, IST 0, type 0x8E
-    a.shr(rax, 16)
-    a.mov(word[rdi + 6], ax)                    # offset 31:16
-    a.shr(rax, 16)
-    a.mov(dword[rdi + 8], eax)                  # offset 63:32
-    a.mov(dword[rdi + 12], 0)
-    a.ret()
-
-    for vector in range(32):
-        a.label(f"native_exception_{vector}")
-        if vector not in ERROR_CODE_VECTORS:
-            a.push(0)
-        a.push(vector)
-        a.jmp("native_exception")
-    a.label("native_exception")                 # stack: vector, error code, rip, ...
-    a.mov(rbx, rsp)
-    p.print("\nnative kernel: exception ")
-    a.mov(rdi, qword[rbx])
-    a.call("print_dec")
-    p.print(" error ")
-    a.mov(rdi, qword[rbx + 8])
-    a.call("print_hex")
-    p.print(" at rip ")
-    a.mov(rdi, qword[rbx + 16])
-    a.call("print_hex")
-    p.print("\n")
-    a.mov(edi, C.SHUTDOWN_crash)
-    a.call("shutdown")
-
-    a.label("idt_init")
-    a.push(rbx)
-    a.xor(ebx, ebx)
-    a.label("idt_init.loop")
-    a.mov(rdi, rbx)
-    a.lea(rsi, ptr["native_exception_table"])
-    a.mov(rsi, qword[rsi + rbx * 8])
-    a.call("idt_set_gate")
-    a.inc(rbx)
-    a.cmp(rbx, 32)
-    a.jne("idt_init.loop")
-    a.pop(rbx)
-    a.lidt(ptr["idtr"])
-    a.ret()
-
-    a.section(".rodata")
-    a.align(8)
-    a.label("native_exception_table")
-    for vector in range(32):
-        a.dq(f"native_exception_{vector}")
-    a.section(".text")
+    emit_traps(p, "native kernel")
 
 
 def _outb(p: NativeProgram, port: int, value: int) -> None:
@@ -411,7 +271,7 @@ def build_native_kernel() -> bytes:
     acknowledging each with an EOI, and powers off through the exit port. The command
     line comes from the boot information block, as a boot loader would hand it over.
     """
-    from .pv_kernel import emit_cmdline_helpers
+    from .pv_kernel import emit_cmdline_helpers, emit_count_tick, emit_ticks_wanted
     p = NativeProgram(guest_os="trapless-native-kernel")
     a = p.a
     a.call("idt_init")
@@ -422,13 +282,7 @@ def build_native_kernel() -> bytes:
     a.call("print_rtc_datetime")
     p.print(" UTC (CMOS)\n")
 
-    p.load_arg(rdi, p.string("ticks="))
-    a.call("cmdline_number")
-    a.test(rax, rax)
-    a.jns("kernel.ticks")
-    a.mov(eax, DEMO_TICKS)
-    a.label("kernel.ticks")
-    a.mov(qword["ticks_wanted"], rax)
+    emit_ticks_wanted(p, DEMO_TICKS)
     a.call("pic_init")
     a.mov(edi, PIC1_VECTOR)
     a.lea(rsi, ptr["kernel_tick"])
@@ -461,31 +315,13 @@ def build_native_kernel() -> bytes:
     a.label("kernel_tick")
     for reg in (rax, rcx, rdx, rsi, rdi, r8, r9):
         a.push(reg)
-    a.inc(qword["ticks_seen"])
-    a.mov(rax, qword["ticks_seen"])
-    a.xor(edx, edx)
-    a.mov(ecx, 10)
-    a.div(rcx)
-    a.test(rdx, rdx)
-    a.jne("kernel_tick.eoi")
-    p.print("tick ")
-    a.mov(rdi, qword["ticks_seen"])
-    a.call("print_dec")
-    p.print("\n")
-    a.label("kernel_tick.eoi")
+    emit_count_tick(p)
     a.mov(al, EOI)
     a.out(PIC1, al)
     for reg in (r9, r8, rdi, rsi, rdx, rcx, rax):
         a.pop(reg)
     a.iretq()
 
-    a.section(".data")
-    a.align(8)
-    a.label("ticks_wanted")
-    a.dq(0)
-    a.label("ticks_seen")
-    a.dq(0)
-    a.section(".text")
     emit_cmdline_helpers(p)
     emit_native_traps(p)
     emit_uart_init(p)

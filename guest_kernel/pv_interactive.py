@@ -26,7 +26,7 @@ from __future__ import annotations
 from abi import C, offsetof
 
 from .asm import byte, dil, eax, ecx, edi, edx, ptr, qword, r12, r13, r14, rax, rbx, rcx, rdi, rip, rsi
-from .pvlib import UPCALL_MASK, set_port_handler
+from .pvlib import UPCALL_MASK, crash_unless, set_port_handler
 from .runtime import PVProgram
 
 PROMPT = "pv> "
@@ -149,41 +149,25 @@ def _emit_word_helpers(p: PVProgram) -> None:
     a.ret()
 
 
-def _fail_if_negative(p: PVProgram, what: str) -> None:
-    """If rax < 0: say what failed with the errno and crash the domain."""
-    a = p.a
-    ok = f"ia_ok_{what.replace(' ', '_')}"
-    a.test(rax, rax)
-    a.jns(ok)
-    a.mov(rbx, rax)
-    p.print(f"interactive: {what} failed: ")
-    a.mov(rdi, rbx)
-    a.call("print_sdec")
-    p.print("\n")
-    a.mov(edi, C.SHUTDOWN_crash)
-    a.call("shutdown")
-    a.label(ok)
-
-
 def _emit_main(p: PVProgram) -> None:
     a = p.a
     a.label("ia_main")
     a.call("idt_init")
     a.call("events_init")
-    _fail_if_negative(p, "events_init")
+    crash_unless(p, "jns", "interactive: events_init failed: ")
     a.mov(edi, C.VIRQ_TIMER)
     a.call("bind_virq")
-    _fail_if_negative(p, "bind_virq VIRQ_TIMER")
+    crash_unless(p, "jns", "interactive: bind_virq VIRQ_TIMER failed: ")
     a.mov(r12, rax)
     set_port_handler(p, r12, "ia_tick")
     a.mov(edi, C.VIRQ_CONSOLE)
     a.call("bind_virq")
-    _fail_if_negative(p, "bind_virq VIRQ_CONSOLE")
+    crash_unless(p, "jns", "interactive: bind_virq VIRQ_CONSOLE failed: ")
     a.mov(r12, rax)
     set_port_handler(p, r12, "ia_input")
     a.sti()
     p.hypercall("vcpu_op", C.VCPUOP_set_periodic_timer, 0, "ia_tick_period")
-    _fail_if_negative(p, "set_periodic_timer")
+    crash_unless(p, "jns", "interactive: set_periodic_timer failed: ")
     p.print("interactive mode: type help for the commands\n")
     p.print(PROMPT)
     a.label("ia_main.wait")

@@ -15,7 +15,8 @@ from abi import C, offsetof
 from .asm import (byte, dl, dword, eax, ecx, edi, edx, esi, ptr, qword, r12, r13, rax, rbx,
                   rcx, rdi, rdx, rip, rsi)
 from .pv_interactive import emit_interactive, emit_interactive_check
-from .pvlib import UPCALL_VECTOR, emit_events, emit_pvclock, emit_traps, set_port_handler
+from .pvlib import (UPCALL_VECTOR, crash_unless, emit_events, emit_pvclock, emit_traps,
+                    set_port_handler)
 from .pv_memory import emit_memory_demo
 from .runtime import PVProgram
 
@@ -96,6 +97,43 @@ def emit_cmdline_helpers(p: PVProgram) -> None:
     a.section(".text")
 
 
+def emit_ticks_wanted(p: PVProgram, default: int) -> None:
+    """Emit, in main: ticks_wanted = N of `ticks=N` on the command line, or default.
+    Defines the counters ticks_wanted and ticks_seen (the PV and native tick demos')."""
+    a = p.a
+    p.load_arg(rdi, p.string("ticks="))
+    a.call("cmdline_number")
+    a.test(rax, rax)
+    a.jns("ticks.have")
+    a.mov(eax, default)
+    a.label("ticks.have")
+    a.mov(qword["ticks_wanted"], rax)
+    a.section(".data")
+    a.align(8)
+    a.label("ticks_wanted")
+    a.dq(0)
+    a.label("ticks_seen")
+    a.dq(0)
+    a.section(".text")
+
+
+def emit_count_tick(p: PVProgram) -> None:
+    """Emit, in a tick handler: ticks_seen += 1, and "tick N" every 10 ticks."""
+    a = p.a
+    a.inc(qword["ticks_seen"])
+    a.mov(rax, qword["ticks_seen"])
+    a.xor(edx, edx)
+    a.mov(ecx, 10)
+    a.div(rcx)
+    a.test(rdx, rdx)
+    a.jne("count_tick.quiet")
+    p.print("tick ")
+    a.mov(rdi, qword["ticks_seen"])
+    a.call("print_dec")
+    p.print("\n")
+    a.label("count_tick.quiet")
+
+
 def emit_banner(p: PVProgram) -> None:
     a = p.a
     p.hypercall("xen_version", C.XENVER_version, 0)
@@ -119,27 +157,11 @@ def emit_banner(p: PVProgram) -> None:
     p.print("\n")
 
 
-def fail_unless_zero(p: PVProgram, what: str) -> None:
-    """If rax != 0: print what failed with the errno and crash the domain."""
-    a = p.a
-    ok = f"ok_{len(p._strings)}_{what.replace(' ', '_')}"
-    a.test(rax, rax)
-    a.je(ok)
-    a.mov(rbx, rax)
-    p.print(f"{what} failed: ")
-    a.mov(rdi, rbx)
-    a.call("print_sdec")
-    p.print("\n")
-    a.mov(edi, C.SHUTDOWN_crash)
-    a.call("shutdown")
-    a.label(ok)
-
-
 def emit_events_and_ticks(p: PVProgram) -> None:
     a = p.a
     a.call("idt_init")
     a.call("events_init")
-    fail_unless_zero(p, "events_init")
+    crash_unless(p, "je", "events_init failed: ")
     p.print(f"events: shared_info mapped, upcalls on vector {UPCALL_VECTOR:#x}\n")
     # Wall clock: boot time of the host's epoch clock plus system time.
     p.print("wall clock: ")
@@ -157,7 +179,7 @@ def emit_events_and_ticks(p: PVProgram) -> None:
     a.mov(r12, rax)
     a.test(rax, rax)
     a.jns("ticks.bound")
-    fail_unless_zero(p, "bind_virq")
+    crash_unless(p, "je", "bind_virq failed: ")
     a.label("ticks.bound")
     set_port_handler(p, r12, "timer_tick")
     p.print("VIRQ_TIMER bound to port ")
@@ -165,18 +187,12 @@ def emit_events_and_ticks(p: PVProgram) -> None:
     a.call("print_dec")
     p.print("\n")
 
-    p.load_arg(rdi, p.string("ticks="))
-    a.call("cmdline_number")
-    a.test(rax, rax)
-    a.jns("ticks.have")
-    a.mov(eax, DEFAULT_TICKS)
-    a.label("ticks.have")
-    a.mov(qword["ticks_wanted"], rax)
+    emit_ticks_wanted(p, DEFAULT_TICKS)
     a.sti()
     a.call("pvclock_read")
     a.mov(r13, rax)
     p.hypercall("vcpu_op", C.VCPUOP_set_periodic_timer, 0, "tick_period")
-    fail_unless_zero(p, "set_periodic_timer")
+    crash_unless(p, "je", "set_periodic_timer failed: ")
     a.label("ticks.loop")
     a.mov(rax, qword["ticks_seen"])
     a.cmp(rax, qword["ticks_wanted"])
@@ -198,18 +214,7 @@ def emit_events_and_ticks(p: PVProgram) -> None:
     # timer_tick(rdi = port): count, and say so every 10 ticks
     a.jmp("ticks.after_handler")
     a.label("timer_tick")
-    a.inc(qword["ticks_seen"])
-    a.mov(rax, qword["ticks_seen"])
-    a.xor(edx, edx)
-    a.mov(ecx, 10)
-    a.div(rcx)
-    a.test(rdx, rdx)
-    a.jne("timer_tick.out")
-    p.print("tick ")
-    a.mov(rdi, qword["ticks_seen"])
-    a.call("print_dec")
-    p.print("\n")
-    a.label("timer_tick.out")
+    emit_count_tick(p)
     a.ret()
     a.label("ticks.after_handler")
 
@@ -217,10 +222,6 @@ def emit_events_and_ticks(p: PVProgram) -> None:
     a.align(8)
     a.label("tick_period")
     a.dq(TICK_NS)
-    a.label("ticks_wanted")
-    a.dq(0)
-    a.label("ticks_seen")
-    a.dq(0)
     a.section(".text")
 
 

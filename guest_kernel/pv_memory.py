@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abi import C, offsetof, sizeof
 
-from .asm import eax, ptr, qword, r8, r12, r13, r14, r15, rax, rbx, rcx, rdi, rdx, rip
+from .asm import eax, ptr, qword, r8, r12, r13, r14, r15, rax, rbx, rcx, rdi, rip
 from .runtime import PVProgram
 
 PAGES = 256

@@ -17,6 +17,8 @@ clear; SCHEDOP_block clears the mask and sleeps until an event is pending.
 """
 from __future__ import annotations
 
+import itertools
+
 from abi import C, offsetof
 
 from .asm import (ax, byte, cl, dword, eax, ebx, ecx, edi, edx, ptr, qword, r8, r8d, r9, r10,
@@ -37,7 +39,9 @@ EVTCHN_PENDING = offsetof("shared_info", "evtchn_pending")
 EVTCHN_MASK = offsetof("shared_info", "evtchn_mask")
 
 
-def emit_traps(p: PVProgram) -> None:
+def emit_traps(p: PVProgram, who: str = "trapless PV kernel") -> None:
+    """idt_init, idt_set_gate; every exception prints "<who>: exception N error E at rip R"
+    and crashes the domain (a native kernel passes its own name: its shutdown is the exit port)."""
     a = p.a
     a.section(".data")
     a.align(16)
@@ -77,7 +81,7 @@ def emit_traps(p: PVProgram) -> None:
     # stack: vector, error code, rip, cs, rflags, rsp, ss
     a.label("exception_common")
     a.mov(rbx, rsp)
-    p.print("\ntrapless PV kernel: exception ")
+    p.print(f"\n{who}: exception ")
     a.mov(rdi, qword[rbx])
     a.call("print_dec")
     p.print(" error ")
@@ -111,6 +115,26 @@ def emit_traps(p: PVProgram) -> None:
     for vector in range(32):
         a.dq(f"exception_{vector}")
     a.section(".text")
+
+
+_ok_labels = itertools.count()         # crash_unless is emitted many times per program
+
+
+def crash_unless(p: PVProgram, ok_jump: str, message: str) -> None:
+    """Emit: test rax, rax; unless the jump `ok_jump` ("je": rax == 0, "jns": rax >= 0)
+    is taken, print message and rax (signed: an errno) and crash the domain."""
+    a = p.a
+    ok = f"crash_unless.ok{next(_ok_labels)}"
+    a.test(rax, rax)
+    getattr(a, ok_jump)(ok)
+    a.mov(rbx, rax)
+    p.print(message)
+    a.mov(rdi, rbx)
+    a.call("print_sdec")
+    p.print("\n")
+    a.mov(edi, C.SHUTDOWN_crash)
+    a.call("shutdown")
+    a.label(ok)
 
 
 def emit_events(p: PVProgram) -> None:

@@ -12,10 +12,10 @@ guest code keeps its state in rbx, rbp, r12-r15.
 """
 from __future__ import annotations
 
-from abi import C, HYPERCALL_NAMES, offsetof
+from abi import C, HYPERCALL_NAMES
 
-from .asm import (Assembler, byte, dword, ptr, qword, r8, r10, r12, r13, r15, rax, rbx, rcx,
-                  rdi, rdx, rsi, rsp, al, cl, dl, eax, ecx, edi, edx, esi)
+from .asm import (Assembler, byte, cl, dl, dword, ecx, edi, edx, esi, ptr, qword, r8, r10, rax,
+                  rcx, rdi, rdx, rsi, rsp)
 from .elf import build_elf
 
 LOAD_ADDRESS = 0x100000          # where trapless PV kernels are linked (VIRT_BASE 0)
@@ -99,7 +99,7 @@ class PVProgram:
     # ---- the shared helpers --------------------------------------------------
     def _emit_helpers(self) -> None:
         a = self.a
-        # print_cstr(rdi = NUL-terminated string)
+        # print_cstr(rdi = NUL-terminated string): measure it, then fall into print
         a.label("print_cstr")
         a.mov(rsi, rdi)
         a.label("print_cstr.len")
@@ -109,65 +109,23 @@ class PVProgram:
         a.jmp("print_cstr.len")
         a.label("print_cstr.go")
         a.sub(rsi, rdi)
-        # print(rdi = buffer, rsi = length): CONSOLEIO_write
+        self._emit_print()
+        emit_number_printers(a)
+        self._emit_shutdown()
+
+    # The two routines that reach the platform; a native kernel overrides them.
+    def _emit_print(self) -> None:
+        """print(rdi = buffer, rsi = length): CONSOLEIO_write."""
+        a = self.a
         a.label("print")
         a.mov(rdx, rdi)
         a.mov(rdi, C.CONSOLEIO_write)
         a.call("hypercall_console_io")
         a.ret()
 
-        # print_dec(rdi = unsigned value)
-        a.label("print_dec")
-        a.mov(rax, rdi)
-        a.lea(rsi, ptr["numbuf_end"])
-        a.mov(rcx, 10)
-        a.label("print_dec.loop")
-        a.xor(edx, edx)
-        a.div(rcx)
-        a.add(dl, ord("0"))
-        a.dec(rsi)
-        a.mov(byte[rsi], dl)
-        a.test(rax, rax)
-        a.jne("print_dec.loop")
-        a.jmp("print_num.out")
-
-        # print_sdec(rdi = signed value)
-        a.label("print_sdec")
-        a.test(rdi, rdi)
-        a.jns("print_dec")
-        a.push(rdi)
-        a.lea(rdi, ptr["minus"])
-        a.mov(esi, 1)
-        a.call("print")
-        a.pop(rdi)
-        a.neg(rdi)
-        a.jmp("print_dec")
-
-        # print_hex(rdi = value): 0x-prefixed, no leading zeros
-        a.label("print_hex")
-        a.mov(rax, rdi)
-        a.lea(rsi, ptr["numbuf_end"])
-        a.lea(r8, ptr["hexdigits"])
-        a.label("print_hex.loop")
-        a.mov(rcx, rax)
-        a.and_(ecx, 15)
-        a.mov(cl, byte[r8 + rcx])
-        a.dec(rsi)
-        a.mov(byte[rsi], cl)
-        a.shr(rax, 4)
-        a.jne("print_hex.loop")
-        a.dec(rsi)
-        a.mov(byte[rsi], ord("x"))
-        a.dec(rsi)
-        a.mov(byte[rsi], ord("0"))
-        # print the digits between rsi and numbuf_end
-        a.label("print_num.out")
-        a.mov(rdi, rsi)
-        a.lea(rsi, ptr["numbuf_end"])
-        a.sub(rsi, rdi)
-        a.jmp("print")
-
-        # shutdown(rdi = reason): SCHEDOP_shutdown, never returns
+    def _emit_shutdown(self) -> None:
+        """shutdown(rdi = reason): SCHEDOP_shutdown, never returns."""
+        a = self.a
         a.label("shutdown")
         a.mov(dword["shutdown_arg"], edi)
         a.mov(edi, C.SCHEDOP_shutdown)
@@ -177,8 +135,8 @@ class PVProgram:
         a.jmp("shutdown.hang")
 
     # ---- output --------------------------------------------------------------
-    def image(self):
-        """Finish the program; returns (sections, symbols, entry, notes) for build_elf."""
+    def _emit_data(self) -> None:
+        """The string table and the number printers' constants and buffer."""
         a = self.a
         a.section(".rodata")
         a.label("hexdigits")
@@ -192,6 +150,12 @@ class PVProgram:
         a.label("numbuf")
         a.reserve(24)
         a.label("numbuf_end")
+        a.db(0)                         # format_dec/format_hex leave a C string
+
+    def image(self):
+        """Finish the program; returns (sections, symbols, entry, notes) for build_elf."""
+        a = self.a
+        self._emit_data()
         # The hypercall page: one page, stub N at N*32, filled in by the domain builder.
         a.section(".text")
         a.align(4096)
@@ -203,15 +167,78 @@ class PVProgram:
 
     def elf(self) -> bytes:
         img = self.image()
-        entry = img.symbols["_start"]
         notes = [
             (C.XEN_ELFNOTE_GUEST_OS, self.guest_os),
             (C.XEN_ELFNOTE_XEN_VERSION, "xen-3.0"),
             (C.XEN_ELFNOTE_LOADER, "generic"),
-            (C.XEN_ELFNOTE_ENTRY, entry),
+            (C.XEN_ELFNOTE_ENTRY, img.symbols["_start"]),
             (C.XEN_ELFNOTE_VIRT_BASE, 0),
             (C.XEN_ELFNOTE_PADDR_OFFSET, 0),
-            (C.XEN_ELFNOTE_HYPERCALL_PAGE, img.symbols["hypercall_page"]),
         ]
-        return build_elf(img.sections, img.symbols, entry, notes)
+        if "hypercall_page" in img.symbols:             # not in a native kernel's image
+            notes.append((C.XEN_ELFNOTE_HYPERCALL_PAGE, img.symbols["hypercall_page"]))
+        return build_elf(img.sections, img.symbols, img.symbols["_start"], notes)
 
+
+def emit_number_printers(a: Assembler) -> None:
+    """print_dec, print_sdec, print_hex (rdi = value), all ending in the platform's
+    print(rdi = buffer, rsi = length); format_dec and format_hex (rdi = value) -> rsi =
+    the digits, a NUL-terminated string ending at numbuf_end (for guests that keep the
+    text instead of printing it). Uses numbuf, hexdigits and minus (_emit_data)."""
+    # format_dec(rdi = unsigned value)
+    a.label("format_dec")
+    a.mov(rax, rdi)
+    a.lea(rsi, ptr["numbuf_end"])
+    a.mov(rcx, 10)
+    a.label("format_dec.loop")
+    a.xor(edx, edx)
+    a.div(rcx)
+    a.add(dl, ord("0"))
+    a.dec(rsi)
+    a.mov(byte[rsi], dl)
+    a.test(rax, rax)
+    a.jne("format_dec.loop")
+    a.ret()
+
+    # format_hex(rdi = value): 0x-prefixed, no leading zeros
+    a.label("format_hex")
+    a.mov(rax, rdi)
+    a.lea(rsi, ptr["numbuf_end"])
+    a.lea(r8, ptr["hexdigits"])
+    a.label("format_hex.loop")
+    a.mov(rcx, rax)
+    a.and_(ecx, 15)
+    a.mov(cl, byte[r8 + rcx])
+    a.dec(rsi)
+    a.mov(byte[rsi], cl)
+    a.shr(rax, 4)
+    a.jne("format_hex.loop")
+    a.dec(rsi)
+    a.mov(byte[rsi], ord("x"))
+    a.dec(rsi)
+    a.mov(byte[rsi], ord("0"))
+    a.ret()
+
+    # print_sdec(rdi = signed value)
+    a.label("print_sdec")
+    a.test(rdi, rdi)
+    a.jns("print_dec")
+    a.push(rdi)
+    a.lea(rdi, ptr["minus"])
+    a.mov(esi, 1)
+    a.call("print")
+    a.pop(rdi)
+    a.neg(rdi)
+    # print_dec(rdi = unsigned value)
+    a.label("print_dec")
+    a.call("format_dec")
+    a.jmp("print_num.out")
+    # print_hex(rdi = value)
+    a.label("print_hex")
+    a.call("format_hex")
+    # print the digits between rsi and numbuf_end
+    a.label("print_num.out")
+    a.mov(rdi, rsi)
+    a.lea(rsi, ptr["numbuf_end"])
+    a.sub(rsi, rdi)
+    a.jmp("print")
