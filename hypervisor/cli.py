@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop the guest after this long (exit status 9)")
     run.set_defaults(func=cmd_run)
 
-    bench = sub.add_parser("bench", help="hypercall round trip vs bare exit round trip")
+    bench = sub.add_parser("bench", help="hypercall vs bare exit, event latency, batching, both engines")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--iterations", type=int, default=100_000,
                        help="hypercalls and bare exits per round (default 100,000)")
