@@ -134,6 +134,8 @@ int      hv_domain_pending_events(struct hv_domain *d);
  * (call it while the vCPU is stopped).
  * Both: 0, or -1 with a one-line reason in err. */
 int      hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len);
+/* After hv_mm_init: only frames below `populated` start populated (memory < maxmem). */
+int      hv_mm_set_reservation(struct hv_domain *d, uint64_t populated, char *err, int err_len);
 int      hv_mm_audit(struct hv_domain *d, char *err, int err_len);
 /* Pages of guest RAM resident in host memory (mincore); ~0 on failure. */
 uint64_t hv_domain_resident_pages(struct hv_domain *d);

@@ -412,6 +412,34 @@ void hv_mm_destroy(struct hv_domain *d)
     memset(&d->mm, 0, sizeof(d->mm));
 }
 
+/* Start the domain below its maximum: frames from `populated` up are not populated
+ * (xl's memory < maxmem); the guest balloons up into them with populate_physmap. */
+int hv_mm_set_reservation(struct hv_domain *d, uint64_t populated, char *err, int err_len)
+{
+    struct hv_mm *mm = &d->mm;
+
+    if (!mm->frames || populated > mm->nr_pages) {
+        hv_set_error(err, err_len, "%llu pages is above the domain's %llu",
+                     (unsigned long long)populated, (unsigned long long)mm->nr_pages);
+        return -1;
+    }
+    for (uint64_t i = populated; i < mm->nr_pages; i++) {
+        struct hv_frame *f = &mm->frames[i];
+        if (f->type_count || f->map_count || hv_mm_in_pool(mm, i)) {
+            hv_set_error(err, err_len, "frame %#llx is in use: cannot start with %llu pages",
+                         (unsigned long long)i, (unsigned long long)populated);
+            return -1;
+        }
+    }
+    for (uint64_t i = populated; i < mm->nr_pages; i++) {
+        if (mm->frames[i].flags & HV_FRAME_POPULATED) {
+            mm->frames[i].flags &= (uint8_t)~HV_FRAME_POPULATED;
+            mm->nr_populated--;
+        }
+    }
+    return 0;
+}
+
 int hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len)
 {
     struct hv_mm *mm = &d->mm;

@@ -216,13 +216,8 @@ def finish(cfg: DomainConfig) -> DomainConfig:
         raise ConfigError(f"{where}: kernel: missing (kernel = \"path/to/image.elf\")")
     if not cfg.kernel.is_file():
         raise ConfigError(f"{where}: kernel = '{cfg.kernel}': no such file")
-    if cfg.maxmem is not None and cfg.maxmem != cfg.memory:
-        # A trapless domain owns all its frames from the start: its maximum reservation
-        # is its size, so there is nothing to balloon up into.
-        if cfg.maxmem < cfg.memory:
-            raise ConfigError(f"{where}: maxmem = {cfg.maxmem}: below memory ({cfg.memory} MiB)")
-        raise ConfigError(f"{where}: maxmem = {cfg.maxmem}: above memory ({cfg.memory} MiB) is "
-                          "not supported: a domain starts at its maximum reservation")
+    if cfg.maxmem is not None and cfg.maxmem < cfg.memory:
+        raise ConfigError(f"{where}: maxmem = {cfg.maxmem}: below memory ({cfg.memory} MiB)")
     return cfg
 
 

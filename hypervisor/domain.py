@@ -82,14 +82,22 @@ class Domain:
     def __init__(self, image: PVImage | str | Path | bytes, *, memory_mib: int = 64,
                  cmdline: str = "", engine: str | None = None, domid: int = 1,
                  name: str = "", on_console: Callable[[bytes], None] | None = None,
-                 max_evtchn_ports: int = 0, native: bool = False):
-        if not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
-            raise ImageError(f"memory {memory_mib} MiB: must be between {MIN_MEMORY_MIB} and "
-                             f"{MAX_MEMORY_MIB} MiB")
+                 max_evtchn_ports: int = 0, native: bool = False,
+                 maxmem_mib: int | None = None):
+        """memory_mib is what the domain starts with; maxmem_mib (default: the same) is
+        how far it may balloon up: its guest-physical space and maximum reservation."""
+        maxmem_mib = memory_mib if maxmem_mib is None else maxmem_mib
+        for what, mib in (("memory", memory_mib), ("maxmem", maxmem_mib)):
+            if not MIN_MEMORY_MIB <= mib <= MAX_MEMORY_MIB:
+                raise ImageError(f"{what} {mib} MiB: must be between {MIN_MEMORY_MIB} and "
+                                 f"{MAX_MEMORY_MIB} MiB")
+        if maxmem_mib < memory_mib:
+            raise ImageError(f"maxmem {maxmem_mib} MiB is below memory {memory_mib} MiB")
         self.engine = engines.choose(engine)
-        ram_bytes = memory_mib << 20
-        self.image = image if isinstance(image, PVImage) else load_image(image, ram_bytes)
-        self.layout = builder.plan(self.image, ram_bytes)
+        start_bytes, ram_bytes = memory_mib << 20, maxmem_mib << 20
+        # The image and the start-of-day region live in the memory the domain starts with.
+        self.image = image if isinstance(image, PVImage) else load_image(image, start_bytes)
+        self.layout = builder.plan(self.image, start_bytes)
         self.domid, self.name, self.cmdline = domid, name or f"d{domid}", cmdline
         self.uuid = uuid.uuid4()
         self.console_output = bytearray()
@@ -127,7 +135,9 @@ class Domain:
         except Exception:
             self.destroy()
             raise
-        if lib.hv_mm_init(self._dom, boot.cr3, err, len(err)) < 0:
+        if lib.hv_mm_init(self._dom, boot.cr3, err, len(err)) < 0 or (
+                ram_bytes > start_bytes and
+                lib.hv_mm_set_reservation(self._dom, start_bytes >> 12, err, len(err)) < 0):
             self.destroy()
             raise EngineError(f"cannot set up the domain's memory: {ffi.string(err).decode()}")
         bs = ffi.new("struct hv_boot_state *", vars(boot))

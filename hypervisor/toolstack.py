@@ -325,7 +325,8 @@ class Toolstack:
 
     def _build(self, rec: DomainRecord) -> Domain:
         cfg = rec.config
-        return Domain(str(cfg.kernel), memory_mib=cfg.memory, cmdline=cfg.full_cmdline,
+        return Domain(str(cfg.kernel), memory_mib=cfg.memory, maxmem_mib=cfg.maxmem,
+                      cmdline=cfg.full_cmdline,
                       engine=rec.engine, domid=rec.domid, name=rec.name,
                       on_console=rec._on_console)
 

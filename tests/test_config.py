@@ -83,8 +83,6 @@ def test_words_alone_make_a_config(kernel):
     ('name = "x"\n', 'd.cfg: kernel: missing (kernel = "path/to/image.elf")'),
     ('kernel = "nope.elf"\n', "d.cfg: kernel = '{dir}/nope.elf': no such file"),
     ('kernel = "k.elf"\nmemory = 64\nmaxmem = 32\n', "d.cfg: maxmem = 32: below memory (64 MiB)"),
-    ('kernel = "k.elf"\nmaxmem = 128\n', "d.cfg: maxmem = 128: above memory (64 MiB) is not "
-                                         "supported: a domain starts at its maximum reservation"),
 ])
 def test_each_mistake_is_one_line_naming_file_line_and_key(tmp_path, kernel, text, message):
     path = write(tmp_path, text)
@@ -119,3 +117,8 @@ def test_a_missing_or_binary_file_is_one_line(tmp_path):
     blob.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ConfigError, match=r"blob\.cfg: neither an ELF image nor a text config"):
         config.load(blob)
+
+
+def test_maxmem_above_memory_is_room_to_balloon_up(tmp_path, kernel):
+    cfg = config.load(write(tmp_path, 'kernel = "k.elf"\nmemory = 16\nmaxmem = 32\n'))
+    assert (cfg.memory, cfg.maxmem) == (16, 32)

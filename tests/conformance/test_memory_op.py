@@ -373,3 +373,25 @@ def test_add_to_physmap_places_shared_info(run_cases):
     assert run["place_back"] == 0
     assert run["decrease_former_shared_info"] == 1 and run["populate_former_shared_info"] == 1
     assert audit(run.domain) == ""
+
+
+def test_a_domain_below_its_maximum_balloons_up(run_cases):
+    """memory = 16 MiB, maxmem = 32 MiB (xl's memory < maxmem): the frames above 16 MiB
+    start unpopulated, and populate_physmap fills them up to the maximum, no further."""
+    g = MMGuest("balloon_up")
+    g.call("current", "memory_op", C.XENMEM_current_reservation, "mm_domid")
+    g.call("maximum", "memory_op", C.XENMEM_maximum_reservation, "mm_domid")
+    g.set_extents(range(4096, 4096 + 16))
+    g.reservation("populate_above_memory", C.XENMEM_populate_physmap, 16)
+    g.call("current_after", "memory_op", C.XENMEM_current_reservation, "mm_domid")
+    g.set_extents([8192])
+    g.reservation("populate_beyond_maxmem", C.XENMEM_populate_physmap, 1)
+    g.set_extents([4096])
+    g.reservation("populate_again", C.XENMEM_populate_physmap, 1)
+    run = run_cases(g.finish(), memory_mib=16, maxmem_mib=32)
+    assert run["current"] == 4096 and run["maximum"] == 8192
+    assert run["populate_above_memory"] == 16
+    assert run["current_after"] == 4096 + 16
+    assert run["populate_beyond_maxmem"] == 0       # gpfn 8192 is outside the domain
+    assert run["populate_again"] == 0               # already populated
+    assert audit(run.domain) == ""
