@@ -538,7 +538,6 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
     }
 }
 
-
 const struct hv_engine_impl hv_kvm_engine = {
     .name = "kvm",
     .available = kvm_available,
