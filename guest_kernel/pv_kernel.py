@@ -134,11 +134,11 @@ def emit_count_tick(p: PVProgram) -> None:
     a.label("count_tick.quiet")
 
 
-def emit_banner(p: PVProgram) -> None:
+def emit_print_xen_version(p: PVProgram) -> None:
+    """Print "major.minor<extraversion>" as xen_version reports them (e.g. 4.19.0-trapless)."""
     a = p.a
     p.hypercall("xen_version", C.XENVER_version, 0)
     a.mov(rbx, rax)                                 # major << 16 | minor
-    p.print("trapless PV kernel: Xen ")
     a.mov(rdi, rbx)
     a.shr(rdi, 16)
     a.call("print_dec")
@@ -150,6 +150,12 @@ def emit_banner(p: PVProgram) -> None:
     a.mov(byte[rip + "scratch" + (C.XEN_EXTRAVERSION_LEN - 1)], 0)  # never trust the terminator
     p.load_arg(rdi, "scratch")
     a.call("print_cstr")
+
+
+def emit_banner(p: PVProgram) -> None:
+    a = p.a
+    p.print("trapless PV kernel: Xen ")
+    emit_print_xen_version(p)
     p.print("\ncommand line: ")
     a.mov(rdi, qword["start_info_ptr"])
     a.add(rdi, offsetof("start_info", "cmd_line"))

@@ -70,20 +70,18 @@ def emit_memory_demo(p: PVProgram) -> None:
     a.mov(resv_field("nr_extents"), PAGES)
     a.mov(qword[rip + RESV + offsetof("xen_memory_reservation", "domid")], C.DOMID_SELF)
 
-    p.hypercall("memory_op", C.XENMEM_decrease_reservation, RESV)
-    a.mov(rbx, rax)
-    p.print("balloon: gave back ")
-    a.mov(rdi, rbx)
-    a.call("print_dec")
-    p.print(" pages (1 MiB): ")
-    reservation_now()
-    p.hypercall("memory_op", C.XENMEM_populate_physmap, RESV)
-    a.mov(rbx, rax)
-    p.print("balloon: populated ")
-    a.mov(rdi, rbx)
-    a.call("print_dec")
-    p.print(" pages again: ")
-    reservation_now()
+    def balloon(op: int, before: str, after: str) -> None:
+        """memory_op(op) on the reservation; print before <extents done> after <pages now>."""
+        p.hypercall("memory_op", op, RESV)
+        a.mov(rbx, rax)
+        p.print(before)
+        a.mov(rdi, rbx)
+        a.call("print_dec")
+        p.print(after)
+        reservation_now()
+
+    balloon(C.XENMEM_decrease_reservation, "balloon: gave back ", " pages (1 MiB): ")
+    balloon(C.XENMEM_populate_physmap, "balloon: populated ", " pages again: ")
 
     # the tables: L4 = pt_base, L3 = L4[0], L2 = L3[0]; the new L1 = the pool's last frame
     a.mov(rax, qword["start_info_ptr"])
@@ -182,13 +180,7 @@ def emit_memory_demo(p: PVProgram) -> None:
     a.mov(qword[rdi], rcx)
     a.mov(qword[rdi + 8], 0)
     p.hypercall("mmu_update", "mem_reqs", 1, "mem_done", C.DOMID_SELF)
-    p.hypercall("memory_op", C.XENMEM_decrease_reservation, RESV)
-    a.mov(rbx, rax)
-    p.print("mmu: unmapped them; balloon: gave back ")
-    a.mov(rdi, rbx)
-    a.call("print_dec")
-    p.print(" pages: ")
-    reservation_now()
+    balloon(C.XENMEM_decrease_reservation, "mmu: unmapped them; balloon: gave back ", " pages: ")
     a.jmp("mem.done")
 
     a.label("mem.map_failed")

@@ -500,26 +500,14 @@ class Toolstack:
         """The Xen version the hypervisor reports, asked the way a guest asks it: a tiny
         probe domain calls xen_version and prints the answer (once; then cached)."""
         if self._version is None:
+            from guest_kernel.asm import rax
+            from guest_kernel.pv_kernel import emit_print_xen_version
             from guest_kernel.runtime import PVProgram
-            from guest_kernel.asm import byte, rax, rbx, rdi, rip
 
             p = PVProgram(guest_os="trapless-version-probe")
-            a = p.a
-            p.hypercall("xen_version", C.XENVER_version, 0)
-            a.mov(rbx, rax)
-            a.mov(rdi, rbx)
-            a.shr(rdi, 16)
-            a.call("print_dec")
-            p.print(".")
-            a.mov(rdi, rbx)
-            a.and_(rdi, 0xFFFF)
-            a.call("print_dec")
-            p.hypercall("xen_version", C.XENVER_extraversion, "scratch")
-            a.mov(byte[rip + "scratch" + (C.XEN_EXTRAVERSION_LEN - 1)], 0)
-            p.load_arg(rdi, "scratch")
-            a.call("print_cstr")
-            a.mov(rax, C.SHUTDOWN_poweroff)
-            a.ret()
+            emit_print_xen_version(p)
+            p.a.mov(rax, C.SHUTDOWN_poweroff)
+            p.a.ret()
             with Domain(p.elf(), memory_mib=8, domid=PROBE_DOMID, name="version-probe") as dom:
                 stop = dom.run(timeout=10)
                 if stop.kind != "shutdown":
