@@ -8,6 +8,7 @@ Exit status of `run` (also in README.md):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -86,9 +87,20 @@ def cmd_run(args) -> int:
     else:
         image = args.image
 
+    stdout_open = True
+
     def to_stdout(chunk: bytes) -> None:
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.buffer.flush()
+        nonlocal stdout_open
+        if not stdout_open:
+            return
+        try:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            # The reader went away (`... | head`): the guest runs on, its output is dropped,
+            # and stdout points at /dev/null so the final flush at exit is quiet too.
+            stdout_open = False
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     with Domain(image, memory_mib=args.memory, cmdline=args.cmdline, engine=args.engine,
                 on_console=to_stdout, native=args.native) as dom:

@@ -161,3 +161,16 @@ def test_bench_json_has_the_promised_keys(engine):
     assert result["timer_lateness"]["samples"] == 20
     assert result["mmu_update_512"]["batched"]["mmu_update_calls"] == 1
     assert result["mmu_update_512"]["single"]["mmu_update_calls"] == 512
+
+
+def test_a_reader_that_goes_away_does_not_disturb_the_guest(engine):
+    """`run | head -1`: the guest still powers off (status 0) and nothing is printed
+    on stderr about the closed pipe."""
+    import subprocess
+    import sys
+    cmd = f"{sys.executable} -m hypervisor run --engine {engine} --cmdline ticks=1 | head -1"
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout == "trapless PV kernel: Xen 4.19.0-trapless\n"
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
