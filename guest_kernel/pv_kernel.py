@@ -15,8 +15,8 @@ from abi import C, offsetof
 from .asm import (byte, dl, dword, eax, ecx, edi, edx, esi, ptr, qword, r12, r13, rax, rbx,
                   rcx, rdi, rdx, rip, rsi)
 from .pv_interactive import emit_interactive, emit_interactive_check
-from .pvlib import (UPCALL_VECTOR, crash_unless, emit_events, emit_pvclock, emit_traps,
-                    set_port_handler)
+from .pvlib import (UPCALL_MASK, UPCALL_VECTOR, crash_unless, emit_block_until, emit_events,
+                    emit_pvclock, emit_traps, set_port_handler)
 from .pv_memory import emit_memory_demo
 from .runtime import PVProgram
 
@@ -199,13 +199,13 @@ def emit_events_and_ticks(p: PVProgram) -> None:
     a.mov(r13, rax)
     p.hypercall("vcpu_op", C.VCPUOP_set_periodic_timer, 0, "tick_period")
     crash_unless(p, "je", "set_periodic_timer failed: ")
-    a.label("ticks.loop")
-    a.mov(rax, qword["ticks_seen"])
-    a.cmp(rax, qword["ticks_wanted"])
-    a.jae("ticks.done")
-    p.hypercall("sched_op", C.SCHEDOP_block, 0)
-    a.jmp("ticks.loop")
+    def enough_ticks():
+        a.mov(rax, qword["ticks_seen"])
+        a.cmp(rax, qword["ticks_wanted"])
+        a.jae("ticks.done")
+    emit_block_until(p, enough_ticks, "ticks.done")
     a.label("ticks.done")
+    a.mov(byte[rip + "shared_info" + UPCALL_MASK], 0)
     p.hypercall("vcpu_op", C.VCPUOP_stop_periodic_timer, 0, 0)
     a.call("pvclock_read")
     a.sub(rax, r13)

@@ -13,7 +13,10 @@ use the labels they define:
                   vcpu_time_info, with no exit
 
 Upcalls arrive while the guest has interrupts on (sti) and its vcpu_info upcall mask
-clear; SCHEDOP_block clears the mask and sleeps until an event is pending.
+clear; SCHEDOP_block clears the mask and sleeps until an event is pending. Xen's rule for
+waiting: set the mask, check the condition, then SCHEDOP_block (emit_block_until). An
+upcall that lands between an unmasked check and the block is handled before the block,
+which then sleeps for an event that already came.
 """
 from __future__ import annotations
 
@@ -250,6 +253,23 @@ def emit_events(p: PVProgram) -> None:
     a.pop(r12)
     a.pop(rbx)
     a.ret()
+
+
+def emit_block_until(p: PVProgram, check, done: str) -> None:
+    """Sleep in SCHEDOP_block until a condition holds, losing no event: with upcalls
+    masked, check() emits a test that jumps to `done` when the condition holds; the
+    block unmasks and returns at once if an event is pending; the upcall runs; repeat.
+    Upcalls are masked again at `done` (the caller unmasks when it wants them)."""
+    a = p.a
+    loop = f"block_until.{next(_block_ids)}"
+    a.label(loop)
+    a.mov(byte[rip + "shared_info" + UPCALL_MASK], 1)
+    check()
+    p.hypercall("sched_op", C.SCHEDOP_block, 0)
+    a.jmp(loop)
+
+
+_block_ids = itertools.count()
 
 
 def set_port_handler(p: PVProgram, port_reg, handler: str) -> None:

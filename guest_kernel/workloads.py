@@ -100,7 +100,7 @@ def _record_since_mark(p: PVProgram) -> None:
 
 def timer_lateness(samples: int, delay_ns: int = 1_000_000) -> bytes:
     """`samples` one-shot timers, each `delay_ns` ahead; samples[i] = delivery - deadline."""
-    from .pvlib import set_port_handler
+    from .pvlib import UPCALL_MASK, emit_block_until, set_port_handler
     p = _measuring_program("timer-lateness", samples)
     a = p.a
     a.mov(edi, C.VIRQ_TIMER)
@@ -110,15 +110,18 @@ def timer_lateness(samples: int, delay_ns: int = 1_000_000) -> bytes:
     a.sti()
     a.mov(r12, samples)
     a.label("next")
+    a.mov(byte[rip + "shared_info" + UPCALL_MASK], 1)   # the timer may fire at once
     a.mov(r13, qword["sample_index"])
     a.call("pvclock_read")
     a.add(rax, delay_ns)
     a.mov(qword["mark"], rax)
     p.hypercall("set_timer_op", rax)
-    a.label("wait")
-    p.hypercall("sched_op", C.SCHEDOP_block, 0)
-    a.cmp(qword["sample_index"], r13)
-    a.je("wait")
+
+    def timer_seen():
+        a.cmp(qword["sample_index"], r13)
+        a.jne(f"wait.done")
+    emit_block_until(p, timer_seen, "wait.done")
+    a.label("wait.done")
     a.dec(r12)
     a.jne("next")
     a.jmp("done")
