@@ -21,7 +21,7 @@
  *   - exceptions TCG raises: delivered through the guest's IDT by bt_cpu.c.
  *
  * The run loop mirrors kvm.c's: shutdown, kick and pause checks, interrupt delivery
- * (hv_next_vector) when RFLAGS.IF allows, hlt waits in hv_vcpu_wait, faults reported
+ * (hv_next_vector) when RFLAGS.IF allows, hlt parks the vCPU (hv_vcpu_park), faults reported
  * with hv_stop_with. Timers and other threads stop the emulator with uc_emu_stop.
  */
 #include <stdlib.h>
@@ -114,6 +114,124 @@ static int bt_flush_tlb(struct hv_vcpu *v)
     return bt_uc.ctl(bt_of(v)->uc, UC_CTL_TLB_FLUSH_W) == UC_ERR_OK ? 0 : -1;
 }
 
+/* ---- kicks ----
+ *
+ * uc_emu_stop only takes if the emulator has reached its loop; a stop that lands while
+ * uc_emu_start is still setting up is forgotten. One thread for the whole process
+ * repeats an unanswered stop with a growing pause (0.1, 0.8, 6.4, 51 ms) until the vCPU
+ * leaves the emulator. Lock order: a vCPU's kick_lock, then kq_lock.
+ */
+
+static pthread_mutex_t kq_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t kq_cond;          /* the kicker: a new entry */
+static pthread_cond_t kq_done;          /* bt_vcpu_destroy: the kicker let a vCPU go */
+static struct bt_vcpu *kq_head;
+static pthread_once_t kq_once = PTHREAD_ONCE_INIT;
+static int kq_running;
+
+#define KICK_FIRST_PAUSE_NS (100 * 1000ULL)
+#define KICK_TRIES 4
+
+/* Caller holds kq_lock. */
+static void kq_unlink(struct bt_vcpu *b)
+{
+    for (struct bt_vcpu **p = &kq_head; *p; p = &(*p)->kq_next)
+        if (*p == b) {
+            *p = b->kq_next;
+            break;
+        }
+    b->kq_next = NULL;
+    b->kq_queued = 0;
+}
+
+static void *kicker_main(void *unused)
+{
+    pthread_mutex_lock(&kq_lock);
+    for (;;) {
+        uint64_t now = hv_now_ns(), next = ~0ULL;
+        struct bt_vcpu *due = NULL;
+        for (struct bt_vcpu *b = kq_head; b; b = b->kq_next) {
+            if (b->kq_due_ns <= now && !due)
+                due = b;
+            else if (b->kq_due_ns < next)
+                next = b->kq_due_ns;
+        }
+        if (!due) {
+            if (next == ~0ULL) {
+                pthread_cond_wait(&kq_cond, &kq_lock);
+            } else {
+                struct timespec ts = { .tv_sec = (time_t)(next / 1000000000ULL),
+                                       .tv_nsec = (long)(next % 1000000000ULL) };
+                pthread_cond_timedwait(&kq_cond, &kq_lock, &ts);
+            }
+            continue;
+        }
+        uint64_t gen = due->kq_gen;
+        int unanswered;
+        due->kq_busy = 1;
+        pthread_mutex_unlock(&kq_lock);
+        pthread_mutex_lock(&due->kick_lock);
+        unanswered = due->kick_pending && due->in_emu && due->emu_gen == gen;
+        if (unanswered)
+            bt_uc.emu_stop(due->uc);
+        pthread_mutex_unlock(&due->kick_lock);
+        pthread_mutex_lock(&kq_lock);
+        due->kq_busy = 0;
+        if (due->kq_gen == gen && due->kq_queued) {     /* not kicked afresh meanwhile */
+            if (!unanswered || ++due->kq_tries >= KICK_TRIES)
+                kq_unlink(due);                         /* answered, or given up on */
+            else
+                due->kq_due_ns = hv_now_ns() + (KICK_FIRST_PAUSE_NS << (3 * due->kq_tries));
+        }
+        pthread_cond_broadcast(&kq_done);
+    }
+    return NULL;
+}
+
+static void kq_start(void)
+{
+    pthread_condattr_t attr;
+    pthread_t t;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&kq_cond, &attr);
+    pthread_condattr_destroy(&attr);
+    pthread_cond_init(&kq_done, NULL);
+    if (pthread_create(&t, NULL, kicker_main, NULL) == 0) {
+        pthread_detach(t);      /* it serves the process until the process ends */
+        kq_running = 1;
+    }
+}
+
+/* Caller holds b->kick_lock: watch this kick until the vCPU answers it. */
+static void kq_watch(struct bt_vcpu *b)
+{
+    pthread_mutex_lock(&kq_lock);
+    if (kq_running) {
+        b->kq_gen = b->emu_gen;
+        b->kq_tries = 0;
+        b->kq_due_ns = hv_now_ns() + KICK_FIRST_PAUSE_NS;
+        if (!b->kq_queued) {
+            b->kq_queued = 1;
+            b->kq_next = kq_head;
+            kq_head = b;
+        }
+        pthread_cond_signal(&kq_cond);
+    }
+    pthread_mutex_unlock(&kq_lock);
+}
+
+/* The vCPU goes away: out of the queue, and out of the kicker's hands. */
+static void kq_forget(struct bt_vcpu *b)
+{
+    pthread_mutex_lock(&kq_lock);
+    if (b->kq_queued)
+        kq_unlink(b);
+    while (b->kq_busy)
+        pthread_cond_wait(&kq_done, &kq_lock);
+    pthread_mutex_unlock(&kq_lock);
+}
+
 /* From any thread: make the vCPU leave the emulator soon. */
 static void bt_kick(struct hv_vcpu *v)
 {
@@ -124,10 +242,7 @@ static void bt_kick(struct hv_vcpu *v)
     b->kick_pending = 1;
     if (b->in_emu) {
         bt_uc.emu_stop(b->uc);
-        /* A vCPU asleep in a hook (SCHEDOP_block) is inside the emulator's loop,
-         * where the stop cannot be lost; otherwise the kicker makes sure. */
-        if (!__atomic_load_n(&v->waiting, __ATOMIC_ACQUIRE))
-            pthread_cond_signal(&b->kick_cond);
+        kq_watch(b);            /* the kicker makes sure the stop is not lost */
     }
     pthread_mutex_unlock(&b->kick_lock);
 }
@@ -138,39 +253,6 @@ static const struct hv_engine_ops bt_ops = {
     .set_cr3 = bt_set_cr3,
     .flush_tlb = bt_flush_tlb,
 };
-
-/* uc_emu_stop only takes if the emulator has reached its loop; a stop that lands while
- * uc_emu_start is still setting up is forgotten. This thread repeats an unanswered stop
- * with a growing pause (0.1, 0.8, 6.4, 51 ms) until the vCPU leaves the emulator. */
-static void *kicker_main(void *arg)
-{
-    struct bt_vcpu *b = arg;
-    pthread_mutex_lock(&b->kick_lock);
-    while (!b->kicker_exit) {
-        uint64_t gen, pause_ns = 100 * 1000;
-        if (!(b->kick_pending && b->in_emu)) {
-            pthread_cond_wait(&b->kick_cond, &b->kick_lock);
-            continue;
-        }
-        gen = b->emu_gen;
-        for (int tries = 0; tries < 4 && !b->kicker_exit; tries++, pause_ns *= 8) {
-            struct timespec ts;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            uint64_t at = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec + pause_ns;
-            ts.tv_sec = (time_t)(at / 1000000000ULL);
-            ts.tv_nsec = (long)(at % 1000000000ULL);
-            pthread_cond_timedwait(&b->kick_cond, &b->kick_lock, &ts);
-            if (!(b->kick_pending && b->in_emu && b->emu_gen == gen))
-                break;
-            bt_uc.emu_stop(b->uc);
-        }
-        /* answered, or given up on: sleep until the next kick */
-        while (!b->kicker_exit && b->kick_pending && b->in_emu && b->emu_gen == gen)
-            pthread_cond_wait(&b->kick_cond, &b->kick_lock);
-    }
-    pthread_mutex_unlock(&b->kick_lock);
-    return NULL;
-}
 
 /* ---- sensitive instructions: the sites the translator found ---- */
 
@@ -329,7 +411,9 @@ static void after_exit(struct bt_vcpu *b)
     struct hv_vcpu *v = b->v;
     if (__atomic_load_n(&v->dom->shutting_down, __ATOMIC_ACQUIRE) ||
         __atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) ||
-        __atomic_load_n(&v->paused, __ATOMIC_ACQUIRE) || deliverable(b))
+        __atomic_load_n(&v->paused, __ATOMIC_ACQUIRE) ||
+        __atomic_load_n(&v->deferred_events, __ATOMIC_ACQUIRE) ||
+        hv_vcpu_must_park(v) || deliverable(b))
         bt_uc.emu_stop(b->uc);
 }
 
@@ -504,13 +588,7 @@ static void bt_vcpu_destroy(struct hv_vcpu *v)
     struct bt_vcpu *b = bt_of(v);
     if (!b)
         return;
-    if (b->kicker_started) {
-        pthread_mutex_lock(&b->kick_lock);
-        b->kicker_exit = 1;
-        pthread_cond_signal(&b->kick_cond);
-        pthread_mutex_unlock(&b->kick_lock);
-        pthread_join(b->kicker, NULL);
-    }
+    kq_forget(b);
     if (b->uc)
         bt_uc.close(b->uc);
     for (int i = 0; i < BT_SITE_BUCKETS; i++) {
@@ -521,7 +599,6 @@ static void bt_vcpu_destroy(struct hv_vcpu *v)
             s = next;
         }
     }
-    pthread_cond_destroy(&b->kick_cond);
     pthread_mutex_destroy(&b->kick_lock);
     free(b);
     v->engine_priv = NULL;
@@ -549,10 +626,8 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 {
     struct hv_domain *d = v->dom;
     struct bt_vcpu *b;
-    pthread_condattr_t attr;
     uc_hook hh;
     uc_err e;
-    int rc;
 
     if (!bt_available(err, err_len))
         return -1;
@@ -564,10 +639,6 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
     b->v = v;
     b->exception.vector = -1;
     pthread_mutex_init(&b->kick_lock, NULL);
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&b->kick_cond, &attr);
-    pthread_condattr_destroy(&attr);
     v->engine_priv = b;
     v->ops = &bt_ops;
 
@@ -607,12 +678,11 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
             goto fail;
         }
     }
-    rc = pthread_create(&b->kicker, NULL, kicker_main, b);
-    if (rc) {
-        hv_set_error(err, err_len, "cannot start the kicker thread: %s", strerror(rc));
+    pthread_once(&kq_once, kq_start);
+    if (!kq_running) {
+        hv_set_error(err, err_len, "cannot start the kicker thread");
         goto fail;
     }
-    b->kicker_started = 1;
 
     /* Guest rdtsc in TCG is the host's TSC, unscaled: offset 0, the host's rate. */
     pthread_once(&tsc_once, calibrate_tsc);
@@ -698,7 +768,7 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
         /* Idle until an interrupt can be delivered (or the toolstack stops us). */
         c->blocks++;
-        hv_vcpu_wait(v, HV_NO_DEADLINE, hv_interrupt_due, NULL);
+        hv_vcpu_park(v, HV_WAIT_INTERRUPT, 0);
         return 0;
     case BT_STI:
         bt_set_reg(b, UC_X86_REG_RFLAGS, rflags | RFLAGS_IF);
@@ -791,10 +861,10 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
             return hv_stop_with(stop, HV_STOP_SHUTDOWN, d->shutdown_reason, rip, "shutdown");
         if (__atomic_exchange_n(&v->kicked, 0, __ATOMIC_SEQ_CST))
             return hv_stop_with(stop, HV_STOP_KICKED, 0, rip, "stopped by the toolstack");
-        if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE)) {
-            hv_vcpu_wait(v, HV_NO_DEADLINE, hv_vcpu_not_paused, NULL);
-            continue;
-        }
+        if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE))
+            hv_vcpu_park(v, HV_WAIT_UNPAUSE, 0);
+        if (hv_vcpu_must_park(v))
+            return HV_STOP_PARKED;
         if (b->retranslate_end) {
             bt_uc.ctl(b->uc, UC_CTL_TB_REMOVE_CACHE_W, b->retranslate_start, b->retranslate_end);
             b->retranslate_start = b->retranslate_end = 0;
@@ -806,6 +876,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
                 return stop->reason;
             continue;           /* the state changed: look again */
         }
+        hv_events_flush(v);     /* events other threads raised: the guest is stopped */
         if (b->exception.vector >= 0) {
             struct bt_event ev = b->exception;
             b->exception.vector = -1;
@@ -868,7 +939,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
                     return hv_stop_with(stop, HV_STOP_FAULT, BT_HLT, now - 1,
                                         "hlt with interrupts disabled: nothing can wake the vCPU");
                 c->blocks++;
-                hv_vcpu_wait(v, HV_NO_DEADLINE, hv_interrupt_due, NULL);
+                hv_vcpu_park(v, HV_WAIT_INTERRUPT, 0);
             } else if (now == last_unexplained) {
                 /* twice at the same instruction: QEMU's latch swallowed its fault */
                 fault_of_instruction(b, now, &b->exception);
@@ -889,6 +960,7 @@ const struct hv_engine_impl hv_bt_engine = {
     .vcpu_destroy = bt_vcpu_destroy,
     .set_boot_state = bt_set_boot_state,
     .run = bt_run,
+    .guest_atomics = 0,             /* TCG runs locked instructions as plain ones */
 };
 
 int hv_bt_insn_length(const uint8_t *code, int avail, int *kind)

@@ -183,15 +183,16 @@ struct bt_vcpu {
     uc_engine *uc;
 
     /* kicks from other threads (bt_kick): kick_lock guards in_emu, kick_pending and
-     * emu_gen; the kicker thread repeats a stop that landed before the emulator was
-     * ready to notice it */
+     * emu_gen; the process's one kicker thread repeats a stop that landed before the
+     * emulator was ready to notice it */
     pthread_mutex_t kick_lock;
-    pthread_cond_t  kick_cond;
-    pthread_t kicker;
-    int kicker_started, kicker_exit;
     int in_emu;
     int kick_pending;
     uint64_t emu_gen;
+    /* the kicker's queue (bt.c, under its lock) */
+    struct bt_vcpu *kq_next;
+    int kq_queued, kq_busy, kq_tries;
+    uint64_t kq_gen, kq_due_ns;
 
     /* why the emulator stopped, set by the hooks (vCPU thread only) */
     struct bt_site *stopped_at;     /* a sensitive instruction for the VMM to emulate */

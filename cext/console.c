@@ -77,6 +77,14 @@ int64_t do_console_io(struct hv_vcpu *v, const struct hv_hcall *h)
     }
 }
 
+/* The console stream ends: its reader sees end of file once it has read the rest. */
+void hv_console_close(struct hv_domain *d)
+{
+    int fd = __atomic_exchange_n(&d->console_fd, -1, __ATOMIC_ACQ_REL);
+    if (fd >= 0)
+        close(fd);
+}
+
 int hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int len)
 {
     int n = 0;

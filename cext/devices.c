@@ -45,9 +45,7 @@ static struct hv_devices *devices_of(struct hv_domain *d)
 
 static void wake_timer_thread(struct hv_domain *d)
 {
-    pthread_mutex_lock(&d->timer_lock);
-    pthread_cond_signal(&d->timer_cond);
-    pthread_mutex_unlock(&d->timer_lock);
+    hv_timers_wake(d);
 }
 
 static void start(struct hv_devices *dev, struct after *after)

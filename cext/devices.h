@@ -4,7 +4,7 @@
  *
  * One lock per domain guards every device: the vCPU thread takes it on each port access,
  * the timer thread when the PIT's output changes, Python when it reads the counters.
- * Lock order: timer_lock, then wait_lock, then the device lock; nothing else is taken
+ * Lock order: wait_lock, then the device lock; nothing else is taken
  * while it is held, so a device that must wake the vCPU does so after letting it go.
  */
 #ifndef TRAPLESS_DEVICES_H
@@ -125,7 +125,7 @@ int     hv_ptw_write(struct hv_devices *dev, uint64_t gpa, int size, const uint8
 /* In mm.c: one validated page-table entry write, as one MMU_NORMAL_PT_UPDATE. */
 int     hv_mm_write_pte(struct hv_domain *d, uint64_t gpa, uint64_t val);
 
-/* In devices.c, called by the timer thread with timer_lock held: raise what the device
+/* In devices.c, called by the timer thread (no lock held): raise what the device
  * clock says is due; returns the next deadline in system time (HV_NO_DEADLINE: none). */
 uint64_t hv_devices_timer(struct hv_domain *d);
 

@@ -29,6 +29,59 @@ void hv_set_error(char *buf, int len, const char *fmt, ...)
     va_end(ap);
 }
 
+/* ---- the host-wide memory budget ---- */
+
+static pthread_mutex_t budget_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t budget_bytes, committed_bytes;
+static uint32_t committed_domains;
+
+void hv_set_memory_budget(uint64_t bytes)
+{
+    pthread_mutex_lock(&budget_lock);
+    budget_bytes = bytes;
+    pthread_mutex_unlock(&budget_lock);
+}
+
+uint64_t hv_memory_budget(void)
+{
+    return __atomic_load_n(&budget_bytes, __ATOMIC_ACQUIRE);
+}
+
+uint64_t hv_memory_committed(void)
+{
+    return __atomic_load_n(&committed_bytes, __ATOMIC_ACQUIRE);
+}
+
+/* Guest RAM is mapped with MAP_NORESERVE, so the kernel would accept any number of
+ * domains and let the OOM killer sort it out once they touch their memory; the
+ * budget refuses the domain that would not fit instead. */
+static int budget_take(uint64_t bytes, char *err, int err_len)
+{
+    int ok;
+    pthread_mutex_lock(&budget_lock);
+    ok = !budget_bytes || (committed_bytes + bytes >= committed_bytes &&
+                           committed_bytes + bytes <= budget_bytes);
+    if (ok) {
+        committed_bytes += bytes;
+        committed_domains++;
+    } else {
+        hv_set_error(err, err_len, "%llu MiB would exceed the host memory budget: %llu of "
+                     "%llu MiB are given to %u domain(s)",
+                     (unsigned long long)(bytes >> 20), (unsigned long long)(committed_bytes >> 20),
+                     (unsigned long long)(budget_bytes >> 20), committed_domains);
+    }
+    pthread_mutex_unlock(&budget_lock);
+    return ok ? 0 : -1;
+}
+
+static void budget_give_back(uint64_t bytes)
+{
+    pthread_mutex_lock(&budget_lock);
+    committed_bytes -= bytes;
+    committed_domains--;
+    pthread_mutex_unlock(&budget_lock);
+}
+
 static const struct hv_engine_impl *const engines[HV_ENGINE_NR] = {
     [HV_ENGINE_KVM] = &hv_kvm_engine,
     [HV_ENGINE_BT] = &hv_bt_engine,
@@ -49,8 +102,11 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
                      (unsigned long long)cfg->pt_pool_start, (unsigned long long)cfg->pt_pool_end);
         return NULL;
     }
+    if (budget_take(cfg->ram_bytes, err, err_len) < 0)
+        return NULL;
     d = calloc(1, sizeof(*d));
     if (!d) {
+        budget_give_back(cfg->ram_bytes);
         hv_set_error(err, err_len, "out of host memory");
         return NULL;
     }
@@ -70,18 +126,21 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
     if (d->ram == MAP_FAILED) {
         hv_set_error(err, err_len, "cannot map %llu bytes of guest memory: %s",
                      (unsigned long long)d->ram_bytes, strerror(errno));
+        budget_give_back(d->ram_bytes);
         free(d);
         return NULL;
     }
     if (cfg->engine < 0 || cfg->engine >= HV_ENGINE_NR || !engines[cfg->engine]) {
         hv_set_error(err, err_len, "unknown engine %d", cfg->engine);
         munmap(d->ram, d->ram_bytes);
+        budget_give_back(d->ram_bytes);
         free(d);
         return NULL;
     }
     d->engine = engines[cfg->engine];
     if (d->engine->create_vm(d, err, err_len) < 0) {
         munmap(d->ram, d->ram_bytes);
+        budget_give_back(d->ram_bytes);
         free(d);
         return NULL;
     }
@@ -109,8 +168,10 @@ void hv_domain_destroy(struct hv_domain *d)
     hv_events_destroy(d);
     hv_devices_destroy(d);
     d->engine->destroy_vm(d);
+    hv_console_close(d);                /* never started: the stream ends here */
     hv_mm_destroy(d);
     munmap(d->ram, d->ram_bytes);
+    budget_give_back(d->ram_bytes);
     pthread_mutex_destroy(&d->console_lock);
     free(d);
 }

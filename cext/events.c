@@ -22,7 +22,7 @@
 
 /* ---- the domain registry (for interdomain channels) ---- */
 
-#define HV_MAX_DOMAINS 256
+#define HV_MAX_DOMAINS DOMID_FIRST_RESERVED     /* Xen's domid space: 0 .. 0x7FEF */
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct hv_domain *registry[HV_MAX_DOMAINS];
 
@@ -101,9 +101,11 @@ int hv_events_init(struct hv_domain *d, uint32_t max_ports, char *err, int err_l
     }
     d->max_ports = max_ports;
     d->ports = calloc(max_ports, sizeof(*d->ports));
+    d->deferred = calloc((max_ports + BITS - 1) / BITS, sizeof(uint64_t));
     d->shared_info_private = calloc(1, HV_PAGE_SIZE);
-    if (!d->ports || !d->shared_info_private) {
+    if (!d->ports || !d->shared_info_private || !d->deferred) {
         free(d->ports);
+        free(d->deferred);
         free(d->shared_info_private);
         hv_set_error(err, err_len, "out of host memory");
         return -1;
@@ -131,7 +133,7 @@ void hv_events_destroy(struct hv_domain *d)
     pthread_mutex_lock(&registry_lock);
     for (int id = 0; id < HV_MAX_DOMAINS; id++) {
         struct hv_domain *o = registry[id];
-        if (!o)
+        if (!o || !__atomic_load_n(&o->has_interdomain, __ATOMIC_ACQUIRE))
             continue;
         pthread_mutex_lock(&o->ev_lock);
         for (uint32_t p = 1; p < o->max_ports; p++)
@@ -141,6 +143,7 @@ void hv_events_destroy(struct hv_domain *d)
     }
     pthread_mutex_unlock(&registry_lock);
     free(d->ports);
+    free(d->deferred);
     free(d->shared_info_private);
     pthread_mutex_destroy(&d->ev_lock);
     d->ports = NULL;
@@ -164,20 +167,68 @@ static void mark_upcall(struct hv_vcpu *v, uint32_t port)
     hv_vcpu_notify(v);
 }
 
-/* Caller holds d->ev_lock. */
-static void set_pending(struct hv_domain *d, uint32_t port)
+/* Caller holds d->ev_lock. The 2-level protocol itself: pending bit, then (unless
+ * masked) selector bit and upcall_pending, then the vCPU is told. */
+static void raise_port(struct hv_domain *d, struct hv_vcpu *v, uint32_t port)
 {
     struct shared_info *s = hv_shared_info(d);
     uint64_t bit = 1ULL << (port % BITS);
-    struct hv_vcpu *v;
 
     if (__atomic_fetch_or(&s->evtchn_pending[port / BITS], bit, __ATOMIC_SEQ_CST) & bit)
         return;                         /* already pending: nothing new to say */
     if (__atomic_load_n(&s->evtchn_mask[port / BITS], __ATOMIC_SEQ_CST) & bit)
         return;                         /* masked: stays pending until unmasked */
-    v = d->vcpus[d->ports[port].vcpu < HV_MAX_VCPUS ? d->ports[port].vcpu : 0];
     if (v)
         mark_upcall(v, port);
+}
+
+/* The protocol only works if the guest's locked instructions (xchg of the selector,
+ * lock btr of a pending bit) are atomic against ours. On hardware they are; Unicorn's
+ * TCG runs a guest without parallel-safe atomics, so there a locked instruction is a
+ * plain load and store, and a bit we set from another thread in between is lost (an
+ * event whose selector bit vanished is never scanned again: the port stays pending,
+ * every later event on it finds it "already pending", and the domain sleeps forever).
+ * For such engines only the vCPU's own thread, while no guest instruction runs, writes
+ * the guest's event words: other threads leave the port in a host-side set and kick
+ * it, and the vCPU applies the set before it runs the guest again or sleeps
+ * (hv_events_flush). */
+static int must_defer(struct hv_domain *d, struct hv_vcpu *v)
+{
+    return v && !d->engine->guest_atomics && !pthread_equal(v->thread, pthread_self());
+}
+
+/* Caller holds d->ev_lock. */
+static void set_pending(struct hv_domain *d, uint32_t port)
+{
+    struct hv_vcpu *v = d->vcpus[d->ports[port].vcpu < HV_MAX_VCPUS ? d->ports[port].vcpu : 0];
+
+    if (must_defer(d, v)) {
+        d->deferred[port / BITS] |= 1ULL << (port % BITS);
+        __atomic_store_n(&v->deferred_events, 1, __ATOMIC_SEQ_CST);
+        hv_vcpu_notify(v);
+        return;
+    }
+    raise_port(d, v, port);
+}
+
+/* On the vCPU's own thread, with the guest stopped: raise what other threads deferred. */
+void hv_events_flush(struct hv_vcpu *v)
+{
+    struct hv_domain *d = v->dom;
+
+    if (!__atomic_exchange_n(&v->deferred_events, 0, __ATOMIC_SEQ_CST))
+        return;
+    pthread_mutex_lock(&d->ev_lock);
+    for (uint32_t w = 0; w < (d->max_ports + BITS - 1) / BITS; w++) {
+        uint64_t bits = d->deferred[w];
+        d->deferred[w] = 0;
+        while (bits) {
+            uint32_t port = w * BITS + (uint32_t)__builtin_ctzll(bits);
+            bits &= bits - 1;
+            raise_port(d, v, port);
+        }
+    }
+    pthread_mutex_unlock(&d->ev_lock);
 }
 
 int hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq)
@@ -210,41 +261,13 @@ int hv_domain_pending_events(struct hv_domain *d)
 
 /* ---- notification and waiting ---- */
 
-void hv_vcpu_notify(struct hv_vcpu *v)
+/* Is the port pending in shared_info (whatever its mask)? */
+int hv_port_pending(struct hv_domain *d, uint32_t port)
 {
-    pthread_mutex_lock(&v->wait_lock);
-    if (v->waiting)
-        pthread_cond_signal(&v->wait_cond);
-    pthread_mutex_unlock(&v->wait_lock);
-    if (!pthread_equal(v->thread, pthread_self()))
-        v->ops->kick(v);
-}
-
-/* Sleep until done() holds, the deadline (system time) passes, or the vCPU must stop.
- * Returns 1 if done() held. */
-int hv_vcpu_wait(struct hv_vcpu *v, uint64_t deadline, int (*done)(struct hv_vcpu *, void *), void *arg)
-{
-    int ok;
-    pthread_mutex_lock(&v->wait_lock);
-    v->waiting = 1;
-    while (!(ok = done(v, arg)) && !v->kicked && !v->dom->shutting_down) {
-        if (deadline == HV_NO_DEADLINE) {
-            pthread_cond_wait(&v->wait_cond, &v->wait_lock);
-        } else {
-            uint64_t now = hv_system_time();
-            struct timespec ts;
-            if (now >= deadline)
-                break;
-            clock_gettime(CLOCK_MONOTONIC, &ts);
-            uint64_t abs_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec + (deadline - now);
-            ts.tv_sec = (time_t)(abs_ns / 1000000000ULL);
-            ts.tv_nsec = (long)(abs_ns % 1000000000ULL);
-            pthread_cond_timedwait(&v->wait_cond, &v->wait_lock, &ts);
-        }
-    }
-    v->waiting = 0;
-    pthread_mutex_unlock(&v->wait_lock);
-    return ok;
+    struct shared_info *s = hv_shared_info(d);
+    if (port >= d->max_ports)
+        return 0;
+    return (__atomic_load_n(&s->evtchn_pending[port / BITS], __ATOMIC_ACQUIRE) >> (port % BITS)) & 1;
 }
 
 /* ---- event_channel_op ---- */
@@ -334,6 +357,8 @@ static int evtchn_bind_interdomain(struct hv_domain *d, struct evtchn_bind_inter
         rc = port;
     } else {
         d->ports[port].state = EVTCHNSTAT_interdomain;
+        __atomic_store_n(&d->has_interdomain, 1, __ATOMIC_RELEASE);
+        __atomic_store_n(&r->has_interdomain, 1, __ATOMIC_RELEASE);
         d->ports[port].remote_dom = rdom;
         d->ports[port].remote_port = b->remote_port;
         r->ports[b->remote_port].state = EVTCHNSTAT_interdomain;

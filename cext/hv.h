@@ -38,6 +38,24 @@ struct hv_engine_ops {
     int  (*flush_tlb)(struct hv_vcpu *v);
 };
 
+/* What a parked vCPU waits for (vcpu.c). */
+enum hv_wait {
+    HV_WAIT_NONE,
+    HV_WAIT_UPCALL,                 /* SCHEDOP_block: evtchn_upcall_pending */
+    HV_WAIT_POLL,                   /* SCHEDOP_poll: one of its ports, or the deadline */
+    HV_WAIT_INTERRUPT,              /* hlt: an interrupt it can take */
+    HV_WAIT_UNPAUSE,                /* the toolstack paused it */
+};
+
+enum hv_sched_state { HV_SCHED_NEW, HV_SCHED_RUNNABLE, HV_SCHED_RUNNING, HV_SCHED_PARKED,
+                      HV_SCHED_DONE };
+
+#define HV_MAX_POLL_PORTS 128
+struct hv_poll_set {
+    uint32_t ports[HV_MAX_POLL_PORTS];
+    uint32_t n;
+};
+
 /* One event channel (events.c). */
 struct hv_evtchn {
     uint8_t  state;                 /* EVTCHNSTAT_* */
@@ -47,7 +65,7 @@ struct hv_evtchn {
     uint32_t virq;                  /* virq: which */
 };
 
-/* Timers of one vCPU (timers.c); guarded by the domain's timer_lock. */
+/* Timers of one vCPU (timers.c); guarded by timers.c's process-wide lock. */
 struct hv_vcpu_timers {
     uint64_t singleshot;            /* absolute system time, 0 = off */
     uint64_t period, next_periodic; /* period 0 = off */
@@ -65,6 +83,10 @@ struct hv_engine_impl {
     int  (*set_boot_state)(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len);
     /* Run until the vCPU must stop; fills stop, returns enum hv_stop_reason. */
     int  (*run)(struct hv_vcpu *v, struct hv_stop *stop);
+    /* 1 if the guest's locked instructions are atomic against other host threads (as
+     * on hardware); 0: only the vCPU thread may write the guest's event words
+     * (events.c, hv_events_flush). */
+    int guest_atomics;
 };
 
 extern const struct hv_engine_impl hv_kvm_engine;
@@ -91,6 +113,8 @@ struct hv_domain {
     /* interrupt service (events.c): ports, the upcall vector, shared_info */
     pthread_mutex_t ev_lock;
     struct hv_evtchn *ports;        /* [max_ports] */
+    uint64_t *deferred;             /* ports raised by other threads, for the vCPU to apply */
+    int has_interdomain;            /* ever had an interdomain port (destroy looks at it) */
     uint32_t max_ports;
     uint8_t  callback_vector;       /* 0 = no upcalls */
     uint64_t hvm_params[HVM_NR_PARAMS];
@@ -98,11 +122,12 @@ struct hv_domain {
     uint64_t boot_wallclock_ns;     /* CLOCK_REALTIME at system time 0 */
     uint64_t boot_system_time;      /* system time when the domain was created */
 
-    /* timer service (timers.c): one thread per domain fires every vCPU's timers */
-    pthread_mutex_t timer_lock;
-    pthread_cond_t  timer_cond;
-    pthread_t timer_thread;
-    int timer_thread_started, timer_stop;
+    /* timer service (timers.c): one thread for the process; this domain's place in
+     * its heap, under timers.c's lock */
+    int32_t  timer_slot;            /* index in the heap, -1 when it has no deadline */
+    uint64_t timer_key;             /* its earliest deadline (system time) */
+    uint64_t device_deadline;       /* the PIT's next edge, HV_NO_DEADLINE if none */
+    int timers_registered, timer_stopping, timer_in_service, timer_rewake;
 
     /* memory service (memory.c, mm.c): frame ownership, types and reservations */
     struct hv_mm mm;
@@ -137,17 +162,31 @@ struct hv_vcpu {
     uint64_t cr3;                   /* cached for the current exit */
     int cr3_valid;
 
+    /* the worker thread running it now (vcpu.c); kick_lock guards thread and in_run */
     pthread_mutex_t kick_lock;
-    pthread_t thread;
-    int in_run;                     /* thread is inside hv_vcpu_run */
+    pthread_t thread;               /* zero when no thread runs it */
+    int in_run;                     /* a worker is inside the engine's run for it */
     volatile int kicked;            /* the toolstack asked the vCPU to stop */
     volatile int paused;            /* the toolstack paused it */
-    uint64_t cpu_ns_at_stop;        /* thread CPU time when hv_vcpu_run last returned */
+    uint64_t cpu_ns;                /* CPU time of the slices that ended */
+    uint64_t slice_cpu_start;       /* the worker's CPU clock when this slice began */
+    uint64_t started_ns;
 
-    /* blocking: SCHEDOP_block, SCHEDOP_poll and hlt sleep here until notified */
+    /* scheduling (vcpu.c): wait_lock guards sched_state and the park fields */
     pthread_mutex_t wait_lock;
-    pthread_cond_t  wait_cond;
-    int waiting;
+    int sched_state;                /* enum hv_sched_state */
+    int waiting;                    /* parked, waiting for an event */
+    int park_kind;                  /* enum hv_wait: what it waits for (HV_WAIT_NONE: runs) */
+    uint64_t park_deadline;         /* system time, 0 = none (SCHEDOP_poll's timeout) */
+    uint64_t wait_deadline;         /* the same, as the timer thread sees it (its lock) */
+    int park_expired;               /* the deadline passed (the timer thread says so) */
+    struct hv_poll_set poll;        /* SCHEDOP_poll's ports */
+    struct hv_vcpu *rq_next;
+    int deferred_events;            /* d->deferred has bits for this vCPU to apply */
+    int result;                     /* enum hv_stop_reason once stopped for good ... */
+    int result_ready;               /* ... which it is once this is set */
+    struct hv_stop final_stop;
+    pthread_cond_t done_cond;       /* sched_state became HV_SCHED_DONE */
 
     uint64_t vcpu_info_gpa;         /* HV_NO_PAGE: the slot in shared_info */
     uint32_t virq_to_port[NR_VIRQS];
@@ -178,6 +217,7 @@ int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_multicall(struct hv_vcpu *v, const struct hv_hcall *h);
 
 void hv_domain_shutdown(struct hv_domain *d, int reason);
+void hv_console_close(struct hv_domain *d);     /* end the console stream (once) */
 
 /* ---- interrupt service (events.c) ---- */
 int64_t do_event_channel_op(struct hv_vcpu *v, const struct hv_hcall *h);
@@ -189,8 +229,8 @@ struct vcpu_info *hv_vcpu_info(struct hv_vcpu *v);
 void hv_shared_info_placed(struct hv_domain *d, uint64_t old_gpa);
 int  hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
 int  hv_upcall_wanted(struct hv_vcpu *v);
-void hv_vcpu_notify(struct hv_vcpu *v);
-int  hv_vcpu_wait(struct hv_vcpu *v, uint64_t deadline, int (*done)(struct hv_vcpu *, void *), void *arg);
+int  hv_port_pending(struct hv_domain *d, uint32_t port);
+void hv_events_flush(struct hv_vcpu *v);
 struct hv_domain *hv_domain_lookup(uint32_t domid);
 
 /* ---- device models (devices.c): what a native guest's privileged I/O reaches ---- */
@@ -210,15 +250,25 @@ int64_t do_set_timer_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_vcpu_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int  hv_timers_start(struct hv_domain *d, char *err, int err_len);
 void hv_timers_stop(struct hv_domain *d);
+void hv_timers_wake(struct hv_domain *d);      /* a device deadline moved */
+/* A parked vCPU's own deadline (SCHEDOP_poll's timeout); 0 clears it. */
+void hv_timers_set_wait(struct hv_vcpu *v, uint64_t deadline);
 uint64_t hv_system_time(void);
 void hv_pvclock_update(struct hv_vcpu *v);
 int  hv_pvclock_init(struct hv_vcpu *v, int64_t tsc_offset, uint64_t tsc_khz);
 
-/* ---- vCPUs (vcpu.c), shared by the engines ---- */
+/* ---- vCPUs and their scheduler (vcpu.c), shared by the engines ---- */
 void hv_vcpu_destroy(struct hv_vcpu *v);
+/* A service or an engine: the vCPU must wait for `kind` (deadline: system time, 0 for
+ * none). The engine's run returns HV_STOP_PARKED at its next check (hv_vcpu_must_park);
+ * the scheduler parks the vCPU, holding no thread, until it can go on. */
+void hv_vcpu_park(struct hv_vcpu *v, int kind, uint64_t deadline);
+int  hv_vcpu_must_park(struct hv_vcpu *v);
+/* Something it may wait for happened: wake it if parked, kick it if it runs. */
+void hv_vcpu_notify(struct hv_vcpu *v);
+void hv_vcpu_deadline_passed(struct hv_vcpu *v);   /* the timer thread */
 int  hv_next_vector(struct hv_vcpu *v, int *is_upcall);   /* -1: nothing to take */
 int  hv_interrupt_due(struct hv_vcpu *v, void *unused);
-int  hv_vcpu_not_paused(struct hv_vcpu *v, void *unused);
 int  hv_stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 

@@ -2,9 +2,11 @@
  * hv_api.h - what the C extension offers Python (cffi cdef reads the marked part).
  *
  * A domain owns guest memory, counters and the console; a vCPU runs on an engine.
- * Python builds the domain's memory, sets the boot state, then calls hv_vcpu_run()
- * from a thread of its own: the call releases the GIL and returns only when the
- * vCPU stops (shutdown, fault, or a kick from another thread).
+ * Python builds the domain's memory, sets the boot state, then hands the vCPU to the
+ * scheduler with hv_vcpu_start(): from then on C worker threads run it (no GIL), and a
+ * vCPU that blocks holds no thread. When it stops for good (shutdown, fault, or a kick
+ * from the toolstack) the domain's console stream ends (end of file on the console
+ * fd) and hv_vcpu_result() tells why.
  */
 #ifndef TRAPLESS_HV_API_H
 #define TRAPLESS_HV_API_H
@@ -27,19 +29,20 @@ enum hv_exit_reason {
     HV_EXIT_NR
 };
 
-/* Why hv_vcpu_run() returned. */
+/* Why a vCPU stopped. */
 enum hv_stop_reason {
     HV_STOP_SHUTDOWN,       /* the guest shut down; code = Xen shutdown reason */
     HV_STOP_FAULT,          /* triple fault, or an exit the VMM cannot handle */
     HV_STOP_KICKED,         /* hv_vcpu_kick() from another thread */
-    HV_STOP_ERROR           /* the engine itself failed (ioctl error) */
+    HV_STOP_ERROR,          /* the engine itself failed (ioctl error) */
+    HV_STOP_PARKED          /* internal: it must wait (engine -> scheduler, never final) */
 };
 
 struct hv_stop {
     int      reason;        /* enum hv_stop_reason */
     int      code;          /* shutdown reason, or the engine's raw exit code */
     uint64_t rip;
-    uint64_t elapsed_ns;    /* wall time spent inside hv_vcpu_run */
+    uint64_t elapsed_ns;    /* wall time from the vCPU's first instruction to the stop */
     char     message[200];  /* one line, for HV_STOP_FAULT and HV_STOP_ERROR */
 };
 
@@ -77,7 +80,9 @@ struct hv_domain_config {
     uint64_t ram_bytes;
     uint64_t pt_pool_start; /* guest-physical range the guest may not write: page tables */
     uint64_t pt_pool_end;
-    int      console_fd;    /* console output is written here; -1 drops it */
+    int      console_fd;    /* console output is written here; -1 drops it. The domain
+                             * owns it from now on and closes it when its vCPU stops for
+                             * good (or when it is destroyed): the reader sees EOF. */
     uint8_t  handle[16];    /* the domain's UUID (XENVER_guest_handle) */
     uint32_t max_evtchn_ports; /* 0 = the default (1024) */
 };
@@ -94,7 +99,7 @@ struct hv_trace_entry {
 
 /* What a vCPU is doing, for the toolstack. */
 enum hv_vcpu_state {
-    HV_VCPU_STOPPED,        /* not inside hv_vcpu_run */
+    HV_VCPU_STOPPED,        /* not started, or stopped for good */
     HV_VCPU_RUNNING,
     HV_VCPU_BLOCKED,        /* SCHEDOP_block / poll, or hlt */
     HV_VCPU_PAUSED
@@ -116,6 +121,12 @@ int  hv_bt_available(char *why, int why_len);
 /* bt's instruction decoder, for tests: the length of the instruction at code (and its
  * kind: 0 plain, else sensitive), or -1 if it is not a valid x86-64 instruction. */
 int  hv_bt_insn_length(const uint8_t *code, int avail, int *kind);
+
+/* The host-wide memory budget: the guest memory (maxmem) of all live domains together
+ * may not exceed it; 0 means no budget. Creating a domain that would exceed it fails. */
+void     hv_set_memory_budget(uint64_t bytes);
+uint64_t hv_memory_budget(void);
+uint64_t hv_memory_committed(void);     /* guest memory of the live domains, bytes */
 
 /* Domains: NULL on failure with a one-line reason in err. */
 struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err, int err_len);
@@ -143,12 +154,17 @@ uint64_t hv_domain_resident_pages(struct hv_domain *d);
 /* vCPUs. */
 struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_len);
 int      hv_vcpu_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len);
-int      hv_vcpu_run(struct hv_vcpu *v, struct hv_stop *stop);
+/* Hand the vCPU to the scheduler: 0, or -1 if it was started before. */
+int      hv_vcpu_start(struct hv_vcpu *v);
+/* Once it stopped for good: the reason (enum hv_stop_reason) with stop filled; -1 before. */
+int      hv_vcpu_result(struct hv_vcpu *v, struct hv_stop *stop);
+/* Threads the scheduler runs vCPUs on now (they come and go with the work). */
+int      hv_sched_workers(void);
 void     hv_vcpu_kick(struct hv_vcpu *v);
 /* Pause: the vCPU leaves the guest and sleeps until unpaused (or stopped). */
 void     hv_vcpu_pause(struct hv_vcpu *v, int paused);
 int      hv_vcpu_state(struct hv_vcpu *v);
-uint64_t hv_vcpu_cpu_ns(struct hv_vcpu *v);     /* CPU time of the vCPU's thread */
+uint64_t hv_vcpu_cpu_ns(struct hv_vcpu *v);     /* CPU time spent running it */
 /* Copy up to max of the latest traced hypercalls, oldest first; returns how many. */
 int      hv_domain_trace(struct hv_domain *d, struct hv_trace_entry *out, int max);
 

@@ -1,7 +1,8 @@
 /*
  * kvm.c - the kvm engine: hardware-assisted virtualization through /dev/kvm.
  *
- * One KVM VM per domain, no in-kernel irqchip, one thread per vCPU inside KVM_RUN.
+ * One KVM VM per domain, no in-kernel irqchip; the scheduler's workers (vcpu.c) run
+ * KVM_RUN for a vCPU until it stops or parks.
  * Registers come out through KVM_CAP_SYNC_REGS and the result goes back as the data of
  * the stub's `in`, so a hypercall costs one exit and no extra ioctl or register set. Page-table frames sit in a read-only memslot: the guest reads them,
  * only the hypervisor writes them.
@@ -458,10 +459,11 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                              "shutdown");
         if (__atomic_exchange_n(&v->kicked, 0, __ATOMIC_SEQ_CST))
             return hv_stop_with(stop, HV_STOP_KICKED, 0, run->s.regs.regs.rip, "stopped by the toolstack");
-        if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE)) {
-            hv_vcpu_wait(v, HV_NO_DEADLINE, hv_vcpu_not_paused, NULL);
-            continue;
-        }
+        if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE))
+            hv_vcpu_park(v, HV_WAIT_UNPAUSE, 0);
+        if (hv_vcpu_must_park(v))
+            return HV_STOP_PARKED;      /* the `in` of a blocking hypercall is completed
+                                         * by the next KVM_RUN, from whichever worker */
         if (deliver_interrupt(v) < 0)
             return hv_stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
                              "KVM_INTERRUPT failed: %s", strerror(errno));
@@ -495,7 +497,7 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                                  "hlt with interrupts disabled: nothing can wake the vCPU");
             /* Idle until an interrupt can be delivered (or the toolstack stops us). */
             c->blocks++;
-            hv_vcpu_wait(v, HV_NO_DEADLINE, hv_interrupt_due, NULL);
+            hv_vcpu_park(v, HV_WAIT_INTERRUPT, 0);
             break;
         case KVM_EXIT_IRQ_WINDOW_OPEN:
             c->exits[HV_EXIT_IRQ_WINDOW]++;
@@ -547,6 +549,7 @@ const struct hv_engine_impl hv_kvm_engine = {
     .vcpu_destroy = kvm_vcpu_destroy,
     .set_boot_state = kvm_set_boot_state,
     .run = kvm_run_loop,
+    .guest_atomics = 1,
 };
 
 int hv_kvm_available(char *why, int why_len)

@@ -1,8 +1,9 @@
 /*
  * sched.c - sched_op: yield, block, poll, shutdown and the latched shutdown code.
  *
- * block and poll sleep in the vCPU's own thread (the GIL is not held) until an event
- * arrives, a deadline passes, or the toolstack stops the vCPU.
+ * block and poll park the vCPU (vcpu.c): the hypercall returns 0 at once, the engine
+ * leaves the guest, and the scheduler runs the vCPU again only when an event arrives, a
+ * deadline passes, or the toolstack stops it. Until then it holds no thread.
  */
 #include <sched.h>
 
@@ -31,47 +32,24 @@ static int read_reason(struct hv_vcpu *v, uint64_t arg, uint32_t *reason)
     return 0;
 }
 
-static int upcall_pending(struct hv_vcpu *v, void *unused)
-{
-    return __atomic_load_n(&hv_vcpu_info(v)->evtchn_upcall_pending, __ATOMIC_ACQUIRE);
-}
-
-#define MAX_POLL_PORTS 128
-
-struct poll_set {
-    uint32_t ports[MAX_POLL_PORTS];
-    uint32_t n;
-};
-
-static int any_port_pending(struct hv_vcpu *v, void *arg)
-{
-    struct poll_set *ps = arg;
-    struct shared_info *s = hv_shared_info(v->dom);
-    for (uint32_t i = 0; i < ps->n; i++) {
-        uint32_t p = ps->ports[i];
-        if (__atomic_load_n(&s->evtchn_pending[p / 64], __ATOMIC_ACQUIRE) & (1ULL << (p % 64)))
-            return 1;
-    }
-    return 0;
-}
-
 static int64_t sched_block(struct hv_vcpu *v)
 {
-    /* Re-enable upcalls and sleep until one is pending (Xen's SCHEDOP_block). */
+    /* Re-enable upcalls and wait until one is pending (Xen's SCHEDOP_block): a guest
+     * that checked its condition with upcalls masked loses no event in between. */
     __atomic_store_n(&hv_vcpu_info(v)->evtchn_upcall_mask, 0, __ATOMIC_SEQ_CST);
     v->dom->counters.blocks++;
-    hv_vcpu_wait(v, HV_NO_DEADLINE, upcall_pending, NULL);
+    hv_vcpu_park(v, HV_WAIT_UPCALL, 0);
     return 0;
 }
 
 static int64_t sched_poll(struct hv_vcpu *v, uint64_t arg)
 {
     struct sched_poll sp;
-    struct poll_set ps;
+    struct hv_poll_set ps;
 
     if (hv_copy_from_guest(v, &sp, arg, sizeof(sp)) < 0)
         return -XEN_EFAULT;
-    if (sp.nr_ports > MAX_POLL_PORTS)
+    if (sp.nr_ports > HV_MAX_POLL_PORTS)
         return -XEN_EINVAL;
     if (hv_copy_from_guest(v, ps.ports, sp.ports, sp.nr_ports * sizeof(uint32_t)) < 0)
         return -XEN_EFAULT;
@@ -80,7 +58,8 @@ static int64_t sched_poll(struct hv_vcpu *v, uint64_t arg)
         if (ps.ports[i] >= v->dom->max_ports)
             return -XEN_EINVAL;
     v->dom->counters.blocks++;
-    hv_vcpu_wait(v, sp.timeout ? sp.timeout : HV_NO_DEADLINE, any_port_pending, &ps);
+    v->poll = ps;
+    hv_vcpu_park(v, HV_WAIT_POLL, sp.timeout);
     return 0;
 }
 

@@ -4,10 +4,11 @@
  * System time is the host's CLOCK_MONOTONIC in ns, the same for every domain. Each
  * vCPU's vcpu_time_info lets the guest compute it from rdtsc with no exit:
  * now = system_time + ((rdtsc - tsc_timestamp) << shift) * mul >> 32.
- * One thread per domain sleeps until the earliest deadline of any vCPU, then makes
- * VIRQ_TIMER pending, which wakes a blocked vCPU or kicks a running one.
+ * One thread for the whole process sleeps until the earliest deadline of any domain,
+ * then makes VIRQ_TIMER pending, which wakes a blocked vCPU or kicks a running one.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <x86intrin.h>
@@ -71,7 +72,126 @@ void hv_pvclock_update(struct hv_vcpu *v)
     pthread_mutex_unlock(&v->time_lock);
 }
 
-/* ---- the timer thread ---- */
+/* ---- the timer thread: one for the whole process ----
+ *
+ * Every domain with a deadline (a vCPU's one-shot or periodic timer, or its PIT) sits
+ * in one min-heap keyed by its earliest deadline. The thread sleeps until the top of
+ * the heap is due, takes every due domain out, fires what is due outside the lock (the
+ * event path takes other locks), and puts each domain back under its next deadline.
+ * A thousand idle domains cost nothing: no deadline, no place in the heap, no wakeup.
+ *
+ * Lock order: tq_lock, then a domain's ev_lock / wait_lock / device lock.
+ */
+
+static pthread_mutex_t tq_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t tq_cond;          /* the thread: something new may be due sooner */
+static pthread_cond_t tq_served;        /* hv_timers_stop: the thread let a domain go */
+static struct hv_domain **heap;         /* heap[0] has the earliest deadline */
+static uint32_t heap_len, heap_cap;
+static pthread_t tq_thread;
+static int tq_started;
+
+static int heap_before(uint32_t a, uint32_t b)
+{
+    return heap[a]->timer_key < heap[b]->timer_key;
+}
+
+static void heap_swap(uint32_t a, uint32_t b)
+{
+    struct hv_domain *t = heap[a];
+    heap[a] = heap[b];
+    heap[b] = t;
+    heap[a]->timer_slot = (int32_t)a;
+    heap[b]->timer_slot = (int32_t)b;
+}
+
+static void heap_fix(uint32_t i)
+{
+    while (i > 0 && heap_before(i, (i - 1) / 2)) {
+        heap_swap(i, (i - 1) / 2);
+        i = (i - 1) / 2;
+    }
+    for (;;) {
+        uint32_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < heap_len && heap_before(l, m))
+            m = l;
+        if (r < heap_len && heap_before(r, m))
+            m = r;
+        if (m == i)
+            return;
+        heap_swap(i, m);
+        i = m;
+    }
+}
+
+static void heap_remove(struct hv_domain *d)
+{
+    uint32_t i;
+    if (d->timer_slot < 0)
+        return;
+    i = (uint32_t)d->timer_slot;
+    d->timer_slot = -1;
+    if (i != --heap_len) {
+        heap[i] = heap[heap_len];
+        heap[i]->timer_slot = (int32_t)i;
+        heap_fix(i);
+    }
+}
+
+/* Caller holds tq_lock. The domain's earliest deadline of all its timers. */
+static uint64_t earliest(struct hv_domain *d)
+{
+    uint64_t next = d->device_deadline;
+    for (int i = 0; i < HV_MAX_VCPUS; i++) {
+        struct hv_vcpu *v = d->vcpus[i];
+        if (!v)
+            continue;
+        if (v->timers.singleshot && v->timers.singleshot < next)
+            next = v->timers.singleshot;
+        if (v->timers.period && v->timers.next_periodic < next)
+            next = v->timers.next_periodic;
+        if (v->wait_deadline && v->wait_deadline < next)
+            next = v->wait_deadline;
+    }
+    return next;
+}
+
+/* Caller holds tq_lock: (re)place d in the heap under key. 0, or -1 out of memory
+ * (then d keeps its old place, or none: its timers fire late, nothing breaks). */
+static int heap_set(struct hv_domain *d, uint64_t key)
+{
+    if (d->timer_stopping)
+        return 0;
+    if (d->timer_in_service)
+        return 0;                       /* the thread puts it back when it is done */
+    if (key == HV_NO_DEADLINE) {
+        heap_remove(d);
+        return 0;
+    }
+    if (d->timer_slot < 0) {
+        if (heap_len == heap_cap) {
+            uint32_t cap = heap_cap ? heap_cap * 2 : 64;
+            struct hv_domain **h = realloc(heap, cap * sizeof(*h));
+            if (!h)
+                return -1;
+            heap = h;
+            heap_cap = cap;
+        }
+        heap[heap_len] = d;
+        d->timer_slot = (int32_t)heap_len++;
+    }
+    d->timer_key = key;
+    heap_fix((uint32_t)d->timer_slot);
+    if (d->timer_slot == 0)
+        pthread_cond_signal(&tq_cond);  /* the thread's sleep may now be too long */
+    return 0;
+}
+
+/* Caller holds tq_lock. */
+static void reschedule(struct hv_domain *d)
+{
+    heap_set(d, d->timer_rewake ? 0 : earliest(d));
+}
 
 static void fire(struct hv_vcpu *v)
 {
@@ -80,116 +200,156 @@ static void fire(struct hv_vcpu *v)
         v->timers.fired++;
 }
 
-static void *timer_main(void *arg)
+/* Caller holds tq_lock; d is out of the heap and in service. Lets the lock go while
+ * raising what is due, and takes it again. */
+static void serve(struct hv_domain *d, uint64_t now)
 {
-    struct hv_domain *d = arg;
+    struct hv_vcpu *due[HV_MAX_VCPUS], *woken[HV_MAX_VCPUS];
+    int ndue = 0, nwoken = 0;
 
-    pthread_mutex_lock(&d->timer_lock);
-    while (!d->timer_stop) {
-        uint64_t now = hv_system_time(), next = HV_NO_DEADLINE;
-        struct hv_vcpu *due[HV_MAX_VCPUS];
-        int ndue = 0;
-
-        for (int i = 0; i < HV_MAX_VCPUS; i++) {
-            struct hv_vcpu *v = d->vcpus[i];
-            struct hv_vcpu_timers *t;
-            int expired = 0;
-            if (!v)
-                continue;
-            t = &v->timers;
-            if (t->singleshot && t->singleshot <= now) {
-                t->singleshot = 0;
-                expired = 1;
-            }
-            if (t->period && t->next_periodic <= now) {
-                t->next_periodic += t->period;
-                if (t->next_periodic <= now)    /* we fell behind: skip, don't burst */
-                    t->next_periodic = now + t->period;
-                expired = 1;
-            }
-            if (expired)
-                due[ndue++] = v;
-            if (t->singleshot && t->singleshot < next)
-                next = t->singleshot;
-            if (t->period && t->next_periodic < next)
-                next = t->next_periodic;
-        }
-        if (ndue) {
-            /* Raise outside timer_lock: the event path takes other locks. */
-            pthread_mutex_unlock(&d->timer_lock);
-            for (int i = 0; i < ndue; i++)
-                fire(due[i]);
-            pthread_mutex_lock(&d->timer_lock);
+    for (int i = 0; i < HV_MAX_VCPUS; i++) {
+        struct hv_vcpu *v = d->vcpus[i];
+        int expired = 0;
+        if (!v)
             continue;
+        if (v->timers.singleshot && v->timers.singleshot <= now) {
+            v->timers.singleshot = 0;
+            expired = 1;
         }
-        /* A native domain's PIT keeps its own deadline (devices.c raises what is due). */
-        {
-            uint64_t device_next = hv_devices_timer(d);
-            if (device_next < next)
-                next = device_next;
+        if (v->timers.period && v->timers.next_periodic <= now) {
+            v->timers.next_periodic += v->timers.period;
+            if (v->timers.next_periodic <= now)     /* we fell behind: skip, don't burst */
+                v->timers.next_periodic = now + v->timers.period;
+            expired = 1;
         }
-        if (next == HV_NO_DEADLINE) {
-            pthread_cond_wait(&d->timer_cond, &d->timer_lock);
-        } else {
-            struct timespec ts = { .tv_sec = (time_t)(next / 1000000000ULL),
-                                   .tv_nsec = (long)(next % 1000000000ULL) };
-            pthread_cond_timedwait(&d->timer_cond, &d->timer_lock, &ts);
+        if (expired)
+            due[ndue++] = v;
+        if (v->wait_deadline && v->wait_deadline <= now) {
+            v->wait_deadline = 0;
+            woken[nwoken++] = v;
         }
     }
-    pthread_mutex_unlock(&d->timer_lock);
+    pthread_mutex_unlock(&tq_lock);
+    for (int i = 0; i < ndue; i++)
+        fire(due[i]);
+    for (int i = 0; i < nwoken; i++)
+        hv_vcpu_deadline_passed(woken[i]);
+    /* A native domain's PIT: raises what is due, says when it next needs us. */
+    {
+        uint64_t device_next = hv_devices_timer(d);
+        pthread_mutex_lock(&tq_lock);
+        d->device_deadline = device_next;
+    }
+}
+
+static void *timer_main(void *unused)
+{
+    pthread_mutex_lock(&tq_lock);
+    for (;;) {
+        uint64_t now = hv_system_time();
+        if (heap_len == 0) {
+            pthread_cond_wait(&tq_cond, &tq_lock);
+            continue;
+        }
+        if (heap[0]->timer_key > now) {
+            uint64_t next = heap[0]->timer_key;
+            struct timespec ts = { .tv_sec = (time_t)(next / 1000000000ULL),
+                                   .tv_nsec = (long)(next % 1000000000ULL) };
+            pthread_cond_timedwait(&tq_cond, &tq_lock, &ts);
+            continue;
+        }
+        struct hv_domain *d = heap[0];
+        heap_remove(d);
+        d->timer_in_service = 1;
+        d->timer_rewake = 0;            /* serve() asks the devices afresh */
+        serve(d, now);
+        d->timer_in_service = 0;
+        reschedule(d);
+        pthread_cond_broadcast(&tq_served);
+    }
     return NULL;
 }
 
 int hv_timers_start(struct hv_domain *d, char *err, int err_len)
 {
-    pthread_condattr_t attr;
-    int rc;
+    int rc = 0;
 
-    pthread_mutex_init(&d->timer_lock, NULL);
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);  /* deadlines are system time */
-    pthread_cond_init(&d->timer_cond, &attr);
-    pthread_condattr_destroy(&attr);
-    rc = pthread_create(&d->timer_thread, NULL, timer_main, d);
+    d->timer_slot = -1;
+    d->device_deadline = HV_NO_DEADLINE;
+    pthread_mutex_lock(&tq_lock);
+    if (!tq_started) {
+        pthread_condattr_t attr;
+        pthread_condattr_init(&attr);
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);  /* deadlines are system time */
+        pthread_cond_init(&tq_cond, &attr);
+        pthread_condattr_destroy(&attr);
+        pthread_cond_init(&tq_served, NULL);
+        rc = pthread_create(&tq_thread, NULL, timer_main, NULL);
+        if (rc == 0) {
+            pthread_detach(tq_thread);  /* it serves the process until the process ends */
+            tq_started = 1;
+        }
+    }
+    pthread_mutex_unlock(&tq_lock);
     if (rc) {
         hv_set_error(err, err_len, "cannot start the timer thread: %s", strerror(rc));
         return -1;
     }
-    d->timer_thread_started = 1;
+    d->timers_registered = 1;
     return 0;
 }
 
+/* Take the domain out for good; returns once the thread no longer touches it. */
 void hv_timers_stop(struct hv_domain *d)
 {
-    if (!d->timer_thread_started)
+    if (!d->timers_registered)
         return;
-    pthread_mutex_lock(&d->timer_lock);
-    d->timer_stop = 1;
-    pthread_cond_signal(&d->timer_cond);
-    pthread_mutex_unlock(&d->timer_lock);
-    pthread_join(d->timer_thread, NULL);
-    d->timer_thread_started = 0;
-    pthread_cond_destroy(&d->timer_cond);
-    pthread_mutex_destroy(&d->timer_lock);
+    pthread_mutex_lock(&tq_lock);
+    d->timer_stopping = 1;
+    heap_remove(d);
+    while (d->timer_in_service)
+        pthread_cond_wait(&tq_served, &tq_lock);
+    pthread_mutex_unlock(&tq_lock);
+    d->timers_registered = 0;
+}
+
+/* Something outside the vCPU timers moved (the PIT was programmed): look now. */
+void hv_timers_wake(struct hv_domain *d)
+{
+    pthread_mutex_lock(&tq_lock);
+    if (d->timers_registered) {
+        d->timer_rewake = 1;
+        reschedule(d);
+    }
+    pthread_mutex_unlock(&tq_lock);
+}
+
+void hv_timers_set_wait(struct hv_vcpu *v, uint64_t deadline)
+{
+    if (!deadline && !v->wait_deadline)
+        return;                         /* the common case costs no lock */
+    pthread_mutex_lock(&tq_lock);
+    v->wait_deadline = deadline;
+    v->park_deadline = deadline;
+    reschedule(v->dom);
+    pthread_mutex_unlock(&tq_lock);
 }
 
 static void set_singleshot(struct hv_vcpu *v, uint64_t deadline)
 {
-    struct hv_domain *d = v->dom;
-    pthread_mutex_lock(&d->timer_lock);
+    pthread_mutex_lock(&tq_lock);
     v->timers.singleshot = deadline;
-    pthread_cond_signal(&d->timer_cond);
-    pthread_mutex_unlock(&d->timer_lock);
+    reschedule(v->dom);
+    pthread_mutex_unlock(&tq_lock);
 }
 
 static void set_periodic(struct hv_vcpu *v, uint64_t period)
 {
-    struct hv_domain *d = v->dom;
-    pthread_mutex_lock(&d->timer_lock);
+    pthread_mutex_lock(&tq_lock);
     v->timers.period = period;
     v->timers.next_periodic = period ? hv_system_time() + period : 0;
-    pthread_cond_signal(&d->timer_cond);
-    pthread_mutex_unlock(&d->timer_lock);
+    reschedule(v->dom);
+    pthread_mutex_unlock(&tq_lock);
 }
 
 /* ---- hypercalls ---- */

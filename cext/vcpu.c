@@ -1,6 +1,18 @@
 /*
- * vcpu.c - what every engine's vCPU shares: creation, the run wrapper (thread and CPU
- * time bookkeeping), kick, pause and state, and the choice of the next interrupt.
+ * vcpu.c - what every engine's vCPU shares: creation, the scheduler that runs vCPUs on
+ * worker threads, parking and waking, kick, pause and state, and the choice of the
+ * next interrupt.
+ *
+ * A vCPU is not a thread. Started vCPUs that can run wait in one run queue; worker
+ * threads take them and call the engine's run, which returns when the vCPU stops for
+ * good or must wait (SCHEDOP_block or poll, hlt, a pause: HV_STOP_PARKED). A waiting
+ * vCPU is parked and holds no thread; whatever it waits for (an event, an interrupt,
+ * a deadline, the toolstack) calls hv_vcpu_notify, which puts it back in the queue.
+ * A worker that finds no work for a while ends, so the process has about as many
+ * threads as vCPUs running at once: a thousand blocked domains cost no thread at all.
+ *
+ * Lock order: a vCPU's wait_lock, then rq_lock; ev_lock is taken before wait_lock
+ * (events.c raises, then notifies), never while it is held.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -8,8 +20,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "hv.h"
+
+#define WORKER_IDLE_NS (2 * 1000000000ULL)  /* a worker with no work this long ends */
+
+static uint64_t thread_cpu_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) < 0)
+        return 0;
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- creation ---- */
 
 struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_len)
 {
@@ -27,10 +52,12 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
     v->dom = d;
     v->id = id;
     v->vcpu_info_gpa = HV_NO_PAGE;
-    v->thread = pthread_self();
+    v->sched_state = HV_SCHED_NEW;
+    /* Only a worker inside the engine's run is the vCPU's thread; none is before. */
+    memset(&v->thread, 0, sizeof(v->thread));
     pthread_mutex_init(&v->kick_lock, NULL);
     pthread_mutex_init(&v->wait_lock, NULL);
-    pthread_cond_init(&v->wait_cond, NULL);
+    pthread_cond_init(&v->done_cond, NULL);
     pthread_mutex_init(&v->time_lock, NULL);
     /* Visible to the services before the engine part runs: the PV clock needs it. */
     d->vcpus[id] = v;
@@ -38,7 +65,7 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
         d->vcpus[id] = NULL;
         pthread_mutex_destroy(&v->kick_lock);
         pthread_mutex_destroy(&v->wait_lock);
-        pthread_cond_destroy(&v->wait_cond);
+        pthread_cond_destroy(&v->done_cond);
         pthread_mutex_destroy(&v->time_lock);
         free(v);
         return NULL;
@@ -46,13 +73,23 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
     return v;
 }
 
+/* Stops the vCPU if it was started and waits until no worker touches it. */
 void hv_vcpu_destroy(struct hv_vcpu *v)
 {
+    pthread_mutex_lock(&v->wait_lock);
+    if (v->sched_state != HV_SCHED_NEW && v->sched_state != HV_SCHED_DONE) {
+        pthread_mutex_unlock(&v->wait_lock);
+        hv_vcpu_kick(v);
+        pthread_mutex_lock(&v->wait_lock);
+        while (v->sched_state != HV_SCHED_DONE)
+            pthread_cond_wait(&v->done_cond, &v->wait_lock);
+    }
+    pthread_mutex_unlock(&v->wait_lock);
     v->dom->engine->vcpu_destroy(v);
     v->dom->vcpus[v->id] = NULL;
     pthread_mutex_destroy(&v->kick_lock);
     pthread_mutex_destroy(&v->wait_lock);
-    pthread_cond_destroy(&v->wait_cond);
+    pthread_cond_destroy(&v->done_cond);
     pthread_mutex_destroy(&v->time_lock);
     free(v);
 }
@@ -74,6 +111,8 @@ int hv_stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const
     return reason;
 }
 
+/* ---- interrupts ---- */
+
 /* The vector the vCPU should take next: the PV upcall, else a device interrupt. */
 int hv_next_vector(struct hv_vcpu *v, int *is_upcall)
 {
@@ -89,67 +128,316 @@ int hv_interrupt_due(struct hv_vcpu *v, void *unused)
     return hv_next_vector(v, &is_upcall) >= 0;
 }
 
-int hv_vcpu_not_paused(struct hv_vcpu *v, void *unused)
+/* ---- parking ---- */
+
+void hv_vcpu_park(struct hv_vcpu *v, int kind, uint64_t deadline)
 {
-    return !__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE);
+    v->park_kind = kind;
+    v->park_expired = 0;
+    hv_timers_set_wait(v, deadline);
 }
 
-int hv_vcpu_run(struct hv_vcpu *v, struct hv_stop *stop)
+int hv_vcpu_must_park(struct hv_vcpu *v)
 {
-    uint64_t t0 = hv_now_ns();
-    int rc;
+    return v->park_kind != HV_WAIT_NONE;
+}
 
-    memset(stop, 0, sizeof(*stop));
+static int poll_port_pending(struct hv_vcpu *v)
+{
+    for (uint32_t i = 0; i < v->poll.n; i++)
+        if (hv_port_pending(v->dom, v->poll.ports[i]))
+            return 1;
+    return 0;
+}
+
+/* Caller holds wait_lock: may the parked vCPU go on? */
+static int can_go_on(struct hv_vcpu *v)
+{
+    if (__atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) ||
+        __atomic_load_n(&v->dom->shutting_down, __ATOMIC_ACQUIRE))
+        return 1;
+    switch (v->park_kind) {
+    case HV_WAIT_UPCALL:
+        return __atomic_load_n(&hv_vcpu_info(v)->evtchn_upcall_pending, __ATOMIC_ACQUIRE);
+    case HV_WAIT_POLL:
+        return poll_port_pending(v) || __atomic_load_n(&v->park_expired, __ATOMIC_ACQUIRE) ||
+               (v->park_deadline && hv_system_time() >= v->park_deadline);
+    case HV_WAIT_INTERRUPT:
+        return hv_interrupt_due(v, NULL);
+    case HV_WAIT_UNPAUSE:
+        return !__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE);
+    default:
+        return 1;
+    }
+}
+
+/* ---- the run queue and its workers ---- */
+
+struct worker {
+    pthread_cond_t cond;
+    struct worker *next_idle;
+    int woken;
+};
+
+static pthread_mutex_t rq_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct hv_vcpu *rq_head, *rq_tail;
+static struct worker *idle_workers;     /* most recently idle first: its caches are warm */
+static int nr_workers;
+
+static void *worker_main(void *arg);
+
+/* Caller holds rq_lock. */
+static void spawn_worker(void)
+{
+    pthread_condattr_t attr;
+    pthread_t t;
+    struct worker *w = calloc(1, sizeof(*w));
+    if (!w)
+        return;                 /* the vCPU stays queued for a worker that is busy now */
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&w->cond, &attr);
+    pthread_condattr_destroy(&attr);
+    if (pthread_create(&t, NULL, worker_main, w) != 0) {
+        pthread_cond_destroy(&w->cond);
+        free(w);
+        return;
+    }
+    pthread_detach(t);
+    nr_workers++;
+}
+
+/* Queue a runnable vCPU; wake an idle worker or start one. */
+static void rq_push(struct hv_vcpu *v)
+{
+    pthread_mutex_lock(&rq_lock);
+    v->rq_next = NULL;
+    if (rq_tail)
+        rq_tail->rq_next = v;
+    else
+        rq_head = v;
+    rq_tail = v;
+    if (idle_workers) {
+        struct worker *w = idle_workers;
+        idle_workers = w->next_idle;
+        w->woken = 1;
+        pthread_cond_signal(&w->cond);
+    } else {
+        spawn_worker();
+    }
+    pthread_mutex_unlock(&rq_lock);
+}
+
+int hv_sched_workers(void)
+{
+    int n;
+    pthread_mutex_lock(&rq_lock);
+    n = nr_workers;
+    pthread_mutex_unlock(&rq_lock);
+    return n;
+}
+
+static void slice_begin(struct hv_vcpu *v)
+{
     pthread_mutex_lock(&v->kick_lock);
+    if (!v->started_ns)
+        v->started_ns = hv_now_ns();    /* elapsed time counts from the first slice */
     v->thread = pthread_self();
     v->in_run = 1;
+    v->slice_cpu_start = thread_cpu_ns();
     pthread_mutex_unlock(&v->kick_lock);
+}
 
-    rc = v->dom->engine->run(v, stop);
-
+static void slice_end(struct hv_vcpu *v)
+{
     pthread_mutex_lock(&v->kick_lock);
     v->in_run = 0;
-    {
-        struct timespec ts;
-        if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
-            v->cpu_ns_at_stop = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
-    }
+    v->cpu_ns += thread_cpu_ns() - v->slice_cpu_start;
+    memset(&v->thread, 0, sizeof(v->thread));
     pthread_mutex_unlock(&v->kick_lock);
-    stop->elapsed_ns = hv_now_ns() - t0;
-    return rc;
+}
+
+/* The vCPU stopped for good: record why, end the console stream, let destroy go on.
+ * After the last line nothing here touches v: the domain may be freed at once. */
+static void finish(struct hv_vcpu *v, int rc, struct hv_stop *stop)
+{
+    stop->elapsed_ns = hv_now_ns() - v->started_ns;
+    v->final_stop = *stop;
+    v->result = rc;
+    __atomic_store_n(&v->result_ready, 1, __ATOMIC_RELEASE);
+    hv_console_close(v->dom);           /* end of file: whoever reads the console knows */
+    pthread_mutex_lock(&v->wait_lock);
+    v->sched_state = HV_SCHED_DONE;
+    pthread_cond_broadcast(&v->done_cond);
+    pthread_mutex_unlock(&v->wait_lock);
+}
+
+/* Run v until it parks or stops for good. */
+static void run_vcpu(struct hv_vcpu *v)
+{
+    struct hv_stop stop;
+
+    for (;;) {
+        int rc;
+        if (v->park_kind != HV_WAIT_NONE) {
+            /* events other threads deferred count before we decide (the guest is stopped) */
+            hv_events_flush(v);
+            pthread_mutex_lock(&v->wait_lock);
+            if (!can_go_on(v)) {
+                if (__atomic_load_n(&v->deferred_events, __ATOMIC_ACQUIRE)) {
+                    pthread_mutex_unlock(&v->wait_lock);
+                    continue;           /* more arrived meanwhile: apply them, look again */
+                }
+                v->sched_state = HV_SCHED_PARKED;
+                v->waiting = 1;
+                pthread_mutex_unlock(&v->wait_lock);
+                return;
+            }
+            v->park_kind = HV_WAIT_NONE;
+            pthread_mutex_unlock(&v->wait_lock);
+            hv_timers_set_wait(v, 0);
+        }
+        memset(&stop, 0, sizeof(stop));
+        slice_begin(v);
+        rc = v->dom->engine->run(v, &stop);
+        slice_end(v);
+        if (rc != HV_STOP_PARKED) {
+            finish(v, rc, &stop);
+            return;
+        }
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+
+    pthread_mutex_lock(&rq_lock);
+    for (;;) {
+        struct hv_vcpu *v = rq_head;
+        if (v) {
+            rq_head = v->rq_next;
+            if (!rq_head)
+                rq_tail = NULL;
+            pthread_mutex_unlock(&rq_lock);
+            pthread_mutex_lock(&v->wait_lock);
+            v->sched_state = HV_SCHED_RUNNING;
+            pthread_mutex_unlock(&v->wait_lock);
+            run_vcpu(v);
+            pthread_mutex_lock(&rq_lock);
+            continue;
+        }
+        /* idle: wait for work on our own condition, or end */
+        struct timespec ts;
+        uint64_t until;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        until = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec + WORKER_IDLE_NS;
+        ts.tv_sec = (time_t)(until / 1000000000ULL);
+        ts.tv_nsec = (long)(until % 1000000000ULL);
+        w->woken = 0;
+        w->next_idle = idle_workers;
+        idle_workers = w;
+        while (!w->woken)
+            if (pthread_cond_timedwait(&w->cond, &rq_lock, &ts) == ETIMEDOUT)
+                break;
+        if (!w->woken) {
+            for (struct worker **p = &idle_workers; *p; p = &(*p)->next_idle)
+                if (*p == w) {
+                    *p = w->next_idle;
+                    break;
+                }
+            if (!rq_head) {
+                nr_workers--;
+                pthread_mutex_unlock(&rq_lock);
+                pthread_cond_destroy(&w->cond);
+                free(w);
+                return NULL;
+            }
+        }
+    }
+}
+
+/* ---- what the toolstack and the services call ---- */
+
+int hv_vcpu_start(struct hv_vcpu *v)
+{
+    pthread_mutex_lock(&v->wait_lock);
+    if (v->sched_state != HV_SCHED_NEW) {
+        pthread_mutex_unlock(&v->wait_lock);
+        return -1;
+    }
+    v->sched_state = HV_SCHED_RUNNABLE;
+    rq_push(v);
+    pthread_mutex_unlock(&v->wait_lock);
+    return 0;
+}
+
+int hv_vcpu_result(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    if (!__atomic_load_n(&v->result_ready, __ATOMIC_ACQUIRE))
+        return -1;
+    *stop = v->final_stop;
+    return v->result;
+}
+
+void hv_vcpu_notify(struct hv_vcpu *v)
+{
+    int running;
+    pthread_mutex_lock(&v->wait_lock);
+    running = v->sched_state == HV_SCHED_RUNNING;
+    if (v->sched_state == HV_SCHED_PARKED &&
+        (can_go_on(v) || __atomic_load_n(&v->deferred_events, __ATOMIC_ACQUIRE))) {
+        v->sched_state = HV_SCHED_RUNNABLE;
+        v->waiting = 0;
+        rq_push(v);
+    }
+    pthread_mutex_unlock(&v->wait_lock);
+    if (running && !pthread_equal(v->thread, pthread_self()))
+        v->ops->kick(v);                /* out of the guest: the run loop looks again */
+}
+
+void hv_vcpu_deadline_passed(struct hv_vcpu *v)
+{
+    __atomic_store_n(&v->park_expired, 1, __ATOMIC_RELEASE);
+    hv_vcpu_notify(v);
 }
 
 void hv_vcpu_pause(struct hv_vcpu *v, int paused)
 {
     __atomic_store_n(&v->paused, paused ? 1 : 0, __ATOMIC_SEQ_CST);
-    hv_vcpu_notify(v);                  /* out of the guest to sleep, or awake to go on */
+    hv_vcpu_notify(v);                  /* out of the guest to park, or back to work */
 }
 
 int hv_vcpu_state(struct hv_vcpu *v)
 {
     int state;
-    pthread_mutex_lock(&v->kick_lock);
-    if (!v->in_run)
+    pthread_mutex_lock(&v->wait_lock);
+    if (v->sched_state == HV_SCHED_NEW || v->sched_state == HV_SCHED_DONE ||
+        __atomic_load_n(&v->result_ready, __ATOMIC_ACQUIRE))
         state = HV_VCPU_STOPPED;
     else if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE))
         state = HV_VCPU_PAUSED;
-    else if (__atomic_load_n(&v->waiting, __ATOMIC_ACQUIRE))
+    else if (v->sched_state == HV_SCHED_PARKED)
         state = HV_VCPU_BLOCKED;
     else
         state = HV_VCPU_RUNNING;
-    pthread_mutex_unlock(&v->kick_lock);
+    pthread_mutex_unlock(&v->wait_lock);
     return state;
 }
 
 uint64_t hv_vcpu_cpu_ns(struct hv_vcpu *v)
 {
-    uint64_t ns = v->cpu_ns_at_stop;
+    uint64_t ns;
     pthread_mutex_lock(&v->kick_lock);
+    ns = v->cpu_ns;
     if (v->in_run) {
         clockid_t clock;
         struct timespec ts;
-        if (pthread_getcpuclockid(v->thread, &clock) == 0 && clock_gettime(clock, &ts) == 0)
-            ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+        if (pthread_getcpuclockid(v->thread, &clock) == 0 && clock_gettime(clock, &ts) == 0) {
+            uint64_t now = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+            if (now > v->slice_cpu_start)
+                ns += now - v->slice_cpu_start;
+        }
     }
     pthread_mutex_unlock(&v->kick_lock);
     return ns;
@@ -158,5 +446,5 @@ uint64_t hv_vcpu_cpu_ns(struct hv_vcpu *v)
 void hv_vcpu_kick(struct hv_vcpu *v)
 {
     __atomic_store_n(&v->kicked, 1, __ATOMIC_SEQ_CST);
-    hv_vcpu_notify(v);                  /* wakes it from block/poll/hlt, or kicks it out */
+    hv_vcpu_notify(v);                  /* wakes it if parked, or kicks it out */
 }

@@ -3,12 +3,13 @@
 Exit status of `run` (also in README.md):
   0 poweroff · 2 bad usage, bad image or no usable engine · 3 reboot · 4 suspend ·
   5 crash · 6 watchdog · 7 soft_reset · 8 guest fault (triple fault, unhandled exit) ·
-  9 timed out (--timeout)
+  9 timed out (--timeout) · 130 stopped by SIGINT (Ctrl-C) · 143 stopped by SIGTERM
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from rich.console import Console
@@ -22,12 +23,22 @@ from .errors import TraplessError
 EXIT_USAGE = 2
 EXIT_FAULT = 8
 EXIT_TIMEOUT = 9
+EXIT_BY_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal, as shells say
 EXIT_BY_SHUTDOWN = {
     C.SHUTDOWN_poweroff: 0, C.SHUTDOWN_reboot: 3, C.SHUTDOWN_suspend: 4,
     C.SHUTDOWN_crash: 5, C.SHUTDOWN_watchdog: 6, C.SHUTDOWN_soft_reset: 7,
 }
 STATUS_HELP = ("exit status: 0 poweroff, 2 usage/image/engine error, 3 reboot, 4 suspend, "
-               "5 crash, 6 watchdog, 7 soft_reset, 8 guest fault, 9 timed out")
+               "5 crash, 6 watchdog, 7 soft_reset, 8 guest fault, 9 timed out, "
+               "130 SIGINT, 143 SIGTERM")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived before there was a guest to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,13 +113,37 @@ def cmd_run(args) -> int:
             stdout_open = False
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
-    with Domain(image, memory_mib=args.memory, cmdline=args.cmdline, engine=args.engine,
-                on_console=to_stdout, native=args.native) as dom:
-        say_engine_fallback(args)
-        stop = dom.run(timeout=args.timeout)
-        if args.stats:
-            Console().print(stats_table(dom))
+    # SIGINT and SIGTERM stop the guest; the domain is then torn down as after any stop.
+    signalled: list[int] = []
+    running: list = []
+
+    def on_signal(signum, frame):
+        if not signalled:
+            signalled.append(signum)
+        if not running:
+            raise Interrupted(signum)       # still building: unwinding frees what exists
+        try:
+            running[0].stop()
+        except TraplessError:
+            pass                            # already on its way down
+
+    previous = {s: signal.signal(s, on_signal) for s in EXIT_BY_SIGNAL}
+    try:
+        with Domain(image, memory_mib=args.memory, cmdline=args.cmdline, engine=args.engine,
+                    on_console=to_stdout, native=args.native) as dom:
+            say_engine_fallback(args)
+            running.append(dom)
+            stop = dom.run(timeout=args.timeout)
+            if args.stats:
+                Console().print(stats_table(dom))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     err = sys.stderr
+    if signalled:
+        name = signal.Signals(signalled[0]).name
+        print(f"trapless: {dom.name} stopped by {name} (rip={stop.rip:#x})", file=err)
+        return EXIT_BY_SIGNAL[signalled[0]]
     if stop.kind == "shutdown":
         status = EXIT_BY_SHUTDOWN.get(stop.reason, EXIT_FAULT)
         if status:
@@ -191,8 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"trapless: interrupted by {e} before the guest ran", file=sys.stderr)
+        return EXIT_BY_SIGNAL[e.signum]
     except TraplessError as e:
         print(f"trapless: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        print("trapless: interrupted by SIGINT", file=sys.stderr)
+        return EXIT_BY_SIGNAL[signal.SIGINT]

@@ -353,8 +353,8 @@ class Shell(cmd.Cmd):
                         keys, ending = keys[:keys.index(DETACH_KEY)], "detached"
                     self._type(rec, keys)
                 if not ending and (rec.gone or self.ts.state(rec) in ("shutdown", "crashed")):
-                    if rec.watcher is not None:
-                        rec.watcher.join(2)     # the domain's last output is delivered by then
+                    # a stopped domain's state shows only once its console stream ended,
+                    # so its last output has been delivered by now
                     ending = f"domain {rec.name} is {self.ts.state(rec)}"
         finally:
             termios.tcsetattr(fd_in, termios.TCSADRAIN, saved)

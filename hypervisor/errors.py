@@ -16,3 +16,7 @@ class ConfigError(TraplessError):
 
 class EngineError(TraplessError):
     """The engine cannot run here (no /dev/kvm, KVM refused a request ...)."""
+
+
+class DomainError(TraplessError):
+    """A Domain used the wrong way: started twice, used after destroy() ..."""

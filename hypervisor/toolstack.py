@@ -1,17 +1,20 @@
 """The toolstack: many domains in one hypervisor process, kept the way xl keeps them.
 
-Each domain has its own engine instance (a KVM VM), its own vCPU thread and a
-watcher thread that waits for the vCPU to stop and applies the domain's
+Each domain has its own engine instance (a KVM VM) and its own vCPU, run by the C
+scheduler. When a vCPU stops, the toolstack's one reaper thread applies the domain's
 on_poweroff / on_reboot / on_crash action (destroy, restart, preserve). Domains share
 nothing but this table: one domain's crash or destruction leaves the others running.
+Threads do not grow with domains: the scheduler's workers follow the vCPUs that run,
+one hub thread reads every console (domain.py), one reaper applies every policy.
 
 Locking: `_lock` guards the table and every call into a live Domain. A Domain is
 taken out of its record under the lock before it is destroyed (outside the lock, as
-destroying joins its threads), so nobody reads a freed domain.
+destroying waits for its vCPU), so nobody reads a freed domain.
 """
 from __future__ import annotations
 
 import os
+import queue
 import re
 import threading
 import time
@@ -24,11 +27,13 @@ from .config import NAME_RE, DomainConfig
 from .domain import Domain, StopInfo, TraceEntry
 from .errors import TraplessError
 
-MAX_DOMID = 255                 # the C event service registers domids below 256
+# Xen's domid space ends below DOMID_FIRST_RESERVED; its last id is kept for the
+# toolstack's own version probe, the rest (1 .. 0x7FEE) go to guests.
+PROBE_DOMID = C.DOMID_FIRST_RESERVED - 1
+MAX_DOMID = PROBE_DOMID - 1
 CONSOLE_KEEP = 64 * 1024        # console bytes kept per domain for `console` to replay
 QUICK_RUN_NS = 1_000_000_000    # a restart after less than this counts as quick ...
 MAX_QUICK_RESTARTS = 3          # ... and after this many quick ones in a row we preserve
-PROBE_DOMID = 0x7FEF            # the version probe: above the registry, below DOMID_SELF
 
 
 class ToolstackError(TraplessError):
@@ -127,7 +132,6 @@ class DomainRecord:
         self.started_ns = 0
         self.quick_restarts = 0
         self.restarts = 0
-        self.watcher: threading.Thread | None = None
         self._console = bytearray()
         self._console_lock = threading.Lock()
         self._subscribers: list = []
@@ -234,7 +238,10 @@ class Toolstack:
         self._lock = threading.Lock()
         self._records: dict[int, DomainRecord] = {}
         self._next_domid = 1
-        self._threads: list[threading.Thread] = []
+        self._stopped: queue.SimpleQueue = queue.SimpleQueue()     # (record, Domain) | None
+        self._reaper = threading.Thread(target=self._reap_stopped, name="trapless-reaper",
+                                        daemon=True)
+        self._reaper.start()
         self._closed = False
         self._t0 = time.monotonic()
         self._log: list[str] = []
@@ -328,23 +335,31 @@ class Toolstack:
         return Domain(str(cfg.kernel), memory_mib=cfg.memory, maxmem_mib=cfg.maxmem,
                       cmdline=cfg.full_cmdline,
                       engine=rec.engine, domid=rec.domid, name=rec.name,
-                      on_console=rec._on_console)
+                      on_console=rec._on_console,
+                      on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)))
 
     def _launch(self, rec: DomainRecord, dom: Domain) -> None:
         """Caller holds _lock."""
         rec.domain, rec.stop, rec.started_ns = dom, None, time.monotonic_ns()
         dom.start()
-        rec.watcher = threading.Thread(target=self._watch, args=(rec, dom), daemon=True,
-                                       name=f"{rec.name}-watcher")
-        self._threads.append(rec.watcher)
-        rec.watcher.start()
 
     # ---- lifecycle: what happens when a vCPU stops ----
+    def _reap_stopped(self) -> None:
+        """The reaper: every stopped vCPU of every domain, one at a time."""
+        while True:
+            item = self._stopped.get()
+            if item is None:
+                return
+            try:
+                self._watch(*item)
+            except Exception as e:              # one domain's trouble must not stop it
+                self.log(f"domain {item[0].name}: applying its stop policy failed: {e!r}")
+
     def _watch(self, rec: DomainRecord, dom: Domain) -> None:
-        stop = dom.wait()
         with self._lock:
             if rec.domain is not dom or rec.gone:
                 return                  # destroyed on purpose: nothing to decide
+            stop = dom.stop_info
             key = _policy_key(stop)
             action = getattr(rec.config, key) if key else "preserve"
             note = ""
@@ -422,14 +437,7 @@ class Toolstack:
             dom, rec.domain = rec.domain, None
         if dom is not None:
             dom.destroy()
-        if rec.watcher is not None and rec.watcher is not threading.current_thread():
-            rec.watcher.join()
-        self._reap()
         self.log(f"domain {rec.domid} ({rec.name}) destroyed")
-
-    def _reap(self) -> None:
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
 
     def shutdown(self) -> None:
         """Destroy every domain and wait for every thread the toolstack started."""
@@ -445,14 +453,9 @@ class Toolstack:
                 rec.domain = None
         for dom in doms:
             dom.destroy()
-        while True:
-            with self._lock:
-                threads = [t for t in self._threads if t.is_alive()]
-                self._threads = threads
-            if not threads:
-                break
-            for t in threads:
-                t.join()
+        self._stopped.put(None)
+        if self._reaper is not threading.current_thread():
+            self._reaper.join()
         if recs:
             self.log(f"shut down: destroyed {len(recs)} domain(s)")
 
