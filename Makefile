@@ -1,11 +1,11 @@
-# trapless: make setup · make run-guest · make test · make bench · make conformance · make compare
+# trapless: make setup · make run-guest · make test · make stress · make bench · make conformance · make compare
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 KERNEL := build/pv-kernel.elf
 CMDLINE ?= console=hvc0 ticks=20 hello from make run-guest
 
-.PHONY: setup run-guest test bench conformance compare kernel clean
+.PHONY: setup run-guest test stress bench conformance compare kernel clean
 
 # A virtualenv with trapless installed in editable mode; the C extension is rebuilt
 # whenever a C source or the ABI header changes.
@@ -25,6 +25,11 @@ run-guest: $(KERNEL)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the long runs: a thousand domains per engine, a hundred ticking for tens of seconds,
+# the timer-lateness guest hundreds of times (a few minutes)
+stress: setup
+	$(BIN)/python -m pytest -q -m stress tests/test_stress.py
 
 bench: setup
 	$(BIN)/python -m hypervisor bench

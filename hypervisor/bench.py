@@ -163,6 +163,9 @@ def main(args) -> int:
     result = measure(args.iterations, args.engine, samples=args.samples)
     if args.engine is None:
         result["side_by_side"] = side_by_side(args.iterations)
+    if args.domains:
+        from .bench_scale import measure as measure_scale
+        result["scale"] = measure_scale(args.domains, args.engine)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -197,4 +200,7 @@ def main(args) -> int:
     console.print(mmu)
     if "side_by_side" in result:
         console.print(side_by_side_table(result["side_by_side"]))
+    if "scale" in result:
+        from .bench_scale import scale_table
+        console.print(scale_table(result["scale"]))
     return 0

@@ -115,3 +115,40 @@ def ticking_domains(n: int, engine: str | None, seconds: float = 10.0) -> dict:
             "ticks_per_s_min": round(rates[0], 1),
             "ticks_per_s_median": round(statistics.median(rates), 1),
             "stalled": sum(r == 0 for r in rates)}
+
+
+def measure(domains: int, engine: str | None, ticking: int = 100) -> dict:
+    """Both measures on each engine to measure (or the one asked for)."""
+    from . import engines
+    names = [engine] if engine else engines.available()
+    out: dict = {"domains": domains, "engines": names}
+    for name in names:
+        out[name] = {"blocked": blocked_domains(domains, name)}
+        if name == "bt" and ticking:
+            out[name]["ticking"] = ticking_domains(ticking, name)
+    return out
+
+
+def scale_table(r: dict):
+    from rich.table import Table
+    table = Table(title=f"{r['domains']:,} blocked domains of {SCALE_DOMAIN_MIB} MiB in one "
+                        f"process")
+    table.add_column("what")
+    for name in r["engines"]:
+        table.add_column(name, justify="right")
+    rows = (("created (domids)", lambda b: f"{b['domains']:,} ({b['domids'][0]}-{b['domids'][1]})"),
+            ("time to create them all, s", lambda b: f"{b['create_s']:.1f}"),
+            ("host RSS per domain, MiB", lambda b: f"{b['rss_mib_per_domain']:.3f}"),
+            ("host threads per domain", lambda b: f"{b['threads_per_domain']:.3f}"),
+            ("... of them KVM's own per-VM tasks", lambda b: f"{b['kvm_tasks']:,}"),
+            ("CPU while all idle, % of a core", lambda b: f"{b['idle_cpu_percent_of_a_core']:.2f}"))
+    for what, show in rows:
+        table.add_row(what, *(show(r[n]["blocked"]) for n in r["engines"]))
+    for name in r["engines"]:
+        t = r[name].get("ticking")
+        if t:
+            table.add_row(f"{t['domains']} PV kernels ticking at 100 Hz on {name}: ticks/s "
+                          f"min / median ({t['seconds']:g} s)",
+                          *(f"{t['ticks_per_s_min']:.1f} / {t['ticks_per_s_median']:.1f}"
+                            if n == name else "" for n in r["engines"]))
+    return table

@@ -129,8 +129,9 @@ def cmd_run(args) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in EXIT_BY_SIGNAL}
     try:
+        # the output streams to stdout and nothing of it is kept (console_keep=0)
         with Domain(image, memory_mib=args.memory, cmdline=args.cmdline, engine=args.engine,
-                    on_console=to_stdout, native=args.native) as dom:
+                    on_console=to_stdout, native=args.native, console_keep=0) as dom:
             say_engine_fallback(args)
             running.append(dom)
             stop = dom.run(timeout=args.timeout)
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=int, default=500,
                        help="timers and upcalls to time (default 500)")
     bench.add_argument("--engine", choices=list(ENGINES))
+    bench.add_argument("--domains", type=int, default=1000, metavar="N",
+                       help="blocked domains to create at once for the scale figures "
+                            "(default 1,000; 0 skips them)")
     bench.set_defaults(func=cmd_bench)
 
     conf = sub.add_parser("conformance", help="run the hypercall ABI conformance suite, with a report")
