@@ -296,3 +296,47 @@ def test_a_domain_without_a_ring_names_none(engine, run_guest):
     stop, console, dom = run_guest(p.elf(), console_ring=False)
     assert (stop.kind, stop.reason) == ("shutdown", 0), stop
     assert console == "0 0" and dom.console_evtchn == 0
+
+
+def test_the_port_is_interdomain_with_dom0_and_the_guest_may_close_it(engine, run_guest):
+    """EVTCHNOP_status sees the console port bound to dom0 (where xenconsoled lives in
+    Xen); after EVTCHNOP_close, a send is -EINVAL and the ring is no longer served."""
+    p = ring_program()
+    a = p.a
+    a.mov(rax, r13)
+    a.mov(dword[rip + "st" + offsetof("evtchn_status", "port")], eax)
+    a.mov(dword[rip + "close_arg" + offsetof("evtchn_close", "port")], eax)
+    p.hypercall("event_channel_op", C.EVTCHNOP_status, "st")
+    a.mov(rdi, rax)
+    a.call("print_sdec")
+    for field in ("status", "u_dom"):
+        p.print(" ")
+        a.mov(eax, dword[rip + "st" + offsetof("evtchn_status", field)])
+        a.mov(rdi, rax)
+        a.call("print_dec")
+    p.print("\n")
+    p.hypercall("event_channel_op", C.EVTCHNOP_close, "close_arg")
+    a.mov(rdi, rax)
+    a.call("print_sdec")
+    p.print("\n")
+    emit_data(p, "unheard", b"nobody reads this\n")
+    a.lea(rdi, ptr["unheard"])
+    a.mov(rsi, 18)
+    a.call("ring_write")                # its send fails: the port is closed
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "send_arg")
+    a.mov(rdi, rax)
+    a.call("print_sdec")
+    p.print("\n")
+    a.xor(eax, eax)
+    a.ret()
+    a.section(".data")
+    a.align(8)
+    a.label("st")                       # struct evtchn_status
+    a.dw(C.DOMID_SELF)
+    a.db(bytes(22))
+    a.label("close_arg")                # struct evtchn_close
+    a.dd(0)
+    a.section(".text")
+    stop, console, dom = run_guest(p.elf())
+    assert (stop.kind, stop.reason) == ("shutdown", 0), stop
+    assert console == f"0 {C.EVTCHNSTAT_interdomain} 0\n0\n{-C.XEN_EINVAL}\n"
