@@ -198,6 +198,8 @@ def summary(records: list[Record]) -> str:
 
 
 def main(args) -> int:
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
     xtf_dir = Path(args.xtf) if args.xtf else DEFAULT_DIR
     images = find_images(xtf_dir, args.env, args.test)
     if args.engine:
@@ -232,9 +234,9 @@ def add_parser(sub) -> None:
                               "1 otherwise; 2 usage error")
     p.add_argument("--xtf", metavar="DIR", help=f"a built XTF tree (default: {DEFAULT_DIR}, "
                    "made by `make xtf`)")
-    p.add_argument("--env", action="append", metavar="ENV",
-                   help="only this XTF environment, e.g. pv64 or hvm64 (repeatable)")
-    p.add_argument("--test", action="append", metavar="NAME", help="only this test (repeatable)")
+    p.add_argument("--env", action="extend", nargs="+", metavar="ENV",
+                   help="only these XTF environments, e.g. pv64 hvm64")
+    p.add_argument("--test", action="extend", nargs="+", metavar="NAME", help="only these tests")
     p.add_argument("--engine", choices=list(engines.ENGINES),
                    help="only this engine (default: every engine this host can run)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="S",
