@@ -29,7 +29,8 @@ from .errors import ConfigError, TraplessError
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "build" / "xtf"
 MEMORY_MIB = 128            # XTF's config/default-*.cfg.in
 VERDICTS = ("SUCCESS", "SKIP", "ERROR", "FAILURE")
-BAD = {"ERROR", "FAILURE", "crashed", "timed out"}
+# xtf-runner counts a test that never reported as a crash; so do we.
+BAD = {"ERROR", "FAILURE", "crashed", "timed out", "no verdict"}
 RESULT = re.compile(r"^Test result: (SUCCESS|SKIP|ERROR|FAILURE)( with warnings)?\s*$", re.M)
 PANIC = re.compile(r"^PANIC: (.*)$", re.M)
 IMAGE = re.compile(r"^test-([a-z0-9]+)-(.+)$")
@@ -119,14 +120,14 @@ def judge(console: str, stop, code_at=lambda rip: b"") -> tuple[str, str]:
             return status, "with warnings" if m.group(2) else ""
         return status, reason_before(console, m.start())
     panic = PANIC.search(console)
+    if panic:                           # the guest's own last words beat how it ended
+        return "crashed", f"PANIC: {panic.group(1).strip()}"
     if stop.kind == "fault":
         code = code_at(stop.rip)
         return "crashed", f"{stop.message} at rip {stop.rip:#x}" + (f" [{code.hex(' ')}]" if code else "")
     if stop.kind == "stopped":
         return "timed out", stop.message
     if stop.kind == "shutdown":
-        if panic:
-            return "crashed", f"PANIC: {panic.group(1).strip()}"
         if stop.reason != C.SHUTDOWN_poweroff:
             return "crashed", f"shut down ({stop.shutdown_name}) without a verdict"
         return "no verdict", "powered off without a test result"
@@ -145,6 +146,7 @@ def run_one(image: Image, engine: str, timeout: float) -> Record:
     except TraplessError as e:
         return Record(image.test, image.env, engine, "not supported", f"cannot load: {e}",
                       0.0, str(image.path))
+
     def code_at(rip: int) -> bytes:
         try:
             return dom.read_guest(rip, 8)
@@ -159,7 +161,7 @@ def run_one(image: Image, engine: str, timeout: float) -> Record:
                   round(time.monotonic() - start, 3), str(image.path))
 
 
-STYLE = {"SUCCESS": "green", "SKIP": "yellow", "not supported": "yellow", "no verdict": "yellow"}
+STYLE = {"SUCCESS": "green", "SKIP": "yellow", "not supported": "yellow"}
 
 
 def table(records: list[Record], engine_names: list[str]) -> Table:
@@ -230,8 +232,8 @@ def add_parser(sub) -> None:
     """The `xtf` subcommand of python -m hypervisor."""
     p = sub.add_parser("xtf", help="run XTF (Xen Test Framework) images: a test x engine table "
                        "of XTF's verdicts",
-                       epilog="exit status: 0 if no test failed, errored, crashed or timed out; "
-                              "1 otherwise; 2 usage error")
+                       epilog="exit status: 0 if no test failed, errored, crashed, timed out "
+                              "or ended without a verdict; 1 otherwise; 2 usage error")
     p.add_argument("--xtf", metavar="DIR", help=f"a built XTF tree (default: {DEFAULT_DIR}, "
                    "made by `make xtf`)")
     p.add_argument("--env", action="extend", nargs="+", metavar="ENV",
