@@ -244,6 +244,22 @@ struct start_info {
 #define SIF_MULTIBOOT_MOD    4
 #define SIF_MOD_START_PFN    8
 
+/* ---- the PV console ring (io/console.h): one page shared with the console backend ---- */
+/* The frontend (guest) produces into out and consumes from in; the backend does the
+ * reverse. Indexes run freely (u32, wrapping) and are masked by the ring size - 1. */
+#define XENCONS_IN_SIZE     1024
+#define XENCONS_OUT_SIZE    2048
+#define XENCONS_CONNECTED     0
+#define XENCONS_DISCONNECTED  1
+
+struct xencons_interface {
+    char     in[1024];              /* backend -> guest: keyboard input */
+    char     out[2048];             /* guest -> backend: console output */
+    uint32_t in_cons, in_prod;
+    uint32_t out_cons, out_prod;
+    uint8_t  connection;            /* XENCONS_CONNECTED / _DISCONNECTED; 3 bytes of tail padding */
+};
+
 /* ---- Xen ELF notes (owner "Xen") ---------------------------------------------------- */
 #define XEN_ELFNOTE_INFO                 0
 #define XEN_ELFNOTE_ENTRY                1

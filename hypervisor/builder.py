@@ -171,8 +171,12 @@ class BootState:
     data_selector: int = DATA_SELECTOR
 
 
-def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str) -> BootState:
-    """Write the image and the start-of-day region into zeroed guest RAM."""
+def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
+          console_evtchn: int = 0) -> BootState:
+    """Write the image and the start-of-day region into zeroed guest RAM.
+
+    console_evtchn: the guest's port of the console ring (0: the domain has no ring, and
+    start_info names no console page, as for Xen's dom0)."""
     encoded = cmdline.encode()
     if len(encoded) >= C.XEN_MAX_GUEST_CMDLINE:
         raise ImageError(f"command line is {len(encoded)} bytes; the limit is "
@@ -199,7 +203,9 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str) -> Boot
     si.shared_info = 0
     si.flags = 0
     si.store_mfn = layout.xenstore // PAGE
-    si.console_mfn = layout.console // PAGE
+    if console_evtchn:
+        si.console_mfn = layout.console // PAGE
+        si.console_evtchn = console_evtchn
     si.pt_base = layout.virt(layout.pt_start)
     si.nr_pt_frames = (layout.pt_end - layout.pt_start) // PAGE
     si.mfn_list = layout.virt(layout.mfn_list)

@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--quick", action="store_true",
                          help="small versions of the workloads (seconds, not a minute)")
     compare.set_defaults(func=cmd_compare)
+
+    from .xtf import add_parser as add_xtf_parser
+    add_xtf_parser(sub)
     return p
 
 

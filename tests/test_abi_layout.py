@@ -84,6 +84,8 @@ XEN_LAYOUTS = [
     ("mmu_update", 16, dict(ptr=0, val=8)),
     ("mmuext_op", 24, dict(cmd=0, arg1=8, arg2=16)),
     ("multicall_entry", 64, dict(op=0, result=8, args=16)),
+    ("xencons_interface", 3092, {"in": 0, "out": 1024, "in_cons": 3072, "in_prod": 3076,
+                                     "out_cons": 3080, "out_prod": 3084, "connection": 3088}),
 ]
 
 
@@ -110,6 +112,7 @@ XEN_NUMBERS = dict(
     SHUTDOWN_poweroff=0, SHUTDOWN_crash=3, SHUTDOWN_soft_reset=5,
     XEN_ELFNOTE_ENTRY=1, XEN_ELFNOTE_HYPERCALL_PAGE=2, XEN_ELFNOTE_VIRT_BASE=3,
     XEN_ELFNOTE_GUEST_OS=6, XEN_ELFNOTE_PHYS32_ENTRY=18, DOMID_SELF=0x7FF0,
+    XENCONS_IN_SIZE=1024, XENCONS_OUT_SIZE=2048, XENCONS_CONNECTED=0, XENCONS_DISCONNECTED=1,
 )
 
 
