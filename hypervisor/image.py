@@ -4,14 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import construct
-
 from abi import C
 from guest_kernel.elf import (
     EHDR_SIZE, ELF_MAGIC, ELFCLASS32, ELFCLASS64, ELFDATA2LSB, ELFDATA2MSB, EM_X86_64,
     ET_CORE, ET_DYN, ET_EXEC, ET_NONE, ET_REL, NHDR_SIZE, PAGE_SIZE, PHDR_SIZE, PT_LOAD, PT_NOTE, SHDR_SIZE, SHN_UNDEF, SHT_NOTE, SHT_SYMTAB, STT_FILE, STT_SECTION, SYM_SIZE,
-    XEN_NOTE_OWNER, Elf64_Ehdr, Elf64_Phdr, Elf64_Shdr, Elf64_Sym, Elf_Ident, Elf_Nhdr,
-    align_up, pflags_to_flags,
+    XEN_NOTE_OWNER, Elf64_Ehdr, Elf64_Phdr, Elf64_Shdr, Elf64_Sym, Elf_Ident, Elf_Nhdr, Layout,
+    Record, align_up, pflags_to_flags,
 )
 from hypervisor.errors import ImageError
 from hypervisor.files import RegularFile
@@ -102,12 +100,8 @@ class _Reader:
                             f"of the file ({len(self.data):#x} bytes)")
         return self.data[offset:end]
 
-    def parse(self, struct: construct.Construct, offset: int, what: str):
-        raw = self.span(offset, struct.sizeof(), what)
-        try:
-            return struct.parse(raw)
-        except construct.ConstructError as err:  # should not happen once the bounds hold
-            raise self.fail(f"cannot decode {what}: {str(err).splitlines()[0]}") from None
+    def parse(self, layout: Layout, offset: int, what: str) -> Record:
+        return layout.parse(self.span(offset, layout.sizeof(), what))
 
 
 def _read_source(source: str | Path | bytes, name: str | None) -> tuple[str, bytes]:

@@ -50,7 +50,7 @@ def good_image(**note_override) -> bytes:
     return build_elf(sections(), SYMBOLS, 0x100000, notes(**note_override))
 
 
-# --- patching a good image's fields through the construct structs ---
+# --- patching a good image's fields through the ELF layouts ---
 
 def patch_ehdr(data: bytes, **fields) -> bytes:
     ehdr = Elf64_Ehdr.parse(data)
