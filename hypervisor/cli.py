@@ -182,6 +182,18 @@ def cmdline(text: str) -> str:
     return text
 
 
+def output_file(path: str) -> str:
+    """--json PATH: checked before the minutes of measuring, not when writing at the end."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path!r}: is a directory")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{path!r}: no such directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path!r}: cannot write in {folder}")
+    return path
+
+
 def workload(name: str) -> str:
     """--workload's check: the workloads are imported only when the option is used, as
     building every parser must not cost `run` the import of every compare guest."""
@@ -221,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     conf = sub.add_parser("conformance", help="run the hypercall ABI conformance suite, with a report")
-    conf.add_argument("--json", metavar="PATH", help="write one JSON record per checked case")
+    conf.add_argument("--json", metavar="PATH", type=output_file,
+                      help="write one JSON record per checked case")
     conf.add_argument("--fuzz-calls", type=count, default=100_000, metavar="N",
                       help="random hypercalls the fuzz case makes per engine (default 100,000)")
     conf.add_argument("--seed", type=seed, metavar="SEED",
@@ -230,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="every workload as a PV and a native guest: "
                              "exits, wall time, native/pv ratios")
-    compare.add_argument("--json", metavar="PATH", help="write one JSON record per run")
+    compare.add_argument("--json", metavar="PATH", type=output_file,
+                         help="write one JSON record per run")
     compare.add_argument("--engine", choices=list(ENGINES), help="only this engine "
                          "(default: every engine this host can run)")
     compare.add_argument("--workload", action="append", type=workload,

@@ -83,6 +83,12 @@ def _check_engine(key: str, value: str) -> str:
     return value
 
 
+def _check_path(key: str, value: str) -> str:
+    if not value:
+        raise ValueError("must name a file")
+    return value
+
+
 def _check_vcpus(key: str, value: int) -> int:
     if value != 1:
         raise ValueError("trapless domains have exactly one vCPU")
@@ -98,7 +104,7 @@ def _check_type(key: str, value: str) -> str:
 # key -> (the type its value must have, a check that raises ValueError with the reason)
 SCHEMA = {
     "name": (str, _check_name),
-    "kernel": (str, lambda k, v: v),
+    "kernel": (str, _check_path),
     "memory": (int, _check_mib),
     "maxmem": (int, _check_mib),
     "cmdline": (str, lambda k, v: v),

@@ -96,6 +96,19 @@ def test_absurd_numbers_are_one_line(files, args, message):
     assert one_line(r) == message
 
 
+@pytest.mark.parametrize("args, message", [
+    (["compare", "--json", "/nonexistent/c.json"], "python -m hypervisor compare: error: argument "
+                                                   "--json: '/nonexistent/c.json': no such "
+                                                   "directory /nonexistent"),
+    (["conformance", "--json", "/"], "python -m hypervisor conformance: error: argument --json: "
+                                     "'/': is a directory"),
+])
+def test_a_report_path_is_checked_before_the_work(args, message):
+    r = hv(*args, timeout=20)
+    assert r.returncode == 2
+    assert one_line(r) == message
+
+
 # ---- 2, 3: files that are not kernels or configs ---------------------------------------
 
 @pytest.mark.parametrize("name, why", [
@@ -247,6 +260,32 @@ def test_console_create_refuses_values_of_the_wrong_type(files, line, message):
     assert one_line(r) == f"error: typed.cfg:2: {message}"
 
 
+def test_an_empty_kernel_path(files):
+    (files / "empty.cfg").write_text('kernel = ""\n')
+    r = subprocess.run([sys.executable, "-m", "hypervisor.console", "-c", "create empty.cfg"],
+                       capture_output=True, text=True, timeout=20, cwd=files)
+    assert one_line(r) == "error: empty.cfg:1: kernel = '': must name a file"
+
+
+@needs_an_engine
+def test_piped_commands_that_are_not_utf8_fail_one_by_one(files):
+    """In a UTF-8 locale stdin is strict; a byte that is not UTF-8 must not end the shell."""
+    os.link(files / "k.elf", os.path.join(os.fsencode(files), b"\xff.elf"))
+    r = subprocess.run([sys.executable, "-m", "hypervisor.console"],
+                       input=b"create \xff.cfg\ncreate k.elf cmdline=\xfe\nhelp quit\n"
+                             b"create \xff.elf name=odd on_poweroff=preserve\ndmesg\n",
+                       capture_output=True, timeout=30, cwd=files,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    err = r.stderr.decode(errors="replace")
+    assert "Traceback" not in err
+    assert err.splitlines() == [
+        "error: \\udcff.cfg: no such file",
+        "error: k.elf: cmdline: command line is not valid UTF-8 (byte 0xfe at offset 0)"]
+    assert b"destroy every domain and leave" in r.stdout        # `help quit` still ran
+    assert b"created: \\udcff.elf" in r.stdout                  # dmesg shows it escaped
+    assert r.returncode == 1
+
+
 def test_a_config_file_that_is_not_text(files):
     (files / "binary.cfg").write_bytes(b'kernel = "k.elf"\n\xff\n')
     r = subprocess.run([sys.executable, "-m", "hypervisor.console", "-c", "create binary.cfg"],
@@ -258,9 +297,10 @@ def test_a_config_file_that_is_not_text(files):
 # ---- 8 (deterministic part): what `run` does not import --------------------------------
 
 def test_the_cli_imports_neither_rich_nor_pycparser_nor_the_compare_guests():
+    heavy = ("rich", "pycparser", "cffi", "construct", "guest_kernel.compare_workloads",
+             "guest_kernel.pv_kernel")
     code = ("import sys, hypervisor.cli, hypervisor.domain; "
-            "print(sorted(m for m in ('rich', 'pycparser', 'cffi', 'guest_kernel.compare_workloads',"
-            " 'guest_kernel.pv_kernel') if m in sys.modules))")
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
