@@ -199,5 +199,5 @@ def main(args) -> int:
     console.print(mmu)
     if "side_by_side" in result:
         console.print(side_by_side_table(result["side_by_side"]))
-    console.print(bench_startup.describe(result["cold_start"]))
+    console.print(bench_startup.table(result["cold_start"]))
     return 0

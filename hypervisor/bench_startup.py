@@ -52,14 +52,23 @@ def cold_start(runs: int = RUNS, engine: str | None = None) -> dict:
             times["run"].append(_seconds(run, env))
             times["bare"].append(_seconds(bare, env))
     run_s, bare_s = statistics.median(times["run"]), statistics.median(times["bare"])
-    return {"runs": runs, "command": " ".join(["python -m hypervisor run POWEROFF.elf"] + run[5:]),
+    return {"runs": runs, "command": " ".join(["python -m hypervisor run poweroff.elf"] + run[5:]),
             "run_ms": run_s * 1e3, "python_pass_ms": bare_s * 1e3, "ratio": run_s / bare_s}
 
 
-def describe(r: dict) -> str:
-    return (f"cold start, median of {r['runs']}: run {r['run_ms']:.1f} ms, python -c pass "
-            f"{r['python_pass_ms']:.1f} ms, ratio {r['ratio']:.2f} (goal: at most 4)")
+def table(r: dict):
+    """The figures as a rich Table, for `make bench`."""
+    from rich.table import Table
+
+    t = Table(title=f"cold start, median of {r['runs']} runs each")
+    t.add_column("process")
+    t.add_column("ms", justify="right")
+    t.add_row(r["command"], f"{r['run_ms']:.1f}")
+    t.add_row("python -c pass", f"{r['python_pass_ms']:.1f}")
+    t.add_row("ratio (goal: at most 4)", f"{r['ratio']:.2f}", style="bold")
+    return t
 
 
 if __name__ == "__main__":
-    print(describe(cold_start()))
+    from rich.console import Console
+    Console().print(table(cold_start()))
