@@ -37,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
 
 def stats_table(domain):
     """The exit and hypercall counters of `run --stats`, as a rich Table."""
-    from rich.table import Table     # here, not at the top: rich costs a cold start ~0.1 s
+    from rich.table import Table     # here, not at the top: rich's import is a large part
+                                     # of a cold start, and only --stats needs it
 
     counters = domain.counters()
     table = Table(title=f"{domain.name}: exits and hypercalls ({domain.engine})")

@@ -115,7 +115,7 @@ def _read_source(source: str | Path | bytes, name: str | None) -> tuple[str, byt
         head = f.read(EHDR_SIZE)
         _check_header(_Reader(name, head))
         if f.size > MAX_IMAGE_BYTES:
-            raise ImageError(f"{name}: {f.size >> 20} MiB; kernel images above "
+            raise ImageError(f"{name}: {f.size:,} bytes; kernel images above "
                              f"{MAX_IMAGE_BYTES >> 20} MiB are refused")
         return name, head + f.read(MAX_IMAGE_BYTES - len(head))
 

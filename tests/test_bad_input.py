@@ -116,7 +116,7 @@ def test_a_report_path_is_checked_before_the_work(args, message):
     ("fifo", "is not a regular file (a FIFO)"),
     ("/dev/zero", "is not a regular file (a character device)"),
     ("missing.elf", "no such file"),
-    ("huge.elf", "3072 MiB; kernel images above 256 MiB are refused"),
+    ("huge.elf", "3,221,225,472 bytes; kernel images above 256 MiB are refused"),
     ("huge.cfg", "not an ELF file (bad magic)"),
 ])
 def test_run_refuses_what_is_not_a_kernel_at_once(files, name, why):
