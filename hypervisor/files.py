@@ -47,8 +47,6 @@ class RegularFile:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise error(f"{name}: no such file") from None
-        except IsADirectoryError:
-            raise error(f"{name}: is a directory") from None
         except OSError as e:
             raise error(f"{name}: cannot read ({e.strerror})") from None
         st = os.fstat(fd)
