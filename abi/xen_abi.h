@@ -1,9 +1,10 @@
 /*
  * xen_abi.h - the hypercall ABI trapless follows: Xen's public x86-64 interface.
  *
- * THE CONTRACT. The C extension includes this file; Python reads every number and
- * layout below from it (abi/__init__.py hands it to cffi's cdef); the guest assembler
- * uses those numbers and offsets by name. Nothing here is retyped anywhere else.
+ * THE CONTRACT. The C extension includes this file and cffi builds its Python side
+ * from the cdef part below; Python reads every number and layout from there
+ * (abi/__init__.py); the guest assembler uses those numbers and offsets by name.
+ * Nothing here is retyped anywhere else.
  *
  * Written from the facts in shared/XEN-ABI-FACTS.md. Everything between the
  * cdef markers must stay in the subset cffi's cdef parses: plain integer #defines

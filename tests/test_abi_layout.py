@@ -124,3 +124,30 @@ def test_numbers_match_xen():
 def test_hypercall_numbers_are_dense_and_named():
     assert sorted(abi.HYPERCALL_NAMES) == [n for n in range(43) if n != 11]
     assert abi.HYPERCALL_NAMES[18] == "console_io"
+
+
+def test_the_extension_holds_exactly_what_the_header_says():
+    """abi reads numbers and layouts from hypervisor._hv, not from a parse of the header:
+    a parse of the header now (cffi's own cdef, as abi once did at every start) must
+    agree with it on every constant and every struct field."""
+    import re
+
+    import cffi
+
+    parsed = cffi.FFI()
+    parsed.cdef(abi.cdef_source())
+    names = re.findall(r"^\s*#define\s+(\w+)\s", abi.cdef_source(), re.M)
+    header_lib = parsed.dlopen(None)
+    assert abi.CONSTANTS == {name: getattr(header_lib, name) for name in names}
+    for s in abi.struct_names():
+        t = parsed.typeof(f"struct {s}")
+        assert [(n, f.offset, parsed.sizeof(f.type)) for n, f in t.fields] == abi.struct_fields(s)
+        assert parsed.sizeof(t) == abi.sizeof(s)
+
+
+def test_an_extension_built_from_another_header_is_refused(tmp_path, monkeypatch):
+    changed = tmp_path / "xen_abi.h"
+    changed.write_bytes(abi.HEADER.read_bytes().replace(b"XEN_EFAULT", b"XEN_EFAULT_X", 1))
+    monkeypatch.setattr(abi, "HEADER", changed)
+    with pytest.raises(ImportError, match="changed since hypervisor._hv was built from it"):
+        abi._check_build()
