@@ -167,7 +167,7 @@ def main(args) -> int:
     result["cold_start"] = bench_startup.cold_start(engine=args.engine)
     if args.domains:
         from .bench_scale import measure as measure_scale
-        result["scale"] = measure_scale(args.domains, args.engine)
+        result["scale"] = measure_scale(args.domains, args.engine, ticking=args.ticking)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -202,6 +202,17 @@ def count(text: str) -> int:
     return value
 
 
+def domain_count(text: str) -> int:
+    """--domains, --ticking: 0 (skip) up to the domids a process can give guests."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 32750:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number from 0 to 32,750")
+    return value
+
+
 def seed(text: str) -> int:
     """--seed: a number, decimal or 0x hex, as the conformance report prints it."""
     try:
@@ -267,9 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=count, default=500,
                        help="timers and upcalls to time (default 500)")
     bench.add_argument("--engine", choices=list(ENGINES))
-    bench.add_argument("--domains", type=int, default=1000, metavar="N",
+    bench.add_argument("--domains", type=domain_count, default=1000, metavar="N",
                        help="blocked domains to create at once for the scale figures "
                             "(default 1,000; 0 skips them)")
+    bench.add_argument("--ticking", type=domain_count, default=100, metavar="N",
+                       help="PV kernels ticking at 100 Hz on bt for 10 s (default 100; 0 skips)")
     bench.set_defaults(func=cmd_bench)
 
     conf = sub.add_parser("conformance", help="run the hypercall ABI conformance suite, with a report")

