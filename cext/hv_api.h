@@ -24,6 +24,7 @@ enum hv_exit_reason {
     HV_EXIT_FAIL_ENTRY,
     HV_EXIT_OTHER,
     HV_EXIT_PRIV_INSN,      /* bt: a privileged instruction translated into VMM code */
+    HV_EXIT_EXCEPTION,      /* Xen PV model: an exception the hypervisor handled or bounced */
     HV_EXIT_NR
 };
 
@@ -80,6 +81,7 @@ struct hv_domain_config {
     int      console_fd;    /* console output is written here; -1 drops it */
     uint8_t  handle[16];    /* the domain's UUID (XENVER_guest_handle) */
     uint32_t max_evtchn_ports; /* 0 = the default (1024) */
+    int      pv_model;      /* 0: legacy ring-0 PV kernel, 1: Xen's PV CPU model (pv_cpu.h) */
 };
 
 /* One traced hypercall (the domain keeps the last HV_TRACE_ENTRIES). */

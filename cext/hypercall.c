@@ -22,6 +22,11 @@ static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
     [__HYPERVISOR_sched_op]    = do_sched_op,
     [__HYPERVISOR_event_channel_op] = do_event_channel_op,
     [__HYPERVISOR_hvm_op]      = do_hvm_op,
+    /* the PV CPU model (pv_traps.c); iret is taken before this table (pv_syscall) */
+    [__HYPERVISOR_set_trap_table] = do_set_trap_table,
+    [__HYPERVISOR_stack_switch] = do_stack_switch,
+    [__HYPERVISOR_set_callbacks] = do_set_callbacks,
+    [__HYPERVISOR_callback_op] = do_callback_op,
 };
 
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h)

@@ -9,8 +9,6 @@
 
 #include "hv.h"
 
-#define TRAPLESS_XEN_MAJOR 4
-#define TRAPLESS_XEN_MINOR 19
 #define TRAPLESS_EXTRAVERSION ".0-trapless"
 #define TRAPLESS_CHANGESET "trapless walking skeleton"
 #define TRAPLESS_CAPABILITIES "xen-3.0-x86_64"

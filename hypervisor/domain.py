@@ -115,6 +115,10 @@ class Domain:
         cfg.console_fd = self._console_w
         cfg.handle = self.uuid.bytes
         cfg.max_evtchn_ports = max_evtchn_ports
+        # Xen's PV CPU model unless the image asks for a ring-0 kernel (builder.cpu_model);
+        # a native guest is no PV guest at all and keeps ring 0.
+        self.pv_model = builder.RING0 if native else builder.cpu_model(self.image)
+        cfg.pv_model = self.pv_model
         err = ffi.new("char[256]")
         self._dom = lib.hv_domain_create(cfg, err, len(err))
         if self._dom == ffi.NULL:
@@ -131,7 +135,8 @@ class Domain:
             raise EngineError(f"cannot add devices: {ffi.string(err).decode()}")
         try:
             ram = ffi.buffer(lib.hv_domain_ram(self._dom), ram_bytes)
-            boot = builder.build(memoryview(ram), self.image, self.layout, cmdline)
+            boot = builder.build(memoryview(ram), self.image, self.layout, cmdline,
+                                 self.pv_model)
         except Exception:
             self.destroy()
             raise
