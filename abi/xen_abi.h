@@ -651,6 +651,14 @@ struct iret_context {
     uint64_t rax, r11, rcx, flags, rip, cs, rflags, rsp, ss;
 };
 #define VGCF_in_syscall      0x100
+
+/* update_va_mapping (14) flags: bits 0-1 the flush, the rest whose TLBs */
+#define UVMF_NONE            0
+#define UVMF_TLB_FLUSH       1
+#define UVMF_INVLPG          2
+#define UVMF_FLUSHTYPE_MASK  3
+#define UVMF_LOCAL           0
+#define UVMF_ALL             4
 /* The hypercall the forced-emulation prefix (ud2; .ascii "xen") may precede: cpuid. */
 #define XEN_CPUID_BASE       0x40000000
 

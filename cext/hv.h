@@ -121,7 +121,8 @@ struct hv_domain {
     /* the PV CPU model (pv_cpu.h): HV_PV_XEN runs the kernel in ring 3 under the
      * hypervisor's region of descriptor tables; HV_PV_RING0 is the legacy model */
     int pv_model;
-    uint8_t *pv_region;             /* PV_REGION_BYTES at PV_REGION_GPA; NULL for ring 0 */
+    uint8_t *pv_region;             /* pv_region_bytes at PV_REGION_GPA; NULL for ring 0 */
+    uint64_t pv_region_bytes;
 
     const struct hv_engine_impl *engine;
     void *engine_priv;              /* engine-specific per-domain state (not kvm's) */
@@ -185,6 +186,7 @@ int64_t do_memory_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_mmu_update(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_multicall(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_update_va_mapping(struct hv_vcpu *v, const struct hv_hcall *h);
 
 void hv_domain_shutdown(struct hv_domain *d, int reason);
 

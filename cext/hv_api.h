@@ -139,6 +139,9 @@ int      hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len);
 /* After hv_mm_init: only frames below `populated` start populated (memory < maxmem). */
 int      hv_mm_set_reservation(struct hv_domain *d, uint64_t populated, char *err, int err_len);
 int      hv_mm_audit(struct hv_domain *d, char *err, int err_len);
+/* Xen's PV model: shared_info lives at this frame from the start (start_info names it):
+ * 0, or -1 if the frame is not one the guest may use. */
+int      hv_domain_place_shared_info(struct hv_domain *d, uint64_t gpfn);
 /* Pages of guest RAM resident in host memory (mincore); ~0 on failure. */
 uint64_t hv_domain_resident_pages(struct hv_domain *d);
 

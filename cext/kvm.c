@@ -138,7 +138,7 @@ static int kvm_create_vm(struct hv_domain *d, char *err, int err_len)
         set_slot(d, 2, d->pt_pool_end, d->ram_bytes, 0, err, err_len) < 0)
         goto fail;
     /* The hypervisor's region; the guest reaches it only through our mappings. */
-    if (d->pv_region && map_slot(d, 3, PV_REGION_GPA, PV_REGION_GPA + PV_REGION_BYTES, 0,
+    if (d->pv_region && map_slot(d, 3, PV_REGION_GPA, PV_REGION_GPA + d->pv_region_bytes, 0,
                                  d->pv_region, err, err_len) < 0)
         goto fail;
     return 0;

@@ -108,7 +108,7 @@ static int take_entry(struct hv_domain *d, int level, uint64_t e)
     f = &mm->frames[mfn];
     if (!(f->flags & HV_FRAME_POPULATED))
         return -XEN_EBUSY;
-    if ((e & PTE_RW) && hv_mm_in_pool(mm, mfn))
+    if ((e & PTE_RW) && (hv_mm_in_pool(mm, mfn) || (f->flags & HV_FRAME_SEG_DESC)))
         return -XEN_EBUSY;
     f->map_count++;
     if (e & PTE_RW)
@@ -454,6 +454,48 @@ int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h)
     return run_batch(v, h, sizeof(struct mmuext_op), mmuext_one);
 }
 
+/* ---- update_va_mapping ---- */
+
+/* update_va_mapping(va, val, flags): the L1 entry that maps va through the current
+ * page tables := val, validated as an MMU_NORMAL_PT_UPDATE; then the flush flags ask
+ * for. va must reach an L1 table (no superpage, not Xen's slots); a refused entry is
+ * -EINVAL, except a frame outside the domain's RAM (Xen: I/O), -EPERM. */
+int64_t do_update_va_mapping(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t va = h->a1, val = h->a2, flags = h->a3, table, mfn, mask;
+    int rc;
+
+    if (!d->mm.frames)
+        return -XEN_ENOSYS;
+    if (!hv_mm_range_ok(va, 1) || v->ops->get_cr3(v, &table) < 0)
+        return -XEN_EINVAL;
+    table &= PTE_ADDR;
+    for (int level = 4; level > 1; level--) {
+        unsigned idx = (unsigned)(va >> (12 + 9 * (level - 1))) & 511;
+        uint64_t e;
+        if (xen_slot(d, level, (int)idx) || !hv_gpa_valid(d, table + idx * 8, 8))
+            return -XEN_EINVAL;
+        e = table_of(d, table >> HV_PAGE_SHIFT)[idx];
+        if (!(e & PTE_P) || (e & (1ULL << 7)))     /* absent, or a superpage (PS) */
+            return -XEN_EINVAL;
+        table = e & PTE_ADDR;
+    }
+    mfn = table >> HV_PAGE_SHIFT;
+    if (mfn >= d->mm.nr_pages || d->mm.frames[mfn].type != HV_FT_L1)
+        return -XEN_EINVAL;
+    rc = update_entry(d, table + ((va >> 12) & 511) * 8, val);
+    if (rc)
+        return rc == -XEN_EPERM ? rc : -XEN_EINVAL;
+    if ((flags & UVMF_FLUSHTYPE_MASK) != UVMF_TLB_FLUSH && (flags & UVMF_FLUSHTYPE_MASK) != UVMF_INVLPG)
+        return 0;
+    /* anything above the flush type but UVMF_ALL is a pointer to a vCPU bitmap */
+    if ((flags & ~(uint64_t)UVMF_FLUSHTYPE_MASK) > UVMF_ALL &&
+        hv_copy_from_guest(v, &mask, flags & ~(uint64_t)UVMF_FLUSHTYPE_MASK, sizeof(mask)) < 0)
+        return -XEN_EFAULT;
+    return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
+}
+
 /* ---- set-up, tear-down, audit ---- */
 
 void hv_mm_destroy(struct hv_domain *d)
@@ -603,6 +645,8 @@ int hv_mm_audit(struct hv_domain *d, char *err, int err_len)
             bad = "page table outside the pool";
         else if (f->wmap_count && hv_mm_in_pool(mm, m))
             bad = "pool frame mapped writable";
+        else if (f->wmap_count && (f->flags & HV_FRAME_SEG_DESC))
+            bad = "GDT frame mapped writable";
         else if ((f->map_count || f->type_count) && !(f->flags & HV_FRAME_POPULATED))
             bad = "unpopulated frame in use";
         if (bad) {

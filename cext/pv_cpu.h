@@ -6,7 +6,9 @@
  * trapless owns the real GDT, IDT, TSS and syscall MSRs; they sit in a small region of
  * host memory mapped at guest-physical PV_REGION_GPA (outside guest RAM, so no guest
  * page table can name it) and at PV_AREA_VA in every L4 the guest uses (slot 256, one
- * of Xen's reserved slots, written by us whenever an L4 is validated). Exceptions,
+ * of Xen's reserved slots, written by us whenever an L4 is validated). The same slot
+ * maps the read-only machine-to-phys table at MACH2PHYS_VIRT_START (the identity, as
+ * pseudo-physical = machine here), whose pages follow the fixed frames. Exceptions,
  * `syscall` and event upcalls reach this layer as a struct pv_regs; it decides what
  * Xen would do (a hypercall, a bounce frame to the guest's trap table or callbacks, an
  * emulated instruction, or domain_crash) and hands the registers back to the engine.
@@ -36,9 +38,9 @@ enum pv_frame {
     PVF_STUBS,                  /* CPL0 exception stubs: `out` to PV_TRAP_PORT, iretq */
     PVF_LANDING,                /* LSTAR: user-readable, `out` to PV_SYSCALL_PORT */
     PVF_STACK, PVF_STACK_END = PVF_STACK + 1,
+    PVF_M2P_L2,                 /* the M2P's L2; its L1s and its pages come after */
     PVF_NR
 };
-#define PV_REGION_BYTES ((uint64_t)PVF_NR * 4096)
 
 /* Virtual layout of the area (pages of 4 KiB from PV_AREA_VA). */
 #define PV_GDT_VA       (PV_AREA_VA)                    /* 15 pages, limit 0xefff */
@@ -84,6 +86,8 @@ struct pv_vcpu {
     uint64_t kernel_ss, kernel_sp;      /* stack_switch: where bounces from user mode go */
     uint64_t gs_base_other;             /* the GS base of the mode not running */
     uint64_t user_l4;                   /* MMUEXT_NEW_USER_BASEPTR frame; 0 = none, as Xen */
+    uint64_t gdt_frames[14];            /* set_gdt's frames (FIRST_RESERVED_GDT_PAGE) */
+    unsigned gdt_nr_frames;
     uint64_t bounces, syscalls;         /* counters (tests, stats) */
 };
 
@@ -106,10 +110,13 @@ void pv_vcpu_boot(struct hv_vcpu *v, uint64_t rsp);
 int  pv_xen_l4_slot(int slot);
 /* Xen's entry for L4 slot PV_L4_SLOT, which every validated guest L4 carries. */
 uint64_t pv_l4_entry(void);
-/* 1 if va lies in the area mapped by the region (engines' walks of guest addresses). */
+/* 1 if va lies in the area of descriptor tables and stubs (the engines' exits). */
 int  pv_in_area(uint64_t va);
-/* The region frame that backs area address va, or -1 if va is unmapped (the guard). */
-int  pv_area_frame(uint64_t va);
+/* Walk the hypervisor's tables for va in L4 slot PV_L4_SLOT: 0 with the guest-physical
+ * page (a region frame, or a guest GDT frame) and whether ring 3 may read it, or -1. */
+int  pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user);
+/* Map the guest's GDT frames into the first pages of the GDT (the rest: not present). */
+void pv_map_gdt(struct hv_domain *d, const uint64_t *mfns, unsigned n);
 
 /* ---- pv_traps.c: what happens at each way into the hypervisor ---- */
 /* Each returns 0 (resume the guest with *r) or -1 (the domain crashed; stop filled). */
@@ -129,6 +136,8 @@ int64_t do_set_trap_table(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_stack_switch(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_set_callbacks(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_callback_op(struct hv_vcpu *v, const struct hv_hcall *h);
+/* pv_desc.c */
+int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h);
 
 /* ---- pv_emul.c: instructions Xen emulates for a PV guest ---- */
 /* Xen's PV CPUID policy for leaf/subleaf: out = eax, ebx, ecx, edx. */
@@ -136,5 +145,9 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
 /* #UD at r->rip: the forced-emulation prefix + cpuid, or `int n` on hosts that report
  * it as #UD. 1 if handled (r updated), 0 if it is a real #UD for the guest, -1 crash. */
 int  pv_emulate_ud(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
+/* #GP(0) at r->rip in guest kernel mode: 1 if Xen would emulate it (r updated), else 0. */
+int  pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r);
+/* A #PF at cr2 in the M2P, mapped readable, from a load the host refused: 1 if done. */
+int  pv_emulate_m2p_load(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2);
 
 #endif

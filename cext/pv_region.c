@@ -8,7 +8,8 @@
  * frame there, so the guest reaches it only through the mappings written here. Those
  * are supervisor-only (a CPL3 access faults) except the landing page, which `syscall`
  * must be able to fetch from ring 3 on hosts that do not switch to ring 0 (PVM-HOST.md),
- * and which holds nothing but two instructions. Nothing is writable from ring 3.
+ * and which holds nothing but two instructions, and the M2P, which guests read (Xen
+ * maps it user-readable). Nothing is writable from ring 3.
  */
 #include <string.h>
 #include <sys/mman.h>
@@ -24,14 +25,28 @@
 
 #define PAGE 4096ULL
 
-static uint64_t frame_gpa(int f)
+static uint64_t area_flags(int f);
+
+static uint64_t frame_gpa(uint64_t f)
 {
-    return PV_REGION_GPA + (uint64_t)f * PAGE;
+    return PV_REGION_GPA + f * PAGE;
 }
 
-static uint64_t *frame_of(struct hv_domain *d, int f)
+static uint64_t *frame_of(struct hv_domain *d, uint64_t f)
 {
-    return (uint64_t *)(d->pv_region + (uint64_t)f * PAGE);
+    return (uint64_t *)(d->pv_region + f * PAGE);
+}
+
+/* The M2P: one u64 per frame of guest memory, in pages after the fixed frames: its L1
+ * tables, then its pages. */
+static uint64_t m2p_pages(uint64_t frames)
+{
+    return (frames * 8 + PAGE - 1) / PAGE;
+}
+
+static uint64_t m2p_l1s(uint64_t frames)
+{
+    return (m2p_pages(frames) + 511) / 512;
 }
 
 int pv_xen_l4_slot(int slot)
@@ -50,7 +65,7 @@ int pv_in_area(uint64_t va)
     return va >= PV_AREA_VA && va < PV_AREA_END;
 }
 
-int pv_area_frame(uint64_t va)
+static int pv_area_frame(uint64_t va)
 {
     uint64_t page = (va - PV_AREA_VA) / PAGE;
     if (!pv_in_area(va))
@@ -72,6 +87,36 @@ int pv_area_frame(uint64_t va)
     return -1;
 }
 
+int pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user)
+{
+    uint64_t table = frame_gpa(PVF_L3), e = 0;
+
+    if (!d->pv_region || ((va >> 39) & 511) != PV_L4_SLOT)
+        return -1;
+    *user = 1;
+    for (int level = 3; level >= 1; level--) {
+        /* every table of the slot is a region frame */
+        if (table < PV_REGION_GPA || table - PV_REGION_GPA >= d->pv_region_bytes)
+            return -1;
+        e = frame_of(d, (table - PV_REGION_GPA) / PAGE)[(va >> (12 + 9 * (level - 1))) & 511];
+        if (!(e & PTE_P))
+            return -1;
+        *user &= (e & PTE_US) != 0;
+        table = e & 0x000ffffffffff000ULL;
+    }
+    *gpa = table;
+    return 0;
+}
+
+void pv_map_gdt(struct hv_domain *d, const uint64_t *mfns, unsigned n)
+{
+    uint64_t *l1 = frame_of(d, PVF_L1);
+    for (unsigned i = 0; i < FIRST_RESERVED_GDT_PAGE; i++) {
+        uint64_t gpa = i < n ? mfns[i] << 12 : frame_gpa(PVF_ZERO);
+        l1[((PV_GDT_VA >> 12) + i) & 511] = gpa | area_flags(PVF_ZERO);
+    }
+}
+
 /* L1 flags of each area page by what it holds. */
 static uint64_t area_flags(int f)
 {
@@ -87,9 +132,22 @@ static uint64_t area_flags(int f)
     }
 }
 
-static void build_tables(struct hv_domain *d)
+static void build_tables(struct hv_domain *d, uint64_t frames)
 {
     uint64_t upper = PTE_P | PTE_RW | PTE_US | PTE_A;
+    uint64_t l1s = m2p_l1s(frames), first_page = PVF_NR + l1s;
+    uint64_t *m2p = frame_of(d, first_page);
+
+    /* the M2P: read-only, readable from ring 3, the identity */
+    frame_of(d, PVF_L3)[(MACH2PHYS_VIRT_START >> 30) & 511] = frame_gpa(PVF_M2P_L2) | upper;
+    for (uint64_t i = 0; i < l1s; i++)
+        frame_of(d, PVF_M2P_L2)[i] = frame_gpa((int)(PVF_NR + i)) | upper;
+    for (uint64_t p = 0; p < m2p_pages(frames); p++)
+        frame_of(d, PVF_NR + p / 512)[p % 512] =
+            frame_gpa((int)(first_page + p)) | PTE_P | PTE_US | PTE_A | PTE_NX;
+    for (uint64_t mfn = 0; mfn < frames; mfn++)
+        m2p[mfn] = mfn;
+
     frame_of(d, PVF_L3)[(PV_AREA_VA >> 30) & 511] = frame_gpa(PVF_L2) | upper;
     frame_of(d, PVF_L2)[(PV_AREA_VA >> 21) & 511] = frame_gpa(PVF_L1) | upper;
     for (uint64_t va = PV_AREA_VA; va < PV_AREA_END; va += PAGE) {
@@ -182,6 +240,8 @@ static void build_landing(struct hv_domain *d)
 
 int pv_domain_init(struct hv_domain *d, int model, char *err, int err_len)
 {
+    uint64_t frames;
+
     d->pv_model = model;
     if (model == HV_PV_RING0)
         return 0;
@@ -194,14 +254,21 @@ int pv_domain_init(struct hv_domain *d, int model, char *err, int err_len)
                      PV_REGION_GPA);
         return -1;
     }
-    d->pv_region = mmap(NULL, PV_REGION_BYTES, PROT_READ | PROT_WRITE,
+    frames = d->ram_bytes / PAGE;
+    d->pv_region_bytes = (PVF_NR + m2p_l1s(frames) + m2p_pages(frames)) * PAGE;
+    d->pv_region = mmap(NULL, d->pv_region_bytes, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (d->pv_region == MAP_FAILED) {
         d->pv_region = NULL;
         hv_set_error(err, err_len, "out of host memory for the hypervisor region");
         return -1;
     }
-    build_tables(d);
+    /* Every page present in host memory before the guest runs, and kept there: the
+     * CPU pushes exception frames on the stack page, and a host fault in the middle
+     * of that delivery is more than some nested hosts handle (a triple fault). */
+    memset(d->pv_region, 0, d->pv_region_bytes);
+    mlock(d->pv_region, d->pv_region_bytes);
+    build_tables(d, frames);
     build_gdt(d);
     build_idt_and_stubs(d);
     build_tss(d);
@@ -212,7 +279,7 @@ int pv_domain_init(struct hv_domain *d, int model, char *err, int err_len)
 void pv_domain_destroy(struct hv_domain *d)
 {
     if (d->pv_region)
-        munmap(d->pv_region, PV_REGION_BYTES);
+        munmap(d->pv_region, d->pv_region_bytes);
     d->pv_region = NULL;
 }
 

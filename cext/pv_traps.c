@@ -27,6 +27,7 @@
 #define RFLAGS_AC   (1ULL << 18)
 
 #define PF_P    (1u << 0)
+#define PF_W    (1u << 1)
 #define PF_U    (1u << 2)
 #define PF_RSVD (1u << 3)
 
@@ -145,20 +146,30 @@ int pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t erro
         if (done)
             return done < 0 ? -1 : 0;
     }
+    if (vector == 13 && error == 0 && pv_emulate_gp(v, r))
+        return 0;
+    if (vector == 14 && !(error & PF_W) && pv_emulate_m2p_load(v, r, cr2))
+        return 0;
     if (vector == 14) {
         /* The guest sees U set iff it was in user mode (both run in ring 3), and P
          * recomputed for the hypervisor's pages, where some hosts report it wrong. */
         error &= ~(PF_U | PF_RSVD);
         if (p->user_mode)
             error |= PF_U;
-        if (pv_in_area(cr2))
-            error = pv_area_frame(cr2) >= 0 ? error | PF_P : error & ~PF_P;
+        uint64_t gpa;
+        int ring3;
+        if (cr2 >= HYPERVISOR_VIRT_START && cr2 < HYPERVISOR_VIRT_END)
+            error = pv_region_walk(v->dom, cr2, &gpa, &ring3) == 0 ? error | PF_P : error & ~PF_P;
         __atomic_store_n(&hv_vcpu_info(v)->arch.cr2, cr2, __ATOMIC_RELEASE);
     }
-    if (!t->address)
+    if (!t->address && pv_has_error_code(vector))
         return crash(v, stop, r->rip, "%s (vector %d, error %#x) at rip %#llx with no handler "
                      "in the trap table", vector_name(vector, name, sizeof(name)), vector,
-                     pv_has_error_code(vector) ? error : 0, (unsigned long long)r->rip);
+                     error, (unsigned long long)r->rip);
+    if (!t->address)
+        return crash(v, stop, r->rip, "%s (vector %d) at rip %#llx with no handler in the "
+                     "trap table", vector_name(vector, name, sizeof(name)), vector,
+                     (unsigned long long)r->rip);
     return bounce(v, r, t->address, vector, pv_has_error_code(vector), error,
                   t->flags & TI_MASK_EVENTS, stop);
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import byte, eax, ecx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
+from .asm import byte, dword, eax, ecx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
 from .conformance import ConformanceGuest, GuestImage
 
 # Offsets inside shared_info of vCPU 0's vcpu_info.
@@ -52,8 +52,9 @@ class XenPVGuest(ConformanceGuest):
         a.mov(qword[rip_("xatp", offsetof("xen_add_to_physmap", "gpfn"))], rax)
         self.call("map_shared_info", "memory_op", C.XENMEM_add_to_physmap, xatp)
 
-    def trap_table(self, case: str, entries: list[tuple[int, int, str]]) -> None:
-        """set_trap_table with (vector, flags, handler label) entries; reports `case`."""
+    def trap_table(self, case: str, entries: list[tuple[int, int, str | int]]) -> None:
+        """set_trap_table with (vector, flags, handler label or address) entries;
+        reports `case`."""
         a = self.a
         a.section(".data")
         a.align(16)
@@ -130,6 +131,27 @@ class XenPVGuest(ConformanceGuest):
         """Emit handlers (emit()) after the cases, out of the straight-line code."""
         self._emit_later = (*self._emit_later, lambda _guest: emit())
 
+    def ptr(self, label: str):
+        """The address operand of label, for lea."""
+        return ptr[label]
+
+    def hypercall_regs(self, case: str, name: str, *args) -> None:
+        """Hypercall `name` with arguments that may be registers (copied through the
+        stack, so loading one never clobbers another) or ints; reports `case`."""
+        from .runtime import ARG_REGS
+        a = self.a
+        regs = [(reg, value) for reg, value in zip(ARG_REGS, args) if not isinstance(value, int)]
+        for _, value in reversed(regs):
+            a.push(value)
+        for reg, _ in regs:
+            a.pop(reg)
+        for reg, value in zip(ARG_REGS, args):
+            if isinstance(value, int):
+                self.load_arg(reg, value)
+        a.call(f"hypercall_{name}")
+        self.cases[case] = (name, "-")
+        self.report(case)
+
     def resume_at(self, label: str) -> None:
         self.a.lea(rax, ptr[label])
         self.a.mov(qword["resume_at"], rax)
@@ -159,6 +181,14 @@ def cpu_model_guest() -> GuestImage:
     through the trap table, an event upcall, and syscall from user mode."""
     g = XenPVGuest("pv-cpu")
     a = g.a
+    # start_info names shared_info by machine address (VIRT_BASE 0: also its VA), with
+    # events masked at boot; then the guest places its own copy
+    g.start_info_field(rcx, "shared_info")
+    a.mov(rax, rcx)
+    g.report("start_info_shared_info")
+    g.start_info_field(rcx, "shared_info")
+    a.movzx(eax, byte[rcx + UPCALL_MASK])
+    g.report("boot_upcall_mask")
     g.map_shared_info()
 
     # forced-emulation cpuid: Xen's leaves
@@ -318,12 +348,12 @@ def cpu_model_guest() -> GuestImage:
         g.recording_handler("on_gp", True),
         g.recording_handler("on_pf", True),
         g.recording_handler("on_int80", False),
-        _event_handler(g),
+        event_handler(g),
     ))
     return g.finish()
 
 
-def _event_handler(g: XenPVGuest) -> None:
+def event_handler(g: XenPVGuest) -> None:
     """The event callback: records its frame, acknowledges everything pending (the
     2-level ABI's pending flag, selector and port bits), returns with iret."""
     a = g.a
@@ -334,3 +364,59 @@ def _event_handler(g: XenPVGuest) -> None:
         a.mov(qword[rip_("shared_info", EVTCHN_PENDING + 8 * i)], 0)
     a.mov(rax, qword["saved_rax"])
     g.iret(False)
+
+
+# The hypervisor's area (cext/pv_cpu.h PV_AREA_VA): the GDT's first page.
+PV_AREA_VA = 0xffff804000000000
+
+
+def region_guest() -> GuestImage:
+    """Pokes at the hypervisor's reserved region from the guest kernel: a store into it
+    (a #PF for the guest), a hypercall buffer inside it (-EFAULT), and an mmu_update
+    of the L4 slot that maps it (-EINVAL)."""
+    g = XenPVGuest("pv-region")
+    a = g.a
+    g.map_shared_info()
+    g.trap_table("set_trap_table", [(14, 0, "on_pf")])
+    g.resume_at("store_done")
+    a.mov(rcx, PV_AREA_VA + 0xe030)
+    a.label("store_insn")
+    a.mov(qword[rcx], rax)
+    a.label("store_done")
+    g.report_word("store_count", "on_pf.count")
+    g.report_word("store_error", "on_pf.frame", 16)
+    g.report_address("store_rip", "on_pf.frame", 24, "store_insn")
+    a.mov(rax, qword[rip_("shared_info", CR2)])
+    a.mov(rcx, PV_AREA_VA)
+    a.sub(rax, rcx)
+    g.report("store_cr2")
+    g.call("console_from_region", "console_io", C.CONSOLEIO_write, 8, PV_AREA_VA)
+    # the M2P is readable: the identity, one u64 per frame
+    a.mov(rcx, C.MACH2PHYS_VIRT_START)
+    a.mov(rax, qword[rcx + 8 * 0x123])
+    g.report("m2p_0x123")
+    a.mov(rcx, C.MACH2PHYS_VIRT_START)      # report() keeps only rax
+    a.mov(eax, dword[rcx + 8 * 0x7])
+    g.report("m2p_0x7_low")
+    # mmu_update of L4 slot 256 of the running L4 (pt_base; VIRT_BASE 0: VA = PA)
+    a.section(".data")
+    a.align(8)
+    a.label("slot256")                      # struct mmu_update
+    a.dq(0, 0x1000 | 0x7)
+    a.section(".text")
+    g.start_info_field(rax, "pt_base")
+    a.add(rax, 256 * 8)
+    a.mov(qword["slot256"], rax)
+    g.call("mmu_update_slot256", "mmu_update", "slot256", 1, 0, C.DOMID_SELF)
+    g.handlers(lambda: g.recording_handler("on_pf", True))
+    return g.finish()
+
+
+def unhandled_guest() -> GuestImage:
+    """An empty trap table, then ud2 at `ud2_insn`: Xen crashes the domain."""
+    g = XenPVGuest("pv-unhandled")
+    g.print("before\n")
+    g.a.label("ud2_insn")
+    g.a.ud2()
+    g.print("after\n")
+    return g.finish()

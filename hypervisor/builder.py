@@ -113,6 +113,9 @@ class Layout:
     stack_top: int
     gdt: int
     region_end: int
+    # Xen's model: the shared_info frame start_info names. Xen keeps it outside the
+    # domain's memory; trapless gives it the page after the console ring.
+    shared_info: int | None = None
 
     def virt(self, phys: int) -> int:
         return self.virt_base + phys
@@ -129,7 +132,7 @@ def tables_needed(start: int, end: int) -> int:
     return 1 + spans(39) + spans(30) + spans(21)
 
 
-def plan(image: PVImage, ram_bytes: int) -> Layout:
+def plan(image: PVImage, ram_bytes: int, model: int = RING0) -> Layout:
     """Choose the layout; one-line ImageError if the domain's memory is too small."""
     first = min(s.paddr for s in image.segments) & ~(PAGE - 1)
     img_end = page_up(max(s.paddr + s.memsz for s in image.segments))
@@ -138,7 +141,8 @@ def plan(image: PVImage, ram_bytes: int) -> Layout:
     start_info = page_up(mfn_list + nr_pages * 8)
     xenstore = start_info + PAGE
     console = xenstore + PAGE
-    pt_start = console + PAGE
+    shared_info = console + PAGE if model == XEN_PV else None
+    pt_start = (shared_info or console) + PAGE
     # The number of bootstrap tables depends on the region's size, which depends on it:
     # grow until it stops changing.
     boot = 4
@@ -158,7 +162,8 @@ def plan(image: PVImage, ram_bytes: int) -> Layout:
             f"{ram_bytes >> 20} MiB of guest memory is too small: the start-of-day region "
             f"needs {region_end >> 20} MiB")
     return Layout(image.virt_base, ram_bytes, first, img_end, mfn_list, start_info, xenstore,
-                  console, pt_start, boot, pt_end, stack_bottom, stack_top, gdt, region_end)
+                  console, pt_start, boot, pt_end, stack_bottom, stack_top, gdt, region_end,
+                  shared_info)
 
 
 class PageTableWriter:
@@ -235,7 +240,7 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
     si = ffi.new("struct start_info *")
     si.magic = START_INFO_MAGIC
     si.nr_pages = layout.nr_pages
-    si.shared_info = 0
+    si.shared_info = layout.shared_info or 0      # a machine address, not mapped for it
     si.flags = 0
     si.store_mfn = layout.xenstore // PAGE
     si.console_mfn = layout.console // PAGE
