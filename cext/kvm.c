@@ -20,6 +20,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -533,14 +534,23 @@ static int pv_regs_to_run(struct hv_vcpu *v, const struct pv_regs *r, int in_stu
     return 0;
 }
 
+/* Only rax (which the stub pops) and the iret frame changed: the stub resumes the
+ * guest without a register write. */
+static int only_rax_changed(const struct pv_regs *a, const struct pv_regs *b)
+{
+    return !memcmp(&a->rbx, &b->rbx, offsetof(struct pv_regs, rip) - offsetof(struct pv_regs, rbx)) &&
+           a->gs_base == b->gs_base;
+}
+
 /* An exit on PV_TRAP_PORT (an exception stub) or PV_SYSCALL_PORT (the landing page).
  * 0 to run on, or -1 with stop filled. */
 static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
 {
     struct hv_domain *d = v->dom;
     struct kvm_run *run = v->run;
-    uint64_t rip = run->s.regs.regs.rip, sp = run->s.regs.regs.rsp, *frame = NULL, old_gs;
-    struct pv_regs r;
+    uint64_t rip = run->s.regs.regs.rip, sp = run->s.regs.regs.rsp, *frame = NULL, *saved_rax = NULL;
+    uint64_t old_gs;
+    struct pv_regs r, before;
     int rc;
 
     pv_regs_from_run(v, &r);
@@ -550,14 +560,16 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         int vector = (int)((rip - PV_STUBS_VA) / PV_STUB_SIZE), with_error;
         uint32_t error;
         if (rip < PV_STUBS_VA || vector >= 32 || sp < PV_STACK_VA ||
-            sp + (5 + (uint64_t)pv_has_error_code(vector)) * 8 > PV_STACK_TOP) {
+            sp + (6 + (uint64_t)pv_has_error_code(vector)) * 8 > PV_STACK_TOP) {
             in_exit = 0;
             hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_IO, rip,
                                 "exit on the trap port outside an exception stub");
             return -1;
         }
-        /* the frame the CPU pushed on the ring-0 stack: [error], rip, cs, rflags, rsp, ss */
-        frame = (uint64_t *)(d->pv_region + PVF_STACK * HV_PAGE_SIZE + (sp - PV_STACK_VA));
+        /* the stub's saved rax, then the CPU's frame: [error], rip, cs, rflags, rsp, ss */
+        saved_rax = (uint64_t *)(d->pv_region + PVF_STACK * HV_PAGE_SIZE + (sp - PV_STACK_VA));
+        r.rax = *saved_rax;
+        frame = saved_rax + 1;
         with_error = pv_has_error_code(vector);
         error = with_error ? (uint32_t)frame[0] : 0;
         frame += with_error;
@@ -566,6 +578,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         r.rflags = frame[2];
         r.rsp = frame[3];
         r.ss = frame[4];
+        before = r;
         if (vector == 14 && r.rip == PV_LANDING_VA && run->s.regs.sregs.cr2 == PV_LANDING_VA) {
             /* `syscall` on a host that cannot fetch the landing page from ring 3 in
              * the upper half (this KVM-PVM host): the #PF at LSTAR is the syscall */
@@ -576,12 +589,14 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
             rc = pv_exception(v, &r, vector, error, run->s.regs.sregs.cr2, stop);
         }
     } else if (rip >= PV_LANDING_VA && rip <= PV_LANDING_VA + 2) {
+        before = r;
         d->counters.exits[HV_EXIT_HYPERCALL]++;
         rc = pv_syscall(v, &r, stop);
     } else {
         /* The I/O bitmap opens this port to ring 3 for the landing page; an `out` to
          * it from anywhere else is the #GP Xen would raise for a denied port. */
         r.rip = rip - 2;
+        before = r;
         d->counters.exits[HV_EXIT_EXCEPTION]++;
         rc = pv_exception(v, &r, 13, 0, 0, stop);
     }
@@ -591,17 +606,21 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     in_exit = 0;
     if (rc < 0)
         return -1;
-    if (complete_io(v) < 0 || apply_pending(v, 1) < 0) {
-        hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot complete a PV exit: %s",
-                         strerror(errno));
-        return -1;
-    }
     if (frame) {
+        *saved_rax = r.rax;
         frame[0] = r.rip;
         frame[1] = r.cs | 3;
         frame[2] = r.rflags;
         frame[3] = r.rsp;
         frame[4] = r.ss | 3;
+        /* the common case (a hypercall, a bounce): the stub does the rest */
+        if (only_rax_changed(&r, &before) && !pending_set_cr3 && !pending_flush)
+            return 0;
+    }
+    if (complete_io(v) < 0 || apply_pending(v, 1) < 0) {
+        hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot complete a PV exit: %s",
+                         strerror(errno));
+        return -1;
     }
     if (pv_regs_to_run(v, &r, frame != NULL, old_gs) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot set the vCPU's registers: %s",

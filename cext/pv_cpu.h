@@ -35,7 +35,8 @@ enum pv_frame {
     PVF_GDT,                    /* Xen's GDT page: entries 7168..7679 */
     PVF_IDT,
     PVF_TSS, PVF_TSS_END = PVF_TSS + 2,   /* the TSS and its I/O bitmap */
-    PVF_STUBS,                  /* CPL0 exception stubs: `out` to PV_TRAP_PORT, iretq */
+    PVF_STUBS,                  /* CPL0 exception stubs: push rax, `out` to PV_TRAP_PORT,
+                                 * pop rax, iretq */
     PVF_LANDING,                /* LSTAR: user-readable, `out` to PV_SYSCALL_PORT */
     PVF_STACK, PVF_STACK_END = PVF_STACK + 1,
     PVF_M2P_L2,                 /* the M2P's L2; its L1s and its pages come after */

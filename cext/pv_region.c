@@ -200,8 +200,12 @@ static void build_idt_and_stubs(struct hv_domain *d)
         int dpl = (vec == 3 || vec == 4) ? 3 : 0;
         int n = 0;
 
+        /* rax goes through the stack, where the VMM can change it (a hypercall's result)
+         * without a register write, which would cost an extra trip into KVM */
+        s[n++] = 0x50;                  /* push %rax */
         s[n++] = 0xe6;                  /* out %al, $PV_TRAP_PORT: the VMM takes it from here */
         s[n++] = PV_TRAP_PORT;
+        s[n++] = 0x58;                  /* pop %rax */
         if (has_error_code(vec)) {
             memcpy(s + n, "\x48\x83\xc4\x08", 4);   /* add $8, %rsp: drop the error code */
             n += 4;
