@@ -563,7 +563,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
             sp + (6 + (uint64_t)pv_has_error_code(vector)) * 8 > PV_STACK_TOP) {
             in_exit = 0;
             hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_IO, rip,
-                                "exit on the trap port outside an exception stub");
+                         "exit on the trap port outside an exception stub");
             return -1;
         }
         /* the stub's saved rax, then the CPU's frame: [error], rip, cs, rflags, rsp, ss */
@@ -619,12 +619,12 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     }
     if (complete_io(v) < 0 || apply_pending(v, 1) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot complete a PV exit: %s",
-                         strerror(errno));
+                     strerror(errno));
         return -1;
     }
     if (pv_regs_to_run(v, &r, frame != NULL, old_gs) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot set the vCPU's registers: %s",
-                         strerror(errno));
+                     strerror(errno));
         return -1;
     }
     return 0;
@@ -645,7 +645,7 @@ static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
         return -1;
     if (pv_regs_to_run(v, &r, 0, old_gs) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot set the vCPU's registers: %s",
-                         strerror(errno));
+                     strerror(errno));
         return -1;
     }
     return 0;

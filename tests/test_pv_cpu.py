@@ -93,3 +93,17 @@ def test_xen_model_hypercall_page_holds_xens_stubs():
     assert page[18 * 32:18 * 32 + 14] == bytes.fromhex("514153b8120000000f05415b59c3")
     # iret: push rcx; push r11; push rax; mov eax, 23; syscall
     assert page[23 * 32:23 * 32 + 11] == bytes.fromhex("51415350b8170000000f05")
+
+
+def test_run_prints_the_crash_in_one_line(tmp_path, engine):
+    from helpers import hv
+    image = unhandled_guest()
+    path = tmp_path / "unhandled.elf"
+    path.write_bytes(image)
+    rip = load_image(image, 64 << 20).symbols["ud2_insn"]
+    r = hv("run", path, "--engine", engine, "--timeout", "20")
+    assert r.returncode == 5                         # shut down: crash
+    assert r.stdout == "before\n"
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"trapless: d1 shut down: crash (domain_crash: #UD (vector 6) at rip {rip:#x} "
+        f"with no handler in the trap table)")
