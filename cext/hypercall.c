@@ -26,6 +26,7 @@ static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
     /* the PV CPU model (pv_traps.c); iret is taken before this table (pv_syscall) */
     [__HYPERVISOR_set_trap_table] = do_set_trap_table,
     [__HYPERVISOR_set_gdt]     = do_set_gdt,
+    [__HYPERVISOR_update_descriptor] = do_update_descriptor,
     [__HYPERVISOR_stack_switch] = do_stack_switch,
     [__HYPERVISOR_set_callbacks] = do_set_callbacks,
     [__HYPERVISOR_callback_op] = do_callback_op,

@@ -139,6 +139,7 @@ int64_t do_set_callbacks(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_callback_op(struct hv_vcpu *v, const struct hv_hcall *h);
 /* pv_desc.c */
 int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h);
 
 /* ---- pv_emul.c: instructions Xen emulates for a PV guest ---- */
 /* Xen's PV CPUID policy for leaf/subleaf: out = eax, ebx, ecx, edx. */

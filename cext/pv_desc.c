@@ -1,5 +1,6 @@
 /*
- * pv_desc.c - the guest's descriptor tables under Xen's PV CPU model: set_gdt (2).
+ * pv_desc.c - the guest's descriptor tables under Xen's PV CPU model: set_gdt (2) and
+ * update_descriptor (10).
  *
  * The real GDT is the hypervisor's (pv_region.c): its first 14 pages map the frames the
  * guest names with set_gdt, read-only, and its 15th is Xen's own. A frame given to
@@ -84,4 +85,20 @@ int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h)
     v->pv.gdt_nr_frames = n;
     pv_map_gdt(d, v->pv.gdt_frames, n);
     return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
+}
+
+/* update_descriptor(ma, desc): one descriptor, checked as set_gdt checks them, stored
+ * at machine address ma, 8-aligned, in a frame of the guest that is not a page table:
+ * a GDT frame, or one that could be mapped writable. */
+int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t ma = h->a1, desc = h->a2;
+
+    if (d->pv_model != HV_PV_XEN)
+        return -XEN_ENOSYS;
+    if ((ma & 7) || !hv_mm_frame_usable(d, ma >> HV_PAGE_SHIFT) || check_descriptor(&desc) < 0)
+        return -XEN_EINVAL;
+    __atomic_store_n((uint64_t *)(d->ram + ma), desc, __ATOMIC_RELEASE);
+    return 0;
 }

@@ -1,6 +1,7 @@
-"""set_gdt (2): the guest's GDT frames under the hypervisor's GDT; Xen's descriptor
-check (code/data raised to DPL 3; TSS, LDT and gates refused); a GDT frame must not be
-writable, and stays that way while in use."""
+"""The guest's descriptors: set_gdt (2) and update_descriptor (10). The guest's GDT
+frames under the hypervisor's GDT; Xen's descriptor check (code/data raised to DPL 3;
+TSS, LDT and gates refused); a GDT frame must not be writable, and stays that way while
+in use."""
 import pytest
 
 from abi import C
@@ -105,3 +106,35 @@ def test_ring0_kernels_have_no_set_gdt(run_cases):
     g.call("set_gdt", "set_gdt", 0, 0)
     run = run_cases(g.finish())
     assert run["set_gdt"] == ENOSYS
+
+
+def test_update_descriptor(run_cases):
+    """update_descriptor(ma, desc): checked like set_gdt's, stored 8-aligned in a frame
+    of the guest that is not a page table."""
+    g = XenPVGuest("update_descriptor")
+    gdt_page(g, "table")
+    a = g.a
+
+    def update(case: str, offset: int, desc: int, where: str = "table") -> None:
+        a.lea(rax, g.ptr(where))                # VIRT_BASE 0: the machine address
+        a.add(rax, offset)
+        a.mov(rcx, desc)
+        g.hypercall_regs(case, "update_descriptor", rax, rcx)
+
+    update("data", 8, DATA_DPL0)
+    update("code", 16, CODE64_DPL0)
+    update("not_present", 24, DATA_DPL0 & ~(1 << 47))
+    update("unaligned", 36, DATA_DPL0)
+    update("tss", 40, TSS_DESC)
+    g.call("outside_ram", "update_descriptor", 1 << 40, DATA_DPL0)
+    g.start_info_field(rax, "pt_base")          # a page table: never a descriptor
+    a.mov(rcx, DATA_DPL0)
+    g.hypercall_regs("page_table", "update_descriptor", rax, rcx)
+    g.dump("table", "table", 48)
+    run = run_cases(g.finish())
+    assert (run["data"], run["code"], run["not_present"]) == (0, 0, 0)
+    for case in ("unaligned", "tss", "outside_ram", "page_table"):
+        assert run[case] == EINVAL, case
+    dpl3 = 3 << 45
+    expected = [0, DATA_DPL0 | dpl3, CODE64_DPL0 | dpl3, DATA_DPL0 & ~(1 << 47), 0, 0]
+    assert run.dumps["table"] == b"".join(x.to_bytes(8, "little") for x in expected)
