@@ -71,8 +71,8 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
     int writable = 1, executable = 1, user_ok = 1, nx;
 
     *present = 0;
-    if (d->pv_region && ((va >> 39) & 511) == PV_L4_SLOT && (va >> 48) == 0xffff) {
-        /* the hypervisor's slot, read-only: the M2P, and the GDT Unicorn reads itself */
+    if (d->pv_region && pv_xen_l4_slot((int)((va >> 39) & 511)) && (va >> 48) == 0xffff) {
+        /* the hypervisor's slots, read-only: the M2P, and the GDT Unicorn reads itself */
         int ring3;
         if (pv_region_walk(d, va, gpa, &ring3) < 0)
             return -1;

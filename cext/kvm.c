@@ -580,8 +580,8 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         r.ss = frame[4];
         before = r;
         if (vector == 14 && r.rip == PV_LANDING_VA && run->s.regs.sregs.cr2 == PV_LANDING_VA) {
-            /* `syscall` on a host that cannot fetch the landing page from ring 3 in
-             * the upper half (this KVM-PVM host): the #PF at LSTAR is the syscall */
+            /* `syscall` on a host that cannot fetch the landing page from ring 3
+             * (KVM-PVM refuses ring 3 in L4 slot 256): the #PF at LSTAR is the syscall */
             d->counters.exits[HV_EXIT_HYPERCALL]++;
             rc = pv_syscall(v, &r, stop);
         } else {
@@ -616,6 +616,14 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         /* the common case (a hypercall, a bounce): the stub does the rest */
         if (only_rax_changed(&r, &before) && !pending_set_cr3 && !pending_flush)
             return 0;
+    }
+    /* The landing page's `out` ran natively in ring 3: KVM sees the new rip and drops
+     * the instruction's completion, so sync regs alone resume the guest. Anything that
+     * needs KVM_SET_SREGS (a page-table switch, a flush) completes the `out` first. */
+    if (!frame && !pending_set_cr3 && !pending_flush && r.gs_base == old_gs) {
+        memcpy(&run->s.regs.regs, &r, 18 * sizeof(uint64_t));
+        run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+        return 0;
     }
     if (complete_io(v) < 0 || apply_pending(v, 1) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot complete a PV exit: %s",

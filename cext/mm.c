@@ -153,7 +153,7 @@ static int validate_table(struct hv_domain *d, uint64_t mfn, int level)
     for (int i = 0; i < ENTRIES; i++) {
         uint64_t e = adjust_entry(d, level, t[i]);
         if (xen_slot(d, level, i))
-            e = i == PV_L4_SLOT ? pv_l4_entry() : 0;
+            e = pv_l4_entry(i);
         else if ((e & PTE_P) && (e & ad) != ad)
             e |= ad;
         if (e != t[i])

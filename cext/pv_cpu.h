@@ -5,10 +5,13 @@
  * A PV guest kernel runs in ring 3 like its own user space, with Xen's flat selectors.
  * trapless owns the real GDT, IDT, TSS and syscall MSRs; they sit in a small region of
  * host memory mapped at guest-physical PV_REGION_GPA (outside guest RAM, so no guest
- * page table can name it) and at PV_AREA_VA in every L4 the guest uses (slot 256, one
- * of Xen's reserved slots, written by us whenever an L4 is validated). The same slot
- * maps the read-only machine-to-phys table at MACH2PHYS_VIRT_START (the identity, as
- * pseudo-physical = machine here), whose pages follow the fixed frames. Exceptions,
+ * page table can name it) and at PV_AREA_VA in every L4 the guest uses (slot 271, the
+ * last of Xen's reserved slots 256-271, written by us whenever an L4 is validated).
+ * Slot 256 maps the read-only machine-to-phys table at MACH2PHYS_VIRT_START (the
+ * identity, as pseudo-physical = machine here), whose pages follow the fixed frames.
+ * (Slot 271 rather than 256 for the rest: this KVM-PVM host refuses ring-3 accesses to
+ * slot 256 even where the mapping allows them, and the syscall landing page needs one.)
+ * Exceptions,
  * `syscall` and event upcalls reach this layer as a struct pv_regs; it decides what
  * Xen would do (a hypercall, a bounce frame to the guest's trap table or callbacks, an
  * emulated instruction, or domain_crash) and hands the registers back to the engine.
@@ -25,12 +28,14 @@ struct hv_stop;
 /* ---- the hypervisor's region ---- */
 
 #define PV_REGION_GPA   0xF0000000ULL   /* just above the largest guest RAM (3840 MiB) */
-#define PV_L4_SLOT      256             /* HYPERVISOR_VIRT_START */
-#define PV_AREA_VA      0xffff804000000000ULL   /* slot 256, after the M2P's 256 GiB */
+#define PV_M2P_L4_SLOT  256             /* HYPERVISOR_VIRT_START: the M2P */
+#define PV_AREA_L4_SLOT 271             /* the descriptor tables, stubs and stack */
+#define PV_AREA_VA      0xffff878000000000ULL   /* the start of slot 271 */
 
 /* Frames of the region, in order. */
 enum pv_frame {
-    PVF_L3, PVF_L2, PVF_L1,     /* the region's own page tables */
+    PVF_M2P_L3,                 /* the L3 of slot 256 */
+    PVF_L3, PVF_L2, PVF_L1,     /* the area's page tables (slot 271) */
     PVF_ZERO,                   /* the guest's 14 GDT pages until set_gdt: all not present */
     PVF_GDT,                    /* Xen's GDT page: entries 7168..7679 */
     PVF_IDT,
@@ -109,11 +114,12 @@ void pv_domain_destroy(struct hv_domain *d);
 void pv_vcpu_boot(struct hv_vcpu *v, uint64_t rsp);
 /* 1 if slot (0..511) of an L4 is Xen's: guest entries there are refused. */
 int  pv_xen_l4_slot(int slot);
-/* Xen's entry for L4 slot PV_L4_SLOT, which every validated guest L4 carries. */
-uint64_t pv_l4_entry(void);
+/* Xen's entry for one of its reserved L4 slots, which every validated guest L4
+ * carries (0 for the slots trapless leaves empty). */
+uint64_t pv_l4_entry(int slot);
 /* 1 if va lies in the area of descriptor tables and stubs (the engines' exits). */
 int  pv_in_area(uint64_t va);
-/* Walk the hypervisor's tables for va in L4 slot PV_L4_SLOT: 0 with the guest-physical
+/* Walk the hypervisor's tables for va in Xen's reserved slots: 0 with the guest-physical
  * page (a region frame, or a guest GDT frame) and whether ring 3 may read it, or -1. */
 int  pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user);
 /* Map the guest's GDT frames into the first pages of the GDT (the rest: not present). */

@@ -4,7 +4,7 @@
  * Xen's PV CPUID policy, §24), and `int n` on hosts whose CPU reports it as #UD
  * (PVM-HOST.md). Of what a #GP brings, reads of the control registers are emulated
  * as Xen does for a PV kernel. Loads from the M2P that fault although the table is
- * mapped readable (this KVM-PVM host refuses ring-3 reads of the upper half) are
+ * mapped readable (this KVM-PVM host refuses ring-3 accesses to L4 slot 256) are
  * emulated too, so the guest sees what Xen's mapping gives it; every other privileged instruction reaches the guest as
  * that #GP (Xen's port I/O under the virtual IOPL, MSRs and control-register writes
  * are not here yet).

@@ -1,7 +1,8 @@
 /*
  * pv_region.c - the hypervisor's region of a Xen-model PV domain: the real GDT, IDT,
  * TSS, exception stubs, syscall landing page and ring-0 stack, and the page tables
- * that map them at PV_AREA_VA in L4 slot 256 of every L4 the guest uses.
+ * that map them at PV_AREA_VA in L4 slot 271 of every L4 the guest uses, and the M2P
+ * in slot 256.
  *
  * The region is host memory of its own, seen by the engines at guest-physical
  * PV_REGION_GPA, above guest RAM: the memory service refuses any guest PTE naming a
@@ -54,10 +55,15 @@ int pv_xen_l4_slot(int slot)
     return slot >= 256 && slot < 272;       /* HYPERVISOR_VIRT_START .. _END */
 }
 
-uint64_t pv_l4_entry(void)
+uint64_t pv_l4_entry(int slot)
 {
     /* US here, the supervisor-only pages say so in their L1 entries. */
-    return frame_gpa(PVF_L3) | PTE_P | PTE_RW | PTE_US | PTE_A;
+    uint64_t flags = PTE_P | PTE_RW | PTE_US | PTE_A;
+    if (slot == PV_M2P_L4_SLOT)
+        return frame_gpa(PVF_M2P_L3) | flags;
+    if (slot == PV_AREA_L4_SLOT)
+        return frame_gpa(PVF_L3) | flags;
+    return 0;
 }
 
 int pv_in_area(uint64_t va)
@@ -89,9 +95,9 @@ static int pv_area_frame(uint64_t va)
 
 int pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user)
 {
-    uint64_t table = frame_gpa(PVF_L3), e = 0;
+    uint64_t table = pv_l4_entry((int)((va >> 39) & 511)) & 0x000ffffffffff000ULL, e = 0;
 
-    if (!d->pv_region || ((va >> 39) & 511) != PV_L4_SLOT)
+    if (!d->pv_region || (va >> 48) != 0xffff || !table)
         return -1;
     *user = 1;
     for (int level = 3; level >= 1; level--) {
@@ -139,7 +145,7 @@ static void build_tables(struct hv_domain *d, uint64_t frames)
     uint64_t *m2p = frame_of(d, first_page);
 
     /* the M2P: read-only, readable from ring 3, the identity */
-    frame_of(d, PVF_L3)[(MACH2PHYS_VIRT_START >> 30) & 511] = frame_gpa(PVF_M2P_L2) | upper;
+    frame_of(d, PVF_M2P_L3)[(MACH2PHYS_VIRT_START >> 30) & 511] = frame_gpa(PVF_M2P_L2) | upper;
     for (uint64_t i = 0; i < l1s; i++)
         frame_of(d, PVF_M2P_L2)[i] = frame_gpa((int)(PVF_NR + i)) | upper;
     for (uint64_t p = 0; p < m2p_pages(frames); p++)

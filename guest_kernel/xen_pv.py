@@ -367,7 +367,7 @@ def event_handler(g: XenPVGuest) -> None:
 
 
 # The hypervisor's area (cext/pv_cpu.h PV_AREA_VA): the GDT's first page.
-PV_AREA_VA = 0xffff804000000000
+PV_AREA_VA = 0xffff878000000000
 
 
 def region_guest() -> GuestImage:
