@@ -190,6 +190,10 @@ def cpu_model_guest() -> GuestImage:
     a.movzx(eax, byte[rcx + UPCALL_MASK])
     g.report("boot_upcall_mask")
     g.map_shared_info()
+    g.struct("features", "xen_feature_info", submap_idx=0)
+    g.call("get_features", "xen_version", C.XENVER_get_features, "features")
+    a.mov(eax, dword[rip_("features", 4)])
+    g.report("features_submap_0")
 
     # forced-emulation cpuid: Xen's leaves
     for leaf in (0, 1, 2):
