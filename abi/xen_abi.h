@@ -611,6 +611,74 @@ struct multicall_entry {
     uint64_t args[6];
 };
 
+
+/* ---- the x86-64 PV CPU model (XEN-ABI-FACTS §18-§21) ----------------------------- */
+/* Flat selectors of a 64-bit PV guest; kernel and user alike run in ring 3. The
+ * descriptors live in the hypervisor's reserved GDT page (entries from 0xe000 up). */
+#define FLAT_RING3_CS32      0xe023
+#define FLAT_RING3_SS64      0xe02b
+#define FLAT_RING3_CS64      0xe033
+#define FLAT_KERNEL_CS       0xe033
+#define FLAT_KERNEL_SS       0xe02b
+#define FIRST_RESERVED_GDT_PAGE   14
+#define FIRST_RESERVED_GDT_ENTRY  7168
+/* The read-only machine-to-phys table: L4 slot 256, the start of Xen's reserved range. */
+#define HYPERVISOR_VIRT_START   0xffff800000000000
+#define HYPERVISOR_VIRT_END     0xffff880000000000
+#define MACH2PHYS_VIRT_START    0xffff800000000000
+#define MACH2PHYS_VIRT_END      0xffff804000000000
+
+/* set_trap_table: one virtual IDT entry; a zero address ends the list. */
+struct trap_info {
+    uint8_t  vector;
+    uint8_t  flags;         /* bits 0-1: the DPL `int n` needs; bit 2: mask events */
+    uint16_t cs;            /* unused by 64-bit guests */
+    uint32_t _pad;
+    uint64_t address;
+};
+#define TI_DPL_MASK          3
+#define TI_MASK_EVENTS       4
+
+/* callback_op (30) */
+#define CALLBACKOP_register          0
+#define CALLBACKOP_unregister        1
+#define CALLBACKTYPE_event           0
+#define CALLBACKTYPE_failsafe        1
+#define CALLBACKTYPE_syscall         2
+#define CALLBACKTYPE_sysenter_deprecated 3
+#define CALLBACKTYPE_nmi             4
+#define CALLBACKTYPE_sysenter        5
+#define CALLBACKTYPE_syscall32       7
+#define CALLBACKF_mask_events        1
+
+struct callback_register {
+    uint16_t type;
+    uint16_t flags;
+    uint32_t _pad;
+    uint64_t address;
+};
+
+struct callback_unregister {
+    uint16_t type;
+    uint16_t _pad;
+};
+
+/* iret (23): what the guest pushed before its syscall, lowest address first. */
+struct iret_context {
+    uint64_t rax, r11, rcx, flags, rip, cs, rflags, rsp, ss;
+};
+#define VGCF_in_syscall      0x100
+
+/* update_va_mapping (14) flags: bits 0-1 the flush, the rest whose TLBs */
+#define UVMF_NONE            0
+#define UVMF_TLB_FLUSH       1
+#define UVMF_INVLPG          2
+#define UVMF_FLUSHTYPE_MASK  3
+#define UVMF_LOCAL           0
+#define UVMF_ALL             4
+/* The hypercall the forced-emulation prefix (ud2; .ascii "xen") may precede: cpuid. */
+#define XEN_CPUID_BASE       0x40000000
+
 /* cdef-end */
 
 #endif /* TRAPLESS_XEN_ABI_H */

@@ -277,6 +277,8 @@ static int interrupts_on(struct bt_vcpu *b)
 /* An interrupt is waiting and the guest can take it now. */
 static int deliverable(struct bt_vcpu *b)
 {
+    if (b->v->dom->pv_model == HV_PV_XEN)
+        return pv_upcall_due(b->v);
     return hv_interrupt_due(b->v, NULL) && interrupts_on(b);
 }
 
@@ -303,9 +305,14 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
             s->kind = BT_PLAIN;
             return;
         }
-        s->kind = in.kind == BT_PORT_IO ? BT_PLAIN : in.kind;
+        s->kind = in.kind == BT_PORT_IO && b->v->dom->pv_model != HV_PV_XEN ? BT_PLAIN : in.kind;
         s->len = in.len;
         memcpy(s->bytes, code, in.len);
+    }
+    if (s->kind != BT_PLAIN && b->v->dom->pv_model == HV_PV_XEN) {
+        b->stopped_at = s;      /* ring 3: the PV model decides (bt_pv_site) */
+        bt_uc.emu_stop(uc);
+        return;
     }
     switch (s->kind) {
     case BT_PLAIN:
@@ -372,7 +379,9 @@ static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
         struct bt_insn in;
         if (bt_decode(buf + off, avail - (int)off, &in) < 0)
             break;              /* TCG will meet it too, and raise #UD */
-        if (in.kind != BT_PLAIN && in.kind != BT_PORT_IO && !site_at(b, pc + off) &&
+        /* in ring 3 (Xen's PV model) port I/O is sensitive too: it faults */
+        int io_site = in.kind == BT_PORT_IO && b->v->dom->pv_model == HV_PV_XEN;
+        if (in.kind != BT_PLAIN && (in.kind != BT_PORT_IO || io_site) && !site_at(b, pc + off) &&
             add_site(b, pc + off, &in, buf + off) == 0)
             added++;
         off += in.len;
@@ -657,6 +666,19 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         map_ram(b, d->pt_pool_start, d->pt_pool_end, UC_PROT_READ | UC_PROT_EXEC, err, err_len) < 0 ||
         map_ram(b, d->pt_pool_end, d->ram_bytes, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, err, err_len) < 0)
         goto fail;
+    if (d->pv_region) {
+        /* the hypervisor's region (read-only) and `syscall` for Xen's PV model */
+        if ((e = bt_uc.mem_map_ptr(b->uc, PV_REGION_GPA, d->pv_region_bytes, UC_PROT_READ,
+                                   d->pv_region)) != UC_ERR_OK) {
+            uc_fail(err, err_len, "cannot map the hypervisor region", e);
+            goto fail;
+        }
+        if ((e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)bt_pv_on_syscall, b, 1, 0,
+                                UC_X86_INS_SYSCALL)) != UC_ERR_OK) {
+            uc_fail(err, err_len, "cannot add the syscall hook", e);
+            goto fail;
+        }
+    }
 
     struct { int type; void *cb; int insn; } hooks[] = {
         { UC_HOOK_INSN, (void *)on_in, UC_X86_INS_IN },
@@ -741,6 +763,8 @@ static int bt_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, 
         bt_uc.reg_write(b->uc, UC_X86_REG_FPCW, &fcw);
         bt_uc.reg_write(b->uc, UC_X86_REG_MXCSR, &mxcsr);
     }
+    if (v->dom->pv_model == HV_PV_XEN && bt_pv_boot(b, bs, err, err_len) < 0)
+        return -1;
     /* The very first block has no predecessor, so no edge hook sees it: hook the
      * sensitive instructions near the entry point before anything is translated. */
     scan(b, bs->rip, 4096);
@@ -757,6 +781,8 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
     struct hv_counters *c = &v->dom->counters;
     uint64_t rip = s->addr, rflags = bt_reg(b, UC_X86_REG_RFLAGS), rsp = bt_reg(b, UC_X86_REG_RSP);
 
+    if (v->dom->pv_model == HV_PV_XEN)
+        return bt_pv_site(b, s, stop);
     switch (s->kind) {
     case BT_HLT:
         c->exits[HV_EXIT_HLT]++;
@@ -877,13 +903,19 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
             continue;           /* the state changed: look again */
         }
         hv_events_flush(v);     /* events other threads raised: the guest is stopped */
+        if (b->syscall_pending) {
+            b->syscall_pending = 0;
+            if (bt_pv_syscall(b, stop) < 0)
+                return stop->reason;
+            continue;
+        }
         if (b->exception.vector >= 0) {
             struct bt_event ev = b->exception;
             b->exception.vector = -1;
-            if (bt_deliver(b, &ev, stop) < 0)
+            if ((d->pv_model == HV_PV_XEN ? bt_pv_exception(b, &ev, stop) : bt_deliver(b, &ev, stop)) < 0)
                 return stop->reason;
         }
-        if (deliver_interrupt(b, stop) < 0)
+        if ((d->pv_model == HV_PV_XEN ? bt_pv_events(b, stop) : deliver_interrupt(b, stop)) < 0)
             return stop->reason;
 
         /* A kick that came while we were outside the emulator is counted here, as
@@ -928,6 +960,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         /* A stop nobody asked for: TCG ran a hlt we had no hook on yet, or QEMU's own
          * exception latch turned a fault into a silent halt. */
         if (!b->stopped_at && b->exception.vector < 0 && !b->fatal && !b->retranslate_end &&
+            !b->syscall_pending &&
             !kicked && !__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE) &&
             !__atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) &&
             !__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE) && !deliverable(b)) {

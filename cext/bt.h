@@ -68,7 +68,7 @@ enum {                              /* uc_x86_reg (the ones we use) */
     UC_X86_REG_FS_BASE = 250, UC_X86_REG_GS_BASE = 251, UC_X86_REG_RFLAGS = 253,
 };
 
-enum { UC_X86_INS_IN = 218, UC_X86_INS_OUT = 500 };
+enum { UC_X86_INS_IN = 218, UC_X86_INS_OUT = 500, UC_X86_INS_SYSCALL = 699 };
 
 /* uc_ctl commands: type | (number of arguments << 26) | (1 << 30) for a write. */
 #define BT_UC_CTL_WRITE(type, nargs) ((int)((type) | ((nargs) << 26) | (1 << 30)))
@@ -199,6 +199,7 @@ struct bt_vcpu {
     struct bt_site *skip_once;      /* let this one run as it is, once */
     uint64_t retranslate_start, retranslate_end;    /* drop these blocks: new hooks */
     struct bt_event exception;      /* raised by the emulated instruction */
+    int syscall_pending;            /* Xen's PV model: the guest ran `syscall` (bt_pv.c) */
     int fatal;                      /* stop the domain with fatal_stop */
     struct hv_stop fatal_stop;
 
@@ -222,6 +223,14 @@ void bt_set_reg(struct bt_vcpu *b, int regid, uint64_t value);
 int  bt_deliver(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
 /* The #PF for the access the TLB fill refused last (cr2, error code). */
 void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
+
+/* bt_pv.c: Xen's PV CPU model on this engine. Each returns 0, or -1 with stop filled. */
+int  bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len);
+void bt_pv_on_syscall(uc_engine *uc, void *user);
+int  bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop);
+int  bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
+int  bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop);
+int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);
 
 #define RFLAGS_TF (1ULL << 8)
 #define RFLAGS_IF (1ULL << 9)

@@ -66,10 +66,20 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
 {
     struct hv_domain *d = b->v->dom;
     uint64_t cr0 = bt_reg(b, UC_X86_REG_CR0), table, entry = 0;
-    int user = (bt_reg(b, UC_X86_REG_CS) & 3) == 3;
+    /* Xen's PV model: the guest kernel is in ring 3 too (Unicorn runs it in ring 0) */
+    int user = (bt_reg(b, UC_X86_REG_CS) & 3) == 3 || d->pv_model == HV_PV_XEN;
     int writable = 1, executable = 1, user_ok = 1, nx;
 
     *present = 0;
+    if (d->pv_region && pv_xen_l4_slot((int)((va >> 39) & 511)) && (va >> 48) == 0xffff) {
+        /* the hypervisor's slots, read-only: the M2P, and the GDT Unicorn reads itself */
+        int ring3;
+        if (pv_region_walk(d, va, gpa, &ring3) < 0)
+            return -1;
+        *present = 1;
+        *perms = UC_PROT_READ;
+        return access == UC_MEM_READ ? 0 : -1;
+    }
     if (!(cr0 & CR0_PG)) {
         *gpa = va & ~(HV_PAGE_SIZE - 1);
         *perms = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC;

@@ -138,7 +138,9 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
         return NULL;
     }
     d->engine = engines[cfg->engine];
-    if (d->engine->create_vm(d, err, err_len) < 0) {
+    if (pv_domain_init(d, cfg->pv_model, err, err_len) < 0 ||   /* before the engine maps it */
+        d->engine->create_vm(d, err, err_len) < 0) {
+        pv_domain_destroy(d);
         munmap(d->ram, d->ram_bytes);
         budget_give_back(d->ram_bytes);
         free(d);
@@ -170,6 +172,7 @@ void hv_domain_destroy(struct hv_domain *d)
     d->engine->destroy_vm(d);
     hv_console_close(d);                /* never started: the stream ends here */
     hv_mm_destroy(d);
+    pv_domain_destroy(d);
     munmap(d->ram, d->ram_bytes);
     budget_give_back(d->ram_bytes);
     pthread_mutex_destroy(&d->console_lock);

@@ -12,6 +12,7 @@
 #include "hv_api.h"
 #include "mm.h"
 #include "devices.h"
+#include "pv_cpu.h"
 
 #define HV_PAGE_SIZE   4096ULL
 #define HV_PAGE_SHIFT  12
@@ -19,6 +20,8 @@
 #define HV_CONSOLE_IN  4096         /* console input ring, bytes (power of two) */
 #define HV_DEFAULT_MAX_PORTS 1024   /* event channel ports per domain unless configured */
 #define HV_NO_DEADLINE (~0ULL)
+#define TRAPLESS_XEN_MAJOR 4           /* the Xen version trapless answers as */
+#define TRAPLESS_XEN_MINOR 19
 
 /* The arguments of one hypercall, in Xen's x86-64 convention. */
 struct hv_hcall {
@@ -149,6 +152,12 @@ struct hv_domain {
     /* device models of native guests (devices.c); NULL when the domain has none */
     struct hv_devices *devices;
 
+    /* the PV CPU model (pv_cpu.h): HV_PV_XEN runs the kernel in ring 3 under the
+     * hypervisor's region of descriptor tables; HV_PV_RING0 is the legacy model */
+    int pv_model;
+    uint8_t *pv_region;             /* pv_region_bytes at PV_REGION_GPA; NULL for ring 0 */
+    uint64_t pv_region_bytes;
+
     const struct hv_engine_impl *engine;
     void *engine_priv;              /* engine-specific per-domain state (not kvm's) */
     int kvm_vm_fd;
@@ -198,6 +207,7 @@ struct hv_vcpu {
     pthread_cond_t done_cond;       /* sched_state became HV_SCHED_DONE */
 
     uint64_t vcpu_info_gpa;         /* HV_NO_PAGE: the slot in shared_info */
+    struct pv_vcpu pv;              /* Xen PV CPU state (pv_traps.c); unused in ring-0 PV */
     uint32_t virq_to_port[NR_VIRQS];
     struct hv_vcpu_timers timers;
 
@@ -226,6 +236,7 @@ int64_t do_memory_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_mmu_update(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_multicall(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_update_va_mapping(struct hv_vcpu *v, const struct hv_hcall *h);
 
 void hv_domain_shutdown(struct hv_domain *d, int reason);
 void hv_console_close(struct hv_domain *d);     /* end the console stream (once) */

@@ -26,6 +26,7 @@ enum hv_exit_reason {
     HV_EXIT_FAIL_ENTRY,
     HV_EXIT_OTHER,
     HV_EXIT_PRIV_INSN,      /* bt: a privileged instruction translated into VMM code */
+    HV_EXIT_EXCEPTION,      /* Xen PV model: an exception the hypervisor handled or bounced */
     HV_EXIT_NR
 };
 
@@ -85,6 +86,7 @@ struct hv_domain_config {
                              * good (or when it is destroyed): the reader sees EOF. */
     uint8_t  handle[16];    /* the domain's UUID (XENVER_guest_handle) */
     uint32_t max_evtchn_ports; /* 0 = the default (1024) */
+    int      pv_model;      /* 0: legacy ring-0 PV kernel, 1: Xen's PV CPU model (pv_cpu.h) */
 };
 
 /* One traced hypercall (the domain keeps the last HV_TRACE_ENTRIES). */
@@ -152,6 +154,9 @@ int      hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len);
 /* After hv_mm_init: only frames below `populated` start populated (memory < maxmem). */
 int      hv_mm_set_reservation(struct hv_domain *d, uint64_t populated, char *err, int err_len);
 int      hv_mm_audit(struct hv_domain *d, char *err, int err_len);
+/* Xen's PV model: shared_info lives at this frame from the start (start_info names it):
+ * 0, or -1 if the frame is not one the guest may use. */
+int      hv_domain_place_shared_info(struct hv_domain *d, uint64_t gpfn);
 /* Pages of guest RAM resident in host memory (mincore); ~0 on failure. */
 uint64_t hv_domain_resident_pages(struct hv_domain *d);
 

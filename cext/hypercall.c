@@ -12,6 +12,7 @@ typedef int64_t (*hv_handler)(struct hv_vcpu *v, const struct hv_hcall *h);
 
 static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
     [__HYPERVISOR_mmu_update]  = do_mmu_update,
+    [__HYPERVISOR_update_va_mapping] = do_update_va_mapping,
     [__HYPERVISOR_memory_op]   = do_memory_op,
     [__HYPERVISOR_multicall]   = do_multicall,
     [__HYPERVISOR_set_timer_op] = do_set_timer_op,
@@ -22,6 +23,13 @@ static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
     [__HYPERVISOR_sched_op]    = do_sched_op,
     [__HYPERVISOR_event_channel_op] = do_event_channel_op,
     [__HYPERVISOR_hvm_op]      = do_hvm_op,
+    /* the PV CPU model (pv_traps.c); iret is taken before this table (pv_syscall) */
+    [__HYPERVISOR_set_trap_table] = do_set_trap_table,
+    [__HYPERVISOR_set_gdt]     = do_set_gdt,
+    [__HYPERVISOR_update_descriptor] = do_update_descriptor,
+    [__HYPERVISOR_stack_switch] = do_stack_switch,
+    [__HYPERVISOR_set_callbacks] = do_set_callbacks,
+    [__HYPERVISOR_callback_op] = do_callback_op,
 };
 
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h)

@@ -4,8 +4,16 @@
  * One KVM VM per domain, no in-kernel irqchip; the scheduler's workers (vcpu.c) run
  * KVM_RUN for a vCPU until it stops or parks.
  * Registers come out through KVM_CAP_SYNC_REGS and the result goes back as the data of
- * the stub's `in`, so a hypercall costs one exit and no extra ioctl or register set. Page-table frames sit in a read-only memslot: the guest reads them,
- * only the hypervisor writes them.
+ * the stub's `in`, so a hypercall costs one exit and no extra ioctl or register set.
+ * Page-table frames sit in a read-only memslot: the guest reads them, only the
+ * hypervisor writes them.
+ *
+ * A domain of Xen's PV CPU model (pv_cpu.h) runs its kernel in ring 3 under the
+ * hypervisor's GDT, IDT and TSS (a fourth memslot). It reaches us two ways, both an
+ * `out` (PVM-HOST.md): an exception enters a ring-0 stub that exits on PV_TRAP_PORT
+ * and then irets through the frame we may have rewritten; `syscall` lands on a
+ * user-readable page that exits on PV_SYSCALL_PORT, and we set the registers it
+ * returns with. The model itself (pv_traps.c) decides what each means.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -13,6 +21,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,15 +95,15 @@ static int kvm_available(char *why, int why_len)
     return 1;
 }
 
-static int set_slot(struct hv_domain *d, uint32_t slot, uint64_t start, uint64_t end,
-                    uint32_t flags, char *err, int err_len)
+static int map_slot(struct hv_domain *d, uint32_t slot, uint64_t start, uint64_t end,
+                    uint32_t flags, void *host, char *err, int err_len)
 {
     struct kvm_userspace_memory_region r = {
         .slot = slot,
         .flags = flags,
         .guest_phys_addr = start,
         .memory_size = end - start,
-        .userspace_addr = (uint64_t)(uintptr_t)(d->ram + start),
+        .userspace_addr = (uint64_t)(uintptr_t)host,
     };
     if (start == end)
         return 0;
@@ -104,6 +113,12 @@ static int set_slot(struct hv_domain *d, uint32_t slot, uint64_t start, uint64_t
         return -1;
     }
     return 0;
+}
+
+static int set_slot(struct hv_domain *d, uint32_t slot, uint64_t start, uint64_t end,
+                    uint32_t flags, char *err, int err_len)
+{
+    return map_slot(d, slot, start, end, flags, d->ram + start, err, err_len);
 }
 
 static int kvm_create_vm(struct hv_domain *d, char *err, int err_len)
@@ -123,6 +138,10 @@ static int kvm_create_vm(struct hv_domain *d, char *err, int err_len)
     if (set_slot(d, 0, 0, d->pt_pool_start, 0, err, err_len) < 0 ||
         set_slot(d, 1, d->pt_pool_start, d->pt_pool_end, KVM_MEM_READONLY, err, err_len) < 0 ||
         set_slot(d, 2, d->pt_pool_end, d->ram_bytes, 0, err, err_len) < 0)
+        goto fail;
+    /* The hypervisor's region; the guest reaches it only through our mappings. */
+    if (d->pv_region && map_slot(d, 3, PV_REGION_GPA, PV_REGION_GPA + d->pv_region_bytes, 0,
+                                 d->pv_region, err, err_len) < 0)
         goto fail;
     return 0;
 fail:
@@ -206,18 +225,25 @@ static int kvm_flush_tlb(struct hv_vcpu *v)
     return apply_sregs(v, 0, 0, 1);
 }
 
-/* Complete the pending `in` without entering the guest (immediate_exit), then change
- * the registers the hypercall asked for. */
-static int apply_pending(struct hv_vcpu *v)
+/* Complete the pending port I/O without entering the guest (immediate_exit). */
+static int complete_io(struct hv_vcpu *v)
 {
-    int set_cr3 = pending_set_cr3, flush = pending_flush, rc;
-    pending_set_cr3 = pending_flush = 0;
-    if (!set_cr3 && !flush)
-        return 0;
+    int rc;
     __atomic_store_n(&v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
     rc = ioctl(v->fd, KVM_RUN, 0);
     __atomic_store_n(&v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
-    if (rc == 0 || (errno != EINTR && errno != EAGAIN))
+    return rc == 0 || (errno != EINTR && errno != EAGAIN) ? -1 : 0;
+}
+
+/* Complete the pending I/O (unless `completed`), then change the registers the
+ * hypercall asked for. */
+static int apply_pending(struct hv_vcpu *v, int completed)
+{
+    int set_cr3 = pending_set_cr3, flush = pending_flush;
+    pending_set_cr3 = pending_flush = 0;
+    if (!set_cr3 && !flush)
+        return 0;
+    if (!completed && complete_io(v) < 0)
         return -1;
     return apply_sregs(v, set_cr3, pending_cr3, flush);
 }
@@ -304,7 +330,9 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         close(v->fd);
         return -1;
     }
-    v->run->kvm_valid_regs = KVM_SYNC_X86_REGS;
+    /* Xen's model also needs cr2, cr3 and the segments at every exit */
+    v->run->kvm_valid_regs = KVM_SYNC_X86_REGS |
+                             (v->dom->pv_model == HV_PV_XEN ? KVM_SYNC_X86_SREGS : 0);
     if (set_cpuid(v, err, err_len) < 0 || pvclock_setup(v, err, err_len) < 0) {
         munmap(v->run, v->run_size);
         v->run = NULL;
@@ -335,11 +363,56 @@ static void flat_segment(struct kvm_segment *s, uint16_t selector, int code)
     s->g = 1;
 }
 
+/* Xen's model: ring 3 on Xen's flat selectors, the hypervisor's GDT, IDT and TSS, and
+ * syscall aimed at the landing page. */
+static int pv_boot_sregs(struct hv_vcpu *v, struct kvm_sregs *sregs, char *err, int err_len)
+{
+    struct {
+        struct kvm_msrs hdr;
+        struct kvm_msr_entry e[3];
+    } msrs = {
+        .hdr.nmsrs = 3,
+        .e = {
+            /* STAR names Xen's selectors; this host keeps ring 3 on syscall anyway */
+            { .index = 0xc0000081, .data = (uint64_t)FLAT_RING3_CS32 << 48 | (uint64_t)PV_HYPER_CS << 32 },
+            { .index = 0xc0000082, .data = PV_LANDING_VA },             /* LSTAR */
+            { .index = 0xc0000084, .data = 0x44500 },   /* SFMASK: TF DF NT AC; IF stays */
+        },
+    };
+    flat_segment(&sregs->cs, FLAT_KERNEL_CS, 1);
+    sregs->cs.dpl = 3;
+    flat_segment(&sregs->ss, FLAT_KERNEL_SS, 0);
+    sregs->ss.dpl = 3;
+    /* DS, ES, FS, GS start null, as Xen starts them */
+    flat_segment(&sregs->ds, 0, 0);
+    sregs->ds.dpl = 3;
+    sregs->ds.present = 0;
+    sregs->ds.unusable = 1;
+    sregs->es = sregs->fs = sregs->gs = sregs->ds;
+    memset(&sregs->tr, 0, sizeof(sregs->tr));
+    sregs->tr.selector = PV_TSS_SEL;
+    sregs->tr.base = PV_TSS_VA;
+    sregs->tr.limit = PV_TSS_LIMIT;
+    sregs->tr.type = 0xb;
+    sregs->tr.present = 1;
+    sregs->gdt.base = PV_GDT_VA;
+    sregs->gdt.limit = PV_GDT_LIMIT;
+    sregs->idt.base = PV_IDT_VA;
+    sregs->idt.limit = 256 * 16 - 1;
+    sregs->efer |= 1;               /* SCE */
+    if (ioctl(v->fd, KVM_SET_MSRS, &msrs) != 3) {
+        hv_set_error(err, err_len, "KVM_SET_MSRS (syscall MSRs): %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 static int kvm_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len)
 {
     struct kvm_sregs sregs;
     struct kvm_regs regs;
     struct kvm_fpu fpu;
+    int xen = v->dom->pv_model == HV_PV_XEN;
 
     if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0) {
         hv_set_error(err, err_len, "KVM_GET_SREGS: %s", strerror(errno));
@@ -363,6 +436,8 @@ static int kvm_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs,
     sregs.cr3 = bs->cr3;
     sregs.cr4 = 0x620;              /* OSXMMEXCPT OSFXSR PAE */
     sregs.efer = 0xd00;             /* NXE LMA LME */
+    if (xen && pv_boot_sregs(v, &sregs, err, err_len) < 0)
+        return -1;
     if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0) {
         hv_set_error(err, err_len, "KVM_SET_SREGS: %s", strerror(errno));
         return -1;
@@ -371,7 +446,10 @@ static int kvm_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs,
     regs.rip = bs->rip;
     regs.rsp = bs->rsp;
     regs.rsi = bs->rsi;
-    regs.rflags = 0x2;              /* interrupts off until the guest is ready */
+    /* ring 0: interrupts off until the guest is ready; Xen's: IF on, events masked */
+    regs.rflags = xen ? 0x202 : 0x2;
+    if (xen)
+        pv_vcpu_boot(v, bs->rsp);
     if (ioctl(v->fd, KVM_SET_REGS, &regs) < 0) {
         hv_set_error(err, err_len, "KVM_SET_REGS: %s", strerror(errno));
         return -1;
@@ -421,6 +499,167 @@ static void port_io(struct hv_vcpu *v, struct kvm_run *run)
     }
 }
 
+/* ---- Xen's PV CPU model: its two exits, and events before each entry ---- */
+
+static void pv_regs_from_run(struct hv_vcpu *v, struct pv_regs *r)
+{
+    const struct kvm_sync_regs *s = &v->run->s.regs;
+    memcpy(r, &s->regs, 18 * sizeof(uint64_t));     /* pv_regs starts in kvm_regs' order */
+    r->cs = s->sregs.cs.selector;
+    r->ss = s->sregs.ss.selector;
+    r->gs_base = s->sregs.gs.base;
+}
+
+/* Hand the registers back through sync regs. Inside an exception stub rsp, rip and
+ * rflags are the stub's: the guest's go into the iret frame instead. */
+static int pv_regs_to_run(struct hv_vcpu *v, const struct pv_regs *r, int in_stub, uint64_t old_gs)
+{
+    struct kvm_regs *kr = &v->run->s.regs.regs;
+    uint64_t rsp = kr->rsp, rip = kr->rip, rflags = kr->rflags;
+
+    memcpy(kr, r, 18 * sizeof(uint64_t));
+    if (in_stub) {
+        kr->rsp = rsp;
+        kr->rip = rip;
+        kr->rflags = rflags;
+    }
+    v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+    if (r->gs_base != old_gs) {         /* a mode switch swapped the GS bases */
+        struct kvm_sregs sregs;
+        if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+            return -1;
+        sregs.gs.base = r->gs_base;
+        if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Only rax (which the stub pops) and the iret frame changed: the stub resumes the
+ * guest without a register write. */
+static int only_rax_changed(const struct pv_regs *a, const struct pv_regs *b)
+{
+    return !memcmp(&a->rbx, &b->rbx, offsetof(struct pv_regs, rip) - offsetof(struct pv_regs, rbx)) &&
+           a->gs_base == b->gs_base;
+}
+
+/* An exit on PV_TRAP_PORT (an exception stub) or PV_SYSCALL_PORT (the landing page).
+ * 0 to run on, or -1 with stop filled. */
+static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    struct hv_domain *d = v->dom;
+    struct kvm_run *run = v->run;
+    uint64_t rip = run->s.regs.regs.rip, sp = run->s.regs.regs.rsp, *frame = NULL, *saved_rax = NULL;
+    uint64_t old_gs;
+    struct pv_regs r, before;
+    int rc;
+
+    pv_regs_from_run(v, &r);
+    old_gs = r.gs_base;
+    in_exit = 1;
+    if (run->io.port == PV_TRAP_PORT) {
+        int vector = (int)((rip - PV_STUBS_VA) / PV_STUB_SIZE), with_error;
+        uint32_t error;
+        if (rip < PV_STUBS_VA || vector >= 32 || sp < PV_STACK_VA ||
+            sp + (6 + (uint64_t)pv_has_error_code(vector)) * 8 > PV_STACK_TOP) {
+            in_exit = 0;
+            hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_IO, rip,
+                         "exit on the trap port outside an exception stub");
+            return -1;
+        }
+        /* the stub's saved rax, then the CPU's frame: [error], rip, cs, rflags, rsp, ss */
+        saved_rax = (uint64_t *)(d->pv_region + PVF_STACK * HV_PAGE_SIZE + (sp - PV_STACK_VA));
+        r.rax = *saved_rax;
+        frame = saved_rax + 1;
+        with_error = pv_has_error_code(vector);
+        error = with_error ? (uint32_t)frame[0] : 0;
+        frame += with_error;
+        r.rip = frame[0];
+        r.cs = frame[1];
+        r.rflags = frame[2];
+        r.rsp = frame[3];
+        r.ss = frame[4];
+        before = r;
+        if (vector == 14 && r.rip == PV_LANDING_VA && run->s.regs.sregs.cr2 == PV_LANDING_VA) {
+            /* `syscall` on a host that cannot fetch the landing page from ring 3
+             * (KVM-PVM refuses ring 3 in L4 slot 256): the #PF at LSTAR is the syscall */
+            d->counters.exits[HV_EXIT_HYPERCALL]++;
+            rc = pv_syscall(v, &r, stop);
+        } else {
+            d->counters.exits[HV_EXIT_EXCEPTION]++;
+            rc = pv_exception(v, &r, vector, error, run->s.regs.sregs.cr2, stop);
+        }
+    } else if (rip >= PV_LANDING_VA && rip <= PV_LANDING_VA + 2) {
+        before = r;
+        d->counters.exits[HV_EXIT_HYPERCALL]++;
+        rc = pv_syscall(v, &r, stop);
+    } else {
+        /* The I/O bitmap opens this port to ring 3 for the landing page; an `out` to
+         * it from anywhere else is the #GP Xen would raise for a denied port. */
+        r.rip = rip - 2;
+        before = r;
+        d->counters.exits[HV_EXIT_EXCEPTION]++;
+        rc = pv_exception(v, &r, 13, 0, 0, stop);
+    }
+    /* Xen delivers pending events on every way back to the guest */
+    if (rc == 0)
+        rc = pv_deliver_events(v, &r, stop);
+    in_exit = 0;
+    if (rc < 0)
+        return -1;
+    if (frame) {
+        *saved_rax = r.rax;
+        frame[0] = r.rip;
+        frame[1] = r.cs | 3;
+        frame[2] = r.rflags;
+        frame[3] = r.rsp;
+        frame[4] = r.ss | 3;
+        /* the common case (a hypercall, a bounce): the stub does the rest */
+        if (only_rax_changed(&r, &before) && !pending_set_cr3 && !pending_flush)
+            return 0;
+    }
+    /* The landing page's `out` ran natively in ring 3: KVM sees the new rip and drops
+     * the instruction's completion, so sync regs alone resume the guest. Anything that
+     * needs KVM_SET_SREGS (a page-table switch, a flush) completes the `out` first. */
+    if (!frame && !pending_set_cr3 && !pending_flush && r.gs_base == old_gs) {
+        memcpy(&run->s.regs.regs, &r, 18 * sizeof(uint64_t));
+        run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+        return 0;
+    }
+    if (complete_io(v) < 0 || apply_pending(v, 1) < 0) {
+        hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot complete a PV exit: %s",
+                     strerror(errno));
+        return -1;
+    }
+    if (pv_regs_to_run(v, &r, frame != NULL, old_gs) < 0) {
+        hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot set the vCPU's registers: %s",
+                     strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* An event upcall due while the guest runs its own code (not inside a stub or the
+ * landing page, which exit at once and deliver it themselves). */
+static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    struct pv_regs r;
+    uint64_t old_gs;
+
+    if (!v->cr3_valid || !pv_upcall_due(v) || pv_in_area(v->run->s.regs.regs.rip))
+        return 0;
+    pv_regs_from_run(v, &r);
+    old_gs = r.gs_base;
+    if (pv_deliver_events(v, &r, stop) < 0)
+        return -1;
+    if (pv_regs_to_run(v, &r, 0, old_gs) < 0) {
+        hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot set the vCPU's registers: %s",
+                     strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 /* Inject the next vector if the vCPU can take it now; otherwise ask KVM for an exit
  * as soon as it can (interrupt window). */
 static int deliver_interrupt(struct hv_vcpu *v)
@@ -464,11 +703,19 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
         if (hv_vcpu_must_park(v))
             return HV_STOP_PARKED;      /* the `in` of a blocking hypercall is completed
                                          * by the next KVM_RUN, from whichever worker */
-        if (deliver_interrupt(v) < 0)
+        if (d->pv_model == HV_PV_XEN) {
+            if (pv_events(v, stop) < 0)
+                return stop->reason;
+        } else if (deliver_interrupt(v) < 0) {
             return hv_stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
                              "KVM_INTERRUPT failed: %s", strerror(errno));
+        }
 
-        if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+        int rc = ioctl(v->fd, KVM_RUN, 0);
+        /* Xen's model reads cr3 from sync regs; the ring-0 one asks when it needs it */
+        v->cr3 = run->s.regs.sregs.cr3;
+        v->cr3_valid = d->pv_model == HV_PV_XEN;
+        if (rc < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 c->exits[HV_EXIT_INTR]++;
                 __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
@@ -477,15 +724,20 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             return hv_stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
                              "KVM_RUN failed: %s", strerror(errno));
         }
-        v->cr3_valid = 0;
         uint64_t rip = run->s.regs.regs.rip;
 
         switch (run->exit_reason) {
         case KVM_EXIT_IO:
+            if (d->pv_model == HV_PV_XEN &&
+                (run->io.port == PV_TRAP_PORT || run->io.port == PV_SYSCALL_PORT)) {
+                if (pv_port_exit(v, stop) < 0)
+                    return stop->reason;
+                break;
+            }
             in_exit = 1;
             port_io(v, run);
             in_exit = 0;
-            if (apply_pending(v) < 0)
+            if (apply_pending(v, 0) < 0)
                 return hv_stop_with(stop, HV_STOP_ERROR, errno, rip,
                                  "cannot switch or flush the vCPU's page tables: %s",
                                  strerror(errno));

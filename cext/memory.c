@@ -184,6 +184,11 @@ static int64_t place_shared_info(struct hv_domain *d, uint64_t idx, uint64_t gpf
     return 0;
 }
 
+int hv_domain_place_shared_info(struct hv_domain *d, uint64_t gpfn)
+{
+    return place_shared_info(d, 0, gpfn) < 0 ? -1 : 0;
+}
+
 static int64_t add_to_physmap(struct hv_vcpu *v, uint64_t start, uint64_t arg)
 {
     struct xen_add_to_physmap xatp;

@@ -40,6 +40,23 @@
 #define L1_ALLOWED     (UPPER_ALLOWED | PTE_G)
 
 #define ENTRIES 512
+#define PTE_KERNEL_PAGE (1ULL << 52)    /* Xen's mark on a kernel page it made user-visible */
+
+/* Under Xen's PV CPU model the guest kernel runs in ring 3, so every present entry
+ * must allow user access: Xen adds US (and marks L1 pages the guest left without it). */
+static uint64_t adjust_entry(const struct hv_domain *d, int level, uint64_t e)
+{
+    if (d->pv_model != HV_PV_XEN || !(e & PTE_P) || (e & PTE_US))
+        return e;
+    return e | PTE_US | (level == 1 ? PTE_KERNEL_PAGE : 0);
+}
+
+/* L4 slots 256-271 belong to the hypervisor in Xen's model: guest entries there are
+ * neither used nor counted; validation writes the hypervisor's own. */
+static int xen_slot(const struct hv_domain *d, int level, int index)
+{
+    return level == 4 && d->pv_model == HV_PV_XEN && pv_xen_l4_slot(index);
+}
 
 int hv_mm_in_pool(const struct hv_mm *mm, uint64_t mfn)
 {
@@ -91,7 +108,7 @@ static int take_entry(struct hv_domain *d, int level, uint64_t e)
     f = &mm->frames[mfn];
     if (!(f->flags & HV_FRAME_POPULATED))
         return -XEN_EBUSY;
-    if ((e & PTE_RW) && hv_mm_in_pool(mm, mfn))
+    if ((e & PTE_RW) && (hv_mm_in_pool(mm, mfn) || (f->flags & HV_FRAME_SEG_DESC)))
         return -XEN_EBUSY;
     f->map_count++;
     if (e & PTE_RW)
@@ -123,18 +140,25 @@ static int validate_table(struct hv_domain *d, uint64_t mfn, int level)
     uint64_t *t = table_of(d, mfn);
     uint64_t ad = level == 1 ? PTE_A | PTE_D : PTE_A;
     for (int i = 0; i < ENTRIES; i++) {
-        int rc = take_entry(d, level, t[i]);
+        int rc = xen_slot(d, level, i) ? 0 : take_entry(d, level, t[i]);
         if (rc) {
             while (i--)
-                drop_entry(d, level, t[i]);
+                if (!xen_slot(d, level, i))
+                    drop_entry(d, level, t[i]);
             return rc;
         }
     }
     /* Entries written before the table was in use may lack accessed/dirty; the CPU
      * must not be left to set them in a frame it cannot write. */
-    for (int i = 0; i < ENTRIES; i++)
-        if ((t[i] & PTE_P) && (t[i] & ad) != ad)
-            __atomic_store_n(&t[i], t[i] | ad, __ATOMIC_RELAXED);
+    for (int i = 0; i < ENTRIES; i++) {
+        uint64_t e = adjust_entry(d, level, t[i]);
+        if (xen_slot(d, level, i))
+            e = pv_l4_entry(i);
+        else if ((e & PTE_P) && (e & ad) != ad)
+            e |= ad;
+        if (e != t[i])
+            __atomic_store_n(&t[i], e, __ATOMIC_RELAXED);
+    }
     return 0;
 }
 
@@ -176,7 +200,8 @@ static void drop_table(struct hv_domain *d, uint64_t mfn)
         return;
     const uint64_t *t = table_of(d, mfn);
     for (int i = 0; i < ENTRIES; i++)
-        drop_entry(d, f->type, t[i]);
+        if (!xen_slot(d, f->type, i))
+            drop_entry(d, f->type, t[i]);
     f->type = HV_FT_NONE;
 }
 
@@ -204,6 +229,9 @@ static int update_entry(struct hv_domain *d, uint64_t ptr, uint64_t val)
         val |= PTE_A | PTE_D;
     /* A pool frame not in use as a table is checked when it comes into use. */
     if (f->type_count) {
+        if (xen_slot(d, f->type, (int)((ptr & (HV_PAGE_SIZE - 1)) / 8)))
+            return -XEN_EINVAL;         /* Xen's "L4 update in Xen-private area" */
+        val = adjust_entry(d, f->type, val);
         rc = take_entry(d, f->type, val);
         if (rc)
             return rc;
@@ -300,6 +328,24 @@ static int new_baseptr(struct hv_vcpu *v, uint64_t mfn)
     return 0;
 }
 
+/* The L4 Xen switches to for guest user mode (pv_traps.c); frame 0 clears it. */
+static int new_user_baseptr(struct hv_vcpu *v, uint64_t mfn)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t old = v->pv.user_l4;
+    int rc;
+
+    if (mfn) {
+        rc = take_table(d, mfn, HV_FT_L4);
+        if (rc)
+            return rc;
+    }
+    v->pv.user_l4 = mfn;
+    if (old)
+        drop_table(d, old);
+    return 0;
+}
+
 /* Frames the guest may write: populated RAM outside the pool. */
 static int writable_frame(struct hv_domain *d, uint64_t mfn)
 {
@@ -322,6 +368,10 @@ static int mmuext_one(struct hv_vcpu *v, const void *item)
         return unpin_table(d, op->arg1);
     case MMUEXT_NEW_BASEPTR:
         return new_baseptr(v, op->arg1);
+    case MMUEXT_NEW_USER_BASEPTR:
+        if (d->pv_model != HV_PV_XEN)
+            break;                      /* a ring-0 kernel has no user mode of Xen's */
+        return new_user_baseptr(v, op->arg1);
     case MMUEXT_TLB_FLUSH_MULTI:
     case MMUEXT_INVLPG_MULTI:
         /* arg2 points at a vCPU bitmap; Xen reads one word per 64 vCPUs. */
@@ -402,6 +452,48 @@ int64_t do_mmu_update(struct hv_vcpu *v, const struct hv_hcall *h)
 int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h)
 {
     return run_batch(v, h, sizeof(struct mmuext_op), mmuext_one);
+}
+
+/* ---- update_va_mapping ---- */
+
+/* update_va_mapping(va, val, flags): the L1 entry that maps va through the current
+ * page tables := val, validated as an MMU_NORMAL_PT_UPDATE; then the flush flags ask
+ * for. va must reach an L1 table (no superpage, not Xen's slots); a refused entry is
+ * -EINVAL, except a frame outside the domain's RAM (Xen: I/O), -EPERM. */
+int64_t do_update_va_mapping(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t va = h->a1, val = h->a2, flags = h->a3, table, mfn, mask;
+    int rc;
+
+    if (!d->mm.frames)
+        return -XEN_ENOSYS;
+    if (!hv_mm_range_ok(va, 1) || v->ops->get_cr3(v, &table) < 0)
+        return -XEN_EINVAL;
+    table &= PTE_ADDR;
+    for (int level = 4; level > 1; level--) {
+        unsigned idx = (unsigned)(va >> (12 + 9 * (level - 1))) & 511;
+        uint64_t e;
+        if (xen_slot(d, level, (int)idx) || !hv_gpa_valid(d, table + idx * 8, 8))
+            return -XEN_EINVAL;
+        e = table_of(d, table >> HV_PAGE_SHIFT)[idx];
+        if (!(e & PTE_P) || (e & (1ULL << 7)))     /* absent, or a superpage (PS) */
+            return -XEN_EINVAL;
+        table = e & PTE_ADDR;
+    }
+    mfn = table >> HV_PAGE_SHIFT;
+    if (mfn >= d->mm.nr_pages || d->mm.frames[mfn].type != HV_FT_L1)
+        return -XEN_EINVAL;
+    rc = update_entry(d, table + ((va >> 12) & 511) * 8, val);
+    if (rc)
+        return rc == -XEN_EPERM ? rc : -XEN_EINVAL;
+    if ((flags & UVMF_FLUSHTYPE_MASK) != UVMF_TLB_FLUSH && (flags & UVMF_FLUSHTYPE_MASK) != UVMF_INVLPG)
+        return 0;
+    /* anything above the flush type but UVMF_ALL is a pointer to a vCPU bitmap */
+    if ((flags & ~(uint64_t)UVMF_FLUSHTYPE_MASK) > UVMF_ALL &&
+        hv_copy_from_guest(v, &mask, flags & ~(uint64_t)UVMF_FLUSHTYPE_MASK, sizeof(mask)) < 0)
+        return -XEN_EFAULT;
+    return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
 }
 
 /* ---- set-up, tear-down, audit ---- */
@@ -503,6 +595,9 @@ int hv_mm_audit(struct hv_domain *d, char *err, int err_len)
     }
     if (mm->base_mfn != HV_NO_FRAME)
         type_refs[mm->base_mfn]++;
+    for (int i = 0; i < HV_MAX_VCPUS; i++)        /* user L4s hold a reference too */
+        if (d->vcpus[i] && d->vcpus[i]->pv.user_l4 && d->vcpus[i]->pv.user_l4 < n)
+            type_refs[d->vcpus[i]->pv.user_l4]++;
     for (uint64_t m = 0; m < n; m++) {
         const struct hv_frame *f = &mm->frames[m];
         if (f->flags & HV_FRAME_POPULATED)
@@ -514,7 +609,7 @@ int hv_mm_audit(struct hv_domain *d, char *err, int err_len)
         const uint64_t *t = table_of(d, m);
         for (int i = 0; i < ENTRIES; i++) {
             uint64_t e = t[i], c = (e & PTE_ADDR) >> HV_PAGE_SHIFT;
-            if (!(e & PTE_P))
+            if (!(e & PTE_P) || xen_slot(d, f->type, i))
                 continue;
             if (!(e & PTE_A) || (f->type == HV_FT_L1 && !(e & PTE_D)) ||
                 (e & ~(f->type == HV_FT_L1 ? L1_ALLOWED : UPPER_ALLOWED)) || c >= n) {
@@ -550,6 +645,8 @@ int hv_mm_audit(struct hv_domain *d, char *err, int err_len)
             bad = "page table outside the pool";
         else if (f->wmap_count && hv_mm_in_pool(mm, m))
             bad = "pool frame mapped writable";
+        else if (f->wmap_count && (f->flags & HV_FRAME_SEG_DESC))
+            bad = "GDT frame mapped writable";
         else if ((f->map_count || f->type_count) && !(f->flags & HV_FRAME_POPULATED))
             bad = "unpopulated frame in use";
         if (bad) {

@@ -26,6 +26,7 @@ enum hv_frame_type {
 
 #define HV_FRAME_POPULATED  0x01
 #define HV_FRAME_PINNED     0x02
+#define HV_FRAME_SEG_DESC   0x04        /* part of the vCPU's GDT (set_gdt): never writable */
 
 struct hv_frame {
     uint8_t  flags;                 /* HV_FRAME_* */

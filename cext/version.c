@@ -9,8 +9,6 @@
 
 #include "hv.h"
 
-#define TRAPLESS_XEN_MAJOR 4
-#define TRAPLESS_XEN_MINOR 19
 #define TRAPLESS_EXTRAVERSION ".0-trapless"
 #define TRAPLESS_CHANGESET "trapless walking skeleton"
 #define TRAPLESS_CAPABILITIES "xen-3.0-x86_64"
@@ -25,11 +23,15 @@ static int64_t copy_string(struct hv_vcpu *v, uint64_t arg, const char *s, size_
     return hv_copy_to_guest(v, arg, buf, size) < 0 ? -XEN_EFAULT : 0;
 }
 
-static uint32_t feature_submap(uint32_t idx)
+static uint32_t feature_submap(const struct hv_domain *d, uint32_t idx)
 {
     if (idx != 0)
         return 0;
-    /* The guest kernel runs in ring 0 of its own VM, and takes upcalls on a vector. */
+    /* Xen's PV CPU model: of what Xen gives a PV domU, what trapless has so far (Xen
+     * also sets gnttab_map_avail_bits and others that need grant tables). */
+    if (d->pv_model == HV_PV_XEN)
+        return 1u << XENFEAT_mmu_pt_update_preserve_ad;
+    /* A ring-0 PV kernel runs in ring 0 of its own VM, and takes upcalls on a vector. */
     return (1u << XENFEAT_supervisor_mode_kernel) | (1u << XENFEAT_hvm_callback_vector);
 }
 
@@ -65,7 +67,7 @@ int64_t do_xen_version(struct hv_vcpu *v, const struct hv_hcall *h)
             return -XEN_EFAULT;
         if (fi.submap_idx >= XENFEAT_NR_SUBMAPS)
             return -XEN_EINVAL;
-        fi.submap = feature_submap(fi.submap_idx);
+        fi.submap = feature_submap(v->dom, fi.submap_idx);
         return hv_copy_to_guest(v, arg, &fi, sizeof(fi)) < 0 ? -XEN_EFAULT : 0;
     }
     case XENVER_pagesize:

@@ -32,9 +32,10 @@ MAPPED_END = 0x40_0000
 class ConformanceGuest(PVProgram):
     """A PV program with reporting helpers."""
 
-    def __init__(self, name: str, events: bool = False):
-        """events=True: IDT, shared_info, upcall vector and PV clock are set up first."""
-        super().__init__(guest_os=f"trapless-conformance-{name}")
+    def __init__(self, name: str, events: bool = False, xen_pv: bool = False):
+        """events=True: IDT, shared_info, upcall vector and PV clock are set up first.
+        xen_pv: a guest for Xen's PV CPU model (guest_kernel/xen_pv.py)."""
+        super().__init__(guest_os=f"trapless-conformance-{name}", xen_pv=xen_pv)
         self.cases: dict[str, tuple[str, str]] = {}
         self._emit_report_helpers()
         if events:
@@ -155,7 +156,7 @@ class GuestImage(bytes):
 SUBOP_PREFIX = {
     "console_io": "CONSOLEIO_", "xen_version": "XENVER_", "sched_op": "SCHEDOP_",
     "event_channel_op": "EVTCHNOP_", "hvm_op": "HVMOP_", "vcpu_op": "VCPUOP_",
-    "memory_op": "XENMEM_", "mmuext_op": "MMUEXT_",
+    "memory_op": "XENMEM_", "mmuext_op": "MMUEXT_", "callback_op": "CALLBACKOP_",
 }
 
 

@@ -26,8 +26,12 @@ ARG_REGS = (rdi, rsi, rdx, r10, r8)  # Xen's x86-64 hypercall argument registers
 class PVProgram:
     """An Assembler plus the PV runtime. Emit code after `entry`, then call image()."""
 
-    def __init__(self, guest_os: str = "trapless-pv", base: int = LOAD_ADDRESS):
+    def __init__(self, guest_os: str = "trapless-pv", base: int = LOAD_ADDRESS,
+                 xen_pv: bool = False):
+        """xen_pv: a kernel for Xen's PV CPU model (ring 3, trap table, callbacks);
+        otherwise it declares it needs a ring-0 kernel (supervisor_mode_kernel)."""
         self.guest_os = guest_os
+        self.xen_pv = xen_pv
         self.a = a = Assembler(base=base)
         self._strings: dict[str, str] = {}
         a.section(".text")
@@ -177,6 +181,9 @@ class PVProgram:
         ]
         if "hypercall_page" in img.symbols:             # not in a native kernel's image
             notes.append((C.XEN_ELFNOTE_HYPERCALL_PAGE, img.symbols["hypercall_page"]))
+        if not self.xen_pv:
+            # Xen's libelf syntax: '!' = required. trapless runs such a kernel in ring 0.
+            notes.append((C.XEN_ELFNOTE_FEATURES, "!supervisor_mode_kernel"))
         return build_elf(img.sections, img.symbols, img.symbols["_start"], notes)
 
 

@@ -14,15 +14,37 @@ from .runtime import PVProgram
 UNCLAIMED_PORT = 0x80  # the POST-code port: no device model claims it
 
 
-def hypercall_loop(iterations: int) -> bytes:
-    """xen_version(XENVER_version) `iterations` times."""
-    p = PVProgram(guest_os="trapless-bench-hypercall")
+def hypercall_loop(iterations: int, xen_pv: bool = False) -> bytes:
+    """xen_version(XENVER_version) `iterations` times (xen_pv: under Xen's PV CPU model,
+    through Xen's syscall stub, instead of the ring-0 `in` stub)."""
+    p = PVProgram(guest_os="trapless-bench-hypercall", xen_pv=xen_pv)
     a = p.a
     a.mov(r12, iterations)
     a.label("loop")
     a.mov(edi, C.XENVER_version)
     a.xor(esi, esi)
     a.call("hypercall_xen_version")
+    a.dec(r12)
+    a.jne("loop")
+    a.xor(eax, eax)
+    a.ret()
+    return p.elf()
+
+
+def compute_loop(rounds: int, xen_pv: bool) -> bytes:
+    """compare_workloads' compute loop (xorshift64, registers only, no exit), as a
+    ring-0 PV kernel or under Xen's PV CPU model (ring 3)."""
+    p = PVProgram(guest_os="trapless-bench-compute", xen_pv=xen_pv)
+    a = p.a
+    a.mov(rax, 0x9E3779B97F4A7C15)
+    a.mov(r12, rounds)
+    a.xor(ebx, ebx)
+    a.label("loop")
+    for shift, left in ((13, True), (7, False), (17, True)):
+        a.mov(rcx, rax)
+        (a.shl if left else a.shr)(rcx, shift)
+        a.xor(rax, rcx)
+    a.add(rbx, rax)
     a.dec(r12)
     a.jne("loop")
     a.xor(eax, eax)

@@ -12,6 +12,8 @@
 - engines side by side (when no --engine is given): the null hypercall round trip and
   the compute workload on every available engine (kvm, bt), interleaved in one run,
   with the bt/kvm ratios.
+- PV CPU models side by side (likewise): the same two as a ring-0 PV kernel and under
+  Xen's PV CPU model (ring 3), on every engine.
 """
 from __future__ import annotations
 
@@ -74,14 +76,16 @@ def mmu_batch_vs_single(engine: str | None, entries: int = 512) -> dict:
 
 
 def compute_ns_per_round(engine: str, target_ms: float, rounds: int,
-                         start: int = 100_000) -> tuple[float, int]:
+                         start: int = 100_000, image=None) -> tuple[float, int]:
     """ns per round of the compute workload on one engine, and the rounds used: the count
     doubles until a run takes target_ms beyond a 1-round run (boot and teardown), so a
-    fast engine and a slow one are both measured over a span long enough to time."""
+    fast engine and a slow one are both measured over a span long enough to time.
+    image(n): the guest of n rounds (default: compare_workloads' PV compute guest)."""
     from guest_kernel import compare_workloads
+    image = image or (lambda n: compare_workloads.build("compute", "pv", n))
 
     def run_ns(n: int) -> int:
-        with Domain(compare_workloads.build("compute", "pv", n), memory_mib=16, engine=engine) as dom:
+        with Domain(image(n), memory_mib=16, engine=engine) as dom:
             stop = dom.run(timeout=600)
             if stop.kind != "shutdown" or stop.reason != 0:
                 raise TraplessError(f"compute guest did not power off: {stop.kind} {stop.message}")
@@ -114,6 +118,44 @@ def side_by_side(iterations: int, rounds: int = 3, target_ms: float = 200,
         out["compute_ratio_bt_over_kvm"] = round(out["bt"]["compute_ns_per_round"] /
                                                  out["kvm"]["compute_ns_per_round"], 6)
     return out
+
+
+def cpu_models(iterations: int, rounds: int = 3, target_ms: float = 200) -> dict:
+    """The null hypercall and the compute loop as a ring-0 PV kernel and under Xen's PV
+    CPU model (ring 3), on every available engine."""
+    from . import engines
+    out = {"engines": engines.available(), "iterations": iterations}
+    for engine in out["engines"]:
+        r = {}
+        for model, xen in (("ring0", False), ("xen_pv", True)):
+            img = workloads.hypercall_loop(iterations, xen_pv=xen)
+            hyper = statistics.median(time_guest(img, iterations, engine) for _ in range(rounds))
+            ns, n = compute_ns_per_round(engine, target_ms, rounds, 10_000,
+                                         lambda k, xen=xen: workloads.compute_loop(k, xen))
+            r[model] = {"hypercall_ns": round(hyper, 1), "compute_ns_per_round": round(ns, 3),
+                        "compute_rounds": n}
+        r["hypercall_ratio_xen_over_ring0"] = round(r["xen_pv"]["hypercall_ns"] /
+                                                    r["ring0"]["hypercall_ns"], 3)
+        r["compute_ratio_ring0_over_xen"] = round(r["ring0"]["compute_ns_per_round"] /
+                                                  r["xen_pv"]["compute_ns_per_round"], 3)
+        out[engine] = r
+    return out
+
+
+def cpu_models_table(r: dict) -> Table:
+    table = Table(title="PV CPU models: ring-0 kernel vs Xen's (ring 3), same run")
+    for col in ("engine", "what", "ring 0", "Xen PV (ring 3)", "ratio"):
+        table.add_column(col, justify="left" if col in ("engine", "what") else "right")
+    for engine in r["engines"]:
+        e = r[engine]
+        table.add_row(engine, "null hypercall round trip, ns", f"{e['ring0']['hypercall_ns']:.1f}",
+                      f"{e['xen_pv']['hypercall_ns']:.1f}",
+                      f"{e['hypercall_ratio_xen_over_ring0']:.3g} (Xen / ring 0)")
+        table.add_row(engine, "compute loop, ns per round",
+                      f"{e['ring0']['compute_ns_per_round']:.3f}",
+                      f"{e['xen_pv']['compute_ns_per_round']:.3f}",
+                      f"{e['compute_ratio_ring0_over_xen']:.4g} (ring 0 / Xen)", style="bold")
+    return table
 
 
 def side_by_side_table(r: dict) -> Table:
@@ -164,6 +206,7 @@ def main(args) -> int:
     result = measure(args.iterations, args.engine, samples=args.samples)
     if args.engine is None:
         result["side_by_side"] = side_by_side(args.iterations)
+        result["pv_cpu_models"] = cpu_models(min(args.iterations, 20_000))
     result["cold_start"] = bench_startup.cold_start(engine=args.engine)
     if args.domains:
         from .bench_scale import measure as measure_scale
@@ -206,4 +249,6 @@ def main(args) -> int:
     if "scale" in result:
         from .bench_scale import scale_table
         console.print(scale_table(result["scale"]))
+    if "pv_cpu_models" in result:
+        console.print(cpu_models_table(result["pv_cpu_models"]))
     return 0

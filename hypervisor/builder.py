@@ -9,6 +9,11 @@ tables, and ends on a 4 MiB boundary with at least 512 KiB of padding.
 trapless keeps page tables in a pool of guest-physical frames the guest cannot write
 (a read-only memslot on kvm): the bootstrap tables come first, then zeroed spare frames
 the guest may turn into new tables later. start_info.nr_pt_frames covers the pool.
+
+The CPU model comes from the image (cpu_model): a PV kernel runs deprivileged, in ring
+3 under Xen's PV CPU model, unless its FEATURES note requires supervisor_mode_kernel,
+the feature Xen once offered kernels that run in ring 0. trapless's own kernels still
+require it until they are converted; every other image gets Xen's model.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 
 
 from abi import C, ffi
-from guest_kernel.asm import Assembler, eax
+from guest_kernel.asm import Assembler, eax, r11, rax, rcx
 
 from .errors import ImageError
 from .image import PVImage, address_problem
@@ -39,20 +44,53 @@ def page_up(x: int) -> int:
     return (x + PAGE - 1) & ~(PAGE - 1)
 
 
-def hypercall_page() -> bytes:
-    """128 stubs of 32 bytes: mov eax, N ; in eax, HYPERCALL_PORT ; cdqe ; ret.
+RING0, XEN_PV = 0, 1           # enum hv_pv_model (cext/pv_cpu.h)
+SUPERVISOR_MODE_KERNEL = "supervisor_mode_kernel"
 
-    The exit hands the VMM rax and the argument registers; the result comes back as
-    the data of the `in` (see abi/xen_abi.h). Padding is int3.
+
+def required_features(image: PVImage) -> set[str]:
+    """Names the image's FEATURES note marks required ('!name'), as Xen's libelf reads it."""
+    raw = image.notes.get(C.XEN_ELFNOTE_FEATURES, b"").split(b"\0")[0].decode("ascii", "replace")
+    return {name[1:] for name in raw.split("|") if name.startswith("!")}
+
+
+def cpu_model(image: PVImage) -> int:
+    """RING0 for a kernel that requires supervisor_mode_kernel; XEN_PV for any other."""
+    return RING0 if SUPERVISOR_MODE_KERNEL in required_features(image) else XEN_PV
+
+
+def hypercall_page(model: int = RING0) -> bytes:
+    """128 stubs of 32 bytes, stub N for hypercall N. Padding is int3.
+
+    Ring 0: mov eax, N ; in eax, HYPERCALL_PORT ; cdqe ; ret: the exit hands the VMM rax
+    and the argument registers, the result comes back as the data of the `in`.
+    Xen's model: Xen's own PV stub, push rcx ; push r11 ; mov eax, N ; syscall ; pop r11 ;
+    pop rcx ; ret; and at 23 (iret) push rcx ; push r11 ; push rax ; mov eax, 23 ;
+    syscall, which does not return (XEN-ABI-FACTS §18, §20).
     """
     a = Assembler(base=0)
     a.section(".text")
     for n in range(C.TRAPLESS_HYPERCALL_PAGE_STUBS):
         a.align(C.TRAPLESS_HYPERCALL_STUB_SIZE, 0xCC)
-        a.mov(eax, n)
-        a.in_(eax, C.TRAPLESS_HYPERCALL_PORT)
-        a.cdqe()
-        a.ret()
+        if model == RING0:
+            a.mov(eax, n)
+            a.in_(eax, C.TRAPLESS_HYPERCALL_PORT)
+            a.cdqe()
+            a.ret()
+        elif n == C.__HYPERVISOR_iret:
+            a.push(rcx)
+            a.push(r11)
+            a.push(rax)
+            a.mov(eax, n)
+            a.syscall()
+        else:
+            a.push(rcx)
+            a.push(r11)
+            a.mov(eax, n)
+            a.syscall()
+            a.pop(r11)
+            a.pop(rcx)
+            a.ret()
     a.align(PAGE, 0xCC)
     return a.assemble().section(".text").data
 
@@ -75,6 +113,9 @@ class Layout:
     stack_top: int
     gdt: int
     region_end: int
+    # Xen's model: the shared_info frame start_info names. Xen keeps it outside the
+    # domain's memory; trapless gives it the page after the console ring.
+    shared_info: int | None = None
 
     def virt(self, phys: int) -> int:
         return self.virt_base + phys
@@ -91,7 +132,7 @@ def tables_needed(start: int, end: int) -> int:
     return 1 + spans(39) + spans(30) + spans(21)
 
 
-def plan(image: PVImage, ram_bytes: int) -> Layout:
+def plan(image: PVImage, ram_bytes: int, model: int = RING0) -> Layout:
     """Choose the layout; one-line ImageError if the domain's memory is too small."""
     first = min(s.paddr for s in image.segments) & ~(PAGE - 1)
     img_end = page_up(max(s.paddr + s.memsz for s in image.segments))
@@ -100,7 +141,8 @@ def plan(image: PVImage, ram_bytes: int) -> Layout:
     start_info = page_up(mfn_list + nr_pages * 8)
     xenstore = start_info + PAGE
     console = xenstore + PAGE
-    pt_start = console + PAGE
+    shared_info = console + PAGE if model == XEN_PV else None
+    pt_start = (shared_info or console) + PAGE
     # The number of bootstrap tables depends on the region's size, which depends on it:
     # grow until it stops changing.
     boot = 4
@@ -126,7 +168,8 @@ def plan(image: PVImage, ram_bytes: int) -> Layout:
             f"{ram_bytes >> 20} MiB of guest memory is too small: the start-of-day region "
             f"needs {region_end >> 20} MiB")
     return Layout(image.virt_base, ram_bytes, first, img_end, mfn_list, start_info, xenstore,
-                  console, pt_start, boot, pt_end, stack_bottom, stack_top, gdt, region_end)
+                  console, pt_start, boot, pt_end, stack_bottom, stack_top, gdt, region_end,
+                  shared_info)
 
 
 class PageTableWriter:
@@ -196,9 +239,10 @@ def cmdline_problem(cmdline: str) -> str | None:
 
 
 def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
-          console_evtchn: int = 0) -> BootState:
+          model: int = RING0, console_evtchn: int = 0) -> BootState:
     """Write the image and the start-of-day region into zeroed guest RAM.
 
+    model: the PV CPU model the domain runs (its hypercall page differs);
     console_evtchn: the guest's port of the console ring (0: the domain has no ring, and
     start_info names no console page, as for Xen's dom0)."""
     why = cmdline_problem(cmdline)
@@ -209,7 +253,7 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
         ram[seg.paddr:seg.paddr + len(seg.data)] = seg.data
     if image.hypercall_page is not None:
         hp = image.hypercall_page - layout.virt_base
-        ram[hp:hp + PAGE] = hypercall_page()
+        ram[hp:hp + PAGE] = hypercall_page(model)
 
     # mfn_list: trapless domains are auto-translated, so pfn == mfn.
     struct.pack_into(f"<{layout.nr_pages}Q", ram, layout.mfn_list, *range(layout.nr_pages))
@@ -224,7 +268,7 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
     si = ffi.new("struct start_info *")
     si.magic = START_INFO_MAGIC
     si.nr_pages = layout.nr_pages
-    si.shared_info = 0
+    si.shared_info = layout.shared_info or 0      # a machine address, not mapped for it
     si.flags = 0
     si.store_mfn = layout.xenstore // PAGE
     if console_evtchn:

@@ -225,7 +225,10 @@ class Domain:
         start_bytes, ram_bytes = memory_mib << 20, maxmem_mib << 20
         # The image and the start-of-day region live in the memory the domain starts with.
         self.image = image if isinstance(image, PVImage) else load_image(image, start_bytes)
-        self.layout = builder.plan(self.image, start_bytes)
+        # Xen's PV CPU model unless the image asks for a ring-0 kernel (builder.cpu_model);
+        # a native guest is no PV guest at all and keeps ring 0.
+        self.pv_model = builder.RING0 if native else builder.cpu_model(self.image)
+        self.layout = builder.plan(self.image, start_bytes, self.pv_model)
         self.domid, self.name, self.cmdline = domid, name or f"d{domid}", cmdline
         self.uuid = uuid.uuid4()
         self._output = bytearray()
@@ -244,6 +247,7 @@ class Domain:
         cfg.console_fd = console_w
         cfg.handle = self.uuid.bytes
         cfg.max_evtchn_ports = max_evtchn_ports
+        cfg.pv_model = self.pv_model
         err = ffi.new("char[256]")
         self._dom = lib.hv_domain_create(cfg, err, len(err))
         if self._dom == ffi.NULL:
@@ -270,10 +274,12 @@ class Domain:
                     raise EngineError(f"cannot attach the console ring: Xen errno {-port}")
                 self.console_evtchn = port
             boot = builder.build(memoryview(ram), self.image, self.layout, cmdline,
-                                 console_evtchn=self.console_evtchn)
+                                 self.pv_model, console_evtchn=self.console_evtchn)
             if lib.hv_mm_init(self._dom, boot.cr3, err, len(err)) < 0 or (
                     ram_bytes > start_bytes and
-                    lib.hv_mm_set_reservation(self._dom, start_bytes >> 12, err, len(err)) < 0):
+                    lib.hv_mm_set_reservation(self._dom, start_bytes >> 12, err, len(err)) < 0) or (
+                    self.layout.shared_info is not None and
+                    lib.hv_domain_place_shared_info(self._dom, self.layout.shared_info >> 12) < 0):
                 raise EngineError(f"cannot set up the domain's memory: "
                                   f"{ffi.string(err).decode()}")
             bs = ffi.new("struct hv_boot_state *", vars(boot))

@@ -56,6 +56,12 @@ XEN_LAYOUTS = [
     ("evtchn_bind_virq", 12, dict(virq=0, vcpu=4, port=8)),
     ("evtchn_bind_pirq", 12, dict(pirq=0, flags=4, port=8)),
     ("evtchn_bind_ipi", 8, dict(vcpu=0, port=4)),
+    # the PV CPU model (XEN-ABI-FACTS §19-§21)
+    ("trap_info", 16, dict(vector=0, flags=1, cs=2, address=8)),
+    ("callback_register", 16, dict(type=0, flags=2, address=8)),
+    ("callback_unregister", 4, dict(type=0)),
+    ("iret_context", 72, dict(rax=0, r11=8, rcx=16, flags=24, rip=32, cs=40, rflags=48,
+                              rsp=56, ss=64)),
     ("evtchn_close", 4, dict(port=0)),
     ("evtchn_send", 4, dict(port=0)),
     ("evtchn_unmask", 4, dict(port=0)),

@@ -1,0 +1,189 @@
+/*
+ * bt_pv.c - the bt engine's side of Xen's PV CPU model (pv_cpu.h).
+ *
+ * Unicorn runs the guest at its own ring 0, so ring 3 is enforced here: the MMU walk
+ * treats every guest access as a user access (bt_cpu.c), the decoder's sensitive
+ * instructions (privileged ones, port I/O, popf, iretq) come here instead of running,
+ * `syscall` is a hook, and exceptions go to pv_traps.c instead of an IDT. What the
+ * model decides comes back as registers written into Unicorn.
+ *
+ * The hypervisor's region is mapped read-only at PV_REGION_GPA; Unicorn needs its GDT
+ * page for segment loads. As the walk cannot tell Unicorn's own descriptor reads from
+ * the guest's, a guest read of the region succeeds here where kvm gives a #PF.
+ */
+#include <string.h>
+
+#include "bt.h"
+
+#define RFLAGS_IF   (1ULL << 9)
+#define RFLAGS_IOPL (3ULL << 12)
+
+static const int gpr_ids[18] = {
+    UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RSI,
+    UC_X86_REG_RDI, UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_R8, UC_X86_REG_R9,
+    UC_X86_REG_R10, UC_X86_REG_R11, UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14,
+    UC_X86_REG_R15, UC_X86_REG_RIP, UC_X86_REG_RFLAGS,
+};
+
+static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
+{
+    void *vals[18];
+    uint64_t *slot = &r->rax;           /* pv_regs starts with these 18, in this order */
+    for (int i = 0; i < 18; i++)
+        vals[i] = slot + i;
+    bt_uc.reg_read_batch(b->uc, gpr_ids, vals, 18);
+    r->cs = FLAT_KERNEL_CS;             /* kernel and user share Xen's flat selectors */
+    r->ss = FLAT_KERNEL_SS;
+    r->gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
+}
+
+static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+{
+    const uint64_t *now = &r->rax, *was = &old->rax;
+    for (int i = 0; i < 18; i++)
+        if (now[i] != was[i])
+            bt_set_reg(b, gpr_ids[i], now[i]);
+    if (r->gs_base != old->gs_base)
+        bt_set_reg(b, UC_X86_REG_GS_BASE, r->gs_base);
+}
+
+int bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len)
+{
+    uc_x86_mmr gdtr = { .base = PV_GDT_VA, .limit = PV_GDT_LIMIT };
+    uint16_t cs = FLAT_KERNEL_CS, null = 0;
+
+    if (bt_uc.reg_write(b->uc, UC_X86_REG_GDTR, &gdtr) != UC_ERR_OK ||
+        bt_uc.reg_write(b->uc, UC_X86_REG_CS, &cs) != UC_ERR_OK) {
+        hv_set_error(err, err_len, "Unicorn will not load Xen's flat code selector");
+        return -1;
+    }
+    bt_uc.reg_write(b->uc, UC_X86_REG_DS, &null);
+    bt_uc.reg_write(b->uc, UC_X86_REG_ES, &null);
+    bt_set_reg(b, UC_X86_REG_RFLAGS, 0x202);        /* IF on; events masked instead */
+    pv_vcpu_boot(b->v, bs->rsp);
+    return 0;
+}
+
+/* The syscall hook: Unicorn runs no syscall of its own while it is there. The block
+ * ends at a syscall, so the stop lands right after it. */
+void bt_pv_on_syscall(uc_engine *uc, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->syscall_pending = 1;
+    bt_uc.emu_stop(uc);
+}
+
+int bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop)
+{
+    struct pv_regs r, old;
+    uint8_t insn[2];
+
+    read_regs(b, &r);
+    /* Unicorn may stop before or after moving past it: find the instruction */
+    if (bt_read_virt(b, r.rip, insn, 2) == 0 && insn[0] == 0x0f && insn[1] == 0x05)
+        r.rip += 2;
+    old = r;
+    r.rcx = r.rip;                      /* what the CPU's syscall leaves */
+    r.r11 = r.rflags;
+    b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+    if (pv_syscall(b->v, &r, stop) < 0 || pv_deliver_events(b->v, &r, stop) < 0)
+        return -1;
+    write_regs(b, &r, &old);
+    return 0;
+}
+
+int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop)
+{
+    struct pv_regs r, old;
+    int rc;
+
+    read_regs(b, &r);
+    old = r;
+    b->v->dom->counters.exits[HV_EXIT_EXCEPTION]++;
+    if (ev->soft && ev->vector != 3 && ev->vector != 4) {
+        r.rip -= 2;                     /* int imm8: the model wants it at the instruction */
+        rc = pv_int_n(b->v, &r, ev->vector, 2, stop);
+    } else {
+        rc = pv_exception(b->v, &r, ev->vector, ev->has_error ? ev->error : 0,
+                          ev->set_cr2 ? ev->cr2 : 0, stop);
+    }
+    if (rc < 0 || pv_deliver_events(b->v, &r, stop) < 0)
+        return -1;
+    write_regs(b, &r, &old);
+    return 0;
+}
+
+/* popf in ring 3 with IOPL 0 changes neither IF nor IOPL, and does not trap. */
+static int emulate_popf(struct bt_vcpu *b, struct pv_regs *r, const struct bt_site *s)
+{
+    const uint64_t mask = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400 | 0x800 |
+                          0x4000 | 0x40000 | 0x200000;
+    struct bt_insn in;
+    uint64_t value = 0;
+    int width = bt_decode(s->bytes, s->len, &in) == 0 && in.opsize == 2 ? 2 : 8;
+
+    if (bt_read_virt(b, r->rsp, &value, width) < 0)
+        return 0;                       /* not readable: TCG runs it and faults */
+    if (width == 2)
+        value = (r->rflags & ~0xffffULL) | (value & 0xffff);
+    r->rflags = (r->rflags & ~mask) | (value & mask);
+    r->rsp += (uint64_t)width;
+    r->rip += s->len;
+    return 1;
+}
+
+/* iretq from ring 3 to ring 3: cannot change IF or IOPL, and needs an RPL-3 CS. */
+static int emulate_iretq(struct bt_vcpu *b, struct pv_regs *r, const struct bt_site *s,
+                         int *gp_error)
+{
+    uint64_t frame[5];                  /* rip, cs, rflags, rsp, ss */
+    if (bt_read_virt(b, r->rsp, frame, sizeof(frame)) < 0)
+        return 0;
+    if ((frame[1] & 3) != 3) {
+        *gp_error = (int)(frame[1] & 0xfffc);
+        return -1;
+    }
+    r->rip = frame[0];
+    r->rflags = (frame[2] & ~(RFLAGS_IF | RFLAGS_IOPL) & 0x3f7fd5ULL) |
+                (r->rflags & (RFLAGS_IF | RFLAGS_IOPL)) | 2;
+    r->rsp = frame[3];
+    return 1;
+}
+
+int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
+{
+    struct pv_regs r, old;
+    int done = 0, gp_error = 0;
+
+    read_regs(b, &r);
+    old = r;
+    if (s->kind == BT_POPF)
+        done = emulate_popf(b, &r, s);
+    else if (s->kind == BT_IRET)
+        done = emulate_iretq(b, &r, s, &gp_error);
+    else
+        done = -1;                      /* privileged in ring 3: #GP(0) */
+    if (done == 0) {
+        b->skip_once = s;               /* unreadable stack: TCG raises the #PF */
+        return 0;
+    }
+    b->v->dom->counters.exits[HV_EXIT_PRIV_INSN]++;
+    if (done < 0 && pv_exception(b->v, &r, 13, (uint32_t)gp_error, 0, stop) < 0)
+        return -1;
+    write_regs(b, &r, &old);
+    return 0;
+}
+
+int bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop)
+{
+    struct pv_regs r, old;
+
+    if (!pv_upcall_due(b->v))
+        return 0;
+    read_regs(b, &r);
+    old = r;
+    if (pv_deliver_events(b->v, &r, stop) < 0)
+        return -1;
+    write_regs(b, &r, &old);
+    return 0;
+}

@@ -1,0 +1,161 @@
+/*
+ * pv_cpu.h - Xen's x86-64 PV CPU model, shared by both engines (pv_region.c,
+ * pv_traps.c, pv_emul.c).
+ *
+ * A PV guest kernel runs in ring 3 like its own user space, with Xen's flat selectors.
+ * trapless owns the real GDT, IDT, TSS and syscall MSRs; they sit in a small region of
+ * host memory mapped at guest-physical PV_REGION_GPA (outside guest RAM, so no guest
+ * page table can name it) and at PV_AREA_VA in every L4 the guest uses (slot 271, the
+ * last of Xen's reserved slots 256-271, written by us whenever an L4 is validated).
+ * Slot 256 maps the read-only machine-to-phys table at MACH2PHYS_VIRT_START (the
+ * identity, as pseudo-physical = machine here), whose pages follow the fixed frames.
+ * (Slot 271 rather than 256 for the rest: this KVM-PVM host refuses ring-3 accesses to
+ * slot 256 even where the mapping allows them, and the syscall landing page needs one.)
+ * Exceptions,
+ * `syscall` and event upcalls reach this layer as a struct pv_regs; it decides what
+ * Xen would do (a hypercall, a bounce frame to the guest's trap table or callbacks, an
+ * emulated instruction, or domain_crash) and hands the registers back to the engine.
+ */
+#ifndef TRAPLESS_PV_CPU_H
+#define TRAPLESS_PV_CPU_H
+#include <stdint.h>
+
+struct hv_domain;
+struct hv_vcpu;
+struct hv_hcall;
+struct hv_stop;
+
+/* ---- the hypervisor's region ---- */
+
+#define PV_REGION_GPA   0xF0000000ULL   /* just above the largest guest RAM (3840 MiB) */
+#define PV_M2P_L4_SLOT  256             /* HYPERVISOR_VIRT_START: the M2P */
+#define PV_AREA_L4_SLOT 271             /* the descriptor tables, stubs and stack */
+#define PV_AREA_VA      0xffff878000000000ULL   /* the start of slot 271 */
+
+/* Frames of the region, in order. */
+enum pv_frame {
+    PVF_M2P_L3,                 /* the L3 of slot 256 */
+    PVF_L3, PVF_L2, PVF_L1,     /* the area's page tables (slot 271) */
+    PVF_ZERO,                   /* the guest's 14 GDT pages until set_gdt: all not present */
+    PVF_GDT,                    /* Xen's GDT page: entries 7168..7679 */
+    PVF_IDT,
+    PVF_TSS, PVF_TSS_END = PVF_TSS + 2,   /* the TSS and its I/O bitmap */
+    PVF_STUBS,                  /* CPL0 exception stubs: push rax, `out` to PV_TRAP_PORT,
+                                 * pop rax, iretq */
+    PVF_LANDING,                /* LSTAR: user-readable, `out` to PV_SYSCALL_PORT */
+    PVF_STACK, PVF_STACK_END = PVF_STACK + 1,
+    PVF_M2P_L2,                 /* the M2P's L2; its L1s and its pages come after */
+    PVF_NR
+};
+
+/* Virtual layout of the area (pages of 4 KiB from PV_AREA_VA). */
+#define PV_GDT_VA       (PV_AREA_VA)                    /* 15 pages, limit 0xefff */
+#define PV_GDT_LIMIT    0xefff
+#define PV_IDT_VA       (PV_AREA_VA + 16 * 4096ULL)
+#define PV_TSS_VA       (PV_AREA_VA + 17 * 4096ULL)
+#define PV_TSS_LIMIT    (0x68 + 8192)                   /* the TSS, the bitmap, its 0xff end byte */
+#define PV_STUBS_VA     (PV_AREA_VA + 20 * 4096ULL)
+#define PV_LANDING_VA   (PV_AREA_VA + 21 * 4096ULL)
+#define PV_STACK_VA     (PV_AREA_VA + 23 * 4096ULL)     /* page 22 stays unmapped: a guard */
+#define PV_STACK_TOP    (PV_STACK_VA + 2 * 4096ULL)
+#define PV_AREA_END     PV_STACK_TOP
+
+/* Xen's own selectors in the reserved GDT page (the guest's are in xen_abi.h). */
+#define PV_HYPER_CS     0xe008
+#define PV_HYPER_DS     0xe010
+#define PV_TSS_SEL      0xe040
+
+#define PV_STUB_SIZE    16
+#define PV_TRAP_PORT    0xCB    /* the exception stubs' exit (CPL0) */
+#define PV_SYSCALL_PORT 0xCC    /* the syscall landing page's exit (CPL3, in the I/O bitmap) */
+
+/* Which CPU model a domain's vCPUs follow. */
+enum hv_pv_model {
+    HV_PV_RING0 = 0,            /* trapless's legacy PV guests: kernel in ring 0, own IDT */
+    HV_PV_XEN = 1,              /* Xen's x86-64 PV: kernel in ring 3, trap table, callbacks */
+};
+
+/* ---- per-vCPU state ---- */
+
+struct pv_trap {
+    uint64_t address;           /* 0: no handler */
+    uint8_t  flags;             /* TI_DPL_MASK | TI_MASK_EVENTS */
+};
+
+#define PV_NR_CALLBACKS 8
+
+struct pv_vcpu {
+    int      user_mode;                 /* Xen's guest user mode; 0 = guest kernel mode */
+    struct pv_trap traps[256];          /* the virtual IDT (set_trap_table) */
+    uint64_t callback[PV_NR_CALLBACKS]; /* by CALLBACKTYPE_ */
+    uint16_t callback_flags[PV_NR_CALLBACKS];
+    uint64_t kernel_ss, kernel_sp;      /* stack_switch: where bounces from user mode go */
+    uint64_t gs_base_other;             /* the GS base of the mode not running */
+    uint64_t user_l4;                   /* MMUEXT_NEW_USER_BASEPTR frame; 0 = none, as Xen */
+    uint64_t gdt_frames[14];            /* set_gdt's frames (FIRST_RESERVED_GDT_PAGE) */
+    unsigned gdt_nr_frames;
+    uint64_t bounces, syscalls;         /* counters (tests, stats) */
+};
+
+/* The registers the model reads and changes; the first 18 fields are in kvm_regs'
+ * order. cs/ss are the guest's selectors (RPL 3 when it runs). */
+struct pv_regs {
+    uint64_t rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
+    uint64_t rip, rflags;
+    uint64_t cs, ss;
+    uint64_t gs_base;
+};
+
+/* ---- pv_region.c: the region and Xen's L4 slots ---- */
+int  pv_domain_init(struct hv_domain *d, int model, char *err, int err_len);
+void pv_domain_destroy(struct hv_domain *d);
+/* Xen's start of day for a vCPU: guest kernel mode on the boot stack, events masked. */
+void pv_vcpu_boot(struct hv_vcpu *v, uint64_t rsp);
+/* 1 if slot (0..511) of an L4 is Xen's: guest entries there are refused. */
+int  pv_xen_l4_slot(int slot);
+/* Xen's entry for one of its reserved L4 slots, which every validated guest L4
+ * carries (0 for the slots trapless leaves empty). */
+uint64_t pv_l4_entry(int slot);
+/* 1 if va lies in the area of descriptor tables and stubs (the engines' exits). */
+int  pv_in_area(uint64_t va);
+/* Walk the hypervisor's tables for va in Xen's reserved slots: 0 with the guest-physical
+ * page (a region frame, or a guest GDT frame) and whether ring 3 may read it, or -1. */
+int  pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user);
+/* Map the guest's GDT frames into the first pages of the GDT (the rest: not present). */
+void pv_map_gdt(struct hv_domain *d, const uint64_t *mfns, unsigned n);
+
+/* ---- pv_traps.c: what happens at each way into the hypervisor ---- */
+/* Each returns 0 (resume the guest with *r) or -1 (the domain crashed; stop filled). */
+int  pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
+/* An exception at r->rip (faults) or after it (traps); cr2 for #PF. */
+int  pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t error,
+                  uint64_t cr2, struct hv_stop *stop);
+/* 1 if the CPU pushes an error code for this exception vector. */
+int  pv_has_error_code(int vector);
+/* `int n` (length len at r->rip) that the CPU left to us. */
+int  pv_int_n(struct hv_vcpu *v, struct pv_regs *r, int n, int len, struct hv_stop *stop);
+/* Before the guest runs again: an event upcall, if one is due. */
+int  pv_deliver_events(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
+int  pv_upcall_due(struct hv_vcpu *v);
+
+int64_t do_set_trap_table(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_stack_switch(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_set_callbacks(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_callback_op(struct hv_vcpu *v, const struct hv_hcall *h);
+/* pv_desc.c */
+int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h);
+
+/* ---- pv_emul.c: instructions Xen emulates for a PV guest ---- */
+/* Xen's PV CPUID policy for leaf/subleaf: out = eax, ebx, ecx, edx. */
+void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+/* #UD at r->rip: the forced-emulation prefix + cpuid, or `int n` on hosts that report
+ * it as #UD. 1 if handled (r updated), 0 if it is a real #UD for the guest, -1 crash. */
+int  pv_emulate_ud(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
+/* #GP(0) at r->rip in guest kernel mode: 1 if Xen would emulate it (r updated), else 0. */
+int  pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r);
+/* A #PF at cr2 in the M2P, mapped readable, from a load the host refused: 1 if done. */
+int  pv_emulate_m2p_load(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2);
+
+#endif

@@ -1,0 +1,104 @@
+/*
+ * pv_desc.c - the guest's descriptor tables under Xen's PV CPU model: set_gdt (2) and
+ * update_descriptor (10).
+ *
+ * The real GDT is the hypervisor's (pv_region.c): its first 14 pages map the frames the
+ * guest names with set_gdt, read-only, and its 15th is Xen's own. A frame given to
+ * set_gdt must be the guest's, mapped nowhere writable, and hold only descriptors a PV
+ * kernel may use (Xen's check_descriptor, XEN-ABI-FACTS §22); while it is part of the
+ * GDT the memory service refuses writable mappings of it (HV_FRAME_SEG_DESC).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "hv.h"
+
+#define DESC_S      (1ULL << 44)            /* code or data, not a system descriptor */
+#define DESC_DPL    (3ULL << 45)
+#define DESC_P      (1ULL << 47)
+#define DESC_TYPE(d) (((d) >> 40) & 0xf)
+#define SYS_CALL_GATE 0xc
+
+/* Xen's check_descriptor for a 64-bit guest: 0 (maybe adjusted in *d) or -1. */
+static int check_descriptor(uint64_t *d)
+{
+    uint64_t desc = *d;
+
+    if (!(desc & DESC_P))
+        return 0;                           /* not present: kept as it is */
+    if (desc & DESC_S) {
+        *d = desc | DESC_DPL;               /* code or data: the guest kernel is ring 3 */
+        return 0;
+    }
+    if (DESC_TYPE(desc) == 0)
+        return 0;
+    if (DESC_TYPE(desc) == SYS_CALL_GATE) {
+        /* the target must be the guest's own GDT, Xen's flat code selector or the LDT;
+         * stored with DPL 0, so using it is a #GP the guest handles */
+        uint16_t sel = (uint16_t)(desc >> 16);
+        if ((sel >> 3) >= FIRST_RESERVED_GDT_ENTRY && sel != FLAT_KERNEL_CS && !(sel & 4))
+            return -1;
+        *d = desc & ~DESC_DPL;
+        return 0;
+    }
+    return -1;                              /* TSS, LDT, interrupt and trap gates */
+}
+
+int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    struct hv_domain *d = v->dom;
+    struct hv_mm *mm = &d->mm;
+    uint64_t entries = h->a2, frames[FIRST_RESERVED_GDT_PAGE], (*checked)[512];
+    unsigned n;
+
+    if (d->pv_model != HV_PV_XEN)
+        return -XEN_ENOSYS;
+    if (entries > FIRST_RESERVED_GDT_ENTRY)
+        return -XEN_EINVAL;
+    n = (unsigned)((entries + 511) / 512);
+    if (hv_copy_from_guest(v, frames, h->a1, n * sizeof(uint64_t)) < 0)
+        return -XEN_EFAULT;
+    checked = malloc(n * HV_PAGE_SIZE + 1);
+    if (!checked)
+        return -XEN_ENOMEM;
+    /* check everything before changing anything */
+    for (unsigned i = 0; i < n; i++) {
+        int bad = !hv_mm_frame_usable(d, frames[i]) || mm->frames[frames[i]].wmap_count;
+        if (!bad) {
+            memcpy(checked[i], d->ram + (frames[i] << HV_PAGE_SHIFT), HV_PAGE_SIZE);
+            for (int e = 0; e < 512 && !bad; e++)
+                bad = check_descriptor(&checked[i][e]) < 0;
+        }
+        if (bad) {
+            free(checked);
+            return -XEN_EINVAL;
+        }
+    }
+    for (unsigned i = 0; i < v->pv.gdt_nr_frames; i++)
+        mm->frames[v->pv.gdt_frames[i]].flags &= (uint8_t)~HV_FRAME_SEG_DESC;
+    for (unsigned i = 0; i < n; i++) {
+        memcpy(d->ram + (frames[i] << HV_PAGE_SHIFT), checked[i], HV_PAGE_SIZE);
+        mm->frames[frames[i]].flags |= HV_FRAME_SEG_DESC;
+        v->pv.gdt_frames[i] = frames[i];
+    }
+    free(checked);
+    v->pv.gdt_nr_frames = n;
+    pv_map_gdt(d, v->pv.gdt_frames, n);
+    return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
+}
+
+/* update_descriptor(ma, desc): one descriptor, checked as set_gdt checks them, stored
+ * at machine address ma, 8-aligned, in a frame of the guest that is not a page table:
+ * a GDT frame, or one that could be mapped writable. */
+int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t ma = h->a1, desc = h->a2;
+
+    if (d->pv_model != HV_PV_XEN)
+        return -XEN_ENOSYS;
+    if ((ma & 7) || !hv_mm_frame_usable(d, ma >> HV_PAGE_SHIFT) || check_descriptor(&desc) < 0)
+        return -XEN_EINVAL;
+    __atomic_store_n((uint64_t *)(d->ram + ma), desc, __ATOMIC_RELEASE);
+    return 0;
+}

@@ -1,0 +1,426 @@
+"""Guests for Xen's x86-64 PV CPU model: a kernel in ring 3 that reaches the hypervisor
+only through `syscall` (the hypercall page's stubs are Xen's own) and receives
+exceptions and events as Xen delivers them (XEN-ABI-FACTS §18-§21).
+
+`XenPVGuest` is a conformance guest for that model, with the pieces such a kernel needs:
+a trap table, callbacks, handlers that record the bounce frame they were given and
+return through the iret hypercall, shared_info mapped for the upcall mask and cr2.
+`cpu_model_guest()` is the guest tests/test_pv_cpu.py runs on every engine.
+"""
+from __future__ import annotations
+
+from abi import C, offsetof
+
+from .asm import byte, dword, eax, ecx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
+from .conformance import ConformanceGuest, GuestImage
+
+# Offsets inside shared_info of vCPU 0's vcpu_info.
+UPCALL_PENDING = offsetof("vcpu_info", "evtchn_upcall_pending")
+UPCALL_MASK = offsetof("vcpu_info", "evtchn_upcall_mask")
+PENDING_SEL = offsetof("vcpu_info", "evtchn_pending_sel")
+CR2 = offsetof("vcpu_info", "arch") + offsetof("arch_vcpu_info", "cr2")
+EVTCHN_PENDING = offsetof("shared_info", "evtchn_pending")
+
+FRAME_WORDS = 8                 # rcx, r11, [error], rip, cs, rflags, rsp, ss
+UNMAPPED = 0x4000_0000          # no mapping there in a small guest (conformance.UNMAPPED)
+
+
+class XenPVGuest(ConformanceGuest):
+    """A ConformanceGuest for Xen's PV CPU model."""
+
+    def __init__(self, name: str):
+        super().__init__(name, xen_pv=True)
+        a = self.a
+        a.section(".bss")
+        a.align(4096)
+        a.label("shared_info")
+        a.reserve(4096)
+        a.label("resume_at")                # where the next handler returns (0: as is)
+        a.reserve(8)
+        a.label("saved_rax")
+        a.reserve(8)
+        a.section(".text")
+
+    # ---- set-up --------------------------------------------------------------
+    def map_shared_info(self) -> None:
+        """XENMEM_add_to_physmap of our shared_info page; reports `map_shared_info`."""
+        a = self.a
+        xatp = self.struct("xatp", "xen_add_to_physmap", domid=C.DOMID_SELF,
+                           space=C.XENMAPSPACE_shared_info)
+        a.lea(rax, ptr["shared_info"])
+        a.shr(rax, 12)
+        a.mov(qword[rip_("xatp", offsetof("xen_add_to_physmap", "gpfn"))], rax)
+        self.call("map_shared_info", "memory_op", C.XENMEM_add_to_physmap, xatp)
+
+    def trap_table(self, case: str, entries: list[tuple[int, int, str | int]]) -> None:
+        """set_trap_table with (vector, flags, handler label or address) entries;
+        reports `case`."""
+        a = self.a
+        a.section(".data")
+        a.align(16)
+        a.label(f"{case}.table")
+        for vector, flags, handler in entries:
+            a.db(vector, flags)
+            a.dw(C.FLAT_KERNEL_CS)
+            a.dd(0)
+            a.dq(handler)
+        a.dq(0, 0)                          # the terminator: address 0
+        a.section(".text")
+        self.call(case, "set_trap_table", f"{case}.table")
+
+    def callback(self, case: str, kind: int, handler: str, flags: int = 0) -> None:
+        """CALLBACKOP_register; reports `case`."""
+        a = self.a
+        a.section(".data")
+        a.align(8)
+        a.label(f"{case}.cb")
+        a.dw(kind, flags)
+        a.dd(0)
+        a.dq(handler)
+        a.section(".text")
+        self.call(case, "callback_op", C.CALLBACKOP_register, f"{case}.cb")
+
+    # ---- handlers ------------------------------------------------------------
+    def record_frame(self, label: str, error_code: bool) -> None:
+        """Handler entry: save rax, copy the bounce frame at rsp to `<label>.frame`
+        (8 words, rcx first; without an error code the last stays 0), count the entry
+        in `<label>.count`."""
+        a = self.a
+        words = FRAME_WORDS if error_code else FRAME_WORDS - 1
+        a.section(".bss")
+        a.align(8)
+        a.label(f"{label}.frame")
+        a.reserve(FRAME_WORDS * 8)
+        a.label(f"{label}.count")
+        a.reserve(8)
+        a.section(".text")
+        a.label(label)
+        a.mov(qword["saved_rax"], rax)
+        for i in range(words):
+            a.mov(rax, qword[rsp + 8 * i])
+            a.mov(qword[rip_(f"{label}.frame", 8 * i)], rax)
+        a.inc(qword[f"{label}.count"])
+
+    def recording_handler(self, label: str, error_code: bool) -> None:
+        """A trap-table handler: records its frame (record_frame), resumes at
+        `resume_at` if set (clearing it), and returns through the iret hypercall."""
+        a = self.a
+        self.record_frame(label, error_code)
+        rip_slot = 24 if error_code else 16
+        a.mov(rax, qword["resume_at"])
+        a.test(rax, rax)
+        a.je(f"{label}.keep")
+        a.mov(qword[rsp + rip_slot], rax)
+        a.mov(qword["resume_at"], 0)
+        a.label(f"{label}.keep")
+        a.mov(rax, qword["saved_rax"])
+        self.iret(error_code)
+
+    def iret(self, error_code: bool = False) -> None:
+        """Return from a bounce frame at rsp: pop rcx and r11 (and the error code),
+        push flags 0 and jump to the iret stub, as Linux and XTF do."""
+        a = self.a
+        a.pop(rcx)
+        a.pop(r11)
+        if error_code:
+            a.add(rsp, 8)
+        a.push(0)
+        a.jmp("hypercall_iret")
+
+    def handlers(self, emit) -> None:
+        """Emit handlers (emit()) after the cases, out of the straight-line code."""
+        self._emit_later = (*self._emit_later, lambda _guest: emit())
+
+    def ptr(self, label: str):
+        """The address operand of label, for lea."""
+        return ptr[label]
+
+    def hypercall_regs(self, case: str, name: str, *args) -> None:
+        """Hypercall `name` with arguments that may be registers (copied through the
+        stack, so loading one never clobbers another) or ints; reports `case`."""
+        from .runtime import ARG_REGS
+        a = self.a
+        regs = [(reg, value) for reg, value in zip(ARG_REGS, args) if not isinstance(value, int)]
+        for _, value in reversed(regs):
+            a.push(value)
+        for reg, _ in regs:
+            a.pop(reg)
+        for reg, value in zip(ARG_REGS, args):
+            if isinstance(value, int):
+                self.load_arg(reg, value)
+        a.call(f"hypercall_{name}")
+        self.cases[case] = (name, "-")
+        self.report(case)
+
+    def resume_at(self, label: str) -> None:
+        self.a.lea(rax, ptr[label])
+        self.a.mov(qword["resume_at"], rax)
+
+    def report_word(self, case: str, where: str, offset: int = 0) -> None:
+        """Report the qword at label + offset."""
+        self.a.mov(rax, qword[rip_(where, offset)])
+        self.report(case)
+
+    def report_address(self, case: str, where: str, offset: int, label: str) -> None:
+        """Report (qword at where + offset) - address of label: 0 when they match."""
+        a = self.a
+        a.mov(rax, qword[rip_(where, offset)])
+        a.lea(rcx, ptr[label])
+        a.sub(rax, rcx)
+        self.report(case)
+
+
+def rip_(label: str, offset: int):
+    """The address expression label + offset, RIP-relative."""
+    return rip + label + offset
+
+
+def cpu_model_guest() -> GuestImage:
+    """Exercises the PV CPU model from guest kernel mode and guest user mode: forced
+    cpuid, #DE, #PF with cr2, #GP from privileged instructions and port I/O, int $0x80
+    through the trap table, an event upcall, and syscall from user mode."""
+    g = XenPVGuest("pv-cpu")
+    a = g.a
+    # start_info names shared_info by machine address (VIRT_BASE 0: also its VA), with
+    # events masked at boot; then the guest places its own copy
+    g.start_info_field(rcx, "shared_info")
+    a.mov(rax, rcx)
+    g.report("start_info_shared_info")
+    g.start_info_field(rcx, "shared_info")
+    a.movzx(eax, byte[rcx + UPCALL_MASK])
+    g.report("boot_upcall_mask")
+    g.map_shared_info()
+    g.struct("features", "xen_feature_info", submap_idx=0)
+    g.call("get_features", "xen_version", C.XENVER_get_features, "features")
+    a.mov(eax, dword[rip_("features", 4)])
+    g.report("features_submap_0")
+
+    # forced-emulation cpuid: Xen's leaves
+    for leaf in (0, 1, 2):
+        a.mov(eax, C.XEN_CPUID_BASE + leaf)
+        a.xor(ecx, ecx)
+        a.db(0x0F, 0x0B, 0x78, 0x65, 0x6E)      # ud2; .ascii "xen"
+        a.cpuid()
+        a.mov(qword["cpuid_out"], rax)
+        a.mov(qword[rip_("cpuid_out", 8)], rbx)
+        a.mov(qword[rip_("cpuid_out", 16)], rcx)
+        a.mov(qword[rip_("cpuid_out", 24)], rdx)
+        for i, reg in enumerate(("eax", "ebx", "ecx", "edx")):
+            g.report_word(f"cpuid_{leaf}_{reg}", "cpuid_out", 8 * i)
+    a.section(".bss")
+    a.label("cpuid_out")
+    a.reserve(32)
+    a.section(".text")
+
+    g.trap_table("set_trap_table", [
+        (0, 0, "on_de"),
+        (13, 0, "on_gp"),
+        (14, 0, "on_pf"),
+        (0x80, 3, "on_int80"),
+    ])
+
+    # #DE: a fault, rip at the div; boot state: events masked (saved in the CS slot)
+    g.resume_at("de_done")
+    a.xor(ecx, ecx)
+    a.mov(eax, 1)
+    a.label("de_insn")
+    a.div(ecx)
+    a.label("de_done")
+    g.report_word("de_count", "on_de.count")
+    g.report_address("de_rip", "on_de.frame", 16, "de_insn")
+    g.report_word("de_cs", "on_de.frame", 24)
+    g.report_word("de_ss", "on_de.frame", 48)
+    a.mov(rax, qword[rip_("on_de.frame", 32)])
+    a.and_(rax, 0x200)
+    g.report("de_rflags_if")
+
+    # #PF: a read of an unmapped address; cr2 in vcpu_info
+    g.resume_at("pf_done")
+    a.mov(rcx, UNMAPPED + 0x123)
+    a.label("pf_insn")
+    a.mov(rax, qword[rcx])
+    a.label("pf_done")
+    g.report_word("pf_count", "on_pf.count")
+    g.report_word("pf_error", "on_pf.frame", 16)
+    g.report_address("pf_rip", "on_pf.frame", 24, "pf_insn")
+    g.report_word("pf_cr2", "shared_info", CR2)
+
+    # #GP: privileged instructions and port I/O from the ring-3 kernel
+    for name, emit in (("cli", lambda: a.cli()), ("hlt", lambda: a.hlt()),
+                       ("in", lambda: a.in_(eax, 0x80))):
+        g.resume_at(f"{name}_done")
+        a.label(f"{name}_insn")
+        emit()
+        a.label(f"{name}_done")
+        g.report_word(f"gp_{name}_error", "on_gp.frame", 16)
+        g.report_address(f"gp_{name}_rip", "on_gp.frame", 24, f"{name}_insn")
+    g.report_word("gp_count", "on_gp.count")
+
+    # int $0x80 through trap_table[0x80] (DPL 3): rip after the instruction
+    a.int_(0x80)
+    a.label("int80_after")
+    g.report_word("int80_count", "on_int80.count")
+    g.report_address("int80_rip", "on_int80.frame", 16, "int80_after")
+
+    # an event upcall: an IPI to ourselves, delivered on the way back from the send
+    g.callback("register_event", C.CALLBACKTYPE_event, "on_event")
+    a.section(".data")
+    a.align(8)
+    a.label("bind_ipi")                     # struct evtchn_bind_ipi: vcpu, port (out)
+    a.dd(0)
+    a.label("bind_ipi.port")                # ... which is struct evtchn_send's port
+    a.dd(0)
+    a.section(".text")
+    g.call("bind_ipi", "event_channel_op", C.EVTCHNOP_bind_ipi, "bind_ipi")
+    a.mov(byte[rip_("shared_info", UPCALL_MASK)], 0)        # unmask: events may come now
+    g.report_word("event_count_before", "on_event.count")
+    g.call("send", "event_channel_op", C.EVTCHNOP_send, "bind_ipi.port")
+    g.report_word("event_count", "on_event.count")
+    a.mov(rax, qword[rip_("on_event.frame", 24)])
+    a.shr(rax, 32)
+    g.report("event_saved_mask")
+    a.movzx(eax, byte[rip_("shared_info", UPCALL_MASK)])
+    g.report("event_mask_after")
+
+    # guest user mode: one L4 for both, a kernel stack, the syscall callback, then
+    # iret to ring 3 user code that makes a syscall
+    a.section(".data")
+    a.align(8)
+    a.label("user_base")                                   # struct mmuext_op
+    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
+    a.dq(0, 0)
+    a.section(".bss")
+    a.align(16)
+    a.reserve(4096)
+    a.label("kernel_stack_top")
+    a.reserve(4096)
+    a.label("user_stack_top")
+    a.label("main_rsp")
+    a.reserve(8)
+    a.section(".text")
+    g.start_info_field(rax, "pt_base")
+    a.shr(rax, 12)                                          # VIRT_BASE 0: VA = PA
+    a.mov(qword[rip_("user_base", 8)], rax)
+    g.call("new_user_baseptr", "mmuext_op", "user_base", 1, 0, C.DOMID_SELF,
+           subop=C.MMUEXT_NEW_USER_BASEPTR)
+    g.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+    g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall",
+               C.CALLBACKF_mask_events)
+    a.mov(qword["main_rsp"], rsp)
+    a.push(C.FLAT_RING3_SS64)
+    a.lea(rax, ptr["user_stack_top"])
+    a.push(rax)
+    a.push(0x202)
+    a.push(C.FLAT_RING3_CS64)
+    a.lea(rax, ptr["user_code"])
+    a.push(rax)
+    a.push(0)
+    a.jmp("hypercall_iret")
+
+    a.label("user_code")                    # ring 3, guest user mode
+    a.mov(eax, 0x1234)
+    a.label("user_syscall")
+    a.syscall()
+    a.label("user_after_syscall")
+    a.jmp("user_code")                      # not reached: the kernel does not go back
+
+    a.label("on_syscall")                   # guest kernel mode again, on kernel_stack_top
+    a.mov(qword["saved_rax"], rax)
+    a.mov(qword["syscall_rsp"], rsp)
+    for i in range(FRAME_WORDS - 1):
+        a.mov(rax, qword[rsp + 8 * i])
+        a.mov(qword[rip_("syscall_frame", 8 * i)], rax)
+    a.mov(rsp, qword["main_rsp"])
+    a.section(".bss")
+    a.align(8)
+    a.label("syscall_frame")
+    a.reserve(FRAME_WORDS * 8)
+    a.label("syscall_rsp")
+    a.reserve(8)
+    a.section(".text")
+    g.report_word("syscall_rax", "saved_rax")
+    g.report_address("syscall_rip", "syscall_frame", 16, "user_after_syscall")
+    g.report_word("syscall_cs", "syscall_frame", 24)
+    g.report_address("syscall_rcx", "syscall_frame", 0, "user_after_syscall")
+    g.report_address("syscall_user_rsp", "syscall_frame", 40, "user_stack_top")
+    g.report_address("syscall_kernel_rsp", "syscall_rsp", 0, "kernel_stack_top")
+    a.movzx(eax, byte[rip_("shared_info", UPCALL_MASK)])
+    g.report("syscall_mask")
+
+    g.handlers(lambda: (
+        g.recording_handler("on_de", False),
+        g.recording_handler("on_gp", True),
+        g.recording_handler("on_pf", True),
+        g.recording_handler("on_int80", False),
+        event_handler(g),
+    ))
+    return g.finish()
+
+
+def event_handler(g: XenPVGuest) -> None:
+    """The event callback: records its frame, acknowledges everything pending (the
+    2-level ABI's pending flag, selector and port bits), returns with iret."""
+    a = g.a
+    g.record_frame("on_event", False)
+    a.mov(byte[rip_("shared_info", UPCALL_PENDING)], 0)
+    a.mov(qword[rip_("shared_info", PENDING_SEL)], 0)
+    for i in range(4):
+        a.mov(qword[rip_("shared_info", EVTCHN_PENDING + 8 * i)], 0)
+    a.mov(rax, qword["saved_rax"])
+    g.iret(False)
+
+
+# The hypervisor's area (cext/pv_cpu.h PV_AREA_VA): the GDT's first page.
+PV_AREA_VA = 0xffff878000000000
+
+
+def region_guest() -> GuestImage:
+    """Pokes at the hypervisor's reserved region from the guest kernel: a store into it
+    (a #PF for the guest), a hypercall buffer inside it (-EFAULT), and an mmu_update
+    of the L4 slot that maps it (-EINVAL)."""
+    g = XenPVGuest("pv-region")
+    a = g.a
+    g.map_shared_info()
+    g.trap_table("set_trap_table", [(14, 0, "on_pf")])
+    g.resume_at("store_done")
+    a.mov(rcx, PV_AREA_VA + 0xe030)
+    a.label("store_insn")
+    a.mov(qword[rcx], rax)
+    a.label("store_done")
+    g.report_word("store_count", "on_pf.count")
+    g.report_word("store_error", "on_pf.frame", 16)
+    g.report_address("store_rip", "on_pf.frame", 24, "store_insn")
+    a.mov(rax, qword[rip_("shared_info", CR2)])
+    a.mov(rcx, PV_AREA_VA)
+    a.sub(rax, rcx)
+    g.report("store_cr2")
+    g.call("console_from_region", "console_io", C.CONSOLEIO_write, 8, PV_AREA_VA)
+    # the M2P is readable: the identity, one u64 per frame
+    a.mov(rcx, C.MACH2PHYS_VIRT_START)
+    a.mov(rax, qword[rcx + 8 * 0x123])
+    g.report("m2p_0x123")
+    a.mov(rcx, C.MACH2PHYS_VIRT_START)      # report() keeps only rax
+    a.mov(eax, dword[rcx + 8 * 0x7])
+    g.report("m2p_0x7_low")
+    # mmu_update of L4 slot 256 of the running L4 (pt_base; VIRT_BASE 0: VA = PA)
+    a.section(".data")
+    a.align(8)
+    a.label("slot256")                      # struct mmu_update
+    a.dq(0, 0x1000 | 0x7)
+    a.section(".text")
+    g.start_info_field(rax, "pt_base")
+    a.add(rax, 256 * 8)
+    a.mov(qword["slot256"], rax)
+    g.call("mmu_update_slot256", "mmu_update", "slot256", 1, 0, C.DOMID_SELF)
+    g.handlers(lambda: g.recording_handler("on_pf", True))
+    return g.finish()
+
+
+def unhandled_guest() -> GuestImage:
+    """An empty trap table, then ud2 at `ud2_insn`: Xen crashes the domain."""
+    g = XenPVGuest("pv-unhandled")
+    g.print("before\n")
+    g.a.label("ud2_insn")
+    g.a.ud2()
+    g.print("after\n")
+    return g.finish()

@@ -1,0 +1,111 @@
+"""Xen's x86-64 PV CPU model on every engine: a guest kernel in ring 3 that reaches
+trapless by `syscall`, takes exceptions and events as bounce frames through its trap
+table and callbacks, returns with the iret hypercall, and cannot touch the hypervisor's
+region (cext/pv_*.c, guest_kernel/xen_pv.py)."""
+from abi import C
+
+from guest_kernel.conformance import parse
+from guest_kernel.pv_kernel import build_pv_kernel
+from guest_kernel.xen_pv import cpu_model_guest, region_guest, unhandled_guest
+from hypervisor import builder
+from hypervisor.image import load_image
+
+EFAULT, EINVAL = -C.XEN_EFAULT, -C.XEN_EINVAL
+KERNEL_CS_RPL0 = C.FLAT_KERNEL_CS & ~3      # a frame from guest kernel mode
+XEN_SIGNATURE = (0x566E6558, 0x65584D4D, 0x4D4D566E)     # "XenVMMXenVMM"
+
+
+def run_clean(run_guest, image):
+    stop, console, dom = run_guest(image)
+    assert (stop.kind, stop.reason) == ("shutdown", 0), f"{stop}\n{console}"
+    return parse(console)[0], dom
+
+
+def test_deprivileged_kernel_takes_traps_events_and_syscalls(run_guest):
+    r, dom = run_clean(run_guest, cpu_model_guest())
+    assert dom.pv_model == builder.XEN_PV
+    assert r["start_info_shared_info"] == dom.layout.shared_info != 0
+    assert r["boot_upcall_mask"] == 1
+    # no supervisor_mode_kernel, no callback vector: of Xen's PV set, preserve-A/D
+    assert (r["get_features"], r["features_submap_0"]) == (0, 1 << C.XENFEAT_mmu_pt_update_preserve_ad)
+    # forced-emulation cpuid answers with Xen's leaves
+    assert (r["cpuid_0_eax"], r["cpuid_0_ebx"], r["cpuid_0_ecx"], r["cpuid_0_edx"]) == (
+        C.XEN_CPUID_BASE + 5, *XEN_SIGNATURE)
+    assert r["cpuid_1_eax"] == (4 << 16) | 19
+    assert (r["cpuid_2_eax"], r["cpuid_2_ebx"], r["cpuid_2_ecx"]) == (1, C.XEN_CPUID_BASE, 1)
+    assert r["set_trap_table"] == 0
+    # #DE: a fault at the div, from kernel mode (CS RPL 0), events masked since boot
+    # (mask 1 in CS bits 32-39, IF clear in the saved rflags)
+    assert (r["de_count"], r["de_rip"]) == (1, 0)
+    assert r["de_cs"] == (1 << 32) | KERNEL_CS_RPL0
+    assert (r["de_ss"], r["de_rflags_if"]) == (C.FLAT_KERNEL_SS, 0)
+    # #PF: error code without U (kernel mode), cr2 in vcpu_info
+    assert (r["pf_count"], r["pf_error"], r["pf_rip"], r["pf_cr2"]) == (1, 0, 0, 0x4000_0123)
+    # privileged instructions and port I/O: #GP(0) at the instruction
+    for insn in ("cli", "hlt", "in"):
+        assert (r[f"gp_{insn}_error"], r[f"gp_{insn}_rip"]) == (0, 0), insn
+    assert r["gp_count"] == 3
+    # int $0x80 through the trap table: a trap, rip after the instruction
+    assert (r["int80_count"], r["int80_rip"]) == (1, 0)
+    # an event upcall on the way back from EVTCHNOP_send, once unmasked; the iret
+    # hypercall unmasks again (the saved IF was set)
+    assert (r["register_event"], r["bind_ipi"], r["send"]) == (0, 0, 0)
+    assert (r["event_count_before"], r["event_count"]) == (0, 1)
+    assert (r["event_saved_mask"], r["event_mask_after"]) == (0, 0)
+    assert dom.counters().upcalls == 1
+    # guest user mode: syscall goes to the syscall callback on stack_switch's stack,
+    # with the user's rip/rsp in the frame and CS RPL 3; CALLBACKF_mask_events masks
+    assert (r["new_user_baseptr"], r["stack_switch"], r["register_syscall"]) == (0, 0, 0)
+    assert r["syscall_rax"] == 0x1234
+    assert (r["syscall_rip"], r["syscall_rcx"], r["syscall_user_rsp"]) == (0, 0, 0)
+    assert r["syscall_cs"] == C.FLAT_RING3_CS64
+    assert r["syscall_kernel_rsp"] == -56          # a 7-word frame under kernel_sp
+    assert r["syscall_mask"] == 1
+    counters = dom.counters()
+    assert counters.hypercalls["iret"] == 8        # 6 handlers, 1 upcall, 1 to user mode
+    assert counters.exits["exception"] >= 6
+
+
+def test_hypervisor_region_is_out_of_the_guests_reach(run_guest):
+    r, _ = run_clean(run_guest, region_guest())
+    # a store into the region is a #PF (present, write, kernel mode) at the store
+    assert (r["store_count"], r["store_error"], r["store_rip"], r["store_cr2"]) == (1, 3, 0, 0xe030)
+    assert r["console_from_region"] == EFAULT
+    assert (r["m2p_0x123"], r["m2p_0x7_low"]) == (0x123, 0x7)   # the identity M2P
+    assert r["mmu_update_slot256"] == EINVAL        # Xen's "L4 update in Xen-private area"
+
+
+def test_unhandled_exception_crashes_the_domain_in_one_line(run_guest):
+    stop, console, dom = run_guest(unhandled_guest())
+    rip = dom.image.symbols["ud2_insn"]
+    assert (stop.kind, stop.reason) == ("shutdown", C.SHUTDOWN_crash)
+    assert stop.message == (f"domain_crash: #UD (vector 6) at rip {rip:#x} "
+                            f"with no handler in the trap table")
+    assert console == "before\n"
+
+
+def test_cpu_model_comes_from_the_images_features_note():
+    assert builder.cpu_model(load_image(build_pv_kernel(), 64 << 20)) == builder.RING0
+    assert builder.cpu_model(load_image(unhandled_guest(), 64 << 20)) == builder.XEN_PV
+
+
+def test_xen_model_hypercall_page_holds_xens_stubs():
+    page = builder.hypercall_page(builder.XEN_PV)
+    # push rcx; push r11; mov eax, 18; syscall; pop r11; pop rcx; ret
+    assert page[18 * 32:18 * 32 + 14] == bytes.fromhex("514153b8120000000f05415b59c3")
+    # iret: push rcx; push r11; push rax; mov eax, 23; syscall
+    assert page[23 * 32:23 * 32 + 11] == bytes.fromhex("51415350b8170000000f05")
+
+
+def test_run_prints_the_crash_in_one_line(tmp_path, engine):
+    from helpers import hv
+    image = unhandled_guest()
+    path = tmp_path / "unhandled.elf"
+    path.write_bytes(image)
+    rip = load_image(image, 64 << 20).symbols["ud2_insn"]
+    r = hv("run", path, "--engine", engine, "--timeout", "20")
+    assert r.returncode == 5                         # shut down: crash
+    assert r.stdout == "before\n"
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"trapless: d1 shut down: crash (domain_crash: #UD (vector 6) at rip {rip:#x} "
+        f"with no handler in the trap table)")
