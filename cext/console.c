@@ -2,7 +2,12 @@
  * console.c - console_io: the domain's emergency console.
  *
  * CONSOLEIO_write keeps what Xen keeps for an unprivileged domain (printable
- * characters, newline and tab) and writes it to the domain's console fd.
+ * characters, newline and tab) and writes it to the domain's console fd, until the
+ * guest has written to its PV console ring: from then on the ring is its console (as
+ * `xl console` shows a Xen domU's ring) and console_io output goes to the hypervisor's
+ * log of the domain instead (as Xen prints a domU's console_io to its own console,
+ * `xl dmesg`). Guests such as XTF write every line both ways; it reaches the console
+ * stream once.
  * CONSOLEIO_read takes bytes the toolstack queued with hv_domain_console_input(),
  * which raises VIRQ_CONSOLE (if the guest bound it) so a guest can block for input.
  * The same input also goes to the PV console ring, if the domain has one
@@ -30,6 +35,28 @@ void hv_console_emit(struct hv_domain *d, const uint8_t *buf, size_t len)
     }
 }
 
+static void xen_log(struct hv_domain *d, const uint8_t *buf, size_t len)
+{
+    pthread_mutex_lock(&d->console_lock);
+    for (size_t i = 0; i < len; i++)
+        d->xen_log[d->xen_log_prod++ & (HV_XEN_LOG - 1)] = buf[i];
+    pthread_mutex_unlock(&d->console_lock);
+}
+
+int hv_domain_xen_log(struct hv_domain *d, uint8_t *out, int max)
+{
+    uint64_t start;
+    int n = 0;
+    pthread_mutex_lock(&d->console_lock);
+    start = d->xen_log_prod > HV_XEN_LOG ? d->xen_log_prod - HV_XEN_LOG : 0;
+    if (d->xen_log_prod - start > (uint64_t)max)
+        start = d->xen_log_prod - (uint64_t)max;
+    for (uint64_t i = start; i < d->xen_log_prod; i++)
+        out[n++] = d->xen_log[i & (HV_XEN_LOG - 1)];
+    pthread_mutex_unlock(&d->console_lock);
+    return n;
+}
+
 static int64_t console_write(struct hv_vcpu *v, uint64_t count, uint64_t buffer)
 {
     uint8_t raw[CHUNK], out[CHUNK];
@@ -43,7 +70,10 @@ static int64_t console_write(struct hv_vcpu *v, uint64_t count, uint64_t buffer)
         for (uint64_t i = 0; i < n; i++)
             if ((raw[i] >= 0x20 && raw[i] < 0x7f) || raw[i] == '\n' || raw[i] == '\t')
                 out[kept++] = raw[i];
-        hv_console_emit(v->dom, out, kept);
+        if (__atomic_load_n(&v->dom->cons_ring.used, __ATOMIC_ACQUIRE))
+            xen_log(v->dom, out, kept);
+        else
+            hv_console_emit(v->dom, out, kept);
         done += n;
     }
     return 0;

@@ -80,6 +80,8 @@ static void console_ring_kick(struct hv_domain *d)
     if (intf) {
         out = pull_output(intf, buf);
         in = push_input(d, intf);
+        if (out)
+            __atomic_store_n(&d->cons_ring.used, 1, __ATOMIC_RELEASE);  /* console.c */
     }
     pthread_mutex_unlock(&d->console_lock);
     /* Written outside the lock: a slow reader must not hold up the toolstack's input. */

@@ -115,7 +115,12 @@ struct hv_domain {
         uint32_t port;              /* the guest's end of the console event channel */
         uint8_t  pending[HV_CONSOLE_IN];    /* input the in ring had no room for yet */
         uint32_t pending_prod, pending_cons;
+        int      used;              /* the guest has written output to it */
     } cons_ring;                    /* guarded by console_lock */
+    /* console_io output once the guest's console is its ring: the hypervisor's log of
+     * the domain, as Xen's `xl dmesg` keeps it (the last HV_XEN_LOG bytes) */
+    uint8_t  xen_log[HV_XEN_LOG];
+    uint64_t xen_log_prod;
 
     /* shutdown: set once, by SCHEDOP_shutdown; read by the run loop */
     volatile int shutting_down;

@@ -136,6 +136,10 @@ void     hv_domain_destroy(struct hv_domain *d);
 uint8_t *hv_domain_ram(struct hv_domain *d);
 struct hv_counters *hv_domain_counters(struct hv_domain *d);
 int      hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int len);
+#define HV_XEN_LOG 16384            /* bytes of it kept per domain (a power of two) */
+/* The hypervisor's log of the domain: its console_io output once its console ring is in
+ * use (the latest, at most max bytes); returns how many were copied. */
+int      hv_domain_xen_log(struct hv_domain *d, uint8_t *out, int max);
 /* Make a VIRQ pending on a vCPU, as the hypervisor's own devices do (0 or -errno). */
 int      hv_domain_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
 /* Event channel ports pending and not masked (shared_info), for the toolstack. */

@@ -325,6 +325,15 @@ class Domain:
         """The latest console output (at most console_keep bytes)."""
         return bytes(self._output)
 
+    @property
+    def xen_log(self) -> bytes:
+        """The hypervisor's log of the domain (as `xl dmesg` shows a Xen domU's): what it
+        wrote with console_io once its console ring was in use, the latest 16 KiB."""
+        out = ffi.new("uint8_t[]", lib.HV_XEN_LOG)
+        with self._lock:
+            n = lib.hv_domain_xen_log(self._live(), out, lib.HV_XEN_LOG)
+        return bytes(ffi.buffer(out, n))
+
     def send_virq(self, virq: int, vcpu: int = 0) -> int:
         """Make a VIRQ pending (as the hypervisor's own devices do): 0 or -errno."""
         with self._lock:
