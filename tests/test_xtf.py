@@ -155,3 +155,24 @@ def test_real_xtf_images(engine, tmp_path):
         assert r["status"] == "SUCCESS" or r["detail"], r
         if r["env"] == "hvm64":
             assert r["status"] == "not supported"
+
+
+# What XTF's pv64 tests say today on both engines (the README's table). A change that
+# makes one of them fail is a regression in trapless; more passing is progress.
+PV64_PASSING = {
+    "SUCCESS": ["cpuid", "example", "msr", "rtm-check", "xsa-193", "xsa-212", "xsa-232",
+                "xsa-259", "xsa-279", "xsa-333", "xsa-339"],
+    "SKIP": ["argo", "cpuid-faulting", "livepatch-priv-check", "xsa-167", "xsa-182",
+             "xsa-444"],
+}
+
+
+@pytest.mark.skipif(not (REAL_XTF / "tests").is_dir(),
+                    reason=f"no XTF build at {REAL_XTF}: run `make xtf` first")
+def test_xtf_pv64_tests_that_pass_keep_passing(engine, tmp_path):
+    out = tmp_path / "xtf.json"
+    names = [name for names in PV64_PASSING.values() for name in names]
+    cli.main(["xtf", "--engine", engine, "--env", "pv64", "--timeout", "30",
+              "--json", str(out), "--test", *names])
+    got = {r["test"]: r["status"] for r in json.loads(out.read_text())}
+    assert got == {name: status for status, names in PV64_PASSING.items() for name in names}
