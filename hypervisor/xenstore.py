@@ -140,3 +140,52 @@ def stats(domid: int) -> Stats:
         raise XenstoreError("ESRCH", f"domain {domid} has no xenstore ring")
     return Stats(s.entries, s.watches, s.transactions, s.ring_error, s.requests,
                  s.events_dropped)
+
+
+# ---- what the toolstack keeps in the store for each domain (as libxl writes it) ----
+CONSOLE_LIMIT = 1048576                 # libxl's console/limit: bytes xenconsoled buffers
+
+
+def domain_path(domid: int) -> str:
+    return f"/local/domain/{domid}"
+
+
+def introduce(domid: int, name: str, uuid: str, memory_kib: int, maxmem_kib: int,
+              store: tuple[int, int] | None, console: tuple[int, int] | None) -> None:
+    """Write a new domain's keys: store and console are (ring frame, port) or None.
+
+    Permissions as libxl sets them: the home directory and /vm/<uuid> belong to dom0 and
+    the domain may read them; the directories a domain fills itself (device, data,
+    control/shutdown, ...) are the domain's own, closed to everybody else."""
+    home, vm = domain_path(domid), f"/vm/{uuid}"
+    read_only, own = ["n0", f"r{domid}"], [f"n{domid}"]
+    for path in (home, vm):
+        _rm_if_there(path)              # a domid or uuid used before starts clean
+    write_tree(vm, {"uuid": uuid, "name": name}, read_only)
+    keys: dict = {"vm": vm, "name": name, "domid": str(domid),
+                  "memory": {"static-max": str(maxmem_kib), "target": str(memory_kib)},
+                  "cpu": {"0": {"availability": "online"}}}
+    if store:
+        keys["store"] = {"ring-ref": str(store[0]), "port": str(store[1])}
+    if console:
+        keys["console"] = {"ring-ref": str(console[0]), "port": str(console[1]),
+                           "limit": str(CONSOLE_LIMIT), "type": "xenconsoled"}
+    write_tree(home, keys, read_only)
+    write_tree(f"{home}/control", {}, read_only)
+    for sub in ("control/shutdown", "device", "data", "drivers", "feature", "attr", "error"):
+        mkdir(f"{home}/{sub}")
+        set_perms(f"{home}/{sub}", own)
+
+
+def release(domid: int, uuid: str) -> None:
+    """The domain is gone: its keys go too."""
+    _rm_if_there(domain_path(domid))
+    _rm_if_there(f"/vm/{uuid}")
+
+
+def _rm_if_there(path: str) -> None:
+    try:
+        rm(path)
+    except XenstoreError as e:
+        if e.error != "ENOENT":         # ENOENT: not even its parent is there
+            raise
