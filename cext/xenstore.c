@@ -1149,6 +1149,19 @@ static void fire_special(const char *path)
     fire(&ch);
 }
 
+/* Drop a connection and all it holds. Caller holds xs_lock. */
+static void forget(struct xs_conn *c)
+{
+    conns[c->domid] = NULL;
+    for (struct xs_conn **pc = &conn_list; *pc; pc = &(*pc)->next)
+        if (*pc == c) {
+            *pc = c->next;
+            break;
+        }
+    drop_watches_and_txs(c);
+    free(c);
+}
+
 int hv_xs_attach(struct hv_domain *d, uint64_t ring_gpa)
 {
     struct xenstore_domain_interface *intf;
@@ -1162,11 +1175,13 @@ int hv_xs_attach(struct hv_domain *d, uint64_t ring_gpa)
     if (!(c = calloc(1, sizeof(*c))))
         return -XEN_ENOMEM;
     pthread_mutex_lock(&xs_lock);
-    if (conns[d->domid]) {
+    if (conns[d->domid] && conns[d->domid]->d == d) {
         pthread_mutex_unlock(&xs_lock);
         free(c);
         return -XEN_EEXIST;
     }
+    if (conns[d->domid])                /* its domid was reused (as events.c's registry does): */
+        forget(conns[d->domid]);        /* the older domain's ring is no longer served */
     port = hv_evtchn_bind_backend(d, xs_kick);
     if (port < 0) {
         pthread_mutex_unlock(&xs_lock);
@@ -1196,14 +1211,7 @@ void hv_xs_detach(struct hv_domain *d)
     pthread_mutex_lock(&xs_lock);
     c = d->domid < NR_DOMIDS ? conns[d->domid] : NULL;
     if (c && c->d == d) {
-        conns[d->domid] = NULL;
-        for (struct xs_conn **pc = &conn_list; *pc; pc = &(*pc)->next)
-            if (*pc == c) {
-                *pc = c->next;
-                break;
-            }
-        drop_watches_and_txs(c);
-        free(c);
+        forget(c);
         fire_special("@releaseDomain");
     }
     pthread_mutex_unlock(&xs_lock);
