@@ -452,3 +452,24 @@ def test_console_xenstore_verbs():
         usage, usage,
         "error: xenstore ls /test: ENOENT",
     ]
+
+
+def test_reset_watches_and_a_guest_that_never_reads(two_domains):
+    dom = two_domains[0]
+    assert xenstore.request(C.XS_WATCH, b"data\0w\0", domid=51) == OK
+    xenstore.transaction_start(domid=51)
+    s = xenstore.stats(51)
+    assert (s.watches, s.transactions, s.events_dropped) == (1, 1, 0)
+    # domain 51 never runs, so never reads its ring: its events stop at a fixed bound
+    for i in range(1000):
+        xenstore.write(f"/local/domain/51/data/k{i:03d}", "v")
+    s = xenstore.stats(51)
+    assert 0 < s.events_dropped < 1000
+    ring = dom.read_guest(dom.layout.virt_base + dom.layout.xenstore, 4096)
+    rsp_cons, rsp_prod = struct.unpack_from("<II", ring, 2056)
+    assert rsp_prod - rsp_cons == C.XENSTORE_RING_SIZE            # full, never more
+    assert xenstore.request(C.XS_RESET_WATCHES, b"", domid=51) == OK
+    s = xenstore.stats(51)
+    assert (s.watches, s.transactions) == (0, 0)
+    xenstore.write("/local/domain/51/data/after", "v")
+    assert xenstore.stats(51).events_dropped == s.events_dropped   # no watch: no event
