@@ -245,12 +245,13 @@ static struct xs_node *node_copy(const struct xs_node *n, uint32_t *count)
     return c;
 }
 
-static void count_owners(const struct xs_node *n)
+/* Add (sign 1) or take away (-1) the nodes of a subtree from their owners' counts. */
+static void count_owners(const struct xs_node *n, int sign)
 {
     if (n->perms[0].domid < NR_DOMIDS)
-        owned[n->perms[0].domid]++;
+        owned[n->perms[0].domid] += (uint32_t)sign;
     for (const struct xs_node *k = n->child; k; k = k->next)
-        count_owners(k);
+        count_owners(k, sign);
 }
 
 static uint32_t subtree_size(const struct xs_node *n, uint32_t domid, uint32_t *of_domid)
@@ -530,10 +531,8 @@ static int op_rm(struct xs_conn *c, struct xs_tx *t, const char *path, struct xs
         tx_nodes -= total;
         t->own_delta -= (int32_t)mine;
     } else {
-        total = subtree_size(n, ~0u, &mine);
-        store_nodes -= total;
-        memset(owned, 0, sizeof(owned));    /* cheaper to recount than to walk twice */
-        count_owners(store);
+        store_nodes -= subtree_size(n, ~0u, &mine);
+        count_owners(n, -1);
     }
     node_free(n);
     return 0;
@@ -818,8 +817,8 @@ static int op_tx_end(struct xs_conn *c, struct xs_tx *t, int commit, struct xs_a
         tx_nodes -= t->nodes;
         t->root = NULL;
         store_gen++;
-        memset(owned, 0, sizeof(owned));
-        count_owners(store);
+        memset(owned, 0, sizeof(owned));    /* the copy's owners replace the store's */
+        count_owners(store, 1);
         after->changes = t->changes;    /* their watches fire now */
         t->changes = NULL;
     }
@@ -1141,11 +1140,12 @@ static void xs_kick(struct hv_domain *d)
         hv_evtchn_backend_notify(d, port);
 }
 
-/* @introduceDomain / @releaseDomain: dom0's node, so only those allowed to read it hear. */
+/* @introduceDomain / @releaseDomain: every domain watching them hears (as before Xen
+ * gave the special nodes permissions; there is no way to set them here). */
 static void fire_special(const char *path)
 {
-    static const struct xs_perm dom0 = { 0, PERM_NONE };
-    struct xs_change ch = { .path = (char *)path, .perms = (struct xs_perm *)&dom0, .nperms = 1 };
+    static const struct xs_perm everyone = { 0, PERM_READ };
+    struct xs_change ch = { .path = (char *)path, .perms = (struct xs_perm *)&everyone, .nperms = 1 };
     fire(&ch);
 }
 

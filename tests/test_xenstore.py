@@ -435,17 +435,22 @@ def test_console_xenstore_verbs():
     script = ("xenstore write /test/greeting 'hello there'; xenstore read /test/greeting; "
               "xenstore write /test/sub/k v; xenstore ls /test; xenstore rm /test/sub; "
               "xenstore ls /test; xenstore read /test/sub/k; xenstore read; xenstore frob /x; "
-              "xenstore rm /test; xenstore ls /test")
+              "xenstore rm /test; xenstore ls /test; help xenstore")
     r = subprocess.run([sys.executable, "-m", "hypervisor.console", "-c", script],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert r.stdout.splitlines() == [
+    assert r.stdout.splitlines()[:6] == [
         "hello there",
         'greeting = "hello there"',
         'sub = ""',
         '  k = "v"',
         'greeting = "hello there"',
+        "xenstore ls [PATH] | read PATH | write PATH VALUE | rm PATH",
     ]
+    assert " ".join(" ".join(r.stdout.splitlines()[6:]).split()) == (
+        'the store the domains share, as dom0 sees it (xenstore-ls, -read, -write, -rm): ls '
+        'prints the tree below PATH (default /) as name = "value", rm removes a node and '
+        'everything below it')
     usage = "error: usage: xenstore ls [PATH] | read PATH | write PATH VALUE | rm PATH"
     assert r.stderr.splitlines() == [
         "error: xenstore read /test/sub/k: ENOENT",
@@ -473,3 +478,74 @@ def test_reset_watches_and_a_guest_that_never_reads(two_domains):
     assert (s.watches, s.transactions) == (0, 0)
     xenstore.write("/local/domain/51/data/after", "v")
     assert xenstore.stats(51).events_dropped == s.events_dropped   # no watch: no event
+
+
+def random_payload(rng) -> bytes:
+    """Path-like pieces, NULs and noise: mostly near-valid, sometimes not."""
+    pieces = [b"data", b"/", b"\0", b"name", b"/local/domain/51", b"x" * rng.randrange(3000),
+              b"T", b"F", b"r52", b"n51", b"b0", b"@releaseDomain", bytes([rng.randrange(256)])]
+    return b"".join(rng.choice(pieces) for _ in range(rng.randrange(8)))[:C.XENSTORE_PAYLOAD_MAX]
+
+
+def test_random_requests_get_one_answer_each(two_domains):
+    import random
+    rng = random.Random(15)
+    rtype = xenstore.ffi.new("uint32_t *")
+    reply = xenstore.ffi.new(f"uint8_t[{C.XENSTORE_PAYLOAD_MAX}]")
+    for _ in range(5000):
+        kind, tx = rng.randrange(30), rng.choice([0, 0, 1, 2, 99])
+        payload = random_payload(rng)
+        n = xenstore.lib.hv_xs_request(51, kind, tx, payload, len(payload), rtype, reply)
+        assert 0 <= n <= C.XENSTORE_PAYLOAD_MAX
+        data = bytes(xenstore.ffi.buffer(reply, n))
+        if rtype[0] == C.XS_ERROR:
+            assert data[:-1].decode() in XEN_ERRORS and data[-1:] == b"\0", data
+        else:
+            assert rtype[0] == kind, (kind, payload, data)
+    s = xenstore.stats(51)
+    q = xenstore.get_quota()
+    assert s.entries <= q.entries and s.watches <= q.watches and s.transactions <= q.transactions
+    assert xenstore.read("/local/domain/51/name") == b"d51"     # dom0's keys stand
+
+
+XEN_ERRORS = {"EINVAL", "EACCES", "EEXIST", "EISDIR", "ENOENT", "ENOMEM", "ENOSPC", "EIO",
+              "ENOTEMPTY", "ENOSYS", "EROFS", "EBUSY", "EAGAIN", "EISCONN", "E2BIG", "EPERM"}
+
+
+def test_random_messages_on_the_ring(xs_guest):
+    import random
+    rng = random.Random(28)
+    s = Steps()
+    kinds = []
+    for i in range(150):
+        kind = rng.randrange(30)
+        if kind in (C.XS_WATCH, C.XS_WATCH_EVENT):
+            kind = C.XS_READ                          # watches add events: counted elsewhere
+        kinds.append(kind)
+        s.ask(kind, random_payload(rng), tx=rng.choice([0, 0, 1, 7]))
+    got = xs_guest(s)
+    assert [r for _, r, _, _ in got] == list(range(1, 151))
+    for kind, (rtype, _, _, payload) in zip(kinds, got):
+        assert rtype in (kind, C.XS_ERROR)
+        if rtype == C.XS_ERROR:
+            assert payload[:-1].decode() in XEN_ERRORS
+    assert xenstore.stats(DOMID).ring_error == C.XENSTORE_ERROR_NONE
+
+
+def test_domains_coming_and_going_fire_the_special_watches(two_domains):
+    a, b = two_domains
+    assert xenstore.request(C.XS_WATCH, b"@releaseDomain\0gone\0", domid=51) == OK
+    assert xenstore.request(C.XS_WATCH, b"@introduceDomain\0new\0", domid=51) == OK
+    b.destroy()
+    c = Domain(xenstore_guest(Script()), memory_mib=32, domid=53, name="d53")
+    c.destroy()
+    ring = a.read_guest(a.layout.virt_base + a.layout.xenstore, 4096)
+    rsp_prod, = struct.unpack_from("<I", ring, 2060)
+    events = parse(ring[1024:1024 + rsp_prod], 5)
+    assert [(k, p) for k, _, _, p in events] == [
+        (C.XS_WATCH_EVENT, b"@releaseDomain\0gone\0"),      # at once, as every watch
+        (C.XS_WATCH_EVENT, b"@introduceDomain\0new\0"),
+        (C.XS_WATCH_EVENT, b"@releaseDomain\0gone\0"),      # 52 went
+        (C.XS_WATCH_EVENT, b"@introduceDomain\0new\0"),     # 53 came
+        (C.XS_WATCH_EVENT, b"@releaseDomain\0gone\0"),      # and went
+    ]
