@@ -517,9 +517,11 @@ static int op_rm(struct xs_conn *c, struct xs_tx *t, const char *path, struct xs
     if (!strcmp(path, "/"))
         return XEN_EINVAL;
     n = walk(*root_of(t), path, &deep, &rest);
-    if (!n)     /* absent is fine if its parent is there (Xen's rule) */
-        return path[rest + strcspn(path + rest, "/")] ? XEN_ENOENT :
-               (perm_of(c->domid, deep->perms, deep->nperms) & PERM_READ ? 0 : XEN_EACCES);
+    if (!n) {   /* absent is fine if its parent is there (Xen's rule) */
+        if (!(perm_of(c->domid, deep->perms, deep->nperms) & PERM_READ))
+            return XEN_EACCES;          /* and says nothing about what c may not see */
+        return path[rest + strcspn(path + rest, "/")] ? XEN_ENOENT : 0;
+    }
     if (!(perm_of(c->domid, n->perms, n->nperms) & PERM_WRITE))
         return XEN_EACCES;
     if ((rc = note_change(t, after, path, 1, n)))

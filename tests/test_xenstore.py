@@ -549,3 +549,12 @@ def test_domains_coming_and_going_fire_the_special_watches(two_domains):
         (C.XS_WATCH_EVENT, b"@introduceDomain\0new\0"),     # 53 came
         (C.XS_WATCH_EVENT, b"@releaseDomain\0gone\0"),      # and went
     ]
+
+
+def test_removing_what_a_domain_cannot_see_says_nothing_about_it(two_domains):
+    xenstore.write("/test/hidden/x", "1")
+    for path in ("/test/hidden/absent", "/test/hidden/absent/deeper", "/test/hidden/x"):
+        with pytest.raises(XenstoreError, match="EACCES"):
+            xenstore.rm(path, domid=51)
+    assert xenstore.read("/test/hidden/x") == b"1"
+    xenstore.rm("/test")
