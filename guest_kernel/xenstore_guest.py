@@ -3,10 +3,10 @@
 The guest finds its ring and port in start_info (store_mfn, store_evtchn), as a Xen domU
 does, and runs a script the test writes in Python: send these bytes as requests, read N
 whole messages (replies and watch events) into a buffer, tell the host to act ("sync" on
-the console), or poke a word of the ring page (to break its indexes, or ask to
-reconnect) or copy one into the output (peek). The host side reads the buffer back after the guest powered off and checks
-every reply byte for byte; the guest judges nothing itself, so one small program covers
-every case.
+the console), poke a word of the ring page (to break its indexes, or ask to reconnect),
+or copy one into the output (peek). The host side reads the buffer back after the guest
+powered off and checks every reply byte for byte; the guest judges nothing itself, so
+one small program covers every case.
 
     script = Script()
     script.send(msg(C.XS_READ, b"name\\0"))
@@ -16,12 +16,12 @@ every case.
 """
 from __future__ import annotations
 
-import re
 import struct
 
 from abi import C, offsetof
 
-from .asm import al, byte, dword, eax, ecx, edx, ptr, qword, r12, r13, r14, r15, rax, rbx, rcx, rdi, rdx, rsi
+from .asm import (al, byte, dword, eax, ecx, edx, ptr, qword, r12, r13, r14, r15, rax, rbx, rcx,
+                  rdi, rdx, rsi)
 from .runtime import PVProgram
 
 SEND, RECV, SYNC, POKE, PEEK, END = 1, 2, 3, 4, 5, 0
@@ -36,9 +36,11 @@ RSP_PROD = offsetof("xenstore_domain_interface", "rsp_prod")
 RING = C.XENSTORE_RING_SIZE
 
 
-def msg(kind: int, payload: bytes, req_id: int = 0, tx: int = 0, length: int | None = None) -> bytes:
-    """One wire message: header (with `length` in place of the true one if given) and payload."""
-    return struct.pack("<IIII", kind, req_id, tx, len(payload) if length is None else length) + payload
+def msg(kind: int, payload: bytes, req_id: int = 0, tx: int = 0,
+        length: int | None = None) -> bytes:
+    """One wire message: header (`length` in place of the true one if given) and payload."""
+    length = len(payload) if length is None else length
+    return struct.pack("<IIII", kind, req_id, tx, length) + payload
 
 
 class Script:
@@ -211,8 +213,9 @@ def xenstore_guest(script: Script) -> bytes:
     a.ret()
 
     # notify / yield_: the hypercalls, keeping every register the loops use
-    for name, emit in (("notify", lambda: p.hypercall("event_channel_op", C.EVTCHNOP_send, "send_arg")),
-                       ("yield_", lambda: p.hypercall("sched_op", C.SCHEDOP_yield, 0))):
+    for name, emit in (
+            ("notify", lambda: p.hypercall("event_channel_op", C.EVTCHNOP_send, "send_arg")),
+            ("yield_", lambda: p.hypercall("sched_op", C.SCHEDOP_yield, 0))):
         a.label(name)
         for reg in (rax, rcx, rdx, rsi, rdi):
             a.push(reg)

@@ -4,8 +4,8 @@
     python -m hypervisor.console -c "create a.cfg; create b.cfg; list"   # for scripts
 
 Commands are named as in xl where xl has them (create, list, console, pause, unpause,
-destroy, top, trace, info, dmesg, help, quit; xenstore as the xenstore-* tools). An error is one line and the shell
-goes on; quitting destroys every domain still there.
+destroy, top, trace, info, dmesg, help, quit; xenstore as the xenstore-* tools). An
+error is one line and the shell goes on; quitting destroys every domain still there.
 """
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ nothing. The store's rules themselves are checked through the same request path 
 the host, acting as dom0 or as a domain."""
 from __future__ import annotations
 
+import random
 import struct
 import subprocess
 import sys
-import threading
 from contextlib import contextmanager
 
 import pytest
@@ -22,6 +22,8 @@ from hypervisor.domain import Domain
 from hypervisor.xenstore import XenstoreError
 
 OK = b"OK\0"
+XEN_ERRORS = {"EINVAL", "EACCES", "EEXIST", "EISDIR", "ENOENT", "ENOMEM", "ENOSPC", "EIO",
+              "ENOTEMPTY", "ENOSYS", "EROFS", "EBUSY", "EAGAIN", "EISCONN", "E2BIG", "EPERM"}
 DOMID = 41
 HOME = f"/local/domain/{DOMID}"
 
@@ -410,7 +412,8 @@ def test_toolstack_writes_the_keys_and_removes_them(tmp_path):
             (f"{home}/domid", str(rec.domid).encode()), (f"{home}/memory", b""),
             (f"{home}/memory/static-max", b"49152"), (f"{home}/memory/target", b"32768"),
             (f"{home}/cpu", b""), (f"{home}/cpu/0", b""), (f"{home}/cpu/0/availability", b"online"),
-            (f"{home}/store", b""), (f"{home}/store/ring-ref", str(dom.layout.xenstore >> 12).encode()),
+            (f"{home}/store", b""),
+            (f"{home}/store/ring-ref", str(dom.layout.xenstore >> 12).encode()),
             (f"{home}/store/port", b"1"), (f"{home}/console", b""),
             (f"{home}/console/ring-ref", str(dom.layout.console >> 12).encode()),
             (f"{home}/console/port", b"2"), (f"{home}/console/limit", b"1048576"),
@@ -488,7 +491,6 @@ def random_payload(rng) -> bytes:
 
 
 def test_random_requests_get_one_answer_each(two_domains):
-    import random
     rng = random.Random(15)
     rtype = xenstore.ffi.new("uint32_t *")
     reply = xenstore.ffi.new(f"uint8_t[{C.XENSTORE_PAYLOAD_MAX}]")
@@ -508,12 +510,7 @@ def test_random_requests_get_one_answer_each(two_domains):
     assert xenstore.read("/local/domain/51/name") == b"d51"     # dom0's keys stand
 
 
-XEN_ERRORS = {"EINVAL", "EACCES", "EEXIST", "EISDIR", "ENOENT", "ENOMEM", "ENOSPC", "EIO",
-              "ENOTEMPTY", "ENOSYS", "EROFS", "EBUSY", "EAGAIN", "EISCONN", "E2BIG", "EPERM"}
-
-
 def test_random_messages_on_the_ring(xs_guest):
-    import random
     rng = random.Random(28)
     s = Steps()
     kinds = []
