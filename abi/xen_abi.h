@@ -261,6 +261,66 @@ struct xencons_interface {
     uint8_t  connection;            /* XENCONS_CONNECTED / _DISCONNECTED; 3 bytes of tail padding */
 };
 
+/* ---- xenstore (io/xs_wire.h): the wire protocol and the ring page ----------------- */
+/* A message is a header and len bytes of payload; strings in it end with NUL. */
+#define XS_CONTROL               0
+#define XS_DIRECTORY             1
+#define XS_READ                  2
+#define XS_GET_PERMS             3
+#define XS_WATCH                 4
+#define XS_UNWATCH               5
+#define XS_TRANSACTION_START     6
+#define XS_TRANSACTION_END       7
+#define XS_INTRODUCE             8
+#define XS_RELEASE               9
+#define XS_GET_DOMAIN_PATH      10
+#define XS_WRITE                11
+#define XS_MKDIR                12
+#define XS_RM                   13
+#define XS_SET_PERMS            14
+#define XS_WATCH_EVENT          15
+#define XS_ERROR                16
+#define XS_IS_DOMAIN_INTRODUCED 17
+#define XS_RESUME               18
+#define XS_SET_TARGET           19
+#define XS_RESET_WATCHES        21
+#define XS_DIRECTORY_PART       22
+#define XS_TYPE_COUNT           27
+
+struct xsd_sockmsg {
+    uint32_t type;                  /* XS_* */
+    uint32_t req_id;                /* echoed in the reply */
+    uint32_t tx_id;                 /* transaction, 0 for none */
+    uint32_t len;                   /* bytes of payload after the header */
+};
+
+#define XENSTORE_PAYLOAD_MAX    4096
+#define XENSTORE_ABS_PATH_MAX   3072
+#define XENSTORE_REL_PATH_MAX   2048
+#define XENSTORE_RING_SIZE      1024
+
+/* The ring page: requests from the guest in req, replies and watch events to it in rsp.
+ * Indexes run freely (u32, wrapping); byte x of a ring is at x & (XENSTORE_RING_SIZE-1). */
+struct xenstore_domain_interface {
+    char     req[1024];
+    char     rsp[1024];
+    uint32_t req_cons, req_prod;
+    uint32_t rsp_cons, rsp_prod;
+    uint32_t server_features;       /* XENSTORE_SERVER_FEATURE_* */
+    uint32_t connection;            /* XENSTORE_CONNECTED / _RECONNECT */
+    uint32_t error;                 /* XENSTORE_ERROR_*: why the server stopped serving */
+    uint32_t evtchn_port;
+};
+
+#define XENSTORE_SERVER_FEATURE_RECONNECTION  1
+#define XENSTORE_SERVER_FEATURE_ERROR         2
+#define XENSTORE_CONNECTED      0
+#define XENSTORE_RECONNECT      1
+#define XENSTORE_ERROR_NONE     0
+#define XENSTORE_ERROR_COMM     1
+#define XENSTORE_ERROR_RINGIDX  2
+#define XENSTORE_ERROR_PROTO    3
+
 /* ---- Xen ELF notes (owner "Xen") ---------------------------------------------------- */
 #define XEN_ELFNOTE_INFO                 0
 #define XEN_ELFNOTE_ENTRY                1

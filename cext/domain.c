@@ -163,6 +163,7 @@ void hv_domain_destroy(struct hv_domain *d)
 {
     if (!d)
         return;
+    hv_xs_detach(d);                    /* other domains' writes stop reaching its ring */
     hv_timers_stop(d);                  /* first: it touches vCPUs */
     for (int i = 0; i < HV_MAX_VCPUS; i++)
         if (d->vcpus[i])

@@ -258,6 +258,8 @@ int  hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
 /* A port whose remote end is a backend inside trapless: allocate it, and raise it. */
 int  hv_evtchn_bind_backend(struct hv_domain *d, void (*backend)(struct hv_domain *d));
 void hv_evtchn_backend_notify(struct hv_domain *d, uint32_t port);
+/* ---- xenstore (xenstore.c) ---- */
+void hv_xs_detach(struct hv_domain *d);     /* the domain goes away: its ring, watches, txs */
 int  hv_upcall_wanted(struct hv_vcpu *v);
 int  hv_port_pending(struct hv_domain *d, uint32_t port);
 void hv_events_flush(struct hv_vcpu *v);

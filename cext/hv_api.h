@@ -149,6 +149,41 @@ int      hv_domain_pending_events(struct hv_domain *d);
  * Returns the guest's port (for start_info), or -errno. Once per domain. */
 int      hv_console_ring_attach(struct hv_domain *d, uint64_t ring_gpa);
 
+/* Xenstore (xenstore.c): one store per process, as Xen's xenstored in dom0. */
+/* Give the domain a xenstore ring: the page at guest-physical ring_gpa (start_info's
+ * store_mfn for PV, HVM_PARAM_STORE_PFN for PVH) and a new event channel whose other
+ * end is the store. Returns the guest's port, or -errno. Once per domain. */
+int      hv_xs_attach(struct hv_domain *d, uint64_t ring_gpa);
+/* One request as domain domid would send it on its ring (0: trapless itself, which may
+ * do anything but watch: it has no ring for the events). The reply's type (XS_ERROR on
+ * failure) goes to *reply_type and its payload (at most XENSTORE_PAYLOAD_MAX bytes) to
+ * reply; returns the payload's length, or -ESRCH if domid has no ring, -E2BIG if len
+ * exceeds XENSTORE_PAYLOAD_MAX. Watch events it causes go to the watchers' rings. */
+int      hv_xs_request(uint32_t domid, uint32_t type, uint32_t tx_id, const uint8_t *payload,
+                       uint32_t len, uint32_t *reply_type, uint8_t *reply);
+
+/* What each unprivileged domain may hold; beyond it a request fails with Xen's error. */
+struct hv_xs_quota {
+    uint32_t entries;       /* nodes it owns (ENOSPC) */
+    uint32_t value_bytes;   /* bytes in one node's value (ENOSPC) */
+    uint32_t watches;       /* (E2BIG) */
+    uint32_t transactions;  /* open at once (ENOSPC) */
+    uint32_t perms;         /* entries in one node's permission list (ENOSPC) */
+};
+void     hv_xs_get_quota(struct hv_xs_quota *q);
+void     hv_xs_set_quota(const struct hv_xs_quota *q);
+
+struct hv_xs_stats {
+    uint32_t entries;       /* nodes the domain owns */
+    uint32_t watches;
+    uint32_t transactions;
+    uint32_t ring_error;    /* XENSTORE_ERROR_*: the ring is no longer served */
+    uint64_t requests;      /* messages answered */
+    uint64_t events_dropped;/* watch events its full output queue could not take */
+};
+/* 0, or -ESRCH if the domain has no ring. */
+int      hv_xs_stats(uint32_t domid, struct hv_xs_stats *out);
+
 /* Memory service (memory.c, mm.c). hv_mm_init types and counts the builder's page
  * tables, walking from cr3 (once, after the domain's memory is built); hv_mm_audit
  * recounts every frame's references from the tables and checks Xen's invariants

@@ -239,12 +239,13 @@ def cmdline_problem(cmdline: str) -> str | None:
 
 
 def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
-          model: int = RING0, console_evtchn: int = 0) -> BootState:
+          model: int = RING0, console_evtchn: int = 0, store_evtchn: int = 0) -> BootState:
     """Write the image and the start-of-day region into zeroed guest RAM.
 
     model: the PV CPU model the domain runs (its hypercall page differs);
     console_evtchn: the guest's port of the console ring (0: the domain has no ring, and
-    start_info names no console page, as for Xen's dom0)."""
+    start_info names no console page, as for Xen's dom0); store_evtchn likewise for the
+    xenstore ring."""
     why = cmdline_problem(cmdline)
     if why:
         raise ImageError(why)
@@ -271,6 +272,7 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
     si.shared_info = layout.shared_info or 0      # a machine address, not mapped for it
     si.flags = 0
     si.store_mfn = layout.xenstore // PAGE
+    si.store_evtchn = store_evtchn
     if console_evtchn:
         si.console_mfn = layout.console // PAGE
         si.console_evtchn = console_evtchn

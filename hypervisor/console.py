@@ -4,8 +4,8 @@
     python -m hypervisor.console -c "create a.cfg; create b.cfg; list"   # for scripts
 
 Commands are named as in xl where xl has them (create, list, console, pause, unpause,
-destroy, top, trace, info, dmesg, help, quit). An error is one line and the shell
-goes on; quitting destroys every domain still there.
+destroy, top, trace, info, dmesg, help, quit; xenstore as the xenstore-* tools). An
+error is one line and the shell goes on; quitting destroys every domain still there.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from rich.table import Table
 
 from abi import C
 
-from . import config, engines
+from . import config, engines, xenstore
 from ._hv import lib
 from .errors import TraplessError
 from .toolstack import (DomainRecord, Toolstack, ToolstackError, describe_call, describe_result,
@@ -62,6 +62,10 @@ COMMANDS = {
             "hypercalls/s by name), refreshed every second; q leaves"),
     "trace": ("trace DOM [N]", f"the domain's last N hypercalls (default {TRACE_DEFAULT}, at "
               f"most {lib.HV_TRACE_ENTRIES}) with names, arguments and results"),
+    "xenstore": ("xenstore ls [PATH] | read PATH | write PATH VALUE | rm PATH",
+                 "the store the domains share, as dom0 sees it (xenstore-ls, -read, -write, "
+                 "-rm): ls prints the tree below PATH (default /) as name = \"value\", rm "
+                 "removes a node and everything below it"),
     "info": ("info", "engines, host, the Xen ABI version, this process"),
     "dmesg": ("dmesg", "the hypervisor's log: domains created, stopped, restarted, destroyed"),
     "sleep": ("sleep SECONDS", "wait (for scripts run with -c)"),
@@ -233,6 +237,31 @@ class Shell(cmd.Cmd):
             table.add_row(str(e.seq), f"{(e.time_ns - t0) / 1e6:.3f}", describe_call(e),
                           describe_result(e.ret))
         self.out.print(table)
+
+    def do_xenstore(self, arg: str) -> None:
+        words = self._args(arg, "xenstore", 1, 3)
+        verb, rest = words[0], words[1:]
+        wanted = {"ls": (0, 1), "read": (1, 1), "write": (2, 2), "rm": (1, 1)}
+        if verb not in wanted or not wanted[verb][0] <= len(rest) <= wanted[verb][1]:
+            raise UsageError(f"usage: {COMMANDS['xenstore'][0]}")
+        path = rest[0] if rest else "/"
+        try:
+            if verb == "ls":
+                self._xenstore_ls(path, 0)
+            elif verb == "read":
+                self.say(_printable(xenstore.read(path)))
+            elif verb == "write":
+                xenstore.write(path, rest[1])
+            else:
+                xenstore.rm(path)
+        except xenstore.XenstoreError as e:
+            raise ToolstackError(f"xenstore {verb} {path}: {e.error}") from None
+
+    def _xenstore_ls(self, path: str, depth: int) -> None:
+        for name in xenstore.directory(path):
+            child = f"{path.rstrip('/')}/{name}"
+            self.say(f"{'  ' * depth}{name} = \"{_printable(xenstore.read(child))}\"")
+            self._xenstore_ls(child, depth + 1)
 
     def do_info(self, arg: str) -> None:
         self._args(arg, "info", 0, 0)
@@ -424,6 +453,11 @@ class Shell(cmd.Cmd):
 
     def completenames(self, text, *ignored):
         return [c + " " for c in COMMANDS if c.startswith(text)]
+
+
+def _printable(value: bytes) -> str:
+    """A node's value as text, with what is not printable ASCII escaped."""
+    return "".join(chr(b) if 32 <= b < 127 and b != 0x5C else f"\\x{b:02x}" for b in value)
 
 
 def top_table(rows) -> Table:

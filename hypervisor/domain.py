@@ -198,14 +198,16 @@ class Domain:
                  name: str = "", on_console: Callable[[bytes], None] | None = None,
                  max_evtchn_ports: int = 0, native: bool = False,
                  maxmem_mib: int | None = None, console_keep: int = CONSOLE_KEEP,
-                 on_stop: Callable[["Domain"], None] | None = None, console_ring: bool = True):
+                 on_stop: Callable[["Domain"], None] | None = None, console_ring: bool = True,
+                 xenstore: bool = True):
         """memory_mib is what the domain starts with; maxmem_mib (default: the same) is
         how far it may balloon up: its guest-physical space and maximum reservation.
         console_keep: how many of the latest console bytes console_output keeps.
         on_console(chunk) gets the output as it comes; on_stop(domain) is called once the
         vCPU stopped for good (both from the console hub's thread: keep them short).
         console_ring: give the domain a PV console ring and its event channel, as Xen's
-        builder gives every domU (the port is the domain's first)."""
+        builder gives every domU; xenstore: give it a ring on the store (cext/xenstore.c).
+        As with Xen's toolstack, the store's port is the domain's first, the console's next."""
         self._dom = None
         self._lock = threading.RLock()
         self._state = "building"
@@ -267,14 +269,20 @@ class Domain:
             if native and lib.hv_domain_add_devices(self._dom, err, len(err)) < 0:
                 raise EngineError(f"cannot add devices: {ffi.string(err).decode()}")
             ram = ffi.buffer(lib.hv_domain_ram(self._dom), ram_bytes)
-            self.console_evtchn = 0
+            self.console_evtchn = self.store_evtchn = 0
+            if xenstore:
+                port = lib.hv_xs_attach(self._dom, self.layout.xenstore)
+                if port < 0:
+                    raise EngineError(f"cannot attach the xenstore ring: Xen errno {-port}")
+                self.store_evtchn = port
             if console_ring:
                 port = lib.hv_console_ring_attach(self._dom, self.layout.console)
                 if port < 0:
                     raise EngineError(f"cannot attach the console ring: Xen errno {-port}")
                 self.console_evtchn = port
             boot = builder.build(memoryview(ram), self.image, self.layout, cmdline,
-                                 self.pv_model, console_evtchn=self.console_evtchn)
+                                 self.pv_model, console_evtchn=self.console_evtchn,
+                                 store_evtchn=self.store_evtchn)
             if lib.hv_mm_init(self._dom, boot.cr3, err, len(err)) < 0 or (
                     ram_bytes > start_bytes and
                     lib.hv_mm_set_reservation(self._dom, start_bytes >> 12, err, len(err)) < 0) or (

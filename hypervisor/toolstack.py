@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from abi import C, CONSTANTS, ERRNO_NAMES
 
-from . import engines
+from . import engines, xenstore
 from .config import NAME_RE, DomainConfig
 from .domain import Domain, StopInfo, TraceEntry
 from .errors import TraplessError
@@ -301,7 +301,7 @@ class Toolstack:
                 self._launch(rec, dom)
                 dom = None
         if dom is not None:                       # destroyed while it was being built
-            dom.destroy()
+            self._destroy_domain(dom)
             raise ToolstackError(f"domain {name} was destroyed while it was being built")
         self.log(f"domain {rec.domid} ({name}) created: {config.kernel}, {config.memory} MiB, "
                  f"engine {engine}, cmdline {config.full_cmdline!r}")
@@ -332,11 +332,26 @@ class Toolstack:
 
     def _build(self, rec: DomainRecord) -> Domain:
         cfg = rec.config
-        return Domain(str(cfg.kernel), memory_mib=cfg.memory, maxmem_mib=cfg.maxmem,
-                      cmdline=cfg.full_cmdline,
-                      engine=rec.engine, domid=rec.domid, name=rec.name,
-                      on_console=rec._on_console,
-                      on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)))
+        dom = Domain(str(cfg.kernel), memory_mib=cfg.memory, maxmem_mib=cfg.maxmem,
+                     cmdline=cfg.full_cmdline,
+                     engine=rec.engine, domid=rec.domid, name=rec.name,
+                     on_console=rec._on_console,
+                     on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)))
+        try:                            # its keys are there before its first instruction
+            xenstore.introduce(dom.domid, rec.name, str(dom.uuid), cfg.memory * 1024,
+                               (cfg.maxmem or cfg.memory) * 1024,
+                               (dom.layout.xenstore >> 12, dom.store_evtchn),
+                               (dom.layout.console >> 12, dom.console_evtchn))
+        except BaseException:
+            self._destroy_domain(dom)
+            raise
+        return dom
+
+    @staticmethod
+    def _destroy_domain(dom: Domain) -> None:
+        """Every destroy goes here: the domain, then its keys in the store."""
+        dom.destroy()
+        xenstore.release(dom.domid, str(dom.uuid))
 
     def _launch(self, rec: DomainRecord, dom: Domain) -> None:
         """Caller holds _lock."""
@@ -382,7 +397,7 @@ class Toolstack:
                 rec.phase, rec.restarts = "restarting", rec.restarts + 1
                 rec.domid = self._alloc_domid()
                 self._records[rec.domid] = rec
-        dom.destroy()
+        self._destroy_domain(dom)
         if action == "restart":
             self._restart(rec)
 
@@ -400,7 +415,7 @@ class Toolstack:
                 self._launch(rec, dom)
                 self.log(f"domain {rec.name} restarted as domain {rec.domid}")
                 return
-        dom.destroy()
+        self._destroy_domain(dom)
 
     # ---- what a person does to a domain ----
     def _live(self, rec: DomainRecord, what: str) -> Domain:
@@ -436,7 +451,7 @@ class Toolstack:
             self._records.pop(rec.domid, None)
             dom, rec.domain = rec.domain, None
         if dom is not None:
-            dom.destroy()
+            self._destroy_domain(dom)
         self.log(f"domain {rec.domid} ({rec.name}) destroyed")
 
     def shutdown(self) -> None:
@@ -452,7 +467,7 @@ class Toolstack:
                     doms.append(rec.domain)
                 rec.domain = None
         for dom in doms:
-            dom.destroy()
+            self._destroy_domain(dom)
         self._stopped.put(None)
         if self._reaper is not threading.current_thread():
             self._reaper.join()

@@ -92,6 +92,10 @@ XEN_LAYOUTS = [
     ("multicall_entry", 64, dict(op=0, result=8, args=16)),
     ("xencons_interface", 3092, {"in": 0, "out": 1024, "in_cons": 3072, "in_prod": 3076,
                                      "out_cons": 3080, "out_prod": 3084, "connection": 3088}),
+    ("xsd_sockmsg", 16, dict(type=0, req_id=4, tx_id=8, len=12)),
+    ("xenstore_domain_interface", 2080, dict(req=0, rsp=1024, req_cons=2048, req_prod=2052,
+                                             rsp_cons=2056, rsp_prod=2060, server_features=2064,
+                                             connection=2068, error=2072, evtchn_port=2076)),
 ]
 
 
@@ -119,6 +123,16 @@ XEN_NUMBERS = dict(
     XEN_ELFNOTE_ENTRY=1, XEN_ELFNOTE_HYPERCALL_PAGE=2, XEN_ELFNOTE_VIRT_BASE=3,
     XEN_ELFNOTE_GUEST_OS=6, XEN_ELFNOTE_PHYS32_ENTRY=18, DOMID_SELF=0x7FF0,
     XENCONS_IN_SIZE=1024, XENCONS_OUT_SIZE=2048, XENCONS_CONNECTED=0, XENCONS_DISCONNECTED=1,
+    XS_CONTROL=0, XS_DIRECTORY=1, XS_READ=2, XS_GET_PERMS=3, XS_WATCH=4, XS_UNWATCH=5,
+    XS_TRANSACTION_START=6, XS_TRANSACTION_END=7, XS_INTRODUCE=8, XS_RELEASE=9,
+    XS_GET_DOMAIN_PATH=10, XS_WRITE=11, XS_MKDIR=12, XS_RM=13, XS_SET_PERMS=14,
+    XS_WATCH_EVENT=15, XS_ERROR=16, XS_IS_DOMAIN_INTRODUCED=17, XS_RESUME=18,
+    XS_SET_TARGET=19, XS_RESET_WATCHES=21, XS_DIRECTORY_PART=22,
+    XENSTORE_PAYLOAD_MAX=4096, XENSTORE_ABS_PATH_MAX=3072, XENSTORE_REL_PATH_MAX=2048,
+    XENSTORE_RING_SIZE=1024, XENSTORE_SERVER_FEATURE_RECONNECTION=1,
+    XENSTORE_SERVER_FEATURE_ERROR=2, XENSTORE_CONNECTED=0, XENSTORE_RECONNECT=1,
+    XENSTORE_ERROR_NONE=0, XENSTORE_ERROR_COMM=1, XENSTORE_ERROR_RINGIDX=2,
+    XENSTORE_ERROR_PROTO=3,
 )
 
 

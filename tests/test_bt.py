@@ -412,8 +412,10 @@ def test_a_kvm_domain_and_a_bt_domain_share_an_event_channel(sender_engine, rece
     spec = importlib.util.spec_from_file_location("interdomain_guests", path)
     guests = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(guests)
-    a = Domain(guests.sender(peer=22), domid=21, engine=sender_engine, console_ring=False)
-    b = Domain(guests.receiver(peer=21), domid=22, engine=receiver_engine, console_ring=False)
+    a = Domain(guests.sender(peer=22), domid=21, engine=sender_engine, console_ring=False,
+               xenstore=False)
+    b = Domain(guests.receiver(peer=21), domid=22, engine=receiver_engine, console_ring=False,
+               xenstore=False)
     try:
         b.start()
         a.start()

@@ -112,9 +112,9 @@ def test_start_info_names_the_ring_and_its_port(engine, run_guest):
     a.ret()
     stop, console, dom = run_guest(p.elf())
     assert (stop.kind, stop.reason) == ("shutdown", 0), stop
-    # the domain's first port (Xen's toolstack takes one for xenstore first; no xenstore yet)
-    assert dom.console_evtchn == 1
-    assert console == f"mfn {dom.layout.console >> 12:#x} port 1\n"
+    # the domain's second port: as Xen's toolstack, the xenstore ring takes the first
+    assert (dom.store_evtchn, dom.console_evtchn) == (1, 2)
+    assert console == f"mfn {dom.layout.console >> 12:#x} port 2\n"
     # the ring page lies in the start-of-day region, right after the xenstore page
     assert dom.layout.console == dom.layout.xenstore + 4096
 
