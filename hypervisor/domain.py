@@ -212,6 +212,7 @@ class Domain:
         self._lock = threading.RLock()
         self._state = "building"
         self._started = False
+        self._introduced = False            # its keys are in xenstore
         self._eof = threading.Event()
         _default_budget()                   # a bad TRAPLESS_MEMORY_BUDGET_MIB: one line
         maxmem_mib = memory_mib if maxmem_mib is None else maxmem_mib
@@ -294,6 +295,14 @@ class Domain:
             if lib.hv_vcpu_set_boot_state(self._vcpu, bs, err, len(err)) < 0:
                 raise EngineError(f"cannot set the vCPU's boot state: "
                                   f"{ffi.string(err).decode()}")
+            if xenstore:                # its keys are there before its first instruction
+                from . import xenstore as store
+                store.introduce(domid, self.name, str(self.uuid), memory_mib * 1024,
+                                maxmem_mib * 1024,
+                                (self.layout.xenstore >> 12, self.store_evtchn),
+                                (self.layout.console >> 12, self.console_evtchn)
+                                if console_ring else None)
+                self._introduced = True
         except BaseException:
             self.destroy()
             raise
@@ -509,6 +518,9 @@ class Domain:
         # Stops the vCPU (if it never started, there is nothing to stop) and ends the
         # console stream; the hub reads what is left, then lets the pipe go.
         lib.hv_domain_destroy(dom)
+        if self._introduced:                # the domain is gone: its keys go too
+            from . import xenstore as store
+            store.release(self.domid, str(self.uuid))
         self._eof.wait()
         os.close(self._console_r)
         self._console_r = -1

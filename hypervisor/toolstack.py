@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from abi import C, CONSTANTS, ERRNO_NAMES
 
-from . import engines, xenstore
+from . import engines
 from .config import NAME_RE, DomainConfig
 from .domain import Domain, StopInfo, TraceEntry
 from .errors import TraplessError
@@ -332,26 +332,16 @@ class Toolstack:
 
     def _build(self, rec: DomainRecord) -> Domain:
         cfg = rec.config
-        dom = Domain(str(cfg.kernel), memory_mib=cfg.memory, maxmem_mib=cfg.maxmem,
-                     cmdline=cfg.full_cmdline,
-                     engine=rec.engine, domid=rec.domid, name=rec.name,
-                     on_console=rec._on_console,
-                     on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)))
-        try:                            # its keys are there before its first instruction
-            xenstore.introduce(dom.domid, rec.name, str(dom.uuid), cfg.memory * 1024,
-                               (cfg.maxmem or cfg.memory) * 1024,
-                               (dom.layout.xenstore >> 12, dom.store_evtchn),
-                               (dom.layout.console >> 12, dom.console_evtchn))
-        except BaseException:
-            self._destroy_domain(dom)
-            raise
-        return dom
+        # the Domain writes its keys into xenstore and removes them when destroyed
+        return Domain(str(cfg.kernel), memory_mib=cfg.memory, maxmem_mib=cfg.maxmem,
+                      cmdline=cfg.full_cmdline,
+                      engine=rec.engine, domid=rec.domid, name=rec.name,
+                      on_console=rec._on_console,
+                      on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)))
 
     @staticmethod
     def _destroy_domain(dom: Domain) -> None:
-        """Every destroy goes here: the domain, then its keys in the store."""
         dom.destroy()
-        xenstore.release(dom.domid, str(dom.uuid))
 
     def _launch(self, rec: DomainRecord, dom: Domain) -> None:
         """Caller holds _lock."""
