@@ -20,7 +20,7 @@ from typing import Callable
 
 from abi import HYPERCALL_NAMES, SHUTDOWN_NAMES
 
-from . import builder, engines
+from . import builder, engines, pvh
 from ._hv import ffi, lib
 from .errors import ConfigError, DomainError, EngineError, ImageError
 from .image import PVImage, load_image
@@ -198,12 +198,15 @@ class Domain:
                  name: str = "", on_console: Callable[[bytes], None] | None = None,
                  max_evtchn_ports: int = 0, native: bool = False,
                  maxmem_mib: int | None = None, console_keep: int = CONSOLE_KEEP,
-                 on_stop: Callable[["Domain"], None] | None = None):
+                 on_stop: Callable[["Domain"], None] | None = None,
+                 guest_type: str | None = None, ramdisk: bytes | None = None):
         """memory_mib is what the domain starts with; maxmem_mib (default: the same) is
         how far it may balloon up: its guest-physical space and maximum reservation.
         console_keep: how many of the latest console bytes console_output keeps.
         on_console(chunk) gets the output as it comes; on_stop(domain) is called once the
-        vCPU stopped for good (both from the console hub's thread: keep them short)."""
+        vCPU stopped for good (both from the console hub's thread: keep them short).
+        guest_type: "pv" or "pvh" (None: as the image's notes say, image.py); ramdisk:
+        a PVH guest's module 0 (an initramfs)."""
         self._dom = None
         self._lock = threading.RLock()
         self._state = "building"
@@ -219,11 +222,21 @@ class Domain:
             raise ImageError(f"maxmem {maxmem_mib} MiB is below memory {memory_mib} MiB")
         if console_keep < 0:
             raise DomainError(f"console_keep {console_keep}: must be 0 or more bytes")
-        self.engine = engines.choose(engine)
         start_bytes, ram_bytes = memory_mib << 20, maxmem_mib << 20
         # The image and the start-of-day region live in the memory the domain starts with.
-        self.image = image if isinstance(image, PVImage) else load_image(image, start_bytes)
-        self.layout = builder.plan(self.image, start_bytes)
+        self.image = image if isinstance(image, PVImage) else load_image(
+            image, start_bytes, guest_type=guest_type)
+        self.guest_type = self.image.guest_type
+        self.engine_note = None         # why a PVH guest does not run on kvm here
+        if self.guest_type == "pvh":
+            self.engine, self.engine_note = pvh.choose_engine(engine, self.image)
+            self.layout = pvh.plan(self.image, start_bytes, len(ramdisk or b""))
+        else:
+            if ramdisk:
+                raise ImageError("a ramdisk is for PVH guests (hvm_start_info module 0); "
+                                 "this image boots as PV")
+            self.engine = engines.choose(engine)
+            self.layout = builder.plan(self.image, start_bytes)
         self.domid, self.name, self.cmdline = domid, name or f"d{domid}", cmdline
         self.uuid = uuid.uuid4()
         self._output = bytearray()
@@ -242,6 +255,7 @@ class Domain:
         cfg.console_fd = console_w
         cfg.handle = self.uuid.bytes
         cfg.max_evtchn_ports = max_evtchn_ports
+        cfg.guest_type = lib.HV_GUEST_PVH if self.guest_type == "pvh" else lib.HV_GUEST_PV
         err = ffi.new("char[256]")
         self._dom = lib.hv_domain_create(cfg, err, len(err))
         if self._dom == ffi.NULL:
@@ -261,7 +275,10 @@ class Domain:
             if native and lib.hv_domain_add_devices(self._dom, err, len(err)) < 0:
                 raise EngineError(f"cannot add devices: {ffi.string(err).decode()}")
             ram = ffi.buffer(lib.hv_domain_ram(self._dom), ram_bytes)
-            boot = builder.build(memoryview(ram), self.image, self.layout, cmdline)
+            if self.guest_type == "pvh":
+                boot = pvh.build(memoryview(ram), self.image, self.layout, cmdline, ramdisk)
+            else:
+                boot = builder.build(memoryview(ram), self.image, self.layout, cmdline)
             if lib.hv_mm_init(self._dom, boot.cr3, err, len(err)) < 0 or (
                     ram_bytes > start_bytes and
                     lib.hv_mm_set_reservation(self._dom, start_bytes >> 12, err, len(err)) < 0):

@@ -76,6 +76,7 @@ XEN_LAYOUTS = [
     ("vcpu_set_singleshot_timer", 16, dict(timeout_abs_ns=0, flags=8)),
     ("vcpu_register_vcpu_info", 16, dict(mfn=0, offset=8, rsvd=12)),
     ("vcpu_runstate_info", 48, dict(state=0, state_entry_time=8, time=16)),
+    ("vcpu_register_runstate_memory_area", 8, dict(addr=0)),
     ("xen_memory_reservation", 32, dict(extent_start=0, nr_extents=8, extent_order=16,
                                         mem_flags=20, domid=24)),
     ("xen_memory_map", 16, dict(nr_entries=0, buffer=8)),
@@ -84,6 +85,11 @@ XEN_LAYOUTS = [
     ("mmu_update", 16, dict(ptr=0, val=8)),
     ("mmuext_op", 24, dict(cmd=0, arg1=8, arg2=16)),
     ("multicall_entry", 64, dict(op=0, result=8, args=16)),
+    ("hvm_start_info", 56, dict(magic=0, version=4, flags=8, nr_modules=12, modlist_paddr=16,
+                                cmdline_paddr=24, rsdp_paddr=32, memmap_paddr=40,
+                                memmap_entries=48, reserved=52)),
+    ("hvm_modlist_entry", 32, dict(paddr=0, size=8, cmdline_paddr=16, reserved=24)),
+    ("hvm_memmap_table_entry", 24, dict(addr=0, size=8, type=16, reserved=20)),
 ]
 
 
@@ -110,6 +116,8 @@ XEN_NUMBERS = dict(
     SHUTDOWN_poweroff=0, SHUTDOWN_crash=3, SHUTDOWN_soft_reset=5,
     XEN_ELFNOTE_ENTRY=1, XEN_ELFNOTE_HYPERCALL_PAGE=2, XEN_ELFNOTE_VIRT_BASE=3,
     XEN_ELFNOTE_GUEST_OS=6, XEN_ELFNOTE_PHYS32_ENTRY=18, DOMID_SELF=0x7FF0,
+    XEN_HVM_START_MAGIC_VALUE=0x336EC578, XEN_HVM_MEMMAP_TYPE_RAM=1,
+    XEN_HVM_MEMMAP_TYPE_RESERVED=2,
 )
 
 
