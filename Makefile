@@ -1,4 +1,5 @@
 # trapless: make setup · make run-guest · make test · make stress · make bench · make conformance · make compare
+#           make xtf · make xtf-run
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -44,6 +45,20 @@ conformance: setup
 compare: setup
 	@mkdir -p build
 	$(BIN)/python -m hypervisor compare --json build/compare.json
+
+# XTF, the Xen Test Framework: the pinned source (a tarball; in CI it sits beside the
+# repository in shared/) or your own checkout with XTF=/path/to/xtf, built with the
+# system gcc into build/xtf for the environments trapless runs or soon will.
+XTF_TARBALL ?= ../shared/xtf/xtf-src.tar.gz
+XTF_ENVS    ?= pv64 hvm64
+.PHONY: xtf xtf-run
+xtf:
+	scripts/xtf-build.sh "$(or $(XTF),$(XTF_TARBALL))" build/xtf $(XTF_ENVS)
+
+# every built XTF image on every available engine: the test x engine table, and one JSON
+# record per run in build/xtf.json
+xtf-run: setup xtf
+	$(BIN)/python -m hypervisor xtf --json build/xtf.json
 
 clean:
 	rm -rf build $(VENV) *.egg-info hypervisor/_hv*.so

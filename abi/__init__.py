@@ -1,15 +1,22 @@
 """The Python view of trapless's hypercall ABI, derived from abi/xen_abi.h.
 
-Every number and layout comes from the C header through cffi's cdef: nothing is
-retyped here. `C` holds the integer constants (C.__HYPERVISOR_console_io,
-C.XEN_EFAULT, ...), `ffi` the struct layouts (ffi.sizeof / ffi.offsetof).
+Every number and layout comes from the C header: the C extension `hypervisor._hv` is
+compiled from it (cext/build_cext.py hands the header's cdef part to cffi), so its `ffi`
+knows every struct as the C compiler lays it out and its `lib` every #define. Python
+reads them there rather than parsing the header with pycparser at every start, which
+cost most of a cold start. The names are still found in the header itself, and the
+build stores a checksum of the header in the extension: an extension built from another
+version of the header is refused, never trusted. `C` holds the integer constants
+(C.__HYPERVISOR_console_io, C.XEN_EFAULT, ...), `ffi` the struct layouts
+(ffi.sizeof / ffi.offsetof).
 """
 from __future__ import annotations
 
 import re
+import zlib
 from pathlib import Path
 
-import cffi
+from hypervisor._hv import ffi, lib
 
 HEADER = Path(__file__).with_name("xen_abi.h")
 
@@ -23,16 +30,17 @@ def cdef_source(path: Path = HEADER) -> str:
     return m.group(1)
 
 
-def _constants(source: str) -> dict[str, int]:
-    """Integer #defines, evaluated by cffi (the header allows literals only)."""
-    names = re.findall(r"^\s*#define\s+(\w+)\s", source, re.M)
-    lib = ffi.dlopen(None)
-    return {name: getattr(lib, name) for name in names}
+def _check_build() -> None:
+    # getattr: an extension from before the checksum existed is stale as well
+    if getattr(lib, "TRAPLESS_ABI_CHECKSUM", None) != zlib.crc32(HEADER.read_bytes()):
+        raise ImportError(f"{HEADER} changed since hypervisor._hv was built from it: "
+                          f"rebuild it (make setup)")
 
 
-ffi = cffi.FFI()
-ffi.cdef(cdef_source())
-CONSTANTS: dict[str, int] = _constants(cdef_source())
+_check_build()
+# Integer #defines: their names from the header, their values as the C compiler saw them.
+CONSTANTS: dict[str, int] = {name: getattr(lib, name) for name in
+                             re.findall(r"^\s*#define\s+(\w+)\s", cdef_source(), re.M)}
 
 
 class _Constants:

@@ -1,9 +1,10 @@
 /*
  * xen_abi.h - the hypercall ABI trapless follows: Xen's public x86-64 interface.
  *
- * THE CONTRACT. The C extension includes this file; Python reads every number and
- * layout below from it (abi/__init__.py hands it to cffi's cdef); the guest assembler
- * uses those numbers and offsets by name. Nothing here is retyped anywhere else.
+ * THE CONTRACT. The C extension includes this file and cffi builds its Python side
+ * from the cdef part below; Python reads every number and layout from there
+ * (abi/__init__.py); the guest assembler uses those numbers and offsets by name.
+ * Nothing here is retyped anywhere else.
  *
  * Written from the facts in shared/XEN-ABI-FACTS.md. Everything between the
  * cdef markers must stay in the subset cffi's cdef parses: plain integer #defines
@@ -244,6 +245,22 @@ struct start_info {
 #define SIF_INITDOMAIN       2
 #define SIF_MULTIBOOT_MOD    4
 #define SIF_MOD_START_PFN    8
+
+/* ---- the PV console ring (io/console.h): one page shared with the console backend ---- */
+/* The frontend (guest) produces into out and consumes from in; the backend does the
+ * reverse. Indexes run freely (u32, wrapping) and are masked by the ring size - 1. */
+#define XENCONS_IN_SIZE     1024
+#define XENCONS_OUT_SIZE    2048
+#define XENCONS_CONNECTED     0
+#define XENCONS_DISCONNECTED  1
+
+struct xencons_interface {
+    char     in[1024];              /* backend -> guest: keyboard input */
+    char     out[2048];             /* guest -> backend: console output */
+    uint32_t in_cons, in_prod;
+    uint32_t out_cons, out_prod;
+    uint8_t  connection;            /* XENCONS_CONNECTED / _DISCONNECTED; 3 bytes of tail padding */
+};
 
 /* ---- Xen ELF notes (owner "Xen") ---------------------------------------------------- */
 #define XEN_ELFNOTE_INFO                 0

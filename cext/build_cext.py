@@ -4,6 +4,7 @@ The cdef is the ABI header plus the extension's API header, read from the files 
 C code includes, so Python and C see one definition of every number and struct.
 """
 import re
+import zlib
 from pathlib import Path
 
 from cffi import FFI
@@ -15,6 +16,7 @@ SOURCES = ["guest_mem.c", "hypercall.c", "console.c", "version.c", "sched.c", "d
            "devices.c", "dev_uart.c", "dev_pit.c", "dev_pic.c", "dev_rtc.c",
            "dev_exit.c", "dev_ptw.c", "vcpu.c",
            "bt.c", "bt_cpu.c", "bt_decode.c", "bt_uc.c", "pvh.c"]
+SOURCES += ["console_ring.c"]      # backends
 
 
 def cdef_part(path: Path) -> str:
@@ -24,11 +26,18 @@ def cdef_part(path: Path) -> str:
     return m.group(1)
 
 
+HEADER = ROOT / "abi" / "xen_abi.h"
+# abi/__init__.py reads constants and layouts from this module instead of parsing the
+# header; the header's CRC-32, which abi/__init__.py compares with the file's, lets it
+# refuse a module built from another version of the header.
+CHECKSUM = zlib.crc32(HEADER.read_bytes())
+
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_part(ROOT / "abi" / "xen_abi.h") + cdef_part(HERE / "hv_api.h"))
+ffibuilder.cdef(cdef_part(HEADER) + cdef_part(HERE / "hv_api.h")
+                + "#define TRAPLESS_ABI_CHECKSUM ...\n")
 ffibuilder.set_source(
     "hypervisor._hv",
-    '#include "hv.h"\n',
+    f'#include "hv.h"\n#define TRAPLESS_ABI_CHECKSUM {CHECKSUM}u\n',
     sources=[str((HERE / s).relative_to(ROOT)) for s in SOURCES],
     include_dirs=[str(HERE.relative_to(ROOT)), "abi"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],

@@ -5,6 +5,8 @@
  * characters, newline and tab) and writes it to the domain's console fd.
  * CONSOLEIO_read takes bytes the toolstack queued with hv_domain_console_input(),
  * which raises VIRQ_CONSOLE (if the guest bound it) so a guest can block for input.
+ * The same input also goes to the PV console ring, if the domain has one
+ * (console_ring.c): a guest reads whichever it uses, and the one it ignores fills up.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -15,7 +17,7 @@
 
 #define CHUNK 512
 
-static void console_emit(struct hv_domain *d, const uint8_t *buf, size_t len)
+void hv_console_emit(struct hv_domain *d, const uint8_t *buf, size_t len)
 {
     while (len && d->console_fd >= 0) {
         ssize_t n = write(d->console_fd, buf, len);
@@ -41,7 +43,7 @@ static int64_t console_write(struct hv_vcpu *v, uint64_t count, uint64_t buffer)
         for (uint64_t i = 0; i < n; i++)
             if ((raw[i] >= 0x20 && raw[i] < 0x7f) || raw[i] == '\n' || raw[i] == '\t')
                 out[kept++] = raw[i];
-        console_emit(v->dom, out, kept);
+        hv_console_emit(v->dom, out, kept);
         done += n;
     }
     return 0;
@@ -87,7 +89,7 @@ void hv_console_close(struct hv_domain *d)
 
 int hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int len)
 {
-    int n = 0;
+    int n = 0, ring;
     pthread_mutex_lock(&d->console_lock);
     while (n < len && d->console_in_prod - d->console_in_cons < HV_CONSOLE_IN)
         d->console_in[d->console_in_prod++ & (HV_CONSOLE_IN - 1)] = buf[n++];
@@ -96,5 +98,6 @@ int hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int len)
         hv_send_virq(d, 0, VIRQ_CONSOLE);   /* -ENOENT when unbound: the guest polls instead */
         hv_devices_console_input(d);        /* a native guest's UART: data-ready interrupt */
     }
-    return n;
+    ring = hv_console_ring_input(d, buf, len);
+    return ring > n ? ring : n;             /* what at least one way in took */
 }

@@ -137,7 +137,8 @@ void hv_events_destroy(struct hv_domain *d)
             continue;
         pthread_mutex_lock(&o->ev_lock);
         for (uint32_t p = 1; p < o->max_ports; p++)
-            if (o->ports[p].state == EVTCHNSTAT_interdomain && o->ports[p].remote_dom == d->domid)
+            if (o->ports[p].state == EVTCHNSTAT_interdomain && o->ports[p].remote_dom == d->domid &&
+                !o->ports[p].backend)
                 o->ports[p].state = EVTCHNSTAT_unbound;
         pthread_mutex_unlock(&o->ev_lock);
     }
@@ -429,7 +430,7 @@ static int evtchn_close(struct hv_domain *d, uint32_t port)
     pthread_mutex_lock(&registry_lock);
     pthread_mutex_lock(&d->ev_lock);
     c = &d->ports[port];
-    if (c->state == EVTCHNSTAT_interdomain)
+    if (c->state == EVTCHNSTAT_interdomain && !c->backend)
         r = hv_domain_lookup(c->remote_dom);
     pthread_mutex_unlock(&d->ev_lock);
     if (r)
@@ -478,6 +479,10 @@ static int evtchn_send(struct hv_domain *d, uint32_t port)
         set_pending(d, port);
     pthread_mutex_unlock(&d->ev_lock);
 
+    if (c.state == EVTCHNSTAT_interdomain && c.backend) {
+        c.backend(d);                   /* the other end is trapless itself (see below) */
+        return 0;
+    }
     switch (c.state) {
     case EVTCHNSTAT_ipi:
     case EVTCHNSTAT_unbound:            /* nobody listens yet: silently dropped, as in Xen */
@@ -576,6 +581,33 @@ static int evtchn_bind_vcpu(struct hv_domain *d, struct evtchn_bind_vcpu *b)
     }
     pthread_mutex_unlock(&d->ev_lock);
     return rc;
+}
+
+/* ---- ports whose other end is a backend inside trapless (console_ring.c) ----
+ * Xen's toolstack gives a domU ports bound to daemons in dom0 (xenconsoled, ...). Here
+ * the daemon is part of trapless: the port is interdomain with dom0 (remote port 0:
+ * there is no dom0 port table), and a send calls the backend instead of raising a peer. */
+
+int hv_evtchn_bind_backend(struct hv_domain *d, void (*backend)(struct hv_domain *d))
+{
+    int port;
+    pthread_mutex_lock(&d->ev_lock);
+    if ((port = alloc_port(d)) > 0) {
+        d->ports[port].state = EVTCHNSTAT_interdomain;
+        d->ports[port].remote_dom = 0;
+        d->ports[port].backend = backend;
+    }
+    pthread_mutex_unlock(&d->ev_lock);
+    return port;
+}
+
+/* The backend raises the guest's port (unless the guest has closed it meanwhile). */
+void hv_evtchn_backend_notify(struct hv_domain *d, uint32_t port)
+{
+    pthread_mutex_lock(&d->ev_lock);
+    if (port_ok(d, port) && d->ports[port].state == EVTCHNSTAT_interdomain && d->ports[port].backend)
+        set_pending(d, port);
+    pthread_mutex_unlock(&d->ev_lock);
 }
 
 /* Copy the argument in, run op, copy it back out when the op has outputs. */

@@ -73,6 +73,8 @@ struct hv_evtchn {
     uint32_t remote_port;           /* interdomain: the peer's port */
     uint32_t vcpu;                  /* vCPU notified */
     uint32_t virq;                  /* virq: which */
+    /* interdomain with a backend inside trapless (the console ring): a send runs it */
+    void (*backend)(struct hv_domain *d);
 };
 
 /* Timers of one vCPU (timers.c); guarded by timers.c's process-wide lock. */
@@ -115,6 +117,13 @@ struct hv_domain {
     pthread_mutex_t console_lock;   /* guards the input ring */
     uint8_t  console_in[HV_CONSOLE_IN];
     uint32_t console_in_prod, console_in_cons;
+    struct hv_console_ring {        /* the PV console ring's backend (console_ring.c) */
+        int      attached;
+        uint64_t gpa;               /* the ring page */
+        uint32_t port;              /* the guest's end of the console event channel */
+        uint8_t  pending[HV_CONSOLE_IN];    /* input the in ring had no room for yet */
+        uint32_t pending_prod, pending_cons;
+    } cons_ring;                    /* guarded by console_lock */
 
     /* shutdown: set once, by SCHEDOP_shutdown; read by the run loop */
     volatile int shutting_down;
@@ -221,6 +230,8 @@ int hv_gpa_valid(struct hv_domain *d, uint64_t gpa, uint64_t len);
 /* ---- hypercall dispatch (hypercall.c) and the services ---- */
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_console_io(struct hv_vcpu *v, const struct hv_hcall *h);
+void hv_console_emit(struct hv_domain *d, const uint8_t *buf, size_t len);
+int  hv_console_ring_input(struct hv_domain *d, const uint8_t *buf, int len);
 int64_t do_xen_version(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_sched_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_memory_op(struct hv_vcpu *v, const struct hv_hcall *h);
@@ -240,6 +251,9 @@ struct shared_info *hv_shared_info(struct hv_domain *d);
 struct vcpu_info *hv_vcpu_info(struct hv_vcpu *v);
 void hv_shared_info_placed(struct hv_domain *d, uint64_t old_gpa);
 int  hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
+/* A port whose remote end is a backend inside trapless: allocate it, and raise it. */
+int  hv_evtchn_bind_backend(struct hv_domain *d, void (*backend)(struct hv_domain *d));
+void hv_evtchn_backend_notify(struct hv_domain *d, uint32_t port);
 int  hv_upcall_wanted(struct hv_vcpu *v);
 int  hv_port_pending(struct hv_domain *d, uint32_t port);
 void hv_events_flush(struct hv_vcpu *v);

@@ -156,6 +156,14 @@ int      hv_domain_console_input(struct hv_domain *d, const uint8_t *buf, int le
 int      hv_domain_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
 /* Event channel ports pending and not masked (shared_info), for the toolstack. */
 int      hv_domain_pending_events(struct hv_domain *d);
+/* Give the domain a PV console ring (console_ring.c): the page at guest-physical
+ * ring_gpa and a new event channel whose other end is trapless's console backend.
+ * Returns the guest's port (for start_info), or -errno. Once per domain. */
+int      hv_console_ring_attach(struct hv_domain *d, uint64_t ring_gpa);
+/* Set an HVM parameter as the domain builder does (PVH: HVM_PARAM_CONSOLE_PFN and
+ * _EVTCHN, HVM_PARAM_STORE_*): 0, or -XEN_EINVAL for an index out of range or one the
+ * guest itself sets (CALLBACK_IRQ). */
+int      hv_domain_set_hvm_param(struct hv_domain *d, uint32_t index, uint64_t value);
 
 /* Memory service (memory.c, mm.c). hv_mm_init types and counts the builder's page
  * tables, walking from cr3 (once, after the domain's memory is built); hv_mm_audit

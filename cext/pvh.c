@@ -153,3 +153,13 @@ uint64_t hv_pvh_hypercall(struct hv_vcpu *v, const struct hv_pvh_regs *r)
     ret = hv_hypercall(v, &h);
     return wide ? (uint64_t)ret : (uint64_t)(uint32_t)ret;
 }
+
+/* The toolstack's side of the HVM parameters a PVH guest reads (Xen's domain builder
+ * sets them; the guest may not): where its console ring and xenstore are. */
+int hv_domain_set_hvm_param(struct hv_domain *d, uint32_t index, uint64_t value)
+{
+    if (index >= HVM_NR_PARAMS || index == HVM_PARAM_CALLBACK_IRQ)
+        return -XEN_EINVAL;
+    d->hvm_params[index] = value;
+    return 0;
+}

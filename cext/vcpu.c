@@ -243,7 +243,7 @@ static void slice_begin(struct hv_vcpu *v)
     if (!v->started_ns)
         v->started_ns = hv_now_ns();    /* elapsed time counts from the first slice */
     v->thread = pthread_self();
-    v->in_run = 1;
+    __atomic_store_n(&v->in_run, 1, __ATOMIC_SEQ_CST);
     v->slice_cpu_start = thread_cpu_ns();
     pthread_mutex_unlock(&v->kick_lock);
 }
@@ -251,7 +251,7 @@ static void slice_begin(struct hv_vcpu *v)
 static void slice_end(struct hv_vcpu *v)
 {
     pthread_mutex_lock(&v->kick_lock);
-    v->in_run = 0;
+    __atomic_store_n(&v->in_run, 0, __ATOMIC_SEQ_CST);
     v->cpu_ns += thread_cpu_ns() - v->slice_cpu_start;
     memset(&v->thread, 0, sizeof(v->thread));
     pthread_mutex_unlock(&v->kick_lock);
@@ -392,8 +392,11 @@ void hv_vcpu_notify(struct hv_vcpu *v)
         rq_push(v);
     }
     pthread_mutex_unlock(&v->wait_lock);
-    if (running && !pthread_equal(v->thread, pthread_self()))
-        v->ops->kick(v);                /* out of the guest: the run loop looks again */
+    /* Inside the engine's run on another thread: out of the guest, so that its loop
+     * looks again. Between two slices the loop looks anyway before it enters. */
+    if (running && __atomic_load_n(&v->in_run, __ATOMIC_SEQ_CST) &&
+        !pthread_equal(v->thread, pthread_self()))
+        v->ops->kick(v);
 }
 
 void hv_vcpu_deadline_passed(struct hv_vcpu *v)

@@ -1,9 +1,8 @@
 """ELF64 (x86-64, little-endian) layouts and a writer for PV guest images with Xen notes."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
-
-from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
 # --- Numbers from the ELF specification (System V gABI and the x86-64 psABI) ---
 
@@ -32,71 +31,109 @@ XEN_NOTE_OWNER = "Xen"
 
 # --- Binary layouts: the one definition, shared by the writer and hypervisor/image.py ---
 
-Elf_Ident = Struct(
-    "magic" / Bytes(4),
-    "ei_class" / Int8ul,
-    "ei_data" / Int8ul,
-    "ei_version" / Int8ul,
-    "ei_osabi" / Int8ul,
-    "ei_abiversion" / Int8ul,
-    Padding(7),
+class Record(dict):
+    """A parsed layout: its fields by key and as attributes (ehdr.e_phoff)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Layout:
+    """A fixed little-endian record: (name, field) pairs, a field being a struct-module
+    code ("B", "H", "I", "Q", "4s") or a nested Layout; name None is padding ("7x").
+    parse(data) reads one from the start of data, build(mapping) writes one.
+
+    The struct module rather than construct: importing construct was a quarter of
+    `python -m hypervisor run`'s cold start, and parsing a Linux-sized symbol table
+    one construct call per symbol took seconds.
+    """
+
+    def __init__(self, *fields: tuple[str | None, "str | Layout"]):
+        self.fields = [(name, f) for name, f in fields if name is not None]
+        codes = [f"{f.sizeof()}s" if isinstance(f, Layout) else f for _, f in fields]
+        self._struct = struct.Struct("<" + "".join(codes))
+
+    def sizeof(self) -> int:
+        return self._struct.size
+
+    def parse(self, data: bytes) -> Record:
+        values = self._struct.unpack_from(data)
+        return Record((name, f.parse(v) if isinstance(f, Layout) else v)
+                      for (name, f), v in zip(self.fields, values))
+
+    def build(self, values) -> bytes:
+        return self._struct.pack(*(f.build(values[name]) if isinstance(f, Layout) else values[name]
+                                   for name, f in self.fields))
+
+
+Elf_Ident = Layout(
+    ("magic", "4s"),
+    ("ei_class", "B"),
+    ("ei_data", "B"),
+    ("ei_version", "B"),
+    ("ei_osabi", "B"),
+    ("ei_abiversion", "B"),
+    (None, "7x"),
 )
 
-Elf64_Ehdr = Struct(
-    "e_ident" / Elf_Ident,
-    "e_type" / Int16ul,
-    "e_machine" / Int16ul,
-    "e_version" / Int32ul,
-    "e_entry" / Int64ul,
-    "e_phoff" / Int64ul,
-    "e_shoff" / Int64ul,
-    "e_flags" / Int32ul,
-    "e_ehsize" / Int16ul,
-    "e_phentsize" / Int16ul,
-    "e_phnum" / Int16ul,
-    "e_shentsize" / Int16ul,
-    "e_shnum" / Int16ul,
-    "e_shstrndx" / Int16ul,
+Elf64_Ehdr = Layout(
+    ("e_ident", Elf_Ident),
+    ("e_type", "H"),
+    ("e_machine", "H"),
+    ("e_version", "I"),
+    ("e_entry", "Q"),
+    ("e_phoff", "Q"),
+    ("e_shoff", "Q"),
+    ("e_flags", "I"),
+    ("e_ehsize", "H"),
+    ("e_phentsize", "H"),
+    ("e_phnum", "H"),
+    ("e_shentsize", "H"),
+    ("e_shnum", "H"),
+    ("e_shstrndx", "H"),
 )
 
-Elf64_Phdr = Struct(
-    "p_type" / Int32ul,
-    "p_flags" / Int32ul,
-    "p_offset" / Int64ul,
-    "p_vaddr" / Int64ul,
-    "p_paddr" / Int64ul,
-    "p_filesz" / Int64ul,
-    "p_memsz" / Int64ul,
-    "p_align" / Int64ul,
+Elf64_Phdr = Layout(
+    ("p_type", "I"),
+    ("p_flags", "I"),
+    ("p_offset", "Q"),
+    ("p_vaddr", "Q"),
+    ("p_paddr", "Q"),
+    ("p_filesz", "Q"),
+    ("p_memsz", "Q"),
+    ("p_align", "Q"),
 )
 
-Elf64_Shdr = Struct(
-    "sh_name" / Int32ul,
-    "sh_type" / Int32ul,
-    "sh_flags" / Int64ul,
-    "sh_addr" / Int64ul,
-    "sh_offset" / Int64ul,
-    "sh_size" / Int64ul,
-    "sh_link" / Int32ul,
-    "sh_info" / Int32ul,
-    "sh_addralign" / Int64ul,
-    "sh_entsize" / Int64ul,
+Elf64_Shdr = Layout(
+    ("sh_name", "I"),
+    ("sh_type", "I"),
+    ("sh_flags", "Q"),
+    ("sh_addr", "Q"),
+    ("sh_offset", "Q"),
+    ("sh_size", "Q"),
+    ("sh_link", "I"),
+    ("sh_info", "I"),
+    ("sh_addralign", "Q"),
+    ("sh_entsize", "Q"),
 )
 
-Elf64_Sym = Struct(
-    "st_name" / Int32ul,
-    "st_info" / Int8ul,
-    "st_other" / Int8ul,
-    "st_shndx" / Int16ul,
-    "st_value" / Int64ul,
-    "st_size" / Int64ul,
+Elf64_Sym = Layout(
+    ("st_name", "I"),
+    ("st_info", "B"),
+    ("st_other", "B"),
+    ("st_shndx", "H"),
+    ("st_value", "Q"),
+    ("st_size", "Q"),
 )
 
 # A note is this header, then the owner name and the descriptor, each padded to 4 bytes.
-Elf_Nhdr = Struct(
-    "n_namesz" / Int32ul,
-    "n_descsz" / Int32ul,
-    "n_type" / Int32ul,
+Elf_Nhdr = Layout(
+    ("n_namesz", "I"),
+    ("n_descsz", "I"),
+    ("n_type", "I"),
 )
 
 EHDR_SIZE = Elf64_Ehdr.sizeof()
@@ -141,7 +178,7 @@ def note_descriptor(value: int | str | bytes) -> bytes:
     if isinstance(value, str):
         return value.encode() + b"\0"
     if isinstance(value, int):
-        return Int64ul.build(value)
+        return value.to_bytes(8, "little")
     raise TypeError(f"note value must be int, str or bytes, not {type(value).__name__}")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import byte, eax, ebx, ecx, edi, esi, ptr, qword, r12, r13, rax, rbx, rcx, rdi, rdx, rip
+from .asm import byte, dword, eax, ebx, ecx, edi, esi, ptr, qword, r12, r13, rax, rbx, rcx, rdi, rdx, rip
 from .runtime import PVProgram
 
 UNCLAIMED_PORT = 0x80  # the POST-code port: no device model claims it
@@ -138,7 +138,8 @@ def upcall_latency(samples: int) -> bytes:
     p = _measuring_program("upcall-latency", samples)
     a = p.a
     p.hypercall("event_channel_op", C.EVTCHNOP_bind_ipi, "ipi_arg")
-    a.mov(ebx, 1)                       # the first port
+    a.mov(ebx, dword[rip + "ipi_arg" + offsetof("evtchn_bind_ipi", "port")])
+    a.mov(dword[rip + "send_arg" + offsetof("evtchn_send", "port")], ebx)
     set_port_handler(p, rbx, "on_ipi")
     a.mov(byte[rip + "shared_info" + UPCALL_MASK], 0)
     a.sti()
@@ -158,7 +159,7 @@ def upcall_latency(samples: int) -> bytes:
     a.label("ipi_arg")
     a.dd(0, 0)
     a.label("send_arg")
-    a.dd(1)
+    a.dd(0)                             # the IPI's port, once bound
     a.section(".text")
     return _finish(p)
 

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from guest_kernel import workloads
 
+from . import bench_startup
 from .domain import Domain
 from .errors import TraplessError
 
@@ -163,9 +164,10 @@ def main(args) -> int:
     result = measure(args.iterations, args.engine, samples=args.samples)
     if args.engine is None:
         result["side_by_side"] = side_by_side(args.iterations)
+    result["cold_start"] = bench_startup.cold_start(engine=args.engine)
     if args.domains:
         from .bench_scale import measure as measure_scale
-        result["scale"] = measure_scale(args.domains, args.engine)
+        result["scale"] = measure_scale(args.domains, args.engine, ticking=args.ticking)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -200,6 +202,7 @@ def main(args) -> int:
     console.print(mmu)
     if "side_by_side" in result:
         console.print(side_by_side_table(result["side_by_side"]))
+    console.print(bench_startup.table(result["cold_start"]))
     if "scale" in result:
         from .bench_scale import scale_table
         console.print(scale_table(result["scale"]))

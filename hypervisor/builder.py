@@ -20,7 +20,7 @@ from abi import C, ffi
 from guest_kernel.asm import Assembler, eax
 
 from .errors import ImageError
-from .image import PVImage
+from .image import PVImage, address_problem
 
 PAGE = 4096
 PTE_P, PTE_RW, PTE_A, PTE_D = 1 << 0, 1 << 1, 1 << 5, 1 << 6
@@ -115,6 +115,12 @@ def plan(image: PVImage, ram_bytes: int) -> Layout:
         if need <= boot:
             break
         boot = need
+    # The loader checked the segments; the region after them may still run off the top
+    # of the address space or into the non-canonical hole.
+    why = address_problem(image.virt_base + first, image.virt_base + region_end)
+    if why:
+        raise ImageError(f"the start-of-day region at VIRT_BASE {image.virt_base:#x} "
+                         f"cannot be mapped: {why}")
     if region_end > ram_bytes:
         raise ImageError(
             f"{ram_bytes >> 20} MiB of guest memory is too small: the start-of-day region "
@@ -171,12 +177,34 @@ class BootState:
     data_selector: int = DATA_SELECTOR
 
 
-def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str) -> BootState:
-    """Write the image and the start-of-day region into zeroed guest RAM."""
-    encoded = cmdline.encode()
+def cmdline_problem(cmdline: str) -> str | None:
+    """Why a command line cannot go into start_info.cmd_line, or None. It is UTF-8 text:
+    a byte that is not UTF-8 reaches us as a lone surrogate (Python decodes argv with
+    surrogateescape) and cannot be encoded; a NUL would cut it short."""
+    try:
+        encoded = cmdline.encode()
+    except UnicodeEncodeError as e:
+        bad = ord(cmdline[e.start])
+        what = f"byte {bad - 0xDC00:#04x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        return f"command line is not valid UTF-8 ({what} at offset {e.start})"
+    if b"\0" in encoded:
+        return f"command line contains a NUL byte (at offset {encoded.index(0)})"
     if len(encoded) >= C.XEN_MAX_GUEST_CMDLINE:
-        raise ImageError(f"command line is {len(encoded)} bytes; the limit is "
-                         f"{C.XEN_MAX_GUEST_CMDLINE - 1}")
+        return (f"command line is {len(encoded)} bytes; the limit is "
+                f"{C.XEN_MAX_GUEST_CMDLINE - 1} (Xen's MAX_GUEST_CMDLINE with its NUL)")
+    return None
+
+
+def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
+          console_evtchn: int = 0) -> BootState:
+    """Write the image and the start-of-day region into zeroed guest RAM.
+
+    console_evtchn: the guest's port of the console ring (0: the domain has no ring, and
+    start_info names no console page, as for Xen's dom0)."""
+    why = cmdline_problem(cmdline)
+    if why:
+        raise ImageError(why)
+    encoded = cmdline.encode()
     for seg in image.segments:
         ram[seg.paddr:seg.paddr + len(seg.data)] = seg.data
     if image.hypercall_page is not None:
@@ -199,7 +227,9 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str) -> Boot
     si.shared_info = 0
     si.flags = 0
     si.store_mfn = layout.xenstore // PAGE
-    si.console_mfn = layout.console // PAGE
+    if console_evtchn:
+        si.console_mfn = layout.console // PAGE
+        si.console_evtchn = console_evtchn
     si.pt_base = layout.virt(layout.pt_start)
     si.nr_pt_frames = (layout.pt_end - layout.pt_start) // PAGE
     si.mfn_list = layout.virt(layout.mfn_list)

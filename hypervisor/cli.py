@@ -8,12 +8,11 @@ Exit status of `run` (also in README.md):
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
-
-from rich.console import Console
-from rich.table import Table
+import threading
 
 from abi import C
 
@@ -47,7 +46,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def stats_table(domain) -> Table:
+def stats_table(domain):
+    """The exit and hypercall counters of `run --stats`, as a rich Table."""
+    from rich.table import Table     # here, not at the top: rich's import is a large part
+                                     # of a cold start, and only --stats needs it
+
     counters = domain.counters()
     table = Table(title=f"{domain.name}: exits and hypercalls ({domain.engine})")
     table.add_column("counter")
@@ -149,6 +152,7 @@ def cmd_run(args) -> int:
             running.append(dom)
             stop = dom.run(timeout=args.timeout)
             if args.stats:
+                from rich.console import Console
                 Console().print(stats_table(dom))
     finally:
         for s, handler in previous.items():
@@ -187,6 +191,80 @@ def cmd_conformance(args) -> int:
     return conformance_main(args)
 
 
+def seconds(text: str) -> float:
+    """--timeout: a finite number of seconds above 0 (inf, nan and -1 are mistakes, and
+    the thread waits of run() take nothing above threading.TIMEOUT_MAX)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= threading.TIMEOUT_MAX):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of seconds "
+                                         f"above 0 (at most {threading.TIMEOUT_MAX:.0f})")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number above 0 (iterations, samples, fuzz calls)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number above 0")
+    return value
+
+
+def domain_count(text: str) -> int:
+    """--domains, --ticking: 0 (skip) up to the domids a process can give guests."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 32750:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number from 0 to 32,750")
+    return value
+
+
+def seed(text: str) -> int:
+    """--seed: a number, decimal or 0x hex, as the conformance report prints it."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number (decimal or 0x...)") from None
+
+
+def cmdline(text: str) -> str:
+    """--cmdline: what the guest can be given (UTF-8, below Xen's MAX_GUEST_CMDLINE)."""
+    from .builder import cmdline_problem
+    why = cmdline_problem(text)
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
+def output_file(path: str) -> str:
+    """--json PATH: checked before the minutes of measuring, not when writing at the end."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path!r}: is a directory")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{path!r}: no such directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path!r}: cannot write in {folder}")
+    return path
+
+
+def workload(name: str) -> str:
+    """--workload's check: the workloads are imported only when the option is used, as
+    building every parser must not cost `run` the import of every compare guest."""
+    from guest_kernel.compare_workloads import WORKLOADS
+    if name not in WORKLOADS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from "
+                                         f"{', '.join(map(repr, WORKLOADS))})")
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m hypervisor", description="trapless: a paravirtualized hypervisor "
                 "with a Xen-style hypercall ABI", epilog=STATUS_HELP)
@@ -197,12 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "built-in PV kernel)")
     run.add_argument("--memory", type=int, default=64, metavar="MIB", help="guest memory (default 64)")
     run.add_argument("--engine", choices=list(ENGINES), help="engine (default: best available)")
-    run.add_argument("--cmdline", default="", metavar="TEXT", help="guest command line")
+    run.add_argument("--cmdline", default="", type=cmdline, metavar="TEXT",
+                     help="guest command line (UTF-8, at most 1023 bytes)")
     run.add_argument("--stats", action="store_true", help="print exit and hypercall counters")
     run.add_argument("--native", action="store_true",
                      help="a native (unmodified) kernel: give it the emulated PC devices "
                           "(default image: the built-in native kernel)")
-    run.add_argument("--timeout", type=float, metavar="SECONDS",
+    run.add_argument("--timeout", type=seconds, metavar="SECONDS",
                      help="stop the guest after this long (exit status 9)")
     run.add_argument("--type", choices=["pv", "pvh"],
                      help="boot the image as a PV or a PVH guest (default: an image with only "
@@ -213,35 +292,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="hypercall vs bare exit, event latency, batching, both engines")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.add_argument("--iterations", type=int, default=100_000,
+    bench.add_argument("--iterations", type=count, default=100_000,
                        help="hypercalls and bare exits per round (default 100,000)")
-    bench.add_argument("--samples", type=int, default=500,
+    bench.add_argument("--samples", type=count, default=500,
                        help="timers and upcalls to time (default 500)")
     bench.add_argument("--engine", choices=list(ENGINES))
-    bench.add_argument("--domains", type=int, default=1000, metavar="N",
+    bench.add_argument("--domains", type=domain_count, default=1000, metavar="N",
                        help="blocked domains to create at once for the scale figures "
                             "(default 1,000; 0 skips them)")
+    bench.add_argument("--ticking", type=domain_count, default=100, metavar="N",
+                       help="PV kernels ticking at 100 Hz on bt for 10 s (default 100; 0 skips)")
     bench.set_defaults(func=cmd_bench)
 
     conf = sub.add_parser("conformance", help="run the hypercall ABI conformance suite, with a report")
-    conf.add_argument("--json", metavar="PATH", help="write one JSON record per checked case")
-    conf.add_argument("--fuzz-calls", type=int, default=100_000, metavar="N",
+    conf.add_argument("--json", metavar="PATH", type=output_file,
+                      help="write one JSON record per checked case")
+    conf.add_argument("--fuzz-calls", type=count, default=100_000, metavar="N",
                       help="random hypercalls the fuzz case makes per engine (default 100,000)")
-    conf.add_argument("--seed", type=lambda s: int(s, 0), metavar="SEED",
+    conf.add_argument("--seed", type=seed, metavar="SEED",
                       help="replay the fuzz case with this seed")
     conf.set_defaults(func=cmd_conformance)
 
-    from guest_kernel.compare_workloads import WORKLOADS
     compare = sub.add_parser("compare", help="every workload as a PV and a native guest: "
                              "exits, wall time, native/pv ratios")
-    compare.add_argument("--json", metavar="PATH", help="write one JSON record per run")
+    compare.add_argument("--json", metavar="PATH", type=output_file,
+                         help="write one JSON record per run")
     compare.add_argument("--engine", choices=list(ENGINES), help="only this engine "
                          "(default: every engine this host can run)")
-    compare.add_argument("--workload", action="append", choices=list(WORKLOADS),
+    compare.add_argument("--workload", action="append", type=workload,
                          help="only this workload (repeatable; default: all)")
     compare.add_argument("--quick", action="store_true",
                          help="small versions of the workloads (seconds, not a minute)")
     compare.set_defaults(func=cmd_compare)
+
+    from .xtf import add_parser as add_xtf_parser
+    add_xtf_parser(sub)
     return p
 
 

@@ -7,7 +7,8 @@
     cmdline = "interactive"
     on_crash = "restart"            # destroy | restart | preserve
 
-Strings are quoted ("..." or '...'), numbers are decimal, `#` starts a comment.
+Strings are quoted ("..." or '...'), numbers are decimal and unquoted, `#` starts a
+comment; as in xl, a value of the wrong type (memory = "32", name = 7) is a mistake.
 `create` also takes `key=value` words after the file; there quotes are optional.
 Every mistake is a ConfigError of one line that names the file, line and key.
 """
@@ -17,7 +18,8 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import engines
+from . import engines, files
+from .builder import cmdline_problem
 from .domain import MAX_MEMORY_MIB, MIN_MEMORY_MIB
 from .errors import ConfigError
 
@@ -25,6 +27,8 @@ ACTIONS = ("destroy", "restart", "preserve")
 MIN_MIB, MAX_MIB = MIN_MEMORY_MIB, MAX_MEMORY_MIB
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 ELF_MAGIC = b"\x7fELF"
+# xl configs are a few hundred bytes; anything near this is not one, and is not read.
+MAX_CONFIG_BYTES = 64 << 10
 
 
 @dataclass
@@ -80,6 +84,12 @@ def _check_engine(key: str, value: str) -> str:
     return value
 
 
+def _check_path(key: str, value: str) -> str:
+    if not value:
+        raise ValueError("must name a file")
+    return value
+
+
 def _check_vcpus(key: str, value: int) -> int:
     if value != 1:
         raise ValueError("trapless domains have exactly one vCPU")
@@ -95,7 +105,7 @@ def _check_type(key: str, value: str) -> str:
 # key -> (the type its value must have, a check that raises ValueError with the reason)
 SCHEMA = {
     "name": (str, _check_name),
-    "kernel": (str, lambda k, v: v),
+    "kernel": (str, _check_path),
     "memory": (int, _check_mib),
     "maxmem": (int, _check_mib),
     "cmdline": (str, lambda k, v: v),
@@ -143,6 +153,8 @@ def _parse_value(where: str, key: str, text: str, bare_strings: bool):
     if _STRING.fullmatch(text):
         return _unquote(text)
     if _INT.fullmatch(text):
+        if len(text) > 32:              # int() refuses thousands of digits anyway
+            raise ConfigError(f"{where}: {key} = {text[:20]}...: number too long")
         return int(text)
     if text[:1] in "\"'":
         raise ConfigError(f"{where}: {key}: unterminated string {text}")
@@ -160,8 +172,15 @@ def _known(where: str, key: str) -> None:
         raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(SCHEMA))})")
 
 
-def _apply(cfg: DomainConfig, where: str, key: str, value) -> None:
+def _apply(cfg: DomainConfig, where: str, key: str, value, typed: bool = False) -> None:
+    """Check value and set it. typed: it comes from a file, where quotes say what is a
+    string; words typed after `create` have no types, so "32" may be a number there."""
     want, check = SCHEMA[key]
+    if typed and not isinstance(value, want):
+        if want is int:
+            raise ConfigError(f"{where}: {key} = {value!r}: expected a whole number, "
+                              f"not a string")
+        raise ConfigError(f"{where}: {key} = {value}: strings must be quoted (\"{value}\")")
     if want is int and isinstance(value, str):
         if not _INT.fullmatch(value.strip()):
             raise ConfigError(f"{where}: {key} = {value!r}: expected a whole number")
@@ -191,7 +210,7 @@ def parse_text(text: str, source: str = "config", base: Path | None = None,
             raise ConfigError(f"{where}: expected `key = value`, got {line!r}")
         key, value = m.groups()
         _known(where, key)
-        _apply(cfg, where, key, _parse_value(where, key, value, bare_strings=False))
+        _apply(cfg, where, key, _parse_value(where, key, value, bare_strings=False), typed=True)
         if key == "kernel" and base is not None and not cfg.kernel.is_absolute():
             cfg.kernel = base / cfg.kernel
         if key == "ramdisk" and base is not None and not cfg.ramdisk.is_absolute():
@@ -218,10 +237,16 @@ def finish(cfg: DomainConfig) -> DomainConfig:
     where = cfg.source
     if cfg.kernel is None:
         raise ConfigError(f"{where}: kernel: missing (kernel = \"path/to/image.elf\")")
-    if not cfg.kernel.is_file():
-        raise ConfigError(f"{where}: kernel = '{cfg.kernel}': no such file")
-    if cfg.ramdisk is not None and not cfg.ramdisk.is_file():
-        raise ConfigError(f"{where}: ramdisk = '{cfg.ramdisk}': no such file")
+    why = files.problem(cfg.kernel)
+    if why:
+        raise ConfigError(f"{where}: kernel = '{cfg.kernel}': {why}")
+    why = cmdline_problem(cfg.full_cmdline)
+    if why:
+        raise ConfigError(f"{where}: {'cmdline + extra' if cfg.extra else 'cmdline'}: {why}")
+    if cfg.ramdisk is not None:
+        why = files.problem(cfg.ramdisk)
+        if why:
+            raise ConfigError(f"{where}: ramdisk = '{cfg.ramdisk}': {why}")
     if cfg.maxmem is not None and cfg.maxmem < cfg.memory:
         raise ConfigError(f"{where}: maxmem = {cfg.maxmem}: below memory ({cfg.memory} MiB)")
     return cfg
@@ -231,19 +256,21 @@ def load(path: str | Path, overrides: list[str] = ()) -> DomainConfig:
     """A DomainConfig from `create PATH [key=value ...]`: PATH is a config file or, if it
     is an ELF image, the kernel itself."""
     path = Path(path)
-    try:
-        head = path.read_bytes()[:4] if path.is_file() else None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    if head is None:
-        raise ConfigError(f"{path}: no such file")
-    if head == ELF_MAGIC:
+    with files.RegularFile(path, str(path), ConfigError) as f:
+        head = f.read(len(ELF_MAGIC))
+        is_elf = head == ELF_MAGIC
+        if not is_elf and f.size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {f.size:,} bytes: not an ELF image, and config files "
+                              f"above {MAX_CONFIG_BYTES >> 10} KiB are refused")
+        raw = b"" if is_elf else head + f.read(MAX_CONFIG_BYTES)
+    if is_elf:
         cfg = DomainConfig(kernel=path, source=str(path))
     else:
         try:
-            text = path.read_text()
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: neither an ELF image nor a text config file") from None
+            text = raw.decode()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: neither an ELF image nor a text config file (byte "
+                              f"{raw[e.start]:#04x} at offset {e.start} is not UTF-8)") from None
         cfg = parse_text(text, str(path), base=path.parent)
     return finish(apply_overrides(cfg, list(overrides)))
 

@@ -516,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     if interactive and toolstack.fallback_note:   # e.g. no /dev/kvm; scripts find it in dmesg
         print(f"trapless: {toolstack.fallback_note}", file=sys.stderr)
     shell = Shell(toolstack)
+    # Bytes that are not UTF-8 (a file name, a cmdline) reach the commands' own checks as
+    # surrogates, as they do from argv, and are shown escaped, instead of stopping the
+    # shell with a traceback.
+    sys.stdin.reconfigure(errors="surrogateescape")
+    sys.stdout.reconfigure(errors="backslashreplace")
     try:
         if args.commands is not None:
             for line in split_commands(args.commands):

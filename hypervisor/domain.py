@@ -198,13 +198,15 @@ class Domain:
                  name: str = "", on_console: Callable[[bytes], None] | None = None,
                  max_evtchn_ports: int = 0, native: bool = False,
                  maxmem_mib: int | None = None, console_keep: int = CONSOLE_KEEP,
-                 on_stop: Callable[["Domain"], None] | None = None,
+                 on_stop: Callable[["Domain"], None] | None = None, console_ring: bool = True,
                  guest_type: str | None = None, ramdisk: bytes | None = None):
         """memory_mib is what the domain starts with; maxmem_mib (default: the same) is
         how far it may balloon up: its guest-physical space and maximum reservation.
         console_keep: how many of the latest console bytes console_output keeps.
         on_console(chunk) gets the output as it comes; on_stop(domain) is called once the
         vCPU stopped for good (both from the console hub's thread: keep them short).
+        console_ring: give the domain a PV console ring and its event channel, as Xen's
+        builder gives every domU (the port is the domain's first).
         guest_type: "pv" or "pvh" (None: as the image's notes say, image.py); ramdisk:
         a PVH guest's module 0 (an initramfs)."""
         self._dom = None
@@ -275,10 +277,19 @@ class Domain:
             if native and lib.hv_domain_add_devices(self._dom, err, len(err)) < 0:
                 raise EngineError(f"cannot add devices: {ffi.string(err).decode()}")
             ram = ffi.buffer(lib.hv_domain_ram(self._dom), ram_bytes)
+            self.console_evtchn = 0
+            if console_ring:
+                port = lib.hv_console_ring_attach(self._dom, self.layout.console)
+                if port < 0:
+                    raise EngineError(f"cannot attach the console ring: Xen errno {-port}")
+                self.console_evtchn = port
             if self.guest_type == "pvh":
                 boot = pvh.build(memoryview(ram), self.image, self.layout, cmdline, ramdisk)
+                if self.console_evtchn:
+                    pvh.set_console_params(self._dom, self.layout.console, self.console_evtchn)
             else:
-                boot = builder.build(memoryview(ram), self.image, self.layout, cmdline)
+                boot = builder.build(memoryview(ram), self.image, self.layout, cmdline,
+                                     console_evtchn=self.console_evtchn)
             if lib.hv_mm_init(self._dom, boot.cr3, err, len(err)) < 0 or (
                     ram_bytes > start_bytes and
                     lib.hv_mm_set_reservation(self._dom, start_bytes >> 12, err, len(err)) < 0):

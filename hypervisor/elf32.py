@@ -3,60 +3,58 @@ come in. Field names match guest_kernel/elf.py's ELF64 layouts, so the loader re
 either class the same way."""
 from __future__ import annotations
 
-from construct import Int16ul, Int32ul, Int8ul, Struct
-
-from guest_kernel.elf import Elf_Ident
+from guest_kernel.elf import Elf_Ident, Layout
 
 EM_386 = 3
 
-Elf32_Ehdr = Struct(
-    "e_ident" / Elf_Ident,
-    "e_type" / Int16ul,
-    "e_machine" / Int16ul,
-    "e_version" / Int32ul,
-    "e_entry" / Int32ul,
-    "e_phoff" / Int32ul,
-    "e_shoff" / Int32ul,
-    "e_flags" / Int32ul,
-    "e_ehsize" / Int16ul,
-    "e_phentsize" / Int16ul,
-    "e_phnum" / Int16ul,
-    "e_shentsize" / Int16ul,
-    "e_shnum" / Int16ul,
-    "e_shstrndx" / Int16ul,
+Elf32_Ehdr = Layout(
+    ("e_ident", Elf_Ident),
+    ("e_type", "H"),
+    ("e_machine", "H"),
+    ("e_version", "I"),
+    ("e_entry", "I"),
+    ("e_phoff", "I"),
+    ("e_shoff", "I"),
+    ("e_flags", "I"),
+    ("e_ehsize", "H"),
+    ("e_phentsize", "H"),
+    ("e_phnum", "H"),
+    ("e_shentsize", "H"),
+    ("e_shnum", "H"),
+    ("e_shstrndx", "H"),
 )
 
-Elf32_Phdr = Struct(
-    "p_type" / Int32ul,
-    "p_offset" / Int32ul,
-    "p_vaddr" / Int32ul,
-    "p_paddr" / Int32ul,
-    "p_filesz" / Int32ul,
-    "p_memsz" / Int32ul,
-    "p_flags" / Int32ul,
-    "p_align" / Int32ul,
+Elf32_Phdr = Layout(
+    ("p_type", "I"),
+    ("p_offset", "I"),
+    ("p_vaddr", "I"),
+    ("p_paddr", "I"),
+    ("p_filesz", "I"),
+    ("p_memsz", "I"),
+    ("p_flags", "I"),
+    ("p_align", "I"),
 )
 
-Elf32_Shdr = Struct(
-    "sh_name" / Int32ul,
-    "sh_type" / Int32ul,
-    "sh_flags" / Int32ul,
-    "sh_addr" / Int32ul,
-    "sh_offset" / Int32ul,
-    "sh_size" / Int32ul,
-    "sh_link" / Int32ul,
-    "sh_info" / Int32ul,
-    "sh_addralign" / Int32ul,
-    "sh_entsize" / Int32ul,
+Elf32_Shdr = Layout(
+    ("sh_name", "I"),
+    ("sh_type", "I"),
+    ("sh_flags", "I"),
+    ("sh_addr", "I"),
+    ("sh_offset", "I"),
+    ("sh_size", "I"),
+    ("sh_link", "I"),
+    ("sh_info", "I"),
+    ("sh_addralign", "I"),
+    ("sh_entsize", "I"),
 )
 
-Elf32_Sym = Struct(
-    "st_name" / Int32ul,
-    "st_value" / Int32ul,
-    "st_size" / Int32ul,
-    "st_info" / Int8ul,
-    "st_other" / Int8ul,
-    "st_shndx" / Int16ul,
+Elf32_Sym = Layout(
+    ("st_name", "I"),
+    ("st_value", "I"),
+    ("st_size", "I"),
+    ("st_info", "B"),
+    ("st_other", "B"),
+    ("st_shndx", "H"),
 )
 
 ELF32_LAYOUTS = dict(ehdr=Elf32_Ehdr, phdr=Elf32_Phdr, shdr=Elf32_Shdr, sym=Elf32_Sym,

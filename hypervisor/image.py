@@ -11,20 +11,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import construct
-
 from abi import C
 from guest_kernel.elf import (
-    ELF_MAGIC, ELFCLASS32, ELFCLASS64, ELFDATA2LSB, ELFDATA2MSB, EM_X86_64,
-    ET_CORE, ET_DYN, ET_EXEC, ET_NONE, ET_REL, NHDR_SIZE, PAGE_SIZE, PHDR_SIZE, PT_LOAD,
-    PT_NOTE, SHDR_SIZE, SHN_UNDEF, SHT_NOTE, SHT_SYMTAB, STT_FILE, STT_SECTION, SYM_SIZE,
-    XEN_NOTE_OWNER, Elf64_Ehdr, Elf64_Phdr, Elf64_Shdr, Elf64_Sym, Elf_Ident, Elf_Nhdr,
-    align_up, pflags_to_flags,
+    EHDR_SIZE, ELF_MAGIC, ELFCLASS32, ELFCLASS64, ELFDATA2LSB, ELFDATA2MSB, EM_X86_64,
+    ET_CORE, ET_DYN, ET_EXEC, ET_NONE, ET_REL, NHDR_SIZE, PAGE_SIZE, PHDR_SIZE, PT_LOAD, PT_NOTE,
+    SHDR_SIZE, SHN_UNDEF, SHT_NOTE, SHT_SYMTAB, STT_FILE, STT_SECTION, SYM_SIZE,
+    XEN_NOTE_OWNER, Elf64_Ehdr, Elf64_Phdr, Elf64_Shdr, Elf64_Sym, Elf_Ident, Elf_Nhdr, Layout,
+    Record, align_up, pflags_to_flags,
 )
 from hypervisor.elf32 import EM_386, ELF32_LAYOUTS
 from hypervisor.errors import ImageError
+from hypervisor.files import RegularFile
 
 ADDRESS_LIMIT = 1 << 64
+# Canonical x86-64 addresses (48-bit): [0, 2^47) and [2^64 - 2^47, 2^64).
+CANONICAL_LOW_END, CANONICAL_HIGH_START = 1 << 47, (1 << 64) - (1 << 47)
+# Far above any real kernel (Debian's uncompressed vmlinux is 40-60 MB); a file bigger
+# than this is a mistake and is refused before it is read.
+MAX_IMAGE_BYTES = 256 << 20
 
 E_TYPE_NAMES = {ET_NONE: "ET_NONE", ET_REL: "ET_REL", ET_EXEC: "ET_EXEC",
                 ET_DYN: "ET_DYN", ET_CORE: "ET_CORE"}
@@ -83,6 +87,16 @@ def _range(start: int, end: int) -> str:
     return f"[{start:#x}-{end:#x})"
 
 
+def address_problem(start: int, end: int) -> str | None:
+    """Why virtual [start, end) cannot be mapped on x86-64, or None."""
+    if end > ADDRESS_LIMIT:
+        return f"{_range(start, end)} wraps past 2^64"
+    if start < CANONICAL_HIGH_START and end > CANONICAL_LOW_END:
+        return (f"{_range(start, end)} is not canonical (x86-64 maps [0-{CANONICAL_LOW_END:#x}) "
+                f"and [{CANONICAL_HIGH_START:#x}-2^64) only)")
+    return None
+
+
 class _Reader:
     """The file's bytes, with bounds-checked access that reports problems as ImageError."""
 
@@ -100,29 +114,23 @@ class _Reader:
                             f"of the file ({len(self.data):#x} bytes)")
         return self.data[offset:end]
 
-    def parse(self, struct: construct.Construct, offset: int, what: str):
-        raw = self.span(offset, struct.sizeof(), what)
-        try:
-            return struct.parse(raw)
-        except construct.ConstructError as err:  # should not happen once the bounds hold
-            raise self.fail(f"cannot decode {what}: {str(err).splitlines()[0]}") from None
+    def parse(self, layout: Layout, offset: int, what: str) -> Record:
+        return layout.parse(self.span(offset, layout.sizeof(), what))
 
 
 def _read_source(source: str | Path | bytes, name: str | None) -> tuple[str, bytes]:
+    """The image's bytes. A file is read whole only once its ELF header has passed
+    _check_header and its size is known to be sane."""
     if isinstance(source, (bytes, bytearray)):
         return name or "<image>", bytes(source)
-    path = Path(source)
     name = name or str(source)
-    if not path.exists():
-        raise ImageError(f"{name}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{name}: is a directory, not an image file")
-    if not path.is_file():
-        raise ImageError(f"{name}: not a regular file")
-    try:
-        return name, path.read_bytes()
-    except OSError as err:
-        raise ImageError(f"{name}: cannot read ({err.strerror})") from None
+    with RegularFile(source, name, ImageError) as f:
+        head = f.read(EHDR_SIZE)
+        _check_header(_Reader(name, head))
+        if f.size > MAX_IMAGE_BYTES:
+            raise ImageError(f"{name}: {f.size:,} bytes; kernel images above "
+                             f"{MAX_IMAGE_BYTES >> 20} MiB are refused")
+        return name, head + f.read(MAX_IMAGE_BYTES - len(head))
 
 
 ELF64_LAYOUTS = dict(ehdr=Elf64_Ehdr, phdr=Elf64_Phdr, shdr=Elf64_Shdr, sym=Elf64_Sym,
@@ -288,6 +296,9 @@ def load_image(source: str | Path | bytes, mem_bytes: int, name: str | None = No
         if ph.p_paddr + ph.p_memsz > ADDRESS_LIMIT or not 0 <= vaddr <= ADDRESS_LIMIT - ph.p_memsz:
             raise rd.fail(f"segment {i}: address range wraps around (p_paddr {ph.p_paddr:#x}, "
                           f"size {ph.p_memsz:#x})")
+        why = address_problem(vaddr, vaddr + ph.p_memsz)
+        if why:
+            raise rd.fail(f"segment {i} {why}")
         paddr = vaddr - virt_base
         if paddr < 0:
             raise rd.fail(f"segment {i} {_range(vaddr, vaddr + ph.p_memsz)} lies below VIRT_BASE "

@@ -152,6 +152,16 @@ def build(ram: memoryview, image: PVImage, layout: PVHLayout, cmdline: str,
                         gdt_limit=len(BOOT_GDT) * 8 - 1)
 
 
+def set_console_params(dom, console_gpa: int, port: int) -> None:
+    """Name the console ring to the guest, as Xen's builder does for a PVH domU:
+    HVM_PARAM_CONSOLE_PFN and HVM_PARAM_CONSOLE_EVTCHN. (No xenstore yet: STORE_PFN and
+    STORE_EVTCHN stay 0, which guests read as "xenstore not initialised".)"""
+    for index, value in ((C.HVM_PARAM_CONSOLE_PFN, console_gpa // PAGE),
+                         (C.HVM_PARAM_CONSOLE_EVTCHN, port)):
+        if lib.hv_domain_set_hvm_param(dom, index, value) < 0:
+            raise EngineError(f"cannot set HVM parameter {index}")
+
+
 def uses_vmcall(image: PVImage) -> bool:
     """Does the image's code hold vmcall or vmmcall (byte patterns in its executable
     segments)? Such a guest calls Xen directly, without the hypercall page."""

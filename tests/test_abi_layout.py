@@ -90,6 +90,8 @@ XEN_LAYOUTS = [
                                 memmap_entries=48, reserved=52)),
     ("hvm_modlist_entry", 32, dict(paddr=0, size=8, cmdline_paddr=16, reserved=24)),
     ("hvm_memmap_table_entry", 24, dict(addr=0, size=8, type=16, reserved=20)),
+    ("xencons_interface", 3092, {"in": 0, "out": 1024, "in_cons": 3072, "in_prod": 3076,
+                                     "out_cons": 3080, "out_prod": 3084, "connection": 3088}),
 ]
 
 
@@ -118,6 +120,7 @@ XEN_NUMBERS = dict(
     XEN_ELFNOTE_GUEST_OS=6, XEN_ELFNOTE_PHYS32_ENTRY=18, DOMID_SELF=0x7FF0,
     XEN_HVM_START_MAGIC_VALUE=0x336EC578, XEN_HVM_MEMMAP_TYPE_RAM=1,
     XEN_HVM_MEMMAP_TYPE_RESERVED=2,
+    XENCONS_IN_SIZE=1024, XENCONS_OUT_SIZE=2048, XENCONS_CONNECTED=0, XENCONS_DISCONNECTED=1,
 )
 
 
@@ -129,3 +132,30 @@ def test_numbers_match_xen():
 def test_hypercall_numbers_are_dense_and_named():
     assert sorted(abi.HYPERCALL_NAMES) == [n for n in range(43) if n != 11]
     assert abi.HYPERCALL_NAMES[18] == "console_io"
+
+
+def test_the_extension_holds_exactly_what_the_header_says():
+    """abi reads numbers and layouts from hypervisor._hv, not from a parse of the header:
+    a parse of the header now (cffi's own cdef, as abi once did at every start) must
+    agree with it on every constant and every struct field."""
+    import re
+
+    import cffi
+
+    parsed = cffi.FFI()
+    parsed.cdef(abi.cdef_source())
+    names = re.findall(r"^\s*#define\s+(\w+)\s", abi.cdef_source(), re.M)
+    header_lib = parsed.dlopen(None)
+    assert abi.CONSTANTS == {name: getattr(header_lib, name) for name in names}
+    for s in abi.struct_names():
+        t = parsed.typeof(f"struct {s}")
+        assert [(n, f.offset, parsed.sizeof(f.type)) for n, f in t.fields] == abi.struct_fields(s)
+        assert parsed.sizeof(t) == abi.sizeof(s)
+
+
+def test_an_extension_built_from_another_header_is_refused(tmp_path, monkeypatch):
+    changed = tmp_path / "xen_abi.h"
+    changed.write_bytes(abi.HEADER.read_bytes().replace(b"XEN_EFAULT", b"XEN_EFAULT_X", 1))
+    monkeypatch.setattr(abi, "HEADER", changed)
+    with pytest.raises(ImportError, match="changed since hypervisor._hv was built from it"):
+        abi._check_build()

@@ -14,8 +14,8 @@ import pytest
 
 from abi import C, offsetof
 from guest_kernel import compare_workloads
-from guest_kernel.asm import (cr2, cr3, eax, ecx, edi, edx, ptr, qword, r12, rax, rbx, rcx, rdx,
-                              rip, rsi, rsp)
+from guest_kernel.asm import (cr2, cr3, dword, eax, ebx, ecx, edi, edx, ptr, qword, r12, rax, rbx,
+                              rcx, rdx, rip, rsi, rsp)
 from guest_kernel.conformance import ConformanceGuest, parse
 from guest_kernel.pvlib import UPCALL_MASK, set_port_handler
 from hypervisor import engines
@@ -225,10 +225,13 @@ def byte_ptr_mask():
 
 def test_a_guest_spinning_without_exits_still_gets_its_timer(run_guest, engine):
     results, dom = run(run_guest, tick_spinner(5), timeout=20)
-    assert results == {"events_init": 0, "periodic": 0, "spun": 1}
-    assert dom.counters().upcalls >= 5
+    assert results == {"events_init": 0, "periodic": 0, "spun": 1}     # 5 ticks handled
+    # A tick that lands while the handler runs is taken by the same upcall (it loops
+    # while evtchn_upcall_pending is set again): a loaded host sees fewer upcalls.
+    upcalls = dom.counters().upcalls
+    assert 1 <= upcalls <= 5
     if engine == "bt":
-        assert dom.counters().exits["intr"] >= 5  # each tick stopped the emulator
+        assert dom.counters().exits["intr"] >= upcalls  # each upcall stopped the emulator
 
 
 def window_guest():
@@ -238,10 +241,11 @@ def window_guest():
     a = g.a
     g.call("bind_ipi", "event_channel_op", C.EVTCHNOP_bind_ipi,
            g.struct("bi", "evtchn_bind_ipi", vcpu=0))
-    a.mov(rbx, 1)                                   # the IPI is port 1
+    a.mov(ebx, dword[rip + "bi" + offsetof("evtchn_bind_ipi", "port")])   # the IPI's port
     set_port_handler(g, rbx, "on_ipi")
     a.mov(byte_ptr_mask(), 0)
-    send = g.struct("send", "evtchn_send", port=1)
+    send = g.struct("send", "evtchn_send", port=0)
+    a.mov(dword[rip + send], ebx)
     for how in ("sti", "popf", "iret"):
         a.cli()
         a.mov(qword["flag"], 0)
@@ -408,8 +412,8 @@ def test_a_kvm_domain_and_a_bt_domain_share_an_event_channel(sender_engine, rece
     spec = importlib.util.spec_from_file_location("interdomain_guests", path)
     guests = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(guests)
-    a = Domain(guests.sender(peer=22), domid=21, engine=sender_engine)
-    b = Domain(guests.receiver(peer=21), domid=22, engine=receiver_engine)
+    a = Domain(guests.sender(peer=22), domid=21, engine=sender_engine, console_ring=False)
+    b = Domain(guests.receiver(peer=21), domid=22, engine=receiver_engine, console_ring=False)
     try:
         b.start()
         a.start()

@@ -69,7 +69,10 @@ def test_words_alone_make_a_config(kernel):
     ('\n\non_crash = "reboot"\n', "d.cfg:3: on_crash = 'reboot': must be destroy, restart or "
                                   "preserve"),
     ('memory = 2\n', "d.cfg:1: memory = 2: must be between 4 and 3840 MiB"),
-    ('memory = "lots"\n', "d.cfg:1: memory = 'lots': expected a whole number"),
+    ('memory = "lots"\n', "d.cfg:1: memory = 'lots': expected a whole number, not a string"),
+    ('memory = "32"\n', "d.cfg:1: memory = '32': expected a whole number, not a string"),
+    ('name = 7\n', 'd.cfg:1: name = 7: strings must be quoted ("7")'),
+    ('memory = 32.5\n', 'd.cfg:1: memory = 32.5: strings must be quoted ("32.5")'),
     ('just words\n', "d.cfg:1: expected `key = value`, got 'just words'"),
     ('name = "a b"\n', "d.cfg:1: name = 'a b': must be 1-64 letters, digits, '_', '.' or '-', "
                        "starting with a letter or '_'"),

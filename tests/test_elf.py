@@ -50,7 +50,7 @@ def good_image(**note_override) -> bytes:
     return build_elf(sections(), SYMBOLS, 0x100000, notes(**note_override))
 
 
-# --- patching a good image's fields through the construct structs ---
+# --- patching a good image's fields through the ELF layouts ---
 
 def patch_ehdr(data: bytes, **fields) -> bytes:
     ehdr = Elf64_Ehdr.parse(data)
@@ -292,15 +292,35 @@ def test_missing_file(tmp_path, monkeypatch):
 def test_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("guest.elf").mkdir()
-    with pytest.raises(ImageError, match=r"^guest\.elf: is a directory, not an image file$"):
+    with pytest.raises(ImageError, match=r"^guest\.elf: is a directory$"):
         load_image("guest.elf", MEM)
 
 
 def test_not_a_regular_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.mkfifo("guest.elf")
-    with pytest.raises(ImageError, match=r"^guest\.elf: not a regular file$"):
+    with pytest.raises(ImageError, match=r"^guest\.elf: is not a regular file \(a FIFO\)$"):
+        load_image("guest.elf", MEM)            # at once: no wait for a writer
+
+
+def test_a_device_is_not_read():
+    with pytest.raises(ImageError, match=r"^/dev/zero: is not a regular file "
+                                         r"\(a character device\)$"):
+        load_image("/dev/zero", MEM)
+
+
+def test_a_huge_file_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("guest.elf", "wb") as f:        # sparse: costs no disk
+        f.write(good_image())
+        f.truncate(3 << 30)
+    with pytest.raises(ImageError, match=r"^guest\.elf: 3,221,225,472 bytes; kernel images "
+                                         r"above 256 MiB are refused$"):
         load_image("guest.elf", MEM)
+    with open("junk", "wb") as f:               # not ELF: the header says so first
+        f.truncate(3 << 30)
+    with pytest.raises(ImageError, match=r"^junk: not an ELF file \(bad magic\)$"):
+        load_image("junk", MEM)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
@@ -316,11 +336,11 @@ def test_read_error_is_reported(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("guest.elf").write_bytes(good_image())
 
-    def refuse(self):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+    def refuse(fd, size):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
-    with pytest.raises(ImageError, match=r"^guest\.elf: cannot read \(Permission denied\)$"):
+    monkeypatch.setattr(os, "read", refuse)
+    with pytest.raises(ImageError, match=r"^guest\.elf: cannot read \(Input/output error\)$"):
         load_image("guest.elf", MEM)
 
 
@@ -455,6 +475,34 @@ def test_virtual_address_wraps_through_virt_base(tmp_path, monkeypatch):
     data = patch_phdr(data, 0, p_paddr=0x7ffff000, p_memsz=0x2000)
     assert error_of(data, tmp_path, monkeypatch) == (
         "guest.elf: segment 0: address range wraps around (p_paddr 0x7ffff000, size 0x2000)")
+
+
+def test_a_segment_in_the_non_canonical_hole(tmp_path, monkeypatch):
+    virt_base, start = (1 << 47) - 0x100000, (1 << 47) - 0x1000    # .data lands at 2^47
+    data = build_elf(sections(start), {}, start,
+                     notes(VIRT_BASE=virt_base, ENTRY=start, HYPERCALL_PAGE=None),
+                     virt_base=virt_base)
+    assert error_of(data, tmp_path, monkeypatch) == (
+        "guest.elf: segment 1 [0x800000000000-0x800000000008) is not canonical (x86-64 maps "
+        "[0-0x800000000000) and [0xffff800000000000-2^64) only)")
+
+
+@pytest.mark.parametrize("virt_base, problem", [
+    ((1 << 64) - 0x200000, "[0xfffffffffff00000-0x10000000000200000) wraps past 2^64"),
+    ((1 << 47) - 0x200000, "[0x7ffffff00000-0x800000200000) is not canonical (x86-64 maps "
+                           "[0-0x800000000000) and [0xffff800000000000-2^64) only)"),
+])
+def test_a_start_of_day_region_that_cannot_be_mapped_is_refused(virt_base, problem):
+    """The segments fit, but the region the builder puts after them would not."""
+    from hypervisor import builder
+    start = virt_base + 0x100000
+    image = load_image(build_elf(sections(start), {}, start,
+                                 notes(VIRT_BASE=virt_base, ENTRY=start,
+                                       HYPERCALL_PAGE=start + 0x1000), virt_base=virt_base), MEM)
+    with pytest.raises(ImageError) as e:
+        builder.plan(image, MEM)
+    assert str(e.value) == (f"the start-of-day region at VIRT_BASE {virt_base:#x} cannot be "
+                            f"mapped: {problem}")
 
 
 def test_corrupt_images_raise_only_image_error():

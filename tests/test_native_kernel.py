@@ -121,8 +121,11 @@ def test_ticks(both):
     r = both("ticks", count)
     assert r["pv"][1] == r["native"][1] == f"ticks: {count} at 1000 Hz"
     # PV: events set up (2), bind VIRQ_TIMER, start and stop the periodic timer, one
-    # SCHEDOP_block per tick, shutdown
-    assert without(r["pv"][0], *VARIABLE) == {"hypercall": 2 + 1 + 1 + count + 1 + 1}
+    # SCHEDOP_block per tick, shutdown. A tick that lands while the upcall handler still
+    # runs is taken by the same upcall, without a block of its own (a loaded host).
+    blocks = r["pv"][3].counters().blocks
+    assert count // 2 <= blocks <= count
+    assert without(r["pv"][0], *VARIABLE) == {"hypercall": 2 + 1 + 1 + blocks + 1 + 1}
     # native: PIC init (10), PIT start (3), unmask, an EOI per tick, mask, PIT stop,
     # exit port; a hlt per tick
     assert without(r["native"][0], *VARIABLE) == {"io": 10 + 3 + 1 + count + 1 + 1 + 1,

@@ -1,0 +1,247 @@
+"""`python -m hypervisor xtf`: run XTF (the Xen Test Framework) images on trapless and
+tabulate XTF's own verdicts, test x engine.
+
+XTF builds one image per test and environment, `tests/<name>/test-<env>-<name>`. Each
+image reports through one helper (common/report.c) and ends with the line
+"Test result: SUCCESS|SKIP|ERROR|FAILURE" ("SUCCESS with warnings" too); the reason of
+a SKIP, ERROR or FAILURE is what the test printed just before it. When no verdict comes,
+the cell says why trapless stopped the guest: crashed (a fault such as a triple fault,
+or the guest's own panic), timed out, or not supported (an environment trapless cannot
+boot yet). Nothing is skipped silently, and no test is treated specially: a test that
+fails means trapless is wrong or lacks something.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from abi import C
+
+from . import engines
+from .errors import ConfigError, TraplessError
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "build" / "xtf"
+MEMORY_MIB = 128            # XTF's config/default-*.cfg.in
+VERDICTS = ("SUCCESS", "SKIP", "ERROR", "FAILURE")
+# xtf-runner counts a test that never reported as a crash; so do we.
+BAD = {"ERROR", "FAILURE", "crashed", "timed out", "no verdict"}
+RESULT = re.compile(r"^Test result: (SUCCESS|SKIP|ERROR|FAILURE)( with warnings)?\s*$", re.M)
+PANIC = re.compile(r"^PANIC: (.*)$", re.M)
+IMAGE = re.compile(r"^test-([a-z0-9]+)-(.+)$")
+
+# What kind of guest each XTF environment is, and why trapless cannot run a kind yet.
+# pv*: Xen PV guests. hvm*: HVM guests, which trapless would boot as PVH at their
+# PHYS32_ENTRY note. 32-bit PV (pv32pae) needs a compat (32-bit) PV ABI.
+NOT_SUPPORTED = {
+    "hvm": "HVM images boot as PVH guests (at their PHYS32_ENTRY note); "
+           "trapless has no PVH yet",
+    "pv32": "32-bit PV guests need Xen's compat ABI; trapless runs 64-bit PV only",
+}
+
+
+def why_not_supported(env: str) -> str | None:
+    if env.startswith("pv64"):
+        return None
+    for prefix, why in NOT_SUPPORTED.items():
+        if env.startswith(prefix):
+            return why
+    return f"unknown XTF environment {env!r}"
+
+
+@dataclass
+class Record:
+    """One (test, environment, engine) run."""
+    test: str
+    env: str
+    engine: str
+    status: str             # an XTF verdict, or crashed / timed out / not supported / no verdict
+    detail: str             # XTF's reason, or trapless's stop reason
+    seconds: float
+    image: str
+
+    @property
+    def bad(self) -> bool:
+        return self.status in BAD
+
+
+@dataclass
+class Image:
+    test: str
+    env: str
+    path: Path
+
+
+def find_images(xtf_dir: Path, envs: list[str] | None = None,
+                tests: list[str] | None = None) -> list[Image]:
+    """Every built image under xtf_dir/tests, optionally only these envs and tests."""
+    root = xtf_dir / "tests"
+    if not root.is_dir():
+        raise ConfigError(f"{xtf_dir}: no XTF build there (run `make xtf`, or pass --xtf DIR)")
+    found = []
+    for path in sorted(root.glob("*/test-*")):
+        m = IMAGE.match(path.name)
+        if not m or path.suffix == ".cfg" or not path.is_file():
+            continue
+        env, name = m.groups()
+        if name != path.parent.name:
+            continue
+        if (envs and env not in envs) or (tests and name not in tests):
+            continue
+        found.append(Image(name, env, path))
+    if tests:
+        missing = sorted(set(tests) - {i.test for i in found})
+        if missing:
+            raise ConfigError(f"no built XTF image for test {', '.join(missing)} in {root}")
+    if not found:
+        raise ConfigError(f"no XTF images in {root} for environment {', '.join(envs or ['any'])}")
+    return found
+
+
+def reason_before(console: str, end: int) -> str:
+    """The last line the test printed before position end: XTF's reason for a verdict."""
+    lines = [ln.strip() for ln in console[:end].splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not RESULT.match(ln)]
+    return lines[-1] if lines else ""
+
+
+def judge(console: str, stop, code_at=lambda rip: b"") -> tuple[str, str]:
+    """(status, detail) from what the guest printed and how it stopped; code_at(rip)
+    gives the bytes there, shown with a fault so the table says what the guest ran."""
+    m = RESULT.search(console)
+    if m:
+        status = m.group(1)
+        if status == "SUCCESS":
+            return status, "with warnings" if m.group(2) else ""
+        return status, reason_before(console, m.start())
+    panic = PANIC.search(console)
+    if panic:                           # the guest's own last words beat how it ended
+        return "crashed", f"PANIC: {panic.group(1).strip()}"
+    if stop.kind == "fault":
+        code = code_at(stop.rip)
+        return "crashed", f"{stop.message} at rip {stop.rip:#x}" + (f" [{code.hex(' ')}]" if code else "")
+    if stop.kind == "stopped":
+        return "timed out", stop.message
+    if stop.kind == "shutdown":
+        if stop.reason != C.SHUTDOWN_poweroff:
+            return "crashed", f"shut down ({stop.shutdown_name}) without a verdict"
+        return "no verdict", "powered off without a test result"
+    return "crashed", stop.message or stop.kind
+
+
+def run_one(image: Image, engine: str, timeout: float) -> Record:
+    from .domain import Domain
+
+    why = why_not_supported(image.env)
+    if why:
+        return Record(image.test, image.env, engine, "not supported", why, 0.0, str(image.path))
+    start = time.monotonic()
+    try:
+        dom = Domain(image.path, memory_mib=MEMORY_MIB, engine=engine, name=image.path.name)
+    except TraplessError as e:
+        return Record(image.test, image.env, engine, "not supported", f"cannot load: {e}",
+                      0.0, str(image.path))
+
+    def code_at(rip: int) -> bytes:
+        try:
+            return dom.read_guest(rip, 8)
+        except ValueError:              # outside the start-of-day region
+            return b""
+
+    with dom:
+        stop = dom.run(timeout=timeout)
+        console = dom.console_output.decode(errors="replace")
+        status, detail = judge(console, stop, code_at)
+    return Record(image.test, image.env, engine, status, detail,
+                  round(time.monotonic() - start, 3), str(image.path))
+
+
+STYLE = {"SUCCESS": "green", "SKIP": "yellow", "not supported": "yellow"}
+
+
+def table(records: list[Record], engine_names: list[str]) -> Table:
+    t = Table(title="XTF on trapless")
+    t.add_column("test")
+    t.add_column("env")
+    for e in engine_names:
+        t.add_column(e)
+    cells: dict[tuple[str, str], dict[str, Record]] = {}
+    for r in records:
+        cells.setdefault((r.test, r.env), {})[r.engine] = r
+    for (test, env), by_engine in cells.items():
+        row = []
+        for e in engine_names:
+            r = by_engine.get(e)
+            if r is None:
+                row.append("-")
+                continue
+            text = r.status + (f": {r.detail}" if r.detail else "")
+            style = STYLE.get(r.status, "red")
+            row.append(f"[{style}]{escape(text)}[/{style}]")
+        t.add_row(test, env, *row)
+    return t
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+    return rich_escape(text)
+
+
+def summary(records: list[Record]) -> str:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return f"{len(records)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def main(args) -> int:
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
+    xtf_dir = Path(args.xtf) if args.xtf else DEFAULT_DIR
+    images = find_images(xtf_dir, args.env, args.test)
+    if args.engine:
+        engines.choose(args.engine)        # one line if it cannot run here
+        engine_names = [args.engine]
+    else:
+        engine_names = engines.available()
+        if not engine_names:
+            engines.choose()               # raises with every engine's reason
+    console = Console()
+    for name in engines.ENGINES:
+        if name not in engine_names and not args.engine:
+            console.print(f"engine {name} not run: {engines.why_unavailable(name)}")
+    records = []
+    for image in images:
+        for engine in engine_names:
+            records.append(run_one(image, engine, args.timeout))
+    console.print(table(records, engine_names))
+    print(summary(records))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([asdict(r) for r in records], indent=1) + "\n")
+    return 1 if any(r.bad for r in records) else 0
+
+
+def add_parser(sub) -> None:
+    """The `xtf` subcommand of python -m hypervisor."""
+    p = sub.add_parser("xtf", help="run XTF (Xen Test Framework) images: a test x engine table "
+                       "of XTF's verdicts",
+                       epilog="exit status: 0 if no test failed, errored, crashed, timed out "
+                              "or ended without a verdict; 1 otherwise; 2 usage error")
+    p.add_argument("--xtf", metavar="DIR", help=f"a built XTF tree (default: {DEFAULT_DIR}, "
+                   "made by `make xtf`)")
+    p.add_argument("--env", action="extend", nargs="+", metavar="ENV",
+                   help="only these XTF environments, e.g. pv64 hvm64")
+    p.add_argument("--test", action="extend", nargs="+", metavar="NAME", help="only these tests")
+    p.add_argument("--engine", choices=list(engines.ENGINES),
+                   help="only this engine (default: every engine this host can run)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds per test before it counts as timed out (default 30)")
+    p.add_argument("--json", metavar="PATH", help="write one record per (test, env, engine)")
+    p.set_defaults(func=main)
