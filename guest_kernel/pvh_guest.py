@@ -186,6 +186,29 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
     a.call("print_hex")
     p.print("\n")
 
+    # the HVM parameters a PVH domU reads: its console ring, xenstore (none yet: 0)
+    for name, index in (("console_pfn", C.HVM_PARAM_CONSOLE_PFN),
+                        ("console_evtchn", C.HVM_PARAM_CONSOLE_EVTCHN),
+                        ("store_pfn", C.HVM_PARAM_STORE_PFN),
+                        ("store_evtchn", C.HVM_PARAM_STORE_EVTCHN), ("out_of_range", 39)):
+        a.mov(dword[rip + "hvmparam" + 4], index)
+        p.hypercall("hvm_op", C.HVMOP_get_param, "hvmparam")
+        a.mov(r12, rax)
+        p.print(f"hvm_op get_param {name}: ")
+        a.mov(rdi, r12)
+        a.call("print_sdec")
+        p.print(", value ")
+        a.mov(rdi, qword[rip + "hvmparam" + 8])
+        a.call("print_hex")
+        p.print("\n")
+    a.mov(dword[rip + "hvmparam" + 4], C.HVM_PARAM_CONSOLE_PFN)
+    p.hypercall("hvm_op", C.HVMOP_set_param, "hvmparam")
+    a.mov(r12, rax)
+    p.print("hvm_op set_param console_pfn: ")
+    a.mov(rdi, r12)
+    a.call("print_sdec")
+    p.print("\n")
+
     if vmcall:
         # Linux's way: vmcall (Intel) or vmmcall (AMD) inline, no page
         a.mov(eax, C.__HYPERVISOR_xen_version)
@@ -237,6 +260,11 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
     a.dd(0, 0, 0)
     a.label("features")                 # struct xen_feature_info: submap_idx, submap
     a.dd(0, 0)
+    a.align(8)
+    a.label("hvmparam")                 # struct xen_hvm_param: domid, index, value
+    a.dw(C.DOMID_SELF, 0)
+    a.dd(0)
+    a.dq(0)
     a.label("msg32")
     a.ascii(MSG32)
     a.label("msg_vmcall")

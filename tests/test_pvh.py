@@ -53,7 +53,15 @@ def expected(image_path, cmdline: str, vmcall: bool, module: tuple[int, int, int
              "xen_version through the hypercall page: 4.19\n"
              # writable_page_tables, auto_translated_physmap, hvm_callback_vector,
              # hvm_safe_pvclock: what Xen reports to a PVH guest (common/kernel.c)
-             "xen_version(get_features): 0, submap 0 0x305\n")
+             "xen_version(get_features): 0, submap 0 0x305\n"
+             # the console ring (the first of trapless's reserved pages but one) and its
+             # port; no xenstore yet: 0, as Xen reads a parameter nobody set
+             f"hvm_op get_param console_pfn: 0, value {layout.console >> 12:#x}\n"
+             "hvm_op get_param console_evtchn: 0, value 0x1\n"
+             "hvm_op get_param store_pfn: 0, value 0x0\n"
+             "hvm_op get_param store_evtchn: 0, value 0x0\n"
+             "hvm_op get_param out_of_range: -22, value 0x0\n"
+             "hvm_op set_param console_pfn: -1\n")
     if vmcall:
         text += ("xen_version(extraversion) through vmcall: 0 .0-trapless\n"
                  "hello through vmcall\n"
