@@ -18,9 +18,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
 from abi import C
 
 from . import engines
@@ -164,7 +161,8 @@ def run_one(image: Image, engine: str, timeout: float) -> Record:
 STYLE = {"SUCCESS": "green", "SKIP": "yellow", "not supported": "yellow"}
 
 
-def table(records: list[Record], engine_names: list[str]) -> Table:
+def table(records: list[Record], engine_names: list[str]):
+    from rich.table import Table        # only when a table is printed: `run` starts faster
     t = Table(title="XTF on trapless")
     t.add_column("test")
     t.add_column("env")
@@ -211,6 +209,7 @@ def main(args) -> int:
         engine_names = engines.available()
         if not engine_names:
             engines.choose()               # raises with every engine's reason
+    from rich.console import Console
     console = Console()
     for name in engines.ENGINES:
         if name not in engine_names and not args.engine:
