@@ -12,7 +12,7 @@ from abi import C, ffi
 from guest_kernel.elf import build_elf
 from guest_kernel.pvh_guest import build_pvh_guest
 from hypervisor import pvh
-from hypervisor.errors import ImageError
+from hypervisor.errors import ConfigError, ImageError
 from hypervisor.image import load_image
 from hypervisor._hv import ffi as hv_ffi, lib
 
@@ -274,3 +274,38 @@ def test_run_picks_bt_for_a_vmcall_guest_where_kvm_cannot_take_vmcall(guests):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == ("trapless: engine kvm: the guest calls Xen with vmcall/vmmcall, which "
                         "this host's KVM cannot hand to trapless (no KVM_CAP_XEN_HVM)\n")
+
+
+def test_a_config_file_names_a_pvh_guest_and_its_ramdisk(guests, tmp_path, engine):
+    """type = "pvh" and ramdisk = (relative to the file, as kernel is), through the
+    toolstack as `create` uses them."""
+    from hypervisor import config
+    from hypervisor.toolstack import Toolstack
+    from helpers import wait_for
+
+    (tmp_path / "initrd").write_bytes(b"\x7f" + bytes(4095))
+    (tmp_path / "guest.elf").write_bytes(guests["elf32"].read_bytes())
+    (tmp_path / "p.cfg").write_text(f'name = "p"\nkernel = "guest.elf"\ntype = "pvh"\n'
+                                    f'ramdisk = "initrd"\ncmdline = "from a config"\n'
+                                    f'engine = "{engine}"\non_poweroff = "preserve"\n')
+    cfg = config.load(tmp_path / "p.cfg")
+    assert (cfg.type, cfg.ramdisk) == ("pvh", tmp_path / "initrd")
+    ts = Toolstack()
+    try:
+        rec = ts.create(cfg)
+        assert wait_for(lambda: [row.state for row in ts.list()] == ["shutdown"], timeout=120)
+        at = pvh.plan(load_image(guests["elf32"], MEM), MEM, 4096).ramdisk
+        assert rec.engine == engine
+        assert rec.console_text == expected(guests["elf32"], "from a config", False,
+                                            module=(at, 4096, 0x7f))
+    finally:
+        ts.shutdown()
+
+
+def test_a_config_ramdisk_that_is_missing_is_one_line(tmp_path):
+    from hypervisor import config
+    (tmp_path / "k.elf").write_bytes(build_pvh_guest(vmcall=False))
+    (tmp_path / "p.cfg").write_text('kernel = "k.elf"\ntype = "pvh"\nramdisk = "nope"\n')
+    with pytest.raises(ConfigError) as err:
+        config.load(tmp_path / "p.cfg")
+    assert str(err.value) == f"{tmp_path / 'p.cfg'}: ramdisk = '{tmp_path / 'nope'}': no such file"
