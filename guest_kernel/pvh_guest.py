@@ -19,6 +19,8 @@ from abi import C
 from .asm import byte, dword, ptr, qword, rip
 from .asm import eax, ebx, ecx, edi, edx, esi, r12, r13, r14, rax, rbx, rcx, rdi, rdx, rsi
 from .elf import build_elf
+from .pvlib import (UPCALL_MASK, UPCALL_VECTOR, emit_block_until, emit_events, emit_pvclock,
+                    emit_traps, set_port_handler)
 from .runtime import PVProgram
 
 BANNER = "trapless PVH guest: entered in 32-bit protected mode, now in long mode\n"
@@ -243,8 +245,58 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
         a.call("print_sdec")
         p.print("\n")
 
+    # events as a PVH domU takes them: shared_info placed, upcalls on the callback
+    # vector through its own IDT, VIRQ_TIMER from a one-shot timer 1 ms ahead
+    a.call("idt_init")
+    a.call("events_init")
+    a.mov(r12, rax)
+    p.print(f"events_init: ")
+    a.mov(rdi, r12)
+    a.call("print_sdec")
+    a.mov(edi, C.VIRQ_TIMER)
+    a.call("bind_virq")
+    a.mov(r12, rax)
+    set_port_handler(p, r12, "on_timer")
+    p.print(f", upcalls on vector {UPCALL_VECTOR:#x}, VIRQ_TIMER on port ")
+    a.mov(rdi, r12)
+    a.call("print_dec")
+    p.print("\n")
+    a.sti()
+    a.call("pvclock_read")
+    a.add(rax, 1_000_000)
+    a.mov(qword["sshot"], rax)
+    p.hypercall("vcpu_op", C.VCPUOP_set_singleshot_timer, 0, "sshot")
+    a.mov(r12, rax)
+    def fired():
+        a.cmp(qword["timer_fired"], 0)
+        a.jne("timer.done")
+    emit_block_until(p, fired, "timer.done")
+    a.label("timer.done")
+    a.mov(byte[rip + "shared_info" + UPCALL_MASK], 0)
+    a.call("pvclock_read")
+    a.sub(rax, qword["sshot"])
+    a.mov(r13, rax)
+    p.print("set_singleshot_timer: ")
+    a.mov(rdi, r12)
+    a.call("print_sdec")
+    p.print(", VIRQ_TIMER upcalls: ")
+    a.mov(rdi, qword["timer_fired"])
+    a.call("print_dec")
+    p.print(", not early: ")
+    a.test(r13, r13)
+    a.jns("timer.late")
+    p.print("no\n")
+    a.jmp("timer.report_done")
+    a.label("timer.late")
+    p.print("yes\n")
+    a.label("timer.report_done")
+
     p.print("powering off\n")
     a.xor(eax, eax)
+    a.ret()
+
+    a.label("on_timer")
+    a.inc(qword["timer_fired"])
     a.ret()
 
     # the 64-bit landing of the far jump: the runtime's _start takes it from here
@@ -261,6 +313,11 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
     a.label("features")                 # struct xen_feature_info: submap_idx, submap
     a.dd(0, 0)
     a.align(8)
+    a.label("sshot")                    # struct vcpu_set_singleshot_timer
+    a.dq(0)
+    a.dd(0, 0)
+    a.label("timer_fired")
+    a.dq(0)
     a.label("hvmparam")                 # struct xen_hvm_param: domid, index, value
     a.dw(C.DOMID_SELF, 0)
     a.dd(0)
@@ -285,6 +342,10 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
     a.dq(*([0] * 511))
     a.label("pd")
     a.dq(*[(i << 21) | 0x83 for i in range(512)])
+
+    emit_traps(p, "trapless PVH guest")
+    emit_events(p)
+    emit_pvclock(p)
 
     a.section(".text32", "rx")
     _entry32(a)
