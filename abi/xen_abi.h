@@ -168,6 +168,7 @@ struct xen_feature_info {
 #define XENFEAT_pae_pgdir_above_4gb         4
 #define XENFEAT_mmu_pt_update_preserve_ad   5
 #define XENFEAT_hvm_callback_vector         8
+#define XENFEAT_hvm_safe_pvclock            9
 #define XENFEAT_NR_SUBMAPS                  1
 
 /* ---- sched_op(cmd, arg) ----------------------------------------------------------- */
@@ -341,6 +342,43 @@ struct xenstore_domain_interface {
 #define XEN_ELFNOTE_MOD_START_PFN       16
 #define XEN_ELFNOTE_SUPPORTED_FEATURES  17
 #define XEN_ELFNOTE_PHYS32_ENTRY        18
+
+/* ---- PVH start of day (arch/x86/hvm/start_info.h): ebx points at hvm_start_info ---- */
+#define XEN_HVM_START_MAGIC_VALUE   0x336ec578
+#define XEN_HVM_MEMMAP_TYPE_RAM       1
+#define XEN_HVM_MEMMAP_TYPE_RESERVED  2
+#define XEN_HVM_MEMMAP_TYPE_ACPI      3
+#define XEN_HVM_MEMMAP_TYPE_NVS       4
+#define XEN_HVM_MEMMAP_TYPE_UNUSABLE  5
+#define XEN_HVM_MEMMAP_TYPE_DISABLED  6
+#define XEN_HVM_MEMMAP_TYPE_PMEM      7
+
+struct hvm_start_info {
+    uint32_t magic;                 /* XEN_HVM_START_MAGIC_VALUE */
+    uint32_t version;               /* 1: the memory map fields are there */
+    uint32_t flags;
+    uint32_t nr_modules;
+    uint64_t modlist_paddr;         /* hvm_modlist_entry[nr_modules] */
+    uint64_t cmdline_paddr;         /* NUL-terminated */
+    uint64_t rsdp_paddr;            /* ACPI RSDP, 0: none */
+    uint64_t memmap_paddr;          /* hvm_memmap_table_entry[memmap_entries] */
+    uint32_t memmap_entries;
+    uint32_t reserved;
+};
+
+struct hvm_modlist_entry {
+    uint64_t paddr;
+    uint64_t size;
+    uint64_t cmdline_paddr;
+    uint64_t reserved;
+};
+
+struct hvm_memmap_table_entry {
+    uint64_t addr;
+    uint64_t size;
+    uint32_t type;                  /* XEN_HVM_MEMMAP_TYPE_* */
+    uint32_t reserved;
+};
 
 /* ---- event_channel_op(cmd, arg): the 2-level event channel ABI ------------------------ */
 #define EVTCHNOP_bind_interdomain   0
@@ -557,6 +595,11 @@ struct vcpu_runstate_info {
     uint32_t _pad0;
     uint64_t state_entry_time;
     uint64_t time[4];
+};
+/* VCPUOP_register_runstate_memory_area: where the vCPU's runstate_info is kept up to
+ * date (a guest virtual address; Xen's union of a handle and a pointer). */
+struct vcpu_register_runstate_memory_area {
+    uint64_t addr;
 };
 #define RUNSTATE_running   0
 #define RUNSTATE_runnable  1

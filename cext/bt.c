@@ -247,11 +247,25 @@ static void bt_kick(struct hv_vcpu *v)
     pthread_mutex_unlock(&b->kick_lock);
 }
 
+static int bt_get_mode(struct hv_vcpu *v, struct hv_cpu_mode *m)
+{
+    struct bt_vcpu *b = bt_of(v);
+    uc_x86_msr efer = { .rid = 0xc0000080 };
+    bt_uc.reg_read(b->uc, UC_X86_REG_MSR, &efer);
+    m->cr0 = bt_reg(b, UC_X86_REG_CR0);
+    m->cr4 = bt_reg(b, UC_X86_REG_CR4);
+    m->efer = efer.value;
+    m->cs_long = !bt_code32(b);
+    m->cpl = (int)(bt_reg(b, UC_X86_REG_CS) & 3);
+    return 0;
+}
+
 static const struct hv_engine_ops bt_ops = {
     .get_cr3 = bt_get_cr3,
     .kick = bt_kick,
     .set_cr3 = bt_set_cr3,
     .flush_tlb = bt_flush_tlb,
+    .get_mode = bt_get_mode,
 };
 
 /* ---- sensitive instructions: the sites the translator found ---- */
@@ -301,7 +315,7 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
         int avail = 15;
         while (avail > 0 && bt_read_virt(b, addr, code, avail) < 0)
             avail--;
-        if (avail == 0 || bt_decode(code, avail, &in) < 0) {
+        if (avail == 0 || bt_decode_mode(code, avail, &in, bt_code32(b)) < 0) {
             s->kind = BT_PLAIN;
             return;
         }
@@ -320,6 +334,22 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
     case BT_HLT:
         b->stopped_at = s;      /* the VMM idles the vCPU instead */
         bt_uc.emu_stop(uc);
+        return;
+    case BT_VMCALL:
+        /* a PVH guest's hypercall; elsewhere TCG raises #UD, as a CPU without VMX */
+        if (b->v->dom->guest_type != HV_GUEST_PVH)
+            return;
+        b->stopped_at = s;
+        bt_uc.emu_stop(uc);
+        return;
+    case BT_WRMSR:
+        /* the PVH hypercall-page MSR is the VMM's; TCG does the others */
+        c->exits[HV_EXIT_PRIV_INSN]++;
+        if (b->v->dom->guest_type == HV_GUEST_PVH &&
+            (uint32_t)bt_reg(b, UC_X86_REG_RCX) == HV_PVH_HYPERCALL_MSR) {
+            b->stopped_at = s;
+            bt_uc.emu_stop(uc);
+        }
         return;
     case BT_STI: case BT_POPF: case BT_IRET:
         /* These may turn interrupts on: with one waiting, the VMM executes the
@@ -367,7 +397,7 @@ static int add_site(struct bt_vcpu *b, uint64_t addr, const struct bt_insn *in, 
 static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
 {
     uint8_t buf[4096 + 16];
-    int avail, added = 0;
+    int avail, added = 0, code32 = bt_code32(b);
     uint64_t off = 0;
 
     if (size > 4096)
@@ -377,7 +407,7 @@ static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
         avail--;
     while (off < size && (int)off < avail) {
         struct bt_insn in;
-        if (bt_decode(buf + off, avail - (int)off, &in) < 0)
+        if (bt_decode_mode(buf + off, avail - (int)off, &in, code32) < 0)
             break;              /* TCG will meet it too, and raise #UD */
         /* in ring 3 (Xen's PV model) port I/O is sensitive too: it faults */
         int io_site = in.kind == BT_PORT_IO && b->v->dom->pv_model == HV_PV_XEN;
@@ -443,6 +473,34 @@ static uint32_t hypercall(struct bt_vcpu *b)
     return (uint32_t)result;
 }
 
+/* A PVH hypercall (vmcall, vmmcall, the page's `out`): the result goes to rax. */
+static void pvh_hypercall(struct bt_vcpu *b)
+{
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX,
+                               UC_X86_REG_RSI, UC_X86_REG_RDI, UC_X86_REG_R8, UC_X86_REG_R10 };
+    struct hv_pvh_regs r;
+    void *vals[] = { &r.rax, &r.rbx, &r.rcx, &r.rdx, &r.rsi, &r.rdi, &r.r8, &r.r10 };
+    uint64_t ret;
+    bt_uc.reg_read_batch(b->uc, ids, vals, 8);
+    ret = hv_pvh_hypercall(b->v, &r);
+    bt_set_reg(b, UC_X86_REG_RAX, ret);
+}
+
+/* CPUID of a PVH guest: the Xen leaves are the VMM's; 1 means answered. */
+static int on_cpuid(uc_engine *uc, void *user)
+{
+    struct bt_vcpu *b = user;
+    uint32_t out[4];
+    if (!hv_pvh_cpuid(b->v, (uint32_t)bt_reg(b, UC_X86_REG_RAX),
+                      (uint32_t)bt_reg(b, UC_X86_REG_RCX), out))
+        return 0;
+    bt_set_reg(b, UC_X86_REG_RAX, out[0]);
+    bt_set_reg(b, UC_X86_REG_RBX, out[1]);
+    bt_set_reg(b, UC_X86_REG_RCX, out[2]);
+    bt_set_reg(b, UC_X86_REG_RDX, out[3]);
+    return 1;
+}
+
 static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user)
 {
     struct bt_vcpu *b = user;
@@ -469,6 +527,11 @@ static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void 
     struct hv_vcpu *v = b->v;
     uint8_t data[4];
 
+    if (v->dom->guest_type == HV_GUEST_PVH && port == TRAPLESS_HYPERCALL_PORT && size == 4) {
+        pvh_hypercall(b);       /* the PVH hypercall page's `out` */
+        after_exit(b);
+        return;
+    }
     memcpy(data, &value, 4);
     v->dom->counters.exits[HV_EXIT_IO]++;
     if (!hv_devices_port_io(v, (uint16_t)port, size, 1, data))
@@ -545,7 +608,7 @@ static int decode_at(struct bt_vcpu *b, uint64_t rip, struct bt_insn *in)
     int avail = 15;
     while (avail > 0 && bt_read_virt(b, rip, code, avail) < 0)
         avail--;
-    return avail ? bt_decode(code, avail, in) : -1;
+    return avail ? bt_decode_mode(code, avail, in, bt_code32(b)) : -1;
 }
 
 /* QEMU remembers the last contributory exception (#DE, #GP ...) and, as it never
@@ -700,6 +763,12 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
             goto fail;
         }
     }
+    if (d->guest_type == HV_GUEST_PVH &&
+        (e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)on_cpuid, b, 1, 0,
+                            UC_X86_INS_CPUID)) != UC_ERR_OK) {
+        uc_fail(err, err_len, "cannot add the CPUID hook", e);
+        goto fail;
+    }
     pthread_once(&kq_once, kq_start);
     if (!kq_running) {
         hv_set_error(err, err_len, "cannot start the kicker thread");
@@ -716,6 +785,60 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 fail:
     bt_vcpu_destroy(v);
     return -1;
+}
+
+/* A PVH guest's entry: 32-bit flat protected mode, paging off, ebx = hvm_start_info.
+ * Unicorn's x86-64 CPU starts in 64-bit mode and, in that mode, takes a segment
+ * register write as a selector only; TCG leaves long mode when paging goes off, so
+ * the VMM turns paging on (long mode, as Unicorn has it) and off again: what is left
+ * is 32-bit code with the flat segments Unicorn starts with (base 0), and the guest's
+ * own far jump loads the descriptors it wants later. */
+static int pvh_boot_state(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len)
+{
+    uc_x86_mmr gdtr = { .base = bs->gdt_base, .limit = bs->gdt_limit }, idtr = { 0 };
+    uc_x86_mmr tr = { .limit = 0x67, .flags = 0x8b00 };    /* busy 32-bit TSS, present */
+    uc_x86_msr efer = { .rid = 0xc0000080, .value = 0x100 };
+    uint16_t code = bs->code_selector, data = bs->data_selector;
+    uc_err e;
+
+    bt_set_reg(b, UC_X86_REG_CR4, 0x20);                    /* PAE: long mode may start */
+    if ((e = bt_uc.reg_write(b->uc, UC_X86_REG_MSR, &efer)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot set EFER", e);
+    bt_set_reg(b, UC_X86_REG_CR0, 0x80000011);              /* PG: long mode on ... */
+    bt_set_reg(b, UC_X86_REG_CR0, 0x11);                    /* ... and off: ET PE */
+    bt_set_reg(b, UC_X86_REG_CR4, 0);
+    bt_set_reg(b, UC_X86_REG_CR3, 0);
+    efer.value = 0;
+    if ((e = bt_uc.reg_write(b->uc, UC_X86_REG_MSR, &efer)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot clear EFER", e);
+    if ((e = bt_uc.reg_write(b->uc, UC_X86_REG_GDTR, &gdtr)) != UC_ERR_OK ||
+        (e = bt_uc.reg_write(b->uc, UC_X86_REG_IDTR, &idtr)) != UC_ERR_OK ||
+        (e = bt_uc.reg_write(b->uc, UC_X86_REG_TR, &tr)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot set the descriptor tables", e);
+    bt_uc.reg_write(b->uc, UC_X86_REG_CS, &code);
+    bt_uc.reg_write(b->uc, UC_X86_REG_SS, &data);
+    bt_uc.reg_write(b->uc, UC_X86_REG_DS, &data);
+    bt_uc.reg_write(b->uc, UC_X86_REG_ES, &data);
+    for (int id = 0; id < 16; id++) {
+        static const int gprs[] = {
+            UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RSI,
+            UC_X86_REG_RDI, UC_X86_REG_RBP, UC_X86_REG_RSP, UC_X86_REG_R8, UC_X86_REG_R9,
+            UC_X86_REG_R10, UC_X86_REG_R11, UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14,
+            UC_X86_REG_R15,
+        };
+        bt_set_reg(b, gprs[id], 0);
+    }
+    bt_set_reg(b, UC_X86_REG_RBX, bs->rbx);
+    bt_set_reg(b, UC_X86_REG_RIP, bs->rip);
+    bt_set_reg(b, UC_X86_REG_RFLAGS, 0x2);
+    {
+        uint16_t fcw = 0x37f;
+        uint32_t mxcsr = 0x1f80;
+        bt_uc.reg_write(b->uc, UC_X86_REG_FPCW, &fcw);
+        bt_uc.reg_write(b->uc, UC_X86_REG_MXCSR, &mxcsr);
+    }
+    scan(b, bs->rip, 4096);
+    return 0;
 }
 
 static int bt_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len)
@@ -736,6 +859,8 @@ static int bt_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, 
     };
     uc_err e;
 
+    if (bs->mode == HV_BOOT_PVH32)
+        return pvh_boot_state(b, bs, err, err_len);
     for (size_t i = 0; i < sizeof(setup) / sizeof(setup[0]); i++)
         if ((e = bt_uc.reg_write(b->uc, setup[i].reg, &setup[i].value)) != UC_ERR_OK)
             return uc_fail(err, err_len, "cannot set a control register", e);
@@ -796,6 +921,22 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         c->blocks++;
         hv_vcpu_park(v, HV_WAIT_INTERRUPT, 0);
         return 0;
+    case BT_VMCALL:
+        pvh_hypercall(b);
+        bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        return 0;
+    case BT_WRMSR: {
+        uint64_t value = (uint32_t)bt_reg(b, UC_X86_REG_RAX) |
+                         (uint64_t)(uint32_t)bt_reg(b, UC_X86_REG_RDX) << 32;
+        if (hv_pvh_wrmsr(v, (uint32_t)bt_reg(b, UC_X86_REG_RCX), value) < 0) {
+            memset(&b->exception, 0, sizeof(b->exception));
+            b->exception.vector = 13;   /* #GP(0), as Xen for a bad page or index */
+            b->exception.has_error = 1;
+            return 0;
+        }
+        bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        return 0;
+    }
     case BT_STI:
         bt_set_reg(b, UC_X86_REG_RFLAGS, rflags | RFLAGS_IF);
         bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
@@ -806,7 +947,7 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
                               0x3000 | 0x4000 | 0x40000 | 0x200000;
         uint64_t value = 0;
         struct bt_insn in;
-        int width = decode_at(b, rip, &in) == 0 && in.opsize == 2 ? 2 : 8;
+        int width = decode_at(b, rip, &in) == 0 && in.opsize == 2 ? 2 : bt_code32(b) ? 4 : 8;
         if (bt_read_virt(b, rsp, &value, width) < 0) {
             b->skip_once = s;   /* let TCG run it and raise the #PF */
             return 0;
@@ -1000,6 +1141,16 @@ int hv_bt_insn_length(const uint8_t *code, int avail, int *kind)
 {
     struct bt_insn in;
     if (bt_decode(code, avail, &in) < 0)
+        return -1;
+    if (kind)
+        *kind = in.kind;
+    return in.len;
+}
+
+int hv_bt_insn_length32(const uint8_t *code, int avail, int *kind)
+{
+    struct bt_insn in;
+    if (bt_decode_mode(code, avail, &in, 1) < 0)
         return -1;
     if (kind)
         *kind = in.kind;

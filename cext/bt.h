@@ -68,7 +68,8 @@ enum {                              /* uc_x86_reg (the ones we use) */
     UC_X86_REG_FS_BASE = 250, UC_X86_REG_GS_BASE = 251, UC_X86_REG_RFLAGS = 253,
 };
 
-enum { UC_X86_INS_IN = 218, UC_X86_INS_OUT = 500, UC_X86_INS_SYSCALL = 699 };
+enum { UC_X86_INS_IN = 218, UC_X86_INS_OUT = 500, UC_X86_INS_SYSCALL = 699,
+       UC_X86_INS_CPUID = 113 };
 
 /* uc_ctl commands: type | (number of arguments << 26) | (1 << 30) for a write. */
 #define BT_UC_CTL_WRITE(type, nargs) ((int)((type) | ((nargs) << 26) | (1 << 30)))
@@ -133,6 +134,7 @@ enum bt_kind {
     BT_MOV_CR, BT_MOV_DR, BT_WRMSR, BT_RDMSR,
     BT_LGDT, BT_LIDT, BT_LLDT, BT_LTR, BT_INVLPG, BT_CLTS, BT_CACHE,
     BT_PORT_IO,                     /* in/out/ins/outs: the port hooks take them */
+    BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
 };
 
 struct bt_insn {
@@ -151,6 +153,8 @@ struct bt_insn {
 /* Decode one instruction from code[0..avail): 0 and *out filled, or -1 if it is not
  * a valid x86-64 instruction (or is cut off). */
 int bt_decode(const uint8_t *code, int avail, struct bt_insn *out);
+/* The same for 32-bit code (code32 = 1: a PVH guest before it enters long mode). */
+int bt_decode_mode(const uint8_t *code, int avail, struct bt_insn *out, int code32);
 /* 1 if the instruction is a div/idiv (the source of #DE). */
 int bt_is_divide(const struct bt_insn *in);
 
@@ -216,6 +220,8 @@ struct bt_vcpu {
 /* bt_cpu.c: the MMU walk, guest memory reads by virtual address, IDT delivery. */
 int  bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perms, int *present);
 int  bt_read_virt(struct bt_vcpu *b, uint64_t va, void *dst, int len);
+/* 1 if the vCPU runs 32-bit code now (a PVH guest before long mode, or compat mode). */
+int  bt_code32(struct bt_vcpu *b);
 uint64_t bt_reg(struct bt_vcpu *b, int regid);
 void bt_set_reg(struct bt_vcpu *b, int regid, uint64_t value);
 /* Deliver ev through the guest's IDT, escalating faults met on the way (#DF, then a

@@ -126,6 +126,28 @@ mapped:
     }
 }
 
+/* A PVH guest runs 32-bit code until it enters long mode, and compat-mode code when
+ * its CS descriptor has L clear; Unicorn keeps the descriptor to itself, so the GDT
+ * entry CS names tells (the guest does not change a loaded entry under itself). */
+int bt_code32(struct bt_vcpu *b)
+{
+    uc_x86_mmr gdtr;
+    uint16_t cs;
+    uint64_t desc;
+
+    if (b->v->dom->guest_type != HV_GUEST_PVH)
+        return 0;
+    if (!(efer(b) & (1ULL << 10)))             /* EFER.LMA */
+        return 1;
+    cs = (uint16_t)bt_reg(b, UC_X86_REG_CS);
+    memset(&gdtr, 0, sizeof(gdtr));
+    bt_uc.reg_read(b->uc, UC_X86_REG_GDTR, &gdtr);
+    if ((cs & 4) || (uint64_t)(cs & ~7u) + 7 > gdtr.limit ||
+        bt_read_virt(b, gdtr.base + (cs & ~7u), &desc, 8) < 0)
+        return 0;
+    return !((desc >> 53) & 1);                 /* L */
+}
+
 /* Read guest memory by virtual address, page by page, inside RAM only: 0 or -1. */
 int bt_read_virt(struct bt_vcpu *b, uint64_t va, void *dst, int len)
 {

@@ -6,7 +6,11 @@
  *
  * It covers the whole 64-bit instruction set's layout (legacy prefixes, REX, the
  * one-byte, 0F, 0F38 and 0F3A maps, VEX and EVEX), not its semantics: TCG executes
- * the instructions; the decoder only finds them.
+ * the instructions; the decoder only finds them. A PVH guest starts in 32-bit
+ * protected mode, so the decoder also knows 32-bit code (bt_decode_mode): no REX
+ * (40-4F are inc/dec), the opcodes 64-bit mode dropped (push/pop of segments, pusha,
+ * far jumps and calls with an immediate pointer, aam ...), 4-byte moffs, 16-bit
+ * addressing after 0x67.
  */
 #include <string.h>
 
@@ -22,6 +26,23 @@ enum {
     IMM_GROUP3 = -5,    /* F6/F7: an immediate only for test (/0, /1) */
     BAD = -100,         /* not an instruction in 64-bit mode */
 };
+
+/* Opcodes of 32-bit code that 64-bit mode dropped or gave another meaning. */
+static int map0_legacy32(uint8_t op, int opsize, int *modrm)
+{
+    if (op < 0x40 && (op & 7) >= 6)
+        return IMM_NONE;        /* push/pop es cs ss ds, daa das aaa aas */
+    if (op >= 0x40 && op <= 0x4f)
+        return IMM_NONE;        /* inc/dec r32 */
+    switch (op) {
+    case 0x60: case 0x61: case 0xce: case 0xd6: return IMM_NONE;  /* pusha popa into salc */
+    case 0x62: case 0xc4: case 0xc5: *modrm = 1; return IMM_NONE; /* bound les lds */
+    case 0x82: *modrm = 1; return 1;
+    case 0x9a: case 0xea: return opsize == 2 ? 4 : 6;             /* ptr16:16 / ptr16:32 */
+    case 0xd4: case 0xd5: return 1;                                /* aam aad */
+    }
+    return BAD;
+}
 
 /* The one-byte map: has a ModRM byte? which immediate? */
 static int map0(uint8_t op, int *modrm)
@@ -128,8 +149,19 @@ static int map1(uint8_t op, int *modrm)
     return BAD;
 }
 
+/* ModRM and displacement with 16-bit addressing (32-bit code with 0x67): no SIB. */
+static int modrm16_len(const uint8_t *p, int avail, struct bt_insn *in)
+{
+    int mod = p[0] >> 6, rm = p[0] & 7, disp = mod == 1 ? 1 : mod == 2 ? 2 : 0;
+    if (mod == 0 && rm == 6)
+        disp = 2;
+    if (mod == 3)
+        disp = 0;
+    return avail < 1 + disp ? -1 : 1 + disp;
+}
+
 /* ModRM, SIB and displacement: how many bytes from the ModRM byte on. */
-static int modrm_len(const uint8_t *p, int avail, struct bt_insn *in)
+static int modrm_len(const uint8_t *p, int avail, struct bt_insn *in, int code32)
 {
     int n = 1, mod, rm;
     if (avail < 1)
@@ -139,6 +171,8 @@ static int modrm_len(const uint8_t *p, int avail, struct bt_insn *in)
     mod = p[0] >> 6;
     rm = p[0] & 7;
     in->disp = 0;
+    if (code32 && in->addr32)
+        return modrm16_len(p, avail, in);
     if (mod == 3)
         return 1;
     if (rm == 4) {
@@ -149,7 +183,7 @@ static int modrm_len(const uint8_t *p, int avail, struct bt_insn *in)
         if (mod == 0 && (p[1] & 7) == 5)
             mod = 2;            /* no base: disp32 */
     } else if (mod == 0 && rm == 5) {
-        in->disp_at_end_rel = 1;        /* rip-relative */
+        in->disp_at_end_rel = !code32;  /* rip-relative; absolute in 32-bit code */
         mod = 2;
     }
     if (mod == 1) {
@@ -192,6 +226,8 @@ static enum bt_kind classify(const struct bt_insn *in)
     case 0x00:
         return reg == 2 ? BT_LLDT : reg == 3 ? BT_LTR : BT_PLAIN;
     case 0x01:
+        if (in->modrm == 0xc1 || in->modrm == 0xd9)
+            return BT_VMCALL;   /* vmcall (Intel), vmmcall (AMD): a PVH guest's hypercall */
         if (mod == 3)           /* lmsw from a register; swapgs, rdtscp, monitor ... are not ours */
             return reg == 6 ? BT_MOV_CR : BT_PLAIN;
         return reg == 2 ? BT_LGDT : reg == 3 ? BT_LIDT : reg == 6 ? BT_MOV_CR :
@@ -207,6 +243,11 @@ static enum bt_kind classify(const struct bt_insn *in)
 }
 
 int bt_decode(const uint8_t *code, int avail, struct bt_insn *in)
+{
+    return bt_decode_mode(code, avail, in, 0);
+}
+
+int bt_decode_mode(const uint8_t *code, int avail, struct bt_insn *in, int code32)
 {
     int i = 0, opsize66 = 0, imm, modrm = 0, vex = 0, n;
 
@@ -227,7 +268,7 @@ int bt_decode(const uint8_t *code, int avail, struct bt_insn *in)
         } else if (b == 0xf0 || b == 0xf2 || b == 0xf3 || b == 0x2e || b == 0x36 ||
                    b == 0x3e || b == 0x26) {
             /* lock, rep, branch hints / null segments */
-        } else if ((b & 0xf0) == 0x40) {
+        } else if ((b & 0xf0) == 0x40 && !code32) {
             in->rex = b;
             i++;
             if (i >= avail)
@@ -247,7 +288,12 @@ int bt_decode(const uint8_t *code, int avail, struct bt_insn *in)
     in->opsize = (in->rex & 8) ? 8 : opsize66 ? 2 : 4;
 
     uint8_t b = code[i];
-    if (b == 0xc4 || b == 0xc5 || b == 0x62) {
+    /* In 32-bit code C4, C5 and 62 are VEX/EVEX only when the next byte's top bits are
+     * 11 (a register form of les, lds, bound, which do not exist). */
+    int vex_form = b == 0xc4 || b == 0xc5 || b == 0x62;
+    if (vex_form && code32 && (i + 1 >= avail || (code[i + 1] & 0xc0) != 0xc0))
+        vex_form = 0;
+    if (vex_form) {
         /* VEX (2 or 3 bytes) or EVEX (4): the map, then opcode and ModRM */
         int plen = b == 0xc5 ? 2 : b == 0xc4 ? 3 : 4;
         if (i + plen >= avail)
@@ -276,6 +322,8 @@ int bt_decode(const uint8_t *code, int avail, struct bt_insn *in)
 
     if (in->map == 0) {
         imm = map0(in->opcode, &modrm);
+        if (code32 && (imm == BAD || (in->opcode >= 0x40 && in->opcode <= 0x4f)))
+            imm = map0_legacy32(in->opcode, in->opsize, &modrm);
     } else if (in->map == 1) {
         imm = map1(in->opcode, &modrm);
         if (vex && in->opcode == 0x77) {
@@ -289,7 +337,7 @@ int bt_decode(const uint8_t *code, int avail, struct bt_insn *in)
     if (imm == BAD)
         return -1;
     if (modrm) {
-        n = modrm_len(code + i, avail - i, in);
+        n = modrm_len(code + i, avail - i, in, code32);
         if (n < 0)
             return -1;
         i += n;
@@ -297,7 +345,7 @@ int bt_decode(const uint8_t *code, int avail, struct bt_insn *in)
     switch (imm) {
     case IMM_Z: imm = in->opsize == 2 ? 2 : 4; break;
     case IMM_V: imm = in->opsize; break;
-    case IMM_MOFFS: imm = in->addr32 ? 4 : 8; break;
+    case IMM_MOFFS: imm = code32 ? (in->addr32 ? 2 : 4) : in->addr32 ? 4 : 8; break;
     case IMM_ENTER: imm = 3; break;
     case IMM_GROUP3:
         imm = ((in->modrm >> 3) & 7) < 2 ? (in->opcode == 0xf6 ? 1 : in->opsize == 2 ? 2 : 4) : 0;

@@ -111,6 +111,7 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
         return NULL;
     }
     d->domid = cfg->domid;
+    d->guest_type = cfg->guest_type;
     d->ram_bytes = cfg->ram_bytes;
     d->pt_pool_start = cfg->pt_pool_start;
     d->pt_pool_end = cfg->pt_pool_end;

@@ -42,6 +42,19 @@ int hv_gva_to_gpa(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa)
     struct hv_domain *d = v->dom;
     uint64_t entry, cr3;
 
+    /* PVH: the guest sets its own mode; before paging is on, addresses are physical
+     * (32 bits of them). Only 4-level paging is walked. */
+    if (d->guest_type == HV_GUEST_PVH && v->ops->get_mode) {
+        struct hv_cpu_mode m;
+        if (v->ops->get_mode(v, &m) < 0)
+            return -XEN_EFAULT;
+        if (!(m.cr0 & (1ULL << 31))) {
+            *gpa = gva & 0xffffffffULL;
+            goto found;
+        }
+        if (!(m.efer & (1ULL << 10)))
+            return -XEN_EFAULT;         /* 32-bit or PAE paging: not walked */
+    }
     if (!canonical(gva))
         return -XEN_EFAULT;
     if (v->ops->get_cr3(v, &cr3) < 0)

@@ -29,6 +29,13 @@ struct hv_hcall {
     uint64_t a1, a2, a3, a4, a5;    /* rdi, rsi, rdx, r10, r8 */
 };
 
+/* The parts of a vCPU's mode the services care about (pvh.c). */
+struct hv_cpu_mode {
+    uint64_t cr0, cr4, efer;
+    int      cs_long;               /* CS.L: 64-bit code (with EFER.LMA) */
+    int      cpl;                   /* the privilege level it runs at */
+};
+
 /* What a service needs from the engine running a vCPU (kept this small on purpose). */
 struct hv_engine_ops {
     /* Guest-physical address of the current top-level page table. */
@@ -39,6 +46,9 @@ struct hv_engine_ops {
     int  (*set_cr3)(struct hv_vcpu *v, uint64_t cr3);
     /* Drop the vCPU's cached translations after the hypervisor changed its page tables. */
     int  (*flush_tlb)(struct hv_vcpu *v);
+    /* The CPU mode (PVH guests, which switch modes themselves; NULL: always 64-bit
+     * long mode with paging on, as a PV vCPU). */
+    int  (*get_mode)(struct hv_vcpu *v, struct hv_cpu_mode *mode);
 };
 
 /* What a parked vCPU waits for (vcpu.c). */
@@ -99,6 +109,7 @@ extern const struct hv_engine_impl hv_bt_engine;
 
 struct hv_domain {
     uint32_t domid;
+    uint32_t guest_type;            /* enum hv_guest_type */
     uint8_t *ram;                   /* host mapping of guest-physical [0, ram_bytes) */
     uint64_t ram_bytes;
     uint64_t pt_pool_start, pt_pool_end;
@@ -213,6 +224,7 @@ struct hv_vcpu {
 
     uint64_t vcpu_info_gpa;         /* HV_NO_PAGE: the slot in shared_info */
     struct pv_vcpu pv;              /* Xen PV CPU state (pv_traps.c); unused in ring-0 PV */
+    uint64_t runstate_area;         /* guest virtual address of its runstate_info, 0: none */
     uint32_t virq_to_port[NR_VIRQS];
     struct hv_vcpu_timers timers;
 
@@ -303,6 +315,22 @@ int  hv_next_vector(struct hv_vcpu *v, int *is_upcall);   /* -1: nothing to take
 int  hv_interrupt_due(struct hv_vcpu *v, void *unused);
 int  hv_stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
+
+/* ---- PVH guests (pvh.c): the Xen CPUID leaves, the hypercall-page MSR, hypercalls
+ * in the guest's own mode ---- */
+#define HV_PVH_CPUID_BASE     0x40000000u
+#define HV_PVH_HYPERCALL_MSR  0x40000000u
+/* 1 and out filled if leaf is one of the Xen leaves, 0 if not (the CPU's own answer). */
+int  hv_pvh_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+/* A wrmsr the engine could not do itself: 0 done, -1 the guest takes #GP(0). */
+int  hv_pvh_wrmsr(struct hv_vcpu *v, uint32_t msr, uint64_t value);
+/* The arguments of a hypercall made by vmcall/vmmcall or the PVH hypercall page, from
+ * the registers of the mode the vCPU is in (64-bit: rdi rsi rdx r10 r8; 32-bit: ebx ecx
+ * edx esi edi); returns the result as the guest's rax should hold it. */
+struct hv_pvh_regs { uint64_t rax, rbx, rcx, rdx, rsi, rdi, r8, r10; };
+uint64_t hv_pvh_hypercall(struct hv_vcpu *v, const struct hv_pvh_regs *r);
+/* 1 if the vCPU runs 64-bit code now. */
+int  hv_pvh_long_mode(struct hv_vcpu *v);
 
 /* ---- helpers ---- */
 uint64_t hv_now_ns(void);

@@ -57,7 +57,9 @@ struct hv_counters {
     uint64_t blocks;                            /* SCHEDOP_block / poll / hlt sleeps */
 };
 
-/* The state a vCPU starts in: 64-bit long mode, flat segments, paging on. */
+/* The state a vCPU starts in: 64-bit long mode, flat segments, paging on (PV); or,
+ * for a PVH guest, 32-bit flat protected mode with paging off and ebx = hvm_start_info. */
+enum hv_boot_mode { HV_BOOT_LONG, HV_BOOT_PVH32 };
 struct hv_boot_state {
     uint64_t rip;
     uint64_t rsp;
@@ -67,6 +69,15 @@ struct hv_boot_state {
     uint16_t gdt_limit;
     uint16_t code_selector;
     uint16_t data_selector;
+    uint32_t mode;          /* enum hv_boot_mode */
+    uint64_t rbx;           /* PVH: guest-physical address of hvm_start_info */
+};
+
+/* The kind of guest a domain runs (DESIGN.md section 6). */
+enum hv_guest_type {
+    HV_GUEST_PV,            /* Xen's PV ABI: start_info, the hypercall page from the note */
+    HV_GUEST_PVH,           /* HVM container: ring 0, its own page tables, the Xen CPUID
+                             * leaves, the hypercall-page MSR, vmcall/vmmcall */
 };
 
 enum hv_engine {
@@ -87,6 +98,7 @@ struct hv_domain_config {
     uint8_t  handle[16];    /* the domain's UUID (XENVER_guest_handle) */
     uint32_t max_evtchn_ports; /* 0 = the default (1024) */
     int      pv_model;      /* 0: legacy ring-0 PV kernel, 1: Xen's PV CPU model (pv_cpu.h) */
+    uint32_t guest_type;    /* enum hv_guest_type */
 };
 
 /* One traced hypercall (the domain keeps the last HV_TRACE_ENTRIES). */
@@ -115,6 +127,10 @@ int  hv_hypercall_implemented(uint32_t nr);
 
 /* Engines. Returns 1 if usable; otherwise 0 and a one-line reason in why. */
 int  hv_kvm_available(char *why, int why_len);
+/* kvm for a PVH guest: 1 if usable, else 0 and why (the hypercall-page MSR's exit). */
+int  hv_kvm_pvh_available(char *why, int why_len);
+/* 1 if KVM can hand the VMM a guest's vmcall/vmmcall (KVM_CAP_XEN_HVM). */
+int  hv_kvm_has_xen_hvm(void);
 /* The bt engine calls Unicorn's C API from the library at this path (the unicorn
  * package's libunicorn): 0, or -1 with a one-line reason. Until it succeeds,
  * hv_bt_available says why bt cannot run. */
@@ -123,6 +139,8 @@ int  hv_bt_available(char *why, int why_len);
 /* bt's instruction decoder, for tests: the length of the instruction at code (and its
  * kind: 0 plain, else sensitive), or -1 if it is not a valid x86-64 instruction. */
 int  hv_bt_insn_length(const uint8_t *code, int avail, int *kind);
+/* The same for 32-bit code (a PVH guest's entry, before long mode). */
+int  hv_bt_insn_length32(const uint8_t *code, int avail, int *kind);
 
 /* The host-wide memory budget: the guest memory (maxmem) of all live domains together
  * may not exceed it; 0 means no budget. Creating a domain that would exceed it fails. */
@@ -148,6 +166,10 @@ int      hv_domain_pending_events(struct hv_domain *d);
  * ring_gpa and a new event channel whose other end is trapless's console backend.
  * Returns the guest's port (for start_info), or -errno. Once per domain. */
 int      hv_console_ring_attach(struct hv_domain *d, uint64_t ring_gpa);
+/* Set an HVM parameter as the domain builder does (PVH: HVM_PARAM_CONSOLE_PFN and
+ * _EVTCHN, HVM_PARAM_STORE_*): 0, or -XEN_EINVAL for an index out of range or one the
+ * guest itself sets (CALLBACK_IRQ). */
+int      hv_domain_set_hvm_param(struct hv_domain *d, uint32_t index, uint64_t value);
 
 /* Xenstore (xenstore.c): one store per process, as Xen's xenstored in dom0. */
 /* Give the domain a xenstore ring: the page at guest-physical ring_gpa (start_info's

@@ -95,6 +95,8 @@ static int kvm_available(char *why, int why_len)
     return 1;
 }
 
+static int pvh_setup_vm(struct hv_domain *d, char *err, int err_len);
+
 static int map_slot(struct hv_domain *d, uint32_t slot, uint64_t start, uint64_t end,
                     uint32_t flags, void *host, char *err, int err_len)
 {
@@ -143,12 +145,171 @@ static int kvm_create_vm(struct hv_domain *d, char *err, int err_len)
     if (d->pv_region && map_slot(d, 3, PV_REGION_GPA, PV_REGION_GPA + d->pv_region_bytes, 0,
                                  d->pv_region, err, err_len) < 0)
         goto fail;
+    if (d->guest_type == HV_GUEST_PVH && pvh_setup_vm(d, err, err_len) < 0)
+        goto fail;
     return 0;
 fail:
     close(d->kvm_vm_fd);
     d->kvm_vm_fd = -1;
     return -1;
 }
+
+/* ---- PVH: the hypercall-page MSR, the Xen CPUID leaves, the 32-bit entry (pvh.c) ---- */
+
+/* Can this host's KVM run a PVH guest? It must let the VMM see the guest's write to
+ * the hypercall-page MSR: a user-space MSR exit through an MSR filter. */
+static int kvm_pvh_available(char *why, int why_len)
+{
+    if (!kvm_available(why, why_len))
+        return 0;
+    if (ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_X86_USER_SPACE_MSR) <= 0 ||
+        ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_X86_MSR_FILTER) <= 0) {
+        hv_set_error(why, why_len, "/dev/kvm lacks KVM_CAP_X86_USER_SPACE_MSR or "
+                     "KVM_CAP_X86_MSR_FILTER, which a PVH guest's hypercall-page MSR needs");
+        return 0;
+    }
+    return 1;
+}
+
+int hv_kvm_pvh_available(char *why, int why_len)
+{
+    return kvm_pvh_available(why, why_len);
+}
+
+int hv_kvm_has_xen_hvm(void)
+{
+    pthread_once(&kvm_once, kvm_open_once);
+    return kvm_fd >= 0 && ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_XEN_HVM) > 0;
+}
+
+/* Writes to the hypercall-page MSR leave KVM_RUN (KVM_EXIT_X86_WRMSR); every other MSR
+ * stays KVM's. */
+static int pvh_setup_vm(struct hv_domain *d, char *err, int err_len)
+{
+    static uint8_t deny_one = 0;        /* bit 0 clear: the write is filtered */
+    struct kvm_enable_cap cap = { .cap = KVM_CAP_X86_USER_SPACE_MSR,
+                                  .args = { KVM_MSR_EXIT_REASON_FILTER } };
+    struct kvm_msr_filter filter = {
+        .flags = KVM_MSR_FILTER_DEFAULT_ALLOW,
+        .ranges = { { .flags = KVM_MSR_FILTER_WRITE, .nmsrs = 1,
+                      .base = HV_PVH_HYPERCALL_MSR, .bitmap = &deny_one } },
+    };
+    if (!kvm_pvh_available(err, err_len))
+        return -1;
+    if (ioctl(d->kvm_vm_fd, KVM_ENABLE_CAP, &cap) < 0) {
+        hv_set_error(err, err_len, "KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR): %s", strerror(errno));
+        return -1;
+    }
+    if (ioctl(d->kvm_vm_fd, KVM_X86_SET_MSR_FILTER, &filter) < 0) {
+        hv_set_error(err, err_len, "KVM_X86_SET_MSR_FILTER: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Replace KVM's own hypervisor leaves (0x4000xxxx) with Xen's. */
+static void pvh_cpuid(struct hv_vcpu *v, struct kvm_cpuid2 *cpuid, int room)
+{
+    uint32_t n = 0, out[4];
+    for (uint32_t i = 0; i < cpuid->nent; i++)
+        if ((cpuid->entries[i].function & 0xffff0000u) != HV_PVH_CPUID_BASE)
+            cpuid->entries[n++] = cpuid->entries[i];
+    for (uint32_t leaf = HV_PVH_CPUID_BASE; leaf < HV_PVH_CPUID_BASE + 6; leaf++) {
+        uint32_t subleaves = leaf == HV_PVH_CPUID_BASE + 3 ? 3 : 1;
+        for (uint32_t sub = 0; sub < subleaves && (int)n < room; sub++) {
+            struct kvm_cpuid_entry2 *e = &cpuid->entries[n++];
+            memset(e, 0, sizeof(*e));
+            hv_pvh_cpuid(v, leaf, sub, out);
+            e->function = leaf;
+            e->index = sub;
+            e->flags = leaf == HV_PVH_CPUID_BASE + 3 || leaf == HV_PVH_CPUID_BASE + 4
+                       ? KVM_CPUID_FLAG_SIGNIFCANT_INDEX : 0;
+            e->eax = out[0];
+            e->ebx = out[1];
+            e->ecx = out[2];
+            e->edx = out[3];
+        }
+    }
+    cpuid->nent = n;
+}
+
+static int kvm_get_mode(struct hv_vcpu *v, struct hv_cpu_mode *m)
+{
+    struct kvm_sregs own, *sregs = &v->run->s.regs.sregs;
+    if (!(v->run->kvm_valid_regs & KVM_SYNC_X86_SREGS)) {
+        if (ioctl(v->fd, KVM_GET_SREGS, &own) < 0)
+            return -1;
+        sregs = &own;
+    }
+    m->cr0 = sregs->cr0;
+    m->cr4 = sregs->cr4;
+    m->efer = sregs->efer;
+    m->cs_long = sregs->cs.l;
+    m->cpl = sregs->cs.dpl;
+    return 0;
+}
+
+static void flat_segment(struct kvm_segment *s, uint16_t selector, int code);
+
+/* 32-bit flat protected mode, paging off, ebx = hvm_start_info (XEN-ABI-FACTS 26). */
+static int pvh_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len)
+{
+    struct kvm_sregs sregs;
+    struct kvm_regs regs;
+
+    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0) {
+        hv_set_error(err, err_len, "KVM_GET_SREGS: %s", strerror(errno));
+        return -1;
+    }
+    flat_segment(&sregs.cs, bs->code_selector, 1);
+    sregs.cs.l = 0;
+    sregs.cs.db = 1;                /* attributes 0xc9b */
+    flat_segment(&sregs.ds, bs->data_selector, 0);
+    sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
+    memset(&sregs.tr, 0, sizeof(sregs.tr));
+    sregs.tr.limit = 0x67;
+    sregs.tr.type = 0xb;            /* busy 32-bit TSS */
+    sregs.tr.present = 1;
+    memset(&sregs.ldt, 0, sizeof(sregs.ldt));
+    sregs.ldt.type = 0x2;
+    sregs.ldt.unusable = 1;
+    sregs.gdt.base = bs->gdt_base;
+    sregs.gdt.limit = bs->gdt_limit;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0;
+    sregs.cr0 = 0x11;               /* ET PE */
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0) {
+        hv_set_error(err, err_len, "KVM_SET_SREGS: %s", strerror(errno));
+        return -1;
+    }
+    memset(&regs, 0, sizeof(regs));
+    regs.rip = bs->rip;
+    regs.rbx = bs->rbx;
+    regs.rflags = 0x2;
+    if (ioctl(v->fd, KVM_SET_REGS, &regs) < 0) {
+        hv_set_error(err, err_len, "KVM_SET_REGS: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* The PVH hypercall page's `out`: the VMM hands the result back in rax. */
+static void pvh_hypercall_exit(struct hv_vcpu *v, struct kvm_run *run)
+{
+    struct kvm_regs *regs = &run->s.regs.regs;
+    struct hv_pvh_regs r = { .rax = regs->rax, .rbx = regs->rbx, .rcx = regs->rcx,
+                             .rdx = regs->rdx, .rsi = regs->rsi, .rdi = regs->rdi,
+                             .r8 = regs->r8, .r10 = regs->r10 };
+    v->cr3 = run->s.regs.sregs.cr3;     /* the hypercall's pointers walk these tables */
+    v->cr3_valid = 1;
+    regs->rax = hv_pvh_hypercall(v, &r);
+    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+}
+
+/* ---- end of PVH ---- */
 
 static void kvm_destroy_vm(struct hv_domain *d)
 {
@@ -262,6 +423,7 @@ static const struct hv_engine_ops kvm_ops = {
     .kick = kvm_kick,
     .set_cr3 = kvm_set_cr3,
     .flush_tlb = kvm_flush_tlb,
+    .get_mode = kvm_get_mode,
 };
 
 /* ---- vCPUs ---- */
@@ -275,9 +437,14 @@ static int set_cpuid(struct hv_vcpu *v, char *err, int err_len)
         return -1;
     }
     cpuid->nent = nent;
-    if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, cpuid) < 0)
+    if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, cpuid) < 0) {
         hv_set_error(err, err_len, "KVM_GET_SUPPORTED_CPUID: %s", strerror(errno));
-    else if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
+        free(cpuid);
+        return -1;
+    }
+    if (v->dom->guest_type == HV_GUEST_PVH)
+        pvh_cpuid(v, cpuid, nent);
+    if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
         hv_set_error(err, err_len, "KVM_SET_CPUID2: %s", strerror(errno));
     else
         rc = 0;
@@ -330,10 +497,12 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         close(v->fd);
         return -1;
     }
-    /* Xen's model also needs cr2, cr3 and the segments at every exit */
-    v->run->kvm_valid_regs = KVM_SYNC_X86_REGS |
-                             (v->dom->pv_model == HV_PV_XEN ? KVM_SYNC_X86_SREGS : 0);
-    if (set_cpuid(v, err, err_len) < 0 || pvclock_setup(v, err, err_len) < 0) {
+    /* Xen's PV model needs cr2, cr3 and the segments at every exit, PVH its mode */
+    v->run->kvm_valid_regs = KVM_SYNC_X86_REGS;
+    if (v->dom->pv_model == HV_PV_XEN || v->dom->guest_type == HV_GUEST_PVH)
+        v->run->kvm_valid_regs |= KVM_SYNC_X86_SREGS;
+    /* the PV clock first: a PVH guest's CPUID time leaf tells its scale */
+    if (pvclock_setup(v, err, err_len) < 0 || set_cpuid(v, err, err_len) < 0) {
         munmap(v->run, v->run_size);
         v->run = NULL;
         close(v->fd);
@@ -414,6 +583,10 @@ static int kvm_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs,
     struct kvm_fpu fpu;
     int xen = v->dom->pv_model == HV_PV_XEN;
 
+    if (bs->mode == HV_BOOT_PVH32 && pvh_boot_state(v, bs, err, err_len) < 0)
+        return -1;
+    if (bs->mode == HV_BOOT_PVH32)
+        goto fpu;
     if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0) {
         hv_set_error(err, err_len, "KVM_GET_SREGS: %s", strerror(errno));
         return -1;
@@ -454,6 +627,7 @@ static int kvm_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs,
         hv_set_error(err, err_len, "KVM_SET_REGS: %s", strerror(errno));
         return -1;
     }
+fpu:
     memset(&fpu, 0, sizeof(fpu));
     fpu.fcw = 0x37f;
     fpu.mxcsr = 0x1f80;
@@ -484,6 +658,11 @@ static void port_io(struct hv_vcpu *v, struct kvm_run *run)
         ret = hv_hypercall(v, &h);
         int32_t result = ret == (int32_t)ret ? (int32_t)ret : -XEN_EOVERFLOW;
         memcpy(data, &result, 4);
+        return;
+    }
+    if (v->dom->guest_type == HV_GUEST_PVH && run->io.port == TRAPLESS_HYPERCALL_PORT &&
+        run->io.direction == KVM_EXIT_IO_OUT && run->io.size == 4 && run->io.count == 1) {
+        pvh_hypercall_exit(v, run);
         return;
     }
     v->dom->counters.exits[HV_EXIT_IO]++;
@@ -769,6 +948,10 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                              "%s of guest-physical %#llx, outside guest memory",
                              run->mmio.is_write ? "write" : "read",
                              (unsigned long long)run->mmio.phys_addr);
+        case KVM_EXIT_X86_WRMSR:        /* the PVH hypercall-page MSR (the filter's only) */
+            c->exits[HV_EXIT_PRIV_INSN]++;
+            run->msr.error = hv_pvh_wrmsr(v, run->msr.index, run->msr.data) < 0;
+            break;
         case KVM_EXIT_SHUTDOWN:
             c->exits[HV_EXIT_SHUTDOWN]++;
             return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_SHUTDOWN, rip, "triple fault");

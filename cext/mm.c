@@ -552,6 +552,8 @@ int hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len)
     mm->pool_first = d->pt_pool_start >> HV_PAGE_SHIFT;
     mm->pool_end = d->pt_pool_end >> HV_PAGE_SHIFT;
     mm->base_mfn = HV_NO_FRAME;
+    if (d->guest_type == HV_GUEST_PVH)
+        return 0;       /* its page tables are its own, in ordinary RAM: nothing to type */
 
     if ((cr3 & (HV_PAGE_SIZE - 1)) || !hv_mm_in_pool(mm, root)) {
         hv_set_error(err, err_len, "cr3 %#llx is not a frame of the page-table pool [%#llx, %#llx)",

@@ -371,6 +371,21 @@ static int64_t runstate_info(struct hv_vcpu *v, uint64_t arg)
     return hv_copy_to_guest(v, arg, &r, sizeof(r)) < 0 ? -XEN_EFAULT : 0;
 }
 
+/* Xen keeps the area up to date at each context switch; a trapless vCPU has the
+ * processor to itself, so it is running whenever it can look: the area is written when
+ * it is registered and whenever the guest asks for its runstate. As in Xen, the handle
+ * is taken as it is and a write that faults is not an error. */
+static int64_t register_runstate_area(struct hv_vcpu *v, uint64_t arg)
+{
+    struct vcpu_register_runstate_memory_area area;
+    if (hv_copy_from_guest(v, &area, arg, sizeof(area)) < 0)
+        return -XEN_EFAULT;
+    v->runstate_area = area.addr;
+    if (area.addr)
+        runstate_info(v, area.addr);
+    return 0;
+}
+
 static int64_t register_vcpu_info(struct hv_vcpu *v, uint64_t arg)
 {
     struct vcpu_register_vcpu_info r;
@@ -412,7 +427,11 @@ int64_t do_vcpu_op(struct hv_vcpu *v, const struct hv_hcall *h)
     case VCPUOP_initialise:
         return -XEN_EEXIST;             /* every vCPU is initialised by the builder */
     case VCPUOP_get_runstate_info:
+        if (target->runstate_area)
+            runstate_info(target, target->runstate_area);
         return runstate_info(target, h->a3);
+    case VCPUOP_register_runstate_memory_area:
+        return register_runstate_area(target, h->a3);
     case VCPUOP_set_periodic_timer: {
         struct vcpu_set_periodic_timer p;
         if (hv_copy_from_guest(v, &p, h->a3, sizeof(p)) < 0)

@@ -23,13 +23,19 @@ static int64_t copy_string(struct hv_vcpu *v, uint64_t arg, const char *s, size_
     return hv_copy_to_guest(v, arg, buf, size) < 0 ? -XEN_EFAULT : 0;
 }
 
-static uint32_t feature_submap(const struct hv_domain *d, uint32_t idx)
+static uint32_t feature_submap(struct hv_vcpu *v, uint32_t idx)
 {
     if (idx != 0)
         return 0;
+    /* PVH: what Xen reports to an HVM container (common/kernel.c): the guest's page
+     * tables are its own and translated, upcalls come on a vector, the PV clock is safe
+     * to use. (Xen adds feature bits for sub-ops trapless does not have yet.) */
+    if (v->dom->guest_type == HV_GUEST_PVH)
+        return (1u << XENFEAT_writable_page_tables) | (1u << XENFEAT_auto_translated_physmap) |
+               (1u << XENFEAT_hvm_callback_vector) | (1u << XENFEAT_hvm_safe_pvclock);
     /* Xen's PV CPU model: of what Xen gives a PV domU, what trapless has so far (Xen
      * also sets gnttab_map_avail_bits and others that need grant tables). */
-    if (d->pv_model == HV_PV_XEN)
+    if (v->dom->pv_model == HV_PV_XEN)
         return 1u << XENFEAT_mmu_pt_update_preserve_ad;
     /* A ring-0 PV kernel runs in ring 0 of its own VM, and takes upcalls on a vector. */
     return (1u << XENFEAT_supervisor_mode_kernel) | (1u << XENFEAT_hvm_callback_vector);
@@ -67,7 +73,7 @@ int64_t do_xen_version(struct hv_vcpu *v, const struct hv_hcall *h)
             return -XEN_EFAULT;
         if (fi.submap_idx >= XENFEAT_NR_SUBMAPS)
             return -XEN_EINVAL;
-        fi.submap = feature_submap(v->dom, fi.submap_idx);
+        fi.submap = feature_submap(v, fi.submap_idx);
         return hv_copy_to_guest(v, arg, &fi, sizeof(fi)) < 0 ? -XEN_EFAULT : 0;
     }
     case XENVER_pagesize:

@@ -79,10 +79,13 @@ def stats_table(domain):
     return table
 
 
-def say_engine_fallback(args) -> None:
+def say_engine_fallback(args, domain=None) -> None:
     """No engine asked for and the best one is missing: one line saying which runs instead
-    (printed once a domain is about to run, so an error stays the only line)."""
-    if getattr(args, "engine", "") is None:
+    (printed once a domain is about to run, so an error stays the only line). A PVH
+    domain says why kvm cannot run it here (e.g. its vmcall/vmmcall)."""
+    if domain is not None and getattr(domain, "engine_note", None):
+        print(f"trapless: {domain.engine_note}", file=sys.stderr)
+    elif getattr(args, "engine", "") is None:
         from .engines import fallback_note
         note = fallback_note()
         if note:
@@ -130,12 +133,22 @@ def cmd_run(args) -> int:
         except TraplessError:
             pass                            # already on its way down
 
+    ramdisk = None
+    if args.ramdisk is not None:
+        from .errors import ImageError
+        try:
+            with open(args.ramdisk, "rb") as f:
+                ramdisk = f.read()
+        except OSError as e:
+            raise ImageError(f"{args.ramdisk}: cannot read the ramdisk ({e.strerror})") from None
+
     previous = {s: signal.signal(s, on_signal) for s in EXIT_BY_SIGNAL}
     try:
         # the output streams to stdout and nothing of it is kept (console_keep=0)
         with Domain(image, memory_mib=args.memory, cmdline=args.cmdline, engine=args.engine,
-                    on_console=to_stdout, native=args.native, console_keep=0) as dom:
-            say_engine_fallback(args)
+                    on_console=to_stdout, native=args.native, console_keep=0,
+                    guest_type=args.type, ramdisk=ramdisk) as dom:
+            say_engine_fallback(args, dom)
             running.append(dom)
             stop = dom.run(timeout=args.timeout)
             if args.stats:
@@ -258,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run one domain", epilog=STATUS_HELP)
-    run.add_argument("image", nargs="?", help="PV kernel ELF image (default: the built-in PV kernel)")
+    run.add_argument("image", nargs="?", help="kernel ELF image, PV or PVH (default: the "
+                     "built-in PV kernel)")
     run.add_argument("--memory", type=int, default=64, metavar="MIB", help="guest memory (default 64)")
     run.add_argument("--engine", choices=list(ENGINES), help="engine (default: best available)")
     run.add_argument("--cmdline", default="", type=cmdline, metavar="TEXT",
@@ -269,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default image: the built-in native kernel)")
     run.add_argument("--timeout", type=seconds, metavar="SECONDS",
                      help="stop the guest after this long (exit status 9)")
+    run.add_argument("--type", choices=["pv", "pvh"],
+                     help="boot the image as a PV or a PVH guest (default: an image with only "
+                          "a PHYS32_ENTRY note is PVH, any other PV)")
+    run.add_argument("--ramdisk", metavar="PATH",
+                     help="an initramfs for a PVH guest (hvm_start_info module 0)")
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="hypercall vs bare exit, event latency, batching, both engines")

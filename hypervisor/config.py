@@ -42,7 +42,8 @@ class DomainConfig:
     extra: str = ""                      # appended to cmdline, as xl does
     engine: str | None = None            # None: the best engine this host has
     vcpus: int = 1
-    type: str = "pv"
+    type: str | None = None              # "pv" or "pvh"; None: as the image's notes say
+    ramdisk: Path | None = None          # a PVH guest's initramfs (hvm_start_info module 0)
     on_poweroff: str = "destroy"
     on_reboot: str = "restart"
     on_crash: str = "destroy"
@@ -96,8 +97,8 @@ def _check_vcpus(key: str, value: int) -> int:
 
 
 def _check_type(key: str, value: str) -> str:
-    if value != "pv":
-        raise ValueError("trapless runs PV domains only (type = \"pv\")")
+    if value not in ("pv", "pvh"):
+        raise ValueError("trapless runs PV and PVH domains (type = \"pv\" or \"pvh\")")
     return value
 
 
@@ -112,6 +113,7 @@ SCHEMA = {
     "engine": (str, _check_engine),
     "vcpus": (int, _check_vcpus),
     "type": (str, _check_type),
+    "ramdisk": (str, lambda k, v: v),
     "on_poweroff": (str, _check_choice(ACTIONS)),
     "on_reboot": (str, _check_choice(ACTIONS)),
     "on_crash": (str, _check_choice(ACTIONS)),
@@ -189,7 +191,7 @@ def _apply(cfg: DomainConfig, where: str, key: str, value, typed: bool = False) 
         value = check(key, value)
     except ValueError as e:
         raise ConfigError(f"{where}: {key} = {value!r}: {e}") from None
-    if key == "kernel":
+    if key in ("kernel", "ramdisk"):
         value = Path(value)
     setattr(cfg, key, value)
 
@@ -211,6 +213,8 @@ def parse_text(text: str, source: str = "config", base: Path | None = None,
         _apply(cfg, where, key, _parse_value(where, key, value, bare_strings=False), typed=True)
         if key == "kernel" and base is not None and not cfg.kernel.is_absolute():
             cfg.kernel = base / cfg.kernel
+        if key == "ramdisk" and base is not None and not cfg.ramdisk.is_absolute():
+            cfg.ramdisk = base / cfg.ramdisk
     return cfg
 
 
@@ -239,6 +243,10 @@ def finish(cfg: DomainConfig) -> DomainConfig:
     why = cmdline_problem(cfg.full_cmdline)
     if why:
         raise ConfigError(f"{where}: {'cmdline + extra' if cfg.extra else 'cmdline'}: {why}")
+    if cfg.ramdisk is not None:
+        why = files.problem(cfg.ramdisk)
+        if why:
+            raise ConfigError(f"{where}: ramdisk = '{cfg.ramdisk}': {why}")
     if cfg.maxmem is not None and cfg.maxmem < cfg.memory:
         raise ConfigError(f"{where}: maxmem = {cfg.maxmem}: below memory ({cfg.memory} MiB)")
     return cfg

@@ -20,7 +20,7 @@ from typing import Callable
 
 from abi import HYPERCALL_NAMES, SHUTDOWN_NAMES
 
-from . import builder, engines
+from . import builder, engines, pvh
 from ._hv import ffi, lib
 from .errors import ConfigError, DomainError, EngineError, ImageError
 from .image import PVImage, load_image
@@ -199,7 +199,8 @@ class Domain:
                  max_evtchn_ports: int = 0, native: bool = False,
                  maxmem_mib: int | None = None, console_keep: int = CONSOLE_KEEP,
                  on_stop: Callable[["Domain"], None] | None = None, console_ring: bool = True,
-                 xenstore: bool = True):
+                 xenstore: bool = True, guest_type: str | None = None,
+                 ramdisk: bytes | None = None):
         """memory_mib is what the domain starts with; maxmem_mib (default: the same) is
         how far it may balloon up: its guest-physical space and maximum reservation.
         console_keep: how many of the latest console bytes console_output keeps.
@@ -207,7 +208,9 @@ class Domain:
         vCPU stopped for good (both from the console hub's thread: keep them short).
         console_ring: give the domain a PV console ring and its event channel, as Xen's
         builder gives every domU; xenstore: give it a ring on the store (cext/xenstore.c).
-        As with Xen's toolstack, the store's port is the domain's first, the console's next."""
+        As with Xen's toolstack, the store's port is the domain's first, the console's next.
+        guest_type: "pv" or "pvh" (None: as the image's notes say, image.py); ramdisk:
+        a PVH guest's module 0 (an initramfs)."""
         self._dom = None
         self._lock = threading.RLock()
         self._state = "building"
@@ -224,14 +227,26 @@ class Domain:
             raise ImageError(f"maxmem {maxmem_mib} MiB is below memory {memory_mib} MiB")
         if console_keep < 0:
             raise DomainError(f"console_keep {console_keep}: must be 0 or more bytes")
-        self.engine = engines.choose(engine)
         start_bytes, ram_bytes = memory_mib << 20, maxmem_mib << 20
         # The image and the start-of-day region live in the memory the domain starts with.
-        self.image = image if isinstance(image, PVImage) else load_image(image, start_bytes)
-        # Xen's PV CPU model unless the image asks for a ring-0 kernel (builder.cpu_model);
-        # a native guest is no PV guest at all and keeps ring 0.
-        self.pv_model = builder.RING0 if native else builder.cpu_model(self.image)
-        self.layout = builder.plan(self.image, start_bytes, self.pv_model)
+        self.image = image if isinstance(image, PVImage) else load_image(
+            image, start_bytes, guest_type=guest_type)
+        self.guest_type = self.image.guest_type
+        self.engine_note = None         # why a PVH guest does not run on kvm here
+        # PV: Xen's PV CPU model unless the image asks for a ring-0 kernel
+        # (builder.cpu_model); a native guest is no PV guest at all and keeps ring 0, and
+        # a PVH guest runs its kernel in ring 0 of its HVM container.
+        self.pv_model = (builder.RING0 if native or self.guest_type == "pvh"
+                         else builder.cpu_model(self.image))
+        if self.guest_type == "pvh":
+            self.engine, self.engine_note = pvh.choose_engine(engine, self.image)
+            self.layout = pvh.plan(self.image, start_bytes, len(ramdisk or b""))
+        else:
+            if ramdisk:
+                raise ImageError("a ramdisk is for PVH guests (hvm_start_info module 0); "
+                                 "this image boots as PV")
+            self.engine = engines.choose(engine)
+            self.layout = builder.plan(self.image, start_bytes, self.pv_model)
         self.domid, self.name, self.cmdline = domid, name or f"d{domid}", cmdline
         self.uuid = uuid.uuid4()
         self._output = bytearray()
@@ -251,6 +266,7 @@ class Domain:
         cfg.handle = self.uuid.bytes
         cfg.max_evtchn_ports = max_evtchn_ports
         cfg.pv_model = self.pv_model
+        cfg.guest_type = lib.HV_GUEST_PVH if self.guest_type == "pvh" else lib.HV_GUEST_PV
         err = ffi.new("char[256]")
         self._dom = lib.hv_domain_create(cfg, err, len(err))
         if self._dom == ffi.NULL:
@@ -271,7 +287,9 @@ class Domain:
                 raise EngineError(f"cannot add devices: {ffi.string(err).decode()}")
             ram = ffi.buffer(lib.hv_domain_ram(self._dom), ram_bytes)
             self.console_evtchn = self.store_evtchn = 0
-            if xenstore:
+            # PVH: the store is not named to the guest yet (HVM_PARAM_STORE_PFN reads
+            # 0, "no xenstore", pvh.py); its keys are written all the same
+            if xenstore and self.guest_type == "pv":
                 port = lib.hv_xs_attach(self._dom, self.layout.xenstore)
                 if port < 0:
                     raise EngineError(f"cannot attach the xenstore ring: Xen errno {-port}")
@@ -281,13 +299,18 @@ class Domain:
                 if port < 0:
                     raise EngineError(f"cannot attach the console ring: Xen errno {-port}")
                 self.console_evtchn = port
-            boot = builder.build(memoryview(ram), self.image, self.layout, cmdline,
-                                 self.pv_model, console_evtchn=self.console_evtchn,
-                                 store_evtchn=self.store_evtchn)
+            if self.guest_type == "pvh":
+                boot = pvh.build(memoryview(ram), self.image, self.layout, cmdline, ramdisk)
+                if self.console_evtchn:
+                    pvh.set_console_params(self._dom, self.layout.console, self.console_evtchn)
+            else:
+                boot = builder.build(memoryview(ram), self.image, self.layout, cmdline,
+                                     self.pv_model, console_evtchn=self.console_evtchn,
+                                     store_evtchn=self.store_evtchn)
             if lib.hv_mm_init(self._dom, boot.cr3, err, len(err)) < 0 or (
                     ram_bytes > start_bytes and
                     lib.hv_mm_set_reservation(self._dom, start_bytes >> 12, err, len(err)) < 0) or (
-                    self.layout.shared_info is not None and
+                    getattr(self.layout, "shared_info", None) is not None and
                     lib.hv_domain_place_shared_info(self._dom, self.layout.shared_info >> 12) < 0):
                 raise EngineError(f"cannot set up the domain's memory: "
                                   f"{ffi.string(err).decode()}")
@@ -299,7 +322,8 @@ class Domain:
                 from . import xenstore as store
                 store.introduce(domid, self.name, str(self.uuid), memory_mib * 1024,
                                 maxmem_mib * 1024,
-                                (self.layout.xenstore >> 12, self.store_evtchn),
+                                (self.layout.xenstore >> 12, self.store_evtchn)
+                                if self.store_evtchn else None,
                                 (self.layout.console >> 12, self.console_evtchn)
                                 if console_ring else None)
                 self._introduced = True

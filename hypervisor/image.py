@@ -1,4 +1,11 @@
-"""Loading and validating a PV guest's ELF image: segments, Xen notes, entry and symbols."""
+"""Loading and validating a guest's ELF image: segments, Xen notes, entry and symbols.
+
+A PV image is ELF64 for x86-64, laid out by its VIRT_BASE and PADDR_OFFSET notes. A
+PVH image (an HVM container entered in 32-bit protected mode) is named by its
+PHYS32_ENTRY note, may be ELF64 or ELF32 (EM_X86_64 or EM_386 containers, as XTF's
+hvm64 images are) and is loaded at its segments' physical addresses. An image with
+only a PHYS32_ENTRY note is PVH by default; one with an ENTRY note as well (Linux) is
+PV unless asked otherwise."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,6 +19,7 @@ from guest_kernel.elf import (
     XEN_NOTE_OWNER, Elf64_Ehdr, Elf64_Phdr, Elf64_Shdr, Elf64_Sym, Elf_Ident, Elf_Nhdr, Layout,
     Record, align_up, pflags_to_flags,
 )
+from hypervisor.elf32 import EM_386, ELF32_LAYOUTS
 from hypervisor.errors import ImageError
 from hypervisor.files import RegularFile
 
@@ -31,7 +39,9 @@ NUMERIC_NOTES = {
     C.XEN_ELFNOTE_HYPERCALL_PAGE: "HYPERCALL_PAGE",
     C.XEN_ELFNOTE_VIRT_BASE: "VIRT_BASE",
     C.XEN_ELFNOTE_PADDR_OFFSET: "PADDR_OFFSET",
+    C.XEN_ELFNOTE_PHYS32_ENTRY: "PHYS32_ENTRY",
 }
+GUEST_TYPES = ("pv", "pvh")
 
 
 @dataclass
@@ -58,6 +68,9 @@ class PVImage:
     guest_os: str | None
     notes: dict[int, bytes] = field(default_factory=dict)    # raw Xen note descriptors
     symbols: dict[str, int] = field(default_factory=dict)
+    guest_type: str = "pv"          # "pv" or "pvh" (GUEST_TYPES)
+    phys32_entry: int | None = None # the PHYS32_ENTRY note: a PVH guest's first instruction
+    elf_class: int = ELFCLASS64
 
     @property
     def image_start(self) -> int:
@@ -120,33 +133,41 @@ def _read_source(source: str | Path | bytes, name: str | None) -> tuple[str, byt
         return name, head + f.read(MAX_IMAGE_BYTES - len(head))
 
 
+ELF64_LAYOUTS = dict(ehdr=Elf64_Ehdr, phdr=Elf64_Phdr, shdr=Elf64_Shdr, sym=Elf64_Sym,
+                     phdr_size=PHDR_SIZE, shdr_size=SHDR_SIZE, sym_size=SYM_SIZE)
+
+
 def _check_header(rd: _Reader):
-    """The ELF header, once it is known to be ELF64, little-endian, x86-64, ET_EXEC."""
+    """The ELF header and the layouts of its class, once it is known to be ELF64 or
+    ELF32, little-endian, an x86 machine (EM_X86_64; EM_386 for ELF32), ET_EXEC."""
     if not rd.data:
         raise rd.fail("empty file")
     if rd.data[:4] != ELF_MAGIC:
         raise rd.fail("not an ELF file (bad magic)")
     ident = rd.parse(Elf_Ident, 0, "ELF identification")
-    if ident.ei_class == ELFCLASS32:
-        raise rd.fail("not a 64-bit ELF file (ELFCLASS32)")
-    if ident.ei_class != ELFCLASS64:
+    if ident.ei_class not in (ELFCLASS32, ELFCLASS64):
         raise rd.fail(f"unknown ELF class {ident.ei_class}")
     if ident.ei_data == ELFDATA2MSB:
         raise rd.fail("big-endian ELF file (ELFDATA2MSB); x86-64 images are little-endian")
     if ident.ei_data != ELFDATA2LSB:
         raise rd.fail(f"unknown ELF data encoding {ident.ei_data}")
-    ehdr = rd.parse(Elf64_Ehdr, 0, "ELF header")
-    if ehdr.e_machine != EM_X86_64:
-        raise rd.fail(f"not an x86-64 ELF file (e_machine {ehdr.e_machine}, "
-                      f"expected EM_X86_64 = {EM_X86_64})")
+    layouts = ELF64_LAYOUTS if ident.ei_class == ELFCLASS64 else ELF32_LAYOUTS
+    ehdr = rd.parse(layouts["ehdr"], 0, "ELF header")
+    machines = (EM_X86_64,) if ident.ei_class == ELFCLASS64 else (EM_X86_64, EM_386)
+    if ehdr.e_machine not in machines:
+        expected = ("EM_X86_64 = 62" if ident.ei_class == ELFCLASS64
+                    else "EM_386 = 3 or EM_X86_64 = 62")
+        raise rd.fail(f"not an x86 ELF file (e_machine {ehdr.e_machine}, expected {expected})")
     if ehdr.e_type != ET_EXEC:
         kind = E_TYPE_NAMES.get(ehdr.e_type, str(ehdr.e_type))
         raise rd.fail(f"not an executable (e_type {kind}, expected ET_EXEC)")
-    if ehdr.e_phnum and ehdr.e_phentsize != PHDR_SIZE:
-        raise rd.fail(f"bad program header size {ehdr.e_phentsize} (expected {PHDR_SIZE})")
-    if ehdr.e_shnum and ehdr.e_shentsize != SHDR_SIZE:
-        raise rd.fail(f"bad section header size {ehdr.e_shentsize} (expected {SHDR_SIZE})")
-    return ehdr
+    if ehdr.e_phnum and ehdr.e_phentsize != layouts["phdr_size"]:
+        raise rd.fail(f"bad program header size {ehdr.e_phentsize} "
+                      f"(expected {layouts['phdr_size']})")
+    if ehdr.e_shnum and ehdr.e_shentsize != layouts["shdr_size"]:
+        raise rd.fail(f"bad section header size {ehdr.e_shentsize} "
+                      f"(expected {layouts['shdr_size']})")
+    return ehdr, layouts, ident.ei_class
 
 
 def _parse_notes(rd: _Reader, blob: bytes, where: str, notes: dict[int, bytes]) -> None:
@@ -176,7 +197,7 @@ def _numeric_note(rd: _Reader, notes: dict[int, bytes], note_type: int) -> int |
     return int.from_bytes(desc, "little")
 
 
-def _read_symbols(rd: _Reader, shdrs: list) -> dict[str, int]:
+def _read_symbols(rd: _Reader, shdrs: list, layouts: dict = ELF64_LAYOUTS) -> dict[str, int]:
     symbols: dict[str, int] = {}
     for index, sh in enumerate(shdrs):
         if sh.sh_type != SHT_SYMTAB:
@@ -187,8 +208,9 @@ def _read_symbols(rd: _Reader, shdrs: list) -> dict[str, int]:
         strings = shdrs[sh.sh_link]
         table = rd.span(sh.sh_offset, sh.sh_size, f"section {index} (symbol table)")
         names = rd.span(strings.sh_offset, strings.sh_size, f"section {sh.sh_link} (string table)")
-        for at in range(0, len(table) - SYM_SIZE + 1, SYM_SIZE):
-            sym = Elf64_Sym.parse(table[at:at + SYM_SIZE])
+        size = layouts["sym_size"]
+        for at in range(0, len(table) - size + 1, size):
+            sym = layouts["sym"].parse(table[at:at + size])
             if sym.st_shndx == SHN_UNDEF or (sym.st_info & 0xF) in (STT_SECTION, STT_FILE):
                 continue
             end = names.find(b"\0", sym.st_name)
@@ -198,20 +220,43 @@ def _read_symbols(rd: _Reader, shdrs: list) -> dict[str, int]:
     return symbols
 
 
-def load_image(source: str | Path | bytes, mem_bytes: int, name: str | None = None) -> PVImage:
-    """Read and check a PV ELF image for a domain of mem_bytes of pseudo-physical memory.
+def _guest_type(rd: _Reader, notes: dict[int, bytes], elf_class: int,
+                requested: str | None) -> str:
+    """pv or pvh: what was asked for, else what the notes say (XEN-ABI-FACTS 15, 26)."""
+    phys32 = C.XEN_ELFNOTE_PHYS32_ENTRY in notes
+    if requested is not None and requested not in GUEST_TYPES:
+        raise rd.fail(f"unknown guest type {requested!r} (known: {', '.join(GUEST_TYPES)})")
+    if requested == "pvh" and not phys32:
+        raise rd.fail("cannot boot as PVH: the image has no PHYS32_ENTRY note")
+    if elf_class == ELFCLASS32:
+        if not phys32:
+            raise rd.fail("a 32-bit ELF image (ELFCLASS32) boots only as PVH, and this one "
+                          "has no PHYS32_ENTRY note")
+        if requested == "pv":
+            raise rd.fail("cannot boot as PV: a 32-bit ELF image (ELFCLASS32) boots only as PVH")
+        return "pvh"
+    if requested is not None:
+        return requested
+    return "pvh" if phys32 and C.XEN_ELFNOTE_ENTRY not in notes else "pv"
+
+
+def load_image(source: str | Path | bytes, mem_bytes: int, name: str | None = None,
+               guest_type: str | None = None) -> PVImage:
+    """Read and check an ELF image for a domain of mem_bytes of pseudo-physical memory.
 
     name labels error messages (default: the path as given, or "<image>" for bytes).
+    guest_type: "pv" or "pvh"; None lets the image's notes decide.
     """
     name, data = _read_source(source, name)
     rd = _Reader(name, data)
-    ehdr = _check_header(rd)
+    ehdr, layouts, elf_class = _check_header(rd)
 
-    phdrs = [rd.parse(Elf64_Phdr, ehdr.e_phoff + i * PHDR_SIZE, "program headers")
+    phdrs = [rd.parse(layouts["phdr"], ehdr.e_phoff + i * layouts["phdr_size"], "program headers")
              for i in range(ehdr.e_phnum)]
     shdrs = []
     if ehdr.e_shoff and ehdr.e_shnum:
-        shdrs = [rd.parse(Elf64_Shdr, ehdr.e_shoff + i * SHDR_SIZE, "section headers")
+        shdrs = [rd.parse(layouts["shdr"], ehdr.e_shoff + i * layouts["shdr_size"],
+                          "section headers")
                  for i in range(ehdr.e_shnum)]
 
     # Xen notes: from PT_NOTE segments, else from SHT_NOTE sections.
@@ -226,12 +271,15 @@ def load_image(source: str | Path | bytes, mem_bytes: int, name: str | None = No
                 where = f"section {i} (notes)"
                 _parse_notes(rd, rd.span(sh.sh_offset, sh.sh_size, where), where, notes)
 
+    guest_type = _guest_type(rd, notes, elf_class, guest_type)
     virt_base = _numeric_note(rd, notes, C.XEN_ELFNOTE_VIRT_BASE)
     paddr_offset = _numeric_note(rd, notes, C.XEN_ELFNOTE_PADDR_OFFSET)
     if paddr_offset is not None and virt_base is None:
         raise rd.fail("PADDR_OFFSET note without a VIRT_BASE note")
     virt_base = virt_base or 0
     paddr_offset = paddr_offset or 0
+    if guest_type == "pvh":
+        virt_base = paddr_offset = 0    # PVH: loaded at the physical addresses, paging off
 
     # Loadable segments: virtual = p_paddr + VIRT_BASE - PADDR_OFFSET; pseudo-physical =
     # virtual - VIRT_BASE.  Segment numbers in messages are program header indexes.
@@ -271,19 +319,25 @@ def load_image(source: str | Path | bytes, mem_bytes: int, name: str | None = No
     if not segments:
         raise rd.fail("no loadable (PT_LOAD) segments")
 
+    phys32_entry = _numeric_note(rd, notes, C.XEN_ELFNOTE_PHYS32_ENTRY)
     entry = _numeric_note(rd, notes, C.XEN_ELFNOTE_ENTRY)
     if entry is None:
         entry = ehdr.e_entry
+    if guest_type == "pvh":
+        entry = phys32_entry
+        if entry >= 1 << 32:
+            raise rd.fail(f"PHYS32_ENTRY {entry:#x} is above 4 GiB")
     if entry == 0:
         raise rd.fail("no entry point (e_entry is 0 and there is no ENTRY note)")
     if not any("x" in seg.flags and seg.vaddr <= entry < seg.end for seg in segments):
         raise rd.fail(f"entry point {entry:#x} is not inside an executable loaded segment")
 
     image = PVImage(entry=entry, virt_base=virt_base, segments=segments, hypercall_page=None,
-                    guest_os=None, notes=notes, symbols=_read_symbols(rd, shdrs))
+                    guest_os=None, notes=notes, symbols=_read_symbols(rd, shdrs, layouts),
+                    guest_type=guest_type, phys32_entry=phys32_entry, elf_class=elf_class)
 
     hypercall_page = _numeric_note(rd, notes, C.XEN_ELFNOTE_HYPERCALL_PAGE)
-    if hypercall_page is not None:
+    if hypercall_page is not None and guest_type == "pv":
         if hypercall_page % PAGE_SIZE:
             raise rd.fail(f"HYPERCALL_PAGE {hypercall_page:#x} is not page-aligned")
         start, end = image.image_start, align_up(image.image_end, PAGE_SIZE)

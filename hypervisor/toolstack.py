@@ -25,7 +25,7 @@ from abi import C, CONSTANTS, ERRNO_NAMES
 from . import engines
 from .config import NAME_RE, DomainConfig
 from .domain import Domain, StopInfo, TraceEntry
-from .errors import TraplessError
+from .errors import ConfigError, TraplessError
 
 # Xen's domid space ends below DOMID_FIRST_RESERVED; its last id is kept for the
 # toolstack's own version probe, the rest (1 .. 0x7FEE) go to guests.
@@ -304,7 +304,7 @@ class Toolstack:
             self._destroy_domain(dom)
             raise ToolstackError(f"domain {name} was destroyed while it was being built")
         self.log(f"domain {rec.domid} ({name}) created: {config.kernel}, {config.memory} MiB, "
-                 f"engine {engine}, cmdline {config.full_cmdline!r}")
+                 f"engine {rec.engine}, cmdline {config.full_cmdline!r}")
         return rec
 
     def _pick_name(self, config: DomainConfig) -> str:
@@ -332,12 +332,24 @@ class Toolstack:
 
     def _build(self, rec: DomainRecord) -> Domain:
         cfg = rec.config
+        ramdisk = None
+        if cfg.ramdisk is not None:
+            try:
+                ramdisk = cfg.ramdisk.read_bytes()
+            except OSError as e:
+                raise ConfigError(f"ramdisk {cfg.ramdisk}: cannot read ({e.strerror})") from None
         # the Domain writes its keys into xenstore and removes them when destroyed
-        return Domain(str(cfg.kernel), memory_mib=cfg.memory, maxmem_mib=cfg.maxmem,
-                      cmdline=cfg.full_cmdline,
-                      engine=rec.engine, domid=rec.domid, name=rec.name,
-                      on_console=rec._on_console,
-                      on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)))
+        dom = Domain(str(cfg.kernel), memory_mib=cfg.memory, maxmem_mib=cfg.maxmem,
+                     cmdline=cfg.full_cmdline,
+                     # the config's engine, or the best one for this guest (a PVH
+                     # guest may need bt where kvm cannot take its vmcall: pvh.py)
+                     engine=cfg.engine,
+                     domid=rec.domid, name=rec.name,
+                     on_console=rec._on_console,
+                     on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)),
+                     guest_type=cfg.type, ramdisk=ramdisk)
+        rec.engine = dom.engine
+        return dom
 
     @staticmethod
     def _destroy_domain(dom: Domain) -> None:

@@ -36,15 +36,15 @@ IMAGE = re.compile(r"^test-([a-z0-9]+)-(.+)$")
 # pv*: Xen PV guests. hvm*: HVM guests, which trapless would boot as PVH at their
 # PHYS32_ENTRY note. 32-bit PV (pv32pae) needs a compat (32-bit) PV ABI.
 NOT_SUPPORTED = {
-    "hvm": "HVM images boot as PVH guests (at their PHYS32_ENTRY note); "
-           "trapless has no PVH yet",
+    "hvm32": "32-bit HVM images need Xen's 32-bit hypercall ABI for their structures "
+             "and 32-bit paging; trapless's PVH guests run 64-bit (hvm64)",
     "pv32": "32-bit PV guests need Xen's compat ABI; trapless runs 64-bit PV only",
 }
 
 
 def why_not_supported(env: str) -> str | None:
-    if env.startswith("pv64"):
-        return None
+    if env.startswith("pv64") or env == "hvm64":
+        return None             # hvm64 boots as a PVH guest, at its PHYS32_ENTRY note
     for prefix, why in NOT_SUPPORTED.items():
         if env.startswith(prefix):
             return why

@@ -64,7 +64,7 @@ def test_words_alone_make_a_config(kernel):
 
 @pytest.mark.parametrize("text, message", [
     ('memroy = 32\n', "d.cfg:1: unknown key 'memroy' (known: cmdline, engine, extra, kernel, "
-                      "maxmem, memory, name, on_crash, on_poweroff, on_reboot, type, vcpus)"),
+                      "maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, type, vcpus)"),
     ('name = x\n', 'd.cfg:1: name = x: strings must be quoted ("x")'),
     ('\n\non_crash = "reboot"\n', "d.cfg:3: on_crash = 'reboot': must be destroy, restart or "
                                   "preserve"),
@@ -78,10 +78,11 @@ def test_words_alone_make_a_config(kernel):
                        "starting with a letter or '_'"),
     ('cmdline = "open\n', 'd.cfg:1: cmdline: unterminated string "open'),
     ('disk = [ "x" ]\n', "d.cfg:1: unknown key 'disk' (known: cmdline, engine, extra, kernel, "
-                         "maxmem, memory, name, on_crash, on_poweroff, on_reboot, type, vcpus)"),
+                         "maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, type, vcpus)"),
     ('memory = [ 1 ]\n', "d.cfg:1: memory: lists are not supported"),
     ('vcpus = 2\n', "d.cfg:1: vcpus = 2: trapless domains have exactly one vCPU"),
-    ('type = "hvm"\n', 'd.cfg:1: type = \'hvm\': trapless runs PV domains only (type = "pv")'),
+    ('type = "hvm"\n', 'd.cfg:1: type = \'hvm\': trapless runs PV and PVH domains (type = "pv" '
+                        'or "pvh")'),
     ('engine = "qemu"\n', "d.cfg:1: engine = 'qemu': unknown engine (known: kvm"),
     ('name = "x"\n', 'd.cfg: kernel: missing (kernel = "path/to/image.elf")'),
     ('kernel = "nope.elf"\n', "d.cfg: kernel = '{dir}/nope.elf': no such file"),

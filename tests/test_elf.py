@@ -355,14 +355,15 @@ BAD_IMAGES = {
     "empty": (lambda d: b"", "empty file"),
     "bad magic": (lambda d: b"MZ" + d[2:], "not an ELF file (bad magic)"),
     "tiny": (lambda d: b"\x7fE", "not an ELF file (bad magic)"),
-    "elf32": (lambda d: patch_ehdr(d, ei_class=ELFCLASS32),
-              "not a 64-bit ELF file (ELFCLASS32)"),
+    "elf32": (lambda d: patch_ehdr(d, ei_class=ELFCLASS32),     # read as ELF32 headers
+              "a 32-bit ELF image (ELFCLASS32) boots only as PVH, and this one has no "
+              "PHYS32_ENTRY note"),
     "bad class": (lambda d: patch_ehdr(d, ei_class=7), "unknown ELF class 7"),
     "big-endian": (lambda d: patch_ehdr(d, ei_data=ELFDATA2MSB),
                    "big-endian ELF file (ELFDATA2MSB); x86-64 images are little-endian"),
     "bad data": (lambda d: patch_ehdr(d, ei_data=0), "unknown ELF data encoding 0"),
     "i386": (lambda d: patch_ehdr(d, e_machine=3),
-             "not an x86-64 ELF file (e_machine 3, expected EM_X86_64 = 62)"),
+             "not an x86 ELF file (e_machine 3, expected EM_X86_64 = 62)"),
     "relocatable": (lambda d: patch_ehdr(d, e_type=ET_REL),
                     "not an executable (e_type ET_REL, expected ET_EXEC)"),
     "shared object": (lambda d: patch_ehdr(d, e_type=ET_DYN),

@@ -202,3 +202,30 @@ def test_poll_arguments(run_cases):
     assert run["poll_too_many"] == EINVAL
     assert run["poll_bad_port"] == EINVAL
     assert run["poll_null_ports"] == EFAULT and run["poll_null_arg"] == EFAULT
+
+
+def test_register_runstate_memory_area(run_cases):
+    """Linux (PV and PVH) BUG()s without it. The area is written at once; the handle is
+    taken as given, and a write that faults is not an error (as in Xen)."""
+    g = ConformanceGuest("vcpu_op runstate area")
+    a = g.a
+    g.struct("area", "vcpu_register_runstate_memory_area")
+    g.struct("area_unmapped", "vcpu_register_runstate_memory_area", addr=UNMAPPED)
+    g.fill("scratch", 48, 0xFF)
+    a.lea(rax, ptr["scratch"])
+    a.mov(qword["area"], rax)
+    g.call("register", "vcpu_op", C.VCPUOP_register_runstate_memory_area, 0, "area")
+    g.dump("area_state", "scratch", 4)
+    a.mov(rax, qword[rip + "scratch" + 8])
+    g.report("state_entry_time")
+    g.call("register_null_arg", "vcpu_op", C.VCPUOP_register_runstate_memory_area, 0, NULL)
+    g.call("register_unmapped_area", "vcpu_op", C.VCPUOP_register_runstate_memory_area, 0,
+           "area_unmapped")
+    g.call("register_bad_vcpu", "vcpu_op", C.VCPUOP_register_runstate_memory_area, 3, "area")
+    run = run_cases(g.finish())
+    assert run["register"] == 0
+    assert struct.unpack("<i", run.dumps["area_state"])[0] == C.RUNSTATE_running
+    assert run["state_entry_time"] > 0
+    assert run["register_null_arg"] == EFAULT
+    assert run["register_unmapped_area"] == 0
+    assert run["register_bad_vcpu"] == ENOENT

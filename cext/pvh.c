@@ -1,0 +1,165 @@
+/*
+ * pvh.c - what a PVH guest finds in trapless, whichever engine runs it: the Xen CPUID
+ * leaves, the hypercall page it asks for through the MSR those leaves name, and
+ * hypercalls made from whatever mode it runs in (XEN-ABI-FACTS sections 1, 24, 26).
+ *
+ * A PVH guest starts in 32-bit protected mode and switches to long mode itself, so a
+ * hypercall's arguments are in the registers of its mode at the time: rdi, rsi, rdx,
+ * r10, r8 from 64-bit code; ebx, ecx, edx, esi, edi from 32-bit code, whose results
+ * are 32 bits wide. Xen refuses hypercalls from guest user mode (CPL > 0) with -EPERM.
+ *
+ * The hypercall page trapless writes holds, in stub N, `mov eax, N; out 0xCA, eax;
+ * ret`: the `out` is the exit on both engines (kvm cannot intercept vmcall without
+ * KVM_CAP_XEN_HVM), and the VMM writes the result to rax as vmcall's handler would.
+ * Slot 23 (iret, a PV-only hypercall) is ud2, as in Xen's HVM page.
+ */
+#include <string.h>
+
+#include "hv.h"
+
+#define XEN_LEAVES        6         /* base .. base + 5 */
+#define CR0_PG            (1ULL << 31)
+#define EFER_LMA          (1ULL << 10)
+
+/* B+4 eax: Xen sets these for every HVM/PVH vCPU it runs. trapless has no local APIC,
+ * so it does not offer APIC/x2APIC virtualisation, nor the per-vCPU upcall vector
+ * (XEN_HVM_CPUID_UPCALL_VECTOR, an edge LAPIC interrupt that wants an EOI). */
+#define XEN_HVM_CPUID_IOMMU_MAPPINGS   (1u << 2)
+#define XEN_HVM_CPUID_VCPU_ID_PRESENT  (1u << 3)
+#define XEN_HVM_CPUID_DOMID_PRESENT    (1u << 4)
+
+int hv_pvh_long_mode(struct hv_vcpu *v)
+{
+    struct hv_cpu_mode m;
+    if (!v->ops->get_mode || v->ops->get_mode(v, &m) < 0)
+        return 1;
+    return (m.efer & EFER_LMA) && m.cs_long;
+}
+
+/* The guest TSC's rate, from the PV clock's scale: ns = (tsc << shift) * mul >> 32. */
+static uint32_t guest_tsc_khz(struct hv_vcpu *v)
+{
+    uint64_t mul = v->tsc_to_system_mul, per_ms;
+    if (!mul)
+        return 0;
+    per_ms = (1000000ULL << 32) / mul;          /* ticks per ms at shift 0 */
+    if (v->tsc_shift >= 0)
+        per_ms >>= v->tsc_shift;
+    else
+        per_ms <<= -v->tsc_shift;
+    return (uint32_t)per_ms;
+}
+
+int hv_pvh_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
+{
+    if (leaf < HV_PVH_CPUID_BASE || leaf >= HV_PVH_CPUID_BASE + 0x100)
+        return 0;
+    memset(out, 0, 4 * sizeof(out[0]));
+    switch (leaf - HV_PVH_CPUID_BASE) {
+    case 0:                         /* the signature and the last leaf */
+        out[0] = HV_PVH_CPUID_BASE + XEN_LEAVES - 1;
+        out[1] = 0x566e6558;        /* "XenV" */
+        out[2] = 0x65584d4d;        /* "MMXe" */
+        out[3] = 0x4d4d566e;        /* "nVMM" */
+        break;
+    case 1:                         /* the version */
+        out[0] = (uint32_t)do_xen_version(v, &(struct hv_hcall){ .a1 = XENVER_version });
+        break;
+    case 2:                         /* hypercall pages and the MSR that places them */
+        out[0] = 1;
+        out[1] = HV_PVH_HYPERCALL_MSR;
+        break;
+    case 3:                         /* time: TSC mode, guest kHz; scale; host kHz */
+        if (subleaf == 0) {
+            out[2] = guest_tsc_khz(v);
+        } else if (subleaf == 1) {
+            out[0] = (uint32_t)v->tsc_offset;
+            out[1] = (uint32_t)((uint64_t)v->tsc_offset >> 32);
+            out[2] = v->tsc_to_system_mul;
+            out[3] = (uint32_t)(int32_t)v->tsc_shift;
+        } else if (subleaf == 2) {
+            out[2] = guest_tsc_khz(v);
+        }
+        break;
+    case 4:                         /* HVM features, the vCPU id and the domid */
+        if (subleaf == 0) {
+            out[0] = XEN_HVM_CPUID_IOMMU_MAPPINGS | XEN_HVM_CPUID_VCPU_ID_PRESENT |
+                     XEN_HVM_CPUID_DOMID_PRESENT;
+            out[1] = (uint32_t)v->id;
+            out[2] = v->dom->domid;
+        }
+        break;
+    default:                        /* B+5 (PV only) and beyond: zeros */
+        break;
+    }
+    return 1;
+}
+
+/* Fill the page at gpa with the stubs (see the top of the file). */
+static void write_hypercall_page(struct hv_domain *d, uint64_t gpa)
+{
+    uint8_t *page = d->ram + gpa;
+    memset(page, 0xcc, HV_PAGE_SIZE);
+    for (uint32_t n = 0; n < TRAPLESS_HYPERCALL_PAGE_STUBS; n++) {
+        uint8_t *stub = page + n * TRAPLESS_HYPERCALL_STUB_SIZE;
+        if (n == __HYPERVISOR_iret) {
+            stub[0] = 0x0f;         /* ud2 */
+            stub[1] = 0x0b;
+            continue;
+        }
+        stub[0] = 0xb8;             /* mov eax, n */
+        memcpy(stub + 1, &n, 4);
+        stub[5] = 0xe7;             /* out imm8, eax */
+        stub[6] = TRAPLESS_HYPERCALL_PORT;
+        stub[7] = 0xc3;             /* ret */
+    }
+}
+
+int hv_pvh_wrmsr(struct hv_vcpu *v, uint32_t msr, uint64_t value)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t gpa = value & ~(HV_PAGE_SIZE - 1);
+
+    if (d->guest_type != HV_GUEST_PVH || msr != HV_PVH_HYPERCALL_MSR)
+        return -1;
+    /* one page (CPUID B+2 eax): its index, the low bits, must be 0; the page RAM */
+    if ((value & (HV_PAGE_SIZE - 1)) != 0 || !hv_gpa_valid(d, gpa, HV_PAGE_SIZE))
+        return -1;
+    write_hypercall_page(d, gpa);
+    return 0;
+}
+
+uint64_t hv_pvh_hypercall(struct hv_vcpu *v, const struct hv_pvh_regs *r)
+{
+    struct hv_cpu_mode m = { .cpl = 0 };
+    struct hv_hcall h;
+    int64_t ret;
+    int wide;
+
+    if (v->ops->get_mode && v->ops->get_mode(v, &m) == 0 && m.cpl > 0) {
+        v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+        return (uint64_t)(int64_t)-XEN_EPERM;
+    }
+    wide = (m.efer & EFER_LMA) && m.cs_long;
+    if (wide) {
+        h = (struct hv_hcall){ .nr = r->rax, .a1 = r->rdi, .a2 = r->rsi, .a3 = r->rdx,
+                               .a4 = r->r10, .a5 = r->r8 };
+    } else {
+        h = (struct hv_hcall){ .nr = (uint32_t)r->rax, .a1 = (uint32_t)r->rbx,
+                               .a2 = (uint32_t)r->rcx, .a3 = (uint32_t)r->rdx,
+                               .a4 = (uint32_t)r->rsi, .a5 = (uint32_t)r->rdi };
+    }
+    v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+    ret = hv_hypercall(v, &h);
+    return wide ? (uint64_t)ret : (uint64_t)(uint32_t)ret;
+}
+
+/* The toolstack's side of the HVM parameters a PVH guest reads (Xen's domain builder
+ * sets them; the guest may not): where its console ring and xenstore are. */
+int hv_domain_set_hvm_param(struct hv_domain *d, uint32_t index, uint64_t value)
+{
+    if (index >= HVM_NR_PARAMS || index == HVM_PARAM_CALLBACK_IRQ)
+        return -XEN_EINVAL;
+    d->hvm_params[index] = value;
+    return 0;
+}

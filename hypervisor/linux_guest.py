@@ -1,0 +1,221 @@
+"""Debian's own Linux kernel as a PVH guest: fetch it, take vmlinux out of the bzImage,
+and build a busybox initramfs whose /init says hello and powers off.
+
+    python -m hypervisor.linux_guest [--out build/linux]     (make linux-guest)
+
+Fetching uses `apt-get download` (no install): linux-image-cloud-amd64, the kernel
+package it depends on, and busybox-static. The bzImage's setup header says where its
+compressed payload is (payload_offset, payload_length at 0x248, boot protocol 2.08+);
+the payload is decompressed here, as the kernel's own scripts/extract-vmlinux does
+(gzip, xz, bzip2 and lzma with Python's modules; LZ4's legacy frames, which Debian's
+cloud kernel uses, with a decoder of our own). The initramfs is a newc cpio archive.
+"""
+from __future__ import annotations
+
+import argparse
+import bz2
+import gzip
+import lzma
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+KERNEL_META = "linux-image-cloud-amd64"
+BUSYBOX = "busybox-static"
+LZ4_LEGACY_MAGIC = 0x184C2102
+INIT_SCRIPT = """#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t devtmpfs dev /dev 2>/dev/null
+/bin/busybox echo "trapless: /init of a busybox initramfs, $(/bin/busybox uname -sr)"
+if /bin/busybox grep -q shell /proc/cmdline; then
+    /bin/busybox --install -s /bin
+    exec /bin/busybox setsid /bin/busybox cttyhack /bin/busybox sh
+fi
+/bin/busybox poweroff -f
+"""
+
+
+class LinuxGuestError(Exception):
+    """Something a user can fix: one line."""
+
+
+# ---- vmlinux out of a bzImage ----
+
+def _lz4_block(src: bytes, out: bytearray) -> None:
+    """Decode one LZ4 block (the raw block format) and append it to out."""
+    i, n = 0, len(src)
+    while i < n:
+        token = src[i]
+        i += 1
+        length = token >> 4
+        if length == 15:
+            while True:
+                b = src[i]
+                i += 1
+                length += b
+                if b != 255:
+                    break
+        out += src[i:i + length]
+        i += length
+        if i >= n:
+            break                       # the last sequence has literals only
+        offset = src[i] | src[i + 1] << 8
+        i += 2
+        if offset == 0 or offset > len(out):
+            raise LinuxGuestError(f"corrupt LZ4 block: match offset {offset}")
+        length = token & 15
+        if length == 15:
+            while True:
+                b = src[i]
+                i += 1
+                length += b
+                if b != 255:
+                    break
+        length += 4
+        start = len(out) - offset
+        if offset >= length:
+            out += out[start:start + length]
+        else:                           # the match overlaps what it produces: a repeat
+            pattern = bytes(out[start:])
+            reps, rest = divmod(length, offset)
+            out += pattern * reps + pattern[:rest]
+
+
+def unlz4_legacy(data: bytes) -> bytes:
+    """LZ4's legacy frame format: the magic, then (u32 size, block) pairs; the kernel
+    appends the uncompressed size after the last block."""
+    if struct.unpack_from("<I", data)[0] != LZ4_LEGACY_MAGIC:
+        raise LinuxGuestError("not an LZ4 legacy stream")
+    out, pos = bytearray(), 4
+    while pos + 4 <= len(data):
+        size = struct.unpack_from("<I", data, pos)[0]
+        if size == LZ4_LEGACY_MAGIC:
+            pos += 4
+            continue
+        if pos + 4 + size > len(data):
+            break                       # the trailer
+        _lz4_block(data[pos + 4:pos + 4 + size], out)
+        pos += 4 + size
+    return bytes(out)
+
+
+def _decompress(payload: bytes) -> bytes:
+    head = payload[:6]
+    if head[:3] == b"\x1f\x8b\x08":
+        return gzip.decompress(payload)
+    if head == b"\xfd7zXZ\x00":
+        return lzma.decompress(payload, format=lzma.FORMAT_XZ)
+    if head[:3] == b"BZh":
+        return bz2.decompress(payload)
+    if head[:3] == b"\x5d\x00\x00":
+        return lzma.decompress(payload, format=lzma.FORMAT_ALONE)
+    if struct.unpack_from("<I", head)[0] == LZ4_LEGACY_MAGIC:
+        return unlz4_legacy(payload)
+    raise LinuxGuestError(f"unknown compression of the kernel payload (starts {head.hex()})")
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """The ELF vmlinux inside a bzImage."""
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        raise LinuxGuestError("not a bzImage (no HdrS setup header)")
+    version = struct.unpack_from("<H", bzimage, 0x206)[0]
+    if version < 0x208:
+        raise LinuxGuestError(f"boot protocol {version >> 8}.{version & 0xff} has no "
+                              f"payload_offset (2.08 or later needed)")
+    setup_sects = bzimage[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    vmlinux = _decompress(bzimage[start:start + length])
+    if vmlinux[:4] != b"\x7fELF":
+        raise LinuxGuestError("the decompressed payload is not an ELF image")
+    return vmlinux
+
+
+# ---- the initramfs ----
+
+def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1) -> bytes:
+    fields = (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0)
+    header = b"070701" + b"".join(f"{f:08X}".encode() for f in fields)
+    entry = header + name.encode() + b"\0"
+    entry += b"\0" * (-len(entry) % 4) + data
+    return entry + b"\0" * (-len(entry) % 4)
+
+
+def build_initramfs(busybox: bytes, init: str = INIT_SCRIPT) -> bytes:
+    """A newc cpio archive: /bin/busybox, /init, the directories they need."""
+    entries = [("bin", stat.S_IFDIR | 0o755, b""), ("dev", stat.S_IFDIR | 0o755, b""),
+               ("proc", stat.S_IFDIR | 0o755, b""), ("sys", stat.S_IFDIR | 0o755, b""),
+               ("bin/busybox", stat.S_IFREG | 0o755, busybox),
+               ("init", stat.S_IFREG | 0o755, init.encode())]
+    out = b"".join(_cpio_entry(name, mode, data, ino) for ino, (name, mode, data)
+                   in enumerate(entries, 1))
+    return out + _cpio_entry("TRAILER!!!", 0, b"", 0)
+
+
+# ---- fetching ----
+
+def _apt_download(packages: list[str], where: Path) -> list[Path]:
+    if shutil.which("apt-get") is None:
+        raise LinuxGuestError("apt-get is not available here: cannot fetch Debian's packages")
+    r = subprocess.run(["apt-get", "download", *packages], cwd=where, capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise LinuxGuestError(f"apt-get download {' '.join(packages)} failed: {last}")
+    return sorted(where.glob("*.deb"))
+
+
+def _deb_extract(deb: Path, into: Path) -> None:
+    r = subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LinuxGuestError(f"dpkg-deb -x {deb.name} failed: {r.stderr.strip()}")
+
+
+def fetch(out: Path) -> tuple[Path, Path]:
+    """vmlinux and initramfs.cpio in out, from Debian's packages (kept once made)."""
+    vmlinux, initramfs = out / "vmlinux", out / "initramfs.cpio"
+    if vmlinux.is_file() and initramfs.is_file():
+        return vmlinux, initramfs
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        meta = _apt_download([KERNEL_META], tmp)[0]
+        depends = subprocess.run(["dpkg-deb", "-f", str(meta), "Depends"], capture_output=True,
+                                 text=True).stdout.strip()
+        kernel_pkg = depends.split(",")[0].split()[0]
+        for deb in _apt_download([kernel_pkg, BUSYBOX], tmp):
+            _deb_extract(deb, tmp / "root")
+        bzimages = sorted((tmp / "root" / "boot").glob("vmlinuz-*"))
+        if not bzimages:
+            raise LinuxGuestError(f"{kernel_pkg} holds no /boot/vmlinuz-*")
+        vmlinux.write_bytes(extract_vmlinux(bzimages[0].read_bytes()))
+        busybox = tmp / "root" / "bin" / "busybox"
+        initramfs.write_bytes(build_initramfs(busybox.read_bytes()))
+        (out / "kernel-version").write_text(bzimages[0].name[len("vmlinuz-"):] + "\n")
+    return vmlinux, initramfs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hypervisor.linux_guest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("build/linux"),
+                   help="where vmlinux and initramfs.cpio go (default build/linux)")
+    args = p.parse_args(argv)
+    try:
+        vmlinux, initramfs = fetch(args.out)
+    except (LinuxGuestError, OSError) as e:
+        print(f"linux-guest: {e}", file=sys.stderr)
+        return 2
+    print(f"linux-guest: {vmlinux} ({os.path.getsize(vmlinux):,} bytes), "
+          f"{initramfs} ({os.path.getsize(initramfs):,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
