@@ -781,6 +781,12 @@ struct iret_context {
 #define UVMF_ALL             4
 /* The hypercall the forced-emulation prefix (ud2; .ascii "xen") may precede: cpuid. */
 #define XEN_CPUID_BASE       0x40000000
+/* Leaf base+4 eax (HVM/PVH): what Xen sets for every such vCPU that trapless has too.
+ * trapless has no local APIC, so it offers neither APIC/x2APIC virtualisation nor the
+ * per-vCPU upcall vector (bit 6, an edge LAPIC interrupt that wants an EOI). */
+#define XEN_HVM_CPUID_IOMMU_MAPPINGS   4    /* bit 2 */
+#define XEN_HVM_CPUID_VCPU_ID_PRESENT  8    /* bit 3 */
+#define XEN_HVM_CPUID_DOMID_PRESENT    16   /* bit 4 */
 
 /* cdef-end */
 

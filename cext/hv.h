@@ -318,6 +318,8 @@ int  hv_stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, cons
 
 /* ---- PVH guests (pvh.c): the Xen CPUID leaves, the hypercall-page MSR, hypercalls
  * in the guest's own mode ---- */
+/* Xen's CPUID leaf base + index, as PV and PVH guests see it (xen_cpuid.c) */
+void hv_xen_cpuid(struct hv_vcpu *v, uint32_t index, uint32_t subleaf, uint32_t out[4]);
 #define HV_PVH_CPUID_BASE     0x40000000u
 #define HV_PVH_HYPERCALL_MSR  0x40000000u
 /* 1 and out filled if leaf is one of the Xen leaves, 0 if not (the CPU's own answer). */

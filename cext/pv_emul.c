@@ -28,60 +28,11 @@ static const uint8_t forced_cpuid[7] = { 0x0f, 0x0b, 0x78, 0x65, 0x6e, 0x0f, 0xa
 /* leaf 1 edx: ACPI thermal control, TM, PBE */
 #define LEAF1_EDX_HIDDEN ((1u << 22) | (1u << 29) | (1u << 31))
 
-/* The guest's TSC rate in kHz from the PV clock's scale: ns = (tsc << shift) * mul >> 32. */
-static uint32_t tsc_khz(struct hv_vcpu *v)
-{
-    double per_ns = (double)v->tsc_to_system_mul / 4294967296.0;
-    per_ns = v->tsc_shift >= 0 ? per_ns * (double)(1u << v->tsc_shift)
-                               : per_ns / (double)(1u << -v->tsc_shift);
-    return per_ns > 0 ? (uint32_t)(1e6 / per_ns + 0.5) : 0;
-}
-
-static void xen_leaf(struct hv_vcpu *v, uint32_t index, uint32_t subleaf, uint32_t out[4])
-{
-    uint32_t host[4];
-    switch (index) {
-    case 0:
-        out[0] = XEN_CPUID_BASE + 5;
-        out[1] = 0x566e6558;            /* "XenVMMXenVMM" */
-        out[2] = 0x65584d4d;
-        out[3] = 0x4d4d566e;
-        return;
-    case 1:
-        out[0] = (TRAPLESS_XEN_MAJOR << 16) | TRAPLESS_XEN_MINOR;
-        return;
-    case 2:
-        out[0] = 1;                     /* one hypercall page */
-        out[1] = XEN_CPUID_BASE;        /* the MSR that places it */
-        out[2] = 1;                     /* PV: MMU_PT_UPDATE_PRESERVE_AD */
-        return;
-    case 3:
-        if (subleaf == 0) {
-            out[2] = tsc_khz(v);        /* TSC not emulated, default mode, guest kHz */
-        } else if (subleaf == 1) {
-            out[0] = (uint32_t)v->tsc_offset;
-            out[1] = (uint32_t)((uint64_t)v->tsc_offset >> 32);
-            out[2] = v->tsc_to_system_mul;
-            out[3] = (uint32_t)(int32_t)v->tsc_shift;
-        } else if (subleaf == 2) {
-            out[0] = tsc_khz(v);
-        }
-        return;
-    case 5:
-        if (subleaf == 0) {             /* PV: the widest machine address */
-            __cpuid(0x80000008, host[0], host[1], host[2], host[3]);
-            out[1] = host[0] & 0xff;
-        }
-        return;
-    }
-    /* base+4 is HVM's; the rest of Xen's range reads as zeros */
-}
-
 void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
 {
     memset(out, 0, 4 * sizeof(uint32_t));
     if (leaf >= XEN_CPUID_BASE && leaf < XEN_CPUID_BASE + 0x10000) {
-        xen_leaf(v, leaf - XEN_CPUID_BASE, subleaf, out);
+        hv_xen_cpuid(v, leaf - XEN_CPUID_BASE, subleaf, out);
         return;
     }
     __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);

@@ -17,16 +17,8 @@
 
 #include "hv.h"
 
-#define XEN_LEAVES        6         /* base .. base + 5 */
 #define CR0_PG            (1ULL << 31)
 #define EFER_LMA          (1ULL << 10)
-
-/* B+4 eax: Xen sets these for every HVM/PVH vCPU it runs. trapless has no local APIC,
- * so it does not offer APIC/x2APIC virtualisation, nor the per-vCPU upcall vector
- * (XEN_HVM_CPUID_UPCALL_VECTOR, an edge LAPIC interrupt that wants an EOI). */
-#define XEN_HVM_CPUID_IOMMU_MAPPINGS   (1u << 2)
-#define XEN_HVM_CPUID_VCPU_ID_PRESENT  (1u << 3)
-#define XEN_HVM_CPUID_DOMID_PRESENT    (1u << 4)
 
 int hv_pvh_long_mode(struct hv_vcpu *v)
 {
@@ -36,62 +28,11 @@ int hv_pvh_long_mode(struct hv_vcpu *v)
     return (m.efer & EFER_LMA) && m.cs_long;
 }
 
-/* The guest TSC's rate, from the PV clock's scale: ns = (tsc << shift) * mul >> 32. */
-static uint32_t guest_tsc_khz(struct hv_vcpu *v)
-{
-    uint64_t mul = v->tsc_to_system_mul, per_ms;
-    if (!mul)
-        return 0;
-    per_ms = (1000000ULL << 32) / mul;          /* ticks per ms at shift 0 */
-    if (v->tsc_shift >= 0)
-        per_ms >>= v->tsc_shift;
-    else
-        per_ms <<= -v->tsc_shift;
-    return (uint32_t)per_ms;
-}
-
 int hv_pvh_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
 {
     if (leaf < HV_PVH_CPUID_BASE || leaf >= HV_PVH_CPUID_BASE + 0x100)
         return 0;
-    memset(out, 0, 4 * sizeof(out[0]));
-    switch (leaf - HV_PVH_CPUID_BASE) {
-    case 0:                         /* the signature and the last leaf */
-        out[0] = HV_PVH_CPUID_BASE + XEN_LEAVES - 1;
-        out[1] = 0x566e6558;        /* "XenV" */
-        out[2] = 0x65584d4d;        /* "MMXe" */
-        out[3] = 0x4d4d566e;        /* "nVMM" */
-        break;
-    case 1:                         /* the version */
-        out[0] = (uint32_t)do_xen_version(v, &(struct hv_hcall){ .a1 = XENVER_version });
-        break;
-    case 2:                         /* hypercall pages and the MSR that places them */
-        out[0] = 1;
-        out[1] = HV_PVH_HYPERCALL_MSR;
-        break;
-    case 3:                         /* time: TSC mode, guest kHz; scale; host kHz */
-        if (subleaf == 0) {
-            out[2] = guest_tsc_khz(v);
-        } else if (subleaf == 1) {
-            out[0] = (uint32_t)v->tsc_offset;
-            out[1] = (uint32_t)((uint64_t)v->tsc_offset >> 32);
-            out[2] = v->tsc_to_system_mul;
-            out[3] = (uint32_t)(int32_t)v->tsc_shift;
-        } else if (subleaf == 2) {
-            out[2] = guest_tsc_khz(v);
-        }
-        break;
-    case 4:                         /* HVM features, the vCPU id and the domid */
-        if (subleaf == 0) {
-            out[0] = XEN_HVM_CPUID_IOMMU_MAPPINGS | XEN_HVM_CPUID_VCPU_ID_PRESENT |
-                     XEN_HVM_CPUID_DOMID_PRESENT;
-            out[1] = (uint32_t)v->id;
-            out[2] = v->dom->domid;
-        }
-        break;
-    default:                        /* B+5 (PV only) and beyond: zeros */
-        break;
-    }
+    hv_xen_cpuid(v, leaf - HV_PVH_CPUID_BASE, subleaf, out);    /* xen_cpuid.c */
     return 1;
 }
 

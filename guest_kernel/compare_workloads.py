@@ -612,20 +612,25 @@ def clock(pf: Platform, reads: int) -> None:
 COMPUTE_SEED = 0x9E3779B97F4A7C15
 
 
-def compute(pf: Platform, rounds: int) -> None:
-    """xorshift64 `rounds` times, summing the states: registers only, no exit."""
-    a = pf.a
+def emit_xorshift_rounds(a, rounds: int, loop: str) -> None:
+    """rbx = the sum of the xorshift64 states over `rounds` rounds from COMPUTE_SEED:
+    registers only (rax, rbx, rcx, r12), no exit. Also the bench's compute guest."""
     a.mov(rax, COMPUTE_SEED)
     a.mov(r12, rounds)
     a.xor(ebx, ebx)
-    a.label("compute.loop")
+    a.label(loop)
     for shift, left in ((13, True), (7, False), (17, True)):
         a.mov(rcx, rax)
         (a.shl if left else a.shr)(rcx, shift)
         a.xor(rax, rcx)
     a.add(rbx, rax)
     a.dec(r12)
-    a.jne("compute.loop")
+    a.jne(loop)
+
+
+def compute(pf: Platform, rounds: int) -> None:
+    """xorshift64 `rounds` times, summing the states: registers only, no exit."""
+    emit_xorshift_rounds(pf.a, rounds, "compute.loop")
     report(pf, f"compute: {rounds} rounds, checksum ")
     report_number(pf, rbx, hex_=True)
 

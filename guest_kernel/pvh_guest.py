@@ -250,7 +250,7 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
     a.call("idt_init")
     a.call("events_init")
     a.mov(r12, rax)
-    p.print(f"events_init: ")
+    p.print("events_init: ")
     a.mov(rdi, r12)
     a.call("print_sdec")
     a.mov(edi, C.VIRQ_TIMER)

@@ -34,19 +34,10 @@ def hypercall_loop(iterations: int, xen_pv: bool = False) -> bytes:
 def compute_loop(rounds: int, xen_pv: bool) -> bytes:
     """compare_workloads' compute loop (xorshift64, registers only, no exit), as a
     ring-0 PV kernel or under Xen's PV CPU model (ring 3)."""
+    from .compare_workloads import emit_xorshift_rounds
     p = PVProgram(guest_os="trapless-bench-compute", xen_pv=xen_pv)
     a = p.a
-    a.mov(rax, 0x9E3779B97F4A7C15)
-    a.mov(r12, rounds)
-    a.xor(ebx, ebx)
-    a.label("loop")
-    for shift, left in ((13, True), (7, False), (17, True)):
-        a.mov(rcx, rax)
-        (a.shl if left else a.shr)(rcx, shift)
-        a.xor(rax, rcx)
-    a.add(rbx, rax)
-    a.dec(r12)
-    a.jne("loop")
+    emit_xorshift_rounds(a, rounds, "loop")
     a.xor(eax, eax)
     a.ret()
     return p.elf()
@@ -141,7 +132,7 @@ def timer_lateness(samples: int, delay_ns: int = 1_000_000) -> bytes:
 
     def timer_seen():
         a.cmp(qword["sample_index"], r13)
-        a.jne(f"wait.done")
+        a.jne("wait.done")
     emit_block_until(p, timer_seen, "wait.done")
     a.label("wait.done")
     a.dec(r12)

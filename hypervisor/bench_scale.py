@@ -82,8 +82,9 @@ def blocked_domains(n: int, engine: str | None, idle_s: float = 3.0,
             "domids": [doms[0].domid, doms[-1].domid] if doms else [],
             "create_s": round(created_s, 2),
             "rss_mib_per_domain": round((_rss_kib() - rss0) / 1024 / max(len(doms), 1), 3),
-            "threads": len(names) - threads0,
-            "threads_per_domain": round((len(names) - threads0) / max(len(doms), 1), 3),
+            # (a thread the process had before may have ended meanwhile: not below 0)
+            "threads": max(len(names) - threads0, 0),
+            "threads_per_domain": round(max(len(names) - threads0, 0) / max(len(doms), 1), 3),
             "kvm_tasks": kvm_tasks,             # KVM's own per-VM tasks (NX recovery)
             "idle_cpu_percent_of_a_core": round(100 * idle_cpu, 2),
         }
