@@ -31,6 +31,8 @@ BAD = {"ERROR", "FAILURE", "crashed", "timed out", "no verdict"}
 RESULT = re.compile(r"^Test result: (SUCCESS|SKIP|ERROR|FAILURE)( with warnings)?\s*$", re.M)
 PANIC = re.compile(r"^PANIC: (.*)$", re.M)
 IMAGE = re.compile(r"^test-([a-z0-9]+)-(.+)$")
+VARY_CFG = re.compile(r"^VARY-CFG\s*:=\s*(.*?)\s*$", re.M)     # a test's Makefile
+CFG_CMDLINE = re.compile(r'^cmdline\s*=\s*"([^"]*)"', re.M)      # <variant>.cfg.in
 
 # What kind of guest each XTF environment is, and why trapless cannot run a kind yet.
 # pv*: Xen PV guests. hvm*: HVM guests, which trapless would boot as PVH at their
@@ -69,9 +71,30 @@ class Record:
 
 @dataclass
 class Image:
-    test: str
+    test: str                   # the test's name; name~variant for a variant
     env: str
     path: Path
+    cmdline: str = ""           # a variant's command line (its <variant>.cfg.in)
+
+
+def variants(test_dir: Path, xtf_dir: Path) -> list[tuple[str, str]]:
+    """A test's variants as XTF's build names them (VARY-CFG in its Makefile), each with
+    the command line its <variant>.cfg.in gives the guest: xtf-runner runs each as a test
+    of its own (test-pv64-pv-iopl~hypercall). [] for a test without variants."""
+    try:
+        m = VARY_CFG.search((test_dir / "Makefile").read_text(errors="replace"))
+    except OSError:
+        return []
+    out = []
+    for variant in (m.group(1).split() if m else []):
+        cmdline = ""
+        for cfg in (test_dir / f"{variant}.cfg.in", xtf_dir / "config" / f"{variant}.cfg.in"):
+            if cfg.is_file():
+                c = CFG_CMDLINE.search(cfg.read_text(errors="replace"))
+                cmdline = c.group(1) if c else ""
+                break
+        out.append((variant, cmdline))
+    return out
 
 
 def find_images(xtf_dir: Path, envs: list[str] | None = None,
@@ -88,11 +111,16 @@ def find_images(xtf_dir: Path, envs: list[str] | None = None,
         env, name = m.groups()
         if name != path.parent.name:
             continue
-        if (envs and env not in envs) or (tests and name not in tests):
+        if envs and env not in envs:
             continue
-        found.append(Image(name, env, path))
+        runs = [(f"{name}~{v}", cmdline) for v, cmdline in variants(path.parent, xtf_dir)]
+        for test, cmdline in runs or [(name, "")]:
+            if tests and name not in tests and test not in tests:
+                continue
+            found.append(Image(test, env, path, cmdline))
     if tests:
-        missing = sorted(set(tests) - {i.test for i in found})
+        named = {i.test for i in found} | {i.test.split("~")[0] for i in found}
+        missing = sorted(set(tests) - named)
         if missing:
             raise ConfigError(f"no built XTF image for test {', '.join(missing)} in {root}")
     if not found:
@@ -139,7 +167,8 @@ def run_one(image: Image, engine: str, timeout: float) -> Record:
         return Record(image.test, image.env, engine, "not supported", why, 0.0, str(image.path))
     start = time.monotonic()
     try:
-        dom = Domain(image.path, memory_mib=MEMORY_MIB, engine=engine, name=image.path.name)
+        dom = Domain(image.path, memory_mib=MEMORY_MIB, engine=engine, name=image.path.name,
+                     cmdline=image.cmdline)
     except TraplessError as e:
         return Record(image.test, image.env, engine, "not supported", f"cannot load: {e}",
                       0.0, str(image.path))

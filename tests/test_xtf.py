@@ -177,3 +177,29 @@ def test_xtf_pv64_tests_that_pass_keep_passing(engine, tmp_path):
               "--json", str(out), "--test", *names])
     got = {r["test"]: r["status"] for r in json.loads(out.read_text())}
     assert got == {name: status for status, names in PV64_PASSING.items() for name in names}
+
+
+def test_variants_run_as_tests_of_their_own_with_their_command_line(engine, tmp_path):
+    """A test with VARY-CFG in its Makefile is run once per variant, named
+    name~variant as xtf-runner names it, with the cmdline its <variant>.cfg.in gives."""
+    from abi import offsetof
+    from guest_kernel.asm import qword, rdi
+    p = PVProgram(guest_os="XTF-alike")
+    p.print(BANNER)
+    p.a.mov(rdi, qword["start_info_ptr"])
+    p.a.add(rdi, offsetof("start_info", "cmd_line"))
+    p.a.call("print_cstr")                  # the reason XTF prints: its command line
+    p.print("\nTest result: SKIP\n")
+    p.a.mov(eax, C.SHUTDOWN_poweroff)
+    p.a.ret()
+    install(tmp_path, "varied", "pv64", p.elf())
+    d = tmp_path / "tests" / "varied"
+    (d / "Makefile").write_text("NAME := varied\nVARY-CFG  := alpha beta\n")
+    (d / "alpha.cfg.in").write_text('cmdline="first variant"\n')
+    (d / "beta.cfg.in").write_text('cmdline="second variant"\n')
+    out = tmp_path / "xtf.json"
+    cli.main(["xtf", "--xtf", str(tmp_path), "--engine", engine, "--timeout", "20",
+              "--json", str(out), "--test", "varied"])
+    got = {(r["test"], r["status"], r["detail"]) for r in json.loads(out.read_text())}
+    assert got == {("varied~alpha", "SKIP", "first variant"),
+                   ("varied~beta", "SKIP", "second variant")}
