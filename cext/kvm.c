@@ -251,6 +251,26 @@ static int kvm_get_mode(struct hv_vcpu *v, struct hv_cpu_mode *m)
 
 static void flat_segment(struct kvm_segment *s, uint16_t selector, int code);
 
+/* What every guest starts with: flat code and data segments from the builder's GDT, a
+ * busy TSS (VM entry insists on one), no LDT, no IDT (the guest installs its own). */
+static void boot_segments(struct kvm_sregs *s, const struct hv_boot_state *bs)
+{
+    flat_segment(&s->cs, bs->code_selector, 1);
+    flat_segment(&s->ds, bs->data_selector, 0);
+    s->es = s->fs = s->gs = s->ss = s->ds;
+    memset(&s->tr, 0, sizeof(s->tr));
+    s->tr.limit = 0x67;
+    s->tr.type = 0xb;
+    s->tr.present = 1;
+    memset(&s->ldt, 0, sizeof(s->ldt));
+    s->ldt.type = 0x2;
+    s->ldt.unusable = 1;
+    s->gdt.base = bs->gdt_base;
+    s->gdt.limit = bs->gdt_limit;
+    s->idt.base = 0;
+    s->idt.limit = 0;
+}
+
 /* 32-bit flat protected mode, paging off, ebx = hvm_start_info (XEN-ABI-FACTS 26). */
 static int pvh_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len)
 {
@@ -261,22 +281,9 @@ static int pvh_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, cha
         hv_set_error(err, err_len, "KVM_GET_SREGS: %s", strerror(errno));
         return -1;
     }
-    flat_segment(&sregs.cs, bs->code_selector, 1);
+    boot_segments(&sregs, bs);
     sregs.cs.l = 0;
-    sregs.cs.db = 1;                /* attributes 0xc9b */
-    flat_segment(&sregs.ds, bs->data_selector, 0);
-    sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
-    memset(&sregs.tr, 0, sizeof(sregs.tr));
-    sregs.tr.limit = 0x67;
-    sregs.tr.type = 0xb;            /* busy 32-bit TSS */
-    sregs.tr.present = 1;
-    memset(&sregs.ldt, 0, sizeof(sregs.ldt));
-    sregs.ldt.type = 0x2;
-    sregs.ldt.unusable = 1;
-    sregs.gdt.base = bs->gdt_base;
-    sregs.gdt.limit = bs->gdt_limit;
-    sregs.idt.base = 0;
-    sregs.idt.limit = 0;
+    sregs.cs.db = 1;                /* 32-bit code: attributes 0xc9b */
     sregs.cr0 = 0x11;               /* ET PE */
     sregs.cr3 = 0;
     sregs.cr4 = 0;
@@ -591,20 +598,7 @@ static int kvm_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs,
         hv_set_error(err, err_len, "KVM_GET_SREGS: %s", strerror(errno));
         return -1;
     }
-    flat_segment(&sregs.cs, bs->code_selector, 1);
-    flat_segment(&sregs.ds, bs->data_selector, 0);
-    sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
-    memset(&sregs.tr, 0, sizeof(sregs.tr));
-    sregs.tr.limit = 0x67;
-    sregs.tr.type = 0xb;            /* busy 64-bit TSS: VM entry insists on one */
-    sregs.tr.present = 1;
-    memset(&sregs.ldt, 0, sizeof(sregs.ldt));
-    sregs.ldt.type = 0x2;
-    sregs.ldt.unusable = 1;
-    sregs.gdt.base = bs->gdt_base;
-    sregs.gdt.limit = bs->gdt_limit;
-    sregs.idt.base = 0;             /* the guest installs its own IDT */
-    sregs.idt.limit = 0;
+    boot_segments(&sregs, bs);
     sregs.cr0 = 0x80050033;         /* PG WP NE ET MP PE */
     sregs.cr3 = bs->cr3;
     sregs.cr4 = 0x620;              /* OSXMMEXCPT OSFXSR PAE */
