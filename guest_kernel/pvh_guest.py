@@ -14,10 +14,12 @@ each instruction with its mnemonic (tests/test_pvh.py checks them with objdump).
 """
 from __future__ import annotations
 
-from abi import C
+import struct
+
+from abi import C, offsetof
 
 from .asm import byte, dword, ptr, qword, rip
-from .asm import eax, ebx, ecx, edi, edx, esi, r12, r13, r14, rax, rbx, rcx, rdi, rdx, rsi
+from .asm import al, eax, ebx, ecx, edi, edx, esi, r12, r13, r14, rax, rbx, rcx, rdi, rdx, rsi
 from .elf import build_elf
 from .pvlib import (UPCALL_MASK, UPCALL_VECTOR, emit_block_until, emit_events, emit_pvclock,
                     emit_traps, set_port_handler)
@@ -28,6 +30,11 @@ MSG32 = "hello from 32-bit protected mode, through the hypercall page\n"
 MSG_VMCALL = "hello through vmcall\n"
 GDT64 = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF)     # null, 64-bit code 0x08, data 0x10
 XEN_CPUID_BASE = 0x40000000
+XS_REQ = offsetof("xenstore_domain_interface", "req")
+XS_RSP = offsetof("xenstore_domain_interface", "rsp")
+XS_REQ_PROD = offsetof("xenstore_domain_interface", "req_prod")
+XS_RSP_CONS = offsetof("xenstore_domain_interface", "rsp_cons")
+XS_RSP_PROD = offsetof("xenstore_domain_interface", "rsp_prod")
 
 
 def _entry32(a) -> None:
@@ -67,6 +74,89 @@ def _entry32(a) -> None:
     a.db(0x0F, 0x22, 0xC0)                          # mov cr0, eax: long mode
     a.db(0x0F, 0x01, 0x15); a.dd("gdt_desc")        # lgdt [gdt_desc]
     a.db(0xEA); a.dd("start64"); a.dw(0x08)         # jmp far 0x08:start64
+
+
+XS_REQUEST = struct.pack("<IIII", C.XS_READ, 7, 0, 6) + b"domid\0"    # req_id 7, relative
+XS_REPLY_MAX = 64
+XS_RING = C.XENSTORE_RING_SIZE
+
+
+def _xenstore_read(p) -> None:
+    """Find xenstore as a PVH domU does (HVM_PARAM_STORE_PFN and _EVTCHN), send one read
+    of its own "domid" on the ring, wait for the reply (polling, yielding) and print it."""
+    a = p.a
+    a.mov(dword[rip + "hvmparam" + 4], C.HVM_PARAM_STORE_EVTCHN)
+    p.hypercall("hvm_op", C.HVMOP_get_param, "hvmparam")
+    a.mov(rax, qword[rip + "hvmparam" + 8])
+    a.mov(dword["xs_port"], eax)
+    a.mov(dword[rip + "hvmparam" + 4], C.HVM_PARAM_STORE_PFN)
+    p.hypercall("hvm_op", C.HVMOP_get_param, "hvmparam")
+    a.mov(r12, qword[rip + "hvmparam" + 8])
+    a.shl(r12, 12)                      # identity-mapped: the frame's address is its own
+    a.mov(edx, dword[r12 + XS_REQ_PROD])
+    a.lea(rsi, ptr["xs_req"])
+    a.mov(ebx, len(XS_REQUEST))
+    a.label("xs_req.loop")              # the request fits: the ring is fresh and empty
+    a.mov(ecx, edx)
+    a.and_(ecx, XS_RING - 1)
+    a.mov(al, byte[rsi])
+    a.mov(byte[r12 + rcx + XS_REQ], al)
+    a.inc(rsi)
+    a.inc(edx)
+    a.dec(ebx)
+    a.jne("xs_req.loop")
+    a.mov(dword[r12 + XS_REQ_PROD], edx)    # x86 keeps stores in order: data, then index
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "xs_port")
+    a.lea(rdi, ptr["xs_rsp"])
+    a.mov(ebx, 16)
+    a.call("xs_take")                   # the header
+    a.mov(ebx, dword[rip + "xs_rsp" + 12])
+    a.cmp(ebx, XS_REPLY_MAX)
+    a.jbe("xs_rsp.fits")
+    a.mov(ebx, XS_REPLY_MAX)
+    a.label("xs_rsp.fits")
+    a.mov(r13, rbx)
+    a.lea(rdi, ptr[rip + "xs_rsp" + 16])
+    a.call("xs_take")                   # the payload
+    p.print("xenstore through its ring: read domid -> type ")
+    a.mov(edi, dword["xs_rsp"])
+    a.call("print_dec")
+    p.print(", req_id ")
+    a.mov(edi, dword[rip + "xs_rsp" + 4])
+    a.call("print_dec")
+    p.print(", \"")
+    a.lea(rdi, ptr[rip + "xs_rsp" + 16])
+    a.mov(rsi, r13)
+    a.call("print")
+    p.print("\"\n")
+
+
+def _emit_xs_take(p) -> None:
+    """xs_take(rdi = where, ebx = bytes): take them from the store's rsp ring as they
+    come, yielding while it is empty. r12 = the ring page."""
+    a = p.a
+    a.label("xs_take")
+    a.test(ebx, ebx)
+    a.je("xs_take.done")
+    a.mov(edx, dword[r12 + XS_RSP_CONS])
+    a.cmp(edx, dword[r12 + XS_RSP_PROD])
+    a.jne("xs_take.byte")
+    a.push(rdi)
+    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.pop(rdi)
+    a.jmp("xs_take")
+    a.label("xs_take.byte")
+    a.mov(ecx, edx)
+    a.and_(ecx, XS_RING - 1)
+    a.mov(al, byte[r12 + rcx + XS_RSP])
+    a.mov(byte[rdi], al)
+    a.inc(rdi)
+    a.inc(edx)
+    a.mov(dword[r12 + XS_RSP_CONS], edx)
+    a.dec(ebx)
+    a.jmp("xs_take")
+    a.label("xs_take.done")
+    a.ret()
 
 
 def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> bytes:
@@ -203,6 +293,7 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
         a.mov(rdi, qword[rip + "hvmparam" + 8])
         a.call("print_hex")
         p.print("\n")
+    _xenstore_read(p)
     a.mov(dword[rip + "hvmparam" + 4], C.HVM_PARAM_CONSOLE_PFN)
     p.hypercall("hvm_op", C.HVMOP_set_param, "hvmparam")
     a.mov(r12, rax)
@@ -295,6 +386,8 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
     a.xor(eax, eax)
     a.ret()
 
+    _emit_xs_take(p)
+
     a.label("on_timer")
     a.inc(qword["timer_fired"])
     a.ret()
@@ -322,6 +415,12 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
     a.dw(C.DOMID_SELF, 0)
     a.dd(0)
     a.dq(0)
+    a.label("xs_port")                  # EVTCHNOP_send's argument: the store's port
+    a.dd(0)
+    a.label("xs_req")
+    a.db(XS_REQUEST)
+    a.label("xs_rsp")
+    a.db(bytes(16 + XS_REPLY_MAX))
     a.label("msg32")
     a.ascii(MSG32)
     a.label("msg_vmcall")

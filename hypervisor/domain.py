@@ -287,9 +287,8 @@ class Domain:
                 raise EngineError(f"cannot add devices: {ffi.string(err).decode()}")
             ram = ffi.buffer(lib.hv_domain_ram(self._dom), ram_bytes)
             self.console_evtchn = self.store_evtchn = 0
-            # PVH: the store is not named to the guest yet (HVM_PARAM_STORE_PFN reads
-            # 0, "no xenstore", pvh.py); its keys are written all the same
-            if xenstore and self.guest_type == "pv":
+            # the store's port before the console's, as libxl allocates them
+            if xenstore:
                 port = lib.hv_xs_attach(self._dom, self.layout.xenstore)
                 if port < 0:
                     raise EngineError(f"cannot attach the xenstore ring: Xen errno {-port}")
@@ -301,6 +300,8 @@ class Domain:
                 self.console_evtchn = port
             if self.guest_type == "pvh":
                 boot = pvh.build(memoryview(ram), self.image, self.layout, cmdline, ramdisk)
+                if self.store_evtchn:
+                    pvh.set_store_params(self._dom, self.layout.xenstore, self.store_evtchn)
                 if self.console_evtchn:
                     pvh.set_console_params(self._dom, self.layout.console, self.console_evtchn)
             else:

@@ -154,10 +154,20 @@ def build(ram: memoryview, image: PVImage, layout: PVHLayout, cmdline: str,
 
 def set_console_params(dom, console_gpa: int, port: int) -> None:
     """Name the console ring to the guest, as Xen's builder does for a PVH domU:
-    HVM_PARAM_CONSOLE_PFN and HVM_PARAM_CONSOLE_EVTCHN. (No xenstore yet: STORE_PFN and
-    STORE_EVTCHN stay 0, which guests read as "xenstore not initialised".)"""
-    for index, value in ((C.HVM_PARAM_CONSOLE_PFN, console_gpa // PAGE),
-                         (C.HVM_PARAM_CONSOLE_EVTCHN, port)):
+    HVM_PARAM_CONSOLE_PFN and HVM_PARAM_CONSOLE_EVTCHN."""
+    _set_params(dom, ((C.HVM_PARAM_CONSOLE_PFN, console_gpa // PAGE),
+                      (C.HVM_PARAM_CONSOLE_EVTCHN, port)))
+
+
+def set_store_params(dom, store_gpa: int, port: int) -> None:
+    """Name the xenstore ring to the guest, as libxl does for a PVH domU (the page is one
+    of trapless's reserved pages, so the guest's memory map keeps it out of its RAM)."""
+    _set_params(dom, ((C.HVM_PARAM_STORE_PFN, store_gpa // PAGE),
+                      (C.HVM_PARAM_STORE_EVTCHN, port)))
+
+
+def _set_params(dom, params) -> None:
+    for index, value in params:
         if lib.hv_domain_set_hvm_param(dom, index, value) < 0:
             raise EngineError(f"cannot set HVM parameter {index}")
 

@@ -54,22 +54,26 @@ def expected(image_path, cmdline: str, vmcall: bool, module: tuple[int, int, int
              # writable_page_tables, auto_translated_physmap, hvm_callback_vector,
              # hvm_safe_pvclock: what Xen reports to a PVH guest (common/kernel.c)
              "xen_version(get_features): 0, submap 0 0x305\n"
-             # the console ring (the first of trapless's reserved pages but one) and its
-             # port; no xenstore yet: 0, as Xen reads a parameter nobody set
+             # the console and xenstore rings (trapless's reserved pages, out of the
+             # guest's RAM) and their ports, the store's first as libxl allocates them
              f"hvm_op get_param console_pfn: 0, value {layout.console >> 12:#x}\n"
-             "hvm_op get_param console_evtchn: 0, value 0x1\n"
-             "hvm_op get_param store_pfn: 0, value 0x0\n"
-             "hvm_op get_param store_evtchn: 0, value 0x0\n"
-             "hvm_op get_param out_of_range: -22, value 0x0\n"
+             "hvm_op get_param console_evtchn: 0, value 0x2\n"
+             f"hvm_op get_param store_pfn: 0, value {layout.xenstore >> 12:#x}\n"
+             "hvm_op get_param store_evtchn: 0, value 0x1\n"
+             # (a failed get leaves the value as it was: the store's port)
+             "hvm_op get_param out_of_range: -22, value 0x1\n"
+             # a read of its own domid (relative to its home) on the ring those name
+             f"xenstore through its ring: read domid -> type {C.XS_READ}, req_id 7, \"1\"\n"
              "hvm_op set_param console_pfn: -1\n")
     if vmcall:
         text += ("xen_version(extraversion) through vmcall: 0 .0-trapless\n"
                  "hello through vmcall\n"
                  "xen_version through vmmcall: 0x40013\n"
                  "hypercall 99 through vmcall: -38\n")
-    # shared_info placed, the callback vector, VIRQ_TIMER (port 2: the console ring has 1)
+    # shared_info placed, the callback vector, VIRQ_TIMER (port 3: xenstore has 1, the
+    # console ring 2)
     # from a one-shot timer, taken through the guest's own IDT, never early
-    text += ("events_init: 0, upcalls on vector 0xf3, VIRQ_TIMER on port 2\n"
+    text += ("events_init: 0, upcalls on vector 0xf3, VIRQ_TIMER on port 3\n"
              "set_singleshot_timer: 0, VIRQ_TIMER upcalls: 1, not early: yes\n")
     return text + "powering off\n"
 
