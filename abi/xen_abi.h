@@ -322,6 +322,78 @@ struct xenstore_domain_interface {
 #define XENSTORE_ERROR_RINGIDX  2
 #define XENSTORE_ERROR_PROTO    3
 
+/* ---- split devices: the XenbusState handshake (io/xenbus.h) ---- */
+/* Each end publishes its state in its xenstore directory and watches the other's. */
+#define XenbusStateUnknown       0
+#define XenbusStateInitialising  1
+#define XenbusStateInitWait      2      /* backend: features published, waiting for the ring */
+#define XenbusStateInitialised   3      /* frontend: ring granted and published */
+#define XenbusStateConnected     4
+#define XenbusStateClosing       5
+#define XenbusStateClosed        6
+#define XenbusStateReconfiguring 7
+#define XenbusStateReconfigured  8
+
+/* ---- the block device's ring (io/blkif.h, io/ring.h) ---- */
+#define BLKIF_OP_READ             0
+#define BLKIF_OP_WRITE            1
+#define BLKIF_OP_WRITE_BARRIER    2
+#define BLKIF_OP_FLUSH_DISKCACHE  3
+#define BLKIF_OP_DISCARD          5
+#define BLKIF_OP_INDIRECT         6
+#define BLKIF_RSP_EOPNOTSUPP     -2
+#define BLKIF_RSP_ERROR          -1
+#define BLKIF_RSP_OKAY            0
+#define BLKIF_MAX_SEGMENTS_PER_REQUEST 11
+#define BLKIF_DISCARD_SECURE      1
+#define BLKIF_SECTOR_SIZE         512   /* sector_number and first/last_sect count these */
+#define BLKIF_SECTORS_PER_PAGE    8
+#define VDISK_CDROM               1     /* the backend's info key */
+#define VDISK_REMOVABLE           2
+#define VDISK_READONLY            4
+#define BLKIF_RING_HEADER         64    /* req_prod, req_event, rsp_prod, rsp_event, pad */
+
+/* The shared ring page starts with these indexes (free-running u32), then entries. */
+struct blkif_sring_header {
+    uint32_t req_prod, req_event;
+    uint32_t rsp_prod, rsp_event;
+    uint8_t  pad[48];
+};
+
+struct blkif_request_segment {
+    uint32_t gref;                  /* a granted page */
+    uint8_t  first_sect, last_sect; /* inclusive, 512-byte units within it */
+    uint8_t  pad[2];
+};
+
+struct blkif_request {
+    uint8_t  operation;             /* BLKIF_OP_* */
+    uint8_t  nr_segments;
+    uint16_t handle;
+    uint32_t pad;
+    uint64_t id;                    /* echoed in the response */
+    uint64_t sector_number;
+    struct blkif_request_segment seg[11];
+};
+
+struct blkif_request_discard {
+    uint8_t  operation;             /* BLKIF_OP_DISCARD */
+    uint8_t  flag;                  /* BLKIF_DISCARD_SECURE */
+    uint16_t handle;
+    uint32_t pad;
+    uint64_t id;
+    uint64_t sector_number;
+    uint64_t nr_sectors;
+};
+
+struct blkif_response {
+    uint64_t id;
+    uint8_t  operation;
+    uint8_t  pad;
+    int16_t  status;                /* BLKIF_RSP_* */
+    uint32_t pad2;
+};
+
 /* ---- Xen ELF notes (owner "Xen") ---------------------------------------------------- */
 #define XEN_ELFNOTE_INFO                 0
 #define XEN_ELFNOTE_ENTRY                1

@@ -6,14 +6,23 @@
     memory = 32                     # MiB
     cmdline = "interactive"
     on_crash = "restart"            # destroy | restart | preserve
+    disk = [ 'format=raw, vdev=xvda, access=rw, target=disk.img' ]
 
 Strings are quoted ("..." or '...'), numbers are decimal and unquoted, `#` starts a
-comment; as in xl, a value of the wrong type (memory = "32", name = 7) is a mistake.
-`create` also takes `key=value` words after the file; there quotes are optional.
+comment; a list is [ 'string', ... ] and may span lines (only `disk` takes one); as in
+xl, a value of the wrong type (memory = "32", name = 7) is a mistake.
+`create` also takes `key=value` words after the file; there quotes are optional, and
+`disk=SPEC` adds one disk.
 Every mistake is a ConfigError of one line that names the file, line and key.
+
+A disk spec is xl's (docs/misc/xl-disk-configuration.txt): comma-separated `key=value`
+items (format, vdev, access, devtype) and positional ones in the order target, format,
+vdev, access ('disk.img,raw,xvda,rw'); `target=` takes the rest of the spec, commas and
+all. trapless's backend serves raw images of regular files as whole disks (xvdX).
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +38,89 @@ NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 ELF_MAGIC = b"\x7fELF"
 # xl configs are a few hundred bytes; anything near this is not one, and is not read.
 MAX_CONFIG_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class Disk:
+    """One disk the domain sees as a Xen virtual block device."""
+    target: Path                         # the raw image
+    vdev: str                            # the name the guest is told: xvda, xvdb, ...
+    devid: int                           # xenstore's number for vdev (xvda: 51712)
+    readonly: bool
+    spec: str = field(default="", compare=False)    # as written, for messages
+
+
+# xl's names for the things a spec may say (the values trapless serves first)
+DISK_FORMATS = ("raw",)
+DISK_ACCESS = {"rw": False, "w": False, "ro": True, "r": True}
+DISK_POSITIONAL = ("target", "format", "vdev", "access")
+DISK_KEYS = DISK_POSITIONAL + ("devtype",)
+XVD_RE = re.compile(r"xvd([a-z]{1,3})")
+XVD_MAJOR = 202                          # Xen's block major: devid = 202 << 8 | disk << 4
+XVD_EXT = 1 << 28                        # disks 16 and up: the extended numbering
+XVD_MAX_DISKS = 1 << 20
+
+
+def vdev_devid(vdev: str) -> int:
+    """The device number Xen's tools give vdev (xenstore's vbd/<devid>), or ValueError.
+    xvd letters count as a=0 .. z=25, aa=26, ... (libxl_device.c's "xvd" rule); only
+    whole disks: trapless's backend does not serve partitions."""
+    m = XVD_RE.fullmatch(vdev)
+    if not m:
+        raise ValueError(f"vdev={vdev}: expected a whole Xen virtual disk (xvda, xvdb, ...)")
+    index = 0
+    for ch in m.group(1):
+        index = index * 26 + (ord(ch) - ord("a") + 1)
+    index -= 1
+    if index >= XVD_MAX_DISKS:
+        raise ValueError(f"vdev={vdev}: beyond Xen's {XVD_MAX_DISKS} disks")
+    return (XVD_MAJOR << 8 | index << 4) if index < 16 else XVD_EXT | index << 8
+
+
+def parse_disk(spec: str, base: Path | None = None) -> Disk:
+    """A Disk from one xl disk spec (ValueError saying what is wrong); a relative target
+    is relative to base (the config file's directory), as kernel is."""
+    values: dict[str, str] = {}
+    rest, positional = spec, 0
+    while rest.strip():
+        item, comma, after = rest.partition(",")
+        item = item.strip()
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if eq and key == "target":       # the rest of the spec, commas and all
+            value, after = (value + comma + after).strip(), ""
+        elif eq:
+            if key not in DISK_KEYS:
+                raise ValueError(f"unknown parameter '{key}' (known: {', '.join(DISK_KEYS)})")
+            value = value.strip()
+        else:
+            if positional >= len(DISK_POSITIONAL):
+                raise ValueError(f"'{item}': more than {len(DISK_POSITIONAL)} positional "
+                                 f"parameters ({', '.join(DISK_POSITIONAL)})")
+            key, value = DISK_POSITIONAL[positional], item
+            positional += 1
+        if key in values:
+            raise ValueError(f"{key} given twice")
+        values[key] = value
+        rest = after
+    fmt = values.get("format", "raw") or "raw"
+    if fmt not in DISK_FORMATS:
+        raise ValueError(f"format={fmt}: trapless serves raw images only")
+    if values.get("devtype", "disk") != "disk":
+        raise ValueError(f"devtype={values['devtype']}: trapless serves disks only")
+    access = values.get("access", "rw") or "rw"
+    if access not in DISK_ACCESS:
+        raise ValueError(f"access={access}: must be rw or ro")
+    if "vdev" not in values:
+        raise ValueError("no vdev (vdev=xvda)")
+    target = values.get("target", "")
+    if not target:
+        raise ValueError("no target (target=path/to/disk.img)")
+    path = Path(target)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    return Disk(target=path, vdev=values["vdev"], devid=vdev_devid(values["vdev"]),
+                readonly=DISK_ACCESS[access], spec=spec)
 
 
 @dataclass
@@ -47,6 +139,7 @@ class DomainConfig:
     on_poweroff: str = "destroy"
     on_reboot: str = "restart"
     on_crash: str = "destroy"
+    disk: list[Disk] = field(default_factory=list)
     source: str = field(default="command line", compare=False)  # for messages
 
     @property
@@ -117,6 +210,7 @@ SCHEMA = {
     "on_poweroff": (str, _check_choice(ACTIONS)),
     "on_reboot": (str, _check_choice(ACTIONS)),
     "on_crash": (str, _check_choice(ACTIONS)),
+    "disk": (list, None),                # parse_disk, with the file's directory
 }
 assert set(SCHEMA) == set(KEYS)
 
@@ -159,12 +253,48 @@ def _parse_value(where: str, key: str, text: str, bare_strings: bool):
     if text[:1] in "\"'":
         raise ConfigError(f"{where}: {key}: unterminated string {text}")
     if text.startswith("["):
+        if SCHEMA.get(key, (None,))[0] is list:
+            return _parse_list(where, key, text)
         raise ConfigError(f"{where}: {key}: lists are not supported")
     if not text:
         raise ConfigError(f"{where}: {key}: no value after '='")
     if bare_strings:
         return text
     raise ConfigError(f"{where}: {key} = {text}: strings must be quoted (\"{text}\")")
+
+
+def _list_open(text: str) -> bool:
+    """Does text start a list its `]` does not close yet (a ] inside quotes is text)?"""
+    return "]" not in _STRING.sub("", text)
+
+
+def _parse_list(where: str, key: str, text: str) -> list[str]:
+    """[ 'a', "b", ] -> ["a", "b"]: quoted strings only, as xl's lists of specs are."""
+    body = text[1:].strip()
+    items: list[str] = []
+    while True:
+        if body.startswith("]"):
+            if body[1:].strip():
+                raise ConfigError(f"{where}: {key}: {body[1:].strip()!r} after the list")
+            return items
+        m = _STRING.match(body)
+        if not m:
+            raise ConfigError(f"{where}: {key}: expected a quoted string in the list, got "
+                              f"{body[:20]!r}")
+        items.append(_unquote(m.group(1)))
+        body = body[m.end():].strip()
+        if body.startswith(","):
+            body = body[1:].strip()
+        elif not body.startswith("]"):
+            raise ConfigError(f"{where}: {key}: expected ',' or ']' after {m.group(1)}")
+
+
+def _apply_disks(cfg: DomainConfig, where: str, specs: list[str], base: Path | None) -> None:
+    for spec in specs:
+        try:
+            cfg.disk.append(parse_disk(spec, base))
+        except ValueError as e:
+            raise ConfigError(f"{where}: disk = {spec!r}: {e}") from None
 
 
 def _known(where: str, key: str) -> None:
@@ -200,7 +330,9 @@ def parse_text(text: str, source: str = "config", base: Path | None = None,
                cfg: DomainConfig | None = None) -> DomainConfig:
     """Apply the `key = value` lines of text to cfg (a fresh DomainConfig if None)."""
     cfg = cfg or DomainConfig(source=source)
-    for number, raw in enumerate(text.splitlines(), 1):
+    lines = list(enumerate(text.splitlines(), 1))
+    while lines:
+        number, raw = lines.pop(0)
         line = _strip_comment(raw).strip().rstrip(";").strip()
         if not line:
             continue
@@ -210,7 +342,19 @@ def parse_text(text: str, source: str = "config", base: Path | None = None,
             raise ConfigError(f"{where}: expected `key = value`, got {line!r}")
         key, value = m.groups()
         _known(where, key)
-        _apply(cfg, where, key, _parse_value(where, key, value, bare_strings=False), typed=True)
+        while value.startswith("[") and _list_open(value):      # a list goes on
+            if not lines:
+                raise ConfigError(f"{where}: {key}: the list has no closing ']'")
+            value += " " + _strip_comment(lines.pop(0)[1]).strip()
+        value = value.rstrip(";").strip()
+        parsed = _parse_value(where, key, value, bare_strings=False)
+        if key == "disk":
+            if not isinstance(parsed, list):
+                raise ConfigError(f"{where}: disk: expected a list (disk = [ 'spec', ... ])")
+            cfg.disk = []
+            _apply_disks(cfg, where, parsed, base)
+            continue
+        _apply(cfg, where, key, parsed, typed=True)
         if key == "kernel" and base is not None and not cfg.kernel.is_absolute():
             cfg.kernel = base / cfg.kernel
         if key == "ramdisk" and base is not None and not cfg.ramdisk.is_absolute():
@@ -227,6 +371,11 @@ def apply_overrides(cfg: DomainConfig, words: list[str]) -> DomainConfig:
             raise ConfigError(f"{word!r}: expected key=value")
         value = value.strip()
         _known("command line", key)
+        if key == "disk":               # one spec (or a list of them) more
+            specs = _parse_list("command line", key, value) if value.startswith("[") \
+                else [value]
+            _apply_disks(cfg, "command line", specs, None)
+            continue
         parsed = _parse_value("command line", key, value, bare_strings=True) if value else ""
         _apply(cfg, "command line", key, parsed)
     return cfg
@@ -249,6 +398,16 @@ def finish(cfg: DomainConfig) -> DomainConfig:
             raise ConfigError(f"{where}: ramdisk = '{cfg.ramdisk}': {why}")
     if cfg.maxmem is not None and cfg.maxmem < cfg.memory:
         raise ConfigError(f"{where}: maxmem = {cfg.maxmem}: below memory ({cfg.memory} MiB)")
+    seen: set[int] = set()
+    for disk in cfg.disk:
+        why = files.problem(disk.target) or (
+            None if os.access(disk.target, os.R_OK if disk.readonly else os.R_OK | os.W_OK)
+            else "cannot open it for " + ("reading" if disk.readonly else "reading and writing"))
+        if why:
+            raise ConfigError(f"{where}: disk = {disk.spec!r}: target '{disk.target}': {why}")
+        if disk.devid in seen:
+            raise ConfigError(f"{where}: disk = {disk.spec!r}: a second disk named {disk.vdev}")
+        seen.add(disk.devid)
     return cfg
 
 

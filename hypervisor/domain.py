@@ -200,7 +200,7 @@ class Domain:
                  maxmem_mib: int | None = None, console_keep: int = CONSOLE_KEEP,
                  on_stop: Callable[["Domain"], None] | None = None, console_ring: bool = True,
                  xenstore: bool = True, guest_type: str | None = None,
-                 ramdisk: bytes | None = None):
+                 ramdisk: bytes | None = None, disks: list | None = None):
         """memory_mib is what the domain starts with; maxmem_mib (default: the same) is
         how far it may balloon up: its guest-physical space and maximum reservation.
         console_keep: how many of the latest console bytes console_output keeps.
@@ -210,7 +210,9 @@ class Domain:
         builder gives every domU; xenstore: give it a ring on the store (cext/xenstore.c).
         As with Xen's toolstack, the store's port is the domain's first, the console's next.
         guest_type: "pv" or "pvh" (None: as the image's notes say, image.py); ramdisk:
-        a PVH guest's module 0 (an initramfs)."""
+        a PVH guest's module 0 (an initramfs); disks: config.Disk entries, each a
+        virtual block device whose xenstore directories are written with the domain's
+        keys (needs xenstore)."""
         self._dom = None
         self._lock = threading.RLock()
         self._state = "building"
@@ -248,6 +250,9 @@ class Domain:
             self.engine = engines.choose(engine)
             self.layout = builder.plan(self.image, start_bytes, self.pv_model)
         self.domid, self.name, self.cmdline = domid, name or f"d{domid}", cmdline
+        self.disks = list(disks or ())
+        if self.disks and not xenstore:
+            raise DomainError("a disk is found through xenstore: this domain has none")
         self.uuid = uuid.uuid4()
         self._output = bytearray()
         self._console_keep = console_keep
@@ -328,6 +333,9 @@ class Domain:
                                 (self.layout.console >> 12, self.console_evtchn)
                                 if console_ring else None)
                 self._introduced = True
+                for disk in self.disks:
+                    store.add_vbd(domid, disk.devid, disk.vdev, str(disk.target),
+                                  disk.readonly)
         except BaseException:
             self.destroy()
             raise

@@ -177,10 +177,46 @@ def introduce(domid: int, name: str, uuid: str, memory_kib: int, maxmem_kib: int
         set_perms(f"{home}/{sub}", own)
 
 
+def vbd_paths(domid: int, devid: int) -> tuple[str, str]:
+    """(frontend, backend) directories of a domain's virtual block device, as libxl names
+    them; the backend is trapless = dom0."""
+    return (f"{domain_path(domid)}/device/vbd/{devid}",
+            f"{domain_path(0)}/backend/vbd/{domid}/{devid}")
+
+
+def add_vbd(domid: int, devid: int, vdev: str, target: str, readonly: bool) -> None:
+    """Write a new disk's two directories as libxl does before the domain starts, both in
+    state Initialising: the frontend's (the domain's own; the backend may read it) and
+    the backend's (dom0's; the domain may read it). The backend publishes its features,
+    the disk's size and the later states itself."""
+    front, back = vbd_paths(domid, devid)
+    write_tree(front, {"backend": back, "backend-id": "0",
+                       "state": str(C.XenbusStateInitialising),
+                       "virtual-device": str(devid), "device-type": "disk"},
+               [f"n{domid}", "r0"])
+    write_tree(back, {"frontend": front, "frontend-id": str(domid), "online": "1",
+                      "removable": "0", "bootable": "1",
+                      "state": str(C.XenbusStateInitialising), "dev": vdev, "type": "phy",
+                      "mode": "r" if readonly else "w", "device-type": "disk",
+                      "params": target},
+               ["n0", f"r{domid}"])
+
+
 def release(domid: int, uuid: str) -> None:
-    """The domain is gone: its keys go too."""
+    """The domain is gone: its keys go too, with the backend directories of its devices."""
     _rm_if_there(domain_path(domid))
     _rm_if_there(f"/vm/{uuid}")
+    for kind in _ls_if_there(f"{domain_path(0)}/backend"):
+        _rm_if_there(f"{domain_path(0)}/backend/{kind}/{domid}")
+
+
+def _ls_if_there(path: str) -> list[str]:
+    try:
+        return directory(path)
+    except XenstoreError as e:
+        if e.error != "ENOENT":
+            raise
+        return []
 
 
 def _rm_if_there(path: str) -> None:

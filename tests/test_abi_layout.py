@@ -102,6 +102,14 @@ XEN_LAYOUTS = [
     ("xenstore_domain_interface", 2080, dict(req=0, rsp=1024, req_cons=2048, req_prod=2052,
                                              rsp_cons=2056, rsp_prod=2060, server_features=2064,
                                              connection=2068, error=2072, evtchn_port=2076)),
+    # io/blkif.h, io/ring.h (XEN-ABI-FACTS.md §29)
+    ("blkif_sring_header", 64, dict(req_prod=0, req_event=4, rsp_prod=8, rsp_event=12)),
+    ("blkif_request_segment", 8, dict(gref=0, first_sect=4, last_sect=5)),
+    ("blkif_request", 112, dict(operation=0, nr_segments=1, handle=2, id=8, sector_number=16,
+                                seg=24)),
+    ("blkif_request_discard", 32, dict(operation=0, flag=1, handle=2, id=8, sector_number=16,
+                                       nr_sectors=24)),
+    ("blkif_response", 16, dict(id=0, operation=8, status=10)),
 ]
 
 

@@ -63,8 +63,9 @@ def test_words_alone_make_a_config(kernel):
 
 
 @pytest.mark.parametrize("text, message", [
-    ('memroy = 32\n', "d.cfg:1: unknown key 'memroy' (known: cmdline, engine, extra, kernel, "
-                      "maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, type, vcpus)"),
+    ('memroy = 32\n', "d.cfg:1: unknown key 'memroy' (known: cmdline, disk, engine, extra, "
+                      "kernel, maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, "
+                      "type, vcpus)"),
     ('name = x\n', 'd.cfg:1: name = x: strings must be quoted ("x")'),
     ('\n\non_crash = "reboot"\n', "d.cfg:3: on_crash = 'reboot': must be destroy, restart or "
                                   "preserve"),
@@ -77,8 +78,32 @@ def test_words_alone_make_a_config(kernel):
     ('name = "a b"\n', "d.cfg:1: name = 'a b': must be 1-64 letters, digits, '_', '.' or '-', "
                        "starting with a letter or '_'"),
     ('cmdline = "open\n', 'd.cfg:1: cmdline: unterminated string "open'),
-    ('disk = [ "x" ]\n', "d.cfg:1: unknown key 'disk' (known: cmdline, engine, extra, kernel, "
-                         "maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, type, vcpus)"),
+    ('kernel = "k.elf"\ndisk = [ "x" ]\n', "d.cfg:2: disk = 'x': no vdev (vdev=xvda)"),
+    ('disk = "x,raw,xvda"\n', "d.cfg:1: disk: expected a list (disk = [ 'spec', ... ])"),
+    ('disk = [ "x,raw,xvda"\n', "d.cfg:1: disk: the list has no closing ']'"),
+    ('disk = [ x ]\n', "d.cfg:1: disk: expected a quoted string in the list, got 'x ]'"),
+    ('disk = [ "a,raw,xvda" "b" ]\n', "d.cfg:1: disk: expected ',' or ']' after \"a,raw,xvda\""),
+    ('disk = [ "x,qcow2,xvda" ]\n', "d.cfg:1: disk = 'x,qcow2,xvda': format=qcow2: trapless "
+                                    "serves raw images only"),
+    ('disk = [ "x,raw,xvda,rx" ]\n', "d.cfg:1: disk = 'x,raw,xvda,rx': access=rx: must be rw or ro"),
+    ('disk = [ "x,raw,hda" ]\n', "d.cfg:1: disk = 'x,raw,hda': vdev=hda: expected a whole Xen "
+                                 "virtual disk (xvda, xvdb, ...)"),
+    ('disk = [ "x,raw,xvda2" ]\n', "d.cfg:1: disk = 'x,raw,xvda2': vdev=xvda2: expected a whole "
+                                   "Xen virtual disk (xvda, xvdb, ...)"),
+    ('disk = [ "vdev=xvda, size=3, target=x" ]\n', "d.cfg:1: disk = 'vdev=xvda, size=3, target=x': "
+     "unknown parameter 'size' (known: target, format, vdev, access, devtype)"),
+    ('disk = [ "x,raw,xvda,rw,more" ]\n', "d.cfg:1: disk = 'x,raw,xvda,rw,more': 'more': more "
+     "than 4 positional parameters (target, format, vdev, access)"),
+    ('disk = [ "vdev=xvda, vdev=xvdb, target=x" ]\n', "d.cfg:1: disk = 'vdev=xvda, vdev=xvdb, "
+     "target=x': vdev given twice"),
+    ('disk = [ "vdev=xvda, devtype=cdrom, target=x" ]\n', "d.cfg:1: disk = 'vdev=xvda, "
+     "devtype=cdrom, target=x': devtype=cdrom: trapless serves disks only"),
+    ('kernel = "k.elf"\ndisk = [ "none.img,raw,xvda" ]\n', "d.cfg: disk = 'none.img,raw,xvda': "
+     "target '{dir}/none.img': no such file"),
+    ('kernel = "k.elf"\ndisk = [ ".,raw,xvda" ]\n', "d.cfg: disk = '.,raw,xvda': target '{dir}': "
+     "is a directory"),
+    ('kernel = "k.elf"\ndisk = [ "k.elf,raw,xvda", "vdev=xvda,target=k.elf" ]\n',
+     "d.cfg: disk = 'vdev=xvda,target=k.elf': a second disk named xvda"),
     ('memory = [ 1 ]\n', "d.cfg:1: memory: lists are not supported"),
     ('vcpus = 2\n', "d.cfg:1: vcpus = 2: trapless domains have exactly one vCPU"),
     ('type = "hvm"\n', 'd.cfg:1: type = \'hvm\': trapless runs PV and PVH domains (type = "pv" '
@@ -112,6 +137,42 @@ def test_override_mistakes_are_one_line(kernel, words, message):
     with pytest.raises(ConfigError) as e:
         config.load(kernel, words)
     assert str(e.value).startswith(message)
+
+
+def test_disk_specs_in_xls_forms(tmp_path, kernel):
+    """Key form (target last, commas and all), positional form, a list over lines, ro,
+    defaults (raw, rw), a relative target against the file's directory, and xl's device
+    numbers (202 << 8 | disk << 4; from the 17th disk on, 1 << 28 | disk << 8)."""
+    for name in ("a.img", "b,c.img", "d.img"):
+        (tmp_path / name).write_bytes(bytes(4096))
+    cfg = config.load(write(tmp_path, f"""kernel = "k.elf"
+disk = [ 'format=raw, vdev=xvda, access=rw, target={tmp_path}/b,c.img',
+         "a.img,raw,xvdb,ro",   # a comment inside the list
+         'd.img,,xvdq',
+       ]
+"""))
+    D = config.Disk
+    assert cfg.disk == [D(tmp_path / "b,c.img", "xvda", 51712, False),
+                        D(tmp_path / "a.img", "xvdb", 51728, True),
+                        D(tmp_path / "d.img", "xvdq", (1 << 28) | (16 << 8), False)]
+    cfg = config.load(kernel, [f"disk={tmp_path}/a.img,raw,xvdc,r"])
+    assert cfg.disk == [D(tmp_path / "a.img", "xvdc", 51744, True)]
+    assert config.vdev_devid("xvdp") == 202 << 8 | 15 << 4
+    assert config.vdev_devid("xvdaa") == (1 << 28) | (26 << 8)
+
+
+def test_a_read_only_image_is_refused_for_rw_but_taken_ro(tmp_path, kernel):
+    image = tmp_path / "ro.img"
+    image.write_bytes(bytes(512))
+    image.chmod(0o444)
+    import os
+    if os.access(image, os.W_OK):
+        pytest.skip("running as root: every file is writable")
+    with pytest.raises(ConfigError) as e:
+        config.load(kernel, [f"disk={image},raw,xvda"])
+    assert str(e.value) == (f"{kernel}: disk = '{image},raw,xvda': target '{image}': cannot "
+                            f"open it for reading and writing")
+    assert config.load(kernel, [f"disk={image},raw,xvda,ro"]).disk[0].readonly
 
 
 def test_a_missing_or_binary_file_is_one_line(tmp_path):

@@ -434,6 +434,52 @@ def test_toolstack_writes_the_keys_and_removes_them(tmp_path):
         ts.shutdown()
 
 
+def test_toolstack_writes_a_disks_frontend_and_backend_directories(tmp_path):
+    """disk = [...] as libxl writes it: the frontend's directory the domain's own (the
+    backend reads it), the backend's dom0's (the domain reads it), both Initialising;
+    destroying the domain removes both."""
+    from hypervisor import config
+    from hypervisor.toolstack import Toolstack
+    kernel = tmp_path / "k.elf"
+    kernel.write_bytes(xenstore_guest(Script().sync()))
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    cfg = config.load(kernel, ["name=disks", "on_poweroff=preserve",
+                               f"disk=format=raw, vdev=xvda, access=rw, target={image}",
+                               f"disk={image},raw,xvdb,ro"])
+    ts = Toolstack()
+    try:
+        rec = ts.create(cfg)
+        d = rec.domid
+        front, back = f"/local/domain/{d}/device/vbd/51712", f"/local/domain/0/backend/vbd/{d}/51712"
+        assert xenstore.directory(f"/local/domain/{d}/device/vbd") == ["51712", "51728"]
+        assert dict(xenstore.walk(front)[1:]) == {
+            f"{front}/backend": back.encode(), f"{front}/backend-id": b"0",
+            f"{front}/state": b"1", f"{front}/virtual-device": b"51712",
+            f"{front}/device-type": b"disk"}
+        walked = dict(xenstore.walk(back)[1:])
+        assert {k: walked[k] for k in (f"{back}/frontend", f"{back}/frontend-id", f"{back}/online",
+                                       f"{back}/dev", f"{back}/mode", f"{back}/params",
+                                       f"{back}/device-type", f"{back}/type")} == {
+            f"{back}/frontend": front.encode(), f"{back}/frontend-id": str(d).encode(),
+            f"{back}/online": b"1", f"{back}/dev": b"xvda", f"{back}/mode": b"w",
+            f"{back}/params": str(image).encode(), f"{back}/device-type": b"disk",
+            f"{back}/type": b"phy"}
+        assert xenstore.read(f"/local/domain/0/backend/vbd/{d}/51728/mode") == b"r"
+        assert xenstore.get_perms(front) == [f"n{d}", "r0"]
+        assert xenstore.get_perms(back) == ["n0", f"r{d}"]
+        # the domain reads its backend's directory, and may not write it
+        assert xenstore.read(f"{back}/dev", domid=d) == b"xvda"
+        with pytest.raises(XenstoreError, match="EACCES"):
+            xenstore.write(f"{back}/mode", "w", domid=d)
+        ts.destroy(rec)
+        for path in (front, f"/local/domain/0/backend/vbd/{d}"):
+            with pytest.raises(XenstoreError, match="ENOENT"):
+                xenstore.read(path)
+    finally:
+        ts.shutdown()
+
+
 def test_console_xenstore_verbs():
     script = ("xenstore write /test/greeting 'hello there'; xenstore read /test/greeting; "
               "xenstore write /test/sub/k v; xenstore ls /test; xenstore rm /test/sub; "
