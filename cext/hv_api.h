@@ -202,6 +202,7 @@ struct hv_xs_stats {
     uint32_t ring_error;    /* XENSTORE_ERROR_*: the ring is no longer served */
     uint64_t requests;      /* messages answered */
     uint64_t events_dropped;/* watch events its full output queue could not take */
+    uint32_t tx_nodes;      /* nodes its open transactions hold copies of */
 };
 /* 0, or -ESRCH if the domain has no ring. */
 int      hv_xs_stats(uint32_t domid, struct hv_xs_stats *out);

@@ -14,9 +14,17 @@
  * the ring and say why in its error field, as xenstored does; one notification consumes
  * at most one ring's worth of requests; and what a domain may make the host hold is
  * bounded by its quotas (nodes, value size, watches, transactions) plus one fixed input
- * and output buffer. Transactions work on a private copy of the tree and commit only if
- * nothing was committed meanwhile (otherwise EAGAIN and the client retries), which is how
- * xenstored worked before it tracked conflicts per node.
+ * and output buffer.
+ *
+ * Transactions, as xenstored does them since it tracks conflicts per node: every node
+ * carries the generation of its last change (its value, permissions or list of
+ * children). A transaction holds a sparse tree of its own: a node is copied into it
+ * (value, permissions, the generation it had) only when the transaction first goes
+ * through it, and all of a node's children only when it lists them or adds or removes
+ * one. Its writes change only its copies. At commit, every node it read or changed must still have the generation it
+ * copied (a node it found missing: its parent, whose list of children would show it);
+ * otherwise EAGAIN and the client retries. Then its changes move into the store, and
+ * nothing else was ever copied.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +43,7 @@
 #define NR_DOMIDS    DOMID_FIRST_RESERVED
 #define TX_CHANGES_MAX 1024             /* nodes one transaction may change (Xen's default) */
 #define TX_NODES_MAX (1u << 20)         /* nodes all open transactions' copies hold */
+#define NO_GEN       0                  /* a transaction's node that the store never had */
 
 struct xs_perm {
     uint16_t domid;
@@ -48,6 +57,12 @@ struct xs_node {
     struct xs_perm *perms;              /* [0]: owner and the default for everybody else */
     uint32_t nperms;
     struct xs_node *parent, *child, *last_child, *next;
+    uint64_t gen;                       /* store: its last change; copy: the store's, then */
+    /* a transaction's copy only: */
+    uint8_t kids_loaded;                /* its children are copied (or it has none) */
+    uint8_t accessed;                   /* read or changed: checked at commit */
+    uint8_t changed;                    /* value or permissions: to move into the store */
+    uint8_t kids_changed;               /* children added or removed */
 };
 
 /* A node a request changed: watches on it and above fire (below it too if removed), for
@@ -70,9 +85,10 @@ struct xs_watch {
 struct xs_tx {
     struct xs_tx *next;
     uint32_t id;
-    uint64_t gen;                       /* the store's generation when it started */
-    struct xs_node *root;               /* its own copy of the tree */
+    struct xs_node *root;               /* its copies of the nodes it went through */
     uint32_t nodes;                     /* nodes in the copy */
+    int stale;                          /* it copied a node the store had changed: EAGAIN */
+    int error;                          /* copying failed (XEN_ENOMEM): the request fails */
     int32_t own_delta;                  /* nodes its domain gained in the copy */
     struct xs_change *changes, **tail;
     uint32_t nchanges;
@@ -110,7 +126,7 @@ struct xs_after {
 
 static pthread_mutex_t xs_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct xs_node *store;           /* the tree; created on first use */
-static uint64_t store_gen;              /* bumped by every committed change */
+static uint64_t store_gen;              /* the last generation a change got */
 static uint32_t store_nodes, tx_nodes;
 static uint32_t owned[NR_DOMIDS];       /* nodes each domain owns in the tree */
 static struct xs_conn *conns[NR_DOMIDS];
@@ -219,13 +235,12 @@ static void node_unlink(struct xs_node *n)
     n->next = NULL;
 }
 
-/* A deep copy (a transaction's view), counting its nodes; NULL if memory ran out. */
-static struct xs_node *node_copy(const struct xs_node *n, uint32_t *count)
+/* A transaction's copy of one store node, without its children; NULL if memory ran out. */
+static struct xs_node *node_copy(const struct xs_node *n)
 {
     struct xs_node *c = node_new(n->name, strlen(n->name), n->perms, n->nperms);
     if (!c)
         return NULL;
-    (*count)++;
     if (n->len) {
         if (!(c->value = malloc(n->len))) {
             node_free(c);
@@ -234,15 +249,15 @@ static struct xs_node *node_copy(const struct xs_node *n, uint32_t *count)
         memcpy(c->value, n->value, n->len);
         c->len = n->len;
     }
-    for (const struct xs_node *k = n->child; k; k = k->next) {
-        struct xs_node *kc = node_copy(k, count);
-        if (!kc) {
-            node_free(c);
-            return NULL;
-        }
-        node_link(c, kc);
-    }
+    c->gen = n->gen;
     return c;
+}
+
+static void set_gen(struct xs_node *n, uint64_t gen)
+{
+    n->gen = gen;
+    for (struct xs_node *k = n->child; k; k = k->next)
+        set_gen(k, gen);
 }
 
 /* Add (sign 1) or take away (-1) the nodes of a subtree from their owners' counts. */
@@ -295,6 +310,120 @@ static struct xs_node **root_of(struct xs_tx *t)
     return t ? &t->root : &store;
 }
 
+/* A node's absolute path, into out (XENSTORE_ABS_PATH_MAX + 1 bytes). */
+static void node_path(const struct xs_node *n, char *out)
+{
+    const struct xs_node *chain[XENSTORE_ABS_PATH_MAX / 2 + 1];
+    size_t depth = 0, len = 0;
+    for (; n->parent; n = n->parent)
+        chain[depth++] = n;
+    out[0] = '/';
+    out[1] = 0;
+    while (depth--) {
+        size_t k = strlen(chain[depth]->name);
+        if (len)
+            out[len++] = '/';
+        else
+            len = 1;
+        memcpy(out + len, chain[depth]->name, k);
+        len += k;
+        out[len] = 0;
+    }
+}
+
+static struct xs_node *walk(struct xs_tx *t, const char *path, struct xs_node **deepest,
+                            size_t *rest);
+
+/* Changes: a store node gets a new generation at once; a transaction's copy is marked
+ * for its commit. */
+static void touch(struct xs_tx *t, struct xs_node *n)
+{
+    if (t)
+        n->changed = n->accessed = 1;
+    else
+        n->gen = ++store_gen;
+}
+
+static void load_kids(struct xs_tx *t, struct xs_node *n);
+
+static void touch_kids(struct xs_tx *t, struct xs_node *n)
+{
+    if (t) {
+        load_kids(t, n);                /* the commit makes the store's list this one */
+        n->kids_changed = n->accessed = 1;
+    } else {
+        n->gen = ++store_gen;
+    }
+}
+
+static struct xs_node *named_kid(const struct xs_node *n, const char *name, size_t len)
+{
+    struct xs_node *k = n->child;
+    while (k && !(strncmp(k->name, name, len) == 0 && k->name[len] == 0))
+        k = k->next;
+    return k;
+}
+
+/* The store's node that t's copy n copied, or NULL (t marked stale) if it changed. */
+static struct xs_node *original(struct xs_tx *t, const struct xs_node *n)
+{
+    char path[XENSTORE_ABS_PATH_MAX + 1];
+    struct xs_node *s, *deep;
+    size_t rest;
+    node_path(n, path);
+    s = walk(NULL, path, &deep, &rest);
+    if (!s || s->gen != n->gen) {
+        t->stale = 1;                   /* what t saw is out of date: it will not commit */
+        return NULL;
+    }
+    return s;
+}
+
+/* Copy store node k in as a child of t's n. */
+static struct xs_node *copy_in(struct xs_tx *t, struct xs_node *n, const struct xs_node *k)
+{
+    struct xs_node *copy;
+    if (tx_nodes >= TX_NODES_MAX || !(copy = node_copy(k))) {
+        t->error = XEN_ENOMEM;          /* the host's bound on all transactions' copies */
+        return NULL;
+    }
+    node_link(n, copy);
+    t->nodes++;
+    tx_nodes++;
+    return copy;
+}
+
+/* Copy into t the children of n it does not have yet, once. */
+static void load_kids(struct xs_tx *t, struct xs_node *n)
+{
+    const struct xs_node *s;
+    if (!t || n->kids_loaded)
+        return;
+    n->kids_loaded = 1;
+    if (n->gen == NO_GEN || !(s = original(t, n)))
+        return;                         /* made by t: no children in the store */
+    for (const struct xs_node *k = s->child; k && !t->error; k = k->next)
+        if (!named_kid(n, k->name, strlen(k->name)))
+            copy_in(t, n, k);
+}
+
+/* t's child `name` of n, copied in from the store if t has not gone there yet. */
+static struct xs_node *kid(struct xs_tx *t, struct xs_node *n, const char *name, size_t len)
+{
+    struct xs_node *k = named_kid(n, name, len), *s;
+    if (k || !t || n->kids_loaded || n->gen == NO_GEN || !(s = original(t, n)))
+        return k;
+    k = named_kid(s, name, len);
+    return k ? copy_in(t, n, k) : NULL;
+}
+
+static void load_subtree(struct xs_tx *t, struct xs_node *n)
+{
+    load_kids(t, n);
+    for (struct xs_node *k = n->child; k; k = k->next)
+        load_subtree(t, k);
+}
+
 /* ---- permissions and paths ---- */
 
 static int perm_of(uint32_t domid, const struct xs_perm *p, uint32_t np)
@@ -340,17 +469,15 @@ static int canonical(uint32_t domid, const char *s, char *out, int *relative)
 
 /* The node at an absolute path, or NULL; *deepest is the last node on the way that
  * exists and *rest the offset in path of what is missing below it. */
-static struct xs_node *walk(struct xs_node *root, const char *path, struct xs_node **deepest,
+static struct xs_node *walk(struct xs_tx *t, const char *path, struct xs_node **deepest,
                             size_t *rest)
 {
-    struct xs_node *n = root;
+    struct xs_node *n = *root_of(t);
     size_t i = 1;
     while (path[i - 1] && path[i]) {
         const char *comp = path + i;
         size_t len = strcspn(comp, "/");
-        struct xs_node *k = n->child;
-        while (k && !(strncmp(k->name, comp, len) == 0 && k->name[len] == 0))
-            k = k->next;
+        struct xs_node *k = kid(t, n, comp, len);
         if (!k) {
             *deepest = n;
             *rest = i;
@@ -373,9 +500,14 @@ static int get_node(struct xs_conn *c, struct xs_tx *t, const char *path, int ne
 {
     struct xs_node *deep;
     size_t rest;
-    struct xs_node *n = walk(*root_of(t), path, &deep, &rest);
-    if (!n)
+    struct xs_node *n = walk(t, path, &deep, &rest);
+    if (!n) {
+        if (t)
+            deep->accessed = 1;         /* a child appearing there is a conflict */
         return perm_of(c->domid, deep->perms, deep->nperms) & PERM_READ ? XEN_ENOENT : XEN_EACCES;
+    }
+    if (t)
+        n->accessed = 1;
     if ((perm_of(c->domid, n->perms, n->nperms) & need) != need)
         return XEN_EACCES;
     *out = n;
@@ -386,10 +518,7 @@ static int get_node(struct xs_conn *c, struct xs_tx *t, const char *path, int ne
 static int note_change(struct xs_tx *t, struct xs_after *after, const char *path, int removed,
                        const struct xs_node *n)
 {
-    struct xs_change *ch;
-    if (!t)
-        store_gen++;                    /* open transactions that started before conflict */
-    ch = calloc(1, sizeof(*ch));
+    struct xs_change *ch = calloc(1, sizeof(*ch));
     if (!ch || !(ch->path = strdup(path)) ||
         !(ch->perms = malloc(n->nperms * sizeof(*n->perms)))) {
         if (ch)
@@ -434,7 +563,12 @@ static int make_node(struct xs_conn *c, struct xs_tx *t, const char *path, struc
     uint32_t missing = 0;
 
     *created = 0;
-    n = walk(*root_of(t), path, &deep, &rest);
+    n = walk(t, path, &deep, &rest);
+    if (t) {
+        if (t->error)
+            return t->error;
+        (n ? n : deep)->accessed = 1;
+    }
     if (n) {
         if (!(perm_of(c->domid, n->perms, n->nperms) & PERM_WRITE))
             return XEN_EACCES;
@@ -459,7 +593,10 @@ static int make_node(struct xs_conn *c, struct xs_tx *t, const char *path, struc
             return XEN_ENOMEM;
         if (c->domid)
             k->perms[0].domid = (uint16_t)c->domid;
+        touch_kids(t, n);
         node_link(n, k);
+        touch(t, k);
+        k->kids_loaded = 1;             /* new: nothing below it anywhere */
         account(c, t, k->perms[0].domid, 1);
         n = k;
         i += len + (comp[len] ? 1 : 0);
@@ -491,6 +628,7 @@ static int op_write(struct xs_conn *c, struct xs_tx *t, const char *path, const 
     free(n->value);
     n->value = copy;
     n->len = len;
+    touch(t, n);
     return note_change(t, after, path, 0, n);
 }
 
@@ -500,8 +638,11 @@ static int op_mkdir(struct xs_conn *c, struct xs_tx *t, const char *path, struct
     size_t rest;
     int created, rc;
 
-    if ((n = walk(*root_of(t), path, &deep, &rest)))
-        return 0;                       /* already there: nothing changes */
+    if ((n = walk(t, path, &deep, &rest))) {
+        if (t)
+            n->accessed = 1;
+        return t ? t->error : 0;        /* already there: nothing changes */
+    }
     if ((rc = make_node(c, t, path, &n, &created)))
         return rc;
     return note_change(t, after, path, 0, n);
@@ -516,7 +657,11 @@ static int op_rm(struct xs_conn *c, struct xs_tx *t, const char *path, struct xs
 
     if (!strcmp(path, "/"))
         return XEN_EINVAL;
-    n = walk(*root_of(t), path, &deep, &rest);
+    n = walk(t, path, &deep, &rest);
+    if (t && t->error)
+        return t->error;
+    if (t)
+        (n ? n : deep)->accessed = 1;
     if (!n) {   /* absent is fine if its parent is there (Xen's rule) */
         if (!(perm_of(c->domid, deep->perms, deep->nperms) & PERM_READ))
             return XEN_EACCES;          /* and says nothing about what c may not see */
@@ -524,8 +669,14 @@ static int op_rm(struct xs_conn *c, struct xs_tx *t, const char *path, struct xs
     }
     if (!(perm_of(c->domid, n->perms, n->nperms) & PERM_WRITE))
         return XEN_EACCES;
+    if (t) {
+        load_subtree(t, n);             /* its nodes leave the domain's count */
+        if (t->error)
+            return t->error;
+    }
     if ((rc = note_change(t, after, path, 1, n)))
         return rc;
+    touch_kids(t, n->parent);
     node_unlink(n);
     if (t) {
         total = subtree_size(n, c->domid, &mine);
@@ -603,6 +754,7 @@ static int op_set_perms(struct xs_conn *c, struct xs_tx *t, const char *path, co
     free(n->perms);
     n->perms = copy;
     n->nperms = np;
+    touch(t, n);
     return note_change(t, after, path, 0, n);
 }
 
@@ -780,16 +932,16 @@ static int op_tx_start(struct xs_conn *c, struct xs_reply *r)
     if (c->domid && c->ntxs >= quota.transactions)
         return XEN_ENOSPC;
     root_of(NULL);
-    if (tx_nodes + store_nodes > TX_NODES_MAX)
+    if (tx_nodes >= TX_NODES_MAX)
         return XEN_ENOMEM;              /* the host's bound on all transactions' copies */
     if (!(t = calloc(1, sizeof(*t))))
         return XEN_ENOMEM;
-    if (!(t->root = node_copy(store, &t->nodes))) {
+    if (!(t->root = node_copy(store))) {
         free(t);
         return XEN_ENOMEM;
     }
-    tx_nodes += t->nodes;
-    t->gen = store_gen;
+    t->nodes = 1;
+    tx_nodes++;
     t->tail = &t->changes;
     do {                                /* ids are never 0 (no transaction) nor in use */
         t->id = ++c->next_tx;
@@ -802,6 +954,87 @@ static int op_tx_start(struct xs_conn *c, struct xs_reply *r)
     return 0;
 }
 
+/* Is the store's node at copy n's path the one n copied? (Apart, and not inlined, so
+ * that the path buffer is not on the stack of every level of still_current.) */
+__attribute__((noinline)) static int copy_is_current(const struct xs_node *n)
+{
+    char path[XENSTORE_ABS_PATH_MAX + 1];
+    struct xs_node *deep, *s;
+    size_t rest;
+    node_path(n, path);
+    s = walk(NULL, path, &deep, &rest);
+    return s && s->gen == n->gen;
+}
+
+/* Does every node the transaction read or changed still have the generation it copied? */
+static int still_current(const struct xs_node *n)
+{
+    if (n->gen == NO_GEN)
+        return 1;                       /* its own: its parent's list of children says */
+    if (n->accessed && !copy_is_current(n))
+        return 0;
+    for (const struct xs_node *k = n->child; k; k = k->next)
+        if (!still_current(k))
+            return 0;
+    return 1;
+}
+
+/* Move t's changes below copy n into store node s (which it matched, generation and
+ * all). Values, permissions and new subtrees move over: nothing is allocated, so a
+ * commit cannot fail half done. */
+static void apply(struct xs_tx *t, struct xs_node *n, struct xs_node *s, uint64_t gen)
+{
+    if (n->changed) {
+        uint8_t *v = s->value;
+        struct xs_perm *p = s->perms;
+        uint32_t len = s->len, np = s->nperms;
+        if (s->perms[0].domid < NR_DOMIDS)
+            owned[s->perms[0].domid]--;
+        if (n->perms[0].domid < NR_DOMIDS)
+            owned[n->perms[0].domid]++;
+        s->value = n->value, s->len = n->len, s->perms = n->perms, s->nperms = n->nperms;
+        n->value = v, n->len = len, n->perms = p, n->nperms = np;
+        s->gen = gen;
+    }
+    if (n->kids_changed) {              /* the ones t removed go (and ones it made anew) */
+        struct xs_node *k = s->child, *next;
+        for (; k; k = next) {
+            const struct xs_node *m = n->child;
+            uint32_t mine = 0;
+            next = k->next;
+            while (m && (m->gen == NO_GEN || strcmp(m->name, k->name)))
+                m = m->next;
+            if (m)
+                continue;
+            node_unlink(k);
+            store_nodes -= subtree_size(k, ~0u, &mine);
+            count_owners(k, -1);
+            node_free(k);
+        }
+        s->gen = gen;
+    }
+    struct xs_node *k = n->child, *next;
+    for (; k; k = next) {
+        struct xs_node *m = s->child;
+        next = k->next;
+        if (k->gen != NO_GEN) {         /* a copy: its store node is there (still_current) */
+            while (m && strcmp(m->name, k->name))
+                m = m->next;
+            if (m)
+                apply(t, k, m, gen);
+        } else {                        /* made by t: the subtree moves over whole */
+            uint32_t mine = 0, total = subtree_size(k, ~0u, &mine);
+            node_unlink(k);
+            t->nodes -= total;
+            tx_nodes -= total;
+            node_link(s, k);
+            store_nodes += total;
+            count_owners(k, 1);
+            set_gen(k, gen);
+        }
+    }
+}
+
 static int op_tx_end(struct xs_conn *c, struct xs_tx *t, int commit, struct xs_after *after)
 {
     int rc = 0;
@@ -810,17 +1043,13 @@ static int op_tx_end(struct xs_conn *c, struct xs_tx *t, int commit, struct xs_a
         pt = &(*pt)->next;
     *pt = t->next;
     c->ntxs--;
-    if (commit && t->gen != store_gen) {
-        rc = XEN_EAGAIN;                /* something was committed since it started */
+    if (commit && t->error) {
+        rc = t->error;                  /* it could not copy what it needed */
+    } else if (commit && (t->stale || !still_current(t->root))) {
+        rc = XEN_EAGAIN;                /* a node it used was changed meanwhile */
     } else if (commit) {
-        node_free(store);
-        store = t->root;
-        store_nodes = t->nodes;
-        tx_nodes -= t->nodes;
-        t->root = NULL;
-        store_gen++;
-        memset(owned, 0, sizeof(owned));    /* the copy's owners replace the store's */
-        count_owners(store, 1);
+        uint64_t gen = ++store_gen;     /* one generation for all its changes */
+        apply(t, t->root, store, gen);
         after->changes = t->changes;    /* their watches fire now */
         t->changes = NULL;
     }
@@ -911,6 +1140,7 @@ static void handle(struct xs_conn *c, const struct xsd_sockmsg *h, const uint8_t
         break;
     case XS_DIRECTORY:
         if (!(rc = get_node(c, t, path, PERM_READ, &n))) {
+            load_kids(t, n);
             r->len = 0;
             for (struct xs_node *k = n->child; k && !rc; k = k->next) {
                 size_t len = strlen(k->name) + 1;
@@ -963,8 +1193,10 @@ static void handle(struct xs_conn *c, const struct xsd_sockmsg *h, const uint8_t
             rc = XEN_ENOENT;
         else if (!strings(p, h->len, s, 1) || (strcmp(s[0], "T") && strcmp(s[0], "F")))
             rc = XEN_EINVAL;
-        else
+        else {
             rc = op_tx_end(c, t, s[0][0] == 'T', after);
+            t = NULL;                   /* gone, committed or not */
+        }
         break;
     case XS_GET_DOMAIN_PATH:
         if (!strings(p, h->len, s, 1) || (rc = parse_domid(s[0], &domid)))
@@ -992,6 +1224,8 @@ static void handle(struct xs_conn *c, const struct xsd_sockmsg *h, const uint8_t
     default:                            /* unknown, reply-only, or optional and absent */
         rc = XEN_ENOSYS;
     }
+    if (!rc && t && t->error)
+        rc = t->error;                  /* it could not copy what it needed */
     if (rc)
         reply_error(r, rc);
 }
@@ -1275,6 +1509,9 @@ int hv_xs_stats(uint32_t domid, struct hv_xs_stats *out)
         out->ring_error = c->error;
         out->requests = c->requests;
         out->events_dropped = c->events_dropped;
+        out->tx_nodes = 0;
+        for (struct xs_tx *t = c->txs; t; t = t->next)
+            out->tx_nodes += t->nodes;
     }
     pthread_mutex_unlock(&xs_lock);
     return c ? 0 : -XEN_ESRCH;

@@ -132,6 +132,7 @@ class Stats:
     ring_error: int
     requests: int
     events_dropped: int
+    tx_nodes: int
 
 
 def stats(domid: int) -> Stats:
@@ -139,7 +140,7 @@ def stats(domid: int) -> Stats:
     if lib.hv_xs_stats(domid, s) < 0:
         raise XenstoreError("ESRCH", f"domain {domid} has no xenstore ring")
     return Stats(s.entries, s.watches, s.transactions, s.ring_error, s.requests,
-                 s.events_dropped)
+                 s.events_dropped, s.tx_nodes)
 
 
 # ---- what the toolstack keeps in the store for each domain (as libxl writes it) ----

@@ -371,6 +371,91 @@ def test_transactions_from_the_host():
     xenstore.rm("/test")
 
 
+def test_transactions_conflict_per_node_as_xenstored():
+    """EAGAIN only if a node the transaction read or changed was changed meanwhile
+    (a node it found missing: its parent, where it would appear)."""
+    xenstore.write("/test/a", "0")
+    xenstore.write("/test/b", "0")
+    t = xenstore.transaction_start()
+    assert xenstore.read("/test/a", tx=t) == b"0"
+    xenstore.write("/test/a", "1", tx=t)
+    xenstore.write("/test/b", "host")                # a node it never touched
+    xenstore.write("/elsewhere/x", "host")
+    xenstore.transaction_end(t)
+    assert (xenstore.read("/test/a"), xenstore.read("/test/b")) == (b"1", b"host")
+
+    t = xenstore.transaction_start()
+    assert xenstore.read("/test/b", tx=t) == b"host"  # only read ...
+    xenstore.write("/test/c", "new", tx=t)
+    xenstore.write("/test/b", "again")               # ... but changed meanwhile
+    with pytest.raises(XenstoreError, match="EAGAIN"):
+        xenstore.transaction_end(t)
+    with pytest.raises(XenstoreError, match="ENOENT"):
+        xenstore.read("/test/c")                     # nothing of it was committed
+
+    t = xenstore.transaction_start()
+    with pytest.raises(XenstoreError, match="ENOENT"):
+        xenstore.read("/test/later", tx=t)
+    xenstore.write("/test/later", "now there")       # what it read as missing appeared
+    with pytest.raises(XenstoreError, match="EAGAIN"):
+        xenstore.transaction_end(t)
+
+    # removed and made anew in one transaction: the old children go, the new one stays
+    xenstore.write("/test/d/old1", "x")
+    xenstore.write("/test/d/old2/deep", "x")
+    t = xenstore.transaction_start()
+    xenstore.rm("/test/d", tx=t)
+    xenstore.write("/test/d/new", "y", tx=t)
+    assert xenstore.directory("/test/d", tx=t) == ["new"]
+    assert xenstore.directory("/test/d") == ["old1", "old2"]
+    xenstore.transaction_end(t)
+    assert xenstore.walk("/test/d") == [("/test/d", b""), ("/test/d/new", b"y")]
+    xenstore.rm("/test")
+    xenstore.rm("/elsewhere")
+
+
+def test_a_transaction_copies_only_the_nodes_it_uses(two_domains):
+    """A store of thousands of nodes: a transaction that reads one node holds copies of
+    the nodes on its path, not of the tree; one that lists a directory, of its children."""
+    for i in range(2600):
+        xenstore.write(f"/local/domain/51/data/many/k{i:04d}", "v")
+    for i in range(400):
+        xenstore.write(f"/local/domain/51/data/few/k{i:03d}", "v")
+    t = xenstore.transaction_start(domid=51)
+    assert xenstore.stats(51).tx_nodes == 1                   # the root
+    assert xenstore.read("data/many/k0042", domid=51, tx=t) == b"v"
+    # /, local, domain, 51, data, many, k0042
+    assert xenstore.stats(51).tx_nodes == 7
+    assert len(xenstore.directory("data/few", domid=51, tx=t)) == 400
+    assert xenstore.stats(51).tx_nodes == 7 + 1 + 400
+    xenstore.write("data/many/k0042", "w", domid=51, tx=t)
+    xenstore.transaction_end(t, domid=51)
+    assert xenstore.stats(51).tx_nodes == 0
+    assert xenstore.read("/local/domain/51/data/many/k0042") == b"w"
+    assert xenstore.read("/local/domain/51/data/many/k2599") == b"v"
+    xenstore.rm("/local/domain/51/data")
+
+
+def test_a_committed_transaction_counts_its_nodes_to_their_owners(two_domains):
+    """Nodes a domain makes in a transaction count against its quota once committed,
+    and leave its count when a transaction removing them commits; aborted, nothing."""
+    before = xenstore.stats(51).entries
+    t = xenstore.transaction_start(domid=51)
+    xenstore.write("data/q/a", "1", domid=51, tx=t)
+    xenstore.write("data/q/b", "2", domid=51, tx=t)
+    assert xenstore.stats(51).entries == before           # not yet
+    xenstore.transaction_end(t, domid=51)
+    assert xenstore.stats(51).entries == before + 3       # q, a, b
+    t = xenstore.transaction_start(domid=51)
+    xenstore.rm("data/q/a", domid=51, tx=t)
+    xenstore.transaction_end(t, commit=False, domid=51)
+    assert xenstore.stats(51).entries == before + 3
+    t = xenstore.transaction_start(domid=51)
+    xenstore.rm("data/q", domid=51, tx=t)
+    xenstore.transaction_end(t, domid=51)
+    assert xenstore.stats(51).entries == before
+
+
 def test_paths_and_removal():
     for bad in ("/a//b", "/a/", "/a b", "/a/" + "x" * 3072, "", "/é"):
         with pytest.raises(XenstoreError, match="EINVAL"):
