@@ -741,6 +741,164 @@ struct xen_add_to_physmap {
 #define XENMAPSPACE_gmfn_range    3
 #define XENMAPSPACE_gmfn_foreign  4
 #define XENMAPSPACE_dev_mmio      5
+/* XENMAPSPACE_grant_table: this bit in idx asks for status frame idx & ~bit (v2) */
+#define XENMAPIDX_grant_table_status  0x80000000
+
+/* ---- grant_table_op(cmd, uop, count) (public/grant_table.h) --------------------------- */
+#define GNTTABOP_map_grant_ref        0
+#define GNTTABOP_unmap_grant_ref      1
+#define GNTTABOP_setup_table          2
+#define GNTTABOP_dump_table           3
+#define GNTTABOP_transfer             4
+#define GNTTABOP_copy                 5
+#define GNTTABOP_query_size           6
+#define GNTTABOP_unmap_and_replace    7
+#define GNTTABOP_set_version          8
+#define GNTTABOP_get_status_frames    9
+#define GNTTABOP_get_version          10
+#define GNTTABOP_swap_grant_ref       11
+#define GNTTABOP_cache_flush          12
+#define GNTTABOP_CMD_MASK             0xfff    /* cmd bits above: cache_flush's continuation */
+
+/* A granting domain's table entry, v1 (8 bytes; 512 a frame). */
+struct grant_entry_v1 {
+    uint16_t flags;                 /* GTF_* */
+    uint16_t domid;                 /* the domain allowed to use it */
+    uint32_t frame;                 /* the granted frame */
+};
+/* v2 (16 bytes; 256 a frame): the full_page form; flags GTF_reading/writing move to a
+ * separate status frame (one uint16_t per entry, 2048 a frame). */
+struct grant_entry_v2 {
+    uint16_t flags;
+    uint16_t domid;
+    uint32_t _pad0;
+    uint64_t frame;
+};
+#define GNTTAB_NR_RESERVED_ENTRIES  8   /* kept across set_version (console, xenstore) */
+#define GTF_invalid          0
+#define GTF_permit_access    1
+#define GTF_accept_transfer  2
+#define GTF_transitive       3
+#define GTF_type_mask        3
+#define GTF_readonly         4
+#define GTF_reading          8
+#define GTF_writing          16
+#define GTF_PWT              32
+#define GTF_PCD              64
+#define GTF_PAT              128
+#define GTF_sub_page         256
+
+#define GNTMAP_device_map        1
+#define GNTMAP_host_map          2
+#define GNTMAP_readonly          4
+#define GNTMAP_application_map   8
+#define GNTMAP_contains_pte      16
+
+struct gnttab_map_grant_ref {
+    uint64_t host_addr;             /* PV: linear address (or the PTE's machine address
+                                     * with GNTMAP_contains_pte); PVH: guest-physical */
+    uint32_t flags;                 /* GNTMAP_* */
+    uint32_t ref;
+    uint16_t dom;                   /* the granting domain */
+    int16_t  status;                /* out: GNTST_* */
+    uint32_t handle;                /* out: for unmap */
+    uint64_t dev_bus_addr;          /* out: the frame's machine address (device_map) */
+};
+struct gnttab_unmap_grant_ref {
+    uint64_t host_addr;
+    uint64_t dev_bus_addr;
+    uint32_t handle;
+    int16_t  status;
+    uint16_t _pad0;
+};
+struct gnttab_setup_table {
+    uint16_t dom;
+    uint16_t _pad0;
+    uint32_t nr_frames;
+    int16_t  status;
+    uint16_t _pad1[3];
+    uint64_t frame_list;            /* guest pointer to nr_frames u64 frame numbers */
+};
+struct gnttab_dump_table {
+    uint16_t dom;
+    int16_t  status;
+};
+struct gnttab_copy_ptr {
+    uint64_t u;                     /* a grant ref (u32) or a frame number (u64) */
+    uint16_t domid;
+    uint16_t offset;
+    uint32_t _pad0;
+};
+struct gnttab_copy {
+    struct gnttab_copy_ptr source;
+    struct gnttab_copy_ptr dest;
+    uint16_t len;
+    uint16_t flags;                 /* GNTCOPY_* */
+    int16_t  status;
+    uint16_t _pad0;
+};
+#define GNTCOPY_source_gref  1
+#define GNTCOPY_dest_gref    2
+struct gnttab_query_size {
+    uint16_t dom;
+    uint16_t _pad0;
+    uint32_t nr_frames;
+    uint32_t max_nr_frames;
+    int16_t  status;
+    uint16_t _pad1;
+};
+struct gnttab_unmap_and_replace {
+    uint64_t host_addr;
+    uint64_t new_addr;
+    uint32_t handle;
+    int16_t  status;
+    uint16_t _pad0;
+};
+struct gnttab_set_version {
+    uint32_t version;               /* in: 1 or 2; out: the version in force */
+};
+struct gnttab_get_status_frames {
+    uint32_t nr_frames;
+    uint16_t dom;
+    int16_t  status;
+    uint64_t frame_list;            /* guest pointer to nr_frames u64 frame numbers */
+};
+struct gnttab_get_version {
+    uint16_t dom;
+    uint16_t _pad0;
+    uint32_t version;
+};
+struct gnttab_swap_grant_ref {
+    uint32_t ref_a;
+    uint32_t ref_b;
+    int16_t  status;
+    uint16_t _pad0;
+};
+struct gnttab_cache_flush {
+    uint64_t a;                     /* dev_bus_addr, or a grant ref (CACHE_SOURCE_GREF) */
+    uint16_t offset;
+    uint16_t length;
+    uint32_t op;
+};
+#define GNTTAB_CACHE_CLEAN        1
+#define GNTTAB_CACHE_INVAL        2
+#define GNTTAB_CACHE_SOURCE_GREF  0x80000000
+
+/* Status codes in each op's status field (negative, as Xen writes them). */
+#define GNTST_okay               0
+#define GNTST_general_error     -1
+#define GNTST_bad_domain        -2
+#define GNTST_bad_gntref        -3
+#define GNTST_bad_handle        -4
+#define GNTST_bad_virt_addr     -5
+#define GNTST_bad_dev_addr      -6
+#define GNTST_no_device_space   -7
+#define GNTST_permission_denied -8
+#define GNTST_bad_page          -9
+#define GNTST_bad_copy_arg      -10
+#define GNTST_address_too_big   -11
+#define GNTST_eagain            -12
+#define GNTST_no_space          -13
 
 /* ---- mmu_update(reqs, count, success_count, domid) ------------------------------------ */
 struct mmu_update {

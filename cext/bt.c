@@ -724,10 +724,11 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         uc_fail(err, err_len, "cannot take over the TLB", e);
         goto fail;
     }
-    /* RAM below the page-table pool, the pool (read-only to the guest), RAM above */
+    /* RAM below the page-table pool, the pool (read-only to the guest), RAM above and
+     * the grant region after it */
     if (map_ram(b, 0, d->pt_pool_start, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, err, err_len) < 0 ||
         map_ram(b, d->pt_pool_start, d->pt_pool_end, UC_PROT_READ | UC_PROT_EXEC, err, err_len) < 0 ||
-        map_ram(b, d->pt_pool_end, d->ram_bytes, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, err, err_len) < 0)
+        map_ram(b, d->pt_pool_end, d->ram_bytes + d->gnt_bytes, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, err, err_len) < 0)
         goto fail;
     if (d->pv_region) {
         /* the hypervisor's region (read-only) and `syscall` for Xen's PV model */

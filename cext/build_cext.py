@@ -19,6 +19,7 @@ SOURCES = ["guest_mem.c", "hypercall.c", "console.c", "version.c", "sched.c", "d
            "pv_region.c", "pv_traps.c", "pv_emul.c", "pv_desc.c", "bt_pv.c"]
 SOURCES += ["console_ring.c", "xenstore.c"]      # backends
 SOURCES += ["xen_cpuid.c"]
+SOURCES += ["grant_table.c"]
 
 
 def cdef_part(path: Path) -> str:
@@ -35,7 +36,7 @@ HEADER = ROOT / "abi" / "xen_abi.h"
 CHECKSUM = zlib.crc32(HEADER.read_bytes())
 
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_part(HEADER) + cdef_part(HERE / "hv_api.h")
+ffibuilder.cdef(cdef_part(HEADER) + cdef_part(HERE / "hv_api.h") + cdef_part(HERE / "grant_table.h")
                 + "#define TRAPLESS_ABI_CHECKSUM ...\n")
 ffibuilder.set_source(
     "hypervisor._hv",

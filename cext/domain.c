@@ -1,6 +1,7 @@
 /*
  * domain.c - a domain: its guest memory, counters and console; engine-independent.
  */
+#define _GNU_SOURCE
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -87,6 +88,15 @@ static const struct hv_engine_impl *const engines[HV_ENGINE_NR] = {
     [HV_ENGINE_BT] = &hv_bt_engine,
 };
 
+/* Pages other domains or backends still map stay alive through their own mappings of
+ * the file; only this domain's view goes. */
+static void unmap_ram(struct hv_domain *d)
+{
+    munmap(d->ram, d->ram_bytes + d->gnt_bytes);
+    close(d->ram_fd);
+    budget_give_back(d->ram_bytes);
+}
+
 struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err, int err_len)
 {
     struct hv_domain *d;
@@ -121,20 +131,32 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
     memcpy(d->handle, cfg->handle, sizeof(d->handle));
     pthread_mutex_init(&d->console_lock, NULL);
 
-    /* Guest RAM: anonymous, zero-filled, committed only as the guest touches it. */
-    d->ram = mmap(NULL, d->ram_bytes, PROT_READ | PROT_WRITE,
-                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    /* Guest RAM and the grant region: a memory file, zero-filled, committed only as the
+     * guest touches it; a file so one page can also be mapped elsewhere (grants). */
+    d->gnt_bytes = HV_GNT_REGION_FRAMES * HV_PAGE_SIZE;
+    d->ram_fd = memfd_create("trapless-guest-ram", MFD_CLOEXEC);
+    if (d->ram_fd < 0 || ftruncate(d->ram_fd, (off_t)(d->ram_bytes + d->gnt_bytes)) < 0) {
+        hv_set_error(err, err_len, "cannot create %llu bytes of guest memory: %s",
+                     (unsigned long long)d->ram_bytes, strerror(errno));
+        if (d->ram_fd >= 0)
+            close(d->ram_fd);
+        budget_give_back(d->ram_bytes);
+        free(d);
+        return NULL;
+    }
+    d->ram = mmap(NULL, d->ram_bytes + d->gnt_bytes, PROT_READ | PROT_WRITE,
+                  MAP_SHARED | MAP_NORESERVE, d->ram_fd, 0);
     if (d->ram == MAP_FAILED) {
         hv_set_error(err, err_len, "cannot map %llu bytes of guest memory: %s",
                      (unsigned long long)d->ram_bytes, strerror(errno));
+        close(d->ram_fd);
         budget_give_back(d->ram_bytes);
         free(d);
         return NULL;
     }
     if (cfg->engine < 0 || cfg->engine >= HV_ENGINE_NR || !engines[cfg->engine]) {
         hv_set_error(err, err_len, "unknown engine %d", cfg->engine);
-        munmap(d->ram, d->ram_bytes);
-        budget_give_back(d->ram_bytes);
+        unmap_ram(d);
         free(d);
         return NULL;
     }
@@ -142,12 +164,12 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
     if (pv_domain_init(d, cfg->pv_model, err, err_len) < 0 ||   /* before the engine maps it */
         d->engine->create_vm(d, err, err_len) < 0) {
         pv_domain_destroy(d);
-        munmap(d->ram, d->ram_bytes);
-        budget_give_back(d->ram_bytes);
+        unmap_ram(d);
         free(d);
         return NULL;
     }
-    if (hv_events_init(d, cfg->max_evtchn_ports, err, err_len) < 0 ||
+    if (hv_gnt_init(d, err, err_len) < 0 ||
+        hv_events_init(d, cfg->max_evtchn_ports, err, err_len) < 0 ||
         hv_timers_start(d, err, err_len) < 0) {
         hv_domain_destroy(d);
         return NULL;
@@ -175,8 +197,8 @@ void hv_domain_destroy(struct hv_domain *d)
     hv_console_close(d);                /* never started: the stream ends here */
     hv_mm_destroy(d);
     pv_domain_destroy(d);
-    munmap(d->ram, d->ram_bytes);
-    budget_give_back(d->ram_bytes);
+    hv_gnt_destroy(d);                  /* after the vCPUs: nothing maps through it now */
+    unmap_ram(d);
     pthread_mutex_destroy(&d->console_lock);
     free(d);
 }

@@ -6,7 +6,7 @@
  * goes through hv_copy_from_guest / hv_copy_to_guest, which walk the guest's 4-level
  * page tables exactly as the MMU would (present, writable, 2 MiB and 1 GiB pages) and
  * refuse anything outside the domain's RAM. A bad pointer is -XEN_EFAULT; nothing is
- * ever read or written outside [ram, ram + ram_bytes).
+ * ever read or written outside [ram, ram + ram_bytes + gnt_bytes).
  */
 #include <string.h>
 
@@ -17,9 +17,11 @@
 #define PTE_PS   (1ULL << 7)
 #define PTE_ADDR 0x000ffffffffff000ULL
 
+/* RAM and, after it, the domain's grant region (grant_table.h). */
 int hv_gpa_valid(struct hv_domain *d, uint64_t gpa, uint64_t len)
 {
-    return gpa < d->ram_bytes && len <= d->ram_bytes - gpa;
+    uint64_t end = d->ram_bytes + d->gnt_bytes;
+    return gpa < end && len <= end - gpa;
 }
 
 static int read_pte(struct hv_domain *d, uint64_t table, unsigned idx, uint64_t *pte)

@@ -13,6 +13,7 @@
 #include "mm.h"
 #include "devices.h"
 #include "pv_cpu.h"
+#include "grant_table.h"
 
 #define HV_PAGE_SIZE   4096ULL
 #define HV_PAGE_SHIFT  12
@@ -112,6 +113,12 @@ struct hv_domain {
     uint32_t guest_type;            /* enum hv_guest_type */
     uint8_t *ram;                   /* host mapping of guest-physical [0, ram_bytes) */
     uint64_t ram_bytes;
+    /* ram is a shared mapping of this memory file, so a page of it can be mapped a
+     * second time (another domain's grant mapping, a backend); the grant region
+     * (grant_table.h) follows the RAM in the file and in ram[] */
+    int      ram_fd;
+    uint64_t gnt_bytes;
+    struct hv_grant_table *gnt;     /* grant_table.c */
     uint64_t pt_pool_start, pt_pool_end;
     uint8_t  handle[16];
     struct hv_counters counters;
@@ -254,6 +261,7 @@ int64_t do_mmu_update(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_multicall(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_update_va_mapping(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_grant_table_op(struct hv_vcpu *v, const struct hv_hcall *h);
 
 void hv_domain_shutdown(struct hv_domain *d, int reason);
 void hv_console_close(struct hv_domain *d);     /* end the console stream (once) */

@@ -20,6 +20,7 @@ static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
     [__HYPERVISOR_console_io]  = do_console_io,
     [__HYPERVISOR_vcpu_op]     = do_vcpu_op,
     [__HYPERVISOR_mmuext_op]   = do_mmuext_op,
+    [__HYPERVISOR_grant_table_op] = do_grant_table_op,
     [__HYPERVISOR_sched_op]    = do_sched_op,
     [__HYPERVISOR_event_channel_op] = do_event_channel_op,
     [__HYPERVISOR_hvm_op]      = do_hvm_op,

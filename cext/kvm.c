@@ -136,10 +136,11 @@ static int kvm_create_vm(struct hv_domain *d, char *err, int err_len)
         hv_set_error(err, err_len, "KVM_SET_TSS_ADDR: %s", strerror(errno));
         goto fail;
     }
-    /* RAM below the page-table pool, the pool (read-only to the guest), RAM above. */
+    /* RAM below the page-table pool, the pool (read-only to the guest), RAM above and
+     * the grant region after it. */
     if (set_slot(d, 0, 0, d->pt_pool_start, 0, err, err_len) < 0 ||
         set_slot(d, 1, d->pt_pool_start, d->pt_pool_end, KVM_MEM_READONLY, err, err_len) < 0 ||
-        set_slot(d, 2, d->pt_pool_end, d->ram_bytes, 0, err, err_len) < 0)
+        set_slot(d, 2, d->pt_pool_end, d->ram_bytes + d->gnt_bytes, 0, err, err_len) < 0)
         goto fail;
     /* The hypervisor's region; the guest reaches it only through our mappings. */
     if (d->pv_region && map_slot(d, 3, PV_REGION_GPA, PV_REGION_GPA + d->pv_region_bytes, 0,

@@ -13,8 +13,10 @@
  * bits of cmd are the sub-op, the bits above it the extent to start from (Xen's
  * continuation encoding); sub-ops without extents refuse a start (-EINVAL).
  */
+#define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
 
 #include "hv.h"
@@ -27,10 +29,12 @@ static int is_self(struct hv_domain *d, uint16_t domid)
     return domid == DOMID_SELF || domid == d->domid;
 }
 
-/* Give frames back to the host, so they cost no memory and read as zero next time. */
+/* Give frames back to the host, so they cost no memory and read as zero next time:
+ * RAM is a shared file mapping, so the pages go from the file, not just the mapping. */
 static void discard_host(struct hv_domain *d, uint64_t gpfn, uint64_t n)
 {
-    madvise(d->ram + (gpfn << HV_PAGE_SHIFT), n << HV_PAGE_SHIFT, MADV_DONTNEED);
+    fallocate(d->ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              (off_t)(gpfn << HV_PAGE_SHIFT), (off_t)(n << HV_PAGE_SHIFT));
 }
 
 static void set_populated(struct hv_domain *d, uint64_t gpfn, uint64_t n, int on)
@@ -77,6 +81,7 @@ static int release(struct hv_domain *d, uint64_t gpfn, uint64_t n)
     for (uint64_t i = gpfn; i < gpfn + n; i++) {
         const struct hv_frame *f = &mm->frames[i];
         if (!(f->flags & HV_FRAME_POPULATED) || hv_mm_in_pool(mm, i) || f->map_count ||
+            hv_gnt_frame_granted(d, i) ||
             (d->shared_info_gpa != HV_NO_PAGE && i == shinfo))
             return 0;
     }
@@ -204,6 +209,8 @@ static int64_t add_to_physmap(struct hv_vcpu *v, uint64_t start, uint64_t arg)
     switch (xatp.space) {
     case XENMAPSPACE_shared_info:
         return place_shared_info(v->dom, xatp.idx, xatp.gpfn);
+    case XENMAPSPACE_grant_table:
+        return hv_gnt_add_to_physmap(v->dom, xatp.idx, xatp.gpfn);
     case XENMAPSPACE_gmfn:
     case XENMAPSPACE_gmfn_range:
         return -XEN_ENOSYS;         /* moving frames around: not in trapless */

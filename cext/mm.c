@@ -103,6 +103,8 @@ static int take_entry(struct hv_domain *d, int level, uint64_t e)
         return -XEN_EINVAL;
     if (level > 1)
         return take_table(d, mfn, level - 1);
+    if (hv_gnt_in_region(d, mfn))
+        return hv_gnt_frame_take(d, mfn);  /* the grant table's own frames */
     if (mfn >= mm->nr_pages)
         return -XEN_EPERM;
     f = &mm->frames[mfn];
@@ -125,6 +127,10 @@ static void drop_entry(struct hv_domain *d, int level, uint64_t e)
         return;
     if (level > 1) {
         drop_table(d, mfn);
+        return;
+    }
+    if (hv_gnt_in_region(d, mfn)) {
+        hv_gnt_frame_drop(d, mfn);
         return;
     }
     f = &d->mm.frames[mfn];
@@ -460,15 +466,14 @@ int64_t do_mmuext_op(struct hv_vcpu *v, const struct hv_hcall *h)
  * page tables := val, validated as an MMU_NORMAL_PT_UPDATE; then the flush flags ask
  * for. va must reach an L1 table (no superpage, not Xen's slots); a refused entry is
  * -EINVAL, except a frame outside the domain's RAM (Xen: I/O), -EPERM. */
-int64_t do_update_va_mapping(struct hv_vcpu *v, const struct hv_hcall *h)
+/* The machine address of the L1 entry that maps va through the current page tables:
+ * va must reach a validated L1 table (no superpage, not Xen's slots). */
+int hv_mm_l1e_of_va(struct hv_vcpu *v, uint64_t va, uint64_t *pte)
 {
     struct hv_domain *d = v->dom;
-    uint64_t va = h->a1, val = h->a2, flags = h->a3, table, mfn, mask;
-    int rc;
+    uint64_t table;
 
-    if (!d->mm.frames)
-        return -XEN_ENOSYS;
-    if (!hv_mm_range_ok(va, 1) || v->ops->get_cr3(v, &table) < 0)
+    if (!d->mm.frames || !hv_mm_range_ok(va, 1) || v->ops->get_cr3(v, &table) < 0)
         return -XEN_EINVAL;
     table &= PTE_ADDR;
     for (int level = 4; level > 1; level--) {
@@ -481,10 +486,52 @@ int64_t do_update_va_mapping(struct hv_vcpu *v, const struct hv_hcall *h)
             return -XEN_EINVAL;
         table = e & PTE_ADDR;
     }
-    mfn = table >> HV_PAGE_SHIFT;
-    if (mfn >= d->mm.nr_pages || d->mm.frames[mfn].type != HV_FT_L1)
+    *pte = table + ((va >> 12) & 511) * 8;
+    return hv_mm_is_l1e(d, *pte) ? 0 : -XEN_EINVAL;
+}
+
+/* 1 if pte is the (aligned) address of an entry of a validated L1 table. */
+int hv_mm_is_l1e(struct hv_domain *d, uint64_t pte)
+{
+    uint64_t mfn = pte >> HV_PAGE_SHIFT;
+    return d->mm.frames && !(pte & 7) && mfn < d->mm.nr_pages &&
+           d->mm.frames[mfn].type == HV_FT_L1 && d->mm.frames[mfn].type_count;
+}
+
+/* Write the L1 entry at pte as mmu_update would: validated, references moved. */
+int hv_mm_set_l1e(struct hv_domain *d, uint64_t pte, uint64_t val)
+{
+    if (!hv_mm_is_l1e(d, pte))
         return -XEN_EINVAL;
-    rc = update_entry(d, table + ((va >> 12) & 511) * 8, val);
+    return update_entry(d, pte | MMU_NORMAL_PT_UPDATE, val);
+}
+
+/* GNTTABOP_unmap_and_replace: the entry at `from` moves to `to` (its reference goes
+ * with it) and `from` becomes empty; what `to` mapped before is released. */
+int hv_mm_move_l1e(struct hv_domain *d, uint64_t from, uint64_t to)
+{
+    uint64_t *src, *dst, old, e;
+    if (!hv_mm_is_l1e(d, from) || !hv_mm_is_l1e(d, to))
+        return -XEN_EINVAL;
+    src = (uint64_t *)(d->ram + from);
+    dst = (uint64_t *)(d->ram + to);
+    e = __atomic_exchange_n(src, 0, __ATOMIC_ACQ_REL);
+    old = __atomic_exchange_n(dst, e, __ATOMIC_ACQ_REL);
+    drop_entry(d, 1, old);
+    return 0;
+}
+
+int64_t do_update_va_mapping(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t va = h->a1, val = h->a2, flags = h->a3, pte, mask;
+    int rc;
+
+    if (!d->mm.frames)
+        return -XEN_ENOSYS;
+    if (hv_mm_l1e_of_va(v, va, &pte) < 0)
+        return -XEN_EINVAL;
+    rc = update_entry(d, pte, val);
     if (rc)
         return rc == -XEN_EPERM ? rc : -XEN_EINVAL;
     if ((flags & UVMF_FLUSHTYPE_MASK) != UVMF_TLB_FLUSH && (flags & UVMF_FLUSHTYPE_MASK) != UVMF_INVLPG)

@@ -59,4 +59,12 @@ int  hv_mm_range_ok(uint64_t gva, uint64_t len);
 int  hv_mm_frame_usable(struct hv_domain *d, uint64_t gpfn);
 void hv_mm_destroy(struct hv_domain *d);
 
+/* PV grant mappings (grant_table.c): L1 entries found by address and written as
+ * mmu_update writes them. */
+struct hv_vcpu;
+int  hv_mm_l1e_of_va(struct hv_vcpu *v, uint64_t va, uint64_t *pte);
+int  hv_mm_is_l1e(struct hv_domain *d, uint64_t pte);
+int  hv_mm_set_l1e(struct hv_domain *d, uint64_t pte, uint64_t val);
+int  hv_mm_move_l1e(struct hv_domain *d, uint64_t from, uint64_t to);
+
 #endif

@@ -1,0 +1,66 @@
+/*
+ * grant_table.h - grant tables (grant_table.c): how one domain lets another use its pages.
+ *
+ * Every domain has a grant table: frames of the hypervisor's, in the domain's memory
+ * file just after its RAM (guest-physical frame nr_pages + i), that the guest writes
+ * entries into (v1: struct grant_entry_v1, 512 a frame). A PV guest maps them by frame
+ * number (setup_table), a PVH guest places them with XENMEM_add_to_physmap.
+ *
+ * Backends inside trapless (blkif, ...) use a granted page like this:
+ *
+ *     struct hv_grant_use use;
+ *     int16_t st = hv_grant_acquire(frontend_domid, gref, backend_domid,
+ *                                   HV_GRANT_WRITE, &use);   // or HV_GRANT_READ
+ *     if (st != GNTST_okay) -> answer the request with an error (st is Xen's GNTST_*)
+ *     memcpy(use.page, ..., 4096)   // use.page: host pointer to the whole granted page
+ *     hv_grant_release(&use);       // once the request is done; use.page is gone after
+ *
+ * acquire checks the entry as Xen's map does (permit_access, the entry names the
+ * backend's domid, not readonly when writing) and sets GTF_reading (and GTF_writing)
+ * in it, so the frontend cannot revoke the grant while the backend uses it; release
+ * clears them when the last user is gone. use.page is a private host mapping of the
+ * page: it stays valid until release even if the frontend is destroyed meanwhile.
+ * Callable from any thread.
+ */
+#ifndef TRAPLESS_GRANT_TABLE_H
+#define TRAPLESS_GRANT_TABLE_H
+#include <stdint.h>
+
+#define HV_GNT_MAX_FRAMES       64      /* Xen's default gnttab_max_frames */
+#define HV_GNT_STATUS_FRAMES    8       /* v2 status words for 64 frames x 256 entries */
+#define HV_GNT_REGION_FRAMES    (HV_GNT_MAX_FRAMES + HV_GNT_STATUS_FRAMES)
+#define HV_GNT_MAX_MAPTRACK     4096    /* mappings one domain may hold at once */
+
+
+struct hv_domain;
+struct hv_grant_table;
+
+/* cdef-begin */
+#define HV_GRANT_READ   0
+#define HV_GRANT_WRITE  1
+
+struct hv_grant_use {
+    uint8_t *page;                  /* the granted page, 4096 bytes */
+    uint16_t granter;               /* the rest: what release needs */
+    uint32_t ref;
+    int      write;
+};
+
+int16_t hv_grant_acquire(uint16_t granter, uint32_t ref, uint16_t user, int write,
+                         struct hv_grant_use *use);
+void    hv_grant_release(struct hv_grant_use *use);
+/* cdef-end */
+
+/* The domain's side (domain.c, memory.c, mm.c). */
+int  hv_gnt_init(struct hv_domain *d, char *err, int err_len);
+void hv_gnt_destroy(struct hv_domain *d);
+/* A guest page-table entry starts or stops mapping frame `mfn` of the grant region. */
+int  hv_gnt_frame_take(struct hv_domain *d, uint64_t mfn);
+void hv_gnt_frame_drop(struct hv_domain *d, uint64_t mfn);
+int  hv_gnt_in_region(const struct hv_domain *d, uint64_t mfn);
+/* 1 if another domain or a backend uses frame gpfn through a grant (the balloon keeps it). */
+int  hv_gnt_frame_granted(struct hv_domain *d, uint64_t gpfn);
+/* XENMEM_add_to_physmap, XENMAPSPACE_grant_table: put table frame idx at gpfn. */
+int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn);
+
+#endif
