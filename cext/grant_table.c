@@ -52,6 +52,9 @@ struct maptrack {                   /* one mapping a domain holds (its handle) *
 struct hv_grant_table {
     uint32_t version;               /* 1 or 2 */
     uint32_t nr_frames;             /* shared frames the table has grown to */
+    /* frames the guest has been told of (setup_table, get_status_frames): only those
+     * have frame numbers it may map; the rest lie outside its memory as it knows it */
+    uint32_t shared_shown, status_shown;
     struct active *active;          /* MAX_ENTRIES */
     struct maptrack *maptrack;      /* HV_GNT_MAX_MAPTRACK */
     uint32_t nr_pinned;             /* entries in use */
@@ -111,14 +114,17 @@ int hv_gnt_in_region(const struct hv_domain *d, uint64_t mfn)
     return d->gnt && mfn >= nr_ram_frames(d) && mfn - nr_ram_frames(d) < HV_GNT_REGION_FRAMES;
 }
 
-/* A guest PTE may map the shared frames the table has and the status frames of v2. */
+/* A guest PTE may map the shared frames the guest was told of and, in v2, the status
+ * frames it was told of. */
 int hv_gnt_frame_take(struct hv_domain *d, uint64_t mfn)
 {
     struct hv_grant_table *gt = d->gnt;
     uint64_t i = mfn - nr_ram_frames(d);
     int rc = 0;
     pthread_mutex_lock(&gnt_lock);
-    if (i < HV_GNT_MAX_FRAMES ? i >= gt->nr_frames : i - HV_GNT_MAX_FRAMES >= nr_status_frames(gt))
+    if (i < HV_GNT_MAX_FRAMES ? i >= gt->shared_shown
+                              : i - HV_GNT_MAX_FRAMES >= gt->status_shown ||
+                                i - HV_GNT_MAX_FRAMES >= nr_status_frames(gt))
         rc = -XEN_EPERM;            /* Xen: not a frame this domain may map */
     else
         gt->frame_maps[i]++;
@@ -616,6 +622,10 @@ static int64_t frame_list_op(struct hv_vcpu *v, uint64_t arg, uint32_t count, in
         uint64_t gfn = table_gfn(v->dom, status_frames ? HV_GNT_MAX_FRAMES + i : i);
         if (hv_copy_to_guest(v, list + i * 8ULL, &gfn, 8) < 0)
             st = GNTST_bad_virt_addr;
+        else if (status_frames && i >= gt->status_shown)
+            gt->status_shown = i + 1;
+        else if (!status_frames && i >= gt->shared_shown)
+            gt->shared_shown = i + 1;
     }
     if (hv_copy_to_guest(v, arg + (status_frames ? offsetof(struct gnttab_get_status_frames, status)
                                                  : offsetof(struct gnttab_setup_table, status)),
