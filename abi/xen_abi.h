@@ -386,6 +386,22 @@ struct blkif_request_discard {
     uint64_t nr_sectors;
 };
 
+/* Segments in pages of their own (feature-max-indirect-segments): 512 a page. */
+struct blkif_request_indirect {
+    uint8_t  operation;             /* BLKIF_OP_INDIRECT */
+    uint8_t  indirect_op;           /* BLKIF_OP_READ or _WRITE */
+    uint16_t nr_segments;
+    uint32_t pad;
+    uint64_t id;
+    uint64_t sector_number;
+    uint16_t handle;
+    uint16_t pad2;
+    uint32_t indirect_grefs[8];
+    uint32_t pad3;
+};
+#define BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST 8
+#define BLKIF_SEGMENTS_PER_INDIRECT_PAGE     512
+
 struct blkif_response {
     uint64_t id;
     uint8_t  operation;

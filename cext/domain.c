@@ -191,6 +191,7 @@ void hv_domain_destroy(struct hv_domain *d)
     for (int i = 0; i < HV_MAX_VCPUS; i++)
         if (d->vcpus[i])
             hv_vcpu_destroy(d->vcpus[i]);
+    hv_blkback_detach_all(d);           /* before its ports and grants go */
     hv_events_destroy(d);
     hv_devices_destroy(d);
     d->engine->destroy_vm(d);

@@ -322,7 +322,7 @@ static int evtchn_alloc_unbound(struct hv_domain *d, struct evtchn_alloc_unbound
     if (!self_or_id(d, a->dom))
         return -XEN_EPERM;              /* only a privileged domain allocates for others */
     pthread_mutex_lock(&registry_lock);
-    if (!hv_domain_lookup(remote)) {
+    if (remote != 0 && !hv_domain_lookup(remote)) {   /* dom0: trapless's backends */
         pthread_mutex_unlock(&registry_lock);
         return -XEN_ESRCH;
     }
@@ -430,7 +430,7 @@ static int evtchn_close(struct hv_domain *d, uint32_t port)
     pthread_mutex_lock(&registry_lock);
     pthread_mutex_lock(&d->ev_lock);
     c = &d->ports[port];
-    if (c->state == EVTCHNSTAT_interdomain && !c->backend)
+    if (c->state == EVTCHNSTAT_interdomain && !c->backend && !c->backend_fn)
         r = hv_domain_lookup(c->remote_dom);
     pthread_mutex_unlock(&d->ev_lock);
     if (r)
@@ -477,8 +477,14 @@ static int evtchn_send(struct hv_domain *d, uint32_t port)
     c = d->ports[port];
     if (c.state == EVTCHNSTAT_ipi)
         set_pending(d, port);
+    /* under the lock, so that it never runs once the backend has unbound (it only
+     * wakes the backend's thread) */
+    if (c.state == EVTCHNSTAT_interdomain && c.backend_fn)
+        c.backend_fn(c.backend_arg);
     pthread_mutex_unlock(&d->ev_lock);
 
+    if (c.state == EVTCHNSTAT_interdomain && c.backend_fn)
+        return 0;
     if (c.state == EVTCHNSTAT_interdomain && c.backend) {
         c.backend(d);                   /* the other end is trapless itself (see below) */
         return 0;
@@ -601,11 +607,41 @@ int hv_evtchn_bind_backend(struct hv_domain *d, void (*backend)(struct hv_domain
     return port;
 }
 
+int hv_evtchn_bind_backend_port(struct hv_domain *d, uint32_t port, void (*fn)(void *arg),
+                                void *arg)
+{
+    int rc = -XEN_EINVAL;
+    pthread_mutex_lock(&d->ev_lock);
+    if (port_ok(d, port) && d->ports[port].state == EVTCHNSTAT_unbound &&
+        d->ports[port].remote_dom == 0) {
+        d->ports[port].state = EVTCHNSTAT_interdomain;
+        d->ports[port].remote_port = 0;         /* there is no dom0 port table */
+        d->ports[port].backend_fn = fn;
+        d->ports[port].backend_arg = arg;
+        rc = 0;
+    }
+    pthread_mutex_unlock(&d->ev_lock);
+    return rc;
+}
+
+void hv_evtchn_unbind_backend(struct hv_domain *d, uint32_t port)
+{
+    pthread_mutex_lock(&d->ev_lock);
+    if (port_ok(d, port) && d->ports[port].state == EVTCHNSTAT_interdomain &&
+        d->ports[port].backend_fn) {
+        d->ports[port].state = EVTCHNSTAT_unbound;  /* as Xen leaves it when dom0 closes */
+        d->ports[port].backend_fn = NULL;
+        d->ports[port].backend_arg = NULL;
+    }
+    pthread_mutex_unlock(&d->ev_lock);
+}
+
 /* The backend raises the guest's port (unless the guest has closed it meanwhile). */
 void hv_evtchn_backend_notify(struct hv_domain *d, uint32_t port)
 {
     pthread_mutex_lock(&d->ev_lock);
-    if (port_ok(d, port) && d->ports[port].state == EVTCHNSTAT_interdomain && d->ports[port].backend)
+    if (port_ok(d, port) && d->ports[port].state == EVTCHNSTAT_interdomain &&
+        (d->ports[port].backend || d->ports[port].backend_fn))
         set_pending(d, port);
     pthread_mutex_unlock(&d->ev_lock);
 }

@@ -79,6 +79,9 @@ struct hv_evtchn {
     uint32_t virq;                  /* virq: which */
     /* interdomain with a backend inside trapless (the console ring): a send runs it */
     void (*backend)(struct hv_domain *d);
+    /* ... or one of several (a block device): a send runs backend_fn(backend_arg) */
+    void (*backend_fn)(void *arg);
+    void *backend_arg;
 };
 
 /* Timers of one vCPU (timers.c); guarded by timers.c's process-wide lock. */
@@ -277,9 +280,22 @@ void hv_shared_info_placed(struct hv_domain *d, uint64_t old_gpa);
 int  hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
 /* A port whose remote end is a backend inside trapless: allocate it, and raise it. */
 int  hv_evtchn_bind_backend(struct hv_domain *d, void (*backend)(struct hv_domain *d));
+/* A backend binds the guest's unbound port `port` (allocated for dom0, as a frontend
+ * does): a send on it then calls fn(arg). 0, or -XEN_EINVAL if the port is not that.
+ * hv_evtchn_unbind_backend returns it to unbound; no call runs after it returns. */
+int  hv_evtchn_bind_backend_port(struct hv_domain *d, uint32_t port, void (*fn)(void *arg),
+                                 void *arg);
+void hv_evtchn_unbind_backend(struct hv_domain *d, uint32_t port);
 void hv_evtchn_backend_notify(struct hv_domain *d, uint32_t port);
 /* ---- xenstore (xenstore.c) ---- */
 void hv_xs_detach(struct hv_domain *d);     /* the domain goes away: its ring, watches, txs */
+/* A backend inside trapless watches path (and below): fn(arg) runs, under the store's
+ * lock, after each change there; it should only wake the backend's own thread.
+ * hv_xs_host_unwatch(arg) drops arg's watches; no call runs after it returns. */
+int  hv_xs_host_watch(const char *path, void (*fn)(void *arg), void *arg);
+void hv_xs_host_unwatch(void *arg);
+/* ---- the block backend (blkback.c) ---- */
+void hv_blkback_detach_all(struct hv_domain *d);     /* the domain goes away */
 int  hv_upcall_wanted(struct hv_vcpu *v);
 int  hv_port_pending(struct hv_domain *d, uint32_t port);
 void hv_events_flush(struct hv_vcpu *v);

@@ -207,6 +207,26 @@ struct hv_xs_stats {
 /* 0, or -ESRCH if the domain has no ring. */
 int      hv_xs_stats(uint32_t domid, struct hv_xs_stats *out);
 
+/* The block backend (blkback.c): a virtual block device of domain d, number devid, on
+ * the raw image open at fd (the backend owns fd from here, and closes it). Its
+ * xenstore directories must exist (the toolstack writes them); the backend publishes
+ * its features, goes to InitWait, and serves the ring from a thread of its own once the
+ * frontend connects. Destroying the domain stops it (acknowledged writes synced).
+ * 0, or -1 with a one-line reason in err. */
+int      hv_blkback_attach(struct hv_domain *d, uint32_t devid, int fd, int readonly,
+                           char *err, int err_len);
+struct hv_blkback_stats {
+    uint32_t state;             /* the backend's XenbusState */
+    uint64_t requests;          /* answered BLKIF_RSP_OKAY */
+    uint64_t errors;            /* answered with an error */
+    uint64_t sectors_read, sectors_written;
+    uint64_t flushes;           /* fdatasyncs for flushes and barriers */
+    uint64_t bad_grants;        /* requests refused for a grant that did not check out */
+    uint64_t ring_broken;       /* 1: the ring's indexes made no sense; no longer served */
+};
+/* 0, or -XEN_ENOENT if domid has no such device. */
+int      hv_blkback_stats(uint32_t domid, uint32_t devid, struct hv_blkback_stats *out);
+
 /* Memory service (memory.c, mm.c). hv_mm_init types and counts the builder's page
  * tables, walking from cr3 (once, after the domain's memory is built); hv_mm_audit
  * recounts every frame's references from the tables and checks Xen's invariants

@@ -132,6 +132,15 @@ static uint32_t owned[NR_DOMIDS];       /* nodes each domain owns in the tree */
 static struct xs_conn *conns[NR_DOMIDS];
 static struct xs_conn *conn_list;
 static struct xs_conn host;             /* trapless itself: domid 0, no ring */
+/* trapless's own watchers (backends): told, under xs_lock, that something at or below
+ * path changed; they only wake a thread of their own, which reads the store. */
+struct host_watch {
+    struct host_watch *next;
+    char path[XENSTORE_ABS_PATH_MAX + 1];
+    void (*fn)(void *arg);
+    void *arg;
+};
+static struct host_watch *host_watches;
 static struct hv_xs_quota quota = {
     .entries = 1000, .value_bytes = 2048, .watches = 128, .transactions = 10, .perms = 5,
 };
@@ -825,6 +834,39 @@ static void fire(struct xs_change *ch)
         if (c->out_prod != before)
             flush(c);
     }
+    for (struct host_watch *h = host_watches; h; h = h->next)
+        if (under(ch->path, h->path) || (ch->removed && under(h->path, ch->path)))
+            h->fn(h->arg);
+}
+
+int hv_xs_host_watch(const char *path, void (*fn)(void *arg), void *arg)
+{
+    struct host_watch *h;
+    if (strlen(path) > XENSTORE_ABS_PATH_MAX || !(h = calloc(1, sizeof(*h))))
+        return -XEN_ENOMEM;
+    strcpy(h->path, path);
+    h->fn = fn;
+    h->arg = arg;
+    pthread_mutex_lock(&xs_lock);
+    h->next = host_watches;
+    host_watches = h;
+    pthread_mutex_unlock(&xs_lock);
+    return 0;
+}
+
+void hv_xs_host_unwatch(void *arg)
+{
+    pthread_mutex_lock(&xs_lock);
+    for (struct host_watch **p = &host_watches; *p; ) {
+        struct host_watch *h = *p;
+        if (h->arg == arg) {
+            *p = h->next;
+            free(h);
+        } else {
+            p = &h->next;
+        }
+    }
+    pthread_mutex_unlock(&xs_lock);
 }
 
 static void free_watch(struct xs_watch *w)

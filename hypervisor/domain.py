@@ -336,11 +336,23 @@ class Domain:
                 for disk in self.disks:
                     store.add_vbd(domid, disk.devid, disk.vdev, str(disk.target),
                                   disk.readonly)
+                    self._attach_disk(disk, err)
         except BaseException:
             self.destroy()
             raise
         self._counters = lib.hv_domain_counters(self._dom)
         self._state = "created"
+
+    def _attach_disk(self, disk, err) -> None:
+        """Its backend (cext/blkback.c), on the image opened here: the C side owns the
+        descriptor from then on, and closes it when the domain is destroyed."""
+        try:
+            fd = os.open(disk.target, (os.O_RDONLY if disk.readonly else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as e:
+            raise DomainError(f"disk {disk.vdev}: cannot open {disk.target} ({e.strerror})") \
+                from None
+        if lib.hv_blkback_attach(self._dom, disk.devid, fd, int(disk.readonly), err, len(err)) < 0:
+            raise EngineError(f"disk {disk.vdev}: {ffi.string(err).decode()}")
 
     def _live(self):
         """Caller holds _lock: the C domain, or DomainError if it is gone."""

@@ -126,6 +126,8 @@ XEN_LAYOUTS = [
                                 seg=24)),
     ("blkif_request_discard", 32, dict(operation=0, flag=1, handle=2, id=8, sector_number=16,
                                        nr_sectors=24)),
+    ("blkif_request_indirect", 64, dict(operation=0, indirect_op=1, nr_segments=2, id=8,
+                                        sector_number=16, handle=24, indirect_grefs=28)),
     ("blkif_response", 16, dict(id=0, operation=8, status=10)),
 ]
 
