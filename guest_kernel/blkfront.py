@@ -1,0 +1,626 @@
+"""A block frontend for trapless's own PV kernel: a Xen virtual disk, used as a domU uses it.
+
+The guest finds its disk in xenstore (the first entry of device/vbd, its backend's
+directory in the `backend` key), sets up its grant table (setup_table, the frame mapped
+with update_va_mapping), grants the backend a ring page and a data page, allocates an
+event channel for dom0 and publishes ring-ref, event-channel and protocol, then goes to
+Initialised and waits for the backend to be Connected (the XenbusState handshake of
+io/blkif.h). It reads the whole disk a page at a time and prints an FNV-1a 64 checksum
+of it; unless the disk is read-only (the backend's `mode`) it writes sector 1, flushes
+the disk cache and reads the sector back; a read-only disk is asked for a write anyway
+and must refuse it. Every request waits for its response (polling, yielding). Then it
+closes the device and powers off.
+
+    blkfront_guest() -> ELF image; the console says
+    blkfront: device 51712, backend /local/domain/0/backend/vbd/1/51712
+    blkfront: connected, 2048 sectors, mode w
+    blkfront: read 2048 sectors, fnv1a64 0x...
+    blkfront: write sector 1: 0, flush: 0, read back: same
+"""
+from __future__ import annotations
+
+import struct
+
+from abi import C, offsetof, sizeof
+
+from .asm import (al, byte, dl, dword, eax, ebx, ecx, edi, edx, esi, ptr, qword, r12, r13,
+                  r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, word)
+from .pvlib import crash_unless
+from .runtime import PVProgram
+
+RING_REF, DATA_REF = 8, 9               # grant refs (0 and 1 are Xen's reserved ones)
+RING_ENTRIES = 32                       # a one-page blkif ring: (4096 - 64) / 112 -> 32
+FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+WRITE_SECTOR = 1
+PATTERN = b"trapless blkfront wrote sector 1 "          # repeated over the sector
+P, RW, A, D = 0x1, 0x2, 0x20, 0x40
+
+XS_REQ = offsetof("xenstore_domain_interface", "req")
+XS_RSP = offsetof("xenstore_domain_interface", "rsp")
+XS_REQ_CONS = offsetof("xenstore_domain_interface", "req_cons")
+XS_REQ_PROD = offsetof("xenstore_domain_interface", "req_prod")
+XS_RSP_CONS = offsetof("xenstore_domain_interface", "rsp_cons")
+XS_RSP_PROD = offsetof("xenstore_domain_interface", "rsp_prod")
+XS_RING = C.XENSTORE_RING_SIZE
+REPLY_MAX = 512                         # the longest reply it keeps
+REQ_SIZE = sizeof("blkif_request")
+RING_HEADER = C.BLKIF_RING_HEADER
+
+
+def sector_pattern() -> bytes:
+    """What the guest writes into sector 1."""
+    return (PATTERN * (512 // len(PATTERN) + 1))[:512]
+
+
+def fnv1a64(data: bytes) -> int:
+    """The checksum the guest prints, computed on the host."""
+    h = FNV_OFFSET
+    for b in data:
+        h = ((h ^ b) * FNV_PRIME) & 0xFFFF_FFFF_FFFF_FFFF
+    return h
+
+
+def _emit_xenstore(p: PVProgram) -> None:
+    """The xenstore client; r12 = the ring page.
+
+    xs_cmd(edi = type, rsi = payload, edx = length) -> eax = the reply's type; its
+    payload NUL-terminated in xs_reply. mkpath(rdi = dir, rsi = key) -> rsi = xs_path
+    = "dir/key", rdx = its length with the NUL. xs_read(rdi = dir, rsi = key) and
+    xs_write(rdi = dir, rsi = key, rdx = value cstr) do both."""
+    a = p.a
+    a.label("xs_cmd")
+    a.push(rbx)
+    a.mov(dword["xs_hdr"], edi)
+    a.mov(dword[rip + "xs_hdr" + 12], edx)
+    a.push(rsi)
+    a.push(rdx)
+    a.lea(rsi, ptr["xs_hdr"])
+    a.mov(edx, 16)
+    a.call("xs_put")
+    a.pop(rdx)
+    a.pop(rsi)
+    a.call("xs_put")
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "xs_port")
+    a.lea(rdi, ptr["xs_hdr"])
+    a.mov(ebx, 16)
+    a.call("xs_get")
+    a.mov(ebx, dword[rip + "xs_hdr" + 12])
+    a.cmp(ebx, REPLY_MAX)
+    crash_unless_jbe(p, "blkfront: a xenstore reply longer than it keeps: ")
+    a.push(rbx)
+    a.lea(rdi, ptr["xs_reply"])
+    a.call("xs_get")
+    a.pop(rbx)
+    a.lea(rdi, ptr["xs_reply"])
+    a.mov(byte[rdi + rbx], 0)
+    a.mov(eax, dword["xs_hdr"])
+    a.pop(rbx)
+    a.ret()
+
+    # xs_put(rsi = bytes, rdx = length): into req, as it has room
+    a.label("xs_put")
+    a.test(rdx, rdx)
+    a.je("xs_put.done")
+    a.mov(edi, dword[r12 + XS_REQ_PROD])
+    a.mov(eax, edi)
+    a.sub(eax, dword[r12 + XS_REQ_CONS])
+    a.cmp(eax, XS_RING)
+    a.jb("xs_put.room")
+    a.push(rsi)
+    a.push(rdx)
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "xs_port")
+    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.pop(rdx)
+    a.pop(rsi)
+    a.jmp("xs_put")
+    a.label("xs_put.room")
+    a.mov(ecx, edi)
+    a.and_(ecx, XS_RING - 1)
+    a.mov(al, byte[rsi])
+    a.mov(byte[r12 + rcx + XS_REQ], al)
+    a.inc(edi)
+    a.mov(dword[r12 + XS_REQ_PROD], edi)    # x86 keeps stores in order: data, then index
+    a.inc(rsi)
+    a.dec(rdx)
+    a.jmp("xs_put")
+    a.label("xs_put.done")
+    a.ret()
+
+    # xs_get(rdi = where, ebx = bytes): from rsp as they come, yielding while it is empty
+    a.label("xs_get")
+    a.test(ebx, ebx)
+    a.je("xs_get.done")
+    a.mov(edx, dword[r12 + XS_RSP_CONS])
+    a.cmp(edx, dword[r12 + XS_RSP_PROD])
+    a.jne("xs_get.byte")
+    a.push(rdi)
+    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.pop(rdi)
+    a.jmp("xs_get")
+    a.label("xs_get.byte")
+    a.mov(ecx, edx)
+    a.and_(ecx, XS_RING - 1)
+    a.mov(al, byte[r12 + rcx + XS_RSP])
+    a.mov(byte[rdi], al)
+    a.inc(rdi)
+    a.inc(edx)
+    a.mov(dword[r12 + XS_RSP_CONS], edx)
+    a.dec(ebx)
+    a.jmp("xs_get")
+    a.label("xs_get.done")
+    a.ret()
+
+    a.label("mkpath")
+    a.lea(rcx, ptr["xs_path"])
+    a.label("mkpath.dir")
+    a.mov(al, byte[rdi])
+    a.test(al, al)
+    a.je("mkpath.sep")
+    a.mov(byte[rcx], al)
+    a.inc(rdi)
+    a.inc(rcx)
+    a.jmp("mkpath.dir")
+    a.label("mkpath.sep")
+    a.mov(byte[rcx], ord("/"))
+    a.inc(rcx)
+    a.label("mkpath.key")
+    a.mov(al, byte[rsi])
+    a.mov(byte[rcx], al)
+    a.inc(rcx)
+    a.inc(rsi)
+    a.test(al, al)
+    a.jne("mkpath.key")
+    a.lea(rsi, ptr["xs_path"])
+    a.mov(rdx, rcx)
+    a.sub(rdx, rsi)
+    a.ret()
+
+    a.label("xs_read")
+    a.call("mkpath")
+    a.mov(edi, C.XS_READ)
+    a.jmp("xs_cmd")
+
+    a.label("xs_write")                 # the value follows the path's NUL, without one
+    a.mov(qword["xs_value"], rdx)
+    a.call("mkpath")
+    a.mov(rdi, qword["xs_value"])
+    a.lea(rcx, ptr["xs_path"])
+    a.add(rcx, rdx)
+    a.label("xs_write.value")
+    a.mov(al, byte[rdi])
+    a.test(al, al)
+    a.je("xs_write.go")
+    a.mov(byte[rcx], al)
+    a.inc(rcx)
+    a.inc(rdi)
+    a.inc(rdx)
+    a.jmp("xs_write.value")
+    a.label("xs_write.go")
+    a.mov(edi, C.XS_WRITE)
+    a.call("xs_cmd")
+    a.cmp(eax, C.XS_WRITE)
+    crash_unless_je(p, "blkfront: a xenstore write failed: ")
+    a.ret()
+
+
+_labels = iter(range(1 << 30))
+
+
+def crash_unless_je(p: PVProgram, message: str) -> None:
+    """After a cmp: unless equal, print message and crash the domain."""
+    ok = f"blkfront.ok{next(_labels)}"
+    p.a.je(ok)
+    _crash(p, message, ok)
+
+
+def crash_unless_jbe(p: PVProgram, message: str) -> None:
+    ok = f"blkfront.ok{next(_labels)}"
+    p.a.jbe(ok)
+    _crash(p, message, ok)
+
+
+def _crash(p: PVProgram, message: str, ok: str) -> None:
+    a = p.a
+    p.print(message)
+    a.lea(rdi, ptr["xs_reply"])
+    a.call("print_cstr")
+    p.print("\n")
+    a.mov(edi, C.SHUTDOWN_crash)
+    a.call("shutdown")
+    a.label(ok)
+
+
+def _emit_numbers(p: PVProgram) -> None:
+    """utoa(rax = value, rdi = buffer): its decimal digits, NUL-terminated.
+    atou(rsi = cstr) -> rax: a decimal number."""
+    a = p.a
+    a.label("utoa")
+    a.mov(rcx, rdi)
+    a.mov(esi, 10)
+    a.label("utoa.digit")               # backwards, then turned around
+    a.xor(edx, edx)
+    a.div(rsi)
+    a.add(edx, ord("0"))
+    a.mov(byte[rcx], dl)
+    a.inc(rcx)
+    a.test(rax, rax)
+    a.jne("utoa.digit")
+    a.mov(byte[rcx], 0)
+    a.dec(rcx)
+    a.label("utoa.reverse")
+    a.cmp(rdi, rcx)
+    a.jae("utoa.done")
+    a.mov(al, byte[rdi])
+    a.mov(dl, byte[rcx])
+    a.mov(byte[rdi], dl)
+    a.mov(byte[rcx], al)
+    a.inc(rdi)
+    a.dec(rcx)
+    a.jmp("utoa.reverse")
+    a.label("utoa.done")
+    a.ret()
+
+    a.label("atou")
+    a.xor(eax, eax)
+    a.label("atou.digit")
+    a.movzx(ecx, byte[rsi])
+    a.sub(ecx, ord("0"))
+    a.cmp(ecx, 9)
+    a.ja("atou.done")
+    a.imul(rax, rax, 10)
+    a.add(rax, rcx)
+    a.inc(rsi)
+    a.jmp("atou.digit")
+    a.label("atou.done")
+    a.ret()
+
+
+def _emit_blk_request(p: PVProgram) -> None:
+    """blk_request(edi = operation, esi = segments (0 or 1), rdx = sector,
+    ecx = last sector of the data page) -> rax = the response's status. The one segment
+    is the data page (grant DATA_REF) from its first sector. Waits for the response."""
+    a = p.a
+    a.label("blk_request")
+    a.push(rbx)
+    a.mov(eax, dword["blk_req_prod"])
+    a.and_(eax, RING_ENTRIES - 1)
+    a.imul(eax, eax, REQ_SIZE)
+    a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+    a.add(rbx, rax)
+    a.shl(esi, 8)
+    a.or_(esi, edi)
+    a.mov(dword[rbx], esi)              # operation, nr_segments, handle 0
+    a.mov(dword[rbx + 4], 0)
+    a.mov(eax, dword["blk_req_prod"])
+    a.mov(qword[rbx + 8], rax)          # id
+    a.mov(qword[rbx + 16], rdx)         # sector_number
+    a.mov(dword[rbx + 24], DATA_REF)    # seg[0].gref
+    a.shl(ecx, 8)
+    a.mov(dword[rbx + 28], ecx)         # first_sect 0, last_sect
+    a.inc(dword["blk_req_prod"])
+    a.mov(eax, dword["blk_req_prod"])
+    a.mov(dword["blk_ring"], eax)       # req_prod, after the request (x86: in order)
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "blk_port")
+    a.label("blk_request.wait")
+    a.mov(eax, dword[rip + "blk_ring" + 8])     # rsp_prod
+    a.cmp(eax, dword["blk_rsp_cons"])
+    a.jne("blk_request.done")
+    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.jmp("blk_request.wait")
+    a.label("blk_request.done")
+    a.mov(eax, dword["blk_rsp_cons"])
+    a.and_(eax, RING_ENTRIES - 1)
+    a.imul(eax, eax, REQ_SIZE)
+    a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+    a.movsx(rax, word[rbx + rax + 10])  # status
+    a.inc(dword["blk_rsp_cons"])
+    a.pop(rbx)
+    a.ret()
+
+
+def blkfront_guest() -> bytes:
+    p = PVProgram(guest_os="trapless-blkfront")
+    a = p.a
+    # xenstore: the ring start_info names (VIRT_BASE 0: a frame's address is its own)
+    a.mov(rax, qword["start_info_ptr"])
+    a.mov(r12, qword[rax + offsetof("start_info", "store_mfn")])
+    a.shl(r12, 12)
+    a.mov(ecx, dword[rax + offsetof("start_info", "store_evtchn")])
+    a.mov(dword["xs_port"], ecx)
+
+    # the disk: the first device/vbd entry, and its backend's directory
+    a.mov(edi, C.XS_DIRECTORY)
+    a.lea(rsi, ptr[p.string("device/vbd")])
+    a.mov(edx, len("device/vbd") + 1)
+    a.call("xs_cmd")
+    a.cmp(eax, C.XS_DIRECTORY)
+    crash_unless_je(p, "blkfront: no device/vbd in xenstore: ")
+    a.cmp(byte["xs_reply"], 0)
+    crash_unless_jne(p, "blkfront: no disk in device/vbd")
+    copy_cstr(p, "front", "device/vbd/", "xs_reply")
+    p.print("blkfront: device ")
+    a.lea(rdi, ptr["xs_reply"])
+    a.call("print_cstr")
+    a.lea(rdi, ptr["front"])
+    a.lea(rsi, ptr[p.string("backend")])
+    a.call("xs_read")
+    a.cmp(eax, C.XS_READ)
+    crash_unless_je(p, "blkfront: no backend key: ")
+    copy_cstr(p, "back", "", "xs_reply")
+    p.print(", backend ")
+    a.lea(rdi, ptr["back"])
+    a.call("print_cstr")
+    p.print("\n")
+
+    # the grant table: one frame, mapped over a page of our own
+    p.hypercall("grant_table_op", C.GNTTABOP_setup_table, "setup", 1)
+    a.movsx(rax, word[rip + "setup" + offsetof("gnttab_setup_table", "status")])
+    crash_unless(p, "je", "blkfront: setup_table: ")
+    a.mov(rsi, qword["frames"])
+    a.shl(rsi, 12)
+    a.or_(rsi, P | RW | A | D)
+    a.lea(rdi, ptr["gt"])
+    p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
+    crash_unless(p, "je", "blkfront: mapping the grant table: ")
+    for ref, page in ((RING_REF, "blk_ring"), (DATA_REF, "data")):
+        at = ref * 8                    # struct grant_entry_v1: flags, domid, frame
+        a.lea(rax, ptr[page])
+        a.shr(rax, 12)
+        a.mov(dword[rip + "gt" + at + 4], eax)          # the frame, the backend (dom0) ...
+        a.mov(word[rip + "gt" + at + 2], 0)
+        a.mov(word[rip + "gt" + at], C.GTF_permit_access)   # ... then the flags
+    a.mov(dword[rip + "blk_ring" + 4], 1)               # req_event
+    a.mov(dword[rip + "blk_ring" + 12], 1)              # rsp_event
+
+    # an event channel for the backend in dom0
+    p.hypercall("event_channel_op", C.EVTCHNOP_alloc_unbound, "unbound")
+    crash_unless(p, "je", "blkfront: alloc_unbound: ")
+    a.mov(eax, dword[rip + "unbound" + offsetof("evtchn_alloc_unbound", "port")])
+    a.mov(dword["blk_port"], eax)
+
+    # publish the ring, then Initialised; wait for the backend to be Connected
+    for key, value in (("ring-ref", str(RING_REF)), ("protocol", "x86_64-abi")):
+        a.lea(rdi, ptr["front"])
+        a.lea(rsi, ptr[p.string(key)])
+        a.lea(rdx, ptr[p.string(value)])
+        a.call("xs_write")
+    a.mov(eax, dword["blk_port"])
+    a.lea(rdi, ptr["number"])
+    a.call("utoa")
+    a.lea(rdi, ptr["front"])
+    a.lea(rsi, ptr[p.string("event-channel")])
+    a.lea(rdx, ptr["number"])
+    a.call("xs_write")
+    a.lea(rdi, ptr["front"])
+    a.lea(rsi, ptr[p.string("state")])
+    a.lea(rdx, ptr[p.string(str(C.XenbusStateInitialised))])
+    a.call("xs_write")
+    a.label("wait_connected")
+    a.lea(rdi, ptr["back"])
+    a.lea(rsi, ptr[p.string("state")])
+    a.call("xs_read")
+    a.lea(rsi, ptr["xs_reply"])
+    a.call("atou")
+    a.cmp(eax, C.XenbusStateConnected)
+    a.je("connected")
+    a.cmp(eax, C.XenbusStateClosing)
+    crash_unless_jb(p, "blkfront: the backend refused the ring, state ")
+    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.jmp("wait_connected")
+    a.label("connected")
+    a.lea(rdi, ptr["front"])
+    a.lea(rsi, ptr[p.string("state")])
+    a.lea(rdx, ptr[p.string(str(C.XenbusStateConnected))])
+    a.call("xs_write")
+    a.lea(rdi, ptr["back"])
+    a.lea(rsi, ptr[p.string("sectors")])
+    a.call("xs_read")
+    a.lea(rsi, ptr["xs_reply"])
+    a.call("atou")
+    a.mov(r13, rax)                     # the disk's sectors
+    a.lea(rdi, ptr["back"])
+    a.lea(rsi, ptr[p.string("mode")])
+    a.call("xs_read")
+    a.movzx(eax, byte["xs_reply"])
+    a.mov(r15, rax)                     # 'r' or 'w'
+    p.print("blkfront: connected, ")
+    a.mov(rdi, r13)
+    a.call("print_dec")
+    p.print(" sectors, mode ")
+    a.lea(rdi, ptr["xs_reply"])
+    a.call("print_cstr")
+    p.print("\n")
+
+    # read it all, a page (8 sectors) at a time, hashing as it comes
+    a.mov(r14, 0)                       # the next sector
+    a.mov(rbx, FNV_OFFSET)
+    a.label("read_loop")
+    a.cmp(r14, r13)
+    a.jae("read_done")
+    a.mov(rcx, r13)
+    a.sub(rcx, r14)
+    a.cmp(rcx, 8)
+    a.jbe("read_count")
+    a.mov(ecx, 8)
+    a.label("read_count")
+    a.push(rcx)
+    a.dec(ecx)                          # the last sector of the page it fills
+    a.mov(edi, C.BLKIF_OP_READ)
+    a.mov(esi, 1)
+    a.mov(rdx, r14)
+    a.call("blk_request")
+    a.pop(rcx)
+    crash_unless(p, "je", "blkfront: read failed, status ")
+    a.add(r14, rcx)
+    a.shl(ecx, 9)                       # bytes
+    a.lea(rsi, ptr["data"])
+    a.mov(rdi, FNV_PRIME)
+    a.label("hash")
+    a.movzx(eax, byte[rsi])
+    a.xor(rbx, rax)
+    a.imul(rbx, rdi)
+    a.inc(rsi)
+    a.dec(ecx)
+    a.jne("hash")
+    a.jmp("read_loop")
+    a.label("read_done")
+    p.print("blkfront: read ")
+    a.mov(rdi, r13)
+    a.call("print_dec")
+    p.print(" sectors, fnv1a64 ")
+    a.mov(rdi, rbx)
+    a.call("print_hex")
+    p.print("\n")
+
+    # write sector 1 (asked even of a read-only disk, which must refuse), flush, read back
+    a.lea(rdi, ptr["data"])
+    a.lea(rsi, ptr["pattern"])
+    a.mov(ecx, 512)
+    a.label("fill")
+    a.mov(al, byte[rsi])
+    a.mov(byte[rdi], al)
+    a.inc(rdi)
+    a.inc(rsi)
+    a.dec(ecx)
+    a.jne("fill")
+    a.mov(edi, C.BLKIF_OP_WRITE)
+    a.mov(esi, 1)
+    a.mov(edx, WRITE_SECTOR)
+    a.xor(ecx, ecx)
+    a.call("blk_request")
+    a.mov(rbx, rax)
+    a.mov(edi, C.BLKIF_OP_FLUSH_DISKCACHE)
+    a.xor(esi, esi)
+    a.xor(edx, edx)
+    a.xor(ecx, ecx)
+    a.call("blk_request")
+    a.mov(r14, rax)
+    a.lea(rdi, ptr["data"])             # forget what it wrote, then read the sector
+    a.mov(ecx, 512)
+    a.label("wipe")
+    a.mov(byte[rdi], 0)
+    a.inc(rdi)
+    a.dec(ecx)
+    a.jne("wipe")
+    a.mov(edi, C.BLKIF_OP_READ)
+    a.mov(esi, 1)
+    a.mov(edx, WRITE_SECTOR)
+    a.xor(ecx, ecx)
+    a.call("blk_request")
+    a.mov(r13, rax)
+    p.print("blkfront: write sector 1: ")
+    a.mov(rdi, rbx)
+    a.call("print_sdec")
+    p.print(", flush: ")
+    a.mov(rdi, r14)
+    a.call("print_sdec")
+    p.print(", read back: ")
+    a.mov(rdi, r13)
+    a.call("print_sdec")
+    a.lea(rdi, ptr["data"])
+    a.lea(rsi, ptr["pattern"])
+    a.mov(ecx, 512)
+    a.label("compare")
+    a.mov(al, byte[rdi])
+    a.cmp(al, byte[rsi])
+    a.jne("compare.differs")
+    a.inc(rdi)
+    a.inc(rsi)
+    a.dec(ecx)
+    a.jne("compare")
+    p.print(", what it wrote\n")
+    a.jmp("compare.done")
+    a.label("compare.differs")
+    p.print(", not what it wrote\n")
+    a.label("compare.done")
+
+    # close the device, as a frontend does before it goes
+    a.lea(rdi, ptr["front"])
+    a.lea(rsi, ptr[p.string("state")])
+    a.lea(rdx, ptr[p.string(str(C.XenbusStateClosed))])
+    a.call("xs_write")
+    p.print("blkfront: closed\n")
+    a.xor(eax, eax)
+    a.ret()
+
+    _emit_xenstore(p)
+    _emit_numbers(p)
+    _emit_blk_request(p)
+
+    a.section(".data")
+    a.align(8)
+    a.label("setup")                    # struct gnttab_setup_table
+    a.dw(C.DOMID_SELF, 0)
+    a.dd(1)
+    a.dw(0, 0, 0, 0)
+    a.dq(a.ref("frames"))
+    a.label("frames")
+    a.dq(0)
+    a.label("unbound")                  # struct evtchn_alloc_unbound: for dom0
+    a.dw(C.DOMID_SELF, 0)
+    a.dd(0)
+    a.label("xs_port")                  # EVTCHNOP_send's arguments
+    a.dd(0)
+    a.label("blk_port")
+    a.dd(0)
+    a.label("blk_req_prod")
+    a.dd(0)
+    a.label("blk_rsp_cons")
+    a.dd(0)
+    a.align(8)
+    a.label("xs_value")
+    a.dq(0)
+    a.label("xs_hdr")
+    a.dd(0, 0, 0, 0)
+    a.label("pattern")
+    a.db(sector_pattern())
+    a.section(".bss")
+    a.align(4096)
+    a.label("gt")                       # the grant table's frame is mapped here
+    a.reserve(4096)
+    a.label("blk_ring")
+    a.reserve(4096)
+    a.label("data")
+    a.reserve(4096)
+    a.label("xs_reply")
+    a.reserve(REPLY_MAX + 1)
+    a.label("xs_path")
+    a.reserve(2 * REPLY_MAX + 64)
+    a.label("front")
+    a.reserve(REPLY_MAX + 16)
+    a.label("back")
+    a.reserve(REPLY_MAX + 1)
+    a.label("number")
+    a.reserve(24)
+    a.section(".text")
+    return p.elf()
+
+
+def crash_unless_jne(p: PVProgram, message: str) -> None:
+    ok = f"blkfront.ok{next(_labels)}"
+    p.a.jne(ok)
+    _crash(p, message, ok)
+
+
+def crash_unless_jb(p: PVProgram, message: str) -> None:
+    ok = f"blkfront.ok{next(_labels)}"
+    p.a.jb(ok)
+    _crash(p, message, ok)
+
+
+def copy_cstr(p: PVProgram, dst: str, prefix: str, src: str) -> None:
+    """dst = prefix + the string at src (NUL-terminated)."""
+    a = p.a
+    a.lea(rdi, ptr[dst])
+    for ch in prefix.encode():
+        a.mov(byte[rdi], ch)
+        a.inc(rdi)
+    a.lea(rsi, ptr[src])
+    loop = f"copy_cstr.{next(_labels)}"
+    a.label(loop)
+    a.mov(al, byte[rsi])
+    a.mov(byte[rdi], al)
+    a.inc(rdi)
+    a.inc(rsi)
+    a.test(al, al)
+    a.jne(loop)

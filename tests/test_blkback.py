@@ -1,0 +1,86 @@
+"""The PV block device: trapless's backend (cext/blkback.c) serving a raw image to a
+frontend in trapless's own PV kernel (guest_kernel/blkfront.py) through the XenbusState
+handshake, granted ring and data pages and an event channel, on every engine. The guest
+prints a checksum of the whole disk; the host computes its own of the file, and looks
+at the sector the guest wrote once the domain is gone."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from abi import C
+from guest_kernel.blkfront import blkfront_guest, fnv1a64, sector_pattern
+from hypervisor import xenstore
+from hypervisor.config import parse_disk
+from hypervisor.domain import Domain
+from hypervisor._hv import ffi, lib
+
+SECTORS = 2048                                   # a 1 MiB disk
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory):
+    path = tmp_path_factory.mktemp("blk") / "blkfront.elf"
+    path.write_bytes(blkfront_guest())
+    return path
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(random.Random(15).randbytes(SECTORS * 512))
+    return path
+
+
+def stats(domid: int, devid: int):
+    s = ffi.new("struct hv_blkback_stats *")
+    assert lib.hv_blkback_stats(domid, devid, s) == 0
+    return s
+
+
+def run(guest, image, engine, spec: str, domid: int = 7):
+    disk = parse_disk(spec.format(image=image))
+    with Domain(guest, memory_mib=32, engine=engine, domid=domid, disks=[disk]) as dom:
+        stop = dom.run(timeout=120)
+        out = dom.console_output.decode(errors="replace")
+        s = stats(domid, disk.devid)
+        backend_state = xenstore.read(f"/local/domain/0/backend/vbd/{domid}/{disk.devid}/state")
+    return stop, out, s, backend_state
+
+
+def test_the_guest_reads_the_whole_disk_and_writes_a_sector(guest, image, engine):
+    original = image.read_bytes()
+    stop, out, s, state = run(guest, image, engine, "format=raw, vdev=xvda, access=rw, target={image}")
+    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
+    assert out == (
+        "blkfront: device 51712, backend /local/domain/0/backend/vbd/7/51712\n"
+        f"blkfront: connected, {SECTORS} sectors, mode w\n"
+        f"blkfront: read {SECTORS} sectors, fnv1a64 {fnv1a64(original):#x}\n"
+        "blkfront: write sector 1: 0, flush: 0, read back: 0, what it wrote\n"
+        "blkfront: closed\n")
+    # the frontend closed: so did the backend
+    assert state == str(C.XenbusStateClosed).encode()
+    assert (s.sectors_read, s.sectors_written) == (SECTORS + 1, 1)
+    assert (s.errors, s.bad_grants, s.ring_broken) == (0, 0, 0)
+    assert s.flushes == 1
+    # after the domain: sector 1 is what the guest wrote, the rest is untouched
+    after = image.read_bytes()
+    assert after[512:1024] == sector_pattern()
+    assert after[:512] + after[1024:] == original[:512] + original[1024:]
+
+
+def test_a_read_only_disk_refuses_the_write(guest, image, engine):
+    original = image.read_bytes()
+    stop, out, s, _ = run(guest, image, engine, "{image},raw,xvdb,ro", domid=8)
+    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
+    assert out == (
+        "blkfront: device 51728, backend /local/domain/0/backend/vbd/8/51728\n"
+        f"blkfront: connected, {SECTORS} sectors, mode r\n"
+        f"blkfront: read {SECTORS} sectors, fnv1a64 {fnv1a64(original):#x}\n"
+        f"blkfront: write sector 1: {C.BLKIF_RSP_ERROR}, flush: 0, read back: 0, "
+        "not what it wrote\n"
+        "blkfront: closed\n")
+    assert s.errors == 1 and s.sectors_written == 0
+    assert image.read_bytes() == original
