@@ -8,7 +8,9 @@ Initialised and waits for the backend to be Connected (the XenbusState handshake
 io/blkif.h). It reads the whole disk a page at a time and prints an FNV-1a 64 checksum
 of it; unless the disk is read-only (the backend's `mode`) it writes sector 1, flushes
 the disk cache and reads the sector back; a read-only disk is asked for a write anyway
-and must refuse it. Every request waits for its response (polling, yielding). Then it
+and must refuse it. Then it sends requests a backend must refuse (beyond the disk, a page
+it did not grant, too many segments, a sector past the page, an unknown operation) and
+prints each status. Every request waits for its response (polling, yielding). Then it
 closes the device and powers off.
 
     blkfront_guest() -> ELF image; the console says
@@ -29,6 +31,7 @@ from .pvlib import crash_unless
 from .runtime import PVProgram
 
 RING_REF, DATA_REF = 8, 9               # grant refs (0 and 1 are Xen's reserved ones)
+UNGRANTED_REF = 10                      # an entry it never fills
 RING_ENTRIES = 32                       # a one-page blkif ring: (4096 - 64) / 112 -> 32
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 WRITE_SECTOR = 1
@@ -294,7 +297,8 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.mov(eax, dword["blk_req_prod"])
     a.mov(qword[rbx + 8], rax)          # id
     a.mov(qword[rbx + 16], rdx)         # sector_number
-    a.mov(dword[rbx + 24], DATA_REF)    # seg[0].gref
+    a.mov(eax, dword["blk_gref"])
+    a.mov(dword[rbx + 24], eax)         # seg[0].gref
     a.shl(ecx, 8)
     a.mov(dword[rbx + 28], ecx)         # first_sect 0, last_sect
     a.inc(dword["blk_req_prod"])
@@ -418,6 +422,7 @@ def blkfront_guest() -> bytes:
     a.lea(rsi, ptr["xs_reply"])
     a.call("atou")
     a.mov(r13, rax)                     # the disk's sectors
+    a.mov(qword["disk_sectors"], rax)
     a.lea(rdi, ptr["back"])
     a.lea(rsi, ptr[p.string("mode")])
     a.call("xs_read")
@@ -534,6 +539,30 @@ def blkfront_guest() -> bytes:
     p.print(", not what it wrote\n")
     a.label("compare.done")
 
+    # requests a backend must refuse, each answered and nothing else changed
+    refusals = (("beyond the disk", C.BLKIF_OP_READ, 1, "r13", 0, DATA_REF),
+                ("a page it did not grant", C.BLKIF_OP_READ, 1, 0, 0, UNGRANTED_REF),
+                ("12 segments", C.BLKIF_OP_READ, 12, 0, 0, DATA_REF),
+                ("last_sect 8", C.BLKIF_OP_READ, 1, 0, 8, DATA_REF),
+                ("operation 4", 4, 0, 0, 0, DATA_REF))
+    a.mov(r13, qword["disk_sectors"])     # the disk's size again (r13 held a status)
+    p.print("blkfront: refused:")
+    for i, (what, op, segs, sector, last, gref) in enumerate(refusals):
+        a.mov(dword["blk_gref"], gref)
+        a.mov(edi, op)
+        a.mov(esi, segs)
+        if sector == "r13":
+            a.mov(rdx, r13)
+        else:
+            a.mov(edx, sector)
+        a.mov(ecx, last)
+        a.call("blk_request")
+        a.mov(rbx, rax)
+        p.print(f"{',' if i else ''} {what} ")
+        a.mov(rdi, rbx)
+        a.call("print_sdec")
+    p.print("\n")
+
     # close the device, as a frontend does before it goes
     a.lea(rdi, ptr["front"])
     a.lea(rsi, ptr[p.string("state")])
@@ -563,11 +592,15 @@ def blkfront_guest() -> bytes:
     a.dd(0)
     a.label("blk_port")
     a.dd(0)
+    a.label("blk_gref")                 # the segment's grant: DATA_REF but to test refusals
+    a.dd(DATA_REF)
     a.label("blk_req_prod")
     a.dd(0)
     a.label("blk_rsp_cons")
     a.dd(0)
     a.align(8)
+    a.label("disk_sectors")
+    a.dq(0)
     a.label("xs_value")
     a.dq(0)
     a.label("xs_hdr")
