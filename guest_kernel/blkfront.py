@@ -32,6 +32,7 @@ from .runtime import PVProgram
 
 RING_REF, DATA_REF = 8, 9               # grant refs (0 and 1 are Xen's reserved ones)
 UNGRANTED_REF = 10                      # an entry it never fills
+SAVED = (rbx, r12, r13, r14, r15)       # callee-saved registers it uses
 RING_ENTRIES = 32                       # a one-page blkif ring: (4096 - 64) / 112 -> 32
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 WRITE_SECTOR = 1
@@ -323,8 +324,33 @@ def _emit_blk_request(p: PVProgram) -> None:
 
 
 def blkfront_guest() -> bytes:
+    """A kernel that runs only the frontend, then powers off."""
     p = PVProgram(guest_os="trapless-blkfront")
+    p.a.jmp("blkfront_main")
+    emit_blkfront(p)
+    return p.elf()
+
+
+def emit_blkfront_check(p: PVProgram) -> None:
+    """Emit, in main: with the word `blkfront` on the command line, run the frontend and
+    power off after it (the PV kernel's hook)."""
     a = p.a
+    p.load_arg(rdi, p.string("blkfront"))
+    a.call("cmdline_has_word")
+    a.test(rax, rax)
+    a.je("blkfront.skip")
+    a.call("blkfront_main")
+    a.mov(eax, C.SHUTDOWN_poweroff)
+    a.ret()
+    a.label("blkfront.skip")
+
+
+def emit_blkfront(p: PVProgram) -> None:
+    """blkfront_main() -> rax = 0: the frontend, and everything it needs."""
+    a = p.a
+    a.label("blkfront_main")
+    for reg in SAVED:
+        a.push(reg)
     # xenstore: the ring start_info names (VIRT_BASE 0: a frame's address is its own)
     a.mov(rax, qword["start_info_ptr"])
     a.mov(r12, qword[rax + offsetof("start_info", "store_mfn")])
@@ -569,6 +595,8 @@ def blkfront_guest() -> bytes:
     a.lea(rdx, ptr[p.string(str(C.XenbusStateClosed))])
     a.call("xs_write")
     p.print("blkfront: closed\n")
+    for reg in reversed(SAVED):
+        a.pop(reg)
     a.xor(eax, eax)
     a.ret()
 
@@ -626,7 +654,6 @@ def blkfront_guest() -> bytes:
     a.label("number")
     a.reserve(24)
     a.section(".text")
-    return p.elf()
 
 
 def crash_unless_jne(p: PVProgram, message: str) -> None:

@@ -6,7 +6,8 @@ runs a 100 Hz tick for `ticks=N` ticks (default 10), blocking between ticks and
 timing them with the PV clock; balloons 1 MiB out and back in, maps it through
 mmu_update batched in one multicall, uses it and gives it back; then powers off.
 With `interactive` on its command line it runs a console shell instead, after the
-banner (pv_interactive.py): a person talks to it through `console DOM`.
+banner (pv_interactive.py): a person talks to it through `console DOM`. With `blkfront`
+it uses its first disk through Xen's block device instead (blkfront.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from abi import C, offsetof
 
 from .asm import (byte, dl, dword, eax, ecx, edi, edx, esi, ptr, qword, r12, r13, rax, rbx,
                   rcx, rdi, rdx, rip, rsi)
+from .blkfront import emit_blkfront, emit_blkfront_check
 from .pv_interactive import emit_interactive, emit_interactive_check
 from .pvlib import (UPCALL_MASK, UPCALL_VECTOR, crash_unless, emit_block_until, emit_events,
                     emit_pvclock, emit_traps, set_port_handler)
@@ -237,6 +239,7 @@ def build_pv_kernel() -> bytes:
     a = p.a
     emit_banner(p)
     emit_interactive_check(p)       # `interactive`: a console shell instead of the tick demo
+    emit_blkfront_check(p)          # `blkfront`: its disk through Xen's block device
     emit_events_and_ticks(p)
     emit_memory_demo(p)
     p.print("powering off\n")
@@ -247,4 +250,5 @@ def build_pv_kernel() -> bytes:
     emit_events(p)
     emit_pvclock(p)
     emit_interactive(p)
+    emit_blkfront(p)
     return p.elf()

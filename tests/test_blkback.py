@@ -89,3 +89,53 @@ def test_a_read_only_disk_refuses_the_write(guest, image, engine):
         + REFUSED + "blkfront: closed\n")
     assert (s.errors, s.bad_grants, s.sectors_written) == (6, 1, 0)
     assert image.read_bytes() == original
+
+
+@pytest.fixture(scope="module")
+def pv_kernel(tmp_path_factory):
+    from guest_kernel.pv_kernel import build_pv_kernel
+    path = tmp_path_factory.mktemp("blk-pv") / "pv-kernel.elf"
+    path.write_bytes(build_pv_kernel())
+    return path
+
+
+def test_xl_disk_configs_through_the_toolstack_two_domains_at_once(tmp_path, pv_kernel,
+                                                                    engine):
+    """`disk = [...]` in xl's syntax, the PV kernel with `blkfront`: two domains, each
+    with its own disk, at the same time; one destroyed while it reads leaves the other
+    working and its own image as it was."""
+    from hypervisor import config
+    from hypervisor.toolstack import Toolstack
+    from helpers import wait_for
+    images = {}
+    for name, size in (("a", SECTORS * 512), ("big", 256 << 20)):
+        images[name] = tmp_path / f"{name}.img"
+        with open(images[name], "wb") as f:
+            f.write(random.Random(name).randbytes(SECTORS * 512))
+            f.truncate(size)                  # the rest: a hole, read as zeros
+        (tmp_path / f"{name}.cfg").write_text(
+            f'name = "{name}"\nkernel = "{pv_kernel}"\nmemory = 32\ncmdline = "blkfront"\n'
+            f'engine = "{engine}"\non_poweroff = "preserve"\n'
+            f"disk = [ 'format=raw, vdev=xvda, access=rw, target={name}.img' ]\n")
+    big_before = images["big"].read_bytes()[:SECTORS * 512]
+    ts = Toolstack()
+    try:
+        big = ts.create(config.load(tmp_path / "big.cfg"))
+        a = ts.create(config.load(tmp_path / "a.cfg"))
+        assert wait_for(lambda: "connected" in big.console_text, timeout=60)
+        s = ffi.new("struct hv_blkback_stats *")
+        assert lib.hv_blkback_stats(big.domid, 51712, s) == 0
+        assert s.sectors_read < (256 << 20) // 512        # still reading ...
+        ts.destroy(big)                       # ... when destroyed: its backend stops with it
+        assert lib.hv_blkback_stats(big.domid, 51712, s) == -C.XEN_ENOENT
+        assert wait_for(lambda: "blkfront: closed" in a.console_text, timeout=120), \
+            a.console_text
+        assert "blkfront: write sector 1: 0, flush: 0, read back: 0, what it wrote" \
+            in a.console_text
+    finally:
+        ts.shutdown()
+    expected = random.Random("a").randbytes(SECTORS * 512)
+    assert f"read {SECTORS} sectors, fnv1a64 {fnv1a64(expected):#x}" in a.console_text
+    after = images["a"].read_bytes()
+    assert after[512:1024] == sector_pattern() and after[1024:] == expected[1024:]
+    assert images["big"].read_bytes()[:SECTORS * 512] == big_before

@@ -193,7 +193,7 @@ def test_scripted_errors_are_one_line_each_and_the_script_goes_on(configs):
                             "pause zz; trace a 999; console a; list")
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
-        "error: bad.cfg:2: unknown key 'memroy' (known: cmdline, engine, extra, "
+        "error: bad.cfg:2: unknown key 'memroy' (known: cmdline, disk, engine, extra, "
         "kernel, maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, type, vcpus)",
         "error: command line: on_crash = 'reboot': must be destroy, restart or preserve",
         "error: bad.cfg: not an ELF file (bad magic)",
