@@ -37,7 +37,7 @@ RING_ENTRIES = 32                       # a one-page blkif ring: (4096 - 64) / 1
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 WRITE_SECTOR = 1
 PATTERN = b"trapless blkfront wrote sector 1 "          # repeated over the sector
-P, RW, A, D = 0x1, 0x2, 0x20, 0x40
+P, RW, U, A, D = 0x1, 0x2, 0x4, 0x20, 0x40
 
 XS_REQ = offsetof("xenstore_domain_interface", "req")
 XS_RSP = offsetof("xenstore_domain_interface", "rsp")
@@ -323,9 +323,10 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.ret()
 
 
-def blkfront_guest() -> bytes:
-    """A kernel that runs only the frontend, then powers off."""
-    p = PVProgram(guest_os="trapless-blkfront")
+def blkfront_guest(xen_pv: bool = True) -> bytes:
+    """A kernel that runs only the frontend, then powers off; xen_pv: in Xen's PV CPU
+    model (its kernel in ring 3), else a ring-0 kernel."""
+    p = PVProgram(guest_os="trapless-blkfront", xen_pv=xen_pv)
     p.a.jmp("blkfront_main")
     emit_blkfront(p)
     return p.elf()
@@ -388,7 +389,7 @@ def emit_blkfront(p: PVProgram) -> None:
     crash_unless(p, "je", "blkfront: setup_table: ")
     a.mov(rsi, qword["frames"])
     a.shl(rsi, 12)
-    a.or_(rsi, P | RW | A | D)
+    a.or_(rsi, P | RW | U | A | D)        # U: a Xen-model kernel runs in ring 3
     a.lea(rdi, ptr["gt"])
     p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
     crash_unless(p, "je", "blkfront: mapping the grant table: ")
