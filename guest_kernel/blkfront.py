@@ -32,8 +32,10 @@ from .runtime import PVProgram
 
 RING_REF, DATA_REF = 8, 9               # grant refs (0 and 1 are Xen's reserved ones)
 UNGRANTED_REF = 10                      # an entry it never fills
+DATA2_REF, INDIRECT_REF, RING2_REF = 11, 12, 13
 SAVED = (rbx, r12, r13, r14, r15)       # callee-saved registers it uses
-RING_ENTRIES = 32                       # a one-page blkif ring: (4096 - 64) / 112 -> 32
+RING_ENTRIES = {0: 32, 1: 64}           # of a 1- and 2-page ring: (pages * 4096 - 64) / 112,
+                                        # rounded down to a power of two (io/ring.h)
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 WRITE_SECTOR = 1
 PATTERN = b"trapless blkfront wrote sector 1 "          # repeated over the sector
@@ -287,7 +289,7 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.label("blk_request")
     a.push(rbx)
     a.mov(eax, dword["blk_req_prod"])
-    a.and_(eax, RING_ENTRIES - 1)
+    a.and_(eax, dword["blk_mask"])
     a.imul(eax, eax, REQ_SIZE)
     a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
     a.add(rbx, rax)
@@ -302,6 +304,30 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.mov(dword[rbx + 24], eax)         # seg[0].gref
     a.shl(ecx, 8)
     a.mov(dword[rbx + 28], ecx)         # first_sect 0, last_sect
+    a.jmp("blk_submit")
+
+    # blk_indirect(): one BLKIF_OP_INDIRECT read of sectors 0-15 into data and data2,
+    # its two segments on the page `indirect` (grant INDIRECT_REF) -> rax = its status
+    a.label("blk_indirect")
+    a.push(rbx)
+    for i, ref in enumerate((DATA_REF, DATA2_REF)):
+        a.mov(dword[rip + "indirect" + 8 * i], ref)
+        a.mov(dword[rip + "indirect" + 8 * i + 4], 7 << 8)     # first_sect 0, last_sect 7
+    a.mov(eax, dword["blk_req_prod"])
+    a.and_(eax, dword["blk_mask"])
+    a.imul(eax, eax, REQ_SIZE)
+    a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+    a.add(rbx, rax)
+    a.mov(dword[rbx], C.BLKIF_OP_INDIRECT | C.BLKIF_OP_READ << 8 | 2 << 16)
+    a.mov(dword[rbx + 4], 0)
+    a.mov(eax, dword["blk_req_prod"])
+    a.mov(qword[rbx + 8], rax)          # id
+    a.mov(qword[rbx + 16], 0)           # sector_number
+    a.mov(dword[rbx + 24], 0)           # handle
+    a.mov(dword[rbx + 28], INDIRECT_REF)    # indirect_grefs[0]
+
+    # blk_submit (rbx pushed, the request written at req_prod): publish, wait, answer
+    a.label("blk_submit")
     a.inc(dword["blk_req_prod"])
     a.mov(eax, dword["blk_req_prod"])
     a.mov(dword["blk_ring"], eax)       # req_prod, after the request (x86: in order)
@@ -314,7 +340,7 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.jmp("blk_request.wait")
     a.label("blk_request.done")
     a.mov(eax, dword["blk_rsp_cons"])
-    a.and_(eax, RING_ENTRIES - 1)
+    a.and_(eax, dword["blk_mask"])
     a.imul(eax, eax, REQ_SIZE)
     a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
     a.movsx(rax, word[rbx + rax + 10])  # status
@@ -393,7 +419,8 @@ def emit_blkfront(p: PVProgram) -> None:
     a.lea(rdi, ptr["gt"])
     p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
     crash_unless(p, "je", "blkfront: mapping the grant table: ")
-    for ref, page in ((RING_REF, "blk_ring"), (DATA_REF, "data")):
+    for ref, page in ((RING_REF, "blk_ring"), (RING2_REF, "blk_ring2"), (DATA_REF, "data"),
+                      (DATA2_REF, "data2"), (INDIRECT_REF, "indirect")):
         at = ref * 8                    # struct grant_entry_v1: flags, domid, frame
         a.lea(rax, ptr[page])
         a.shr(rax, 12)
@@ -409,12 +436,25 @@ def emit_blkfront(p: PVProgram) -> None:
     a.mov(eax, dword[rip + "unbound" + offsetof("evtchn_alloc_unbound", "port")])
     a.mov(dword["blk_port"], eax)
 
-    # publish the ring, then Initialised; wait for the backend to be Connected
-    for key, value in (("ring-ref", str(RING_REF)), ("protocol", "x86_64-abi")):
-        a.lea(rdi, ptr["front"])
-        a.lea(rsi, ptr[p.string(key)])
-        a.lea(rdx, ptr[p.string(value)])
-        a.call("xs_write")
+    # publish the ring (two pages if the backend takes them), then Initialised; wait
+    # for the backend to be Connected
+    a.lea(rdi, ptr["back"])
+    a.lea(rsi, ptr[p.string("max-ring-page-order")])
+    a.call("xs_read")
+    a.lea(rsi, ptr["xs_reply"])
+    a.call("atou")                      # absent: "ENOENT" reads as 0
+    a.test(eax, eax)
+    a.je("ring.one_page")
+    a.mov(dword["blk_mask"], RING_ENTRIES[1] - 1)
+    a.mov(dword["ring_pages"], 2)
+    for key, value in (("ring-page-order", "1"), ("ring-ref0", str(RING_REF)),
+                       ("ring-ref1", str(RING2_REF))):
+        xs_write_const(p, key, value)
+    a.jmp("ring.published")
+    a.label("ring.one_page")
+    xs_write_const(p, "ring-ref", str(RING_REF))
+    a.label("ring.published")
+    xs_write_const(p, "protocol", "x86_64-abi")
     a.mov(eax, dword["blk_port"])
     a.lea(rdi, ptr["number"])
     a.call("utoa")
@@ -461,7 +501,10 @@ def emit_blkfront(p: PVProgram) -> None:
     p.print(" sectors, mode ")
     a.lea(rdi, ptr["xs_reply"])
     a.call("print_cstr")
-    p.print("\n")
+    p.print(", ring of ")
+    a.mov(edi, dword["ring_pages"])
+    a.call("print_dec")
+    p.print(" pages\n")
 
     # read it all, a page (8 sectors) at a time, hashing as it comes
     a.mov(r14, 0)                       # the next sector
@@ -503,6 +546,36 @@ def emit_blkfront(p: PVProgram) -> None:
     a.mov(rdi, rbx)
     a.call("print_hex")
     p.print("\n")
+
+    # sectors 0-15 again in one indirect request, if the backend takes them
+    a.lea(rdi, ptr["back"])
+    a.lea(rsi, ptr[p.string("feature-max-indirect-segments")])
+    a.call("xs_read")
+    a.lea(rsi, ptr["xs_reply"])
+    a.call("atou")
+    a.cmp(eax, 2)
+    a.jb("indirect.skip")
+    a.call("blk_indirect")
+    a.mov(rbx, rax)
+    p.print("blkfront: indirect read of sectors 0-15: ")
+    a.mov(rdi, rbx)
+    a.call("print_sdec")
+    a.mov(rbx, FNV_OFFSET)
+    a.lea(rsi, ptr["data"])
+    a.mov(rdi, FNV_PRIME)
+    a.mov(ecx, 2 * 4096)                # data and data2, one after the other
+    a.label("hash2")
+    a.movzx(eax, byte[rsi])
+    a.xor(rbx, rax)
+    a.imul(rbx, rdi)
+    a.inc(rsi)
+    a.dec(ecx)
+    a.jne("hash2")
+    p.print(", fnv1a64 ")
+    a.mov(rdi, rbx)
+    a.call("print_hex")
+    p.print("\n")
+    a.label("indirect.skip")
 
     # write sector 1 (asked even of a read-only disk, which must refuse), flush, read back
     a.lea(rdi, ptr["data"])
@@ -621,6 +694,10 @@ def emit_blkfront(p: PVProgram) -> None:
     a.dd(0)
     a.label("blk_port")
     a.dd(0)
+    a.label("blk_mask")                 # ring entries - 1
+    a.dd(RING_ENTRIES[0] - 1)
+    a.label("ring_pages")
+    a.dd(1)
     a.label("blk_gref")                 # the segment's grant: DATA_REF but to test refusals
     a.dd(DATA_REF)
     a.label("blk_req_prod")
@@ -640,9 +717,15 @@ def emit_blkfront(p: PVProgram) -> None:
     a.align(4096)
     a.label("gt")                       # the grant table's frame is mapped here
     a.reserve(4096)
-    a.label("blk_ring")
+    a.label("blk_ring")                 # one or two pages, one after the other
+    a.reserve(4096)
+    a.label("blk_ring2")
     a.reserve(4096)
     a.label("data")
+    a.reserve(4096)
+    a.label("data2")
+    a.reserve(4096)
+    a.label("indirect")
     a.reserve(4096)
     a.label("xs_reply")
     a.reserve(REPLY_MAX + 1)
@@ -655,6 +738,15 @@ def emit_blkfront(p: PVProgram) -> None:
     a.label("number")
     a.reserve(24)
     a.section(".text")
+
+
+def xs_write_const(p: PVProgram, key: str, value: str) -> None:
+    """front/key = value."""
+    a = p.a
+    a.lea(rdi, ptr["front"])
+    a.lea(rsi, ptr[p.string(key)])
+    a.lea(rdx, ptr[p.string(value)])
+    a.call("xs_write")
 
 
 def crash_unless_jne(p: PVProgram, message: str) -> None:
