@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 KERNEL := build/pv-kernel.elf
 CMDLINE ?= console=hvc0 ticks=20 hello from make run-guest
 
-.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux compare-linux
+.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux compare-linux bench-blk
 
 # A virtualenv with trapless installed in editable mode; the C extension is rebuilt
 # whenever a C source or the ABI header changes.
@@ -34,6 +34,10 @@ stress: setup
 
 bench: setup
 	$(BIN)/python -m hypervisor bench
+
+# sequential read and write through Xen's block device vs the host, on each engine
+bench-blk: setup
+	$(BIN)/python -m hypervisor.bench_blk kvm bt
 
 # every conformance case on every available engine, the fuzz case at 100,000 calls
 conformance: setup

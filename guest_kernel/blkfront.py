@@ -33,6 +33,8 @@ from .runtime import PVProgram
 RING_REF, DATA_REF = 8, 9               # grant refs (0 and 1 are Xen's reserved ones)
 UNGRANTED_REF = 10                      # an entry it never fills
 DATA2_REF, INDIRECT_REF, RING2_REF = 11, 12, 13
+BENCH_REF, BENCH_SEGS = 16, 32          # the bench's data pages: 128 KiB a request, as
+                                        # Linux's blkfront sends (32 indirect segments)
 SAVED = (rbx, r12, r13, r14, r15)       # callee-saved registers it uses
 RING_ENTRIES = {0: 32, 1: 64}           # of a 1- and 2-page ring: (pages * 4096 - 64) / 112,
                                         # rounded down to a power of two (io/ring.h)
@@ -306,23 +308,25 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.mov(dword[rbx + 28], ecx)         # first_sect 0, last_sect
     a.jmp("blk_submit")
 
-    # blk_indirect(): one BLKIF_OP_INDIRECT read of sectors 0-15 into data and data2,
-    # its two segments on the page `indirect` (grant INDIRECT_REF) -> rax = its status
+    # blk_indirect(edi = BLKIF_OP_READ or _WRITE, rsi = sector, edx = segments): one
+    # BLKIF_OP_INDIRECT request whose segments the page `indirect` (grant INDIRECT_REF)
+    # holds -> rax = its status
     a.label("blk_indirect")
     a.push(rbx)
-    for i, ref in enumerate((DATA_REF, DATA2_REF)):
-        a.mov(dword[rip + "indirect" + 8 * i], ref)
-        a.mov(dword[rip + "indirect" + 8 * i + 4], 7 << 8)     # first_sect 0, last_sect 7
     a.mov(eax, dword["blk_req_prod"])
     a.and_(eax, dword["blk_mask"])
     a.imul(eax, eax, REQ_SIZE)
     a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
     a.add(rbx, rax)
-    a.mov(dword[rbx], C.BLKIF_OP_INDIRECT | C.BLKIF_OP_READ << 8 | 2 << 16)
+    a.shl(edx, 16)
+    a.shl(edi, 8)
+    a.or_(edx, edi)
+    a.or_(edx, C.BLKIF_OP_INDIRECT)
+    a.mov(dword[rbx], edx)              # operation, indirect_op, nr_segments
     a.mov(dword[rbx + 4], 0)
     a.mov(eax, dword["blk_req_prod"])
     a.mov(qword[rbx + 8], rax)          # id
-    a.mov(qword[rbx + 16], 0)           # sector_number
+    a.mov(qword[rbx + 16], rsi)         # sector_number
     a.mov(dword[rbx + 24], 0)           # handle
     a.mov(dword[rbx + 28], INDIRECT_REF)    # indirect_grefs[0]
 
@@ -349,12 +353,14 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.ret()
 
 
-def blkfront_guest(xen_pv: bool = True) -> bytes:
+def blkfront_guest(xen_pv: bool = True, bench: bool = False) -> bytes:
     """A kernel that runs only the frontend, then powers off; xen_pv: in Xen's PV CPU
-    model (its kernel in ring 3), else a ring-0 kernel."""
+    model (its kernel in ring 3), else a ring-0 kernel. bench: instead of its checks,
+    read the whole disk, then write it, in 128 KiB indirect requests, and flush; it
+    prints a line as each part begins and ends (the host times them: make bench)."""
     p = PVProgram(guest_os="trapless-blkfront", xen_pv=xen_pv)
     p.a.jmp("blkfront_main")
-    emit_blkfront(p)
+    emit_blkfront(p, bench)
     return p.elf()
 
 
@@ -372,7 +378,7 @@ def emit_blkfront_check(p: PVProgram) -> None:
     a.label("blkfront.skip")
 
 
-def emit_blkfront(p: PVProgram) -> None:
+def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     """blkfront_main() -> rax = 0: the frontend, and everything it needs."""
     a = p.a
     a.label("blkfront_main")
@@ -419,10 +425,13 @@ def emit_blkfront(p: PVProgram) -> None:
     a.lea(rdi, ptr["gt"])
     p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
     crash_unless(p, "je", "blkfront: mapping the grant table: ")
-    for ref, page in ((RING_REF, "blk_ring"), (RING2_REF, "blk_ring2"), (DATA_REF, "data"),
-                      (DATA2_REF, "data2"), (INDIRECT_REF, "indirect")):
+    pages = [(RING_REF, "blk_ring", 0), (RING2_REF, "blk_ring2", 0), (DATA_REF, "data", 0),
+             (DATA2_REF, "data2", 0), (INDIRECT_REF, "indirect", 0)]
+    if bench:
+        pages += [(BENCH_REF + i, "bench_data", i * 4096) for i in range(BENCH_SEGS)]
+    for ref, page, offset in pages:
         at = ref * 8                    # struct grant_entry_v1: flags, domid, frame
-        a.lea(rax, ptr[page])
+        a.lea(rax, ptr[rip + page + offset])
         a.shr(rax, 12)
         a.mov(dword[rip + "gt" + at + 4], eax)          # the frame, the backend (dom0) ...
         a.mov(word[rip + "gt" + at + 2], 0)
@@ -506,6 +515,10 @@ def emit_blkfront(p: PVProgram) -> None:
     a.call("print_dec")
     p.print(" pages\n")
 
+    if bench:
+        _emit_bench(p)
+        a.jmp("blkfront.close")
+
     # read it all, a page (8 sectors) at a time, hashing as it comes
     a.mov(r14, 0)                       # the next sector
     a.mov(rbx, FNV_OFFSET)
@@ -555,6 +568,12 @@ def emit_blkfront(p: PVProgram) -> None:
     a.call("atou")
     a.cmp(eax, 2)
     a.jb("indirect.skip")
+    for i, ref in enumerate((DATA_REF, DATA2_REF)):    # into data and data2
+        a.mov(dword[rip + "indirect" + 8 * i], ref)
+        a.mov(dword[rip + "indirect" + 8 * i + 4], 7 << 8)     # first_sect 0, last_sect 7
+    a.mov(edi, C.BLKIF_OP_READ)
+    a.xor(esi, esi)
+    a.mov(edx, 2)
     a.call("blk_indirect")
     a.mov(rbx, rax)
     p.print("blkfront: indirect read of sectors 0-15: ")
@@ -664,6 +683,7 @@ def emit_blkfront(p: PVProgram) -> None:
     p.print("\n")
 
     # close the device, as a frontend does before it goes
+    a.label("blkfront.close")
     a.lea(rdi, ptr["front"])
     a.lea(rsi, ptr[p.string("state")])
     a.lea(rdx, ptr[p.string(str(C.XenbusStateClosed))])
@@ -727,6 +747,9 @@ def emit_blkfront(p: PVProgram) -> None:
     a.reserve(4096)
     a.label("indirect")
     a.reserve(4096)
+    if bench:
+        a.label("bench_data")
+        a.reserve(BENCH_SEGS * 4096)
     a.label("xs_reply")
     a.reserve(REPLY_MAX + 1)
     a.label("xs_path")
@@ -738,6 +761,37 @@ def emit_blkfront(p: PVProgram) -> None:
     a.label("number")
     a.reserve(24)
     a.section(".text")
+
+
+def _emit_bench(p: PVProgram) -> None:
+    """The whole disk (r13 sectors, a multiple of BENCH_SEGS pages) read, then written,
+    in indirect requests of BENCH_SEGS pages, then one flush."""
+    a = p.a
+    for i in range(BENCH_SEGS):
+        a.mov(dword[rip + "indirect" + 8 * i], BENCH_REF + i)
+        a.mov(dword[rip + "indirect" + 8 * i + 4], 7 << 8)
+    for op, what in ((C.BLKIF_OP_READ, "read"), (C.BLKIF_OP_WRITE, "write")):
+        p.print(f"bench: {what}\n")
+        a.xor(r14, r14)
+        a.label(f"bench.{what}")
+        a.cmp(r14, r13)
+        a.jae(f"bench.{what}.done")
+        a.mov(edi, op)
+        a.mov(rsi, r14)
+        a.mov(edx, BENCH_SEGS)
+        a.call("blk_indirect")
+        crash_unless(p, "je", f"bench: {what} failed, status ")
+        a.add(r14, BENCH_SEGS * 8)
+        a.jmp(f"bench.{what}")
+        a.label(f"bench.{what}.done")
+        if op == C.BLKIF_OP_WRITE:
+            a.mov(edi, C.BLKIF_OP_FLUSH_DISKCACHE)
+            a.xor(esi, esi)
+            a.xor(edx, edx)
+            a.xor(ecx, ecx)
+            a.call("blk_request")
+            crash_unless(p, "je", "bench: flush failed, status ")
+        p.print(f"bench: {what} done\n")
 
 
 def xs_write_const(p: PVProgram, key: str, value: str) -> None:

@@ -208,6 +208,8 @@ def main(args) -> int:
         result["side_by_side"] = side_by_side(args.iterations)
         result["pv_cpu_models"] = cpu_models(min(args.iterations, 20_000))
     result["cold_start"] = bench_startup.cold_start(engine=args.engine)
+    from . import bench_blk
+    result["block"] = bench_blk.measure(args.engine)
     if args.domains:
         from .bench_scale import measure as measure_scale
         result["scale"] = measure_scale(args.domains, args.engine, ticking=args.ticking)
@@ -246,6 +248,7 @@ def main(args) -> int:
     if "side_by_side" in result:
         console.print(side_by_side_table(result["side_by_side"]))
     console.print(bench_startup.table(result["cold_start"]))
+    console.print(bench_blk.table(result["block"]))
     if "scale" in result:
         from .bench_scale import scale_table
         console.print(scale_table(result["scale"]))

@@ -1,0 +1,103 @@
+"""Sequential disk I/O through Xen's block device against the host on the same file.
+
+The guest (guest_kernel/blkfront.py, bench mode) reads the whole image, then writes it,
+in 128 KiB indirect requests (as Linux's blkfront sends them), and flushes; it prints a
+line as each part begins and ends, and the host times the lines as they arrive. The
+host then does the same on the same file: 128 KiB preads (the page cache as warm as the
+guest had it), 128 KiB pwrites and one fdatasync. The ratios are guest time / host time.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+
+from guest_kernel.blkfront import BENCH_SEGS, blkfront_guest
+
+from .config import parse_disk
+from .domain import Domain
+
+CHUNK = BENCH_SEGS * 4096
+MARKS = ("bench: read\n", "bench: read done\n", "bench: write\n", "bench: write done\n")
+
+
+def _guest_times(image: str, engine: str | None) -> tuple[dict[str, float], str]:
+    seen: dict[str, float] = {}
+    text = bytearray()
+    lock = threading.Lock()
+
+    def on_console(chunk: bytes) -> None:
+        now = time.monotonic()
+        with lock:
+            text.extend(chunk)
+            for mark in MARKS:
+                if mark not in seen and mark.encode() in text:
+                    seen[mark] = now
+
+    with Domain(blkfront_guest(bench=True), memory_mib=32, engine=engine, domid=1,
+                name="bench-blk", disks=[parse_disk(f"{image},raw,xvda")],
+                on_console=on_console) as dom:
+        stop = dom.run(timeout=600)
+        engine_used = dom.engine
+    if (stop.kind, stop.shutdown_name) != ("shutdown", "poweroff") or len(seen) != len(MARKS):
+        raise RuntimeError(f"the bench guest stopped early ({stop.kind}): {text.decode()!r}")
+    return ({"read": seen[MARKS[1]] - seen[MARKS[0]], "write": seen[MARKS[3]] - seen[MARKS[2]]},
+            engine_used)
+
+
+def _host_times(image: str) -> dict[str, float]:
+    fd = os.open(image, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        t = time.monotonic()
+        for off in range(0, size, CHUNK):
+            os.pread(fd, CHUNK, off)
+        read = time.monotonic() - t
+        data = os.urandom(CHUNK)
+        t = time.monotonic()
+        for off in range(0, size, CHUNK):
+            os.pwrite(fd, data, off)
+        os.fdatasync(fd)
+        write = time.monotonic() - t
+    finally:
+        os.close(fd)
+    return {"read": read, "write": write}
+
+
+def measure(engine: str | None = None, mib: int = 64) -> dict:
+    with tempfile.TemporaryDirectory(prefix="trapless-bench-blk-") as d:
+        image = os.path.join(d, "disk.img")
+        with open(image, "wb") as f:
+            for _ in range(mib * (1 << 20) // CHUNK):
+                f.write(os.urandom(CHUNK))
+        guest, engine_used = _guest_times(image, engine)
+        host = _host_times(image)
+    out = {"engine": engine_used, "mib": mib, "request_kib": CHUNK // 1024}
+    for what in ("read", "write"):
+        out[f"guest_{what}_s"] = round(guest[what], 4)
+        out[f"host_{what}_s"] = round(host[what], 4)
+        out[f"{what}_ratio"] = round(guest[what] / host[what], 2)
+        out[f"guest_{what}_mib_s"] = round(mib / guest[what], 1)
+    return out
+
+
+def table(result: dict):
+    from rich.table import Table
+    t = Table(title=f"sequential I/O on a {result['mib']} MiB raw image, "
+                    f"{result['request_kib']} KiB requests ({result['engine']})")
+    for col in ("what", "guest s (blkfront)", "host s", "guest / host", "guest MiB/s"):
+        t.add_column(col, justify="right" if col != "what" else "left")
+    for what in ("read", "write"):
+        t.add_row(what + (" + fdatasync" if what == "write" else ""),
+                  f"{result[f'guest_{what}_s']:.4f}", f"{result[f'host_{what}_s']:.4f}",
+                  f"{result[f'{what}_ratio']:.2f}", f"{result[f'guest_{what}_mib_s']:.1f}")
+    return t
+
+
+if __name__ == "__main__":
+    import sys
+    from rich.console import Console
+    engines = sys.argv[1:] or [None]
+    for engine in engines:
+        Console().print(table(measure(engine)))
