@@ -10,7 +10,8 @@ of it; unless the disk is read-only (the backend's `mode`) it writes sector 1, f
 the disk cache and reads the sector back; a read-only disk is asked for a write anyway
 and must refuse it. Then it sends requests a backend must refuse (beyond the disk, a page
 it did not grant, too many segments, a sector past the page, an unknown operation) and
-prints each status. Every request waits for its response (polling, yielding). Then it
+prints each status, and last moves its producer index a thousand ahead, which must
+stop the backend serving the ring. Every request waits for its response (polling, yielding). Then it
 closes the device and powers off.
 
     blkfront_guest() -> ELF image; the console says
@@ -33,6 +34,7 @@ from .runtime import PVProgram
 RING_REF, DATA_REF = 8, 9               # grant refs (0 and 1 are Xen's reserved ones)
 UNGRANTED_REF = 10                      # an entry it never fills
 DATA2_REF, INDIRECT_REF, RING2_REF = 11, 12, 13
+BAD_AHEAD = 1000                        # a req_prod this far ahead breaks the ring
 BENCH_REF, BENCH_SEGS = 16, 32          # the bench's data pages: 128 KiB a request, as
                                         # Linux's blkfront sends (32 indirect segments)
 SAVED = (rbx, r12, r13, r14, r15)       # callee-saved registers it uses
@@ -681,6 +683,24 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
         a.mov(rdi, rbx)
         a.call("print_sdec")
     p.print("\n")
+
+    # a producer index no frontend produces: the backend stops serving the ring
+    a.mov(eax, dword["blk_req_prod"])
+    a.add(eax, BAD_AHEAD)
+    a.mov(dword["blk_ring"], eax)
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "blk_port")
+    a.label("broken.wait")
+    a.lea(rdi, ptr["back"])
+    a.lea(rsi, ptr[p.string("state")])
+    a.call("xs_read")
+    a.lea(rsi, ptr["xs_reply"])
+    a.call("atou")
+    a.cmp(eax, C.XenbusStateClosing)
+    a.je("broken.seen")
+    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.jmp("broken.wait")
+    a.label("broken.seen")
+    p.print(f"blkfront: req_prod {BAD_AHEAD} ahead: backend state {C.XenbusStateClosing}\n")
 
     # close the device, as a frontend does before it goes
     a.label("blkfront.close")

@@ -24,7 +24,9 @@ SECTORS = 2048                                   # a 1 MiB disk
 # blkback's BLKIF_RSP_ERROR, and EOPNOTSUPP for an operation it does not know
 REFUSED = (f"blkfront: refused: beyond the disk {C.BLKIF_RSP_ERROR}, a page it did not grant "
            f"{C.BLKIF_RSP_ERROR}, 12 segments {C.BLKIF_RSP_ERROR}, last_sect 8 "
-           f"{C.BLKIF_RSP_ERROR}, operation 4 {C.BLKIF_RSP_EOPNOTSUPP}\n")
+           f"{C.BLKIF_RSP_ERROR}, operation 4 {C.BLKIF_RSP_EOPNOTSUPP}\n"
+           # and a producer index no frontend produces: the ring is no longer served
+           f"blkfront: req_prod 1000 ahead: backend state {C.XenbusStateClosing}\n")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def test_the_guest_reads_the_whole_disk_and_writes_a_sector(guest, image, engine
     # the frontend closed: so did the backend
     assert state == str(C.XenbusStateClosed).encode()
     assert (s.sectors_read, s.sectors_written) == (SECTORS + 16 + 1, 1)
-    assert (s.errors, s.bad_grants, s.ring_broken) == (5, 1, 0)
+    assert (s.errors, s.bad_grants, s.ring_broken) == (5, 1, 1)
     assert s.flushes == 1
     # after the domain: sector 1 is what the guest wrote, the rest is untouched
     after = image.read_bytes()
