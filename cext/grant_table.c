@@ -7,12 +7,14 @@
  * it, how often, which frame); per mapping domain a maptrack (the handles map_grant_ref
  * gives out). One lock covers every domain's grant state: a map meets two domains.
  *
- * Mappings: a PV guest's host mapping is an L1 entry written through the PV MMU (mm.c);
- * trapless PV frame numbers are per domain, so a PV domain maps grants of its own
- * (another domain's page has no frame number in its space: GNTST_general_error). A PVH
- * guest's host mapping replaces the page at a guest frame: the granter's page of the
- * memory file is mapped over it (MAP_FIXED; KVM sees it through its MMU notifiers,
- * Unicorn through the host pointer) and unmapping maps the domain's own page back.
+ * Mappings: a PV guest's host mapping is an L1 entry written through the PV MMU (mm.c).
+ * trapless PV frame numbers are per domain, so another domain's page first gets a frame
+ * of the mapper's window (grant_table.h): the granter's page of its memory file is
+ * mapped over that frame (MAP_FIXED; KVM sees it through its MMU notifiers, Unicorn
+ * through the host pointer) and the PTE names the window frame; dev_bus_addr is its
+ * address. A PVH guest's host mapping replaces the page at a guest frame the same way.
+ * Unmapping maps the domain's own page back. The mapper's mapping of the file keeps the
+ * page alive if the granter goes away first.
  * Results follow Xen's common/grant_table.c; where trapless differs it says so.
  */
 #define _GNU_SOURCE
@@ -27,6 +29,9 @@
 #define V2_PER_FRAME      (HV_PAGE_SIZE / sizeof(struct grant_entry_v2))
 #define STATUS_PER_FRAME  (HV_PAGE_SIZE / sizeof(uint16_t))
 #define MAX_ENTRIES       (HV_GNT_MAX_FRAMES * V1_PER_FRAME)
+_Static_assert(HV_GNT_WINDOW_BASE == HV_GNT_MAX_FRAMES + HV_GNT_STATUS_FRAMES &&
+               HV_GNT_REGION_FRAMES == HV_GNT_WINDOW_BASE + HV_GNT_WINDOW_FRAMES &&
+               HV_GNT_STATUS_FRAMES * 2048 >= HV_GNT_MAX_FRAMES * 256, "grant region layout");
 #define INVALID_GFN       (~0ULL)
 #define PTE_P   (1ULL << 0)
 #define PTE_RW  (1ULL << 1)
@@ -46,7 +51,9 @@ struct maptrack {                   /* one mapping a domain holds (its handle) *
     uint16_t dom;                   /* the granter */
     uint32_t ref;
     uint64_t host_addr;
-    uint64_t frame;
+    uint64_t frame;                 /* the granter's frame */
+    uint64_t pte_frame;             /* the frame the mapper names it by (PV) */
+    int32_t  window;                /* the window slot it uses, -1 for none */
 };
 
 struct hv_grant_table {
@@ -60,6 +67,7 @@ struct hv_grant_table {
     uint32_t nr_pinned;             /* entries in use */
     uint32_t frame_maps[HV_GNT_REGION_FRAMES];  /* guest PTEs mapping each region frame */
     uint64_t placed[HV_GNT_REGION_FRAMES];      /* PVH: the gfn add_to_physmap put it at */
+    uint8_t  window_used[HV_GNT_WINDOW_FRAMES];
 };
 
 /* Recursive: a grant op writes page-table entries (mm.c), and an entry it replaces may
@@ -122,7 +130,8 @@ int hv_gnt_frame_take(struct hv_domain *d, uint64_t mfn)
     uint64_t i = mfn - nr_ram_frames(d);
     int rc = 0;
     pthread_mutex_lock(&gnt_lock);
-    if (i < HV_GNT_MAX_FRAMES ? i >= gt->shared_shown
+    if (i >= HV_GNT_WINDOW_BASE ? !gt->window_used[i - HV_GNT_WINDOW_BASE] :
+        i < HV_GNT_MAX_FRAMES ? i >= gt->shared_shown
                               : i - HV_GNT_MAX_FRAMES >= gt->status_shown ||
                                 i - HV_GNT_MAX_FRAMES >= nr_status_frames(gt))
         rc = -XEN_EPERM;            /* Xen: not a frame this domain may map */
@@ -365,6 +374,13 @@ out:
 
 /* ---- map and unmap ---- */
 
+/* A window frame goes back to showing the domain's own (unused) page. */
+static void window_free(struct hv_domain *d, int window)
+{
+    restore(d, nr_ram_frames(d) + HV_GNT_WINDOW_BASE + (uint64_t)window);
+    d->gnt->window_used[window] = 0;
+}
+
 static int is_pvh(const struct hv_domain *d)
 {
     return d->guest_type == HV_GUEST_PVH;
@@ -396,8 +412,8 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
     struct hv_domain *ld = v->dom, *rd;
     struct hv_grant_table *lgt = ld->gnt;
     uint32_t handle, pins = 0;
-    int write = !(op->flags & GNTMAP_readonly);
-    uint64_t frame, pte;
+    int write = !(op->flags & GNTMAP_readonly), window = -1;
+    uint64_t frame, pte, pte_frame;
     int16_t st;
 
     if (!(op->flags & (GNTMAP_host_map | GNTMAP_device_map))) {
@@ -428,23 +444,35 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
         st = pin(rd, op->ref, ld->domid, write, &frame);
         pins += st == GNTST_okay;
     }
+    pte_frame = frame;
+    if (st == GNTST_okay && !is_pvh(ld) && rd != ld) {
+        /* a foreign page: a window frame of ours shows it */
+        for (window = 0; window < HV_GNT_WINDOW_FRAMES && lgt->window_used[window]; window++)
+            ;
+        pte_frame = nr_ram_frames(ld) + HV_GNT_WINDOW_BASE + (uint64_t)window;
+        if (window == HV_GNT_WINDOW_FRAMES || overlay(ld, pte_frame, rd, frame) < 0) {
+            window = -1;
+            st = GNTST_no_device_space;
+        } else {
+            lgt->window_used[window] = 1;
+        }
+    }
     if (st == GNTST_okay && (op->flags & GNTMAP_host_map)) {
         if (is_pvh(ld)) {
             uint64_t gpfn = op->host_addr >> HV_PAGE_SHIFT;
             if (!hv_mm_frame_usable(ld, gpfn) || gpfn == ld->shared_info_gpa >> HV_PAGE_SHIFT ||
                 overlay(ld, gpfn, rd, frame) < 0)
                 st = GNTST_general_error;
-        } else if (rd != ld) {
-            /* trapless PV frame numbers are per domain: no name for rd's page here */
-            st = GNTST_general_error;
         } else if (pv_pte_addr(v, op->host_addr, op->flags, &pte) < 0 ||
-                   hv_mm_set_l1e(ld, pte, grant_pte(frame, op->flags)) < 0) {
+                   hv_mm_set_l1e(ld, pte, grant_pte(pte_frame, op->flags)) < 0) {
             st = GNTST_general_error;
-        }
-        if (st == GNTST_okay && !is_pvh(ld))
+        } else {
             v->ops->flush_tlb(v);
+        }
     }
     if (st != GNTST_okay) {
+        if (window >= 0)
+            window_free(ld, window);
         while (pins--)
             unpin(rd, op->ref, write);
         op->status = st;
@@ -454,9 +482,10 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
         .flags = op->flags & (GNTMAP_host_map | GNTMAP_device_map | GNTMAP_readonly |
                               GNTMAP_contains_pte),
         .dom = op->dom, .ref = op->ref, .host_addr = op->host_addr, .frame = frame,
+        .pte_frame = pte_frame, .window = window,
     };
-    if (op->flags & GNTMAP_device_map)
-        op->dev_bus_addr = frame << HV_PAGE_SHIFT;  /* machine == guest-physical here */
+    if (op->flags & GNTMAP_device_map)      /* machine == guest-physical here */
+        op->dev_bus_addr = pte_frame << HV_PAGE_SHIFT;
     op->handle = handle;
     op->status = GNTST_okay;
 }
@@ -466,7 +495,7 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
 static int16_t unmap_host(struct hv_vcpu *v, struct maptrack *m, uint64_t host_addr, uint64_t new_addr)
 {
     struct hv_domain *ld = v->dom;
-    uint64_t pte, e, want = grant_pte(m->frame, m->flags);
+    uint64_t pte, e, want = grant_pte(m->pte_frame, m->flags);
 
     if (is_pvh(ld)) {
         if (new_addr || host_addr >> HV_PAGE_SHIFT != m->host_addr >> HV_PAGE_SHIFT)
@@ -503,7 +532,8 @@ static int16_t unmap_one(struct hv_vcpu *v, uint32_t handle, uint64_t host_addr,
         return GNTST_bad_handle;
     m = &lgt->maptrack[handle];
     write = !(m->flags & GNTMAP_readonly);
-    if (dev_bus_addr && (m->flags & GNTMAP_device_map) && dev_bus_addr != m->frame << HV_PAGE_SHIFT)
+    if (dev_bus_addr && (m->flags & GNTMAP_device_map) &&
+        dev_bus_addr != m->pte_frame << HV_PAGE_SHIFT)
         return GNTST_bad_dev_addr;
     if (granter(m->dom, &rd) != GNTST_okay)
         rd = NULL;                  /* gone: its side of the grant went with it */
@@ -520,8 +550,11 @@ static int16_t unmap_one(struct hv_vcpu *v, uint32_t handle, uint64_t host_addr,
         if (rd)
             unpin(rd, m->ref, write);
     }
-    if (!(m->flags & (GNTMAP_host_map | GNTMAP_device_map)))
+    if (!(m->flags & (GNTMAP_host_map | GNTMAP_device_map))) {
+        if (m->window >= 0)
+            window_free(v->dom, m->window);
         m->flags = 0;
+    }
     return GNTST_okay;
 }
 
@@ -831,9 +864,22 @@ int64_t do_grant_table_op(struct hv_vcpu *v, const struct hv_hcall *h)
     return rc;
 }
 
+/* The domain goes away: the grants it has mapped are its no more (Xen's
+ * gnttab_release_mappings), so their entries in the granters' tables come free. */
 void hv_gnt_destroy(struct hv_domain *d)
 {
     pthread_mutex_lock(&gnt_lock);
+    for (uint32_t h = 0; d->gnt && h < HV_GNT_MAX_MAPTRACK; h++) {
+        struct maptrack *m = &d->gnt->maptrack[h];
+        struct hv_domain *rd;
+        int write = !(m->flags & GNTMAP_readonly);
+        if (!m->flags || granter(m->dom, &rd) != GNTST_okay || rd == d)
+            continue;
+        if (m->flags & GNTMAP_host_map)
+            unpin(rd, m->ref, write);
+        if (m->flags & GNTMAP_device_map)
+            unpin(rd, m->ref, write);
+    }
     if (d->gnt) {
         free(d->gnt->active);
         free(d->gnt->maptrack);
