@@ -40,8 +40,12 @@ _Static_assert(HV_GNT_WINDOW_BASE == HV_GNT_MAX_FRAMES + HV_GNT_STATUS_FRAMES &&
 #define PTE_D   (1ULL << 6)
 #define PTE_ADDR 0x000ffffffffff000ULL
 
+enum { PIN_HOST, PIN_DEVICE };      /* a pin's kind: host (maps, copies, backends), device */
+#define PIN_LIMIT 128               /* Xen: a pin count of a kind reaching bit 7 is full */
+
 struct active {                     /* one entry in use */
-    uint32_t readers, writers;      /* pins: maps, copies and backend uses */
+    uint32_t readers, writers;      /* all pins */
+    uint16_t pins[2][2];            /* [kind][write]: Xen's four 8-bit pin counters */
     uint16_t domid;                 /* the domain using it */
     uint64_t frame;
 };
@@ -175,7 +179,8 @@ int hv_gnt_init(struct hv_domain *d, char *err, int err_len)
 
 /* Pin entry `ref` of rd for domain `user`: check it grants to user (and writing if
  * asked), set GTF_reading/GTF_writing, count the pin. Xen's checks and status codes. */
-static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write, uint64_t *frame)
+static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write, int kind,
+                   uint64_t *frame)
 {
     struct hv_grant_table *gt = rd->gnt;
     struct active *act;
@@ -184,8 +189,9 @@ static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write,
     if (ref >= nr_entries(gt))
         return GNTST_bad_gntref;
     act = &gt->active[ref];
-    if ((act->readers || act->writers) && act->domid != user)
-        return GNTST_general_error;
+    if ((act->readers || act->writers) &&
+        (act->domid != user || act->pins[kind][write] >= PIN_LIMIT))
+        return GNTST_general_error;     /* another domain's, or the counter would overflow */
     if (!(act->readers || act->writers) || (write && !act->writers)) {
         uint32_t *hdr = entry_header(rd, ref), old = __atomic_load_n(hdr, __ATOMIC_ACQUIRE);
         uint16_t *status = status_word(rd, ref);
@@ -221,6 +227,7 @@ static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write,
         act->domid = user;
         gt->nr_pinned++;
     }
+    act->pins[kind][write]++;
     if (write)
         act->writers++;
     else
@@ -229,10 +236,11 @@ static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write,
     return GNTST_okay;
 }
 
-static void unpin(struct hv_domain *rd, uint32_t ref, int write)
+static void unpin(struct hv_domain *rd, uint32_t ref, int write, int kind)
 {
     struct active *act = &rd->gnt->active[ref];
     uint16_t *status = status_word(rd, ref);
+    act->pins[kind][write]--;
     if (write)
         act->writers--;
     else
@@ -272,13 +280,13 @@ int16_t hv_grant_acquire(uint16_t granter_id, uint32_t ref, uint16_t user, int w
     if (st == GNTST_okay && ref >= nr_entries(rd->gnt))
         st = GNTST_bad_gntref;
     if (st == GNTST_okay)
-        st = pin(rd, ref, user, write, &frame);
+        st = pin(rd, ref, user, write, PIN_HOST, &frame);
     if (st == GNTST_okay) {
         /* a mapping of its own: it outlives the granter's if the granter goes away */
         void *p = mmap(NULL, HV_PAGE_SIZE, PROT_READ | (write ? PROT_WRITE : 0), MAP_SHARED,
                        rd->ram_fd, (off_t)(frame << HV_PAGE_SHIFT));
         if (p == MAP_FAILED) {
-            unpin(rd, ref, write);
+            unpin(rd, ref, write, PIN_HOST);
             st = GNTST_general_error;
         } else {
             use->page = p;
@@ -299,7 +307,7 @@ void hv_grant_release(struct hv_grant_use *use)
     munmap(use->page, HV_PAGE_SIZE);
     pthread_mutex_lock(&gnt_lock);
     if (granter(use->granter, &rd) == GNTST_okay)
-        unpin(rd, use->ref, use->write);
+        unpin(rd, use->ref, use->write, PIN_HOST);
     pthread_mutex_unlock(&gnt_lock);
     use->page = NULL;
 }
@@ -411,8 +419,8 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
 {
     struct hv_domain *ld = v->dom, *rd;
     struct hv_grant_table *lgt = ld->gnt;
-    uint32_t handle, pins = 0;
-    int write = !(op->flags & GNTMAP_readonly), window = -1;
+    uint32_t handle;
+    int write = !(op->flags & GNTMAP_readonly), window = -1, host_pinned = 0, device_pinned = 0;
     uint64_t frame, pte, pte_frame;
     int16_t st;
 
@@ -437,12 +445,12 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
         return;
     }
     if (op->flags & GNTMAP_host_map) {
-        st = pin(rd, op->ref, ld->domid, write, &frame);
-        pins += st == GNTST_okay;
+        st = pin(rd, op->ref, (uint16_t)ld->domid, write, PIN_HOST, &frame);
+        host_pinned = st == GNTST_okay;
     }
     if (st == GNTST_okay && (op->flags & GNTMAP_device_map)) {
-        st = pin(rd, op->ref, ld->domid, write, &frame);
-        pins += st == GNTST_okay;
+        st = pin(rd, op->ref, (uint16_t)ld->domid, write, PIN_DEVICE, &frame);
+        device_pinned = st == GNTST_okay;
     }
     pte_frame = frame;
     if (st == GNTST_okay && !is_pvh(ld) && rd != ld) {
@@ -473,8 +481,10 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
     if (st != GNTST_okay) {
         if (window >= 0)
             window_free(ld, window);
-        while (pins--)
-            unpin(rd, op->ref, write);
+        if (host_pinned)
+            unpin(rd, op->ref, write, PIN_HOST);
+        if (device_pinned)
+            unpin(rd, op->ref, write, PIN_DEVICE);
         op->status = st;
         return;
     }
@@ -543,12 +553,12 @@ static int16_t unmap_one(struct hv_vcpu *v, uint32_t handle, uint64_t host_addr,
             return st;
         m->flags &= ~(uint32_t)GNTMAP_host_map;
         if (rd)
-            unpin(rd, m->ref, write);
+            unpin(rd, m->ref, write, PIN_HOST);
     }
     if (dev_bus_addr && (m->flags & GNTMAP_device_map)) {
         m->flags &= ~(uint32_t)GNTMAP_device_map;
         if (rd)
-            unpin(rd, m->ref, write);
+            unpin(rd, m->ref, write, PIN_DEVICE);
     }
     if (!(m->flags & (GNTMAP_host_map | GNTMAP_device_map))) {
         if (m->window >= 0)
@@ -574,7 +584,7 @@ static int16_t copy_side(struct hv_vcpu *v, const struct gnttab_copy_ptr *p, int
     if (st != GNTST_okay)
         return st;
     if (is_gref)
-        return pin(*dom, (uint32_t)p->u, (uint16_t)v->dom->domid, write, frame);
+        return pin(*dom, (uint32_t)p->u, (uint16_t)v->dom->domid, write, PIN_HOST, frame);
     if (!hv_mm_frame_usable(*dom, p->u))
         return GNTST_bad_page;
     *frame = p->u;
@@ -602,9 +612,9 @@ static void copy_one(struct hv_vcpu *v, struct gnttab_copy *op)
         memmove(dd->ram + (df << HV_PAGE_SHIFT) + op->dest.offset,
                 sd->ram + (sf << HV_PAGE_SHIFT) + op->source.offset, op->len);
     if (st == GNTST_okay && dst_gref)
-        unpin(dd, (uint32_t)op->dest.u, 1);
+        unpin(dd, (uint32_t)op->dest.u, 1, PIN_HOST);
     if (src_gref)
-        unpin(sd, (uint32_t)op->source.u, 0);
+        unpin(sd, (uint32_t)op->source.u, 0, PIN_HOST);
     op->status = st;
 }
 
@@ -876,9 +886,9 @@ void hv_gnt_destroy(struct hv_domain *d)
         if (!m->flags || granter(m->dom, &rd) != GNTST_okay || rd == d)
             continue;
         if (m->flags & GNTMAP_host_map)
-            unpin(rd, m->ref, write);
+            unpin(rd, m->ref, write, PIN_HOST);
         if (m->flags & GNTMAP_device_map)
-            unpin(rd, m->ref, write);
+            unpin(rd, m->ref, write, PIN_DEVICE);
     }
     if (d->gnt) {
         free(d->gnt->active);

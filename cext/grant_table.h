@@ -27,8 +27,6 @@
 #define TRAPLESS_GRANT_TABLE_H
 #include <stdint.h>
 
-#define HV_GNT_MAX_MAPTRACK     4096    /* mappings one domain may hold at once */
-
 
 struct hv_domain;
 struct hv_grant_table;
@@ -43,6 +41,7 @@ struct hv_grant_table;
 #define HV_GNT_WINDOW_BASE      72
 #define HV_GNT_WINDOW_FRAMES    256
 #define HV_GNT_REGION_FRAMES    328
+#define HV_GNT_MAX_MAPTRACK     4096    /* grant mappings one domain may hold at once */
 
 #define HV_GRANT_READ   0
 #define HV_GRANT_WRITE  1

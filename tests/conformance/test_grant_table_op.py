@@ -472,3 +472,67 @@ def test_a_page_granted_to_another_domain_is_mapped_there(engine):
     assert m["unmap_second.status"] == C.GNTST_okay
     assert m["unmap_wrong_bus.status"] == C.GNTST_bad_dev_addr
     assert m["unmap.status"] == C.GNTST_okay
+
+
+# ---- limits: 128 pins of one kind per entry (Xen's 8-bit counters), the maptrack ----
+
+def limits_guest():
+    """Device-map ref 8 read-only until refused, then refs 9, 10, ... (128 each) until the
+    maptrack is full. rbx counts the maps made, r12 the ref, r13 the maps of it."""
+    from guest_kernel.asm import r12, r12d, r13, rbx
+    g = GrantGuest()
+    a = g.a
+    g.set("setup", dom=C.DOMID_SELF, nr_frames=1, frame_list="frames")
+    g.gnttab("setup", C.GNTTABOP_setup_table, "setup")
+    a.mov(rax, qword["frames"])
+    a.shl(rax, 12)
+    a.or_(rax, P | RW | A | D)
+    a.mov(rcx, rax)
+    g.load_arg(rax, "gt")
+    g.hypercall_regs("map_table", "update_va_mapping", rax, rcx, C.UVMF_INVLPG)
+    for ref in range(8, 8 + 2 + lib.HV_GNT_MAX_MAPTRACK // 128):
+        g.grant(ref, PERMIT, DOMID, "victim")
+    g.set("map", host_addr=0, flags=C.GNTMAP_device_map | C.GNTMAP_readonly, dom=DOMID)
+
+    def map_until_refused(label: str, next_ref_every: int | None) -> None:
+        a.label(f"{label}.loop")
+        a.mov(dword[rip_("map", offsetof("gnttab_map_grant_ref", "ref"))], r12d)
+        g.hypercall(GNTTABOP, C.GNTTABOP_map_grant_ref, "map", 1)
+        a.cmp(word[rip_("map", offsetof("gnttab_map_grant_ref", "status"))], 0)
+        a.jne(f"{label}.done")
+        a.inc(rbx)
+        a.cmp(rbx, 10_000)                  # a bound, whatever happens
+        a.je(f"{label}.done")
+        if next_ref_every:
+            a.inc(r13)
+            a.cmp(r13, next_ref_every)
+            a.jne(f"{label}.loop")
+            a.xor(r13, r13)
+            a.inc(r12)
+        a.jmp(f"{label}.loop")
+        a.label(f"{label}.done")
+
+    a.xor(rbx, rbx)
+    a.mov(r12, 8)
+    map_until_refused("one_ref", None)
+    a.mov(rax, rbx)
+    g.report("pins_of_one_ref")
+    g.status("pin_overflow.status", "map")
+    g.entry_flags("pin_overflow.flags", 8)
+    a.xor(rbx, rbx)
+    a.xor(r13, r13)
+    a.mov(r12, 9)
+    map_until_refused("many_refs", 128)
+    a.mov(rax, rbx)
+    g.report("more_maps")
+    g.status("maptrack_full.status", "map")
+    return g.finish()
+
+
+def test_pin_and_maptrack_limits(run_cases):
+    run = run_cases(limits_guest(), domid=DOMID, memory_mib=MEMORY_MIB)
+    assert run["pins_of_one_ref"] == 128
+    assert run["pin_overflow.status"] == C.GNTST_general_error
+    assert run["pin_overflow.flags"] == PERMIT | READING
+    assert run["more_maps"] == lib.HV_GNT_MAX_MAPTRACK - 128
+    assert run["maptrack_full.status"] == C.GNTST_no_space
