@@ -7,12 +7,14 @@
  * it, how often, which frame); per mapping domain a maptrack (the handles map_grant_ref
  * gives out). One lock covers every domain's grant state: a map meets two domains.
  *
- * Mappings: a PV guest's host mapping is an L1 entry written through the PV MMU (mm.c);
- * trapless PV frame numbers are per domain, so a PV domain maps grants of its own
- * (another domain's page has no frame number in its space: GNTST_general_error). A PVH
- * guest's host mapping replaces the page at a guest frame: the granter's page of the
- * memory file is mapped over it (MAP_FIXED; KVM sees it through its MMU notifiers,
- * Unicorn through the host pointer) and unmapping maps the domain's own page back.
+ * Mappings: a PV guest's host mapping is an L1 entry written through the PV MMU (mm.c).
+ * trapless PV frame numbers are per domain, so another domain's page first gets a frame
+ * of the mapper's window (grant_table.h): the granter's page of its memory file is
+ * mapped over that frame (MAP_FIXED; KVM sees it through its MMU notifiers, Unicorn
+ * through the host pointer) and the PTE names the window frame; dev_bus_addr is its
+ * address. A PVH guest's host mapping replaces the page at a guest frame the same way.
+ * Unmapping maps the domain's own page back. The mapper's mapping of the file keeps the
+ * page alive if the granter goes away first.
  * Results follow Xen's common/grant_table.c; where trapless differs it says so.
  */
 #define _GNU_SOURCE
@@ -27,6 +29,9 @@
 #define V2_PER_FRAME      (HV_PAGE_SIZE / sizeof(struct grant_entry_v2))
 #define STATUS_PER_FRAME  (HV_PAGE_SIZE / sizeof(uint16_t))
 #define MAX_ENTRIES       (HV_GNT_MAX_FRAMES * V1_PER_FRAME)
+_Static_assert(HV_GNT_WINDOW_BASE == HV_GNT_MAX_FRAMES + HV_GNT_STATUS_FRAMES &&
+               HV_GNT_REGION_FRAMES == HV_GNT_WINDOW_BASE + HV_GNT_WINDOW_FRAMES &&
+               HV_GNT_STATUS_FRAMES * 2048 >= HV_GNT_MAX_FRAMES * 256, "grant region layout");
 #define INVALID_GFN       (~0ULL)
 #define PTE_P   (1ULL << 0)
 #define PTE_RW  (1ULL << 1)
@@ -35,8 +40,12 @@
 #define PTE_D   (1ULL << 6)
 #define PTE_ADDR 0x000ffffffffff000ULL
 
+enum { PIN_HOST, PIN_DEVICE };      /* a pin's kind: host (maps, copies, backends), device */
+#define PIN_LIMIT 128               /* Xen: a pin count of a kind reaching bit 7 is full */
+
 struct active {                     /* one entry in use */
-    uint32_t readers, writers;      /* pins: maps, copies and backend uses */
+    uint32_t readers, writers;      /* all pins */
+    uint16_t pins[2][2];            /* [kind][write]: Xen's four 8-bit pin counters */
     uint16_t domid;                 /* the domain using it */
     uint64_t frame;
 };
@@ -46,7 +55,9 @@ struct maptrack {                   /* one mapping a domain holds (its handle) *
     uint16_t dom;                   /* the granter */
     uint32_t ref;
     uint64_t host_addr;
-    uint64_t frame;
+    uint64_t frame;                 /* the granter's frame */
+    uint64_t pte_frame;             /* the frame the mapper names it by (PV) */
+    int32_t  window;                /* the window slot it uses, -1 for none */
 };
 
 struct hv_grant_table {
@@ -60,6 +71,7 @@ struct hv_grant_table {
     uint32_t nr_pinned;             /* entries in use */
     uint32_t frame_maps[HV_GNT_REGION_FRAMES];  /* guest PTEs mapping each region frame */
     uint64_t placed[HV_GNT_REGION_FRAMES];      /* PVH: the gfn add_to_physmap put it at */
+    uint8_t  window_used[HV_GNT_WINDOW_FRAMES];
 };
 
 /* Recursive: a grant op writes page-table entries (mm.c), and an entry it replaces may
@@ -122,7 +134,8 @@ int hv_gnt_frame_take(struct hv_domain *d, uint64_t mfn)
     uint64_t i = mfn - nr_ram_frames(d);
     int rc = 0;
     pthread_mutex_lock(&gnt_lock);
-    if (i < HV_GNT_MAX_FRAMES ? i >= gt->shared_shown
+    if (i >= HV_GNT_WINDOW_BASE ? !gt->window_used[i - HV_GNT_WINDOW_BASE] :
+        i < HV_GNT_MAX_FRAMES ? i >= gt->shared_shown
                               : i - HV_GNT_MAX_FRAMES >= gt->status_shown ||
                                 i - HV_GNT_MAX_FRAMES >= nr_status_frames(gt))
         rc = -XEN_EPERM;            /* Xen: not a frame this domain may map */
@@ -166,7 +179,8 @@ int hv_gnt_init(struct hv_domain *d, char *err, int err_len)
 
 /* Pin entry `ref` of rd for domain `user`: check it grants to user (and writing if
  * asked), set GTF_reading/GTF_writing, count the pin. Xen's checks and status codes. */
-static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write, uint64_t *frame)
+static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write, int kind,
+                   uint64_t *frame)
 {
     struct hv_grant_table *gt = rd->gnt;
     struct active *act;
@@ -175,8 +189,9 @@ static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write,
     if (ref >= nr_entries(gt))
         return GNTST_bad_gntref;
     act = &gt->active[ref];
-    if ((act->readers || act->writers) && act->domid != user)
-        return GNTST_general_error;
+    if ((act->readers || act->writers) &&
+        (act->domid != user || act->pins[kind][write] >= PIN_LIMIT))
+        return GNTST_general_error;     /* another domain's, or the counter would overflow */
     if (!(act->readers || act->writers) || (write && !act->writers)) {
         uint32_t *hdr = entry_header(rd, ref), old = __atomic_load_n(hdr, __ATOMIC_ACQUIRE);
         uint16_t *status = status_word(rd, ref);
@@ -212,6 +227,7 @@ static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write,
         act->domid = user;
         gt->nr_pinned++;
     }
+    act->pins[kind][write]++;
     if (write)
         act->writers++;
     else
@@ -220,10 +236,11 @@ static int16_t pin(struct hv_domain *rd, uint32_t ref, uint16_t user, int write,
     return GNTST_okay;
 }
 
-static void unpin(struct hv_domain *rd, uint32_t ref, int write)
+static void unpin(struct hv_domain *rd, uint32_t ref, int write, int kind)
 {
     struct active *act = &rd->gnt->active[ref];
     uint16_t *status = status_word(rd, ref);
+    act->pins[kind][write]--;
     if (write)
         act->writers--;
     else
@@ -263,13 +280,13 @@ int16_t hv_grant_acquire(uint16_t granter_id, uint32_t ref, uint16_t user, int w
     if (st == GNTST_okay && ref >= nr_entries(rd->gnt))
         st = GNTST_bad_gntref;
     if (st == GNTST_okay)
-        st = pin(rd, ref, user, write, &frame);
+        st = pin(rd, ref, user, write, PIN_HOST, &frame);
     if (st == GNTST_okay) {
         /* a mapping of its own: it outlives the granter's if the granter goes away */
         void *p = mmap(NULL, HV_PAGE_SIZE, PROT_READ | (write ? PROT_WRITE : 0), MAP_SHARED,
                        rd->ram_fd, (off_t)(frame << HV_PAGE_SHIFT));
         if (p == MAP_FAILED) {
-            unpin(rd, ref, write);
+            unpin(rd, ref, write, PIN_HOST);
             st = GNTST_general_error;
         } else {
             use->page = p;
@@ -290,7 +307,7 @@ void hv_grant_release(struct hv_grant_use *use)
     munmap(use->page, HV_PAGE_SIZE);
     pthread_mutex_lock(&gnt_lock);
     if (granter(use->granter, &rd) == GNTST_okay)
-        unpin(rd, use->ref, use->write);
+        unpin(rd, use->ref, use->write, PIN_HOST);
     pthread_mutex_unlock(&gnt_lock);
     use->page = NULL;
 }
@@ -365,6 +382,13 @@ out:
 
 /* ---- map and unmap ---- */
 
+/* A window frame goes back to showing the domain's own (unused) page. */
+static void window_free(struct hv_domain *d, int window)
+{
+    restore(d, nr_ram_frames(d) + HV_GNT_WINDOW_BASE + (uint64_t)window);
+    d->gnt->window_used[window] = 0;
+}
+
 static int is_pvh(const struct hv_domain *d)
 {
     return d->guest_type == HV_GUEST_PVH;
@@ -395,9 +419,9 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
 {
     struct hv_domain *ld = v->dom, *rd;
     struct hv_grant_table *lgt = ld->gnt;
-    uint32_t handle, pins = 0;
-    int write = !(op->flags & GNTMAP_readonly);
-    uint64_t frame, pte;
+    uint32_t handle;
+    int write = !(op->flags & GNTMAP_readonly), window = -1, host_pinned = 0, device_pinned = 0;
+    uint64_t frame, pte, pte_frame;
     int16_t st;
 
     if (!(op->flags & (GNTMAP_host_map | GNTMAP_device_map))) {
@@ -421,12 +445,25 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
         return;
     }
     if (op->flags & GNTMAP_host_map) {
-        st = pin(rd, op->ref, ld->domid, write, &frame);
-        pins += st == GNTST_okay;
+        st = pin(rd, op->ref, (uint16_t)ld->domid, write, PIN_HOST, &frame);
+        host_pinned = st == GNTST_okay;
     }
     if (st == GNTST_okay && (op->flags & GNTMAP_device_map)) {
-        st = pin(rd, op->ref, ld->domid, write, &frame);
-        pins += st == GNTST_okay;
+        st = pin(rd, op->ref, (uint16_t)ld->domid, write, PIN_DEVICE, &frame);
+        device_pinned = st == GNTST_okay;
+    }
+    pte_frame = frame;
+    if (st == GNTST_okay && !is_pvh(ld) && rd != ld) {
+        /* a foreign page: a window frame of ours shows it */
+        for (window = 0; window < HV_GNT_WINDOW_FRAMES && lgt->window_used[window]; window++)
+            ;
+        pte_frame = nr_ram_frames(ld) + HV_GNT_WINDOW_BASE + (uint64_t)window;
+        if (window == HV_GNT_WINDOW_FRAMES || overlay(ld, pte_frame, rd, frame) < 0) {
+            window = -1;
+            st = GNTST_no_device_space;
+        } else {
+            lgt->window_used[window] = 1;
+        }
     }
     if (st == GNTST_okay && (op->flags & GNTMAP_host_map)) {
         if (is_pvh(ld)) {
@@ -434,19 +471,20 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
             if (!hv_mm_frame_usable(ld, gpfn) || gpfn == ld->shared_info_gpa >> HV_PAGE_SHIFT ||
                 overlay(ld, gpfn, rd, frame) < 0)
                 st = GNTST_general_error;
-        } else if (rd != ld) {
-            /* trapless PV frame numbers are per domain: no name for rd's page here */
-            st = GNTST_general_error;
         } else if (pv_pte_addr(v, op->host_addr, op->flags, &pte) < 0 ||
-                   hv_mm_set_l1e(ld, pte, grant_pte(frame, op->flags)) < 0) {
+                   hv_mm_set_l1e(ld, pte, grant_pte(pte_frame, op->flags)) < 0) {
             st = GNTST_general_error;
-        }
-        if (st == GNTST_okay && !is_pvh(ld))
+        } else {
             v->ops->flush_tlb(v);
+        }
     }
     if (st != GNTST_okay) {
-        while (pins--)
-            unpin(rd, op->ref, write);
+        if (window >= 0)
+            window_free(ld, window);
+        if (host_pinned)
+            unpin(rd, op->ref, write, PIN_HOST);
+        if (device_pinned)
+            unpin(rd, op->ref, write, PIN_DEVICE);
         op->status = st;
         return;
     }
@@ -454,9 +492,10 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
         .flags = op->flags & (GNTMAP_host_map | GNTMAP_device_map | GNTMAP_readonly |
                               GNTMAP_contains_pte),
         .dom = op->dom, .ref = op->ref, .host_addr = op->host_addr, .frame = frame,
+        .pte_frame = pte_frame, .window = window,
     };
-    if (op->flags & GNTMAP_device_map)
-        op->dev_bus_addr = frame << HV_PAGE_SHIFT;  /* machine == guest-physical here */
+    if (op->flags & GNTMAP_device_map)      /* machine == guest-physical here */
+        op->dev_bus_addr = pte_frame << HV_PAGE_SHIFT;
     op->handle = handle;
     op->status = GNTST_okay;
 }
@@ -466,7 +505,7 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
 static int16_t unmap_host(struct hv_vcpu *v, struct maptrack *m, uint64_t host_addr, uint64_t new_addr)
 {
     struct hv_domain *ld = v->dom;
-    uint64_t pte, e, want = grant_pte(m->frame, m->flags);
+    uint64_t pte, e, want = grant_pte(m->pte_frame, m->flags);
 
     if (is_pvh(ld)) {
         if (new_addr || host_addr >> HV_PAGE_SHIFT != m->host_addr >> HV_PAGE_SHIFT)
@@ -503,7 +542,8 @@ static int16_t unmap_one(struct hv_vcpu *v, uint32_t handle, uint64_t host_addr,
         return GNTST_bad_handle;
     m = &lgt->maptrack[handle];
     write = !(m->flags & GNTMAP_readonly);
-    if (dev_bus_addr && (m->flags & GNTMAP_device_map) && dev_bus_addr != m->frame << HV_PAGE_SHIFT)
+    if (dev_bus_addr && (m->flags & GNTMAP_device_map) &&
+        dev_bus_addr != m->pte_frame << HV_PAGE_SHIFT)
         return GNTST_bad_dev_addr;
     if (granter(m->dom, &rd) != GNTST_okay)
         rd = NULL;                  /* gone: its side of the grant went with it */
@@ -513,15 +553,18 @@ static int16_t unmap_one(struct hv_vcpu *v, uint32_t handle, uint64_t host_addr,
             return st;
         m->flags &= ~(uint32_t)GNTMAP_host_map;
         if (rd)
-            unpin(rd, m->ref, write);
+            unpin(rd, m->ref, write, PIN_HOST);
     }
     if (dev_bus_addr && (m->flags & GNTMAP_device_map)) {
         m->flags &= ~(uint32_t)GNTMAP_device_map;
         if (rd)
-            unpin(rd, m->ref, write);
+            unpin(rd, m->ref, write, PIN_DEVICE);
     }
-    if (!(m->flags & (GNTMAP_host_map | GNTMAP_device_map)))
+    if (!(m->flags & (GNTMAP_host_map | GNTMAP_device_map))) {
+        if (m->window >= 0)
+            window_free(v->dom, m->window);
         m->flags = 0;
+    }
     return GNTST_okay;
 }
 
@@ -541,7 +584,7 @@ static int16_t copy_side(struct hv_vcpu *v, const struct gnttab_copy_ptr *p, int
     if (st != GNTST_okay)
         return st;
     if (is_gref)
-        return pin(*dom, (uint32_t)p->u, (uint16_t)v->dom->domid, write, frame);
+        return pin(*dom, (uint32_t)p->u, (uint16_t)v->dom->domid, write, PIN_HOST, frame);
     if (!hv_mm_frame_usable(*dom, p->u))
         return GNTST_bad_page;
     *frame = p->u;
@@ -569,9 +612,9 @@ static void copy_one(struct hv_vcpu *v, struct gnttab_copy *op)
         memmove(dd->ram + (df << HV_PAGE_SHIFT) + op->dest.offset,
                 sd->ram + (sf << HV_PAGE_SHIFT) + op->source.offset, op->len);
     if (st == GNTST_okay && dst_gref)
-        unpin(dd, (uint32_t)op->dest.u, 1);
+        unpin(dd, (uint32_t)op->dest.u, 1, PIN_HOST);
     if (src_gref)
-        unpin(sd, (uint32_t)op->source.u, 0);
+        unpin(sd, (uint32_t)op->source.u, 0, PIN_HOST);
     op->status = st;
 }
 
@@ -831,9 +874,22 @@ int64_t do_grant_table_op(struct hv_vcpu *v, const struct hv_hcall *h)
     return rc;
 }
 
+/* The domain goes away: the grants it has mapped are its no more (Xen's
+ * gnttab_release_mappings), so their entries in the granters' tables come free. */
 void hv_gnt_destroy(struct hv_domain *d)
 {
     pthread_mutex_lock(&gnt_lock);
+    for (uint32_t h = 0; d->gnt && h < HV_GNT_MAX_MAPTRACK; h++) {
+        struct maptrack *m = &d->gnt->maptrack[h];
+        struct hv_domain *rd;
+        int write = !(m->flags & GNTMAP_readonly);
+        if (!m->flags || granter(m->dom, &rd) != GNTST_okay || rd == d)
+            continue;
+        if (m->flags & GNTMAP_host_map)
+            unpin(rd, m->ref, write, PIN_HOST);
+        if (m->flags & GNTMAP_device_map)
+            unpin(rd, m->ref, write, PIN_DEVICE);
+    }
     if (d->gnt) {
         free(d->gnt->active);
         free(d->gnt->maptrack);

@@ -4,7 +4,8 @@
  * Every domain has a grant table: frames of the hypervisor's, in the domain's memory
  * file just after its RAM (guest-physical frame nr_pages + i), that the guest writes
  * entries into (v1: struct grant_entry_v1, 512 a frame). A PV guest maps them by frame
- * number (setup_table), a PVH guest places them with XENMEM_add_to_physmap.
+ * number (setup_table), a PVH guest places them with XENMEM_add_to_physmap. After the
+ * table's frames come its status frames (v2) and the PV foreign-mapping window.
  *
  * Backends inside trapless (blkif, ...) use a granted page like this:
  *
@@ -26,16 +27,22 @@
 #define TRAPLESS_GRANT_TABLE_H
 #include <stdint.h>
 
-#define HV_GNT_MAX_FRAMES       64      /* Xen's default gnttab_max_frames */
-#define HV_GNT_STATUS_FRAMES    8       /* v2 status words for 64 frames x 256 entries */
-#define HV_GNT_REGION_FRAMES    (HV_GNT_MAX_FRAMES + HV_GNT_STATUS_FRAMES)
-#define HV_GNT_MAX_MAPTRACK     4096    /* mappings one domain may hold at once */
-
 
 struct hv_domain;
 struct hv_grant_table;
 
 /* cdef-begin */
+/* The grant region, in frames after the domain's RAM: the table's shared frames, the v2
+ * status frames, then (PV) the window through which the domain maps other domains'
+ * granted pages (a PV domain's frame numbers are its own, so a foreign page gets one of
+ * these). Literal numbers, so Python reads them too; grant_table.c checks the sums. */
+#define HV_GNT_MAX_FRAMES       64      /* Xen's default gnttab_max_frames */
+#define HV_GNT_STATUS_FRAMES    8       /* v2 status words for 64 frames x 256 entries */
+#define HV_GNT_WINDOW_BASE      72
+#define HV_GNT_WINDOW_FRAMES    256
+#define HV_GNT_REGION_FRAMES    328
+#define HV_GNT_MAX_MAPTRACK     4096    /* grant mappings one domain may hold at once */
+
 #define HV_GRANT_READ   0
 #define HV_GRANT_WRITE  1
 

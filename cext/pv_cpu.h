@@ -27,7 +27,7 @@ struct hv_stop;
 
 /* ---- the hypervisor's region ---- */
 
-#define PV_REGION_GPA   0xF0000000ULL   /* just above the largest guest RAM (3840 MiB) */
+#define PV_REGION_GPA   0xF0000000ULL   /* above the largest guest RAM (3838 MiB) and its grant region */
 #define PV_M2P_L4_SLOT  256             /* HYPERVISOR_VIRT_START: the M2P */
 #define PV_AREA_L4_SLOT 271             /* the descriptor tables, stubs and stack */
 #define PV_AREA_VA      0xffff878000000000ULL   /* the start of slot 271 */

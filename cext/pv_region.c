@@ -259,7 +259,7 @@ int pv_domain_init(struct hv_domain *d, int model, char *err, int err_len)
         hv_set_error(err, err_len, "unknown PV CPU model %d", model);
         return -1;
     }
-    if (d->ram_bytes > PV_REGION_GPA) {
+    if (d->ram_bytes + d->gnt_bytes > PV_REGION_GPA) {     /* the grant region follows RAM */
         hv_set_error(err, err_len, "guest memory reaches the hypervisor region at %#llx",
                      PV_REGION_GPA);
         return -1;

@@ -6,7 +6,8 @@ mapped region (a straddling buffer), the page-table pool, non-canonical and unma
 addresses, random 64-bit values and small integers. A few calls would end or wedge a
 well-behaved guest by design (shutdown, block/poll forever, moving shared_info over
 its own code, changing its upcall vector); those are steered to harmless sub-ops, and
-the page-table hypercalls only get pointers that cannot name valid requests.
+the page-table hypercalls and grant_table_op only get pointers that cannot name valid
+requests.
 
 At the end the guest reports, one `result` line each: calls made, results that are
 neither a success nor a Xen errno, whether its own code, read-only data and a canary
@@ -24,8 +25,11 @@ from .conformance import MAPPED_END, NON_CANONICAL, UNMAPPED, ConformanceGuest
 NUMBERS = 48                    # 0..47: every Xen number and a few beyond the table
 CANARY = 4096
 SCRATCH = 512
-# Hypercalls that get only pointers which cannot be valid requests.
-POINTER_SAFE_ONLY = {C.__HYPERVISOR_mmu_update, C.__HYPERVISOR_mmuext_op, C.__HYPERVISOR_multicall}
+# Hypercalls that get only pointers which cannot be valid requests. grant_table_op is
+# one: like Xen it writes each op of the array back, so a random pointer and count would
+# overwrite the guest's own memory op by op.
+POINTER_SAFE_ONLY = {C.__HYPERVISOR_mmu_update, C.__HYPERVISOR_mmuext_op, C.__HYPERVISOR_multicall,
+                     C.__HYPERVISOR_grant_table_op}
 # sched_op sub-ops a live guest must not be handed at random; they become yield.
 SCHED_STEERED = {C.SCHEDOP_block, C.SCHEDOP_shutdown, C.SCHEDOP_poll, C.SCHEDOP_shutdown_code}
 

@@ -159,9 +159,11 @@ def _emit_xs_take(p) -> None:
     a.ret()
 
 
-def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> bytes:
+def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh",
+                    extra=None) -> bytes:
     """The guest's ELF64 image (PHYS32_ENTRY and GUEST_OS notes only). vmcall=False
-    leaves out the direct vmcall/vmmcall calls (for hosts that cannot intercept them)."""
+    leaves out the direct vmcall/vmmcall calls (for hosts that cannot intercept them);
+    extra(program), if given, emits more 64-bit code to run before powering off."""
     p = PVProgram(guest_os=guest_os)
     a = p.a
 
@@ -382,6 +384,8 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> byte
     p.print("yes\n")
     a.label("timer.report_done")
 
+    if extra:
+        extra(p)
     p.print("powering off\n")
     a.xor(eax, eax)
     a.ret()

@@ -25,9 +25,12 @@ from ._hv import ffi, lib
 from .errors import ConfigError, DomainError, EngineError, ImageError
 from .image import PVImage, load_image
 
-# Guest RAM ends below 0xF0000000: KVM on Intel wants a few pages under 4 GiB
-# (KVM_SET_TSS_ADDR) that no memslot may cover.
-MIN_MEMORY_MIB, MAX_MEMORY_MIB = 4, 3840
+# Guest RAM and its grant region (cext/grant_table.h, after the RAM) end below
+# 0xF0000000, where the PV hypervisor region starts; KVM on Intel also wants a few pages
+# under 4 GiB (KVM_SET_TSS_ADDR) that no memslot may cover. The region's frames, rounded
+# up to whole MiB, come off 3840 MiB.
+MIN_MEMORY_MIB = 4
+MAX_MEMORY_MIB = 3840 - ((lib.HV_GNT_REGION_FRAMES * 4096 + (1 << 20) - 1) >> 20)
 CONSOLE_KEEP = 64 * 1024        # console bytes a Domain keeps (the latest); older ones go
 BUDGET_MARGIN_MIB = 1024        # the default memory budget leaves the host this much
 

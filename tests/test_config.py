@@ -69,7 +69,7 @@ def test_words_alone_make_a_config(kernel):
     ('name = x\n', 'd.cfg:1: name = x: strings must be quoted ("x")'),
     ('\n\non_crash = "reboot"\n', "d.cfg:3: on_crash = 'reboot': must be destroy, restart or "
                                   "preserve"),
-    ('memory = 2\n', "d.cfg:1: memory = 2: must be between 4 and 3840 MiB"),
+    ('memory = 2\n', "d.cfg:1: memory = 2: must be between 4 and 3838 MiB"),
     ('memory = "lots"\n', "d.cfg:1: memory = 'lots': expected a whole number, not a string"),
     ('memory = "32"\n', "d.cfg:1: memory = '32': expected a whole number, not a string"),
     ('name = 7\n', 'd.cfg:1: name = 7: strings must be quoted ("7")'),

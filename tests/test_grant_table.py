@@ -100,3 +100,126 @@ def test_a_granted_page_outlives_its_domain(engine):
     ffi.memmove(use.page, b"written", 7)                # no fault: the page is ours still
     lib.hv_grant_release(use)                           # the granter is gone: nothing to do
     assert use.page == ffi.NULL
+
+
+# ---- a PVH guest: the table placed with add_to_physmap, a grant mapped at a guest frame ----
+
+PVH_DOMID = 6
+
+
+def pvh_grant_code(p) -> None:
+    """64-bit code for build_pvh_guest(extra=...): identity-mapped, so VA = guest frame
+    address. Prints `result <case> <value>` lines."""
+    from abi import offsetof
+    from guest_kernel.asm import dword, eax, ptr, qword, r12, rax, rdi, rip, word
+    a = p.a
+
+    def result(case: str) -> None:
+        a.mov(r12, rax)
+        p.print(f"result {case} ")
+        a.mov(rdi, r12)
+        a.call("print_sdec")
+        p.print("\n")
+
+    def struct(label: str, name: str, **fields) -> None:
+        a.section(".data")
+        a.align(8)
+        a.label(label)
+        a.db(bytes(ffi.buffer(ffi.new(f"struct {name} *", fields))))
+        a.section(".text")
+
+    def frame_of(label: str) -> None:
+        a.lea(rax, ptr[label])
+        a.shr(rax, 12)
+
+    a.section(".bss")
+    a.align(4096)
+    for page in ("g_table", "g_victim", "g_target"):
+        a.label(page)
+        a.reserve(4096)
+    a.label("g_frames")
+    a.reserve(8)
+    a.section(".text")
+    struct("g_xatp", "xen_add_to_physmap", domid=C.DOMID_SELF, space=C.XENMAPSPACE_grant_table)
+    struct("setup", "gnttab_setup_table", dom=C.DOMID_SELF, nr_frames=1)
+    struct("gmap", "gnttab_map_grant_ref", flags=C.GNTMAP_host_map, ref=8, dom=PVH_DOMID)
+    struct("gunmap", "gnttab_unmap_grant_ref")
+    map_at = lambda field: rip + "gmap" + offsetof("gnttab_map_grant_ref", field)  # noqa: E731
+
+    frame_of("g_table")
+    a.mov(qword[rip + "g_xatp" + offsetof("xen_add_to_physmap", "gpfn")], rax)
+    p.hypercall("memory_op", C.XENMEM_add_to_physmap, "g_xatp")
+    result("add_to_physmap")
+    a.mov(eax, C.XENMAPIDX_grant_table_status)
+    a.mov(qword[rip + "g_xatp" + offsetof("xen_add_to_physmap", "idx")], rax)
+    p.hypercall("memory_op", C.XENMEM_add_to_physmap, "g_xatp")
+    result("status_frame_in_v1")
+    a.lea(rax, ptr["g_frames"])
+    a.mov(qword[rip + "setup" + offsetof("gnttab_setup_table", "frame_list")], rax)
+    p.hypercall("grant_table_op", C.GNTTABOP_setup_table, "setup", 1)
+    frame_of("g_table")
+    a.sub(rax, qword["g_frames"])
+    result("setup_names_the_placed_frame")           # 0: where we put it
+
+    a.mov(qword["g_victim"], 0x1111)
+    a.mov(qword["g_target"], 0x2222)
+    frame_of("g_victim")
+    a.mov(dword[rip + "g_table" + 8 * 8 + 4], eax)
+    a.mov(word[rip + "g_table" + 8 * 8 + 2], PVH_DOMID)
+    a.mov(word[rip + "g_table" + 8 * 8], C.GTF_permit_access)
+
+    a.lea(rax, ptr["g_target"])
+    a.mov(qword[map_at("host_addr")], rax)
+    p.hypercall("grant_table_op", C.GNTTABOP_map_grant_ref, "gmap", 1)
+    a.movsx(rax, word[map_at("status")])
+    result("map")
+    a.mov(rax, qword["g_target"])
+    result("target_reads_victim")
+    a.mov(qword["g_target"], 0x3333)
+    a.mov(rax, qword["g_victim"])
+    result("victim_written_through_target")
+    a.movzx(rax, word[rip + "g_table" + 8 * 8])
+    result("flags_mapped")
+
+    for case, flags in (("device_map", C.GNTMAP_device_map),
+                        ("contains_pte", C.GNTMAP_host_map | C.GNTMAP_contains_pte)):
+        a.mov(dword[map_at("flags")], flags)
+        p.hypercall("grant_table_op", C.GNTTABOP_map_grant_ref, "gmap", 1)
+        a.movsx(rax, word[map_at("status")])
+        result(case)
+
+    a.lea(rax, ptr["g_target"])
+    a.mov(qword[rip + "gunmap"], rax)
+    a.mov(eax, dword[map_at("handle")])
+    a.mov(dword[rip + "gunmap" + offsetof("gnttab_unmap_grant_ref", "handle")], eax)
+    p.hypercall("grant_table_op", C.GNTTABOP_unmap_grant_ref, "gunmap", 1)
+    a.movsx(rax, word[rip + "gunmap" + offsetof("gnttab_unmap_grant_ref", "status")])
+    result("unmap")
+    a.mov(rax, qword["g_target"])
+    result("target_restored")                       # our own page again
+    a.mov(rax, qword["g_victim"])
+    result("victim_after_unmap")
+    a.movzx(rax, word[rip + "g_table" + 8 * 8])
+    result("flags_unmapped")
+
+
+def test_pvh_places_its_table_and_maps_a_grant_at_a_guest_frame(engine, run_guest):
+    from guest_kernel.conformance import parse
+    from guest_kernel.pvh_guest import build_pvh_guest
+    image = build_pvh_guest(vmcall=False, extra=pvh_grant_code)
+    stop, out, dom = run_guest(image, domid=PVH_DOMID, timeout=120)
+    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
+    r, _ = parse(out)
+    assert r["add_to_physmap"] == 0
+    assert r["status_frame_in_v1"] == -C.XEN_EINVAL
+    assert r["setup_names_the_placed_frame"] == 0
+    assert r["map"] == C.GNTST_okay
+    assert r["target_reads_victim"] == 0x1111
+    assert r["victim_written_through_target"] == 0x3333
+    assert r["flags_mapped"] == PERMIT | READING | WRITING
+    assert r["device_map"] == C.GNTST_general_error         # no device mappings in HVM
+    assert r["contains_pte"] == C.GNTST_general_error
+    assert r["unmap"] == C.GNTST_okay
+    assert r["target_restored"] == 0x2222
+    assert r["victim_after_unmap"] == 0x3333
+    assert r["flags_unmapped"] == PERMIT

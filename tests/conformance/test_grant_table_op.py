@@ -10,6 +10,7 @@ from abi import C, ffi, offsetof
 from guest_kernel.asm import ax, dword, eax, qword, rax, rcx, word
 from guest_kernel.conformance import NON_CANONICAL, UNMAPPED
 from guest_kernel.xen_pv import XenPVGuest, rip_
+from hypervisor._hv import lib
 
 DOMID = 3
 OTHER = 7                           # a domain id nobody has
@@ -360,3 +361,178 @@ def test_grant_table_op(run_cases):
     assert run["cache_flush_gref"] == EINVAL
     assert run["unknown_op"] == ENOSYS
     assert run["continuation_bits"] == EINVAL
+
+
+# ---- two domains: one grants a page, the other maps it ----
+
+GRANTER, MAPPER = 21, 22
+
+
+def wait_until(g: GrantGuest, label: str, test) -> None:
+    """Yield until test() (which emits a compare) says equal; up to 2^20 tries."""
+    a = g.a
+    a.mov(qword["tries"], 1 << 20)
+    a.label(f"{label}.again")
+    g.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.dec(qword["tries"])
+    a.je(f"{label}.out")
+    test()
+    a.jne(f"{label}.again")
+    a.label(f"{label}.out")
+
+
+def tries_label(g: GrantGuest) -> None:
+    g.a.section(".bss")
+    g.a.label("tries")
+    g.a.reserve(8)
+    g.a.section(".text")
+
+
+def granter_guest():
+    """Grant our `victim` page to MAPPER, wait until it is mapped, written and unmapped."""
+    g = GrantGuest()
+    a = g.a
+    tries_label(g)
+    g.set("setup", dom=C.DOMID_SELF, nr_frames=1, frame_list="frames")
+    g.gnttab("setup", C.GNTTABOP_setup_table, "setup")
+    a.mov(rax, qword["frames"])
+    a.shl(rax, 12)
+    a.or_(rax, P | RW | A | D)
+    a.mov(rcx, rax)
+    g.load_arg(rax, "gt")
+    g.hypercall_regs("map_table", "update_va_mapping", rax, rcx, C.UVMF_INVLPG)
+    a.mov(qword["victim"], 0xFEED)
+    g.grant(8, PERMIT, MAPPER, "victim")
+    wait_until(g, "mapped", lambda: a.cmp(word[rip_("gt", 8 * 8)], PERMIT | READING | WRITING))
+    g.entry_flags("flags_while_mapped", 8)
+    wait_until(g, "written", lambda: a.cmp(qword["victim"], 0xBEEF))
+    g.report_word("victim_seen", "victim")
+    wait_until(g, "unmapped", lambda: a.cmp(word[rip_("gt", 8 * 8)], PERMIT))
+    g.entry_flags("flags_after_unmap", 8)
+    return g.finish()
+
+
+def mapper_guest():
+    """Map GRANTER's ref 8 (retrying until it is granted), read and write it, unmap."""
+    g = GrantGuest()
+    a = g.a
+    tries_label(g)
+    g.set("map", host_addr="target", flags=C.GNTMAP_host_map | C.GNTMAP_device_map, ref=8,
+          dom=GRANTER)
+    wait_until(g, "granted", lambda: (
+        g.hypercall(GNTTABOP, C.GNTTABOP_map_grant_ref, "map", 1),
+        a.cmp(word[rip_("map", offsetof("gnttab_map_grant_ref", "status"))], 0)))
+    g.status("map.status", "map")
+    g.report_field("map.bus", "map", "dev_bus_addr")
+    a.mov(rax, qword["target"])
+    g.report("read_through_map")
+    a.mov(qword["target"], 0xBEEF)
+    g.map("map_again_readonly", 8, C.GNTMAP_host_map | C.GNTMAP_readonly, "rotarget",
+          dom=GRANTER)
+    a.mov(rax, qword["rotarget"])
+    g.report("read_second_map")
+    g.unmap("unmap_second", 1, "rotarget")
+    g.unmap("unmap_wrong_bus", 0, 0, 0x1000)
+    # host and device at once, at the bus address the map gave
+    g.set("unmap", host_addr="target", handle=0, status=0x7777)
+    a.mov(rax, qword[rip_("map", offsetof("gnttab_map_grant_ref", "dev_bus_addr"))])
+    a.mov(qword[rip_("unmap", offsetof("gnttab_unmap_grant_ref", "dev_bus_addr"))], rax)
+    g.gnttab("unmap", C.GNTTABOP_unmap_grant_ref, "unmap")
+    g.status("unmap.status", "unmap")
+    return g.finish()
+
+
+def test_a_page_granted_to_another_domain_is_mapped_there(engine):
+    from guest_kernel.conformance import parse
+    from hypervisor.domain import Domain
+    granter = Domain(granter_guest(), domid=GRANTER, engine=engine, memory_mib=MEMORY_MIB,
+                     console_ring=False, xenstore=False)
+    mapper = Domain(mapper_guest(), domid=MAPPER, engine=engine, memory_mib=MEMORY_MIB,
+                    console_ring=False, xenstore=False)
+    try:
+        mapper.start()
+        granter.start()
+        stops = granter.wait(30), mapper.wait(30)
+        assert all(s is not None for s in stops), "a domain hung"
+        for s, d in zip(stops, (granter, mapper)):
+            assert (s.kind, s.reason) == ("shutdown", 0), d.console_output
+        g, _ = parse(granter.console_output.decode())
+        m, _ = parse(mapper.console_output.decode())
+    finally:
+        granter.destroy()
+        mapper.destroy()
+    assert g["flags_while_mapped"] == PERMIT | READING | WRITING
+    assert g["victim_seen"] == 0xBEEF                   # the mapper's store, in our page
+    assert g["flags_after_unmap"] == PERMIT
+    assert m["map.status"] == C.GNTST_okay
+    # the page has a frame of the mapper's window: its machine address there
+    assert m["map.bus"] >> 12 == RAM_FRAMES + lib.HV_GNT_WINDOW_BASE
+    assert m["read_through_map"] == 0xFEED
+    assert (m["map_again_readonly.status"], m["read_second_map"]) == (C.GNTST_okay, 0xBEEF)
+    assert m["unmap_second.status"] == C.GNTST_okay
+    assert m["unmap_wrong_bus.status"] == C.GNTST_bad_dev_addr
+    assert m["unmap.status"] == C.GNTST_okay
+
+
+# ---- limits: 128 pins of one kind per entry (Xen's 8-bit counters), the maptrack ----
+
+def limits_guest():
+    """Device-map ref 8 read-only until refused, then refs 9, 10, ... (128 each) until the
+    maptrack is full. rbx counts the maps made, r12 the ref, r13 the maps of it."""
+    from guest_kernel.asm import r12, r12d, r13, rbx
+    g = GrantGuest()
+    a = g.a
+    g.set("setup", dom=C.DOMID_SELF, nr_frames=1, frame_list="frames")
+    g.gnttab("setup", C.GNTTABOP_setup_table, "setup")
+    a.mov(rax, qword["frames"])
+    a.shl(rax, 12)
+    a.or_(rax, P | RW | A | D)
+    a.mov(rcx, rax)
+    g.load_arg(rax, "gt")
+    g.hypercall_regs("map_table", "update_va_mapping", rax, rcx, C.UVMF_INVLPG)
+    for ref in range(8, 8 + 2 + lib.HV_GNT_MAX_MAPTRACK // 128):
+        g.grant(ref, PERMIT, DOMID, "victim")
+    g.set("map", host_addr=0, flags=C.GNTMAP_device_map | C.GNTMAP_readonly, dom=DOMID)
+
+    def map_until_refused(label: str, next_ref_every: int | None) -> None:
+        a.label(f"{label}.loop")
+        a.mov(dword[rip_("map", offsetof("gnttab_map_grant_ref", "ref"))], r12d)
+        g.hypercall(GNTTABOP, C.GNTTABOP_map_grant_ref, "map", 1)
+        a.cmp(word[rip_("map", offsetof("gnttab_map_grant_ref", "status"))], 0)
+        a.jne(f"{label}.done")
+        a.inc(rbx)
+        a.cmp(rbx, 10_000)                  # a bound, whatever happens
+        a.je(f"{label}.done")
+        if next_ref_every:
+            a.inc(r13)
+            a.cmp(r13, next_ref_every)
+            a.jne(f"{label}.loop")
+            a.xor(r13, r13)
+            a.inc(r12)
+        a.jmp(f"{label}.loop")
+        a.label(f"{label}.done")
+
+    a.xor(rbx, rbx)
+    a.mov(r12, 8)
+    map_until_refused("one_ref", None)
+    a.mov(rax, rbx)
+    g.report("pins_of_one_ref")
+    g.status("pin_overflow.status", "map")
+    g.entry_flags("pin_overflow.flags", 8)
+    a.xor(rbx, rbx)
+    a.xor(r13, r13)
+    a.mov(r12, 9)
+    map_until_refused("many_refs", 128)
+    a.mov(rax, rbx)
+    g.report("more_maps")
+    g.status("maptrack_full.status", "map")
+    return g.finish()
+
+
+def test_pin_and_maptrack_limits(run_cases):
+    run = run_cases(limits_guest(), domid=DOMID, memory_mib=MEMORY_MIB)
+    assert run["pins_of_one_ref"] == 128
+    assert run["pin_overflow.status"] == C.GNTST_general_error
+    assert run["pin_overflow.flags"] == PERMIT | READING
+    assert run["more_maps"] == lib.HV_GNT_MAX_MAPTRACK - 128
+    assert run["maptrack_full.status"] == C.GNTST_no_space

@@ -14,7 +14,7 @@ def test_the_implemented_set_is_what_trapless_documents():
     assert names == {"console_io", "xen_version", "sched_op", "memory_op", "mmu_update",
                      "mmuext_op", "multicall", "set_timer_op", "vcpu_op", "event_channel_op",
                      "hvm_op", "set_trap_table", "stack_switch", "set_callbacks", "callback_op",
-                     "update_va_mapping", "set_gdt", "update_descriptor"}
+                     "update_va_mapping", "set_gdt", "update_descriptor", "grant_table_op"}
 
 
 def test_unimplemented_hypercalls_are_enosys(run_cases):
