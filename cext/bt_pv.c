@@ -34,7 +34,27 @@ static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
     bt_uc.reg_read_batch(b->uc, gpr_ids, vals, 18);
     r->cs = FLAT_KERNEL_CS;             /* kernel and user share Xen's flat selectors */
     r->ss = FLAT_KERNEL_SS;
+    r->fs_base = bt_reg(b, UC_X86_REG_FS_BASE);
     r->gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
+    r->gs_sel = bt_reg(b, UC_X86_REG_GS) & 0xffff;
+}
+
+/* CR0.TS, CR4.FSGSBASE and the debug registers, as the model last set them. TCG
+ * honours TS (#NM) and FSGSBASE (#UD); Unicorn takes the debug registers but never
+ * turns them into breakpoints, so no #DB comes from them on bt. */
+static void load_control(struct bt_vcpu *b)
+{
+    struct pv_vcpu *p = &b->v->pv;
+    static const int drs[6] = { UC_X86_REG_DR0, UC_X86_REG_DR1, UC_X86_REG_DR2,
+                                UC_X86_REG_DR3, UC_X86_REG_DR6, UC_X86_REG_DR7 };
+    const uint64_t vals[6] = { p->dr[0], p->dr[1], p->dr[2], p->dr[3], p->dr[6], p->dr[7] };
+    uint64_t cr0 = bt_reg(b, UC_X86_REG_CR0), cr4 = bt_reg(b, UC_X86_REG_CR4);
+
+    bt_set_reg(b, UC_X86_REG_CR0, (cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0));
+    bt_set_reg(b, UC_X86_REG_CR4, (cr4 & ~PV_CR4_FSGSBASE) | (p->cr4 & PV_CR4_FSGSBASE));
+    for (int i = 0; i < 6; i++)
+        bt_set_reg(b, drs[i], vals[i]);
+    p->hw_dirty = 0;
 }
 
 static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
@@ -43,8 +63,14 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
     for (int i = 0; i < 18; i++)
         if (now[i] != was[i])
             bt_set_reg(b, gpr_ids[i], now[i]);
-    if (r->gs_base != old->gs_base)
+    if (r->gs_sel != old->gs_sel)
+        bt_set_reg(b, UC_X86_REG_GS, r->gs_sel);     /* loads its base: set ours after */
+    if (r->gs_base != old->gs_base || r->gs_sel != old->gs_sel)
         bt_set_reg(b, UC_X86_REG_GS_BASE, r->gs_base);
+    if (r->fs_base != old->fs_base)
+        bt_set_reg(b, UC_X86_REG_FS_BASE, r->fs_base);
+    if (b->v->pv.hw_dirty)
+        load_control(b);
 }
 
 int bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len)

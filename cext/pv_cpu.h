@@ -94,6 +94,17 @@ struct pv_vcpu {
     uint64_t user_l4;                   /* MMUEXT_NEW_USER_BASEPTR frame; 0 = none, as Xen */
     uint64_t gdt_frames[14];            /* set_gdt's frames (FIRST_RESERVED_GDT_PAGE) */
     unsigned gdt_nr_frames;
+    /* control state the guest sets by hypercall or emulated instruction (pv_ctrl.c) */
+    uint64_t dr[8];                     /* virtual debug registers (4 and 5 unused) */
+    uint64_t dr7_io;                    /* DR7 enables of I/O breakpoints (emulated) */
+    uint64_t cr4;                       /* the CR4 bits a PV guest controls (PV_CR4_GUEST) */
+    int      cr0_ts;                    /* virtual CR0.TS (fpu_taskswitch, clts, mov cr0) */
+    unsigned iopl;                      /* virtual IOPL (set_iopl, or iret with the assist) */
+    uint64_t iobmp;                     /* set_iobitmap: guest pointer, ports it covers */
+    uint32_t iobmp_ports;
+    uint64_t vm_assist;                 /* enabled VMASST_TYPE_ bits */
+    int      hw_dirty;                  /* the engine must load cr0.TS, cr4 and the DRs */
+    struct pv_regs *regs;               /* the registers of the exit being handled */
     uint64_t bounces, syscalls;         /* counters (tests, stats) */
 };
 
@@ -104,8 +115,20 @@ struct pv_regs {
     uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
     uint64_t rip, rflags;
     uint64_t cs, ss;
-    uint64_t gs_base;
+    uint64_t fs_base, gs_base;
+    uint64_t gs_sel;                    /* the %gs selector */
 };
+
+/* CR4 bits: those a PV guest controls (Xen's PV_CR4_GUEST_MASK, each only where its
+ * CPUID policy has the feature) and those it sees of Xen's own setting. */
+#define PV_CR4_TSD       (1ULL << 2)
+#define PV_CR4_DE        (1ULL << 3)
+#define PV_CR4_FSGSBASE  (1ULL << 16)
+#define PV_CR4_OSXSAVE   (1ULL << 18)
+#define PV_CR4_GUEST     (PV_CR4_TSD | PV_CR4_DE | PV_CR4_FSGSBASE | PV_CR4_OSXSAVE)
+#define PV_CR4_VISIBLE   0x620ULL       /* OSXMMEXCPT OSFXSR PAE: what trapless runs with */
+#define PV_CR0           0x80050033ULL  /* PG WP NE ET MP PE; TS is the guest's */
+#define PV_CR0_TS        (1ULL << 3)
 
 /* ---- pv_region.c: the region and Xen's L4 slots ---- */
 int  pv_domain_init(struct hv_domain *d, int model, char *err, int err_len);
@@ -146,6 +169,25 @@ int64_t do_callback_op(struct hv_vcpu *v, const struct hv_hcall *h);
 /* pv_desc.c */
 int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h);
+
+/* ---- pv_ctrl.c: control registers, debug registers, IOPL, vm_assist, segment bases ---- */
+int64_t do_fpu_taskswitch(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_set_debugreg(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_get_debugreg(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_vm_assist(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_physdev_op(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_set_segment_base(struct hv_vcpu *v, const struct hv_hcall *h);
+/* Xen's set_debugreg on the vCPU's virtual DRs: 0 or a negative Xen errno. */
+int     pv_set_debugreg(struct hv_vcpu *v, int reg, uint64_t value);
+/* The debug register the guest reads (-1 if reg is not one it may name). */
+int     pv_get_debugreg(struct hv_vcpu *v, int reg, uint64_t *value);
+/* A write of the guest's CR0 or CR4 (mov to CRn): 0, or -1 for the #GP Xen raises. */
+int     pv_write_cr(struct hv_vcpu *v, int cr, uint64_t value);
+uint64_t pv_read_cr(struct hv_vcpu *v, int cr);
+/* May the current mode use port I/O (and cli/sti) under the virtual IOPL? */
+int     pv_iopl_ok(struct hv_vcpu *v);
+/* ... and these ports (the IOPL or, for in/out, the guest's I/O bitmap)? */
+int     pv_ports_ok(struct hv_vcpu *v, unsigned port, unsigned bytes);
 
 /* ---- pv_emul.c: instructions Xen emulates for a PV guest ---- */
 /* Xen's PV CPUID policy for leaf/subleaf: out = eax, ebx, ecx, edx. */

@@ -43,10 +43,6 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
     }
 }
 
-/* The guest's view of cr0 and cr4 (XEN-ABI-FACTS §18): what trapless runs it with. */
-#define GUEST_CR0 0x80050033ULL     /* PG WP NE ET MP PE */
-#define GUEST_CR4 0x620ULL          /* OSXMMEXCPT OSFXSR PAE */
-
 /* Registers by their number in an instruction encoding, in struct pv_regs. */
 static uint64_t *gpr(struct pv_regs *r, int n)
 {
@@ -63,27 +59,97 @@ static uint64_t *gpr(struct pv_regs *r, int n)
     return (uint64_t *)((uint8_t *)r + at[n & 15]);
 }
 
+#define MSR_DEBUGCTL 0x1d9
+
+/* in/out: the guest may reach no device, so, as Xen does for a domU's ports it was
+ * not granted, a read gives all-ones and a write is dropped. 1 if done. */
+static int emulate_port_io(struct hv_vcpu *v, struct pv_regs *r, const uint8_t *op, int at,
+                           int opsize16)
+{
+    int in = !(op[0] & 2), bytes = (op[0] & 1) ? (opsize16 ? 2 : 4) : 1;
+    unsigned port = (op[0] & 8) ? (unsigned)(r->rdx & 0xffff) : op[1];
+
+    if (!pv_ports_ok(v, port, (unsigned)bytes))
+        return 0;
+    if (in) {
+        if (bytes == 4)
+            r->rax = 0xffffffffULL;         /* a 32-bit result zero-extends */
+        else
+            r->rax |= bytes == 2 ? 0xffffULL : 0xffULL;
+    }
+    r->rip += (uint64_t)at + ((op[0] & 8) ? 1 : 2);
+    return 1;
+}
+
 int pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r)
 {
-    uint8_t code[4];
-    int rex = 0, at = 0;
+    uint8_t code[8];
+    int rex = 0, at = 0, opsize16 = 0, avail = sizeof(code), kernel = !v->pv.user_mode;
     uint64_t value;
 
-    if (v->pv.user_mode || hv_copy_from_guest(v, code, r->rip, sizeof(code)) < 0)
+    while (avail > 0 && hv_copy_from_guest(v, code, r->rip, (uint64_t)avail) < 0)
+        avail--;                        /* the instruction may end a page early */
+    if (avail < 2)
         return 0;
-    if ((code[0] & 0xf0) == 0x40)
+    if (code[at] == 0x66)
+        opsize16 = 1, at++;
+    if ((code[at] & 0xf0) == 0x40)
         rex = code[at++];
-    /* mov %crN, %reg: 0F 20 /r with a register operand */
-    if (code[at] != 0x0f || code[at + 1] != 0x20 || (code[at + 2] >> 6) != 3)
+    if (at + 3 > avail)
         return 0;
-    switch (((code[at + 2] >> 3) & 7) | (rex & 4) << 1) {
-    case 0: value = GUEST_CR0; break;
-    case 2: value = __atomic_load_n(&hv_vcpu_info(v)->arch.cr2, __ATOMIC_ACQUIRE); break;
-    case 3: value = v->dom->mm.base_mfn << HV_PAGE_SHIFT; break;    /* the kernel L4 */
-    case 4: value = GUEST_CR4; break;
-    default: return 0;
+    switch (code[at]) {
+    case 0xe4: case 0xe5: case 0xe6: case 0xe7:     /* in/out with an imm8 port */
+    case 0xec: case 0xed: case 0xee: case 0xef:     /* in/out with the port in dx */
+        return emulate_port_io(v, r, code + at, at, opsize16);
+    case 0xfa: case 0xfb:
+        /* cli/sti: nothing (events are masked in vcpu_info), if the IOPL allows */
+        if (!pv_iopl_ok(v))
+            return 0;
+        r->rip += (uint64_t)at + 1;
+        return 1;
+    case 0x0f:
+        break;
+    default:
+        return 0;
     }
-    *gpr(r, (code[at + 2] & 7) | (rex & 1) << 3) = value;
+    if (!kernel)
+        return 0;                       /* the rest is for the guest kernel only */
+    uint8_t op = code[at + 1], modrm = code[at + 2];
+    int reg = ((modrm >> 3) & 7) | (rex & 4) << 1, rm = (modrm & 7) | (rex & 1) << 3;
+    switch (op) {
+    case 0x06:                          /* clts */
+        pv_write_cr(v, 0, pv_read_cr(v, 0) & ~PV_CR0_TS);
+        r->rip += (uint64_t)at + 2;
+        return 1;
+    case 0x20: case 0x22:               /* mov %crN, %reg / mov %reg, %crN */
+        if ((modrm >> 6) != 3 || (reg != 0 && reg != 2 && reg != 3 && reg != 4))
+            return 0;
+        if (op == 0x20)
+            *gpr(r, rm) = pv_read_cr(v, reg);
+        else if (pv_write_cr(v, reg, *gpr(r, rm)) < 0)
+            return 0;
+        break;
+    case 0x21: case 0x23:               /* mov %drN, %reg / mov %reg, %drN */
+        if ((modrm >> 6) != 3 || reg > 7)
+            return 0;
+        if (op == 0x21) {
+            if (pv_get_debugreg(v, reg, &value) < 0)
+                return 0;
+            *gpr(r, rm) = value;
+        } else if (pv_set_debugreg(v, reg, *gpr(r, rm)) < 0) {
+            return 0;
+        }
+        break;
+    case 0x32:                          /* rdmsr: DEBUGCTL reads 0 for a PV guest */
+        if ((uint32_t)r->rcx != MSR_DEBUGCTL)
+            return 0;
+        r->rax = 0;
+        r->rdx = 0;
+        r->rip += (uint64_t)at + 2;
+        return 1;
+    default:
+        return 0;
+    }
     r->rip += (uint64_t)at + 3;
     return 1;
 }

@@ -298,5 +298,7 @@ void pv_vcpu_boot(struct hv_vcpu *v, uint64_t rsp)
     memset(&v->pv, 0, sizeof(v->pv));
     v->pv.kernel_ss = FLAT_KERNEL_SS;
     v->pv.kernel_sp = rsp;
+    v->pv.dr[6] = 0xffff0ff0;           /* Xen's start-of-day DR6 and DR7 */
+    v->pv.dr[7] = 0x400;
     __atomic_store_n(&hv_vcpu_info(v)->evtchn_upcall_mask, 1, __ATOMIC_RELEASE);
 }
