@@ -136,6 +136,8 @@ enum bt_kind {
     BT_MOV_CR, BT_MOV_DR, BT_WRMSR, BT_RDMSR,
     BT_LGDT, BT_LIDT, BT_LLDT, BT_LTR, BT_INVLPG, BT_CLTS, BT_CACHE,
     BT_PORT_IO,                     /* in/out/ins/outs: the port hooks take them */
+    BT_READ_CRDR,                   /* mov from a control or debug register: harmless in
+                                     * ring 0, privileged in ring 3 (Xen's PV model only) */
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
 };
 

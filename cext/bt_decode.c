@@ -234,6 +234,7 @@ static enum bt_kind classify(const struct bt_insn *in)
                reg == 7 ? BT_INVLPG : BT_PLAIN;
     case 0x06: return BT_CLTS;
     case 0x08: case 0x09: return BT_CACHE;
+    case 0x20: case 0x21: return BT_READ_CRDR;
     case 0x22: return BT_MOV_CR;
     case 0x23: return BT_MOV_DR;
     case 0x30: return BT_WRMSR;

@@ -23,7 +23,9 @@ static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
     [__HYPERVISOR_sched_op]    = do_sched_op,
     [__HYPERVISOR_event_channel_op] = do_event_channel_op,
     [__HYPERVISOR_hvm_op]      = do_hvm_op,
-    /* the PV CPU model (pv_traps.c); iret is taken before this table (pv_syscall) */
+    /* the PV CPU model (pv_traps.c); iret is taken before this table (pv_syscall),
+     * except inside a multicall */
+    [__HYPERVISOR_iret]        = do_iret_entry,
     [__HYPERVISOR_set_trap_table] = do_set_trap_table,
     [__HYPERVISOR_set_gdt]     = do_set_gdt,
     [__HYPERVISOR_update_descriptor] = do_update_descriptor,

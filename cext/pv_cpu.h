@@ -105,6 +105,7 @@ struct pv_vcpu {
     uint64_t vm_assist;                 /* enabled VMASST_TYPE_ bits */
     int      hw_dirty;                  /* the engine must load cr0.TS, cr4 and the DRs */
     struct pv_regs *regs;               /* the registers of the exit being handled */
+    int      iret_done;                 /* a multicall's iret has replaced them */
     uint64_t bounces, syscalls;         /* counters (tests, stats) */
 };
 
@@ -163,6 +164,7 @@ int  pv_deliver_events(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *sto
 int  pv_upcall_due(struct hv_vcpu *v);
 
 int64_t do_set_trap_table(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_iret_entry(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_stack_switch(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_set_callbacks(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_callback_op(struct hv_vcpu *v, const struct hv_hcall *h);

@@ -264,9 +264,14 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
                               .a4 = r->r10, .a5 = r->r8 };
         if (r->rax == __HYPERVISOR_iret)
             return do_iret(v, r, stop);
+        int64_t ret;
         p->regs = r;                    /* for the few that change registers */
-        r->rax = (uint64_t)hv_hypercall(v, &h);
+        p->iret_done = 0;
+        ret = hv_hypercall(v, &h);
         p->regs = NULL;
+        if (p->iret_done)
+            return 0;                   /* a multicall's iret: r is where it returned to */
+        r->rax = (uint64_t)ret;
         r->rip = r->rcx;
         r->rflags = r->r11 | 2;
         return 0;
@@ -282,6 +287,25 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
         return -1;
     r->rflags &= ~RFLAGS_DF;
     return 0;
+}
+
+/* iret as an entry of a multicall (a plain iret never reaches the table): it returns
+ * the vCPU to the frame on the guest stack, like the hypercall itself, and ends the
+ * multicall there, as Xen does since XSA-213; the entries after it do not run. */
+int64_t do_iret_entry(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    struct pv_regs *r = v->pv.regs;
+    struct hv_stop lost;
+
+    if (v->dom->pv_model != HV_PV_XEN || !r)
+        return -XEN_ENOSYS;
+    r->rip = r->rcx;                    /* do_iret reads the frame at the guest's rsp */
+    r->rflags = r->r11 | 2;
+    v->pv.iret_done = 1;
+    if (do_iret(v, r, &lost) < 0)
+        return -XEN_EFAULT;             /* the domain crashed; the run loop stops it */
+    v->dom->counters.hypercalls[__HYPERVISOR_iret]--;   /* hv_hypercall counts it */
+    return (int64_t)r->rax;
 }
 
 /* ---- the hypercalls that set it up ---- */
