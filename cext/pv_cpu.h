@@ -186,6 +186,8 @@ int     pv_get_debugreg(struct hv_vcpu *v, int reg, uint64_t *value);
 /* A write of the guest's CR0 or CR4 (mov to CRn): 0, or -1 for the #GP Xen raises. */
 int     pv_write_cr(struct hv_vcpu *v, int cr, uint64_t value);
 uint64_t pv_read_cr(struct hv_vcpu *v, int cr);
+/* The descriptor sel names in the vCPU's GDT: 0, or -1 (an LDT selector, beyond it). */
+int     pv_gdt_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc);
 /* May the current mode use port I/O (and cli/sti) under the virtual IOPL? */
 int     pv_iopl_ok(struct hv_vcpu *v);
 /* ... and these ports (the IOPL or, for in/out, the guest's I/O bitmap)? */
@@ -199,6 +201,11 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
 int  pv_emulate_ud(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
 /* #GP(0) at r->rip in guest kernel mode: 1 if Xen would emulate it (r updated), else 0. */
 int  pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r);
+/* #GP(0) at a far call or jmp through memory: the CPU's #GP(selector) for a selector
+ * it cannot use (no LDT, a call gate, beyond the GDT), whose error code this KVM-PVM host
+ * loses and which TCG computes with Intel's operand size whatever the guest's vendor.
+ * Returns the error code Xen's guest sees (selector & ~3), or 0 if it is not one. */
+uint32_t pv_far_branch_error(struct hv_vcpu *v, struct pv_regs *r);
 /* A #PF at cr2 in the M2P, mapped readable, from a load the host refused: 1 if done. */
 int  pv_emulate_m2p_load(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2);
 

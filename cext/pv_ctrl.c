@@ -288,23 +288,32 @@ static int canonical(uint64_t va)
 
 /* The base a data-segment load of sel would give %gs (Xen loads it and reads the
  * base back): 0 with a usable selector, or -1 where the load would fault. */
-static int gs_selector_base(struct hv_vcpu *v, unsigned sel, uint64_t *base)
+int pv_gdt_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc)
 {
-    uint64_t gpa, desc;
+    uint64_t gpa;
     int ring3;
-    unsigned type;
 
     if ((sel & 4) || pv_region_walk(v->dom, PV_GDT_VA + (sel & ~7u), &gpa, &ring3) < 0)
-        return -1;                      /* no LDT here; beyond the GDT */
+        return -1;                      /* the LDT (always empty here); beyond the GDT */
     if (gpa >= PV_REGION_GPA) {
         if (gpa - PV_REGION_GPA + 8 > v->dom->pv_region_bytes)
             return -1;
-        memcpy(&desc, v->dom->pv_region + (gpa - PV_REGION_GPA), 8);
-    } else if (hv_gpa_valid(v->dom, gpa, 8)) {
-        memcpy(&desc, v->dom->ram + gpa, 8);
-    } else {
-        return -1;
+        memcpy(desc, v->dom->pv_region + (gpa - PV_REGION_GPA), 8);
+        return 0;
     }
+    if (!hv_gpa_valid(v->dom, gpa, 8))
+        return -1;
+    memcpy(desc, v->dom->ram + gpa, 8);
+    return 0;
+}
+
+static int gs_selector_base(struct hv_vcpu *v, unsigned sel, uint64_t *base)
+{
+    uint64_t desc;
+    unsigned type;
+
+    if (pv_gdt_descriptor(v, sel, &desc) < 0)
+        return -1;
     type = (unsigned)(desc >> 40) & 0x1f;          /* S and the type */
     /* present, a data segment or a readable code segment, DPL 3 */
     if (!(desc & (1ULL << 47)) || !(type & 0x10) || ((type & 0x8) && !(type & 0x2)) ||

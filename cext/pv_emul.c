@@ -170,6 +170,84 @@ static int modrm_length(const uint8_t *code)
     return n + (mod == 1 ? 1 : mod == 2 ? 4 : 0);
 }
 
+/* The effective address of a ModRM memory operand at code[0] (64-bit addressing);
+ * insn_end is the address after the instruction, for rip-relative operands. */
+static uint64_t effective_address(struct pv_regs *r, const uint8_t *code, int rex,
+                                  uint64_t insn_end)
+{
+    int mod = code[0] >> 6, rm = code[0] & 7, at = 1;
+    uint64_t ea = 0;
+    int32_t disp = 0;
+
+    if (rm == 4) {                      /* SIB */
+        uint8_t sib = code[at++];
+        int base = (sib & 7) | (rex & 1) << 3, index = ((sib >> 3) & 7) | (rex & 2) << 2;
+        if (index != 4)
+            ea += *gpr(r, index) << (sib >> 6);
+        if ((sib & 7) == 5 && mod == 0) {
+            memcpy(&disp, code + at, 4);
+            at += 4;
+        } else {
+            ea += *gpr(r, base);
+        }
+    } else if (mod == 0 && rm == 5) {
+        memcpy(&disp, code + at, 4);
+        return insn_end + (uint64_t)(int64_t)disp;
+    } else {
+        ea += *gpr(r, rm | (rex & 1) << 3);
+    }
+    if (mod == 1)
+        disp = (int8_t)code[at];
+    else if (mod == 2)
+        memcpy(&disp, code + at, 4);
+    return ea + (uint64_t)(int64_t)disp;
+}
+
+#define VENDOR_AMD_EBX 0x68747541u      /* "Auth" */
+
+uint32_t pv_far_branch_error(struct hv_vcpu *v, struct pv_regs *r)
+{
+    uint8_t code[16];
+    int at = 0, rex = 0, opsize16 = 0, len, avail = sizeof(code);
+    uint64_t seg_base = 0, ea;
+    uint32_t vendor[4];
+    uint16_t sel;
+    unsigned offset_bytes;
+
+    while (avail > 0 && hv_copy_from_guest(v, code, r->rip, (uint64_t)avail) < 0)
+        avail--;
+    for (; at < 4 && at < avail; at++) {
+        if (code[at] == 0x66)
+            opsize16 = 1;
+        else if (code[at] == 0x64)
+            seg_base = r->fs_base;
+        else if (code[at] == 0x65)
+            seg_base = r->gs_base;
+        else
+            break;
+    }
+    if (at < avail && (code[at] & 0xf0) == 0x40)
+        rex = code[at++];
+    /* call far / jmp far through memory: FF /3, FF /5 */
+    if (at + 2 > avail || code[at] != 0xff || (((code[at + 1] >> 3) & 7) != 3 &&
+                                               ((code[at + 1] >> 3) & 7) != 5) ||
+        (len = modrm_length(code + at + 1)) < 0 || at + 1 + len > avail)
+        return 0;
+    /* the far pointer is m16:16, m16:32, or m16:64 with REX.W on Intel only (AMD
+     * ignores REX.W there), as the guest's CPUID vendor says */
+    pv_cpuid(v, 0, 0, vendor);
+    offset_bytes = opsize16 ? 2 : ((rex & 8) && vendor[1] != VENDOR_AMD_EBX) ? 8 : 4;
+    ea = seg_base + effective_address(r, code + at + 1, rex, r->rip + (uint64_t)at + 1 + len);
+    if (hv_copy_from_guest(v, &sel, ea + offset_bytes, 2) < 0 || (sel & 0xfffc) == 0)
+        return 0;
+    /* a present code segment could be used: the #GP(0) was for something else */
+    uint64_t desc;
+    if (pv_gdt_descriptor(v, sel, &desc) == 0 && (desc & (1ULL << 47)) &&
+        ((desc >> 43) & 3) == 3)
+        return 0;
+    return sel & 0xfffc;
+}
+
 int pv_emulate_m2p_load(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
 {
     uint8_t code[16];

@@ -150,6 +150,8 @@ int pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t erro
     }
     if (vector == 13 && error == 0 && pv_emulate_gp(v, r))
         return 0;
+    if (vector == 13 && error == 0)
+        error = pv_far_branch_error(v, r);
     if (vector == 7) {
         /* The CPU's TS is the guest's virtual one: Xen clears both and bounces #NM
          * only if the guest had set it (it restores its own FPU state first). */
