@@ -267,6 +267,11 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
         if (r->rax == __HYPERVISOR_iret)
             return do_iret(v, r, stop);
         int64_t ret;
+        /* syscall loaded Xen's flat selectors (STAR), and Xen's sysret returns with
+         * them: an event delivered on the way out sees 0xe033, whatever CS the
+         * guest made the call from */
+        r->cs = FLAT_KERNEL_CS;
+        r->ss = FLAT_KERNEL_SS;
         p->regs = r;                    /* for the few that change registers */
         p->iret_done = 0;
         ret = hv_hypercall(v, &h);
