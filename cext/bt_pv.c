@@ -118,19 +118,65 @@ int bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop)
     return 0;
 }
 
+static int canonical(uint64_t va)
+{
+    uint64_t top = va >> 47;
+    return top == 0 || top == 0x1ffff;
+}
+
+/* TCG raises #GP for every non-canonical address; the CPU raises #SS(0) when the
+ * memory operand's base register is rsp or rbp (a stack reference), unless FS or GS
+ * overrides it. 1 if the #GP(0) at r->rip is such a stack reference. */
+static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
+{
+    uint8_t code[15];
+    struct bt_insn in;
+    int avail = sizeof(code), mod, base;
+    const uint64_t *gprs = &r->rax;     /* rax rbx rcx rdx rsi rdi rsp rbp r8..r15 */
+    static const int slot[16] = { 0, 2, 3, 1, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15 };
+    uint64_t ea;
+
+    while (avail > 0 && bt_read_virt(b, r->rip, code, avail) < 0)
+        avail--;
+    if (avail == 0 || bt_decode(code, avail, &in) < 0 || !in.has_modrm || in.seg)
+        return 0;
+    mod = in.modrm >> 6;
+    if (mod == 3)
+        return 0;
+    if ((in.modrm & 7) == 4) {
+        if ((in.sib & 7) == 5 && mod == 0)
+            return 0;                   /* no base register */
+        base = (in.sib & 7) | (in.rex & 1) << 3;
+        int index = ((in.sib >> 3) & 7) | (in.rex & 2) << 2;
+        ea = gprs[slot[base]] + (index == 4 ? 0 : gprs[slot[index]] << (in.sib >> 6));
+    } else {
+        if ((in.modrm & 7) == 5 && mod == 0)
+            return 0;                   /* rip-relative */
+        base = (in.modrm & 7) | (in.rex & 1) << 3;
+        ea = gprs[slot[base]];
+    }
+    if (base != 4 && base != 5)
+        return 0;
+    ea += (uint64_t)(int64_t)in.disp;
+    return !canonical(in.addr32 ? (uint32_t)ea : ea);
+}
+
 int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop)
 {
     struct pv_regs r, old;
-    int rc;
+    int rc, vector = ev->vector;
 
     read_regs(b, &r);
     old = r;
     b->v->dom->counters.exits[HV_EXIT_EXCEPTION]++;
+    if (vector == 13 && ev->has_error && ev->error == 0 && !ev->soft &&
+        stack_reference_fault(b, &r))
+        vector = 12;
     if (ev->soft && ev->vector != 3 && ev->vector != 4) {
         r.rip -= 2;                     /* int imm8: the model wants it at the instruction */
         rc = pv_int_n(b->v, &r, ev->vector, 2, stop);
     } else {
-        rc = pv_exception(b->v, &r, ev->vector, ev->has_error ? ev->error : 0,
+        rc = pv_exception(b->v, &r, vector, ev->has_error ? ev->error : 0,
                           ev->set_cr2 ? ev->cr2 : 0, stop);
     }
     if (rc < 0 || pv_deliver_events(b->v, &r, stop) < 0)
