@@ -299,7 +299,7 @@ static int deliverable(struct bt_vcpu *b)
 /* Instructions only a ring-3 guest kernel (Xen's PV model) must not run itself. */
 static int ring3_only(int kind)
 {
-    return kind == BT_PORT_IO || kind == BT_READ_CRDR;
+    return kind == BT_PORT_IO || kind == BT_READ_CRDR || kind == BT_WRSEGBASE;
 }
 
 /* The code hook of one site: runs just before the guest would execute it. */

@@ -138,6 +138,8 @@ enum bt_kind {
     BT_PORT_IO,                     /* in/out/ins/outs: the port hooks take them */
     BT_READ_CRDR,                   /* mov from a control or debug register: harmless in
                                      * ring 0, privileged in ring 3 (Xen's PV model only) */
+    BT_WRSEGBASE,                   /* wrfsbase/wrgsbase: TCG does not check the base is
+                                     * canonical (Xen's PV model only) */
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
 };
 
@@ -150,6 +152,7 @@ struct bt_insn {
     uint8_t opcode;
     uint8_t addr32;                 /* 0x67 prefix */
     uint8_t seg;                    /* 0x64 (fs) or 0x65 (gs) override, else 0 */
+    uint8_t rep;                    /* 0xf2 or 0xf3 prefix, else 0 */
     int32_t disp;
     uint8_t disp_at_end_rel;        /* rip-relative: disp counts from the next instruction */
 };

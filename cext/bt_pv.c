@@ -222,6 +222,31 @@ static int emulate_iretq(struct bt_vcpu *b, struct pv_regs *r, const struct bt_s
     return 1;
 }
 
+/* wrfsbase/wrgsbase: #UD without CR4.FSGSBASE, #GP(0) for a non-canonical base. 1 if
+ * done, -1 for the #GP, -2 for the #UD. */
+static int emulate_wrsegbase(struct bt_vcpu *b, struct pv_regs *r, const struct bt_site *s)
+{
+    static const int slot[16] = { 0, 2, 3, 1, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15 };
+    struct bt_insn in;
+    uint64_t base;
+
+    if (bt_decode(s->bytes, s->len, &in) < 0)
+        return -1;
+    if (!(b->v->pv.cr4 & PV_CR4_FSGSBASE))
+        return -2;
+    base = (&r->rax)[slot[(in.modrm & 7) | (in.rex & 1) << 3]];
+    if (!(in.rex & 8))
+        base = (uint32_t)base;
+    if (!canonical(base))
+        return -1;
+    if (((in.modrm >> 3) & 7) == 2)
+        r->fs_base = base;
+    else
+        r->gs_base = base;
+    r->rip += s->len;
+    return 1;
+}
+
 int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
 {
     struct pv_regs r, old;
@@ -233,6 +258,8 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         done = emulate_popf(b, &r, s);
     else if (s->kind == BT_IRET)
         done = emulate_iretq(b, &r, s, &gp_error);
+    else if (s->kind == BT_WRSEGBASE)
+        done = emulate_wrsegbase(b, &r, s);
     else
         done = -1;                      /* privileged in ring 3: #GP(0) */
     if (done == 0) {
@@ -240,7 +267,9 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         return 0;
     }
     b->v->dom->counters.exits[HV_EXIT_PRIV_INSN]++;
-    if (done < 0 && pv_exception(b->v, &r, 13, (uint32_t)gp_error, 0, stop) < 0)
+    if (done == -2 && pv_exception(b->v, &r, 6, 0, 0, stop) < 0)
+        return -1;
+    if (done == -1 && pv_exception(b->v, &r, 13, (uint32_t)gp_error, 0, stop) < 0)
         return -1;
     write_regs(b, &r, &old);
     return 0;
