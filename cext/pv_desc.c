@@ -63,7 +63,8 @@ int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h)
         return -XEN_ENOMEM;
     /* check everything before changing anything */
     for (unsigned i = 0; i < n; i++) {
-        int bad = !hv_mm_frame_usable(d, frames[i]) || mm->frames[frames[i]].wmap_count;
+        int bad = !hv_mm_frame_usable(d, frames[i]) || mm->frames[frames[i]].wmap_count ||
+                  hv_mm_seal_frame(d, frames[i]) < 0;
         if (!bad) {
             memcpy(checked[i], d->ram + (frames[i] << HV_PAGE_SHIFT), HV_PAGE_SIZE);
             for (int e = 0; e < 512 && !bad; e++)
