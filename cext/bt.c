@@ -299,7 +299,8 @@ static int deliverable(struct bt_vcpu *b)
 /* Instructions only a ring-3 guest kernel (Xen's PV model) must not run itself. */
 static int ring3_only(int kind)
 {
-    return kind == BT_PORT_IO || kind == BT_READ_CRDR || kind == BT_WRSEGBASE;
+    return kind == BT_PORT_IO || kind == BT_READ_CRDR || kind == BT_WRSEGBASE ||
+           kind == BT_PRIV_RING3;
 }
 
 /* The code hook of one site: runs just before the guest would execute it. */

@@ -140,6 +140,8 @@ enum bt_kind {
                                      * ring 0, privileged in ring 3 (Xen's PV model only) */
     BT_WRSEGBASE,                   /* wrfsbase/wrgsbase: TCG does not check the base is
                                      * canonical (Xen's PV model only) */
+    BT_PRIV_RING3,                  /* swapgs, sysret, sysexit, rdpmc: fine for a ring-0
+                                     * kernel, #GP(0) in ring 3 (Xen's PV model only) */
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
 };
 

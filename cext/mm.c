@@ -361,6 +361,11 @@ static int new_baseptr(struct hv_vcpu *v, uint64_t mfn)
     return 0;
 }
 
+int hv_mm_new_baseptr(struct hv_vcpu *v, uint64_t mfn)
+{
+    return new_baseptr(v, mfn);
+}
+
 /* The L4 Xen switches to for guest user mode (pv_traps.c); frame 0 clears it. */
 static int new_user_baseptr(struct hv_vcpu *v, uint64_t mfn)
 {

@@ -60,6 +60,9 @@ int  hv_mm_range_ok(uint64_t gva, uint64_t len);
  * guest (shared_info, vcpu_info, rings). */
 int  hv_mm_frame_usable(struct hv_domain *d, uint64_t gpfn);
 void hv_mm_destroy(struct hv_domain *d);
+struct hv_vcpu;
+/* MMUEXT_NEW_BASEPTR: mfn becomes the kernel L4 (validated; a type reference). */
+int  hv_mm_new_baseptr(struct hv_vcpu *v, uint64_t mfn);
 /* Before a frame becomes a page table or descriptor table: make sure no stale TLB
  * entry can still write it (flushes if it was writable since the last flush). 0 or -1. */
 int  hv_mm_seal_frame(struct hv_domain *d, uint64_t mfn);

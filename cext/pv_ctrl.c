@@ -173,6 +173,12 @@ int pv_write_cr(struct hv_vcpu *v, int cr, uint64_t value)
             return -1;
         set_ts(v, (value & PV_CR0_TS) != 0);
         return 0;
+    case 2:
+        __atomic_store_n(&hv_vcpu_info(v)->arch.cr2, value, __ATOMIC_RELEASE);
+        return 0;
+    case 3:
+        /* a new kernel L4, as MMUEXT_NEW_BASEPTR; refused: the #GP */
+        return hv_mm_new_baseptr(v, (value & 0x000ffffffffff000ULL) >> HV_PAGE_SHIFT) ? -1 : 0;
     case 4: {
         /* never a fault: bits outside the guest's set, or without the feature, are
          * dropped, as Xen does */

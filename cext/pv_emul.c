@@ -59,7 +59,42 @@ static uint64_t *gpr(struct pv_regs *r, int n)
     return (uint64_t *)((uint8_t *)r + at[n & 15]);
 }
 
-#define MSR_DEBUGCTL 0x1d9
+#define MSR_DEBUGCTL        0x1d9
+#define MSR_FS_BASE         0xc0000100
+#define MSR_GS_BASE         0xc0000101
+#define MSR_SHADOW_GS_BASE  0xc0000102
+
+static int canonical(uint64_t va)
+{
+    uint64_t top = va >> 47;
+    return top == 0 || top == 0x1ffff;
+}
+
+/* The MSRs Xen lets a PV kernel read: the segment bases (the shadow GS base is the
+ * user one, inactive in kernel mode) and DEBUGCTL, which reads 0. -1: the #GP. */
+static int read_msr(struct hv_vcpu *v, struct pv_regs *r, uint32_t msr, uint64_t *value)
+{
+    switch (msr) {
+    case MSR_FS_BASE:        *value = r->fs_base; return 0;
+    case MSR_GS_BASE:        *value = r->gs_base; return 0;
+    case MSR_SHADOW_GS_BASE: *value = v->pv.gs_base_other; return 0;
+    case MSR_DEBUGCTL:       *value = 0; return 0;
+    }
+    return -1;
+}
+
+/* ... and write: the segment bases, canonical ones only. */
+static int write_msr(struct hv_vcpu *v, struct pv_regs *r, uint32_t msr, uint64_t value)
+{
+    if (!canonical(value))
+        return -1;
+    switch (msr) {
+    case MSR_FS_BASE:        r->fs_base = value; return 0;
+    case MSR_GS_BASE:        r->gs_base = value; return 0;
+    case MSR_SHADOW_GS_BASE: v->pv.gs_base_other = value; return 0;
+    }
+    return -1;
+}
 
 /* in/out: the guest may reach no device, so, as Xen does for a domU's ports it was
  * not granted, a read gives all-ones and a write is dropped. 1 if done. */
@@ -140,11 +175,16 @@ int pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r)
             return 0;
         }
         break;
-    case 0x32:                          /* rdmsr: DEBUGCTL reads 0 for a PV guest */
-        if ((uint32_t)r->rcx != MSR_DEBUGCTL)
+    case 0x32:                          /* rdmsr */
+        if (read_msr(v, r, (uint32_t)r->rcx, &value) < 0)
             return 0;
-        r->rax = 0;
-        r->rdx = 0;
+        r->rax = (uint32_t)value;
+        r->rdx = value >> 32;
+        r->rip += (uint64_t)at + 2;
+        return 1;
+    case 0x30:                          /* wrmsr */
+        if (write_msr(v, r, (uint32_t)r->rcx, (uint32_t)r->rax | r->rdx << 32) < 0)
+            return 0;
         r->rip += (uint64_t)at + 2;
         return 1;
     default:

@@ -7,7 +7,7 @@ import pytest
 
 from abi import C
 
-from guest_kernel.asm import qword, rax
+from guest_kernel.asm import ecx, qword, rax, rcx, rdx
 from guest_kernel.conformance import NON_CANONICAL, UNMAPPED, ConformanceGuest
 from guest_kernel.xen_pv import XenPVGuest
 
@@ -236,3 +236,84 @@ def test_ring0_kernels_do_not_have_them(run_cases):
     for case in ("fpu_taskswitch", "set_debugreg", "get_debugreg", "vm_assist",
                  "physdev_op", "set_segment_base"):
         assert run[case] == ENOSYS, case
+
+
+def test_privileged_instructions_as_xen_emulates_them(run_cases):
+    """What a PV kernel's privileged instruction does: emulated (MSRs of the segment
+    bases, CR2, CR3, CR0.TS) or a #GP(0) bounced to its trap table (swapgs, a CR0 bit
+    it may not change, an MSR it may not touch, a non-canonical base)."""
+    g = XenPVGuest("priv_insns")
+    a = g.a
+    a.section(".data")
+    a.align(8)
+    a.label("word")
+    a.dq(0x0A0B0C0D0E0F1011)
+    a.section(".text")
+    g.trap_table("trap_table", [(13, 0, "on_gp")])
+
+    def gp_case(case, *code):
+        """Run code (raw bytes) with a resume point after it; report the #GP count."""
+        g.resume_at(f"{case}.after")
+        a.db(*code)
+        a.label(f"{case}.after")
+        a.mov(qword["resume_at"], 0)
+        g.report_word(case, "on_gp.count")
+
+    # wrmsr FS_BASE, then a load through %fs; rdmsr reads it back
+    a.lea(rax, g.ptr("word"))
+    a.mov(rdx, rax)
+    a.shr(rdx, 32)
+    a.mov(ecx, 0xC0000100)
+    a.db(0x0F, 0x30)                                    # wrmsr
+    a.db(0x64, 0x48, 0x8B, 0x04, 0x25, 0, 0, 0, 0)      # mov %fs:0, %rax
+    g.report("read_through_fs_msr")
+    a.mov(ecx, 0xC0000100)
+    a.db(0x0F, 0x32)                                    # rdmsr
+    a.shl(rdx, 32)
+    a.or_(rax, rdx)
+    a.lea(rcx, g.ptr("word"))
+    a.sub(rax, rcx)
+    g.report("rdmsr_fs_base_minus_word")
+    gp_case("gp_after_fs_msr")
+    # a non-canonical base, an MSR a PV kernel may not write, swapgs: each a #GP
+    a.mov(rax, 0)
+    a.mov(rdx, 0x8000)                                  # 0x00008000_00000000
+    a.mov(ecx, 0xC0000100)
+    gp_case("gp_noncanonical_fs", 0x0F, 0x30)
+    a.mov(ecx, 0xC0000080)                              # EFER
+    gp_case("gp_wrmsr_efer", 0x0F, 0x30)
+    gp_case("gp_swapgs", 0x0F, 0x01, 0xF8)
+    # CR0: only TS may change (here: clearing PE is a #GP)
+    a.db(0x0F, 0x20, 0xC0)                              # mov %cr0, %rax
+    a.and_(rax, ~1)
+    gp_case("gp_cr0_pe", 0x0F, 0x22, 0xC0)              # mov %rax, %cr0
+    # CR2 is the guest's: written and read back
+    a.mov(rax, 0x123000)
+    a.db(0x0F, 0x22, 0xD0)                              # mov %rax, %cr2
+    a.mov(rax, 0)
+    a.db(0x0F, 0x20, 0xD0)                              # mov %cr2, %rax
+    g.report("cr2_roundtrip")
+    # CR3: writing the L4 it runs on is MMUEXT_NEW_BASEPTR of the same table
+    a.db(0x0F, 0x20, 0xD8)                              # mov %cr3, %rax
+    a.db(0x0F, 0x22, 0xD8)                              # mov %rax, %cr3
+    a.db(0x0F, 0x20, 0xD8)
+    a.mov(rcx, rax)
+    g.start_info_field(rax, "pt_base")                  # VIRT_BASE 0: VA = PA
+    a.sub(rax, rcx)
+    g.report("cr3_is_pt_base")
+    # a frame that is no L4 (its contents are not one): refused, #GP
+    a.lea(rax, g.ptr("word"))
+    a.and_(rax, ~0xFFF)
+    gp_case("gp_cr3_not_a_table", 0x0F, 0x22, 0xD8)
+    g.handlers(lambda: g.recording_handler("on_gp", True))
+    run = run_cases(g.finish())
+    assert run["read_through_fs_msr"] == 0x0A0B0C0D0E0F1011
+    assert run["rdmsr_fs_base_minus_word"] == 0
+    assert run["gp_after_fs_msr"] == 0
+    assert run["gp_noncanonical_fs"] == 1
+    assert run["gp_wrmsr_efer"] == 2
+    assert run["gp_swapgs"] == 3
+    assert run["gp_cr0_pe"] == 4
+    assert run["cr2_roundtrip"] == 0x123000
+    assert run["cr3_is_pt_base"] == 0
+    assert run["gp_cr3_not_a_table"] == 5
