@@ -206,6 +206,10 @@ int  pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r);
  * loses and which TCG computes with Intel's operand size whatever the guest's vendor.
  * Returns the error code Xen's guest sees (selector & ~3), or 0 if it is not one. */
 uint32_t pv_far_branch_error(struct hv_vcpu *v, struct pv_regs *r);
+/* VMASST_TYPE_writable_pagetables: a guest kernel's store (mov, xchg, cmpxchg of 4 or
+ * 8 bytes) into an L1 table it maps read-only, which #PF brought here, is applied as
+ * an mmu_update of that entry (Xen's ptwr). 1 if done; 0: the #PF stands. */
+int  pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2);
 /* A #PF at cr2 in the M2P, mapped readable, from a load the host refused: 1 if done. */
 int  pv_emulate_m2p_load(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2);
 

@@ -288,6 +288,78 @@ uint32_t pv_far_branch_error(struct hv_vcpu *v, struct pv_regs *r)
     return sel & 0xfffc;
 }
 
+int pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
+{
+    struct hv_domain *d = v->dom;
+    uint8_t code[16];
+    int at = 0, rex = 0, opsize16 = 0, len, avail = sizeof(code), size, reg;
+    uint64_t gpa, mfn, value, old, merged;
+    const struct hv_frame *f;
+    uint8_t op;
+
+    if (v->pv.user_mode || !(v->pv.vm_assist & (1ULL << VMASST_TYPE_writable_pagetables)) ||
+        !d->mm.frames || hv_gva_to_gpa(v, cr2, 0, &gpa) < 0)
+        return 0;
+    mfn = gpa >> HV_PAGE_SHIFT;
+    f = &d->mm.frames[mfn];
+    if (mfn >= d->mm.nr_pages || !f->type_count || f->type != HV_FT_L1)
+        return 0;                       /* only an L1 table's writes are emulated */
+    while (avail > 0 && hv_copy_from_guest(v, code, r->rip, (uint64_t)avail) < 0)
+        avail--;
+    for (; at < 3 && at < avail && (code[at] == 0xf0 || code[at] == 0x66); at++)
+        opsize16 |= code[at] == 0x66;
+    if (at < avail && (code[at] & 0xf0) == 0x40)
+        rex = code[at++];
+    if (at + 2 > avail)
+        return 0;
+    op = code[at];
+    if (op == 0x0f) {                   /* cmpxchg r/m, r: 0F B1 /r */
+        if (code[++at] != 0xb1)
+            return 0;
+    } else if (op != 0x89 && op != 0x87 && !(op == 0xc7 && ((code[at + 1] >> 3) & 7) == 0)) {
+        return 0;                       /* mov r/m, r; xchg; mov r/m, imm32 */
+    }
+    if ((len = modrm_length(code + at + 1)) < 0 || at + 1 + len + (op == 0xc7 ? 4 : 0) > avail)
+        return 0;
+    size = (rex & 8) ? 8 : opsize16 ? 2 : 4;
+    if (size == 2 || (cr2 & (uint64_t)(size - 1)))
+        return 0;                       /* a whole entry, or an aligned half of one */
+    reg = ((code[at + 1] >> 3) & 7) | (rex & 4) << 1;
+    if (op == 0xc7) {
+        int32_t imm;
+        memcpy(&imm, code + at + 1 + len, 4);
+        value = (uint64_t)(int64_t)imm;
+    } else {
+        value = *gpr(r, reg);
+    }
+    old = *(const uint64_t *)(d->ram + (gpa & ~7ULL));
+    if (size == 4) {
+        unsigned shift = (unsigned)(cr2 & 4) * 8;
+        value &= 0xffffffffULL;
+        merged = (old & ~(0xffffffffULL << shift)) | value << shift;
+    } else {
+        merged = value;
+    }
+    if (op == 0x0f) {                   /* cmpxchg: only if rax holds what is there */
+        uint64_t now = size == 8 ? old : (old >> ((cr2 & 4) * 8)) & 0xffffffffULL;
+        uint64_t want = size == 8 ? r->rax : r->rax & 0xffffffffULL;
+        if (now != want) {
+            r->rax = now;               /* a 32-bit one zero-extends */
+            r->rflags &= ~0x40ULL;      /* ZF clear */
+            r->rip += (uint64_t)at + 1 + (uint64_t)len;
+            return 1;
+        }
+        r->rflags |= 0x40ULL;
+    }
+    /* the write is an MMU_NORMAL_PT_UPDATE: validated as one, or the #PF stands */
+    if (hv_mm_write_pte(d, gpa & ~7ULL, merged) < 0)
+        return 0;
+    if (op == 0x87)                     /* xchg hands the old value back */
+        *gpr(r, reg) = size == 8 ? old : (old >> ((cr2 & 4) * 8)) & 0xffffffffULL;
+    r->rip += (uint64_t)at + 1 + (uint64_t)len + (op == 0xc7 ? 4 : 0);
+    return 1;
+}
+
 int pv_emulate_m2p_load(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
 {
     uint8_t code[16];

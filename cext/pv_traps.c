@@ -163,6 +163,8 @@ int pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t erro
     }
     if (vector == 14 && !(error & PF_W) && pv_emulate_m2p_load(v, r, cr2))
         return 0;
+    if (vector == 14 && (error & PF_W) && pv_emulate_ptwr(v, r, cr2))
+        return 0;
     if (vector == 14) {
         /* The guest sees U set iff it was in user mode (both run in ring 3), and P
          * recomputed for the hypervisor's pages, where some hosts report it wrong. */

@@ -93,3 +93,61 @@ def test_a_pinned_frame_of_the_guest_is_a_protected_table(run_cases):
     assert run["remap_writable_after_unpin"] == 0
     assert run["stored_after_unpin"] == 0x5678
     assert run["pf_count_at_end"] == 1
+
+
+def test_writable_pagetables_assist_applies_the_kernels_own_stores(run_cases):
+    """With VMASST_TYPE_writable_pagetables a kernel store into an L1 table it maps
+    read-only is applied as that entry's mmu_update (Xen's ptwr): validated like one,
+    and the #PF stands when it is refused or the assist is off."""
+    g = XenPVGuest("ptwr")
+    a = g.a
+    a.section(".bss")
+    a.align(4096)
+    a.label("tbl")
+    a.reserve(4096)
+    a.label("victim")
+    a.reserve(4096)
+    a.section(".text")
+    g.trap_table("trap_table", [(14, 0, "on_pf")])
+    remap(g, "remap_read_only", "tbl", P | A | D)
+    mmuext(g, "pin", C.MMUEXT_PIN_L1_TABLE)
+
+    def store(case, offset, label, flags, insn="mov"):
+        """Store label's frame | flags into entry offset/8 of tbl; report the #PF count."""
+        g.resume_at(f"{case}.after")
+        a.lea(rcx, g.ptr(label))
+        a.or_(rcx, flags)
+        if insn == "mov":
+            a.mov(qword[rip_("tbl", offset)], rcx)
+        else:
+            a.xchg(qword[rip_("tbl", offset)], rcx)
+        a.label(f"{case}.after")
+        a.mov(qword["resume_at"], 0)
+        if insn == "xchg":
+            a.mov(qword["xchg_old"], rcx)
+        g.report_word(case, "on_pf.count")
+
+    a.section(".bss")
+    a.label("xchg_old")
+    a.reserve(8)
+    a.section(".text")
+    store("without_assist", 8, "victim", P | RW | US)
+    g.call("enable", "vm_assist", C.VMASST_CMD_enable, C.VMASST_TYPE_writable_pagetables)
+    store("with_assist", 8, "victim", P | RW | US)
+    g.report_word("entry_1", "tbl", 8)
+    store("table_writable_refused", 16, "tbl", P | RW | US)
+    g.report_word("entry_2", "tbl", 16)
+    store("xchg", 8, "victim", P | US, insn="xchg")
+    g.report_word("entry_1_after_xchg", "tbl", 8)
+    g.report_word("xchg_old_value", "xchg_old")
+    g.handlers(lambda: g.recording_handler("on_pf", True))
+    run = run_cases(g.finish())
+    assert (run["remap_read_only"], run["pin"], run["enable"]) == (0, 0, 0)
+    assert run["without_assist"] == 1
+    assert run["with_assist"] == 1                      # no new #PF
+    assert run["entry_1"] & 0xFFF == P | RW | US | A | D
+    assert run["table_writable_refused"] == 2
+    assert run["entry_2"] == 0
+    assert run["xchg"] == 2
+    assert run["entry_1_after_xchg"] & 0xFFF == P | US | A | D
+    assert run["xchg_old_value"] == run["entry_1"]
