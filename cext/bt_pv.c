@@ -52,8 +52,13 @@ static void load_control(struct bt_vcpu *b)
 
     bt_set_reg(b, UC_X86_REG_CR0, (cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0));
     bt_set_reg(b, UC_X86_REG_CR4, (cr4 & ~PV_CR4_FSGSBASE) | (p->cr4 & PV_CR4_FSGSBASE));
+    uc_x86_mmr ldtr = { .selector = p->ldt_ents ? PV_LDT_SEL : 0, .base = PV_LDT_VA,
+                        .limit = p->ldt_ents ? (uint32_t)(p->ldt_ents * 8 - 1) : 0,
+                        .flags = p->ldt_ents ? 0x8200 : 0 };      /* present, type 2 */
+
     for (int i = 0; i < 6; i++)
         bt_set_reg(b, drs[i], vals[i]);
+    bt_uc.reg_write(b->uc, UC_X86_REG_LDTR, &ldtr);
     p->hw_dirty = 0;
 }
 

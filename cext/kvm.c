@@ -716,6 +716,17 @@ static int pv_load_sregs(struct hv_vcpu *v, const struct pv_regs *r, const struc
         sregs.gs.g = 1;
         sregs.gs.limit = 0xffffffff;
     }
+    if (p->hw_dirty) {                  /* MMUEXT_SET_LDT: Xen's LDT descriptor */
+        memset(&sregs.ldt, 0, sizeof(sregs.ldt));
+        sregs.ldt.unusable = !p->ldt_ents;
+        if (p->ldt_ents) {
+            sregs.ldt.selector = PV_LDT_SEL;
+            sregs.ldt.base = PV_LDT_VA;
+            sregs.ldt.limit = (uint32_t)(p->ldt_ents * 8 - 1);
+            sregs.ldt.type = 2;
+            sregs.ldt.present = 1;
+        }
+    }
     sregs.cr0 = (sregs.cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0);
     sregs.cr4 = (sregs.cr4 & ~PV_CR4_FSGSBASE) | (p->cr4 & PV_CR4_FSGSBASE);
     if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)

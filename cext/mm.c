@@ -406,6 +406,10 @@ static int mmuext_one(struct hv_vcpu *v, const void *item)
         return unpin_table(d, op->arg1);
     case MMUEXT_NEW_BASEPTR:
         return new_baseptr(v, op->arg1);
+    case MMUEXT_SET_LDT:
+        if (d->pv_model != HV_PV_XEN)
+            break;                      /* a ring-0 kernel loads its own LDTR */
+        return pv_set_ldt(v, op->arg1, op->arg2);
     case MMUEXT_NEW_USER_BASEPTR:
         if (d->pv_model != HV_PV_XEN)
             break;                      /* a ring-0 kernel has no user mode of Xen's */

@@ -59,11 +59,14 @@ enum pv_frame {
 #define PV_STACK_VA     (PV_AREA_VA + 23 * 4096ULL)     /* page 22 stays unmapped: a guard */
 #define PV_STACK_TOP    (PV_STACK_VA + 2 * 4096ULL)
 #define PV_AREA_END     PV_STACK_TOP
+#define PV_LDT_VA       (PV_AREA_VA + 32 * 4096ULL)     /* 16 pages: the guest's LDT frames */
+#define PV_LDT_PAGES    16                              /* 8192 descriptors, Xen's maximum */
 
 /* Xen's own selectors in the reserved GDT page (the guest's are in xen_abi.h). */
 #define PV_HYPER_CS     0xe008
 #define PV_HYPER_DS     0xe010
 #define PV_TSS_SEL      0xe040
+#define PV_LDT_SEL      0xe050          /* the LDT descriptor (16 bytes) for MMUEXT_SET_LDT */
 
 #define PV_STUB_SIZE    16
 #define PV_TRAP_PORT    0xCB    /* the exception stubs' exit (CPL0) */
@@ -94,6 +97,9 @@ struct pv_vcpu {
     uint64_t user_l4;                   /* MMUEXT_NEW_USER_BASEPTR frame; 0 = none, as Xen */
     uint64_t gdt_frames[14];            /* set_gdt's frames (FIRST_RESERVED_GDT_PAGE) */
     unsigned gdt_nr_frames;
+    uint64_t ldt_base, ldt_ents;        /* MMUEXT_SET_LDT: the guest's view */
+    uint64_t ldt_frames[PV_LDT_PAGES];  /* ... and the frames mapped at PV_LDT_VA */
+    unsigned ldt_nr_frames;
     /* control state the guest sets by hypercall or emulated instruction (pv_ctrl.c) */
     uint64_t dr[8];                     /* virtual debug registers (4 and 5 unused) */
     uint64_t dr7_io;                    /* DR7 enables of I/O breakpoints (emulated) */
@@ -148,6 +154,9 @@ int  pv_in_area(uint64_t va);
 int  pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user);
 /* Map the guest's GDT frames into the first pages of the GDT (the rest: not present). */
 void pv_map_gdt(struct hv_domain *d, const uint64_t *mfns, unsigned n);
+/* Map the guest's LDT frames at PV_LDT_VA and describe them at PV_LDT_SEL (n = 0: no
+ * LDT); the engine loads LDTR from the vCPU's ldt_ents (hw_dirty). */
+void pv_map_ldt(struct hv_domain *d, const uint64_t *mfns, unsigned n, uint64_t ents);
 
 /* ---- pv_traps.c: what happens at each way into the hypervisor ---- */
 /* Each returns 0 (resume the guest with *r) or -1 (the domain crashed; stop filled). */
@@ -171,6 +180,8 @@ int64_t do_callback_op(struct hv_vcpu *v, const struct hv_hcall *h);
 /* pv_desc.c */
 int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h);
+/* MMUEXT_SET_LDT(linear_addr, nr_ents): 0 or a negative Xen errno. */
+int     pv_set_ldt(struct hv_vcpu *v, uint64_t base, uint64_t ents);
 
 /* ---- pv_ctrl.c: control registers, debug registers, IOPL, vm_assist, segment bases ---- */
 int64_t do_fpu_taskswitch(struct hv_vcpu *v, const struct hv_hcall *h);
