@@ -1,6 +1,6 @@
 /*
  * pv_cpu.h - Xen's x86-64 PV CPU model, shared by both engines (pv_region.c,
- * pv_traps.c, pv_emul.c).
+ * pv_traps.c, pv_emul.c, pv_ctrl.c, pv_desc.c).
  *
  * A PV guest kernel runs in ring 3 like its own user space, with Xen's flat selectors.
  * trapless owns the real GDT, IDT, TSS and syscall MSRs; they sit in a small region of
@@ -210,7 +210,8 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
 /* #UD at r->rip: the forced-emulation prefix + cpuid, or `int n` on hosts that report
  * it as #UD. 1 if handled (r updated), 0 if it is a real #UD for the guest, -1 crash. */
 int  pv_emulate_ud(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
-/* #GP(0) at r->rip in guest kernel mode: 1 if Xen would emulate it (r updated), else 0. */
+/* #GP(0) at r->rip: 1 if Xen would emulate it (r updated), else 0 (port I/O and
+ * cli/sti in either mode, the rest in guest kernel mode only). */
 int  pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r);
 /* #GP(0) at a far call or jmp through memory: the CPU's #GP(selector) for a selector
  * it cannot use (no LDT, a call gate, beyond the GDT), whose error code this KVM-PVM host

@@ -1,13 +1,14 @@
 /*
- * pv_emul.c - the instructions Xen emulates for a PV guest kernel that a #UD brings
- * to us: the forced-emulation prefix before cpuid (XEN-ABI-FACTS §18, answered with
- * Xen's PV CPUID policy, §24), and `int n` on hosts whose CPU reports it as #UD
- * (PVM-HOST.md). Of what a #GP brings, reads of the control registers are emulated
- * as Xen does for a PV kernel. Loads from the M2P that fault although the table is
- * mapped readable (this KVM-PVM host refuses ring-3 accesses to L4 slot 256) are
- * emulated too, so the guest sees what Xen's mapping gives it; every other privileged instruction reaches the guest as
- * that #GP (Xen's port I/O under the virtual IOPL, MSRs and control-register writes
- * are not here yet).
+ * pv_emul.c - the instructions Xen emulates for a PV guest kernel (XEN-ABI-FACTS §18).
+ * A #UD brings the forced-emulation prefix before cpuid (answered with Xen's PV CPUID
+ * policy, §24), and `int n` on hosts whose CPU reports it as #UD (PVM-HOST.md). A #GP(0)
+ * brings the privileged instructions Xen emulates: mov to and from CR0/2/3/4 and
+ * DR0-7, clts, rdmsr/wrmsr of the segment bases (and DEBUGCTL), and in/out and cli/sti
+ * under the virtual IOPL or I/O bitmap; the state they change is pv_ctrl.c's. A #GP(0)
+ * at a far branch gets back the error code this host or TCG lost; a #PF brings the
+ * kernel's stores into its read-only L1 tables (VMASST writable_pagetables) and loads
+ * from the M2P this KVM-PVM host refuses although the table is mapped readable (ring 3
+ * cannot touch L4 slot 256 here). Everything else reaches the guest as its fault.
  */
 #include <cpuid.h>
 #include <stddef.h>
@@ -130,10 +131,13 @@ int pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r)
         opsize16 = 1, at++;
     if ((code[at] & 0xf0) == 0x40)
         rex = code[at++];
-    if (at + 3 > avail)
+    if (at + 1 > avail)
         return 0;
     switch (code[at]) {
     case 0xe4: case 0xe5: case 0xe6: case 0xe7:     /* in/out with an imm8 port */
+        if (at + 2 > avail)
+            return 0;
+        /* fall through */
     case 0xec: case 0xed: case 0xee: case 0xef:     /* in/out with the port in dx */
         return emulate_port_io(v, r, code + at, at, opsize16);
     case 0xfa: case 0xfb:
@@ -143,6 +147,8 @@ int pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r)
         r->rip += (uint64_t)at + 1;
         return 1;
     case 0x0f:
+        if (at + 3 > avail)
+            return 0;
         break;
     default:
         return 0;
