@@ -1018,6 +1018,35 @@ struct iret_context {
 };
 #define VGCF_in_syscall      0x100
 
+/* set_segment_base (25) */
+#define SEGBASE_FS           0
+#define SEGBASE_GS_USER      1      /* the user GS base (inactive in kernel mode) */
+#define SEGBASE_GS_KERNEL    2      /* the active GS base */
+#define SEGBASE_GS_USER_SEL  3      /* load the user %gs selector */
+
+/* vm_assist (21): cmd, then the type */
+#define VMASST_CMD_enable    0
+#define VMASST_CMD_disable   1
+#define VMASST_TYPE_4gb_segments         0
+#define VMASST_TYPE_4gb_segments_notify  1
+#define VMASST_TYPE_writable_pagetables  2
+#define VMASST_TYPE_pae_extended_cr3     3
+#define VMASST_TYPE_architectural_iopl   4
+#define VMASST_TYPE_runstate_update_flag 5
+#define VMASST_TYPE_m2p_strict           32
+
+/* physdev_op (33): the two sub-ops a PV domU's port I/O needs */
+#define PHYSDEVOP_set_iopl   6
+#define PHYSDEVOP_set_iobitmap 7
+struct physdev_set_iopl {
+    uint32_t iopl;
+};
+struct physdev_set_iobitmap {
+    uint64_t bitmap;        /* guest pointer: one bit per port, set = denied */
+    uint32_t nr_ports;
+    uint32_t _pad;
+};
+
 /* update_va_mapping (14) flags: bits 0-1 the flush, the rest whose TLBs */
 #define UVMF_NONE            0
 #define UVMF_TLB_FLUSH       1

@@ -296,6 +296,13 @@ static int deliverable(struct bt_vcpu *b)
     return hv_interrupt_due(b->v, NULL) && interrupts_on(b);
 }
 
+/* Instructions only a ring-3 guest kernel (Xen's PV model) must not run itself. */
+static int ring3_only(int kind)
+{
+    return kind == BT_PORT_IO || kind == BT_READ_CRDR || kind == BT_WRSEGBASE ||
+           kind == BT_PRIV_RING3;
+}
+
 /* The code hook of one site: runs just before the guest would execute it. */
 static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
 {
@@ -319,7 +326,7 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
             s->kind = BT_PLAIN;
             return;
         }
-        s->kind = in.kind == BT_PORT_IO && b->v->dom->pv_model != HV_PV_XEN ? BT_PLAIN : in.kind;
+        s->kind = ring3_only(in.kind) && b->v->dom->pv_model != HV_PV_XEN ? BT_PLAIN : in.kind;
         s->len = in.len;
         memcpy(s->bytes, code, in.len);
     }
@@ -409,9 +416,10 @@ static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
         struct bt_insn in;
         if (bt_decode_mode(buf + off, avail - (int)off, &in, code32) < 0)
             break;              /* TCG will meet it too, and raise #UD */
-        /* in ring 3 (Xen's PV model) port I/O is sensitive too: it faults */
-        int io_site = in.kind == BT_PORT_IO && b->v->dom->pv_model == HV_PV_XEN;
-        if (in.kind != BT_PLAIN && (in.kind != BT_PORT_IO || io_site) && !site_at(b, pc + off) &&
+        /* in ring 3 (Xen's PV model) port I/O and control-register reads are
+         * sensitive too: they fault */
+        int ring3_site = ring3_only(in.kind) && b->v->dom->pv_model == HV_PV_XEN;
+        if (in.kind != BT_PLAIN && (!ring3_only(in.kind) || ring3_site) && !site_at(b, pc + off) &&
             add_site(b, pc + off, &in, buf + off) == 0)
             added++;
         off += in.len;

@@ -61,9 +61,11 @@ enum {                              /* uc_x86_reg (the ones we use) */
     UC_X86_REG_RDI = 39, UC_X86_REG_RDX = 40, UC_X86_REG_RIP = 41, UC_X86_REG_RSI = 43,
     UC_X86_REG_RSP = 44,
     UC_X86_REG_CR0 = 50, UC_X86_REG_CR2 = 52, UC_X86_REG_CR3 = 53, UC_X86_REG_CR4 = 54,
+    UC_X86_REG_GS = 33, UC_X86_REG_DR0 = 66, UC_X86_REG_DR1, UC_X86_REG_DR2, UC_X86_REG_DR3,
+    UC_X86_REG_DR6 = 72, UC_X86_REG_DR7 = 73,
     UC_X86_REG_R8 = 106, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11, UC_X86_REG_R12,
     UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
-    UC_X86_REG_IDTR = 242, UC_X86_REG_GDTR = 243, UC_X86_REG_TR = 245,
+    UC_X86_REG_IDTR = 242, UC_X86_REG_GDTR = 243, UC_X86_REG_LDTR = 244, UC_X86_REG_TR = 245,
     UC_X86_REG_FPCW = 246, UC_X86_REG_MSR = 248, UC_X86_REG_MXCSR = 249,
     UC_X86_REG_FS_BASE = 250, UC_X86_REG_GS_BASE = 251, UC_X86_REG_RFLAGS = 253,
 };
@@ -134,6 +136,12 @@ enum bt_kind {
     BT_MOV_CR, BT_MOV_DR, BT_WRMSR, BT_RDMSR,
     BT_LGDT, BT_LIDT, BT_LLDT, BT_LTR, BT_INVLPG, BT_CLTS, BT_CACHE,
     BT_PORT_IO,                     /* in/out/ins/outs: the port hooks take them */
+    BT_READ_CRDR,                   /* mov from a control or debug register: harmless in
+                                     * ring 0, privileged in ring 3 (Xen's PV model only) */
+    BT_WRSEGBASE,                   /* wrfsbase/wrgsbase: TCG does not check the base is
+                                     * canonical (Xen's PV model only) */
+    BT_PRIV_RING3,                  /* swapgs, sysret, sysexit, rdpmc: fine for a ring-0
+                                     * kernel, #GP(0) in ring 3 (Xen's PV model only) */
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
 };
 
@@ -146,6 +154,7 @@ struct bt_insn {
     uint8_t opcode;
     uint8_t addr32;                 /* 0x67 prefix */
     uint8_t seg;                    /* 0x64 (fs) or 0x65 (gs) override, else 0 */
+    uint8_t rep;                    /* 0xf2 or 0xf3 prefix, else 0 */
     int32_t disp;
     uint8_t disp_at_end_rel;        /* rip-relative: disp counts from the next instruction */
 };

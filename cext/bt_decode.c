@@ -228,12 +228,18 @@ static enum bt_kind classify(const struct bt_insn *in)
     case 0x01:
         if (in->modrm == 0xc1 || in->modrm == 0xd9)
             return BT_VMCALL;   /* vmcall (Intel), vmmcall (AMD): a PVH guest's hypercall */
-        if (mod == 3)           /* lmsw from a register; swapgs, rdtscp, monitor ... are not ours */
+        if (in->modrm == 0xf8)
+            return BT_PRIV_RING3;   /* swapgs */
+        if (mod == 3)           /* lmsw from a register; rdtscp, monitor ... are not ours */
             return reg == 6 ? BT_MOV_CR : BT_PLAIN;
         return reg == 2 ? BT_LGDT : reg == 3 ? BT_LIDT : reg == 6 ? BT_MOV_CR :
                reg == 7 ? BT_INVLPG : BT_PLAIN;
     case 0x06: return BT_CLTS;
     case 0x08: case 0x09: return BT_CACHE;
+    case 0x20: case 0x21: return BT_READ_CRDR;
+    case 0x07: case 0x35: case 0x33: return BT_PRIV_RING3;     /* sysret, sysexit, rdpmc */
+    case 0xae:                  /* F3 0F AE /2, /3 with a register: wrfsbase, wrgsbase */
+        return in->rep == 0xf3 && mod == 3 && (reg == 2 || reg == 3) ? BT_WRSEGBASE : BT_PLAIN;
     case 0x22: return BT_MOV_CR;
     case 0x23: return BT_MOV_DR;
     case 0x30: return BT_WRMSR;
@@ -265,8 +271,9 @@ int bt_decode_mode(const uint8_t *code, int avail, struct bt_insn *in, int code3
             in->addr32 = 1;
         } else if (b == 0x64 || b == 0x65) {
             in->seg = b;
-        } else if (b == 0xf0 || b == 0xf2 || b == 0xf3 || b == 0x2e || b == 0x36 ||
-                   b == 0x3e || b == 0x26) {
+        } else if (b == 0xf2 || b == 0xf3) {
+            in->rep = b;
+        } else if (b == 0xf0 || b == 0x2e || b == 0x36 || b == 0x3e || b == 0x26) {
             /* lock, rep, branch hints / null segments */
         } else if ((b & 0xf0) == 0x40 && !code32) {
             in->rex = b;

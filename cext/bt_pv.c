@@ -34,7 +34,32 @@ static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
     bt_uc.reg_read_batch(b->uc, gpr_ids, vals, 18);
     r->cs = FLAT_KERNEL_CS;             /* kernel and user share Xen's flat selectors */
     r->ss = FLAT_KERNEL_SS;
+    r->fs_base = bt_reg(b, UC_X86_REG_FS_BASE);
     r->gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
+    r->gs_sel = bt_reg(b, UC_X86_REG_GS) & 0xffff;
+}
+
+/* CR0.TS, CR4.FSGSBASE and the debug registers, as the model last set them. TCG
+ * honours TS (#NM) and FSGSBASE (#UD); Unicorn takes the debug registers but never
+ * turns them into breakpoints, so no #DB comes from them on bt. */
+static void load_control(struct bt_vcpu *b)
+{
+    struct pv_vcpu *p = &b->v->pv;
+    static const int drs[6] = { UC_X86_REG_DR0, UC_X86_REG_DR1, UC_X86_REG_DR2,
+                                UC_X86_REG_DR3, UC_X86_REG_DR6, UC_X86_REG_DR7 };
+    const uint64_t vals[6] = { p->dr[0], p->dr[1], p->dr[2], p->dr[3], p->dr[6], p->dr[7] };
+    uint64_t cr0 = bt_reg(b, UC_X86_REG_CR0), cr4 = bt_reg(b, UC_X86_REG_CR4);
+
+    bt_set_reg(b, UC_X86_REG_CR0, (cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0));
+    bt_set_reg(b, UC_X86_REG_CR4, (cr4 & ~PV_CR4_FSGSBASE) | (p->cr4 & PV_CR4_FSGSBASE));
+    uc_x86_mmr ldtr = { .selector = p->ldt_ents ? PV_LDT_SEL : 0, .base = PV_LDT_VA,
+                        .limit = p->ldt_ents ? (uint32_t)(p->ldt_ents * 8 - 1) : 0,
+                        .flags = p->ldt_ents ? 0x8200 : 0 };      /* present, type 2 */
+
+    for (int i = 0; i < 6; i++)
+        bt_set_reg(b, drs[i], vals[i]);
+    bt_uc.reg_write(b->uc, UC_X86_REG_LDTR, &ldtr);
+    p->hw_dirty = 0;
 }
 
 static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
@@ -43,8 +68,14 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
     for (int i = 0; i < 18; i++)
         if (now[i] != was[i])
             bt_set_reg(b, gpr_ids[i], now[i]);
-    if (r->gs_base != old->gs_base)
+    if (r->gs_sel != old->gs_sel)
+        bt_set_reg(b, UC_X86_REG_GS, r->gs_sel);     /* loads its base: set ours after */
+    if (r->gs_base != old->gs_base || r->gs_sel != old->gs_sel)
         bt_set_reg(b, UC_X86_REG_GS_BASE, r->gs_base);
+    if (r->fs_base != old->fs_base)
+        bt_set_reg(b, UC_X86_REG_FS_BASE, r->fs_base);
+    if (b->v->pv.hw_dirty)
+        load_control(b);
 }
 
 int bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len)
@@ -92,19 +123,65 @@ int bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop)
     return 0;
 }
 
+static int canonical(uint64_t va)
+{
+    uint64_t top = va >> 47;
+    return top == 0 || top == 0x1ffff;
+}
+
+/* TCG raises #GP for every non-canonical address; the CPU raises #SS(0) when the
+ * memory operand's base register is rsp or rbp (a stack reference), unless FS or GS
+ * overrides it. 1 if the #GP(0) at r->rip is such a stack reference. */
+static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
+{
+    uint8_t code[15];
+    struct bt_insn in;
+    int avail = sizeof(code), mod, base;
+    const uint64_t *gprs = &r->rax;     /* rax rbx rcx rdx rsi rdi rsp rbp r8..r15 */
+    static const int slot[16] = { 0, 2, 3, 1, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15 };
+    uint64_t ea;
+
+    while (avail > 0 && bt_read_virt(b, r->rip, code, avail) < 0)
+        avail--;
+    if (avail == 0 || bt_decode(code, avail, &in) < 0 || !in.has_modrm || in.seg)
+        return 0;
+    mod = in.modrm >> 6;
+    if (mod == 3)
+        return 0;
+    if ((in.modrm & 7) == 4) {
+        if ((in.sib & 7) == 5 && mod == 0)
+            return 0;                   /* no base register */
+        base = (in.sib & 7) | (in.rex & 1) << 3;
+        int index = ((in.sib >> 3) & 7) | (in.rex & 2) << 2;
+        ea = gprs[slot[base]] + (index == 4 ? 0 : gprs[slot[index]] << (in.sib >> 6));
+    } else {
+        if ((in.modrm & 7) == 5 && mod == 0)
+            return 0;                   /* rip-relative */
+        base = (in.modrm & 7) | (in.rex & 1) << 3;
+        ea = gprs[slot[base]];
+    }
+    if (base != 4 && base != 5)
+        return 0;
+    ea += (uint64_t)(int64_t)in.disp;
+    return !canonical(in.addr32 ? (uint32_t)ea : ea);
+}
+
 int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop)
 {
     struct pv_regs r, old;
-    int rc;
+    int rc, vector = ev->vector;
 
     read_regs(b, &r);
     old = r;
     b->v->dom->counters.exits[HV_EXIT_EXCEPTION]++;
+    if (vector == 13 && ev->has_error && ev->error == 0 && !ev->soft &&
+        stack_reference_fault(b, &r))
+        vector = 12;
     if (ev->soft && ev->vector != 3 && ev->vector != 4) {
         r.rip -= 2;                     /* int imm8: the model wants it at the instruction */
         rc = pv_int_n(b->v, &r, ev->vector, 2, stop);
     } else {
-        rc = pv_exception(b->v, &r, ev->vector, ev->has_error ? ev->error : 0,
+        rc = pv_exception(b->v, &r, vector, ev->has_error ? ev->error : 0,
                           ev->set_cr2 ? ev->cr2 : 0, stop);
     }
     if (rc < 0 || pv_deliver_events(b->v, &r, stop) < 0)
@@ -150,6 +227,31 @@ static int emulate_iretq(struct bt_vcpu *b, struct pv_regs *r, const struct bt_s
     return 1;
 }
 
+/* wrfsbase/wrgsbase: #UD without CR4.FSGSBASE, #GP(0) for a non-canonical base. 1 if
+ * done, -1 for the #GP, -2 for the #UD. */
+static int emulate_wrsegbase(struct bt_vcpu *b, struct pv_regs *r, const struct bt_site *s)
+{
+    static const int slot[16] = { 0, 2, 3, 1, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15 };
+    struct bt_insn in;
+    uint64_t base;
+
+    if (bt_decode(s->bytes, s->len, &in) < 0)
+        return -1;
+    if (!(b->v->pv.cr4 & PV_CR4_FSGSBASE))
+        return -2;
+    base = (&r->rax)[slot[(in.modrm & 7) | (in.rex & 1) << 3]];
+    if (!(in.rex & 8))
+        base = (uint32_t)base;
+    if (!canonical(base))
+        return -1;
+    if (((in.modrm >> 3) & 7) == 2)
+        r->fs_base = base;
+    else
+        r->gs_base = base;
+    r->rip += s->len;
+    return 1;
+}
+
 int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
 {
     struct pv_regs r, old;
@@ -161,6 +263,8 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         done = emulate_popf(b, &r, s);
     else if (s->kind == BT_IRET)
         done = emulate_iretq(b, &r, s, &gp_error);
+    else if (s->kind == BT_WRSEGBASE)
+        done = emulate_wrsegbase(b, &r, s);
     else
         done = -1;                      /* privileged in ring 3: #GP(0) */
     if (done == 0) {
@@ -168,7 +272,9 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         return 0;
     }
     b->v->dom->counters.exits[HV_EXIT_PRIV_INSN]++;
-    if (done < 0 && pv_exception(b->v, &r, 13, (uint32_t)gp_error, 0, stop) < 0)
+    if (done == -2 && pv_exception(b->v, &r, 6, 0, 0, stop) < 0)
+        return -1;
+    if (done == -1 && pv_exception(b->v, &r, 13, (uint32_t)gp_error, 0, stop) < 0)
         return -1;
     write_regs(b, &r, &old);
     return 0;

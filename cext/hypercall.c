@@ -24,13 +24,22 @@ static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
     [__HYPERVISOR_sched_op]    = do_sched_op,
     [__HYPERVISOR_event_channel_op] = do_event_channel_op,
     [__HYPERVISOR_hvm_op]      = do_hvm_op,
-    /* the PV CPU model (pv_traps.c); iret is taken before this table (pv_syscall) */
+    /* the PV CPU model (pv_traps.c); iret is taken before this table (pv_syscall),
+     * except inside a multicall */
+    [__HYPERVISOR_iret]        = do_iret_entry,
     [__HYPERVISOR_set_trap_table] = do_set_trap_table,
     [__HYPERVISOR_set_gdt]     = do_set_gdt,
     [__HYPERVISOR_update_descriptor] = do_update_descriptor,
     [__HYPERVISOR_stack_switch] = do_stack_switch,
     [__HYPERVISOR_set_callbacks] = do_set_callbacks,
     [__HYPERVISOR_callback_op] = do_callback_op,
+    /* its control state (pv_ctrl.c) */
+    [__HYPERVISOR_fpu_taskswitch] = do_fpu_taskswitch,
+    [__HYPERVISOR_set_debugreg] = do_set_debugreg,
+    [__HYPERVISOR_get_debugreg] = do_get_debugreg,
+    [__HYPERVISOR_vm_assist]   = do_vm_assist,
+    [__HYPERVISOR_physdev_op]  = do_physdev_op,
+    [__HYPERVISOR_set_segment_base] = do_set_segment_base,
 };
 
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h)

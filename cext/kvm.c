@@ -681,12 +681,74 @@ static void pv_regs_from_run(struct hv_vcpu *v, struct pv_regs *r)
     memcpy(r, &s->regs, 18 * sizeof(uint64_t));     /* pv_regs starts in kvm_regs' order */
     r->cs = s->sregs.cs.selector;
     r->ss = s->sregs.ss.selector;
+    r->fs_base = s->sregs.fs.base;
     r->gs_base = s->sregs.gs.base;
+    r->gs_sel = s->sregs.gs.selector;
+}
+
+/* Did the model change what only KVM_SET_SREGS / KVM_SET_DEBUGREGS can load: the FS
+ * and GS bases, the %gs selector, CR0.TS, CR4 or the debug registers? */
+static int pv_sregs_changed(struct hv_vcpu *v, const struct pv_regs *r, const struct pv_regs *old)
+{
+    return r->fs_base != old->fs_base || r->gs_base != old->gs_base ||
+           r->gs_sel != old->gs_sel || v->pv.hw_dirty;
+}
+
+/* Load them. On this KVM-PVM host ring-3 code runs natively under the host's own
+ * CR4, so CR4.FSGSBASE there is the host's (rdfsbase works whatever the guest's CR4
+ * says); trapless loads the bit anyway for hosts that honour it. */
+static int pv_load_sregs(struct hv_vcpu *v, const struct pv_regs *r, const struct pv_regs *old)
+{
+    struct kvm_sregs sregs;
+    const struct pv_vcpu *p = &v->pv;
+
+    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+        return -1;
+    sregs.fs.base = r->fs_base;
+    sregs.gs.base = r->gs_base;
+    if (r->gs_sel != old->gs_sel) {
+        sregs.gs.selector = (uint16_t)r->gs_sel;
+        sregs.gs.unusable = r->gs_sel <= 3;
+        sregs.gs.present = r->gs_sel > 3;
+        sregs.gs.type = 3;              /* data, read/write, accessed */
+        sregs.gs.s = 1;
+        sregs.gs.dpl = 3;
+        sregs.gs.db = 1;
+        sregs.gs.g = 1;
+        sregs.gs.limit = 0xffffffff;
+    }
+    if (p->hw_dirty) {                  /* MMUEXT_SET_LDT: Xen's LDT descriptor */
+        memset(&sregs.ldt, 0, sizeof(sregs.ldt));
+        sregs.ldt.unusable = !p->ldt_ents;
+        if (p->ldt_ents) {
+            sregs.ldt.selector = PV_LDT_SEL;
+            sregs.ldt.base = PV_LDT_VA;
+            sregs.ldt.limit = (uint32_t)(p->ldt_ents * 8 - 1);
+            sregs.ldt.type = 2;
+            sregs.ldt.present = 1;
+        }
+    }
+    sregs.cr0 = (sregs.cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0);
+    sregs.cr4 = (sregs.cr4 & ~PV_CR4_FSGSBASE) | (p->cr4 & PV_CR4_FSGSBASE);
+    if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
+        return -1;
+    if (p->hw_dirty) {
+        struct kvm_debugregs dbg;
+        memset(&dbg, 0, sizeof(dbg));
+        memcpy(dbg.db, p->dr, sizeof(dbg.db));
+        dbg.dr6 = p->dr[6];
+        dbg.dr7 = p->dr[7];
+        if (ioctl(v->fd, KVM_SET_DEBUGREGS, &dbg) < 0)
+            return -1;
+        v->pv.hw_dirty = 0;
+    }
+    return 0;
 }
 
 /* Hand the registers back through sync regs. Inside an exception stub rsp, rip and
  * rflags are the stub's: the guest's go into the iret frame instead. */
-static int pv_regs_to_run(struct hv_vcpu *v, const struct pv_regs *r, int in_stub, uint64_t old_gs)
+static int pv_regs_to_run(struct hv_vcpu *v, const struct pv_regs *r, int in_stub,
+                          const struct pv_regs *old)
 {
     struct kvm_regs *kr = &v->run->s.regs.regs;
     uint64_t rsp = kr->rsp, rip = kr->rip, rflags = kr->rflags;
@@ -698,14 +760,9 @@ static int pv_regs_to_run(struct hv_vcpu *v, const struct pv_regs *r, int in_stu
         kr->rflags = rflags;
     }
     v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
-    if (r->gs_base != old_gs) {         /* a mode switch swapped the GS bases */
-        struct kvm_sregs sregs;
-        if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
-            return -1;
-        sregs.gs.base = r->gs_base;
-        if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
-            return -1;
-    }
+    /* a mode switch swapped the GS bases; or set_segment_base, a control register */
+    if (pv_sregs_changed(v, r, old) && pv_load_sregs(v, r, old) < 0)
+        return -1;
     return 0;
 }
 
@@ -714,7 +771,7 @@ static int pv_regs_to_run(struct hv_vcpu *v, const struct pv_regs *r, int in_stu
 static int only_rax_changed(const struct pv_regs *a, const struct pv_regs *b)
 {
     return !memcmp(&a->rbx, &b->rbx, offsetof(struct pv_regs, rip) - offsetof(struct pv_regs, rbx)) &&
-           a->gs_base == b->gs_base;
+           a->fs_base == b->fs_base && a->gs_base == b->gs_base && a->gs_sel == b->gs_sel;
 }
 
 /* An exit on PV_TRAP_PORT (an exception stub) or PV_SYSCALL_PORT (the landing page).
@@ -724,12 +781,11 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     struct hv_domain *d = v->dom;
     struct kvm_run *run = v->run;
     uint64_t rip = run->s.regs.regs.rip, sp = run->s.regs.regs.rsp, *frame = NULL, *saved_rax = NULL;
-    uint64_t old_gs;
-    struct pv_regs r, before;
+    struct pv_regs r, before, first;
     int rc;
 
     pv_regs_from_run(v, &r);
-    old_gs = r.gs_base;
+    first = r;
     in_exit = 1;
     if (run->io.port == PV_TRAP_PORT) {
         int vector = (int)((rip - PV_STUBS_VA) / PV_STUB_SIZE), with_error;
@@ -761,6 +817,12 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
             rc = pv_syscall(v, &r, stop);
         } else {
             d->counters.exits[HV_EXIT_EXCEPTION]++;
+            if (vector == 1) {
+                /* what hit goes into the guest's virtual DR6, as Xen merges it */
+                struct kvm_debugregs dbg;
+                if (ioctl(v->fd, KVM_GET_DEBUGREGS, &dbg) == 0)
+                    v->pv.dr[6] |= dbg.dr6 & 0xe00f;
+            }
             rc = pv_exception(v, &r, vector, error, run->s.regs.sregs.cr2, stop);
         }
     } else if (rip >= PV_LANDING_VA && rip <= PV_LANDING_VA + 2) {
@@ -789,13 +851,14 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         frame[3] = r.rsp;
         frame[4] = r.ss | 3;
         /* the common case (a hypercall, a bounce): the stub does the rest */
-        if (only_rax_changed(&r, &before) && !pending_set_cr3 && !pending_flush)
+        if (only_rax_changed(&r, &before) && !pending_set_cr3 && !pending_flush &&
+            !v->pv.hw_dirty)
             return 0;
     }
     /* The landing page's `out` ran natively in ring 3: KVM sees the new rip and drops
      * the instruction's completion, so sync regs alone resume the guest. Anything that
      * needs KVM_SET_SREGS (a page-table switch, a flush) completes the `out` first. */
-    if (!frame && !pending_set_cr3 && !pending_flush && r.gs_base == old_gs) {
+    if (!frame && !pending_set_cr3 && !pending_flush && !pv_sregs_changed(v, &r, &first)) {
         memcpy(&run->s.regs.regs, &r, 18 * sizeof(uint64_t));
         run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
         return 0;
@@ -805,7 +868,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
                      strerror(errno));
         return -1;
     }
-    if (pv_regs_to_run(v, &r, frame != NULL, old_gs) < 0) {
+    if (pv_regs_to_run(v, &r, frame != NULL, &first) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot set the vCPU's registers: %s",
                      strerror(errno));
         return -1;
@@ -817,16 +880,15 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
  * landing page, which exit at once and deliver it themselves). */
 static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
 {
-    struct pv_regs r;
-    uint64_t old_gs;
+    struct pv_regs r, first;
 
     if (!v->cr3_valid || !pv_upcall_due(v) || pv_in_area(v->run->s.regs.regs.rip))
         return 0;
     pv_regs_from_run(v, &r);
-    old_gs = r.gs_base;
+    first = r;
     if (pv_deliver_events(v, &r, stop) < 0)
         return -1;
-    if (pv_regs_to_run(v, &r, 0, old_gs) < 0) {
+    if (pv_regs_to_run(v, &r, 0, &first) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot set the vCPU's registers: %s",
                      strerror(errno));
         return -1;

@@ -82,6 +82,7 @@ static int release(struct hv_domain *d, uint64_t gpfn, uint64_t n)
         const struct hv_frame *f = &mm->frames[i];
         if (!(f->flags & HV_FRAME_POPULATED) || hv_mm_in_pool(mm, i) || f->map_count ||
             hv_gnt_frame_granted(d, i) ||
+            f->type_count || (f->flags & (HV_FRAME_PINNED | HV_FRAME_SEG_DESC)) ||
             (d->shared_info_gpa != HV_NO_PAGE && i == shinfo))
             return 0;
     }

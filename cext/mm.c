@@ -63,11 +63,20 @@ int hv_mm_in_pool(const struct hv_mm *mm, uint64_t mfn)
     return mfn >= mm->pool_first && mfn < mm->pool_end;
 }
 
+/* Where page tables may live. trapless's ring-0 kernels keep them in the pool, which
+ * is read-only to them (their kernel could otherwise load any frame into CR3). Under
+ * Xen's model the kernel cannot load CR3, so, as in Xen, any frame of the domain may
+ * become a table: its type protects it (never mapped writable while it is one). */
+static int may_hold_table(const struct hv_domain *d, uint64_t mfn)
+{
+    return d->pv_model == HV_PV_XEN || hv_mm_in_pool(&d->mm, mfn);
+}
+
 int hv_mm_frame_usable(struct hv_domain *d, uint64_t gpfn)
 {
     const struct hv_mm *mm = &d->mm;
     return mm->frames && gpfn < mm->nr_pages && !hv_mm_in_pool(mm, gpfn) &&
-           (mm->frames[gpfn].flags & HV_FRAME_POPULATED);
+           (mm->frames[gpfn].flags & HV_FRAME_POPULATED) && !mm->frames[gpfn].type_count;
 }
 
 /* Xen's guest_handle_okay: the whole range lies in one canonical half. */
@@ -110,8 +119,9 @@ static int take_entry(struct hv_domain *d, int level, uint64_t e)
     f = &mm->frames[mfn];
     if (!(f->flags & HV_FRAME_POPULATED))
         return -XEN_EBUSY;
-    if ((e & PTE_RW) && (hv_mm_in_pool(mm, mfn) || (f->flags & HV_FRAME_SEG_DESC)))
-        return -XEN_EBUSY;
+    if ((e & PTE_RW) && (hv_mm_in_pool(mm, mfn) || (f->flags & HV_FRAME_SEG_DESC) ||
+                         f->type_count))
+        return -XEN_EBUSY;              /* a page table or descriptor table, writable */
     f->map_count++;
     if (e & PTE_RW)
         f->wmap_count++;
@@ -135,8 +145,23 @@ static void drop_entry(struct hv_domain *d, int level, uint64_t e)
     }
     f = &d->mm.frames[mfn];
     f->map_count--;
-    if (e & PTE_RW)
-        f->wmap_count--;
+    if ((e & PTE_RW) && --f->wmap_count == 0)
+        f->flags |= HV_FRAME_WAS_WRITABLE;
+}
+
+int hv_mm_seal_frame(struct hv_domain *d, uint64_t mfn)
+{
+    struct hv_frame *f = &d->mm.frames[mfn];
+    struct hv_vcpu *v = d->vcpus[0];
+
+    if (!(f->flags & HV_FRAME_WAS_WRITABLE))
+        return 0;
+    /* one vCPU per domain: flushing its TLB retires every stale writable entry */
+    if (v && v->ops->flush_tlb(v) < 0)
+        return -1;
+    for (uint64_t i = 0; i < d->mm.nr_pages; i++)
+        d->mm.frames[i].flags &= (uint8_t)~HV_FRAME_WAS_WRITABLE;
+    return 0;
 }
 
 /* Check every entry of a table about to come into use, taking their references; on the
@@ -175,7 +200,7 @@ static int take_table(struct hv_domain *d, uint64_t mfn, int type)
     struct hv_frame *f;
     int rc;
 
-    if (mfn >= mm->nr_pages || !hv_mm_in_pool(mm, mfn))
+    if (mfn >= mm->nr_pages || !may_hold_table(d, mfn))
         return -XEN_EINVAL;
     f = &mm->frames[mfn];
     if (!(f->flags & HV_FRAME_POPULATED))
@@ -186,6 +211,11 @@ static int take_table(struct hv_domain *d, uint64_t mfn, int type)
         f->type_count++;
         return 0;
     }
+    /* A frame mapped writable, or a descriptor table, cannot take a table's type. */
+    if (f->wmap_count || (f->flags & HV_FRAME_SEG_DESC))
+        return -XEN_EINVAL;
+    if (hv_mm_seal_frame(d, mfn) < 0)
+        return -XEN_EIO;
     /* Claim the type before looking inside: a table reachable from itself would then be
      * met at another level and refused, so validation always ends. */
     f->type = (uint8_t)type;
@@ -223,15 +253,18 @@ static int update_entry(struct hv_domain *d, uint64_t ptr, uint64_t val)
 
     ptr &= ~3ULL;
     mfn = ptr >> HV_PAGE_SHIFT;
-    if ((ptr & 7) || mfn >= mm->nr_pages || !hv_mm_in_pool(mm, mfn) ||
-        !(mm->frames[mfn].flags & HV_FRAME_POPULATED))
+    if ((ptr & 7) || mfn >= mm->nr_pages || !may_hold_table(d, mfn) ||
+        !(mm->frames[mfn].flags & HV_FRAME_POPULATED) ||
+        (mm->frames[mfn].flags & HV_FRAME_SEG_DESC))
         return -XEN_EINVAL;
     f = &mm->frames[mfn];
     slot = (uint64_t *)(d->ram + ptr);
     old = __atomic_load_n(slot, __ATOMIC_RELAXED);
     if (cmd == MMU_PT_UPDATE_PRESERVE_AD)
         val |= old & (PTE_A | PTE_D);
-    if (val & PTE_P)
+    /* In a frame that is (or, in the pool, will be) a table the CPU must never need
+     * to set accessed or dirty; in any other frame this is a plain store, as Xen's. */
+    if ((val & PTE_P) && (f->type_count || hv_mm_in_pool(mm, mfn)))
         val |= PTE_A | PTE_D;
     /* A pool frame not in use as a table is checked when it comes into use. */
     if (f->type_count) {
@@ -334,6 +367,11 @@ static int new_baseptr(struct hv_vcpu *v, uint64_t mfn)
     return 0;
 }
 
+int hv_mm_new_baseptr(struct hv_vcpu *v, uint64_t mfn)
+{
+    return new_baseptr(v, mfn);
+}
+
 /* The L4 Xen switches to for guest user mode (pv_traps.c); frame 0 clears it. */
 static int new_user_baseptr(struct hv_vcpu *v, uint64_t mfn)
 {
@@ -374,6 +412,10 @@ static int mmuext_one(struct hv_vcpu *v, const void *item)
         return unpin_table(d, op->arg1);
     case MMUEXT_NEW_BASEPTR:
         return new_baseptr(v, op->arg1);
+    case MMUEXT_SET_LDT:
+        if (d->pv_model != HV_PV_XEN)
+            break;                      /* a ring-0 kernel loads its own LDTR */
+        return pv_set_ldt(v, op->arg1, op->arg2);
     case MMUEXT_NEW_USER_BASEPTR:
         if (d->pv_model != HV_PV_XEN)
             break;                      /* a ring-0 kernel has no user mode of Xen's */

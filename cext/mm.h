@@ -27,6 +27,8 @@ enum hv_frame_type {
 #define HV_FRAME_POPULATED  0x01
 #define HV_FRAME_PINNED     0x02
 #define HV_FRAME_SEG_DESC   0x04        /* part of the vCPU's GDT (set_gdt): never writable */
+#define HV_FRAME_WAS_WRITABLE 0x08      /* its last writable mapping went away since the last
+                                         * TLB flush: a stale translation may still write it */
 
 struct hv_frame {
     uint8_t  flags;                 /* HV_FRAME_* */
@@ -58,6 +60,12 @@ int  hv_mm_range_ok(uint64_t gva, uint64_t len);
  * guest (shared_info, vcpu_info, rings). */
 int  hv_mm_frame_usable(struct hv_domain *d, uint64_t gpfn);
 void hv_mm_destroy(struct hv_domain *d);
+struct hv_vcpu;
+/* MMUEXT_NEW_BASEPTR: mfn becomes the kernel L4 (validated; a type reference). */
+int  hv_mm_new_baseptr(struct hv_vcpu *v, uint64_t mfn);
+/* Before a frame becomes a page table or descriptor table: make sure no stale TLB
+ * entry can still write it (flushes if it was writable since the last flush). 0 or -1. */
+int  hv_mm_seal_frame(struct hv_domain *d, uint64_t mfn);
 
 /* PV grant mappings (grant_table.c): L1 entries found by address and written as
  * mmu_update writes them. */

@@ -36,6 +36,12 @@ int64_t do_multicall(struct hv_vcpu *v, const struct hv_hcall *h)
             .a4 = e.args[3], .a5 = e.args[4],
         };
         e.result = hv_hypercall(v, &call);
+        if (v->pv.iret_done) {
+            /* an iret ends the multicall: the vCPU is already elsewhere */
+            hv_copy_to_guest(v, at + offsetof(struct multicall_entry, result), &e.result,
+                             sizeof(e.result));
+            break;
+        }
         if (hv_copy_to_guest(v, at + offsetof(struct multicall_entry, result), &e.result,
                              sizeof(e.result)) < 0) {
             rc = -XEN_EFAULT;

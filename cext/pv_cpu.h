@@ -1,6 +1,6 @@
 /*
  * pv_cpu.h - Xen's x86-64 PV CPU model, shared by both engines (pv_region.c,
- * pv_traps.c, pv_emul.c).
+ * pv_traps.c, pv_emul.c, pv_ctrl.c, pv_desc.c).
  *
  * A PV guest kernel runs in ring 3 like its own user space, with Xen's flat selectors.
  * trapless owns the real GDT, IDT, TSS and syscall MSRs; they sit in a small region of
@@ -59,11 +59,14 @@ enum pv_frame {
 #define PV_STACK_VA     (PV_AREA_VA + 23 * 4096ULL)     /* page 22 stays unmapped: a guard */
 #define PV_STACK_TOP    (PV_STACK_VA + 2 * 4096ULL)
 #define PV_AREA_END     PV_STACK_TOP
+#define PV_LDT_VA       (PV_AREA_VA + 32 * 4096ULL)     /* 16 pages: the guest's LDT frames */
+#define PV_LDT_PAGES    16                              /* 8192 descriptors, Xen's maximum */
 
 /* Xen's own selectors in the reserved GDT page (the guest's are in xen_abi.h). */
 #define PV_HYPER_CS     0xe008
 #define PV_HYPER_DS     0xe010
 #define PV_TSS_SEL      0xe040
+#define PV_LDT_SEL      0xe050          /* the LDT descriptor (16 bytes) for MMUEXT_SET_LDT */
 
 #define PV_STUB_SIZE    16
 #define PV_TRAP_PORT    0xCB    /* the exception stubs' exit (CPL0) */
@@ -94,6 +97,21 @@ struct pv_vcpu {
     uint64_t user_l4;                   /* MMUEXT_NEW_USER_BASEPTR frame; 0 = none, as Xen */
     uint64_t gdt_frames[14];            /* set_gdt's frames (FIRST_RESERVED_GDT_PAGE) */
     unsigned gdt_nr_frames;
+    uint64_t ldt_base, ldt_ents;        /* MMUEXT_SET_LDT: the guest's view */
+    uint64_t ldt_frames[PV_LDT_PAGES];  /* ... and the frames mapped at PV_LDT_VA */
+    unsigned ldt_nr_frames;
+    /* control state the guest sets by hypercall or emulated instruction (pv_ctrl.c) */
+    uint64_t dr[8];                     /* virtual debug registers (4 and 5 unused) */
+    uint64_t dr7_io;                    /* DR7 enables of I/O breakpoints (emulated) */
+    uint64_t cr4;                       /* the CR4 bits a PV guest controls (PV_CR4_GUEST) */
+    int      cr0_ts;                    /* virtual CR0.TS (fpu_taskswitch, clts, mov cr0) */
+    unsigned iopl;                      /* virtual IOPL (set_iopl, or iret with the assist) */
+    uint64_t iobmp;                     /* set_iobitmap: guest pointer, ports it covers */
+    uint32_t iobmp_ports;
+    uint64_t vm_assist;                 /* enabled VMASST_TYPE_ bits */
+    int      hw_dirty;                  /* the engine must load cr0.TS, cr4 and the DRs */
+    struct pv_regs *regs;               /* the registers of the exit being handled */
+    int      iret_done;                 /* a multicall's iret has replaced them */
     uint64_t bounces, syscalls;         /* counters (tests, stats) */
 };
 
@@ -104,8 +122,20 @@ struct pv_regs {
     uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
     uint64_t rip, rflags;
     uint64_t cs, ss;
-    uint64_t gs_base;
+    uint64_t fs_base, gs_base;
+    uint64_t gs_sel;                    /* the %gs selector */
 };
+
+/* CR4 bits: those a PV guest controls (Xen's PV_CR4_GUEST_MASK, each only where its
+ * CPUID policy has the feature) and those it sees of Xen's own setting. */
+#define PV_CR4_TSD       (1ULL << 2)
+#define PV_CR4_DE        (1ULL << 3)
+#define PV_CR4_FSGSBASE  (1ULL << 16)
+#define PV_CR4_OSXSAVE   (1ULL << 18)
+#define PV_CR4_GUEST     (PV_CR4_TSD | PV_CR4_DE | PV_CR4_FSGSBASE | PV_CR4_OSXSAVE)
+#define PV_CR4_VISIBLE   0x620ULL       /* OSXMMEXCPT OSFXSR PAE: what trapless runs with */
+#define PV_CR0           0x80050033ULL  /* PG WP NE ET MP PE; TS is the guest's */
+#define PV_CR0_TS        (1ULL << 3)
 
 /* ---- pv_region.c: the region and Xen's L4 slots ---- */
 int  pv_domain_init(struct hv_domain *d, int model, char *err, int err_len);
@@ -124,6 +154,9 @@ int  pv_in_area(uint64_t va);
 int  pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user);
 /* Map the guest's GDT frames into the first pages of the GDT (the rest: not present). */
 void pv_map_gdt(struct hv_domain *d, const uint64_t *mfns, unsigned n);
+/* Map the guest's LDT frames at PV_LDT_VA and describe them at PV_LDT_SEL (n = 0: no
+ * LDT); the engine loads LDTR from the vCPU's ldt_ents (hw_dirty). */
+void pv_map_ldt(struct hv_domain *d, const uint64_t *mfns, unsigned n, uint64_t ents);
 
 /* ---- pv_traps.c: what happens at each way into the hypervisor ---- */
 /* Each returns 0 (resume the guest with *r) or -1 (the domain crashed; stop filled). */
@@ -140,12 +173,36 @@ int  pv_deliver_events(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *sto
 int  pv_upcall_due(struct hv_vcpu *v);
 
 int64_t do_set_trap_table(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_iret_entry(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_stack_switch(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_set_callbacks(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_callback_op(struct hv_vcpu *v, const struct hv_hcall *h);
 /* pv_desc.c */
 int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h);
+/* MMUEXT_SET_LDT(linear_addr, nr_ents): 0 or a negative Xen errno. */
+int     pv_set_ldt(struct hv_vcpu *v, uint64_t base, uint64_t ents);
+
+/* ---- pv_ctrl.c: control registers, debug registers, IOPL, vm_assist, segment bases ---- */
+int64_t do_fpu_taskswitch(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_set_debugreg(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_get_debugreg(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_vm_assist(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_physdev_op(struct hv_vcpu *v, const struct hv_hcall *h);
+int64_t do_set_segment_base(struct hv_vcpu *v, const struct hv_hcall *h);
+/* Xen's set_debugreg on the vCPU's virtual DRs: 0 or a negative Xen errno. */
+int     pv_set_debugreg(struct hv_vcpu *v, int reg, uint64_t value);
+/* The debug register the guest reads (-1 if reg is not one it may name). */
+int     pv_get_debugreg(struct hv_vcpu *v, int reg, uint64_t *value);
+/* A write of the guest's CR0 or CR4 (mov to CRn): 0, or -1 for the #GP Xen raises. */
+int     pv_write_cr(struct hv_vcpu *v, int cr, uint64_t value);
+uint64_t pv_read_cr(struct hv_vcpu *v, int cr);
+/* The descriptor sel names in the vCPU's GDT: 0, or -1 (an LDT selector, beyond it). */
+int     pv_gdt_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc);
+/* May the current mode use port I/O (and cli/sti) under the virtual IOPL? */
+int     pv_iopl_ok(struct hv_vcpu *v);
+/* ... and these ports (the IOPL or, for in/out, the guest's I/O bitmap)? */
+int     pv_ports_ok(struct hv_vcpu *v, unsigned port, unsigned bytes);
 
 /* ---- pv_emul.c: instructions Xen emulates for a PV guest ---- */
 /* Xen's PV CPUID policy for leaf/subleaf: out = eax, ebx, ecx, edx. */
@@ -153,8 +210,18 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
 /* #UD at r->rip: the forced-emulation prefix + cpuid, or `int n` on hosts that report
  * it as #UD. 1 if handled (r updated), 0 if it is a real #UD for the guest, -1 crash. */
 int  pv_emulate_ud(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
-/* #GP(0) at r->rip in guest kernel mode: 1 if Xen would emulate it (r updated), else 0. */
+/* #GP(0) at r->rip: 1 if Xen would emulate it (r updated), else 0 (port I/O and
+ * cli/sti in either mode, the rest in guest kernel mode only). */
 int  pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r);
+/* #GP(0) at a far call or jmp through memory: the CPU's #GP(selector) for a selector
+ * it cannot use (no LDT, a call gate, beyond the GDT), whose error code this KVM-PVM host
+ * loses and which TCG computes with Intel's operand size whatever the guest's vendor.
+ * Returns the error code Xen's guest sees (selector & ~3), or 0 if it is not one. */
+uint32_t pv_far_branch_error(struct hv_vcpu *v, struct pv_regs *r);
+/* VMASST_TYPE_writable_pagetables: a guest kernel's store (mov, xchg, cmpxchg of 4 or
+ * 8 bytes) into an L1 table it maps read-only, which #PF brought here, is applied as
+ * an mmu_update of that entry (Xen's ptwr). 1 if done; 0: the #PF stands. */
+int  pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2);
 /* A #PF at cr2 in the M2P, mapped readable, from a load the host refused: 1 if done. */
 int  pv_emulate_m2p_load(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2);
 

@@ -1,12 +1,15 @@
 /*
- * pv_desc.c - the guest's descriptor tables under Xen's PV CPU model: set_gdt (2) and
- * update_descriptor (10).
+ * pv_desc.c - the guest's descriptor tables under Xen's PV CPU model: set_gdt (2),
+ * update_descriptor (10) and MMUEXT_SET_LDT.
  *
  * The real GDT is the hypervisor's (pv_region.c): its first 14 pages map the frames the
  * guest names with set_gdt, read-only, and its 15th is Xen's own. A frame given to
  * set_gdt must be the guest's, mapped nowhere writable, and hold only descriptors a PV
  * kernel may use (Xen's check_descriptor, XEN-ABI-FACTS §22); while it is part of the
- * GDT the memory service refuses writable mappings of it (HV_FRAME_SEG_DESC).
+ * GDT the memory service refuses writable mappings of it (HV_FRAME_SEG_DESC). The LDT
+ * is the same: its frames (those covering nr_ents descriptors from a page-aligned guest
+ * address) are checked and mapped read-only at PV_LDT_VA; Xen maps them when first
+ * used, trapless when they are named, so a bad one is -EINVAL at once.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +47,8 @@ static int check_descriptor(uint64_t *d)
     return -1;                              /* TSS, LDT, interrupt and trap gates */
 }
 
+static void mark_desc_frames(struct hv_vcpu *v, const uint64_t *old, unsigned n_old);
+
 int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h)
 {
     struct hv_domain *d = v->dom;
@@ -63,7 +68,8 @@ int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h)
         return -XEN_ENOMEM;
     /* check everything before changing anything */
     for (unsigned i = 0; i < n; i++) {
-        int bad = !hv_mm_frame_usable(d, frames[i]) || mm->frames[frames[i]].wmap_count;
+        int bad = !hv_mm_frame_usable(d, frames[i]) || mm->frames[frames[i]].wmap_count ||
+                  hv_mm_seal_frame(d, frames[i]) < 0;
         if (!bad) {
             memcpy(checked[i], d->ram + (frames[i] << HV_PAGE_SHIFT), HV_PAGE_SIZE);
             for (int e = 0; e < 512 && !bad; e++)
@@ -74,15 +80,16 @@ int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h)
             return -XEN_EINVAL;
         }
     }
-    for (unsigned i = 0; i < v->pv.gdt_nr_frames; i++)
-        mm->frames[v->pv.gdt_frames[i]].flags &= (uint8_t)~HV_FRAME_SEG_DESC;
+    uint64_t old[FIRST_RESERVED_GDT_PAGE];
+    unsigned n_old = v->pv.gdt_nr_frames;
+    memcpy(old, v->pv.gdt_frames, sizeof(old));
     for (unsigned i = 0; i < n; i++) {
         memcpy(d->ram + (frames[i] << HV_PAGE_SHIFT), checked[i], HV_PAGE_SIZE);
-        mm->frames[frames[i]].flags |= HV_FRAME_SEG_DESC;
         v->pv.gdt_frames[i] = frames[i];
     }
     free(checked);
     v->pv.gdt_nr_frames = n;
+    mark_desc_frames(v, old, n_old);
     pv_map_gdt(d, v->pv.gdt_frames, n);
     return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
 }
@@ -101,4 +108,64 @@ int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h)
         return -XEN_EINVAL;
     __atomic_store_n((uint64_t *)(d->ram + ma), desc, __ATOMIC_RELEASE);
     return 0;
+}
+
+/* The frames of the guest's descriptor tables take HV_FRAME_SEG_DESC; a frame may be in
+ * both the GDT and the LDT, so the flag is recomputed from both. */
+static void mark_desc_frames(struct hv_vcpu *v, const uint64_t *old, unsigned n_old)
+{
+    struct hv_mm *mm = &v->dom->mm;
+    for (unsigned i = 0; i < n_old; i++)
+        mm->frames[old[i]].flags &= (uint8_t)~HV_FRAME_SEG_DESC;
+    for (unsigned i = 0; i < v->pv.gdt_nr_frames; i++)
+        mm->frames[v->pv.gdt_frames[i]].flags |= HV_FRAME_SEG_DESC;
+    for (unsigned i = 0; i < v->pv.ldt_nr_frames; i++)
+        mm->frames[v->pv.ldt_frames[i]].flags |= HV_FRAME_SEG_DESC;
+}
+
+int pv_set_ldt(struct hv_vcpu *v, uint64_t base, uint64_t ents)
+{
+    struct hv_domain *d = v->dom;
+    struct hv_mm *mm = &d->mm;
+    uint64_t frames[PV_LDT_PAGES], old[PV_LDT_PAGES], page[512];
+    unsigned n = (unsigned)((ents * 8 + HV_PAGE_SIZE - 1) / HV_PAGE_SIZE), n_old;
+
+    /* Xen: page-aligned, a guest address, at most 8192 entries */
+    if ((base & (HV_PAGE_SIZE - 1)) || ents > 8192 ||
+        (base >= (1ULL << 47) && base < HYPERVISOR_VIRT_END))
+        return -XEN_EINVAL;
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t gpa, mfn;
+        if (hv_gva_to_gpa(v, base + i * HV_PAGE_SIZE, 0, &gpa) < 0)
+            return -XEN_EINVAL;
+        mfn = gpa >> HV_PAGE_SHIFT;
+        if (!hv_mm_frame_usable(d, mfn) || mm->frames[mfn].wmap_count ||
+            hv_mm_seal_frame(d, mfn) < 0)
+            return -XEN_EINVAL;
+        memcpy(page, d->ram + (mfn << HV_PAGE_SHIFT), HV_PAGE_SIZE);
+        for (int e = 0; e < 512; e++)
+            if (check_descriptor(&page[e]) < 0)
+                return -XEN_EINVAL;
+        frames[i] = mfn;
+    }
+    /* all checked: adjust the descriptors (DPLs), then switch */
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t *t = (uint64_t *)(d->ram + (frames[i] << HV_PAGE_SHIFT));
+        for (int e = 0; e < 512; e++) {
+            uint64_t desc = t[e];
+            check_descriptor(&desc);
+            if (desc != t[e])
+                __atomic_store_n(&t[e], desc, __ATOMIC_RELEASE);
+        }
+    }
+    n_old = v->pv.ldt_nr_frames;
+    memcpy(old, v->pv.ldt_frames, sizeof(old));
+    memcpy(v->pv.ldt_frames, frames, n * sizeof(uint64_t));
+    v->pv.ldt_nr_frames = n;
+    v->pv.ldt_base = base;
+    v->pv.ldt_ents = ents;
+    mark_desc_frames(v, old, n_old);
+    pv_map_ldt(d, frames, n, ents);
+    v->pv.hw_dirty = 1;                 /* the engine loads LDTR */
+    return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
 }

@@ -1,13 +1,14 @@
 /*
- * pv_emul.c - the instructions Xen emulates for a PV guest kernel that a #UD brings
- * to us: the forced-emulation prefix before cpuid (XEN-ABI-FACTS §18, answered with
- * Xen's PV CPUID policy, §24), and `int n` on hosts whose CPU reports it as #UD
- * (PVM-HOST.md). Of what a #GP brings, reads of the control registers are emulated
- * as Xen does for a PV kernel. Loads from the M2P that fault although the table is
- * mapped readable (this KVM-PVM host refuses ring-3 accesses to L4 slot 256) are
- * emulated too, so the guest sees what Xen's mapping gives it; every other privileged instruction reaches the guest as
- * that #GP (Xen's port I/O under the virtual IOPL, MSRs and control-register writes
- * are not here yet).
+ * pv_emul.c - the instructions Xen emulates for a PV guest kernel (XEN-ABI-FACTS §18).
+ * A #UD brings the forced-emulation prefix before cpuid (answered with Xen's PV CPUID
+ * policy, §24), and `int n` on hosts whose CPU reports it as #UD (PVM-HOST.md). A #GP(0)
+ * brings the privileged instructions Xen emulates: mov to and from CR0/2/3/4 and
+ * DR0-7, clts, rdmsr/wrmsr of the segment bases (and DEBUGCTL), and in/out and cli/sti
+ * under the virtual IOPL or I/O bitmap; the state they change is pv_ctrl.c's. A #GP(0)
+ * at a far branch gets back the error code this host or TCG lost; a #PF brings the
+ * kernel's stores into its read-only L1 tables (VMASST writable_pagetables) and loads
+ * from the M2P this KVM-PVM host refuses although the table is mapped readable (ring 3
+ * cannot touch L4 slot 256 here). Everything else reaches the guest as its fault.
  */
 #include <cpuid.h>
 #include <stddef.h>
@@ -43,10 +44,6 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
     }
 }
 
-/* The guest's view of cr0 and cr4 (XEN-ABI-FACTS §18): what trapless runs it with. */
-#define GUEST_CR0 0x80050033ULL     /* PG WP NE ET MP PE */
-#define GUEST_CR4 0x620ULL          /* OSXMMEXCPT OSFXSR PAE */
-
 /* Registers by their number in an instruction encoding, in struct pv_regs. */
 static uint64_t *gpr(struct pv_regs *r, int n)
 {
@@ -63,27 +60,142 @@ static uint64_t *gpr(struct pv_regs *r, int n)
     return (uint64_t *)((uint8_t *)r + at[n & 15]);
 }
 
+#define MSR_DEBUGCTL        0x1d9
+#define MSR_FS_BASE         0xc0000100
+#define MSR_GS_BASE         0xc0000101
+#define MSR_SHADOW_GS_BASE  0xc0000102
+
+static int canonical(uint64_t va)
+{
+    uint64_t top = va >> 47;
+    return top == 0 || top == 0x1ffff;
+}
+
+/* The MSRs Xen lets a PV kernel read: the segment bases (the shadow GS base is the
+ * user one, inactive in kernel mode) and DEBUGCTL, which reads 0. -1: the #GP. */
+static int read_msr(struct hv_vcpu *v, struct pv_regs *r, uint32_t msr, uint64_t *value)
+{
+    switch (msr) {
+    case MSR_FS_BASE:        *value = r->fs_base; return 0;
+    case MSR_GS_BASE:        *value = r->gs_base; return 0;
+    case MSR_SHADOW_GS_BASE: *value = v->pv.gs_base_other; return 0;
+    case MSR_DEBUGCTL:       *value = 0; return 0;
+    }
+    return -1;
+}
+
+/* ... and write: the segment bases, canonical ones only. */
+static int write_msr(struct hv_vcpu *v, struct pv_regs *r, uint32_t msr, uint64_t value)
+{
+    if (!canonical(value))
+        return -1;
+    switch (msr) {
+    case MSR_FS_BASE:        r->fs_base = value; return 0;
+    case MSR_GS_BASE:        r->gs_base = value; return 0;
+    case MSR_SHADOW_GS_BASE: v->pv.gs_base_other = value; return 0;
+    }
+    return -1;
+}
+
+/* in/out: the guest may reach no device, so, as Xen does for a domU's ports it was
+ * not granted, a read gives all-ones and a write is dropped. 1 if done. */
+static int emulate_port_io(struct hv_vcpu *v, struct pv_regs *r, const uint8_t *op, int at,
+                           int opsize16)
+{
+    int in = !(op[0] & 2), bytes = (op[0] & 1) ? (opsize16 ? 2 : 4) : 1;
+    unsigned port = (op[0] & 8) ? (unsigned)(r->rdx & 0xffff) : op[1];
+
+    if (!pv_ports_ok(v, port, (unsigned)bytes))
+        return 0;
+    if (in) {
+        if (bytes == 4)
+            r->rax = 0xffffffffULL;         /* a 32-bit result zero-extends */
+        else
+            r->rax |= bytes == 2 ? 0xffffULL : 0xffULL;
+    }
+    r->rip += (uint64_t)at + ((op[0] & 8) ? 1 : 2);
+    return 1;
+}
+
 int pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r)
 {
-    uint8_t code[4];
-    int rex = 0, at = 0;
+    uint8_t code[8];
+    int rex = 0, at = 0, opsize16 = 0, avail = sizeof(code), kernel = !v->pv.user_mode;
     uint64_t value;
 
-    if (v->pv.user_mode || hv_copy_from_guest(v, code, r->rip, sizeof(code)) < 0)
+    while (avail > 0 && hv_copy_from_guest(v, code, r->rip, (uint64_t)avail) < 0)
+        avail--;                        /* the instruction may end a page early */
+    if (avail < 2)
         return 0;
-    if ((code[0] & 0xf0) == 0x40)
+    if (code[at] == 0x66)
+        opsize16 = 1, at++;
+    if ((code[at] & 0xf0) == 0x40)
         rex = code[at++];
-    /* mov %crN, %reg: 0F 20 /r with a register operand */
-    if (code[at] != 0x0f || code[at + 1] != 0x20 || (code[at + 2] >> 6) != 3)
+    if (at + 1 > avail)
         return 0;
-    switch (((code[at + 2] >> 3) & 7) | (rex & 4) << 1) {
-    case 0: value = GUEST_CR0; break;
-    case 2: value = __atomic_load_n(&hv_vcpu_info(v)->arch.cr2, __ATOMIC_ACQUIRE); break;
-    case 3: value = v->dom->mm.base_mfn << HV_PAGE_SHIFT; break;    /* the kernel L4 */
-    case 4: value = GUEST_CR4; break;
-    default: return 0;
+    switch (code[at]) {
+    case 0xe4: case 0xe5: case 0xe6: case 0xe7:     /* in/out with an imm8 port */
+        if (at + 2 > avail)
+            return 0;
+        /* fall through */
+    case 0xec: case 0xed: case 0xee: case 0xef:     /* in/out with the port in dx */
+        return emulate_port_io(v, r, code + at, at, opsize16);
+    case 0xfa: case 0xfb:
+        /* cli/sti: nothing (events are masked in vcpu_info), if the IOPL allows */
+        if (!pv_iopl_ok(v))
+            return 0;
+        r->rip += (uint64_t)at + 1;
+        return 1;
+    case 0x0f:
+        if (at + 3 > avail)
+            return 0;
+        break;
+    default:
+        return 0;
     }
-    *gpr(r, (code[at + 2] & 7) | (rex & 1) << 3) = value;
+    if (!kernel)
+        return 0;                       /* the rest is for the guest kernel only */
+    uint8_t op = code[at + 1], modrm = code[at + 2];
+    int reg = ((modrm >> 3) & 7) | (rex & 4) << 1, rm = (modrm & 7) | (rex & 1) << 3;
+    switch (op) {
+    case 0x06:                          /* clts */
+        pv_write_cr(v, 0, pv_read_cr(v, 0) & ~PV_CR0_TS);
+        r->rip += (uint64_t)at + 2;
+        return 1;
+    case 0x20: case 0x22:               /* mov %crN, %reg / mov %reg, %crN */
+        if ((modrm >> 6) != 3 || (reg != 0 && reg != 2 && reg != 3 && reg != 4))
+            return 0;
+        if (op == 0x20)
+            *gpr(r, rm) = pv_read_cr(v, reg);
+        else if (pv_write_cr(v, reg, *gpr(r, rm)) < 0)
+            return 0;
+        break;
+    case 0x21: case 0x23:               /* mov %drN, %reg / mov %reg, %drN */
+        if ((modrm >> 6) != 3 || reg > 7)
+            return 0;
+        if (op == 0x21) {
+            if (pv_get_debugreg(v, reg, &value) < 0)
+                return 0;
+            *gpr(r, rm) = value;
+        } else if (pv_set_debugreg(v, reg, *gpr(r, rm)) < 0) {
+            return 0;
+        }
+        break;
+    case 0x32:                          /* rdmsr */
+        if (read_msr(v, r, (uint32_t)r->rcx, &value) < 0)
+            return 0;
+        r->rax = (uint32_t)value;
+        r->rdx = value >> 32;
+        r->rip += (uint64_t)at + 2;
+        return 1;
+    case 0x30:                          /* wrmsr */
+        if (write_msr(v, r, (uint32_t)r->rcx, (uint32_t)r->rax | r->rdx << 32) < 0)
+            return 0;
+        r->rip += (uint64_t)at + 2;
+        return 1;
+    default:
+        return 0;
+    }
     r->rip += (uint64_t)at + 3;
     return 1;
 }
@@ -102,6 +214,156 @@ static int modrm_length(const uint8_t *code)
         n += 4;                         /* rip + disp32 */
     }
     return n + (mod == 1 ? 1 : mod == 2 ? 4 : 0);
+}
+
+/* The effective address of a ModRM memory operand at code[0] (64-bit addressing);
+ * insn_end is the address after the instruction, for rip-relative operands. */
+static uint64_t effective_address(struct pv_regs *r, const uint8_t *code, int rex,
+                                  uint64_t insn_end)
+{
+    int mod = code[0] >> 6, rm = code[0] & 7, at = 1;
+    uint64_t ea = 0;
+    int32_t disp = 0;
+
+    if (rm == 4) {                      /* SIB */
+        uint8_t sib = code[at++];
+        int base = (sib & 7) | (rex & 1) << 3, index = ((sib >> 3) & 7) | (rex & 2) << 2;
+        if (index != 4)
+            ea += *gpr(r, index) << (sib >> 6);
+        if ((sib & 7) == 5 && mod == 0) {
+            memcpy(&disp, code + at, 4);
+            at += 4;
+        } else {
+            ea += *gpr(r, base);
+        }
+    } else if (mod == 0 && rm == 5) {
+        memcpy(&disp, code + at, 4);
+        return insn_end + (uint64_t)(int64_t)disp;
+    } else {
+        ea += *gpr(r, rm | (rex & 1) << 3);
+    }
+    if (mod == 1)
+        disp = (int8_t)code[at];
+    else if (mod == 2)
+        memcpy(&disp, code + at, 4);
+    return ea + (uint64_t)(int64_t)disp;
+}
+
+#define VENDOR_AMD_EBX 0x68747541u      /* "Auth" */
+
+uint32_t pv_far_branch_error(struct hv_vcpu *v, struct pv_regs *r)
+{
+    uint8_t code[16];
+    int at = 0, rex = 0, opsize16 = 0, len, avail = sizeof(code);
+    uint64_t seg_base = 0, ea;
+    uint32_t vendor[4];
+    uint16_t sel;
+    unsigned offset_bytes;
+
+    while (avail > 0 && hv_copy_from_guest(v, code, r->rip, (uint64_t)avail) < 0)
+        avail--;
+    for (; at < 4 && at < avail; at++) {
+        if (code[at] == 0x66)
+            opsize16 = 1;
+        else if (code[at] == 0x64)
+            seg_base = r->fs_base;
+        else if (code[at] == 0x65)
+            seg_base = r->gs_base;
+        else
+            break;
+    }
+    if (at < avail && (code[at] & 0xf0) == 0x40)
+        rex = code[at++];
+    /* call far / jmp far through memory: FF /3, FF /5 */
+    if (at + 2 > avail || code[at] != 0xff || (((code[at + 1] >> 3) & 7) != 3 &&
+                                               ((code[at + 1] >> 3) & 7) != 5) ||
+        (len = modrm_length(code + at + 1)) < 0 || at + 1 + len > avail)
+        return 0;
+    /* the far pointer is m16:16, m16:32, or m16:64 with REX.W on Intel only (AMD
+     * ignores REX.W there), as the guest's CPUID vendor says */
+    pv_cpuid(v, 0, 0, vendor);
+    offset_bytes = opsize16 ? 2 : ((rex & 8) && vendor[1] != VENDOR_AMD_EBX) ? 8 : 4;
+    ea = seg_base + effective_address(r, code + at + 1, rex, r->rip + (uint64_t)at + 1 + len);
+    if (hv_copy_from_guest(v, &sel, ea + offset_bytes, 2) < 0 || (sel & 0xfffc) == 0)
+        return 0;
+    /* a present code segment could be used: the #GP(0) was for something else */
+    uint64_t desc;
+    if (pv_gdt_descriptor(v, sel, &desc) == 0 && (desc & (1ULL << 47)) &&
+        ((desc >> 43) & 3) == 3)
+        return 0;
+    return sel & 0xfffc;
+}
+
+int pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
+{
+    struct hv_domain *d = v->dom;
+    uint8_t code[16];
+    int at = 0, rex = 0, opsize16 = 0, len, avail = sizeof(code), size, reg;
+    uint64_t gpa, mfn, value, old, merged;
+    const struct hv_frame *f;
+    uint8_t op;
+
+    if (v->pv.user_mode || !(v->pv.vm_assist & (1ULL << VMASST_TYPE_writable_pagetables)) ||
+        !d->mm.frames || hv_gva_to_gpa(v, cr2, 0, &gpa) < 0)
+        return 0;
+    mfn = gpa >> HV_PAGE_SHIFT;
+    f = &d->mm.frames[mfn];
+    if (mfn >= d->mm.nr_pages || !f->type_count || f->type != HV_FT_L1)
+        return 0;                       /* only an L1 table's writes are emulated */
+    while (avail > 0 && hv_copy_from_guest(v, code, r->rip, (uint64_t)avail) < 0)
+        avail--;
+    for (; at < 3 && at < avail && (code[at] == 0xf0 || code[at] == 0x66); at++)
+        opsize16 |= code[at] == 0x66;
+    if (at < avail && (code[at] & 0xf0) == 0x40)
+        rex = code[at++];
+    if (at + 2 > avail)
+        return 0;
+    op = code[at];
+    if (op == 0x0f) {                   /* cmpxchg r/m, r: 0F B1 /r */
+        if (code[++at] != 0xb1)
+            return 0;
+    } else if (op != 0x89 && op != 0x87 && !(op == 0xc7 && ((code[at + 1] >> 3) & 7) == 0)) {
+        return 0;                       /* mov r/m, r; xchg; mov r/m, imm32 */
+    }
+    if ((len = modrm_length(code + at + 1)) < 0 || at + 1 + len + (op == 0xc7 ? 4 : 0) > avail)
+        return 0;
+    size = (rex & 8) ? 8 : opsize16 ? 2 : 4;
+    if (size == 2 || (cr2 & (uint64_t)(size - 1)))
+        return 0;                       /* a whole entry, or an aligned half of one */
+    reg = ((code[at + 1] >> 3) & 7) | (rex & 4) << 1;
+    if (op == 0xc7) {
+        int32_t imm;
+        memcpy(&imm, code + at + 1 + len, 4);
+        value = (uint64_t)(int64_t)imm;
+    } else {
+        value = *gpr(r, reg);
+    }
+    old = *(const uint64_t *)(d->ram + (gpa & ~7ULL));
+    if (size == 4) {
+        unsigned shift = (unsigned)(cr2 & 4) * 8;
+        value &= 0xffffffffULL;
+        merged = (old & ~(0xffffffffULL << shift)) | value << shift;
+    } else {
+        merged = value;
+    }
+    if (op == 0x0f) {                   /* cmpxchg: only if rax holds what is there */
+        uint64_t now = size == 8 ? old : (old >> ((cr2 & 4) * 8)) & 0xffffffffULL;
+        uint64_t want = size == 8 ? r->rax : r->rax & 0xffffffffULL;
+        if (now != want) {
+            r->rax = now;               /* a 32-bit one zero-extends */
+            r->rflags &= ~0x40ULL;      /* ZF clear */
+            r->rip += (uint64_t)at + 1 + (uint64_t)len;
+            return 1;
+        }
+        r->rflags |= 0x40ULL;
+    }
+    /* the write is an MMU_NORMAL_PT_UPDATE: validated as one, or the #PF stands */
+    if (hv_mm_write_pte(d, gpa & ~7ULL, merged) < 0)
+        return 0;
+    if (op == 0x87)                     /* xchg hands the old value back */
+        *gpr(r, reg) = size == 8 ? old : (old >> ((cr2 & 4) * 8)) & 0xffffffffULL;
+    r->rip += (uint64_t)at + 1 + (uint64_t)len + (op == 0xc7 ? 4 : 0);
+    return 1;
 }
 
 int pv_emulate_m2p_load(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)

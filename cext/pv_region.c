@@ -123,6 +123,25 @@ void pv_map_gdt(struct hv_domain *d, const uint64_t *mfns, unsigned n)
     }
 }
 
+void pv_map_ldt(struct hv_domain *d, const uint64_t *mfns, unsigned n, uint64_t ents)
+{
+    uint64_t *l1 = frame_of(d, PVF_L1), *gdt = frame_of(d, PVF_GDT);
+    uint64_t base = PV_LDT_VA, limit = ents * 8 - 1;
+
+    for (unsigned i = 0; i < PV_LDT_PAGES; i++)
+        l1[((PV_LDT_VA >> 12) + i) & 511] = i < n ? mfns[i] << 12 | area_flags(PVF_ZERO) : 0;
+    if (!ents) {
+        gdt[(PV_LDT_SEL >> 3) & 511] = 0;
+        gdt[((PV_LDT_SEL >> 3) + 1) & 511] = 0;
+        return;
+    }
+    /* a 16-byte LDT descriptor (type 2), present, DPL 0 */
+    gdt[(PV_LDT_SEL >> 3) & 511] = (limit & 0xffff) | (base & 0xffffff) << 16 |
+                                   0x82ULL << 40 | ((limit >> 16) & 0xf) << 48 |
+                                   ((base >> 24) & 0xff) << 56;
+    gdt[((PV_LDT_SEL >> 3) + 1) & 511] = base >> 32;
+}
+
 /* L1 flags of each area page by what it holds. */
 static uint64_t area_flags(int f)
 {
@@ -298,5 +317,7 @@ void pv_vcpu_boot(struct hv_vcpu *v, uint64_t rsp)
     memset(&v->pv, 0, sizeof(v->pv));
     v->pv.kernel_ss = FLAT_KERNEL_SS;
     v->pv.kernel_sp = rsp;
+    v->pv.dr[6] = 0xffff0ff0;           /* Xen's start-of-day DR6 and DR7 */
+    v->pv.dr[7] = 0x400;
     __atomic_store_n(&hv_vcpu_info(v)->evtchn_upcall_mask, 1, __ATOMIC_RELEASE);
 }

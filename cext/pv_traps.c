@@ -101,6 +101,8 @@ static int bounce(struct hv_vcpu *v, struct pv_regs *r, uint64_t handler, int ve
     /* RPL 0 in the saved CS tells the handler it interrupted the guest kernel */
     uint64_t cs = (from_user ? (r->cs | 3) : (r->cs & ~3ULL)) | (uint64_t)mask << 32;
     uint64_t flags = (r->rflags & ~(RFLAGS_IF | RFLAGS_IOPL)) | (mask ? 0 : RFLAGS_IF);
+    if (p->vm_assist & (1ULL << VMASST_TYPE_architectural_iopl))
+        flags |= (uint64_t)p->iopl << 12;       /* the frame shows the virtual IOPL */
 
     frame[n++] = r->rcx;
     frame[n++] = r->r11;
@@ -148,7 +150,20 @@ int pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t erro
     }
     if (vector == 13 && error == 0 && pv_emulate_gp(v, r))
         return 0;
+    if (vector == 13 && error == 0)
+        error = pv_far_branch_error(v, r);
+    if (vector == 7) {
+        /* The CPU's TS is the guest's virtual one: Xen clears both and bounces #NM
+         * only if the guest had set it (it restores its own FPU state first). */
+        int guest_ts = p->cr0_ts;
+        p->cr0_ts = 0;
+        p->hw_dirty = 1;
+        if (!guest_ts)
+            return 0;
+    }
     if (vector == 14 && !(error & PF_W) && pv_emulate_m2p_load(v, r, cr2))
+        return 0;
+    if (vector == 14 && (error & PF_W) && pv_emulate_ptwr(v, r, cr2))
         return 0;
     if (vector == 14) {
         /* The guest sees U set iff it was in user mode (both run in ring 3), and P
@@ -222,6 +237,8 @@ static int do_iret(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
     if ((c.cs & 3) == 3 && switch_mode(v, r, 1) < 0)
         return crash(v, stop, r->rcx, "iret to user mode (rip %#llx) without a user page table",
                      (unsigned long long)c.rip);
+    if (v->pv.vm_assist & (1ULL << VMASST_TYPE_architectural_iopl))
+        v->pv.iopl = (unsigned)(c.rflags >> 12) & 3;
     r->rip = c.rip;
     r->cs = c.cs | 3;
     r->rflags = (c.rflags & ~(RFLAGS_IOPL | RFLAGS_VM)) | RFLAGS_IF | 2;
@@ -251,7 +268,19 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
                               .a4 = r->r10, .a5 = r->r8 };
         if (r->rax == __HYPERVISOR_iret)
             return do_iret(v, r, stop);
-        r->rax = (uint64_t)hv_hypercall(v, &h);
+        int64_t ret;
+        /* syscall loaded Xen's flat selectors (STAR), and Xen's sysret returns with
+         * them: an event delivered on the way out sees 0xe033, whatever CS the
+         * guest made the call from */
+        r->cs = FLAT_KERNEL_CS;
+        r->ss = FLAT_KERNEL_SS;
+        p->regs = r;                    /* for the few that change registers */
+        p->iret_done = 0;
+        ret = hv_hypercall(v, &h);
+        p->regs = NULL;
+        if (p->iret_done)
+            return 0;                   /* a multicall's iret: r is where it returned to */
+        r->rax = (uint64_t)ret;
         r->rip = r->rcx;
         r->rflags = r->r11 | 2;
         return 0;
@@ -267,6 +296,25 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
         return -1;
     r->rflags &= ~RFLAGS_DF;
     return 0;
+}
+
+/* iret as an entry of a multicall (a plain iret never reaches the table): it returns
+ * the vCPU to the frame on the guest stack, like the hypercall itself, and ends the
+ * multicall there, as Xen does since XSA-213; the entries after it do not run. */
+int64_t do_iret_entry(struct hv_vcpu *v, const struct hv_hcall *h)
+{
+    struct pv_regs *r = v->pv.regs;
+    struct hv_stop lost;
+
+    if (v->dom->pv_model != HV_PV_XEN || !r)
+        return -XEN_ENOSYS;
+    r->rip = r->rcx;                    /* do_iret reads the frame at the guest's rsp */
+    r->rflags = r->r11 | 2;
+    v->pv.iret_done = 1;
+    if (do_iret(v, r, &lost) < 0)
+        return -XEN_EFAULT;             /* the domain crashed; the run loop stops it */
+    v->dom->counters.hypercalls[__HYPERVISOR_iret]--;   /* hv_hypercall counts it */
+    return (int64_t)r->rax;
 }
 
 /* ---- the hypercalls that set it up ---- */

@@ -116,6 +116,8 @@ class Layout:
     # Xen's model: the shared_info frame start_info names. Xen keeps it outside the
     # domain's memory; trapless gives it the page after the console ring.
     shared_info: int | None = None
+    # where the start-of-day mapping begins (pseudo-physical; virtual = virt_base + it)
+    map_start: int | None = None
 
     def virt(self, phys: int) -> int:
         return self.virt_base + phys
@@ -135,6 +137,11 @@ def tables_needed(start: int, end: int) -> int:
 def plan(image: PVImage, ram_bytes: int, model: int = RING0) -> Layout:
     """Choose the layout; one-line ImageError if the domain's memory is too small."""
     first = min(s.paddr for s in image.segments) & ~(PAGE - 1)
+    # Xen's builder maps the whole start-of-day region from VIRT_BASE, pseudo-physical
+    # frame 0, up: what lies below the kernel is the guest's too (XTF writes there and
+    # unmaps its NULL page itself). trapless's ring-0 kernels keep the map starting at
+    # their image, so their NULL page stays unmapped.
+    map_start = 0 if model == XEN_PV else first
     img_end = page_up(max(s.paddr + s.memsz for s in image.segments))
     nr_pages = ram_bytes // PAGE
     mfn_list = img_end
@@ -153,13 +160,13 @@ def plan(image: PVImage, ram_bytes: int, model: int = RING0) -> Layout:
         gdt = stack_top
         last = gdt + PAGE
         region_end = (last + REGION_PAD + REGION_ALIGN - 1) & ~(REGION_ALIGN - 1)
-        need = tables_needed(image.virt_base + first, image.virt_base + region_end)
+        need = tables_needed(image.virt_base + map_start, image.virt_base + region_end)
         if need <= boot:
             break
         boot = need
     # The loader checked the segments; the region after them may still run off the top
     # of the address space or into the non-canonical hole.
-    why = address_problem(image.virt_base + first, image.virt_base + region_end)
+    why = address_problem(image.virt_base + map_start, image.virt_base + region_end)
     if why:
         raise ImageError(f"the start-of-day region at VIRT_BASE {image.virt_base:#x} "
                          f"cannot be mapped: {why}")
@@ -169,7 +176,7 @@ def plan(image: PVImage, ram_bytes: int, model: int = RING0) -> Layout:
             f"needs {region_end >> 20} MiB")
     return Layout(image.virt_base, ram_bytes, first, img_end, mfn_list, start_info, xenstore,
                   console, pt_start, boot, pt_end, stack_bottom, stack_top, gdt, region_end,
-                  shared_info)
+                  shared_info, map_start)
 
 
 class PageTableWriter:
@@ -260,7 +267,8 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
     struct.pack_into(f"<{layout.nr_pages}Q", ram, layout.mfn_list, *range(layout.nr_pages))
 
     pt = PageTableWriter(ram, layout)
-    for phys in range(layout.image_start, layout.region_end, PAGE):
+    map_start = layout.image_start if layout.map_start is None else layout.map_start
+    for phys in range(map_start, layout.region_end, PAGE):
         writable = not layout.pt_start <= phys < layout.pt_end
         pt.map_page(layout.virt(phys), phys, writable)
 

@@ -60,6 +60,8 @@ XEN_LAYOUTS = [
     ("trap_info", 16, dict(vector=0, flags=1, cs=2, address=8)),
     ("callback_register", 16, dict(type=0, flags=2, address=8)),
     ("callback_unregister", 4, dict(type=0)),
+    ("physdev_set_iopl", 4, dict(iopl=0)),
+    ("physdev_set_iobitmap", 16, dict(bitmap=0, nr_ports=8)),
     ("iret_context", 72, dict(rax=0, r11=8, rcx=16, flags=24, rip=32, cs=40, rflags=48,
                               rsp=56, ss=64)),
     ("evtchn_close", 4, dict(port=0)),

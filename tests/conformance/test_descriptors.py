@@ -1,14 +1,15 @@
-"""The guest's descriptors: set_gdt (2) and update_descriptor (10). The guest's GDT
-frames under the hypervisor's GDT; Xen's descriptor check (code/data raised to DPL 3;
-TSS, LDT and gates refused); a GDT frame must not be writable, and stays that way while
-in use."""
+"""The guest's descriptors: set_gdt (2), update_descriptor (10) and mmuext_op's
+MMUEXT_SET_LDT. The guest's GDT frames under the hypervisor's GDT, its LDT frames
+behind Xen's LDT descriptor; Xen's descriptor check (code/data raised to DPL 3; TSS,
+LDT and gates refused); a GDT or LDT frame must not be writable, and stays that way
+while in use."""
 import pytest
 
 from abi import C
 
 from guest_kernel.asm import eax, ecx, qword, rax, rcx
 from guest_kernel.conformance import UNMAPPED, ConformanceGuest
-from guest_kernel.xen_pv import XenPVGuest
+from guest_kernel.xen_pv import XenPVGuest, rip_
 
 EFAULT, EINVAL, ENOSYS = -C.XEN_EFAULT, -C.XEN_EINVAL, -C.XEN_ENOSYS
 P, RW, A, D = 1, 2, 0x20, 0x40
@@ -99,6 +100,53 @@ def test_ring3_reads_the_descriptors_set_gdt_installed(run_cases, engine):
         # (exception delivery) see the one KVM_SET_SREGS loads
         pytest.xfail("this KVM host does not use the guest's GDT for ring-3 segment reads")
     assert run["lar_entry_2"] == 0x00C0F300      # present, DPL 3, data, writable, G, B
+
+
+def set_ldt(g: XenPVGuest, case: str, base, ents: int) -> None:
+    """mmuext_op MMUEXT_SET_LDT(base, ents); base a label or an address."""
+    op = g.struct(f"{case}.op", "mmuext_op", cmd=C.MMUEXT_SET_LDT, arg2=ents)
+    if isinstance(base, str):
+        g.a.lea(rax, g.ptr(base))
+    else:
+        g.a.mov(rax, base)
+    g.a.mov(qword[rip_(op, 8)], rax)
+    g.call(case, "mmuext_op", op, 1, 0, C.DOMID_SELF)
+
+
+def test_set_ldt(run_cases, engine):
+    g = XenPVGuest("set_ldt")
+    gdt_page(g, "ldt", CODE64_DPL0, DATA_DPL0)
+    gdt_page(g, "bad_ldt", TSS_DESC)
+    set_ldt(g, "writable", "ldt", 3)
+    remap(g, "remap_read_only", "ldt", P | A | D)
+    remap(g, "remap_bad_read_only", "bad_ldt", P | A | D)
+    set_ldt(g, "unaligned", 0x1008, 1)
+    set_ldt(g, "too_many", "ldt", 8193)
+    set_ldt(g, "hypervisor_area", 0xFFFF_8000_0000_0000, 1)
+    set_ldt(g, "bad_descriptor", "bad_ldt", 2)
+    set_ldt(g, "good", "ldt", 3)
+    # in use: it cannot be mapped writable
+    remap(g, "remap_writable_in_use", "ldt", P | RW | A | D)
+    # LDT entry 2 (selector 0x17), raised to DPL 3: `lar` from ring 3 reads it
+    g.a.mov(ecx, 0x17)
+    g.a.xor(eax, eax)
+    g.a.db(0x0F, 0x02, 0xC1)                # lar %ecx, %eax
+    g.report("lar_ldt_entry_2")
+    set_ldt(g, "none", 0, 0)
+    remap(g, "remap_writable_after", "ldt", P | RW | A | D)
+    run = run_cases(g.finish())
+    assert run["writable"] == EINVAL
+    assert (run["remap_read_only"], run["remap_bad_read_only"]) == (0, 0)
+    for case in ("unaligned", "too_many", "hypervisor_area", "bad_descriptor"):
+        assert run[case] == EINVAL, case
+    assert run["good"] == 0
+    assert run["remap_writable_in_use"] == EINVAL
+    assert run["none"] == 0
+    assert run["remap_writable_after"] == 0
+    if engine == "kvm" and run.results["lar_ldt_entry_2"] == 0:
+        pytest.xfail("this KVM host does not use the guest's descriptor tables for ring-3 "
+                     "segment reads")
+    assert run["lar_ldt_entry_2"] == 0x00C0F300
 
 
 def test_ring0_kernels_have_no_set_gdt(run_cases):
