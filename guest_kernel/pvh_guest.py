@@ -72,7 +72,8 @@ def _entry32(a) -> None:
 def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh") -> bytes:
     """The guest's ELF64 image (PHYS32_ENTRY and GUEST_OS notes only). vmcall=False
     leaves out the direct vmcall/vmmcall calls (for hosts that cannot intercept them)."""
-    p = PVProgram(guest_os=guest_os)
+    # A ring-0 kernel with its own IDT, and no PV start_info: console_io prints
+    p = PVProgram(guest_os=guest_os, xen_pv=False, console_ring=False)
     a = p.a
 
     # main (64-bit), called from the runtime's _start

@@ -21,7 +21,7 @@ def timer_guest(name: str) -> ConformanceGuest:
     g.report("bind_timer")
     a.mov(rbx, rax)
     set_port_handler(g, rbx, "on_timer")
-    a.sti()
+    g.events_on()
     a.jmp("after_on_timer")
     a.label("on_timer")
     a.inc(qword["timer_count"])
