@@ -32,7 +32,7 @@ MAPPED_END = 0x40_0000
 class ConformanceGuest(PVProgram):
     """A PV program with reporting helpers."""
 
-    def __init__(self, name: str, events: bool = False, xen_pv: bool = False):
+    def __init__(self, name: str, events: bool = False, xen_pv: bool = True):
         """events=True: the trap table (or IDT), shared_info, the upcall and the PV clock
         are set up first. xen_pv: a guest for Xen's PV CPU model, a kernel in ring 3
         (False: one that requires supervisor_mode_kernel, trapless's ring-0 model)."""
