@@ -2,8 +2,6 @@
 clearing and copying pages; bad frames, bad commands, bad lists."""
 import struct
 
-import pytest
-
 from abi import C
 
 from guest_kernel.asm import cr3, dword, ptr, qword, r12, rax
@@ -200,7 +198,7 @@ def other_ops_guest() -> bytes:
     return g.finish()
 
 
-def test_flushes_and_other_commands(run_cases, engine):
+def test_flushes_and_other_commands(run_cases):
     run = run_cases(other_ops_guest())
     lay = Layout(run.domain)
     for case in ("tlb_flush_local", "invlpg_local", "tlb_flush_all", "invlpg_all",
@@ -209,9 +207,7 @@ def test_flushes_and_other_commands(run_cases, engine):
     assert run["tlb_flush_multi_null_mask"] == EINVAL
     for case in ("remap.pin", "remap.e0", "remap.e1", "remap.link", "remap", "remap.flush"):
         assert run[case] == 0, case
-    stale_shadow = engine == "kvm" and run["remap.read"] == 0x11
-    if not stale_shadow:
-        assert run["remap.read"] == 0x12    # the second page's frame, through the first page
+    assert run["remap.read"] == 0x12        # the second page's frame, through the first page
     assert run["flush_cache"] == EACCES
     assert run["mark_super"] == EOPNOTSUPP and run["unmark_super"] == EOPNOTSUPP
     # a kernel under Xen's PV model has a user L4: frame 0 clears it, as in Xen
@@ -233,9 +229,3 @@ def test_flushes_and_other_commands(run_cases, engine):
         assert (run[case], run[f"{case}.done"]) == (ESRCH, UNTOUCHED), case
     assert (run["pt_owner_self"], run["pt_owner_self.done"]) == (0, 1)
     assert audit(run.domain) == ""
-    if stale_shadow:
-        # KVM-PVM shadows the guest's tables: trapless rewrites a live L1 entry from the
-        # host, which KVM does not see, and the CR4.PGE toggle trapless's flush makes
-        # through KVM_SET_SREGS does not drop the shadow: ring-3 code keeps the old frame
-        # (ring-0 code, which KVM-PVM emulates, walks the tables afresh: the new one)
-        pytest.xfail("this KVM-PVM host keeps a stale shadow of a remapped live L1 entry")
