@@ -351,10 +351,35 @@ static int kvm_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
 static __thread int in_exit, pending_set_cr3, pending_flush;
 static __thread uint64_t pending_cr3;
 
+/* A ring-3 guest kernel's tables are shadowed by a KVM that shadows (KVM-PVM): trapless
+ * writes their entries from the host, which KVM does not see, and no CR4.PGE toggle
+ * drops a shadow page KVM believes in sync. Taking the pool's memslot away and back
+ * makes KVM forget every shadow of it (ring-0 guests do not need this: KVM-PVM
+ * emulates their code and walks the tables afresh). It costs about 1 ms here, so only
+ * after a present entry of a table in use changed (mm.c). */
+static int drop_shadows(struct hv_domain *d)
+{
+    if (d->pv_model != HV_PV_XEN ||
+        !__atomic_exchange_n(&d->mm.live_entry_changed, 0, __ATOMIC_ACQ_REL))
+        return 0;
+    struct kvm_userspace_memory_region r = {
+        .slot = 1, .flags = KVM_MEM_READONLY, .guest_phys_addr = d->pt_pool_start,
+        .memory_size = 0, .userspace_addr = (uint64_t)(uintptr_t)(d->ram + d->pt_pool_start),
+    };
+    if (d->pt_pool_end == d->pt_pool_start)
+        return 0;
+    if (ioctl(d->kvm_vm_fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
+        return -1;
+    r.memory_size = d->pt_pool_end - d->pt_pool_start;
+    return ioctl(d->kvm_vm_fd, KVM_SET_USER_MEMORY_REGION, &r);
+}
+
 static int apply_sregs(struct hv_vcpu *v, int set_cr3, uint64_t cr3, int flush)
 {
     struct kvm_sregs sregs;
     if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+        return -1;
+    if ((set_cr3 || flush) && drop_shadows(v->dom) < 0)
         return -1;
     if (set_cr3 && sregs.cr3 != cr3) {
         sregs.cr3 = cr3;            /* a new cr3 is itself a flush */

@@ -276,6 +276,8 @@ static int update_entry(struct hv_domain *d, uint64_t ptr, uint64_t val)
             return rc;
     }
     __atomic_store_n(slot, val, __ATOMIC_RELEASE);
+    if (f->type_count && (old & PTE_P) && old != val)
+        __atomic_store_n(&mm->live_entry_changed, 1, __ATOMIC_RELEASE);
     if (f->type_count)
         drop_entry(d, f->type, old);
     return 0;

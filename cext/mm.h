@@ -48,6 +48,8 @@ struct hv_mm {
     uint64_t base_mfn;              /* L4 installed as cr3 by us (holds a type ref); HV_NO_FRAME */
     uint64_t alloc_hint;            /* where increase_reservation starts looking */
     struct hv_frame *frames;        /* nr_pages records; NULL until hv_mm_init */
+    int live_entry_changed;         /* a present entry of a table in use changed since the
+                                     * last flush (kvm.c: a shadowing KVM must be told) */
 };
 
 struct hv_domain;

@@ -7,7 +7,7 @@ guests.
 
 | platform call          | PV guest (hypercalls, shared memory)       | native guest (hardware, traps)      |
 |------------------------|--------------------------------------------|-------------------------------------|
-| console_write          | console_io, 16 KiB per call                | per byte: poll LSR, write THR       |
+| console_write          | the PV console ring, a notify per 2 KiB    | per byte: poll LSR, write THR       |
 | tick_start / tick_stop | VIRQ_TIMER bound, VCPUOP_set_periodic_timer | PIC init + unmask, PIT mode 2      |
 | irq_off / idle         | upcall mask / SCHEDOP_block                | cli / sti; hlt                      |
 | (tick handler)         | event-channel upcall                       | IRQ0 handler, EOI to the PIC        |
@@ -31,7 +31,8 @@ from . import native_kernel as nk
 from .asm import (al, byte, cr0, cr3, dl, dword, eax, ebx, ecx, edi, edx, esi, ptr, qword,
                   r12, r13, r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi)
 from .native_kernel import NativeProgram
-from .pvlib import UPCALL_MASK, emit_events, emit_pvclock, emit_traps, set_port_handler
+from .pvlib import (UPCALL_MASK, emit_events, emit_events_on, emit_pvclock, emit_traps,
+                    set_port_handler)
 from .runtime import PVProgram
 
 PAGE = 4096
@@ -39,7 +40,6 @@ ADDR_MASK = 0x000F_FFFF_FFFF_F000
 PTE_P, PTE_RW = 1, 2
 ENTRIES_PER_TABLE = 512
 REPORT_SIZE = 256
-PV_CONSOLE_CHUNK = 16384            # bytes per console_io call
 PTE_QUEUE_CAPACITY = 8192           # PV: updates queued before a multicall
 LINE_BYTES = 64                     # the console workload's line length
 TICK_HZ = 1000
@@ -89,9 +89,10 @@ class PVPlatform(Platform):
     kind = "pv"
 
     def __init__(self):
+        # A kernel for Xen's PV CPU model: its own code runs in ring 3
         super().__init__(PVProgram(guest_os="trapless-compare-pv"))
         self._late.append(emit_traps)
-        self.a.call("idt_init")
+        self.a.call("traps_init")
 
     def _events(self) -> None:
         if self._once("events"):
@@ -103,12 +104,10 @@ class PVPlatform(Platform):
         pass
 
     def console_write(self, buf: str, length: int) -> None:
-        a = self.a
-        for offset in range(0, length, PV_CONSOLE_CHUNK):
-            a.mov(edi, C.CONSOLEIO_write)
-            a.mov(esi, min(PV_CONSOLE_CHUNK, length - offset))
-            a.lea(rdx, ptr[rip + buf + offset])
-            a.call("hypercall_console_io")
+        # the runtime's print: into the console ring, as a Xen domU's hvc console
+        self.a.lea(rdi, ptr[buf])
+        self.a.mov(esi, length)
+        self.a.call("print")
 
     # ticks
     def interrupts_setup(self) -> None:
@@ -119,7 +118,7 @@ class PVPlatform(Platform):
         a.mov(edi, C.VIRQ_TIMER)
         a.call("bind_virq")
         set_port_handler(self.p, rax, "pv_tick")
-        a.sti()
+        emit_events_on(self.p)
         self.p.hypercall("vcpu_op", C.VCPUOP_set_periodic_timer, 0, "pv_tick_period")
 
         def late(p, period=1_000_000_000 // hz):
@@ -531,11 +530,13 @@ def page_tables(pf: Platform, entries: int) -> None:
         a.inc(rbx)
         a.label(f"pte.touch{t}")
 
-    a.mov(r12, FNV_OFFSET)                  # checksum: FNV-1a over the 64-bit entries
-    a.xor(r15, r15)
+    a.mov(r12, FNV_OFFSET)                  # checksum: FNV-1a over the 64-bit entries,
+    a.xor(r15, r15)                         # what the kernel wrote of them
     a.label("pte.sum")
     _entry_address(pf, rcx)
-    a.xor(r12, qword[rcx])
+    a.mov(rax, ADDR_MASK | PTE_P | PTE_RW)
+    a.and_(rax, qword[rcx])
+    a.xor(r12, rax)
     a.mov(rax, FNV_PRIME)
     a.imul(r12, rax)
     a.inc(r15)
@@ -570,12 +571,15 @@ FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 
 
 def page_table_checksum(window_base: int, entries: int) -> int:
-    """The checksum page_tables reports, computed on the host: every present entry
-    reads back with accessed and dirty set (the VMM sets them)."""
-    forced = 0x60
+    """The checksum page_tables reports, computed on the host: of each entry, the
+    frame and the flags the kernel wrote (present, writable). The other bits are the
+    hypervisor's and differ between the guests: the VMM that emulates a native kernel's
+    stores sets accessed and dirty; under Xen's PV model the CPU's walk sets them on the
+    pages touched, and trapless adds user and Xen's guest-kernel bit (52) to the mappings
+    of a kernel that runs in ring 3, as Xen's adjust_guest_l1e does."""
     chk = FNV_OFFSET
     for j in range(entries):
-        chk ^= (window_base + j * PAGE) | PTE_P | PTE_RW | forced
+        chk ^= (window_base + j * PAGE) | PTE_P | PTE_RW
         chk = (chk * FNV_PRIME) & (2**64 - 1)
     return chk
 

@@ -32,20 +32,26 @@ MAPPED_END = 0x40_0000
 class ConformanceGuest(PVProgram):
     """A PV program with reporting helpers."""
 
-    def __init__(self, name: str, events: bool = False, xen_pv: bool = False):
-        """events=True: IDT, shared_info, upcall vector and PV clock are set up first.
-        xen_pv: a guest for Xen's PV CPU model (guest_kernel/xen_pv.py)."""
+    def __init__(self, name: str, events: bool = False, xen_pv: bool = True):
+        """events=True: the trap table (or IDT), shared_info, the upcall and the PV clock
+        are set up first. xen_pv: a guest for Xen's PV CPU model, a kernel in ring 3
+        (False: one that requires supervisor_mode_kernel, trapless's ring-0 model)."""
         super().__init__(guest_os=f"trapless-conformance-{name}", xen_pv=xen_pv)
         self.cases: dict[str, tuple[str, str]] = {}
         self._emit_report_helpers()
         if events:
             from .pvlib import emit_events, emit_pvclock, emit_traps
-            self.a.call("idt_init")
+            self.a.call("traps_init")
             self.a.call("events_init")
             self.report("events_init")
             self._emit_later = (emit_traps, emit_events, emit_pvclock)
         else:
             self._emit_later = ()
+
+    def events_on(self) -> None:
+        """Let upcalls in (needs events=True): the upcall mask cleared, or sti in ring 0."""
+        from .pvlib import emit_events_on
+        emit_events_on(self)
 
     def struct(self, label: str, struct: str, **fields) -> str:
         """A `struct <struct>` in .data at label, laid out by the ABI header."""

@@ -5,9 +5,9 @@ Arguments aim at the interesting places: null, a scratch buffer, the end of the
 mapped region (a straddling buffer), the page-table pool, non-canonical and unmapped
 addresses, random 64-bit values and small integers. A few calls would end or wedge a
 well-behaved guest by design (shutdown, block/poll forever, moving shared_info over
-its own code, changing its upcall vector); those are steered to harmless sub-ops, and
-the page-table hypercalls and grant_table_op only get pointers that cannot name valid
-requests.
+its own code, changing its upcall vector, under Xen's PV model an iret through a
+random frame); those are steered to harmless calls, and the page-table, trap-table,
+callback and grant-table hypercalls only get pointers that cannot name valid requests.
 
 At the end the guest reports, one `result` line each: calls made, results that are
 neither a success nor a Xen errno, whether its own code, read-only data and a canary
@@ -25,11 +25,18 @@ from .conformance import MAPPED_END, NON_CANONICAL, UNMAPPED, ConformanceGuest
 NUMBERS = 48                    # 0..47: every Xen number and a few beyond the table
 CANARY = 4096
 SCRATCH = 512
-# Hypercalls that get only pointers which cannot be valid requests. grant_table_op is
-# one: like Xen it writes each op of the array back, so a random pointer and count would
-# overwrite the guest's own memory op by op.
+# Hypercalls that get only pointers which cannot be valid requests (for the trap table
+# and callbacks: no random handler is installed for the events and faults to come).
+# grant_table_op is one: like Xen it writes each op of the array back, so a random
+# pointer and count would overwrite the guest's own memory op by op.
 POINTER_SAFE_ONLY = {C.__HYPERVISOR_mmu_update, C.__HYPERVISOR_mmuext_op, C.__HYPERVISOR_multicall,
+                     C.__HYPERVISOR_set_trap_table, C.__HYPERVISOR_callback_op,
                      C.__HYPERVISOR_grant_table_op}
+# Under Xen's PV CPU model these would wreck the guest by design, and become xen_version:
+# iret returns through a random frame; set_callbacks takes handler addresses, not
+# pointers; a debug register or CR0.TS set at random traps the guest's next instruction.
+XEN_MODEL_STEERED = {C.__HYPERVISOR_iret, C.__HYPERVISOR_set_callbacks,
+                     C.__HYPERVISOR_set_debugreg, C.__HYPERVISOR_fpu_taskswitch}
 # sched_op sub-ops a live guest must not be handed at random; they become yield.
 SCHED_STEERED = {C.SCHEDOP_block, C.SCHEDOP_shutdown, C.SCHEDOP_poll, C.SCHEDOP_shutdown_code}
 
@@ -176,6 +183,9 @@ def fuzz_guest(seed: int, calls: int) -> bytes:
         a.mov(qword[reg], rax)
     a.label("fuzz.steer")
     # steer the few calls a live guest must not get at random
+    for n in sorted(XEN_MODEL_STEERED):
+        a.cmp(r15, n)
+        a.je("fuzz.to_version")
     a.cmp(r15, C.__HYPERVISOR_sched_op)
     a.jne("fuzz.not_sched")
     for sub in sorted(SCHED_STEERED):
@@ -184,6 +194,9 @@ def fuzz_guest(seed: int, calls: int) -> bytes:
     a.jmp("fuzz.call")
     a.label("fuzz.to_yield")
     a.mov(ebx, C.SCHEDOP_yield)
+    a.jmp("fuzz.call")
+    a.label("fuzz.to_version")
+    a.mov(r15, C.__HYPERVISOR_xen_version)
     a.jmp("fuzz.call")
     a.label("fuzz.not_sched")
     a.cmp(r15, C.__HYPERVISOR_hvm_op)

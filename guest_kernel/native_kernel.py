@@ -51,7 +51,7 @@ class NativeProgram(PVProgram):
     """
 
     def __init__(self, guest_os: str = "trapless-native"):
-        super().__init__(guest_os=guest_os)
+        super().__init__(guest_os=guest_os, xen_pv=False)
 
     def hypercall(self, name: str, *args) -> None:
         raise TypeError(f"a native kernel makes no hypercalls (asked for {name})")

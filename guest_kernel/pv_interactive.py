@@ -26,7 +26,7 @@ from __future__ import annotations
 from abi import C, offsetof
 
 from .asm import byte, dil, eax, ecx, edi, edx, ptr, qword, r12, r13, r14, rax, rbx, rcx, rdi, rip, rsi
-from .pvlib import UPCALL_MASK, crash_unless, set_port_handler
+from .pvlib import UPCALL_MASK, crash_unless, emit_events_on, set_port_handler
 from .runtime import PVProgram
 
 PROMPT = "pv> "
@@ -152,7 +152,8 @@ def _emit_word_helpers(p: PVProgram) -> None:
 def _emit_main(p: PVProgram) -> None:
     a = p.a
     a.label("ia_main")
-    a.call("idt_init")
+    a.call("traps_init")
+    crash_unless(p, "je", "interactive: traps_init failed: ")
     a.call("events_init")
     crash_unless(p, "jns", "interactive: events_init failed: ")
     a.mov(edi, C.VIRQ_TIMER)
@@ -165,7 +166,7 @@ def _emit_main(p: PVProgram) -> None:
     crash_unless(p, "jns", "interactive: bind_virq VIRQ_CONSOLE failed: ")
     a.mov(r12, rax)
     set_port_handler(p, r12, "ia_input")
-    a.sti()
+    emit_events_on(p)
     p.hypercall("vcpu_op", C.VCPUOP_set_periodic_timer, 0, "ia_tick_period")
     crash_unless(p, "jns", "interactive: set_periodic_timer failed: ")
     p.print("interactive mode: type help for the commands\n")

@@ -18,7 +18,7 @@ from .asm import (byte, dl, dword, eax, ecx, edi, edx, esi, ptr, qword, r12, r13
 from .blkfront import emit_blkfront, emit_blkfront_check
 from .pv_interactive import emit_interactive, emit_interactive_check
 from .pvlib import (UPCALL_MASK, UPCALL_VECTOR, crash_unless, emit_block_until, emit_events,
-                    emit_pvclock, emit_traps, set_port_handler)
+                    emit_events_on, emit_pvclock, emit_traps, set_port_handler)
 from .pv_memory import emit_memory_demo
 from .runtime import PVProgram
 
@@ -167,10 +167,14 @@ def emit_banner(p: PVProgram) -> None:
 
 def emit_events_and_ticks(p: PVProgram) -> None:
     a = p.a
-    a.call("idt_init")
+    a.call("traps_init")
+    crash_unless(p, "je", "traps_init failed: ")
     a.call("events_init")
     crash_unless(p, "je", "events_init failed: ")
-    p.print(f"events: shared_info mapped, upcalls on vector {UPCALL_VECTOR:#x}\n")
+    if p.xen_pv:
+        p.print("events: shared_info mapped, upcalls through the event callback\n")
+    else:
+        p.print(f"events: shared_info mapped, upcalls on vector {UPCALL_VECTOR:#x}\n")
     # Wall clock: boot time of the host's epoch clock plus system time.
     p.print("wall clock: ")
     a.call("pvclock_read")
@@ -196,7 +200,7 @@ def emit_events_and_ticks(p: PVProgram) -> None:
     p.print("\n")
 
     emit_ticks_wanted(p, DEFAULT_TICKS)
-    a.sti()
+    emit_events_on(p)
     a.call("pvclock_read")
     a.mov(r13, rax)
     p.hypercall("vcpu_op", C.VCPUOP_set_periodic_timer, 0, "tick_period")
@@ -233,9 +237,10 @@ def emit_events_and_ticks(p: PVProgram) -> None:
     a.section(".text")
 
 
-def build_pv_kernel() -> bytes:
-    """The PV kernel's ELF image."""
-    p = PVProgram(guest_os="trapless-pv-kernel")
+def build_pv_kernel(xen_pv: bool = True) -> bytes:
+    """The PV kernel's ELF image: for Xen's PV CPU model (ring 3), or with xen_pv=False
+    a kernel that requires supervisor_mode_kernel (trapless's ring-0 PV model)."""
+    p = PVProgram(guest_os="trapless-pv-kernel", xen_pv=xen_pv)
     a = p.a
     emit_banner(p)
     emit_interactive_check(p)       # `interactive`: a console shell instead of the tick demo

@@ -164,7 +164,8 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh",
     """The guest's ELF64 image (PHYS32_ENTRY and GUEST_OS notes only). vmcall=False
     leaves out the direct vmcall/vmmcall calls (for hosts that cannot intercept them);
     extra(program), if given, emits more 64-bit code to run before powering off."""
-    p = PVProgram(guest_os=guest_os)
+    # A ring-0 kernel with its own IDT, and no PV start_info: console_io prints
+    p = PVProgram(guest_os=guest_os, xen_pv=False, console_ring=False)
     a = p.a
 
     # main (64-bit), called from the runtime's _start

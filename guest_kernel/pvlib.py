@@ -3,20 +3,29 @@
 Each `emit_*` adds routines to a PVProgram; call the ones a guest needs once, then
 use the labels they define:
 
-  emit_traps      idt_init: an IDT whose exception vectors print what happened and
-                  crash the domain; idt_set_gate(rdi = vector, rsi = handler)
+  emit_traps      traps_init: every exception vector prints what happened and crashes
+                  the domain. Under Xen's PV CPU model (the default) that is a trap
+                  table given to set_trap_table, whose handlers take Xen's bounce
+                  frame; a ring-0 kernel (xen_pv=False) loads an IDT of its own
+                  (idt_init, idt_set_gate(rdi = vector, rsi = handler)).
   emit_events     events_init: shared_info placed with XENMEM_add_to_physmap, the
-                  callback vector registered, the upcall handler installed;
-                  bind_virq(rdi = virq) -> rax = port (or -errno);
-                  port_handlers[port] = routine called with rdi = port
+                  upcall wired (Xen's model: the event and failsafe callbacks; ring 0:
+                  a callback vector in the IDT); bind_virq(rdi = virq) -> rax = port
+                  (or -errno); port_handlers[port] = routine called with rdi = port
+  emit_events_on  (inline) events on: Xen's model clears the upcall mask, ring 0 sti
   emit_pvclock    pvclock_read -> rax = system time in ns, from rdtsc and
                   vcpu_time_info, with no exit
 
-Upcalls arrive while the guest has interrupts on (sti) and its vcpu_info upcall mask
-clear; SCHEDOP_block clears the mask and sleeps until an event is pending. Xen's rule for
+Upcalls arrive while events are on and the vcpu_info upcall mask is clear;
+SCHEDOP_block clears the mask and sleeps until an event is pending. Xen's rule for
 waiting: set the mask, check the condition, then SCHEDOP_block (emit_block_until). An
 upcall that lands between an unmasked check and the block is handled before the block,
 which then sleeps for an event that already came.
+
+Under Xen's model the guest kernel runs in ring 3: an exception or an upcall arrives as
+a bounce frame on its stack (rcx, r11, [error code], rip, cs with the saved upcall mask,
+rflags, rsp, ss), and the handler returns through the iret hypercall, which restores the
+upcall mask from the frame's IF (XEN-ABI-FACTS §19-§21).
 """
 from __future__ import annotations
 
@@ -43,8 +52,68 @@ EVTCHN_MASK = offsetof("shared_info", "evtchn_mask")
 
 
 def emit_traps(p: PVProgram, who: str = "trapless PV kernel") -> None:
-    """idt_init, idt_set_gate; every exception prints "<who>: exception N error E at rip R"
-    and crashes the domain (a native kernel passes its own name: its shutdown is the exit port)."""
+    """traps_init; every exception prints "<who>: exception N error E at rip R" and
+    crashes the domain (a native kernel passes its own name: its shutdown is the exit
+    port). Xen's model: a trap table; ring 0: an IDT (idt_init, idt_set_gate)."""
+    if p.xen_pv:
+        _emit_trap_table(p, who)
+    else:
+        _emit_idt(p, who)
+
+
+def _emit_exception_report(p: PVProgram, who: str) -> None:
+    """exception_common, entered with the stack: vector, error code, rip, cs, rflags,
+    rsp, ss: print them and crash the domain."""
+    a = p.a
+    a.label("exception_common")
+    a.mov(rbx, rsp)
+    p.print(f"\n{who}: exception ")
+    a.mov(rdi, qword[rbx])
+    a.call("print_dec")
+    p.print(" error ")
+    a.mov(rdi, qword[rbx + 8])
+    a.call("print_hex")
+    p.print(" at rip ")
+    a.mov(rdi, qword[rbx + 16])
+    a.call("print_hex")
+    p.print("\n")
+    a.mov(edi, C.SHUTDOWN_crash)
+    a.call("shutdown")
+
+
+def _emit_trap_table(p: PVProgram, who: str) -> None:
+    """Xen's model: traps_init -> rax = set_trap_table's result, for vectors 0-31."""
+    a = p.a
+    a.section(".data")
+    a.align(16)
+    a.label("trap_table")                       # struct trap_info[], address 0 ends it
+    for vector in range(32):
+        a.db(vector, 0)                         # flags: DPL 0 (no `int n`), events as they are
+        a.dw(C.FLAT_KERNEL_CS)
+        a.dd(0)
+        a.dq(f"exception_{vector}")
+    a.dq(0, 0)
+    a.section(".text")
+
+    a.label("traps_init")
+    p.hypercall("set_trap_table", "trap_table")
+    a.ret()
+
+    # The bounce frame: rcx, r11, [error code], rip, ... Restore rcx and r11, then push
+    # what the ring-0 stubs push, so one report serves both models.
+    for vector in range(32):
+        a.label(f"exception_{vector}")
+        a.pop(rcx)
+        a.pop(r11)
+        if vector not in ERROR_CODE_VECTORS:
+            a.push(0)
+        a.push(vector)
+        a.jmp("exception_common")
+    _emit_exception_report(p, who)
+
+
+def _emit_idt(p: PVProgram, who: str) -> None:
+    """A ring-0 kernel's own IDT: idt_init (also traps_init), idt_set_gate."""
     a = p.a
     a.section(".data")
     a.align(16)
@@ -82,21 +151,9 @@ def emit_traps(p: PVProgram, who: str = "trapless PV kernel") -> None:
         a.push(vector)
         a.jmp("exception_common")
     # stack: vector, error code, rip, cs, rflags, rsp, ss
-    a.label("exception_common")
-    a.mov(rbx, rsp)
-    p.print(f"\n{who}: exception ")
-    a.mov(rdi, qword[rbx])
-    a.call("print_dec")
-    p.print(" error ")
-    a.mov(rdi, qword[rbx + 8])
-    a.call("print_hex")
-    p.print(" at rip ")
-    a.mov(rdi, qword[rbx + 16])
-    a.call("print_hex")
-    p.print("\n")
-    a.mov(edi, C.SHUTDOWN_crash)
-    a.call("shutdown")
+    _emit_exception_report(p, who)
 
+    a.label("traps_init")
     a.label("idt_init")
     a.push(rbx)
     a.xor(ebx, ebx)
@@ -110,6 +167,7 @@ def emit_traps(p: PVProgram, who: str = "trapless PV kernel") -> None:
     a.jne("idt_init.loop")
     a.pop(rbx)
     a.lidt(ptr["idtr"])
+    a.xor(eax, eax)
     a.ret()
 
     a.section(".rodata")
@@ -153,10 +211,19 @@ def emit_events(p: PVProgram) -> None:
     a.dw(C.DOMID_SELF, 0)
     a.dd(C.XENMAPSPACE_shared_info)
     a.dq(0, 0)
-    a.label("callback_param")           # struct xen_hvm_param
-    a.dw(C.DOMID_SELF, 0)
-    a.dd(C.HVM_PARAM_CALLBACK_IRQ)
-    a.dq((C.HVM_PARAM_CALLBACK_TYPE_VECTOR << C.HVM_PARAM_CALLBACK_TYPE_SHIFT) | UPCALL_VECTOR)
+    if p.xen_pv:
+        for kind, handler in ((C.CALLBACKTYPE_event, "upcall_entry"),
+                              (C.CALLBACKTYPE_failsafe, "failsafe_entry")):
+            a.label(f"callback_{kind}")     # struct callback_register
+            a.dw(kind, 0)                   # the event callback always masks events
+            a.dd(0)
+            a.dq(handler)
+    else:
+        a.label("callback_param")           # struct xen_hvm_param
+        a.dw(C.DOMID_SELF, 0)
+        a.dd(C.HVM_PARAM_CALLBACK_IRQ)
+        a.dq((C.HVM_PARAM_CALLBACK_TYPE_VECTOR << C.HVM_PARAM_CALLBACK_TYPE_SHIFT)
+             | UPCALL_VECTOR)
     a.label("bind_virq_arg")            # struct evtchn_bind_virq
     a.dd(0, 0, 0)
     a.section(".bss")
@@ -173,12 +240,19 @@ def emit_events(p: PVProgram) -> None:
     p.hypercall("memory_op", C.XENMEM_add_to_physmap, "xatp")
     a.test(rax, rax)
     a.jne("events_init.out")
-    p.hypercall("hvm_op", C.HVMOP_set_param, "callback_param")
-    a.test(rax, rax)
-    a.jne("events_init.out")
-    a.mov(edi, UPCALL_VECTOR)
-    a.lea(rsi, ptr["upcall_entry"])
-    a.call("idt_set_gate")
+    emit_mask_console_port(p)
+    if p.xen_pv:
+        for kind in (C.CALLBACKTYPE_event, C.CALLBACKTYPE_failsafe):
+            p.hypercall("callback_op", C.CALLBACKOP_register, f"callback_{kind}")
+            a.test(rax, rax)
+            a.jne("events_init.out")
+    else:
+        p.hypercall("hvm_op", C.HVMOP_set_param, "callback_param")
+        a.test(rax, rax)
+        a.jne("events_init.out")
+        a.mov(edi, UPCALL_VECTOR)
+        a.lea(rsi, ptr["upcall_entry"])
+        a.call("idt_set_gate")
     a.xor(eax, eax)
     a.label("events_init.out")
     a.ret()
@@ -194,14 +268,32 @@ def emit_events(p: PVProgram) -> None:
     a.label("bind_virq.out")
     a.ret()
 
-    # The upcall: an interrupt gate, so interrupts stay off until iretq.
     a.label("upcall_entry")
-    for reg in CALLER_SAVED:
-        a.push(reg)
-    a.call("evtchn_do_upcall")
-    for reg in reversed(CALLER_SAVED):
-        a.pop(reg)
-    a.iretq()
+    if p.xen_pv:
+        # Xen's bounce frame, with the upcall mask set: take rcx and r11 back, and leave
+        # through the iret hypercall, which unmasks again from the frame's IF.
+        a.pop(rcx)
+        a.pop(r11)
+        for reg in CALLER_SAVED:
+            a.push(reg)
+        a.call("evtchn_do_upcall")
+        for reg in reversed(CALLER_SAVED):
+            a.pop(reg)
+        emit_iret(p)
+        # The failsafe callback: Xen could not load a segment register of ours on the
+        # way back to us. We load none, so it means something is badly wrong.
+        a.label("failsafe_entry")
+        p.print("\ntrapless PV kernel: failsafe callback\n")
+        a.mov(edi, C.SHUTDOWN_crash)
+        a.call("shutdown")
+    else:
+        # An interrupt gate, so interrupts stay off until iretq.
+        for reg in CALLER_SAVED:
+            a.push(reg)
+        a.call("evtchn_do_upcall")
+        for reg in reversed(CALLER_SAVED):
+            a.pop(reg)
+        a.iretq()
 
     # The 2-level scan: selector word by word, pending & ~mask bit by bit.
     a.label("evtchn_do_upcall")
@@ -253,6 +345,53 @@ def emit_events(p: PVProgram) -> None:
     a.pop(r12)
     a.pop(rbx)
     a.ret()
+
+
+def emit_mask_console_port(p: PVProgram, shared_info: str = "shared_info") -> None:
+    """Inline, once shared_info is placed: mask the console ring's port. print writes
+    the ring and waits for nothing, so the backend's "there is room again"
+    notifications need not cost an upcall each. Clobbers rax, rcx, rdx, rsi."""
+    a = p.a
+    if not p.console_ring:
+        return
+    done = f"mask_console.{next(_block_ids)}"
+    a.mov(rax, qword["start_info_ptr"])
+    a.cmp(qword[rax + offsetof("start_info", "console_mfn")], 0)
+    a.je(done)
+    a.mov(eax, dword[rax + offsetof("start_info", "console_evtchn")])
+    a.mov(ecx, eax)
+    a.and_(ecx, 63)
+    a.mov(edx, 1)
+    a.shl(rdx, cl)                              # the port's bit in its mask word
+    a.shr(eax, 6)
+    a.lea(rsi, ptr[shared_info])
+    a.lock()
+    a.or_(qword[rsi + rax * 8 + EVTCHN_MASK], rdx)
+    a.label(done)
+
+
+def emit_iret(p: PVProgram) -> None:
+    """Return from the iret frame at rsp (rip, cs, rflags, rsp, ss) through Xen's iret
+    hypercall: push its flags word (0: restore rcx and r11 too) and jump to stub 23,
+    which pushes rcx, r11 and rax, as Linux and XTF return."""
+    p.a.push(0)
+    p.a.jmp("hypercall_iret")
+
+
+def emit_events_on(p: PVProgram) -> None:
+    """Let upcalls in. Xen's model: clear the upcall mask (sti would be #GP in ring 3),
+    and if an event came while masked, make a hypercall so that Xen delivers it on the
+    way back, as Linux's xen_irq_enable does. Ring 0: sti. Clobbers rax, rdi, rsi."""
+    a = p.a
+    if not p.xen_pv:
+        a.sti()
+        return
+    done = f"events_on.{next(_block_ids)}"
+    a.mov(byte[rip + "shared_info" + UPCALL_MASK], 0)
+    a.cmp(byte[rip + "shared_info" + UPCALL_PENDING], 0)
+    a.je(done)
+    p.hypercall("xen_version", C.XENVER_version, 0)
+    a.label(done)
 
 
 def emit_block_until(p: PVProgram, check, done: str) -> None:

@@ -12,26 +12,33 @@ guest code keeps its state in rbx, rbp, r12-r15.
 """
 from __future__ import annotations
 
-from abi import C, HYPERCALL_NAMES
+from abi import C, HYPERCALL_NAMES, offsetof
 
-from .asm import (Assembler, byte, cl, dl, dword, ecx, edi, edx, esi, ptr, qword, r8, r10, rax,
-                  rcx, rdi, rdx, rsi, rsp)
+from .asm import (Assembler, byte, cl, dl, dword, eax, ecx, edi, edx, esi, ptr, qword, r8, r9,
+                  r10, rax, rcx, rdi, rdx, rsi, rsp)
 from .elf import build_elf
 
 LOAD_ADDRESS = 0x100000          # where trapless PV kernels are linked (VIRT_BASE 0)
 STACK_SIZE = 16384
 ARG_REGS = (rdi, rsi, rdx, r10, r8)  # Xen's x86-64 hypercall argument registers
+OUT = offsetof("xencons_interface", "out")
+OUT_CONS = offsetof("xencons_interface", "out_cons")
+OUT_PROD = offsetof("xencons_interface", "out_prod")
 
 
 class PVProgram:
     """An Assembler plus the PV runtime. Emit code after `entry`, then call image()."""
 
     def __init__(self, guest_os: str = "trapless-pv", base: int = LOAD_ADDRESS,
-                 xen_pv: bool = False):
-        """xen_pv: a kernel for Xen's PV CPU model (ring 3, trap table, callbacks);
-        otherwise it declares it needs a ring-0 kernel (supervisor_mode_kernel)."""
+                 xen_pv: bool = True, console_ring: bool = True):
+        """xen_pv: a kernel for Xen's PV CPU model (ring 3, trap table, callbacks), as
+        every Xen PV guest is; False: it declares that it needs a ring-0 kernel
+        (supervisor_mode_kernel) and gets trapless's ring-0 PV model.
+        console_ring: print through the console ring start_info names, if there is one;
+        False: through console_io only (a guest with no PV start_info, e.g. PVH)."""
         self.guest_os = guest_os
         self.xen_pv = xen_pv
+        self.console_ring = console_ring
         self.a = a = Assembler(base=base)
         self._strings: dict[str, str] = {}
         a.section(".text")
@@ -119,13 +126,71 @@ class PVProgram:
 
     # The two routines that reach the platform; a native kernel overrides them.
     def _emit_print(self) -> None:
-        """print(rdi = buffer, rsi = length): CONSOLEIO_write."""
+        """print(rdi = buffer, rsi = length): through the PV console ring that
+        start_info.console.domU names, as a Xen domU's hvc console writes; a domain
+        without one (frame 0, as for dom0) writes with CONSOLEIO_write, Xen's own
+        debug console. The ring's frame is also its address: trapless's kernels are
+        linked with VIRT_BASE 0, so virtual = pseudo-physical = machine."""
         a = self.a
         a.label("print")
+        if not self.console_ring:
+            a.mov(rdx, rdi)
+            a.mov(edi, C.CONSOLEIO_write)
+            a.jmp("hypercall_console_io")
+            return
+        a.mov(rax, qword["start_info_ptr"])
+        a.mov(r8, qword[rax + offsetof("start_info", "console_mfn")])
+        a.test(r8, r8)
+        a.jne("print.ring")
         a.mov(rdx, rdi)
-        a.mov(rdi, C.CONSOLEIO_write)
+        a.mov(edi, C.CONSOLEIO_write)
         a.call("hypercall_console_io")
         a.ret()
+        # r8 = the ring, r9 = end of the text; produce into out, notifying the backend
+        # (trapless, as xenconsoled) whenever the ring is full and once at the end
+        a.label("print.ring")
+        a.shl(r8, 12)
+        a.mov(eax, dword[rax + offsetof("start_info", "console_evtchn")])
+        a.mov(dword["console_send_port"], eax)
+        a.lea(r9, qword[rdi + rsi])
+        a.label("print.ring.next")
+        a.cmp(rdi, r9)
+        a.jae("print.ring.send")
+        a.mov(eax, dword[r8 + OUT_PROD])
+        a.mov(edx, eax)
+        a.sub(edx, dword[r8 + OUT_CONS])
+        a.cmp(edx, C.XENCONS_OUT_SIZE)
+        a.jb("print.ring.room")
+        a.call("print.ring.notify")         # full: the backend drains it, then go on
+        a.jmp("print.ring.next")
+        a.label("print.ring.room")
+        a.mov(edx, eax)
+        a.and_(edx, C.XENCONS_OUT_SIZE - 1)
+        a.mov(cl, byte[rdi])
+        a.mov(byte[r8 + rdx + OUT], cl)
+        a.inc(eax)
+        a.mov(dword[r8 + OUT_PROD], eax)    # x86 keeps stores in order: data, then index
+        a.inc(rdi)
+        a.jmp("print.ring.next")
+        a.label("print.ring.send")
+        a.call("print.ring.notify")
+        a.ret()
+        a.label("print.ring.notify")        # EVTCHNOP_send; keeps rdi, r8, r9
+        a.push(rdi)
+        a.push(r8)
+        a.push(r9)
+        a.mov(edi, C.EVTCHNOP_send)
+        a.lea(rsi, ptr["console_send_port"])
+        a.call("hypercall_event_channel_op")
+        a.pop(r9)
+        a.pop(r8)
+        a.pop(rdi)
+        a.ret()
+        a.section(".data")
+        a.align(4)
+        a.label("console_send_port")        # struct evtchn_send
+        a.dd(0)
+        a.section(".text")
 
     def _emit_shutdown(self) -> None:
         """shutdown(rdi = reason): SCHEDOP_shutdown, never returns."""

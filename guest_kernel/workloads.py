@@ -15,8 +15,9 @@ UNCLAIMED_PORT = 0x80  # the POST-code port: no device model claims it
 
 
 def hypercall_loop(iterations: int, xen_pv: bool = False) -> bytes:
-    """xen_version(XENVER_version) `iterations` times (xen_pv: under Xen's PV CPU model,
-    through Xen's syscall stub, instead of the ring-0 `in` stub)."""
+    """xen_version(XENVER_version) `iterations` times: by default as a ring-0 kernel
+    through the `in` stub, to set beside bare_exit_loop (which only ring 0 may run);
+    xen_pv: under Xen's PV CPU model, through Xen's syscall stub."""
     p = PVProgram(guest_os="trapless-bench-hypercall", xen_pv=xen_pv)
     a = p.a
     a.mov(r12, iterations)
@@ -50,7 +51,8 @@ def bare_exit_loop(iterations: int) -> bytes:
     hypercall loop calls its stub on the hypercall page, so both guests touch the same
     pages between exits and differ only in what the VMM does with the exit.
     """
-    p = PVProgram(guest_os="trapless-bench-bare-exit")
+    # port I/O is #GP for a kernel in ring 3: this one requires ring 0
+    p = PVProgram(guest_os="trapless-bench-bare-exit", xen_pv=False)
     a = p.a
     a.mov(r12, iterations)
     a.label("loop")
@@ -76,7 +78,7 @@ def _measuring_program(name: str, samples: int) -> PVProgram:
     """A PV program with traps, events and the PV clock set up, and a `samples` array."""
     from .pvlib import emit_events, emit_pvclock, emit_traps
     p = PVProgram(guest_os=f"trapless-bench-{name}")
-    p.a.call("idt_init")
+    p.a.call("traps_init")
     p.a.call("events_init")
     p.a.section(".bss")
     p.a.align(8)
@@ -113,14 +115,14 @@ def _record_since_mark(p: PVProgram) -> None:
 
 def timer_lateness(samples: int, delay_ns: int = 1_000_000) -> bytes:
     """`samples` one-shot timers, each `delay_ns` ahead; samples[i] = delivery - deadline."""
-    from .pvlib import UPCALL_MASK, emit_block_until, set_port_handler
+    from .pvlib import UPCALL_MASK, emit_block_until, emit_events_on, set_port_handler
     p = _measuring_program("timer-lateness", samples)
     a = p.a
     a.mov(edi, C.VIRQ_TIMER)
     a.call("bind_virq")
     a.mov(rbx, rax)
     set_port_handler(p, rbx, "on_timer")
-    a.sti()
+    emit_events_on(p)
     a.mov(r12, samples)
     a.label("next")
     a.mov(byte[rip + "shared_info" + UPCALL_MASK], 1)   # the timer may fire at once
@@ -147,15 +149,14 @@ def timer_lateness(samples: int, delay_ns: int = 1_000_000) -> bytes:
 
 def upcall_latency(samples: int) -> bytes:
     """EVTCHNOP_send on an IPI port to self; samples[i] = handler entry - just before send."""
-    from .pvlib import set_port_handler, UPCALL_MASK
+    from .pvlib import emit_events_on, set_port_handler
     p = _measuring_program("upcall-latency", samples)
     a = p.a
     p.hypercall("event_channel_op", C.EVTCHNOP_bind_ipi, "ipi_arg")
     a.mov(ebx, dword[rip + "ipi_arg" + offsetof("evtchn_bind_ipi", "port")])
     a.mov(dword[rip + "send_arg" + offsetof("evtchn_send", "port")], ebx)
     set_port_handler(p, rbx, "on_ipi")
-    a.mov(byte[rip + "shared_info" + UPCALL_MASK], 0)
-    a.sti()
+    emit_events_on(p)
     a.mov(r12, samples)
     a.label("next")
     a.call("pvclock_read")

@@ -13,6 +13,7 @@ from abi import C, offsetof
 
 from .asm import byte, dword, eax, ecx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
 from .conformance import ConformanceGuest, GuestImage
+from .pvlib import emit_mask_console_port
 
 # Offsets inside shared_info of vCPU 0's vcpu_info.
 UPCALL_PENDING = offsetof("vcpu_info", "evtchn_upcall_pending")
@@ -51,6 +52,7 @@ class XenPVGuest(ConformanceGuest):
         a.shr(rax, 12)
         a.mov(qword[rip_("xatp", offsetof("xen_add_to_physmap", "gpfn"))], rax)
         self.call("map_shared_info", "memory_op", C.XENMEM_add_to_physmap, xatp)
+        emit_mask_console_port(self)
 
     def trap_table(self, case: str, entries: list[tuple[int, int, str | int]]) -> None:
         """set_trap_table with (vector, flags, handler label or address) entries;

@@ -42,7 +42,7 @@ def run(run_guest, image, **kw):
 def exception_guest():
     """Fault on purpose, case by case; a handler per vector logs vector, error code,
     cr2 and the rip the CPU pushed, then resumes after the case."""
-    g = ConformanceGuest("exceptions", events=True)
+    g = ConformanceGuest("exceptions", events=True, xen_pv=False)
     a = g.a
     for vector in (0, 6, 13, 14):
         a.mov(edi, vector)
@@ -146,7 +146,7 @@ def test_exceptions_reach_the_idt_with_vector_error_cr2_and_rip(run_guest):
 
 
 def test_soft_interrupts_push_the_next_rip(run_guest, engine):
-    g = ConformanceGuest("soft", events=True)
+    g = ConformanceGuest("soft", events=True, xen_pv=False)
     a = g.a
     for vector in (3, 0x80):
         a.mov(edi, vector)
@@ -187,7 +187,7 @@ def test_soft_interrupts_push_the_next_rip(run_guest, engine):
 
 def tick_spinner(ticks: int):
     """Take `ticks` timer upcalls while spinning on a counter: no exit of its own."""
-    g = ConformanceGuest("spinner", events=True)
+    g = ConformanceGuest("spinner", events=True, xen_pv=False)
     a = g.a
     a.mov(edi, C.VIRQ_TIMER)
     a.call("bind_virq")
@@ -237,7 +237,7 @@ def test_a_guest_spinning_without_exits_still_gets_its_timer(run_guest, engine):
 def window_guest():
     """With interrupts off, make an upcall pending; then turn them on with sti, popfq
     and iretq: the handler must have run by the next instruction but one."""
-    g = ConformanceGuest("window", events=True)
+    g = ConformanceGuest("window", events=True, xen_pv=False)
     a = g.a
     g.call("bind_ipi", "event_channel_op", C.EVTCHNOP_bind_ipi,
            g.struct("bi", "evtchn_bind_ipi", vcpu=0))
@@ -302,7 +302,7 @@ def test_a_pending_upcall_arrives_when_sti_popf_or_iretq_turn_interrupts_on(run_
 
 
 def test_hlt_with_interrupts_off_is_a_guest_fault(run_guest, engine):
-    g = ConformanceGuest("hlt")
+    g = ConformanceGuest("hlt", xen_pv=False)
     g.a.cli()
     g.a.label("the_hlt")
     g.a.hlt()
@@ -322,7 +322,7 @@ LOOPS = 10
 def trap_guest(sensitive: bool):
     """A loop that, if `sensitive`, does 3 port writes and cli, sti, a cr3 reload and an
     invlpg per round; otherwise the same loop without them."""
-    g = ConformanceGuest("traps")
+    g = ConformanceGuest("traps", xen_pv=False)
     a = g.a
     a.mov(rbx, LOOPS)
     a.label("round")

@@ -27,8 +27,9 @@ def ring_program() -> PVProgram:
     r13 = its port, and the frontend's routines:
       ring_write(rdi = buffer, rsi = length): produce into out, sending whenever the
         ring is full and once at the end;
-      ring_send(): EVTCHNOP_send on the console port."""
-    p = PVProgram()
+      ring_send(): EVTCHNOP_send on the console port.
+    Its print() is console_io: these tests drive the ring themselves."""
+    p = PVProgram(console_ring=False)
     a = p.a
     a.mov(rax, qword["start_info_ptr"])
     a.mov(r12, qword[rax + SI_MFN])

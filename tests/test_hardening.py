@@ -33,8 +33,10 @@ def spinning_guest() -> bytes:
 
 
 def blocked_guest() -> bytes:
-    """Blocks with nothing that could ever wake it."""
-    p = PVProgram(guest_os="block")
+    """Blocks with nothing that could ever wake it. It prints through console_io: the
+    console ring's notification would leave an event pending, and SCHEDOP_block
+    returns at once while one is."""
+    p = PVProgram(guest_os="block", console_ring=False)
     p.print("blocking\n")
     p.a.label("again")
     p.hypercall("sched_op", C.SCHEDOP_block, 0)

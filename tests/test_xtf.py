@@ -21,7 +21,7 @@ BANNER = "--- Xen Test Framework ---\nEnvironment: PV 64bit (Long mode 4 levels)
 
 def printing_guest(text: str, reason: int = C.SHUTDOWN_poweroff) -> bytes:
     """Prints text through console_io, then shuts down with reason."""
-    p = PVProgram(guest_os="XTF-alike")
+    p = PVProgram(guest_os="XTF-alike", console_ring=False)
     p.print(text)
     p.a.mov(eax, reason)
     p.a.ret()
@@ -32,7 +32,7 @@ def crashing_guest() -> tuple[bytes, int]:
     """Prints nothing and executes ud2 with no handler: the guest faults. Returns the
     image and the ud2's address."""
     def program() -> PVProgram:
-        p = PVProgram(guest_os="XTF-alike")
+        p = PVProgram(guest_os="XTF-alike", xen_pv=False)   # no IDT in ring 0: a triple fault
         p.a.label("boom")
         p.a.ud2()
         return p

@@ -23,8 +23,24 @@ PTE_P, PTE_RW, PTE_US, PTE_PWT, PTE_PCD, PTE_A, PTE_D, PTE_PS, PTE_G = (
 PTE_NX = 1 << 63
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 FORCED = PTE_A | PTE_D              # what the hypervisor adds to every present entry
+XEN_KERNEL_PAGE = 1 << 52           # Xen's _PAGE_GUEST_KERNEL, in an L1 entry's high bits
 MAX_BATCH = 512
 UNTOUCHED = 0xAAAAAAAA              # the success count before a call writes it
+
+
+def stored(level: int, value: int) -> int:
+    """What a present entry the guest wrote into a table of `level` reads back as: with
+    accessed and dirty set, and, as the guests run under Xen's PV CPU model (a kernel
+    in ring 3), with user access added where the guest left it out; an L1 entry so
+    changed also gets Xen's kernel-page mark (Xen's adjust_guest_l1e / _l2e...).
+    level 0: a pool frame not in use as a table (nothing is checked or added yet but
+    accessed and dirty)."""
+    if not value & PTE_P:
+        return value
+    value |= FORCED
+    if level and not value & PTE_US:
+        value |= PTE_US | (XEN_KERNEL_PAGE if level == 1 else 0)
+    return value
 
 
 def l2_slot_va(slot: int) -> int:

@@ -150,7 +150,7 @@ def test_set_ldt(run_cases, engine):
 
 
 def test_ring0_kernels_have_no_set_gdt(run_cases):
-    g = ConformanceGuest("set_gdt_ring0")
+    g = ConformanceGuest("set_gdt_ring0", xen_pv=False)
     g.call("set_gdt", "set_gdt", 0, 0)
     run = run_cases(g.finish())
     assert run["set_gdt"] == ENOSYS

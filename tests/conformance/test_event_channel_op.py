@@ -129,8 +129,8 @@ def ipi_guest(name: str, sends: int, masked: bool, unmask_later: bool = False) -
     g.call("bind_ipi", OP, C.EVTCHNOP_bind_ipi, g.struct("bi", "evtchn_bind_ipi", vcpu=0))
     a.mov(rbx, 1)                                   # the IPI is port 1
     set_port_handler(g, rbx, "on_ipi")
+    g.events_on()
     a.mov(byte[rip + "shared_info" + UPCALL_MASK], 1 if masked else 0)
-    a.sti()
     a.mov(rbx, sends)
     a.label("send_loop")
     g.hypercall(OP, C.EVTCHNOP_send, g.struct("send_arg", "evtchn_send", port=1))

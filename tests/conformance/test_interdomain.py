@@ -52,7 +52,7 @@ def receiver(peer: int) -> bytes:
     set_port_handler(g, rbx, "on_event")
     g.a.mov(eax, dword[rip + "bi" + offsetof("evtchn_bind_interdomain", "local_port")])
     g.report("local_port")
-    g.a.sti()
+    g.events_on()
     g.call("block", "sched_op", C.SCHEDOP_block, 0)
     g.a.mov(rax, qword["events_seen"])
     g.report("events_seen")

@@ -13,7 +13,7 @@ from guest_kernel.conformance import MAPPED_END, NON_CANONICAL, NULL, UNMAPPED
 
 from mm_guest import (FIRST_FREE_SLOT, FORCED, PAGE, PTE_G, PTE_NX, PTE_P, PTE_PCD, PTE_PS,
                       PTE_PWT, PTE_RW, UNTOUCHED, Layout, MMGuest, audit, guest_ram, l2_slot_va,
-                      rip_plus, u64)
+                      rip_plus, stored, u64)
 
 EBUSY, EFAULT, EINVAL, EPERM, ESRCH = (-C.XEN_EBUSY, -C.XEN_EFAULT, -C.XEN_EINVAL,
                                       -C.XEN_EPERM, -C.XEN_ESRCH)
@@ -167,13 +167,13 @@ def test_mmu_update_validates_every_entry(run_cases):
     pte = {case: u64(data) for case, data in run.dumps.items()}
 
     assert (run["unused_write"], run["unused_write.done"]) == (0, 1)
-    assert pte["unused_write"] == FREE | PRW | FORCED
+    assert pte["unused_write"] == stored(0, FREE | PRW)
     assert run["bad_entry_in_unused"] == 0
-    assert (run["link"], pte["link"]) == (0, lay.spare(SPARE_L1) | PRW | FORCED)
+    assert (run["link"], pte["link"]) == (0, stored(2, lay.spare(SPARE_L1) | PRW))
     assert run["through_mapping"] == 0
     assert run["release_for_unpopulated"] == 1 and run["repopulate"] == 1
 
-    values = {"pool_ro": lay.l4 | PTE_P | FORCED}
+    values = {"pool_ro": stored(1, lay.l4 | PTE_P)}
     for case, val, expected in L1_CASES:
         assert run[case] == expected, case
         assert run[f"{case}.done"] == (1 if expected == 0 else 0), case
@@ -182,7 +182,7 @@ def test_mmu_update_validates_every_entry(run_cases):
         elif case in values:
             assert pte[case] == values[case], case
         elif val & PTE_P:
-            assert pte[case] == val | FORCED, case
+            assert pte[case] == stored(1, val), case
         else:
             assert pte[case] == val, case
 
@@ -191,9 +191,9 @@ def test_mmu_update_validates_every_entry(run_cases):
 
     for case, val, expected in L2_CASES:
         assert run[case] == expected, case
-        assert pte[case] == (0 if expected else lay.spare(SPARE_L1) | PTE_P | FORCED), case
+        assert pte[case] == (0 if expected else stored(2, lay.spare(SPARE_L1) | PTE_P)), case
     assert run["l3_link_new_l2"] == 0
-    assert pte["l3_link_new_l2"] == lay.spare(SPARE_L3_CHILD) | PRW | FORCED
+    assert pte["l3_link_new_l2"] == stored(3, lay.spare(SPARE_L3_CHILD) | PRW)
     assert run["l3_unlink"] == 0
     assert run["l3_to_l1_in_use"] == EINVAL
     assert (run["l4_link_new_l3"], run["l4_unlink"]) == (0, 0)
@@ -201,7 +201,7 @@ def test_mmu_update_validates_every_entry(run_cases):
     assert run["l4_pwt"] == EINVAL
     assert pte["l4_after"] == 0
 
-    assert run["preserve_ad"] == 0 and pte["preserve_ad"] == FREE2 | PTE_P | FORCED
+    assert run["preserve_ad"] == 0 and pte["preserve_ad"] == stored(1, FREE2 | PTE_P)
     assert run["no_translate"] == 0 and pte["no_translate"] == 0
     assert run["machphys_identity"] == 0
     assert run["machphys_other"] == EINVAL and run["machphys_beyond_ram"] == EINVAL
@@ -216,9 +216,9 @@ def test_mmu_update_validates_every_entry(run_cases):
     assert (run["count_zero"], run["count_zero.done"]) == (0, 0)
     assert run["done_null"] == 0 and run["done_in_page_table"] == 0
     assert (run["straddles_end"], run["straddles_end.done"]) == (EFAULT, 1)
-    assert pte["straddles_end"] == FREE | PTE_P | FORCED
+    assert pte["straddles_end"] == stored(0, FREE | PTE_P)      # before the table is in use
     assert (run["middle_fails"], run["middle_fails.done"]) == (EBUSY, 1)
-    assert [pte[f"middle_fails.{i}"] for i in range(3)] == [FREE2 | PRW | FORCED, 0, 0]
+    assert [pte[f"middle_fails.{i}"] for i in range(3)] == [stored(1, FREE2 | PRW), 0, 0]
 
     assert run["decrease_mapped"] == 0
     assert (run["unlink"], run["flush"]) == (0, 0)
@@ -250,8 +250,8 @@ def test_a_512_entry_batch_maps_a_whole_table(run_cases):
     assert (run["batch512"], run["batch512.done"]) == (0, 512)
     assert run["link"] == 0
     assert run["read_back"] == 0
-    assert u64(run.dumps["first"]) == FREE | PRW | FORCED
-    assert u64(run.dumps["last"]) == (FREE + 511 * PAGE) | PRW | FORCED
+    assert u64(run.dumps["first"]) == stored(1, FREE | PRW)
+    assert u64(run.dumps["last"]) == stored(1, (FREE + 511 * PAGE) | PRW)
     # The guest wrote where the entries said: guest-physical FREE + i pages.
     ram = guest_ram(run.domain)
     assert [u64(ram[FREE + i * PAGE:]) for i in range(512)] == [0x5000 + i for i in range(512)]

@@ -7,7 +7,7 @@ from abi import C
 from guest_kernel.asm import cr3, dword, ptr, qword, r12, rax
 from guest_kernel.conformance import NON_CANONICAL, NULL
 
-from mm_guest import (FIRST_FREE_SLOT, PAGE, PTE_A, PTE_P, PTE_RW, UNTOUCHED, Layout, MMGuest,
+from mm_guest import (FIRST_FREE_SLOT, PAGE, PTE_A, PTE_P, PTE_RW, PTE_US, UNTOUCHED, Layout, MMGuest,
                       audit, l2_slot_va, u64)
 
 EACCES, EBUSY, EFAULT, EINVAL, ENOSYS, EOPNOTSUPP, ESRCH = (
@@ -210,12 +210,15 @@ def test_flushes_and_other_commands(run_cases):
     assert run["remap.read"] == 0x12        # the second page's frame, through the first page
     assert run["flush_cache"] == EACCES
     assert run["mark_super"] == EOPNOTSUPP and run["unmark_super"] == EOPNOTSUPP
-    for case in ("set_ldt", "new_user_baseptr", "cmd14", "cmd18", "cmd21", "cmd4294967295"):
+    # a kernel under Xen's PV model has a user L4: frame 0 clears it, as in Xen
+    assert (run["new_user_baseptr"], run["new_user_baseptr.done"]) == (0, 1)
+    for case in ("set_ldt", "cmd14", "cmd18", "cmd21", "cmd4294967295"):
         assert (run[case], run[f"{case}.done"]) == (ENOSYS, 0), case
     assert run["clear_page"] == 0 and run.dumps["clear_page"] == bytes(16)
     assert run["clear_page_table"] == EINVAL and run["clear_beyond_ram"] == EINVAL
     assert run["copy_page"] == 0
-    assert u64(run.dumps["copy_page"]) == lay.l3 | PRW | PTE_A   # the bootstrap L4[0]
+    # the bootstrap L4[0], user-accessible as Xen makes every entry of a ring-3 kernel's
+    assert u64(run.dumps["copy_page"]) == lay.l3 | PRW | PTE_US | PTE_A
     assert run["copy_into_page_table"] == EINVAL and run["copy_from_beyond_ram"] == EINVAL
     assert (run["list_middle_fails"], run["list_middle_fails.done"]) == (EINVAL, 1)
     assert (run["list_first_only"], run["list_first_only.done"]) == (0, 1)

@@ -103,7 +103,7 @@ def test_set_callbacks_and_stack_switch(run_cases):
 
 def test_ring0_kernels_do_not_have_them(run_cases):
     """A kernel that requires supervisor_mode_kernel owns its IDT: no trap table."""
-    g = ConformanceGuest("pv_traps_ring0")
+    g = ConformanceGuest("pv_traps_ring0", xen_pv=False)
     g.call("set_trap_table", "set_trap_table", NULL)
     g.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, 0x3000)
     g.call("set_callbacks", "set_callbacks", 0, 0, 0)

@@ -3,9 +3,9 @@ import struct
 
 from abi import C, offsetof
 
-from guest_kernel.asm import edi, ptr, qword, r12, r13, rax, rbx, rdi, rip, rsi
+from guest_kernel.asm import byte, edi, ptr, qword, r12, r13, rax, rbx, rdi, rip, rsi
 from guest_kernel.conformance import NULL, UNMAPPED, ConformanceGuest
-from guest_kernel.pvlib import set_port_handler
+from guest_kernel.pvlib import UPCALL_MASK, set_port_handler
 
 EFAULT, EINVAL, ENOENT, ETIME, ENOSYS, EEXIST = (
     -C.XEN_EFAULT, -C.XEN_EINVAL, -C.XEN_ENOENT, -C.XEN_ETIME, -C.XEN_ENOSYS, -C.XEN_EEXIST)
@@ -21,7 +21,7 @@ def timer_guest(name: str) -> ConformanceGuest:
     g.report("bind_timer")
     a.mov(rbx, rax)
     set_port_handler(g, rbx, "on_timer")
-    a.sti()
+    g.events_on()
     a.jmp("after_on_timer")
     a.label("on_timer")
     a.inc(qword["timer_count"])
@@ -38,6 +38,14 @@ def timer_guest(name: str) -> ConformanceGuest:
     return g
 
 
+def mask_until_block(g: ConformanceGuest) -> None:
+    """Xen's rule for waiting: mask upcalls, arm the timer, then SCHEDOP_block, which
+    unmasks and returns at once if the event is already pending. Unmasked, a timer that
+    fires before the block (long past, or a loaded host) is delivered on the way back
+    from whatever hypercall comes first, and the block then sleeps for good."""
+    g.a.mov(byte[rip + "shared_info" + UPCALL_MASK], 1)
+
+
 def at_now_plus(g: ConformanceGuest, label: str, ns: int, offset: int = 0) -> None:
     """The qword at label + offset = PV-clock now + ns."""
     g.a.call("pvclock_read")
@@ -50,6 +58,7 @@ def test_one_shot_timer_wakes_a_blocked_vcpu(run_cases):
     a = g.a
     g.struct("deadline", "vcpu_set_periodic_timer")     # a spare qword
     at_now_plus(g, "deadline", 5 * MS)
+    mask_until_block(g)
     a.mov(rdi, qword["deadline"])
     g.call("set_timer_op", "set_timer_op", rdi)
     g.call("block", "sched_op", C.SCHEDOP_block, 0)
@@ -79,6 +88,7 @@ def test_cancelled_and_past_timers(run_cases):
     g.call("poll_20ms", "sched_op", C.SCHEDOP_poll, "poll")
     a.mov(rax, qword["timer_count"])
     g.report("fired_after_cancel")
+    mask_until_block(g)
     g.call("past", "set_timer_op", 1)               # long past: fires at once
     g.call("block_past", "sched_op", C.SCHEDOP_block, 0)
     a.mov(rax, qword["timer_count"])
@@ -102,6 +112,7 @@ def test_vcpu_op_timers(run_cases):
     g.call("singleshot_other_vcpu", "vcpu_op", C.VCPUOP_set_singleshot_timer, 1, "sshot")
     g.call("singleshot_null", "vcpu_op", C.VCPUOP_set_singleshot_timer, 0, NULL)
     at_now_plus(g, "sshot", 3 * MS)
+    mask_until_block(g)
     g.call("singleshot", "vcpu_op", C.VCPUOP_set_singleshot_timer, 0, "sshot")
     g.call("block_singleshot", "sched_op", C.SCHEDOP_block, 0)
     a.mov(rax, qword["timer_count"])

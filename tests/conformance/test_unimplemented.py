@@ -21,7 +21,10 @@ def test_the_implemented_set_is_what_trapless_documents():
 
 def test_unimplemented_hypercalls_are_enosys(run_cases):
     g = ConformanceGuest("unimplemented")
-    numbers = [n for n in range(C.TRAPLESS_HYPERCALL_PAGE_STUBS) if n not in IMPLEMENTED]
+    # 23 is Xen's iret for a kernel under Xen's PV model: it returns through the frame
+    # on the stack, never to its caller (tests/test_pv_cpu.py)
+    numbers = [n for n in range(C.TRAPLESS_HYPERCALL_PAGE_STUBS)
+               if n not in IMPLEMENTED and n != C.__HYPERVISOR_iret]
     for n in numbers:
         g.call(f"nr{n}", n, 0, 0, 0, 0, 0)
     run = run_cases(g.finish())
