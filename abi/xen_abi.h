@@ -557,6 +557,16 @@ struct xen_hvm_param {
     uint64_t value;
 };
 
+/* A per-vCPU upcall vector: an edge interrupt through the vCPU's local APIC (the guest
+ * EOIs it), which beats HVM_PARAM_CALLBACK_IRQ. vector < 0x10: -EINVAL; no such
+ * vCPU: -ENOENT. */
+#define HVMOP_set_evtchn_upcall_vector 23
+struct xen_hvm_evtchn_upcall_vector {
+    uint32_t vcpu;
+    uint8_t  vector;
+    uint8_t  _pad0[3];
+};
+
 /* ---- timers: set_timer_op(timeout_ns) and vcpu_op(cmd, vcpuid, arg) ------------------- */
 #define VCPUOP_initialise                  0
 #define VCPUOP_up                          1
@@ -781,12 +791,13 @@ struct iret_context {
 #define UVMF_ALL             4
 /* The hypercall the forced-emulation prefix (ud2; .ascii "xen") may precede: cpuid. */
 #define XEN_CPUID_BASE       0x40000000
-/* Leaf base+4 eax (HVM/PVH): what Xen sets for every such vCPU that trapless has too.
- * trapless has no local APIC, so it offers neither APIC/x2APIC virtualisation nor the
- * per-vCPU upcall vector (bit 6, an edge LAPIC interrupt that wants an EOI). */
+/* Leaf base+4 eax (HVM/PVH): what Xen sets for every such vCPU (its emulated local APIC
+ * carries the per-vCPU upcall vector). APIC_ACCESS_VIRT and X2APIC_VIRT (bits 0, 1)
+ * say the hardware accelerates the APIC, which an emulated one is not. */
 #define XEN_HVM_CPUID_IOMMU_MAPPINGS   4    /* bit 2 */
 #define XEN_HVM_CPUID_VCPU_ID_PRESENT  8    /* bit 3 */
 #define XEN_HVM_CPUID_DOMID_PRESENT    16   /* bit 4 */
+#define XEN_HVM_CPUID_UPCALL_VECTOR    64   /* bit 6: HVMOP_set_evtchn_upcall_vector */
 
 /* cdef-end */
 

@@ -116,11 +116,31 @@ static int bt_flush_tlb(struct hv_vcpu *v)
 
 /* ---- kicks ----
  *
- * uc_emu_stop only takes if the emulator has reached its loop; a stop that lands while
- * uc_emu_start is still setting up is forgotten. One thread for the whole process
- * repeats an unanswered stop with a growing pause (0.1, 0.8, 6.4, 51 ms) until the vCPU
- * leaves the emulator. Lock order: a vCPU's kick_lock, then kq_lock.
+ * Another thread never calls uc_emu_stop itself: a stop from outside lands at a TB
+ * boundary, and when that boundary is a chained jump Unicorn leaves the PC of an earlier
+ * block in RIP (it skips the PC sync once a stop is requested; unicorn-engine/unicorn
+ * issue 1355), so the guest would run instructions twice after an interrupt there.
+ * Instead the kick sets stop_asked, and the block hook (on_block), which Unicorn runs at
+ * the start of every block with the PC written back, stops the emulator exactly there.
+ * One thread for the whole process repeats an unanswered kick with a growing pause
+ * (0.1, 0.8, 6.4, 51 ms) until the vCPU leaves the emulator. Lock order: a vCPU's
+ * kick_lock, then kq_lock.
  */
+
+/* From any thread: stop at the start of the next block. */
+static void ask_stop(struct bt_vcpu *b)
+{
+    __atomic_store_n(&b->stop_asked, 1, __ATOMIC_RELEASE);
+}
+
+static void on_block(uc_engine *uc, uint64_t address, uint32_t size, void *user)
+{
+    struct bt_vcpu *b = user;
+    if (__atomic_load_n(&b->stop_asked, __ATOMIC_ACQUIRE)) {
+        __atomic_store_n(&b->stop_asked, 0, __ATOMIC_RELAXED);
+        bt_uc.emu_stop(uc);
+    }
+}
 
 static pthread_mutex_t kq_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t kq_cond;          /* the kicker: a new entry */
@@ -173,7 +193,7 @@ static void *kicker_main(void *unused)
         pthread_mutex_lock(&due->kick_lock);
         unanswered = due->kick_pending && due->in_emu && due->emu_gen == gen;
         if (unanswered)
-            bt_uc.emu_stop(due->uc);
+            ask_stop(due);
         pthread_mutex_unlock(&due->kick_lock);
         pthread_mutex_lock(&kq_lock);
         due->kq_busy = 0;
@@ -241,7 +261,7 @@ static void bt_kick(struct hv_vcpu *v)
     pthread_mutex_lock(&b->kick_lock);
     b->kick_pending = 1;
     if (b->in_emu) {
-        bt_uc.emu_stop(b->uc);
+        ask_stop(b);
         kq_watch(b);            /* the kicker makes sure the stop is not lost */
     }
     pthread_mutex_unlock(&b->kick_lock);
@@ -342,11 +362,13 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
         b->stopped_at = s;
         bt_uc.emu_stop(uc);
         return;
-    case BT_WRMSR:
-        /* the PVH hypercall-page MSR is the VMM's; TCG does the others */
+    case BT_WRMSR: case BT_RDMSR:
+        /* the PVH platform's MSRs (the hypercall page, the APIC's) and the ones this
+         * CPU model answers (bt_platform.c) are the VMM's; TCG does the others */
         c->exits[HV_EXIT_PRIV_INSN]++;
         if (b->v->dom->guest_type == HV_GUEST_PVH &&
-            (uint32_t)bt_reg(b, UC_X86_REG_RCX) == HV_PVH_HYPERCALL_MSR) {
+            (hv_pvh_msr_owned(b->v, (uint32_t)bt_reg(b, UC_X86_REG_RCX)) ||
+             bt_platform_msr(b, (uint32_t)bt_reg(b, UC_X86_REG_RCX)))) {
             b->stopped_at = s;
             bt_uc.emu_stop(uc);
         }
@@ -486,13 +508,14 @@ static void pvh_hypercall(struct bt_vcpu *b)
     bt_set_reg(b, UC_X86_REG_RAX, ret);
 }
 
-/* CPUID of a PVH guest: the Xen leaves are the VMM's; 1 means answered. */
+/* CPUID of a PVH guest: the Xen leaves are the VMM's, and the leaves where this CPU
+ * model says more than TCG (bt_platform.c); 1 means answered. */
 static int on_cpuid(uc_engine *uc, void *user)
 {
     struct bt_vcpu *b = user;
     uint32_t out[4];
-    if (!hv_pvh_cpuid(b->v, (uint32_t)bt_reg(b, UC_X86_REG_RAX),
-                      (uint32_t)bt_reg(b, UC_X86_REG_RCX), out))
+    uint32_t leaf = (uint32_t)bt_reg(b, UC_X86_REG_RAX), subleaf = (uint32_t)bt_reg(b, UC_X86_REG_RCX);
+    if (!hv_pvh_cpuid(b->v, leaf, subleaf, out) && !bt_platform_cpuid(b, leaf, subleaf, out))
         return 0;
     bt_set_reg(b, UC_X86_REG_RAX, out[0]);
     bt_set_reg(b, UC_X86_REG_RBX, out[1]);
@@ -694,6 +717,60 @@ static int map_ram(struct bt_vcpu *b, uint64_t start, uint64_t end, uint32_t per
     return 0;
 }
 
+/* A PVH guest's space outside RAM below 4 GiB (pvh.c): the local APIC's page and the
+ * empty rest, as MMIO regions whose accesses go to the VMM. */
+static uint64_t on_platform_read(uc_engine *uc, uint64_t offset, unsigned size, void *user)
+{
+    struct bt_vcpu *b = user;
+    uint64_t value = 0;
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+    hv_pvh_mmio(b->v, b->mmio_base + offset, (int)size, 0, (uint8_t *)&value);
+    return value;
+}
+
+static void on_platform_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_t value, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+    hv_pvh_mmio(b->v, b->mmio_base + offset, (int)size, 1, (uint8_t *)&value);
+    /* an EOI or a self-IPI may have made a vector deliverable: stop at the next block
+     * (a stop from inside an access would leave a stale RIP, as in ask_stop) */
+    if (deliverable(b))
+        ask_stop(b);
+}
+
+static uint64_t on_hole_read(uc_engine *uc, uint64_t offset, unsigned size, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+    return ~0ULL;
+}
+
+static void on_hole_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_t value, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+}
+
+static int map_pvh_platform(struct bt_vcpu *b, char *err, int err_len)
+{
+    uint64_t ram_end = b->v->dom->ram_bytes, apic_end = HV_LAPIC_GPA + HV_PAGE_SIZE;
+    uc_err e;
+
+    b->mmio_base = HV_LAPIC_GPA;
+    if ((e = bt_uc.mmio_map(b->uc, HV_LAPIC_GPA, HV_PAGE_SIZE, on_platform_read, b,
+                            on_platform_write, b)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot map the local APIC", e);
+    if (ram_end < HV_LAPIC_GPA &&
+        (e = bt_uc.mmio_map(b->uc, ram_end, HV_LAPIC_GPA - ram_end, on_hole_read, b,
+                            on_hole_write, b)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot map the space below the local APIC", e);
+    if ((e = bt_uc.mmio_map(b->uc, apic_end, (1ULL << 32) - apic_end, on_hole_read, b,
+                            on_hole_write, b)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot map the space above the local APIC", e);
+    return 0;
+}
+
 static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 {
     struct hv_domain *d = v->dom;
@@ -729,6 +806,8 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         map_ram(b, d->pt_pool_start, d->pt_pool_end, UC_PROT_READ | UC_PROT_EXEC, err, err_len) < 0 ||
         map_ram(b, d->pt_pool_end, d->ram_bytes, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, err, err_len) < 0)
         goto fail;
+    if (d->guest_type == HV_GUEST_PVH && map_pvh_platform(b, err, err_len) < 0)
+        goto fail;
     if (d->pv_region) {
         /* the hypervisor's region (read-only) and `syscall` for Xen's PV model */
         if ((e = bt_uc.mem_map_ptr(b->uc, PV_REGION_GPA, d->pv_region_bytes, UC_PROT_READ,
@@ -752,6 +831,7 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         { UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
           (void *)on_unmapped, 0 },
         { UC_HOOK_EDGE_GENERATED, (void *)on_new_block, 0 },
+        { UC_HOOK_BLOCK, (void *)on_block, 0 },
     };
     for (size_t i = 0; i < sizeof(hooks) / sizeof(hooks[0]); i++) {
         if (hooks[i].type == UC_HOOK_INSN)
@@ -928,12 +1008,28 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
     case BT_WRMSR: {
         uint64_t value = (uint32_t)bt_reg(b, UC_X86_REG_RAX) |
                          (uint64_t)(uint32_t)bt_reg(b, UC_X86_REG_RDX) << 32;
-        if (hv_pvh_wrmsr(v, (uint32_t)bt_reg(b, UC_X86_REG_RCX), value) < 0) {
+        uint32_t msr = (uint32_t)bt_reg(b, UC_X86_REG_RCX);
+        if (bt_platform_msr(b, msr) ? bt_platform_wrmsr(b, msr, value) < 0 :
+                                      hv_pvh_wrmsr(v, msr, value) < 0) {
             memset(&b->exception, 0, sizeof(b->exception));
             b->exception.vector = 13;   /* #GP(0), as Xen for a bad page or index */
             b->exception.has_error = 1;
             return 0;
         }
+        bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        return 0;
+    }
+    case BT_RDMSR: {
+        uint32_t msr = (uint32_t)bt_reg(b, UC_X86_REG_RCX);
+        uint64_t value = 0;
+        if (bt_platform_rdmsr(b, msr, &value) < 0 && hv_pvh_rdmsr(v, msr, &value) < 0) {
+            memset(&b->exception, 0, sizeof(b->exception));
+            b->exception.vector = 13;
+            b->exception.has_error = 1;
+            return 0;
+        }
+        bt_set_reg(b, UC_X86_REG_RAX, (uint32_t)value);
+        bt_set_reg(b, UC_X86_REG_RDX, value >> 32);
         bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
         return 0;
     }
@@ -1000,10 +1096,7 @@ static int deliver_interrupt(struct bt_vcpu *b, struct hv_stop *stop)
     }
     if (bt_deliver(b, &ev, stop) < 0)
         return -1;
-    if (is_upcall)
-        v->dom->counters.upcalls++;
-    else
-        hv_devices_irq_injected(v->dom, vector);
+    hv_vector_taken(v, vector, is_upcall);
     return 0;
 }
 
@@ -1067,6 +1160,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         if (!kicked) {
             b->in_emu = 1;
             b->emu_gen++;
+            b->stop_asked = 0;  /* a kick answered on another path */
         }
         pthread_mutex_unlock(&b->kick_lock);
         if (kicked) {

@@ -47,6 +47,7 @@ enum {                              /* uc_hook_type */
     UC_HOOK_INTR = 1 << 0,
     UC_HOOK_INSN = 1 << 1,
     UC_HOOK_CODE = 1 << 2,
+    UC_HOOK_BLOCK = 1 << 3,
     UC_HOOK_MEM_READ_UNMAPPED = 1 << 4,
     UC_HOOK_MEM_WRITE_UNMAPPED = 1 << 5,
     UC_HOOK_MEM_FETCH_UNMAPPED = 1 << 6,
@@ -114,6 +115,11 @@ struct bt_uc_api {
     uc_err (*reg_read_batch)(uc_engine *uc, int const *regs, void **vals, int count);
     uc_err (*mem_map_ptr)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms, void *ptr);
     uc_err (*mem_protect)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms);
+    uc_err (*mmio_map)(uc_engine *uc, uint64_t address, uint64_t size,
+                       uint64_t (*read_cb)(uc_engine *, uint64_t offset, unsigned size, void *),
+                       void *user_read,
+                       void (*write_cb)(uc_engine *, uint64_t offset, unsigned size, uint64_t value, void *),
+                       void *user_write);
     uc_err (*emu_start)(uc_engine *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
     uc_err (*emu_stop)(uc_engine *uc);
     uc_err (*hook_add)(uc_engine *uc, uc_hook *hh, int type, void *callback, void *user_data,
@@ -185,6 +191,7 @@ struct bt_event {
 struct bt_vcpu {
     struct hv_vcpu *v;
     uc_engine *uc;
+    uint64_t mmio_base;             /* guest-physical address of the platform's MMIO page */
 
     /* kicks from other threads (bt_kick): kick_lock guards in_emu, kick_pending and
      * emu_gen; the process's one kicker thread repeats a stop that landed before the
@@ -192,6 +199,7 @@ struct bt_vcpu {
     pthread_mutex_t kick_lock;
     int in_emu;
     int kick_pending;
+    int stop_asked;                 /* a kick for the block hook to answer (bt.c) */
     uint64_t emu_gen;
     /* the kicker's queue (bt.c, under its lock) */
     struct bt_vcpu *kq_next;
@@ -243,5 +251,12 @@ int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);
 #define RFLAGS_NT (1ULL << 14)
 #define RFLAGS_RF (1ULL << 16)
 #define RFLAGS_VM (1ULL << 17)
+
+/* ---- what the virtual CPU is (bt_platform.c) ---- */
+/* 1 and out filled where the bt CPU's CPUID answer differs from TCG's model. */
+int  bt_platform_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+int  bt_platform_msr(struct bt_vcpu *b, uint32_t msr);     /* 1: one of its MSRs */
+int  bt_platform_rdmsr(struct bt_vcpu *b, uint32_t msr, uint64_t *value);   /* -1: not one */
+int  bt_platform_wrmsr(struct bt_vcpu *b, uint32_t msr, uint64_t value);    /* -1: #GP */
 
 #endif
