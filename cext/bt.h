@@ -135,6 +135,7 @@ enum bt_kind {
     BT_LGDT, BT_LIDT, BT_LLDT, BT_LTR, BT_INVLPG, BT_CLTS, BT_CACHE,
     BT_PORT_IO,                     /* in/out/ins/outs: the port hooks take them */
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
+    BT_INT_N,                       /* int imm8: which vectors are software interrupts */
 };
 
 struct bt_insn {
@@ -171,6 +172,26 @@ struct bt_site {
 };
 
 #define BT_SITE_BUCKETS 1024
+
+/* The VMM's page for raising the CPL (bt_enter_ring0): host memory at guest-physical
+ * BT_TRAMP_GPA, above any guest RAM, and at BT_TRAMP_VA in the TLB only while it runs
+ * (the last user page, which x86-64 kernels leave unmapped). */
+#define BT_TRAMP_GPA 0xfffff000ULL
+#define BT_TRAMP_VA  0x7ffffffff000ULL
+#define BT_TRAMP_GDT_ENTRIES 256
+struct bt_tramp {
+    uint8_t  code[16];              /* rex.w call far [far_ptr] */
+    uint8_t  landing[16];           /* where the gate goes: emu_start stops here */
+    uint8_t  far_ptr[16];           /* m16:64: an ignored offset, the gate's selector */
+    uint8_t  pad[16];
+    union {
+        uint8_t tss[0x68];          /* a 64-bit TSS: only RSP0 is read */
+        struct __attribute__((packed)) { uint32_t reserved; uint64_t rsp0; };
+    };
+    uint64_t gdt[BT_TRAMP_GDT_ENTRIES];
+    uint8_t  stack[4096 - 64 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
+    uint8_t  stack_top[8];
+} __attribute__((aligned(4096)));
 
 /* An exception or interrupt waiting to go through the guest's IDT. */
 struct bt_event {
@@ -213,6 +234,18 @@ struct bt_vcpu {
     int fault_present;              /* the page is mapped, the access is not allowed */
     int fault_noncanonical;
 
+    /* ring 3 (bt_cpu.c): the walk checks ring-0 permissions whatever the CPL, for the
+     * CPU's own accesses of a delivery from user mode */
+    int kernel_view;
+    struct bt_tramp *tramp;         /* the page bt_enter_ring0 runs from */
+    int tramp_active;               /* the TLB maps BT_TRAMP_VA to it */
+    /* where the `int n` about to run ends: the interrupt it raises is a software one
+     * (Unicorn reports only the vector), ~0 if none */
+    uint64_t soft_int_end;
+    /* a PVH guest's `syscall` the hook saw (Unicorn skips it): the run loop does it */
+    int pvh_syscall_pending;
+    uint64_t pvh_syscall_at;
+
     struct bt_site *sites[BT_SITE_BUCKETS];
     uint64_t nr_sites;
 };
@@ -227,6 +260,12 @@ void bt_set_reg(struct bt_vcpu *b, int regid, uint64_t value);
 /* Deliver ev through the guest's IDT, escalating faults met on the way (#DF, then a
  * triple fault). 0, or -1 with stop filled (triple fault, or something bt cannot do). */
 int  bt_deliver(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
+/* From ring 3 to ring 0 at code selector cs, whose GDT descriptor is desc (checked by
+ * the caller: a present 64-bit code segment of DPL 0); SS becomes NULL. The caller sets
+ * rip, rsp and rflags. 0, or -1 if Unicorn did not get there. */
+int  bt_enter_ring0(struct bt_vcpu *b, uint16_t cs, uint64_t desc);
+/* The GDT descriptor a selector names: 0, or -1 (null, LDT, beyond the limit, unmapped). */
+int  bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc);
 /* The #PF for the access the TLB fill refused last (cr2, error code). */
 void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
 
