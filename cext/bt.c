@@ -327,6 +327,7 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
     }
     if (s->kind == BT_INT_N) {
         b->soft_int_end = addr + s->len;
+        b->soft_int_len = s->len;
         return;
     }
     if (s->kind != BT_PLAIN && b->v->dom->pv_model == HV_PV_XEN) {
@@ -561,10 +562,8 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e,
     uint64_t gpa;
     int perms, present;
 
-    if (b->tramp_active) {      /* bt_enter_ring0: its page, nothing else */
-        if ((va & ~(HV_PAGE_SIZE - 1)) != BT_TRAMP_VA)
-            return false;
-        e->paddr = BT_TRAMP_GPA;
+    if (b->tramp_active && (va & ~(HV_PAGE_SIZE - 1)) == BT_TRAMP_VA) {
+        e->paddr = BT_TRAMP_GPA;    /* the VMM's page, while its instruction runs */
         e->perms = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC;
         return true;
     }
@@ -672,8 +671,10 @@ static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
     ev->vector = (int)intno;
     if (intno == 8 && !int_n)
         fault_of_instruction(b, rip, ev);
-    else if (int_n || ev->vector == 3 || ev->vector == 4 || ev->vector >= 32)
+    else if (int_n || ev->vector == 3 || ev->vector == 4 || ev->vector >= 32) {
         ev->soft = 1;           /* int3, into, int n: rip is already past them */
+        ev->insn_len = int_n ? b->soft_int_len : ev->vector < 32 ? 1 : 2;
+    }
     else if (has_error_code(ev->vector))
         ev->has_error = 1;      /* QEMU keeps the code to itself; #GP(0) is the usual one */
     bt_uc.emu_stop(uc);
@@ -840,6 +841,7 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         int32_t disp = (int32_t)(offsetof(struct bt_tramp, far_ptr) - 7);
         memcpy(b->tramp->code, "\x48\xff\x1d", 3);
         memcpy(b->tramp->code + 3, &disp, 4);
+        memcpy(b->tramp->iret, "\x48\xcf", 2);
         memset(b->tramp->far_ptr, 0, sizeof(b->tramp->far_ptr));
     }
     if ((e = bt_uc.mem_map_ptr(b->uc, BT_TRAMP_GPA, HV_PAGE_SIZE,
@@ -1092,10 +1094,19 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         uint64_t frame[5];          /* rip, cs, rflags, rsp, ss */
         struct bt_insn in;
         uint64_t cs = bt_reg(b, UC_X86_REG_CS), ss = bt_reg(b, UC_X86_REG_SS);
-        /* the VMM does the plain case (iretq to ring 0, same segments); TCG the rest */
+        /* the VMM does the plain case (iretq to ring 0, same segments) and the CPU,
+         * from the VMM's page, an iretq to ring 3; TCG the rest */
         if (decode_at(b, rip, &in) < 0 || in.opsize != 8 ||
-            bt_read_virt(b, rsp, frame, sizeof(frame)) < 0 ||
-            (frame[1] & 0xffff) != cs || (frame[4] & 0xffff) != ss) {
+            bt_read_virt(b, rsp, frame, sizeof(frame)) < 0) {
+            b->skip_once = s;
+            return 0;
+        }
+        if ((frame[1] & 3) == 3 && (cs & 3) == 0) {
+            if (bt_iret_to_user(b, frame) < 0)
+                b->skip_once = s;
+            return 0;
+        }
+        if ((frame[1] & 0xffff) != cs || (frame[4] & 0xffff) != ss) {
             b->skip_once = s;
             return 0;
         }

@@ -181,15 +181,16 @@ struct bt_site {
 #define BT_TRAMP_GDT_ENTRIES 256
 struct bt_tramp {
     uint8_t  code[16];              /* rex.w call far [far_ptr] */
-    uint8_t  landing[16];           /* where the gate goes: emu_start stops here */
+    uint8_t  iret[16];              /* iretq (bt_iret_to_user) */
+    uint8_t  landing[16];           /* where both arrive: emu_start stops here */
     uint8_t  far_ptr[16];           /* m16:64: an ignored offset, the gate's selector */
-    uint8_t  pad[16];
+    uint64_t iret_frame[6];         /* rip (the landing), cs, rflags, rsp, ss */
     union {
         uint8_t tss[0x68];          /* a 64-bit TSS: only RSP0 is read */
         struct __attribute__((packed)) { uint32_t reserved; uint64_t rsp0; };
     };
     uint64_t gdt[BT_TRAMP_GDT_ENTRIES];
-    uint8_t  stack[4096 - 64 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
+    uint8_t  stack[4096 - 112 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
     uint8_t  stack_top[8];
 } __attribute__((aligned(4096)));
 
@@ -199,6 +200,7 @@ struct bt_event {
     int      has_error;
     uint32_t error;
     int      soft;                  /* int n / int3: the gate's DPL is checked */
+    int      insn_len;              /* soft: the instruction's length (rip is past it) */
     int      set_cr2;
     uint64_t cr2;
 };
@@ -242,6 +244,7 @@ struct bt_vcpu {
     /* where the `int n` about to run ends: the interrupt it raises is a software one
      * (Unicorn reports only the vector), ~0 if none */
     uint64_t soft_int_end;
+    int soft_int_len;
     /* a PVH guest's `syscall` the hook saw (Unicorn skips it): the run loop does it */
     int pvh_syscall_pending;
     uint64_t pvh_syscall_at;
@@ -261,9 +264,13 @@ void bt_set_reg(struct bt_vcpu *b, int regid, uint64_t value);
  * triple fault). 0, or -1 with stop filled (triple fault, or something bt cannot do). */
 int  bt_deliver(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
 /* From ring 3 to ring 0 at code selector cs, whose GDT descriptor is desc (checked by
- * the caller: a present 64-bit code segment of DPL 0); SS becomes NULL. The caller sets
- * rip, rsp and rflags. 0, or -1 if Unicorn did not get there. */
+ * the caller: a present 64-bit code segment of DPL 0); SS becomes NULL, rsp stays. The
+ * caller sets rip and rflags. 0, or -1 if Unicorn did not get there. */
 int  bt_enter_ring0(struct bt_vcpu *b, uint16_t cs, uint64_t desc);
+/* iretq to ring 3 with the frame (rip, cs, rflags, rsp, ss) the guest's iretq at rip
+ * would pop, done by the CPU from the VMM's page so that the emulator stops right
+ * after it (an interrupt waits): 0, or -1 if the CPU refused (nothing changed). */
+int  bt_iret_to_user(struct bt_vcpu *b, const uint64_t frame[5]);
 /* The GDT descriptor a selector names: 0, or -1 (null, LDT, beyond the limit, unmapped). */
 int  bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc);
 /* The #PF for the access the TLB fill refused last (cr2, error code). */

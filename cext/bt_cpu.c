@@ -320,6 +320,17 @@ static int contributory(int vector)
 
 enum { DELIVERED = 0, FAULTED = 1, CANNOT = 2 };
 
+/* A fault (not a trap, an abort or an interrupt): the instruction did not complete,
+ * and the RFLAGS image the CPU pushes has RF set, so that returning to it does not
+ * hit an instruction breakpoint again. */
+static int fault_class(const struct bt_event *ev)
+{
+    static const uint32_t faults = 1u << 0 | 1u << 5 | 1u << 6 | 1u << 7 | 1u << 10 |
+                                   1u << 11 | 1u << 12 | 1u << 13 | 1u << 14 | 1u << 16 |
+                                   1u << 17 | 1u << 19 | 1u << 20 | 1u << 21;
+    return !ev->soft && ev->vector < 32 && ((faults >> ev->vector) & 1);
+}
+
 /* ---- from ring 3 to ring 0 ----
  *
  * Unicorn takes the CPL from SS's cached descriptor and changes it only as guest
@@ -330,8 +341,8 @@ enum { DELIVERED = 0, FAULTED = 1, CANNOT = 2 };
  * runs, with GDTR and TR pointing into that page: its GDT holds a copy of the guest's
  * descriptor for the target code selector and a 64-bit call gate to it, its TSS a RSP0
  * inside the page, so the call's own pushes land there and no guest memory changes.
- * The gate's target is the page's next instruction, where emu_start stops; the caller
- * then sets rip, rsp and rflags. */
+ * The gate's target is the page's next instruction, where emu_start stops; rsp is put
+ * back, and the caller sets rip, rflags (and rsp for a delivery). */
 #define TRAMP_GATE (BT_TRAMP_GDT_ENTRIES - 2)   /* 16 bytes: the last two entries */
 
 int bt_enter_ring0(struct bt_vcpu *b, uint16_t cs, uint64_t desc)
@@ -339,6 +350,7 @@ int bt_enter_ring0(struct bt_vcpu *b, uint16_t cs, uint64_t desc)
     struct bt_tramp *t = b->tramp;
     uc_x86_mmr gdtr, tr, own_gdtr, own_tr;
     uint64_t stop_at = BT_TRAMP_VA + offsetof(struct bt_tramp, landing);
+    uint64_t rsp = bt_reg(b, UC_X86_REG_RSP);
     unsigned index = cs >> 3;
     uint16_t gate_sel = (uint16_t)(TRAMP_GATE << 3 | 3);
     uc_err e;
@@ -372,10 +384,44 @@ int bt_enter_ring0(struct bt_vcpu *b, uint16_t cs, uint64_t desc)
     bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);      /* the page leaves the guest's view */
     bt_uc.reg_write(b->uc, UC_X86_REG_GDTR, &gdtr);
     bt_uc.reg_write(b->uc, UC_X86_REG_TR, &tr);
+    bt_set_reg(b, UC_X86_REG_RSP, rsp);         /* the call switched to the page's stack */
     ok = e == UC_ERR_OK && bt_reg(b, UC_X86_REG_RIP) == stop_at &&
          (bt_reg(b, UC_X86_REG_CS) & 0xffff) == (cs & 0xfffc);
     b->exception.vector = -1;   /* nothing of the guest's happened in there */
     return ok ? 0 : -1;
+}
+
+/* The way back to ring 3 is the CPU's own iretq; TCG runs it as any instruction,
+ * except when an interrupt waits for the IF it sets: then the emulator has to stop
+ * right after it, and the VMM has the CPU run it from its page, on a copy of the frame
+ * whose rip is the page's landing (where emu_start stops), before setting the real
+ * rip. The guest's GDT gives the new CS and SS, as for the guest's own iretq. */
+int bt_iret_to_user(struct bt_vcpu *b, const uint64_t frame[5])
+{
+    struct bt_tramp *t = b->tramp;
+    uint64_t landing = BT_TRAMP_VA + offsetof(struct bt_tramp, landing);
+    uint64_t rip = bt_reg(b, UC_X86_REG_RIP), rsp = bt_reg(b, UC_X86_REG_RSP);
+    uc_err e;
+    int ok;
+
+    t->iret_frame[0] = landing;
+    memcpy(&t->iret_frame[1], &frame[1], 4 * sizeof(uint64_t));
+    bt_set_reg(b, UC_X86_REG_RSP, BT_TRAMP_VA + offsetof(struct bt_tramp, iret_frame));
+    b->tramp_active = 1;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    e = bt_uc.emu_start(b->uc, BT_TRAMP_VA + offsetof(struct bt_tramp, iret), landing, 0, 0);
+    b->tramp_active = 0;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    ok = e == UC_ERR_OK && bt_reg(b, UC_X86_REG_RIP) == landing &&
+         (bt_reg(b, UC_X86_REG_CS) & 3) == 3;
+    b->exception.vector = -1;
+    if (!ok) {                  /* a fault: the CPU changed nothing; TCG will raise it */
+        bt_set_reg(b, UC_X86_REG_RSP, rsp);
+        bt_set_reg(b, UC_X86_REG_RIP, rip);
+        return -1;
+    }
+    bt_set_reg(b, UC_X86_REG_RIP, frame[0]);
+    return 0;
 }
 
 /* The GDT descriptor of a selector (no LDT here): 0, or -1 if outside the table. */
@@ -443,6 +489,8 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
     /* int n, int3, into: the gate must let the current ring in (not so for a fault,
      * an external interrupt, or int1) */
     if (ev->soft && ((gate[5] >> 5) & 3) < cpl) {
+        /* a fault of the instruction itself: its frame names the instruction */
+        bt_set_reg(b, UC_X86_REG_RIP, rip - (uint64_t)ev->insn_len);
         fault->vector = 13;
         fault->has_error = 1;
         fault->error = (uint32_t)ev->vector * 8 + 2;
@@ -503,7 +551,7 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
         frame[n++] = ev->error;
     frame[n++] = rip;
     frame[n++] = cs;
-    frame[n++] = rflags;
+    frame[n++] = rflags | (fault_class(ev) ? RFLAGS_RF : 0);
     frame[n++] = rsp;
     frame[n++] = ss;
     new_rsp -= (uint64_t)n * 8;
