@@ -330,6 +330,13 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
         b->soft_int_len = s->len;
         return;
     }
+    if (s->kind == BT_ICEBP) {
+        if (b->v->dom->pv_model == HV_PV_XEN)
+            return;             /* TCG's #UD, as before */
+        b->stopped_at = s;      /* the VMM raises its #DB */
+        bt_uc.emu_stop(uc);
+        return;
+    }
     if (s->kind != BT_PLAIN && b->v->dom->pv_model == HV_PV_XEN) {
         b->stopped_at = s;      /* ring 3: the PV model decides (bt_pv_site) */
         bt_uc.emu_stop(uc);
@@ -1055,6 +1062,13 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
     case BT_VMCALL:
         pvh_hypercall(b);
         bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        return 0;
+    case BT_ICEBP:
+        /* a #DB trap: the next rip, no DPL check, EXT in an error code on the way */
+        bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        memset(&b->exception, 0, sizeof(b->exception));
+        b->exception.vector = 1;
+        b->exception.insn_len = s->len;
         return 0;
     case BT_WRMSR: {
         uint64_t value = (uint32_t)bt_reg(b, UC_X86_REG_RAX) |

@@ -135,7 +135,8 @@ enum bt_kind {
     BT_LGDT, BT_LIDT, BT_LLDT, BT_LTR, BT_INVLPG, BT_CLTS, BT_CACHE,
     BT_PORT_IO,                     /* in/out/ins/outs: the port hooks take them */
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
-    BT_INT_N,                       /* int imm8: which vectors are software interrupts */
+    BT_INT_N,                       /* int3, int n, into: software interrupts, and their length */
+    BT_ICEBP,                       /* icebp (int1): #DB as a trap; TCG has no icebp */
 };
 
 struct bt_insn {
@@ -200,7 +201,8 @@ struct bt_event {
     int      has_error;
     uint32_t error;
     int      soft;                  /* int n / int3: the gate's DPL is checked */
-    int      insn_len;              /* soft: the instruction's length (rip is past it) */
+    int      insn_len;              /* raised by an instruction that rip is already past
+                                     * (int n, icebp): its length, else 0 */
     int      set_cr2;
     uint64_t cr2;
 };
@@ -241,8 +243,8 @@ struct bt_vcpu {
     int kernel_view;
     struct bt_tramp *tramp;         /* the page bt_enter_ring0 runs from */
     int tramp_active;               /* the TLB maps BT_TRAMP_VA to it */
-    /* where the `int n` about to run ends: the interrupt it raises is a software one
-     * (Unicorn reports only the vector), ~0 if none */
+    /* where the int3/int n/into about to run ends: the interrupt it raises is a
+     * software one (Unicorn reports only the vector), ~0 if none */
     uint64_t soft_int_end;
     int soft_int_len;
     /* a PVH guest's `syscall` the hook saw (Unicorn skips it): the run loop does it */

@@ -455,7 +455,9 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
     int type, ist, n = 0, cpl;
     uint16_t selector;
     /* the error code of a fault in delivery names the IDT entry (IDT bit, EXT bit) */
-    uint32_t idt_error = (uint32_t)ev->vector * 8 + 2 + (ev->soft ? 0 : 1);
+    uint32_t ext = ev->soft ? 0 : 1;    /* EXT: not the instruction's own event */
+    uint32_t idt_error = (uint32_t)ev->vector * 8 + 2 + ext;
+    int target_ring = 0;
 
     memset(fault, 0, sizeof(*fault));
     bt_uc.reg_read_batch(b->uc, ids, vals, 5);
@@ -489,8 +491,6 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
     /* int n, int3, into: the gate must let the current ring in (not so for a fault,
      * an external interrupt, or int1) */
     if (ev->soft && ((gate[5] >> 5) & 3) < cpl) {
-        /* a fault of the instruction itself: its frame names the instruction */
-        bt_set_reg(b, UC_X86_REG_RIP, rip - (uint64_t)ev->insn_len);
         fault->vector = 13;
         fault->has_error = 1;
         fault->error = (uint32_t)ev->vector * 8 + 2;
@@ -506,27 +506,29 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
     target = (uint64_t)gate[0] | (uint64_t)gate[1] << 8 | (uint64_t)gate[6] << 16 |
              (uint64_t)gate[7] << 24 | (uint64_t)gate[8] << 32 | (uint64_t)gate[9] << 40 |
              (uint64_t)gate[10] << 48 | (uint64_t)gate[11] << 56;
-    if ((selector & 3) != 0 || (selector & ~7) == 0) {
+    if ((selector & ~3) == 0 || (cpl == 0 && (selector & 3) != 0)) {
+        /* (from ring 0 the target must be ring 0's own: no descriptor is read) */
         fault->vector = 13;
         fault->has_error = 1;
-        fault->error = selector & ~3u;
+        fault->error = (selector & ~3u) | ext;
         return FAULTED;
     }
     if (cpl == 3) {
-        /* to ring 0: a present 64-bit code segment of DPL 0 */
+        /* a present 64-bit code segment; the gate selector's RPL does not count */
         if (bt_gdt_entry(b, selector, &desc) < 0 || (desc & DESC_CODE) != DESC_CODE ||
-            !(desc & DESC_L) || DESC_DPL(desc) != 0) {
+            !(desc & DESC_L)) {
             fault->vector = 13;
             fault->has_error = 1;
-            fault->error = selector & ~3u;
+            fault->error = (selector & ~3u) | ext;
             return FAULTED;
         }
         if (!(desc & DESC_P)) {
             fault->vector = 11;
             fault->has_error = 1;
-            fault->error = selector & ~3u;
+            fault->error = (selector & ~3u) | ext;
             return FAULTED;
         }
+        target_ring = DESC_DPL(desc);
     }
     ist = gate[4] & 7;
     new_rsp = rsp;
@@ -535,16 +537,23 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
             bt_read_virt(b, tr.base + 0x24 + (uint64_t)(ist - 1) * 8, &new_rsp, 8) < 0) {
             fault->vector = 10; /* #TS */
             fault->has_error = 1;
-            fault->error = (uint32_t)(tr.selector & ~3u);
+            fault->error = (uint32_t)(tr.selector & ~3u) | ext;
             return FAULTED;
         }
-    } else if (cpl == 3) {
-        if (tr.limit < 0x0b || bt_read_virt(b, tr.base + 4, &new_rsp, 8) < 0) {
-            fault->vector = 10; /* #TS: TSS.RSP0 cannot be read */
+    } else if (target_ring < cpl) {
+        /* to an inner ring: the stack TSS.RSPn names */
+        uint32_t at = 4 + 8 * (uint32_t)target_ring;
+        if (tr.limit < at + 7 || bt_read_virt(b, tr.base + at, &new_rsp, 8) < 0) {
+            fault->vector = 10; /* #TS */
             fault->has_error = 1;
-            fault->error = (uint32_t)(tr.selector & ~3u);
+            fault->error = (uint32_t)(tr.selector & ~3u) | ext;
             return FAULTED;
         }
+    }
+    if (target_ring != 0) {
+        hv_stop_with(stop, HV_STOP_FAULT, ev->vector, rip, "vector %d from ring 3 goes to "
+                     "ring %d; the bt engine delivers to ring 0 only", ev->vector, target_ring);
+        return CANNOT;
     }
     new_rsp &= ~15ULL;
     if (ev->has_error)
@@ -597,6 +606,8 @@ int bt_deliver(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *sto
             return 0;
         if (r == CANNOT)
             return -1;
+        if (cur.insn_len)   /* int n, icebp did not complete: the fault names them */
+            bt_set_reg(b, UC_X86_REG_RIP, bt_reg(b, UC_X86_REG_RIP) - (uint64_t)cur.insn_len);
         if (cur.vector == 8) {
             b->v->dom->counters.exits[HV_EXIT_SHUTDOWN]++;
             hv_stop_with(stop, HV_STOP_FAULT, 8, bt_reg(b, UC_X86_REG_RIP), "triple fault");
