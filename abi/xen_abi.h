@@ -70,6 +70,12 @@
 #define TRAPLESS_HYPERCALL_STUB_SIZE                32
 #define TRAPLESS_HYPERCALL_PAGE_STUBS              128
 #define TRAPLESS_HYPERCALL_PORT                   0xCA
+/* A PVH domain's ACPI sleep registers (hardware-reduced ACPI, FADT SLEEP_CONTROL_REG and
+ * SLEEP_STATUS_REG, byte-wide I/O ports where Xen's HVM ACPI PM1a blocks sit) and the
+ * SLP_TYP its DSDT's \_S5 names: writing SLP_EN with that type powers the domain off. */
+#define TRAPLESS_ACPI_SLEEP_STATUS_PORT           0xB000
+#define TRAPLESS_ACPI_SLEEP_CONTROL_PORT          0xB004
+#define TRAPLESS_ACPI_S5_SLP_TYP                  5
 
 /* ---- errno values (returned negated in rax) ------------------------------------ */
 #define XEN_EPERM            1

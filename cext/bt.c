@@ -136,7 +136,8 @@ static void ask_stop(struct bt_vcpu *b)
 static void on_block(uc_engine *uc, uint64_t address, uint32_t size, void *user)
 {
     struct bt_vcpu *b = user;
-    if (__atomic_load_n(&b->stop_asked, __ATOMIC_ACQUIRE)) {
+    /* the VMM's own ring-change code (bt_cpu.c) runs to its end: the kick waits */
+    if (!b->tramp_active && __atomic_load_n(&b->stop_asked, __ATOMIC_ACQUIRE)) {
         __atomic_store_n(&b->stop_asked, 0, __ATOMIC_RELAXED);
         bt_uc.emu_stop(uc);
     }
@@ -876,7 +877,8 @@ static int map_pvh_platform(struct bt_vcpu *b, char *err, int err_len)
         (e = bt_uc.mmio_map(b->uc, ram_end, HV_LAPIC_GPA - ram_end, on_hole_read, b,
                             on_hole_write, b)) != UC_ERR_OK)
         return uc_fail(err, err_len, "cannot map the space below the local APIC", e);
-    if ((e = bt_uc.mmio_map(b->uc, apic_end, (1ULL << 32) - apic_end, on_hole_read, b,
+    /* up to the VMM's own ring-change page, the last below 4 GiB */
+    if ((e = bt_uc.mmio_map(b->uc, apic_end, BT_TRAMP_GPA - apic_end, on_hole_read, b,
                             on_hole_write, b)) != UC_ERR_OK)
         return uc_fail(err, err_len, "cannot map the space above the local APIC", e);
     return 0;

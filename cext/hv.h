@@ -335,6 +335,7 @@ int  hv_pvh_wrmsr(struct hv_vcpu *v, uint32_t msr, uint64_t value);
 int  hv_pvh_rdmsr(struct hv_vcpu *v, uint32_t msr, uint64_t *value);
 int  hv_pvh_msr_owned(struct hv_vcpu *v, uint32_t msr);
 int  hv_pvh_mmio(struct hv_vcpu *v, uint64_t gpa, int size, int is_write, uint8_t *data);
+int  hv_pvh_port_io(struct hv_vcpu *v, uint16_t port, int size, int is_write, uint8_t *data);
 /* The arguments of a hypercall made by vmcall/vmmcall or the PVH hypercall page, from
  * the registers of the mode the vCPU is in (64-bit: rdi rsi rdx r10 r8; 32-bit: ebx ecx
  * edx esi edi); returns the result as the guest's rax should hold it. */

@@ -110,6 +110,30 @@ int hv_pvh_mmio(struct hv_vcpu *v, uint64_t gpa, int size, int is_write, uint8_t
     return 1;
 }
 
+/* The ACPI sleep registers (hardware-reduced ACPI 6, 4.8.3.7): a byte write to the
+ * control register with SLP_EN (bit 5) and SLP_TYP (bits 2-4) of \_S5 is the guest's
+ * poweroff, as the ACPI PM1a control register is for Xen's HVM guests; other sleep
+ * states are not offered (the DSDT names only \_S5). The status register reads 0 (no
+ * wake event). 1 if the port is one of them. */
+#define ACPI_SLP_EN          0x20
+#define ACPI_SLP_TYP_SHIFT   2
+#define ACPI_SLP_TYP_MASK    0x1c
+
+int hv_pvh_port_io(struct hv_vcpu *v, uint16_t port, int size, int is_write, uint8_t *data)
+{
+    if (v->dom->guest_type != HV_GUEST_PVH ||
+        (port != TRAPLESS_ACPI_SLEEP_CONTROL_PORT && port != TRAPLESS_ACPI_SLEEP_STATUS_PORT))
+        return 0;
+    if (!is_write) {
+        memset(data, 0, (size_t)size);
+        return 1;
+    }
+    if (port == TRAPLESS_ACPI_SLEEP_CONTROL_PORT && (data[0] & ACPI_SLP_EN) &&
+        ((data[0] & ACPI_SLP_TYP_MASK) >> ACPI_SLP_TYP_SHIFT) == TRAPLESS_ACPI_S5_SLP_TYP)
+        hv_domain_shutdown(v->dom, SHUTDOWN_poweroff);
+    return 1;
+}
+
 uint64_t hv_pvh_hypercall(struct hv_vcpu *v, const struct hv_pvh_regs *r)
 {
     struct hv_cpu_mode m = { .cpl = 0 };

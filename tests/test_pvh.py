@@ -190,8 +190,8 @@ def _acpi_table(ram, at):
 
 def test_acpi_tables_say_one_local_apic_no_ioapic_and_no_legacy_devices(guests):
     """What Xen's toolstack gives a PVH domU: RSDP -> XSDT -> a hardware-reduced FADT
-    (no 8042, VGA or CMOS RTC) with an empty DSDT, and a MADT with the local APIC at
-    0xfee00000, one enabled processor and no IO-APIC or 8259 (no PCAT_COMPAT)."""
+    (no 8042, VGA or CMOS RTC; sleep registers) whose DSDT names \\_S5, and a MADT with
+    the local APIC at 0xfee00000, one enabled processor and no IO-APIC or 8259."""
     image = load_image(guests["page"], MEM)
     layout = pvh.plan(image, MEM)
     ram = bytearray(MEM)
@@ -208,7 +208,9 @@ def test_acpi_tables_say_one_local_apic_no_ioapic_and_no_legacy_devices(guests):
     flags, = struct.unpack_from("<I", fadt, 112 - 36)
     assert iapc_boot_arch == (1 << 2) | (1 << 5) and flags == 1 << 20
     dsdt, = struct.unpack_from("<Q", fadt, 140 - 36)
-    assert _acpi_table(ram, dsdt) == (b"DSDT", b"")
+    # the sleep registers, byte-wide I/O ports, and \_S5 = Package { 5, 5, 0, 0 }
+    assert fadt[244 - 36:268 - 36] == struct.pack("<BBBBQBBBBQ", 1, 8, 0, 1, 0xB004, 1, 8, 0, 1, 0xB000)
+    assert _acpi_table(ram, dsdt) == (b"DSDT", bytes.fromhex("085c5f53355f1208040a050a050000"))
     madt = tables[b"APIC"]
     assert struct.unpack_from("<II", madt) == (0xFEE00000, 0)
     assert madt[8:] == bytes([0, 8, 0, 0, 1, 0, 0, 0])     # one LAPIC entry: id 0, enabled
