@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 KERNEL := build/pv-kernel.elf
 CMDLINE ?= console=hvc0 ticks=20 hello from make run-guest
 
-.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux compare-linux bench-blk
+.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux compare-linux bench-blk bench-linux
 
 # A virtualenv with trapless installed in editable mode; the C extension is rebuilt
 # whenever a C source or the ABI header changes.
@@ -70,9 +70,9 @@ clean:
 # Debian's own kernel as a PVH guest: `make linux-guest` fetches linux-image-cloud-amd64
 # and busybox-static with apt-get download (no install), takes vmlinux out of the bzImage
 # and builds a busybox initramfs into build/linux; `make run-linux` boots it on bt (its
-# code calls Xen with vmcall, which this host's KVM cannot hand over). nolapic: trapless
-# has no local APIC yet.
-LINUX_CMDLINE ?= console=hvc0 nolapic noapic
+# code calls Xen with vmcall, which this host's KVM cannot hand over). Add `shell` to
+# LINUX_CMDLINE for the initramfs's interactive busybox shell instead of a poweroff.
+LINUX_CMDLINE ?= console=hvc0
 linux-guest: setup
 	$(BIN)/python -m hypervisor.linux_guest --out build/linux
 
@@ -84,4 +84,6 @@ run-linux: linux-guest
 # wall time to the kernel banner, to `Run /init`, to /init's line, to the end
 compare-linux: linux-guest
 	$(BIN)/python -m hypervisor.compare_linux --dir build/linux
+
+bench-linux: compare-linux
 

@@ -70,6 +70,12 @@
 #define TRAPLESS_HYPERCALL_STUB_SIZE                32
 #define TRAPLESS_HYPERCALL_PAGE_STUBS              128
 #define TRAPLESS_HYPERCALL_PORT                   0xCA
+/* A PVH domain's ACPI sleep registers (hardware-reduced ACPI, FADT SLEEP_CONTROL_REG and
+ * SLEEP_STATUS_REG, byte-wide I/O ports where Xen's HVM ACPI PM1a blocks sit) and the
+ * SLP_TYP its DSDT's \_S5 names: writing SLP_EN with that type powers the domain off. */
+#define TRAPLESS_ACPI_SLEEP_STATUS_PORT           0xB000
+#define TRAPLESS_ACPI_SLEEP_CONTROL_PORT          0xB004
+#define TRAPLESS_ACPI_S5_SLP_TYP                  5
 
 /* ---- errno values (returned negated in rax) ------------------------------------ */
 #define XEN_EPERM            1
@@ -645,6 +651,16 @@ struct xen_hvm_param {
     uint64_t value;
 };
 
+/* A per-vCPU upcall vector: an edge interrupt through the vCPU's local APIC (the guest
+ * EOIs it), which beats HVM_PARAM_CALLBACK_IRQ. vector < 0x10: -EINVAL; no such
+ * vCPU: -ENOENT. */
+#define HVMOP_set_evtchn_upcall_vector 23
+struct xen_hvm_evtchn_upcall_vector {
+    uint32_t vcpu;
+    uint8_t  vector;
+    uint8_t  _pad0[3];
+};
+
 /* ---- timers: set_timer_op(timeout_ns) and vcpu_op(cmd, vcpuid, arg) ------------------- */
 #define VCPUOP_initialise                  0
 #define VCPUOP_up                          1
@@ -1056,12 +1072,13 @@ struct physdev_set_iobitmap {
 #define UVMF_ALL             4
 /* The hypercall the forced-emulation prefix (ud2; .ascii "xen") may precede: cpuid. */
 #define XEN_CPUID_BASE       0x40000000
-/* Leaf base+4 eax (HVM/PVH): what Xen sets for every such vCPU that trapless has too.
- * trapless has no local APIC, so it offers neither APIC/x2APIC virtualisation nor the
- * per-vCPU upcall vector (bit 6, an edge LAPIC interrupt that wants an EOI). */
+/* Leaf base+4 eax (HVM/PVH): what Xen sets for every such vCPU (its emulated local APIC
+ * carries the per-vCPU upcall vector). APIC_ACCESS_VIRT and X2APIC_VIRT (bits 0, 1)
+ * say the hardware accelerates the APIC, which an emulated one is not. */
 #define XEN_HVM_CPUID_IOMMU_MAPPINGS   4    /* bit 2 */
 #define XEN_HVM_CPUID_VCPU_ID_PRESENT  8    /* bit 3 */
 #define XEN_HVM_CPUID_DOMID_PRESENT    16   /* bit 4 */
+#define XEN_HVM_CPUID_UPCALL_VECTOR    64   /* bit 6: HVMOP_set_evtchn_upcall_vector */
 
 /* cdef-end */
 

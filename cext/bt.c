@@ -116,11 +116,32 @@ static int bt_flush_tlb(struct hv_vcpu *v)
 
 /* ---- kicks ----
  *
- * uc_emu_stop only takes if the emulator has reached its loop; a stop that lands while
- * uc_emu_start is still setting up is forgotten. One thread for the whole process
- * repeats an unanswered stop with a growing pause (0.1, 0.8, 6.4, 51 ms) until the vCPU
- * leaves the emulator. Lock order: a vCPU's kick_lock, then kq_lock.
+ * Another thread never calls uc_emu_stop itself: a stop from outside lands at a TB
+ * boundary, and when that boundary is a chained jump Unicorn leaves the PC of an earlier
+ * block in RIP (it skips the PC sync once a stop is requested; unicorn-engine/unicorn
+ * issue 1355), so the guest would run instructions twice after an interrupt there.
+ * Instead the kick sets stop_asked, and the block hook (on_block), which Unicorn runs at
+ * the start of every block with the PC written back, stops the emulator exactly there.
+ * One thread for the whole process repeats an unanswered kick with a growing pause
+ * (0.1, 0.8, 6.4, 51 ms) until the vCPU leaves the emulator. Lock order: a vCPU's
+ * kick_lock, then kq_lock.
  */
+
+/* From any thread: stop at the start of the next block. */
+static void ask_stop(struct bt_vcpu *b)
+{
+    __atomic_store_n(&b->stop_asked, 1, __ATOMIC_RELEASE);
+}
+
+static void on_block(uc_engine *uc, uint64_t address, uint32_t size, void *user)
+{
+    struct bt_vcpu *b = user;
+    /* the VMM's own ring-change code (bt_cpu.c) runs to its end: the kick waits */
+    if (!b->tramp_active && __atomic_load_n(&b->stop_asked, __ATOMIC_ACQUIRE)) {
+        __atomic_store_n(&b->stop_asked, 0, __ATOMIC_RELAXED);
+        bt_uc.emu_stop(uc);
+    }
+}
 
 static pthread_mutex_t kq_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t kq_cond;          /* the kicker: a new entry */
@@ -173,7 +194,7 @@ static void *kicker_main(void *unused)
         pthread_mutex_lock(&due->kick_lock);
         unanswered = due->kick_pending && due->in_emu && due->emu_gen == gen;
         if (unanswered)
-            bt_uc.emu_stop(due->uc);
+            ask_stop(due);
         pthread_mutex_unlock(&due->kick_lock);
         pthread_mutex_lock(&kq_lock);
         due->kq_busy = 0;
@@ -241,7 +262,7 @@ static void bt_kick(struct hv_vcpu *v)
     pthread_mutex_lock(&b->kick_lock);
     b->kick_pending = 1;
     if (b->in_emu) {
-        bt_uc.emu_stop(b->uc);
+        ask_stop(b);
         kq_watch(b);            /* the kicker makes sure the stop is not lost */
     }
     pthread_mutex_unlock(&b->kick_lock);
@@ -311,6 +332,8 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
     struct hv_counters *c = &b->v->dom->counters;
     uint8_t now[15];
 
+    if (b->tramp_active)
+        return;
     if (b->skip_once == s) {
         b->skip_once = NULL;    /* the VMM could not emulate it: TCG runs it as it is */
         return;
@@ -330,11 +353,27 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
         s->len = in.len;
         memcpy(s->bytes, code, in.len);
     }
+    if (s->kind == BT_INT_N) {
+        b->soft_int_end = addr + s->len;
+        b->soft_int_len = s->len;
+        return;
+    }
+    if (s->kind == BT_ICEBP) {
+        if (b->v->dom->pv_model == HV_PV_XEN)
+            return;             /* TCG's #UD, as before */
+        b->stopped_at = s;      /* the VMM raises its #DB */
+        bt_uc.emu_stop(uc);
+        return;
+    }
     if (s->kind != BT_PLAIN && b->v->dom->pv_model == HV_PV_XEN) {
         b->stopped_at = s;      /* ring 3: the PV model decides (bt_pv_site) */
         bt_uc.emu_stop(uc);
         return;
     }
+    /* In ring 3 TCG runs them as the CPU would there (a #GP for the privileged ones, a
+     * popf that leaves IF alone); only a hypercall is the VMM's (Xen refuses it). */
+    if ((bt_reg(b, UC_X86_REG_CS) & 3) == 3 && s->kind != BT_VMCALL)
+        return;
     switch (s->kind) {
     case BT_PLAIN:
         return;
@@ -349,11 +388,13 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
         b->stopped_at = s;
         bt_uc.emu_stop(uc);
         return;
-    case BT_WRMSR:
-        /* the PVH hypercall-page MSR is the VMM's; TCG does the others */
+    case BT_WRMSR: case BT_RDMSR:
+        /* the PVH platform's MSRs (the hypercall page, the APIC's) and the ones this
+         * CPU model answers (bt_platform.c) are the VMM's; TCG does the others */
         c->exits[HV_EXIT_PRIV_INSN]++;
         if (b->v->dom->guest_type == HV_GUEST_PVH &&
-            (uint32_t)bt_reg(b, UC_X86_REG_RCX) == HV_PVH_HYPERCALL_MSR) {
+            (hv_pvh_msr_owned(b->v, (uint32_t)bt_reg(b, UC_X86_REG_RCX)) ||
+             bt_platform_msr(b, (uint32_t)bt_reg(b, UC_X86_REG_RCX)))) {
             b->stopped_at = s;
             bt_uc.emu_stop(uc);
         }
@@ -431,6 +472,8 @@ static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
 static void on_new_block(uc_engine *uc, uc_tb *cur, uc_tb *prev, void *user)
 {
     struct bt_vcpu *b = user;
+    if (b->tramp_active)
+        return;                 /* the VMM's own instruction */
     if (scan(b, cur->pc, cur->size) == 0)
         return;
     /* translated without the new hooks: drop it before it runs, translate again */
@@ -494,13 +537,14 @@ static void pvh_hypercall(struct bt_vcpu *b)
     bt_set_reg(b, UC_X86_REG_RAX, ret);
 }
 
-/* CPUID of a PVH guest: the Xen leaves are the VMM's; 1 means answered. */
+/* CPUID of a PVH guest: the Xen leaves are the VMM's, and the leaves where this CPU
+ * model says more than TCG (bt_platform.c); 1 means answered. */
 static int on_cpuid(uc_engine *uc, void *user)
 {
     struct bt_vcpu *b = user;
     uint32_t out[4];
-    if (!hv_pvh_cpuid(b->v, (uint32_t)bt_reg(b, UC_X86_REG_RAX),
-                      (uint32_t)bt_reg(b, UC_X86_REG_RCX), out))
+    uint32_t leaf = (uint32_t)bt_reg(b, UC_X86_REG_RAX), subleaf = (uint32_t)bt_reg(b, UC_X86_REG_RCX);
+    if (!hv_pvh_cpuid(b->v, leaf, subleaf, out) && !bt_platform_cpuid(b, leaf, subleaf, out))
         return 0;
     bt_set_reg(b, UC_X86_REG_RAX, out[0]);
     bt_set_reg(b, UC_X86_REG_RBX, out[1]);
@@ -549,13 +593,27 @@ static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void 
 
 /* ---- memory: the TLB, the page-table pool, the world outside RAM ---- */
 
+static bool on_unmapped(uc_engine *uc, int type, uint64_t gpa, int size, int64_t value, void *user);
+
 static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e, void *user)
 {
     struct bt_vcpu *b = user;
     uint64_t gpa;
     int perms, present;
 
+    if (b->tramp_active && (va & ~(HV_PAGE_SIZE - 1)) == BT_TRAMP_VA) {
+        e->paddr = BT_TRAMP_GPA;    /* the VMM's page, while its instruction runs */
+        e->perms = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC;
+        return true;
+    }
     if (bt_walk(b, va, access, &gpa, &perms, &present) == 0) {
+        if (gpa == BT_TRAMP_GPA) {
+            /* the VMM's page is no guest memory: as any address outside RAM */
+            on_unmapped(uc, access == UC_MEM_WRITE ? UC_MEM_WRITE_UNMAPPED :
+                        access == UC_MEM_FETCH ? UC_MEM_FETCH_UNMAPPED : UC_MEM_READ_UNMAPPED,
+                        gpa, 0, 0, b);
+            return false;
+        }
         e->paddr = gpa;
         e->perms = perms;
         return true;
@@ -644,15 +702,91 @@ static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
     struct bt_vcpu *b = user;
     struct bt_event *ev = &b->exception;
 
+    uint64_t rip = bt_reg(b, UC_X86_REG_RIP);
+    int int_n = b->soft_int_end == rip;
+
+    b->soft_int_end = ~0ULL;
     memset(ev, 0, sizeof(*ev));
     ev->vector = (int)intno;
-    if (intno == 8)
-        fault_of_instruction(b, bt_reg(b, UC_X86_REG_RIP), ev);
-    else if (ev->vector == 3 || ev->vector == 4 || ev->vector >= 32)
+    if (intno == 8 && !int_n)
+        fault_of_instruction(b, rip, ev);
+    else if (int_n || ev->vector == 3 || ev->vector == 4 || ev->vector >= 32) {
         ev->soft = 1;           /* int3, into, int n: rip is already past them */
+        ev->insn_len = int_n ? b->soft_int_len : ev->vector < 32 ? 1 : 2;
+    }
     else if (has_error_code(ev->vector))
         ev->has_error = 1;      /* QEMU keeps the code to itself; #GP(0) is the usual one */
     bt_uc.emu_stop(uc);
+}
+
+/* ---- syscall of a PVH guest ---- */
+
+#define MSR_EFER  0xc0000080
+#define MSR_STAR  0xc0000081
+#define MSR_LSTAR 0xc0000082
+#define MSR_CSTAR 0xc0000083
+#define MSR_FMASK 0xc0000084
+#define EFER_SCE  (1ULL << 0)
+
+/* Unicorn only calls its hooks for `syscall` and moves on: note it and stop (the
+ * block ends there), and the run loop does what the CPU does. */
+static void on_pvh_syscall(uc_engine *uc, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->pvh_syscall_pending = 1;
+    b->pvh_syscall_at = bt_reg(b, UC_X86_REG_RIP);
+    bt_uc.emu_stop(uc);
+}
+
+static uint64_t msr(struct bt_vcpu *b, uint32_t index)
+{
+    uc_x86_msr m = { .rid = index };
+    bt_uc.reg_read(b->uc, UC_X86_REG_MSR, &m);
+    return m.value;
+}
+
+/* The CPU's `syscall` in long mode: #UD without EFER.SCE; rcx = the next rip, r11 =
+ * rflags; CS = STAR[47:32] and SS = that + 8 in ring 0; rip = LSTAR (CSTAR from
+ * compat mode); rflags &= ~FMASK, RF clear. 0, or -1 with stop filled. */
+static int pvh_syscall(struct bt_vcpu *b, struct hv_stop *stop)
+{
+    uint64_t next = bt_reg(b, UC_X86_REG_RIP), rflags = bt_reg(b, UC_X86_REG_RFLAGS);
+    uint64_t star = msr(b, MSR_STAR), cs = (star >> 32) & 0xfffc, ss = cs + 8;
+    uint64_t target = msr(b, bt_code32(b) ? MSR_CSTAR : MSR_LSTAR), desc;
+    int from_user = (bt_reg(b, UC_X86_REG_CS) & 3) == 3;
+
+    b->v->dom->counters.exits[HV_EXIT_PRIV_INSN]++;
+    if (next == b->pvh_syscall_at)
+        next += 2;              /* still at it: past the 0f 05 */
+    if (!(msr(b, MSR_EFER) & EFER_SCE)) {
+        bt_set_reg(b, UC_X86_REG_RIP, b->pvh_syscall_at);
+        memset(&b->exception, 0, sizeof(b->exception));
+        b->exception.vector = 6;
+        return 0;
+    }
+    /* the CPU takes fixed flat attributes for CS; Unicorn's call gate (from ring 3)
+     * takes the GDT's, so that descriptor must be a 64-bit code segment of DPL 0 */
+    b->kernel_view = 1;
+    if (bt_gdt_entry(b, (uint16_t)cs, &desc) < 0 || ((desc >> 43) & 0x1f) != 0x13 ||
+        !((desc >> 47) & 1) || !((desc >> 53) & 1)) {
+        b->kernel_view = 0;
+        return hv_stop_with(stop, HV_STOP_FAULT, 6, b->pvh_syscall_at, "syscall: STAR's "
+                            "code selector %#llx is not a 64-bit ring-0 code segment of "
+                            "the GDT", (unsigned long long)cs), -1;
+    }
+    b->kernel_view = 0;
+    if (from_user && bt_enter_ring0(b, (uint16_t)cs, desc) < 0)
+        return hv_stop_with(stop, HV_STOP_FAULT, 6, b->pvh_syscall_at, "syscall: cannot "
+                            "enter ring 0 at code selector %#llx", (unsigned long long)cs), -1;
+    /* the selectors STAR names (in 64-bit mode Unicorn takes a write as the selector
+     * alone; the ring is 0 already) */
+    bt_set_reg(b, UC_X86_REG_CS, cs);
+    bt_set_reg(b, UC_X86_REG_SS, ss);
+    bt_set_reg(b, UC_X86_REG_RCX, next);
+    bt_set_reg(b, UC_X86_REG_R11, rflags & ~RFLAGS_RF);
+    bt_set_reg(b, UC_X86_REG_RFLAGS, (rflags & ~msr(b, MSR_FMASK) & ~RFLAGS_RF) | 2);
+    bt_set_reg(b, UC_X86_REG_RIP, target);
+    return 0;
 }
 
 /* ---- vCPUs ---- */
@@ -680,6 +814,7 @@ static void bt_vcpu_destroy(struct hv_vcpu *v)
         }
     }
     pthread_mutex_destroy(&b->kick_lock);
+    free(b->tramp);
     free(b);
     v->engine_priv = NULL;
 }
@@ -702,6 +837,61 @@ static int map_ram(struct bt_vcpu *b, uint64_t start, uint64_t end, uint32_t per
     return 0;
 }
 
+/* A PVH guest's space outside RAM below 4 GiB (pvh.c): the local APIC's page and the
+ * empty rest, as MMIO regions whose accesses go to the VMM. */
+static uint64_t on_platform_read(uc_engine *uc, uint64_t offset, unsigned size, void *user)
+{
+    struct bt_vcpu *b = user;
+    uint64_t value = 0;
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+    hv_pvh_mmio(b->v, b->mmio_base + offset, (int)size, 0, (uint8_t *)&value);
+    return value;
+}
+
+static void on_platform_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_t value, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+    hv_pvh_mmio(b->v, b->mmio_base + offset, (int)size, 1, (uint8_t *)&value);
+    /* an EOI or a self-IPI may have made a vector deliverable: stop at the next block
+     * (a stop from inside an access would leave a stale RIP, as in ask_stop) */
+    if (deliverable(b))
+        ask_stop(b);
+}
+
+static uint64_t on_hole_read(uc_engine *uc, uint64_t offset, unsigned size, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+    return ~0ULL;
+}
+
+static void on_hole_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_t value, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+}
+
+static int map_pvh_platform(struct bt_vcpu *b, char *err, int err_len)
+{
+    uint64_t ram_end = b->v->dom->ram_bytes, apic_end = HV_LAPIC_GPA + HV_PAGE_SIZE;
+    uc_err e;
+
+    b->mmio_base = HV_LAPIC_GPA;
+    if ((e = bt_uc.mmio_map(b->uc, HV_LAPIC_GPA, HV_PAGE_SIZE, on_platform_read, b,
+                            on_platform_write, b)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot map the local APIC", e);
+    if (ram_end < HV_LAPIC_GPA &&
+        (e = bt_uc.mmio_map(b->uc, ram_end, HV_LAPIC_GPA - ram_end, on_hole_read, b,
+                            on_hole_write, b)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot map the space below the local APIC", e);
+    /* up to the VMM's own ring-change page, the last below 4 GiB */
+    if ((e = bt_uc.mmio_map(b->uc, apic_end, BT_TRAMP_GPA - apic_end, on_hole_read, b,
+                            on_hole_write, b)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot map the space above the local APIC", e);
+    return 0;
+}
+
 static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 {
     struct hv_domain *d = v->dom;
@@ -718,6 +908,7 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
     }
     b->v = v;
     b->exception.vector = -1;
+    b->soft_int_end = ~0ULL;
     pthread_mutex_init(&b->kick_lock, NULL);
     v->engine_priv = b;
     v->ops = &bt_ops;
@@ -732,11 +923,33 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         uc_fail(err, err_len, "cannot take over the TLB", e);
         goto fail;
     }
+    /* the page bt_enter_ring0 runs from: rex.w call far [rip + far_ptr] */
+    _Static_assert(sizeof(struct bt_tramp) == HV_PAGE_SIZE, "struct bt_tramp is one page");
+    if (posix_memalign((void **)&b->tramp, HV_PAGE_SIZE, HV_PAGE_SIZE) != 0) {
+        b->tramp = NULL;
+        hv_set_error(err, err_len, "out of host memory");
+        goto fail;
+    }
+    memset(b->tramp, 0xcc, HV_PAGE_SIZE);
+    {
+        int32_t disp = (int32_t)(offsetof(struct bt_tramp, far_ptr) - 7);
+        memcpy(b->tramp->code, "\x48\xff\x1d", 3);
+        memcpy(b->tramp->code + 3, &disp, 4);
+        memcpy(b->tramp->iret, "\x48\xcf", 2);
+        memset(b->tramp->far_ptr, 0, sizeof(b->tramp->far_ptr));
+    }
+    if ((e = bt_uc.mem_map_ptr(b->uc, BT_TRAMP_GPA, HV_PAGE_SIZE,
+                               UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, b->tramp)) != UC_ERR_OK) {
+        uc_fail(err, err_len, "cannot map the ring-change page", e);
+        goto fail;
+    }
     /* RAM below the page-table pool, the pool (read-only to the guest), RAM above and
      * the grant region after it */
     if (map_ram(b, 0, d->pt_pool_start, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, err, err_len) < 0 ||
         map_ram(b, d->pt_pool_start, d->pt_pool_end, UC_PROT_READ | UC_PROT_EXEC, err, err_len) < 0 ||
         map_ram(b, d->pt_pool_end, d->ram_bytes + d->gnt_bytes, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC, err, err_len) < 0)
+        goto fail;
+    if (d->guest_type == HV_GUEST_PVH && map_pvh_platform(b, err, err_len) < 0)
         goto fail;
     if (d->pv_region) {
         /* the hypervisor's region (read-only) and `syscall` for Xen's PV model */
@@ -761,6 +974,7 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         { UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
           (void *)on_unmapped, 0 },
         { UC_HOOK_EDGE_GENERATED, (void *)on_new_block, 0 },
+        { UC_HOOK_BLOCK, (void *)on_block, 0 },
     };
     for (size_t i = 0; i < sizeof(hooks) / sizeof(hooks[0]); i++) {
         if (hooks[i].type == UC_HOOK_INSN)
@@ -771,6 +985,12 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
             uc_fail(err, err_len, "cannot add a hook", e);
             goto fail;
         }
+    }
+    if (d->guest_type == HV_GUEST_PVH &&
+        (e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)on_pvh_syscall, b, 1, 0,
+                            UC_X86_INS_SYSCALL)) != UC_ERR_OK) {
+        uc_fail(err, err_len, "cannot add the syscall hook", e);
+        goto fail;
     }
     if (d->guest_type == HV_GUEST_PVH &&
         (e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)on_cpuid, b, 1, 0,
@@ -934,15 +1154,38 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         pvh_hypercall(b);
         bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
         return 0;
+    case BT_ICEBP:
+        /* a #DB trap: the next rip, no DPL check, EXT in an error code on the way */
+        bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        memset(&b->exception, 0, sizeof(b->exception));
+        b->exception.vector = 1;
+        b->exception.insn_len = s->len;
+        return 0;
     case BT_WRMSR: {
         uint64_t value = (uint32_t)bt_reg(b, UC_X86_REG_RAX) |
                          (uint64_t)(uint32_t)bt_reg(b, UC_X86_REG_RDX) << 32;
-        if (hv_pvh_wrmsr(v, (uint32_t)bt_reg(b, UC_X86_REG_RCX), value) < 0) {
+        uint32_t msr = (uint32_t)bt_reg(b, UC_X86_REG_RCX);
+        if (bt_platform_msr(b, msr) ? bt_platform_wrmsr(b, msr, value) < 0 :
+                                      hv_pvh_wrmsr(v, msr, value) < 0) {
             memset(&b->exception, 0, sizeof(b->exception));
             b->exception.vector = 13;   /* #GP(0), as Xen for a bad page or index */
             b->exception.has_error = 1;
             return 0;
         }
+        bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
+        return 0;
+    }
+    case BT_RDMSR: {
+        uint32_t msr = (uint32_t)bt_reg(b, UC_X86_REG_RCX);
+        uint64_t value = 0;
+        if (bt_platform_rdmsr(b, msr, &value) < 0 && hv_pvh_rdmsr(v, msr, &value) < 0) {
+            memset(&b->exception, 0, sizeof(b->exception));
+            b->exception.vector = 13;
+            b->exception.has_error = 1;
+            return 0;
+        }
+        bt_set_reg(b, UC_X86_REG_RAX, (uint32_t)value);
+        bt_set_reg(b, UC_X86_REG_RDX, value >> 32);
         bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
         return 0;
     }
@@ -972,10 +1215,19 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         uint64_t frame[5];          /* rip, cs, rflags, rsp, ss */
         struct bt_insn in;
         uint64_t cs = bt_reg(b, UC_X86_REG_CS), ss = bt_reg(b, UC_X86_REG_SS);
-        /* the VMM does the plain case (iretq to ring 0, same segments); TCG the rest */
+        /* the VMM does the plain case (iretq to ring 0, same segments) and the CPU,
+         * from the VMM's page, an iretq to ring 3; TCG the rest */
         if (decode_at(b, rip, &in) < 0 || in.opsize != 8 ||
-            bt_read_virt(b, rsp, frame, sizeof(frame)) < 0 ||
-            (frame[1] & 0xffff) != cs || (frame[4] & 0xffff) != ss) {
+            bt_read_virt(b, rsp, frame, sizeof(frame)) < 0) {
+            b->skip_once = s;
+            return 0;
+        }
+        if ((frame[1] & 3) == 3 && (cs & 3) == 0) {
+            if (bt_iret_to_user(b, frame) < 0)
+                b->skip_once = s;
+            return 0;
+        }
+        if ((frame[1] & 0xffff) != cs || (frame[4] & 0xffff) != ss) {
             b->skip_once = s;
             return 0;
         }
@@ -1009,10 +1261,7 @@ static int deliver_interrupt(struct bt_vcpu *b, struct hv_stop *stop)
     }
     if (bt_deliver(b, &ev, stop) < 0)
         return -1;
-    if (is_upcall)
-        v->dom->counters.upcalls++;
-    else
-        hv_devices_irq_injected(v->dom, vector);
+    hv_vector_taken(v, vector, is_upcall);
     return 0;
 }
 
@@ -1059,6 +1308,12 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
                 return stop->reason;
             continue;
         }
+        if (b->pvh_syscall_pending) {
+            b->pvh_syscall_pending = 0;
+            if (pvh_syscall(b, stop) < 0)
+                return stop->reason;
+            continue;
+        }
         if (b->exception.vector >= 0) {
             struct bt_event ev = b->exception;
             b->exception.vector = -1;
@@ -1076,6 +1331,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         if (!kicked) {
             b->in_emu = 1;
             b->emu_gen++;
+            b->stop_asked = 0;  /* a kick answered on another path */
         }
         pthread_mutex_unlock(&b->kick_lock);
         if (kicked) {
@@ -1110,7 +1366,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         /* A stop nobody asked for: TCG ran a hlt we had no hook on yet, or QEMU's own
          * exception latch turned a fault into a silent halt. */
         if (!b->stopped_at && b->exception.vector < 0 && !b->fatal && !b->retranslate_end &&
-            !b->syscall_pending &&
+            !b->syscall_pending && !b->pvh_syscall_pending &&
             !kicked && !__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE) &&
             !__atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) &&
             !__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE) && !deliverable(b)) {

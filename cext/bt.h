@@ -47,6 +47,7 @@ enum {                              /* uc_hook_type */
     UC_HOOK_INTR = 1 << 0,
     UC_HOOK_INSN = 1 << 1,
     UC_HOOK_CODE = 1 << 2,
+    UC_HOOK_BLOCK = 1 << 3,
     UC_HOOK_MEM_READ_UNMAPPED = 1 << 4,
     UC_HOOK_MEM_WRITE_UNMAPPED = 1 << 5,
     UC_HOOK_MEM_FETCH_UNMAPPED = 1 << 6,
@@ -116,6 +117,11 @@ struct bt_uc_api {
     uc_err (*reg_read_batch)(uc_engine *uc, int const *regs, void **vals, int count);
     uc_err (*mem_map_ptr)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms, void *ptr);
     uc_err (*mem_protect)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms);
+    uc_err (*mmio_map)(uc_engine *uc, uint64_t address, uint64_t size,
+                       uint64_t (*read_cb)(uc_engine *, uint64_t offset, unsigned size, void *),
+                       void *user_read,
+                       void (*write_cb)(uc_engine *, uint64_t offset, unsigned size, uint64_t value, void *),
+                       void *user_write);
     uc_err (*emu_start)(uc_engine *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
     uc_err (*emu_stop)(uc_engine *uc);
     uc_err (*hook_add)(uc_engine *uc, uc_hook *hh, int type, void *callback, void *user_data,
@@ -143,6 +149,8 @@ enum bt_kind {
     BT_PRIV_RING3,                  /* swapgs, sysret, sysexit, rdpmc: fine for a ring-0
                                      * kernel, #GP(0) in ring 3 (Xen's PV model only) */
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
+    BT_INT_N,                       /* int3, int n, into: software interrupts, and their length */
+    BT_ICEBP,                       /* icebp (int1): #DB as a trap; TCG has no icebp */
 };
 
 struct bt_insn {
@@ -181,12 +189,35 @@ struct bt_site {
 
 #define BT_SITE_BUCKETS 1024
 
+/* The VMM's page for raising the CPL (bt_enter_ring0): host memory at guest-physical
+ * BT_TRAMP_GPA, above any guest RAM, and at BT_TRAMP_VA in the TLB only while it runs
+ * (the last user page, which x86-64 kernels leave unmapped). */
+#define BT_TRAMP_GPA 0xfffff000ULL
+#define BT_TRAMP_VA  0x7ffffffff000ULL
+#define BT_TRAMP_GDT_ENTRIES 256
+struct bt_tramp {
+    uint8_t  code[16];              /* rex.w call far [far_ptr] */
+    uint8_t  iret[16];              /* iretq (bt_iret_to_user) */
+    uint8_t  landing[16];           /* where both arrive: emu_start stops here */
+    uint8_t  far_ptr[16];           /* m16:64: an ignored offset, the gate's selector */
+    uint64_t iret_frame[6];         /* rip (the landing), cs, rflags, rsp, ss */
+    union {
+        uint8_t tss[0x68];          /* a 64-bit TSS: only RSP0 is read */
+        struct __attribute__((packed)) { uint32_t reserved; uint64_t rsp0; };
+    };
+    uint64_t gdt[BT_TRAMP_GDT_ENTRIES];
+    uint8_t  stack[4096 - 112 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
+    uint8_t  stack_top[8];
+} __attribute__((aligned(4096)));
+
 /* An exception or interrupt waiting to go through the guest's IDT. */
 struct bt_event {
     int      vector;                /* -1: none */
     int      has_error;
     uint32_t error;
     int      soft;                  /* int n / int3: the gate's DPL is checked */
+    int      insn_len;              /* raised by an instruction that rip is already past
+                                     * (int n, icebp): its length, else 0 */
     int      set_cr2;
     uint64_t cr2;
 };
@@ -194,6 +225,7 @@ struct bt_event {
 struct bt_vcpu {
     struct hv_vcpu *v;
     uc_engine *uc;
+    uint64_t mmio_base;             /* guest-physical address of the platform's MMIO page */
 
     /* kicks from other threads (bt_kick): kick_lock guards in_emu, kick_pending and
      * emu_gen; the process's one kicker thread repeats a stop that landed before the
@@ -201,6 +233,7 @@ struct bt_vcpu {
     pthread_mutex_t kick_lock;
     int in_emu;
     int kick_pending;
+    int stop_asked;                 /* a kick for the block hook to answer (bt.c) */
     uint64_t emu_gen;
     /* the kicker's queue (bt.c, under its lock) */
     struct bt_vcpu *kq_next;
@@ -222,6 +255,19 @@ struct bt_vcpu {
     int fault_present;              /* the page is mapped, the access is not allowed */
     int fault_noncanonical;
 
+    /* ring 3 (bt_cpu.c): the walk checks ring-0 permissions whatever the CPL, for the
+     * CPU's own accesses of a delivery from user mode */
+    int kernel_view;
+    struct bt_tramp *tramp;         /* the page bt_enter_ring0 runs from */
+    int tramp_active;               /* the TLB maps BT_TRAMP_VA to it */
+    /* where the int3/int n/into about to run ends: the interrupt it raises is a
+     * software one (Unicorn reports only the vector), ~0 if none */
+    uint64_t soft_int_end;
+    int soft_int_len;
+    /* a PVH guest's `syscall` the hook saw (Unicorn skips it): the run loop does it */
+    int pvh_syscall_pending;
+    uint64_t pvh_syscall_at;
+
     struct bt_site *sites[BT_SITE_BUCKETS];
     uint64_t nr_sites;
 };
@@ -236,6 +282,16 @@ void bt_set_reg(struct bt_vcpu *b, int regid, uint64_t value);
 /* Deliver ev through the guest's IDT, escalating faults met on the way (#DF, then a
  * triple fault). 0, or -1 with stop filled (triple fault, or something bt cannot do). */
 int  bt_deliver(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
+/* From ring 3 to ring 0 at code selector cs, whose GDT descriptor is desc (checked by
+ * the caller: a present 64-bit code segment of DPL 0); SS becomes NULL, rsp stays. The
+ * caller sets rip and rflags. 0, or -1 if Unicorn did not get there. */
+int  bt_enter_ring0(struct bt_vcpu *b, uint16_t cs, uint64_t desc);
+/* iretq to ring 3 with the frame (rip, cs, rflags, rsp, ss) the guest's iretq at rip
+ * would pop, done by the CPU from the VMM's page so that the emulator stops right
+ * after it (an interrupt waits): 0, or -1 if the CPU refused (nothing changed). */
+int  bt_iret_to_user(struct bt_vcpu *b, const uint64_t frame[5]);
+/* The GDT descriptor a selector names: 0, or -1 (null, LDT, beyond the limit, unmapped). */
+int  bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc);
 /* The #PF for the access the TLB fill refused last (cr2, error code). */
 void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
 
@@ -252,5 +308,12 @@ int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);
 #define RFLAGS_NT (1ULL << 14)
 #define RFLAGS_RF (1ULL << 16)
 #define RFLAGS_VM (1ULL << 17)
+
+/* ---- what the virtual CPU is (bt_platform.c) ---- */
+/* 1 and out filled where the bt CPU's CPUID answer differs from TCG's model. */
+int  bt_platform_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+int  bt_platform_msr(struct bt_vcpu *b, uint32_t msr);     /* 1: one of its MSRs */
+int  bt_platform_rdmsr(struct bt_vcpu *b, uint32_t msr, uint64_t *value);   /* -1: not one */
+int  bt_platform_wrmsr(struct bt_vcpu *b, uint32_t msr, uint64_t value);    /* -1: #GP */
 
 #endif

@@ -4,10 +4,13 @@
  * precise #PF with its error code), and the delivery of exceptions and interrupts
  * through the guest's IDT (Unicorn has no interrupt controller and never enters an IDT).
  *
- * Delivery follows the 64-bit rules for a ring-0 guest: the gate is a present 64-bit
- * interrupt or trap gate; the frame (ss, rsp, rflags, cs, rip, error code) goes on the
- * current stack, or the IST stack the gate names, aligned down to 16 bytes; an
- * interrupt gate clears IF. A fault met while delivering escalates as on hardware:
+ * Delivery follows the 64-bit rules for a guest kernel in ring 0 with its user code in
+ * ring 3: the gate is a present 64-bit interrupt or trap gate to a ring-0 code selector;
+ * `int n`, int3 and into also need a gate DPL of at least the current ring. The frame
+ * (ss, rsp, rflags, cs, rip, error code) goes on the current stack (from ring 0), the
+ * stack TSS.RSP0 names (from ring 3), or the IST stack the gate names, aligned down to
+ * 16 bytes; from ring 3, SS becomes the NULL selector. TF, NT, RF (and VM) clear; an
+ * interrupt gate clears IF too. A fault met while delivering escalates as on hardware:
  * a contributory fault during a contributory one (or a #PF during a #PF or a
  * contributory fault) becomes #DF, and a fault during #DF is a triple fault.
  */
@@ -66,8 +69,11 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
 {
     struct hv_domain *d = b->v->dom;
     uint64_t cr0 = bt_reg(b, UC_X86_REG_CR0), table, entry = 0;
-    /* Xen's PV model: the guest kernel is in ring 3 too (Unicorn runs it in ring 0) */
-    int user = (bt_reg(b, UC_X86_REG_CS) & 3) == 3 || d->pv_model == HV_PV_XEN;
+    /* Xen's PV model: the guest kernel is in ring 3 too (Unicorn runs it in ring 0).
+     * kernel_view: the CPU's own accesses of a delivery (IDT, TSS, the new stack) are
+     * ring 0's whatever ring was running. */
+    int user = ((bt_reg(b, UC_X86_REG_CS) & 3) == 3 && !b->kernel_view) ||
+               d->pv_model == HV_PV_XEN;
     int writable = 1, executable = 1, user_ok = 1, nx;
 
     *present = 0;
@@ -314,7 +320,128 @@ static int contributory(int vector)
 
 enum { DELIVERED = 0, FAULTED = 1, CANNOT = 2 };
 
-/* One attempt to enter the gate of ev. FAULTED: *fault is what went wrong on the way. */
+/* A fault (not a trap, an abort or an interrupt): the instruction did not complete,
+ * and the RFLAGS image the CPU pushes has RF set, so that returning to it does not
+ * hit an instruction breakpoint again. */
+static int fault_class(const struct bt_event *ev)
+{
+    static const uint32_t faults = 1u << 0 | 1u << 5 | 1u << 6 | 1u << 7 | 1u << 10 |
+                                   1u << 11 | 1u << 12 | 1u << 13 | 1u << 14 | 1u << 16 |
+                                   1u << 17 | 1u << 19 | 1u << 20 | 1u << 21;
+    return !ev->soft && ev->vector < 32 && ((faults >> ev->vector) & 1);
+}
+
+/* ---- from ring 3 to ring 0 ----
+ *
+ * Unicorn takes the CPL from SS's cached descriptor and changes it only as guest
+ * instructions do: in 64-bit mode a segment register write sets the selector alone,
+ * `syscall` and `sysenter` only call hooks, and no IDT entry is ever entered. What does
+ * raise the CPL is a far call through a call gate, so the VMM has the CPU make one, from
+ * a page of its own (struct bt_tramp) that the TLB maps at BT_TRAMP_VA only while it
+ * runs, with GDTR and TR pointing into that page: its GDT holds a copy of the guest's
+ * descriptor for the target code selector and a 64-bit call gate to it, its TSS a RSP0
+ * inside the page, so the call's own pushes land there and no guest memory changes.
+ * The gate's target is the page's next instruction, where emu_start stops; rsp is put
+ * back, and the caller sets rip, rflags (and rsp for a delivery). */
+#define TRAMP_GATE (BT_TRAMP_GDT_ENTRIES - 2)   /* 16 bytes: the last two entries */
+
+int bt_enter_ring0(struct bt_vcpu *b, uint16_t cs, uint64_t desc)
+{
+    struct bt_tramp *t = b->tramp;
+    uc_x86_mmr gdtr, tr, own_gdtr, own_tr;
+    uint64_t stop_at = BT_TRAMP_VA + offsetof(struct bt_tramp, landing);
+    uint64_t rsp = bt_reg(b, UC_X86_REG_RSP);
+    unsigned index = cs >> 3;
+    uint16_t gate_sel = (uint16_t)(TRAMP_GATE << 3 | 3);
+    uc_err e;
+    int ok;
+
+    if (index == 0 || index >= TRAMP_GATE)
+        return -1;
+    memset(&gdtr, 0, sizeof(gdtr));
+    memset(&tr, 0, sizeof(tr));
+    bt_uc.reg_read(b->uc, UC_X86_REG_GDTR, &gdtr);
+    bt_uc.reg_read(b->uc, UC_X86_REG_TR, &tr);
+    memset(t->gdt, 0, sizeof(t->gdt));
+    t->gdt[index] = desc;
+    /* a 64-bit call gate (type 0xC), DPL 3, present, to cs:stop_at */
+    t->gdt[TRAMP_GATE] = (stop_at & 0xffff) | (uint64_t)(cs & 0xfffc) << 16 |
+                         0xecULL << 40 | ((stop_at >> 16) & 0xffff) << 48;
+    t->gdt[TRAMP_GATE + 1] = stop_at >> 32;
+    memcpy(t->far_ptr + 8, &gate_sel, 2);
+    t->rsp0 = BT_TRAMP_VA + offsetof(struct bt_tramp, stack_top);
+
+    own_gdtr = (uc_x86_mmr){ .base = BT_TRAMP_VA + offsetof(struct bt_tramp, gdt),
+                             .limit = sizeof(t->gdt) - 1 };
+    own_tr = (uc_x86_mmr){ .base = BT_TRAMP_VA + offsetof(struct bt_tramp, tss),
+                           .limit = sizeof(t->tss) - 1, .flags = 0x8b00 };   /* busy, present */
+    bt_uc.reg_write(b->uc, UC_X86_REG_GDTR, &own_gdtr);
+    bt_uc.reg_write(b->uc, UC_X86_REG_TR, &own_tr);
+    b->tramp_active = 1;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    e = bt_uc.emu_start(b->uc, BT_TRAMP_VA, stop_at, 0, 0);
+    b->tramp_active = 0;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);      /* the page leaves the guest's view */
+    bt_uc.reg_write(b->uc, UC_X86_REG_GDTR, &gdtr);
+    bt_uc.reg_write(b->uc, UC_X86_REG_TR, &tr);
+    bt_set_reg(b, UC_X86_REG_RSP, rsp);         /* the call switched to the page's stack */
+    ok = e == UC_ERR_OK && bt_reg(b, UC_X86_REG_RIP) == stop_at &&
+         (bt_reg(b, UC_X86_REG_CS) & 0xffff) == (cs & 0xfffc);
+    b->exception.vector = -1;   /* nothing of the guest's happened in there */
+    return ok ? 0 : -1;
+}
+
+/* The way back to ring 3 is the CPU's own iretq; TCG runs it as any instruction,
+ * except when an interrupt waits for the IF it sets: then the emulator has to stop
+ * right after it, and the VMM has the CPU run it from its page, on a copy of the frame
+ * whose rip is the page's landing (where emu_start stops), before setting the real
+ * rip. The guest's GDT gives the new CS and SS, as for the guest's own iretq. */
+int bt_iret_to_user(struct bt_vcpu *b, const uint64_t frame[5])
+{
+    struct bt_tramp *t = b->tramp;
+    uint64_t landing = BT_TRAMP_VA + offsetof(struct bt_tramp, landing);
+    uint64_t rip = bt_reg(b, UC_X86_REG_RIP), rsp = bt_reg(b, UC_X86_REG_RSP);
+    uc_err e;
+    int ok;
+
+    t->iret_frame[0] = landing;
+    memcpy(&t->iret_frame[1], &frame[1], 4 * sizeof(uint64_t));
+    bt_set_reg(b, UC_X86_REG_RSP, BT_TRAMP_VA + offsetof(struct bt_tramp, iret_frame));
+    b->tramp_active = 1;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    e = bt_uc.emu_start(b->uc, BT_TRAMP_VA + offsetof(struct bt_tramp, iret), landing, 0, 0);
+    b->tramp_active = 0;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    ok = e == UC_ERR_OK && bt_reg(b, UC_X86_REG_RIP) == landing &&
+         (bt_reg(b, UC_X86_REG_CS) & 3) == 3;
+    b->exception.vector = -1;
+    if (!ok) {                  /* a fault: the CPU changed nothing; TCG will raise it */
+        bt_set_reg(b, UC_X86_REG_RSP, rsp);
+        bt_set_reg(b, UC_X86_REG_RIP, rip);
+        return -1;
+    }
+    bt_set_reg(b, UC_X86_REG_RIP, frame[0]);
+    return 0;
+}
+
+/* The GDT descriptor of a selector (no LDT here): 0, or -1 if outside the table. */
+int bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc)
+{
+    uc_x86_mmr gdtr;
+    memset(&gdtr, 0, sizeof(gdtr));
+    bt_uc.reg_read(b->uc, UC_X86_REG_GDTR, &gdtr);
+    if ((sel & 4) || (sel & ~7u) == 0 || (uint64_t)(sel & ~7u) + 7 > gdtr.limit)
+        return -1;
+    return bt_read_virt(b, gdtr.base + (sel & ~7u), desc, 8);
+}
+
+#define DESC_DPL(d)   ((int)(((d) >> 45) & 3))
+#define DESC_P        (1ULL << 47)
+#define DESC_CODE     (3ULL << 43)      /* S and the code bit */
+#define DESC_L        (1ULL << 53)
+
+/* One attempt to enter the gate of ev. FAULTED: *fault is what went wrong on the way.
+ * Runs with kernel_view set: the IDT, the TSS and the new stack are ring 0's. */
 static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_event *fault,
                       struct hv_stop *stop)
 {
@@ -322,22 +449,29 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
                                UC_X86_REG_CS, UC_X86_REG_SS };
     uint64_t rip = 0, rsp = 0, rflags = 0, cs = 0, ss = 0;
     void *vals[] = { &rip, &rsp, &rflags, &cs, &ss };
-    uc_x86_mmr idtr;
+    uc_x86_mmr idtr, tr;
     uint8_t gate[16];
-    uint64_t frame[6], new_rsp, target, bad;
-    int type, ist, n = 0;
+    uint64_t frame[6], new_rsp, target, bad, desc = 0;
+    int type, ist, n = 0, cpl;
     uint16_t selector;
     /* the error code of a fault in delivery names the IDT entry (IDT bit, EXT bit) */
-    uint32_t idt_error = (uint32_t)ev->vector * 8 + 2 + (ev->soft ? 0 : 1);
+    uint32_t ext = ev->soft ? 0 : 1;    /* EXT: not the instruction's own event */
+    uint32_t idt_error = (uint32_t)ev->vector * 8 + 2 + ext;
+    int target_ring = 0;
 
     memset(fault, 0, sizeof(*fault));
     bt_uc.reg_read_batch(b->uc, ids, vals, 5);
+    cs &= 0xffff;
+    ss &= 0xffff;
+    cpl = (int)(cs & 3);
     memset(&idtr, 0, sizeof(idtr));
     bt_uc.reg_read(b->uc, UC_X86_REG_IDTR, &idtr);
-    if ((cs & 3) != 0) {
+    memset(&tr, 0, sizeof(tr));
+    bt_uc.reg_read(b->uc, UC_X86_REG_TR, &tr);
+    if (cpl == 1 || cpl == 2) {
         hv_stop_with(stop, HV_STOP_FAULT, ev->vector, rip,
-                     "vector %d arrived in ring %d; the bt engine delivers in ring 0 only",
-                     ev->vector, (int)(cs & 3));
+                     "vector %d arrived in ring %d; the bt engine delivers from rings 0 "
+                     "and 3 only", ev->vector, cpl);
         return CANNOT;
     }
     if ((uint64_t)ev->vector * 16 + 15 > idtr.limit ||
@@ -354,6 +488,14 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
         fault->error = idt_error;
         return FAULTED;
     }
+    /* int n, int3, into: the gate must let the current ring in (not so for a fault,
+     * an external interrupt, or int1) */
+    if (ev->soft && ((gate[5] >> 5) & 3) < cpl) {
+        fault->vector = 13;
+        fault->has_error = 1;
+        fault->error = (uint32_t)ev->vector * 8 + 2;
+        return FAULTED;
+    }
     if (!(gate[5] & 0x80)) {
         fault->vector = 11;     /* #NP */
         fault->has_error = 1;
@@ -364,32 +506,61 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
     target = (uint64_t)gate[0] | (uint64_t)gate[1] << 8 | (uint64_t)gate[6] << 16 |
              (uint64_t)gate[7] << 24 | (uint64_t)gate[8] << 32 | (uint64_t)gate[9] << 40 |
              (uint64_t)gate[10] << 48 | (uint64_t)gate[11] << 56;
-    if ((selector & 3) != 0 || (selector & ~7) == 0) {
+    if ((selector & ~3) == 0 || (cpl == 0 && (selector & 3) != 0)) {
+        /* (from ring 0 the target must be ring 0's own: no descriptor is read) */
         fault->vector = 13;
         fault->has_error = 1;
-        fault->error = selector & ~3u;
+        fault->error = (selector & ~3u) | ext;
         return FAULTED;
+    }
+    if (cpl == 3) {
+        /* a present 64-bit code segment; the gate selector's RPL does not count */
+        if (bt_gdt_entry(b, selector, &desc) < 0 || (desc & DESC_CODE) != DESC_CODE ||
+            !(desc & DESC_L)) {
+            fault->vector = 13;
+            fault->has_error = 1;
+            fault->error = (selector & ~3u) | ext;
+            return FAULTED;
+        }
+        if (!(desc & DESC_P)) {
+            fault->vector = 11;
+            fault->has_error = 1;
+            fault->error = (selector & ~3u) | ext;
+            return FAULTED;
+        }
+        target_ring = DESC_DPL(desc);
     }
     ist = gate[4] & 7;
     new_rsp = rsp;
     if (ist) {
-        uc_x86_mmr tr;
-        memset(&tr, 0, sizeof(tr));
-        bt_uc.reg_read(b->uc, UC_X86_REG_TR, &tr);
         if (tr.limit < 0x24 + (uint32_t)ist * 8 - 1 ||
             bt_read_virt(b, tr.base + 0x24 + (uint64_t)(ist - 1) * 8, &new_rsp, 8) < 0) {
             fault->vector = 10; /* #TS */
             fault->has_error = 1;
-            fault->error = (uint32_t)(tr.selector & ~3u);
+            fault->error = (uint32_t)(tr.selector & ~3u) | ext;
             return FAULTED;
         }
+    } else if (target_ring < cpl) {
+        /* to an inner ring: the stack TSS.RSPn names */
+        uint32_t at = 4 + 8 * (uint32_t)target_ring;
+        if (tr.limit < at + 7 || bt_read_virt(b, tr.base + at, &new_rsp, 8) < 0) {
+            fault->vector = 10; /* #TS */
+            fault->has_error = 1;
+            fault->error = (uint32_t)(tr.selector & ~3u) | ext;
+            return FAULTED;
+        }
+    }
+    if (target_ring != 0) {
+        hv_stop_with(stop, HV_STOP_FAULT, ev->vector, rip, "vector %d from ring 3 goes to "
+                     "ring %d; the bt engine delivers to ring 0 only", ev->vector, target_ring);
+        return CANNOT;
     }
     new_rsp &= ~15ULL;
     if (ev->has_error)
         frame[n++] = ev->error;
     frame[n++] = rip;
     frame[n++] = cs;
-    frame[n++] = rflags;
+    frame[n++] = rflags | (fault_class(ev) ? RFLAGS_RF : 0);
     frame[n++] = rsp;
     frame[n++] = ss;
     new_rsp -= (uint64_t)n * 8;
@@ -409,9 +580,14 @@ static int enter_gate(struct bt_vcpu *b, const struct bt_event *ev, struct bt_ev
     rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM);
     if (type == 0xe)
         rflags &= ~RFLAGS_IF;   /* an interrupt gate: no nesting until iretq */
+    if (cpl == 3 && bt_enter_ring0(b, selector, desc) < 0) {
+        hv_stop_with(stop, HV_STOP_FAULT, ev->vector, rip, "vector %d from ring 3: Unicorn "
+                     "refused code selector %#x", ev->vector, selector);
+        return CANNOT;
+    }
     bt_set_reg(b, UC_X86_REG_RSP, new_rsp);
     bt_set_reg(b, UC_X86_REG_RFLAGS, rflags);
-    if (selector != cs)
+    if (cpl == 0 && selector != cs)
         bt_set_reg(b, UC_X86_REG_CS, selector);
     bt_set_reg(b, UC_X86_REG_RIP, target);
     return DELIVERED;
@@ -422,11 +598,16 @@ int bt_deliver(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *sto
     struct bt_event cur = *ev, fault;
 
     for (;;) {
-        int r = enter_gate(b, &cur, &fault, stop);
+        int r;
+        b->kernel_view = 1;
+        r = enter_gate(b, &cur, &fault, stop);
+        b->kernel_view = 0;
         if (r == DELIVERED)
             return 0;
         if (r == CANNOT)
             return -1;
+        if (cur.insn_len)   /* int n, icebp did not complete: the fault names them */
+            bt_set_reg(b, UC_X86_REG_RIP, bt_reg(b, UC_X86_REG_RIP) - (uint64_t)cur.insn_len);
         if (cur.vector == 8) {
             b->v->dom->counters.exits[HV_EXIT_SHUTDOWN]++;
             hv_stop_with(stop, HV_STOP_FAULT, 8, bt_reg(b, UC_X86_REG_RIP), "triple fault");

@@ -34,6 +34,7 @@ int hv_bt_init(const char *library, char *err, int err_len)
         { "uc_reg_read_batch", (void **)&bt_uc.reg_read_batch },
         { "uc_mem_map_ptr", (void **)&bt_uc.mem_map_ptr },
         { "uc_mem_protect", (void **)&bt_uc.mem_protect },
+        { "uc_mmio_map", (void **)&bt_uc.mmio_map },
         { "uc_emu_start", (void **)&bt_uc.emu_start },
         { "uc_emu_stop", (void **)&bt_uc.emu_stop },
         { "uc_hook_add", (void **)&bt_uc.hook_add },

@@ -167,7 +167,9 @@ static int bus_port_io(struct hv_devices *dev, uint16_t port, int size, int is_w
 int hv_devices_port_io(struct hv_vcpu *v, uint16_t port, int size, int is_write, uint8_t *data)
 {
     struct hv_devices *dev = devices_of(v->dom);
-    return dev ? bus_port_io(dev, port, size, is_write, data) : 0;
+    if (!dev)
+        return hv_pvh_port_io(v, port, size, is_write, data);  /* PVH: its ACPI registers */
+    return bus_port_io(dev, port, size, is_write, data);
 }
 
 /* ---- memory-mapped accesses: only the page-table pool's trapped writes ---- */

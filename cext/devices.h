@@ -69,6 +69,21 @@ struct hv_rtc {
     uint8_t ram[128];               /* registers A-D, alarms and NVRAM; time comes from the clock */
 };
 
+/* ---- local APIC of a PVH vCPU (dev_lapic.c) ---- */
+struct hv_lapic {
+    pthread_mutex_t lock;           /* the vCPU, the timer thread and event senders */
+    uint32_t id;                    /* the vCPU id */
+    uint32_t tpr, ldr, dfr, svr, esr, esr_pending;
+    uint32_t icr_low, icr_high;
+    uint32_t lvt[7];                /* CMCI, timer, thermal, perf, LINT0, LINT1, error */
+    uint32_t irr[8], isr[8], tmr[8];
+    uint32_t timer_initial, timer_divide;
+    uint64_t timer_start_ns;        /* system time the count was loaded (or last reloaded) */
+    uint64_t timer_deadline;        /* system time of the next expiry; 0: not armed */
+    uint64_t tsc_deadline;          /* IA32_TSC_DEADLINE as the guest wrote it */
+    uint64_t apic_base;             /* IA32_APIC_BASE */
+};
+
 /* The device clock: the host's, or frozen by a test (hv_devices_set_clock). */
 struct hv_dev_clock {
     uint64_t frozen_mono_ns, frozen_wall_ns;    /* 0: use the host clocks */
@@ -121,6 +136,17 @@ void    hv_exit_port_write(struct hv_devices *dev, uint32_t val);
 
 /* Trapped page-table writes (dev_ptw.c): 1 if emulated (or the domain crashed over it). */
 int     hv_ptw_write(struct hv_devices *dev, uint64_t gpa, int size, const uint8_t *data);
+
+/* The local APIC (dev_lapic.c). An access is 1 (handled) or 0 (not the LAPIC's). */
+int      hv_lapic_init(struct hv_vcpu *v);
+void     hv_lapic_destroy(struct hv_vcpu *v);
+int      hv_lapic_mmio(struct hv_vcpu *v, uint64_t gpa, int size, int is_write, uint8_t *data);
+int      hv_lapic_rdmsr(struct hv_vcpu *v, uint32_t msr, uint64_t *value);
+int      hv_lapic_wrmsr(struct hv_vcpu *v, uint32_t msr, uint64_t value);    /* -1: #GP */
+void     hv_lapic_set_irq(struct hv_vcpu *v, uint8_t vector);   /* edge, fixed delivery */
+int      hv_lapic_pending(struct hv_vcpu *v);                   /* -1: nothing to take */
+void     hv_lapic_accept(struct hv_vcpu *v, int vector);        /* IRR -> ISR */
+void     hv_lapic_timer_expired(struct hv_vcpu *v, uint64_t now);   /* the timer thread */
 
 /* In mm.c: one validated page-table entry write, as one MMU_NORMAL_PT_UPDATE. */
 int     hv_mm_write_pte(struct hv_domain *d, uint64_t gpa, uint64_t val);

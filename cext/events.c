@@ -155,16 +155,22 @@ void hv_events_destroy(struct hv_domain *d)
 int hv_upcall_wanted(struct hv_vcpu *v)
 {
     struct vcpu_info *vi = hv_vcpu_info(v);
-    return v->dom->callback_vector &&
-           __atomic_load_n(&vi->evtchn_upcall_pending, __ATOMIC_ACQUIRE) &&
-           !__atomic_load_n(&vi->evtchn_upcall_mask, __ATOMIC_ACQUIRE);
+    if (!v->dom->callback_vector || v->upcall_vector)
+        return 0;   /* a per-vCPU upcall vector goes through the local APIC (mark_upcall) */
+    /* An HVM/PVH guest's callback vector ignores evtchn_upcall_mask, which is PV's
+     * interrupt flag (Xen's hvm_vcpu_has_pending_irq): RFLAGS.IF alone gates it. */
+    return __atomic_load_n(&vi->evtchn_upcall_pending, __ATOMIC_ACQUIRE) &&
+           (v->dom->guest_type == HV_GUEST_PVH ||
+            !__atomic_load_n(&vi->evtchn_upcall_mask, __ATOMIC_ACQUIRE));
 }
 
 static void mark_upcall(struct hv_vcpu *v, uint32_t port)
 {
     struct vcpu_info *vi = hv_vcpu_info(v);
     __atomic_fetch_or(&vi->evtchn_pending_sel, 1ULL << (port / BITS), __ATOMIC_SEQ_CST);
-    __atomic_store_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST);
+    /* Xen asserts a per-vCPU upcall vector, an edge, as upcall_pending goes 0 -> 1 */
+    if (!__atomic_exchange_n(&vi->evtchn_upcall_pending, 1, __ATOMIC_SEQ_CST) && v->upcall_vector)
+        hv_lapic_set_irq(v, v->upcall_vector);
     hv_vcpu_notify(v);
 }
 
@@ -696,6 +702,11 @@ static int hvm_set_param(struct hv_domain *d, struct xen_hvm_param *p)
         uint8_t vector = (uint8_t)p->value;
         if (p->value == 0) {
             d->callback_vector = 0;     /* upcalls off */
+        } else if (type == HVM_PARAM_CALLBACK_TYPE_GSI && d->guest_type == HV_GUEST_PVH) {
+            /* Xen takes a GSI from an HVM domain; a PVH one has no IO-APIC or PIC to
+             * raise it on, so nothing arrives through it. Linux sets GSI 1 once it has
+             * per-vCPU upcall vectors, so that the toolstack sees an enlightened guest. */
+            d->callback_vector = 0;
         } else if (type != HVM_PARAM_CALLBACK_TYPE_VECTOR) {
             return -XEN_EINVAL;         /* no emulated GSI or PCI INTx line to route to */
         } else if (vector < 0x10 || (p->value & 0x00ffffffffffff00ULL)) {
@@ -707,6 +718,30 @@ static int hvm_set_param(struct hv_domain *d, struct xen_hvm_param *p)
         return -XEN_EPERM;              /* the other parameters are the toolstack's */
     }
     d->hvm_params[p->index] = p->value;
+    return 0;
+}
+
+/* HVMOP_set_evtchn_upcall_vector: the vCPU's events arrive on this vector of its local
+ * APIC from now on; one already pending is asserted at once (Xen's
+ * hvmop_set_evtchn_upcall_vector). Only a vCPU with a local APIC (PVH) has one. */
+static int64_t hvm_set_upcall_vector(struct hv_vcpu *v, uint64_t arg)
+{
+    struct xen_hvm_evtchn_upcall_vector op;
+    struct hv_vcpu *target;
+
+    if (!v->lapic)
+        return -XEN_EINVAL;
+    if (hv_copy_from_guest(v, &op, arg, sizeof(op)) < 0)
+        return -XEN_EFAULT;
+    if (op.vector < 0x10)
+        return -XEN_EINVAL;
+    if (op.vcpu >= HV_MAX_VCPUS || !(target = v->dom->vcpus[op.vcpu]))
+        return -XEN_ENOENT;
+    target->upcall_vector = op.vector;
+    if (__atomic_load_n(&hv_vcpu_info(target)->evtchn_upcall_pending, __ATOMIC_ACQUIRE)) {
+        hv_lapic_set_irq(target, op.vector);
+        hv_vcpu_notify(target);
+    }
     return 0;
 }
 
@@ -729,6 +764,8 @@ int64_t do_hvm_op(struct hv_vcpu *v, const struct hv_hcall *h)
             return hvm_set_param(v->dom, &p);
         p.value = v->dom->hvm_params[p.index];
         return hv_copy_to_guest(v, h->a2, &p, sizeof(p)) < 0 ? -XEN_EFAULT : 0;
+    case HVMOP_set_evtchn_upcall_vector:
+        return hvm_set_upcall_vector(v, h->a2);
     default:
         return -XEN_ENOSYS;
     }

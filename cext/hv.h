@@ -237,6 +237,9 @@ struct hv_vcpu {
     uint64_t runstate_area;         /* guest virtual address of its runstate_info, 0: none */
     uint32_t virq_to_port[NR_VIRQS];
     struct hv_vcpu_timers timers;
+    struct hv_lapic *lapic;         /* PVH: the emulated local APIC (dev_lapic.c), else NULL */
+    uint64_t lapic_deadline;        /* its timer's next expiry, as the timer thread sees it */
+    uint8_t  upcall_vector;         /* HVMOP_set_evtchn_upcall_vector: 0 = none */
 
     /* PV clock: guest TSC = host TSC + tsc_offset, scaled to ns by mul/shift */
     pthread_mutex_t time_lock;      /* the timer thread and the vCPU both refresh it */
@@ -321,6 +324,7 @@ void hv_timers_stop(struct hv_domain *d);
 void hv_timers_wake(struct hv_domain *d);      /* a device deadline moved */
 /* A parked vCPU's own deadline (SCHEDOP_poll's timeout); 0 clears it. */
 void hv_timers_set_wait(struct hv_vcpu *v, uint64_t deadline);
+void hv_timers_set_lapic(struct hv_vcpu *v, uint64_t deadline);   /* 0: disarmed */
 uint64_t hv_system_time(void);
 void hv_pvclock_update(struct hv_vcpu *v);
 int  hv_pvclock_init(struct hv_vcpu *v, int64_t tsc_offset, uint64_t tsc_khz);
@@ -337,6 +341,7 @@ void hv_vcpu_notify(struct hv_vcpu *v);
 void hv_vcpu_deadline_passed(struct hv_vcpu *v);   /* the timer thread */
 int  hv_next_vector(struct hv_vcpu *v, int *is_upcall);   /* -1: nothing to take */
 int  hv_interrupt_due(struct hv_vcpu *v, void *unused);
+void hv_vector_taken(struct hv_vcpu *v, int vector, int is_upcall);
 int  hv_stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 
@@ -346,10 +351,15 @@ int  hv_stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, cons
 void hv_xen_cpuid(struct hv_vcpu *v, uint32_t index, uint32_t subleaf, uint32_t out[4]);
 #define HV_PVH_CPUID_BASE     0x40000000u
 #define HV_PVH_HYPERCALL_MSR  0x40000000u
+#define HV_LAPIC_GPA          0xfee00000u   /* the local APIC's xAPIC page (Xen's default) */
 /* 1 and out filled if leaf is one of the Xen leaves, 0 if not (the CPU's own answer). */
 int  hv_pvh_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
 /* A wrmsr the engine could not do itself: 0 done, -1 the guest takes #GP(0). */
 int  hv_pvh_wrmsr(struct hv_vcpu *v, uint32_t msr, uint64_t value);
+int  hv_pvh_rdmsr(struct hv_vcpu *v, uint32_t msr, uint64_t *value);
+int  hv_pvh_msr_owned(struct hv_vcpu *v, uint32_t msr);
+int  hv_pvh_mmio(struct hv_vcpu *v, uint64_t gpa, int size, int is_write, uint8_t *data);
+int  hv_pvh_port_io(struct hv_vcpu *v, uint16_t port, int size, int is_write, uint8_t *data);
 /* The arguments of a hypercall made by vmcall/vmmcall or the PVH hypercall page, from
  * the registers of the mode the vCPU is in (64-bit: rdi rsi rdx r10 r8; 32-bit: ebx ecx
  * edx esi edi); returns the result as the guest's rax should hold it. */

@@ -936,10 +936,7 @@ static int deliver_interrupt(struct hv_vcpu *v)
         struct kvm_interrupt irq = { .irq = (uint32_t)vector };
         if (ioctl(v->fd, KVM_INTERRUPT, &irq) < 0)
             return -1;
-        if (is_upcall)
-            v->dom->counters.upcalls++;
-        else
-            hv_devices_irq_injected(v->dom, vector);
+        hv_vector_taken(v, vector, is_upcall);
         run->request_interrupt_window = 0;
         return 0;
     }
@@ -1019,6 +1016,9 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             c->exits[HV_EXIT_MMIO]++;
             if (hv_devices_mmio(v, run->mmio.phys_addr, (int)run->mmio.len, run->mmio.is_write,
                                 run->mmio.data))
+                break;
+            if (hv_pvh_mmio(v, run->mmio.phys_addr, (int)run->mmio.len, run->mmio.is_write,
+                            run->mmio.data))
                 break;
             if (run->mmio.is_write && run->mmio.phys_addr >= d->pt_pool_start &&
                 run->mmio.phys_addr < d->pt_pool_end)

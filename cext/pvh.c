@@ -12,6 +12,11 @@
  * ret`: the `out` is the exit on both engines (kvm cannot intercept vmcall without
  * KVM_CAP_XEN_HVM), and the VMM writes the result to rax as vmcall's handler would.
  * Slot 23 (iret, a PV-only hypercall) is ud2, as in Xen's HVM page.
+ *
+ * The platform around the vCPU is Xen's for a PVH domU: a local APIC (dev_lapic.c) at
+ * 0xfee00000 and nothing else. Guest-physical space below 4 GiB that is neither RAM nor
+ * the APIC reads as all ones and swallows writes, as Xen's HVM does for an access no
+ * device model claims.
  */
 #include <string.h>
 
@@ -61,13 +66,72 @@ int hv_pvh_wrmsr(struct hv_vcpu *v, uint32_t msr, uint64_t value)
     struct hv_domain *d = v->dom;
     uint64_t gpa = value & ~(HV_PAGE_SIZE - 1);
 
-    if (d->guest_type != HV_GUEST_PVH || msr != HV_PVH_HYPERCALL_MSR)
+    if (d->guest_type != HV_GUEST_PVH)
         return -1;
+    if (msr != HV_PVH_HYPERCALL_MSR) {
+        int r = hv_lapic_wrmsr(v, msr, value);
+        return r == 1 ? 0 : -1;
+    }
     /* one page (CPUID B+2 eax): its index, the low bits, must be 0; the page RAM */
     if ((value & (HV_PAGE_SIZE - 1)) != 0 || !hv_gpa_valid(d, gpa, HV_PAGE_SIZE))
         return -1;
     write_hypercall_page(d, gpa);
     return 0;
+}
+
+/* The MSRs of a PVH vCPU the VMM answers itself (the rest are the CPU's). */
+int hv_pvh_msr_owned(struct hv_vcpu *v, uint32_t msr)
+{
+    uint64_t ignored;
+    return v->dom->guest_type == HV_GUEST_PVH &&
+           (msr == HV_PVH_HYPERCALL_MSR || hv_lapic_rdmsr(v, msr, &ignored));
+}
+
+/* 0 and *value, or -1: #GP. */
+int hv_pvh_rdmsr(struct hv_vcpu *v, uint32_t msr, uint64_t *value)
+{
+    if (hv_lapic_rdmsr(v, msr, value))
+        return 0;
+    return -1;                      /* the hypercall MSR is write-only, as in Xen */
+}
+
+/* An access to guest-physical memory outside RAM: 1 handled (the APIC, or the empty
+ * space that reads as all ones), 0 not a PVH guest's. */
+int hv_pvh_mmio(struct hv_vcpu *v, uint64_t gpa, int size, int is_write, uint8_t *data)
+{
+    if (v->dom->guest_type != HV_GUEST_PVH || size < 1 || size > 8)
+        return 0;
+    if (hv_lapic_mmio(v, gpa, size, is_write, data))
+        return 1;
+    if (gpa >= (1ULL << 32))
+        return 0;
+    if (!is_write)
+        memset(data, 0xff, (size_t)size);
+    return 1;
+}
+
+/* The ACPI sleep registers (hardware-reduced ACPI 6, 4.8.3.7): a byte write to the
+ * control register with SLP_EN (bit 5) and SLP_TYP (bits 2-4) of \_S5 is the guest's
+ * poweroff, as the ACPI PM1a control register is for Xen's HVM guests; other sleep
+ * states are not offered (the DSDT names only \_S5). The status register reads 0 (no
+ * wake event). 1 if the port is one of them. */
+#define ACPI_SLP_EN          0x20
+#define ACPI_SLP_TYP_SHIFT   2
+#define ACPI_SLP_TYP_MASK    0x1c
+
+int hv_pvh_port_io(struct hv_vcpu *v, uint16_t port, int size, int is_write, uint8_t *data)
+{
+    if (v->dom->guest_type != HV_GUEST_PVH ||
+        (port != TRAPLESS_ACPI_SLEEP_CONTROL_PORT && port != TRAPLESS_ACPI_SLEEP_STATUS_PORT))
+        return 0;
+    if (!is_write) {
+        memset(data, 0, (size_t)size);
+        return 1;
+    }
+    if (port == TRAPLESS_ACPI_SLEEP_CONTROL_PORT && (data[0] & ACPI_SLP_EN) &&
+        ((data[0] & ACPI_SLP_TYP_MASK) >> ACPI_SLP_TYP_SHIFT) == TRAPLESS_ACPI_S5_SLP_TYP)
+        hv_domain_shutdown(v->dom, SHUTDOWN_poweroff);
+    return 1;
 }
 
 uint64_t hv_pvh_hypercall(struct hv_vcpu *v, const struct hv_pvh_regs *r)

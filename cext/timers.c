@@ -152,6 +152,8 @@ static uint64_t earliest(struct hv_domain *d)
             next = v->timers.next_periodic;
         if (v->wait_deadline && v->wait_deadline < next)
             next = v->wait_deadline;
+        if (v->lapic_deadline && v->lapic_deadline < next)
+            next = v->lapic_deadline;
     }
     return next;
 }
@@ -204,8 +206,8 @@ static void fire(struct hv_vcpu *v)
  * raising what is due, and takes it again. */
 static void serve(struct hv_domain *d, uint64_t now)
 {
-    struct hv_vcpu *due[HV_MAX_VCPUS], *woken[HV_MAX_VCPUS];
-    int ndue = 0, nwoken = 0;
+    struct hv_vcpu *due[HV_MAX_VCPUS], *woken[HV_MAX_VCPUS], *lapic_due[HV_MAX_VCPUS];
+    int ndue = 0, nwoken = 0, nlapic = 0;
 
     for (int i = 0; i < HV_MAX_VCPUS; i++) {
         struct hv_vcpu *v = d->vcpus[i];
@@ -228,10 +230,16 @@ static void serve(struct hv_domain *d, uint64_t now)
             v->wait_deadline = 0;
             woken[nwoken++] = v;
         }
+        if (v->lapic_deadline && v->lapic_deadline <= now) {
+            v->lapic_deadline = 0;      /* the APIC says when it is due next */
+            lapic_due[nlapic++] = v;
+        }
     }
     pthread_mutex_unlock(&tq_lock);
     for (int i = 0; i < ndue; i++)
         fire(due[i]);
+    for (int i = 0; i < nlapic; i++)
+        hv_lapic_timer_expired(lapic_due[i], now);
     for (int i = 0; i < nwoken; i++)
         hv_vcpu_deadline_passed(woken[i]);
     /* A native domain's PIT: raises what is due, says when it next needs us. */
@@ -331,6 +339,15 @@ void hv_timers_set_wait(struct hv_vcpu *v, uint64_t deadline)
     pthread_mutex_lock(&tq_lock);
     v->wait_deadline = deadline;
     v->park_deadline = deadline;
+    reschedule(v->dom);
+    pthread_mutex_unlock(&tq_lock);
+}
+
+/* The local APIC's timer (dev_lapic.c) moved: its next expiry in system time. */
+void hv_timers_set_lapic(struct hv_vcpu *v, uint64_t deadline)
+{
+    pthread_mutex_lock(&tq_lock);
+    v->lapic_deadline = deadline;
     reschedule(v->dom);
     pthread_mutex_unlock(&tq_lock);
 }

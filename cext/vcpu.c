@@ -59,10 +59,17 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
     pthread_mutex_init(&v->wait_lock, NULL);
     pthread_cond_init(&v->done_cond, NULL);
     pthread_mutex_init(&v->time_lock, NULL);
+    /* Xen gives every PVH vCPU an emulated local APIC */
+    if (d->guest_type == HV_GUEST_PVH && hv_lapic_init(v) < 0) {
+        hv_set_error(err, err_len, "out of host memory");
+        free(v);
+        return NULL;
+    }
     /* Visible to the services before the engine part runs: the PV clock needs it. */
     d->vcpus[id] = v;
     if (d->engine->vcpu_create(v, err, err_len) < 0) {
         d->vcpus[id] = NULL;
+        hv_lapic_destroy(v);
         pthread_mutex_destroy(&v->kick_lock);
         pthread_mutex_destroy(&v->wait_lock);
         pthread_cond_destroy(&v->done_cond);
@@ -87,6 +94,7 @@ void hv_vcpu_destroy(struct hv_vcpu *v)
     pthread_mutex_unlock(&v->wait_lock);
     v->dom->engine->vcpu_destroy(v);
     v->dom->vcpus[v->id] = NULL;
+    hv_lapic_destroy(v);
     pthread_mutex_destroy(&v->kick_lock);
     pthread_mutex_destroy(&v->wait_lock);
     pthread_cond_destroy(&v->done_cond);
@@ -113,13 +121,28 @@ int hv_stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const
 
 /* ---- interrupts ---- */
 
-/* The vector the vCPU should take next: the PV upcall, else a device interrupt. */
+/* The vector the vCPU should take next: the domain-wide upcall vector (injected
+ * directly, as Xen does for HVM_PARAM_CALLBACK_IRQ), else its local APIC's (PVH), else
+ * a device interrupt (native). */
 int hv_next_vector(struct hv_vcpu *v, int *is_upcall)
 {
     *is_upcall = hv_upcall_wanted(v);
     if (*is_upcall)
         return v->dom->callback_vector;
+    if (v->lapic)
+        return hv_lapic_pending(v);
     return v->dom->devices ? hv_devices_irq_vector(v->dom) : -1;
+}
+
+/* The engine injected what hv_next_vector said. */
+void hv_vector_taken(struct hv_vcpu *v, int vector, int is_upcall)
+{
+    if (is_upcall)
+        v->dom->counters.upcalls++;
+    else if (v->lapic)
+        hv_lapic_accept(v, vector);
+    else
+        hv_devices_irq_injected(v->dom, vector);
 }
 
 int hv_interrupt_due(struct hv_vcpu *v, void *unused)

@@ -61,7 +61,7 @@ void hv_xen_cpuid(struct hv_vcpu *v, uint32_t index, uint32_t subleaf, uint32_t 
     case 4:                         /* HVM: features, the vCPU id and the domid */
         if (pvh && subleaf == 0) {
             out[0] = XEN_HVM_CPUID_IOMMU_MAPPINGS | XEN_HVM_CPUID_VCPU_ID_PRESENT |
-                     XEN_HVM_CPUID_DOMID_PRESENT;
+                     XEN_HVM_CPUID_DOMID_PRESENT | XEN_HVM_CPUID_UPCALL_VECTOR;
             out[1] = (uint32_t)v->id;
             out[2] = v->dom->domid;
         }

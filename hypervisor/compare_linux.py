@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "trapless (bt)": [sys.executable, "-m", "hypervisor", "run", str(vmlinux), "--type", "pvh",
                           "--engine", "bt", "--memory", str(MEMORY_MIB), "--ramdisk", str(initrd),
-                          "--cmdline", "console=hvc0 nolapic noapic"],
+                          "--cmdline", "console=hvc0"],
         "QEMU TCG": [qemu, "-M", "microvm", "-accel", "tcg", "-m", str(MEMORY_MIB), "-kernel",
                      str(vmlinux), "-initrd", str(initrd), "-append", "console=ttyS0",
                      "-nographic", "-no-reboot"],

@@ -8,6 +8,8 @@ and no hypercall page written up front. The layout, all physical:
     [image]                     the PT_LOAD segments at their physical addresses
     [hvm_start_info page]       hvm_start_info (version 1), the module list, the memory
                                 map and the command line, right after the image
+    [ACPI page]                 the ACPI tables (acpi.py), rsdp_paddr names their RSDP;
+                                the memory map marks the page ACPI
     [ramdisk]                   module 0, page-aligned, when there is one
     ...                         free RAM
     [reserved pages]            the last RESERVED_PAGES of the memory the domain starts
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 from abi import C, ffi
 
-from . import engines
+from . import acpi, engines
 from ._hv import ffi as hv_ffi, lib
 from .errors import EngineError, ImageError
 from .image import PVImage
@@ -50,6 +52,7 @@ class PVHLayout:
     image_start: int
     image_end: int
     start_info: int
+    acpi: int
     ramdisk: int
     ramdisk_size: int
     reserved: int               # first of the RESERVED_PAGES
@@ -73,7 +76,9 @@ class PVHLayout:
 
     def memory_map(self) -> list[tuple[int, int, int]]:
         """(addr, size, type) entries, as the guest's hvm_start_info gives them."""
-        return [(0, self.reserved, C.XEN_HVM_MEMMAP_TYPE_RAM),
+        return [(0, self.acpi, C.XEN_HVM_MEMMAP_TYPE_RAM),
+                (self.acpi, PAGE, C.XEN_HVM_MEMMAP_TYPE_ACPI),
+                (self.acpi + PAGE, self.reserved - self.acpi - PAGE, C.XEN_HVM_MEMMAP_TYPE_RAM),
                 (self.reserved, self.ram_bytes - self.reserved, C.XEN_HVM_MEMMAP_TYPE_RESERVED)]
 
 
@@ -98,19 +103,20 @@ def plan(image: PVImage, ram_bytes: int, ramdisk_size: int = 0) -> PVHLayout:
     end = page_up(max(s.paddr + s.memsz for s in image.segments))
     reserved = ram_bytes - RESERVED_PAGES * PAGE
     start_info = end
-    ramdisk = start_info + PAGE
+    acpi_tables = start_info + PAGE
+    ramdisk = acpi_tables + PAGE
     top = ramdisk + page_up(ramdisk_size)
     if top > reserved:
-        what = f"the image, hvm_start_info and a {ramdisk_size:,}-byte ramdisk" \
-            if ramdisk_size else "the image and hvm_start_info"
+        what = f"the image, hvm_start_info, ACPI tables and a {ramdisk_size:,}-byte ramdisk" \
+            if ramdisk_size else "the image, hvm_start_info and ACPI tables"
         raise ImageError(f"{ram_bytes >> 20} MiB of guest memory is too small: {what} end at "
                          f"{top:#x}, and trapless keeps [{reserved:#x}-{ram_bytes:#x})")
     if end > reserved:
         raise ImageError(f"the image ends at {end:#x}, inside trapless's reserved pages "
                          f"[{reserved:#x}-{ram_bytes:#x})")
     return PVHLayout(ram_bytes=ram_bytes, image_start=first, image_end=end,
-                     start_info=start_info, ramdisk=ramdisk, ramdisk_size=ramdisk_size,
-                     reserved=reserved, gdt=reserved, console=reserved + PAGE,
+                     start_info=start_info, acpi=acpi_tables, ramdisk=ramdisk,
+                     ramdisk_size=ramdisk_size, reserved=reserved, gdt=reserved, console=reserved + PAGE,
                      xenstore=reserved + 2 * PAGE)
 
 
@@ -124,6 +130,8 @@ def build(ram: memoryview, image: PVImage, layout: PVHLayout, cmdline: str,
     for seg in image.segments:
         ram[seg.paddr:seg.paddr + len(seg.data)] = seg.data
     struct.pack_into(f"<{len(BOOT_GDT)}Q", ram, layout.gdt, *BOOT_GDT)
+    tables = acpi.build(layout.acpi)
+    ram[layout.acpi:layout.acpi + len(tables)] = tables
 
     si_at = layout.start_info
     memmap = layout.memory_map()
@@ -144,7 +152,7 @@ def build(ram: memoryview, image: PVImage, layout: PVHLayout, cmdline: str,
     si = ffi.new("struct hvm_start_info *", dict(
         magic=C.XEN_HVM_START_MAGIC_VALUE, version=START_INFO_VERSION, flags=0,
         nr_modules=nr_modules, modlist_paddr=si_at + MODLIST_AT if nr_modules else 0,
-        cmdline_paddr=si_at + CMDLINE_AT, rsdp_paddr=0, memmap_paddr=si_at + MEMMAP_AT,
+        cmdline_paddr=si_at + CMDLINE_AT, rsdp_paddr=layout.acpi, memmap_paddr=si_at + MEMMAP_AT,
         memmap_entries=len(memmap)))
     raw = bytes(ffi.buffer(si))
     ram[si_at:si_at + len(raw)] = raw

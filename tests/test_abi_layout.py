@@ -80,6 +80,7 @@ XEN_LAYOUTS = [
     ("shared_info", 3136, dict(vcpu_info=0, evtchn_pending=2048, evtchn_mask=2560, wc_version=3072,
                                wc_sec=3076, wc_nsec=3080, wc_sec_hi=3084, arch=3088)),
     ("xen_hvm_param", 16, dict(domid=0, index=4, value=8)),
+    ("xen_hvm_evtchn_upcall_vector", 8, dict(vcpu=0, vector=4)),
     ("vcpu_set_periodic_timer", 8, dict(period_ns=0)),
     ("vcpu_set_singleshot_timer", 16, dict(timeout_abs_ns=0, flags=8)),
     ("vcpu_register_vcpu_info", 16, dict(mfn=0, offset=8, rsvd=12)),

@@ -103,8 +103,9 @@ AWKWARD = [
     ("vpaddd zmm0, zmm1, zmmword ptr [rax+0x40]", False), ("vpternlogd zmm0, zmm1, zmm2, 0x96", False),
     ("fld qword ptr [rsp]", False), ("fstp st(1)", False), ("fnstcw word ptr [rsp]", False),
     ("rdtsc", False), ("rdtscp", False), ("cpuid", False), ("pause", False), ("lfence", False),
-    ("sgdt [rsp]", False), ("int 0x80", False),
-    ("int3", False), ("syscall", False), ("nop word ptr [rax+rax+0x0]", False),
+    ("sgdt [rsp]", False),
+    # hooked: a software interrupt's vector (gate DPL, no error code, its length)
+    ("int 0x80", True), ("int3", True), ("syscall", False), ("nop word ptr [rax+rax+0x0]", False),
     ("hlt", True), ("cli", True), ("sti", True), ("popfq", True), ("iretq", True), ("iretd", True),
     ("mov cr3, rax", True), ("mov cr0, rbx", True), ("mov cr8, rax", True), ("mov dr7, rax", True),
     ("mov rax, cr3", True), ("mov rbx, dr7", True),     # privileged in ring 3 (Xen's PV model)

@@ -45,8 +45,10 @@ def expected(image_path, cmdline: str, vmcall: bool, module: tuple[int, int, int
     if module:
         text += (f"module 0: {module[0]:#x}, {module[1]} bytes, first byte {module[2]:#x}\n")
     text += (f"command line: {cmdline}\n"
-             "memory map: 2 entries\n"
-             f"  0x0-{reserved:#x} type 1\n"
+             "memory map: 4 entries\n"     # the ACPI tables' page (type 3) splits RAM
+             f"  0x0-{layout.acpi:#x} type 1\n"
+             f"  {layout.acpi:#x}-{layout.acpi + 4096:#x} type 3\n"
+             f"  {layout.acpi + 4096:#x}-{reserved:#x} type 1\n"
              f"  {reserved:#x}-{top:#x} type 2\n"
              "cpuid 0x40000000: XenVMMXenVMM, last leaf 0x40000005\n"
              "cpuid 0x40000004: vcpu id 0, domid 1\n"
@@ -169,7 +171,7 @@ def test_hvm_start_info_and_the_memory_map(guests):
     assert boot.mode == lib.HV_BOOT_PVH32 and boot.cr3 == 0
     si = ffi.new("struct hvm_start_info *")
     ffi.buffer(si)[:] = ram[layout.start_info:layout.start_info + ffi.sizeof(si[0])]
-    assert (si.magic, si.version, si.nr_modules, si.rsdp_paddr) == (0x336EC578, 1, 1, 0)
+    assert (si.magic, si.version, si.nr_modules, si.rsdp_paddr) == (0x336EC578, 1, 1, layout.acpi)
     assert ram[si.cmdline_paddr:si.cmdline_paddr + 13] == b"console=hvc0\0"
     paddr, size = struct.unpack_from("<QQ", ram, si.modlist_paddr)
     assert (paddr, size) == (layout.ramdisk, len(ramdisk)) and paddr % 4096 == 0
@@ -177,13 +179,52 @@ def test_hvm_start_info_and_the_memory_map(guests):
     assert paddr >= layout.image_end
     entries = [struct.unpack_from("<QQI", ram, si.memmap_paddr + 24 * i)
                for i in range(si.memmap_entries)]
-    assert entries == [(0, MEM - 4 * 4096, 1), (MEM - 4 * 4096, 4 * 4096, 2)]
+    acpi = layout.acpi
+    assert acpi == layout.start_info + 4096 and layout.ramdisk == acpi + 4096
+    assert entries == [(0, acpi, 1), (acpi, 4096, 3), (acpi + 4096, MEM - 4 * 4096 - acpi - 4096, 1),
+                       (MEM - 4 * 4096, 4 * 4096, 2)]
+
+
+def _acpi_table(ram, at):
+    """(signature, body) of the ACPI table at at, its length and checksum checked."""
+    signature, length = struct.unpack_from("<4sI", ram, at)
+    assert sum(ram[at:at + length]) % 256 == 0, signature
+    return signature, bytes(ram[at + 36:at + length])
+
+
+def test_acpi_tables_say_one_local_apic_no_ioapic_and_no_legacy_devices(guests):
+    """What Xen's toolstack gives a PVH domU: RSDP -> XSDT -> a hardware-reduced FADT
+    (no 8042, VGA or CMOS RTC; sleep registers) whose DSDT names \\_S5, and a MADT with
+    the local APIC at 0xfee00000, one enabled processor and no IO-APIC or 8259."""
+    image = load_image(guests["page"], MEM)
+    layout = pvh.plan(image, MEM)
+    ram = bytearray(MEM)
+    pvh.build(memoryview(ram), image, layout, "")
+    rsdp = layout.acpi
+    assert ram[rsdp:rsdp + 8] == b"RSD PTR " and ram[rsdp + 15] == 2
+    assert sum(ram[rsdp:rsdp + 20]) % 256 == 0 and sum(ram[rsdp:rsdp + 36]) % 256 == 0
+    signature, body = _acpi_table(ram, struct.unpack_from("<Q", ram, rsdp + 24)[0])
+    assert signature == b"XSDT"
+    tables = dict(_acpi_table(ram, at) for at in struct.unpack(f"<{len(body) // 8}Q", body))
+    assert sorted(tables) == [b"APIC", b"FACP"]
+    fadt = tables[b"FACP"]
+    iapc_boot_arch, = struct.unpack_from("<H", fadt, 109 - 36)
+    flags, = struct.unpack_from("<I", fadt, 112 - 36)
+    assert iapc_boot_arch == (1 << 2) | (1 << 5) and flags == 1 << 20
+    dsdt, = struct.unpack_from("<Q", fadt, 140 - 36)
+    # the sleep registers, byte-wide I/O ports, and \_S5 = Package { 5, 5, 0, 0 }
+    assert fadt[244 - 36:268 - 36] == struct.pack("<BBBBQBBBBQ", 1, 8, 0, 1, 0xB004, 1, 8, 0, 1, 0xB000)
+    assert _acpi_table(ram, dsdt) == (b"DSDT", bytes.fromhex("085c5f53355f1208040a050a050000"))
+    madt = tables[b"APIC"]
+    assert struct.unpack_from("<II", madt) == (0xFEE00000, 0)
+    assert madt[8:] == bytes([0, 8, 0, 0, 1, 0, 0, 0])     # one LAPIC entry: id 0, enabled
 
 
 def test_a_ramdisk_too_big_for_memory_is_one_line(guests):
     image = load_image(guests["page"], 4 << 20)
     with pytest.raises(ImageError, match=r"^4 MiB of guest memory is too small: the image, "
-                                         r"hvm_start_info and a 5,000,000-byte ramdisk end at"):
+                                         r"hvm_start_info, ACPI tables and a 5,000,000-byte "
+                                         r"ramdisk end at"):
         pvh.plan(image, 4 << 20, 5_000_000)
 
 
