@@ -734,8 +734,10 @@ int hv_mm_audit(struct hv_domain *d, char *err, int err_len)
             bad = "mapping count";
         else if ((f->type_count == 0) != (f->type == HV_FT_NONE))
             bad = "type without references";
-        else if (f->type != HV_FT_NONE && !hv_mm_in_pool(mm, m))
+        else if (f->type != HV_FT_NONE && !may_hold_table(d, m))
             bad = "page table outside the pool";
+        else if (f->wmap_count && f->type != HV_FT_NONE)
+            bad = "page table mapped writable";
         else if (f->wmap_count && hv_mm_in_pool(mm, m))
             bad = "pool frame mapped writable";
         else if (f->wmap_count && (f->flags & HV_FRAME_SEG_DESC))

@@ -181,7 +181,28 @@ def fuzz_guest(seed: int, calls: int) -> bytes:
     for reg in ("arg2", "arg3", "arg4", "arg5"):
         a.call("bad_pointer")
         a.mov(qword[reg], rax)
+    # set_trap_table takes its list in the first argument, and a null list is a valid
+    # request (it clears every entry, as Xen's does): give it a bad non-null pointer
+    a.cmp(r15, C.__HYPERVISOR_set_trap_table)
+    a.jne("fuzz.steer")
+    a.call("bad_pointer")
+    a.test(rax, rax)
+    a.jne("fuzz.trap_list")
+    a.mov(eax, UNMAPPED)
+    a.label("fuzz.trap_list")
+    a.mov(rbx, rax)
     a.label("fuzz.steer")
+    # update_va_mapping at a small first argument would map the NULL page the guest
+    # unmapped, after which every null pointer the fuzzer passes would be a valid one
+    for n in (C.__HYPERVISOR_update_va_mapping, C.__HYPERVISOR_update_va_mapping_otherdomain):
+        a.cmp(r15, n)
+        a.je("fuzz.va")
+    a.jmp("fuzz.steer_more")
+    a.label("fuzz.va")
+    a.cmp(rbx, 4096)
+    a.jae("fuzz.steer_more")
+    a.add(rbx, UNMAPPED)
+    a.label("fuzz.steer_more")
     # steer the few calls a live guest must not get at random
     for n in sorted(XEN_MODEL_STEERED):
         a.cmp(r15, n)

@@ -225,7 +225,7 @@ def test_set_segment_base(run_cases):
 
 
 def test_ring0_kernels_do_not_have_them(run_cases):
-    g = ConformanceGuest("pv_ctrl_ring0")
+    g = ConformanceGuest("pv_ctrl_ring0", xen_pv=False)
     g.call("fpu_taskswitch", "fpu_taskswitch", 1)
     g.call("set_debugreg", "set_debugreg", 0, 0)
     g.call("get_debugreg", "get_debugreg", 0)
