@@ -327,17 +327,23 @@ int hv_gnt_frame_granted(struct hv_domain *d, uint64_t gpfn)
 
 /* ---- PVH: a guest frame shows another page of the memory file ---- */
 
-static int overlay(struct hv_domain *d, uint64_t gpfn, struct hv_domain *from, uint64_t page)
+/* Frame gpfn of d shows page `page` of from's memory file. A read-only grant is mapped
+ * privately: the guest's page tables (PVH, or a second PV entry for a window frame) may
+ * let it store there, and its stores must never reach the granter; they go to a copy
+ * of its own (Xen drops them). Never read-only on the host: Unicorn would fault. */
+static int overlay(struct hv_domain *d, uint64_t gpfn, struct hv_domain *from, uint64_t page,
+                   int readonly)
 {
     void *at = d->ram + (gpfn << HV_PAGE_SHIFT);
-    void *p = mmap(at, HV_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+    void *p = mmap(at, HV_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                   (readonly ? MAP_PRIVATE : MAP_SHARED) | MAP_FIXED,
                    from->ram_fd, (off_t)(page << HV_PAGE_SHIFT));
     return p == at ? 0 : -1;
 }
 
 static int restore(struct hv_domain *d, uint64_t gpfn)
 {
-    return overlay(d, gpfn, d, gpfn);
+    return overlay(d, gpfn, d, gpfn, 0);
 }
 
 /* Xen's XENMAPSPACE_grant_table for a translated guest: table frame idx (status frame
@@ -371,7 +377,7 @@ int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn)
     }
     if (gt->placed[i] != INVALID_GFN && gt->placed[i] != gpfn && restore(d, gt->placed[i]) < 0)
         rc = -XEN_ENOMEM;
-    else if (overlay(d, gpfn, d, nr_ram_frames(d) + i) < 0)
+    else if (overlay(d, gpfn, d, nr_ram_frames(d) + i, 0) < 0)
         rc = -XEN_ENOMEM;
     else
         gt->placed[i] = gpfn;
@@ -458,7 +464,7 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
         for (window = 0; window < HV_GNT_WINDOW_FRAMES && lgt->window_used[window]; window++)
             ;
         pte_frame = nr_ram_frames(ld) + HV_GNT_WINDOW_BASE + (uint64_t)window;
-        if (window == HV_GNT_WINDOW_FRAMES || overlay(ld, pte_frame, rd, frame) < 0) {
+        if (window == HV_GNT_WINDOW_FRAMES || overlay(ld, pte_frame, rd, frame, !write) < 0) {
             window = -1;
             st = GNTST_no_device_space;
         } else {
@@ -469,7 +475,7 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
         if (is_pvh(ld)) {
             uint64_t gpfn = op->host_addr >> HV_PAGE_SHIFT;
             if (!hv_mm_frame_usable(ld, gpfn) || gpfn == ld->shared_info_gpa >> HV_PAGE_SHIFT ||
-                overlay(ld, gpfn, rd, frame) < 0)
+                overlay(ld, gpfn, rd, frame, !write) < 0)
                 st = GNTST_general_error;
         } else if (pv_pte_addr(v, op->host_addr, op->flags, &pte) < 0 ||
                    hv_mm_set_l1e(ld, pte, grant_pte(pte_frame, op->flags)) < 0) {

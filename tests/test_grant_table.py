@@ -202,6 +202,24 @@ def pvh_grant_code(p) -> None:
     a.movzx(rax, word[rip + "g_table" + 8 * 8])
     result("flags_unmapped")
 
+    # read-only: the guest's own page tables let it store, but the store stays its own
+    a.mov(dword[map_at("flags")], C.GNTMAP_host_map | C.GNTMAP_readonly)
+    p.hypercall("grant_table_op", C.GNTTABOP_map_grant_ref, "gmap", 1)
+    a.movsx(rax, word[map_at("status")])
+    result("ro_map")
+    a.mov(rax, qword["g_target"])
+    result("ro_target_reads_victim")
+    a.mov(qword["g_target"], 0x4444)
+    a.mov(rax, qword["g_victim"])
+    result("victim_after_store_to_ro_map")
+    a.mov(eax, dword[map_at("handle")])
+    a.mov(dword[rip + "gunmap" + offsetof("gnttab_unmap_grant_ref", "handle")], eax)
+    p.hypercall("grant_table_op", C.GNTTABOP_unmap_grant_ref, "gunmap", 1)
+    a.movsx(rax, word[rip + "gunmap" + offsetof("gnttab_unmap_grant_ref", "status")])
+    result("ro_unmap")
+    a.mov(rax, qword["g_target"])
+    result("target_restored_again")
+
 
 def test_pvh_places_its_table_and_maps_a_grant_at_a_guest_frame(engine, run_guest):
     from guest_kernel.conformance import parse
@@ -223,3 +241,6 @@ def test_pvh_places_its_table_and_maps_a_grant_at_a_guest_frame(engine, run_gues
     assert r["target_restored"] == 0x2222
     assert r["victim_after_unmap"] == 0x3333
     assert r["flags_unmapped"] == PERMIT
+    assert (r["ro_map"], r["ro_target_reads_victim"]) == (C.GNTST_okay, 0x3333)
+    assert r["victim_after_store_to_ro_map"] == 0x3333      # never reaches the granter
+    assert (r["ro_unmap"], r["target_restored_again"]) == (C.GNTST_okay, 0x2222)

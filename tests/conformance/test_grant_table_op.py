@@ -392,7 +392,8 @@ def tries_label(g: GrantGuest) -> None:
 
 
 def granter_guest():
-    """Grant our `victim` page to MAPPER, wait until it is mapped, written and unmapped."""
+    """Grant our `victim` page to MAPPER, wait until it is written through the mapping,
+    answer, wait until it is unmapped."""
     g = GrantGuest()
     a = g.a
     tries_label(g)
@@ -406,17 +407,19 @@ def granter_guest():
     g.hypercall_regs("map_table", "update_va_mapping", rax, rcx, C.UVMF_INVLPG)
     a.mov(qword["victim"], 0xFEED)
     g.grant(8, PERMIT, MAPPER, "victim")
-    wait_until(g, "mapped", lambda: a.cmp(word[rip_("gt", 8 * 8)], PERMIT | READING | WRITING))
-    g.entry_flags("flags_while_mapped", 8)
+    # the mapper writes 0xBEEF through its mapping and keeps it until we answer 0xACED
     wait_until(g, "written", lambda: a.cmp(qword["victim"], 0xBEEF))
     g.report_word("victim_seen", "victim")
+    g.entry_flags("flags_while_mapped", 8)
+    a.mov(qword["victim"], 0xACED)
     wait_until(g, "unmapped", lambda: a.cmp(word[rip_("gt", 8 * 8)], PERMIT))
     g.entry_flags("flags_after_unmap", 8)
     return g.finish()
 
 
 def mapper_guest():
-    """Map GRANTER's ref 8 (retrying until it is granted), read and write it, unmap."""
+    """Map GRANTER's ref 8 (retrying until it is granted), read and write it, wait for
+    the granter's answer in it, map it again read-only, unmap."""
     g = GrantGuest()
     a = g.a
     tries_label(g)
@@ -430,6 +433,7 @@ def mapper_guest():
     a.mov(rax, qword["target"])
     g.report("read_through_map")
     a.mov(qword["target"], 0xBEEF)
+    wait_until(g, "answered", lambda: a.cmp(qword["target"], 0xACED))
     g.map("map_again_readonly", 8, C.GNTMAP_host_map | C.GNTMAP_readonly, "rotarget",
           dom=GRANTER)
     a.mov(rax, qword["rotarget"])
@@ -471,7 +475,7 @@ def test_a_page_granted_to_another_domain_is_mapped_there(engine):
     # the page has a frame of the mapper's window: its machine address there
     assert m["map.bus"] >> 12 == RAM_FRAMES + lib.HV_GNT_WINDOW_BASE
     assert m["read_through_map"] == 0xFEED
-    assert (m["map_again_readonly.status"], m["read_second_map"]) == (C.GNTST_okay, 0xBEEF)
+    assert (m["map_again_readonly.status"], m["read_second_map"]) == (C.GNTST_okay, 0xACED)
     assert m["unmap_second.status"] == C.GNTST_okay
     assert m["unmap_wrong_bus.status"] == C.GNTST_bad_dev_addr
     assert m["unmap.status"] == C.GNTST_okay
