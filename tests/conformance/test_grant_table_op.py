@@ -543,3 +543,69 @@ def test_pin_and_maptrack_limits(run_cases):
     assert run["pin_overflow.flags"] == PERMIT | READING
     assert run["more_maps"] == lib.HV_GNT_MAX_MAPTRACK - 128
     assert run["maptrack_full.status"] == C.GNTST_no_space
+
+
+# ---- the granter goes away while its page is mapped ----
+
+def wait_for_host(g: GrantGuest, checkpoint: str) -> None:
+    """Print `checkpoint <name>` and spin on CONSOLEIO_read until the host sends a byte."""
+    a = g.a
+    a.section(".bss")
+    a.label(f"{checkpoint}.in")
+    a.reserve(8)
+    a.section(".text")
+    g.print(f"checkpoint {checkpoint}\n")
+    a.label(f"{checkpoint}.wait")
+    g.hypercall("console_io", C.CONSOLEIO_read, 1, f"{checkpoint}.in")
+    a.test(rax, rax)
+    a.je(f"{checkpoint}.wait")
+
+
+def orphan_mapper_guest():
+    """Map GRANTER's ref 8; after the host destroyed GRANTER, use the page, then unmap."""
+    g = GrantGuest()
+    a = g.a
+    tries_label(g)
+    g.set("map", host_addr="target", flags=C.GNTMAP_host_map, ref=8, dom=GRANTER)
+    wait_until(g, "granted", lambda: (
+        g.hypercall(GNTTABOP, C.GNTTABOP_map_grant_ref, "map", 1),
+        a.cmp(word[rip_("map", offsetof("gnttab_map_grant_ref", "status"))], 0)))
+    g.status("map.status", "map")
+    wait_for_host(g, "mapped")
+    g.report_word("read_after_granter_died", "target")
+    a.mov(qword["target"], 0xBEEF)
+    g.report_word("write_after_granter_died", "target")
+    g.unmap("unmap", 0, "target")
+    g.set("map", ref=8, dom=GRANTER)
+    g.gnttab("map_after_granter_died", C.GNTTABOP_map_grant_ref, "map")
+    g.status("map_after_granter_died.status", "map")
+    return g.finish()
+
+
+def test_a_mapped_page_outlives_its_granter(engine):
+    from guest_kernel.conformance import parse
+    from hypervisor.domain import Domain
+    from helpers import wait_for
+    granter = Domain(granter_guest(), domid=GRANTER, engine=engine, memory_mib=MEMORY_MIB,
+                     console_ring=False, xenstore=False)
+    mapper = Domain(orphan_mapper_guest(), domid=MAPPER, engine=engine, memory_mib=MEMORY_MIB,
+                    console_ring=False, xenstore=False)
+    try:
+        mapper.start()
+        granter.start()
+        assert wait_for(lambda: b"checkpoint mapped\n" in mapper.console_output, 20), \
+            mapper.console_output
+    finally:
+        granter.destroy()
+    try:
+        assert mapper.send_input(b"x") == 1
+        stop = mapper.wait(30)
+        assert stop is not None and (stop.kind, stop.reason) == ("shutdown", 0), stop
+        m, _ = parse(mapper.console_output.decode())
+    finally:
+        mapper.destroy()
+    assert m["map.status"] == C.GNTST_okay
+    assert m["read_after_granter_died"] == 0xFEED          # the page is still there
+    assert m["write_after_granter_died"] == 0xBEEF
+    assert m["unmap.status"] == C.GNTST_okay
+    assert m["map_after_granter_died.status"] == C.GNTST_bad_domain
