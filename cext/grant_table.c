@@ -576,50 +576,65 @@ static int16_t unmap_one(struct hv_vcpu *v, uint32_t handle, uint64_t host_addr,
 
 /* ---- copy ---- */
 
-/* One side of a copy: a grant ref of another domain (pinned for the copy) or a frame
- * of the caller's own. Xen's checks, in Xen's order. */
-static int16_t copy_side(struct hv_vcpu *v, const struct gnttab_copy_ptr *p, int is_gref,
-                         int write, struct hv_domain **dom, uint64_t *frame)
+/* The domain one side of a copy names: Xen's gnttab_copy_lock_domain. A frame (no gref)
+ * may be named only with DOMID_SELF itself, not the caller's own number. */
+static int16_t copy_domain(struct hv_vcpu *v, uint16_t domid, int is_gref, struct hv_domain **d)
 {
-    uint16_t domid = p->domid == DOMID_SELF ? (uint16_t)v->dom->domid : p->domid;
-    int16_t st;
+    if (domid != DOMID_SELF && !is_gref)
+        return GNTST_permission_denied;
+    *d = domid == DOMID_SELF ? v->dom : hv_domain_lookup(domid);
+    return *d && (*d)->gnt ? GNTST_okay : GNTST_bad_domain;
+}
 
-    if (!is_gref && domid != v->dom->domid)
-        return GNTST_permission_denied;     /* frames only of one's own */
-    st = granter(domid, dom);
-    if (st != GNTST_okay)
-        return st;
+/* Its frame: a grant ref pinned for the copy, or a frame of the caller's RAM (one it may
+ * write, for the destination: never a page table, Xen's failed writable type). */
+static int16_t copy_frame(struct hv_vcpu *v, struct hv_domain *d, const struct gnttab_copy_ptr *p,
+                          int is_gref, int write, uint64_t *frame)
+{
     if (is_gref)
-        return pin(*dom, (uint32_t)p->u, (uint16_t)v->dom->domid, write, PIN_HOST, frame);
-    if (!hv_mm_frame_usable(*dom, p->u))
+        return pin(d, (uint32_t)p->u, (uint16_t)v->dom->domid, write, PIN_HOST, frame);
+    if (p->u >= d->mm.nr_pages || !(d->mm.frames[p->u].flags & HV_FRAME_POPULATED))
         return GNTST_bad_page;
+    if (write && !hv_mm_frame_usable(d, p->u))
+        return GNTST_general_error;
     *frame = p->u;
     return GNTST_okay;
 }
 
+/* Xen's gnttab_copy_one, in its order: nothing to copy is done at once; both domains,
+ * both frames, then the bounds. */
 static void copy_one(struct hv_vcpu *v, struct gnttab_copy *op)
 {
     int src_gref = op->flags & GNTCOPY_source_gref, dst_gref = op->flags & GNTCOPY_dest_gref;
-    struct hv_domain *sd, *dd;
-    uint64_t sf, df;
-    int16_t st;
+    int src_pinned = 0, dst_pinned = 0;
+    struct hv_domain *sd = NULL, *dd = NULL;
+    uint64_t sf = 0, df = 0;
+    int16_t st = GNTST_okay;
 
-    if (op->source.offset + op->len > HV_PAGE_SIZE || op->dest.offset + op->len > HV_PAGE_SIZE) {
-        op->status = GNTST_bad_copy_arg;
+    if (!op->len) {
+        op->status = GNTST_okay;
         return;
     }
-    st = copy_side(v, &op->source, src_gref, 0, &sd, &sf);
-    if (st != GNTST_okay) {
-        op->status = st;
-        return;
+    st = copy_domain(v, op->source.domid, src_gref, &sd);
+    if (st == GNTST_okay)
+        st = copy_domain(v, op->dest.domid, dst_gref, &dd);
+    if (st == GNTST_okay) {
+        st = copy_frame(v, sd, &op->source, src_gref, 0, &sf);
+        src_pinned = st == GNTST_okay && src_gref;
     }
-    st = copy_side(v, &op->dest, dst_gref, 1, &dd, &df);
+    if (st == GNTST_okay) {
+        st = copy_frame(v, dd, &op->dest, dst_gref, 1, &df);
+        dst_pinned = st == GNTST_okay && dst_gref;
+    }
+    if (st == GNTST_okay && (op->source.offset + op->len > HV_PAGE_SIZE ||
+                             op->dest.offset + op->len > HV_PAGE_SIZE))
+        st = GNTST_bad_copy_arg;
     if (st == GNTST_okay)
         memmove(dd->ram + (df << HV_PAGE_SHIFT) + op->dest.offset,
                 sd->ram + (sf << HV_PAGE_SHIFT) + op->source.offset, op->len);
-    if (st == GNTST_okay && dst_gref)
+    if (dst_pinned)
         unpin(dd, (uint32_t)op->dest.u, 1, PIN_HOST);
-    if (src_gref)
+    if (src_pinned)
         unpin(sd, (uint32_t)op->source.u, 0, PIN_HOST);
     op->status = st;
 }

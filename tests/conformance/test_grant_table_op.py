@@ -216,6 +216,27 @@ def grant_guest():
     g.gnttab("copy_others_grant", C.GNTTABOP_copy, "copy")
     g.status("copy_others_grant.status", "copy")
     g.entry_flags("copy_others_grant.flags", 10)
+    LEN, FLAGS = (offsetof("gnttab_copy", f) for f in ("len", "flags"))
+    DEST = offsetof("gnttab_copy", "dest")
+    a.mov(word[rip_("copy", LEN)], 0)                   # nothing to copy: done, unchecked
+    g.gnttab("copy_len_0", C.GNTTABOP_copy, "copy")
+    g.status("copy_len_0.status", "copy")
+    a.mov(word[rip_("copy", LEN)], 8)
+    a.mov(qword[rip_("copy", 0)], 8)
+    a.mov(word[rip_("copy", DEST + 8)], DOMID)          # our frame, by our number
+    g.gnttab("copy_frame_by_own_domid", C.GNTTABOP_copy, "copy")
+    g.status("copy_frame_by_own_domid.status", "copy")
+    a.mov(word[rip_("copy", DEST + 8)], C.DOMID_SELF)
+    g.start_info_field(rax, "pt_base")                  # VIRT_BASE 0: VA = guest-physical
+    a.shr(rax, 12)
+    a.mov(qword[rip_("copy", DEST)], rax)
+    g.gnttab("copy_to_page_table", C.GNTTABOP_copy, "copy")
+    g.status("copy_to_page_table.status", "copy")
+    a.mov(word[rip_("copy", FLAGS)], 0)                 # source: a frame, beyond RAM
+    a.mov(word[rip_("copy", 8)], C.DOMID_SELF)
+    a.mov(qword[rip_("copy", 0)], 0x7FFF_FFFF)
+    g.gnttab("copy_from_beyond_ram", C.GNTTABOP_copy, "copy")
+    g.status("copy_from_beyond_ram.status", "copy")
 
     # ---- unmap ----
     g.unmap("unmap_bad_handle", 99, "target")
@@ -329,6 +350,10 @@ def test_grant_table_op(run_cases):
     assert run["copy_to_foreign_frame.status"] == perm
     assert run["copy_others_grant.status"] == general
     assert run["copy_others_grant.flags"] == PERMIT
+    assert run["copy_len_0.status"] == ok
+    assert run["copy_frame_by_own_domid.status"] == perm     # frames: DOMID_SELF only
+    assert run["copy_to_page_table.status"] == general
+    assert run["copy_from_beyond_ram.status"] == bad_page
     # unmap
     assert (run["unmap_bad_handle"], run["unmap_bad_handle.status"]) == (0, bad_handle)
     assert run["unmap_wrong_bus_addr.status"] == ok     # handle 0 has no device mapping
