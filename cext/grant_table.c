@@ -356,7 +356,10 @@ int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn)
 
     if (d->guest_type != HV_GUEST_PVH)
         return -XEN_EINVAL;         /* PV maps the frames setup_table names */
-    if (!hv_mm_frame_usable(d, gpfn) || gpfn == d->shared_info_gpa >> HV_PAGE_SHIFT)
+    /* Any frame of the domain's RAM, ballooned out or not (Linux places its table in
+     * frames it gave back first), but not the page-table pool or shared_info. */
+    if (gpfn >= d->mm.nr_pages || hv_mm_in_pool(&d->mm, gpfn) ||
+        gpfn == d->shared_info_gpa >> HV_PAGE_SHIFT)
         return -XEN_EINVAL;
     pthread_mutex_lock(&gnt_lock);
     if (idx & XENMAPIDX_grant_table_status) {

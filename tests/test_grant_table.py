@@ -146,6 +146,14 @@ def pvh_grant_code(p) -> None:
     struct("gunmap", "gnttab_unmap_grant_ref")
     map_at = lambda field: rip + "gmap" + offsetof("gnttab_map_grant_ref", field)  # noqa: E731
 
+    # the table goes in a frame given back first, as Linux places it
+    frame_of("g_table")
+    a.mov(qword["g_frames"], rax)
+    struct("g_resv", "xen_memory_reservation", nr_extents=1, domid=C.DOMID_SELF)
+    a.lea(rax, ptr["g_frames"])
+    a.mov(qword[rip + "g_resv"], rax)
+    p.hypercall("memory_op", C.XENMEM_decrease_reservation, "g_resv")
+    result("give_back_table_frame")
     frame_of("g_table")
     a.mov(qword[rip + "g_xatp" + offsetof("xen_add_to_physmap", "gpfn")], rax)
     p.hypercall("memory_op", C.XENMEM_add_to_physmap, "g_xatp")
@@ -228,6 +236,7 @@ def test_pvh_places_its_table_and_maps_a_grant_at_a_guest_frame(engine, run_gues
     stop, out, dom = run_guest(image, domid=PVH_DOMID, timeout=120)
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
     r, _ = parse(out)
+    assert r["give_back_table_frame"] == 1
     assert r["add_to_physmap"] == 0
     assert r["status_frame_in_v1"] == -C.XEN_EINVAL
     assert r["setup_names_the_placed_frame"] == 0
