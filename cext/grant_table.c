@@ -362,12 +362,17 @@ int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn)
         gpfn == d->shared_info_gpa >> HV_PAGE_SHIFT)
         return -XEN_EINVAL;
     pthread_mutex_lock(&gnt_lock);
-    if (idx & XENMAPIDX_grant_table_status) {
+    /* Xen (gnttab_map_frame_begin): the status bit means a status frame only in v2; in
+     * v1 the index is a shared frame's, far beyond the limit. Either grows the table. */
+    if (gt->version == 2 && (idx & XENMAPIDX_grant_table_status)) {
         idx &= ~(uint64_t)XENMAPIDX_grant_table_status;
-        if (gt->version != 2 || idx >= HV_GNT_STATUS_FRAMES) {
+        if (idx >= HV_GNT_STATUS_FRAMES) {
             rc = -XEN_EINVAL;
             goto out;
         }
+        /* enough shared frames for status frame idx to exist: 8 per status frame */
+        if (idx >= nr_status_frames(gt))
+            gt->nr_frames = (uint32_t)(idx + 1) * (STATUS_PER_FRAME / V2_PER_FRAME);
         i = HV_GNT_MAX_FRAMES + idx;
     } else {
         if (idx >= HV_GNT_MAX_FRAMES) {
