@@ -327,17 +327,23 @@ int hv_gnt_frame_granted(struct hv_domain *d, uint64_t gpfn)
 
 /* ---- PVH: a guest frame shows another page of the memory file ---- */
 
-static int overlay(struct hv_domain *d, uint64_t gpfn, struct hv_domain *from, uint64_t page)
+/* Frame gpfn of d shows page `page` of from's memory file. A read-only grant is mapped
+ * privately: the guest's page tables (PVH, or a second PV entry for a window frame) may
+ * let it store there, and its stores must never reach the granter; they go to a copy
+ * of its own (Xen drops them). Never read-only on the host: Unicorn would fault. */
+static int overlay(struct hv_domain *d, uint64_t gpfn, struct hv_domain *from, uint64_t page,
+                   int readonly)
 {
     void *at = d->ram + (gpfn << HV_PAGE_SHIFT);
-    void *p = mmap(at, HV_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+    void *p = mmap(at, HV_PAGE_SIZE, PROT_READ | PROT_WRITE,
+                   (readonly ? MAP_PRIVATE : MAP_SHARED) | MAP_FIXED,
                    from->ram_fd, (off_t)(page << HV_PAGE_SHIFT));
     return p == at ? 0 : -1;
 }
 
 static int restore(struct hv_domain *d, uint64_t gpfn)
 {
-    return overlay(d, gpfn, d, gpfn);
+    return overlay(d, gpfn, d, gpfn, 0);
 }
 
 /* Xen's XENMAPSPACE_grant_table for a translated guest: table frame idx (status frame
@@ -350,15 +356,23 @@ int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn)
 
     if (d->guest_type != HV_GUEST_PVH)
         return -XEN_EINVAL;         /* PV maps the frames setup_table names */
-    if (!hv_mm_frame_usable(d, gpfn) || gpfn == d->shared_info_gpa >> HV_PAGE_SHIFT)
+    /* Any frame of the domain's RAM, ballooned out or not (Linux places its table in
+     * frames it gave back first), but not the page-table pool or shared_info. */
+    if (gpfn >= d->mm.nr_pages || hv_mm_in_pool(&d->mm, gpfn) ||
+        gpfn == d->shared_info_gpa >> HV_PAGE_SHIFT)
         return -XEN_EINVAL;
     pthread_mutex_lock(&gnt_lock);
-    if (idx & XENMAPIDX_grant_table_status) {
+    /* Xen (gnttab_map_frame_begin): the status bit means a status frame only in v2; in
+     * v1 the index is a shared frame's, far beyond the limit. Either grows the table. */
+    if (gt->version == 2 && (idx & XENMAPIDX_grant_table_status)) {
         idx &= ~(uint64_t)XENMAPIDX_grant_table_status;
-        if (gt->version != 2 || idx >= HV_GNT_STATUS_FRAMES) {
+        if (idx >= HV_GNT_STATUS_FRAMES) {
             rc = -XEN_EINVAL;
             goto out;
         }
+        /* enough shared frames for status frame idx to exist: 8 per status frame */
+        if (idx >= nr_status_frames(gt))
+            gt->nr_frames = (uint32_t)(idx + 1) * (STATUS_PER_FRAME / V2_PER_FRAME);
         i = HV_GNT_MAX_FRAMES + idx;
     } else {
         if (idx >= HV_GNT_MAX_FRAMES) {
@@ -371,7 +385,7 @@ int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn)
     }
     if (gt->placed[i] != INVALID_GFN && gt->placed[i] != gpfn && restore(d, gt->placed[i]) < 0)
         rc = -XEN_ENOMEM;
-    else if (overlay(d, gpfn, d, nr_ram_frames(d) + i) < 0)
+    else if (overlay(d, gpfn, d, nr_ram_frames(d) + i, 0) < 0)
         rc = -XEN_ENOMEM;
     else
         gt->placed[i] = gpfn;
@@ -458,7 +472,7 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
         for (window = 0; window < HV_GNT_WINDOW_FRAMES && lgt->window_used[window]; window++)
             ;
         pte_frame = nr_ram_frames(ld) + HV_GNT_WINDOW_BASE + (uint64_t)window;
-        if (window == HV_GNT_WINDOW_FRAMES || overlay(ld, pte_frame, rd, frame) < 0) {
+        if (window == HV_GNT_WINDOW_FRAMES || overlay(ld, pte_frame, rd, frame, !write) < 0) {
             window = -1;
             st = GNTST_no_device_space;
         } else {
@@ -469,7 +483,7 @@ static void map_one(struct hv_vcpu *v, struct gnttab_map_grant_ref *op)
         if (is_pvh(ld)) {
             uint64_t gpfn = op->host_addr >> HV_PAGE_SHIFT;
             if (!hv_mm_frame_usable(ld, gpfn) || gpfn == ld->shared_info_gpa >> HV_PAGE_SHIFT ||
-                overlay(ld, gpfn, rd, frame) < 0)
+                overlay(ld, gpfn, rd, frame, !write) < 0)
                 st = GNTST_general_error;
         } else if (pv_pte_addr(v, op->host_addr, op->flags, &pte) < 0 ||
                    hv_mm_set_l1e(ld, pte, grant_pte(pte_frame, op->flags)) < 0) {
@@ -570,50 +584,65 @@ static int16_t unmap_one(struct hv_vcpu *v, uint32_t handle, uint64_t host_addr,
 
 /* ---- copy ---- */
 
-/* One side of a copy: a grant ref of another domain (pinned for the copy) or a frame
- * of the caller's own. Xen's checks, in Xen's order. */
-static int16_t copy_side(struct hv_vcpu *v, const struct gnttab_copy_ptr *p, int is_gref,
-                         int write, struct hv_domain **dom, uint64_t *frame)
+/* The domain one side of a copy names: Xen's gnttab_copy_lock_domain. A frame (no gref)
+ * may be named only with DOMID_SELF itself, not the caller's own number. */
+static int16_t copy_domain(struct hv_vcpu *v, uint16_t domid, int is_gref, struct hv_domain **d)
 {
-    uint16_t domid = p->domid == DOMID_SELF ? (uint16_t)v->dom->domid : p->domid;
-    int16_t st;
+    if (domid != DOMID_SELF && !is_gref)
+        return GNTST_permission_denied;
+    *d = domid == DOMID_SELF ? v->dom : hv_domain_lookup(domid);
+    return *d && (*d)->gnt ? GNTST_okay : GNTST_bad_domain;
+}
 
-    if (!is_gref && domid != v->dom->domid)
-        return GNTST_permission_denied;     /* frames only of one's own */
-    st = granter(domid, dom);
-    if (st != GNTST_okay)
-        return st;
+/* Its frame: a grant ref pinned for the copy, or a frame of the caller's RAM (one it may
+ * write, for the destination: never a page table, Xen's failed writable type). */
+static int16_t copy_frame(struct hv_vcpu *v, struct hv_domain *d, const struct gnttab_copy_ptr *p,
+                          int is_gref, int write, uint64_t *frame)
+{
     if (is_gref)
-        return pin(*dom, (uint32_t)p->u, (uint16_t)v->dom->domid, write, PIN_HOST, frame);
-    if (!hv_mm_frame_usable(*dom, p->u))
+        return pin(d, (uint32_t)p->u, (uint16_t)v->dom->domid, write, PIN_HOST, frame);
+    if (p->u >= d->mm.nr_pages || !(d->mm.frames[p->u].flags & HV_FRAME_POPULATED))
         return GNTST_bad_page;
+    if (write && !hv_mm_frame_usable(d, p->u))
+        return GNTST_general_error;
     *frame = p->u;
     return GNTST_okay;
 }
 
+/* Xen's gnttab_copy_one, in its order: nothing to copy is done at once; both domains,
+ * both frames, then the bounds. */
 static void copy_one(struct hv_vcpu *v, struct gnttab_copy *op)
 {
     int src_gref = op->flags & GNTCOPY_source_gref, dst_gref = op->flags & GNTCOPY_dest_gref;
-    struct hv_domain *sd, *dd;
-    uint64_t sf, df;
-    int16_t st;
+    int src_pinned = 0, dst_pinned = 0;
+    struct hv_domain *sd = NULL, *dd = NULL;
+    uint64_t sf = 0, df = 0;
+    int16_t st = GNTST_okay;
 
-    if (op->source.offset + op->len > HV_PAGE_SIZE || op->dest.offset + op->len > HV_PAGE_SIZE) {
-        op->status = GNTST_bad_copy_arg;
+    if (!op->len) {
+        op->status = GNTST_okay;
         return;
     }
-    st = copy_side(v, &op->source, src_gref, 0, &sd, &sf);
-    if (st != GNTST_okay) {
-        op->status = st;
-        return;
+    st = copy_domain(v, op->source.domid, src_gref, &sd);
+    if (st == GNTST_okay)
+        st = copy_domain(v, op->dest.domid, dst_gref, &dd);
+    if (st == GNTST_okay) {
+        st = copy_frame(v, sd, &op->source, src_gref, 0, &sf);
+        src_pinned = st == GNTST_okay && src_gref;
     }
-    st = copy_side(v, &op->dest, dst_gref, 1, &dd, &df);
+    if (st == GNTST_okay) {
+        st = copy_frame(v, dd, &op->dest, dst_gref, 1, &df);
+        dst_pinned = st == GNTST_okay && dst_gref;
+    }
+    if (st == GNTST_okay && (op->source.offset + op->len > HV_PAGE_SIZE ||
+                             op->dest.offset + op->len > HV_PAGE_SIZE))
+        st = GNTST_bad_copy_arg;
     if (st == GNTST_okay)
         memmove(dd->ram + (df << HV_PAGE_SHIFT) + op->dest.offset,
                 sd->ram + (sf << HV_PAGE_SHIFT) + op->source.offset, op->len);
-    if (st == GNTST_okay && dst_gref)
+    if (dst_pinned)
         unpin(dd, (uint32_t)op->dest.u, 1, PIN_HOST);
-    if (src_gref)
+    if (src_pinned)
         unpin(sd, (uint32_t)op->source.u, 0, PIN_HOST);
     op->status = st;
 }

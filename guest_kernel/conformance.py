@@ -163,6 +163,7 @@ SUBOP_PREFIX = {
     "console_io": "CONSOLEIO_", "xen_version": "XENVER_", "sched_op": "SCHEDOP_",
     "event_channel_op": "EVTCHNOP_", "hvm_op": "HVMOP_", "vcpu_op": "VCPUOP_",
     "memory_op": "XENMEM_", "mmuext_op": "MMUEXT_", "callback_op": "CALLBACKOP_",
+    "grant_table_op": "GNTTABOP_",
 }
 
 

@@ -146,6 +146,14 @@ def pvh_grant_code(p) -> None:
     struct("gunmap", "gnttab_unmap_grant_ref")
     map_at = lambda field: rip + "gmap" + offsetof("gnttab_map_grant_ref", field)  # noqa: E731
 
+    # the table goes in a frame given back first, as Linux places it
+    frame_of("g_table")
+    a.mov(qword["g_frames"], rax)
+    struct("g_resv", "xen_memory_reservation", nr_extents=1, domid=C.DOMID_SELF)
+    a.lea(rax, ptr["g_frames"])
+    a.mov(qword[rip + "g_resv"], rax)
+    p.hypercall("memory_op", C.XENMEM_decrease_reservation, "g_resv")
+    result("give_back_table_frame")
     frame_of("g_table")
     a.mov(qword[rip + "g_xatp" + offsetof("xen_add_to_physmap", "gpfn")], rax)
     p.hypercall("memory_op", C.XENMEM_add_to_physmap, "g_xatp")
@@ -154,6 +162,10 @@ def pvh_grant_code(p) -> None:
     a.mov(qword[rip + "g_xatp" + offsetof("xen_add_to_physmap", "idx")], rax)
     p.hypercall("memory_op", C.XENMEM_add_to_physmap, "g_xatp")
     result("status_frame_in_v1")
+    a.mov(qword[rip + "g_xatp" + offsetof("xen_add_to_physmap", "idx")],
+          lib.HV_GNT_MAX_FRAMES)
+    p.hypercall("memory_op", C.XENMEM_add_to_physmap, "g_xatp")
+    result("frame_beyond_the_limit")
     a.lea(rax, ptr["g_frames"])
     a.mov(qword[rip + "setup" + offsetof("gnttab_setup_table", "frame_list")], rax)
     p.hypercall("grant_table_op", C.GNTTABOP_setup_table, "setup", 1)
@@ -202,6 +214,47 @@ def pvh_grant_code(p) -> None:
     a.movzx(rax, word[rip + "g_table" + 8 * 8])
     result("flags_unmapped")
 
+    # read-only: the guest's own page tables let it store, but the store stays its own
+    a.mov(dword[map_at("flags")], C.GNTMAP_host_map | C.GNTMAP_readonly)
+    p.hypercall("grant_table_op", C.GNTTABOP_map_grant_ref, "gmap", 1)
+    a.movsx(rax, word[map_at("status")])
+    result("ro_map")
+    a.mov(rax, qword["g_target"])
+    result("ro_target_reads_victim")
+    a.mov(qword["g_target"], 0x4444)
+    a.mov(rax, qword["g_victim"])
+    result("victim_after_store_to_ro_map")
+    a.mov(eax, dword[map_at("handle")])
+    a.mov(dword[rip + "gunmap" + offsetof("gnttab_unmap_grant_ref", "handle")], eax)
+    p.hypercall("grant_table_op", C.GNTTABOP_unmap_grant_ref, "gunmap", 1)
+    a.movsx(rax, word[rip + "gunmap" + offsetof("gnttab_unmap_grant_ref", "status")])
+    result("ro_unmap")
+    a.mov(rax, qword["g_target"])
+    result("target_restored_again")
+
+    # v2: placing a status frame grows the table to have it, and pins the version
+    a.section(".bss")
+    a.align(4096)
+    a.label("g_status")
+    a.reserve(4096)
+    a.section(".text")
+    struct("g_ver", "gnttab_set_version", version=2)
+    struct("g_query", "gnttab_query_size", dom=C.DOMID_SELF)
+    p.hypercall("grant_table_op", C.GNTTABOP_set_version, "g_ver", 1)
+    result("set_version_2")
+    a.mov(eax, C.XENMAPIDX_grant_table_status | 1)     # the second status frame
+    a.mov(qword[rip + "g_xatp" + offsetof("xen_add_to_physmap", "idx")], rax)
+    frame_of("g_status")
+    a.mov(qword[rip + "g_xatp" + offsetof("xen_add_to_physmap", "gpfn")], rax)
+    p.hypercall("memory_op", C.XENMEM_add_to_physmap, "g_xatp")
+    result("place_status_frame")
+    p.hypercall("grant_table_op", C.GNTTABOP_query_size, "g_query", 1)
+    a.mov(eax, dword[rip + "g_query" + offsetof("gnttab_query_size", "nr_frames")])
+    result("frames_for_status_frame")
+    a.mov(dword[rip + "g_ver"], 1)
+    p.hypercall("grant_table_op", C.GNTTABOP_set_version, "g_ver", 1)
+    result("set_version_1_with_status_placed")
+
 
 def test_pvh_places_its_table_and_maps_a_grant_at_a_guest_frame(engine, run_guest):
     from guest_kernel.conformance import parse
@@ -210,8 +263,10 @@ def test_pvh_places_its_table_and_maps_a_grant_at_a_guest_frame(engine, run_gues
     stop, out, dom = run_guest(image, domid=PVH_DOMID, timeout=120)
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
     r, _ = parse(out)
+    assert r["give_back_table_frame"] == 1
     assert r["add_to_physmap"] == 0
     assert r["status_frame_in_v1"] == -C.XEN_EINVAL
+    assert r["frame_beyond_the_limit"] == -C.XEN_EINVAL
     assert r["setup_names_the_placed_frame"] == 0
     assert r["map"] == C.GNTST_okay
     assert r["target_reads_victim"] == 0x1111
@@ -223,3 +278,10 @@ def test_pvh_places_its_table_and_maps_a_grant_at_a_guest_frame(engine, run_gues
     assert r["target_restored"] == 0x2222
     assert r["victim_after_unmap"] == 0x3333
     assert r["flags_unmapped"] == PERMIT
+    assert (r["ro_map"], r["ro_target_reads_victim"]) == (C.GNTST_okay, 0x3333)
+    assert r["victim_after_store_to_ro_map"] == 0x3333      # never reaches the granter
+    assert (r["ro_unmap"], r["target_restored_again"]) == (C.GNTST_okay, 0x2222)
+    assert (r["set_version_2"], r["place_status_frame"]) == (0, 0)
+    # 2048 status words cover 8 v2 frames: status frame 1 needs 16 of them
+    assert r["frames_for_status_frame"] == 16
+    assert r["set_version_1_with_status_placed"] == -C.XEN_EBUSY

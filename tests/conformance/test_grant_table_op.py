@@ -216,12 +216,36 @@ def grant_guest():
     g.gnttab("copy_others_grant", C.GNTTABOP_copy, "copy")
     g.status("copy_others_grant.status", "copy")
     g.entry_flags("copy_others_grant.flags", 10)
+    LEN, FLAGS = (offsetof("gnttab_copy", f) for f in ("len", "flags"))
+    DEST = offsetof("gnttab_copy", "dest")
+    a.mov(word[rip_("copy", LEN)], 0)                   # nothing to copy: done, unchecked
+    g.gnttab("copy_len_0", C.GNTTABOP_copy, "copy")
+    g.status("copy_len_0.status", "copy")
+    a.mov(word[rip_("copy", LEN)], 8)
+    a.mov(qword[rip_("copy", 0)], 8)
+    a.mov(word[rip_("copy", DEST + 8)], DOMID)          # our frame, by our number
+    g.gnttab("copy_frame_by_own_domid", C.GNTTABOP_copy, "copy")
+    g.status("copy_frame_by_own_domid.status", "copy")
+    a.mov(word[rip_("copy", DEST + 8)], C.DOMID_SELF)
+    g.start_info_field(rax, "pt_base")                  # VIRT_BASE 0: VA = guest-physical
+    a.shr(rax, 12)
+    a.mov(qword[rip_("copy", DEST)], rax)
+    g.gnttab("copy_to_page_table", C.GNTTABOP_copy, "copy")
+    g.status("copy_to_page_table.status", "copy")
+    a.mov(word[rip_("copy", FLAGS)], 0)                 # source: a frame, beyond RAM
+    a.mov(word[rip_("copy", 8)], C.DOMID_SELF)
+    a.mov(qword[rip_("copy", 0)], 0x7FFF_FFFF)
+    g.gnttab("copy_from_beyond_ram", C.GNTTABOP_copy, "copy")
+    g.status("copy_from_beyond_ram.status", "copy")
 
     # ---- unmap ----
     g.unmap("unmap_bad_handle", 99, "target")
     g.unmap("unmap_wrong_bus_addr", 0, 0, 0x1000)
     g.map("dev_map", 8, C.GNTMAP_device_map, 0)
-    g.report_field("dev_map.bus", "map", "dev_bus_addr")
+    a.mov(rax, qword[rip_("map", offsetof("gnttab_map_grant_ref", "dev_bus_addr"))])
+    a.lea(rcx, g.ptr("victim"))
+    a.sub(rax, rcx)
+    g.report("dev_map.bus_minus_victim")               # machine address = guest-physical
     g.unmap("unmap", 0, "target")
     g.entry_flags("unmap.flags", 8)
     g.report_word("victim_after_unmap", "victim")
@@ -326,11 +350,15 @@ def test_grant_table_op(run_cases):
     assert run["copy_to_foreign_frame.status"] == perm
     assert run["copy_others_grant.status"] == general
     assert run["copy_others_grant.flags"] == PERMIT
+    assert run["copy_len_0.status"] == ok
+    assert run["copy_frame_by_own_domid.status"] == perm     # frames: DOMID_SELF only
+    assert run["copy_to_page_table.status"] == general
+    assert run["copy_from_beyond_ram.status"] == bad_page
     # unmap
     assert (run["unmap_bad_handle"], run["unmap_bad_handle.status"]) == (0, bad_handle)
     assert run["unmap_wrong_bus_addr.status"] == ok     # handle 0 has no device mapping
     assert (run["dev_map.status"], run["dev_map.handle"]) == (ok, 2)
-    assert run["dev_map.bus"] != 0
+    assert run["dev_map.bus_minus_victim"] == 0
     assert (run["unmap"], run["unmap.status"]) == (0, ok)
     assert run["unmap.flags"] == PERMIT | READING | WRITING     # the device mapping holds it
     assert run["victim_after_unmap"] == 0x5678
@@ -389,7 +417,8 @@ def tries_label(g: GrantGuest) -> None:
 
 
 def granter_guest():
-    """Grant our `victim` page to MAPPER, wait until it is mapped, written and unmapped."""
+    """Grant our `victim` page to MAPPER, wait until it is written through the mapping,
+    answer, wait until it is unmapped."""
     g = GrantGuest()
     a = g.a
     tries_label(g)
@@ -403,17 +432,19 @@ def granter_guest():
     g.hypercall_regs("map_table", "update_va_mapping", rax, rcx, C.UVMF_INVLPG)
     a.mov(qword["victim"], 0xFEED)
     g.grant(8, PERMIT, MAPPER, "victim")
-    wait_until(g, "mapped", lambda: a.cmp(word[rip_("gt", 8 * 8)], PERMIT | READING | WRITING))
-    g.entry_flags("flags_while_mapped", 8)
+    # the mapper writes 0xBEEF through its mapping and keeps it until we answer 0xACED
     wait_until(g, "written", lambda: a.cmp(qword["victim"], 0xBEEF))
     g.report_word("victim_seen", "victim")
+    g.entry_flags("flags_while_mapped", 8)
+    a.mov(qword["victim"], 0xACED)
     wait_until(g, "unmapped", lambda: a.cmp(word[rip_("gt", 8 * 8)], PERMIT))
     g.entry_flags("flags_after_unmap", 8)
     return g.finish()
 
 
 def mapper_guest():
-    """Map GRANTER's ref 8 (retrying until it is granted), read and write it, unmap."""
+    """Map GRANTER's ref 8 (retrying until it is granted), read and write it, wait for
+    the granter's answer in it, map it again read-only, unmap."""
     g = GrantGuest()
     a = g.a
     tries_label(g)
@@ -427,6 +458,7 @@ def mapper_guest():
     a.mov(rax, qword["target"])
     g.report("read_through_map")
     a.mov(qword["target"], 0xBEEF)
+    wait_until(g, "answered", lambda: a.cmp(qword["target"], 0xACED))
     g.map("map_again_readonly", 8, C.GNTMAP_host_map | C.GNTMAP_readonly, "rotarget",
           dom=GRANTER)
     a.mov(rax, qword["rotarget"])
@@ -468,7 +500,7 @@ def test_a_page_granted_to_another_domain_is_mapped_there(engine):
     # the page has a frame of the mapper's window: its machine address there
     assert m["map.bus"] >> 12 == RAM_FRAMES + lib.HV_GNT_WINDOW_BASE
     assert m["read_through_map"] == 0xFEED
-    assert (m["map_again_readonly.status"], m["read_second_map"]) == (C.GNTST_okay, 0xBEEF)
+    assert (m["map_again_readonly.status"], m["read_second_map"]) == (C.GNTST_okay, 0xACED)
     assert m["unmap_second.status"] == C.GNTST_okay
     assert m["unmap_wrong_bus.status"] == C.GNTST_bad_dev_addr
     assert m["unmap.status"] == C.GNTST_okay
@@ -536,3 +568,69 @@ def test_pin_and_maptrack_limits(run_cases):
     assert run["pin_overflow.flags"] == PERMIT | READING
     assert run["more_maps"] == lib.HV_GNT_MAX_MAPTRACK - 128
     assert run["maptrack_full.status"] == C.GNTST_no_space
+
+
+# ---- the granter goes away while its page is mapped ----
+
+def wait_for_host(g: GrantGuest, checkpoint: str) -> None:
+    """Print `checkpoint <name>` and spin on CONSOLEIO_read until the host sends a byte."""
+    a = g.a
+    a.section(".bss")
+    a.label(f"{checkpoint}.in")
+    a.reserve(8)
+    a.section(".text")
+    g.print(f"checkpoint {checkpoint}\n")
+    a.label(f"{checkpoint}.wait")
+    g.hypercall("console_io", C.CONSOLEIO_read, 1, f"{checkpoint}.in")
+    a.test(rax, rax)
+    a.je(f"{checkpoint}.wait")
+
+
+def orphan_mapper_guest():
+    """Map GRANTER's ref 8; after the host destroyed GRANTER, use the page, then unmap."""
+    g = GrantGuest()
+    a = g.a
+    tries_label(g)
+    g.set("map", host_addr="target", flags=C.GNTMAP_host_map, ref=8, dom=GRANTER)
+    wait_until(g, "granted", lambda: (
+        g.hypercall(GNTTABOP, C.GNTTABOP_map_grant_ref, "map", 1),
+        a.cmp(word[rip_("map", offsetof("gnttab_map_grant_ref", "status"))], 0)))
+    g.status("map.status", "map")
+    wait_for_host(g, "mapped")
+    g.report_word("read_after_granter_died", "target")
+    a.mov(qword["target"], 0xBEEF)
+    g.report_word("write_after_granter_died", "target")
+    g.unmap("unmap", 0, "target")
+    g.set("map", ref=8, dom=GRANTER)
+    g.gnttab("map_after_granter_died", C.GNTTABOP_map_grant_ref, "map")
+    g.status("map_after_granter_died.status", "map")
+    return g.finish()
+
+
+def test_a_mapped_page_outlives_its_granter(engine):
+    from guest_kernel.conformance import parse
+    from hypervisor.domain import Domain
+    from helpers import wait_for
+    granter = Domain(granter_guest(), domid=GRANTER, engine=engine, memory_mib=MEMORY_MIB,
+                     console_ring=False, xenstore=False)
+    mapper = Domain(orphan_mapper_guest(), domid=MAPPER, engine=engine, memory_mib=MEMORY_MIB,
+                    console_ring=False, xenstore=False)
+    try:
+        mapper.start()
+        granter.start()
+        assert wait_for(lambda: b"checkpoint mapped\n" in mapper.console_output, 20), \
+            mapper.console_output
+    finally:
+        granter.destroy()
+    try:
+        assert mapper.send_input(b"x") == 1
+        stop = mapper.wait(30)
+        assert stop is not None and (stop.kind, stop.reason) == ("shutdown", 0), stop
+        m, _ = parse(mapper.console_output.decode())
+    finally:
+        mapper.destroy()
+    assert m["map.status"] == C.GNTST_okay
+    assert m["read_after_granter_died"] == 0xFEED          # the page is still there
+    assert m["write_after_granter_died"] == 0xBEEF
+    assert m["unmap.status"] == C.GNTST_okay
+    assert m["map_after_granter_died.status"] == C.GNTST_bad_domain
