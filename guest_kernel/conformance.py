@@ -39,6 +39,11 @@ class ConformanceGuest(PVProgram):
         super().__init__(guest_os=f"trapless-conformance-{name}", xen_pv=xen_pv)
         self.cases: dict[str, tuple[str, str]] = {}
         self._emit_report_helpers()
+        if xen_pv:
+            # Xen's builder maps a kernel's start-of-day region from its VIRT_BASE, here
+            # 0: unmap the NULL page, as XTF does, so that a null pointer stays a bad
+            # one (where nothing is mapped there, this changes nothing)
+            self.hypercall("update_va_mapping", NULL, 0, C.UVMF_INVLPG)
         if events:
             from .pvlib import emit_events, emit_pvclock, emit_traps
             self.a.call("traps_init")

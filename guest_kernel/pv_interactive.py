@@ -2,8 +2,9 @@
 
 With `interactive` on its command line the kernel skips the tick demo and instead:
 binds VIRQ_TIMER (a 100 Hz tick it only counts, so the toolstack's `top` sees it
-live) and VIRQ_CONSOLE (raised by the hypervisor when keyboard input is queued),
-prints a prompt, and answers lines read with CONSOLEIO_read:
+live), takes keyboard input from the in ring of its PV console (the backend notifies
+the console port when input arrives, as xenconsoled does), prints a prompt, and answers
+lines:
 
   echo TEXT                          prints TEXT
   ticks                              "ticks: N", timer ticks since the loop started
@@ -11,27 +12,31 @@ prints a prompt, and answers lines read with CONSOLEIO_read:
   shutdown [poweroff|reboot|crash]   shuts the domain down with that reason
   help                               lists the commands
 
-Keys are echoed as they arrive (the person's terminal is raw while attached).
-CONSOLEIO_write keeps only printable characters, so backspace cannot rub a
-character out on screen: the kernel redraws the edited line on a new line instead.
+Keys are echoed as they arrive (the person's terminal is raw while attached); on
+backspace the kernel redraws the edited line on a new line.
 
-Between lines the kernel sleeps in SCHEDOP_block, and reads the console only after
-VIRQ_CONSOLE said there is input (so a tick costs one block, not a read too). It
-masks upcalls before it looks at that flag: input that arrives between the look and
-the block leaves the upcall pending, the block returns at once and the upcall is
-taken; no wake-up is lost and no CPU is burnt polling.
+Between lines the kernel sleeps in SCHEDOP_block, and reads the ring only after its
+port said something happened (so a tick costs one block, not a read too). It masks
+upcalls before it looks at that flag: input that arrives between the look and the
+block leaves the upcall pending, the block returns at once and the upcall is taken;
+no wake-up is lost and no CPU is burnt polling. A domain without a console ring (as
+dom0) reads with CONSOLEIO_read instead, woken by VIRQ_CONSOLE.
 """
 from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import byte, dil, eax, ecx, edi, edx, ptr, qword, r12, r13, r14, rax, rbx, rcx, rdi, rip, rsi
+from .asm import (byte, dil, dword, eax, ecx, edi, edx, ptr, qword, r8, r12, r13, r14, rax, rbx,
+                  rcx, rdi, rdx, rip, rsi)
 from .pvlib import UPCALL_MASK, crash_unless, emit_events_on, set_port_handler
 from .runtime import PVProgram
 
 PROMPT = "pv> "
 LINE_MAX = 120                  # characters kept of one input line
-READ_CHUNK = 64                 # bytes asked of CONSOLEIO_read at a time
+READ_CHUNK = 64                 # bytes taken from the console at a time
+IN = offsetof("xencons_interface", "in")
+IN_CONS = offsetof("xencons_interface", "in_cons")
+IN_PROD = offsetof("xencons_interface", "in_prod")
 TICK_NS = 10_000_000            # 100 Hz
 HELP = "commands: echo TEXT, ticks, mem, shutdown [poweroff|reboot|crash], help\n"
 SHUTDOWN_WORDS = (("poweroff", C.SHUTDOWN_poweroff), ("reboot", C.SHUTDOWN_reboot),
@@ -69,8 +74,11 @@ def emit_interactive(p: PVProgram) -> None:
     a.db(0)
     a.label("ia_echo")
     a.db(0)
-    a.label("ia_input_ready")           # set by VIRQ_CONSOLE; 1 at first for input typed early
+    a.label("ia_input_ready")           # set by the console's event; 1 at first for input typed early
     a.db(1)
+    a.align(4)
+    a.label("ia_console_port")          # struct evtchn_send / evtchn_unmask: the ring's port
+    a.dd(0)
     a.section(".bss")
     a.label("ia_line")
     a.reserve(LINE_MAX + 1)
@@ -161,11 +169,25 @@ def _emit_main(p: PVProgram) -> None:
     crash_unless(p, "jns", "interactive: bind_virq VIRQ_TIMER failed: ")
     a.mov(r12, rax)
     set_port_handler(p, r12, "ia_tick")
+    # input: the console ring's port (unmasked: events_init masked it for print), or,
+    # without a ring, VIRQ_CONSOLE
+    a.mov(rax, qword["start_info_ptr"])
+    a.cmp(qword[rax + offsetof("start_info", "console_mfn")], 0)
+    a.je("ia_main.virq_console")
+    a.mov(eax, dword[rax + offsetof("start_info", "console_evtchn")])
+    a.mov(dword["ia_console_port"], eax)
+    a.mov(r12, rax)
+    set_port_handler(p, r12, "ia_input")
+    p.hypercall("event_channel_op", C.EVTCHNOP_unmask, "ia_console_port")
+    crash_unless(p, "je", "interactive: unmask of the console port failed: ")
+    a.jmp("ia_main.input_done")
+    a.label("ia_main.virq_console")
     a.mov(edi, C.VIRQ_CONSOLE)
     a.call("bind_virq")
     crash_unless(p, "jns", "interactive: bind_virq VIRQ_CONSOLE failed: ")
     a.mov(r12, rax)
     set_port_handler(p, r12, "ia_input")
+    a.label("ia_main.input_done")
     emit_events_on(p)
     p.hypercall("vcpu_op", C.VCPUOP_set_periodic_timer, 0, "ia_tick_period")
     crash_unless(p, "jns", "interactive: set_periodic_timer failed: ")
@@ -177,7 +199,7 @@ def _emit_main(p: PVProgram) -> None:
     a.je("ia_main.block")
     a.mov(byte["ia_input_ready"], 0)
     a.label("ia_main.read")             # read until the queue is empty
-    p.hypercall("console_io", C.CONSOLEIO_read, READ_CHUNK, "ia_inbuf")
+    a.call("ia_read")
     a.test(rax, rax)
     a.jle("ia_main.wait")
     a.mov(r13, rax)
@@ -194,12 +216,57 @@ def _emit_main(p: PVProgram) -> None:
     p.hypercall("sched_op", C.SCHEDOP_block, 0)
     a.jmp("ia_main.wait")
 
+    # ia_read -> rax = bytes of input now in ia_inbuf: from the console ring's in ring
+    # (then the backend is told there is room), or CONSOLEIO_read without a ring
+    a.label("ia_read")
+    a.mov(rax, qword["start_info_ptr"])
+    a.mov(r8, qword[rax + offsetof("start_info", "console_mfn")])
+    a.test(r8, r8)
+    a.jne("ia_read.ring")
+    p.hypercall("console_io", C.CONSOLEIO_read, READ_CHUNK, "ia_inbuf")
+    a.ret()
+    a.label("ia_read.ring")
+    a.shl(r8, 12)                       # VIRT_BASE 0: the frame is the address
+    a.mov(ecx, dword[r8 + IN_CONS])
+    a.mov(edx, dword[r8 + IN_PROD])
+    a.sub(edx, ecx)                     # bytes waiting
+    a.cmp(edx, C.XENCONS_IN_SIZE)
+    a.ja("ia_read.none")                # indexes no backend writes: take nothing
+    a.cmp(edx, READ_CHUNK)
+    a.jbe("ia_read.count")
+    a.mov(edx, READ_CHUNK)
+    a.label("ia_read.count")
+    a.xor(eax, eax)
+    a.lea(rsi, ptr["ia_inbuf"])
+    a.label("ia_read.copy")
+    a.cmp(eax, edx)
+    a.jae("ia_read.copied")
+    a.mov(edi, ecx)
+    a.add(edi, eax)
+    a.and_(edi, C.XENCONS_IN_SIZE - 1)
+    a.movzx(edi, byte[r8 + rdi + IN])
+    a.mov(byte[rsi + rax], dil)
+    a.inc(eax)
+    a.jmp("ia_read.copy")
+    a.label("ia_read.copied")
+    a.add(ecx, edx)
+    a.mov(dword[r8 + IN_CONS], ecx)     # after the bytes were read
+    a.test(edx, edx)
+    a.je("ia_read.none")
+    a.push(rdx)
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "ia_console_port")
+    a.pop(rax)
+    a.ret()
+    a.label("ia_read.none")
+    a.xor(eax, eax)
+    a.ret()
+
     # ia_tick(rdi = port): the 100 Hz tick only counts
     a.label("ia_tick")
     a.inc(qword["ia_ticks"])
     a.ret()
 
-    # ia_input(rdi = port): VIRQ_CONSOLE, keyboard input is queued
+    # ia_input(rdi = port): the console's port (input, or room for output) or VIRQ_CONSOLE
     a.label("ia_input")
     a.mov(byte["ia_input_ready"], 1)
     a.ret()
