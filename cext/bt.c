@@ -665,6 +665,24 @@ static void fault_of_instruction(struct bt_vcpu *b, uint64_t rip, struct bt_even
     }
 }
 
+/* #NM from TCG, which checks CR0.TS first. The CPU raises #UD first for an MMX or SSE
+ * instruction when CR0.EM is set, and for an SSE one when CR4.OSFXSR is clear (x87,
+ * wait, fxsave/xsave and the VEX forms keep their #NM). */
+static int nm_is_ud(struct bt_vcpu *b, uint64_t rip)
+{
+    struct bt_insn in;
+    uint8_t op;
+    int mmx;
+
+    if (decode_at(b, rip, &in) < 0 || in.map == 0 || in.vex || (in.map == 1 && in.opcode == 0xae))
+        return 0;
+    if (bt_reg(b, UC_X86_REG_CR0) & (1ULL << 2))            /* EM */
+        return 1;
+    op = in.opcode;
+    mmx = in.map == 1 && !in.simd_prefix && ((op >= 0x60 && op <= 0x7f) || op >= 0xd0);
+    return !mmx && !(bt_reg(b, UC_X86_REG_CR4) & (1ULL << 9));    /* OSFXSR */
+}
+
 static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
 {
     struct bt_vcpu *b = user;
@@ -684,6 +702,8 @@ static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
     }
     else if (has_error_code(ev->vector))
         ev->has_error = 1;      /* QEMU keeps the code to itself; #GP(0) is the usual one */
+    else if (ev->vector == 7 && nm_is_ud(b, rip))
+        ev->vector = 6;
     bt_uc.emu_stop(uc);
 }
 

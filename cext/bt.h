@@ -148,6 +148,8 @@ struct bt_insn {
     uint8_t opcode;
     uint8_t addr32;                 /* 0x67 prefix */
     uint8_t seg;                    /* 0x64 (fs) or 0x65 (gs) override, else 0 */
+    uint8_t simd_prefix;            /* the last of 66, f2, f3 (an SSE opcode's), else 0 */
+    uint8_t vex;                    /* VEX or EVEX encoded */
     int32_t disp;
     uint8_t disp_at_end_rel;        /* rip-relative: disp counts from the next instruction */
 };
