@@ -61,6 +61,27 @@ static int canonical(uint64_t va)
     return top == 0 || top == 0x1ffff;
 }
 
+/* The walker's side effects: Accessed in every entry it used, Dirty in the last one
+ * for a write. A translation for a read of a page not dirty yet is not writable in
+ * TCG's TLB, so that the first store comes back here and sets Dirty. */
+#define PTE_A (1ULL << 5)
+#define PTE_D (1ULL << 6)
+static void set_accessed_dirty(struct hv_domain *d, const uint64_t *at, int levels, int write,
+                               int *perms)
+{
+    for (int i = 0; i < levels; i++) {
+        uint64_t *e = (uint64_t *)(d->ram + at[i]), want = PTE_A;
+        if (i == levels - 1) {
+            if (write)
+                want |= PTE_D;
+            else if (!(__atomic_load_n(e, __ATOMIC_RELAXED) & PTE_D))
+                *perms &= ~UC_PROT_WRITE;
+        }
+        if ((__atomic_load_n(e, __ATOMIC_RELAXED) & want) != want)
+            __atomic_fetch_or(e, want, __ATOMIC_RELAXED);
+    }
+}
+
 /* Translate va for an access (UC_MEM_READ/WRITE/FETCH) as the MMU would: 0 with the
  * guest-physical page and the permissions the whole walk grants (UC_PROT_*), or -1 with
  * *present saying whether a translation exists at all. The walk reads the page tables
@@ -74,7 +95,8 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
      * ring 0's whatever ring was running. */
     int user = ((bt_reg(b, UC_X86_REG_CS) & 3) == 3 && !b->kernel_view) ||
                d->pv_model == HV_PV_XEN;
-    int writable = 1, executable = 1, user_ok = 1, nx;
+    int writable = 1, executable = 1, user_ok = 1, nx, levels = 0;
+    uint64_t at_level[4];           /* where each entry of the walk is, for A and D */
 
     *present = 0;
     if (d->pv_region && pv_xen_l4_slot((int)((va >> 39) & 511)) && (va >> 48) == 0xffff) {
@@ -104,6 +126,7 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
         memcpy(&entry, d->ram + at, 8);
         if (!(entry & PTE_P))
             return -1;
+        at_level[levels++] = at;
         writable &= (entry & PTE_RW) != 0;
         user_ok &= (entry & PTE_US) != 0;
         if (nx && (entry & PTE_NX))
@@ -126,10 +149,12 @@ mapped:
     if (executable)
         *perms |= UC_PROT_EXEC;
     switch (access) {
-    case UC_MEM_WRITE: return (*perms & UC_PROT_WRITE) ? 0 : -1;
-    case UC_MEM_FETCH: return (*perms & UC_PROT_EXEC) ? 0 : -1;
-    default:           return 0;
+    case UC_MEM_WRITE: if (!(*perms & UC_PROT_WRITE)) return -1; break;
+    case UC_MEM_FETCH: if (!(*perms & UC_PROT_EXEC)) return -1; break;
     }
+    if (d->pv_model != HV_PV_XEN)
+        set_accessed_dirty(d, at_level, levels, access == UC_MEM_WRITE, perms);
+    return 0;
 }
 
 /* A PVH guest runs 32-bit code until it enters long mode, and compat-mode code when
