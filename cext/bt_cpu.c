@@ -449,6 +449,32 @@ int bt_iret_to_user(struct bt_vcpu *b, const uint64_t frame[5])
     return 0;
 }
 
+void bt_guest_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
+{
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX,
+                               UC_X86_REG_RDX, UC_X86_REG_RIP };
+    uint64_t saved[5], got[4] = { 0 };
+    void *saved_p[] = { &saved[0], &saved[1], &saved[2], &saved[3], &saved[4] };
+    void *got_p[] = { &got[0], &got[1], &got[2], &got[3] };
+    uint64_t landing = BT_TRAMP_VA + offsetof(struct bt_tramp, landing);
+
+    bt_uc.reg_read_batch(b->uc, ids, saved_p, 5);
+    bt_set_reg(b, UC_X86_REG_RAX, leaf);
+    bt_set_reg(b, UC_X86_REG_RCX, subleaf);
+    b->tramp_active = 1;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    /* cpuid, then a jump to the landing, where emu_start stops */
+    bt_uc.emu_start(b->uc, BT_TRAMP_VA + offsetof(struct bt_tramp, cpuid), landing, 0, 0);
+    b->tramp_active = 0;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    bt_uc.reg_read_batch(b->uc, ids, got_p, 4);
+    for (int i = 0; i < 5; i++)
+        bt_set_reg(b, ids[i], saved[i]);
+    b->exception.vector = -1;
+    for (int i = 0; i < 4; i++)
+        out[i] = (uint32_t)got[i];
+}
+
 /* The GDT descriptor of a selector (no LDT here): 0, or -1 if outside the table. */
 int bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc)
 {
