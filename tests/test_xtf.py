@@ -188,8 +188,9 @@ HVM64_COMMON_SKIP = ["argo", "livepatch-priv-check", "nested-svm", "nested-vmx",
 HVM64_PASSING = {
     "kvm": {"SUCCESS": HVM64_COMMON_SUCCESS + ["xsa-173~shadow"], "SKIP": HVM64_COMMON_SKIP},
     # bt also: events from user mode (lm-ts, xsa-308, ...), icebp, the #UD/#NM order,
-    # A/D bits (invlpg), CR4 bits by CPUID (umip)
-    "bt": {"SUCCESS": HVM64_COMMON_SUCCESS + ["lm-ts", "xsa-269", "xsa-278", "xsa-308"],
+    # A/D bits (invlpg), CR4 bits by CPUID (umip), #SS for the stack segment (memop-seg)
+    "bt": {"SUCCESS": HVM64_COMMON_SUCCESS + ["lm-ts", "memop-seg", "xsa-269", "xsa-278",
+                                              "xsa-308"],
            "SKIP": HVM64_COMMON_SKIP + ["cpuid-faulting", "fpu-exception-emulation",
                                         "swint-emulation", "umip"]},
 }
