@@ -743,23 +743,22 @@ static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
 {
     struct bt_vcpu *b = user;
     struct bt_event *ev = &b->exception;
-
     uint64_t rip = bt_reg(b, UC_X86_REG_RIP);
-    int int_n = b->soft_int_end == rip;
+    int int_n = b->soft_int_end == rip;     /* the hooked int3/int n/into just ran */
 
     b->soft_int_end = ~0ULL;
     memset(ev, 0, sizeof(*ev));
     ev->vector = (int)intno;
-    if (intno == 8 && !int_n)
+    if (intno == 8 && !int_n) {
         fault_of_instruction(b, rip, ev);
-    else if (int_n || ev->vector == 3 || ev->vector == 4 || ev->vector >= 32) {
+    } else if (int_n || ev->vector == 3 || ev->vector == 4 || ev->vector >= 32) {
         ev->soft = 1;           /* int3, into, int n: rip is already past them */
         ev->insn_len = int_n ? b->soft_int_len : ev->vector < 32 ? 1 : 2;
-    }
-    else if (has_error_code(ev->vector))
+    } else if (has_error_code(ev->vector)) {
         ev->has_error = 1;      /* QEMU keeps the code to itself; #GP(0) is the usual one */
-    else if (ev->vector == 7 && nm_is_ud(b, rip))
+    } else if (ev->vector == 7 && nm_is_ud(b, rip)) {
         ev->vector = 6;
+    }
     bt_uc.emu_stop(uc);
 }
 
@@ -811,8 +810,9 @@ static int pvh_syscall(struct bt_vcpu *b, struct hv_stop *stop)
     /* the CPU takes fixed flat attributes for CS; Unicorn's call gate (from ring 3)
      * takes the GDT's, so that descriptor must be a 64-bit code segment of DPL 0 */
     b->kernel_view = 1;
+    /* P, DPL 0, S, code (bits 47..43), and L */
     if (bt_gdt_entry(b, (uint16_t)cs, &desc) < 0 || ((desc >> 43) & 0x1f) != 0x13 ||
-        !((desc >> 47) & 1) || !((desc >> 53) & 1)) {
+        !((desc >> 53) & 1)) {
         b->kernel_view = 0;
         return hv_stop_with(stop, HV_STOP_FAULT, 6, b->pvh_syscall_at, "syscall: STAR's "
                             "code selector %#llx is not a 64-bit ring-0 code segment of "
