@@ -324,6 +324,54 @@ static int ring3_only(int kind)
            kind == BT_PRIV_RING3;
 }
 
+/* mov cr4, reg at a site: the register number, or -1 for any other instruction */
+static int cr4_write(const struct bt_site *s)
+{
+    struct bt_insn in;
+    if (bt_decode(s->bytes, s->len, &in) < 0 || in.map != 1 || in.opcode != 0x22 ||
+        ((in.modrm >> 3) & 7) != 4 || (in.rex & 4))
+        return -1;
+    return (in.modrm & 7) | ((in.rex & 1) << 3);
+}
+
+/* The CR4 bits a PVH guest may set: Xen's hvm_cr4_guest_valid_bits(), from the CPUID
+ * the guest sees (no VMXE: no nested virtualisation). */
+static uint64_t cr4_valid_bits(struct bt_vcpu *b)
+{
+    uint32_t l1[4], l7[4];
+    uint64_t valid = 1ULL << 8;                                 /* PCE */
+    bt_guest_cpuid(b, 1, 0, l1);
+    bt_guest_cpuid(b, 7, 0, l7);
+    const struct { uint32_t reg, bit; uint64_t cr4; } map[] = {
+        { 3, 1, 3ULL << 0 },            /* VME: VME, PVI */
+        { 3, 4, 1ULL << 2 },            /* TSC: TSD */
+        { 3, 2, 1ULL << 3 },            /* DE */
+        { 3, 3, 1ULL << 4 },            /* PSE */
+        { 3, 6, 1ULL << 5 },            /* PAE */
+        { 3, 7, 1ULL << 6 },            /* MCE */
+        { 3, 13, 1ULL << 7 },           /* PGE */
+        { 3, 24, 1ULL << 9 },           /* FXSR: OSFXSR */
+        { 3, 25, 1ULL << 10 },          /* SSE: OSXMMEXCPT */
+        { 2, 17, 1ULL << 17 },          /* PCID: PCIDE */
+        { 2, 26, 1ULL << 18 },          /* XSAVE: OSXSAVE */
+    }, map7[] = {
+        { 2, 2, 1ULL << 11 },           /* UMIP */
+        { 2, 16, 1ULL << 12 },          /* LA57 */
+        { 1, 0, 1ULL << 16 },           /* FSGSBASE */
+        { 1, 7, 1ULL << 20 },           /* SMEP */
+        { 1, 20, 1ULL << 21 },          /* SMAP */
+        { 2, 3, 1ULL << 22 },           /* PKU: PKE */
+        { 2, 31, 1ULL << 24 },          /* PKS */
+    };
+    for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++)
+        if ((l1[map[i].reg] >> map[i].bit) & 1)
+            valid |= map[i].cr4;
+    for (size_t i = 0; i < sizeof(map7) / sizeof(map7[0]); i++)
+        if ((l7[map7[i].reg] >> map7[i].bit) & 1)
+            valid |= map7[i].cr4;
+    return valid;
+}
+
 /* The code hook of one site: runs just before the guest would execute it. */
 static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
 {
@@ -395,6 +443,14 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
         if (b->v->dom->guest_type == HV_GUEST_PVH &&
             (hv_pvh_msr_owned(b->v, (uint32_t)bt_reg(b, UC_X86_REG_RCX)) ||
              bt_platform_msr(b, (uint32_t)bt_reg(b, UC_X86_REG_RCX)))) {
+            b->stopped_at = s;
+            bt_uc.emu_stop(uc);
+        }
+        return;
+    case BT_MOV_CR:
+        /* a PVH guest's mov to CR4: the VMM checks the bits against its CPUID first */
+        c->exits[HV_EXIT_PRIV_INSN]++;
+        if (b->v->dom->guest_type == HV_GUEST_PVH && cr4_write(s) >= 0) {
             b->stopped_at = s;
             bt_uc.emu_stop(uc);
         }
@@ -697,25 +753,44 @@ static void fault_of_instruction(struct bt_vcpu *b, uint64_t rip, struct bt_even
     }
 }
 
+/* #NM from TCG, which checks CR0.TS first. The CPU raises #UD first for an MMX or SSE
+ * instruction when CR0.EM is set, and for an SSE one when CR4.OSFXSR is clear (x87,
+ * wait, fxsave/xsave and the VEX forms keep their #NM). */
+static int nm_is_ud(struct bt_vcpu *b, uint64_t rip)
+{
+    struct bt_insn in;
+    uint8_t op;
+    int mmx;
+
+    if (decode_at(b, rip, &in) < 0 || in.map == 0 || in.vex || (in.map == 1 && in.opcode == 0xae))
+        return 0;
+    if (bt_reg(b, UC_X86_REG_CR0) & (1ULL << 2))            /* EM */
+        return 1;
+    op = in.opcode;
+    mmx = in.map == 1 && !in.simd_prefix && ((op >= 0x60 && op <= 0x7f) || op >= 0xd0);
+    return !mmx && !(bt_reg(b, UC_X86_REG_CR4) & (1ULL << 9));    /* OSFXSR */
+}
+
 static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
 {
     struct bt_vcpu *b = user;
     struct bt_event *ev = &b->exception;
-
     uint64_t rip = bt_reg(b, UC_X86_REG_RIP);
-    int int_n = b->soft_int_end == rip;
+    int int_n = b->soft_int_end == rip;     /* the hooked int3/int n/into just ran */
 
     b->soft_int_end = ~0ULL;
     memset(ev, 0, sizeof(*ev));
     ev->vector = (int)intno;
-    if (intno == 8 && !int_n)
+    if (intno == 8 && !int_n) {
         fault_of_instruction(b, rip, ev);
-    else if (int_n || ev->vector == 3 || ev->vector == 4 || ev->vector >= 32) {
+    } else if (int_n || ev->vector == 3 || ev->vector == 4 || ev->vector >= 32) {
         ev->soft = 1;           /* int3, into, int n: rip is already past them */
         ev->insn_len = int_n ? b->soft_int_len : ev->vector < 32 ? 1 : 2;
-    }
-    else if (has_error_code(ev->vector))
+    } else if (has_error_code(ev->vector)) {
         ev->has_error = 1;      /* QEMU keeps the code to itself; #GP(0) is the usual one */
+    } else if (ev->vector == 7 && nm_is_ud(b, rip)) {
+        ev->vector = 6;
+    }
     bt_uc.emu_stop(uc);
 }
 
@@ -767,8 +842,9 @@ static int pvh_syscall(struct bt_vcpu *b, struct hv_stop *stop)
     /* the CPU takes fixed flat attributes for CS; Unicorn's call gate (from ring 3)
      * takes the GDT's, so that descriptor must be a 64-bit code segment of DPL 0 */
     b->kernel_view = 1;
+    /* P, DPL 0, S, code (bits 47..43), and L */
     if (bt_gdt_entry(b, (uint16_t)cs, &desc) < 0 || ((desc >> 43) & 0x1f) != 0x13 ||
-        !((desc >> 47) & 1) || !((desc >> 53) & 1)) {
+        !((desc >> 53) & 1)) {
         b->kernel_view = 0;
         return hv_stop_with(stop, HV_STOP_FAULT, 6, b->pvh_syscall_at, "syscall: STAR's "
                             "code selector %#llx is not a 64-bit ring-0 code segment of "
@@ -936,6 +1012,11 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         memcpy(b->tramp->code, "\x48\xff\x1d", 3);
         memcpy(b->tramp->code + 3, &disp, 4);
         memcpy(b->tramp->iret, "\x48\xcf", 2);
+        /* cpuid; jmp landing */
+        int8_t back = (int8_t)((int)offsetof(struct bt_tramp, landing) -
+                               (int)(offsetof(struct bt_tramp, cpuid) + 4));
+        memcpy(b->tramp->cpuid, "\x0f\xa2\xeb", 3);
+        memcpy(b->tramp->cpuid + 3, &back, 1);
         memset(b->tramp->far_ptr, 0, sizeof(b->tramp->far_ptr));
     }
     if ((e = bt_uc.mem_map_ptr(b->uc, BT_TRAMP_GPA, HV_PAGE_SIZE,
@@ -1154,6 +1235,23 @@ static int emulate(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         pvh_hypercall(b);
         bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);
         return 0;
+    case BT_MOV_CR: {
+        static const int gprs[16] = {
+            UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
+            UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
+            UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
+            UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+        };
+        int reg = cr4_write(s);
+        if (reg >= 0 && (bt_reg(b, gprs[reg]) & ~cr4_valid_bits(b))) {
+            memset(&b->exception, 0, sizeof(b->exception));
+            b->exception.vector = 13;   /* #GP(0), as Xen for a reserved CR4 bit */
+            b->exception.has_error = 1;
+            return 0;
+        }
+        b->skip_once = s;               /* TCG does the write */
+        return 0;
+    }
     case BT_ICEBP:
         /* a #DB trap: the next rip, no DPL check, EXT in an error code on the way */
         bt_set_reg(b, UC_X86_REG_RIP, rip + s->len);

@@ -61,6 +61,27 @@ static int canonical(uint64_t va)
     return top == 0 || top == 0x1ffff;
 }
 
+/* The walker's side effects: Accessed in every entry it used, Dirty in the last one
+ * for a write. A translation for a read of a page not dirty yet is not writable in
+ * TCG's TLB, so that the first store comes back here and sets Dirty. */
+#define PTE_A (1ULL << 5)
+#define PTE_D (1ULL << 6)
+static void set_accessed_dirty(struct hv_domain *d, const uint64_t *at, int levels, int write,
+                               int *perms)
+{
+    for (int i = 0; i < levels; i++) {
+        uint64_t *e = (uint64_t *)(d->ram + at[i]), want = PTE_A;
+        if (i == levels - 1) {
+            if (write)
+                want |= PTE_D;
+            else if (!(__atomic_load_n(e, __ATOMIC_RELAXED) & PTE_D))
+                *perms &= ~UC_PROT_WRITE;
+        }
+        if ((__atomic_load_n(e, __ATOMIC_RELAXED) & want) != want)
+            __atomic_fetch_or(e, want, __ATOMIC_RELAXED);
+    }
+}
+
 /* Translate va for an access (UC_MEM_READ/WRITE/FETCH) as the MMU would: 0 with the
  * guest-physical page and the permissions the whole walk grants (UC_PROT_*), or -1 with
  * *present saying whether a translation exists at all. The walk reads the page tables
@@ -74,7 +95,8 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
      * ring 0's whatever ring was running. */
     int user = ((bt_reg(b, UC_X86_REG_CS) & 3) == 3 && !b->kernel_view) ||
                d->pv_model == HV_PV_XEN;
-    int writable = 1, executable = 1, user_ok = 1, nx;
+    int writable = 1, executable = 1, user_ok = 1, nx, levels = 0;
+    uint64_t at_level[4];           /* where each entry of the walk is, for A and D */
 
     *present = 0;
     if (d->pv_region && pv_xen_l4_slot((int)((va >> 39) & 511)) && (va >> 48) == 0xffff) {
@@ -104,6 +126,7 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
         memcpy(&entry, d->ram + at, 8);
         if (!(entry & PTE_P))
             return -1;
+        at_level[levels++] = at;
         writable &= (entry & PTE_RW) != 0;
         user_ok &= (entry & PTE_US) != 0;
         if (nx && (entry & PTE_NX))
@@ -126,10 +149,12 @@ mapped:
     if (executable)
         *perms |= UC_PROT_EXEC;
     switch (access) {
-    case UC_MEM_WRITE: return (*perms & UC_PROT_WRITE) ? 0 : -1;
-    case UC_MEM_FETCH: return (*perms & UC_PROT_EXEC) ? 0 : -1;
-    default:           return 0;
+    case UC_MEM_WRITE: if (!(*perms & UC_PROT_WRITE)) return -1; break;
+    case UC_MEM_FETCH: if (!(*perms & UC_PROT_EXEC)) return -1; break;
     }
+    if (d->pv_model != HV_PV_XEN)
+        set_accessed_dirty(d, at_level, levels, access == UC_MEM_WRITE, perms);
+    return 0;
 }
 
 /* A PVH guest runs 32-bit code until it enters long mode, and compat-mode code when
@@ -284,12 +309,47 @@ static int access_address(struct bt_vcpu *b, uint64_t rip, int access, uint64_t 
     }
 }
 
+/* Does the instruction at rip reach memory through SS: push, pop, call, ret, enter,
+ * leave, or a memory operand based on rsp or rbp? (In 64-bit mode an override other
+ * than fs or gs changes nothing: the default segment stays.) */
+static int stack_segment_access(struct bt_vcpu *b, uint64_t rip)
+{
+    uint8_t code[15];
+    struct bt_insn in;
+    int avail = 15, base;
+
+    while (avail > 0 && bt_read_virt(b, rip, code, avail) < 0)
+        avail--;
+    if (avail == 0 || bt_decode(code, avail, &in) < 0 || in.seg)
+        return 0;
+    if (in.map == 0) {
+        uint8_t op = in.opcode, reg = (in.modrm >> 3) & 7;
+        if ((op >= 0x50 && op <= 0x5f) || op == 0x68 || op == 0x6a || op == 0x9c ||
+            op == 0x9d || op == 0xc2 || op == 0xc3 || op == 0xc8 || op == 0xc9 || op == 0xe8 ||
+            (op == 0xff && (reg == 2 || reg == 6)) || (op == 0x8f && reg == 0))
+            return 1;
+    }
+    if (!in.has_modrm || (in.modrm >> 6) == 3)
+        return 0;
+    if ((in.modrm & 7) == 4) {
+        if ((in.sib & 7) == 5 && (in.modrm >> 6) == 0)
+            return 0;           /* no base: disp32 */
+        base = (in.sib & 7) | ((in.rex & 1) << 3);
+    } else {
+        if ((in.modrm & 7) == 5 && (in.modrm >> 6) == 0)
+            return 0;           /* rip-relative */
+        base = (in.modrm & 7) | ((in.rex & 1) << 3);
+    }
+    return base == 4 || base == 5;
+}
+
 void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev)
 {
     uint64_t page = b->fault_va & ~(HV_PAGE_SIZE - 1), rip = bt_reg(b, UC_X86_REG_RIP), ea;
     memset(ev, 0, sizeof(*ev));
     if (b->fault_noncanonical) {
-        ev->vector = 13;        /* a non-canonical address is #GP(0), not #PF */
+        /* a non-canonical address is #GP(0), not #PF; #SS(0) through the stack segment */
+        ev->vector = stack_segment_access(b, rip) ? 12 : 13;
         ev->has_error = 1;
         return;
     }
@@ -422,6 +482,32 @@ int bt_iret_to_user(struct bt_vcpu *b, const uint64_t frame[5])
     }
     bt_set_reg(b, UC_X86_REG_RIP, frame[0]);
     return 0;
+}
+
+void bt_guest_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
+{
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX,
+                               UC_X86_REG_RDX, UC_X86_REG_RIP };
+    uint64_t saved[5], got[4] = { 0 };
+    void *saved_p[] = { &saved[0], &saved[1], &saved[2], &saved[3], &saved[4] };
+    void *got_p[] = { &got[0], &got[1], &got[2], &got[3] };
+    uint64_t landing = BT_TRAMP_VA + offsetof(struct bt_tramp, landing);
+
+    bt_uc.reg_read_batch(b->uc, ids, saved_p, 5);
+    bt_set_reg(b, UC_X86_REG_RAX, leaf);
+    bt_set_reg(b, UC_X86_REG_RCX, subleaf);
+    b->tramp_active = 1;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    /* cpuid, then a jump to the landing, where emu_start stops */
+    bt_uc.emu_start(b->uc, BT_TRAMP_VA + offsetof(struct bt_tramp, cpuid), landing, 0, 0);
+    b->tramp_active = 0;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    bt_uc.reg_read_batch(b->uc, ids, got_p, 4);
+    for (int i = 0; i < 5; i++)
+        bt_set_reg(b, ids[i], saved[i]);
+    b->exception.vector = -1;
+    for (int i = 0; i < 4; i++)
+        out[i] = (uint32_t)got[i];
 }
 
 /* The GDT descriptor of a selector (no LDT here): 0, or -1 if outside the table. */

@@ -269,14 +269,16 @@ int bt_decode_mode(const uint8_t *code, int avail, struct bt_insn *in, int code3
         uint8_t b = code[i];
         if (b == 0x66) {
             opsize66 = 1;
+            in->simd_prefix = b;
         } else if (b == 0x67) {
             in->addr32 = 1;
         } else if (b == 0x64 || b == 0x65) {
             in->seg = b;
         } else if (b == 0xf2 || b == 0xf3) {
             in->rep = b;
+            in->simd_prefix = b;    /* rep, or an SSE instruction's mandatory prefix */
         } else if (b == 0xf0 || b == 0x2e || b == 0x36 || b == 0x3e || b == 0x26) {
-            /* lock, rep, branch hints / null segments */
+            /* lock, branch hints / null segments */
         } else if ((b & 0xf0) == 0x40 && !code32) {
             in->rex = b;
             i++;
@@ -314,6 +316,7 @@ int bt_decode_mode(const uint8_t *code, int avail, struct bt_insn *in, int code3
             in->opsize = 8;
         i += plen;
         vex = 1;
+        in->vex = 1;
     } else if (b == 0x0f) {
         if (i + 1 >= avail)
             return -1;
