@@ -107,3 +107,43 @@ def test_debian_linux_boots_as_pvh_on_bt():
     assert "Run /init as init process" in out
     assert "trapless: /init of a busybox initramfs" in out
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), stop
+
+
+@pytest.mark.skipif(not (LINUX / "vmlinux").is_file(),
+                    reason=f"no Debian kernel at {LINUX}: `make linux-guest` fetches it "
+                           f"(apt-get download; needs Debian's archive)")
+@pytest.mark.skipif(engines.why_unavailable("bt") is not None, reason="needs the bt engine")
+def test_debian_linux_shell_through_the_console(tmp_path):
+    """A linux.cfg (type = "pvh", the initramfs's `shell` word) created from the console
+    shell; `console linux` reaches busybox's prompt over hvc0, a typed `uname -r` gets
+    the kernel's release back, and `poweroff -f` ends the domain (ACPI S5)."""
+    import sys
+
+    import pexpect
+    release = (LINUX / "kernel-version").read_text().strip()    # make linux-guest wrote it
+    cfg = tmp_path / "linux.cfg"
+    cfg.write_text(f'name = "linux"\nkernel = "{LINUX / "vmlinux"}"\n'
+                   f'ramdisk = "{LINUX / "initramfs.cpio"}"\ntype = "pvh"\nmemory = 256\n'
+                   f'cmdline = "console=hvc0 shell"\n')
+    child = pexpect.spawn(sys.executable, ["-m", "hypervisor.console"], encoding="utf-8",
+                          timeout=240, dimensions=(40, 200))
+    try:
+        child.expect("trapless> ")
+        child.sendline(f"create {cfg}")
+        child.expect("created domain 1 \\(linux\\)")
+        child.expect("trapless> ")
+        child.sendline("console linux")
+        child.expect("trapless: /init of a busybox initramfs")
+        child.expect("/ # ")
+        child.send("uname -r\r")
+        child.expect(r"uname -r\r+\n(\S+)\r+\n")
+        assert child.match.group(1) == release
+        child.expect("/ # ")
+        child.send("poweroff -f\r")
+        child.expect("reboot: Power down")
+        child.expect(r"console of domain 1 \(linux\) closed\]")
+        child.expect("trapless> ")
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
