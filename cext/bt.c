@@ -950,7 +950,9 @@ static void on_hole_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_
 
 static int map_pvh_platform(struct bt_vcpu *b, char *err, int err_len)
 {
-    uint64_t ram_end = b->v->dom->ram_bytes, apic_end = HV_LAPIC_GPA + HV_PAGE_SIZE;
+    /* the hole begins after the RAM and the grant region that follows it */
+    uint64_t ram_end = b->v->dom->ram_bytes + b->v->dom->gnt_bytes,
+             apic_end = HV_LAPIC_GPA + HV_PAGE_SIZE;
     uc_err e;
 
     b->mmio_base = HV_LAPIC_GPA;

@@ -42,7 +42,7 @@ WORDS = 6
 
 def build_pvh_ring3_guest() -> tuple[bytes, dict[str, int]]:
     """The ELF image and its symbols (the test computes the expected frames from them)."""
-    p = PVProgram(guest_os="trapless-pvh-ring3")
+    p = PVProgram(guest_os="trapless-pvh-ring3", xen_pv=False, console_ring=False)
     a = p.a
 
     # ---- main: the CPU set-up ----

@@ -46,10 +46,6 @@ class PVProgram:
         # Xen hands us start_info in rsi and a bootstrap stack; keep start_info, use our stack.
         a.mov(qword["start_info_ptr"], rsi)
         a.lea(rsp, ptr["stack_top"])
-        if xen_pv:
-            # Xen's builder maps the start-of-day region from VIRT_BASE (0 here), page 0
-            # included; like XTF and Linux, unmap it so that a NULL pointer faults.
-            self.hypercall("update_va_mapping", 0, 0, C.UVMF_INVLPG)
         a.call("main")
         # main returned: power off with its return value as the reason.
         a.mov(rdi, rax)
