@@ -312,6 +312,32 @@ void hv_grant_release(struct hv_grant_use *use)
     use->page = NULL;
 }
 
+int16_t hv_grant_copy(uint16_t granter_id, uint32_t ref, uint16_t user, int write,
+                      uint32_t offset, void *buf, uint32_t len)
+{
+    struct hv_domain *rd;
+    uint64_t frame;
+    int16_t st;
+
+    if (offset > HV_PAGE_SIZE || len > HV_PAGE_SIZE - offset)
+        return GNTST_bad_copy_arg;
+    pthread_mutex_lock(&gnt_lock);
+    st = granter(granter_id, &rd);
+    if (st == GNTST_okay)
+        st = pin(rd, ref, user, write, PIN_HOST, &frame);
+    if (st == GNTST_okay) {
+        /* the lock keeps rd and its RAM: destruction takes it before unmapping */
+        uint8_t *page = rd->ram + (frame << HV_PAGE_SHIFT) + offset;
+        if (write)
+            memcpy(page, buf, len);
+        else
+            memcpy(buf, page, len);
+        unpin(rd, ref, write, PIN_HOST);
+    }
+    pthread_mutex_unlock(&gnt_lock);
+    return st;
+}
+
 int hv_gnt_frame_granted(struct hv_domain *d, uint64_t gpfn)
 {
     struct hv_grant_table *gt = d->gnt;

@@ -16,6 +16,7 @@
  *     memcpy(use.page, ..., 4096)   // use.page: host pointer to the whole granted page
  *     hv_grant_release(&use);       // once the request is done; use.page is gone after
  *
+ * (hv_grant_copy does one copy in or out of the page without a mapping.)
  * acquire checks the entry as Xen's map does (permit_access, the entry names the
  * backend's domid, not readonly when writing) and sets GTF_reading (and GTF_writing)
  * in it, so the frontend cannot revoke the grant while the backend uses it; release
@@ -56,6 +57,13 @@ struct hv_grant_use {
 int16_t hv_grant_acquire(uint16_t granter, uint32_t ref, uint16_t user, int write,
                          struct hv_grant_use *use);
 void    hv_grant_release(struct hv_grant_use *use);
+/* The short way for one copy, with no mapping to make (acquire + release map and unmap
+ * the page: 11.2 us against 0.72 us for a 4 KiB copy, one measurement on the
+ * development host, from Python): the same checks, then len bytes at offset of the
+ * granted page are copied to buf (HV_GRANT_READ) or from buf (HV_GRANT_WRITE) under the
+ * grant lock. Never with a lock of the backend's held, nor around blocking I/O. */
+int16_t hv_grant_copy(uint16_t granter, uint32_t ref, uint16_t user, int write,
+                      uint32_t offset, void *buf, uint32_t len);
 /* cdef-end */
 
 /* The domain's side (domain.c, memory.c, mm.c). */

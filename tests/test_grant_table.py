@@ -58,6 +58,30 @@ def test_backend_reads_and_writes_a_granted_page(frontend):
     assert use.page == ffi.NULL
 
 
+def test_backend_copies_in_and_out_of_a_granted_page(frontend):
+    table, frame, page = table_and_page(frontend)
+    ffi.memmove(page + 100, b"from the guest", 14)
+    grant(table, 8, frame)
+    grant(table, 9, frame, PERMIT | READONLY)
+    buf = ffi.new("uint8_t[]", 4096)
+    assert lib.hv_grant_copy(FRONT, 8, BACKEND, lib.HV_GRANT_READ, 100, buf, 14) == C.GNTST_okay
+    assert ffi.buffer(buf, 14)[:] == b"from the guest"
+    ffi.memmove(buf, b"from the backend", 16)
+    assert lib.hv_grant_copy(FRONT, 8, BACKEND, lib.HV_GRANT_WRITE, 4080, buf, 16) == C.GNTST_okay
+    assert ffi.buffer(page + 4080, 16)[:] == b"from the backend"
+    assert table[8].flags == PERMIT                     # pinned only for the copy
+    # refused: past the page, a read-only grant written, another backend's, no domain
+    for args, status in (((FRONT, 8, BACKEND, lib.HV_GRANT_WRITE, 4081, buf, 16),
+                          C.GNTST_bad_copy_arg),
+                         ((FRONT, 9, BACKEND, lib.HV_GRANT_WRITE, 0, buf, 16),
+                          C.GNTST_general_error),
+                         ((FRONT, 8, 5, lib.HV_GRANT_READ, 0, buf, 16), C.GNTST_general_error),
+                         ((99, 8, BACKEND, lib.HV_GRANT_READ, 0, buf, 16), C.GNTST_bad_domain)):
+        assert lib.hv_grant_copy(*args) == status, args
+    assert ffi.buffer(page + 4080, 16)[:] == b"from the backend"
+    assert (table[8].flags, table[9].flags) == (PERMIT, PERMIT | READONLY)
+
+
 def test_refused_uses_change_nothing(frontend):
     table, frame, _ = table_and_page(frontend)
     use = ffi.new("struct hv_grant_use *")
