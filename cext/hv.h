@@ -235,6 +235,8 @@ struct hv_vcpu {
     uint64_t vcpu_info_gpa;         /* HV_NO_PAGE: the slot in shared_info */
     struct pv_vcpu pv;              /* Xen PV CPU state (pv_traps.c); unused in ring-0 PV */
     uint64_t runstate_area;         /* guest virtual address of its runstate_info, 0: none */
+    uint64_t runstate_gpa;          /* where that was last found (HV_NO_PAGE: not mapped) */
+    struct vcpu_runstate_info runstate; /* its accounting; wait_lock guards it (timers.c) */
     uint32_t virq_to_port[NR_VIRQS];
     struct hv_vcpu_timers timers;
     struct hv_lapic *lapic;         /* PVH: the emulated local APIC (dev_lapic.c), else NULL */
@@ -324,6 +326,8 @@ void hv_timers_stop(struct hv_domain *d);
 void hv_timers_wake(struct hv_domain *d);      /* a device deadline moved */
 /* A parked vCPU's own deadline (SCHEDOP_poll's timeout); 0 clears it. */
 void hv_timers_set_wait(struct hv_vcpu *v, uint64_t deadline);
+void hv_runstate_enter(struct hv_vcpu *v, int state);     /* caller holds wait_lock */
+void hv_runstate_publish(struct hv_vcpu *v, int translate);
 void hv_timers_set_lapic(struct hv_vcpu *v, uint64_t deadline);   /* 0: disarmed */
 uint64_t hv_system_time(void);
 void hv_pvclock_update(struct hv_vcpu *v);

@@ -378,13 +378,68 @@ int64_t do_set_timer_op(struct hv_vcpu *v, const struct hv_hcall *h)
     return 0;
 }
 
-static int64_t runstate_info(struct hv_vcpu *v, uint64_t arg)
+/* ---- runstate: the time a vCPU spent running, runnable (queued for a worker) and
+ * blocked (parked), as Xen accounts it at every schedule ---- */
+
+/* Caller holds v->wait_lock, which every change of scheduling state takes. */
+void hv_runstate_enter(struct hv_vcpu *v, int state)
+{
+    struct vcpu_runstate_info *r = &v->runstate;
+    uint64_t now = hv_system_time();
+    if (r->state_entry_time && now > r->state_entry_time)
+        r->time[r->state] += now - r->state_entry_time;
+    r->state = state;
+    r->state_entry_time = now;
+}
+
+/* The accounting up to now (Xen's vcpu_runstate_get). */
+static void runstate_now(struct hv_vcpu *v, struct vcpu_runstate_info *out)
+{
+    uint64_t now = hv_system_time();
+    pthread_mutex_lock(&v->wait_lock);
+    *out = v->runstate;
+    pthread_mutex_unlock(&v->wait_lock);
+    if (out->state_entry_time && now > out->state_entry_time)
+        out->time[out->state] += now - out->state_entry_time;
+}
+
+/* Write the registered area, as Xen does when it schedules the vCPU in or out. The area
+ * is a guest virtual address: translate (the guest's page tables, from the thread that
+ * runs the vCPU while it is stopped) or use where it was last found, for a vCPU that
+ * has just parked and may already run elsewhere. An area that is not mapped, or that
+ * crosses a page, is skipped, as Xen skips a write that faults. */
+void hv_runstate_publish(struct hv_vcpu *v, int translate)
+{
+    struct vcpu_runstate_info r, *area;
+    uint64_t gpa;
+
+    if (!v->runstate_area)
+        return;
+    if (translate) {
+        if (hv_gva_to_gpa(v, v->runstate_area, 1, &gpa) < 0 ||
+            (gpa & (HV_PAGE_SIZE - 1)) + sizeof(r) > HV_PAGE_SIZE ||
+            !hv_gpa_valid(v->dom, gpa, sizeof(r)))
+            gpa = HV_NO_PAGE;
+        __atomic_store_n(&v->runstate_gpa, gpa, __ATOMIC_RELEASE);
+    }
+    gpa = __atomic_load_n(&v->runstate_gpa, __ATOMIC_ACQUIRE);
+    if (gpa == HV_NO_PAGE)
+        return;
+    pthread_mutex_lock(&v->wait_lock);
+    r = v->runstate;
+    pthread_mutex_unlock(&v->wait_lock);
+    /* state_entry_time last: a guest that rereads it around its copy (Linux) sees a
+     * change and reads again rather than a mix */
+    area = (struct vcpu_runstate_info *)(v->dom->ram + gpa);
+    memcpy(area->time, r.time, sizeof(r.time));
+    area->state = r.state;
+    __atomic_store_n(&area->state_entry_time, r.state_entry_time, __ATOMIC_RELEASE);
+}
+
+static int64_t runstate_info(struct hv_vcpu *v, struct hv_vcpu *target, uint64_t arg)
 {
     struct vcpu_runstate_info r;
-    memset(&r, 0, sizeof(r));
-    r.state = RUNSTATE_running;         /* it is running: it is making this call */
-    r.state_entry_time = hv_system_time();
-    r.time[RUNSTATE_running] = hv_system_time() - v->dom->boot_system_time;
+    runstate_now(target, &r);
     return hv_copy_to_guest(v, arg, &r, sizeof(r)) < 0 ? -XEN_EFAULT : 0;
 }
 
@@ -398,8 +453,7 @@ static int64_t register_runstate_area(struct hv_vcpu *v, uint64_t arg)
     if (hv_copy_from_guest(v, &area, arg, sizeof(area)) < 0)
         return -XEN_EFAULT;
     v->runstate_area = area.addr;
-    if (area.addr)
-        runstate_info(v, area.addr);
+    hv_runstate_publish(v, 1);
     return 0;
 }
 
@@ -444,9 +498,7 @@ int64_t do_vcpu_op(struct hv_vcpu *v, const struct hv_hcall *h)
     case VCPUOP_initialise:
         return -XEN_EEXIST;             /* every vCPU is initialised by the builder */
     case VCPUOP_get_runstate_info:
-        if (target->runstate_area)
-            runstate_info(target, target->runstate_area);
-        return runstate_info(target, h->a3);
+        return runstate_info(v, target, h->a3);
     case VCPUOP_register_runstate_memory_area:
         return register_runstate_area(target, h->a3);
     case VCPUOP_set_periodic_timer: {

@@ -52,6 +52,7 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
     v->dom = d;
     v->id = id;
     v->vcpu_info_gpa = HV_NO_PAGE;
+    v->runstate_gpa = HV_NO_PAGE;
     v->sched_state = HV_SCHED_NEW;
     /* Only a worker inside the engine's run is the vCPU's thread; none is before. */
     memset(&v->thread, 0, sizeof(v->thread));
@@ -291,6 +292,7 @@ static void finish(struct hv_vcpu *v, int rc, struct hv_stop *stop)
     hv_console_close(v->dom);           /* end of file: whoever reads the console knows */
     pthread_mutex_lock(&v->wait_lock);
     v->sched_state = HV_SCHED_DONE;
+    hv_runstate_enter(v, RUNSTATE_offline);
     pthread_cond_broadcast(&v->done_cond);
     pthread_mutex_unlock(&v->wait_lock);
 }
@@ -313,7 +315,9 @@ static void run_vcpu(struct hv_vcpu *v)
                 }
                 v->sched_state = HV_SCHED_PARKED;
                 v->waiting = 1;
+                hv_runstate_enter(v, RUNSTATE_blocked);
                 pthread_mutex_unlock(&v->wait_lock);
+                hv_runstate_publish(v, 0);
                 return;
             }
             v->park_kind = HV_WAIT_NONE;
@@ -345,7 +349,9 @@ static void *worker_main(void *arg)
             pthread_mutex_unlock(&rq_lock);
             pthread_mutex_lock(&v->wait_lock);
             v->sched_state = HV_SCHED_RUNNING;
+            hv_runstate_enter(v, RUNSTATE_running);
             pthread_mutex_unlock(&v->wait_lock);
+            hv_runstate_publish(v, 1);
             run_vcpu(v);
             pthread_mutex_lock(&rq_lock);
             continue;
@@ -390,6 +396,7 @@ int hv_vcpu_start(struct hv_vcpu *v)
         return -1;
     }
     v->sched_state = HV_SCHED_RUNNABLE;
+    hv_runstate_enter(v, RUNSTATE_runnable);
     rq_push(v);
     pthread_mutex_unlock(&v->wait_lock);
     return 0;
@@ -412,6 +419,7 @@ void hv_vcpu_notify(struct hv_vcpu *v)
         (can_go_on(v) || __atomic_load_n(&v->deferred_events, __ATOMIC_ACQUIRE))) {
         v->sched_state = HV_SCHED_RUNNABLE;
         v->waiting = 0;
+        hv_runstate_enter(v, RUNSTATE_runnable);
         rq_push(v);
     }
     pthread_mutex_unlock(&v->wait_lock);

@@ -3,7 +3,7 @@ import struct
 
 from abi import C, offsetof
 
-from guest_kernel.asm import byte, edi, ptr, qword, r12, r13, rax, rbx, rdi, rip, rsi
+from guest_kernel.asm import byte, dword, eax, edi, ptr, qword, r12, r13, rax, rbx, rdi, rip, rsi
 from guest_kernel.conformance import NULL, UNMAPPED, ConformanceGuest
 from guest_kernel.pvlib import UPCALL_MASK, set_port_handler
 
@@ -240,3 +240,32 @@ def test_register_runstate_memory_area(run_cases):
     assert run["register_null_arg"] == EFAULT
     assert run["register_unmapped_area"] == 0
     assert run["register_bad_vcpu"] == ENOENT
+
+
+def test_the_runstate_area_counts_time_blocked(run_cases):
+    """The registered area is rewritten as the vCPU blocks and runs again (Xen writes it
+    at every schedule): 20 ms in SCHEDOP_poll with no port shows up in time[blocked],
+    and the state reads running once the vCPU is back."""
+    g = ConformanceGuest("vcpu_op runstate accounting", events=True)
+    a = g.a
+    g.struct("area", "vcpu_register_runstate_memory_area")
+    g.struct("poll", "sched_poll")
+    g.fill("scratch", 48, 0)
+    blocked = 16 + 8 * C.RUNSTATE_blocked
+    a.lea(rax, ptr["scratch"])
+    a.mov(qword["area"], rax)
+    g.call("register", "vcpu_op", C.VCPUOP_register_runstate_memory_area, 0, "area")
+    a.mov(rax, qword[rip + "scratch" + blocked])
+    g.report("blocked_before")
+    a.call("pvclock_read")
+    a.add(rax, 20_000_000)
+    a.mov(qword[rip + "poll" + 16], rax)
+    g.call("poll", "sched_op", C.SCHEDOP_poll, "poll")
+    a.mov(rax, qword[rip + "scratch" + blocked])
+    g.report("blocked_after")
+    a.mov(eax, dword[rip + "scratch"])
+    g.report("state_after")
+    run = run_cases(g.finish())
+    assert run["register"] == 0 and run["poll"] == 0
+    assert run["blocked_after"] - run["blocked_before"] >= 19_000_000
+    assert run["state_after"] == C.RUNSTATE_running
