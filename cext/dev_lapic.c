@@ -238,7 +238,13 @@ static int send_ipi(struct hv_lapic *a)
     uint32_t shorthand = a->icr_low & ICR_SHORTHAND;
     int to_self = shorthand == ICR_SELF || shorthand == 2u << 18 ||
                   (shorthand == 0 && (a->icr_high >> 24) == a->id);
-    if (!to_self || (a->icr_low & ICR_DELIVERY_MODE) != 0)
+    if ((a->icr_low & ICR_DELIVERY_MODE) != 0)
+        return 0;
+    /* a fixed IPI with vector 0-15: the sender logs "send illegal vector" (SDM 11.5.3),
+     * as Xen's vlapic_ipi() does, and a receiver refuses it in accept() */
+    if ((uint8_t)a->icr_low < 16)
+        a->esr_pending |= 1u << 5;
+    if (!to_self)
         return 0;
     accept(a, (uint8_t)a->icr_low);
     return 1;

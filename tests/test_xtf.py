@@ -163,7 +163,7 @@ def test_real_xtf_images(engine, tmp_path):
 PV64_PASSING = {
     "SUCCESS": ["cpuid", "example", "msr", "pv-iopl~hypercall", "pv-iopl~vmassist",
                 "rtm-check", "selftest", "xsa-193", "xsa-212", "xsa-213", "xsa-224",
-                "xsa-232", "xsa-234", "xsa-255", "xsa-259", "xsa-279", "xsa-286",
+                "xsa-227", "xsa-232", "xsa-234", "xsa-255", "xsa-259", "xsa-279", "xsa-286",
                 "xsa-298", "xsa-316", "xsa-333", "xsa-339", "xsa-7"],
     "SKIP": ["argo", "cpuid-faulting", "livepatch-priv-check", "xsa-167", "xsa-182",
              "xsa-444"],
