@@ -677,6 +677,7 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e,
     b->fault_va = va;
     b->fault_access = access;
     b->fault_present = present;
+    b->fault_rsvd = b->walk_rsvd;
     b->fault_noncanonical = (va >> 47) != 0 && (va >> 47) != 0x1ffff;
     return false;               /* the emulator stops at the instruction: UC_ERR_EXCEPTION */
 }

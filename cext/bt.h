@@ -256,6 +256,9 @@ struct bt_vcpu {
     uint64_t fault_va;
     int fault_access;               /* UC_MEM_READ, UC_MEM_WRITE or UC_MEM_FETCH */
     int fault_present;              /* the page is mapped, the access is not allowed */
+    int fault_rsvd;                 /* an entry of the walk had a reserved bit set */
+    int walk_rsvd;                  /* bt_walk's own note of that, for the TLB fill */
+    uint64_t rsvd_addr_bits;        /* entry address bits beyond MAXPHYADDR (0: not known yet) */
     int fault_noncanonical;
 
     /* ring 3 (bt_cpu.c): the walk checks ring-0 permissions whatever the CPL, for the

@@ -34,6 +34,7 @@
 #define PF_P     (1u << 0)
 #define PF_W     (1u << 1)
 #define PF_U     (1u << 2)
+#define PF_RSVD  (1u << 3)
 #define PF_I     (1u << 4)
 
 uint64_t bt_reg(struct bt_vcpu *b, int regid)
@@ -99,6 +100,7 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
     uint64_t at_level[4];           /* where each entry of the walk is, for A and D */
 
     *present = 0;
+    b->walk_rsvd = 0;
     if (d->pv_region && pv_xen_l4_slot((int)((va >> 39) & 511)) && (va >> 48) == 0xffff) {
         /* the hypervisor's slots, read-only: the M2P, and the GDT Unicorn reads itself */
         int ring3;
@@ -117,6 +119,17 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
     if (!canonical(va))
         return -1;
     nx = (efer(b) & EFER_NXE) != 0;
+    if (!b->rsvd_addr_bits) {
+        /* an entry's address bits at and above MAXPHYADDR (the guest's CPUID) are
+         * reserved: the CPU's walk stops with #PF, P and RSVD set */
+        uint32_t r[4];
+        unsigned maxphys;
+        bt_guest_cpuid(b, 0x80000008, 0, r);
+        maxphys = r[0] & 0xff;
+        if (maxphys < 32 || maxphys > 52)
+            maxphys = 36;
+        b->rsvd_addr_bits = PTE_ADDR & ~((1ULL << maxphys) - 1);
+    }
     table = bt_reg(b, UC_X86_REG_CR3) & PTE_ADDR;
     for (int level = 4; level >= 1; level--) {
         unsigned shift = 12 + 9 * (level - 1);
@@ -126,6 +139,11 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
         memcpy(&entry, d->ram + at, 8);
         if (!(entry & PTE_P))
             return -1;
+        if (entry & b->rsvd_addr_bits) {
+            b->walk_rsvd = 1;
+            *present = 1;
+            return -1;
+        }
         at_level[levels++] = at;
         writable &= (entry & PTE_RW) != 0;
         user_ok &= (entry & PTE_US) != 0;
@@ -355,7 +373,7 @@ void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev)
     }
     ev->vector = 14;
     ev->has_error = 1;
-    ev->error = (b->fault_present ? PF_P : 0) |
+    ev->error = (b->fault_present ? PF_P : 0) | (b->fault_rsvd ? PF_RSVD : 0) |
                 (b->fault_access == UC_MEM_WRITE ? PF_W : 0) |
                 ((bt_reg(b, UC_X86_REG_CS) & 3) == 3 ? PF_U : 0) |
                 (b->fault_access == UC_MEM_FETCH && (efer(b) & EFER_NXE) ? PF_I : 0);
