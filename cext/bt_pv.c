@@ -17,6 +17,7 @@
 
 #define RFLAGS_IF   (1ULL << 9)
 #define RFLAGS_IOPL (3ULL << 12)
+#define DR6_BS      (1u << 14)
 
 static const int gpr_ids[18] = {
     UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RSI,
@@ -434,10 +435,12 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
 {
     struct pv_regs r, old;
     int done = 0, gp_error = 0, vector = 13;
-    uint32_t error = 0;
+    uint32_t error = 0, db;
+    uint64_t bounces = b->v->pv.bounces;
 
     read_regs(b, &r);
     old = r;
+    b->db_hits = 0;
     if (s->kind == BT_POPF)
         done = emulate_popf(b, &r, s);
     else if (s->kind == BT_IRET)
@@ -464,6 +467,16 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
             return -1;
     } else if (done == -1 && pv_exception(b->v, &r, 13, (uint32_t)gp_error, 0, stop) < 0) {
         return -1;
+    }
+    /* An instruction done here that went nowhere else (no bounce) ends as one TCG ran
+     * would: a #DB trap for its data breakpoint hits, and for TF as it was before it
+     * (a popf clearing TF still traps). A mov to SS holds both for one instruction. */
+    db = b->db_hits | ((old.rflags & RFLAGS_TF) ? DR6_BS : 0);
+    b->db_hits = 0;
+    if (db && s->kind != BT_LOAD_SS && b->v->pv.bounces == bounces) {
+        b->v->pv.dr[6] = (b->v->pv.dr[6] & ~0xfULL) | db;
+        if (pv_exception(b->v, &r, 1, 0, 0, stop) < 0)
+            return -1;
     }
     write_regs(b, &r, &old);
     return 0;

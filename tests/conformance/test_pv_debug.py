@@ -89,6 +89,15 @@ def test_data_breakpoints(run_cases, needs_breakpoints):
     g.call("set_dr7_w1", "set_debugreg", 7, dr7(3, RW_WRITE, LEN1))
     g.a.mov(dword[rip_("watch", 0x21)], ecx)
     g.report_word("count_after_next_byte", "on_db.count")
+    # a store the model emulates: mov %ss, 0x30(%rax) into a 2-byte write breakpoint
+    set_dr_to(g, "set_dr0_ss", 0, "watch", 0x30)
+    g.call("set_dr7_w2_ss", "set_debugreg", 7, dr7(0, RW_WRITE, LEN2))
+    g.a.lea(rax, g.ptr("watch"))
+    g.a.db(0x8C, 0x50, 0x30)
+    g.a.label("after_ss_store")
+    g.report_word("count_after_ss_store", "on_db.count")
+    g.report_address("ss_store_trap_rip", "on_db.frame", 16, "after_ss_store")
+    g.report_word("ss_stored", "watch", 0x30)
     g.call("dr7_off", "set_debugreg", 7, 0)
     g.a.mov(dword["watch"], ecx)
     g.report_word("count_disabled", "on_db.count")
@@ -110,7 +119,10 @@ def test_data_breakpoints(run_cases, needs_breakpoints):
     assert run["count_after_overlap"] == 3
     assert run["dr6_after_w2"] == DR6_DEFAULT | 0x4
     assert run["count_after_next_byte"] == 3
-    assert run["count_disabled"] == 3
+    assert run["count_after_ss_store"] == 4
+    assert run["ss_store_trap_rip"] == 0
+    assert run["ss_stored"] & 0xFFFF == C.FLAT_KERNEL_SS
+    assert run["count_disabled"] == 4
 
 
 def test_instruction_breakpoint_and_single_step(run_cases, needs_breakpoints):
@@ -135,6 +147,15 @@ def test_instruction_breakpoint_and_single_step(run_cases, needs_breakpoints):
     g.report_word("step_count", "on_step.count")
     g.report_address("step_trap_rip", "on_step.frame", 16, "after_first")
     g.call("dr6_after_step", "get_debugreg", 6)
+    # an instruction the model emulates under TF: a popf that clears it still traps
+    g.a.db(0x9C)                               # flags without TF, for the second popfq
+    g.a.db(0x9C)
+    g.a.or_(qword[rsp], RFLAGS_TF)
+    g.a.db(0x9D)                               # TF on
+    g.a.db(0x9D)                               # TF off: a trap after it
+    g.a.label("after_popf")
+    g.report_word("popf_step_count", "on_step.count")
+    g.report_address("popf_trap_rip", "on_step.frame", 16, "after_popf")
     g.handlers(lambda: (handler_changing_rflags(g, "on_bp", "or", RFLAGS_RF),
                         handler_changing_rflags(g, "on_step", "and", RFLAGS_TF)))
     run = run_cases(g.finish())
@@ -145,6 +166,8 @@ def test_instruction_breakpoint_and_single_step(run_cases, needs_breakpoints):
     assert run["step_count"] == 1
     assert run["step_trap_rip"] == 0
     assert run["dr6_after_step"] == DR6_DEFAULT | DR6_BS
+    assert run["popf_step_count"] == 2
+    assert run["popf_trap_rip"] == 0
 
 
 def test_io_breakpoint(run_cases):
