@@ -321,7 +321,8 @@ static int deliverable(struct bt_vcpu *b)
 static int ring3_only(int kind)
 {
     return kind == BT_PORT_IO || kind == BT_READ_CRDR || kind == BT_WRSEGBASE ||
-           kind == BT_PRIV_RING3;
+           kind == BT_PRIV_RING3 || kind == BT_LOAD_SS ||
+           kind == BT_STORE_SS || kind == BT_FAR_RET;
 }
 
 /* mov cr4, reg at a site: the register number, or -1 for any other instruction */
@@ -1375,7 +1376,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
 
     for (;;) {
         uint64_t rip = bt_reg(b, UC_X86_REG_RIP);
-        int kicked;
+        int kicked, stepping, tf_before = 0;
         uc_err e;
 
         if (b->fatal) {
@@ -1424,6 +1425,18 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         if ((d->pv_model == HV_PV_XEN ? bt_pv_events(b, stop) : deliver_interrupt(b, stop)) < 0)
             return stop->reason;
 
+        /* Breakpoints or TF: one instruction at a time, an instruction breakpoint
+         * checked first (bt_debug.c) */
+        stepping = d->pv_model == HV_PV_XEN && bt_debug_stepping(b);
+        if (stepping) {
+            int db = bt_debug_before(b, stop);
+            if (db < 0)
+                return stop->reason;
+            if (db > 0)
+                continue;
+            tf_before = (bt_reg(b, UC_X86_REG_RFLAGS) & RFLAGS_TF) != 0;
+        }
+
         /* A kick that came while we were outside the emulator is counted here, as
          * KVM counts the KVM_RUN it cuts short (immediate_exit). */
         pthread_mutex_lock(&b->kick_lock);
@@ -1441,7 +1454,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         }
 
         rip = bt_reg(b, UC_X86_REG_RIP);
-        e = bt_uc.emu_start(b->uc, rip, 0, 0, 0);
+        e = bt_uc.emu_start(b->uc, rip, 0, 0, stepping ? 1 : 0);
 
         pthread_mutex_lock(&b->kick_lock);
         b->in_emu = 0;
@@ -1463,6 +1476,11 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
                 continue;
             return hv_stop_with(stop, HV_STOP_ERROR, e, bt_reg(b, UC_X86_REG_RIP),
                                 "Unicorn stopped: %s", bt_uc.strerror(e));
+        }
+        if (stepping) {
+            if (bt_debug_after(b, rip, tf_before, stop) < 0)
+                return stop->reason;
+            continue;           /* each step ends where it should: nothing to explain */
         }
         /* A stop nobody asked for: TCG ran a hlt we had no hook on yet, or QEMU's own
          * exception latch turned a fault into a silent halt. */

@@ -52,6 +52,8 @@ enum {                              /* uc_hook_type */
     UC_HOOK_MEM_WRITE_UNMAPPED = 1 << 5,
     UC_HOOK_MEM_FETCH_UNMAPPED = 1 << 6,
     UC_HOOK_MEM_WRITE_PROT = 1 << 8,
+    UC_HOOK_MEM_READ = 1 << 10,
+    UC_HOOK_MEM_WRITE = 1 << 11,
     UC_HOOK_EDGE_GENERATED = 1 << 15,
     UC_HOOK_TLB_FILL = 1 << 17,
 };
@@ -77,6 +79,7 @@ enum { UC_X86_INS_IN = 218, UC_X86_INS_OUT = 500, UC_X86_INS_SYSCALL = 699,
 /* uc_ctl commands: type | (number of arguments << 26) | (1 << 30) for a write. */
 #define BT_UC_CTL_WRITE(type, nargs) ((int)((type) | ((nargs) << 26) | (1 << 30)))
 #define UC_CTL_TB_REMOVE_CACHE_W  BT_UC_CTL_WRITE(9, 2)
+#define UC_CTL_TB_FLUSH_W         BT_UC_CTL_WRITE(10, 0)
 #define UC_CTL_TLB_FLUSH_W        BT_UC_CTL_WRITE(11, 0)
 #define UC_CTL_TLB_TYPE_W         BT_UC_CTL_WRITE(12, 1)
 #define UC_CTL_TCG_BUFFER_SIZE_W  BT_UC_CTL_WRITE(13, 1)
@@ -126,6 +129,7 @@ struct bt_uc_api {
     uc_err (*emu_stop)(uc_engine *uc);
     uc_err (*hook_add)(uc_engine *uc, uc_hook *hh, int type, void *callback, void *user_data,
                        uint64_t begin, uint64_t end, ...);
+    uc_err (*hook_del)(uc_engine *uc, uc_hook hh);
 };
 
 extern struct bt_uc_api bt_uc;
@@ -151,6 +155,12 @@ enum bt_kind {
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
     BT_INT_N,                       /* int3, int n, into: software interrupts, and their length */
     BT_ICEBP,                       /* icebp (int1): #DB as a trap; TCG has no icebp */
+    BT_LOAD_SS,                     /* mov to SS: TCG checks it against its own ring 0,
+                                     * not the guest's ring 3 (Xen's PV model only) */
+    BT_STORE_SS,                    /* mov from SS: the guest's SS is the model's, not
+                                     * Unicorn's ring-0 one (Xen's PV model only) */
+    BT_FAR_RET,                     /* lret: TCG refuses an RPL-3 CS from its ring 0
+                                     * (Xen's PV model only) */
 };
 
 struct bt_insn {
@@ -274,6 +284,15 @@ struct bt_vcpu {
     int pvh_syscall_pending;
     uint64_t pvh_syscall_at;
 
+    /* debug registers of Xen's PV model (bt_debug.c): while a breakpoint is armed or
+     * TF is set the run loop steps one instruction at a time */
+    uint16_t pv_ss;                 /* the guest's SS selector: Unicorn runs at its own
+                                     * ring 0, where an RPL-3 SS cannot be loaded */
+    uc_hook db_mem_hook;            /* the data-breakpoint access hook, 0 if none */
+    uint32_t db_hits;               /* B0-B3 of the data breakpoints this step touched */
+    uint32_t db_shadow;             /* a #DB held by a mov-SS shadow: its DR6 bits */
+    int db_shadow_armed;            /* the next instruction runs in that shadow */
+
     struct bt_site *sites[BT_SITE_BUCKETS];
     uint64_t nr_sites;
 };
@@ -311,6 +330,18 @@ int  bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop);
 int  bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
 int  bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop);
 int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);
+/* A #DB for the guest's trap table, with dr6_bits (B0-B3, BS) merged into its DR6. */
+int  bt_pv_debug_exception(struct bt_vcpu *b, uint32_t dr6_bits, struct hv_stop *stop);
+
+/* bt_debug.c: breakpoints and single-step of Xen's PV model (the run loop steps). */
+/* 1 if the next instruction must run alone (breakpoints armed, TF, a mov-SS shadow). */
+int  bt_debug_stepping(struct bt_vcpu *b);
+/* Before it: an instruction breakpoint at rip. 0 run it, 1 a #DB was delivered, -1 stop. */
+int  bt_debug_before(struct bt_vcpu *b, struct hv_stop *stop);
+/* After it ran alone: the #DB trap its data accesses or TF call for. 0, or -1 stop. */
+int  bt_debug_after(struct bt_vcpu *b, uint64_t rip_before, int tf_before, struct hv_stop *stop);
+/* B0-B3 of the data breakpoints an access of size bytes at va hits. */
+uint32_t bt_debug_data_hits(struct bt_vcpu *b, uint64_t va, int size, int write);
 
 #define RFLAGS_TF (1ULL << 8)
 #define RFLAGS_IF (1ULL << 9)

@@ -184,6 +184,12 @@ int bt_code32(struct bt_vcpu *b)
     uint16_t cs;
     uint64_t desc;
 
+    if (b->v->dom->pv_model == HV_PV_XEN) {
+        /* the guest's CS, from its own GDT or Xen's (compat mode: a 32-bit one) */
+        cs = (uint16_t)bt_reg(b, UC_X86_REG_CS);
+        return (cs & 4) == 0 && pv_gdt_descriptor(b->v, cs, &desc) == 0 &&
+               !((desc >> 53) & 1);
+    }
     if (b->v->dom->guest_type != HV_GUEST_PVH)
         return 0;
     if (!(efer(b) & (1ULL << 10)))             /* EFER.LMA */

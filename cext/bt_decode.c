@@ -215,6 +215,9 @@ static enum bt_kind classify(const struct bt_insn *in)
         case 0xcf: return BT_IRET;
         case 0xcc: case 0xcd: case 0xce: return BT_INT_N;  /* int3, int n, into */
         case 0xf1: return BT_ICEBP;
+        case 0x8e: return reg == 2 ? BT_LOAD_SS : BT_PLAIN;
+        case 0x8c: return reg == 2 ? BT_STORE_SS : BT_PLAIN;
+        case 0xca: case 0xcb: return BT_FAR_RET;
         case 0xe4: case 0xe5: case 0xe6: case 0xe7:
         case 0xec: case 0xed: case 0xee: case 0xef:
         case 0x6c: case 0x6d: case 0x6e: case 0x6f:

@@ -38,6 +38,7 @@ int hv_bt_init(const char *library, char *err, int err_len)
         { "uc_emu_start", (void **)&bt_uc.emu_start },
         { "uc_emu_stop", (void **)&bt_uc.emu_stop },
         { "uc_hook_add", (void **)&bt_uc.hook_add },
+        { "uc_hook_del", (void **)&bt_uc.hook_del },
     };
 
     pthread_mutex_lock(&load_lock);

@@ -103,6 +103,7 @@ struct pv_vcpu {
     /* control state the guest sets by hypercall or emulated instruction (pv_ctrl.c) */
     uint64_t dr[8];                     /* virtual debug registers (4 and 5 unused) */
     uint64_t dr7_io;                    /* DR7 enables of I/O breakpoints (emulated) */
+    uint32_t io_db_hits;                /* B0-B3 the port I/O just emulated hit */
     uint64_t cr4;                       /* the CR4 bits a PV guest controls (PV_CR4_GUEST) */
     int      cr0_ts;                    /* virtual CR0.TS (fpu_taskswitch, clts, mov cr0) */
     unsigned iopl;                      /* virtual IOPL (set_iopl, or iret with the assist) */

@@ -99,6 +99,25 @@ static int write_msr(struct hv_vcpu *v, struct pv_regs *r, uint32_t msr, uint64_
 
 /* in/out: the guest may reach no device, so, as Xen does for a domU's ports it was
  * not granted, a read gives all-ones and a write is dropped. 1 if done. */
+/* I/O breakpoints (CR4.DE, R/W 10): B0-B3 of those the ports [port, port + bytes)
+ * overlap, each aligned down to its LEN (1, 2, 8, 4 bytes for 00, 01, 10, 11). Their
+ * enables are in dr7_io (pv_ctrl.c), their R/W and LEN fields in dr[7]. */
+static uint32_t io_breakpoint_hits(const struct pv_vcpu *p, unsigned port, unsigned bytes)
+{
+    static const uint8_t lens[4] = { 1, 2, 8, 4 };
+    uint32_t hits = 0;
+
+    if (!(p->cr4 & PV_CR4_DE))
+        return 0;
+    for (int i = 0; i < 4; i++) {
+        uint64_t len = lens[(p->dr[7] >> (18 + 4 * i)) & 3], start = p->dr[i] & ~(len - 1);
+        if (((p->dr7_io >> (2 * i)) & 3) && ((p->dr[7] >> (16 + 4 * i)) & 3) == 2 &&
+            port < start + len && port + bytes > start)
+            hits |= 1u << i;
+    }
+    return hits;
+}
+
 static int emulate_port_io(struct hv_vcpu *v, struct pv_regs *r, const uint8_t *op, int at,
                            int opsize16)
 {
@@ -114,6 +133,7 @@ static int emulate_port_io(struct hv_vcpu *v, struct pv_regs *r, const uint8_t *
             r->rax |= bytes == 2 ? 0xffffULL : 0xffULL;
     }
     r->rip += (uint64_t)at + ((op[0] & 8) ? 1 : 2);
+    v->pv.io_db_hits = io_breakpoint_hits(&v->pv, port, (unsigned)bytes);
     return 1;
 }
 

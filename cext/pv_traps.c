@@ -148,8 +148,16 @@ int pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t erro
         if (done)
             return done < 0 ? -1 : 0;
     }
-    if (vector == 13 && error == 0 && pv_emulate_gp(v, r))
-        return 0;
+    if (vector == 13 && error == 0 && pv_emulate_gp(v, r)) {
+        /* an emulated in/out that hit an I/O breakpoint: Xen's pv_inject_DB, a trap
+         * after the instruction with the hits in the guest's DR6 */
+        uint32_t hits = p->io_db_hits;
+        p->io_db_hits = 0;
+        if (!hits)
+            return 0;
+        p->dr[6] = (p->dr[6] & ~0xfULL) | hits;
+        return pv_exception(v, r, 1, 0, 0, stop);
+    }
     if (vector == 13 && error == 0)
         error = pv_far_branch_error(v, r);
     if (vector == 7) {

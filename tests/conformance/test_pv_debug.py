@@ -1,0 +1,201 @@
+"""Debug exceptions of Xen's PV model: data, instruction and I/O breakpoints and
+single-step, each a #DB through the guest's trap table with the bits the CPU sets in
+the guest's DR6 (get_debugreg 6). A data breakpoint and single-step are traps (the
+frame's rip is past the instruction), an instruction breakpoint a fault (at it, until
+the handler sets RF). bt plays the CPU's part (bt_debug.c); I/O breakpoints are the
+PV model's own on both engines, as the guest's port I/O is always emulated (pv_emul.c).
+On kvm the debug registers are values only: this KVM-PVM host takes neither
+KVM_SET_DEBUGREGS nor KVM_SET_GUEST_DEBUG, so no breakpoint fires there."""
+import pytest
+
+from abi import C
+
+from guest_kernel.asm import dword, ecx, qword, rax, rdx, rsp
+from guest_kernel.xen_pv import XenPVGuest, rip_
+
+RW_EXEC, RW_WRITE, RW_IO, RW_READ_WRITE = 0, 1, 2, 3
+LEN1, LEN2, LEN8, LEN4 = 0, 1, 2, 3
+DR6_DEFAULT = 0xFFFF0FF0
+DR6_BS = 1 << 14
+CR4_DE = 1 << 3
+RFLAGS_TF, RFLAGS_RF = 1 << 8, 1 << 16
+FRAME_RFLAGS = 32                           # rcx, r11, rip, cs, rflags: its offset
+
+
+def dr7(i: int, rw: int, length: int) -> int:
+    """G<i> with its R/W and LEN fields."""
+    return (2 << (2 * i)) | (rw << (16 + 4 * i)) | (length << (18 + 4 * i))
+
+
+def set_dr_to(g: XenPVGuest, case: str, reg: int, label: str, offset: int = 0) -> None:
+    g.a.lea(rax, g.ptr(label))
+    if offset:
+        g.a.add(rax, offset)
+    g.hypercall_regs(case, "set_debugreg", reg, rax)
+
+
+def handler_changing_rflags(g: XenPVGuest, label: str, op: str, bits: int) -> None:
+    """A #DB handler that records its frame, then ORs in (or ANDs out) bits of the
+    frame's rflags before returning: RF to get past an instruction breakpoint, TF off
+    to end a single-step."""
+    a = g.a
+    g.record_frame(label, False)
+    if op == "or":
+        a.or_(qword[rsp + FRAME_RFLAGS], bits)
+    else:
+        a.and_(qword[rsp + FRAME_RFLAGS], ~bits)
+    a.mov(rax, qword["saved_rax"])
+    g.iret(False)
+
+
+@pytest.fixture
+def needs_breakpoints(engine, request):
+    if engine == "kvm":
+        request.node.add_marker(pytest.mark.xfail(
+            reason="this KVM-PVM host loads no guest debug registers "
+                   "(KVM_SET_DEBUGREGS and KVM_SET_GUEST_DEBUG are refused)"))
+
+
+def test_data_breakpoints(run_cases, needs_breakpoints):
+    g = XenPVGuest("data_breakpoints")
+    g.trap_table("traps", [(1, 0, "on_db")])
+    # write-only, 4 bytes: a read passes, a write traps after the store
+    set_dr_to(g, "set_dr0", 0, "watch")
+    g.call("set_dr7_w4", "set_debugreg", 7, dr7(0, RW_WRITE, LEN4))
+    g.a.mov(ecx, dword["watch"])
+    g.report_word("count_after_read", "on_db.count")
+    g.a.mov(dword["watch"], ecx)
+    g.a.label("after_write")
+    g.report_word("count_after_write", "on_db.count")
+    g.report_address("write_trap_rip", "on_db.frame", 16, "after_write")
+    g.call("dr6_after_write", "get_debugreg", 6)
+    # read/write, 8 bytes at watch+8: a read of its last 4 bytes
+    set_dr_to(g, "set_dr1", 1, "watch", 8)
+    g.call("set_dr7_rw8", "set_debugreg", 7, dr7(1, RW_READ_WRITE, LEN8))
+    g.a.mov(ecx, dword[rip_("watch", 12)])
+    g.report_word("count_after_rw8_read", "on_db.count")
+    g.call("dr6_after_rw8", "get_debugreg", 6)
+    # 2 bytes named by an odd address: aligned down to watch+0x10; a store of
+    # 0x0e..0x11 overlaps it, one of 0x12..0x15 does not
+    set_dr_to(g, "set_dr2", 2, "watch", 0x11)
+    g.call("set_dr7_w2", "set_debugreg", 7, dr7(2, RW_WRITE, LEN2))
+    g.a.mov(dword[rip_("watch", 0x12)], ecx)
+    g.report_word("count_after_miss", "on_db.count")
+    g.a.mov(dword[rip_("watch", 0x0e)], ecx)
+    g.report_word("count_after_overlap", "on_db.count")
+    g.call("dr6_after_w2", "get_debugreg", 6)
+    # 1 byte: the byte after it is not it
+    set_dr_to(g, "set_dr3", 3, "watch", 0x20)
+    g.call("set_dr7_w1", "set_debugreg", 7, dr7(3, RW_WRITE, LEN1))
+    g.a.mov(dword[rip_("watch", 0x21)], ecx)
+    g.report_word("count_after_next_byte", "on_db.count")
+    # a store the model emulates: mov %ss, 0x30(%rax) into a 2-byte write breakpoint
+    set_dr_to(g, "set_dr0_ss", 0, "watch", 0x30)
+    g.call("set_dr7_w2_ss", "set_debugreg", 7, dr7(0, RW_WRITE, LEN2))
+    g.a.lea(rax, g.ptr("watch"))
+    g.a.db(0x8C, 0x50, 0x30)
+    g.a.label("after_ss_store")
+    g.report_word("count_after_ss_store", "on_db.count")
+    g.report_address("ss_store_trap_rip", "on_db.frame", 16, "after_ss_store")
+    g.report_word("ss_stored", "watch", 0x30)
+    g.call("dr7_off", "set_debugreg", 7, 0)
+    g.a.mov(dword["watch"], ecx)
+    g.report_word("count_disabled", "on_db.count")
+    g.a.section(".data")
+    g.a.align(64)
+    g.a.label("watch")
+    g.a.db(*([0] * 64))
+    g.a.section(".text")
+    g.handlers(lambda: g.recording_handler("on_db", False))
+    run = run_cases(g.finish())
+    assert run["set_dr7_w4"] == 0
+    assert run["count_after_read"] == 0
+    assert run["count_after_write"] == 1
+    assert run["write_trap_rip"] == 0
+    assert run["dr6_after_write"] == DR6_DEFAULT | 0x1
+    assert run["count_after_rw8_read"] == 2
+    assert run["dr6_after_rw8"] == DR6_DEFAULT | 0x2
+    assert run["count_after_miss"] == 2
+    assert run["count_after_overlap"] == 3
+    assert run["dr6_after_w2"] == DR6_DEFAULT | 0x4
+    assert run["count_after_next_byte"] == 3
+    assert run["count_after_ss_store"] == 4
+    assert run["ss_store_trap_rip"] == 0
+    assert run["ss_stored"] & 0xFFFF == C.FLAT_KERNEL_SS
+    assert run["count_disabled"] == 4
+
+
+def test_instruction_breakpoint_and_single_step(run_cases, needs_breakpoints):
+    g = XenPVGuest("instruction_breakpoint")
+    g.trap_table("traps", [(1, 0, "on_bp")])
+    set_dr_to(g, "set_dr3", 3, "bp_here")
+    g.call("set_dr7_x", "set_debugreg", 7, dr7(3, RW_EXEC, LEN1))
+    g.a.label("bp_here")
+    g.a.nop()
+    g.report_word("bp_count", "on_bp.count")
+    g.report_address("bp_fault_rip", "on_bp.frame", 16, "bp_here")
+    g.call("dr6_after_bp", "get_debugreg", 6)
+    g.call("dr7_off", "set_debugreg", 7, 0)
+    # TF by popf: the instruction after it runs, then a #DB trap with BS
+    g.trap_table("traps_tf", [(1, 0, "on_step")])
+    g.a.db(0x9C)                               # pushfq
+    g.a.or_(qword[rsp], RFLAGS_TF)
+    g.a.db(0x9D)                               # popfq
+    g.a.nop()
+    g.a.label("after_first")
+    g.a.nop()
+    g.report_word("step_count", "on_step.count")
+    g.report_address("step_trap_rip", "on_step.frame", 16, "after_first")
+    g.call("dr6_after_step", "get_debugreg", 6)
+    # an instruction the model emulates under TF: a popf that clears it still traps
+    g.a.db(0x9C)                               # flags without TF, for the second popfq
+    g.a.db(0x9C)
+    g.a.or_(qword[rsp], RFLAGS_TF)
+    g.a.db(0x9D)                               # TF on
+    g.a.db(0x9D)                               # TF off: a trap after it
+    g.a.label("after_popf")
+    g.report_word("popf_step_count", "on_step.count")
+    g.report_address("popf_trap_rip", "on_step.frame", 16, "after_popf")
+    g.handlers(lambda: (handler_changing_rflags(g, "on_bp", "or", RFLAGS_RF),
+                        handler_changing_rflags(g, "on_step", "and", RFLAGS_TF)))
+    run = run_cases(g.finish())
+    assert run["set_dr7_x"] == 0
+    assert run["bp_count"] == 1
+    assert run["bp_fault_rip"] == 0
+    assert run["dr6_after_bp"] == DR6_DEFAULT | 0x8
+    assert run["step_count"] == 1
+    assert run["step_trap_rip"] == 0
+    assert run["dr6_after_step"] == DR6_DEFAULT | DR6_BS
+    assert run["popf_step_count"] == 2
+    assert run["popf_trap_rip"] == 0
+
+
+def test_io_breakpoint(run_cases):
+    """CR4.DE and an I/O breakpoint on ports 0x80-0x83: an `in` from 0x82 traps after
+    it with B1, one from 0x84 does not (both engines: the model emulates port I/O)."""
+    g = XenPVGuest("io_breakpoint")
+    g.trap_table("traps", [(1, 0, "on_db")])
+    g.struct("iopl1", "physdev_set_iopl", iopl=1)
+    g.call("set_iopl_1", "physdev_op", C.PHYSDEVOP_set_iopl, "iopl1")
+    g.a.db(0x0F, 0x20, 0xE0)                   # mov %cr4, %rax
+    g.a.or_(rax, CR4_DE)
+    g.a.db(0x0F, 0x22, 0xE0)                   # mov %rax, %cr4
+    g.call("set_dr1", "set_debugreg", 1, 0x80)
+    g.call("set_dr7_io4", "set_debugreg", 7, dr7(1, RW_IO, LEN4))
+    g.a.mov(rdx, 0x84)
+    g.a.db(0xEC)                               # in (%dx), %al
+    g.report_word("count_after_0x84", "on_db.count")
+    g.a.mov(rdx, 0x82)
+    g.a.db(0xEC)
+    g.a.label("after_in")
+    g.report_word("count_after_0x82", "on_db.count")
+    g.report_address("io_trap_rip", "on_db.frame", 16, "after_in")
+    g.call("dr6_after_io", "get_debugreg", 6)
+    g.handlers(lambda: g.recording_handler("on_db", False))
+    run = run_cases(g.finish())
+    assert run["set_iopl_1"] == 0
+    assert run["set_dr7_io4"] == 0
+    assert run["count_after_0x84"] == 0
+    assert run["count_after_0x82"] == 1
+    assert run["io_trap_rip"] == 0
+    assert run["dr6_after_io"] == DR6_DEFAULT | 0x2
