@@ -970,6 +970,40 @@ static int map_pvh_platform(struct bt_vcpu *b, char *err, int err_len)
     return 0;
 }
 
+/* The hooks on refused and unmapped accesses, each bounded to the guest-physical
+ * range where it can fire. Bounds matter for speed: Unicorn keeps a RAM page's TLB
+ * entry on its slow store path (TLB_NOTDIRTY: a region lookup, a check for translated
+ * code) for as long as any memory hook's range covers the page, so unbounded hooks
+ * would make every guest store a helper call. RAM is [0, ram + grant region) and all
+ * mapped: unmapped accesses lie above it; the read-only regions are the page-table
+ * pool and the hypervisor's region. Unicorn's ranges are inclusive, and an empty one
+ * (begin > end) would mean everywhere, so an empty region gets no hook. */
+static int add_memory_hooks(struct bt_vcpu *b, char *err, int err_len)
+{
+    struct hv_domain *d = b->v->dom;
+    uint64_t ram_end = d->ram_bytes + d->gnt_bytes;
+    struct { int type; void *cb; uint64_t start, bytes; } hooks[] = {
+        /* from the end of RAM to the top of the address space: 2^64 - ram_end bytes */
+        { UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
+          (void *)on_unmapped, ram_end, 0 - ram_end },
+        { UC_HOOK_MEM_WRITE_PROT, (void *)on_pool_write, d->pt_pool_start,
+          d->pt_pool_end - d->pt_pool_start },
+        { UC_HOOK_MEM_WRITE_PROT, (void *)on_pool_write, PV_REGION_GPA,
+          d->pv_region ? d->pv_region_bytes : 0 },
+    };
+    for (size_t i = 0; i < sizeof(hooks) / sizeof(hooks[0]); i++) {
+        uc_hook hh;
+        uc_err e;
+        if (hooks[i].bytes == 0)
+            continue;
+        e = bt_uc.hook_add(b->uc, &hh, hooks[i].type, hooks[i].cb, b, hooks[i].start,
+                           hooks[i].start + hooks[i].bytes - 1);
+        if (e != UC_ERR_OK)
+            return uc_fail(err, err_len, "cannot add a memory hook", e);
+    }
+    return 0;
+}
+
 static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 {
     struct hv_domain *d = v->dom;
@@ -1053,9 +1087,6 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         { UC_HOOK_INSN, (void *)on_out, UC_X86_INS_OUT },
         { UC_HOOK_INTR, (void *)on_interrupt, 0 },
         { UC_HOOK_TLB_FILL, (void *)on_tlb_fill, 0 },
-        { UC_HOOK_MEM_WRITE_PROT, (void *)on_pool_write, 0 },
-        { UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
-          (void *)on_unmapped, 0 },
         { UC_HOOK_EDGE_GENERATED, (void *)on_new_block, 0 },
         { UC_HOOK_BLOCK, (void *)on_block, 0 },
     };
@@ -1069,6 +1100,8 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
             goto fail;
         }
     }
+    if (add_memory_hooks(b, err, err_len) < 0)
+        goto fail;
     if (d->guest_type == HV_GUEST_PVH &&
         (e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)on_pvh_syscall, b, 1, 0,
                             UC_X86_INS_SYSCALL)) != UC_ERR_OK) {
