@@ -524,12 +524,77 @@ static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
     return added;
 }
 
+/* ---- translated code and the stores that change it ----
+ *
+ * TCG sends the first store through a TLB entry down its slow path, which looks for
+ * translated code at the bytes stored. QEMU then lets later stores through that entry
+ * take the fast path only while the frame holds no translated code; Unicorn lacks that
+ * bookkeeping and instead lets them through whenever the entry cannot fetch and no
+ * memory hook covers the frame. A block in the frame would then miss the stores that
+ * change it. So each BT_CODE_CHUNK of RAM that code is translated from gets a marker
+ * hook (one that never fires: every region is readable), which keeps the stores to it
+ * on the slow path; and if the TLB may already hold such entries for the chunk, the
+ * TLB is flushed, so that they are filled again and obey the marker. */
+
+static void set_fatal(struct bt_vcpu *b, int code, const char *what, uint64_t gpa);
+
+static int chunk_bit(const uint8_t *map, uint64_t chunk)
+{
+    return (map[chunk / 8] >> (chunk % 8)) & 1;
+}
+
+static void on_code_marker(uc_engine *uc, int type, uint64_t gpa, int size, int64_t value, void *user)
+{
+}
+
+/* The TLB fill gave a writable entry without execute for guest-physical gpa. */
+static void note_written(struct bt_vcpu *b, uint64_t gpa)
+{
+    uint64_t chunk = gpa / BT_CODE_CHUNK;
+    if (chunk / 8 < b->chunk_map_bytes)
+        b->written_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
+}
+
+/* A block was translated from guest-virtual va (just fetched from). */
+static void note_code(struct bt_vcpu *b, uint64_t va)
+{
+    uint64_t gpa, chunk;
+    int perms, present;
+    uc_hook hh;
+
+    if (bt_walk(b, va, UC_MEM_FETCH, &gpa, &perms, &present) < 0)
+        return;
+    chunk = gpa / BT_CODE_CHUNK;
+    if (chunk / 8 >= b->chunk_map_bytes || chunk_bit(b->code_chunks, chunk))
+        return;
+    if (bt_uc.hook_add(b->uc, &hh, UC_HOOK_MEM_READ_PROT, (void *)on_code_marker, b,
+                       chunk * BT_CODE_CHUNK, chunk * BT_CODE_CHUNK + BT_CODE_CHUNK - 1) != UC_ERR_OK) {
+        set_fatal(b, UC_ERR_NOMEM, "cannot watch translated code at guest-physical %#llx", gpa);
+        bt_uc.emu_stop(b->uc);
+        return;
+    }
+    b->code_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
+    if (chunk_bit(b->written_chunks, chunk)) {
+        bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+        memset(b->written_chunks, 0, b->chunk_map_bytes);
+    }
+}
+
+static void protect_new_code(struct bt_vcpu *b, const uc_tb *tb)
+{
+    uint64_t last = tb->pc + (tb->size ? tb->size - 1 : 0);
+    note_code(b, tb->pc);
+    if ((last ^ tb->pc) >= HV_PAGE_SIZE)
+        note_code(b, last);
+}
+
 /* TCG has just translated a block and is about to run it. */
 static void on_new_block(uc_engine *uc, uc_tb *cur, uc_tb *prev, void *user)
 {
     struct bt_vcpu *b = user;
     if (b->tramp_active)
         return;                 /* the VMM's own instruction */
+    protect_new_code(b, cur);
     if (scan(b, cur->pc, cur->size) == 0)
         return;
     /* translated without the new hooks: drop it before it runs, translate again */
@@ -670,6 +735,13 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e,
                         gpa, 0, 0, b);
             return false;
         }
+        /* Execute only for a fetch: Unicorn sends every store through an entry that
+         * may fetch down the slow path, so a data access's entry leaves execute out
+         * (a fetch from the page fills it again); see note_code for the stores. */
+        if (access != UC_MEM_FETCH)
+            perms &= ~UC_PROT_EXEC;
+        if ((perms & (UC_PROT_WRITE | UC_PROT_EXEC)) == UC_PROT_WRITE)
+            note_written(b, gpa);
         e->paddr = gpa;
         e->perms = perms;
         return true;
@@ -890,6 +962,8 @@ static void bt_vcpu_destroy(struct hv_vcpu *v)
         }
     }
     pthread_mutex_destroy(&b->kick_lock);
+    free(b->written_chunks);
+    free(b->code_chunks);
     free(b->tramp);
     free(b);
     v->engine_priv = NULL;
@@ -1039,6 +1113,13 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
     _Static_assert(sizeof(struct bt_tramp) == HV_PAGE_SIZE, "struct bt_tramp is one page");
     if (posix_memalign((void **)&b->tramp, HV_PAGE_SIZE, HV_PAGE_SIZE) != 0) {
         b->tramp = NULL;
+        hv_set_error(err, err_len, "out of host memory");
+        goto fail;
+    }
+    b->chunk_map_bytes = ((d->ram_bytes + d->gnt_bytes) / BT_CODE_CHUNK + 8) / 8;
+    b->written_chunks = calloc(b->chunk_map_bytes, 1);
+    b->code_chunks = calloc(b->chunk_map_bytes, 1);
+    if (!b->written_chunks || !b->code_chunks) {
         hv_set_error(err, err_len, "out of host memory");
         goto fail;
     }
