@@ -525,12 +525,77 @@ static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
     return added;
 }
 
+/* ---- translated code and the stores that change it ----
+ *
+ * TCG sends the first store through a TLB entry down its slow path, which looks for
+ * translated code at the bytes stored. QEMU then lets later stores through that entry
+ * take the fast path only while the frame holds no translated code; Unicorn lacks that
+ * bookkeeping and instead lets them through whenever the entry cannot fetch and no
+ * memory hook covers the frame. A block in the frame would then miss the stores that
+ * change it. So each BT_CODE_CHUNK of RAM that code is translated from gets a marker
+ * hook (one that never fires: every region is readable), which keeps the stores to it
+ * on the slow path; and if the TLB may already hold such entries for the chunk, the
+ * TLB is flushed, so that they are filled again and obey the marker. */
+
+static void set_fatal(struct bt_vcpu *b, int code, const char *what, uint64_t gpa);
+
+static int chunk_bit(const uint8_t *map, uint64_t chunk)
+{
+    return (map[chunk / 8] >> (chunk % 8)) & 1;
+}
+
+static void on_code_marker(uc_engine *uc, int type, uint64_t gpa, int size, int64_t value, void *user)
+{
+}
+
+/* The TLB fill gave a writable entry without execute for guest-physical gpa. */
+static void note_written(struct bt_vcpu *b, uint64_t gpa)
+{
+    uint64_t chunk = gpa / BT_CODE_CHUNK;
+    if (chunk / 8 < b->chunk_map_bytes)
+        b->written_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
+}
+
+/* A block was translated from guest-virtual va (just fetched from). */
+static void note_code(struct bt_vcpu *b, uint64_t va)
+{
+    uint64_t gpa, chunk;
+    int perms, present;
+    uc_hook hh;
+
+    if (bt_walk(b, va, UC_MEM_FETCH, &gpa, &perms, &present) < 0)
+        return;
+    chunk = gpa / BT_CODE_CHUNK;
+    if (chunk / 8 >= b->chunk_map_bytes || chunk_bit(b->code_chunks, chunk))
+        return;
+    if (bt_uc.hook_add(b->uc, &hh, UC_HOOK_MEM_READ_PROT, (void *)on_code_marker, b,
+                       chunk * BT_CODE_CHUNK, chunk * BT_CODE_CHUNK + BT_CODE_CHUNK - 1) != UC_ERR_OK) {
+        set_fatal(b, UC_ERR_NOMEM, "cannot watch translated code at guest-physical %#llx", gpa);
+        bt_uc.emu_stop(b->uc);
+        return;
+    }
+    b->code_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
+    if (chunk_bit(b->written_chunks, chunk)) {
+        bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+        memset(b->written_chunks, 0, b->chunk_map_bytes);
+    }
+}
+
+static void protect_new_code(struct bt_vcpu *b, const uc_tb *tb)
+{
+    uint64_t last = tb->pc + (tb->size ? tb->size - 1 : 0);
+    note_code(b, tb->pc);
+    if ((last ^ tb->pc) >= HV_PAGE_SIZE)
+        note_code(b, last);
+}
+
 /* TCG has just translated a block and is about to run it. */
 static void on_new_block(uc_engine *uc, uc_tb *cur, uc_tb *prev, void *user)
 {
     struct bt_vcpu *b = user;
     if (b->tramp_active)
         return;                 /* the VMM's own instruction */
+    protect_new_code(b, cur);
     if (scan(b, cur->pc, cur->size) == 0)
         return;
     /* translated without the new hooks: drop it before it runs, translate again */
@@ -671,6 +736,13 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e,
                         gpa, 0, 0, b);
             return false;
         }
+        /* Execute only for a fetch: Unicorn sends every store through an entry that
+         * may fetch down the slow path, so a data access's entry leaves execute out
+         * (a fetch from the page fills it again); see note_code for the stores. */
+        if (access != UC_MEM_FETCH)
+            perms &= ~UC_PROT_EXEC;
+        if ((perms & (UC_PROT_WRITE | UC_PROT_EXEC)) == UC_PROT_WRITE)
+            note_written(b, gpa);
         e->paddr = gpa;
         e->perms = perms;
         return true;
@@ -892,6 +964,8 @@ static void bt_vcpu_destroy(struct hv_vcpu *v)
         }
     }
     pthread_mutex_destroy(&b->kick_lock);
+    free(b->written_chunks);
+    free(b->code_chunks);
     free(b->tramp);
     free(b);
     v->engine_priv = NULL;
@@ -972,6 +1046,40 @@ static int map_pvh_platform(struct bt_vcpu *b, char *err, int err_len)
     return 0;
 }
 
+/* The hooks on refused and unmapped accesses, each bounded to the guest-physical
+ * range where it can fire. Bounds matter for speed: Unicorn keeps a RAM page's TLB
+ * entry on its slow store path (TLB_NOTDIRTY: a region lookup, a check for translated
+ * code) for as long as any memory hook's range covers the page, so unbounded hooks
+ * would make every guest store a helper call. RAM is [0, ram + grant region) and all
+ * mapped: unmapped accesses lie above it; the read-only regions are the page-table
+ * pool and the hypervisor's region. Unicorn's ranges are inclusive, and an empty one
+ * (begin > end) would mean everywhere, so an empty region gets no hook. */
+static int add_memory_hooks(struct bt_vcpu *b, char *err, int err_len)
+{
+    struct hv_domain *d = b->v->dom;
+    uint64_t ram_end = d->ram_bytes + d->gnt_bytes;
+    struct { int type; void *cb; uint64_t start, bytes; } hooks[] = {
+        /* from the end of RAM to the top of the address space: 2^64 - ram_end bytes */
+        { UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
+          (void *)on_unmapped, ram_end, 0 - ram_end },
+        { UC_HOOK_MEM_WRITE_PROT, (void *)on_pool_write, d->pt_pool_start,
+          d->pt_pool_end - d->pt_pool_start },
+        { UC_HOOK_MEM_WRITE_PROT, (void *)on_pool_write, PV_REGION_GPA,
+          d->pv_region ? d->pv_region_bytes : 0 },
+    };
+    for (size_t i = 0; i < sizeof(hooks) / sizeof(hooks[0]); i++) {
+        uc_hook hh;
+        uc_err e;
+        if (hooks[i].bytes == 0)
+            continue;
+        e = bt_uc.hook_add(b->uc, &hh, hooks[i].type, hooks[i].cb, b, hooks[i].start,
+                           hooks[i].start + hooks[i].bytes - 1);
+        if (e != UC_ERR_OK)
+            return uc_fail(err, err_len, "cannot add a memory hook", e);
+    }
+    return 0;
+}
+
 static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 {
     struct hv_domain *d = v->dom;
@@ -1007,6 +1115,13 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
     _Static_assert(sizeof(struct bt_tramp) == HV_PAGE_SIZE, "struct bt_tramp is one page");
     if (posix_memalign((void **)&b->tramp, HV_PAGE_SIZE, HV_PAGE_SIZE) != 0) {
         b->tramp = NULL;
+        hv_set_error(err, err_len, "out of host memory");
+        goto fail;
+    }
+    b->chunk_map_bytes = ((d->ram_bytes + d->gnt_bytes) / BT_CODE_CHUNK + 8) / 8;
+    b->written_chunks = calloc(b->chunk_map_bytes, 1);
+    b->code_chunks = calloc(b->chunk_map_bytes, 1);
+    if (!b->written_chunks || !b->code_chunks) {
         hv_set_error(err, err_len, "out of host memory");
         goto fail;
     }
@@ -1055,9 +1170,6 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         { UC_HOOK_INSN, (void *)on_out, UC_X86_INS_OUT },
         { UC_HOOK_INTR, (void *)on_interrupt, 0 },
         { UC_HOOK_TLB_FILL, (void *)on_tlb_fill, 0 },
-        { UC_HOOK_MEM_WRITE_PROT, (void *)on_pool_write, 0 },
-        { UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED,
-          (void *)on_unmapped, 0 },
         { UC_HOOK_EDGE_GENERATED, (void *)on_new_block, 0 },
         { UC_HOOK_BLOCK, (void *)on_block, 0 },
     };
@@ -1071,6 +1183,8 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
             goto fail;
         }
     }
+    if (add_memory_hooks(b, err, err_len) < 0)
+        goto fail;
     if (d->guest_type == HV_GUEST_PVH &&
         (e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)on_pvh_syscall, b, 1, 0,
                             UC_X86_INS_SYSCALL)) != UC_ERR_OK) {

@@ -25,6 +25,7 @@ enum {
 
 enum {
     UC_ERR_OK = 0,
+    UC_ERR_NOMEM = 1,
     UC_ERR_READ_UNMAPPED = 6,
     UC_ERR_WRITE_UNMAPPED = 7,
     UC_ERR_FETCH_UNMAPPED = 8,
@@ -51,6 +52,7 @@ enum {                              /* uc_hook_type */
     UC_HOOK_MEM_READ_UNMAPPED = 1 << 4,
     UC_HOOK_MEM_WRITE_UNMAPPED = 1 << 5,
     UC_HOOK_MEM_FETCH_UNMAPPED = 1 << 6,
+    UC_HOOK_MEM_READ_PROT = 1 << 7,
     UC_HOOK_MEM_WRITE_PROT = 1 << 8,
     UC_HOOK_MEM_READ = 1 << 10,
     UC_HOOK_MEM_WRITE = 1 << 11,
@@ -235,6 +237,8 @@ struct bt_event {
     uint64_t cr2;
 };
 
+#define BT_CODE_CHUNK (64u << 10)   /* guest-physical bytes a code marker covers */
+
 struct bt_vcpu {
     struct hv_vcpu *v;
     uc_engine *uc;
@@ -295,6 +299,11 @@ struct bt_vcpu {
 
     struct bt_site *sites[BT_SITE_BUCKETS];
     uint64_t nr_sites;
+
+    /* stores and translated code, a bit per BT_CODE_CHUNK of RAM (bt.c): the TLB may
+     * hold a writable entry without execute there; translated code came from there */
+    uint8_t *written_chunks, *code_chunks;
+    uint64_t chunk_map_bytes;
 };
 
 /* bt_cpu.c: the MMU walk, guest memory reads by virtual address, IDT delivery. */

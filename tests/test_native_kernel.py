@@ -379,3 +379,45 @@ def test_an_exception_in_a_native_guest_is_reported_on_its_uart(run):
     rip = load_image(image, MEMORY_MIB << 20).symbols["fault_here"]
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "crash")
     assert console == f"\nnative kernel: exception 6 error 0x0 at rip {rip:#x}\n".encode()
+
+
+def test_code_changed_through_another_mapping_runs_as_changed(run):
+    """The guest runs code in a page of its own through its usual mapping, rewrites it
+    through a second mapping of the frame (virtual page 1, whose TLB entry has already
+    taken stores), and runs it again: the new code runs (bt must drop its translation)."""
+    code_one = int.from_bytes(b"\xb8\x01\x00\x00\x00\xc3\x00\x00", "little")    # mov eax, 1; ret
+    code_two = int.from_bytes(b"\xb8\x02\x00\x00\x00\xc3\x00\x00", "little")    # mov eax, 2; ret
+
+    def body(p):
+        a = p.a
+        a.mov(rax, cr0)
+        a.and_(eax, ~nk.CR0_WP & 0xFFFFFFFF)
+        a.mov(cr0, rax)
+        a.mov(rax, cr3)
+        a.mov(rcx, cw.ADDR_MASK)
+        for _ in range(3):                  # L4 -> L3 -> L2 -> the first L1
+            a.mov(rax, qword[rax])
+            a.and_(rax, rcx)
+        a.lea(rdi, ptr["code_page"])
+        a.lea(rdx, ptr[rdi + 0x3])
+        a.mov(qword[rax + 8], rdx)          # virtual page 1 -> the frame of code_page
+        a.mov(rbx, 0x1000)
+        a.mov(rax, code_one)
+        a.mov(qword[rbx], rax)              # the code, through page 1
+        a.call(rdi)                         # run through the usual mapping
+        a.mov(qword[rbx + 0x100], rax)
+        a.mov(rax, code_two)
+        a.mov(qword[rbx], rax)              # changed through page 1
+        a.call(rdi)
+        a.mov(qword[rbx + 0x108], rax)
+        a.xor(eax, eax)
+        a.section(".data")
+        a.align(4096)
+        a.label("code_page")
+        a.db(*bytes(4096))
+        a.section(".text")
+
+    stop, _, _, console, dom = run(native(body), True)
+    assert (stop.kind, stop.reason) == ("shutdown", 0), (stop, console)
+    page = load_image(native(body), MEMORY_MIB << 20).symbols["code_page"]
+    assert struct.unpack("<QQ", dom.read_guest(page + 0x100, 16)) == (1, 2)
