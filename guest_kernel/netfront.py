@@ -12,7 +12,8 @@ Its address is `ip=A.B.C.D`. With `peer=A.B.C.D pings=N` it asks for the peer's 
 (ARP), sends N ICMP echo requests one after the other, each waiting for its reply, and
 powers off; without them it answers ARP requests for its address and echo requests to
 it until it is destroyed. An echo whose IP or ICMP checksum does not hold is dropped. Either way it answers what it is asked while it waits. Every
-wait polls the rings, yielding (a wait gives up after POLL_LIMIT polls). The console:
+wait polls the rings, yielding; a wait for an answer gives up after `wait_ms=` (default
+WAIT_MS) milliseconds of the PV clock. The console:
 
     netfront: device 0, backend /local/domain/0/backend/vif/1/0, mac 00:16:3e:00:00:01
     netfront: connected, ip 10.0.0.1
@@ -41,7 +42,7 @@ TX_RING_REF, RX_RING_REF, TX_BUF_REF, RX_BUF_REF = 64, 65, 66, 68   # beside blk
 RX_BUFFERS = 16
 RING_HEADER = C.NET_RING_HEADER
 TX_SLOT, RX_SLOT = 12, 8                # a slot of each ring (request/response union)
-POLL_LIMIT = 400_000
+WAIT_MS = 10_000                        # a wait's limit unless wait_ms= says otherwise
 SAVED = (rbx, r12, r13, r14, r15)
 ICMP_ID = 0x7470                        # our echo requests' identifier
 PAYLOAD = b"trapless netfront ping payload!!"   # 32 bytes after the ICMP header
@@ -141,6 +142,17 @@ def emit_netfront(p: PVProgram) -> None:
     a.lea(rdi, ptr[p.string("pings=")])
     a.call("cmdline_number")
     a.mov(qword["nf_pings"], rax)
+    a.lea(rdi, ptr[p.string("wait_ms=")])
+    a.call("cmdline_number")
+    a.cmp(rax, -1)
+    a.jne("nf.have_wait")
+    a.mov(eax, WAIT_MS)
+    a.label("nf.have_wait")
+    a.imul(rax, rax, 1_000_000)
+    a.mov(qword["nf_wait_ns"], rax)
+    # the PV clock times the waits: shared_info mapped (events stay masked)
+    a.call("events_init")
+    crash_unless(p, "je", "netfront: events_init: ")
 
     # the card: the first device/vif entry, its backend and its MAC
     a.mov(edi, C.XS_DIRECTORY)
@@ -484,14 +496,16 @@ def _emit_routines(p: PVProgram) -> None:
     a.ret()
 
     # nf_wait(rdi = a dword variable, rsi = value) -> eax = 1 once the variable holds the
-    # value (frames handled meanwhile), 0 after POLL_LIMIT polls
+    # value (frames handled meanwhile), 0 once nf_wait_ns have passed
     a.label("nf_wait")
     a.push(rbx)
     a.push(r14)
     a.push(r15)
     a.mov(r14, rdi)
     a.mov(r15, rsi)
-    a.mov(ebx, POLL_LIMIT)
+    a.call("pvclock_read")
+    a.add(rax, qword["nf_wait_ns"])
+    a.mov(rbx, rax)                     # the deadline
     a.label("nf_wait.poll")
     a.mov(eax, dword[r14])
     a.cmp(rax, r15)
@@ -499,8 +513,9 @@ def _emit_routines(p: PVProgram) -> None:
     a.call("nf_rx")
     a.test(eax, eax)
     a.jne("nf_wait.poll")
-    a.dec(ebx)
-    a.je("nf_wait.no")
+    a.call("pvclock_read")
+    a.cmp(rax, rbx)
+    a.jae("nf_wait.no")
     p.hypercall("sched_op", C.SCHEDOP_yield, 0)
     a.jmp("nf_wait.poll")
     a.label("nf_wait.yes")
@@ -689,7 +704,7 @@ def _emit_data(p: PVProgram) -> None:
                   "nf_rx_id", "nf_scratch_ip"):
         a.label(label)
         a.dd(0)
-    for label in ("nf_pings", "nf_sent", "nf_received"):
+    for label in ("nf_pings", "nf_sent", "nf_received", "nf_wait_ns"):
         a.label(label)
         a.dq(0)
     a.label("nf_mac")
