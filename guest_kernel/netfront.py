@@ -11,7 +11,8 @@ XenbusState handshake of io/netif.h), then posts its rx pages.
 Its address is `ip=A.B.C.D`. With `peer=A.B.C.D pings=N` it asks for the peer's MAC
 (ARP), sends N ICMP echo requests one after the other, each waiting for its reply, and
 powers off; without them it answers ARP requests for its address and echo requests to
-it until it is destroyed. An echo whose IP or ICMP checksum does not hold is dropped. Either way it answers what it is asked while it waits. Every
+it until it is destroyed. With `quiet` neither prints a line per echo, and the pinger
+ends with "netfront: N round trips in T ns" (the PV clock). An echo whose IP or ICMP checksum does not hold is dropped. Either way it answers what it is asked while it waits. Every
 wait polls the rings, yielding; a wait for an answer gives up after `wait_ms=` (default
 WAIT_MS) milliseconds of the PV clock. The console:
 
@@ -142,6 +143,9 @@ def emit_netfront(p: PVProgram) -> None:
     a.lea(rdi, ptr[p.string("pings=")])
     a.call("cmdline_number")
     a.mov(qword["nf_pings"], rax)
+    a.lea(rdi, ptr[p.string("quiet")])
+    a.call("cmdline_has_word")
+    a.mov(dword["nf_quiet"], eax)
     a.lea(rdi, ptr[p.string("wait_ms=")])
     a.call("cmdline_number")
     a.cmp(rax, -1)
@@ -288,6 +292,8 @@ def emit_netfront(p: PVProgram) -> None:
     p.print("\n")
 
     a.mov(r13, 0)                       # the sequence number
+    a.call("pvclock_read")
+    a.mov(qword["nf_t0"], rax)
     a.label("nf.ping")
     a.cmp(r13, qword["nf_pings"])
     a.jge("nf.summary")
@@ -310,6 +316,7 @@ def emit_netfront(p: PVProgram) -> None:
     a.mov(ecx, ECHO_LEN - ICMP_TYPE)
     a.call("nf_csum")
     _store_be16(p, rbx, ICMP_SUM)
+    skip = _unless_quiet(p)
     p.print("netfront: echo request to ")
     a.mov(edi, dword["nf_peer"])
     a.call("nf_print_ip")
@@ -317,6 +324,7 @@ def emit_netfront(p: PVProgram) -> None:
     a.mov(rdi, r13)
     a.call("print_dec")
     p.print("\n")
+    a.label(skip)
     a.mov(edi, ECHO_LEN)
     a.call("nf_send")
     a.inc(qword["nf_sent"])
@@ -339,6 +347,20 @@ def emit_netfront(p: PVProgram) -> None:
     a.mov(rdi, qword["nf_received"])
     a.call("print_dec")
     p.print(" received\n")
+    skip = f"nf.loud{next(_skips)}"
+    a.cmp(dword["nf_quiet"], 0)
+    a.je(skip)
+    a.call("pvclock_read")
+    a.sub(rax, qword["nf_t0"])
+    a.mov(r13, rax)
+    p.print("netfront: ")
+    a.mov(rdi, qword["nf_sent"])
+    a.call("print_dec")
+    p.print(" round trips in ")
+    a.mov(rdi, r13)
+    a.call("print_dec")
+    p.print(" ns\n")
+    a.label(skip)
     _set_state(p, C.XenbusStateClosed)
     for reg in reversed(SAVED):
         a.pop(reg)
@@ -347,6 +369,17 @@ def emit_netfront(p: PVProgram) -> None:
 
     _emit_routines(p)
     _emit_data(p)
+
+
+_skips = iter(range(1 << 30))
+
+
+def _unless_quiet(p: PVProgram) -> str:
+    """(inline) Jump to the label returned (for the caller to place) if `quiet`."""
+    skip = f"nf.quiet{next(_skips)}"
+    p.a.cmp(dword["nf_quiet"], 0)
+    p.a.jne(skip)
+    return skip
 
 
 def _set_state(p: PVProgram, state: int) -> None:
@@ -600,6 +633,7 @@ def _emit_rx(p: PVProgram) -> None:
     _load_be16(p, eax, rbx, ICMP_SEQ)
     a.mov(dword["nf_got_seq"], eax)
     a.inc(qword["nf_received"])
+    skip = _unless_quiet(p)
     p.print("netfront: echo reply from ")
     a.mov(edi, dword[rbx + IP_SRC])
     a.call("nf_print_ip")
@@ -607,6 +641,7 @@ def _emit_rx(p: PVProgram) -> None:
     a.mov(edi, dword["nf_got_seq"])
     a.call("print_dec")
     p.print("\n")
+    a.label(skip)
     a.jmp("nf_rx.repost")
 
     a.label("nf_rx.echo_request")               # the same frame back, turned around
@@ -631,6 +666,7 @@ def _emit_rx(p: PVProgram) -> None:
     a.add(eax, ecx)
     _store_be16(p, rbx, ICMP_SUM)
     a.pop(rbx)
+    skip = _unless_quiet(p)
     p.print("netfront: echo request from ")
     a.mov(edi, dword[rbx + IP_SRC])
     a.call("nf_print_ip")
@@ -638,6 +674,7 @@ def _emit_rx(p: PVProgram) -> None:
     _load_be16(p, edi, rbx, ICMP_SEQ)
     a.call("print_dec")
     p.print(", replied\n")
+    a.label(skip)
     a.mov(rdi, r12)
     a.call("nf_send")
     a.jmp("nf_rx.repost")
@@ -701,10 +738,10 @@ def _emit_data(p: PVProgram) -> None:
         a.db(data)
     a.align(8)
     for label in ("nf_port", "nf_ip", "nf_peer", "nf_peer_known", "nf_got_seq", "nf_rx_cons",
-                  "nf_rx_id", "nf_scratch_ip"):
+                  "nf_rx_id", "nf_scratch_ip", "nf_quiet"):
         a.label(label)
         a.dd(0)
-    for label in ("nf_pings", "nf_sent", "nf_received", "nf_wait_ns"):
+    for label in ("nf_pings", "nf_sent", "nf_received", "nf_wait_ns", "nf_t0"):
         a.label(label)
         a.dq(0)
     a.label("nf_mac")
