@@ -12,7 +12,9 @@ Its address is `ip=A.B.C.D`. With `peer=A.B.C.D pings=N` it asks for the peer's 
 (ARP), sends N ICMP echo requests one after the other, each waiting for its reply, and
 powers off; without them it answers ARP requests for its address and echo requests to
 it until it is destroyed. With `quiet` neither prints a line per echo, and the pinger
-ends with "netfront: N round trips in T ns" (the PV clock). An echo whose IP or ICMP checksum does not hold is dropped. Either way it answers what it is asked while it waits. Every
+ends with "netfront: N round trips in T ns" (the PV clock). With `badtx` it sends tx
+requests a backend must refuse and prints each status instead (guest_kernel's check of
+netback's validation). An echo whose IP or ICMP checksum does not hold is dropped. Either way it answers what it is asked while it waits. Every
 wait polls the rings, yielding; a wait for an answer gives up after `wait_ms=` (default
 WAIT_MS) milliseconds of the PV clock. The console:
 
@@ -32,8 +34,8 @@ from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import (al, ax, bl, byte, di, dl, dword, eax, ebx, ecx, edi, edx, esi, ptr, qword,
-                  r12, r13, r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, si, word)
+from .asm import (al, ax, bl, byte, cx, dl, dword, dx, eax, ebx, ecx, edi, edx, esi, ptr, qword,
+                  r8, r8d, r9, r12, r13, r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, si, word)
 from .blkfront import (copy_cstr, crash_unless_jb, crash_unless_je, crash_unless_jne,
                        emit_map_grant_table, grant_page)
 from .pvlib import crash_unless
@@ -41,6 +43,8 @@ from .runtime import PVProgram
 
 TX_RING_REF, RX_RING_REF, TX_BUF_REF, RX_BUF_REF = 64, 65, 66, 68   # beside blkfront's
 RX_BUFFERS = 16
+UNGRANTED_REF = 67                      # an entry it never fills
+BAD_AHEAD = 1000                        # a tx req_prod this far ahead breaks the card
 RING_HEADER = C.NET_RING_HEADER
 TX_SLOT, RX_SLOT = 12, 8                # a slot of each ring (request/response union)
 WAIT_MS = 10_000                        # a wait's limit unless wait_ms= says otherwise
@@ -251,6 +255,10 @@ def emit_netfront(p: PVProgram) -> None:
     a.mov(dword["nf_rx_ring"], RX_BUFFERS)     # req_prod, after the requests
     p.hypercall("event_channel_op", C.EVTCHNOP_send, "nf_port")
 
+    a.lea(rdi, ptr[p.string("badtx")])
+    a.call("cmdline_has_word")
+    a.test(eax, eax)
+    a.jne("nf.badtx")
     a.cmp(dword["nf_peer"], -1)
     a.jne("nf.pinger")
     # the answering side: forever
@@ -367,6 +375,7 @@ def emit_netfront(p: PVProgram) -> None:
     a.xor(eax, eax)
     a.ret()
 
+    _emit_badtx(p)
     _emit_routines(p)
     _emit_data(p)
 
@@ -399,6 +408,48 @@ def _copy_const(p: PVProgram, dst: str, data: bytes) -> None:
     a.lea(rdi, ptr[dst])
     a.mov(ecx, len(data))
     a.call("nf_memcpy")
+
+
+def _emit_badtx(p: PVProgram) -> None:
+    """nf.badtx: tx requests a backend must refuse, each status printed, then a producer
+    index a thousand ahead, which must stop the backend serving the card; then it ends
+    as the pinger does."""
+    a = p.a
+    a.label("nf.badtx")
+    cases = [("an ungranted page", [(UNGRANTED_REF, 0, 60, 0)]),
+             ("past the page", [(TX_BUF_REF, 4090, 60, 0)]),
+             ("a runt", [(TX_BUF_REF, 0, 10, 0)]),
+             ("pieces larger than the frame", [(TX_BUF_REF, 0, 20, C.NETTXF_more_data),
+                                               (TX_BUF_REF, 100, 30, 0)])]
+    p.print("netfront: refused:")
+    for what, reqs in cases:
+        for gref, offset, size, flags in reqs:
+            a.mov(edi, gref)
+            a.mov(esi, offset)
+            a.mov(edx, size)
+            a.mov(ecx, flags)
+            a.call("nf_put_req")
+        a.call("nf_push")
+        a.mov(rbx, rax)
+        p.print(f" {what} ")
+        a.mov(rdi, rbx)
+        a.call("print_sdec")
+    p.print("\n")
+    a.add(dword["nf_tx_ring"], BAD_AHEAD)     # req_prod, far ahead of any request
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "nf_port")
+    a.label("nf.badtx.wait")
+    a.lea(rdi, ptr["back"])
+    a.lea(rsi, ptr[p.string("state")])
+    a.call("xs_read")
+    a.lea(rsi, ptr["xs_reply"])
+    a.call("atou")
+    a.cmp(eax, C.XenbusStateClosing)
+    a.je("nf.badtx.seen")
+    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.jmp("nf.badtx.wait")
+    a.label("nf.badtx.seen")
+    p.print(f"netfront: tx req_prod {BAD_AHEAD} ahead: backend state {C.XenbusStateClosing}\n")
+    a.jmp("nf.summary")
 
 
 def _emit_routines(p: PVProgram) -> None:
@@ -505,27 +556,51 @@ def _emit_routines(p: PVProgram) -> None:
     # nf_send(edi = length): the frame in nf_tx_buf as one tx request; waits until the
     # backend answered it (the page is then free again)
     a.label("nf_send")
-    a.mov(eax, dword["nf_tx_ring"])     # req_prod
-    a.mov(ecx, eax)
-    a.and_(ecx, C.NET_TX_RING_SIZE - 1)
-    a.imul(ecx, ecx, TX_SLOT)
-    a.lea(rdx, ptr[rip + "nf_tx_ring" + RING_HEADER])
-    a.add(rdx, rcx)
-    a.mov(dword[rdx], TX_BUF_REF)       # gref
-    a.mov(word[rdx + 4], 0)             # offset
-    a.mov(word[rdx + 6], 0)             # flags
-    a.mov(word[rdx + 8], ax)            # id: the slot's index
-    a.mov(word[rdx + 10], di)           # size
+    a.mov(edx, edi)
+    a.mov(edi, TX_BUF_REF)
+    a.xor(esi, esi)
+    a.xor(ecx, ecx)
+    a.call("nf_put_req")
+    a.jmp("nf_push")
+
+    # nf_put_req(edi = gref, esi = offset, edx = size, ecx = flags): a tx request at the
+    # private producer (its id: its index), not yet published
+    a.label("nf_put_req")
+    a.mov(eax, dword["nf_tx_prod"])
+    a.mov(r8d, eax)
+    a.and_(r8d, C.NET_TX_RING_SIZE - 1)
+    a.imul(r8d, r8d, TX_SLOT)
+    a.lea(r9, ptr[rip + "nf_tx_ring" + RING_HEADER])
+    a.add(r9, r8)
+    a.mov(dword[r9], edi)               # gref
+    a.mov(word[r9 + 4], si)             # offset
+    a.mov(word[r9 + 6], cx)             # flags
+    a.mov(word[r9 + 8], ax)             # id
+    a.mov(word[r9 + 10], dx)            # size
     a.inc(eax)
-    a.mov(dword["nf_tx_ring"], eax)     # req_prod, after the request
+    a.mov(dword["nf_tx_prod"], eax)
+    a.ret()
+
+    # nf_push -> rax = the status of the first request put since the last push: publish
+    # them, notify, wait until all are answered (the tx page is free again then)
+    a.label("nf_push")
+    a.mov(eax, dword["nf_tx_ring"])     # req_prod: the first new request's index
+    a.mov(dword["nf_tx_first"], eax)
+    a.mov(eax, dword["nf_tx_prod"])
+    a.mov(dword["nf_tx_ring"], eax)     # req_prod, after the requests
     p.hypercall("event_channel_op", C.EVTCHNOP_send, "nf_port")
-    a.label("nf_send.wait")             # (nf_rx sends: it is not called from here)
+    a.label("nf_push.wait")             # (nf_rx sends: it is not called from here)
     a.mov(eax, dword[rip + "nf_tx_ring" + 8])   # rsp_prod
-    a.cmp(eax, dword["nf_tx_ring"])
-    a.je("nf_send.done")
+    a.cmp(eax, dword["nf_tx_prod"])
+    a.je("nf_push.done")
     p.hypercall("sched_op", C.SCHEDOP_yield, 0)
-    a.jmp("nf_send.wait")
-    a.label("nf_send.done")
+    a.jmp("nf_push.wait")
+    a.label("nf_push.done")
+    a.mov(eax, dword["nf_tx_first"])
+    a.and_(eax, C.NET_TX_RING_SIZE - 1)
+    a.imul(eax, eax, TX_SLOT)
+    a.lea(rdx, ptr[rip + "nf_tx_ring" + RING_HEADER])
+    a.movsx(rax, word[rdx + rax + 2])   # status
     a.ret()
 
     # nf_wait(rdi = a dword variable, rsi = value) -> eax = 1 once the variable holds the
@@ -738,7 +813,7 @@ def _emit_data(p: PVProgram) -> None:
         a.db(data)
     a.align(8)
     for label in ("nf_port", "nf_ip", "nf_peer", "nf_peer_known", "nf_got_seq", "nf_rx_cons",
-                  "nf_rx_id", "nf_scratch_ip", "nf_quiet"):
+                  "nf_rx_id", "nf_scratch_ip", "nf_quiet", "nf_tx_prod", "nf_tx_first"):
         a.label(label)
         a.dd(0)
     for label in ("nf_pings", "nf_sent", "nf_received", "nf_wait_ns", "nf_t0"):

@@ -133,3 +133,24 @@ def test_cards_on_different_bridges_do_not_see_each_other(ts, tmp_path, kernel, 
                                 + "netfront: arp who-has 10.0.0.2\nnetfront: no arp reply\n"
                                 "netfront: 0 sent, 0 received\n")
     assert stats(b.domid).rx_frames == 0
+
+
+def test_the_backend_refuses_bad_tx_requests_and_a_broken_ring(ts, tmp_path, kernel, engine):
+    """Requests a frontend may send but a backend must refuse: each answered
+    NETIF_RSP_ERROR, nothing reaches the bridge; then a producer index no frontend
+    produces: the card is no longer served (Closing). The other card on the bridge
+    goes on."""
+    b = create(ts, tmp_path, kernel, engine, "b", MAC_B, "ip=10.0.0.2")
+    assert wait_for(lambda: "connected" in b.console_text, 60), b.console_text
+    bad = create(ts, tmp_path, kernel, engine, "bad", MAC_C, "ip=10.0.0.3 badtx")
+    assert wait_for(lambda: bad.gone, 60), bad.console_text
+    error = C.NETIF_RSP_ERROR
+    assert netfront_part(bad) == head(bad.domid, "bad", MAC_C, "10.0.0.3") + (
+        f"netfront: refused: an ungranted page {error} past the page {error} a runt {error} "
+        f"pieces larger than the frame {error}\n"
+        f"netfront: tx req_prod 1000 ahead: backend state {C.XenbusStateClosing}\n"
+        "netfront: 0 sent, 0 received\n")
+    assert stats(b.domid).rx_frames == 0
+    a = create(ts, tmp_path, kernel, engine, "a", MAC_A, "ip=10.0.0.1 peer=10.0.0.2 pings=1")
+    assert wait_for(lambda: a.gone, 120), a.console_text
+    assert netfront_part(a) == head(a.domid, "a", MAC_A, "10.0.0.1") + pinger_lines(1)
