@@ -82,7 +82,7 @@ def emit_netfront_check(p: PVProgram) -> None:
 
 
 def _load_be16(p: PVProgram, reg32, base, at: int) -> None:
-    """reg32 = the big-endian 16-bit value at base + at (uses edx if reg32 is not it)."""
+    """reg32 (not edx) = the big-endian 16-bit value at base + at; clobbers edx."""
     a = p.a
     a.movzx(reg32, byte[base + at])
     a.shl(reg32, 8)
@@ -100,21 +100,13 @@ def _store_be16(p: PVProgram, base, at: int) -> None:
 
 
 def _copy(p: PVProgram, dst: str, dst_at: int, src, src_at: int, n: int) -> None:
-    """(inline) n bytes from src + src_at (a register or a label) to label dst + dst_at."""
+    """(inline) n bytes (even: a MAC) from src + src_at (a register or a label) to label
+    dst + dst_at, a word at a time through eax."""
+    assert n % 2 == 0
     a = p.a
-    for i in range(0, n, 2 if n % 2 == 0 else 1):
-        if n % 2 == 0:
-            if isinstance(src, str):
-                a.movzx(eax, word[rip + src + src_at + i])
-            else:
-                a.movzx(eax, word[src + src_at + i])
-            a.mov(word[rip + dst + dst_at + i], ax)
-        else:
-            if isinstance(src, str):
-                a.mov(al, byte[rip + src + src_at + i])
-            else:
-                a.mov(al, byte[src + src_at + i])
-            a.mov(byte[rip + dst + dst_at + i], al)
+    for i in range(0, n, 2):
+        a.movzx(eax, word[(rip + src if isinstance(src, str) else src) + src_at + i])
+        a.mov(word[rip + dst + dst_at + i], ax)
 
 
 def emit_netfront(p: PVProgram) -> None:
