@@ -77,5 +77,8 @@ int  hv_gnt_in_region(const struct hv_domain *d, uint64_t mfn);
 int  hv_gnt_frame_granted(struct hv_domain *d, uint64_t gpfn);
 /* XENMEM_add_to_physmap, XENMAPSPACE_grant_table: put table frame idx at gpfn. */
 int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn);
+/* A PVH guest's load or store at gpa in the hole above its RAM: 1 if a table frame it
+ * placed there took it (the engines' MMIO path asks before reading all ones). */
+int  hv_gnt_hole_access(struct hv_domain *d, uint64_t gpa, int size, int is_write, uint8_t *data);
 
 #endif
