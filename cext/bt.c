@@ -30,6 +30,7 @@
 #include <x86intrin.h>
 
 #include "bt.h"
+#include "grant_table.h"
 
 #define TCG_BUFFER_BYTES (64u << 20)    /* translated code per vCPU; Unicorn's default is 1 GiB */
 

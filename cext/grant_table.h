@@ -43,6 +43,10 @@ struct hv_grant_table;
 #define HV_GNT_WINDOW_FRAMES    256
 #define HV_GNT_REGION_FRAMES    328
 #define HV_GNT_MAX_MAPTRACK     4096    /* grant mappings one domain may hold at once */
+/* How far up a PVH guest may place table frames (XENMEM_add_to_physmap) beyond its RAM:
+ * 64 GiB, above the first free 128 MiB-aligned stretch Linux's unpopulated-alloc takes
+ * (4 GiB for a domain below 4 GiB). */
+#define HV_PVH_PLACE_LIMIT      0x1000000000
 
 #define HV_GRANT_READ   0
 #define HV_GRANT_WRITE  1

@@ -356,10 +356,6 @@ void hv_xen_cpuid(struct hv_vcpu *v, uint32_t index, uint32_t subleaf, uint32_t 
 #define HV_PVH_CPUID_BASE     0x40000000u
 #define HV_PVH_HYPERCALL_MSR  0x40000000u
 #define HV_LAPIC_GPA          0xfee00000u   /* the local APIC's xAPIC page (Xen's default) */
-/* How far up a PVH guest may place grant-table frames (XENMEM_add_to_physmap) beyond its
- * RAM: 64 GiB, above the first free 128 MiB-aligned stretch Linux's unpopulated-alloc
- * takes (at 4 GiB for a domain below 4 GiB). */
-#define HV_PVH_PLACE_LIMIT    (1ULL << 36)
 /* 1 and out filled if leaf is one of the Xen leaves, 0 if not (the CPU's own answer). */
 int  hv_pvh_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
 /* A wrmsr the engine could not do itself: 0 done, -1 the guest takes #GP(0). */
