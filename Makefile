@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 KERNEL := build/pv-kernel.elf
 CMDLINE ?= console=hvc0 ticks=20 hello from make run-guest
 
-.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux run-linux-disk compare-linux bench-blk bench-linux
+.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux run-linux-disk compare-linux bench-blk bench-linux bench-net
 
 # A virtualenv with trapless installed in editable mode; the C extension is rebuilt
 # whenever a C source or the ABI header changes.
@@ -38,6 +38,10 @@ bench: setup
 # sequential read and write through Xen's block device vs the host, on each engine
 bench-blk: setup
 	$(BIN)/python -m hypervisor.bench_blk kvm bt
+
+# ping round trip between two domains through netfront, netback and a bridge, in bare exits
+bench-net: setup
+	$(BIN)/python -m hypervisor.bench_net kvm bt
 
 # every conformance case on every available engine, the fuzz case at 100,000 calls
 conformance: setup

@@ -416,6 +416,60 @@ struct blkif_response {
     uint32_t pad2;
 };
 
+/* ---- the network device's rings (io/netif.h, io/ring.h) ---- */
+/* Two one-page rings, each with the blkif ring's 64-byte header: tx (the frontend's
+ * frames out) and rx (its empty buffers in, filled by the backend in rx-copy mode). */
+#define NETTXF_csum_blank         1     /* the L4 checksum is not filled in yet */
+#define NETTXF_data_validated     2
+#define NETTXF_more_data          4     /* another request of this frame follows */
+#define NETTXF_extra_info         8     /* a netif_extra_info slot follows */
+#define NETRXF_data_validated     1
+#define NETRXF_csum_blank         2
+#define NETRXF_more_data          4     /* the frame goes on in the next response */
+#define NETRXF_extra_info         8
+#define NETIF_RSP_DROPPED        -2
+#define NETIF_RSP_ERROR          -1
+#define NETIF_RSP_OKAY            0
+#define NETIF_RSP_NULL            1     /* the response of an extra-info slot */
+#define XEN_NETIF_EXTRA_FLAG_MORE 1     /* another extra-info slot follows */
+#define XEN_NETIF_MAX_TX_SIZE     65535 /* a frame's total size fits the first request's u16 */
+#define NET_RING_HEADER           64
+#define NET_TX_RING_SIZE          256   /* (4096 - 64) / 12 = 336, rounded down to 2^n */
+#define NET_RX_RING_SIZE          256   /* (4096 - 64) / 8 = 504, rounded down to 2^n */
+
+struct netif_tx_request {
+    uint32_t gref;                  /* the page holding this piece of the frame */
+    uint16_t offset;                /* where in the page it starts */
+    uint16_t flags;                 /* NETTXF_* */
+    uint16_t id;                    /* echoed in the response */
+    uint16_t size;                  /* the first request: the whole frame; others: theirs */
+};
+
+struct netif_tx_response {
+    uint16_t id;
+    int16_t  status;                /* NETIF_RSP_* */
+};
+
+/* Occupies a tx request slot after a request with NETTXF_extra_info. */
+struct netif_extra_info {
+    uint8_t  type;                  /* XEN_NETIF_EXTRA_TYPE_* (1 gso, 2/3 mcast, 4 hash) */
+    uint8_t  flags;                 /* XEN_NETIF_EXTRA_FLAG_* */
+    uint16_t u[3];
+};
+
+struct netif_rx_request {
+    uint16_t id;
+    uint16_t pad;
+    uint32_t gref;                  /* an empty page the backend may write */
+};
+
+struct netif_rx_response {
+    uint16_t id;
+    uint16_t offset;                /* where in the page the data starts */
+    uint16_t flags;                 /* NETRXF_* */
+    int16_t  status;                /* > 0: bytes of the frame in this page; < 0: error */
+};
+
 /* ---- Xen ELF notes (owner "Xen") ---------------------------------------------------- */
 #define XEN_ELFNOTE_INFO                 0
 #define XEN_ELFNOTE_ENTRY                1

@@ -21,7 +21,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,12 +29,12 @@
 #include <unistd.h>
 
 #include "hv.h"
+#include "backend.h"
 
 #define RING_PAGE_ORDER_MAX 4           /* max-ring-page-order we offer (Linux: 4) */
 #define RING_PAGES_MAX      (1u << RING_PAGE_ORDER_MAX)
 #define INDIRECT_SEGS_MAX   256         /* feature-max-indirect-segments we offer */
 #define SEGS_MAX            INDIRECT_SEGS_MAX
-#define PATH_BYTES          128
 
 struct seg {
     uint32_t gref;
@@ -49,7 +48,7 @@ struct blkback {
     uint32_t devid;
     int fd, readonly;
     uint64_t sectors;                   /* 512-byte sectors in the image */
-    char front[PATH_BYTES], back[PATH_BYTES];
+    char front[HV_BK_PATH_BYTES], back[HV_BK_PATH_BYTES];
     int wake_fd;                        /* eventfd: notifications and xenstore changes */
     pthread_t thread;
     volatile int stopping;
@@ -84,52 +83,10 @@ static void count(struct blkback *b, uint64_t *field, uint64_t n)
     pthread_mutex_unlock(&b->stats_lock);
 }
 
-/* ---- xenstore, as dom0 ---- */
-
-static int xs_read(const char *dir, const char *key, char *out, uint32_t max)
-{
-    char path[2 * PATH_BYTES];
-    uint8_t reply[XENSTORE_PAYLOAD_MAX];
-    uint32_t type;
-    int n = snprintf(path, sizeof(path), "%s/%s", dir, key);
-    n = hv_xs_request(0, XS_READ, 0, (const uint8_t *)path, (uint32_t)n + 1, &type, reply);
-    if (n < 0 || type == XS_ERROR || (uint32_t)n >= max)
-        return -1;
-    memcpy(out, reply, (size_t)n);
-    out[n] = 0;
-    return 0;
-}
-
-/* A decimal value, or -1 if absent or not a number below limit. */
-static int64_t xs_read_num(const char *dir, const char *key, uint64_t limit)
-{
-    char v[24], *end;
-    unsigned long long x;
-    if (xs_read(dir, key, v, sizeof(v)) < 0 || !v[0])
-        return -1;
-    errno = 0;
-    x = strtoull(v, &end, 10);
-    if (*end || errno || x >= limit)
-        return -1;
-    return (int64_t)x;
-}
-
-static void xs_printf(const char *dir, const char *key, const char *fmt, ...)
-{
-    uint8_t msg[2 * PATH_BYTES + 64], reply[XENSTORE_PAYLOAD_MAX];
-    uint32_t type;
-    va_list ap;
-    int n = snprintf((char *)msg, sizeof(msg), "%s/%s", dir, key) + 1;
-    va_start(ap, fmt);
-    n += vsnprintf((char *)msg + n, sizeof(msg) - (size_t)n, fmt, ap);   /* no NUL: a value */
-    va_end(ap);
-    hv_xs_request(0, XS_WRITE, 0, msg, (uint32_t)n, &type, reply);
-}
-
 static void set_state(struct blkback *b, int state)
 {
     b->state = state;
-    xs_printf(b->back, "state", "%d", state);
+    hv_bk_printf(b->back, "state", "%d", state);
 }
 
 /* ---- the ring ---- */
@@ -352,13 +309,13 @@ static void disconnect(struct blkback *b)
 static int connect(struct blkback *b)
 {
     char proto[32];
-    int64_t order = xs_read_num(b->front, "ring-page-order", RING_PAGE_ORDER_MAX + 1);
-    int64_t port = xs_read_num(b->front, "event-channel", UINT32_MAX);
+    int64_t order = hv_bk_read_num(b->front, "ring-page-order", RING_PAGE_ORDER_MAX + 1);
+    int64_t port = hv_bk_read_num(b->front, "event-channel", UINT32_MAX);
     uint32_t pages = order < 0 ? 1 : 1u << order, slots;
 
     if (port <= 0)
         return -1;
-    if (xs_read(b->front, "protocol", proto, sizeof(proto)) == 0 && strcmp(proto, "x86_64-abi"))
+    if (hv_bk_read(b->front, "protocol", proto, sizeof(proto)) == 0 && strcmp(proto, "x86_64-abi"))
         return -1;                      /* only the native layout */
     for (uint32_t i = 0; i < pages; i++) {
         char key[24];
@@ -367,7 +324,7 @@ static int connect(struct blkback *b)
             snprintf(key, sizeof(key), "ring-ref");
         else
             snprintf(key, sizeof(key), "ring-ref%u", i);
-        ref = xs_read_num(b->front, key, UINT32_MAX);
+        ref = hv_bk_read_num(b->front, key, UINT32_MAX);
         if (ref < 0 || hv_grant_acquire(b->domid, (uint32_t)ref, 0, HV_GRANT_WRITE,
                                         &b->ring[i]) != GNTST_okay) {
             release_all(b->ring, i);
@@ -386,10 +343,10 @@ static int connect(struct blkback *b)
         return -1;
     }
     b->port = (uint32_t)port;
-    xs_printf(b->back, "sectors", "%llu", (unsigned long long)b->sectors);
-    xs_printf(b->back, "sector-size", "%u", BLKIF_SECTOR_SIZE);
-    xs_printf(b->back, "physical-sector-size", "%u", BLKIF_SECTOR_SIZE);
-    xs_printf(b->back, "info", "%u", b->readonly ? VDISK_READONLY : 0);
+    hv_bk_printf(b->back, "sectors", "%llu", (unsigned long long)b->sectors);
+    hv_bk_printf(b->back, "sector-size", "%u", BLKIF_SECTOR_SIZE);
+    hv_bk_printf(b->back, "physical-sector-size", "%u", BLKIF_SECTOR_SIZE);
+    hv_bk_printf(b->back, "info", "%u", b->readonly ? VDISK_READONLY : 0);
     set_state(b, XenbusStateConnected);
     return 0;
 }
@@ -397,7 +354,7 @@ static int connect(struct blkback *b)
 /* Follow the frontend's state, as blkback's frontend_changed does. */
 static void step(struct blkback *b)
 {
-    int64_t fs = xs_read_num(b->front, "state", 16);
+    int64_t fs = hv_bk_read_num(b->front, "state", 16);
     switch (fs) {
     case XenbusStateInitialised:
     case XenbusStateConnected:
@@ -452,7 +409,7 @@ int hv_blkback_attach(struct hv_domain *d, uint32_t devid, int fd, int readonly,
 {
     struct blkback *b;
     struct stat st;
-    char watch[PATH_BYTES + 8];
+    char watch[HV_BK_PATH_BYTES + 8];
 
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
         snprintf(err, (size_t)err_len, "the disk image is not a regular file");
@@ -480,12 +437,12 @@ int hv_blkback_attach(struct hv_domain *d, uint32_t devid, int fd, int readonly,
         return -1;
     }
     /* what we offer, then InitWait: the frontend may set up its ring now */
-    xs_printf(b->back, "feature-flush-cache", "1");
-    xs_printf(b->back, "feature-barrier", "1");
-    xs_printf(b->back, "feature-discard", "%d", !readonly);
-    xs_printf(b->back, "discard-granularity", "%u", BLKIF_SECTOR_SIZE);
-    xs_printf(b->back, "feature-max-indirect-segments", "%u", INDIRECT_SEGS_MAX);
-    xs_printf(b->back, "max-ring-page-order", "%u", RING_PAGE_ORDER_MAX);
+    hv_bk_printf(b->back, "feature-flush-cache", "1");
+    hv_bk_printf(b->back, "feature-barrier", "1");
+    hv_bk_printf(b->back, "feature-discard", "%d", !readonly);
+    hv_bk_printf(b->back, "discard-granularity", "%u", BLKIF_SECTOR_SIZE);
+    hv_bk_printf(b->back, "feature-max-indirect-segments", "%u", INDIRECT_SEGS_MAX);
+    hv_bk_printf(b->back, "max-ring-page-order", "%u", RING_PAGE_ORDER_MAX);
     set_state(b, XenbusStateInitWait);
     snprintf(watch, sizeof(watch), "%s/state", b->front);
     if (hv_xs_host_watch(watch, wake, b) < 0 ||

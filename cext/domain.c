@@ -192,6 +192,7 @@ void hv_domain_destroy(struct hv_domain *d)
         if (d->vcpus[i])
             hv_vcpu_destroy(d->vcpus[i]);
     hv_blkback_detach_all(d);           /* before its ports and grants go */
+    hv_netback_detach_all(d);
     hv_events_destroy(d);
     hv_devices_destroy(d);
     d->engine->destroy_vm(d);

@@ -301,6 +301,8 @@ int  hv_xs_host_watch(const char *path, void (*fn)(void *arg), void *arg);
 void hv_xs_host_unwatch(void *arg);
 /* ---- the block backend (blkback.c) ---- */
 void hv_blkback_detach_all(struct hv_domain *d);     /* the domain goes away */
+/* ---- the network backend (netback.c) ---- */
+void hv_netback_detach_all(struct hv_domain *d);     /* its cards leave their bridges */
 int  hv_upcall_wanted(struct hv_vcpu *v);
 int  hv_port_pending(struct hv_domain *d, uint32_t port);
 void hv_events_flush(struct hv_vcpu *v);

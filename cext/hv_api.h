@@ -227,6 +227,27 @@ struct hv_blkback_stats {
 /* 0, or -XEN_ENOENT if domid has no such device. */
 int      hv_blkback_stats(uint32_t domid, uint32_t devid, struct hv_blkback_stats *out);
 
+/* The network backend (netback.c): virtual network card devid of domain d, whose guest
+ * has MAC address mac (6 bytes), plugged into the software bridge called `bridge` (made
+ * when its first card joins). Its xenstore directories must exist (the toolstack writes
+ * them); the backend publishes its features, goes to InitWait, and moves frames from a
+ * thread of its own once the frontend connects. Destroying the domain unplugs it.
+ * 0, or -1 with a one-line reason in err. */
+#define HV_NETBACK_BRIDGE_NAME 16       /* a bridge's name, with its NUL (Linux's IFNAMSIZ) */
+int      hv_netback_attach(struct hv_domain *d, uint32_t devid, const uint8_t *mac,
+                           const char *bridge, char *err, int err_len);
+struct hv_netback_stats {
+    uint32_t state;             /* the backend's XenbusState */
+    uint64_t tx_frames, tx_bytes;   /* the guest sent (to the bridge) */
+    uint64_t tx_errors;         /* frames refused: bad pieces, bad grants */
+    uint64_t rx_frames, rx_bytes;   /* the guest received */
+    uint64_t rx_dropped;        /* frames for the guest dropped: queue full, not connected */
+    uint64_t bad_grants;        /* grants that did not check out */
+    uint64_t ring_broken;       /* 1: a ring's indexes made no sense; no longer served */
+};
+/* 0, or -XEN_ENOENT if domid has no such device. */
+int      hv_netback_stats(uint32_t domid, uint32_t devid, struct hv_netback_stats *out);
+
 /* Memory service (memory.c, mm.c). hv_mm_init types and counts the builder's page
  * tables, walking from cr3 (once, after the domain's memory is built); hv_mm_audit
  * recounts every frame's references from the tables and checks Xen's invariants

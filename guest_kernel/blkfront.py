@@ -417,27 +417,13 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.call("print_cstr")
     p.print("\n")
 
-    # the grant table: one frame, mapped over a page of our own
-    p.hypercall("grant_table_op", C.GNTTABOP_setup_table, "setup", 1)
-    a.movsx(rax, word[rip + "setup" + offsetof("gnttab_setup_table", "status")])
-    crash_unless(p, "je", "blkfront: setup_table: ")
-    a.mov(rsi, qword["frames"])
-    a.shl(rsi, 12)
-    a.or_(rsi, P | RW | U | A | D)        # U: a Xen-model kernel runs in ring 3
-    a.lea(rdi, ptr["gt"])
-    p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
-    crash_unless(p, "je", "blkfront: mapping the grant table: ")
+    emit_map_grant_table(p, "blkfront")
     pages = [(RING_REF, "blk_ring", 0), (RING2_REF, "blk_ring2", 0), (DATA_REF, "data", 0),
              (DATA2_REF, "data2", 0), (INDIRECT_REF, "indirect", 0)]
     if bench:
         pages += [(BENCH_REF + i, "bench_data", i * 4096) for i in range(BENCH_SEGS)]
     for ref, page, offset in pages:
-        at = ref * 8                    # struct grant_entry_v1: flags, domid, frame
-        a.lea(rax, ptr[rip + page + offset])
-        a.shr(rax, 12)
-        a.mov(dword[rip + "gt" + at + 4], eax)          # the frame, the backend (dom0) ...
-        a.mov(word[rip + "gt" + at + 2], 0)
-        a.mov(word[rip + "gt" + at], C.GTF_permit_access)   # ... then the flags
+        grant_page(p, ref, page, offset)
     a.mov(dword[rip + "blk_ring" + 4], 1)               # req_event
     a.mov(dword[rip + "blk_ring" + 12], 1)              # rsp_event
 
@@ -812,6 +798,33 @@ def _emit_bench(p: PVProgram) -> None:
             a.call("blk_request")
             crash_unless(p, "je", "bench: flush failed, status ")
         p.print(f"bench: {what} done\n")
+
+
+def emit_map_grant_table(p: PVProgram, who: str) -> None:
+    """(inline) The grant table: one frame (setup_table), mapped at `gt` over a page of
+    our own; a failure crashes the domain with a line that starts with who."""
+    a = p.a
+    p.hypercall("grant_table_op", C.GNTTABOP_setup_table, "setup", 1)
+    a.movsx(rax, word[rip + "setup" + offsetof("gnttab_setup_table", "status")])
+    crash_unless(p, "je", f"{who}: setup_table: ")
+    a.mov(rsi, qword["frames"])
+    a.shl(rsi, 12)
+    a.or_(rsi, P | RW | U | A | D)        # U: a Xen-model kernel runs in ring 3
+    a.lea(rdi, ptr["gt"])
+    p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
+    crash_unless(p, "je", f"{who}: mapping the grant table: ")
+
+
+def grant_page(p: PVProgram, ref: int, page: str, offset: int = 0) -> None:
+    """(inline) Grant entry ref (in the table mapped at `gt`): dom0 may use the page at
+    label page + offset; the frame and domid first, then the flags."""
+    a = p.a
+    at = ref * 8                        # struct grant_entry_v1: flags, domid, frame
+    a.lea(rax, ptr[rip + page + offset])
+    a.shr(rax, 12)
+    a.mov(dword[rip + "gt" + at + 4], eax)
+    a.mov(word[rip + "gt" + at + 2], 0)
+    a.mov(word[rip + "gt" + at], C.GTF_permit_access)
 
 
 def xs_write_const(p: PVProgram, key: str, value: str) -> None:

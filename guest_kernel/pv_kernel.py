@@ -16,6 +16,7 @@ from abi import C, offsetof
 from .asm import (byte, dl, dword, eax, ecx, edi, edx, esi, ptr, qword, r12, r13, rax, rbx,
                   rcx, rdi, rdx, rip, rsi)
 from .blkfront import emit_blkfront, emit_blkfront_check
+from .netfront import emit_netfront, emit_netfront_check
 from .pv_interactive import emit_interactive, emit_interactive_check
 from .pvlib import (UPCALL_MASK, UPCALL_VECTOR, crash_unless, emit_block_until, emit_events,
                     emit_events_on, emit_pvclock, emit_traps, set_port_handler)
@@ -245,6 +246,7 @@ def build_pv_kernel(xen_pv: bool = True) -> bytes:
     emit_banner(p)
     emit_interactive_check(p)       # `interactive`: a console shell instead of the tick demo
     emit_blkfront_check(p)          # `blkfront`: its disk through Xen's block device
+    emit_netfront_check(p)          # `netfront`: ping through Xen's network card
     emit_events_and_ticks(p)
     emit_memory_demo(p)
     p.print("powering off\n")
@@ -256,4 +258,5 @@ def build_pv_kernel(xen_pv: bool = True) -> bytes:
     emit_pvclock(p)
     emit_interactive(p)
     emit_blkfront(p)
+    emit_netfront(p)                # after blkfront: it uses blkfront's xenstore client
     return p.elf()

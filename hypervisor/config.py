@@ -7,22 +7,29 @@
     cmdline = "interactive"
     on_crash = "restart"            # destroy | restart | preserve
     disk = [ 'format=raw, vdev=xvda, access=rw, target=disk.img' ]
+    vif = [ 'mac=00:16:3e:00:00:01, bridge=xenbr0' ]
 
 Strings are quoted ("..." or '...'), numbers are decimal and unquoted, `#` starts a
-comment; a list is [ 'string', ... ] and may span lines (only `disk` takes one); as in
+comment; a list is [ 'string', ... ] and may span lines (`disk` and `vif` take one); as in
 xl, a value of the wrong type (memory = "32", name = 7) is a mistake.
 `create` also takes `key=value` words after the file; there quotes are optional, and
-`disk=SPEC` adds one disk.
+`disk=SPEC` adds one disk, `vif=SPEC` one network card.
 Every mistake is a ConfigError of one line that names the file, line and key.
 
 A disk spec is xl's (docs/misc/xl-disk-configuration.txt): comma-separated `key=value`
 items (format, vdev, access, devtype) and positional ones in the order target, format,
 vdev, access ('disk.img,raw,xvda,rw'); `target=` takes the rest of the spec, commas and
 all. trapless's backend serves raw images of regular files as whole disks (xvdX).
+
+A vif spec is xl's (docs/misc/xl-network-configuration.5): comma-separated `key=value`
+items; trapless takes mac (six hex bytes; default: Xen's OUI 00:16:3e and three random
+bytes, as libxl makes one), bridge (the software bridge inside trapless it plugs into;
+default xenbr0) and type=vif. Card N of the list is device N (vif/N in xenstore).
 """
 from __future__ import annotations
 
 import os
+import random
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -123,6 +130,65 @@ def parse_disk(spec: str, base: Path | None = None) -> Disk:
                 readonly=DISK_ACCESS[access], spec=spec)
 
 
+@dataclass(frozen=True)
+class Vif:
+    """One network card the domain sees as a Xen virtual network device."""
+    mac: str                             # aa:bb:cc:dd:ee:ff, lower case
+    bridge: str                          # the software bridge it is plugged into
+    devid: int = 0                       # its number: its place in the vif list
+    spec: str = field(default="", compare=False)
+
+    @property
+    def mac_bytes(self) -> bytes:
+        return bytes(int(x, 16) for x in self.mac.split(":"))
+
+
+VIF_KEYS = ("mac", "bridge", "type")
+VIF_DEFAULT_BRIDGE = "xenbr0"           # libxl's default
+XEN_OUI = (0x00, 0x16, 0x3E)            # the MAC prefix of Xen's cards
+MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+BRIDGE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")    # a Linux interface name (IFNAMSIZ - 1)
+
+
+def random_mac() -> str:
+    """A MAC as libxl makes one: Xen's OUI, then three random bytes, the first below 0x80."""
+    r = random.SystemRandom()
+    tail = (r.randrange(0x80), r.randrange(0x100), r.randrange(0x100))
+    return ":".join(f"{b:02x}" for b in XEN_OUI + tail)
+
+
+def parse_vif(spec: str, devid: int) -> Vif:
+    """A Vif from one xl vif spec (ValueError saying what is wrong)."""
+    values: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq:
+            raise ValueError(f"'{item}': expected key=value")
+        if key not in VIF_KEYS:
+            if key in ("script", "ip", "vifname", "model", "rate", "backend", "gatewaydev"):
+                raise ValueError(f"{key}=: trapless does not take it (its network is a "
+                                 f"bridge inside trapless; it takes {', '.join(VIF_KEYS)})")
+            raise ValueError(f"unknown parameter '{key}' (known: {', '.join(VIF_KEYS)})")
+        if key in values:
+            raise ValueError(f"{key} given twice")
+        values[key] = value
+    if values.get("type", "vif") != "vif":
+        raise ValueError(f"type={values['type']}: trapless's cards are PV (type=vif)")
+    mac = values.get("mac") or random_mac()
+    if not MAC_RE.fullmatch(mac):
+        raise ValueError(f"mac={mac}: expected six hex bytes (00:16:3e:01:02:03)")
+    if int(mac[:2], 16) & 1:
+        raise ValueError(f"mac={mac}: a multicast address (its first byte is odd)")
+    bridge = values.get("bridge") or VIF_DEFAULT_BRIDGE
+    if not BRIDGE_RE.fullmatch(bridge):
+        raise ValueError(f"bridge={bridge}: expected 1-15 letters, digits, '_', '.' or '-'")
+    return Vif(mac=mac.lower(), bridge=bridge, devid=devid, spec=spec)
+
+
 @dataclass
 class DomainConfig:
     """What `create` needs to build and run one domain, and what to do when it stops."""
@@ -140,6 +206,7 @@ class DomainConfig:
     on_reboot: str = "restart"
     on_crash: str = "destroy"
     disk: list[Disk] = field(default_factory=list)
+    vif: list[Vif] = field(default_factory=list)
     source: str = field(default="command line", compare=False)  # for messages
 
     @property
@@ -211,6 +278,7 @@ SCHEMA = {
     "on_reboot": (str, _check_choice(ACTIONS)),
     "on_crash": (str, _check_choice(ACTIONS)),
     "disk": (list, None),                # parse_disk, with the file's directory
+    "vif": (list, None),                 # parse_vif
 }
 assert set(SCHEMA) == set(KEYS)
 
@@ -297,6 +365,14 @@ def _apply_disks(cfg: DomainConfig, where: str, specs: list[str], base: Path | N
             raise ConfigError(f"{where}: disk = {spec!r}: {e}") from None
 
 
+def _apply_vifs(cfg: DomainConfig, where: str, specs: list[str]) -> None:
+    for spec in specs:
+        try:
+            cfg.vif.append(parse_vif(spec, len(cfg.vif)))
+        except ValueError as e:
+            raise ConfigError(f"{where}: vif = {spec!r}: {e}") from None
+
+
 def _known(where: str, key: str) -> None:
     if key not in SCHEMA:
         raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(SCHEMA))})")
@@ -354,6 +430,12 @@ def parse_text(text: str, source: str = "config", base: Path | None = None,
             cfg.disk = []
             _apply_disks(cfg, where, parsed, base)
             continue
+        if key == "vif":
+            if not isinstance(parsed, list):
+                raise ConfigError(f"{where}: vif: expected a list (vif = [ 'spec', ... ])")
+            cfg.vif = []
+            _apply_vifs(cfg, where, parsed)
+            continue
         _apply(cfg, where, key, parsed, typed=True)
         if key == "kernel" and base is not None and not cfg.kernel.is_absolute():
             cfg.kernel = base / cfg.kernel
@@ -375,6 +457,11 @@ def apply_overrides(cfg: DomainConfig, words: list[str]) -> DomainConfig:
             specs = _parse_list("command line", key, value) if value.startswith("[") \
                 else [value]
             _apply_disks(cfg, "command line", specs, None)
+            continue
+        if key == "vif":                # one card (or a list of them) more
+            specs = _parse_list("command line", key, value) if value.startswith("[") \
+                else [value]
+            _apply_vifs(cfg, "command line", specs)
             continue
         parsed = _parse_value("command line", key, value, bare_strings=True) if value else ""
         _apply(cfg, "command line", key, parsed)
@@ -408,6 +495,11 @@ def finish(cfg: DomainConfig) -> DomainConfig:
         if disk.devid in seen:
             raise ConfigError(f"{where}: disk = {disk.spec!r}: a second disk named {disk.vdev}")
         seen.add(disk.devid)
+    macs: set[str] = set()
+    for vif in cfg.vif:
+        if vif.mac in macs:
+            raise ConfigError(f"{where}: vif = {vif.spec!r}: a second card with mac {vif.mac}")
+        macs.add(vif.mac)
     return cfg
 
 

@@ -203,7 +203,8 @@ class Domain:
                  maxmem_mib: int | None = None, console_keep: int = CONSOLE_KEEP,
                  on_stop: Callable[["Domain"], None] | None = None, console_ring: bool = True,
                  xenstore: bool = True, guest_type: str | None = None,
-                 ramdisk: bytes | None = None, disks: list | None = None):
+                 ramdisk: bytes | None = None, disks: list | None = None,
+                 vifs: list | None = None):
         """memory_mib is what the domain starts with; maxmem_mib (default: the same) is
         how far it may balloon up: its guest-physical space and maximum reservation.
         console_keep: how many of the latest console bytes console_output keeps.
@@ -215,7 +216,8 @@ class Domain:
         guest_type: "pv" or "pvh" (None: as the image's notes say, image.py); ramdisk:
         a PVH guest's module 0 (an initramfs); disks: config.Disk entries, each a
         virtual block device whose xenstore directories are written with the domain's
-        keys (needs xenstore)."""
+        keys (needs xenstore); vifs: config.Vif entries, each a virtual network card
+        plugged into its software bridge (cext/netback.c), found the same way."""
         self._dom = None
         self._lock = threading.RLock()
         self._state = "building"
@@ -256,6 +258,9 @@ class Domain:
         self.disks = list(disks or ())
         if self.disks and not xenstore:
             raise DomainError("a disk is found through xenstore: this domain has none")
+        self.vifs = list(vifs or ())
+        if self.vifs and not xenstore:
+            raise DomainError("a network card is found through xenstore: this domain has none")
         self.uuid = uuid.uuid4()
         self._output = bytearray()
         self._console_keep = console_keep
@@ -340,6 +345,11 @@ class Domain:
                     store.add_vbd(domid, disk.devid, disk.vdev, str(disk.target),
                                   disk.readonly)
                     self._attach_disk(disk, err)
+                for vif in self.vifs:
+                    store.add_vif(domid, vif.devid, vif.mac, vif.bridge)
+                    if lib.hv_netback_attach(self._dom, vif.devid, vif.mac_bytes,
+                                             vif.bridge.encode(), err, len(err)) < 0:
+                        raise EngineError(f"vif {vif.devid}: {ffi.string(err).decode()}")
         except BaseException:
             self.destroy()
             raise

@@ -347,7 +347,8 @@ class Toolstack:
                      domid=rec.domid, name=rec.name,
                      on_console=rec._on_console,
                      on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)),
-                     guest_type=cfg.type, ramdisk=ramdisk, disks=cfg.disk)
+                     guest_type=cfg.type, ramdisk=ramdisk, disks=cfg.disk,
+                     vifs=cfg.vif)
         rec.engine = dom.engine
         return dom
 

@@ -203,6 +203,27 @@ def add_vbd(domid: int, devid: int, vdev: str, target: str, readonly: bool) -> N
                ["n0", f"r{domid}"])
 
 
+def vif_paths(domid: int, devid: int) -> tuple[str, str]:
+    """(frontend, backend) directories of a domain's network card, as libxl names them."""
+    return (f"{domain_path(domid)}/device/vif/{devid}",
+            f"{domain_path(0)}/backend/vif/{domid}/{devid}")
+
+
+def add_vif(domid: int, devid: int, mac: str, bridge: str) -> None:
+    """Write a new card's two directories as libxl does before the domain starts, both in
+    state Initialising, with the same permissions as a disk's. The backend publishes its
+    features and the later states itself."""
+    front, back = vif_paths(domid, devid)
+    write_tree(front, {"backend": back, "backend-id": "0",
+                       "state": str(C.XenbusStateInitialising), "handle": str(devid),
+                       "mac": mac},
+               [f"n{domid}", "r0"])
+    write_tree(back, {"frontend": front, "frontend-id": str(domid), "online": "1",
+                      "state": str(C.XenbusStateInitialising), "handle": str(devid),
+                      "mac": mac, "bridge": bridge, "type": "vif"},
+               ["n0", f"r{domid}"])
+
+
 def release(domid: int, uuid: str) -> None:
     """The domain is gone: its keys go too, with the backend directories of its devices."""
     _rm_if_there(domain_path(domid))

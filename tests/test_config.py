@@ -65,7 +65,27 @@ def test_words_alone_make_a_config(kernel):
 @pytest.mark.parametrize("text, message", [
     ('memroy = 32\n', "d.cfg:1: unknown key 'memroy' (known: cmdline, disk, engine, extra, "
                       "kernel, maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, "
-                      "type, vcpus)"),
+                      "type, vcpus, vif)"),
+    ('vif = "mac=00:16:3e:00:00:01"\n', "d.cfg:1: vif: expected a list (vif = [ 'spec', ... ])"),
+    ("vif = [ 'mac=01:16:3e:00:00:01' ]\n", "d.cfg:1: vif = 'mac=01:16:3e:00:00:01': "
+     "mac=01:16:3e:00:00:01: a multicast address (its first byte is odd)"),
+    ("vif = [ 'mac=00:16:3e:00:00' ]\n", "d.cfg:1: vif = 'mac=00:16:3e:00:00': "
+     "mac=00:16:3e:00:00: expected six hex bytes (00:16:3e:01:02:03)"),
+    ("vif = [ 'bridge=a-very-long-bridge-name' ]\n", "d.cfg:1: vif = "
+     "'bridge=a-very-long-bridge-name': bridge=a-very-long-bridge-name: expected 1-15 "
+     "letters, digits, '_', '.' or '-'"),
+    ("vif = [ 'script=vif-bridge' ]\n", "d.cfg:1: vif = 'script=vif-bridge': script=: trapless "
+     "does not take it (its network is a bridge inside trapless; it takes mac, bridge, type)"),
+    ("vif = [ 'model=e1000' ]\n", "d.cfg:1: vif = 'model=e1000': model=: trapless does not "
+     "take it (its network is a bridge inside trapless; it takes mac, bridge, type)"),
+    ("vif = [ 'colour=red' ]\n", "d.cfg:1: vif = 'colour=red': unknown parameter 'colour' "
+     "(known: mac, bridge, type)"),
+    ("vif = [ 'type=ioemu' ]\n", "d.cfg:1: vif = 'type=ioemu': type=ioemu: trapless's cards "
+     "are PV (type=vif)"),
+    ("vif = [ 'bridge' ]\n", "d.cfg:1: vif = 'bridge': 'bridge': expected key=value"),
+    ("vif = [ 'bridge=a, bridge=b' ]\n", "d.cfg:1: vif = 'bridge=a, bridge=b': bridge given twice"),
+    ('kernel = "k.elf"\nvif = [ "mac=00:16:3e:00:00:01", "mac=00:16:3E:00:00:01,bridge=b" ]\n',
+     "d.cfg: vif = 'mac=00:16:3E:00:00:01,bridge=b': a second card with mac 00:16:3e:00:00:01"),
     ('name = x\n', 'd.cfg:1: name = x: strings must be quoted ("x")'),
     ('\n\non_crash = "reboot"\n', "d.cfg:3: on_crash = 'reboot': must be destroy, restart or "
                                   "preserve"),
@@ -132,6 +152,8 @@ def test_each_mistake_is_one_line_naming_file_line_and_key(tmp_path, kernel, tex
     (["colour=red"], "command line: unknown key 'colour'"),
     (["on_poweroff=explode"], "command line: on_poweroff = 'explode': must be destroy, restart "
                               "or preserve"),
+    (["vif=mac=00:16:3e:00:00:0g"], "command line: vif = 'mac=00:16:3e:00:00:0g': "
+     "mac=00:16:3e:00:00:0g: expected six hex bytes (00:16:3e:01:02:03)"),
 ])
 def test_override_mistakes_are_one_line(kernel, words, message):
     with pytest.raises(ConfigError) as e:
@@ -159,6 +181,23 @@ disk = [ 'format=raw, vdev=xvda, access=rw, target={tmp_path}/b,c.img',
     assert cfg.disk == [D(tmp_path / "a.img", "xvdc", 51744, True)]
     assert config.vdev_devid("xvdp") == 202 << 8 | 15 << 4
     assert config.vdev_devid("xvdaa") == (1 << 28) | (26 << 8)
+
+
+def test_vif_specs_as_xl_takes_them(tmp_path, kernel):
+    """mac and bridge as given (the MAC in lower case); without them, libxl's defaults: a
+    MAC with Xen's OUI and a random tail below 0x80, and bridge xenbr0. Card N is vif N."""
+    (tmp_path / "n.cfg").write_text(f"""kernel = "{kernel}"
+vif = [ 'mac=00:16:3E:AA:BB:CC, bridge=br1',
+        '' ]
+""")
+    cfg = config.load(tmp_path / "n.cfg", ["vif=bridge=other"])
+    first, second, third = cfg.vif
+    assert (first.mac, first.bridge, first.devid) == ("00:16:3e:aa:bb:cc", "br1", 0)
+    assert first.mac_bytes == bytes([0, 0x16, 0x3E, 0xAA, 0xBB, 0xCC])
+    assert (second.bridge, second.devid, third.bridge, third.devid) == ("xenbr0", 1, "other", 2)
+    for made in (second, third):
+        assert config.MAC_RE.fullmatch(made.mac), made.mac
+        assert made.mac.startswith("00:16:3e:") and int(made.mac[9:11], 16) < 0x80
 
 
 def test_a_read_only_image_is_refused_for_rw_but_taken_ro(tmp_path, kernel):
