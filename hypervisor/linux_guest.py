@@ -21,6 +21,9 @@ kernel package, and /init insmods them in dependency order.
 the file hello.txt of its root as `disktest: read: ...`, writes guest.txt (the kernel
 release and what it read), unmounts, syncs and powers off; the host then reads
 guest.txt back out of the image.
+
+`nettest=LOCAL,PEER`: /init waits for eth0, gives it LOCAL/24, pings PEER three times
+and prints ping's exit status.
 """
 from __future__ import annotations
 
@@ -69,6 +72,18 @@ if /bin/busybox grep -qw disktest /proc/cmdline; then
     fi
     sync
 fi
+for word in $(/bin/busybox cat /proc/cmdline); do
+    case $word in nettest=*,*)
+        /bin/busybox --install -s /bin
+        set -- $(echo "${word#nettest=}" | tr , ' ')
+        i=0
+        while ! ip link show eth0 >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+        ip addr add "$1/24" dev eth0 && ip link set eth0 up
+        echo "nettest: eth0 $1, pinging $2"
+        ping -c 3 -W 10 "$2"
+        echo "nettest: ping exit status $?"
+    esac
+done
 if /bin/busybox grep -qw shell /proc/cmdline; then
     /bin/busybox --install -s /bin
     exec /bin/busybox setsid /bin/busybox cttyhack /bin/busybox sh
