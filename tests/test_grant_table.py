@@ -444,3 +444,36 @@ def test_pvh_places_its_table_beyond_its_ram(engine, run_guest):
     assert r["flags_unmapped"] == PERMIT
     assert r["move_frame_0_low"] == 0
     assert r["moved_entry_names_victim"] == 0
+
+
+def pvh_read_above_4g_code(p) -> None:
+    """Map 2 MiB at 4 GiB and read a frame there that holds no table frame."""
+    from guest_kernel.asm import cr3, ptr, qword, rax, rdi, rip
+    a = p.a
+    a.section(".bss")
+    a.align(4096)
+    a.label("u_pd_high")
+    a.reserve(4096)
+    a.section(".text")
+    a.mov(rax, (4 << 30) | 0x83)
+    a.mov(qword[rip + "u_pd_high"], rax)
+    a.lea(rax, ptr["u_pd_high"])
+    a.or_(rax, 0x3)
+    a.mov(qword[rip + "pdpt" + 8 * 4], rax)
+    a.mov(rax, cr3)
+    a.mov(cr3, rax)
+    p.print("reading above 4 GiB\n")
+    a.mov(rdi, (1 << 32) + 0x3000)
+    a.mov(rax, qword[rdi])
+    p.print("read it\n")
+
+
+def test_pvh_read_above_4g_where_no_table_frame_is_stops_the_domain(engine, run_guest):
+    """Above 4 GiB only a placed table frame answers; any other access stops the
+    domain as an access outside its memory, on both engines alike."""
+    from guest_kernel.pvh_guest import build_pvh_guest
+    image = build_pvh_guest(vmcall=False, extra=pvh_read_above_4g_code)
+    stop, out, dom = run_guest(image, domid=PVH_DOMID, timeout=60)
+    assert "reading above 4 GiB" in out and "read it" not in out
+    assert stop.kind == "fault", (stop, out)
+    assert "read of guest-physical 0x100003000, outside guest memory" in stop.message, stop
