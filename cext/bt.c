@@ -936,9 +936,11 @@ static void on_platform_write(uc_engine *uc, uint64_t offset, unsigned size, uin
         ask_stop(b);
 }
 
-/* The space below 4 GiB that is neither RAM nor the local APIC: all ones, unless the
- * guest placed a grant-table frame there (hv_pvh_mmio). Two regions, below and above
- * the APIC page; the offset is from the region's start. */
+/* A PVH guest's space that is neither RAM nor the local APIC, up to
+ * HV_PVH_PLACE_LIMIT: a grant-table frame the guest placed there answers (hv_pvh_mmio);
+ * else below 4 GiB reads are all ones and writes dropped, above it the access stops the
+ * domain as outside its memory (kvm the same). Three regions: below the APIC page,
+ * above it, above 4 GiB; each callback gets the offset from its region's start. */
 static uint64_t hole_access(struct bt_vcpu *b, uint64_t gpa, unsigned size, int is_write,
                             uint64_t value)
 {
