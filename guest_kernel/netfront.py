@@ -12,7 +12,9 @@ Its address is `ip=A.B.C.D`. With `peer=A.B.C.D pings=N` it asks for the peer's 
 (ARP), sends N ICMP echo requests one after the other, each waiting for its reply, and
 powers off; without them it answers ARP requests for its address and echo requests to
 it until it is destroyed. With `quiet` neither prints a line per echo, and the pinger
-ends with "netfront: N round trips in T ns" (the PV clock). With `badtx` it sends tx
+ends with "netfront: N round trips in T ns" (the PV clock). With `flood=N` (and `peer=`)
+the pinger sends its ARP request N times instead, not waiting for an answer; with
+`norx` a card posts no rx pages at all (a port that takes nothing). With `badtx` it sends tx
 requests a backend must refuse and prints each status instead (guest_kernel's check of
 netback's validation). An echo whose IP or ICMP checksum does not hold is dropped. Either way it answers what it is asked while it waits. Every
 wait polls the rings, yielding; a wait for an answer gives up after `wait_ms=` (default
@@ -82,7 +84,7 @@ def emit_netfront_check(p: PVProgram) -> None:
 
 
 def _load_be16(p: PVProgram, reg32, base, at: int) -> None:
-    """reg32 = the big-endian 16-bit value at base + at (uses edx if reg32 is not it)."""
+    """reg32 (not edx) = the big-endian 16-bit value at base + at; clobbers edx."""
     a = p.a
     a.movzx(reg32, byte[base + at])
     a.shl(reg32, 8)
@@ -100,21 +102,13 @@ def _store_be16(p: PVProgram, base, at: int) -> None:
 
 
 def _copy(p: PVProgram, dst: str, dst_at: int, src, src_at: int, n: int) -> None:
-    """(inline) n bytes from src + src_at (a register or a label) to label dst + dst_at."""
+    """(inline) n bytes (even: a MAC) from src + src_at (a register or a label) to label
+    dst + dst_at, a word at a time through eax."""
+    assert n % 2 == 0
     a = p.a
-    for i in range(0, n, 2 if n % 2 == 0 else 1):
-        if n % 2 == 0:
-            if isinstance(src, str):
-                a.movzx(eax, word[rip + src + src_at + i])
-            else:
-                a.movzx(eax, word[src + src_at + i])
-            a.mov(word[rip + dst + dst_at + i], ax)
-        else:
-            if isinstance(src, str):
-                a.mov(al, byte[rip + src + src_at + i])
-            else:
-                a.mov(al, byte[src + src_at + i])
-            a.mov(byte[rip + dst + dst_at + i], al)
+    for i in range(0, n, 2):
+        a.movzx(eax, word[(rip + src if isinstance(src, str) else src) + src_at + i])
+        a.mov(word[rip + dst + dst_at + i], ax)
 
 
 def emit_netfront(p: PVProgram) -> None:
@@ -248,7 +242,12 @@ def emit_netfront(p: PVProgram) -> None:
     a.call("nf_print_ip")
     p.print("\n")
 
-    # every rx page on the rx ring: request i is page i
+    # every rx page on the rx ring: request i is page i (with `norx`: none, ever, so
+    # whatever comes for it waits in the backend's queue)
+    a.lea(rdi, ptr[p.string("norx")])
+    a.call("cmdline_has_word")
+    a.test(eax, eax)
+    a.jne("nf.answer")
     for i in range(RX_BUFFERS):
         a.mov(word[rip + "nf_rx_ring" + RING_HEADER + i * RX_SLOT], i)
         a.mov(dword[rip + "nf_rx_ring" + RING_HEADER + i * RX_SLOT + 4], RX_BUF_REF + i)
@@ -275,13 +274,11 @@ def emit_netfront(p: PVProgram) -> None:
     a.mov(edi, dword["nf_peer"])
     a.call("nf_print_ip")
     p.print("\n")
-    _copy_const(p, "nf_tx_buf", _arp_request)
-    _copy(p, "nf_tx_buf", ETH_SRC, "nf_mac", 0, 6)
-    _copy(p, "nf_tx_buf", ARP_SHA, "nf_mac", 0, 6)
-    a.mov(eax, dword["nf_ip"])
-    a.mov(dword[rip + "nf_tx_buf" + ARP_SPA], eax)
-    a.mov(eax, dword["nf_peer"])
-    a.mov(dword[rip + "nf_tx_buf" + ARP_TPA], eax)
+    a.call("nf_arp_request")
+    a.lea(rdi, ptr[p.string("flood=")])
+    a.call("cmdline_number")
+    a.cmp(rax, -1)
+    a.jne("nf.flood")
     a.mov(edi, ARP_LEN)
     a.call("nf_send")
     a.lea(rdi, ptr["nf_peer_known"])
@@ -346,6 +343,19 @@ def emit_netfront(p: PVProgram) -> None:
     a.call("print_dec")
     p.print("\n")
     a.jmp("nf.ping")
+
+    # flood=N: the ARP request N times, as fast as the backend takes them (a port that
+    # takes none keeps a bounded queue of them)
+    a.label("nf.flood")
+    a.mov(r13, rax)
+    a.label("nf.flood.next")
+    a.test(r13, r13)
+    a.je("nf.summary")
+    a.mov(edi, ARP_LEN)
+    a.call("nf_send")
+    a.inc(qword["nf_sent"])
+    a.dec(r13)
+    a.jmp("nf.flood.next")
 
     a.label("nf.summary")
     p.print("netfront: ")
@@ -454,6 +464,17 @@ def _emit_badtx(p: PVProgram) -> None:
 
 def _emit_routines(p: PVProgram) -> None:
     a = p.a
+    # nf_arp_request: "who has the peer?" from us, broadcast, into nf_tx_buf
+    a.label("nf_arp_request")
+    _copy_const(p, "nf_tx_buf", _arp_request)
+    _copy(p, "nf_tx_buf", ETH_SRC, "nf_mac", 0, 6)
+    _copy(p, "nf_tx_buf", ARP_SHA, "nf_mac", 0, 6)
+    a.mov(eax, dword["nf_ip"])
+    a.mov(dword[rip + "nf_tx_buf" + ARP_SPA], eax)
+    a.mov(eax, dword["nf_peer"])
+    a.mov(dword[rip + "nf_tx_buf" + ARP_TPA], eax)
+    a.ret()
+
     # nf_memcpy(rdi = dst, rsi = src, ecx = bytes)
     a.label("nf_memcpy")
     a.test(ecx, ecx)

@@ -132,6 +132,12 @@ XEN_LAYOUTS = [
     ("blkif_request_indirect", 64, dict(operation=0, indirect_op=1, nr_segments=2, id=8,
                                         sector_number=16, handle=24, indirect_grefs=28)),
     ("blkif_response", 16, dict(id=0, operation=8, status=10)),
+    # io/netif.h
+    ("netif_tx_request", 12, dict(gref=0, offset=4, flags=6, id=8, size=10)),
+    ("netif_tx_response", 4, dict(id=0, status=2)),
+    ("netif_extra_info", 8, dict(type=0, flags=1, u=2)),
+    ("netif_rx_request", 8, dict(id=0, gref=4)),
+    ("netif_rx_response", 8, dict(id=0, offset=2, flags=4, status=6)),
 ]
 
 
@@ -171,6 +177,10 @@ XEN_NUMBERS = dict(
     XENSTORE_SERVER_FEATURE_ERROR=2, XENSTORE_CONNECTED=0, XENSTORE_RECONNECT=1,
     XENSTORE_ERROR_NONE=0, XENSTORE_ERROR_COMM=1, XENSTORE_ERROR_RINGIDX=2,
     XENSTORE_ERROR_PROTO=3,
+    NETTXF_csum_blank=1, NETTXF_data_validated=2, NETTXF_more_data=4, NETTXF_extra_info=8,
+    NETRXF_data_validated=1, NETRXF_csum_blank=2, NETRXF_more_data=4, NETRXF_extra_info=8,
+    NETIF_RSP_DROPPED=-2, NETIF_RSP_ERROR=-1, NETIF_RSP_OKAY=0, NETIF_RSP_NULL=1,
+    XEN_NETIF_EXTRA_FLAG_MORE=1,
 )
 
 

@@ -195,7 +195,8 @@ def test_scripted_errors_are_one_line_each_and_the_script_goes_on(configs):
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
         "error: bad.cfg:2: unknown key 'memroy' (known: cmdline, disk, engine, extra, "
-        "kernel, maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, type, vcpus)",
+        "kernel, maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, type, vcpus, "
+        "vif)",
         "error: command line: on_crash = 'reboot': must be destroy, restart or preserve",
         "error: bad.cfg: not an ELF file (bad magic)",
         "error: no domain 'zz' (see list)",

@@ -154,3 +154,16 @@ def test_the_backend_refuses_bad_tx_requests_and_a_broken_ring(ts, tmp_path, ker
     a = create(ts, tmp_path, kernel, engine, "a", MAC_A, "ip=10.0.0.1 peer=10.0.0.2 pings=1")
     assert wait_for(lambda: a.gone, 120), a.console_text
     assert netfront_part(a) == head(a.domid, "a", MAC_A, "10.0.0.1") + pinger_lines(1)
+
+
+def test_a_port_that_takes_nothing_keeps_a_bounded_queue(ts, tmp_path, kernel, engine):
+    """A card that posts no rx pages: the bridge queues at most PORT_QUEUE (128) frames
+    for it and drops the rest, counted; the sender is not held up."""
+    deaf = create(ts, tmp_path, kernel, engine, "deaf", MAC_B, "ip=10.0.0.2 norx")
+    assert wait_for(lambda: "connected" in deaf.console_text, 60), deaf.console_text
+    a = create(ts, tmp_path, kernel, engine, "a", MAC_A, "ip=10.0.0.1 peer=10.0.0.2 flood=300")
+    assert wait_for(lambda: a.gone, 120), a.console_text
+    assert netfront_part(a).endswith("netfront: arp who-has 10.0.0.2\n"
+                                     "netfront: 300 sent, 0 received\n"), a.console_text
+    s = stats(deaf.domid)
+    assert (s.rx_frames, s.rx_dropped, s.tx_frames) == (0, 300 - 128, 0)
