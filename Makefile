@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 KERNEL := build/pv-kernel.elf
 CMDLINE ?= console=hvc0 ticks=20 hello from make run-guest
 
-.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux compare-linux bench-blk bench-linux bench-net
+.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux run-linux-disk compare-linux bench-blk bench-linux bench-net
 
 # A virtualenv with trapless installed in editable mode; the C extension is rebuilt
 # whenever a C source or the ABI header changes.
@@ -83,6 +83,21 @@ linux-guest: setup
 run-linux: linux-guest
 	$(BIN)/python -m hypervisor run build/linux/vmlinux --type pvh --engine bt --memory 256 \
 	    --ramdisk build/linux/initramfs.cpio --cmdline "$(LINUX_CMDLINE)"
+
+# The same Linux with a disk: an ext4 image made here (mkfs.ext4 -d, no root mount)
+# holding hello.txt, given as xl's disk spec; /init (`disktest` on the command line)
+# mounts /dev/xvda, prints hello.txt, writes guest.txt, unmounts and powers off; the
+# host then prints guest.txt out of the image (debugfs).
+LINUX_DISK := build/linux/disk.img
+run-linux-disk: linux-guest
+	rm -rf build/linux/disk-files && mkdir -p build/linux/disk-files
+	echo "hello from the host, $$(date -u)" > build/linux/disk-files/hello.txt
+	mkfs.ext4 -q -F -d build/linux/disk-files $(LINUX_DISK) 16M
+	$(BIN)/python -m hypervisor run build/linux/vmlinux --type pvh --engine bt --memory 256 \
+	    --ramdisk build/linux/initramfs.cpio --cmdline "console=hvc0 disktest" \
+	    --disk "format=raw, vdev=xvda, access=rw, target=$(LINUX_DISK)"
+	@echo "--- guest.txt, read back from $(LINUX_DISK) by the host:"
+	@debugfs -R 'cat /guest.txt' $(LINUX_DISK) 2>/dev/null
 
 # the same kernel and initramfs under trapless (bt) and QEMU's TCG (microvm, PVH entry):
 # wall time to the kernel banner, to `Run /init`, to /init's line, to the end

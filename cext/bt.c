@@ -30,6 +30,7 @@
 #include <x86intrin.h>
 
 #include "bt.h"
+#include "grant_table.h"
 
 #define TCG_BUFFER_BYTES (64u << 20)    /* translated code per vCPU; Unicorn's default is 1 GiB */
 
@@ -1011,23 +1012,65 @@ static void on_platform_write(uc_engine *uc, uint64_t offset, unsigned size, uin
         ask_stop(b);
 }
 
+/* A PVH guest's space that is neither RAM nor the local APIC, up to
+ * HV_PVH_PLACE_LIMIT: a grant-table frame the guest placed there answers (hv_pvh_mmio);
+ * else below 4 GiB reads are all ones and writes dropped, above it the access stops the
+ * domain as outside its memory (kvm the same). Three regions: below the APIC page,
+ * above it, above 4 GiB; each callback gets the offset from its region's start. */
+static uint64_t hole_access(struct bt_vcpu *b, uint64_t gpa, unsigned size, int is_write,
+                            uint64_t value)
+{
+    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+    if (!hv_pvh_mmio(b->v, gpa, (int)size, is_write, (uint8_t *)&value)) {
+        /* above 4 GiB only a placed frame answers: the rest is outside guest memory */
+        set_fatal(b, is_write ? UC_MEM_WRITE_UNMAPPED : UC_MEM_READ_UNMAPPED,
+                  is_write ? "write of guest-physical %#llx, outside guest memory"
+                           : "read of guest-physical %#llx, outside guest memory", gpa);
+        bt_uc.emu_stop(b->uc);
+    }
+    return value;
+}
+
+static uint64_t below_apic_start(struct bt_vcpu *b)
+{
+    return b->v->dom->ram_bytes + b->v->dom->gnt_bytes;
+}
+
 static uint64_t on_hole_read(uc_engine *uc, uint64_t offset, unsigned size, void *user)
 {
-    struct bt_vcpu *b = user;
-    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
-    return ~0ULL;
+    return hole_access(user, below_apic_start(user) + offset, size, 0, 0);
 }
 
 static void on_hole_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_t value, void *user)
 {
-    struct bt_vcpu *b = user;
-    b->v->dom->counters.exits[HV_EXIT_MMIO]++;
+    hole_access(user, below_apic_start(user) + offset, size, 1, value);
+}
+
+static uint64_t on_hole_above_read(uc_engine *uc, uint64_t offset, unsigned size, void *user)
+{
+    return hole_access(user, HV_LAPIC_GPA + HV_PAGE_SIZE + offset, size, 0, 0);
+}
+
+static void on_hole_above_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_t value,
+                                void *user)
+{
+    hole_access(user, HV_LAPIC_GPA + HV_PAGE_SIZE + offset, size, 1, value);
+}
+
+static uint64_t on_high_read(uc_engine *uc, uint64_t offset, unsigned size, void *user)
+{
+    return hole_access(user, (1ULL << 32) + offset, size, 0, 0);
+}
+
+static void on_high_write(uc_engine *uc, uint64_t offset, unsigned size, uint64_t value, void *user)
+{
+    hole_access(user, (1ULL << 32) + offset, size, 1, value);
 }
 
 static int map_pvh_platform(struct bt_vcpu *b, char *err, int err_len)
 {
     /* the hole begins after the RAM and the grant region that follows it */
-    uint64_t ram_end = b->v->dom->ram_bytes + b->v->dom->gnt_bytes,
+    uint64_t ram_end = below_apic_start(b),
              apic_end = HV_LAPIC_GPA + HV_PAGE_SIZE;
     uc_err e;
 
@@ -1040,9 +1083,13 @@ static int map_pvh_platform(struct bt_vcpu *b, char *err, int err_len)
                             on_hole_write, b)) != UC_ERR_OK)
         return uc_fail(err, err_len, "cannot map the space below the local APIC", e);
     /* up to the VMM's own ring-change page, the last below 4 GiB */
-    if ((e = bt_uc.mmio_map(b->uc, apic_end, BT_TRAMP_GPA - apic_end, on_hole_read, b,
-                            on_hole_write, b)) != UC_ERR_OK)
+    if ((e = bt_uc.mmio_map(b->uc, apic_end, BT_TRAMP_GPA - apic_end, on_hole_above_read, b,
+                            on_hole_above_write, b)) != UC_ERR_OK)
         return uc_fail(err, err_len, "cannot map the space above the local APIC", e);
+    /* from 4 GiB to where grant-table frames may be placed (hv_gnt_add_to_physmap) */
+    if ((e = bt_uc.mmio_map(b->uc, 1ULL << 32, HV_PVH_PLACE_LIMIT - (1ULL << 32), on_high_read, b,
+                            on_high_write, b)) != UC_ERR_OK)
+        return uc_fail(err, err_len, "cannot map the space above 4 GiB", e);
     return 0;
 }
 

@@ -372,8 +372,33 @@ static int restore(struct hv_domain *d, uint64_t gpfn)
     return overlay(d, gpfn, d, gpfn, 0);
 }
 
+/* Is gpfn in the PVH hole: beyond RAM and the grant region, below HV_PVH_PLACE_LIMIT,
+ * neither the local APIC nor the last page below 4 GiB (bt's own)? A guest may place
+ * table frames there. */
+static int in_hole(const struct hv_domain *d, uint64_t gpfn)
+{
+    uint64_t first = (d->ram_bytes + d->gnt_bytes) >> HV_PAGE_SHIFT;
+    return gpfn >= first && gpfn < HV_PVH_PLACE_LIMIT >> HV_PAGE_SHIFT &&
+           gpfn != HV_LAPIC_GPA >> HV_PAGE_SHIFT &&
+           gpfn != ((1ULL << 32) >> HV_PAGE_SHIFT) - 1;
+}
+
+/* Frame gpfn no longer shows table frame i: its RAM comes back (nothing was over a
+ * frame in the hole). */
+static int unplace(struct hv_domain *d, uint64_t i)
+{
+    uint64_t was = d->gnt->placed[i];
+    d->gnt->placed[i] = INVALID_GFN;
+    return was == INVALID_GFN || was >= nr_ram_frames(d) ? 0 : restore(d, was);
+}
+
 /* Xen's XENMAPSPACE_grant_table for a translated guest: table frame idx (status frame
- * with XENMAPIDX_grant_table_status) appears at gpfn, in place of the RAM there. */
+ * with XENMAPIDX_grant_table_status) appears at gpfn, in place of the RAM there or in
+ * the hole above RAM. Linux built with CONFIG_XEN_UNPOPULATED_ALLOC takes such gpfns:
+ * a free 128 MiB-aligned stretch of its physical address space (Debian's 6.1 takes
+ * the one at 4 GiB), its frames handed out from the top. Xen's p2m takes any gfn;
+ * trapless takes RAM and the hole up to HV_PVH_PLACE_LIMIT, where the engines' MMIO
+ * path reaches the frame (hv_gnt_hole_access). */
 int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn)
 {
     struct hv_grant_table *gt = d->gnt;
@@ -384,8 +409,9 @@ int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn)
         return -XEN_EINVAL;         /* PV maps the frames setup_table names */
     /* Any frame of the domain's RAM, ballooned out or not (Linux places its table in
      * frames it gave back first), but not the page-table pool or shared_info. */
-    if (gpfn >= d->mm.nr_pages || hv_mm_in_pool(&d->mm, gpfn) ||
-        gpfn == d->shared_info_gpa >> HV_PAGE_SHIFT)
+    if (gpfn < d->mm.nr_pages ? hv_mm_in_pool(&d->mm, gpfn) ||
+                                gpfn == d->shared_info_gpa >> HV_PAGE_SHIFT
+                              : !in_hole(d, gpfn))
         return -XEN_EINVAL;
     pthread_mutex_lock(&gnt_lock);
     /* Xen (gnttab_map_frame_begin): the status bit means a status frame only in v2; in
@@ -409,15 +435,55 @@ int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn)
             gt->nr_frames = (uint32_t)idx + 1;  /* Xen grows the table to reach it */
         i = idx;
     }
-    if (gt->placed[i] != INVALID_GFN && gt->placed[i] != gpfn && restore(d, gt->placed[i]) < 0)
-        rc = -XEN_ENOMEM;
-    else if (overlay(d, gpfn, d, nr_ram_frames(d) + i, 0) < 0)
+    if (gt->placed[i] == gpfn)
+        goto out;
+    /* As in Xen's p2m, the gfn now shows this frame only: another table frame there
+     * is taken off it, and this frame leaves where it was. */
+    for (uint64_t j = 0; j < HV_GNT_MAX_FRAMES + HV_GNT_STATUS_FRAMES; j++)
+        if (j != i && gt->placed[j] == gpfn)
+            gt->placed[j] = INVALID_GFN;
+    if (unplace(d, i) < 0 || (gpfn < nr_ram_frames(d) && overlay(d, gpfn, d, nr_ram_frames(d) + i, 0) < 0))
         rc = -XEN_ENOMEM;
     else
         gt->placed[i] = gpfn;
 out:
     pthread_mutex_unlock(&gnt_lock);
     return rc;
+}
+
+/* An access of a PVH guest to gpa in the hole: 1 and done if a table frame is placed
+ * there, else 0. The engines come here through their MMIO path, one load or store at a
+ * time (size 1-8, within the page), so a guest's cmpxchg on a grant entry there is a
+ * load and a store, not atomic against a backend thread's flag update in between; the
+ * store is one atomic write of its size. */
+int hv_gnt_hole_access(struct hv_domain *d, uint64_t gpa, int size, int is_write, uint8_t *data)
+{
+    struct hv_grant_table *gt = d->gnt;
+    uint64_t gpfn = gpa >> HV_PAGE_SHIFT, offset = gpa & (HV_PAGE_SIZE - 1);
+    int found = 0;
+
+    if (!gt || d->guest_type != HV_GUEST_PVH || size < 1 || size > 8 ||
+        offset + (uint64_t)size > HV_PAGE_SIZE)
+        return 0;
+    pthread_mutex_lock(&gnt_lock);
+    for (uint64_t i = 0; i < HV_GNT_MAX_FRAMES + HV_GNT_STATUS_FRAMES && !found; i++) {
+        if (gt->placed[i] != gpfn)
+            continue;
+        uint8_t *at = region_frame(d, i) + offset;
+        if (!is_write)
+            memcpy(data, at, (size_t)size);
+        else if (size == 8 && !(offset & 7))
+            __atomic_store_n((uint64_t *)at, *(uint64_t *)data, __ATOMIC_SEQ_CST);
+        else if (size == 4 && !(offset & 3))
+            __atomic_store_n((uint32_t *)at, *(uint32_t *)data, __ATOMIC_SEQ_CST);
+        else if (size == 2 && !(offset & 1))
+            __atomic_store_n((uint16_t *)at, *(uint16_t *)data, __ATOMIC_SEQ_CST);
+        else
+            memcpy(at, data, (size_t)size);
+        found = 1;
+    }
+    pthread_mutex_unlock(&gnt_lock);
+    return found;
 }
 
 /* ---- map and unmap ---- */

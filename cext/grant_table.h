@@ -43,6 +43,10 @@ struct hv_grant_table;
 #define HV_GNT_WINDOW_FRAMES    256
 #define HV_GNT_REGION_FRAMES    328
 #define HV_GNT_MAX_MAPTRACK     4096    /* grant mappings one domain may hold at once */
+/* How far up a PVH guest may place table frames (XENMEM_add_to_physmap) beyond its RAM:
+ * 64 GiB, above the first free 128 MiB-aligned stretch Linux's unpopulated-alloc takes
+ * (4 GiB for a domain below 4 GiB). */
+#define HV_PVH_PLACE_LIMIT      0x1000000000
 
 #define HV_GRANT_READ   0
 #define HV_GRANT_WRITE  1
@@ -77,5 +81,8 @@ int  hv_gnt_in_region(const struct hv_domain *d, uint64_t mfn);
 int  hv_gnt_frame_granted(struct hv_domain *d, uint64_t gpfn);
 /* XENMEM_add_to_physmap, XENMAPSPACE_grant_table: put table frame idx at gpfn. */
 int64_t hv_gnt_add_to_physmap(struct hv_domain *d, uint64_t idx, uint64_t gpfn);
+/* A PVH guest's load or store at gpa in the hole above its RAM: 1 if a table frame it
+ * placed there took it (the engines' MMIO path asks before reading all ones). */
+int  hv_gnt_hole_access(struct hv_domain *d, uint64_t gpa, int size, int is_write, uint8_t *data);
 
 #endif

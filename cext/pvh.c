@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "hv.h"
+#include "grant_table.h"
 
 #define CR0_PG            (1ULL << 31)
 #define EFER_LMA          (1ULL << 10)
@@ -102,6 +103,8 @@ int hv_pvh_mmio(struct hv_vcpu *v, uint64_t gpa, int size, int is_write, uint8_t
     if (v->dom->guest_type != HV_GUEST_PVH || size < 1 || size > 8)
         return 0;
     if (hv_lapic_mmio(v, gpa, size, is_write, data))
+        return 1;
+    if (hv_gnt_hole_access(v->dom, gpa, size, is_write, data))
         return 1;
     if (gpa >= (1ULL << 32))
         return 0;

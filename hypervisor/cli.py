@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from abi import C
 
@@ -147,7 +148,7 @@ def cmd_run(args) -> int:
         # the output streams to stdout and nothing of it is kept (console_keep=0)
         with Domain(image, memory_mib=args.memory, cmdline=args.cmdline, engine=args.engine,
                     on_console=to_stdout, native=args.native, console_keep=0,
-                    guest_type=args.type, ramdisk=ramdisk) as dom:
+                    guest_type=args.type, ramdisk=ramdisk, disks=args.disk) as dom:
             say_engine_fallback(args, dom)
             running.append(dom)
             stop = dom.run(timeout=args.timeout)
@@ -243,6 +244,16 @@ def cmdline(text: str) -> str:
     return text
 
 
+def disk(spec: str):
+    """--disk: one disk in xl's syntax (a relative target is relative to the current
+    directory), checked as a config file's `disk = [...]` entry is."""
+    from .config import parse_disk
+    try:
+        return parse_disk(spec, Path.cwd())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {e}") from None
+
+
 def output_file(path: str) -> str:
     """--json PATH: checked before the minutes of measuring, not when writing at the end."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -288,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "a PHYS32_ENTRY note is PVH, any other PV)")
     run.add_argument("--ramdisk", metavar="PATH",
                      help="an initramfs for a PVH guest (hvm_start_info module 0)")
+    run.add_argument("--disk", type=disk, action="append", metavar="SPEC",
+                     help="a virtual block device, in xl's disk syntax (as a config file's "
+                          "disk = [...]), e.g. 'format=raw, vdev=xvda, access=rw, "
+                          "target=disk.img'; may be given more than once")
     run.set_defaults(func=cmd_run)
 
     bench = sub.add_parser("bench", help="hypercall vs bare exit, event latency, batching, both engines")

@@ -1,5 +1,7 @@
 """Debian's own Linux kernel as a PVH guest: fetch it, take vmlinux out of the bzImage,
-and build a busybox initramfs whose /init says hello and powers off.
+and build a busybox initramfs whose /init loads Xen's split-driver frontends, says
+hello and powers off (or, by words on the kernel command line, runs a shell or the
+disk test below).
 
     python -m hypervisor.linux_guest [--out build/linux]     (make linux-guest)
 
@@ -9,6 +11,19 @@ compressed payload is (payload_offset, payload_length at 0x248, boot protocol 2.
 the payload is decompressed here, as the kernel's own scripts/extract-vmlinux does
 (gzip, xz, bzip2 and lzma with Python's modules; LZ4's legacy frames, which Debian's
 cloud kernel uses, with a decoder of our own). The initramfs is a newc cpio archive.
+
+Debian's cloud kernel builds xen-blkfront and xen-netfront as modules (its
+/boot/config: CONFIG_XEN_BLKDEV_FRONTEND=m, CONFIG_XEN_NETDEV_FRONTEND=m), so the
+initramfs carries them, with whatever their .modinfo `depends=` names, from the same
+kernel package, and /init insmods them in dependency order.
+
+`disktest` on the command line: /init waits for /dev/xvda, mounts it (ext4), prints
+the file hello.txt of its root as `disktest: read: ...`, writes guest.txt (the kernel
+release and what it read), unmounts, syncs and powers off; the host then reads
+guest.txt back out of the image.
+
+`nettest=LOCAL,PEER`: /init waits for eth0, gives it LOCAL/24, pings PEER three times
+and prints ping's exit status.
 """
 from __future__ import annotations
 
@@ -28,12 +43,48 @@ from pathlib import Path
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 LZ4_LEGACY_MAGIC = 0x184C2102
+FRONTENDS = ("xen-blkfront", "xen-netfront")
+MODULE_ORDER = "lib/modules/order"          # the initramfs's list of modules to load
+DISKTEST_READ = "hello.txt"                 # what `disktest` prints from xvda's root
+DISKTEST_WRITTEN = "guest.txt"              # and what it writes there
 INIT_SCRIPT = """#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t devtmpfs dev /dev 2>/dev/null
 /bin/busybox echo "trapless: /init of a busybox initramfs, $(/bin/busybox uname -sr)"
-if /bin/busybox grep -q shell /proc/cmdline; then
+if [ -f /""" + MODULE_ORDER + """ ]; then
+    for m in $(/bin/busybox cat /""" + MODULE_ORDER + """); do
+        /bin/busybox insmod /lib/modules/$m.ko || /bin/busybox echo "trapless: insmod $m failed"
+    done
+fi
+if /bin/busybox grep -qw disktest /proc/cmdline; then
+    /bin/busybox --install -s /bin
+    i=0
+    while [ ! -b /dev/xvda ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+    mkdir -p /mnt
+    if mount -t ext4 /dev/xvda /mnt; then
+        read=$(cat /mnt/""" + DISKTEST_READ + """)
+        echo "disktest: read: $read"
+        echo "$(uname -r) read: $read" > /mnt/""" + DISKTEST_WRITTEN + """
+        umount /mnt && echo "disktest: wrote """ + DISKTEST_WRITTEN + """, unmounted"
+    else
+        echo "disktest: cannot mount /dev/xvda"
+    fi
+    sync
+fi
+for word in $(/bin/busybox cat /proc/cmdline); do
+    case $word in nettest=*,*)
+        /bin/busybox --install -s /bin
+        set -- $(echo "${word#nettest=}" | tr , ' ')
+        i=0
+        while ! ip link show eth0 >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+        ip addr add "$1/24" dev eth0 && ip link set eth0 up
+        echo "nettest: eth0 $1, pinging $2"
+        ping -c 3 -W 10 "$2"
+        echo "nettest: ping exit status $?"
+    esac
+done
+if /bin/busybox grep -qw shell /proc/cmdline; then
     /bin/busybox --install -s /bin
     exec /bin/busybox setsid /bin/busybox cttyhack /bin/busybox sh
 fi
@@ -147,15 +198,78 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1) -> bytes:
     return entry + b"\0" * (-len(entry) % 4)
 
 
-def build_initramfs(busybox: bytes, init: str = INIT_SCRIPT) -> bytes:
-    """A newc cpio archive: /bin/busybox, /init, the directories they need."""
+def build_initramfs(busybox: bytes, init: str = INIT_SCRIPT,
+                    modules: list[tuple[str, bytes]] = ()) -> bytes:
+    """A newc cpio archive: /bin/busybox, /init, the directories they need, and the
+    kernel modules (name, .ko) under /lib/modules with their load order."""
     entries = [("bin", stat.S_IFDIR | 0o755, b""), ("dev", stat.S_IFDIR | 0o755, b""),
                ("proc", stat.S_IFDIR | 0o755, b""), ("sys", stat.S_IFDIR | 0o755, b""),
                ("bin/busybox", stat.S_IFREG | 0o755, busybox),
                ("init", stat.S_IFREG | 0o755, init.encode())]
+    if modules:
+        entries += [("lib", stat.S_IFDIR | 0o755, b""),
+                    ("lib/modules", stat.S_IFDIR | 0o755, b"")]
+        entries += [(f"lib/modules/{name}.ko", stat.S_IFREG | 0o644, ko)
+                    for name, ko in modules]
+        order = "".join(f"{name}\n" for name, _ in modules).encode()
+        entries.append((MODULE_ORDER, stat.S_IFREG | 0o644, order))
     out = b"".join(_cpio_entry(name, mode, data, ino) for ino, (name, mode, data)
                    in enumerate(entries, 1))
     return out + _cpio_entry("TRAILER!!!", 0, b"", 0)
+
+
+# ---- kernel modules ----
+
+def module_depends(ko: bytes) -> list[str]:
+    """The modules a .ko needs first: the `depends=` string of its ELF .modinfo section
+    (NUL-separated key=value strings)."""
+    if ko[:4] != b"\x7fELF" or ko[4] != 2:
+        raise LinuxGuestError("a kernel module that is not an ELF64 object")
+    shoff, = struct.unpack_from("<Q", ko, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
+
+    def section(i: int) -> tuple[int, int, int]:        # name offset, file offset, size
+        at = shoff + i * shentsize
+        name, = struct.unpack_from("<I", ko, at)
+        offset, size = struct.unpack_from("<QQ", ko, at + 0x18)
+        return name, offset, size
+
+    _, names_at, _ = section(shstrndx)
+    for i in range(shnum):
+        name, offset, size = section(i)
+        if ko[names_at + name:ko.index(b"\0", names_at + name)] == b".modinfo":
+            for item in ko[offset:offset + size].split(b"\0"):
+                if item.startswith(b"depends="):
+                    return [d for d in item[8:].decode().split(",") if d]
+            return []
+    raise LinuxGuestError("a kernel module without a .modinfo section")
+
+
+def collect_modules(tree: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """The wanted modules of a /lib/modules/<release> tree and what they depend on, each
+    once, every module after its dependencies (the order insmod needs)."""
+    # module names use '_' where file names may have '-' (kbuild's KBUILD_MODNAME)
+    files = {ko.name[:-3].replace("-", "_"): ko for ko in tree.rglob("*.ko")}
+    out: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def add(name: str, chain: tuple[str, ...]) -> None:
+        key = name.replace("-", "_")
+        if key in seen:
+            return
+        if key in chain:
+            raise LinuxGuestError(f"kernel modules depend on each other in a cycle: {key}")
+        if key not in files:
+            raise LinuxGuestError(f"kernel module {name} is not in {tree}")
+        ko = files[key].read_bytes()
+        for dep in module_depends(ko):
+            add(dep, chain + (key,))
+        seen.add(key)
+        out.append((files[key].name[:-3], ko))
+
+    for name in wanted:
+        add(name, ())
+    return out
 
 
 # ---- fetching ----
@@ -178,26 +292,37 @@ def _deb_extract(deb: Path, into: Path) -> None:
 
 
 def fetch(out: Path) -> tuple[Path, Path]:
-    """vmlinux and initramfs.cpio in out, from Debian's packages (kept once made)."""
+    """vmlinux and initramfs.cpio in out, from Debian's packages (kept once made). An
+    initramfs made before it carried the frontends (no initramfs.modules beside it) is
+    made again, with the modules of the kernel package kernel-version names."""
     vmlinux, initramfs = out / "vmlinux", out / "initramfs.cpio"
-    if vmlinux.is_file() and initramfs.is_file():
+    version_file, stamp = out / "kernel-version", out / "initramfs.modules"
+    if vmlinux.is_file() and initramfs.is_file() and stamp.is_file():
         return vmlinux, initramfs
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tmp = Path(tmp)
-        meta = _apt_download([KERNEL_META], tmp)[0]
-        depends = subprocess.run(["dpkg-deb", "-f", str(meta), "Depends"], capture_output=True,
-                                 text=True).stdout.strip()
-        kernel_pkg = depends.split(",")[0].split()[0]
+        if vmlinux.is_file() and version_file.is_file():
+            kernel_pkg = "linux-image-" + version_file.read_text().strip()
+        else:
+            meta = _apt_download([KERNEL_META], tmp)[0]
+            depends = subprocess.run(["dpkg-deb", "-f", str(meta), "Depends"],
+                                     capture_output=True, text=True).stdout.strip()
+            kernel_pkg = depends.split(",")[0].split()[0]
+            meta.unlink()
         for deb in _apt_download([kernel_pkg, BUSYBOX], tmp):
             _deb_extract(deb, tmp / "root")
         bzimages = sorted((tmp / "root" / "boot").glob("vmlinuz-*"))
         if not bzimages:
             raise LinuxGuestError(f"{kernel_pkg} holds no /boot/vmlinuz-*")
-        vmlinux.write_bytes(extract_vmlinux(bzimages[0].read_bytes()))
+        release = bzimages[0].name[len("vmlinuz-"):]
+        if not vmlinux.is_file():
+            vmlinux.write_bytes(extract_vmlinux(bzimages[0].read_bytes()))
+            version_file.write_text(release + "\n")
+        modules = collect_modules(tmp / "root" / "lib" / "modules" / release, FRONTENDS)
         busybox = tmp / "root" / "bin" / "busybox"
-        initramfs.write_bytes(build_initramfs(busybox.read_bytes()))
-        (out / "kernel-version").write_text(bzimages[0].name[len("vmlinuz-"):] + "\n")
+        initramfs.write_bytes(build_initramfs(busybox.read_bytes(), modules=modules))
+        stamp.write_text("".join(f"{name}\n" for name, _ in modules))
     return vmlinux, initramfs
 
 
@@ -212,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LinuxGuestError, OSError) as e:
         print(f"linux-guest: {e}", file=sys.stderr)
         return 2
+    modules = (args.out / "initramfs.modules").read_text().split()
     print(f"linux-guest: {vmlinux} ({os.path.getsize(vmlinux):,} bytes), "
-          f"{initramfs} ({os.path.getsize(initramfs):,} bytes)")
+          f"{initramfs} ({os.path.getsize(initramfs):,} bytes, modules: {' '.join(modules)})")
     return 0
 
 

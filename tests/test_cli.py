@@ -129,11 +129,17 @@ def test_missing_image_file(tmp_path):
     (["run", "--memory", "1"], "memory 1 MiB"),
     (["run", "--engine", "vmware"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
+    (["run", "--disk", "format=qcow2, vdev=xvda, target=x.img"],
+     "argument --disk: 'format=qcow2, vdev=xvda, target=x.img': format=qcow2: trapless "
+     "serves raw images only"),
+    (["run", "--disk", "vdev=hdq9, target=x.img"], "vdev=hdq9: expected a whole Xen virtual disk"),
+    (["run", "--disk", "vdev=xvda, target=/nonexistent/x.img"],
+     "trapless: disk xvda: cannot open /nonexistent/x.img (No such file or directory)"),
 ])
 def test_bad_options_are_one_line_errors(args, message):
     r = hv(*args)
     assert r.returncode == 2
-    assert message in r.stderr
+    assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -309,3 +309,171 @@ def test_pvh_places_its_table_and_maps_a_grant_at_a_guest_frame(engine, run_gues
     # 2048 status words cover 8 v2 frames: status frame 1 needs 16 of them
     assert r["frames_for_status_frame"] == 16
     assert r["set_version_1_with_status_placed"] == -C.XEN_EBUSY
+
+
+# ---- a PVH guest's table beyond its RAM, as Linux's unpopulated-alloc places it ----
+
+HIGH_GPFN = (1 << 32 >> 12) + 0x1ff          # in the first 2 MiB above 4 GiB
+LOW_GPFN = 0x80000                            # 2 GiB: the hole below 4 GiB
+
+
+def pvh_beyond_ram_code(p) -> None:
+    """Map 2 MiB at 2 GiB and at 4 GiB (identity), place table frames 0 and 1 in the
+    frames there, grant a page through entries written at those addresses, map the
+    grant, and read back what the hypervisor wrote in the entry's flags."""
+    from abi import offsetof
+    from guest_kernel.asm import cr3, dword, eax, ptr, qword, r12, rax, rdi, rip, word
+    a = p.a
+
+    def result(case: str) -> None:
+        a.mov(r12, rax)
+        p.print(f"result {case} ")
+        a.mov(rdi, r12)
+        a.call("print_sdec")
+        p.print("\n")
+
+    def struct(label: str, name: str, **fields) -> None:
+        a.section(".data")
+        a.align(8)
+        a.label(label)
+        a.db(bytes(ffi.buffer(ffi.new(f"struct {name} *", fields))))
+        a.section(".text")
+
+    xatp = lambda field: rip + "b_xatp" + offsetof("xen_add_to_physmap", field)  # noqa: E731
+    gmap = lambda field: rip + "b_gmap" + offsetof("gnttab_map_grant_ref", field)  # noqa: E731
+
+    def place(case: str, idx: int, gpfn: int) -> None:
+        a.mov(qword[xatp("idx")], idx)
+        a.mov(rax, gpfn)
+        a.mov(qword[xatp("gpfn")], rax)
+        p.hypercall("memory_op", C.XENMEM_add_to_physmap, "b_xatp")
+        result(case)
+
+    a.section(".bss")
+    a.align(4096)
+    for page in ("b_pd_low", "b_pd_high", "b_victim", "b_target"):
+        a.label(page)
+        a.reserve(4096)
+    a.label("b_frames")
+    a.reserve(16)
+    a.section(".text")
+    struct("b_xatp", "xen_add_to_physmap", domid=C.DOMID_SELF, space=C.XENMAPSPACE_grant_table)
+    struct("b_setup", "gnttab_setup_table", dom=C.DOMID_SELF, nr_frames=2)
+    struct("b_gmap", "gnttab_map_grant_ref", flags=C.GNTMAP_host_map, ref=8, dom=PVH_DOMID)
+    struct("b_gunmap", "gnttab_unmap_grant_ref")
+
+    # the guest's page tables: one 2 MiB page at 2 GiB and one at 4 GiB, identity
+    for pd, gib in (("b_pd_low", 2), ("b_pd_high", 4)):
+        a.mov(rax, (gib << 30) | 0x83)
+        a.mov(qword[rip + pd], rax)
+        a.lea(rax, ptr[pd])
+        a.or_(rax, 0x3)
+        a.mov(qword[rip + "pdpt" + 8 * gib], rax)
+    a.mov(rax, cr3)
+    a.mov(cr3, rax)
+
+    place("place_high", 0, HIGH_GPFN)
+    place("place_low", 1, LOW_GPFN)
+    place("place_at_the_apic", 2, 0xFEE00)
+    place("place_at_the_limit", 2, lib.HV_PVH_PLACE_LIMIT >> 12)
+    a.lea(rax, ptr["b_frames"])
+    a.mov(qword[rip + "b_setup" + offsetof("gnttab_setup_table", "frame_list")], rax)
+    p.hypercall("grant_table_op", C.GNTTABOP_setup_table, "b_setup", 1)
+    a.mov(rax, qword["b_frames"])
+    result("setup_frame_0")
+    a.mov(rax, qword[rip + "b_frames" + 8])
+    result("setup_frame_1")
+
+    # entry 8 of frame 0 (at 4 GiB) grants the victim page
+    high = HIGH_GPFN << 12
+    a.mov(qword["b_victim"], 0x5151)
+    a.lea(rax, ptr["b_victim"])
+    a.shr(rax, 12)
+    a.mov(rdi, high)
+    a.mov(dword[rdi + 8 * 8 + 4], eax)
+    a.mov(word[rdi + 8 * 8 + 2], PVH_DOMID)
+    a.mov(word[rdi + 8 * 8], C.GTF_permit_access)
+    a.lea(rax, ptr["b_target"])
+    a.mov(qword[gmap("host_addr")], rax)
+    p.hypercall("grant_table_op", C.GNTTABOP_map_grant_ref, "b_gmap", 1)
+    a.movsx(rax, word[gmap("status")])
+    result("map")
+    a.mov(rax, qword["b_target"])
+    result("target_reads_victim")
+    a.mov(rdi, high)
+    a.movzx(rax, word[rdi + 8 * 8])
+    result("flags_mapped")
+    a.lea(rax, ptr["b_target"])
+    a.mov(qword[rip + "b_gunmap"], rax)
+    a.mov(eax, dword[gmap("handle")])
+    a.mov(dword[rip + "b_gunmap" + offsetof("gnttab_unmap_grant_ref", "handle")], eax)
+    p.hypercall("grant_table_op", C.GNTTABOP_unmap_grant_ref, "b_gunmap", 1)
+    a.movsx(rax, word[rip + "b_gunmap" + offsetof("gnttab_unmap_grant_ref", "status")])
+    result("unmap")
+    a.mov(rdi, high)
+    a.movzx(rax, word[rdi + 8 * 8])
+    result("flags_unmapped")
+    # frame 0 moves into the hole below 4 GiB: the same entries are there now
+    place("move_frame_0_low", 0, LOW_GPFN + 1)
+    a.mov(rdi, (LOW_GPFN + 1) << 12)
+    a.mov(eax, dword[rdi + 8 * 8 + 4])
+    a.lea(rdi, ptr["b_victim"])
+    a.shr(rdi, 12)
+    a.sub(rax, rdi)
+    result("moved_entry_names_victim")          # 0
+
+
+def test_pvh_places_its_table_beyond_its_ram(engine, run_guest):
+    """Linux's CONFIG_XEN_UNPOPULATED_ALLOC places the table in frames above its RAM (at
+    4 GiB for Debian's 6.1 in 256 MiB): entries written there are the table, the
+    hypervisor's flag updates show there, and the APIC page or the limit are refused."""
+    from guest_kernel.conformance import parse
+    from guest_kernel.pvh_guest import build_pvh_guest
+    image = build_pvh_guest(vmcall=False, extra=pvh_beyond_ram_code)
+    stop, out, dom = run_guest(image, domid=PVH_DOMID, timeout=120)
+    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
+    r, _ = parse(out)
+    assert (r["place_high"], r["place_low"]) == (0, 0)
+    assert r["place_at_the_apic"] == -C.XEN_EINVAL
+    assert r["place_at_the_limit"] == -C.XEN_EINVAL
+    assert (r["setup_frame_0"], r["setup_frame_1"]) == (HIGH_GPFN, LOW_GPFN)
+    assert r["map"] == C.GNTST_okay
+    assert r["target_reads_victim"] == 0x5151
+    assert r["flags_mapped"] == PERMIT | READING | WRITING
+    assert r["unmap"] == C.GNTST_okay
+    assert r["flags_unmapped"] == PERMIT
+    assert r["move_frame_0_low"] == 0
+    assert r["moved_entry_names_victim"] == 0
+
+
+def pvh_read_above_4g_code(p) -> None:
+    """Map 2 MiB at 4 GiB and read a frame there that holds no table frame."""
+    from guest_kernel.asm import cr3, ptr, qword, rax, rdi, rip
+    a = p.a
+    a.section(".bss")
+    a.align(4096)
+    a.label("u_pd_high")
+    a.reserve(4096)
+    a.section(".text")
+    a.mov(rax, (4 << 30) | 0x83)
+    a.mov(qword[rip + "u_pd_high"], rax)
+    a.lea(rax, ptr["u_pd_high"])
+    a.or_(rax, 0x3)
+    a.mov(qword[rip + "pdpt" + 8 * 4], rax)
+    a.mov(rax, cr3)
+    a.mov(cr3, rax)
+    p.print("reading above 4 GiB\n")
+    a.mov(rdi, (1 << 32) + 0x3000)
+    a.mov(rax, qword[rdi])
+    p.print("read it\n")
+
+
+def test_pvh_read_above_4g_where_no_table_frame_is_stops_the_domain(engine, run_guest):
+    """Above 4 GiB only a placed table frame answers; any other access stops the
+    domain as an access outside its memory, on both engines alike."""
+    from guest_kernel.pvh_guest import build_pvh_guest
+    image = build_pvh_guest(vmcall=False, extra=pvh_read_above_4g_code)
+    stop, out, dom = run_guest(image, domid=PVH_DOMID, timeout=60)
+    assert "reading above 4 GiB" in out and "read it" not in out
+    assert stop.kind == "fault", (stop, out)
+    assert "read of guest-physical 0x100003000, outside guest memory" in stop.message, stop
