@@ -26,16 +26,19 @@ import struct
 
 from abi import C, offsetof, sizeof
 
-from .asm import (al, byte, dl, dword, eax, ebx, ecx, edi, edx, esi, ptr, qword, r12, r13,
-                  r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, word)
-from .pvlib import crash_unless
+from .asm import (al, byte, cl, dl, dword, eax, ebx, ecx, edi, edx, esi, ptr, qword, r12, r13,
+                  r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, rsp, word)
+from .pvlib import EVTCHN_MASK, EVTCHN_PENDING, crash_unless
 from .runtime import PVProgram
 
+GT_FRAMES = 4                           # grant table frames: 2048 v1 entries
 RING_REF, DATA_REF = 8, 9               # grant refs (0 and 1 are Xen's reserved ones)
 UNGRANTED_REF = 10                      # an entry it never fills
 DATA2_REF, INDIRECT_REF, RING2_REF = 11, 12, 13
 BAD_AHEAD = 1000                        # a req_prod this far ahead breaks the ring
-BENCH_REF, BENCH_SEGS = 16, 32          # the bench's data pages: 128 KiB a request, as
+BENCH_REF, BENCH_SEGS = 16, 32          # the bench's pages: 128 KiB a request, as
+BENCH_SLOTS = 32                        # requests in flight at once (each: an indirect
+                                        # page, then its data pages, granted in a row)
                                         # Linux's blkfront sends (32 indirect segments)
 SAVED = (rbx, r12, r13, r14, r15)       # callee-saved registers it uses
 RING_ENTRIES = {0: 32, 1: 64}           # of a 1- and 2-page ring: (pages * 4096 - 64) / 112,
@@ -335,15 +338,8 @@ def _emit_blk_request(p: PVProgram) -> None:
     # blk_submit (rbx pushed, the request written at req_prod): publish, wait, answer
     a.label("blk_submit")
     a.inc(dword["blk_req_prod"])
-    a.mov(eax, dword["blk_req_prod"])
-    a.mov(dword["blk_ring"], eax)       # req_prod, after the request (x86: in order)
-    p.hypercall("event_channel_op", C.EVTCHNOP_send, "blk_port")
-    a.label("blk_request.wait")
-    a.mov(eax, dword[rip + "blk_ring" + 8])     # rsp_prod
-    a.cmp(eax, dword["blk_rsp_cons"])
-    a.jne("blk_request.done")
-    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
-    a.jmp("blk_request.wait")
+    a.call("blk_push")
+    a.call("blk_wait")
     a.label("blk_request.done")
     a.mov(eax, dword["blk_rsp_cons"])
     a.and_(eax, dword["blk_mask"])
@@ -352,6 +348,53 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.movsx(rax, word[rbx + rax + 10])  # status
     a.inc(dword["blk_rsp_cons"])
     a.pop(rbx)
+    a.ret()
+
+    # blk_push: publish req_prod = blk_req_prod (the requests are written: x86 keeps
+    # stores in order) and notify the backend only if it asked to hear of one of the
+    # new requests (io/ring.h's RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, req_event)
+    a.label("blk_push")
+    a.mov(edx, dword["blk_ring"])       # the old req_prod
+    a.mov(eax, dword["blk_req_prod"])
+    a.mov(dword["blk_ring"], eax)
+    a.lock()                            # a full barrier: the backend's req_event after it
+    a.or_(dword[rsp], 0)
+    a.mov(ecx, eax)
+    a.sub(ecx, dword[rip + "blk_ring" + 4])     # new - req_event
+    a.sub(eax, edx)                             # new - old
+    a.cmp(ecx, eax)
+    a.jae("blk_push.quiet")
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "blk_port")
+    a.label("blk_push.quiet")
+    a.ret()
+
+    # blk_wait: until the backend has a response past blk_rsp_cons, sleep on the port
+    # (masked: no upcall) as Linux's frontend does: clear its pending bit, set rsp_event,
+    # look again, then SCHEDOP_poll, which returns once the port is pending
+    a.label("blk_wait")
+    a.mov(eax, dword[rip + "blk_ring" + 8])     # rsp_prod
+    a.cmp(eax, dword["blk_rsp_cons"])
+    a.jne("blk_wait.done")
+    a.mov(rsi, qword["blk_shinfo"])
+    a.mov(eax, dword["blk_port"])
+    a.mov(ecx, eax)
+    a.and_(ecx, 63)
+    a.mov(rdx, -2)
+    a.rol(rdx, cl)                      # every bit but the port's
+    a.shr(eax, 6)
+    a.lock()
+    a.and_(qword[rsi + rax * 8 + EVTCHN_PENDING], rdx)
+    a.mov(eax, dword["blk_rsp_cons"])
+    a.inc(eax)
+    a.mov(dword[rip + "blk_ring" + 12], eax)    # rsp_event
+    a.lock()                            # a full barrier: rsp_prod read after it
+    a.or_(dword[rsp], 0)
+    a.mov(eax, dword[rip + "blk_ring" + 8])
+    a.cmp(eax, dword["blk_rsp_cons"])
+    a.jne("blk_wait.done")
+    p.hypercall("sched_op", C.SCHEDOP_poll, "blk_poll")
+    a.jmp("blk_wait")
+    a.label("blk_wait.done")
     a.ret()
 
 
@@ -417,20 +460,19 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.call("print_cstr")
     p.print("\n")
 
-    # the grant table: one frame, mapped over a page of our own
+    # the grant table: GT_FRAMES frames, mapped over pages of our own
     p.hypercall("grant_table_op", C.GNTTABOP_setup_table, "setup", 1)
     a.movsx(rax, word[rip + "setup" + offsetof("gnttab_setup_table", "status")])
     crash_unless(p, "je", "blkfront: setup_table: ")
-    a.mov(rsi, qword["frames"])
-    a.shl(rsi, 12)
-    a.or_(rsi, P | RW | U | A | D)        # U: a Xen-model kernel runs in ring 3
-    a.lea(rdi, ptr["gt"])
-    p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
-    crash_unless(p, "je", "blkfront: mapping the grant table: ")
+    for i in range(GT_FRAMES):
+        a.mov(rsi, qword[rip + "frames" + 8 * i])
+        a.shl(rsi, 12)
+        a.or_(rsi, P | RW | U | A | D)    # U: a Xen-model kernel runs in ring 3
+        a.lea(rdi, ptr[rip + "gt" + 4096 * i])
+        p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
+        crash_unless(p, "je", "blkfront: mapping the grant table: ")
     pages = [(RING_REF, "blk_ring", 0), (RING2_REF, "blk_ring2", 0), (DATA_REF, "data", 0),
              (DATA2_REF, "data2", 0), (INDIRECT_REF, "indirect", 0)]
-    if bench:
-        pages += [(BENCH_REF + i, "bench_data", i * 4096) for i in range(BENCH_SEGS)]
     for ref, page, offset in pages:
         at = ref * 8                    # struct grant_entry_v1: flags, domid, frame
         a.lea(rax, ptr[rip + page + offset])
@@ -438,6 +480,19 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
         a.mov(dword[rip + "gt" + at + 4], eax)          # the frame, the backend (dom0) ...
         a.mov(word[rip + "gt" + at + 2], 0)
         a.mov(word[rip + "gt" + at], C.GTF_permit_access)   # ... then the flags
+    if bench:                           # bench_pages, frame after frame, from BENCH_REF
+        a.lea(rdi, ptr[rip + "gt" + BENCH_REF * 8])
+        a.lea(rax, ptr["bench_pages"])
+        a.shr(rax, 12)
+        a.mov(ecx, BENCH_SLOTS * (1 + BENCH_SEGS))
+        a.label("bench.grant")
+        a.mov(dword[rdi + 4], eax)
+        a.mov(word[rdi + 2], 0)
+        a.mov(word[rdi], C.GTF_permit_access)
+        a.add(rdi, 8)
+        a.inc(eax)
+        a.dec(ecx)
+        a.jne("bench.grant")
     a.mov(dword[rip + "blk_ring" + 4], 1)               # req_event
     a.mov(dword[rip + "blk_ring" + 12], 1)              # rsp_event
 
@@ -446,6 +501,30 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     crash_unless(p, "je", "blkfront: alloc_unbound: ")
     a.mov(eax, dword[rip + "unbound" + offsetof("evtchn_alloc_unbound", "port")])
     a.mov(dword["blk_port"], eax)
+    # shared_info, for the port's pending bit: the frame start_info names (Xen's PV
+    # model; a frame's address is its own), else placed on a page of ours
+    a.mov(rax, qword["start_info_ptr"])
+    a.mov(rax, qword[rax + offsetof("start_info", "shared_info")])
+    a.test(rax, rax)
+    a.jne("shinfo.known")
+    a.lea(rax, ptr["blk_shinfo_page"])
+    a.shr(rax, 12)
+    a.mov(qword[rip + "blk_xatp" + offsetof("xen_add_to_physmap", "gpfn")], rax)
+    p.hypercall("memory_op", C.XENMEM_add_to_physmap, "blk_xatp")
+    crash_unless(p, "je", "blkfront: placing shared_info: ")
+    a.lea(rax, ptr["blk_shinfo_page"])
+    a.label("shinfo.known")
+    a.mov(qword["blk_shinfo"], rax)
+    # masked: the frontend sleeps in SCHEDOP_poll on it and takes no upcall for it
+    a.mov(eax, dword["blk_port"])
+    a.mov(ecx, eax)
+    a.and_(ecx, 63)
+    a.mov(edx, 1)
+    a.shl(rdx, cl)
+    a.shr(eax, 6)
+    a.mov(rsi, qword["blk_shinfo"])
+    a.lock()
+    a.or_(qword[rsi + rax * 8 + EVTCHN_MASK], rdx)
 
     # publish the ring (two pages if the backend takes them), then Initialised; wait
     # for the backend to be Connected
@@ -722,11 +801,11 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.align(8)
     a.label("setup")                    # struct gnttab_setup_table
     a.dw(C.DOMID_SELF, 0)
-    a.dd(1)
+    a.dd(GT_FRAMES)
     a.dw(0, 0, 0, 0)
     a.dq(a.ref("frames"))
     a.label("frames")
-    a.dq(0)
+    a.dq(*[0] * GT_FRAMES)
     a.label("unbound")                  # struct evtchn_alloc_unbound: for dom0
     a.dw(C.DOMID_SELF, 0)
     a.dd(0)
@@ -734,6 +813,17 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.dd(0)
     a.label("blk_port")
     a.dd(0)
+    a.align(8)
+    a.label("blk_poll")                 # struct sched_poll: blk_port, no timeout
+    a.dq(a.ref("blk_port"))
+    a.dd(1, 0)
+    a.dq(0)
+    a.label("blk_shinfo")               # where shared_info is
+    a.dq(0)
+    a.label("blk_xatp")                 # struct xen_add_to_physmap
+    a.dw(C.DOMID_SELF, 0)
+    a.dd(C.XENMAPSPACE_shared_info)
+    a.dq(0, 0)
     a.label("blk_mask")                 # ring entries - 1
     a.dd(RING_ENTRIES[0] - 1)
     a.label("ring_pages")
@@ -755,8 +845,8 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.db(sector_pattern())
     a.section(".bss")
     a.align(4096)
-    a.label("gt")                       # the grant table's frame is mapped here
-    a.reserve(4096)
+    a.label("gt")                       # the grant table's frames are mapped here
+    a.reserve(GT_FRAMES * 4096)
     a.label("blk_ring")                 # one or two pages, one after the other
     a.reserve(4096)
     a.label("blk_ring2")
@@ -767,9 +857,11 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.reserve(4096)
     a.label("indirect")
     a.reserve(4096)
+    a.label("blk_shinfo_page")
+    a.reserve(4096)
     if bench:
-        a.label("bench_data")
-        a.reserve(BENCH_SEGS * 4096)
+        a.label("bench_pages")            # per slot: its indirect page, its data pages
+        a.reserve(BENCH_SLOTS * (1 + BENCH_SEGS) * 4096)
     a.label("xs_reply")
     a.reserve(REPLY_MAX + 1)
     a.label("xs_path")
@@ -785,24 +877,89 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
 
 def _emit_bench(p: PVProgram) -> None:
     """The whole disk (r13 sectors, a multiple of BENCH_SEGS pages) read, then written,
-    in indirect requests of BENCH_SEGS pages, then one flush."""
+    in indirect requests of BENCH_SEGS pages, BENCH_SLOTS of them in flight, then one
+    flush. A request's id is its slot; a slot is free again when its response comes."""
     a = p.a
-    for i in range(BENCH_SEGS):
-        a.mov(dword[rip + "indirect" + 8 * i], BENCH_REF + i)
-        a.mov(dword[rip + "indirect" + 8 * i + 4], 7 << 8)
+    per_slot = 1 + BENCH_SEGS
+    assert BENCH_SLOTS <= RING_ENTRIES[0] and BENCH_REF + BENCH_SLOTS * per_slot <= GT_FRAMES * 512
+    a.lea(rdi, ptr["bench_pages"])      # each slot's indirect page names its data pages
+    a.mov(eax, BENCH_REF + 1)
+    a.mov(ecx, BENCH_SLOTS)
+    a.label("bench.slot")
+    a.xor(edx, edx)
+    a.label("bench.segment")
+    a.mov(dword[rdi + rdx * 8], eax)    # gref
+    a.mov(dword[rdi + rdx * 8 + 4], 7 << 8)     # sectors 0-7
+    a.inc(eax)
+    a.inc(edx)
+    a.cmp(edx, BENCH_SEGS)
+    a.jb("bench.segment")
+    a.add(rdi, per_slot * 4096)
+    a.inc(eax)                          # past the next slot's indirect page
+    a.dec(ecx)
+    a.jne("bench.slot")
     for op, what in ((C.BLKIF_OP_READ, "read"), (C.BLKIF_OP_WRITE, "write")):
         p.print(f"bench: {what}\n")
-        a.xor(r14, r14)
-        a.label(f"bench.{what}")
+        a.xor(r14, r14)                 # the next sector to ask for
+        a.xor(r15, r15)                 # requests in flight
+        a.mov(dword["bench_free"], (1 << BENCH_SLOTS) - 1)
+        a.label(f"bench.{what}.fill")   # as many requests as there are free slots
         a.cmp(r14, r13)
-        a.jae(f"bench.{what}.done")
-        a.mov(edi, op)
-        a.mov(rsi, r14)
-        a.mov(edx, BENCH_SEGS)
-        a.call("blk_indirect")
-        crash_unless(p, "je", f"bench: {what} failed, status ")
+        a.jae(f"bench.{what}.push")
+        a.mov(eax, dword["bench_free"])
+        a.bsf(ecx, eax)
+        a.je(f"bench.{what}.push")
+        a.mov(edx, 1)
+        a.shl(edx, cl)
+        a.not_(edx)
+        a.and_(dword["bench_free"], edx)
+        a.mov(eax, dword["blk_req_prod"])
+        a.and_(eax, dword["blk_mask"])
+        a.imul(eax, eax, REQ_SIZE)
+        a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+        a.add(rbx, rax)
+        a.mov(dword[rbx], (BENCH_SEGS << 16) | (op << 8) | C.BLKIF_OP_INDIRECT)
+        a.mov(dword[rbx + 4], 0)
+        a.mov(qword[rbx + 8], rcx)      # id: the slot
+        a.mov(qword[rbx + 16], r14)     # sector_number
+        a.mov(dword[rbx + 24], 0)       # handle
+        a.imul(ecx, ecx, per_slot)
+        a.add(ecx, BENCH_REF)
+        a.mov(dword[rbx + 28], ecx)     # indirect_grefs[0]: the slot's indirect page
+        a.inc(dword["blk_req_prod"])
+        a.inc(r15)
         a.add(r14, BENCH_SEGS * 8)
-        a.jmp(f"bench.{what}")
+        a.jmp(f"bench.{what}.fill")
+        a.label(f"bench.{what}.push")
+        a.call("blk_push")
+        a.label(f"bench.{what}.take")   # every response there is
+        a.mov(eax, dword["blk_rsp_cons"])
+        a.cmp(eax, dword[rip + "blk_ring" + 8])
+        a.je(f"bench.{what}.taken")
+        a.and_(eax, dword["blk_mask"])
+        a.imul(eax, eax, REQ_SIZE)
+        a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+        a.add(rbx, rax)
+        a.movsx(rax, word[rbx + 10])    # status
+        a.test(rax, rax)
+        crash_unless(p, "je", f"bench: {what} failed, status ")
+        a.mov(rcx, qword[rbx])          # id
+        a.mov(edx, 1)
+        a.shl(edx, cl)
+        a.or_(dword["bench_free"], edx)
+        a.dec(r15)
+        a.inc(dword["blk_rsp_cons"])
+        a.jmp(f"bench.{what}.take")
+        a.label(f"bench.{what}.taken")
+        a.cmp(r14, r13)                 # more to ask for, and a slot free: ask
+        a.jae(f"bench.{what}.draining")
+        a.cmp(dword["bench_free"], 0)
+        a.jne(f"bench.{what}.fill")
+        a.label(f"bench.{what}.draining")
+        a.test(r15, r15)
+        a.je(f"bench.{what}.done")
+        a.call("blk_wait")
+        a.jmp(f"bench.{what}.take")
         a.label(f"bench.{what}.done")
         if op == C.BLKIF_OP_WRITE:
             a.mov(edi, C.BLKIF_OP_FLUSH_DISKCACHE)
@@ -812,6 +969,11 @@ def _emit_bench(p: PVProgram) -> None:
             a.call("blk_request")
             crash_unless(p, "je", "bench: flush failed, status ")
         p.print(f"bench: {what} done\n")
+    a.section(".data")
+    a.align(4)
+    a.label("bench_free")               # a bit per free slot
+    a.dd(0)
+    a.section(".text")
 
 
 def xs_write_const(p: PVProgram, key: str, value: str) -> None:

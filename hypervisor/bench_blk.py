@@ -65,7 +65,7 @@ def _host_times(image: str) -> dict[str, float]:
     return {"read": read, "write": write}
 
 
-def measure(engine: str | None = None, mib: int = 64) -> dict:
+def measure(engine: str | None = None, mib: int = 256) -> dict:
     with tempfile.TemporaryDirectory(prefix="trapless-bench-blk-") as d:
         image = os.path.join(d, "disk.img")
         with open(image, "wb") as f:
