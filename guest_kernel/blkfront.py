@@ -32,19 +32,23 @@ from .pvlib import EVTCHN_MASK, EVTCHN_PENDING, crash_unless
 from .runtime import PVProgram
 
 GT_FRAMES = 4                           # grant table frames: 2048 v1 entries
-RING_REF, DATA_REF = 8, 9               # grant refs (0 and 1 are Xen's reserved ones)
+DATA_REF = 9                            # grant refs (0 and 1 are Xen's reserved ones)
 UNGRANTED_REF = 10                      # an entry it never fills
-DATA2_REF, INDIRECT_REF, RING2_REF = 11, 12, 13
+DATA2_REF, INDIRECT_REF = 11, 12
+RING_ORDER_MAX = 4                      # the largest ring it asks for: 16 pages, as Linux
+RING_REF = 16                           # the ring's pages: refs 16 to 31
 BAD_AHEAD = 1000                        # a req_prod this far ahead breaks the ring
-BENCH_REF, BENCH_SEGS = 16, 32          # the bench's pages: 128 KiB a request, as
+BENCH_REF, BENCH_SEGS = 32, 32          # the bench's pages: 128 KiB a request, as
 BENCH_SLOTS = 32                        # requests in flight at once (each: an indirect
                                         # page, then its data pages, granted in a row)
                                         # Linux's blkfront sends (32 indirect segments)
 SAVED = (rbx, r12, r13, r14, r15)       # callee-saved registers it uses
-RING_ENTRIES = {0: 32, 1: 64}           # of a 1- and 2-page ring: (pages * 4096 - 64) / 112,
-                                        # rounded down to a power of two (io/ring.h)
+RING_ENTRIES0 = 32                      # of a 1-page ring: (4096 - 64) / 112 rounded down
+                                        # to a power of two (io/ring.h); 2^order pages
+                                        # hold 2^order times as many
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 WRITE_SECTOR = 1
+BARRIER_SECTOR, DISCARD_SECTOR = 2, 16      # a barrier write; a discarded page
 PATTERN = b"trapless blkfront wrote sector 1 "          # repeated over the sector
 P, RW, U, A, D = 0x1, 0x2, 0x4, 0x20, 0x40
 
@@ -313,6 +317,22 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.mov(dword[rbx + 28], ecx)         # first_sect 0, last_sect
     a.jmp("blk_submit")
 
+    # blk_discard(rsi = sector, rdx = sectors) -> rax = the status of a BLKIF_OP_DISCARD
+    a.label("blk_discard")
+    a.push(rbx)
+    a.mov(eax, dword["blk_req_prod"])
+    a.and_(eax, dword["blk_mask"])
+    a.imul(eax, eax, REQ_SIZE)
+    a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+    a.add(rbx, rax)
+    a.mov(dword[rbx], C.BLKIF_OP_DISCARD)   # operation, flag 0 (not secure), handle 0
+    a.mov(dword[rbx + 4], 0)
+    a.mov(eax, dword["blk_req_prod"])
+    a.mov(qword[rbx + 8], rax)          # id
+    a.mov(qword[rbx + 16], rsi)         # sector_number
+    a.mov(qword[rbx + 24], rdx)         # nr_sectors
+    a.jmp("blk_submit")
+
     # blk_indirect(edi = BLKIF_OP_READ or _WRITE, rsi = sector, edx = segments): one
     # BLKIF_OP_INDIRECT request whose segments the page `indirect` (grant INDIRECT_REF)
     # holds -> rax = its status
@@ -471,8 +491,8 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
         a.lea(rdi, ptr[rip + "gt" + 4096 * i])
         p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
         crash_unless(p, "je", "blkfront: mapping the grant table: ")
-    pages = [(RING_REF, "blk_ring", 0), (RING2_REF, "blk_ring2", 0), (DATA_REF, "data", 0),
-             (DATA2_REF, "data2", 0), (INDIRECT_REF, "indirect", 0)]
+    pages = [(DATA_REF, "data", 0), (DATA2_REF, "data2", 0), (INDIRECT_REF, "indirect", 0)]
+    pages += [(RING_REF + i, "blk_ring", i * 4096) for i in range(1 << RING_ORDER_MAX)]
     for ref, page, offset in pages:
         at = ref * 8                    # struct grant_entry_v1: flags, domid, frame
         a.lea(rax, ptr[rip + page + offset])
@@ -526,20 +546,37 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.lock()
     a.or_(qword[rsi + rax * 8 + EVTCHN_MASK], rdx)
 
-    # publish the ring (two pages if the backend takes them), then Initialised; wait
-    # for the backend to be Connected
+    # publish the ring (as many pages as the backend takes, up to 2^RING_ORDER_MAX),
+    # then Initialised; wait for the backend to be Connected
     a.lea(rdi, ptr["back"])
     a.lea(rsi, ptr[p.string("max-ring-page-order")])
     a.call("xs_read")
     a.lea(rsi, ptr["xs_reply"])
     a.call("atou")                      # absent: "ENOENT" reads as 0
+    a.cmp(eax, RING_ORDER_MAX)
+    a.jbe("ring.order")
+    a.mov(eax, RING_ORDER_MAX)
+    a.label("ring.order")
     a.test(eax, eax)
     a.je("ring.one_page")
-    a.mov(dword["blk_mask"], RING_ENTRIES[1] - 1)
-    a.mov(dword["ring_pages"], 2)
-    for key, value in (("ring-page-order", "1"), ("ring-ref0", str(RING_REF)),
-                       ("ring-ref1", str(RING2_REF))):
-        xs_write_const(p, key, value)
+    a.mov(ecx, eax)
+    a.mov(edx, RING_ENTRIES0)
+    a.shl(edx, cl)
+    a.dec(edx)
+    a.mov(dword["blk_mask"], edx)
+    a.mov(edx, 1)
+    a.shl(edx, cl)
+    a.mov(dword["ring_pages"], edx)
+    a.lea(rdi, ptr["number"])
+    a.call("utoa")
+    a.lea(rdi, ptr["front"])
+    a.lea(rsi, ptr[p.string("ring-page-order")])
+    a.lea(rdx, ptr["number"])
+    a.call("xs_write")
+    for i in range(1 << RING_ORDER_MAX):
+        a.cmp(dword["ring_pages"], i)
+        a.jbe("ring.published")
+        xs_write_const(p, f"ring-ref{i}", str(RING_REF + i))
     a.jmp("ring.published")
     a.label("ring.one_page")
     xs_write_const(p, "ring-ref", str(RING_REF))
@@ -739,6 +776,57 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     p.print(", not what it wrote\n")
     a.label("compare.done")
 
+    # a write barrier (sector 2, the pattern again), then sectors 16-23 discarded and
+    # read back: a read-only disk refuses both (it offers no discard)
+    a.lea(rdi, ptr["data"])
+    a.lea(rsi, ptr["pattern"])
+    a.mov(ecx, 512)
+    a.label("fill2")
+    a.mov(al, byte[rsi])
+    a.mov(byte[rdi], al)
+    a.inc(rdi)
+    a.inc(rsi)
+    a.dec(ecx)
+    a.jne("fill2")
+    a.mov(edi, C.BLKIF_OP_WRITE_BARRIER)
+    a.mov(esi, 1)
+    a.mov(edx, BARRIER_SECTOR)
+    a.xor(ecx, ecx)
+    a.call("blk_request")
+    a.mov(rbx, rax)
+    a.mov(esi, DISCARD_SECTOR)
+    a.mov(edx, 8)
+    a.call("blk_discard")
+    a.mov(r14, rax)
+    a.mov(edi, C.BLKIF_OP_READ)
+    a.mov(esi, 1)
+    a.mov(edx, DISCARD_SECTOR)
+    a.mov(ecx, 7)
+    a.call("blk_request")
+    a.mov(r13, rax)
+    p.print(f"blkfront: barrier write sector {BARRIER_SECTOR}: ")
+    a.mov(rdi, rbx)
+    a.call("print_sdec")
+    p.print(f", discard sectors {DISCARD_SECTOR}-{DISCARD_SECTOR + 7}: ")
+    a.mov(rdi, r14)
+    a.call("print_sdec")
+    p.print(", read back: ")
+    a.mov(rdi, r13)
+    a.call("print_sdec")
+    a.lea(rsi, ptr["data"])
+    a.mov(ecx, 4096 // 8)
+    a.label("zeros")
+    a.cmp(qword[rsi], 0)
+    a.jne("zeros.not")
+    a.add(rsi, 8)
+    a.dec(ecx)
+    a.jne("zeros")
+    p.print(", zeros\n")
+    a.jmp("zeros.done")
+    a.label("zeros.not")
+    p.print(", not zeros\n")
+    a.label("zeros.done")
+
     # requests a backend must refuse, each answered and nothing else changed
     refusals = (("beyond the disk", C.BLKIF_OP_READ, 1, "r13", 0, DATA_REF),
                 ("a page it did not grant", C.BLKIF_OP_READ, 1, 0, 0, UNGRANTED_REF),
@@ -825,7 +913,7 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.dd(C.XENMAPSPACE_shared_info)
     a.dq(0, 0)
     a.label("blk_mask")                 # ring entries - 1
-    a.dd(RING_ENTRIES[0] - 1)
+    a.dd(RING_ENTRIES0 - 1)
     a.label("ring_pages")
     a.dd(1)
     a.label("blk_gref")                 # the segment's grant: DATA_REF but to test refusals
@@ -847,10 +935,8 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.align(4096)
     a.label("gt")                       # the grant table's frames are mapped here
     a.reserve(GT_FRAMES * 4096)
-    a.label("blk_ring")                 # one or two pages, one after the other
-    a.reserve(4096)
-    a.label("blk_ring2")
-    a.reserve(4096)
+    a.label("blk_ring")                 # its pages, one after the other
+    a.reserve(4096 << RING_ORDER_MAX)
     a.label("data")
     a.reserve(4096)
     a.label("data2")
@@ -881,7 +967,7 @@ def _emit_bench(p: PVProgram) -> None:
     flush. A request's id is its slot; a slot is free again when its response comes."""
     a = p.a
     per_slot = 1 + BENCH_SEGS
-    assert BENCH_SLOTS <= RING_ENTRIES[0] and BENCH_REF + BENCH_SLOTS * per_slot <= GT_FRAMES * 512
+    assert BENCH_SLOTS <= RING_ENTRIES0 and BENCH_REF + BENCH_SLOTS * per_slot <= GT_FRAMES * 512
     a.lea(rdi, ptr["bench_pages"])      # each slot's indirect page names its data pages
     a.mov(eax, BENCH_REF + 1)
     a.mov(ecx, BENCH_SLOTS)

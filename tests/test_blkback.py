@@ -68,20 +68,27 @@ def test_the_guest_reads_the_whole_disk_and_writes_a_sector(guest, image, engine
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
     assert out == (
         "blkfront: device 51712, backend /local/domain/0/backend/vbd/7/51712\n"
-        f"blkfront: connected, {SECTORS} sectors, mode w, ring of 2 pages\n"
+        f"blkfront: connected, {SECTORS} sectors, mode w, ring of 16 pages\n"
         f"blkfront: read {SECTORS} sectors, fnv1a64 {fnv1a64(original):#x}\n"
         f"blkfront: indirect read of sectors 0-15: 0, fnv1a64 {fnv1a64(original[:8192]):#x}\n"
         "blkfront: write sector 1: 0, flush: 0, read back: 0, what it wrote\n"
+        "blkfront: barrier write sector 2: 0, discard sectors 16-23: 0, read back: 0, zeros\n"
         + REFUSED + "blkfront: closed\n")
     # the frontend closed: so did the backend
     assert state == str(C.XenbusStateClosed).encode()
-    assert (s.sectors_read, s.sectors_written) == (SECTORS + 16 + 1, 1)
+    assert (s.sectors_read, s.sectors_written) == (SECTORS + 16 + 1 + 8, 2)
     assert (s.errors, s.bad_grants, s.ring_broken) == (5, 1, 1)
-    assert s.flushes == 1
-    # after the domain: sector 1 is what the guest wrote, the rest is untouched
+    assert s.flushes == 3               # the flush; the barrier's before and after its data
+    # after the domain: sectors 1 and 2 are what the guest wrote, 16-23 a hole in the
+    # file (a 4 KiB block punched out), the rest untouched
     after = image.read_bytes()
-    assert after[512:1024] == sector_pattern()
-    assert after[:512] + after[1024:] == original[:512] + original[1024:]
+    assert after[512:1024] == after[1024:1536] == sector_pattern()
+    assert after[8192:12288] == bytes(4096)
+    with open(image, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 8192
+        assert os.lseek(f.fileno(), 8192, os.SEEK_DATA) == 12288
+    assert after[:512] + after[1536:8192] + after[12288:] == \
+        original[:512] + original[1536:8192] + original[12288:]
 
 
 def test_a_read_only_disk_refuses_the_write(guest, image, engine):
@@ -90,13 +97,15 @@ def test_a_read_only_disk_refuses_the_write(guest, image, engine):
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
     assert out == (
         "blkfront: device 51728, backend /local/domain/0/backend/vbd/8/51728\n"
-        f"blkfront: connected, {SECTORS} sectors, mode r, ring of 2 pages\n"
+        f"blkfront: connected, {SECTORS} sectors, mode r, ring of 16 pages\n"
         f"blkfront: read {SECTORS} sectors, fnv1a64 {fnv1a64(original):#x}\n"
         f"blkfront: indirect read of sectors 0-15: 0, fnv1a64 {fnv1a64(original[:8192]):#x}\n"
         f"blkfront: write sector 1: {C.BLKIF_RSP_ERROR}, flush: 0, read back: 0, "
         "not what it wrote\n"
+        f"blkfront: barrier write sector 2: {C.BLKIF_RSP_ERROR}, discard sectors 16-23: "
+        f"{C.BLKIF_RSP_EOPNOTSUPP}, read back: 0, not zeros\n"
         + REFUSED + "blkfront: closed\n")
-    assert (s.errors, s.bad_grants, s.sectors_written) == (6, 1, 0)
+    assert (s.errors, s.bad_grants, s.sectors_written) == (8, 1, 0)
     assert image.read_bytes() == original
 
 
@@ -148,5 +157,7 @@ def test_xl_disk_configs_through_the_toolstack_two_domains_at_once(tmp_path, pv_
     expected = random.Random("a").randbytes(SMALL * 512)
     assert f"read {SMALL} sectors, fnv1a64 {fnv1a64(expected):#x}" in a.console_text
     after = images["a"].read_bytes()
-    assert after[512:1024] == sector_pattern() and after[1024:] == expected[1024:]
+    assert after[512:1024] == after[1024:1536] == sector_pattern()  # the write, the barrier
+    assert after[8192:12288] == bytes(4096)                             # discarded
+    assert after[1536:8192] + after[12288:] == expected[1536:8192] + expected[12288:]
     assert images["big"].read_bytes()[:SMALL * 512] == big_before
