@@ -39,6 +39,7 @@ RING_ORDER_MAX = 4                      # the largest ring it asks for: 16 pages
 RING_REF = 16                           # the ring's pages: refs 16 to 31
 BAD_AHEAD = 1000                        # a req_prod this far ahead breaks the ring
 BENCH_REF, BENCH_SEGS = 32, 32          # the bench's pages: 128 KiB a request, as
+WRITER_STAMP = 0x7772697465720000        # "writer": what it stamps, plus the sector
 BENCH_SLOTS = 32                        # requests in flight at once (each: an indirect
                                         # page, then its data pages, granted in a row)
                                         # Linux's blkfront sends (32 indirect segments)
@@ -333,6 +334,29 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.mov(qword[rbx + 24], rdx)         # nr_sectors
     a.jmp("blk_submit")
 
+    # blk_slot_request(edi = BLKIF_OP_READ or _WRITE, rsi = sector, ecx = slot): one
+    # indirect request of the slot's BENCH_SEGS pages -> rax = its status
+    a.label("blk_slot_request")
+    a.imul(ecx, ecx, 1 + BENCH_SEGS)
+    a.mov(edx, ecx)
+    a.add(edx, BENCH_REF)
+    a.push(rbx)
+    a.mov(eax, dword["blk_req_prod"])
+    a.and_(eax, dword["blk_mask"])
+    a.imul(eax, eax, REQ_SIZE)
+    a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+    a.add(rbx, rax)
+    a.shl(edi, 8)
+    a.or_(edi, (BENCH_SEGS << 16) | C.BLKIF_OP_INDIRECT)
+    a.mov(dword[rbx], edi)              # operation, indirect_op, nr_segments
+    a.mov(dword[rbx + 4], 0)
+    a.mov(eax, dword["blk_req_prod"])
+    a.mov(qword[rbx + 8], rax)          # id
+    a.mov(qword[rbx + 16], rsi)         # sector_number
+    a.mov(dword[rbx + 24], 0)           # handle
+    a.mov(dword[rbx + 28], edx)         # indirect_grefs[0]: the slot's indirect page
+    a.jmp("blk_submit")
+
     # blk_indirect(edi = BLKIF_OP_READ or _WRITE, rsi = sector, edx = segments): one
     # BLKIF_OP_INDIRECT request whose segments the page `indirect` (grant INDIRECT_REF)
     # holds -> rax = its status
@@ -418,14 +442,17 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.ret()
 
 
-def blkfront_guest(xen_pv: bool = True, bench: bool = False) -> bytes:
+def blkfront_guest(xen_pv: bool = True, bench: bool = False, writer: bool = False) -> bytes:
     """A kernel that runs only the frontend, then powers off; xen_pv: in Xen's PV CPU
     model (its kernel in ring 3), else a ring-0 kernel. bench: instead of its checks,
     read the whole disk, then write it, in 128 KiB indirect requests, and flush; it
-    prints a line as each part begins and ends (the host times them: make bench)."""
+    prints a line as each part begins and ends (the host times them: make bench).
+    writer: instead of its checks, write the disk from its start, 128 KiB a request, one
+    at a time, every sector's first 8 bytes WRITER_STAMP + its number, and print
+    "writer: acknowledged N\n" (the sectors before N are written) after each response."""
     p = PVProgram(guest_os="trapless-blkfront", xen_pv=xen_pv)
     p.a.jmp("blkfront_main")
-    emit_blkfront(p, bench)
+    emit_blkfront(p, bench, writer)
     return p.elf()
 
 
@@ -443,7 +470,7 @@ def emit_blkfront_check(p: PVProgram) -> None:
     a.label("blkfront.skip")
 
 
-def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
+def emit_blkfront(p: PVProgram, bench: bool = False, writer: bool = False) -> None:
     """blkfront_main() -> rax = 0: the frontend, and everything it needs."""
     a = p.a
     a.label("blkfront_main")
@@ -500,7 +527,7 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
         a.mov(dword[rip + "gt" + at + 4], eax)          # the frame, the backend (dom0) ...
         a.mov(word[rip + "gt" + at + 2], 0)
         a.mov(word[rip + "gt" + at], C.GTF_permit_access)   # ... then the flags
-    if bench:                           # bench_pages, frame after frame, from BENCH_REF
+    if bench or writer:                 # bench_pages, frame after frame, from BENCH_REF
         a.lea(rdi, ptr[rip + "gt" + BENCH_REF * 8])
         a.lea(rax, ptr["bench_pages"])
         a.shr(rax, 12)
@@ -633,8 +660,13 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.call("print_dec")
     p.print(" pages\n")
 
+    if bench or writer:
+        _emit_slot_pages(p)
     if bench:
         _emit_bench(p)
+        a.jmp("blkfront.close")
+    if writer:
+        _emit_writer(p)
         a.jmp("blkfront.close")
 
     # read it all, a page (8 sectors) at a time, hashing as it comes
@@ -945,7 +977,7 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.reserve(4096)
     a.label("blk_shinfo_page")
     a.reserve(4096)
-    if bench:
+    if bench or writer:
         a.label("bench_pages")            # per slot: its indirect page, its data pages
         a.reserve(BENCH_SLOTS * (1 + BENCH_SEGS) * 4096)
     a.label("xs_reply")
@@ -961,14 +993,10 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.section(".text")
 
 
-def _emit_bench(p: PVProgram) -> None:
-    """The whole disk (r13 sectors, a multiple of BENCH_SEGS pages) read, then written,
-    in indirect requests of BENCH_SEGS pages, BENCH_SLOTS of them in flight, then one
-    flush. A request's id is its slot; a slot is free again when its response comes."""
+def _emit_slot_pages(p: PVProgram) -> None:
+    """Each slot's indirect page names its BENCH_SEGS data pages, sectors 0-7 of each."""
     a = p.a
-    per_slot = 1 + BENCH_SEGS
-    assert BENCH_SLOTS <= RING_ENTRIES0 and BENCH_REF + BENCH_SLOTS * per_slot <= GT_FRAMES * 512
-    a.lea(rdi, ptr["bench_pages"])      # each slot's indirect page names its data pages
+    a.lea(rdi, ptr["bench_pages"])
     a.mov(eax, BENCH_REF + 1)
     a.mov(ecx, BENCH_SLOTS)
     a.label("bench.slot")
@@ -980,10 +1008,52 @@ def _emit_bench(p: PVProgram) -> None:
     a.inc(edx)
     a.cmp(edx, BENCH_SEGS)
     a.jb("bench.segment")
-    a.add(rdi, per_slot * 4096)
+    a.add(rdi, (1 + BENCH_SEGS) * 4096)
     a.inc(eax)                          # past the next slot's indirect page
     a.dec(ecx)
     a.jne("bench.slot")
+
+
+def _emit_writer(p: PVProgram) -> None:
+    """The disk (r13 sectors) written from its start with slot 0's pages, a request at a
+    time, each sector stamped; a line after each response (blkfront_guest's writer)."""
+    a = p.a
+    a.xor(r14, r14)                     # the next sector
+    a.label("writer.next")
+    a.cmp(r14, r13)
+    a.jae("writer.done")
+    a.lea(rdi, ptr[rip + "bench_pages" + 4096])     # slot 0's data pages
+    a.mov(rax, WRITER_STAMP)
+    a.add(rax, r14)
+    a.mov(ecx, BENCH_SEGS * 8)
+    a.label("writer.stamp")
+    a.mov(qword[rdi], rax)
+    a.add(rdi, 512)
+    a.inc(rax)
+    a.dec(ecx)
+    a.jne("writer.stamp")
+    a.mov(edi, C.BLKIF_OP_WRITE)
+    a.mov(rsi, r14)
+    a.xor(ecx, ecx)
+    a.call("blk_slot_request")
+    crash_unless(p, "je", "writer: a write failed, status ")
+    a.add(r14, BENCH_SEGS * 8)
+    p.print("writer: acknowledged ")
+    a.mov(rdi, r14)
+    a.call("print_dec")
+    p.print("\n")
+    a.jmp("writer.next")
+    a.label("writer.done")
+    p.print("writer: done\n")
+
+
+def _emit_bench(p: PVProgram) -> None:
+    """The whole disk (r13 sectors, a multiple of BENCH_SEGS pages) read, then written,
+    in indirect requests of BENCH_SEGS pages, BENCH_SLOTS of them in flight, then one
+    flush. A request's id is its slot; a slot is free again when its response comes."""
+    a = p.a
+    per_slot = 1 + BENCH_SEGS
+    assert BENCH_SLOTS <= RING_ENTRIES0 and BENCH_REF + BENCH_SLOTS * per_slot <= GT_FRAMES * 512
     for op, what in ((C.BLKIF_OP_READ, "read"), (C.BLKIF_OP_WRITE, "write")):
         p.print(f"bench: {what}\n")
         a.xor(r14, r14)                 # the next sector to ask for
