@@ -317,8 +317,10 @@ static void push_responses(struct blkback *b)
         return;
     __atomic_store_n(&s->rsp_prod, b->rsp_prod, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (b->rsp_prod - s->rsp_event < b->rsp_prod - old)
+    if (b->rsp_prod - s->rsp_event < b->rsp_prod - old) {
         hv_evtchn_backend_notify(b->d, b->port);
+        count(b, &b->stats.notifies, 1);
+    }
 }
 
 /* Take every request on the ring, answer each as it is done (the frontend can refill
@@ -327,6 +329,9 @@ static void serve(struct blkback *b)
 {
     volatile struct blkif_sring_header *s = sring(b);
     int more;
+    if (__atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE) == b->req_cons)
+        return;                         /* woken for nothing new: req_event stands */
+    count(b, &b->stats.wakeups, 1);
     do {
         uint32_t prod = __atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE);
         if (prod - b->req_cons > b->nr_ents) {
