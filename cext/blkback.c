@@ -12,11 +12,17 @@
  *
  * The guest writes the ring and the requests, so: indexes are read once and a producer
  * more than a ring ahead stops the ring being served; each request is copied out of the
- * ring before it is looked at; every segment's grant is acquired (checked against this
+ * ring before it is looked at; every segment's grant is pinned (checked against this
  * device's frontend and the direction of the I/O) before a byte moves, and its sectors
  * must lie in the disk; a read-only disk refuses writes, as blkback does. Acknowledged
  * writes are the file's: a flush or barrier is an fdatasync before its response, and
  * the file is synced when the device goes away (the domain destroyed mid-I/O).
+ *
+ * Throughput: a request's pages are used in place, in the frontend's RAM (this thread
+ * ends before that RAM goes), its segments are one preadv/pwritev, each response is
+ * published as it is made, and events either way only where the other end's req_event
+ * or rsp_event asks for one (io/ring.h): a frontend that keeps the ring full keeps this
+ * thread busy without an event per request.
  */
 #define _GNU_SOURCE
 #include <errno.h>

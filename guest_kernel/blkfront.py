@@ -1,24 +1,30 @@
 """A block frontend for trapless's own PV kernel: a Xen virtual disk, used as a domU uses it.
 
 The guest finds its disk in xenstore (the first entry of device/vbd, its backend's
-directory in the `backend` key), sets up its grant table (setup_table, the frame mapped
-with update_va_mapping), grants the backend a ring page and a data page, allocates an
-event channel for dom0 and publishes ring-ref, event-channel and protocol, then goes to
-Initialised and waits for the backend to be Connected (the XenbusState handshake of
-io/blkif.h). It reads the whole disk a page at a time and prints an FNV-1a 64 checksum
-of it; unless the disk is read-only (the backend's `mode`) it writes sector 1, flushes
-the disk cache and reads the sector back; a read-only disk is asked for a write anyway
-and must refuse it. Then it sends requests a backend must refuse (beyond the disk, a page
+directory in the `backend` key), sets up its grant table (setup_table, GT_FRAMES frames
+mapped with update_va_mapping), grants the backend its ring (as many pages as the
+backend's max-ring-page-order allows, up to 16: ring-page-order and ring-refN) and its
+data pages, allocates an event channel for dom0, masks it, and publishes ring-ref(s),
+event-channel and protocol, then goes to Initialised and waits for the backend to be
+Connected (the XenbusState handshake of io/blkif.h). It reads the whole disk a page at
+a time and prints an FNV-1a 64 checksum of it, reads sectors 0-15 in one indirect
+request; unless the disk is read-only (the backend's `mode`) it writes sector 1,
+flushes the disk cache and reads the sector back, writes sector 2 with a barrier,
+discards sectors 16-23 and reads them back (zeros); a read-only disk is asked anyway
+and must refuse. Then it sends requests a backend must refuse (beyond the disk, a page
 it did not grant, too many segments, a sector past the page, an unknown operation) and
-prints each status, and last moves its producer index a thousand ahead, which must
-stop the backend serving the ring. Every request waits for its response (polling, yielding). Then it
-closes the device and powers off.
+prints each status, and last moves its producer index a thousand ahead, which must stop
+the backend serving the ring. Then it closes the device and powers off.
+
+Requests are pushed as io/ring.h says (an event only if the backend's req_event asks
+for one); the frontend waits for responses asleep in SCHEDOP_poll on its masked port,
+having set rsp_event (blk_wait). Its bench mode keeps BENCH_SLOTS requests in flight.
 
     blkfront_guest() -> ELF image; the console says
     blkfront: device 51712, backend /local/domain/0/backend/vbd/1/51712
-    blkfront: connected, 2048 sectors, mode w
+    blkfront: connected, 2048 sectors, mode w, ring of 16 pages
     blkfront: read 2048 sectors, fnv1a64 0x...
-    blkfront: write sector 1: 0, flush: 0, read back: same
+    blkfront: write sector 1: 0, flush: 0, read back: 0, what it wrote
 """
 from __future__ import annotations
 
