@@ -66,7 +66,8 @@ struct blkback {
     uint32_t port;                      /* the frontend's, bound to us; 0 if none */
     struct hv_grant_use ring[RING_PAGES_MAX];
     uint32_t ring_pages, nr_ents;       /* nr_ents: a power of two */
-    uint32_t req_cons, rsp_prod;        /* rsp_prod: ours, published after each batch */
+    uint32_t req_cons, rsp_prod;        /* ours: the ring's copies are the guest's to change */
+    uint32_t rsp_pushed;                /* the rsp_prod last published */
 
     pthread_mutex_t stats_lock;
     struct hv_blkback_stats stats;
@@ -189,7 +190,6 @@ static int16_t do_rw(struct blkback *b, int write, uint64_t sector, const struct
     static __thread uint8_t *pages[SEGS_MAX];
     static __thread struct iovec iov[SEGS_MAX];
     uint64_t total = 0;
-    unsigned failed;
     int16_t status = BLKIF_RSP_OKAY;
     ssize_t done;
 
@@ -206,8 +206,8 @@ static int16_t do_rw(struct blkback *b, int write, uint64_t sector, const struct
     if (sector > b->sectors || total > b->sectors - sector)
         return BLKIF_RSP_ERROR;
     /* a read fills the frontend's pages: it must have granted us write access */
-    if (hv_grant_pin_own(b->d, refs, nsegs, 0, write ? HV_GRANT_READ : HV_GRANT_WRITE, pages,
-                         &failed) != GNTST_okay) {
+    if (hv_grant_pin_own(b->d, refs, nsegs, 0, write ? HV_GRANT_READ : HV_GRANT_WRITE,
+                         pages) != GNTST_okay) {
         count(b, &b->stats.bad_grants, 1);
         return BLKIF_RSP_ERROR;
     }
@@ -257,8 +257,7 @@ static int16_t do_indirect(struct blkback *b, const struct blkif_request_indirec
     for (unsigned p = 0, i = 0; p < pages; p++) {
         uint32_t ref = r->indirect_grefs[p];
         uint8_t *page;
-        unsigned failed;
-        if (hv_grant_pin_own(b->d, &ref, 1, 0, HV_GRANT_READ, &page, &failed) != GNTST_okay) {
+        if (hv_grant_pin_own(b->d, &ref, 1, 0, HV_GRANT_READ, &page) != GNTST_okay) {
             count(b, &b->stats.bad_grants, 1);
             return BLKIF_RSP_ERROR;
         }
@@ -318,10 +317,11 @@ static int16_t do_request(struct blkback *b, const struct blkif_request *r)
 static void push_responses(struct blkback *b)
 {
     volatile struct blkif_sring_header *s = sring(b);
-    uint32_t old = __atomic_load_n(&s->rsp_prod, __ATOMIC_RELAXED);
+    uint32_t old = b->rsp_pushed;
     if (old == b->rsp_prod)
         return;
     __atomic_store_n(&s->rsp_prod, b->rsp_prod, __ATOMIC_RELEASE);
+    b->rsp_pushed = b->rsp_prod;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (b->rsp_prod - s->rsp_event < b->rsp_prod - old) {
         hv_evtchn_backend_notify(b->d, b->port);
@@ -413,7 +413,8 @@ static int connect(struct blkback *b)
     for (b->nr_ents = 1; b->nr_ents * 2 <= slots; b->nr_ents *= 2)
         ;
     /* the indexes start where the frontend left them (it zeroes them on setup) */
-    b->req_cons = b->rsp_prod = __atomic_load_n(&sring(b)->rsp_prod, __ATOMIC_ACQUIRE);
+    b->req_cons = b->rsp_prod = b->rsp_pushed = __atomic_load_n(&sring(b)->rsp_prod,
+                                                                __ATOMIC_ACQUIRE);
     if (hv_evtchn_bind_backend_port(b->d, (uint32_t)port, wake, b) < 0) {
         release_all(b->ring, pages);
         b->ring_pages = 0;

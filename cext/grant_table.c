@@ -313,7 +313,7 @@ void hv_grant_release(struct hv_grant_use *use)
 }
 
 int16_t hv_grant_pin_own(struct hv_domain *d, const uint32_t *refs, unsigned n, uint16_t user,
-                         int write, uint8_t **pages, unsigned *failed)
+                         int write, uint8_t **pages)
 {
     int16_t st = GNTST_okay;
     unsigned i;
@@ -331,11 +331,9 @@ int16_t hv_grant_pin_own(struct hv_domain *d, const uint32_t *refs, unsigned n, 
             break;
         pages[i] = d->ram + (frame << HV_PAGE_SHIFT);
     }
-    if (st != GNTST_okay) {
-        *failed = i;
+    if (st != GNTST_okay)
         while (i--)
             unpin(d, refs[i], write, PIN_HOST);
-    }
     pthread_mutex_unlock(&gnt_lock);
     return st;
 }

@@ -70,10 +70,10 @@ int16_t hv_grant_copy(uint16_t granter, uint32_t ref, uint16_t user, int write,
  * domain's RAM is (blkback: detached in hv_domain_destroy before unmap_ram): n grants
  * of d checked and pinned as acquire does, under one lock, and pages[i] pointed at the
  * granted frame in d's own RAM mapping, so no mapping is made or torn down per page.
- * All or nothing: on an error nothing stays pinned and *failed says which one. Unpin
+ * All or nothing: on an error (the first one's GNTST_*) nothing stays pinned. Unpin
  * with the same refs and write. */
 int16_t hv_grant_pin_own(struct hv_domain *d, const uint32_t *refs, unsigned n, uint16_t user,
-                         int write, uint8_t **pages, unsigned *failed);
+                         int write, uint8_t **pages);
 void    hv_grant_unpin_own(struct hv_domain *d, const uint32_t *refs, unsigned n, int write);
 
 /* The domain's side (domain.c, memory.c, mm.c). */
