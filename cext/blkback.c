@@ -12,11 +12,17 @@
  *
  * The guest writes the ring and the requests, so: indexes are read once and a producer
  * more than a ring ahead stops the ring being served; each request is copied out of the
- * ring before it is looked at; every segment's grant is acquired (checked against this
+ * ring before it is looked at; every segment's grant is pinned (checked against this
  * device's frontend and the direction of the I/O) before a byte moves, and its sectors
  * must lie in the disk; a read-only disk refuses writes, as blkback does. Acknowledged
  * writes are the file's: a flush or barrier is an fdatasync before its response, and
  * the file is synced when the device goes away (the domain destroyed mid-I/O).
+ *
+ * Throughput: a request's pages are used in place, in the frontend's RAM (this thread
+ * ends before that RAM goes), its segments are one preadv/pwritev, each response is
+ * published as it is made, and events either way only where the other end's req_event
+ * or rsp_event asks for one (io/ring.h): a frontend that keeps the ring full keeps this
+ * thread busy without an event per request.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,6 +32,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "hv.h"
@@ -58,7 +65,8 @@ struct blkback {
     uint32_t port;                      /* the frontend's, bound to us; 0 if none */
     struct hv_grant_use ring[RING_PAGES_MAX];
     uint32_t ring_pages, nr_ents;       /* nr_ents: a power of two */
-    uint32_t req_cons, rsp_prod;        /* rsp_prod: ours, published after each batch */
+    uint32_t req_cons, rsp_prod;        /* ours: the ring's copies are the guest's to change */
+    uint32_t rsp_pushed;                /* the rsp_prod last published */
 
     pthread_mutex_t stats_lock;
     struct hv_blkback_stats stats;
@@ -128,13 +136,19 @@ static int sync_file(struct blkback *b)
     return fdatasync(b->fd) == 0 ? 0 : -1;
 }
 
-/* Reads and writes: every grant acquired and every sector checked before any I/O. */
+/* Reads and writes: every grant pinned and every sector checked before any I/O. The
+ * granted pages are used where they are, in the frontend's RAM (this thread is joined
+ * before that RAM goes), and the segments are one preadv/pwritev: a request costs one
+ * lock round for its grants and one system call, whatever its size. */
 static int16_t do_rw(struct blkback *b, int write, uint64_t sector, const struct seg *segs,
                      unsigned nsegs, int flush_before, int sync_after)
 {
-    static __thread struct hv_grant_use use[SEGS_MAX];
-    uint64_t total = 0, pos = sector * BLKIF_SECTOR_SIZE;
+    static __thread uint32_t refs[SEGS_MAX];
+    static __thread uint8_t *pages[SEGS_MAX];
+    static __thread struct iovec iov[SEGS_MAX];
+    uint64_t total = 0;
     int16_t status = BLKIF_RSP_OKAY;
+    ssize_t done;
 
     if (nsegs == 0 || nsegs > SEGS_MAX)
         return BLKIF_RSP_ERROR;
@@ -144,31 +158,31 @@ static int16_t do_rw(struct blkback *b, int write, uint64_t sector, const struct
         if (segs[i].first > segs[i].last || segs[i].last >= BLKIF_SECTORS_PER_PAGE)
             return BLKIF_RSP_ERROR;
         total += (uint64_t)(segs[i].last - segs[i].first + 1);
+        refs[i] = segs[i].gref;
     }
     if (sector > b->sectors || total > b->sectors - sector)
         return BLKIF_RSP_ERROR;
+    /* a read fills the frontend's pages: it must have granted us write access */
+    if (hv_grant_pin_own(b->d, refs, nsegs, 0, write ? HV_GRANT_READ : HV_GRANT_WRITE,
+                         pages) != GNTST_okay) {
+        count(b, &b->stats.bad_grants, 1);
+        return BLKIF_RSP_ERROR;
+    }
     for (unsigned i = 0; i < nsegs; i++) {
-        /* a read fills the frontend's page: it must have granted us write access */
-        if (hv_grant_acquire(b->domid, segs[i].gref, 0, write ? HV_GRANT_READ : HV_GRANT_WRITE,
-                             &use[i]) != GNTST_okay) {
-            release_all(use, i);
-            count(b, &b->stats.bad_grants, 1);
-            return BLKIF_RSP_ERROR;
-        }
+        iov[i].iov_base = pages[i] + segs[i].first * BLKIF_SECTOR_SIZE;
+        iov[i].iov_len = (size_t)(segs[i].last - segs[i].first + 1) * BLKIF_SECTOR_SIZE;
     }
     if (flush_before && sync_file(b) < 0)
         status = BLKIF_RSP_ERROR;
-    for (unsigned i = 0; i < nsegs && status == BLKIF_RSP_OKAY; i++) {
-        size_t len = (size_t)(segs[i].last - segs[i].first + 1) * BLKIF_SECTOR_SIZE;
-        uint8_t *p = use[i].page + segs[i].first * BLKIF_SECTOR_SIZE;
-        ssize_t done = write ? pwrite(b->fd, p, len, (off_t)pos) : pread(b->fd, p, len, (off_t)pos);
-        if (done != (ssize_t)len)
+    if (status == BLKIF_RSP_OKAY) {
+        off_t pos = (off_t)(sector * BLKIF_SECTOR_SIZE);
+        done = write ? pwritev(b->fd, iov, (int)nsegs, pos) : preadv(b->fd, iov, (int)nsegs, pos);
+        if (done != (ssize_t)(total * BLKIF_SECTOR_SIZE))
             status = BLKIF_RSP_ERROR;   /* short: the file shrank, or the host's disk failed */
-        pos += len;
     }
     if (status == BLKIF_RSP_OKAY && sync_after && sync_file(b) < 0)
         status = BLKIF_RSP_ERROR;
-    release_all(use, nsegs);
+    hv_grant_unpin_own(b->d, refs, nsegs, write ? HV_GRANT_READ : HV_GRANT_WRITE);
     if (status == BLKIF_RSP_OKAY)
         count(b, write ? &b->stats.sectors_written : &b->stats.sectors_read, total);
     return status;
@@ -198,19 +212,20 @@ static int16_t do_indirect(struct blkback *b, const struct blkif_request_indirec
         n == 0 || n > INDIRECT_SEGS_MAX)
         return BLKIF_RSP_ERROR;
     for (unsigned p = 0, i = 0; p < pages; p++) {
-        struct hv_grant_use use;
-        if (hv_grant_acquire(b->domid, r->indirect_grefs[p], 0, HV_GRANT_READ, &use) != GNTST_okay) {
+        uint32_t ref = r->indirect_grefs[p];
+        uint8_t *page;
+        if (hv_grant_pin_own(b->d, &ref, 1, 0, HV_GRANT_READ, &page) != GNTST_okay) {
             count(b, &b->stats.bad_grants, 1);
             return BLKIF_RSP_ERROR;
         }
         for (unsigned k = 0; k < BLKIF_SEGMENTS_PER_INDIRECT_PAGE && i < n; k++, i++) {
             struct blkif_request_segment s;
-            memcpy(&s, use.page + k * sizeof(s), sizeof(s));   /* once: the guest may change it */
+            memcpy(&s, page + k * sizeof(s), sizeof(s));   /* once: the guest may change it */
             segs[i].gref = s.gref;
             segs[i].first = s.first_sect;
             segs[i].last = s.last_sect;
         }
-        hv_grant_release(&use);
+        hv_grant_unpin_own(b->d, &ref, 1, HV_GRANT_READ);
     }
     return do_rw(b, r->indirect_op == BLKIF_OP_WRITE, r->sector_number, segs, n, 0, 0);
 }
@@ -253,13 +268,35 @@ static int16_t do_request(struct blkback *b, const struct blkif_request *r)
     }
 }
 
-/* Take every request on the ring, answer each, notify as io/ring.h says. */
+/* Publish the responses made so far and notify the frontend if it asked to be told of
+ * one of them (io/ring.h's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY): a frontend busy
+ * consuming leaves rsp_event behind and costs no event. */
+static void push_responses(struct blkback *b)
+{
+    volatile struct blkif_sring_header *s = sring(b);
+    uint32_t old = b->rsp_pushed;
+    if (old == b->rsp_prod)
+        return;
+    __atomic_store_n(&s->rsp_prod, b->rsp_prod, __ATOMIC_RELEASE);
+    b->rsp_pushed = b->rsp_prod;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (b->rsp_prod - s->rsp_event < b->rsp_prod - old) {
+        hv_evtchn_backend_notify(b->d, b->port);
+        count(b, &b->stats.notifies, 1);
+    }
+}
+
+/* Take every request on the ring, answer each as it is done (the frontend can refill
+ * the ring meanwhile), notify as io/ring.h says. */
 static void serve(struct blkback *b)
 {
     volatile struct blkif_sring_header *s = sring(b);
     int more;
+    if (__atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE) == b->req_cons)
+        return;                         /* woken for nothing new: req_event stands */
+    count(b, &b->stats.wakeups, 1);
     do {
-        uint32_t prod = __atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE), old = b->rsp_prod;
+        uint32_t prod = __atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE);
         if (prod - b->req_cons > b->nr_ents) {
             /* no honest frontend is more than a ring ahead: stop serving it */
             fprintf(stderr, "trapless: blkback d%u/%u: req_prod %u is more than a ring ahead "
@@ -279,11 +316,8 @@ static void serve(struct blkback *b)
             ring_copy(b, slot(b, b->rsp_prod), &rsp, sizeof(rsp), 1);
             b->rsp_prod++;
             count(b, rsp.status == BLKIF_RSP_OKAY ? &b->stats.requests : &b->stats.errors, 1);
+            push_responses(b);
         }
-        __atomic_store_n(&s->rsp_prod, b->rsp_prod, __ATOMIC_RELEASE);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (b->rsp_prod - s->rsp_event < b->rsp_prod - old)
-            hv_evtchn_backend_notify(b->d, b->port);
         if (b->stopping)
             return;
         /* ask to be notified of the next request, then look once more */
@@ -336,7 +370,8 @@ static int connect(struct blkback *b)
     for (b->nr_ents = 1; b->nr_ents * 2 <= slots; b->nr_ents *= 2)
         ;
     /* the indexes start where the frontend left them (it zeroes them on setup) */
-    b->req_cons = b->rsp_prod = __atomic_load_n(&sring(b)->rsp_prod, __ATOMIC_ACQUIRE);
+    b->req_cons = b->rsp_prod = b->rsp_pushed = __atomic_load_n(&sring(b)->rsp_prod,
+                                                                __ATOMIC_ACQUIRE);
     if (hv_evtchn_bind_backend_port(b->d, (uint32_t)port, wake, b) < 0) {
         release_all(b->ring, pages);
         b->ring_pages = 0;

@@ -183,8 +183,14 @@ static void raise_port(struct hv_domain *d, struct hv_vcpu *v, uint32_t port)
 
     if (__atomic_fetch_or(&s->evtchn_pending[port / BITS], bit, __ATOMIC_SEQ_CST) & bit)
         return;                         /* already pending: nothing new to say */
-    if (__atomic_load_n(&s->evtchn_mask[port / BITS], __ATOMIC_SEQ_CST) & bit)
-        return;                         /* masked: stays pending until unmasked */
+    if (__atomic_load_n(&s->evtchn_mask[port / BITS], __ATOMIC_SEQ_CST) & bit) {
+        /* masked: no upcall, it stays pending until unmasked; but a vCPU polling the
+         * port wakes, as Xen's evtchn_2l_set_pending checks pollers either way */
+        for (int i = 0; i < HV_MAX_VCPUS; i++)
+            if (d->vcpus[i])
+                hv_vcpu_wake_poller(d->vcpus[i]);
+        return;
+    }
     if (v)
         mark_upcall(v, port);
 }

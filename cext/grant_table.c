@@ -312,6 +312,40 @@ void hv_grant_release(struct hv_grant_use *use)
     use->page = NULL;
 }
 
+int16_t hv_grant_pin_own(struct hv_domain *d, const uint32_t *refs, unsigned n, uint16_t user,
+                         int write, uint8_t **pages)
+{
+    int16_t st = GNTST_okay;
+    unsigned i;
+
+    pthread_mutex_lock(&gnt_lock);
+    for (i = 0; i < n; i++) {
+        uint64_t frame;
+        if (!d->gnt)
+            st = GNTST_bad_domain;
+        else if (refs[i] >= nr_entries(d->gnt))
+            st = GNTST_bad_gntref;
+        else
+            st = pin(d, refs[i], user, write, PIN_HOST, &frame);
+        if (st != GNTST_okay)
+            break;
+        pages[i] = d->ram + (frame << HV_PAGE_SHIFT);
+    }
+    if (st != GNTST_okay)
+        while (i--)
+            unpin(d, refs[i], write, PIN_HOST);
+    pthread_mutex_unlock(&gnt_lock);
+    return st;
+}
+
+void hv_grant_unpin_own(struct hv_domain *d, const uint32_t *refs, unsigned n, int write)
+{
+    pthread_mutex_lock(&gnt_lock);
+    for (unsigned i = 0; i < n; i++)
+        unpin(d, refs[i], write, PIN_HOST);
+    pthread_mutex_unlock(&gnt_lock);
+}
+
 int16_t hv_grant_copy(uint16_t granter_id, uint32_t ref, uint16_t user, int write,
                       uint32_t offset, void *buf, uint32_t len)
 {

@@ -70,6 +70,16 @@ int16_t hv_grant_copy(uint16_t granter, uint32_t ref, uint16_t user, int write,
                       uint32_t offset, void *buf, uint32_t len);
 /* cdef-end */
 
+/* For a backend that belongs to the granting domain itself and is gone before the
+ * domain's RAM is (blkback: detached in hv_domain_destroy before unmap_ram): n grants
+ * of d checked and pinned as acquire does, under one lock, and pages[i] pointed at the
+ * granted frame in d's own RAM mapping, so no mapping is made or torn down per page.
+ * All or nothing: on an error (the first one's GNTST_*) nothing stays pinned. Unpin
+ * with the same refs and write. */
+int16_t hv_grant_pin_own(struct hv_domain *d, const uint32_t *refs, unsigned n, uint16_t user,
+                         int write, uint8_t **pages);
+void    hv_grant_unpin_own(struct hv_domain *d, const uint32_t *refs, unsigned n, int write);
+
 /* The domain's side (domain.c, memory.c, mm.c). */
 int  hv_gnt_init(struct hv_domain *d, char *err, int err_len);
 void hv_gnt_destroy(struct hv_domain *d);

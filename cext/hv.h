@@ -344,6 +344,7 @@ void hv_vcpu_park(struct hv_vcpu *v, int kind, uint64_t deadline);
 int  hv_vcpu_must_park(struct hv_vcpu *v);
 /* Something it may wait for happened: wake it if parked, kick it if it runs. */
 void hv_vcpu_notify(struct hv_vcpu *v);
+void hv_vcpu_wake_poller(struct hv_vcpu *v);
 void hv_vcpu_deadline_passed(struct hv_vcpu *v);   /* the timer thread */
 int  hv_next_vector(struct hv_vcpu *v, int *is_upcall);   /* -1: nothing to take */
 int  hv_interrupt_due(struct hv_vcpu *v, void *unused);

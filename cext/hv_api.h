@@ -223,6 +223,8 @@ struct hv_blkback_stats {
     uint64_t flushes;           /* fdatasyncs for flushes and barriers */
     uint64_t bad_grants;        /* requests refused for a grant that did not check out */
     uint64_t ring_broken;       /* 1: the ring's indexes made no sense; no longer served */
+    uint64_t wakeups;           /* times its thread woke and found requests to serve */
+    uint64_t notifies;          /* events it sent the frontend (responses it asked for) */
 };
 /* 0, or -XEN_ENOENT if domid has no such device. */
 int      hv_blkback_stats(uint32_t domid, uint32_t devid, struct hv_blkback_stats *out);

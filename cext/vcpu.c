@@ -430,6 +430,21 @@ void hv_vcpu_notify(struct hv_vcpu *v)
         v->ops->kick(v);
 }
 
+/* A port went pending (Xen's evtchn_check_pollers): a vCPU parked in SCHEDOP_poll on it
+ * goes on even if the port is masked, which is how a guest waits for one port without
+ * taking upcalls. No kick: a vCPU in the guest polls nothing. */
+void hv_vcpu_wake_poller(struct hv_vcpu *v)
+{
+    pthread_mutex_lock(&v->wait_lock);
+    if (v->sched_state == HV_SCHED_PARKED && v->park_kind == HV_WAIT_POLL && can_go_on(v)) {
+        v->sched_state = HV_SCHED_RUNNABLE;
+        v->waiting = 0;
+        hv_runstate_enter(v, RUNSTATE_runnable);
+        rq_push(v);
+    }
+    pthread_mutex_unlock(&v->wait_lock);
+}
+
 void hv_vcpu_deadline_passed(struct hv_vcpu *v)
 {
     __atomic_store_n(&v->park_expired, 1, __ATOMIC_RELEASE);

@@ -1,24 +1,30 @@
 """A block frontend for trapless's own PV kernel: a Xen virtual disk, used as a domU uses it.
 
 The guest finds its disk in xenstore (the first entry of device/vbd, its backend's
-directory in the `backend` key), sets up its grant table (setup_table, the frame mapped
-with update_va_mapping), grants the backend a ring page and a data page, allocates an
-event channel for dom0 and publishes ring-ref, event-channel and protocol, then goes to
-Initialised and waits for the backend to be Connected (the XenbusState handshake of
-io/blkif.h). It reads the whole disk a page at a time and prints an FNV-1a 64 checksum
-of it; unless the disk is read-only (the backend's `mode`) it writes sector 1, flushes
-the disk cache and reads the sector back; a read-only disk is asked for a write anyway
-and must refuse it. Then it sends requests a backend must refuse (beyond the disk, a page
+directory in the `backend` key), sets up its grant table (setup_table, GT_FRAMES frames
+mapped with update_va_mapping), grants the backend its ring (as many pages as the
+backend's max-ring-page-order allows, up to 16: ring-page-order and ring-refN) and its
+data pages, allocates an event channel for dom0, masks it, and publishes ring-ref(s),
+event-channel and protocol, then goes to Initialised and waits for the backend to be
+Connected (the XenbusState handshake of io/blkif.h). It reads the whole disk a page at
+a time and prints an FNV-1a 64 checksum of it, reads sectors 0-15 in one indirect
+request; unless the disk is read-only (the backend's `mode`) it writes sector 1,
+flushes the disk cache and reads the sector back, writes sector 2 with a barrier,
+discards sectors 16-23 and reads them back (zeros); a read-only disk is asked anyway
+and must refuse. Then it sends requests a backend must refuse (beyond the disk, a page
 it did not grant, too many segments, a sector past the page, an unknown operation) and
-prints each status, and last moves its producer index a thousand ahead, which must
-stop the backend serving the ring. Every request waits for its response (polling, yielding). Then it
-closes the device and powers off.
+prints each status, and last moves its producer index a thousand ahead, which must stop
+the backend serving the ring. Then it closes the device and powers off.
+
+Requests are pushed as io/ring.h says (an event only if the backend's req_event asks
+for one); the frontend waits for responses asleep in SCHEDOP_poll on its masked port,
+having set rsp_event (blk_wait). Its bench mode keeps BENCH_SLOTS requests in flight.
 
     blkfront_guest() -> ELF image; the console says
     blkfront: device 51712, backend /local/domain/0/backend/vbd/1/51712
-    blkfront: connected, 2048 sectors, mode w
+    blkfront: connected, 2048 sectors, mode w, ring of 16 pages
     blkfront: read 2048 sectors, fnv1a64 0x...
-    blkfront: write sector 1: 0, flush: 0, read back: same
+    blkfront: write sector 1: 0, flush: 0, read back: 0, what it wrote
 """
 from __future__ import annotations
 
@@ -26,22 +32,30 @@ import struct
 
 from abi import C, offsetof, sizeof
 
-from .asm import (al, byte, dl, dword, eax, ebx, ecx, edi, edx, esi, ptr, qword, r12, r13,
-                  r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, word)
-from .pvlib import crash_unless
+from .asm import (al, byte, cl, dl, dword, eax, ebx, ecx, edi, edx, esi, ptr, qword, r12, r13,
+                  r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, rsp, word)
+from .pvlib import EVTCHN_MASK, EVTCHN_PENDING, crash_unless
 from .runtime import PVProgram
 
-RING_REF, DATA_REF = 8, 9               # grant refs (0 and 1 are Xen's reserved ones)
+GT_FRAMES = 4                           # grant table frames: 2048 v1 entries
+DATA_REF = 9                            # grant refs (0 and 1 are Xen's reserved ones)
 UNGRANTED_REF = 10                      # an entry it never fills
-DATA2_REF, INDIRECT_REF, RING2_REF = 11, 12, 13
+DATA2_REF, INDIRECT_REF = 11, 12
+RING_ORDER_MAX = 4                      # the largest ring it asks for: 16 pages, as Linux
+RING_REF = 16                           # the ring's pages: refs 16 to 31
 BAD_AHEAD = 1000                        # a req_prod this far ahead breaks the ring
-BENCH_REF, BENCH_SEGS = 16, 32          # the bench's data pages: 128 KiB a request, as
+BENCH_REF, BENCH_SEGS = 32, 32          # the bench's pages: 128 KiB a request, as
+WRITER_STAMP = 0x7772697465720000        # "writer": what it stamps, plus the sector
+BENCH_SLOTS = 32                        # requests in flight at once (each: an indirect
+                                        # page, then its data pages, granted in a row)
                                         # Linux's blkfront sends (32 indirect segments)
 SAVED = (rbx, r12, r13, r14, r15)       # callee-saved registers it uses
-RING_ENTRIES = {0: 32, 1: 64}           # of a 1- and 2-page ring: (pages * 4096 - 64) / 112,
-                                        # rounded down to a power of two (io/ring.h)
+RING_ENTRIES0 = 32                      # of a 1-page ring: (4096 - 64) / 112 rounded down
+                                        # to a power of two (io/ring.h); 2^order pages
+                                        # hold 2^order times as many
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
 WRITE_SECTOR = 1
+BARRIER_SECTOR, DISCARD_SECTOR = 2, 16      # a barrier write; a discarded page
 PATTERN = b"trapless blkfront wrote sector 1 "          # repeated over the sector
 P, RW, U, A, D = 0x1, 0x2, 0x4, 0x20, 0x40
 
@@ -310,6 +324,45 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.mov(dword[rbx + 28], ecx)         # first_sect 0, last_sect
     a.jmp("blk_submit")
 
+    # blk_discard(rsi = sector, rdx = sectors) -> rax = the status of a BLKIF_OP_DISCARD
+    a.label("blk_discard")
+    a.push(rbx)
+    a.mov(eax, dword["blk_req_prod"])
+    a.and_(eax, dword["blk_mask"])
+    a.imul(eax, eax, REQ_SIZE)
+    a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+    a.add(rbx, rax)
+    a.mov(dword[rbx], C.BLKIF_OP_DISCARD)   # operation, flag 0 (not secure), handle 0
+    a.mov(dword[rbx + 4], 0)
+    a.mov(eax, dword["blk_req_prod"])
+    a.mov(qword[rbx + 8], rax)          # id
+    a.mov(qword[rbx + 16], rsi)         # sector_number
+    a.mov(qword[rbx + 24], rdx)         # nr_sectors
+    a.jmp("blk_submit")
+
+    # blk_slot_request(edi = BLKIF_OP_READ or _WRITE, rsi = sector, ecx = slot): one
+    # indirect request of the slot's BENCH_SEGS pages -> rax = its status
+    a.label("blk_slot_request")
+    a.imul(ecx, ecx, 1 + BENCH_SEGS)
+    a.mov(edx, ecx)
+    a.add(edx, BENCH_REF)
+    a.push(rbx)
+    a.mov(eax, dword["blk_req_prod"])
+    a.and_(eax, dword["blk_mask"])
+    a.imul(eax, eax, REQ_SIZE)
+    a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+    a.add(rbx, rax)
+    a.shl(edi, 8)
+    a.or_(edi, (BENCH_SEGS << 16) | C.BLKIF_OP_INDIRECT)
+    a.mov(dword[rbx], edi)              # operation, indirect_op, nr_segments
+    a.mov(dword[rbx + 4], 0)
+    a.mov(eax, dword["blk_req_prod"])
+    a.mov(qword[rbx + 8], rax)          # id
+    a.mov(qword[rbx + 16], rsi)         # sector_number
+    a.mov(dword[rbx + 24], 0)           # handle
+    a.mov(dword[rbx + 28], edx)         # indirect_grefs[0]: the slot's indirect page
+    a.jmp("blk_submit")
+
     # blk_indirect(edi = BLKIF_OP_READ or _WRITE, rsi = sector, edx = segments): one
     # BLKIF_OP_INDIRECT request whose segments the page `indirect` (grant INDIRECT_REF)
     # holds -> rax = its status
@@ -335,15 +388,9 @@ def _emit_blk_request(p: PVProgram) -> None:
     # blk_submit (rbx pushed, the request written at req_prod): publish, wait, answer
     a.label("blk_submit")
     a.inc(dword["blk_req_prod"])
-    a.mov(eax, dword["blk_req_prod"])
-    a.mov(dword["blk_ring"], eax)       # req_prod, after the request (x86: in order)
-    p.hypercall("event_channel_op", C.EVTCHNOP_send, "blk_port")
-    a.label("blk_request.wait")
-    a.mov(eax, dword[rip + "blk_ring" + 8])     # rsp_prod
-    a.cmp(eax, dword["blk_rsp_cons"])
-    a.jne("blk_request.done")
-    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
-    a.jmp("blk_request.wait")
+    a.call("blk_push")
+    a.mov(edi, 1)
+    a.call("blk_wait")
     a.label("blk_request.done")
     a.mov(eax, dword["blk_rsp_cons"])
     a.and_(eax, dword["blk_mask"])
@@ -354,15 +401,69 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.pop(rbx)
     a.ret()
 
+    # blk_push: publish req_prod = blk_req_prod (the requests are written: x86 keeps
+    # stores in order) and notify the backend only if it asked to hear of one of the
+    # new requests (io/ring.h's RING_PUSH_REQUESTS_AND_CHECK_NOTIFY, req_event)
+    a.label("blk_push")
+    a.mov(edx, dword["blk_ring"])       # the old req_prod
+    a.mov(eax, dword["blk_req_prod"])
+    a.mov(dword["blk_ring"], eax)
+    a.lock()                            # a full barrier: the backend's req_event after it
+    a.or_(dword[rsp], 0)
+    a.mov(ecx, eax)
+    a.sub(ecx, dword[rip + "blk_ring" + 4])     # new - req_event
+    a.sub(eax, edx)                             # new - old
+    a.cmp(ecx, eax)
+    a.jae("blk_push.quiet")
+    p.hypercall("event_channel_op", C.EVTCHNOP_send, "blk_port")
+    a.label("blk_push.quiet")
+    a.ret()
 
-def blkfront_guest(xen_pv: bool = True, bench: bool = False) -> bytes:
+    # blk_wait(edi = n >= 1): until the backend has a response past blk_rsp_cons, sleep
+    # on the port (masked: no upcall): clear its pending bit, set rsp_event to ask for an
+    # event at the n-th response from here (io/ring.h lets a consumer put it where it
+    # likes: a frontend with many requests in flight wakes once for several), look
+    # again, then SCHEDOP_poll, which returns once the port is pending
+    a.label("blk_wait")
+    a.mov(dword["blk_wait_n"], edi)     # the hypercall takes rdi
+    a.label("blk_wait.look")
+    a.mov(eax, dword[rip + "blk_ring" + 8])     # rsp_prod
+    a.cmp(eax, dword["blk_rsp_cons"])
+    a.jne("blk_wait.done")
+    a.mov(rsi, qword["blk_shinfo"])
+    a.mov(eax, dword["blk_port"])
+    a.mov(ecx, eax)
+    a.and_(ecx, 63)
+    a.mov(rdx, -2)
+    a.rol(rdx, cl)                      # every bit but the port's
+    a.shr(eax, 6)
+    a.lock()
+    a.and_(qword[rsi + rax * 8 + EVTCHN_PENDING], rdx)
+    a.mov(eax, dword["blk_rsp_cons"])
+    a.add(eax, dword["blk_wait_n"])
+    a.mov(dword[rip + "blk_ring" + 12], eax)    # rsp_event
+    a.lock()                            # a full barrier: rsp_prod read after it
+    a.or_(dword[rsp], 0)
+    a.mov(eax, dword[rip + "blk_ring" + 8])
+    a.cmp(eax, dword["blk_rsp_cons"])
+    a.jne("blk_wait.done")
+    p.hypercall("sched_op", C.SCHEDOP_poll, "blk_poll")
+    a.jmp("blk_wait.look")
+    a.label("blk_wait.done")
+    a.ret()
+
+
+def blkfront_guest(xen_pv: bool = True, bench: bool = False, writer: bool = False) -> bytes:
     """A kernel that runs only the frontend, then powers off; xen_pv: in Xen's PV CPU
     model (its kernel in ring 3), else a ring-0 kernel. bench: instead of its checks,
     read the whole disk, then write it, in 128 KiB indirect requests, and flush; it
-    prints a line as each part begins and ends (the host times them: make bench)."""
+    prints a line as each part begins and ends (the host times them: make bench).
+    writer: instead of its checks, write the disk from its start, 128 KiB a request, one
+    at a time, every sector's first 8 bytes WRITER_STAMP + its number, and print
+    "writer: acknowledged N\n" (the sectors before N are written) after each response."""
     p = PVProgram(guest_os="trapless-blkfront", xen_pv=xen_pv)
     p.a.jmp("blkfront_main")
-    emit_blkfront(p, bench)
+    emit_blkfront(p, bench, writer)
     return p.elf()
 
 
@@ -380,7 +481,7 @@ def emit_blkfront_check(p: PVProgram) -> None:
     a.label("blkfront.skip")
 
 
-def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
+def emit_blkfront(p: PVProgram, bench: bool = False, writer: bool = False) -> None:
     """blkfront_main() -> rax = 0: the frontend, and everything it needs."""
     a = p.a
     a.label("blkfront_main")
@@ -417,13 +518,24 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.call("print_cstr")
     p.print("\n")
 
-    emit_map_grant_table(p, "blkfront")
-    pages = [(RING_REF, "blk_ring", 0), (RING2_REF, "blk_ring2", 0), (DATA_REF, "data", 0),
-             (DATA2_REF, "data2", 0), (INDIRECT_REF, "indirect", 0)]
-    if bench:
-        pages += [(BENCH_REF + i, "bench_data", i * 4096) for i in range(BENCH_SEGS)]
+    emit_map_grant_table(p, "blkfront", GT_FRAMES)
+    pages = [(DATA_REF, "data", 0), (DATA2_REF, "data2", 0), (INDIRECT_REF, "indirect", 0)]
+    pages += [(RING_REF + i, "blk_ring", i * 4096) for i in range(1 << RING_ORDER_MAX)]
     for ref, page, offset in pages:
         grant_page(p, ref, page, offset)
+    if bench or writer:                 # bench_pages, frame after frame, from BENCH_REF
+        a.lea(rdi, ptr[rip + "gt" + BENCH_REF * 8])
+        a.lea(rax, ptr["bench_pages"])
+        a.shr(rax, 12)
+        a.mov(ecx, BENCH_SLOTS * (1 + BENCH_SEGS))
+        a.label("bench.grant")
+        a.mov(dword[rdi + 4], eax)
+        a.mov(word[rdi + 2], 0)
+        a.mov(word[rdi], C.GTF_permit_access)
+        a.add(rdi, 8)
+        a.inc(eax)
+        a.dec(ecx)
+        a.jne("bench.grant")
     a.mov(dword[rip + "blk_ring" + 4], 1)               # req_event
     a.mov(dword[rip + "blk_ring" + 12], 1)              # rsp_event
 
@@ -432,21 +544,62 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     crash_unless(p, "je", "blkfront: alloc_unbound: ")
     a.mov(eax, dword[rip + "unbound" + offsetof("evtchn_alloc_unbound", "port")])
     a.mov(dword["blk_port"], eax)
+    # shared_info, for the port's pending bit: the frame start_info names (Xen's PV
+    # model; a frame's address is its own), else placed on a page of ours
+    a.mov(rax, qword["start_info_ptr"])
+    a.mov(rax, qword[rax + offsetof("start_info", "shared_info")])
+    a.test(rax, rax)
+    a.jne("shinfo.known")
+    a.lea(rax, ptr["blk_shinfo_page"])
+    a.shr(rax, 12)
+    a.mov(qword[rip + "blk_xatp" + offsetof("xen_add_to_physmap", "gpfn")], rax)
+    p.hypercall("memory_op", C.XENMEM_add_to_physmap, "blk_xatp")
+    crash_unless(p, "je", "blkfront: placing shared_info: ")
+    a.lea(rax, ptr["blk_shinfo_page"])
+    a.label("shinfo.known")
+    a.mov(qword["blk_shinfo"], rax)
+    # masked: the frontend sleeps in SCHEDOP_poll on it and takes no upcall for it
+    a.mov(eax, dword["blk_port"])
+    a.mov(ecx, eax)
+    a.and_(ecx, 63)
+    a.mov(edx, 1)
+    a.shl(rdx, cl)
+    a.shr(eax, 6)
+    a.mov(rsi, qword["blk_shinfo"])
+    a.lock()
+    a.or_(qword[rsi + rax * 8 + EVTCHN_MASK], rdx)
 
-    # publish the ring (two pages if the backend takes them), then Initialised; wait
-    # for the backend to be Connected
+    # publish the ring (as many pages as the backend takes, up to 2^RING_ORDER_MAX),
+    # then Initialised; wait for the backend to be Connected
     a.lea(rdi, ptr["back"])
     a.lea(rsi, ptr[p.string("max-ring-page-order")])
     a.call("xs_read")
     a.lea(rsi, ptr["xs_reply"])
     a.call("atou")                      # absent: "ENOENT" reads as 0
+    a.cmp(eax, RING_ORDER_MAX)
+    a.jbe("ring.order")
+    a.mov(eax, RING_ORDER_MAX)
+    a.label("ring.order")
     a.test(eax, eax)
     a.je("ring.one_page")
-    a.mov(dword["blk_mask"], RING_ENTRIES[1] - 1)
-    a.mov(dword["ring_pages"], 2)
-    for key, value in (("ring-page-order", "1"), ("ring-ref0", str(RING_REF)),
-                       ("ring-ref1", str(RING2_REF))):
-        xs_write_const(p, key, value)
+    a.mov(ecx, eax)
+    a.mov(edx, RING_ENTRIES0)
+    a.shl(edx, cl)
+    a.dec(edx)
+    a.mov(dword["blk_mask"], edx)
+    a.mov(edx, 1)
+    a.shl(edx, cl)
+    a.mov(dword["ring_pages"], edx)
+    a.lea(rdi, ptr["number"])
+    a.call("utoa")
+    a.lea(rdi, ptr["front"])
+    a.lea(rsi, ptr[p.string("ring-page-order")])
+    a.lea(rdx, ptr["number"])
+    a.call("xs_write")
+    for i in range(1 << RING_ORDER_MAX):
+        a.cmp(dword["ring_pages"], i)
+        a.jbe("ring.published")
+        xs_write_const(p, f"ring-ref{i}", str(RING_REF + i))
     a.jmp("ring.published")
     a.label("ring.one_page")
     xs_write_const(p, "ring-ref", str(RING_REF))
@@ -503,8 +656,13 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.call("print_dec")
     p.print(" pages\n")
 
+    if bench or writer:
+        _emit_slot_pages(p)
     if bench:
         _emit_bench(p)
+        a.jmp("blkfront.close")
+    if writer:
+        _emit_writer(p)
         a.jmp("blkfront.close")
 
     # read it all, a page (8 sectors) at a time, hashing as it comes
@@ -646,6 +804,57 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     p.print(", not what it wrote\n")
     a.label("compare.done")
 
+    # a write barrier (sector 2, the pattern again), then sectors 16-23 discarded and
+    # read back: a read-only disk refuses both (it offers no discard)
+    a.lea(rdi, ptr["data"])
+    a.lea(rsi, ptr["pattern"])
+    a.mov(ecx, 512)
+    a.label("fill2")
+    a.mov(al, byte[rsi])
+    a.mov(byte[rdi], al)
+    a.inc(rdi)
+    a.inc(rsi)
+    a.dec(ecx)
+    a.jne("fill2")
+    a.mov(edi, C.BLKIF_OP_WRITE_BARRIER)
+    a.mov(esi, 1)
+    a.mov(edx, BARRIER_SECTOR)
+    a.xor(ecx, ecx)
+    a.call("blk_request")
+    a.mov(rbx, rax)
+    a.mov(esi, DISCARD_SECTOR)
+    a.mov(edx, 8)
+    a.call("blk_discard")
+    a.mov(r14, rax)
+    a.mov(edi, C.BLKIF_OP_READ)
+    a.mov(esi, 1)
+    a.mov(edx, DISCARD_SECTOR)
+    a.mov(ecx, 7)
+    a.call("blk_request")
+    a.mov(r13, rax)
+    p.print(f"blkfront: barrier write sector {BARRIER_SECTOR}: ")
+    a.mov(rdi, rbx)
+    a.call("print_sdec")
+    p.print(f", discard sectors {DISCARD_SECTOR}-{DISCARD_SECTOR + 7}: ")
+    a.mov(rdi, r14)
+    a.call("print_sdec")
+    p.print(", read back: ")
+    a.mov(rdi, r13)
+    a.call("print_sdec")
+    a.lea(rsi, ptr["data"])
+    a.mov(ecx, 4096 // 8)
+    a.label("zeros")
+    a.cmp(qword[rsi], 0)
+    a.jne("zeros.not")
+    a.add(rsi, 8)
+    a.dec(ecx)
+    a.jne("zeros")
+    p.print(", zeros\n")
+    a.jmp("zeros.done")
+    a.label("zeros.not")
+    p.print(", not zeros\n")
+    a.label("zeros.done")
+
     # requests a backend must refuse, each answered and nothing else changed
     refusals = (("beyond the disk", C.BLKIF_OP_READ, 1, "r13", 0, DATA_REF),
                 ("a page it did not grant", C.BLKIF_OP_READ, 1, 0, 0, UNGRANTED_REF),
@@ -708,11 +917,11 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.align(8)
     a.label("setup")                    # struct gnttab_setup_table
     a.dw(C.DOMID_SELF, 0)
-    a.dd(1)
+    a.dd(GT_FRAMES)
     a.dw(0, 0, 0, 0)
     a.dq(a.ref("frames"))
     a.label("frames")
-    a.dq(0)
+    a.dq(*[0] * GT_FRAMES)
     a.label("unbound")                  # struct evtchn_alloc_unbound: for dom0
     a.dw(C.DOMID_SELF, 0)
     a.dd(0)
@@ -720,8 +929,19 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.dd(0)
     a.label("blk_port")
     a.dd(0)
+    a.align(8)
+    a.label("blk_poll")                 # struct sched_poll: blk_port, no timeout
+    a.dq(a.ref("blk_port"))
+    a.dd(1, 0)
+    a.dq(0)
+    a.label("blk_shinfo")               # where shared_info is
+    a.dq(0)
+    a.label("blk_xatp")                 # struct xen_add_to_physmap
+    a.dw(C.DOMID_SELF, 0)
+    a.dd(C.XENMAPSPACE_shared_info)
+    a.dq(0, 0)
     a.label("blk_mask")                 # ring entries - 1
-    a.dd(RING_ENTRIES[0] - 1)
+    a.dd(RING_ENTRIES0 - 1)
     a.label("ring_pages")
     a.dd(1)
     a.label("blk_gref")                 # the segment's grant: DATA_REF but to test refusals
@@ -729,6 +949,8 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.label("blk_req_prod")
     a.dd(0)
     a.label("blk_rsp_cons")
+    a.dd(0)
+    a.label("blk_wait_n")               # blk_wait's n
     a.dd(0)
     a.align(8)
     a.label("disk_sectors")
@@ -741,21 +963,21 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.db(sector_pattern())
     a.section(".bss")
     a.align(4096)
-    a.label("gt")                       # the grant table's frame is mapped here
-    a.reserve(4096)
-    a.label("blk_ring")                 # one or two pages, one after the other
-    a.reserve(4096)
-    a.label("blk_ring2")
-    a.reserve(4096)
+    a.label("gt")                       # the grant table's frames are mapped here
+    a.reserve(GT_FRAMES * 4096)
+    a.label("blk_ring")                 # its pages, one after the other
+    a.reserve(4096 << RING_ORDER_MAX)
     a.label("data")
     a.reserve(4096)
     a.label("data2")
     a.reserve(4096)
     a.label("indirect")
     a.reserve(4096)
-    if bench:
-        a.label("bench_data")
-        a.reserve(BENCH_SEGS * 4096)
+    a.label("blk_shinfo_page")
+    a.reserve(4096)
+    if bench or writer:
+        a.label("bench_pages")            # per slot: its indirect page, its data pages
+        a.reserve(BENCH_SLOTS * (1 + BENCH_SEGS) * 4096)
     a.label("xs_reply")
     a.reserve(REPLY_MAX + 1)
     a.label("xs_path")
@@ -769,26 +991,132 @@ def emit_blkfront(p: PVProgram, bench: bool = False) -> None:
     a.section(".text")
 
 
+def _emit_slot_pages(p: PVProgram) -> None:
+    """Each slot's indirect page names its BENCH_SEGS data pages, sectors 0-7 of each."""
+    a = p.a
+    a.lea(rdi, ptr["bench_pages"])
+    a.mov(eax, BENCH_REF + 1)
+    a.mov(ecx, BENCH_SLOTS)
+    a.label("bench.slot")
+    a.xor(edx, edx)
+    a.label("bench.segment")
+    a.mov(dword[rdi + rdx * 8], eax)    # gref
+    a.mov(dword[rdi + rdx * 8 + 4], 7 << 8)     # sectors 0-7
+    a.inc(eax)
+    a.inc(edx)
+    a.cmp(edx, BENCH_SEGS)
+    a.jb("bench.segment")
+    a.add(rdi, (1 + BENCH_SEGS) * 4096)
+    a.inc(eax)                          # past the next slot's indirect page
+    a.dec(ecx)
+    a.jne("bench.slot")
+
+
+def _emit_writer(p: PVProgram) -> None:
+    """The disk (r13 sectors) written from its start with slot 0's pages, a request at a
+    time, each sector stamped; a line after each response (blkfront_guest's writer)."""
+    a = p.a
+    a.xor(r14, r14)                     # the next sector
+    a.label("writer.next")
+    a.cmp(r14, r13)
+    a.jae("writer.done")
+    a.lea(rdi, ptr[rip + "bench_pages" + 4096])     # slot 0's data pages
+    a.mov(rax, WRITER_STAMP)
+    a.add(rax, r14)
+    a.mov(ecx, BENCH_SEGS * 8)
+    a.label("writer.stamp")
+    a.mov(qword[rdi], rax)
+    a.add(rdi, 512)
+    a.inc(rax)
+    a.dec(ecx)
+    a.jne("writer.stamp")
+    a.mov(edi, C.BLKIF_OP_WRITE)
+    a.mov(rsi, r14)
+    a.xor(ecx, ecx)
+    a.call("blk_slot_request")
+    crash_unless(p, "je", "writer: a write failed, status ")
+    a.add(r14, BENCH_SEGS * 8)
+    p.print("writer: acknowledged ")
+    a.mov(rdi, r14)
+    a.call("print_dec")
+    p.print("\n")
+    a.jmp("writer.next")
+    a.label("writer.done")
+    p.print("writer: done\n")
+
+
 def _emit_bench(p: PVProgram) -> None:
     """The whole disk (r13 sectors, a multiple of BENCH_SEGS pages) read, then written,
-    in indirect requests of BENCH_SEGS pages, then one flush."""
+    in indirect requests of BENCH_SEGS pages, BENCH_SLOTS of them in flight, then one
+    flush. A request's id is its slot; a slot is free again when its response comes."""
     a = p.a
-    for i in range(BENCH_SEGS):
-        a.mov(dword[rip + "indirect" + 8 * i], BENCH_REF + i)
-        a.mov(dword[rip + "indirect" + 8 * i + 4], 7 << 8)
+    per_slot = 1 + BENCH_SEGS
+    assert BENCH_SLOTS <= RING_ENTRIES0 and BENCH_REF + BENCH_SLOTS * per_slot <= GT_FRAMES * 512
     for op, what in ((C.BLKIF_OP_READ, "read"), (C.BLKIF_OP_WRITE, "write")):
         p.print(f"bench: {what}\n")
-        a.xor(r14, r14)
-        a.label(f"bench.{what}")
+        a.xor(r14, r14)                 # the next sector to ask for
+        a.xor(r15, r15)                 # requests in flight
+        a.mov(dword["bench_free"], (1 << BENCH_SLOTS) - 1)
+        a.label(f"bench.{what}.fill")   # as many requests as there are free slots
         a.cmp(r14, r13)
-        a.jae(f"bench.{what}.done")
-        a.mov(edi, op)
-        a.mov(rsi, r14)
-        a.mov(edx, BENCH_SEGS)
-        a.call("blk_indirect")
-        crash_unless(p, "je", f"bench: {what} failed, status ")
+        a.jae(f"bench.{what}.push")
+        a.mov(eax, dword["bench_free"])
+        a.bsf(ecx, eax)
+        a.je(f"bench.{what}.push")
+        a.mov(edx, 1)
+        a.shl(edx, cl)
+        a.not_(edx)
+        a.and_(dword["bench_free"], edx)
+        a.mov(eax, dword["blk_req_prod"])
+        a.and_(eax, dword["blk_mask"])
+        a.imul(eax, eax, REQ_SIZE)
+        a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+        a.add(rbx, rax)
+        a.mov(dword[rbx], (BENCH_SEGS << 16) | (op << 8) | C.BLKIF_OP_INDIRECT)
+        a.mov(dword[rbx + 4], 0)
+        a.mov(qword[rbx + 8], rcx)      # id: the slot
+        a.mov(qword[rbx + 16], r14)     # sector_number
+        a.mov(dword[rbx + 24], 0)       # handle
+        a.imul(ecx, ecx, per_slot)
+        a.add(ecx, BENCH_REF)
+        a.mov(dword[rbx + 28], ecx)     # indirect_grefs[0]: the slot's indirect page
+        a.inc(dword["blk_req_prod"])
+        a.inc(r15)
         a.add(r14, BENCH_SEGS * 8)
-        a.jmp(f"bench.{what}")
+        a.jmp(f"bench.{what}.fill")
+        a.label(f"bench.{what}.push")
+        a.call("blk_push")
+        a.label(f"bench.{what}.take")   # every response there is
+        a.mov(eax, dword["blk_rsp_cons"])
+        a.cmp(eax, dword[rip + "blk_ring" + 8])
+        a.je(f"bench.{what}.taken")
+        a.and_(eax, dword["blk_mask"])
+        a.imul(eax, eax, REQ_SIZE)
+        a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+        a.add(rbx, rax)
+        a.movsx(rax, word[rbx + 10])    # status
+        a.test(rax, rax)
+        crash_unless(p, "je", f"bench: {what} failed, status ")
+        a.mov(rcx, qword[rbx])          # id
+        a.mov(edx, 1)
+        a.shl(edx, cl)
+        a.or_(dword["bench_free"], edx)
+        a.dec(r15)
+        a.inc(dword["blk_rsp_cons"])
+        a.jmp(f"bench.{what}.take")
+        a.label(f"bench.{what}.taken")
+        a.cmp(r14, r13)                 # more to ask for, and a slot free: ask
+        a.jae(f"bench.{what}.draining")
+        a.cmp(dword["bench_free"], 0)
+        a.jne(f"bench.{what}.fill")
+        a.label(f"bench.{what}.draining")
+        a.test(r15, r15)
+        a.je(f"bench.{what}.done")
+        a.mov(rdi, r15)                 # woken when half of those in flight are done
+        a.shr(edi, 1)
+        a.adc(edi, 0)
+        a.call("blk_wait")
+        a.jmp(f"bench.{what}.take")
         a.label(f"bench.{what}.done")
         if op == C.BLKIF_OP_WRITE:
             a.mov(edi, C.BLKIF_OP_FLUSH_DISKCACHE)
@@ -798,21 +1126,28 @@ def _emit_bench(p: PVProgram) -> None:
             a.call("blk_request")
             crash_unless(p, "je", "bench: flush failed, status ")
         p.print(f"bench: {what} done\n")
+    a.section(".data")
+    a.align(4)
+    a.label("bench_free")               # a bit per free slot
+    a.dd(0)
+    a.section(".text")
 
 
-def emit_map_grant_table(p: PVProgram, who: str) -> None:
-    """(inline) The grant table: one frame (setup_table), mapped at `gt` over a page of
-    our own; a failure crashes the domain with a line that starts with who."""
+def emit_map_grant_table(p: PVProgram, who: str, nr_frames: int = 1) -> None:
+    """(inline) The grant table: nr_frames frames (setup_table, as the `setup` struct
+    asks), mapped at `gt` over pages of our own; a failure crashes the domain with a
+    line that starts with who."""
     a = p.a
     p.hypercall("grant_table_op", C.GNTTABOP_setup_table, "setup", 1)
     a.movsx(rax, word[rip + "setup" + offsetof("gnttab_setup_table", "status")])
     crash_unless(p, "je", f"{who}: setup_table: ")
-    a.mov(rsi, qword["frames"])
-    a.shl(rsi, 12)
-    a.or_(rsi, P | RW | U | A | D)        # U: a Xen-model kernel runs in ring 3
-    a.lea(rdi, ptr["gt"])
-    p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
-    crash_unless(p, "je", f"{who}: mapping the grant table: ")
+    for i in range(nr_frames):
+        a.mov(rsi, qword[rip + "frames" + 8 * i])
+        a.shl(rsi, 12)
+        a.or_(rsi, P | RW | U | A | D)    # U: a Xen-model kernel runs in ring 3
+        a.lea(rdi, ptr[rip + "gt" + 4096 * i])
+        p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
+        crash_unless(p, "je", f"{who}: mapping the grant table: ")
 
 
 def grant_page(p: PVProgram, ref: int, page: str, offset: int = 0) -> None:

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from abi import C
-from guest_kernel.blkfront import blkfront_guest, fnv1a64, sector_pattern
+from guest_kernel.blkfront import WRITER_STAMP, blkfront_guest, fnv1a64, sector_pattern
 from hypervisor import xenstore
 from hypervisor.config import parse_disk
 from hypervisor.domain import Domain
@@ -68,20 +68,27 @@ def test_the_guest_reads_the_whole_disk_and_writes_a_sector(guest, image, engine
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
     assert out == (
         "blkfront: device 51712, backend /local/domain/0/backend/vbd/7/51712\n"
-        f"blkfront: connected, {SECTORS} sectors, mode w, ring of 2 pages\n"
+        f"blkfront: connected, {SECTORS} sectors, mode w, ring of 16 pages\n"
         f"blkfront: read {SECTORS} sectors, fnv1a64 {fnv1a64(original):#x}\n"
         f"blkfront: indirect read of sectors 0-15: 0, fnv1a64 {fnv1a64(original[:8192]):#x}\n"
         "blkfront: write sector 1: 0, flush: 0, read back: 0, what it wrote\n"
+        "blkfront: barrier write sector 2: 0, discard sectors 16-23: 0, read back: 0, zeros\n"
         + REFUSED + "blkfront: closed\n")
     # the frontend closed: so did the backend
     assert state == str(C.XenbusStateClosed).encode()
-    assert (s.sectors_read, s.sectors_written) == (SECTORS + 16 + 1, 1)
+    assert (s.sectors_read, s.sectors_written) == (SECTORS + 16 + 1 + 8, 2)
     assert (s.errors, s.bad_grants, s.ring_broken) == (5, 1, 1)
-    assert s.flushes == 1
-    # after the domain: sector 1 is what the guest wrote, the rest is untouched
+    assert s.flushes == 3               # the flush; the barrier's before and after its data
+    # after the domain: sectors 1 and 2 are what the guest wrote, 16-23 a hole in the
+    # file (a 4 KiB block punched out), the rest untouched
     after = image.read_bytes()
-    assert after[512:1024] == sector_pattern()
-    assert after[:512] + after[1024:] == original[:512] + original[1024:]
+    assert after[512:1024] == after[1024:1536] == sector_pattern()
+    assert after[8192:12288] == bytes(4096)
+    with open(image, "rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 8192
+        assert os.lseek(f.fileno(), 8192, os.SEEK_DATA) == 12288
+    assert after[:512] + after[1536:8192] + after[12288:] == \
+        original[:512] + original[1536:8192] + original[12288:]
 
 
 def test_a_read_only_disk_refuses_the_write(guest, image, engine):
@@ -90,13 +97,15 @@ def test_a_read_only_disk_refuses_the_write(guest, image, engine):
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out)
     assert out == (
         "blkfront: device 51728, backend /local/domain/0/backend/vbd/8/51728\n"
-        f"blkfront: connected, {SECTORS} sectors, mode r, ring of 2 pages\n"
+        f"blkfront: connected, {SECTORS} sectors, mode r, ring of 16 pages\n"
         f"blkfront: read {SECTORS} sectors, fnv1a64 {fnv1a64(original):#x}\n"
         f"blkfront: indirect read of sectors 0-15: 0, fnv1a64 {fnv1a64(original[:8192]):#x}\n"
         f"blkfront: write sector 1: {C.BLKIF_RSP_ERROR}, flush: 0, read back: 0, "
         "not what it wrote\n"
+        f"blkfront: barrier write sector 2: {C.BLKIF_RSP_ERROR}, discard sectors 16-23: "
+        f"{C.BLKIF_RSP_EOPNOTSUPP}, read back: 0, not zeros\n"
         + REFUSED + "blkfront: closed\n")
-    assert (s.errors, s.bad_grants, s.sectors_written) == (6, 1, 0)
+    assert (s.errors, s.bad_grants, s.sectors_written) == (8, 1, 0)
     assert image.read_bytes() == original
 
 
@@ -148,5 +157,34 @@ def test_xl_disk_configs_through_the_toolstack_two_domains_at_once(tmp_path, pv_
     expected = random.Random("a").randbytes(SMALL * 512)
     assert f"read {SMALL} sectors, fnv1a64 {fnv1a64(expected):#x}" in a.console_text
     after = images["a"].read_bytes()
-    assert after[512:1024] == sector_pattern() and after[1024:] == expected[1024:]
+    assert after[512:1024] == after[1024:1536] == sector_pattern()  # the write, the barrier
+    assert after[8192:12288] == bytes(4096)                             # discarded
+    assert after[1536:8192] + after[12288:] == expected[1536:8192] + expected[12288:]
     assert images["big"].read_bytes()[:SMALL * 512] == big_before
+
+
+def test_a_domain_destroyed_mid_write_leaves_every_acknowledged_write(tmp_path, engine):
+    """The guest writes its disk from the start, a 128 KiB request at a time, and says
+    after each response how far it got; destroyed while it writes, every sector it was
+    told is written holds what it wrote (the backend finishes, and syncs, before the
+    domain's memory goes)."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)             # more than it can write before we destroy it
+    disk = parse_disk(f"{image},raw,xvda")
+    with Domain(blkfront_guest(writer=True), memory_mib=32, engine=engine, domid=9,
+                disks=[disk]) as dom:
+        dom.start()
+        assert wait_for(lambda: dom.console_output.count(b"writer: acknowledged") >= 8,
+                        timeout=60), dom.console_output
+        dom.destroy()
+        out = dom.console_output.decode()
+    assert "writer: done" not in out, "the guest finished before it was destroyed"
+    complete = out.split("\n")[:-1]        # the console may stop mid-line
+    acked = [int(line.split()[-1]) for line in complete
+             if line.startswith("writer: acknowledged ")]
+    assert acked == list(range(256, acked[-1] + 1, 256))     # in order, none missing
+    with open(image, "rb") as f:
+        data = f.read(acked[-1] * 512)
+    stamps = [int.from_bytes(data[s * 512:s * 512 + 8], "little") for s in range(acked[-1])]
+    assert stamps == [WRITER_STAMP + s for s in range(acked[-1])]

@@ -90,3 +90,60 @@ def test_blocked_vcpu_is_woken_by_a_send_from_another_domain(engine):
     finally:
         a.destroy()
         b.destroy()
+
+
+MASK = rip + "shared_info" + offsetof("shared_info", "evtchn_mask")
+
+
+def poller(peer: int) -> bytes:
+    """Bind to the peer's port, mask it, then SCHEDOP_poll on it with no timeout: only
+    the send, which raises no upcall on a masked port, can wake it (Xen's
+    evtchn_2l_set_pending checks pollers whether or not the port is masked)."""
+    g = ConformanceGuest("poller", events=True)
+    g.struct("bi", "evtchn_bind_interdomain", remote_dom=peer, remote_port=1)
+    g.a.label("try_bind")
+    g.hypercall(OP, C.EVTCHNOP_bind_interdomain, "bi")
+    g.a.test(rax, rax)
+    g.a.je("bound")
+    g.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    g.a.jmp("try_bind")
+    g.a.label("bound")
+    g.a.mov(qword[MASK], 1 << 1)          # port 1 masked, then its bind-time event gone
+    g.a.mov(qword[PENDING], 0)
+    g.a.mov(byte[rip + "shared_info" + UPCALL_PENDING], 0)
+    g.a.mov(qword[rip + "shared_info" + PENDING_SEL], 0)
+    g.a.section(".data")
+    g.a.align(8)
+    g.a.label("poll_ports")
+    g.a.dd(1)
+    g.a.align(8)
+    g.a.label("poll_arg")                 # struct sched_poll: port 1, no timeout
+    g.a.dq(g.a.ref("poll_ports"))
+    g.a.dd(1, 0)
+    g.a.dq(0)
+    g.a.section(".text")
+    g.call("poll", "sched_op", C.SCHEDOP_poll, "poll_arg")
+    g.a.mov(rax, qword[PENDING])
+    g.report("pending_after_poll")
+    g.a.movzx(eax, byte[rip + "shared_info" + UPCALL_PENDING])
+    g.report("upcall_pending")            # masked: the send raised no upcall
+    return g.finish()
+
+
+def test_a_vcpu_polling_a_masked_port_is_woken_by_a_send(engine):
+    a = Domain(sender(peer=14), domid=13, engine=engine, console_ring=False, xenstore=False)
+    b = Domain(poller(peer=13), domid=14, engine=engine, console_ring=False, xenstore=False)
+    try:
+        b.start()
+        a.start()
+        stop_a, stop_b = a.wait(20), b.wait(20)
+        assert stop_a is not None and stop_b is not None, "a domain hung"
+        assert (stop_b.kind, stop_b.reason) == ("shutdown", 0), b.console_output
+        rb, _ = parse(b.console_output.decode())
+        assert rb["poll"] == 0
+        assert rb["pending_after_poll"] == 1 << 1
+        assert rb["upcall_pending"] == 0
+        assert b.counters().blocks >= 1
+    finally:
+        a.destroy()
+        b.destroy()
