@@ -28,7 +28,6 @@ having set rsp_event (blk_wait). Its bench mode keeps BENCH_SLOTS requests in fl
 """
 from __future__ import annotations
 
-import struct
 
 from abi import C, offsetof, sizeof
 
@@ -495,27 +494,7 @@ def emit_blkfront(p: PVProgram, bench: bool = False, writer: bool = False) -> No
     a.mov(dword["xs_port"], ecx)
 
     # the disk: the first device/vbd entry, and its backend's directory
-    a.mov(edi, C.XS_DIRECTORY)
-    a.lea(rsi, ptr[p.string("device/vbd")])
-    a.mov(edx, len("device/vbd") + 1)
-    a.call("xs_cmd")
-    a.cmp(eax, C.XS_DIRECTORY)
-    crash_unless_je(p, "blkfront: no device/vbd in xenstore: ")
-    a.cmp(byte["xs_reply"], 0)
-    crash_unless_jne(p, "blkfront: no disk in device/vbd")
-    copy_cstr(p, "front", "device/vbd/", "xs_reply")
-    p.print("blkfront: device ")
-    a.lea(rdi, ptr["xs_reply"])
-    a.call("print_cstr")
-    a.lea(rdi, ptr["front"])
-    a.lea(rsi, ptr[p.string("backend")])
-    a.call("xs_read")
-    a.cmp(eax, C.XS_READ)
-    crash_unless_je(p, "blkfront: no backend key: ")
-    copy_cstr(p, "back", "", "xs_reply")
-    p.print(", backend ")
-    a.lea(rdi, ptr["back"])
-    a.call("print_cstr")
+    emit_find_device(p, "blkfront", "vbd", "disk")
     p.print("\n")
 
     emit_map_grant_table(p, "blkfront", GT_FRAMES)
@@ -1132,6 +1111,34 @@ def _emit_bench(p: PVProgram) -> None:
     a.dd(0)
     a.section(".text")
 
+
+
+def emit_find_device(p: PVProgram, who: str, kind: str, noun: str) -> None:
+    """(inline) The first device/<kind> entry in xenstore: its directory into `front`,
+    its backend's into `back`, and "<who>: device N, backend PATH" printed (no newline);
+    without one the domain crashes with a line that starts with who."""
+    a = p.a
+    a.mov(edi, C.XS_DIRECTORY)
+    a.lea(rsi, ptr[p.string(f"device/{kind}")])
+    a.mov(edx, len(f"device/{kind}") + 1)
+    a.call("xs_cmd")
+    a.cmp(eax, C.XS_DIRECTORY)
+    crash_unless_je(p, f"{who}: no device/{kind} in xenstore: ")
+    a.cmp(byte["xs_reply"], 0)
+    crash_unless_jne(p, f"{who}: no {noun} in device/{kind}")
+    copy_cstr(p, "front", f"device/{kind}/", "xs_reply")
+    p.print(f"{who}: device ")
+    a.lea(rdi, ptr["xs_reply"])
+    a.call("print_cstr")
+    a.lea(rdi, ptr["front"])
+    a.lea(rsi, ptr[p.string("backend")])
+    a.call("xs_read")
+    a.cmp(eax, C.XS_READ)
+    crash_unless_je(p, f"{who}: no backend key: ")
+    copy_cstr(p, "back", "", "xs_reply")
+    p.print(", backend ")
+    a.lea(rdi, ptr["back"])
+    a.call("print_cstr")
 
 def emit_map_grant_table(p: PVProgram, who: str, nr_frames: int = 1) -> None:
     """(inline) The grant table: nr_frames frames (setup_table, as the `setup` struct

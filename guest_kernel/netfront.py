@@ -38,8 +38,8 @@ from abi import C, offsetof
 
 from .asm import (al, ax, bl, byte, cx, dl, dword, dx, eax, ebx, ecx, edi, edx, esi, ptr, qword,
                   r8, r8d, r9, r12, r13, r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, si, word)
-from .blkfront import (copy_cstr, crash_unless_jb, crash_unless_je, crash_unless_jne,
-                       emit_map_grant_table, grant_page)
+from .blkfront import (crash_unless_jb, crash_unless_je,
+                       emit_find_device, emit_map_grant_table, grant_page)
 from .pvlib import crash_unless
 from .runtime import PVProgram
 
@@ -157,27 +157,7 @@ def emit_netfront(p: PVProgram) -> None:
     crash_unless(p, "je", "netfront: events_init: ")
 
     # the card: the first device/vif entry, its backend and its MAC
-    a.mov(edi, C.XS_DIRECTORY)
-    a.lea(rsi, ptr[p.string("device/vif")])
-    a.mov(edx, len("device/vif") + 1)
-    a.call("xs_cmd")
-    a.cmp(eax, C.XS_DIRECTORY)
-    crash_unless_je(p, "netfront: no device/vif in xenstore: ")
-    a.cmp(byte["xs_reply"], 0)
-    crash_unless_jne(p, "netfront: no card in device/vif")
-    copy_cstr(p, "front", "device/vif/", "xs_reply")
-    p.print("netfront: device ")
-    a.lea(rdi, ptr["xs_reply"])
-    a.call("print_cstr")
-    a.lea(rdi, ptr["front"])
-    a.lea(rsi, ptr[p.string("backend")])
-    a.call("xs_read")
-    a.cmp(eax, C.XS_READ)
-    crash_unless_je(p, "netfront: no backend key: ")
-    copy_cstr(p, "back", "", "xs_reply")
-    p.print(", backend ")
-    a.lea(rdi, ptr["back"])
-    a.call("print_cstr")
+    emit_find_device(p, "netfront", "vif", "card")
     a.lea(rdi, ptr["front"])
     a.lea(rsi, ptr[p.string("mac")])
     a.call("xs_read")
