@@ -22,8 +22,10 @@ the file hello.txt of its root as `disktest: read: ...`, writes guest.txt (the k
 release and what it read), unmounts, syncs and powers off; the host then reads
 guest.txt back out of the image.
 
-`nettest=LOCAL,PEER`: /init waits for eth0, gives it LOCAL/24, pings PEER three times
-and prints ping's exit status.
+`nettest=LOCAL,PEER`: /init waits for eth0, gives it LOCAL/24, waits (up to a minute)
+until PEER answers, pings it three times, prints ping's exit status and stays on the
+network 5 s more, so that a peer doing the same (two Linux domains booting side by
+side) still gets its answers.
 """
 from __future__ import annotations
 
@@ -80,8 +82,11 @@ for word in $(/bin/busybox cat /proc/cmdline); do
         while ! ip link show eth0 >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
         ip addr add "$1/24" dev eth0 && ip link set eth0 up
         echo "nettest: eth0 $1, pinging $2"
+        i=0
+        while ! ping -c 1 -W 1 "$2" >/dev/null 2>&1 && [ $i -lt 60 ]; do i=$((i + 1)); done
         ping -c 3 -W 10 "$2"
         echo "nettest: ping exit status $?"
+        sleep 5
     esac
 done
 if /bin/busybox grep -qw shell /proc/cmdline; then

@@ -286,3 +286,43 @@ def test_debian_linux_pings_the_pv_kernel_through_netfront(tmp_path):
             assert f"netfront: echo request from 10.0.0.2 icmp_seq={seq}, replied" in seen
     finally:
         ts.shutdown()
+
+
+@pytest.mark.skipif(not (LINUX / "initramfs.modules").is_file(),
+                    reason=f"no Debian kernel with its Xen frontends at {LINUX}: `make "
+                           f"linux-guest` fetches them (apt-get download; needs Debian's archive)")
+@pytest.mark.skipif(engines.why_unavailable("bt") is not None, reason="needs the bt engine")
+def test_two_debian_linux_domains_ping_each_other_on_one_bridge(tmp_path):
+    """Two Debian Linux domUs (PVH, bt) from xl configs with a vif each on one bridge:
+    each /init (`nettest=`) waits for the other, pings it three times and gets three
+    replies through both xen-netfronts, netback and the software bridge."""
+    import time
+
+    from hypervisor import config
+    from hypervisor.toolstack import Toolstack
+    ends = {"a": ("10.0.0.1", "10.0.0.2"), "b": ("10.0.0.2", "10.0.0.1")}
+    for n, (name, (local, peer)) in enumerate(ends.items(), start=1):
+        (tmp_path / f"{name}.cfg").write_text(
+            f'name = "{name}"\nkernel = "{LINUX / "vmlinux"}"\n'
+            f'ramdisk = "{LINUX / "initramfs.cpio"}"\n'
+            f'type = "pvh"\nmemory = 256\non_poweroff = "preserve"\n'
+            f'cmdline = "console=hvc0 nettest={local},{peer}"\n'
+            f"vif = [ 'mac=00:16:3e:00:01:0{n}, bridge=xenbr1' ]\n")
+    ts = Toolstack()
+    try:
+        doms = {name: ts.create(config.load(tmp_path / f"{name}.cfg")) for name in ends}
+        deadline = time.monotonic() + 400
+        while (any(ts.state(d) != "shutdown" for d in doms.values())
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+        for name, (local, peer) in ends.items():
+            out = doms[name].console_text.replace("\r\n", "\n")
+            assert ts.state(doms[name]) == "shutdown", out[-3000:]
+            assert doms[name].domain.stop_info.shutdown_name == "poweroff"
+            assert f"nettest: eth0 {local}, pinging {peer}\n" in out
+            for seq in range(3):
+                assert f"64 bytes from {peer}: seq={seq} ttl=64" in out, out[-3000:]
+            assert "3 packets transmitted, 3 packets received, 0% packet loss\n" in out
+            assert "nettest: ping exit status 0\n" in out
+    finally:
+        ts.shutdown()
