@@ -97,6 +97,11 @@ def variants(test_dir: Path, xtf_dir: Path) -> list[tuple[str, str]]:
     return out
 
 
+# XTF builds no PVH environment: its hvm64 images carry a PHYS32_ENTRY note and trapless
+# boots them as PVH guests, so `--env pvh64` names those images.
+ENV_ALIASES = {"pvh64": "hvm64"}
+
+
 def find_images(xtf_dir: Path, envs: list[str] | None = None,
                 tests: list[str] | None = None) -> list[Image]:
     """Every built image under xtf_dir/tests, optionally only these envs and tests."""
@@ -111,7 +116,7 @@ def find_images(xtf_dir: Path, envs: list[str] | None = None,
         env, name = m.groups()
         if name != path.parent.name:
             continue
-        if envs and env not in envs:
+        if envs and env not in {ENV_ALIASES.get(e, e) for e in envs}:
             continue
         runs = [(f"{name}~{v}", cmdline) for v, cmdline in variants(path.parent, xtf_dir)]
         for test, cmdline in runs or [(name, "")]:
@@ -265,7 +270,8 @@ def add_parser(sub) -> None:
     p.add_argument("--xtf", metavar="DIR", help=f"a built XTF tree (default: {DEFAULT_DIR}, "
                    "made by `make xtf`)")
     p.add_argument("--env", action="extend", nargs="+", metavar="ENV",
-                   help="only these XTF environments, e.g. pv64 hvm64")
+                   help="only these XTF environments, e.g. pv64 hvm64 (pvh64: the hvm64 "
+                        "images, which boot as PVH guests)")
     p.add_argument("--test", action="extend", nargs="+", metavar="NAME", help="only these tests")
     p.add_argument("--engine", choices=list(engines.ENGINES),
                    help="only this engine (default: every engine this host can run)")

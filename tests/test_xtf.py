@@ -230,7 +230,7 @@ def test_xtf_hvm64_tests_that_pass_keep_passing(engine, tmp_path):
     out = tmp_path / "xtf.json"
     passing = HVM64_PASSING[engine]
     names = sorted({name.split("~")[0] for names in passing.values() for name in names})
-    cli.main(["xtf", "--engine", engine, "--env", "hvm64", "--timeout", "30",
+    cli.main(["xtf", "--engine", engine, "--env", "pvh64", "--timeout", "30",
               "--json", str(out), "--test", *names])
     got = {r["test"]: r["status"] for r in json.loads(out.read_text())}
     want = {name: status for status, names in passing.items() for name in names}
