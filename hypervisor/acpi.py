@@ -1,4 +1,4 @@
-"""The ACPI tables of a PVH domain, as Xen's toolstack builds them (tools/libacpi for a
+r"""The ACPI tables of a PVH domain, as Xen's toolstack builds them (tools/libacpi for a
 PVH domU): an RSDP that hvm_start_info's rsdp_paddr names, an XSDT, a hardware-reduced
 FADT, a DSDT with only \_S5 and a MADT with one local APIC per vCPU and no IO-APIC.
 
