@@ -1,5 +1,6 @@
 # trapless: make setup · make run-guest · make test · make stress · make bench · make conformance · make compare
-#           make xtf · make xtf-run
+#           make xtf · make xtf-run · make linux-guest · make run-linux · make run-linux-disk
+#           make bench-linux · make bench-blk · make bench-net
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
