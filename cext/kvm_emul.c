@@ -290,8 +290,10 @@ int hv_kvm_emulate(struct hv_vcpu *v, char *why, int why_len)
     int n, i = 0, rex = 0, addr32 = 0, prefix66 = 0, prefixf3 = 0, prefixf2 = 0;
     uint64_t seg_base = 0;
 
-    if (!(v->run->kvm_valid_regs & KVM_SYNC_X86_SREGS)) {
-        hv_set_error(why, why_len, "no synced segment registers");
+    /* native guests do not sync sregs: read them into the (unused) sync area, which we
+     * only read and never mark dirty */
+    if (!(v->run->kvm_valid_regs & KVM_SYNC_X86_SREGS) && ioctl(v->fd, KVM_GET_SREGS, s) < 0) {
+        hv_set_error(why, why_len, "KVM_GET_SREGS: %s", strerror(errno));
         return -1;
     }
     v->cr3 = s->cr3;
