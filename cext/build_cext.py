@@ -11,7 +11,7 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SOURCES = ["guest_mem.c", "hypercall.c", "console.c", "version.c", "sched.c", "domain.c", "kvm.c",
+SOURCES = ["guest_mem.c", "hypercall.c", "console.c", "version.c", "sched.c", "domain.c", "kvm.c", "kvm_emul.c",
            "memory.c", "mm.c", "multicall.c", "events.c", "timers.c",
            "devices.c", "dev_uart.c", "dev_pit.c", "dev_pic.c", "dev_rtc.c",
            "dev_exit.c", "dev_ptw.c", "dev_lapic.c", "vcpu.c",

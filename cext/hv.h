@@ -256,6 +256,8 @@ int hv_gva_to_gpa(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa);
 int hv_copy_from_guest(struct hv_vcpu *v, void *dst, uint64_t gva, uint64_t len);
 int hv_copy_to_guest(struct hv_vcpu *v, uint64_t gva, const void *src, uint64_t len);
 int hv_gpa_valid(struct hv_domain *d, uint64_t gpa, uint64_t len);
+/* kvm_emul.c: an instruction KVM could not emulate; 0 done, -1 with why filled */
+int hv_kvm_emulate(struct hv_vcpu *v, char *why, int why_len);
 
 /* ---- hypercall dispatch (hypercall.c) and the services ---- */
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h);

@@ -1045,10 +1045,17 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
         case KVM_EXIT_INTR:
             c->exits[HV_EXIT_INTR]++;
             break;
-        case KVM_EXIT_INTERNAL_ERROR:
+        case KVM_EXIT_INTERNAL_ERROR: {
+            /* this host's emulator gives up on a few ring-0 instructions: kvm_emul.c */
+            char why[160] = "";
             c->exits[HV_EXIT_OTHER]++;
+            if (run->internal.suberror == KVM_INTERNAL_ERROR_EMULATION &&
+                hv_kvm_emulate(v, why, sizeof(why)) == 0)
+                break;
             return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_INTERNAL_ERROR, rip,
-                             "KVM internal error (suberror %u)", run->internal.suberror);
+                             "KVM internal error (suberror %u)%s%s", run->internal.suberror,
+                             why[0] ? ": " : "", why);
+        }
         default:
             c->exits[HV_EXIT_OTHER]++;
             return hv_stop_with(stop, HV_STOP_FAULT, (int)run->exit_reason, rip,
