@@ -595,19 +595,7 @@ def emit_blkfront(p: PVProgram, bench: bool = False, writer: bool = False) -> No
     a.lea(rsi, ptr[p.string("state")])
     a.lea(rdx, ptr[p.string(str(C.XenbusStateInitialised))])
     a.call("xs_write")
-    a.label("wait_connected")
-    a.lea(rdi, ptr["back"])
-    a.lea(rsi, ptr[p.string("state")])
-    a.call("xs_read")
-    a.lea(rsi, ptr["xs_reply"])
-    a.call("atou")
-    a.cmp(eax, C.XenbusStateConnected)
-    a.je("connected")
-    a.cmp(eax, C.XenbusStateClosing)
-    crash_unless_jb(p, "blkfront: the backend refused the ring, state ")
-    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
-    a.jmp("wait_connected")
-    a.label("connected")
+    emit_wait_connected(p, "blkfront", "the ring")
     a.lea(rdi, ptr["front"])
     a.lea(rsi, ptr[p.string("state")])
     a.lea(rdx, ptr[p.string(str(C.XenbusStateConnected))])
@@ -1112,6 +1100,25 @@ def _emit_bench(p: PVProgram) -> None:
     a.section(".text")
 
 
+
+
+def emit_wait_connected(p: PVProgram, who: str, what: str) -> None:
+    """(inline) Wait, yielding, until the backend (`back`) is Connected; a backend that
+    goes to Closing or beyond crashes the domain with "<who>: the backend refused <what>"."""
+    a = p.a
+    a.label(f"{who}.wait_connected")
+    a.lea(rdi, ptr["back"])
+    a.lea(rsi, ptr[p.string("state")])
+    a.call("xs_read")
+    a.lea(rsi, ptr["xs_reply"])
+    a.call("atou")
+    a.cmp(eax, C.XenbusStateConnected)
+    a.je(f"{who}.connected")
+    a.cmp(eax, C.XenbusStateClosing)
+    crash_unless_jb(p, f"{who}: the backend refused {what}, state ")
+    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.jmp(f"{who}.wait_connected")
+    a.label(f"{who}.connected")
 
 def emit_find_device(p: PVProgram, who: str, kind: str, noun: str) -> None:
     """(inline) The first device/<kind> entry in xenstore: its directory into `front`,

@@ -38,8 +38,9 @@ from abi import C, offsetof
 
 from .asm import (al, ax, bl, byte, cx, dl, dword, dx, eax, ebx, ecx, edi, edx, esi, ptr, qword,
                   r8, r8d, r9, r12, r13, r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, si, word)
-from .blkfront import (crash_unless_jb, crash_unless_je,
-                       emit_find_device, emit_map_grant_table, grant_page)
+from .blkfront import (crash_unless_je,
+                       emit_find_device, emit_map_grant_table, emit_wait_connected,
+                       grant_page)
 from .pvlib import crash_unless
 from .runtime import PVProgram
 
@@ -203,19 +204,7 @@ def emit_netfront(p: PVProgram) -> None:
     a.lea(rdx, ptr["number"])
     a.call("xs_write")
     _set_state(p, C.XenbusStateInitialised)
-    a.label("nf.wait_connected")
-    a.lea(rdi, ptr["back"])
-    a.lea(rsi, ptr[p.string("state")])
-    a.call("xs_read")
-    a.lea(rsi, ptr["xs_reply"])
-    a.call("atou")
-    a.cmp(eax, C.XenbusStateConnected)
-    a.je("nf.connected")
-    a.cmp(eax, C.XenbusStateClosing)
-    crash_unless_jb(p, "netfront: the backend refused the rings, state ")
-    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
-    a.jmp("nf.wait_connected")
-    a.label("nf.connected")
+    emit_wait_connected(p, "netfront", "the rings")
     _set_state(p, C.XenbusStateConnected)
     p.print("netfront: connected, ip ")
     a.mov(edi, dword["nf_ip"])
