@@ -851,17 +851,7 @@ def emit_blkfront(p: PVProgram, bench: bool = False, writer: bool = False) -> No
     a.add(eax, BAD_AHEAD)
     a.mov(dword["blk_ring"], eax)
     p.hypercall("event_channel_op", C.EVTCHNOP_send, "blk_port")
-    a.label("broken.wait")
-    a.lea(rdi, ptr["back"])
-    a.lea(rsi, ptr[p.string("state")])
-    a.call("xs_read")
-    a.lea(rsi, ptr["xs_reply"])
-    a.call("atou")
-    a.cmp(eax, C.XenbusStateClosing)
-    a.je("broken.seen")
-    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
-    a.jmp("broken.wait")
-    a.label("broken.seen")
+    emit_wait_backend_closing(p, "broken")
     p.print(f"blkfront: req_prod {BAD_AHEAD} ahead: backend state {C.XenbusStateClosing}\n")
 
     # close the device, as a frontend does before it goes
@@ -1101,6 +1091,23 @@ def _emit_bench(p: PVProgram) -> None:
 
 
 
+
+
+def emit_wait_backend_closing(p: PVProgram, label: str) -> None:
+    """(inline) Wait, yielding, until the backend (`back`) says Closing: how a frontend
+    sees that the backend gave up on a ring it broke. label names the loop."""
+    a = p.a
+    a.label(f"{label}.wait")
+    a.lea(rdi, ptr["back"])
+    a.lea(rsi, ptr[p.string("state")])
+    a.call("xs_read")
+    a.lea(rsi, ptr["xs_reply"])
+    a.call("atou")
+    a.cmp(eax, C.XenbusStateClosing)
+    a.je(f"{label}.seen")
+    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.jmp(f"{label}.wait")
+    a.label(f"{label}.seen")
 
 def emit_wait_connected(p: PVProgram, who: str, what: str) -> None:
     """(inline) Wait, yielding, until the backend (`back`) is Connected; a backend that

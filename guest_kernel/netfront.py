@@ -39,8 +39,8 @@ from abi import C, offsetof
 from .asm import (al, ax, bl, byte, cx, dl, dword, dx, eax, ebx, ecx, edi, edx, esi, ptr, qword,
                   r8, r8d, r9, r12, r13, r14, r15, rax, rbx, rcx, rdi, rdx, rip, rsi, si, word)
 from .blkfront import (crash_unless_je,
-                       emit_find_device, emit_map_grant_table, emit_wait_connected,
-                       grant_page)
+                       emit_find_device, emit_map_grant_table, emit_wait_backend_closing,
+                       emit_wait_connected, grant_page)
 from .pvlib import crash_unless
 from .runtime import PVProgram
 
@@ -416,17 +416,7 @@ def _emit_badtx(p: PVProgram) -> None:
     p.print("\n")
     a.add(dword["nf_tx_ring"], BAD_AHEAD)     # req_prod, far ahead of any request
     p.hypercall("event_channel_op", C.EVTCHNOP_send, "nf_port")
-    a.label("nf.badtx.wait")
-    a.lea(rdi, ptr["back"])
-    a.lea(rsi, ptr[p.string("state")])
-    a.call("xs_read")
-    a.lea(rsi, ptr["xs_reply"])
-    a.call("atou")
-    a.cmp(eax, C.XenbusStateClosing)
-    a.je("nf.badtx.seen")
-    p.hypercall("sched_op", C.SCHEDOP_yield, 0)
-    a.jmp("nf.badtx.wait")
-    a.label("nf.badtx.seen")
+    emit_wait_backend_closing(p, "nf.badtx")
     p.print(f"netfront: tx req_prod {BAD_AHEAD} ahead: backend state {C.XenbusStateClosing}\n")
     a.jmp("nf.summary")
 
