@@ -1058,6 +1058,46 @@ struct trap_info {
 #define TI_DPL_MASK          3
 #define TI_MASK_EVENTS       4
 
+/* VCPUOP_initialise for a 64-bit PV guest: the state a down vCPU starts in (Xen's
+ * arch-x86 vcpu_guest_context; the registers are its cpu_user_regs). */
+struct xen_user_regs {
+    uint64_t r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi;
+    uint32_t error_code, entry_vector;  /* Xen's own, ignored */
+    uint64_t rip;
+    uint16_t cs, _pad0[1];
+    uint8_t  saved_upcall_mask;
+    uint8_t  _pad1[3];
+    uint64_t rflags;
+    uint64_t rsp;
+    uint16_t ss, _pad2[3];
+    uint16_t es, _pad3[3];
+    uint16_t ds, _pad4[3];
+    uint16_t fs, _pad5[3];
+    uint16_t gs, _pad6[3];
+};
+
+struct vcpu_guest_context {
+    uint8_t  fpu_ctxt[512];             /* FXSAVE image, used with VGCF_i387_valid */
+    uint64_t flags;                     /* VGCF_* */
+    struct xen_user_regs user_regs;
+    struct trap_info trap_ctxt[256];    /* the virtual IDT, by vector */
+    uint64_t ldt_base, ldt_ents;
+    uint64_t gdt_frames[16], gdt_ents;
+    uint64_t kernel_ss, kernel_sp;
+    uint64_t ctrlreg[8];                /* [3]: kernel L4, [1]: user L4 (frame << 12) */
+    uint64_t debugreg[8];
+    uint64_t event_callback_eip;
+    uint64_t failsafe_callback_eip;
+    uint64_t syscall_callback_eip;
+    uint64_t vm_assist;                 /* only vCPU 0's counts */
+    uint64_t fs_base, gs_base_kernel, gs_base_user;
+};
+#define VGCF_i387_valid                1
+#define VGCF_in_kernel                 4
+#define VGCF_failsafe_disables_events  8
+#define VGCF_syscall_disables_events   0x10
+#define VGCF_online                    0x20
+
 /* callback_op (30) */
 #define CALLBACKOP_register          0
 #define CALLBACKOP_unregister        1

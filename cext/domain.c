@@ -112,6 +112,10 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
                      (unsigned long long)cfg->pt_pool_start, (unsigned long long)cfg->pt_pool_end);
         return NULL;
     }
+    if (cfg->max_vcpus > HV_MAX_VCPUS) {
+        hv_set_error(err, err_len, "%u vCPUs: at most %d", cfg->max_vcpus, HV_MAX_VCPUS);
+        return NULL;
+    }
     if (budget_take(cfg->ram_bytes, err, err_len) < 0)
         return NULL;
     d = calloc(1, sizeof(*d));
@@ -128,6 +132,8 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
     d->console_fd = cfg->console_fd;
     d->shutdown_code = -1;
     d->kvm_vm_fd = -1;
+    d->max_vcpus = cfg->max_vcpus ? cfg->max_vcpus : 1;
+    pthread_mutex_init(&d->vcpu_lock, NULL);
     memcpy(d->handle, cfg->handle, sizeof(d->handle));
     pthread_mutex_init(&d->console_lock, NULL);
 
@@ -202,6 +208,7 @@ void hv_domain_destroy(struct hv_domain *d)
     hv_gnt_destroy(d);                  /* after the vCPUs: nothing maps through it now */
     unmap_ram(d);
     pthread_mutex_destroy(&d->console_lock);
+    pthread_mutex_destroy(&d->vcpu_lock);
     free(d);
 }
 

@@ -17,7 +17,9 @@
 
 #define HV_PAGE_SIZE   4096ULL
 #define HV_PAGE_SHIFT  12
-#define HV_MAX_VCPUS   1
+/* vCPUs per domain: each has its vcpu_info in shared_info, so no guest must register
+ * one before VCPUOP_initialise (Xen refuses that for a vCPU without one) */
+#define HV_MAX_VCPUS   XEN_LEGACY_MAX_VCPUS
 #define HV_CONSOLE_IN  4096         /* console input ring, bytes (power of two) */
 #define HV_DEFAULT_MAX_PORTS 1024   /* event channel ports per domain unless configured */
 #define HV_NO_DEADLINE (~0ULL)
@@ -187,7 +189,10 @@ struct hv_domain {
     const struct hv_engine_impl *engine;
     void *engine_priv;              /* engine-specific per-domain state (not kvm's) */
     int kvm_vm_fd;
+    uint32_t max_vcpus;             /* vcpus[0 .. max_vcpus) exist (vcpus=) */
     struct hv_vcpu *vcpus[HV_MAX_VCPUS];
+    /* Xen's domain_lock: guards bringing vCPUs up and down (vcpu_op.c) */
+    pthread_mutex_t vcpu_lock;
 };
 
 #define HV_NO_PAGE (~0ULL)
@@ -231,6 +236,15 @@ struct hv_vcpu {
     int result_ready;               /* ... which it is once this is set */
     struct hv_stop final_stop;
     pthread_cond_t done_cond;       /* sched_state became HV_SCHED_DONE */
+
+    /* Xen's life of a vCPU (vcpu_op.c), under the domain's vcpu_lock: the builder
+     * initialises vCPU 0 and starts it; the others exist down and uninitialised until
+     * VCPUOP_initialise gives them a context */
+    int initialised;
+    int down;                       /* Xen's _VPF_down: not to be run */
+    uint64_t base_mfn;              /* its kernel L4 (holds a type reference); HV_NO_FRAME */
+    struct xen_user_regs init_regs; /* VCPUOP_initialise's registers, for its first slice */
+    uint64_t init_fs_base, init_gs_base;    /* ... and its active segment bases */
 
     uint64_t vcpu_info_gpa;         /* HV_NO_PAGE: the slot in shared_info */
     struct pv_vcpu pv;              /* Xen PV CPU state (pv_traps.c); unused in ring-0 PV */
@@ -325,6 +339,8 @@ void hv_devices_console_input(struct hv_domain *d);    /* input queued: UART RX 
 /* ---- timer service (timers.c) ---- */
 int64_t do_set_timer_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_vcpu_op(struct hv_vcpu *v, const struct hv_hcall *h);
+/* VCPUOP_initialise, up, down, is_up on vCPU t (vcpu_op.c) */
+int64_t hv_vcpu_life_op(struct hv_vcpu *v, int cmd, struct hv_vcpu *t, uint64_t arg);
 int  hv_timers_start(struct hv_domain *d, char *err, int err_len);
 void hv_timers_stop(struct hv_domain *d);
 void hv_timers_wake(struct hv_domain *d);      /* a device deadline moved */

@@ -99,6 +99,9 @@ struct hv_domain_config {
     uint32_t max_evtchn_ports; /* 0 = the default (1024) */
     int      pv_model;      /* 0: legacy ring-0 PV kernel, 1: Xen's PV CPU model (pv_cpu.h) */
     uint32_t guest_type;    /* enum hv_guest_type */
+    uint32_t max_vcpus;     /* vCPUs the domain has (xl's vcpus=), at most
+                             * XEN_LEGACY_MAX_VCPUS; 0 = 1. vCPU 0 is the builder's; the
+                             * others start down, for VCPUOP_initialise. */
 };
 
 /* One traced hypercall (the domain keeps the last HV_TRACE_ENTRIES). */

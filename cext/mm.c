@@ -156,7 +156,8 @@ int hv_mm_seal_frame(struct hv_domain *d, uint64_t mfn)
 
     if (!(f->flags & HV_FRAME_WAS_WRITABLE))
         return 0;
-    /* one vCPU per domain: flushing its TLB retires every stale writable entry */
+    /* Only vCPU 0 ever runs (VCPUOP_up is refused, vcpu_op.c): flushing its TLB retires
+     * every stale writable entry. */
     if (v && v->ops->flush_tlb(v) < 0)
         return -1;
     for (uint64_t i = 0; i < d->mm.nr_pages; i++)
@@ -350,8 +351,7 @@ static int unpin_table(struct hv_domain *d, uint64_t mfn)
 static int new_baseptr(struct hv_vcpu *v, uint64_t mfn)
 {
     struct hv_domain *d = v->dom;
-    struct hv_mm *mm = &d->mm;
-    uint64_t old = mm->base_mfn;
+    uint64_t old = v->base_mfn;
     int rc;
 
     if (mfn == old)
@@ -363,7 +363,7 @@ static int new_baseptr(struct hv_vcpu *v, uint64_t mfn)
         drop_table(d, mfn);
         return -XEN_EIO;
     }
-    mm->base_mfn = mfn;
+    v->base_mfn = mfn;
     if (old != HV_NO_FRAME)
         drop_table(d, old);
     return 0;
@@ -372,6 +372,16 @@ static int new_baseptr(struct hv_vcpu *v, uint64_t mfn)
 int hv_mm_new_baseptr(struct hv_vcpu *v, uint64_t mfn)
 {
     return new_baseptr(v, mfn);
+}
+
+int hv_mm_get_table(struct hv_domain *d, uint64_t mfn, int type)
+{
+    return take_table(d, mfn, type);
+}
+
+void hv_mm_put_table(struct hv_domain *d, uint64_t mfn)
+{
+    drop_table(d, mfn);
 }
 
 /* The L4 Xen switches to for guest user mode (pv_traps.c); frame 0 clears it. */
@@ -626,9 +636,14 @@ int hv_mm_set_reservation(struct hv_domain *d, uint64_t populated, char *err, in
 int hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len)
 {
     struct hv_mm *mm = &d->mm;
+    struct hv_vcpu *boot_vcpu = d->vcpus[0];
     uint64_t root = cr3 >> HV_PAGE_SHIFT;
     int rc;
 
+    if (!boot_vcpu) {
+        hv_set_error(err, err_len, "the domain has no vCPU 0 to take the bootstrap L4");
+        return -1;
+    }
     hv_mm_destroy(d);
     mm->nr_pages = d->ram_bytes >> HV_PAGE_SHIFT;
     mm->frames = calloc(mm->nr_pages, sizeof(*mm->frames));
@@ -642,7 +657,7 @@ int hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len)
     mm->nr_populated = mm->nr_pages;
     mm->pool_first = d->pt_pool_start >> HV_PAGE_SHIFT;
     mm->pool_end = d->pt_pool_end >> HV_PAGE_SHIFT;
-    mm->base_mfn = HV_NO_FRAME;
+    boot_vcpu->base_mfn = HV_NO_FRAME;
     if (d->guest_type == HV_GUEST_PVH)
         return 0;       /* its page tables are its own, in ordinary RAM: nothing to type */
 
@@ -661,7 +676,7 @@ int hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len)
         hv_mm_destroy(d);
         return -1;
     }
-    mm->base_mfn = root;
+    boot_vcpu->base_mfn = root;
     mm->frames[root].type_count++;
     mm->frames[root].flags |= HV_FRAME_PINNED;
     return 0;
@@ -686,11 +701,13 @@ int hv_mm_audit(struct hv_domain *d, char *err, int err_len)
         hv_set_error(err, err_len, "out of host memory");
         goto out;
     }
-    if (mm->base_mfn != HV_NO_FRAME)
-        type_refs[mm->base_mfn]++;
-    for (int i = 0; i < HV_MAX_VCPUS; i++)        /* user L4s hold a reference too */
-        if (d->vcpus[i] && d->vcpus[i]->pv.user_l4 && d->vcpus[i]->pv.user_l4 < n)
-            type_refs[d->vcpus[i]->pv.user_l4]++;
+    for (int i = 0; i < HV_MAX_VCPUS; i++) {      /* each vCPU's L4s hold a reference */
+        const struct hv_vcpu *v = d->vcpus[i];
+        if (v && v->base_mfn != HV_NO_FRAME && v->base_mfn < n)
+            type_refs[v->base_mfn]++;
+        if (v && v->pv.user_l4 && v->pv.user_l4 < n)
+            type_refs[v->pv.user_l4]++;
+    }
     for (uint64_t m = 0; m < n; m++) {
         const struct hv_frame *f = &mm->frames[m];
         if (f->flags & HV_FRAME_POPULATED)

@@ -45,7 +45,6 @@ struct hv_mm {
     uint64_t nr_pages;              /* frames of guest-physical memory: the maximum reservation */
     uint64_t nr_populated;          /* the current reservation */
     uint64_t pool_first, pool_end;  /* frame numbers of the page-table pool */
-    uint64_t base_mfn;              /* L4 installed as cr3 by us (holds a type ref); HV_NO_FRAME */
     uint64_t alloc_hint;            /* where increase_reservation starts looking */
     struct hv_frame *frames;        /* nr_pages records; NULL until hv_mm_init */
     int live_entry_changed;         /* a present entry of a table in use changed since the
@@ -65,6 +64,10 @@ void hv_mm_destroy(struct hv_domain *d);
 struct hv_vcpu;
 /* MMUEXT_NEW_BASEPTR: mfn becomes the kernel L4 (validated; a type reference). */
 int  hv_mm_new_baseptr(struct hv_vcpu *v, uint64_t mfn);
+/* One more use of frame mfn as a page table of type (enum hv_frame_type), the first
+ * validating it (Xen's get_page_and_type): 0 or -errno. hv_mm_put_table gives it back. */
+int  hv_mm_get_table(struct hv_domain *d, uint64_t mfn, int type);
+void hv_mm_put_table(struct hv_domain *d, uint64_t mfn);
 /* Before a frame becomes a page table or descriptor table: make sure no stale TLB
  * entry can still write it (flushes if it was writable since the last flush). 0 or -1. */
 int  hv_mm_seal_frame(struct hv_domain *d, uint64_t mfn);

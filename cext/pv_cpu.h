@@ -183,6 +183,9 @@ int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h);
 /* MMUEXT_SET_LDT(linear_addr, nr_ents): 0 or a negative Xen errno. */
 int     pv_set_ldt(struct hv_vcpu *v, uint64_t base, uint64_t ents);
+int     pv_set_gdt(struct hv_vcpu *v, const uint64_t *frames, uint64_t entries, int load);
+void    pv_drop_gdt(struct hv_vcpu *v);
+
 
 /* ---- pv_ctrl.c: control registers, debug registers, IOPL, vm_assist, segment bases ---- */
 int64_t do_fpu_taskswitch(struct hv_vcpu *v, const struct hv_hcall *h);

@@ -149,7 +149,7 @@ uint64_t pv_read_cr(struct hv_vcpu *v, int cr)
     case 2:
         return __atomic_load_n(&hv_vcpu_info(v)->arch.cr2, __ATOMIC_ACQUIRE);
     case 3:
-        return v->dom->mm.base_mfn << HV_PAGE_SHIFT;   /* the kernel L4 */
+        return v->base_mfn << HV_PAGE_SHIFT;   /* the kernel L4 */
     case 4:
         return PV_CR4_VISIBLE | v->pv.cr4;
     }

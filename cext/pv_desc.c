@@ -51,18 +51,30 @@ static void mark_desc_frames(struct hv_vcpu *v, const uint64_t *old, unsigned n_
 
 int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h)
 {
-    struct hv_domain *d = v->dom;
-    struct hv_mm *mm = &d->mm;
-    uint64_t entries = h->a2, frames[FIRST_RESERVED_GDT_PAGE], (*checked)[512];
-    unsigned n;
+    uint64_t entries = h->a2, frames[FIRST_RESERVED_GDT_PAGE];
 
-    if (d->pv_model != HV_PV_XEN)
+    if (v->dom->pv_model != HV_PV_XEN)
         return -XEN_ENOSYS;
     if (entries > FIRST_RESERVED_GDT_ENTRY)
         return -XEN_EINVAL;
-    n = (unsigned)((entries + 511) / 512);
-    if (hv_copy_from_guest(v, frames, h->a1, n * sizeof(uint64_t)) < 0)
+    if (hv_copy_from_guest(v, frames, h->a1, (entries + 511) / 512 * sizeof(uint64_t)) < 0)
         return -XEN_EFAULT;
+    return pv_set_gdt(v, frames, entries, 1);
+}
+
+/* Xen's pv_set_gdt: the frames holding `entries` descriptors become v's GDT; `load`:
+ * v is the vCPU running now, whose real GDT maps them at once (a vCPU that never ran
+ * gets them mapped when it first runs). 0 or -errno, nothing changed on failure. */
+int pv_set_gdt(struct hv_vcpu *v, const uint64_t *frames, uint64_t entries, int load)
+{
+    struct hv_domain *d = v->dom;
+    struct hv_mm *mm = &d->mm;
+    uint64_t (*checked)[512];
+    unsigned n;
+
+    if (entries > FIRST_RESERVED_GDT_ENTRY)
+        return -XEN_EINVAL;
+    n = (unsigned)((entries + 511) / 512);
     checked = malloc(n * HV_PAGE_SIZE + 1);
     if (!checked)
         return -XEN_ENOMEM;
@@ -90,8 +102,22 @@ int64_t do_set_gdt(struct hv_vcpu *v, const struct hv_hcall *h)
     free(checked);
     v->pv.gdt_nr_frames = n;
     mark_desc_frames(v, old, n_old);
+    if (!load)
+        return 0;
     pv_map_gdt(d, v->pv.gdt_frames, n);
     return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
+}
+
+/* Xen's pv_destroy_gdt for a vCPU that is not running: its frames are plain again. */
+void pv_drop_gdt(struct hv_vcpu *v)
+{
+    uint64_t old[FIRST_RESERVED_GDT_PAGE];
+    unsigned n_old = v->pv.gdt_nr_frames;
+
+    memcpy(old, v->pv.gdt_frames, sizeof(old));
+    memset(v->pv.gdt_frames, 0, sizeof(v->pv.gdt_frames));
+    v->pv.gdt_nr_frames = 0;
+    mark_desc_frames(v, old, n_old);
 }
 
 /* update_descriptor(ma, desc): one descriptor, checked as set_gdt checks them, stored
@@ -111,16 +137,21 @@ int64_t do_update_descriptor(struct hv_vcpu *v, const struct hv_hcall *h)
 }
 
 /* The frames of the guest's descriptor tables take HV_FRAME_SEG_DESC; a frame may be in
- * both the GDT and the LDT, so the flag is recomputed from both. */
+ * both the GDT and the LDT, of this vCPU or another, so the flag is recomputed from all. */
 static void mark_desc_frames(struct hv_vcpu *v, const uint64_t *old, unsigned n_old)
 {
     struct hv_mm *mm = &v->dom->mm;
     for (unsigned i = 0; i < n_old; i++)
         mm->frames[old[i]].flags &= (uint8_t)~HV_FRAME_SEG_DESC;
-    for (unsigned i = 0; i < v->pv.gdt_nr_frames; i++)
-        mm->frames[v->pv.gdt_frames[i]].flags |= HV_FRAME_SEG_DESC;
-    for (unsigned i = 0; i < v->pv.ldt_nr_frames; i++)
-        mm->frames[v->pv.ldt_frames[i]].flags |= HV_FRAME_SEG_DESC;
+    for (int id = 0; id < HV_MAX_VCPUS; id++) {
+        const struct hv_vcpu *u = v->dom->vcpus[id];
+        if (!u)
+            continue;
+        for (unsigned i = 0; i < u->pv.gdt_nr_frames; i++)
+            mm->frames[u->pv.gdt_frames[i]].flags |= HV_FRAME_SEG_DESC;
+        for (unsigned i = 0; i < u->pv.ldt_nr_frames; i++)
+            mm->frames[u->pv.ldt_frames[i]].flags |= HV_FRAME_SEG_DESC;
+    }
 }
 
 int pv_set_ldt(struct hv_vcpu *v, uint64_t base, uint64_t ents)

@@ -77,7 +77,7 @@ static int crash(struct hv_vcpu *v, struct hv_stop *stop, uint64_t rip, const ch
 static int switch_mode(struct hv_vcpu *v, struct pv_regs *r, int to_user)
 {
     struct pv_vcpu *p = &v->pv;
-    uint64_t gs = r->gs_base, l4 = to_user ? p->user_l4 : v->dom->mm.base_mfn;
+    uint64_t gs = r->gs_base, l4 = to_user ? p->user_l4 : v->base_mfn;
 
     if (l4 == 0 || l4 == HV_NO_FRAME || v->ops->set_cr3(v, l4 << HV_PAGE_SHIFT) < 0)
         return -1;

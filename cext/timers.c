@@ -491,12 +491,11 @@ int64_t do_vcpu_op(struct hv_vcpu *v, const struct hv_hcall *h)
         return -XEN_ENOENT;
 
     switch (cmd) {
-    case VCPUOP_is_up:
-        return 1;
-    case VCPUOP_up:
-        return 0;                       /* already up */
     case VCPUOP_initialise:
-        return -XEN_EEXIST;             /* every vCPU is initialised by the builder */
+    case VCPUOP_up:
+    case VCPUOP_down:
+    case VCPUOP_is_up:
+        return hv_vcpu_life_op(v, cmd, target, h->a3);
     case VCPUOP_get_runstate_info:
         return runstate_info(v, target, h->a3);
     case VCPUOP_register_runstate_memory_area:

@@ -40,7 +40,7 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
 {
     struct hv_vcpu *v;
 
-    if (id < 0 || id >= HV_MAX_VCPUS || d->vcpus[id]) {
+    if (id < 0 || (uint32_t)id >= d->max_vcpus || d->vcpus[id]) {
         hv_set_error(err, err_len, "bad or duplicate vCPU id %d", id);
         return NULL;
     }
@@ -53,6 +53,13 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
     v->id = id;
     v->vcpu_info_gpa = HV_NO_PAGE;
     v->runstate_gpa = HV_NO_PAGE;
+    v->base_mfn = HV_NO_FRAME;
+    v->down = 1;                        /* until the builder or VCPUOP_initialise + up */
+    /* Xen's vCPUs are offline until they first run; vCPU 0's accounting starts with its
+     * first slice, the others' now */
+    v->runstate.state = RUNSTATE_offline;
+    if (id)
+        v->runstate.state_entry_time = hv_system_time();
     v->sched_state = HV_SCHED_NEW;
     /* Only a worker inside the engine's run is the vCPU's thread; none is before. */
     memset(&v->thread, 0, sizeof(v->thread));
@@ -103,9 +110,17 @@ void hv_vcpu_destroy(struct hv_vcpu *v)
     free(v);
 }
 
+/* The builder's start of day: the vCPU is initialised and up (Xen's vCPU 0). */
 int hv_vcpu_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, char *err, int err_len)
 {
-    return v->dom->engine->set_boot_state(v, bs, err, err_len);
+    int rc = v->dom->engine->set_boot_state(v, bs, err, err_len);
+    if (rc == 0) {
+        pthread_mutex_lock(&v->dom->vcpu_lock);
+        v->initialised = 1;
+        v->down = 0;
+        pthread_mutex_unlock(&v->dom->vcpu_lock);
+    }
+    return rc;
 }
 
 int hv_stop_with(struct hv_stop *stop, int reason, int code, uint64_t rip, const char *fmt, ...)

@@ -148,7 +148,8 @@ def cmd_run(args) -> int:
         # the output streams to stdout and nothing of it is kept (console_keep=0)
         with Domain(image, memory_mib=args.memory, cmdline=args.cmdline, engine=args.engine,
                     on_console=to_stdout, native=args.native, console_keep=0,
-                    guest_type=args.type, ramdisk=ramdisk, disks=args.disk) as dom:
+                    guest_type=args.type, ramdisk=ramdisk, disks=args.disk,
+                    vcpus=args.vcpus) as dom:
             say_engine_fallback(args, dom)
             running.append(dom)
             stop = dom.run(timeout=args.timeout)
@@ -244,6 +245,18 @@ def cmdline(text: str) -> str:
     return text
 
 
+def vcpus(text: str) -> int:
+    """--vcpus: how many vCPUs, as a config file's `vcpus =` is checked."""
+    from .domain import MAX_VCPUS
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number") from None
+    if not 1 <= n <= MAX_VCPUS:
+        raise argparse.ArgumentTypeError(f"{n}: must be between 1 and {MAX_VCPUS}")
+    return n
+
+
 def disk(spec: str):
     """--disk: one disk in xl's syntax (a relative target is relative to the current
     directory), checked as a config file's `disk = [...]` entry is."""
@@ -286,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "built-in PV kernel)")
     run.add_argument("--memory", type=int, default=64, metavar="MIB", help="guest memory (default 64)")
     run.add_argument("--engine", choices=list(ENGINES), help="engine (default: best available)")
+    run.add_argument("--vcpus", type=vcpus, default=1, metavar="N",
+                     help="vCPUs the domain has (default 1): vCPU 0 boots, the others wait "
+                          "down for the guest's VCPUOP_initialise")
     run.add_argument("--cmdline", default="", type=cmdline, metavar="TEXT",
                      help="guest command line (UTF-8, at most 1023 bytes)")
     run.add_argument("--stats", action="store_true", help="print exit and hypercall counters")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import engines, files
 from .builder import cmdline_problem
-from .domain import MAX_MEMORY_MIB, MIN_MEMORY_MIB
+from .domain import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB
 from .errors import ConfigError
 
 ACTIONS = ("destroy", "restart", "preserve")
@@ -200,6 +200,7 @@ class DomainConfig:
     extra: str = ""                      # appended to cmdline, as xl does
     engine: str | None = None            # None: the best engine this host has
     vcpus: int = 1
+    maxvcpus: int | None = None          # None: the same as vcpus
     type: str | None = None              # "pv" or "pvh"; None: as the image's notes say
     ramdisk: Path | None = None          # a PVH guest's initramfs (hvm_start_info module 0)
     on_poweroff: str = "destroy"
@@ -208,6 +209,12 @@ class DomainConfig:
     disk: list[Disk] = field(default_factory=list)
     vif: list[Vif] = field(default_factory=list)
     source: str = field(default="command line", compare=False)  # for messages
+
+    @property
+    def vcpu_count(self) -> int:
+        """The vCPUs the domain has: maxvcpus, else vcpus (as xl: the rest of maxvcpus
+        beyond vcpus start offline, and here every vCPU but 0 starts down)."""
+        return self.maxvcpus if self.maxvcpus is not None else self.vcpus
 
     @property
     def full_cmdline(self) -> str:
@@ -251,8 +258,8 @@ def _check_path(key: str, value: str) -> str:
 
 
 def _check_vcpus(key: str, value: int) -> int:
-    if value != 1:
-        raise ValueError("trapless domains have exactly one vCPU")
+    if not 1 <= value <= MAX_VCPUS:
+        raise ValueError(f"must be between 1 and {MAX_VCPUS}")
     return value
 
 
@@ -272,6 +279,7 @@ SCHEMA = {
     "extra": (str, lambda k, v: v),
     "engine": (str, _check_engine),
     "vcpus": (int, _check_vcpus),
+    "maxvcpus": (int, _check_vcpus),
     "type": (str, _check_type),
     "ramdisk": (str, lambda k, v: v),
     "on_poweroff": (str, _check_choice(ACTIONS)),
@@ -485,6 +493,8 @@ def finish(cfg: DomainConfig) -> DomainConfig:
             raise ConfigError(f"{where}: ramdisk = '{cfg.ramdisk}': {why}")
     if cfg.maxmem is not None and cfg.maxmem < cfg.memory:
         raise ConfigError(f"{where}: maxmem = {cfg.maxmem}: below memory ({cfg.memory} MiB)")
+    if cfg.maxvcpus is not None and cfg.maxvcpus < cfg.vcpus:
+        raise ConfigError(f"{where}: maxvcpus = {cfg.maxvcpus}: below vcpus ({cfg.vcpus})")
     seen: set[int] = set()
     for disk in cfg.disk:
         why = files.problem(disk.target) or (

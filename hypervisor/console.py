@@ -51,7 +51,7 @@ COMMANDS = {
     "create": ("create IMAGE|CONFIG [key=value ...]",
                "build a domain from a PV kernel image or an xl-style config file and start it; "
                "key=value words override the file (name, kernel, memory, maxmem, cmdline, "
-               "extra, engine, vcpus, type, on_poweroff, on_reboot, on_crash)"),
+               "extra, engine, vcpus, maxvcpus, type, on_poweroff, on_reboot, on_crash)"),
     "list": ("list", "the domains: id, name, state, memory, vCPU time, engine"),
     "console": ("console DOM", "attach to the domain's console: its output streams live and "
                 "what you type goes to CONSOLEIO_read; Ctrl-] detaches"),
@@ -186,12 +186,12 @@ class Shell(cmd.Cmd):
         self._args(arg, "list", 0, 0)
         table = Table(box=box.SIMPLE, pad_edge=False)
         for title, justify in (("ID", "right"), ("Name", "left"), ("State", "left"),
-                               ("Mem (MiB)", "right"), ("Time (s)", "right"),
-                               ("Engine", "left")):
+                               ("Mem (MiB)", "right"), ("VCPUs", "right"),
+                               ("Time (s)", "right"), ("Engine", "left")):
             table.add_column(title, justify=justify)
         for row in self.ts.list():
             table.add_row(str(row.domid), row.name, row.state, str(row.memory_mib),
-                          f"{row.cpu_ns / 1e9:.3f}", row.engine)
+                          str(row.vcpus), f"{row.cpu_ns / 1e9:.3f}", row.engine)
         self.out.print(table)
 
     def do_pause(self, arg: str) -> None:

@@ -31,8 +31,17 @@ from .image import PVImage, load_image
 # up to whole MiB, come off 3840 MiB.
 MIN_MEMORY_MIB = 4
 MAX_MEMORY_MIB = 3840 - ((lib.HV_GNT_REGION_FRAMES * 4096 + (1 << 20) - 1) >> 20)
+# vCPUs a domain may have: each keeps its vcpu_info in shared_info (Xen's legacy slots),
+# so a guest needs no VCPUOP_register_vcpu_info before it brings one up (cext/hv.h).
+MAX_VCPUS = lib.XEN_LEGACY_MAX_VCPUS
 CONSOLE_KEEP = 64 * 1024        # console bytes a Domain keeps (the latest); older ones go
 BUDGET_MARGIN_MIB = 1024        # the default memory budget leaves the host this much
+
+
+def check_vcpus(n: int) -> int:
+    if not 1 <= n <= MAX_VCPUS:
+        raise DomainError(f"{n} vCPUs: must be between 1 and {MAX_VCPUS}")
+    return n
 
 
 def _available_mib() -> int | None:
@@ -204,7 +213,7 @@ class Domain:
                  on_stop: Callable[["Domain"], None] | None = None, console_ring: bool = True,
                  xenstore: bool = True, guest_type: str | None = None,
                  ramdisk: bytes | None = None, disks: list | None = None,
-                 vifs: list | None = None):
+                 vifs: list | None = None, vcpus: int = 1):
         """memory_mib is what the domain starts with; maxmem_mib (default: the same) is
         how far it may balloon up: its guest-physical space and maximum reservation.
         console_keep: how many of the latest console bytes console_output keeps.
@@ -217,7 +226,9 @@ class Domain:
         a PVH guest's module 0 (an initramfs); disks: config.Disk entries, each a
         virtual block device whose xenstore directories are written with the domain's
         keys (needs xenstore); vifs: config.Vif entries, each a virtual network card
-        plugged into its software bridge (cext/netback.c), found the same way."""
+        plugged into its software bridge (cext/netback.c), found the same way.
+        vcpus: how many vCPUs the domain has (xl's vcpus=): vCPU 0 runs the image, the
+        others wait, down, for the guest's VCPUOP_initialise (cext/vcpu_op.c)."""
         self._dom = None
         self._lock = threading.RLock()
         self._state = "building"
@@ -234,6 +245,7 @@ class Domain:
             raise ImageError(f"maxmem {maxmem_mib} MiB is below memory {memory_mib} MiB")
         if console_keep < 0:
             raise DomainError(f"console_keep {console_keep}: must be 0 or more bytes")
+        check_vcpus(vcpus)
         start_bytes, ram_bytes = memory_mib << 20, maxmem_mib << 20
         # The image and the start-of-day region live in the memory the domain starts with.
         self.image = image if isinstance(image, PVImage) else load_image(
@@ -280,6 +292,8 @@ class Domain:
         cfg.max_evtchn_ports = max_evtchn_ports
         cfg.pv_model = self.pv_model
         cfg.guest_type = lib.HV_GUEST_PVH if self.guest_type == "pvh" else lib.HV_GUEST_PV
+        cfg.max_vcpus = vcpus
+        self.vcpus = vcpus
         err = ffi.new("char[256]")
         self._dom = lib.hv_domain_create(cfg, err, len(err))
         if self._dom == ffi.NULL:
@@ -291,9 +305,13 @@ class Domain:
         # From here the C domain owns console_w and closes it; the hub reads the rest.
         _hub.add(self._console_r, self)
         try:
-            self._vcpu = lib.hv_vcpu_create(self._dom, 0, err, len(err))
-            if self._vcpu == ffi.NULL:
-                raise EngineError(f"cannot create vCPU: {ffi.string(err).decode()}")
+            for vcpu_id in range(vcpus):     # vCPU 0 first: the builder starts it
+                vcpu = lib.hv_vcpu_create(self._dom, vcpu_id, err, len(err))
+                if vcpu == ffi.NULL:
+                    raise EngineError(f"cannot create vCPU {vcpu_id}: "
+                                      f"{ffi.string(err).decode()}")
+                if vcpu_id == 0:
+                    self._vcpu = vcpu
             # native: the emulated PC devices an unmodified kernel drives (cext/devices.c).
             self.native = native
             if native and lib.hv_domain_add_devices(self._dom, err, len(err)) < 0:

@@ -175,6 +175,7 @@ class DomainRow:
     memory_mib: int
     cpu_ns: int
     engine: str
+    vcpus: int              # the vCPUs the domain has (maxvcpus, else vcpus)
 
 
 @dataclass
@@ -348,7 +349,7 @@ class Toolstack:
                      on_console=rec._on_console,
                      on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)),
                      guest_type=cfg.type, ramdisk=ramdisk, disks=cfg.disk,
-                     vifs=cfg.vif)
+                     vifs=cfg.vif, vcpus=cfg.vcpu_count)
         rec.engine = dom.engine
         return dom
 
@@ -495,7 +496,8 @@ class Toolstack:
     def list(self) -> list[DomainRow]:
         with self._lock:
             return [DomainRow(r.domid, r.name, self._state(r), r.config.memory,
-                              r.domain.cpu_ns if r.domain else 0, r.engine)
+                              r.domain.cpu_ns if r.domain else 0, r.engine,
+                              r.config.vcpu_count)
                     for r in sorted(self._records.values(), key=lambda r: r.domid)]
 
     def sample(self) -> list[DomainSample]:

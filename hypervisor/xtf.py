@@ -32,6 +32,8 @@ RESULT = re.compile(r"^Test result: (SUCCESS|SKIP|ERROR|FAILURE)( with warnings)
 PANIC = re.compile(r"^PANIC: (.*)$", re.M)
 IMAGE = re.compile(r"^test-([a-z0-9]+)-(.+)$")
 VARY_CFG = re.compile(r"^VARY-CFG\s*:=\s*(.*?)\s*$", re.M)     # a test's Makefile
+MAKE_VCPUS = re.compile(r"^VCPUS\s*:=\s*(\d+)", re.M)           # ... and its vCPUs
+CFG_VCPUS = re.compile(r"^vcpus\s*=\s*(\d+)", re.M)              # a generated .cfg
 CFG_CMDLINE = re.compile(r'^cmdline\s*=\s*"([^"]*)"', re.M)      # <variant>.cfg.in
 
 # What kind of guest each XTF environment is, and why trapless cannot run a kind yet.
@@ -75,6 +77,7 @@ class Image:
     env: str
     path: Path
     cmdline: str = ""           # a variant's command line (its <variant>.cfg.in)
+    vcpus: int = 1              # what the test's config gives the domain (xl's vcpus=)
 
 
 def variants(test_dir: Path, xtf_dir: Path) -> list[tuple[str, str]]:
@@ -95,6 +98,21 @@ def variants(test_dir: Path, xtf_dir: Path) -> list[tuple[str, str]]:
                 break
         out.append((variant, cmdline))
     return out
+
+
+def test_vcpus(image: Path) -> int:
+    """The vCPUs XTF gives a test's domain: `vcpus=` of the config XTF generated beside
+    the image (test-<env>-<name>.cfg, from config/default-*.cfg.in), else the VCPUS of
+    the test's Makefile, which that config is made from (build/gen.mk: 1 if unset)."""
+    for path, pattern in ((image.with_name(image.name + ".cfg"), CFG_VCPUS),
+                          (image.parent / "Makefile", MAKE_VCPUS)):
+        try:
+            m = pattern.search(path.read_text(errors="replace"))
+        except OSError:
+            continue
+        if m:
+            return int(m.group(1))
+    return 1
 
 
 # XTF builds no PVH environment: its hvm64 images carry a PHYS32_ENTRY note and trapless
@@ -122,7 +140,7 @@ def find_images(xtf_dir: Path, envs: list[str] | None = None,
         for test, cmdline in runs or [(name, "")]:
             if tests and name not in tests and test not in tests:
                 continue
-            found.append(Image(test, env, path, cmdline))
+            found.append(Image(test, env, path, cmdline, test_vcpus(path)))
     if tests:
         named = {i.test for i in found} | {i.test.split("~")[0] for i in found}
         missing = sorted(set(tests) - named)
@@ -173,7 +191,7 @@ def run_one(image: Image, engine: str, timeout: float) -> Record:
     start = time.monotonic()
     try:
         dom = Domain(image.path, memory_mib=MEMORY_MIB, engine=engine, name=image.path.name,
-                     cmdline=image.cmdline)
+                     cmdline=image.cmdline, vcpus=image.vcpus)
     except TraplessError as e:
         return Record(image.test, image.env, engine, "not supported", f"cannot load: {e}",
                       0.0, str(image.path))

@@ -128,6 +128,8 @@ def test_missing_image_file(tmp_path):
     (["run", "--memory", "lots"], "invalid int value"),
     (["run", "--memory", "1"], "memory 1 MiB"),
     (["run", "--engine", "vmware"], "invalid choice"),
+    (["run", "--vcpus", "33"], "argument --vcpus: 33: must be between 1 and 32"),
+    (["run", "--vcpus", "two"], "argument --vcpus: 'two': must be a whole number"),
     (["frobnicate"], "invalid choice"),
     (["run", "--disk", "format=qcow2, vdev=xvda, target=x.img"],
      "argument --disk: 'format=qcow2, vdev=xvda, target=x.img': format=qcow2: trapless "

@@ -64,8 +64,8 @@ def test_words_alone_make_a_config(kernel):
 
 @pytest.mark.parametrize("text, message", [
     ('memroy = 32\n', "d.cfg:1: unknown key 'memroy' (known: cmdline, disk, engine, extra, "
-                      "kernel, maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, "
-                      "type, vcpus, vif)"),
+                      "kernel, maxmem, maxvcpus, memory, name, on_crash, on_poweroff, on_reboot, "
+                      "ramdisk, type, vcpus, vif)"),
     ('vif = "mac=00:16:3e:00:00:01"\n', "d.cfg:1: vif: expected a list (vif = [ 'spec', ... ])"),
     ("vif = [ 'mac=01:16:3e:00:00:01' ]\n", "d.cfg:1: vif = 'mac=01:16:3e:00:00:01': "
      "mac=01:16:3e:00:00:01: a multicast address (its first byte is odd)"),
@@ -125,7 +125,9 @@ def test_words_alone_make_a_config(kernel):
     ('kernel = "k.elf"\ndisk = [ "k.elf,raw,xvda", "vdev=xvda,target=k.elf" ]\n',
      "d.cfg: disk = 'vdev=xvda,target=k.elf': a second disk named xvda"),
     ('memory = [ 1 ]\n', "d.cfg:1: memory: lists are not supported"),
-    ('vcpus = 2\n', "d.cfg:1: vcpus = 2: trapless domains have exactly one vCPU"),
+    ('vcpus = 33\n', "d.cfg:1: vcpus = 33: must be between 1 and 32"),
+    ('vcpus = 0\n', "d.cfg:1: vcpus = 0: must be between 1 and 32"),
+    ('kernel = "k.elf"\nvcpus = 4\nmaxvcpus = 2\n', "d.cfg: maxvcpus = 2: below vcpus (4)"),
     ('type = "hvm"\n', 'd.cfg:1: type = \'hvm\': trapless runs PV and PVH domains (type = "pv" '
                         'or "pvh")'),
     ('engine = "qemu"\n', "d.cfg:1: engine = 'qemu': unknown engine (known: kvm"),

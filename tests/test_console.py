@@ -75,11 +75,12 @@ def test_a_person_runs_three_domains(configs, engine):
         for domid, name in enumerate("abc", 1):
             assert command(child, f"create {name}.cfg").strip() == f"created domain {domid} ({name})"
 
-        rows = re.findall(r"^\s*(\d+)\s+(\w+)\s+(\w+)\s+(\d+)\s+([\d.]+)\s+(\w+)\s*$",
+        rows = re.findall(r"^\s*(\d+)\s+(\w+)\s+(\w+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+(\w+)\s*$",
                           command(child, "list"), re.M)
-        assert [(i, n, m, e) for i, n, _, m, _, e in rows] == [
-            ("1", "a", "16", engine), ("2", "b", "16", engine), ("3", "c", "16", engine)]
-        assert all(state in ("running", "blocked") for _, _, state, _, _, _ in rows)
+        assert [(i, n, m, c, e) for i, n, _, m, c, _, e in rows] == [
+            ("1", "a", "16", "1", engine), ("2", "b", "16", "1", engine),
+            ("3", "c", "16", "1", engine)]
+        assert all(state in ("running", "blocked") for _, _, state, _, _, _, _ in rows)
 
         # attach to b and talk to its kernel; Ctrl-] comes back to the shell
         child.sendline("console b")
@@ -176,14 +177,14 @@ def run_script(cwd, commands: str):
 
 
 def test_scripted_commands(configs, engine):
-    r = run_script(configs, "create a.cfg; create b.cfg memory=32; list")
+    r = run_script(configs, "create a.cfg; create b.cfg memory=32 vcpus=2 maxvcpus=4; list")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     lines = r.stdout.splitlines()
     assert lines[:2] == ["created domain 1 (a)", "created domain 2 (b)"]
     rows = [line.split() for line in lines[2:] if re.match(r"^\s*\d+\s", line)]
-    assert [(row[0], row[1], row[3], row[5]) for row in rows] == [
-        ("1", "a", "16", engine), ("2", "b", "32", engine)]
+    assert [(row[0], row[1], row[3], row[4], row[6]) for row in rows] == [
+        ("1", "a", "16", "1", engine), ("2", "b", "32", "4", engine)]
     assert all(row[2] in ("running", "blocked") for row in rows)
 
 
@@ -195,8 +196,8 @@ def test_scripted_errors_are_one_line_each_and_the_script_goes_on(configs):
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
         "error: bad.cfg:2: unknown key 'memroy' (known: cmdline, disk, engine, extra, "
-        "kernel, maxmem, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, type, vcpus, "
-        "vif)",
+        "kernel, maxmem, maxvcpus, memory, name, on_crash, on_poweroff, on_reboot, ramdisk, "
+        "type, vcpus, vif)",
         "error: command line: on_crash = 'reboot': must be destroy, restart or preserve",
         "error: bad.cfg: not an ELF file (bad magic)",
         "error: no domain 'zz' (see list)",

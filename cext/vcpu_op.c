@@ -1,0 +1,214 @@
+/*
+ * vcpu_op.c - a domain's other vCPUs: VCPUOP_initialise, up, down and is_up (Xen's
+ * common_vcpu_op and, for a 64-bit PV guest, arch_set_info_guest).
+ *
+ * vCPU 0 is initialised and started by the domain builder. Every other vCPU the domain
+ * has (vcpus=) exists from the start, down and uninitialised: VCPUOP_initialise checks a
+ * vcpu_guest_context and makes it the vCPU's state, once; VCPUOP_up would then run it.
+ * Running a second vCPU of a PV domain needs what trapless does not have yet: a
+ * hypervisor region (GDT, TSS, ring-0 stack, LDT mapping) per vCPU instead of per
+ * domain, and TLB flushes and page-type changes that reach every vCPU; until then
+ * VCPUOP_up of a down vCPU fails with -EOPNOTSUPP, and nothing runs that Xen would not.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "hv.h"
+
+#define X86_EFLAGS_IF    0x200ULL
+#define X86_EFLAGS_IOPL  0x3000ULL
+#define X86_EFLAGS_ALL   0x3f7fd5ULL    /* Xen's X86_EFLAGS_ALL: the bits a guest may set */
+#define X86_EFLAGS_MBS   0x2ULL         /* bit 1 is always set */
+
+static int canonical(uint64_t va)
+{
+    return (uint64_t)((int64_t)(va << 16) >> 16) == va;
+}
+
+/* Xen's __addr_ok for a 64-bit PV guest: a guest address, not in Xen's range. */
+static int guest_address(uint64_t va)
+{
+    return va < (1ULL << 47) || va >= HYPERVISOR_VIRT_END;
+}
+
+/* The checks of Xen's arch_set_info_guest that come before anything changes. */
+static int check_context(const struct vcpu_guest_context *c)
+{
+    if (c->debugreg[6] >> 32 || c->debugreg[7] >> 32)
+        return -XEN_EINVAL;
+    for (int i = 0; i < 4; i++)
+        if (!guest_address(c->debugreg[i]))
+            return -XEN_EINVAL;
+    if (!canonical(c->user_regs.rip) || !canonical(c->user_regs.rsp) ||
+        !canonical(c->kernel_sp) || (c->ldt_ents && !canonical(c->ldt_base)) ||
+        !canonical(c->fs_base) || !canonical(c->gs_base_kernel) ||
+        !canonical(c->gs_base_user) || !canonical(c->event_callback_eip) ||
+        !canonical(c->syscall_callback_eip) || !canonical(c->failsafe_callback_eip))
+        return -XEN_EINVAL;
+    for (int i = 0; i < 256; i++)
+        if (!canonical(c->trap_ctxt[i].address))
+            return -XEN_EINVAL;
+    if (!guest_address(c->ldt_base) || (c->ldt_base & (HV_PAGE_SIZE - 1)) ||
+        c->ldt_ents > 8192)
+        return -XEN_EINVAL;
+    if ((c->gdt_ents + 511) / 512 > 16)        /* more frames than the context holds */
+        return -XEN_EINVAL;
+    /* guest user mode needs a user L4 to run on */
+    if (!(c->flags & VGCF_in_kernel) && !c->ctrlreg[1])
+        return -XEN_EINVAL;
+    return 0;
+}
+
+/* Xen's arch_set_info_guest for a vCPU never initialised (t, not running): its page
+ * tables (the kernel L4 at ctrlreg[3], validated and typed as Xen's
+ * get_page_type(PGT_root_page_table) does, and the user L4 at ctrlreg[1]) and GDT, then
+ * the rest of its state. On failure nothing has changed. */
+static int64_t set_context(struct hv_vcpu *t, const struct vcpu_guest_context *c)
+{
+    struct hv_domain *d = t->dom;
+    struct pv_vcpu *p = &t->pv;
+    uint64_t kernel_l4 = c->ctrlreg[3] >> HV_PAGE_SHIFT, user_l4 = c->ctrlreg[1] >> HV_PAGE_SHIFT;
+    int rc = check_context(c);
+
+    if (rc)
+        return rc;
+    if (c->flags & VGCF_online)
+        return -XEN_EOPNOTSUPP;         /* it would run now: see the top of this file */
+
+    memset(p, 0, sizeof(*p));
+    rc = pv_set_gdt(t, c->gdt_frames, c->gdt_ents, 0);
+    if (rc)
+        return rc;
+    /* Xen: the kernel L4 must be a frame of the domain (-EINVAL), then take the type */
+    rc = kernel_l4 < d->mm.nr_pages ? hv_mm_get_table(d, kernel_l4, HV_FT_L4) : -XEN_EINVAL;
+    if (rc == 0 && user_l4) {
+        rc = user_l4 < d->mm.nr_pages ? hv_mm_get_table(d, user_l4, HV_FT_L4) : -XEN_EINVAL;
+        if (rc)
+            hv_mm_put_table(d, kernel_l4);
+    }
+    if (rc) {
+        pv_drop_gdt(t);
+        return rc;
+    }
+    t->base_mfn = kernel_l4;
+    p->user_l4 = user_l4;
+
+    p->user_mode = !(c->flags & VGCF_in_kernel);
+    for (int i = 0; i < 256; i++) {
+        p->traps[i].address = c->trap_ctxt[i].address;
+        p->traps[i].flags = c->trap_ctxt[i].flags & (TI_DPL_MASK | TI_MASK_EVENTS);
+    }
+    p->callback[CALLBACKTYPE_event] = c->event_callback_eip;
+    p->callback[CALLBACKTYPE_failsafe] = c->failsafe_callback_eip;
+    p->callback[CALLBACKTYPE_syscall] = c->syscall_callback_eip;
+    if (c->flags & VGCF_failsafe_disables_events)
+        p->callback_flags[CALLBACKTYPE_failsafe] = CALLBACKF_mask_events;
+    if (c->flags & VGCF_syscall_disables_events)
+        p->callback_flags[CALLBACKTYPE_syscall] = CALLBACKF_mask_events;
+    p->kernel_ss = c->kernel_ss;
+    p->kernel_sp = c->kernel_sp;
+    /* the LDT is mapped on the vCPU's first run, as Xen maps it on first use */
+    p->ldt_base = c->ldt_ents ? c->ldt_base : 0;
+    p->ldt_ents = c->ldt_ents;
+    /* vm_assist is the domain's: vCPU 0's (Xen takes it from vCPU 0's context only) */
+    p->vm_assist = d->vcpus[0] ? d->vcpus[0]->pv.vm_assist : 0;
+    p->cr0_ts = (c->ctrlreg[0] & PV_CR0_TS) != 0;
+    pv_write_cr(t, 4, c->ctrlreg[4]);   /* never fails: bits it may not have are dropped */
+    /* Xen's start-of-day DRs, then the context's through set_debugreg, whose own
+     * refusals leave the default (Xen ignores its result here too) */
+    p->dr[6] = 0xffff0ff0;
+    p->dr[7] = 0x400;
+    for (int i = 0; i < 4; i++)
+        pv_set_debugreg(t, i, c->debugreg[i]);
+    pv_set_debugreg(t, 6, c->debugreg[6]);
+    pv_set_debugreg(t, 7, c->debugreg[7]);
+
+    t->init_regs = c->user_regs;
+    t->init_regs.rflags = (c->user_regs.rflags & X86_EFLAGS_ALL) | X86_EFLAGS_MBS;
+    p->iopl = (unsigned)((t->init_regs.rflags & X86_EFLAGS_IOPL) >> 12);    /* virtualised */
+    t->init_regs.rflags = (t->init_regs.rflags & ~X86_EFLAGS_IOPL) | X86_EFLAGS_IF;
+    t->init_fs_base = c->fs_base;
+    t->init_gs_base = p->user_mode ? c->gs_base_user : c->gs_base_kernel;
+    p->gs_base_other = p->user_mode ? c->gs_base_kernel : c->gs_base_user;
+    t->initialised = 1;
+    return 0;
+}
+
+static int64_t vcpu_initialise(struct hv_vcpu *v, struct hv_vcpu *t, uint64_t arg)
+{
+    struct hv_domain *d = v->dom;
+    struct vcpu_guest_context *c;
+    int64_t rc;
+
+    if (d->guest_type != HV_GUEST_PV || d->pv_model != HV_PV_XEN)
+        return -XEN_ENOSYS;             /* PVH's vcpu_hvm_context, ring-0 PV: not built */
+    c = malloc(sizeof(*c));
+    if (!c)
+        return -XEN_ENOMEM;
+    if (hv_copy_from_guest(v, c, arg, sizeof(*c)) < 0) {
+        free(c);
+        return -XEN_EFAULT;
+    }
+    pthread_mutex_lock(&d->vcpu_lock);
+    rc = t->initialised ? -XEN_EEXIST : set_context(t, c);
+    pthread_mutex_unlock(&d->vcpu_lock);
+    free(c);
+    return rc;
+}
+
+/* Xen: an uninitialised vCPU cannot come up (-EINVAL); one that is up stays so (0). */
+static int64_t vcpu_up(struct hv_vcpu *t)
+{
+    int64_t rc;
+    pthread_mutex_lock(&t->dom->vcpu_lock);
+    if (!t->initialised)
+        rc = -XEN_EINVAL;
+    else if (!t->down)
+        rc = 0;
+    else
+        rc = -XEN_EOPNOTSUPP;           /* see the top of this file */
+    pthread_mutex_unlock(&t->dom->vcpu_lock);
+    return rc;
+}
+
+/* Xen: taking down the last vCPU that is up powers the domain off. Only vCPU 0 is ever
+ * up, so any other vCPU is down already and stays so. */
+static int64_t vcpu_down(struct hv_vcpu *t)
+{
+    struct hv_domain *d = t->dom;
+    int others_up = 0;
+
+    pthread_mutex_lock(&d->vcpu_lock);
+    for (int i = 0; i < HV_MAX_VCPUS; i++)
+        if (d->vcpus[i] && d->vcpus[i] != t && !d->vcpus[i]->down)
+            others_up = 1;
+    pthread_mutex_unlock(&d->vcpu_lock);
+    if (!others_up)
+        hv_domain_shutdown(d, SHUTDOWN_poweroff);
+    return 0;
+}
+
+static int64_t vcpu_is_up(struct hv_vcpu *t)
+{
+    int up;
+    pthread_mutex_lock(&t->dom->vcpu_lock);
+    up = !t->down;
+    pthread_mutex_unlock(&t->dom->vcpu_lock);
+    return up;
+}
+
+/* The vCPU-life sub-ops of do_vcpu_op (timers.c), for the target vCPU t. */
+int64_t hv_vcpu_life_op(struct hv_vcpu *v, int cmd, struct hv_vcpu *t, uint64_t arg)
+{
+    switch (cmd) {
+    case VCPUOP_initialise:
+        return vcpu_initialise(v, t, arg);
+    case VCPUOP_up:
+        return vcpu_up(t);
+    case VCPUOP_down:
+        return vcpu_down(t);
+    case VCPUOP_is_up:
+        return vcpu_is_up(t);
+    }
+    return -XEN_ENOSYS;
+}

@@ -1,0 +1,91 @@
+"""vcpu_op (24): a domain's other vCPUs: VCPUOP_initialise, up, down, is_up (vcpu_op.c).
+
+A domain with vcpus=2 has vCPU 0 (the builder's, up) and vCPU 1, down and uninitialised.
+Every bad argument gets Xen's errno and changes nothing: a later good call still works.
+The timer sub-ops are in test_timers.py."""
+import struct
+
+from abi import C, offsetof
+
+from guest_kernel.asm import qword, rax, rip
+from guest_kernel.conformance import NON_CANONICAL, NULL, UNMAPPED, ConformanceGuest
+from mm_guest import audit
+
+EFAULT, EINVAL, ENOENT, EEXIST = -C.XEN_EFAULT, -C.XEN_EINVAL, -C.XEN_ENOENT, -C.XEN_EEXIST
+CTX = "vcpu_guest_context"
+CR3 = offsetof(CTX, "ctrlreg") + 3 * 8
+BEYOND_RAM = 0x4000_0000                # a frame a 64 MiB domain does not have
+
+
+def context(g: ConformanceGuest, label: str, cr3: str | int = "pt_base", **fields) -> None:
+    """A vcpu_guest_context at label; cr3 "pt_base": the L4 the guest runs on (a valid
+    one), "self": the context's own frame (mapped writable, so never a page table)."""
+    fields.setdefault("flags", C.VGCF_in_kernel)
+    g.struct(label, CTX, **fields)
+    if cr3 == "pt_base":
+        g.start_info_field(rax, "pt_base")      # virtual = physical in these guests
+    elif cr3 == "self":
+        g.a.lea(rax, qword[rip + label])
+        g.a.and_(rax, ~0xFFF)
+    else:
+        g.a.mov(rax, cr3)
+    g.a.mov(qword[rip + label + CR3], rax)
+
+
+def test_initialise_up_down_is_up(run_cases, request):
+    g = ConformanceGuest("vcpu_op life")
+    context(g, "good")
+    context(g, "cr3_beyond_ram", cr3=BEYOND_RAM)
+    context(g, "cr3_writable", cr3="self")
+    context(g, "rip_noncanonical", user_regs={"rip": NON_CANONICAL})
+    context(g, "user_mode_without_user_l4", flags=0)
+    context(g, "gdt_too_big", gdt_ents=16 * 512 + 1)
+    context(g, "ldt_misaligned", ldt_base=0x1001, ldt_ents=1)
+    context(g, "dr7_high", debugreg=[0, 0, 0, 0, 0, 0, 0, 1 << 32])
+    g.call("is_up_0", "vcpu_op", C.VCPUOP_is_up, 0, 0)
+    g.call("is_up_1", "vcpu_op", C.VCPUOP_is_up, 1, 0)
+    g.call("is_up_2", "vcpu_op", C.VCPUOP_is_up, 2, 0)
+    g.call("is_up_32", "vcpu_op", C.VCPUOP_is_up, 32, 0)
+    g.call("up_uninitialised", "vcpu_op", C.VCPUOP_up, 1, 0)
+    g.call("initialise_null", "vcpu_op", C.VCPUOP_initialise, 1, NULL)
+    g.call("initialise_unmapped", "vcpu_op", C.VCPUOP_initialise, 1, UNMAPPED)
+    g.call("initialise_vcpu_2", "vcpu_op", C.VCPUOP_initialise, 2, "good")
+    g.call("initialise_vcpu_0", "vcpu_op", C.VCPUOP_initialise, 0, "good")
+    for bad in ("cr3_beyond_ram", "cr3_writable", "rip_noncanonical",
+                "user_mode_without_user_l4", "gdt_too_big", "ldt_misaligned", "dr7_high"):
+        g.call(bad, "vcpu_op", C.VCPUOP_initialise, 1, bad)
+    g.call("is_up_1_after_bad", "vcpu_op", C.VCPUOP_is_up, 1, 0)
+    g.call("runstate_1", "vcpu_op", C.VCPUOP_get_runstate_info, 1, "scratch")
+    g.dump("runstate_1", "scratch", 4)
+    g.call("initialise", "vcpu_op", C.VCPUOP_initialise, 1, "good")
+    g.call("initialise_twice", "vcpu_op", C.VCPUOP_initialise, 1, "good")
+    g.call("is_up_1_initialised", "vcpu_op", C.VCPUOP_is_up, 1, 0)
+    g.call("down_1", "vcpu_op", C.VCPUOP_down, 1, 0)
+    g.call("up_0", "vcpu_op", C.VCPUOP_up, 0, 0)
+    run = run_cases(g.finish(), vcpus=2)
+    assert run["is_up_0"] == 1 and run["is_up_1"] == 0
+    assert run["is_up_2"] == ENOENT and run["is_up_32"] == ENOENT
+    assert run["up_uninitialised"] == EINVAL
+    assert run["initialise_null"] == EFAULT and run["initialise_unmapped"] == EFAULT
+    assert run["initialise_vcpu_2"] == ENOENT
+    assert run["initialise_vcpu_0"] == EEXIST        # the builder initialised it
+    for bad in ("cr3_beyond_ram", "cr3_writable", "rip_noncanonical",
+                "user_mode_without_user_l4", "gdt_too_big", "ldt_misaligned", "dr7_high"):
+        assert run[bad] == EINVAL, bad
+    assert run["is_up_1_after_bad"] == 0
+    assert run["runstate_1"] == 0
+    assert struct.unpack("<i", run.dumps["runstate_1"])[0] == C.RUNSTATE_offline
+    assert run["initialise"] == 0 and run["initialise_twice"] == EEXIST
+    assert run["is_up_1_initialised"] == 0            # without VGCF_online it stays down
+    assert run["down_1"] == 0 and run["up_0"] == 0
+    # vCPU 1's L4 holds a type reference, as Xen's guest_table does: the books balance
+    assert audit(run.domain) == ""
+
+
+def test_taking_down_the_last_vcpu_up_powers_the_domain_off(run_cases):
+    g = ConformanceGuest("vcpu_op last down")
+    g.call("down_0", "vcpu_op", C.VCPUOP_down, 0, 0)
+    g.report("after_down")                          # never printed
+    run = run_cases(g.finish(), vcpus=2)
+    assert (run.stop.kind, run.stop.reason) == ("shutdown", C.SHUTDOWN_poweroff)
+    assert "after_down" not in run.results and "down_0" not in run.results
