@@ -204,27 +204,40 @@ static void raise_port(struct hv_domain *d, struct hv_vcpu *v, uint32_t port)
  * For such engines only the vCPU's own thread, while no guest instruction runs, writes
  * the guest's event words: other threads leave the port in a host-side set and kick
  * it, and the vCPU applies the set before it runs the guest again or sleeps
- * (hv_events_flush). */
-static int must_defer(struct hv_domain *d, struct hv_vcpu *v)
+ * (hv_events_flush). The event words (shared_info's bitmaps, every vcpu_info) are the
+ * whole domain's, so the vCPU that writes them is the one that runs guest code: vCPU 0,
+ * the only one that runs (vcpu_op.c), also for ports bound to another vCPU. */
+static struct hv_vcpu *event_writer(struct hv_domain *d)
 {
-    return v && !d->engine->guest_atomics && !pthread_equal(v->thread, pthread_self());
+    return d->vcpus[0];
+}
+
+static int must_defer(struct hv_domain *d, struct hv_vcpu *writer)
+{
+    return writer && !d->engine->guest_atomics && !pthread_equal(writer->thread, pthread_self());
+}
+
+static struct hv_vcpu *port_vcpu(struct hv_domain *d, uint32_t port)
+{
+    return d->vcpus[d->ports[port].vcpu < HV_MAX_VCPUS ? d->ports[port].vcpu : 0];
 }
 
 /* Caller holds d->ev_lock. */
 static void set_pending(struct hv_domain *d, uint32_t port)
 {
-    struct hv_vcpu *v = d->vcpus[d->ports[port].vcpu < HV_MAX_VCPUS ? d->ports[port].vcpu : 0];
+    struct hv_vcpu *writer = event_writer(d);
 
-    if (must_defer(d, v)) {
+    if (must_defer(d, writer)) {
         d->deferred[port / BITS] |= 1ULL << (port % BITS);
-        __atomic_store_n(&v->deferred_events, 1, __ATOMIC_SEQ_CST);
-        hv_vcpu_notify(v);
+        __atomic_store_n(&writer->deferred_events, 1, __ATOMIC_SEQ_CST);
+        hv_vcpu_notify(writer);
         return;
     }
-    raise_port(d, v, port);
+    raise_port(d, port_vcpu(d, port), port);
 }
 
-/* On the vCPU's own thread, with the guest stopped: raise what other threads deferred. */
+/* On the writer's own thread, with the guest stopped: raise what other threads deferred,
+ * each port for the vCPU it is bound to. */
 void hv_events_flush(struct hv_vcpu *v)
 {
     struct hv_domain *d = v->dom;
@@ -238,7 +251,7 @@ void hv_events_flush(struct hv_vcpu *v)
         while (bits) {
             uint32_t port = w * BITS + (uint32_t)__builtin_ctzll(bits);
             bits &= bits - 1;
-            raise_port(d, v, port);
+            raise_port(d, port_vcpu(d, port), port);
         }
     }
     pthread_mutex_unlock(&d->ev_lock);

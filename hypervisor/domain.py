@@ -213,7 +213,8 @@ class Domain:
                  on_stop: Callable[["Domain"], None] | None = None, console_ring: bool = True,
                  xenstore: bool = True, guest_type: str | None = None,
                  ramdisk: bytes | None = None, disks: list | None = None,
-                 vifs: list | None = None, vcpus: int = 1):
+                 vifs: list | None = None, vcpus: int = 1,
+                 vcpus_online: int | None = None):
         """memory_mib is what the domain starts with; maxmem_mib (default: the same) is
         how far it may balloon up: its guest-physical space and maximum reservation.
         console_keep: how many of the latest console bytes console_output keeps.
@@ -227,8 +228,10 @@ class Domain:
         virtual block device whose xenstore directories are written with the domain's
         keys (needs xenstore); vifs: config.Vif entries, each a virtual network card
         plugged into its software bridge (cext/netback.c), found the same way.
-        vcpus: how many vCPUs the domain has (xl's vcpus=): vCPU 0 runs the image, the
-        others wait, down, for the guest's VCPUOP_initialise (cext/vcpu_op.c)."""
+        vcpus: how many vCPUs the domain has (xl's maxvcpus=, else vcpus=): vCPU 0 runs
+        the image, the others wait, down, for the guest's VCPUOP_initialise
+        (cext/vcpu_op.c); vcpus_online (xl's vcpus=, default all): how many xenstore
+        calls available (cpu/<n>/availability), which the guest reads to bring them up."""
         self._dom = None
         self._lock = threading.RLock()
         self._state = "building"
@@ -246,6 +249,8 @@ class Domain:
         if console_keep < 0:
             raise DomainError(f"console_keep {console_keep}: must be 0 or more bytes")
         check_vcpus(vcpus)
+        if vcpus_online is not None and not 1 <= vcpus_online <= vcpus:
+            raise DomainError(f"{vcpus_online} vCPUs online: must be between 1 and {vcpus}")
         start_bytes, ram_bytes = memory_mib << 20, maxmem_mib << 20
         # The image and the start-of-day region live in the memory the domain starts with.
         self.image = image if isinstance(image, PVImage) else load_image(
@@ -357,7 +362,7 @@ class Domain:
                                 (self.layout.xenstore >> 12, self.store_evtchn)
                                 if self.store_evtchn else None,
                                 (self.layout.console >> 12, self.console_evtchn)
-                                if console_ring else None)
+                                if console_ring else None, vcpus, vcpus_online)
                 self._introduced = True
                 for disk in self.disks:
                     store.add_vbd(domid, disk.devid, disk.vdev, str(disk.target),

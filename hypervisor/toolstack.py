@@ -349,7 +349,7 @@ class Toolstack:
                      on_console=rec._on_console,
                      on_stop=lambda dom, rec=rec: self._stopped.put((rec, dom)),
                      guest_type=cfg.type, ramdisk=ramdisk, disks=cfg.disk,
-                     vifs=cfg.vif, vcpus=cfg.vcpu_count)
+                     vifs=cfg.vif, vcpus=cfg.vcpu_count, vcpus_online=cfg.vcpus)
         rec.engine = dom.engine
         return dom
 

@@ -152,20 +152,25 @@ def domain_path(domid: int) -> str:
 
 
 def introduce(domid: int, name: str, uuid: str, memory_kib: int, maxmem_kib: int,
-              store: tuple[int, int] | None, console: tuple[int, int] | None) -> None:
-    """Write a new domain's keys: store and console are (ring frame, port) or None.
+              store: tuple[int, int] | None, console: tuple[int, int] | None,
+              vcpus: int = 1, vcpus_online: int | None = None) -> None:
+    """Write a new domain's keys: store and console are (ring frame, port) or None;
+    cpu/<n>/availability for each of its vcpus, "online" for the first vcpus_online (all
+    by default), as libxl writes them from maxvcpus and vcpus.
 
     Permissions as libxl sets them: the home directory and /vm/<uuid> belong to dom0 and
     the domain may read them; the directories a domain fills itself (device, data,
     control/shutdown, ...) are the domain's own, closed to everybody else."""
     home, vm = domain_path(domid), f"/vm/{uuid}"
+    online = vcpus if vcpus_online is None else vcpus_online
     read_only, own = ["n0", f"r{domid}"], [f"n{domid}"]
     for path in (home, vm):
         _rm_if_there(path)              # a domid or uuid used before starts clean
     write_tree(vm, {"uuid": uuid, "name": name}, read_only)
     keys: dict = {"vm": vm, "name": name, "domid": str(domid),
                   "memory": {"static-max": str(maxmem_kib), "target": str(memory_kib)},
-                  "cpu": {"0": {"availability": "online"}}}
+                  "cpu": {str(n): {"availability": "online" if n < online else "offline"}
+                          for n in range(vcpus)}}
     if store:
         keys["store"] = {"ring-ref": str(store[0]), "port": str(store[1])}
     if console:

@@ -488,7 +488,7 @@ def test_toolstack_writes_the_keys_and_removes_them(tmp_path):
     ts = Toolstack()
     try:
         rec = ts.create(DomainConfig(kernel=kernel, name="keys", memory=32, maxmem=48,
-                                     on_poweroff="preserve"))
+                                     vcpus=2, maxvcpus=3, on_poweroff="preserve"))
         home = f"/local/domain/{rec.domid}"
         dom = rec.domain
         vm = f"/vm/{dom.uuid}"
@@ -497,6 +497,8 @@ def test_toolstack_writes_the_keys_and_removes_them(tmp_path):
             (f"{home}/domid", str(rec.domid).encode()), (f"{home}/memory", b""),
             (f"{home}/memory/static-max", b"49152"), (f"{home}/memory/target", b"32768"),
             (f"{home}/cpu", b""), (f"{home}/cpu/0", b""), (f"{home}/cpu/0/availability", b"online"),
+            (f"{home}/cpu/1", b""), (f"{home}/cpu/1/availability", b"online"),
+            (f"{home}/cpu/2", b""), (f"{home}/cpu/2/availability", b"offline"),
             (f"{home}/store", b""),
             (f"{home}/store/ring-ref", str(dom.layout.xenstore >> 12).encode()),
             (f"{home}/store/port", b"1"), (f"{home}/console", b""),

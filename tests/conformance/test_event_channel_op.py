@@ -4,7 +4,7 @@ import struct
 
 from abi import C, offsetof
 
-from guest_kernel.asm import byte, qword, rax, rip, rbx
+from guest_kernel.asm import byte, ecx, qword, rax, rbx, rdi, rip, rsi
 from guest_kernel.conformance import NON_CANONICAL, NULL, UNMAPPED, ConformanceGuest
 from guest_kernel.pvlib import UPCALL_MASK, set_port_handler
 
@@ -176,3 +176,50 @@ def test_send_flood_leaves_host_and_guest_healthy(run_cases):
     # Every send raised the port; each upcall handled what was pending at the time.
     assert 1 <= run["handled"] <= 20000
     assert counters.upcalls == run["handled"]
+
+
+def copy_shared_info(g: ConformanceGuest, label: str, offset: int, length: int) -> str:
+    """Copy length bytes of shared_info from offset into a new buffer at label (to dump)."""
+    a = g.a
+    a.section(".data")
+    a.label(label)
+    a.db(bytes(length))
+    a.section(".text")
+    a.lea(rsi, qword[rip + "shared_info" + offset])
+    a.lea(rdi, qword[rip + label])
+    a.mov(ecx, length)
+    a.rep_movsb()
+    return label
+
+
+def test_ports_bound_to_a_second_vcpu_mark_its_vcpu_info(run_cases):
+    """vcpus=2: an IPI port and a per-vCPU VIRQ bound to vCPU 1 (down, never run) are
+    raised in shared_info for vCPU 1, whose vcpu_info says so; vCPU 0's does not."""
+    from abi import ffi
+    vi1 = offsetof("shared_info", "vcpu_info") + ffi.sizeof("struct vcpu_info")
+    vi0 = offsetof("shared_info", "vcpu_info")
+    g = ConformanceGuest("evtchn_vcpu1", events=True)
+    g.call("bind_ipi_vcpu1", OP, C.EVTCHNOP_bind_ipi, g.struct("bi", "evtchn_bind_ipi", vcpu=1))
+    g.dump("bind_ipi_vcpu1", "bi", 8)
+    g.call("bind_virq_timer_vcpu1", OP, C.EVTCHNOP_bind_virq,
+           g.struct("bv", "evtchn_bind_virq", virq=C.VIRQ_TIMER, vcpu=1))
+    g.call("bind_virq_timer_vcpu1_again", OP, C.EVTCHNOP_bind_virq,
+           g.struct("bv2", "evtchn_bind_virq", virq=C.VIRQ_TIMER, vcpu=1))
+    g.call("bind_virq_timer_vcpu2", OP, C.EVTCHNOP_bind_virq,
+           g.struct("bv3", "evtchn_bind_virq", virq=C.VIRQ_TIMER, vcpu=2))
+    g.call("send_ipi_vcpu1", OP, C.EVTCHNOP_send, g.struct("s", "evtchn_send", port=1))
+    g.dump("vcpu_info_0", copy_shared_info(g, "vi0_copy", vi0, 16), 16)
+    g.dump("vcpu_info_1", copy_shared_info(g, "vi1_copy", vi1, 16), 16)
+    g.dump("pending", copy_shared_info(g, "pending_copy", PENDING, 8), 8)
+    run = run_cases(g.finish(), vcpus=2)
+    assert run["events_init"] == 0
+    assert run["bind_ipi_vcpu1"] == 0 and run.dumps["bind_ipi_vcpu1"] == struct.pack("<II", 1, 1)
+    assert run["bind_virq_timer_vcpu1"] == 0
+    assert run["bind_virq_timer_vcpu1_again"] == EEXIST
+    assert run["bind_virq_timer_vcpu2"] == ENOENT
+    assert run["send_ipi_vcpu1"] == 0
+    assert struct.unpack("<Q", run.dumps["pending"])[0] & 0b10    # port 1
+    pending0, _, sel0 = struct.unpack("<BB6xQ", run.dumps["vcpu_info_0"])
+    pending1, _, sel1 = struct.unpack("<BB6xQ", run.dumps["vcpu_info_1"])
+    assert (pending1, sel1) == (1, 1)                 # selector word 0 holds port 1
+    assert (pending0, sel0) == (0, 0)
