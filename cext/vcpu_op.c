@@ -51,7 +51,7 @@ static int check_context(const struct vcpu_guest_context *c)
     if (!guest_address(c->ldt_base) || (c->ldt_base & (HV_PAGE_SIZE - 1)) ||
         c->ldt_ents > 8192)
         return -XEN_EINVAL;
-    if ((c->gdt_ents + 511) / 512 > 16)        /* more frames than the context holds */
+    if ((c->gdt_ents + 511) / 512 > FIRST_RESERVED_GDT_PAGE)    /* Xen's gdt_frames[] */
         return -XEN_EINVAL;
     /* guest user mode needs a user L4 to run on */
     if (!(c->flags & VGCF_in_kernel) && !c->ctrlreg[1])

@@ -7,7 +7,7 @@ import struct
 
 from abi import C, offsetof
 
-from guest_kernel.asm import qword, rax, rip
+from guest_kernel.asm import qword, rax, rdi, rdx, rip, rsi
 from guest_kernel.conformance import NON_CANONICAL, NULL, UNMAPPED, ConformanceGuest
 from mm_guest import audit
 
@@ -89,3 +89,47 @@ def test_taking_down_the_last_vcpu_up_powers_the_domain_off(run_cases):
     run = run_cases(g.finish(), vcpus=2)
     assert (run.stop.kind, run.stop.reason) == ("shutdown", C.SHUTDOWN_poweroff)
     assert "after_down" not in run.results and "down_0" not in run.results
+
+
+PTE_P, PTE_RW, PTE_A, PTE_D = 0x1, 0x2, 0x20, 0x40
+
+
+def remap(g: ConformanceGuest, case: str, label: str, writable: bool) -> None:
+    """update_va_mapping of the page at label onto itself, read-only or writable."""
+    a = g.a
+    a.lea(rdi, qword[rip + label])
+    a.mov(rsi, rdi)
+    a.or_(rsi, PTE_P | PTE_A | PTE_D | (PTE_RW if writable else 0))
+    a.mov(rdx, C.UVMF_INVLPG)
+    g.call(case, "update_va_mapping", rdi, rsi, rdx)
+
+
+def test_a_refused_initialise_leaves_its_gdt_frames_alone(run_cases):
+    """A context whose GDT frame checks out but whose cr3 does not: EINVAL, and the frame
+    is no descriptor page afterwards (it can be mapped writable again, which a GDT frame
+    cannot); with a good cr3 the same frame becomes vCPU 1's GDT and stays so."""
+    g = ConformanceGuest("vcpu_op gdt undo")
+    a = g.a
+    a.section(".data")
+    a.align(4096)
+    a.label("gdt_page")
+    a.db(bytes(4096))                   # one null descriptor, and more zeros
+    a.section(".text")
+    for label, cr3 in (("bad_cr3", BEYOND_RAM), ("good_cr3", "pt_base")):
+        context(g, label, cr3=cr3, gdt_ents=1)
+        a.lea(rax, qword[rip + "gdt_page"])
+        a.shr(rax, 12)
+        a.mov(qword[rip + label + offsetof(CTX, "gdt_frames")], rax)
+    remap(g, "gdt_page_read_only", "gdt_page", writable=False)
+    g.call("initialise_bad_cr3", "vcpu_op", C.VCPUOP_initialise, 1, "bad_cr3")
+    remap(g, "writable_after_refusal", "gdt_page", writable=True)
+    remap(g, "read_only_again", "gdt_page", writable=False)
+    g.call("initialise_good_cr3", "vcpu_op", C.VCPUOP_initialise, 1, "good_cr3")
+    remap(g, "writable_while_a_gdt", "gdt_page", writable=True)
+    run = run_cases(g.finish(), vcpus=2)
+    assert run["gdt_page_read_only"] == 0
+    assert run["initialise_bad_cr3"] == EINVAL
+    assert run["writable_after_refusal"] == 0 and run["read_only_again"] == 0
+    assert run["initialise_good_cr3"] == 0
+    assert run["writable_while_a_gdt"] == EINVAL
+    assert audit(run.domain) == ""
