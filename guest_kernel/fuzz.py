@@ -4,9 +4,9 @@ and arguments from a seeded PRNG (xorshift64), and checks what came back.
 Arguments aim at the interesting places: null, a scratch buffer, the end of the
 mapped region (a straddling buffer), the page-table pool, non-canonical and unmapped
 addresses, random 64-bit values and small integers. A few calls would end or wedge a
-well-behaved guest by design (shutdown, block/poll forever, moving shared_info over
-its own code, changing its upcall vector, under Xen's PV model an iret through a
-random frame); those are steered to harmless calls, and the page-table, trap-table,
+well-behaved guest by design (shutdown or taking its only vCPU down, block/poll
+forever, moving shared_info over its own code, changing its upcall vector, under Xen's
+PV model an iret through a random frame); those are steered to harmless calls, and the page-table, trap-table,
 callback and grant-table hypercalls only get pointers that cannot name valid requests.
 
 At the end the guest reports, one `result` line each: calls made, results that are
@@ -220,6 +220,15 @@ def fuzz_guest(seed: int, calls: int) -> bytes:
     a.mov(r15, C.__HYPERVISOR_xen_version)
     a.jmp("fuzz.call")
     a.label("fuzz.not_sched")
+    # VCPUOP_down of the only vCPU up powers the domain off, as SCHEDOP_shutdown does
+    # (the sub-op is the low 32 bits)
+    a.cmp(r15, C.__HYPERVISOR_vcpu_op)
+    a.jne("fuzz.not_vcpu")
+    a.cmp(ebx, C.VCPUOP_down)
+    a.jne("fuzz.call")
+    a.mov(ebx, C.VCPUOP_is_up)
+    a.jmp("fuzz.call")
+    a.label("fuzz.not_vcpu")
     a.cmp(r15, C.__HYPERVISOR_hvm_op)
     a.jne("fuzz.not_hvm")
     a.mov(ebx, C.HVMOP_get_param)           # set_param could move the upcall vector
