@@ -53,7 +53,7 @@ static void load_control(struct bt_vcpu *b)
 
     bt_set_reg(b, UC_X86_REG_CR0, (cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0));
     bt_set_reg(b, UC_X86_REG_CR4, (cr4 & ~PV_CR4_FSGSBASE) | (p->cr4 & PV_CR4_FSGSBASE));
-    uc_x86_mmr ldtr = { .selector = p->ldt_ents ? PV_LDT_SEL : 0, .base = PV_LDT_VA,
+    uc_x86_mmr ldtr = { .selector = p->ldt_ents ? PV_LDT_SEL : 0, .base = PV_VCPU_VA(b->v->id, PV_LDT_VA),
                         .limit = p->ldt_ents ? (uint32_t)(p->ldt_ents * 8 - 1) : 0,
                         .flags = p->ldt_ents ? 0x8200 : 0 };      /* present, type 2 */
 
@@ -100,7 +100,7 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
 
 int bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len)
 {
-    uc_x86_mmr gdtr = { .base = PV_GDT_VA, .limit = PV_GDT_LIMIT };
+    uc_x86_mmr gdtr = { .base = PV_VCPU_VA(b->v->id, PV_GDT_VA), .limit = PV_GDT_LIMIT };
     uint16_t cs = FLAT_KERNEL_CS, null = 0;
 
     if (bt_uc.reg_write(b->uc, UC_X86_REG_GDTR, &gdtr) != UC_ERR_OK ||

@@ -134,6 +134,13 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
     d->kvm_vm_fd = -1;
     d->max_vcpus = cfg->max_vcpus ? cfg->max_vcpus : 1;
     pthread_mutex_init(&d->vcpu_lock, NULL);
+    {
+        pthread_mutexattr_t recursive;      /* a multicall nests mm hypercalls */
+        pthread_mutexattr_init(&recursive);
+        pthread_mutexattr_settype(&recursive, PTHREAD_MUTEX_RECURSIVE);
+        pthread_mutex_init(&d->mm_lock, &recursive);
+        pthread_mutexattr_destroy(&recursive);
+    }
     memcpy(d->handle, cfg->handle, sizeof(d->handle));
     pthread_mutex_init(&d->console_lock, NULL);
 
@@ -209,6 +216,7 @@ void hv_domain_destroy(struct hv_domain *d)
     unmap_ram(d);
     pthread_mutex_destroy(&d->console_lock);
     pthread_mutex_destroy(&d->vcpu_lock);
+    pthread_mutex_destroy(&d->mm_lock);
     free(d);
 }
 

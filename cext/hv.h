@@ -61,6 +61,7 @@ enum hv_wait {
     HV_WAIT_POLL,                   /* SCHEDOP_poll: one of its ports, or the deadline */
     HV_WAIT_INTERRUPT,              /* hlt: an interrupt it can take */
     HV_WAIT_UNPAUSE,                /* the toolstack paused it */
+    HV_WAIT_UP,                     /* VCPUOP_down: until VCPUOP_up */
 };
 
 enum hv_sched_state { HV_SCHED_NEW, HV_SCHED_RUNNABLE, HV_SCHED_RUNNING, HV_SCHED_PARKED,
@@ -175,7 +176,8 @@ struct hv_domain {
 
     /* the last hypercalls, for `trace` (hypercall.c) */
     struct hv_trace_entry trace[HV_TRACE_ENTRIES];
-    uint64_t trace_seq;
+    uint64_t trace_seq;             /* the newest entry written */
+    uint64_t trace_next;            /* the last seq handed out */
 
     /* device models of native guests (devices.c); NULL when the domain has none */
     struct hv_devices *devices;
@@ -191,8 +193,17 @@ struct hv_domain {
     int kvm_vm_fd;
     uint32_t max_vcpus;             /* vcpus[0 .. max_vcpus) exist (vcpus=) */
     struct hv_vcpu *vcpus[HV_MAX_VCPUS];
-    /* Xen's domain_lock: guards bringing vCPUs up and down (vcpu_op.c) */
+    /* Xen's domain_lock: guards bringing vCPUs up and down (vcpu_op.c) and the
+     * domain's end (vcpu.c): */
     pthread_mutex_t vcpu_lock;
+    int live_vcpus;                 /* started and not finished */
+    int stopping;                   /* one vCPU finished: the others are stopped too */
+    int result;                     /* the first vCPU's reason (enum hv_stop_reason) ... */
+    int result_ready;               /* ... which is the domain's once every vCPU ended */
+    struct hv_stop final_stop;
+    /* page tables, frame types and descriptor tables change under this (recursive)
+     * lock, one vCPU at a time, as Xen serialises much of it per domain */
+    pthread_mutex_t mm_lock;
 };
 
 #define HV_NO_PAGE (~0ULL)
@@ -232,10 +243,11 @@ struct hv_vcpu {
     struct hv_poll_set poll;        /* SCHEDOP_poll's ports */
     struct hv_vcpu *rq_next;
     int deferred_events;            /* d->deferred has bits for this vCPU to apply */
-    int result;                     /* enum hv_stop_reason once stopped for good ... */
-    int result_ready;               /* ... which it is once this is set */
-    struct hv_stop final_stop;
-    pthread_cond_t done_cond;       /* sched_state became HV_SCHED_DONE */
+    pthread_cond_t done_cond;
+    /* another vCPU changed page tables or types: flush before entering the guest */
+    int flush_wanted;
+    int in_guest;                   /* inside KVM_RUN or Unicorn now (flush_wanted's ack) */
+    int context_pending;            /* VCPUOP_up: load init_regs before its first entry */       /* sched_state became HV_SCHED_DONE */
 
     /* Xen's life of a vCPU (vcpu_op.c), under the domain's vcpu_lock: the builder
      * initialises vCPU 0 and starts it; the others exist down and uninitialised until
@@ -341,6 +353,9 @@ int64_t do_set_timer_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_vcpu_op(struct hv_vcpu *v, const struct hv_hcall *h);
 /* VCPUOP_initialise, up, down, is_up on vCPU t (vcpu_op.c) */
 int64_t hv_vcpu_life_op(struct hv_vcpu *v, int cmd, struct hv_vcpu *t, uint64_t arg);
+/* The engine, on the vCPU's thread before its first entry after VCPUOP_up: its start of
+ * day from VCPUOP_initialise's context; r gets the registers for the engine to load. */
+int  hv_vcpu_load_context(struct hv_vcpu *v, struct pv_regs *r, char *err, int err_len);
 int  hv_timers_start(struct hv_domain *d, char *err, int err_len);
 void hv_timers_stop(struct hv_domain *d);
 void hv_timers_wake(struct hv_domain *d);      /* a device deadline moved */
@@ -360,6 +375,15 @@ void hv_vcpu_destroy(struct hv_vcpu *v);
  * the scheduler parks the vCPU, holding no thread, until it can go on. */
 void hv_vcpu_park(struct hv_vcpu *v, int kind, uint64_t deadline);
 int  hv_vcpu_must_park(struct hv_vcpu *v);
+/* Engines, before entering the guest: park if down; flush if another vCPU asked. 1 if
+ * the vCPU must leave run (it parks), else 0; flush is the engine's TLB flush. */
+int  hv_vcpu_before_entry(struct hv_vcpu *v, int (*flush)(struct hv_vcpu *v));
+/* The vCPU's thread changed page tables or frame types: every other running vCPU of
+ * the domain drops its cached translations before this returns (Xen's flush_tlb_mask). */
+int  hv_vcpu_flush_others(struct hv_vcpu *v);
+/* VCPUOP_up of vCPU t (vcpu_op.c): its first run (0), -1 if the domain is ending, -2
+ * if the engine cannot run a second vCPU (bt, for now: -EOPNOTSUPP). */
+int  hv_vcpu_bring_up(struct hv_vcpu *t);
 /* Something it may wait for happened: wake it if parked, kick it if it runs. */
 void hv_vcpu_notify(struct hv_vcpu *v);
 void hv_vcpu_wake_poller(struct hv_vcpu *v);

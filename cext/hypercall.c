@@ -42,25 +42,41 @@ static const hv_handler hypercall_table[TRAPLESS_NR_HYPERCALLS] = {
     [__HYPERVISOR_set_segment_base] = do_set_segment_base,
 };
 
+/* The hypercalls that change page tables, frame types or descriptor tables (and the
+ * multicall, which may hold them) run one vCPU at a time under the domain's mm_lock. */
+static const uint8_t takes_mm_lock[TRAPLESS_NR_HYPERCALLS] = {
+    [__HYPERVISOR_mmu_update] = 1, [__HYPERVISOR_update_va_mapping] = 1,
+    [__HYPERVISOR_memory_op] = 1, [__HYPERVISOR_multicall] = 1, [__HYPERVISOR_mmuext_op] = 1,
+    [__HYPERVISOR_grant_table_op] = 1, [__HYPERVISOR_set_gdt] = 1,
+    [__HYPERVISOR_update_descriptor] = 1, [__HYPERVISOR_vcpu_op] = 1,
+};
+
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h)
 {
-    struct hv_counters *c = &v->dom->counters;
+    struct hv_domain *d = v->dom;
+    struct hv_counters *c = &d->counters;
     uint64_t slot = h->nr < TRAPLESS_NR_HYPERCALLS ? h->nr : TRAPLESS_NR_HYPERCALLS;
     hv_handler fn = slot < TRAPLESS_NR_HYPERCALLS ? hypercall_table[slot] : NULL;
-    int64_t ret = fn ? fn(v, h) : -XEN_ENOSYS;
+    int lock = slot < TRAPLESS_NR_HYPERCALLS && takes_mm_lock[slot];
+    int64_t ret;
 
-    c->hypercalls[slot]++;
+    if (lock)
+        pthread_mutex_lock(&d->mm_lock);
+    ret = fn ? fn(v, h) : -XEN_ENOSYS;
+    if (lock)
+        pthread_mutex_unlock(&d->mm_lock);
+    __atomic_fetch_add(&c->hypercalls[slot], 1, __ATOMIC_RELAXED);     /* vCPUs at once */
     if (ret < 0 && ret >= -4095)
-        c->hypercall_errors[slot]++;
-    trace(v->dom, h, ret);
+        __atomic_fetch_add(&c->hypercall_errors[slot], 1, __ATOMIC_RELAXED);
+    trace(d, h, ret);
     return ret;
 }
 
-/* Only the vCPU thread writes the ring; a reader copies entries and keeps those whose
- * seq still matches after the copy (a torn one was being overwritten). */
+/* vCPU threads take a seq each; a reader copies entries and keeps those whose seq
+ * still matches after the copy (a torn one was being overwritten). */
 static void trace(struct hv_domain *d, const struct hv_hcall *h, int64_t ret)
 {
-    uint64_t seq = d->trace_seq + 1;
+    uint64_t seq = __atomic_add_fetch(&d->trace_next, 1, __ATOMIC_RELAXED);
     struct hv_trace_entry *e = &d->trace[seq % HV_TRACE_ENTRIES];
 
     __atomic_store_n(&e->seq, 0, __ATOMIC_RELEASE);
@@ -73,7 +89,11 @@ static void trace(struct hv_domain *d, const struct hv_hcall *h, int64_t ret)
     e->args[4] = h->a5;
     e->ret = ret;
     __atomic_store_n(&e->seq, seq, __ATOMIC_RELEASE);
-    __atomic_store_n(&d->trace_seq, seq, __ATOMIC_RELEASE);
+    /* the newest seq written (two vCPUs may finish out of order) */
+    uint64_t last = __atomic_load_n(&d->trace_seq, __ATOMIC_RELAXED);
+    while (last < seq && !__atomic_compare_exchange_n(&d->trace_seq, &last, seq, 0,
+                                                      __ATOMIC_RELEASE, __ATOMIC_RELAXED))
+        ;
 }
 
 int hv_domain_trace(struct hv_domain *d, struct hv_trace_entry *out, int max)

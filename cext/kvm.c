@@ -593,11 +593,11 @@ static int pv_boot_sregs(struct hv_vcpu *v, struct kvm_sregs *sregs, char *err, 
     sregs->es = sregs->fs = sregs->gs = sregs->ds;
     memset(&sregs->tr, 0, sizeof(sregs->tr));
     sregs->tr.selector = PV_TSS_SEL;
-    sregs->tr.base = PV_TSS_VA;
+    sregs->tr.base = PV_VCPU_VA(v->id, PV_TSS_VA);
     sregs->tr.limit = PV_TSS_LIMIT;
     sregs->tr.type = 0xb;
     sregs->tr.present = 1;
-    sregs->gdt.base = PV_GDT_VA;
+    sregs->gdt.base = PV_VCPU_VA(v->id, PV_GDT_VA);
     sregs->gdt.limit = PV_GDT_LIMIT;
     sregs->idt.base = PV_IDT_VA;
     sregs->idt.limit = 256 * 16 - 1;
@@ -747,7 +747,7 @@ static int pv_load_sregs(struct hv_vcpu *v, const struct pv_regs *r, const struc
         sregs.ldt.unusable = !p->ldt_ents;
         if (p->ldt_ents) {
             sregs.ldt.selector = PV_LDT_SEL;
-            sregs.ldt.base = PV_LDT_VA;
+            sregs.ldt.base = PV_VCPU_VA(v->id, PV_LDT_VA);
             sregs.ldt.limit = (uint32_t)(p->ldt_ents * 8 - 1);
             sregs.ldt.type = 2;
             sregs.ldt.present = 1;
@@ -815,15 +815,16 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     if (run->io.port == PV_TRAP_PORT) {
         int vector = (int)((rip - PV_STUBS_VA) / PV_STUB_SIZE), with_error;
         uint32_t error;
-        if (rip < PV_STUBS_VA || vector >= 32 || sp < PV_STACK_VA ||
-            sp + (6 + (uint64_t)pv_has_error_code(vector)) * 8 > PV_STACK_TOP) {
+        uint64_t stack = PV_VCPU_VA(v->id, PV_STACK_VA), top = PV_VCPU_VA(v->id, PV_STACK_TOP);
+        if (rip < PV_STUBS_VA || vector >= 32 || sp < stack ||
+            sp + (6 + (uint64_t)pv_has_error_code(vector)) * 8 > top) {
             in_exit = 0;
             hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_IO, rip,
                          "exit on the trap port outside an exception stub");
             return -1;
         }
         /* the stub's saved rax, then the CPU's frame: [error], rip, cs, rflags, rsp, ss */
-        saved_rax = (uint64_t *)(d->pv_region + PVF_STACK * HV_PAGE_SIZE + (sp - PV_STACK_VA));
+        saved_rax = (uint64_t *)(pv_vcpu_stack(v) + (sp - stack));
         r.rax = *saved_rax;
         frame = saved_rax + 1;
         with_error = pv_has_error_code(vector);
@@ -944,6 +945,31 @@ static int deliver_interrupt(struct hv_vcpu *v)
     return 0;
 }
 
+/* Another vCPU changed page tables or types (hv_vcpu_flush_others): an exit's I/O may
+ * still wait for its completion, which KVM_SET_SREGS must not overtake. */
+static int flush_before_entry(struct hv_vcpu *v)
+{
+    return complete_io(v) < 0 ? -1 : apply_sregs(v, 0, 0, 1);
+}
+
+/* VCPUOP_up: the context VCPUOP_initialise gave the vCPU, before its first entry. */
+static int load_context(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    struct pv_regs r, old;
+    char err[128];
+
+    if (hv_vcpu_load_context(v, &r, err, sizeof(err)) < 0)
+        return hv_stop_with(stop, HV_STOP_ERROR, 0, v->init_regs.rip, "%s", err), -1;
+    memset(&old, 0, sizeof(old));
+    old.gs_sel = ~0ULL;                 /* load every segment register the model keeps */
+    memcpy(&v->run->s.regs.regs, &r, 18 * sizeof(uint64_t));
+    v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+    if (pv_load_sregs(v, &r, &old) < 0)
+        return hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot set vCPU %d's "
+                            "segments: %s", v->id, strerror(errno)), -1;
+    return 0;
+}
+
 static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
 {
     struct hv_domain *d = v->dom;
@@ -961,6 +987,8 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
         if (hv_vcpu_must_park(v))
             return HV_STOP_PARKED;      /* the `in` of a blocking hypercall is completed
                                          * by the next KVM_RUN, from whichever worker */
+        if (v->context_pending && load_context(v, stop) < 0)
+            return stop->reason;
         if (d->pv_model == HV_PV_XEN) {
             if (pv_events(v, stop) < 0)
                 return stop->reason;
@@ -968,8 +996,15 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             return hv_stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
                              "KVM_INTERRUPT failed: %s", strerror(errno));
         }
+        int entry = hv_vcpu_before_entry(v, flush_before_entry);
+        if (entry > 0)
+            return HV_STOP_PARKED;
+        if (entry < 0)
+            return hv_stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
+                                "cannot flush the vCPU's TLB: %s", strerror(errno));
 
         int rc = ioctl(v->fd, KVM_RUN, 0);
+        __atomic_store_n(&v->in_guest, 0, __ATOMIC_SEQ_CST);
         /* Xen's model reads cr3 from sync regs; the ring-0 one asks when it needs it */
         v->cr3 = run->s.regs.sregs.cr3;
         v->cr3_valid = d->pv_model == HV_PV_XEN;

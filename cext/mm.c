@@ -156,9 +156,12 @@ int hv_mm_seal_frame(struct hv_domain *d, uint64_t mfn)
 
     if (!(f->flags & HV_FRAME_WAS_WRITABLE))
         return 0;
-    /* Only vCPU 0 ever runs (VCPUOP_up is refused, vcpu_op.c): flushing its TLB retires
-     * every stale writable entry. */
-    if (v && v->ops->flush_tlb(v) < 0)
+    /* The vCPU doing this (vCPU 0 for the builder) and every other one drop their TLB,
+     * so that no stale writable entry survives anywhere (the caller holds mm_lock). */
+    for (int i = 0; i < HV_MAX_VCPUS; i++)
+        if (d->vcpus[i] && pthread_equal(d->vcpus[i]->thread, pthread_self()))
+            v = d->vcpus[i];
+    if (v && (v->ops->flush_tlb(v) < 0 || hv_vcpu_flush_others(v) < 0))
         return -1;
     for (uint64_t i = 0; i < d->mm.nr_pages; i++)
         d->mm.frames[i].flags &= (uint8_t)~HV_FRAME_WAS_WRITABLE;
@@ -437,11 +440,13 @@ static int mmuext_one(struct hv_vcpu *v, const void *item)
         /* arg2 points at a vCPU bitmap; Xen reads one word per 64 vCPUs. */
         if (hv_copy_from_guest(v, &mask, op->arg2, sizeof(mask)) < 0)
             return -XEN_EINVAL;
-        /* fall through: one vCPU, so every flush is a local one */
-    case MMUEXT_TLB_FLUSH_LOCAL:
-    case MMUEXT_INVLPG_LOCAL:
+        /* fall through: every other vCPU is flushed, a superset of the mask */
     case MMUEXT_TLB_FLUSH_ALL:
     case MMUEXT_INVLPG_ALL:
+        hv_vcpu_flush_others(v);
+        /* fall through */
+    case MMUEXT_TLB_FLUSH_LOCAL:
+    case MMUEXT_INVLPG_LOCAL:
         return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
     case MMUEXT_FLUSH_CACHE:
         return -XEN_EACCES;         /* a domain without devices may not (Xen) */
@@ -594,6 +599,8 @@ int64_t do_update_va_mapping(struct hv_vcpu *v, const struct hv_hcall *h)
     if ((flags & ~(uint64_t)UVMF_FLUSHTYPE_MASK) > UVMF_ALL &&
         hv_copy_from_guest(v, &mask, flags & ~(uint64_t)UVMF_FLUSHTYPE_MASK, sizeof(mask)) < 0)
         return -XEN_EFAULT;
+    if (flags & ~(uint64_t)UVMF_FLUSHTYPE_MASK)     /* UVMF_ALL or a mask: the others too */
+        hv_vcpu_flush_others(v);
     return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
 }
 

@@ -61,6 +61,12 @@ enum pv_frame {
 #define PV_AREA_END     PV_STACK_TOP
 #define PV_LDT_VA       (PV_AREA_VA + 32 * 4096ULL)     /* 16 pages: the guest's LDT frames */
 #define PV_LDT_PAGES    16                              /* 8192 descriptors, Xen's maximum */
+/* Each vCPU has its own GDT, TSS, ring-0 stack and LDT mapping, as Xen gives each its
+ * own per-domain GDT/LDT slot: vCPU n's sit at the addresses above plus n times this,
+ * under an L1 of its own (one L2 entry each). The IDT, stubs and landing page are
+ * shared: they are vCPU 0's, which every vCPU's tables also map. */
+#define PV_VCPU_STRIDE  (2ULL << 20)
+#define PV_VCPU_VA(id, va) ((va) + (uint64_t)(id) * PV_VCPU_STRIDE)
 
 /* Xen's own selectors in the reserved GDT page (the guest's are in xen_abi.h). */
 #define PV_HYPER_CS     0xe008
@@ -154,10 +160,12 @@ int  pv_in_area(uint64_t va);
  * page (a region frame, or a guest GDT frame) and whether ring 3 may read it, or -1. */
 int  pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user);
 /* Map the guest's GDT frames into the first pages of the GDT (the rest: not present). */
-void pv_map_gdt(struct hv_domain *d, const uint64_t *mfns, unsigned n);
+void pv_map_gdt(struct hv_vcpu *v, const uint64_t *mfns, unsigned n);
 /* Map the guest's LDT frames at PV_LDT_VA and describe them at PV_LDT_SEL (n = 0: no
  * LDT); the engine loads LDTR from the vCPU's ldt_ents (hw_dirty). */
-void pv_map_ldt(struct hv_domain *d, const uint64_t *mfns, unsigned n, uint64_t ents);
+void pv_map_ldt(struct hv_vcpu *v, const uint64_t *mfns, unsigned n, uint64_t ents);
+/* The host address of the vCPU's ring-0 stack (its lowest byte, at PV_STACK_VA). */
+uint8_t *pv_vcpu_stack(struct hv_vcpu *v);
 
 /* ---- pv_traps.c: what happens at each way into the hypervisor ---- */
 /* Each returns 0 (resume the guest with *r) or -1 (the domain crashed; stop filled). */

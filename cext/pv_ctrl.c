@@ -299,7 +299,7 @@ int pv_gdt_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc)
     uint64_t gpa;
     int ring3;
 
-    if ((sel & 4) || pv_region_walk(v->dom, PV_GDT_VA + (sel & ~7u), &gpa, &ring3) < 0)
+    if ((sel & 4) || pv_region_walk(v->dom, PV_VCPU_VA(v->id, PV_GDT_VA) + (sel & ~7u), &gpa, &ring3) < 0)
         return -1;                      /* the LDT (always empty here); beyond the GDT */
     gpa += (sel & ~7u) & 0xfff;         /* the walk gives the page */
     if (gpa >= PV_REGION_GPA) {

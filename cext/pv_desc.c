@@ -104,7 +104,7 @@ int pv_set_gdt(struct hv_vcpu *v, const uint64_t *frames, uint64_t entries, int 
     mark_desc_frames(v, old, n_old);
     if (!load)
         return 0;
-    pv_map_gdt(d, v->pv.gdt_frames, n);
+    pv_map_gdt(v, v->pv.gdt_frames, n);
     return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
 }
 
@@ -196,7 +196,7 @@ int pv_set_ldt(struct hv_vcpu *v, uint64_t base, uint64_t ents)
     v->pv.ldt_base = base;
     v->pv.ldt_ents = ents;
     mark_desc_frames(v, old, n_old);
-    pv_map_ldt(d, frames, n, ents);
+    pv_map_ldt(v, frames, n, ents);
     v->pv.hw_dirty = 1;                 /* the engine loads LDTR */
     return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
 }

@@ -28,6 +28,24 @@
 
 static uint64_t area_flags(int f);
 
+/* A vCPU's own frames: vCPU 0's are the fixed ones (enum pv_frame); vCPU n's follow the
+ * M2P, VCPU_FRAMES each, in this order. */
+enum { VF_L1, VF_GDT, VF_TSS, VF_STACK = VF_TSS + 3, VCPU_FRAMES = VF_STACK + 2 };
+
+static uint64_t m2p_l1s(uint64_t frames);
+static uint64_t m2p_pages(uint64_t frames);
+
+static uint64_t vcpu_frame(struct hv_domain *d, int id, int which)
+{
+    static const int boot[VCPU_FRAMES] = { PVF_L1, PVF_GDT, PVF_TSS, PVF_TSS + 1,
+                                           PVF_TSS + 2, PVF_STACK, PVF_STACK + 1 };
+    uint64_t frames = d->ram_bytes / 4096ULL;
+    if (id == 0)
+        return (uint64_t)boot[which];
+    return PVF_NR + m2p_l1s(frames) + m2p_pages(frames) + (uint64_t)(id - 1) * VCPU_FRAMES +
+           (uint64_t)which;
+}
+
 static uint64_t frame_gpa(uint64_t f)
 {
     return PV_REGION_GPA + f * PAGE;
@@ -114,19 +132,22 @@ int pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user)
     return 0;
 }
 
-void pv_map_gdt(struct hv_domain *d, const uint64_t *mfns, unsigned n)
+void pv_map_gdt(struct hv_vcpu *v, const uint64_t *mfns, unsigned n)
 {
-    uint64_t *l1 = frame_of(d, PVF_L1);
+    struct hv_domain *d = v->dom;
+    uint64_t *l1 = frame_of(d, vcpu_frame(d, v->id, VF_L1));
     for (unsigned i = 0; i < FIRST_RESERVED_GDT_PAGE; i++) {
         uint64_t gpa = i < n ? mfns[i] << 12 : frame_gpa(PVF_ZERO);
         l1[((PV_GDT_VA >> 12) + i) & 511] = gpa | area_flags(PVF_ZERO);
     }
 }
 
-void pv_map_ldt(struct hv_domain *d, const uint64_t *mfns, unsigned n, uint64_t ents)
+void pv_map_ldt(struct hv_vcpu *v, const uint64_t *mfns, unsigned n, uint64_t ents)
 {
-    uint64_t *l1 = frame_of(d, PVF_L1), *gdt = frame_of(d, PVF_GDT);
-    uint64_t base = PV_LDT_VA, limit = ents * 8 - 1;
+    struct hv_domain *d = v->dom;
+    uint64_t *l1 = frame_of(d, vcpu_frame(d, v->id, VF_L1));
+    uint64_t *gdt = frame_of(d, vcpu_frame(d, v->id, VF_GDT));
+    uint64_t base = PV_VCPU_VA(v->id, PV_LDT_VA), limit = ents * 8 - 1;
 
     for (unsigned i = 0; i < PV_LDT_PAGES; i++)
         l1[((PV_LDT_VA >> 12) + i) & 511] = i < n ? mfns[i] << 12 | area_flags(PVF_ZERO) : 0;
@@ -174,11 +195,23 @@ static void build_tables(struct hv_domain *d, uint64_t frames)
         m2p[mfn] = mfn;
 
     frame_of(d, PVF_L3)[(PV_AREA_VA >> 30) & 511] = frame_gpa(PVF_L2) | upper;
-    frame_of(d, PVF_L2)[(PV_AREA_VA >> 21) & 511] = frame_gpa(PVF_L1) | upper;
-    for (uint64_t va = PV_AREA_VA; va < PV_AREA_END; va += PAGE) {
-        int f = pv_area_frame(va);
-        if (f >= 0)
-            frame_of(d, PVF_L1)[(va >> 12) & 511] = frame_gpa(f) | area_flags(f);
+    for (uint32_t id = 0; id < d->max_vcpus; id++) {
+        uint64_t l1 = vcpu_frame(d, (int)id, VF_L1);
+        frame_of(d, PVF_L2)[((PV_VCPU_VA(id, PV_AREA_VA)) >> 21) & 511] = frame_gpa(l1) | upper;
+        for (uint64_t va = PV_AREA_VA; va < PV_AREA_END; va += PAGE) {
+            int f = pv_area_frame(va);
+            uint64_t own = f;
+            if (f < 0)
+                continue;
+            /* the vCPU's own GDT page, TSS and stack; the rest is shared */
+            if (f == PVF_GDT)
+                own = vcpu_frame(d, (int)id, VF_GDT);
+            else if (f >= PVF_TSS && f <= PVF_TSS_END)
+                own = vcpu_frame(d, (int)id, VF_TSS + (f - PVF_TSS));
+            else if (f >= PVF_STACK && f <= PVF_STACK_END)
+                own = vcpu_frame(d, (int)id, VF_STACK + (f - PVF_STACK));
+            frame_of(d, l1)[(va >> 12) & 511] = frame_gpa(own) | area_flags(f);
+        }
     }
 }
 
@@ -188,10 +221,10 @@ static uint64_t segment(uint8_t access, uint8_t flags)
     return 0xffffULL | (uint64_t)access << 40 | 0xfULL << 48 | (uint64_t)flags << 52;
 }
 
-static void build_gdt(struct hv_domain *d)
+static void build_gdt(struct hv_domain *d, int id)
 {
-    uint64_t *gdt = frame_of(d, PVF_GDT);   /* entry 7168 + i is gdt[i] */
-    uint64_t base = PV_TSS_VA, limit = PV_TSS_LIMIT;
+    uint64_t *gdt = frame_of(d, vcpu_frame(d, id, VF_GDT));   /* entry 7168 + i is gdt[i] */
+    uint64_t base = PV_VCPU_VA(id, PV_TSS_VA), limit = PV_TSS_LIMIT;
 
     gdt[(PV_HYPER_CS >> 3) & 511] = segment(0x9b, 0xa);        /* 64-bit code, DPL 0 */
     gdt[(PV_HYPER_DS >> 3) & 511] = segment(0x93, 0xc);        /* data, DPL 0 */
@@ -243,10 +276,10 @@ static void build_idt_and_stubs(struct hv_domain *d)
     }
 }
 
-static void build_tss(struct hv_domain *d)
+static void build_tss(struct hv_domain *d, int id)
 {
-    uint8_t *tss = (uint8_t *)frame_of(d, PVF_TSS);
-    uint64_t rsp0 = PV_STACK_TOP;
+    uint8_t *tss = (uint8_t *)frame_of(d, vcpu_frame(d, id, VF_TSS));
+    uint64_t rsp0 = PV_VCPU_VA(id, PV_STACK_TOP);
     uint16_t iomap = 0x68;
 
     memcpy(tss + 4, &rsp0, 8);
@@ -284,7 +317,8 @@ int pv_domain_init(struct hv_domain *d, int model, char *err, int err_len)
         return -1;
     }
     frames = d->ram_bytes / PAGE;
-    d->pv_region_bytes = (PVF_NR + m2p_l1s(frames) + m2p_pages(frames)) * PAGE;
+    d->pv_region_bytes = (PVF_NR + m2p_l1s(frames) + m2p_pages(frames) +
+                          (uint64_t)(d->max_vcpus - 1) * VCPU_FRAMES) * PAGE;
     d->pv_region = mmap(NULL, d->pv_region_bytes, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (d->pv_region == MAP_FAILED) {
@@ -298,9 +332,11 @@ int pv_domain_init(struct hv_domain *d, int model, char *err, int err_len)
     memset(d->pv_region, 0, d->pv_region_bytes);
     mlock(d->pv_region, d->pv_region_bytes);
     build_tables(d, frames);
-    build_gdt(d);
+    for (uint32_t id = 0; id < d->max_vcpus; id++) {
+        build_gdt(d, (int)id);
+        build_tss(d, (int)id);
+    }
     build_idt_and_stubs(d);
-    build_tss(d);
     build_landing(d);
     return 0;
 }
@@ -310,6 +346,11 @@ void pv_domain_destroy(struct hv_domain *d)
     if (d->pv_region)
         munmap(d->pv_region, d->pv_region_bytes);
     d->pv_region = NULL;
+}
+
+uint8_t *pv_vcpu_stack(struct hv_vcpu *v)
+{
+    return (uint8_t *)frame_of(v->dom, vcpu_frame(v->dom, v->id, VF_STACK));
 }
 
 void pv_vcpu_boot(struct hv_vcpu *v, uint64_t rsp)

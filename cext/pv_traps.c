@@ -136,6 +136,17 @@ static int bounce(struct hv_vcpu *v, struct pv_regs *r, uint64_t handler, int ve
     return 0;
 }
 
+/* Xen's ptwr is an mmu_update: under the domain's mm_lock like one. */
+static int emulate_ptwr_locked(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
+{
+    int done;
+    pthread_mutex_lock(&v->dom->mm_lock);
+    done = pv_emulate_ptwr(v, r, cr2);
+    pthread_mutex_unlock(&v->dom->mm_lock);
+    return done;
+}
+
+
 int pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t error,
                  uint64_t cr2, struct hv_stop *stop)
 {
@@ -171,7 +182,7 @@ int pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t erro
     }
     if (vector == 14 && !(error & PF_W) && pv_emulate_m2p_load(v, r, cr2))
         return 0;
-    if (vector == 14 && (error & PF_W) && pv_emulate_ptwr(v, r, cr2))
+    if (vector == 14 && (error & PF_W) && emulate_ptwr_locked(v, r, cr2))
         return 0;
     if (vector == 14) {
         /* The guest sees U set iff it was in user mode (both run in ring 3), and P

@@ -15,6 +15,7 @@
  * (events.c raises, then notifies), never while it is held.
  */
 #include <errno.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -205,6 +206,8 @@ static int can_go_on(struct hv_vcpu *v)
         return hv_interrupt_due(v, NULL);
     case HV_WAIT_UNPAUSE:
         return !__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE);
+    case HV_WAIT_UP:
+        return !__atomic_load_n(&v->down, __ATOMIC_ACQUIRE);
     default:
         return 1;
     }
@@ -296,15 +299,36 @@ static void slice_end(struct hv_vcpu *v)
     pthread_mutex_unlock(&v->kick_lock);
 }
 
-/* The vCPU stopped for good: record why, end the console stream, let destroy go on.
- * After the last line nothing here touches v: the domain may be freed at once. */
+/* The vCPU stopped for good. The first vCPU to stop gives the domain its reason and
+ * stops the others (a fault, a kick, an error: Xen's domain_crash and destroy stop every
+ * vCPU; a shutdown stops them by itself); the last one to stop makes that reason the
+ * domain's and ends the console stream, once. Then destroy may go on: after the last
+ * line nothing here touches v, the domain may be freed at once. */
 static void finish(struct hv_vcpu *v, int rc, struct hv_stop *stop)
 {
-    stop->elapsed_ns = hv_now_ns() - v->started_ns;
-    v->final_stop = *stop;
-    v->result = rc;
-    __atomic_store_n(&v->result_ready, 1, __ATOMIC_RELEASE);
-    hv_console_close(v->dom);           /* end of file: whoever reads the console knows */
+    struct hv_domain *d = v->dom;
+    int first, last;
+
+    stop->elapsed_ns = hv_now_ns() - d->vcpus[0]->started_ns;
+    pthread_mutex_lock(&d->vcpu_lock);
+    first = !d->stopping;
+    if (first) {
+        d->stopping = 1;
+        d->final_stop = *stop;
+        d->result = rc;
+    }
+    last = --d->live_vcpus == 0;
+    if (last)
+        __atomic_store_n(&d->result_ready, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&d->vcpu_lock);
+    if (first)
+        for (int i = 0; i < HV_MAX_VCPUS; i++)
+            if (d->vcpus[i] && d->vcpus[i] != v) {
+                __atomic_store_n(&d->vcpus[i]->kicked, 1, __ATOMIC_SEQ_CST);
+                hv_vcpu_notify(d->vcpus[i]);
+            }
+    if (last)
+        hv_console_close(d);            /* end of file: whoever reads the console knows */
     pthread_mutex_lock(&v->wait_lock);
     v->sched_state = HV_SCHED_DONE;
     hv_runstate_enter(v, RUNSTATE_offline);
@@ -403,13 +427,19 @@ static void *worker_main(void *arg)
 
 /* ---- what the toolstack and the services call ---- */
 
-int hv_vcpu_start(struct hv_vcpu *v)
+/* Caller holds d->vcpu_lock. */
+static int start_locked(struct hv_vcpu *v)
 {
+    struct hv_domain *d = v->dom;
+
+    if (d->stopping)
+        return -1;                      /* the domain is ending: no new vCPU runs */
     pthread_mutex_lock(&v->wait_lock);
     if (v->sched_state != HV_SCHED_NEW) {
         pthread_mutex_unlock(&v->wait_lock);
         return -1;
     }
+    d->live_vcpus++;
     v->sched_state = HV_SCHED_RUNNABLE;
     hv_runstate_enter(v, RUNSTATE_runnable);
     rq_push(v);
@@ -417,12 +447,83 @@ int hv_vcpu_start(struct hv_vcpu *v)
     return 0;
 }
 
+int hv_vcpu_start(struct hv_vcpu *v)
+{
+    int rc;
+    pthread_mutex_lock(&v->dom->vcpu_lock);
+    rc = start_locked(v);
+    pthread_mutex_unlock(&v->dom->vcpu_lock);
+    return rc;
+}
+
+/* Caller holds d->vcpu_lock (vcpu_op.c's VCPUOP_up). A vCPU that ran before and went
+ * down goes on where it stopped, as in Xen; one that never ran loads its context first. */
+int hv_vcpu_bring_up(struct hv_vcpu *t)
+{
+    /* An engine whose guest atomics are not atomic across host threads (bt: TCG runs
+     * locked instructions as plain ones) cannot run two vCPUs of a domain at once
+     * until it serialises them; it does not load a VCPUOP_initialise context yet. */
+    if (!t->dom->engine->guest_atomics)
+        return -2;
+    if (t->sched_state == HV_SCHED_NEW) {
+        t->context_pending = 1;
+        t->down = 0;
+        if (start_locked(t) < 0) {
+            t->down = 1;
+            return -1;
+        }
+        return 0;
+    }
+    t->down = 0;
+    hv_vcpu_notify(t);
+    return 0;
+}
+
+/* The domain's end: what the first vCPU to stop said, once every vCPU has stopped. */
 int hv_vcpu_result(struct hv_vcpu *v, struct hv_stop *stop)
 {
-    if (!__atomic_load_n(&v->result_ready, __ATOMIC_ACQUIRE))
+    struct hv_domain *d = v->dom;
+    if (!__atomic_load_n(&d->result_ready, __ATOMIC_ACQUIRE))
         return -1;
-    *stop = v->final_stop;
-    return v->result;
+    *stop = d->final_stop;
+    return d->result;
+}
+
+int hv_vcpu_before_entry(struct hv_vcpu *v, int (*flush)(struct hv_vcpu *v))
+{
+    if (__atomic_load_n(&v->down, __ATOMIC_ACQUIRE)) {
+        hv_vcpu_park(v, HV_WAIT_UP, 0);
+        return 1;
+    }
+    /* in_guest before flush_wanted, as hv_vcpu_flush_others sets them the other way
+     * round: either it sees us in the guest and waits, or we see its request */
+    __atomic_store_n(&v->in_guest, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_exchange_n(&v->flush_wanted, 0, __ATOMIC_SEQ_CST) && flush(v) < 0) {
+        __atomic_store_n(&v->in_guest, 0, __ATOMIC_SEQ_CST);
+        return -1;
+    }
+    return 0;
+}
+
+int hv_vcpu_flush_others(struct hv_vcpu *v)
+{
+    struct hv_domain *d = v->dom;
+
+    for (uint32_t i = 0; i < d->max_vcpus; i++) {
+        struct hv_vcpu *t = d->vcpus[i];
+        if (!t || t == v)
+            continue;
+        __atomic_store_n(&t->flush_wanted, 1, __ATOMIC_SEQ_CST);
+        if (!__atomic_load_n(&t->in_guest, __ATOMIC_SEQ_CST))
+            continue;                   /* it flushes before it enters again */
+        /* out of the guest, then it flushes before entering again; a vCPU waiting for
+         * our lock meanwhile is out of the guest too */
+        t->ops->kick(t);
+        while (__atomic_load_n(&t->in_guest, __ATOMIC_SEQ_CST) &&
+               __atomic_load_n(&t->flush_wanted, __ATOMIC_SEQ_CST))
+            sched_yield();
+    }
+    return 0;
 }
 
 void hv_vcpu_notify(struct hv_vcpu *v)
@@ -466,10 +567,17 @@ void hv_vcpu_deadline_passed(struct hv_vcpu *v)
     hv_vcpu_notify(v);
 }
 
+/* The toolstack pauses a domain: every vCPU of it (Xen's domain_pause). */
 void hv_vcpu_pause(struct hv_vcpu *v, int paused)
 {
-    __atomic_store_n(&v->paused, paused ? 1 : 0, __ATOMIC_SEQ_CST);
-    hv_vcpu_notify(v);                  /* out of the guest to park, or back to work */
+    struct hv_domain *d = v->dom;
+    for (uint32_t i = 0; i < d->max_vcpus; i++) {
+        struct hv_vcpu *t = d->vcpus[i];
+        if (!t)
+            continue;
+        __atomic_store_n(&t->paused, paused ? 1 : 0, __ATOMIC_SEQ_CST);
+        hv_vcpu_notify(t);              /* out of the guest to park, or back to work */
+    }
 }
 
 int hv_vcpu_state(struct hv_vcpu *v)
@@ -477,7 +585,7 @@ int hv_vcpu_state(struct hv_vcpu *v)
     int state;
     pthread_mutex_lock(&v->wait_lock);
     if (v->sched_state == HV_SCHED_NEW || v->sched_state == HV_SCHED_DONE ||
-        __atomic_load_n(&v->result_ready, __ATOMIC_ACQUIRE))
+        __atomic_load_n(&v->dom->result_ready, __ATOMIC_ACQUIRE))
         state = HV_VCPU_STOPPED;
     else if (__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE))
         state = HV_VCPU_PAUSED;

@@ -4,11 +4,10 @@
  *
  * vCPU 0 is initialised and started by the domain builder. Every other vCPU the domain
  * has (vcpus=) exists from the start, down and uninitialised: VCPUOP_initialise checks a
- * vcpu_guest_context and makes it the vCPU's state, once; VCPUOP_up would then run it.
- * Running a second vCPU of a PV domain needs what trapless does not have yet: a
- * hypervisor region (GDT, TSS, ring-0 stack, LDT mapping) per vCPU instead of per
- * domain, and TLB flushes and page-type changes that reach every vCPU; until then
- * VCPUOP_up of a down vCPU fails with -EOPNOTSUPP, and nothing runs that Xen would not.
+ * vcpu_guest_context and makes it the vCPU's state, once; VCPUOP_up (or VGCF_online)
+ * hands it to the scheduler, and its engine loads that state on its own thread before
+ * it first enters the guest (hv_vcpu_load_context). Each vCPU has its own GDT, TSS,
+ * ring-0 stack and LDT mapping in the hypervisor's region (pv_region.c).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -72,8 +71,6 @@ static int64_t set_context(struct hv_vcpu *t, const struct vcpu_guest_context *c
 
     if (rc)
         return rc;
-    if (c->flags & VGCF_online)
-        return -XEN_EOPNOTSUPP;         /* it would run now: see the top of this file */
 
     memset(p, 0, sizeof(*p));
     rc = pv_set_gdt(t, c->gdt_frames, c->gdt_ents, 0);
@@ -131,6 +128,49 @@ static int64_t set_context(struct hv_vcpu *t, const struct vcpu_guest_context *c
     t->init_gs_base = p->user_mode ? c->gs_base_user : c->gs_base_kernel;
     p->gs_base_other = p->user_mode ? c->gs_base_kernel : c->gs_base_user;
     t->initialised = 1;
+    /* Xen's VGCF_online: up at once */
+    if (c->flags & VGCF_online) {
+        rc = hv_vcpu_bring_up(t);
+        if (rc < 0)
+            return rc == -2 ? -XEN_EOPNOTSUPP : -XEN_EINVAL;
+    }
+    return 0;
+}
+
+int hv_vcpu_load_context(struct hv_vcpu *v, struct pv_regs *r, char *err, int err_len)
+{
+    const struct xen_user_regs *u = &v->init_regs;
+    struct pv_vcpu saved = v->pv;
+    uint64_t l4 = saved.user_mode ? saved.user_l4 : v->base_mfn;
+    struct hv_boot_state bs = {
+        .rip = u->rip, .rsp = u->rsp, .rsi = u->rsi, .cr3 = l4 << HV_PAGE_SHIFT,
+        .code_selector = saved.user_mode ? FLAT_RING3_CS64 : FLAT_KERNEL_CS,
+        .data_selector = FLAT_KERNEL_SS, .mode = HV_BOOT_LONG,
+    };
+
+    v->context_pending = 0;
+    /* the engine's start of day (ring 3, the vCPU's own GDT and TSS, upcalls masked as
+     * Xen's vcpu_info starts), then the context's PV state over its defaults */
+    if (v->dom->engine->set_boot_state(v, &bs, err, err_len) < 0)
+        return -1;
+    v->pv = saved;
+    v->pv.hw_dirty = 1;
+    pv_map_gdt(v, saved.gdt_frames, saved.gdt_nr_frames);
+    memset(r, 0, sizeof(*r));
+    r->rax = u->rax; r->rbx = u->rbx; r->rcx = u->rcx; r->rdx = u->rdx;
+    r->rsi = u->rsi; r->rdi = u->rdi; r->rsp = u->rsp; r->rbp = u->rbp;
+    r->r8 = u->r8; r->r9 = u->r9; r->r10 = u->r10; r->r11 = u->r11;
+    r->r12 = u->r12; r->r13 = u->r13; r->r14 = u->r14; r->r15 = u->r15;
+    r->rip = u->rip;
+    r->rflags = u->rflags;
+    r->cs = bs.code_selector;
+    r->ss = bs.data_selector;
+    r->fs_base = v->init_fs_base;
+    r->gs_base = v->init_gs_base;
+    if (saved.ldt_ents && pv_set_ldt(v, saved.ldt_base, saved.ldt_ents) < 0) {
+        hv_set_error(err, err_len, "vCPU %d: its LDT cannot be mapped", v->id);
+        return -1;
+    }
     return 0;
 }
 
@@ -166,13 +206,16 @@ static int64_t vcpu_up(struct hv_vcpu *t)
     else if (!t->down)
         rc = 0;
     else
-        rc = -XEN_EOPNOTSUPP;           /* see the top of this file */
+    {
+        int up = hv_vcpu_bring_up(t);
+        rc = up == -2 ? -XEN_EOPNOTSUPP : up < 0 ? -XEN_EINVAL : 0;
+    }
     pthread_mutex_unlock(&t->dom->vcpu_lock);
     return rc;
 }
 
-/* Xen: taking down the last vCPU that is up powers the domain off. Only vCPU 0 is ever
- * up, so any other vCPU is down already and stays so. */
+/* Xen: taking down the last vCPU that is up powers the domain off; any other leaves
+ * the guest at its next entry and waits, parked, for VCPUOP_up. */
 static int64_t vcpu_down(struct hv_vcpu *t)
 {
     struct hv_domain *d = t->dom;
@@ -182,9 +225,13 @@ static int64_t vcpu_down(struct hv_vcpu *t)
     for (int i = 0; i < HV_MAX_VCPUS; i++)
         if (d->vcpus[i] && d->vcpus[i] != t && !d->vcpus[i]->down)
             others_up = 1;
+    if (others_up)
+        __atomic_store_n(&t->down, 1, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&d->vcpu_lock);
     if (!others_up)
         hv_domain_shutdown(d, SHUTDOWN_poweroff);
+    else
+        hv_vcpu_notify(t);              /* out of the guest if it runs elsewhere */
     return 0;
 }
 
