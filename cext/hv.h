@@ -187,6 +187,7 @@ struct hv_domain {
     const struct hv_engine_impl *engine;
     void *engine_priv;              /* engine-specific per-domain state (not kvm's) */
     int kvm_vm_fd;
+    uint32_t kvm_ram_slots;         /* kvm: the memslot ids that hold RAM now (a bitmask) */
     struct hv_vcpu *vcpus[HV_MAX_VCPUS];
 };
 
@@ -205,6 +206,12 @@ struct hv_vcpu {
     size_t run_size;
     uint64_t cr3;                   /* cached for the current exit */
     int cr3_valid;
+    /* PVH on kvm: the guest-physical pages of the guest's TSS, kept out of KVM's
+     * memslots (kvm.c, "events from ring 3"); HV_NO_PAGE when none. tss_seen_* is the
+     * TR and cr3 they were found with. */
+    uint64_t tss_trap[2];
+    uint64_t tss_seen_base, tss_seen_cr3;
+    uint16_t tss_seen_sel;
 
     /* the worker thread running it now (vcpu.c); kick_lock guards thread and in_run */
     pthread_mutex_t kick_lock;
@@ -258,6 +265,11 @@ int hv_copy_to_guest(struct hv_vcpu *v, uint64_t gva, const void *src, uint64_t 
 int hv_gpa_valid(struct hv_domain *d, uint64_t gpa, uint64_t len);
 /* kvm_emul.c: an instruction KVM could not emulate; 0 done, -1 with why filled */
 int hv_kvm_emulate(struct hv_vcpu *v, char *why, int why_len);
+/* kvm_emul.c: the event KVM stopped on (KVM_EXIT_SHUTDOWN) because delivering it from
+ * ring 3 needed the guest's TSS, which kvm.c keeps out of KVM's reach; and an
+ * interrupt for a vCPU in ring 3. 0 delivered, -1 with why filled. */
+int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len);
+int hv_kvm_deliver_interrupt(struct hv_vcpu *v, unsigned vector, char *why, int why_len);
 
 /* ---- hypercall dispatch (hypercall.c) and the services ---- */
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h);

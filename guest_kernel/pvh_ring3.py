@@ -46,10 +46,8 @@ def build_pvh_ring3_guest() -> tuple[bytes, dict[str, int]]:
     a = p.a
 
     # ---- main: the CPU set-up ----
-    a.call("idt_init")
-    a.call("events_init")
-    a.test(rax, rax)
-    a.jne("fail")
+    # TR first: on kvm trapless finds the TSS (and takes its page from KVM, cext/kvm.c)
+    # at an exit after the ltr, here events_init's hypercalls
     # the TSS: RSP0 and IST1 deliberately 8 bytes off 16 (the CPU aligns them down)
     a.lea(rax, ptr["kstack_top"])
     a.sub(rax, 8)
@@ -75,6 +73,10 @@ def build_pvh_ring3_guest() -> tuple[bytes, dict[str, int]]:
     a.mov(qword[rip + "gdt" + TSS_SEL + 8], rdx)
     a.mov(eax, TSS_SEL)
     a.db(0x0F, 0x00, 0xD8)                          # ltr ax
+    a.call("idt_init")
+    a.call("events_init")
+    a.test(rax, rax)
+    a.jne("fail")
     # the gates: (vector, handler, type and DPL, IST)
     for vector, handler, attr, ist in ((14, "on_pf", 0x8E, 0), (6, "on_ud", 0x8E, 1),
                                        (3, "on_int3", 0xEE, 0), (0x80, "on_int80", 0xEF, 0),
@@ -106,7 +108,9 @@ def build_pvh_ring3_guest() -> tuple[bytes, dict[str, int]]:
 
     # ---- the cases ----
     a.mov(byte[rip + "shared_info" + UPCALL_MASK], 1)   # no upcall until the event case
-    for case in ("pf", "ud", "int3", "int80", "int81", "syscall"):
+    # syscall before int81: on kvm it stays in ring 3 and its sysretq faults, which
+    # on_gp records as int81's until int81 writes its own
+    for case in ("pf", "ud", "int3", "int80", "syscall", "int81"):
         a.lea(rdi, ptr[f"u_{case}"])
         a.call("enter_user")
     # an upcall while ring 3 spins: VIRQ_TIMER one-shot 1 ms ahead, upcalls unmasked
@@ -271,7 +275,9 @@ def build_pvh_ring3_guest() -> tuple[bytes, dict[str, int]]:
     a.label("gdt_desc")
     a.dw(len(GDT) * 8 - 1)
     a.dd("gdt")
-    a.align(16)
+    # the TSS on a page of its own, as Linux keeps it: on kvm trapless keeps that page
+    # from KVM (cext/kvm.c, events from ring 3), which must not take the GDT with it
+    a.align(4096)
     a.label("tss")
     a.db(*([0] * 0x68))
     # page tables: the first GiB identity-mapped with user-accessible 2 MiB pages,
