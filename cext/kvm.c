@@ -267,13 +267,20 @@ static int pvh_setup_vm(struct hv_domain *d, char *err, int err_len)
     return 0;
 }
 
-/* Replace KVM's own hypervisor leaves (0x4000xxxx) with Xen's. */
+#define CPUID1_ECX_X2APIC (1u << 21)
+
+/* Replace KVM's own hypervisor leaves (0x4000xxxx) with Xen's; and the local APIC is
+ * trapless's (dev_lapic.c), which offers xAPIC mode only: KVM, which would answer the
+ * x2APIC MSRs with #GP without its own in-kernel APIC, must not offer x2APIC. */
 static void pvh_cpuid(struct hv_vcpu *v, struct kvm_cpuid2 *cpuid, int room)
 {
     uint32_t n = 0, out[4];
-    for (uint32_t i = 0; i < cpuid->nent; i++)
+    for (uint32_t i = 0; i < cpuid->nent; i++) {
+        if (cpuid->entries[i].function == 1)
+            cpuid->entries[i].ecx &= ~CPUID1_ECX_X2APIC;
         if ((cpuid->entries[i].function & 0xffff0000u) != HV_PVH_CPUID_BASE)
             cpuid->entries[n++] = cpuid->entries[i];
+    }
     for (uint32_t leaf = HV_PVH_CPUID_BASE; leaf < HV_PVH_CPUID_BASE + 6; leaf++) {
         uint32_t subleaves = leaf == HV_PVH_CPUID_BASE + 3 ? 3 : 1;
         for (uint32_t sub = 0; sub < subleaves && (int)n < room; sub++) {
