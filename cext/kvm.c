@@ -446,6 +446,29 @@ static int pvh_tss_trapped(struct hv_vcpu *v)
     return v->dom->guest_type == HV_GUEST_PVH && v->tss_trap[0] != HV_NO_PAGE;
 }
 
+/* CPUID faulting (MSR_PLATFORM_INFO bit 31): KVM offers it, but ring-3 code runs
+ * natively on a KVM-PVM host and its cpuid never faults, and trapless cannot see it
+ * either; so a PVH guest is not told it exists (XTF cpuid-faulting then skips). */
+#define MSR_PLATFORM_INFO               0xce
+#define PLATFORM_INFO_CPUID_FAULTING    (1ULL << 31)
+
+static int pvh_vcpu_msrs(struct hv_vcpu *v, char *err, int err_len)
+{
+    struct { struct kvm_msrs hdr; struct kvm_msr_entry e; } msrs = {
+        .hdr.nmsrs = 1, .e.index = MSR_PLATFORM_INFO,
+    };
+    if (ioctl(v->fd, KVM_GET_MSRS, &msrs) != 1)
+        return 0;                       /* no such MSR: nothing is offered */
+    if (!(msrs.e.data & PLATFORM_INFO_CPUID_FAULTING))
+        return 0;
+    msrs.e.data &= ~PLATFORM_INFO_CPUID_FAULTING;
+    if (ioctl(v->fd, KVM_SET_MSRS, &msrs) != 1) {
+        hv_set_error(err, err_len, "KVM_SET_MSRS (MSR_PLATFORM_INFO): %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- end of PVH ---- */
 
 static void kvm_destroy_vm(struct hv_domain *d)
@@ -667,7 +690,8 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
     if (v->dom->pv_model == HV_PV_XEN || v->dom->guest_type == HV_GUEST_PVH)
         v->run->kvm_valid_regs |= KVM_SYNC_X86_SREGS;
     /* the PV clock first: a PVH guest's CPUID time leaf tells its scale */
-    if (pvclock_setup(v, err, err_len) < 0 || set_cpuid(v, err, err_len) < 0) {
+    if (pvclock_setup(v, err, err_len) < 0 || set_cpuid(v, err, err_len) < 0 ||
+        (v->dom->guest_type == HV_GUEST_PVH && pvh_vcpu_msrs(v, err, err_len) < 0)) {
         munmap(v->run, v->run_size);
         v->run = NULL;
         close(v->fd);
