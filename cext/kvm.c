@@ -425,14 +425,14 @@ static int pvh_track_tss(struct hv_vcpu *v, char *err, int err_len)
     return layout_ram_slots(v->dom, err, err_len);
 }
 
-/* A guest access to a page kept from KVM: RAM all the same. */
+/* A guest access to a page kept from KVM: RAM all the same. (Any page of RAM: while
+ * layout_ram_slots() moves a hole, another vCPU may find its page between slots.) */
 static int pvh_hole_mmio(struct hv_vcpu *v, struct kvm_run *run)
 {
     struct hv_domain *d = v->dom;
     uint64_t gpa = run->mmio.phys_addr, len = run->mmio.len;
 
-    if (d->guest_type != HV_GUEST_PVH || len > 8 || gpa + len > d->ram_bytes ||
-        !ram_hole(d, gpa & ~(HV_PAGE_SIZE - 1)))
+    if (d->guest_type != HV_GUEST_PVH || len > 8 || gpa + len > d->ram_bytes)
         return 0;
     if (run->mmio.is_write)
         memcpy(d->ram + gpa, run->mmio.data, len);
@@ -501,6 +501,9 @@ static int kvm_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
  * some hosts (PVM). The run loop applies them right after (apply_pending). vCPU thread
  * only, hence thread-local. */
 static __thread int in_exit, pending_set_cr3, pending_flush;
+/* the vector KVM_INTERRUPT gave KVM for the next entry, -1 if none: KVM delivers it
+ * before any instruction, so a KVM_EXIT_SHUTDOWN right after is that delivery's */
+static __thread int injected_vector = -1;
 static __thread uint64_t pending_cr3;
 
 /* A ring-3 guest kernel's tables are shadowed by a KVM that shadows (KVM-PVM): trapless
@@ -1103,6 +1106,7 @@ static int deliver_interrupt(struct hv_vcpu *v, struct hv_stop *stop)
         }
         if (ioctl(v->fd, KVM_INTERRUPT, &irq) < 0)
             return -1;
+        injected_vector = vector;
         hv_vector_taken(v, vector, is_upcall);
         run->request_interrupt_window = 0;
         return 0;
@@ -1139,13 +1143,19 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                              "KVM_INTERRUPT failed: %s", strerror(errno));
         }
 
-        int rc = ioctl(v->fd, KVM_RUN, 0);
+        int rc = ioctl(v->fd, KVM_RUN, 0), just_injected = injected_vector;
+        injected_vector = -1;
         /* Xen's model reads cr3 from sync regs; the ring-0 one asks when it needs it */
         v->cr3 = run->s.regs.sregs.cr3;
         v->cr3_valid = d->pv_model == HV_PV_XEN;
         if (rc < 0) {
             if (errno == EINTR || errno == EAGAIN) {
+                struct kvm_vcpu_events ev;
                 c->exits[HV_EXIT_INTR]++;
+                /* stopped before the entry that delivers it: still KVM's to deliver */
+                if (just_injected >= 0 && ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) == 0 &&
+                    ev.interrupt.injected)
+                    injected_vector = just_injected;
                 __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
                 continue;
             }
@@ -1216,7 +1226,9 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             if (pvh_tss_trapped(v)) {
                 /* an event KVM could not deliver without the TSS (above) */
                 char why[160] = "";
-                int r = hv_kvm_deliver_stopped_event(v, why, sizeof(why));
+                int r = just_injected >= 0
+                        ? hv_kvm_deliver_interrupt(v, (unsigned)just_injected, why, sizeof(why))
+                        : hv_kvm_deliver_stopped_event(v, why, sizeof(why));
                 if (r == 0) {
                     c->exits[HV_EXIT_EXCEPTION]++;
                     break;

@@ -111,6 +111,12 @@ def build_pvh_ring3_guest() -> tuple[bytes, dict[str, int]]:
     # syscall before int81: on kvm it stays in ring 3 and its sysretq faults, which
     # on_gp records as int81's until int81 writes its own
     for case in ("pf", "ud", "int3", "int80", "syscall", "int81"):
+        if case == "int3":
+            # a new RSP0 from here on, written while the TSS is in use (on kvm its page
+            # is out of KVM's reach by now: the write is an MMIO exit)
+            a.lea(rax, ptr["kstack2_top"])
+            a.sub(rax, 8)
+            a.mov(qword[rip + "tss" + 4], rax)
         a.lea(rdi, ptr[f"u_{case}"])
         a.call("enter_user")
     # an upcall while ring 3 spins: VIRQ_TIMER one-shot 1 ms ahead, upcalls unmasked
@@ -295,6 +301,8 @@ def build_pvh_ring3_guest() -> tuple[bytes, dict[str, int]]:
     a.align(16)
     a.reserve(4096)
     a.label("kstack_top")
+    a.reserve(4096)
+    a.label("kstack2_top")
     a.reserve(4096)
     a.label("ist_top")
     a.reserve(4096)
