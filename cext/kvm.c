@@ -1233,6 +1233,17 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                     c->exits[HV_EXIT_EXCEPTION]++;
                     break;
                 }
+                if (r == 1) {
+                    /* ring-3 port I/O: the TSS's I/O bitmap is KVM's to read. It gets
+                     * the pages back for this instruction; the next exit (the port's
+                     * own when the bitmap lets it through) takes them again. */
+                    c->exits[HV_EXIT_OTHER]++;
+                    v->tss_trap[0] = v->tss_trap[1] = HV_NO_PAGE;
+                    v->tss_seen_base = ~0ULL;
+                    if (layout_ram_slots(d, why, sizeof(why)) < 0)
+                        return hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "%s", why);
+                    break;
+                }
                 if (why[0]) {
                     c->exits[HV_EXIT_SHUTDOWN]++;
                     return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_SHUTDOWN, rip,

@@ -538,6 +538,28 @@ static int prefixes(const uint8_t *b, int n)
     return i;
 }
 
+/* Whether ring 3 may access `size` ports from `port`: CPL <= IOPL, or every one of
+ * their bits in the TSS's I/O bitmap clear and inside the TSS limit. */
+static int port_allowed(struct hv_vcpu *v, uint32_t port, unsigned size)
+{
+    struct kvm_sregs *s = &v->run->s.regs.sregs;
+    uint16_t base;
+
+    if (((v->run->s.regs.regs.rflags >> 12) & 3) >= s->cs.dpl)
+        return 1;
+    if (s->tr.limit < 0x67 || hv_copy_from_guest(v, &base, s->tr.base + 0x66, 2) < 0)
+        return 0;
+    for (uint32_t p = port; p < port + size; p++) {
+        uint8_t bits;
+        uint32_t at = base + p / 8;
+        if (at + 1 > s->tr.limit ||     /* the CPU reads two bytes of the bitmap */
+            hv_copy_from_guest(v, &bits, s->tr.base + at, 1) < 0 ||
+            (bits >> (p & 7)) & 1)
+            return 0;
+    }
+    return 1;
+}
+
 int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len)
 {
     struct kvm_regs *regs = &v->run->s.regs.regs;
@@ -599,6 +621,22 @@ int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len)
             regs->rip = next - 1;
         rc = soft_int(v, 3, next, why, why_len);
         goto out;
+    }
+    if (vector == 13 && s->cs.dpl == 3 && ev.exception.error_code == 0 && s->cs.l) {
+        /* in, out, ins, outs: KVM's #GP may only say it could not read the TSS's I/O
+         * bitmap. Denied, it is the #GP; let through, KVM does the access with the
+         * TSS back (the caller) */
+        n = fetch(v, regs->rip, b);
+        i = prefixes(b, n);
+        if (i + 1 < n && ((b[i] >= 0xe4 && b[i] <= 0xe7) || (b[i] >= 0xec && b[i] <= 0xef) ||
+                          (b[i] >= 0x6c && b[i] <= 0x6f))) {
+            int wide = b[i] & 1, data16 = 0;
+            for (int k = 0; k < i; k++)
+                data16 |= b[k] == 0x66;
+            uint32_t port = b[i] <= 0xe7 && b[i] >= 0xe4 ? b[i + 1] : (uint16_t)regs->rdx;
+            if (port_allowed(v, port, wide ? (data16 ? 2 : 4) : 1))
+                return 1;
+        }
     }
     /* everything else as KVM meant it: #DB and #OF are traps, the rest faults */
     rc = deliver(v, vector, ev.exception.has_error_code, ev.exception.error_code, regs->rip,
