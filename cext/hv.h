@@ -192,6 +192,7 @@ struct hv_domain {
     void *engine_priv;              /* engine-specific per-domain state (not kvm's) */
     int kvm_vm_fd;
     uint32_t max_vcpus;             /* vcpus[0 .. max_vcpus) exist (vcpus=) */
+    uint32_t kvm_ram_slots;         /* kvm: the memslot ids that hold RAM now (a bitmask) */
     struct hv_vcpu *vcpus[HV_MAX_VCPUS];
     /* Xen's domain_lock: guards bringing vCPUs up and down (vcpu_op.c) and the
      * domain's end (vcpu.c): */
@@ -221,6 +222,12 @@ struct hv_vcpu {
     size_t run_size;
     uint64_t cr3;                   /* cached for the current exit */
     int cr3_valid;
+    /* PVH on kvm: the guest-physical pages of the guest's TSS, kept out of KVM's
+     * memslots (kvm.c, "events from ring 3"); HV_NO_PAGE when none. tss_seen_* is the
+     * TR and cr3 they were found with. */
+    uint64_t tss_trap[2];
+    uint64_t tss_seen_base, tss_seen_cr3;
+    uint16_t tss_seen_sel;
 
     /* the worker thread running it now (vcpu.c); kick_lock guards thread and in_run */
     pthread_mutex_t kick_lock;
@@ -284,6 +291,12 @@ int hv_copy_to_guest(struct hv_vcpu *v, uint64_t gva, const void *src, uint64_t 
 int hv_gpa_valid(struct hv_domain *d, uint64_t gpa, uint64_t len);
 /* kvm_emul.c: an instruction KVM could not emulate; 0 done, -1 with why filled */
 int hv_kvm_emulate(struct hv_vcpu *v, char *why, int why_len);
+/* kvm_emul.c: the event KVM stopped on (KVM_EXIT_SHUTDOWN) because delivering it from
+ * ring 3 needed the guest's TSS, which kvm.c keeps out of KVM's reach; and an
+ * interrupt for a vCPU in ring 3. 0 delivered, -1 with why filled (empty: not an event
+ * the TSS stopped), 1: a port access from ring 3 that KVM must judge with the TSS. */
+int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len);
+int hv_kvm_deliver_interrupt(struct hv_vcpu *v, unsigned vector, char *why, int why_len);
 
 /* ---- hypercall dispatch (hypercall.c) and the services ---- */
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h);

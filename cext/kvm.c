@@ -123,6 +123,68 @@ static int set_slot(struct hv_domain *d, uint32_t slot, uint64_t start, uint64_t
     return map_slot(d, slot, start, end, flags, d->ram + start, err, err_len);
 }
 
+/* The pages of guest RAM KVM must not reach (PVH guests' TSS pages, below). */
+static int ram_hole(struct hv_domain *d, uint64_t page)
+{
+    for (int i = 0; i < HV_MAX_VCPUS; i++)
+        if (d->vcpus[i] && (d->vcpus[i]->tss_trap[0] == page || d->vcpus[i]->tss_trap[1] == page))
+            return 1;
+    return 0;
+}
+
+/* RAM below the page-table pool, the pool (read-only to the guest), RAM above and the
+ * grant region after it; each cut around the holes. Slot 3 is the PV region's; a range
+ * cut in pieces uses ids from 4 up for the pieces after its first. Called again when
+ * the holes change: the old slots go first (KVM refuses overlapping ones). */
+static int layout_ram_slots(struct hv_domain *d, char *err, int err_len)
+{
+    const struct { uint64_t start, end; uint32_t flags; } ranges[3] = {
+        { 0, d->pt_pool_start, 0 },
+        { d->pt_pool_start, d->pt_pool_end, KVM_MEM_READONLY },
+        { d->pt_pool_end, d->ram_bytes + d->gnt_bytes, 0 },
+    };
+    uint32_t used = 0, next_extra = 4;
+
+    for (uint32_t id = 0; id < 32; id++) {
+        if (!(d->kvm_ram_slots & (1u << id)))
+            continue;
+        struct kvm_userspace_memory_region r = { .slot = id };
+        if (ioctl(d->kvm_vm_fd, KVM_SET_USER_MEMORY_REGION, &r) < 0) {
+            hv_set_error(err, err_len, "KVM_SET_USER_MEMORY_REGION (delete slot %u): %s", id,
+                         strerror(errno));
+            return -1;
+        }
+    }
+    d->kvm_ram_slots = 0;
+    for (uint32_t i = 0; i < 3; i++) {
+        uint64_t at = ranges[i].start;
+        int first = 1;
+        while (at < ranges[i].end) {
+            if (ram_hole(d, at)) {
+                at += HV_PAGE_SIZE;
+                continue;
+            }
+            uint64_t end = at;
+            while (end < ranges[i].end && !ram_hole(d, end & ~(HV_PAGE_SIZE - 1)))
+                end = (end & ~(HV_PAGE_SIZE - 1)) + HV_PAGE_SIZE;
+            if (end > ranges[i].end)
+                end = ranges[i].end;
+            uint32_t id = first ? i : next_extra++;
+            if (id >= 32) {
+                hv_set_error(err, err_len, "too many holes in guest RAM for KVM's memslots");
+                return -1;
+            }
+            if (set_slot(d, id, at, end, ranges[i].flags, err, err_len) < 0)
+                return -1;
+            used |= 1u << id;
+            d->kvm_ram_slots = used;
+            first = 0;
+            at = end;
+        }
+    }
+    return 0;
+}
+
 static int kvm_create_vm(struct hv_domain *d, char *err, int err_len)
 {
     if (!kvm_available(err, err_len))
@@ -136,11 +198,8 @@ static int kvm_create_vm(struct hv_domain *d, char *err, int err_len)
         hv_set_error(err, err_len, "KVM_SET_TSS_ADDR: %s", strerror(errno));
         goto fail;
     }
-    /* RAM below the page-table pool, the pool (read-only to the guest), RAM above and
-     * the grant region after it. */
-    if (set_slot(d, 0, 0, d->pt_pool_start, 0, err, err_len) < 0 ||
-        set_slot(d, 1, d->pt_pool_start, d->pt_pool_end, KVM_MEM_READONLY, err, err_len) < 0 ||
-        set_slot(d, 2, d->pt_pool_end, d->ram_bytes + d->gnt_bytes, 0, err, err_len) < 0)
+    d->kvm_ram_slots = 0;
+    if (layout_ram_slots(d, err, err_len) < 0)
         goto fail;
     /* The hypervisor's region; the guest reaches it only through our mappings. */
     if (d->pv_region && map_slot(d, 3, PV_REGION_GPA, PV_REGION_GPA + d->pv_region_bytes, 0,
@@ -208,13 +267,20 @@ static int pvh_setup_vm(struct hv_domain *d, char *err, int err_len)
     return 0;
 }
 
-/* Replace KVM's own hypervisor leaves (0x4000xxxx) with Xen's. */
+#define CPUID1_ECX_X2APIC (1u << 21)
+
+/* Replace KVM's own hypervisor leaves (0x4000xxxx) with Xen's; and the local APIC is
+ * trapless's (dev_lapic.c), which offers xAPIC mode only: KVM, which would answer the
+ * x2APIC MSRs with #GP without its own in-kernel APIC, must not offer x2APIC. */
 static void pvh_cpuid(struct hv_vcpu *v, struct kvm_cpuid2 *cpuid, int room)
 {
     uint32_t n = 0, out[4];
-    for (uint32_t i = 0; i < cpuid->nent; i++)
+    for (uint32_t i = 0; i < cpuid->nent; i++) {
+        if (cpuid->entries[i].function == 1)
+            cpuid->entries[i].ecx &= ~CPUID1_ECX_X2APIC;
         if ((cpuid->entries[i].function & 0xffff0000u) != HV_PVH_CPUID_BASE)
             cpuid->entries[n++] = cpuid->entries[i];
+    }
     for (uint32_t leaf = HV_PVH_CPUID_BASE; leaf < HV_PVH_CPUID_BASE + 6; leaf++) {
         uint32_t subleaves = leaf == HV_PVH_CPUID_BASE + 3 ? 3 : 1;
         for (uint32_t sub = 0; sub < subleaves && (int)n < room; sub++) {
@@ -317,6 +383,92 @@ static void pvh_hypercall_exit(struct hv_vcpu *v, struct kvm_run *run)
     run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
 }
 
+/* ---- PVH: events from ring 3 ----
+ * This host (PVM-HOST.md) turns a ring-3 `int n` into #UD and delivers that through
+ * the guest's IDT itself, never telling us; it also skips the gate's DPL check for
+ * int3. Every event from ring 3 reads the new stack pointer from the guest's TSS
+ * (RSP0, or an IST slot) before anything else. So the guest-physical pages of the
+ * guest's TSS stay out of KVM's memslots: that read fails, and KVM stops the vCPU
+ * with KVM_EXIT_SHUTDOWN still at the user instruction, the exception it meant to
+ * deliver in its vCPU events and a #PF's address in CR2 (measured: the report's
+ * experiments). kvm_emul.c then delivers the event as the CPU would. The guest's own
+ * accesses to those pages are MMIO exits, served from RAM. The TSS is wherever the
+ * guest's TR says; its `ltr` runs inside KVM, so every exit compares TR and cr3 with
+ * what the pages were found with. Interrupts for a vCPU in ring 3 are delivered by
+ * kvm_emul.c too (KVM would stop on them the same way). */
+
+/* Move the holes to the TSS TR names now (long mode, a TR the guest loaded). */
+static int pvh_track_tss(struct hv_vcpu *v, char *err, int err_len)
+{
+    struct kvm_sregs *s = &v->run->s.regs.sregs;
+    uint64_t want[2] = { HV_NO_PAGE, HV_NO_PAGE }, first, last;
+
+    if (s->tr.base == v->tss_seen_base && s->tr.selector == v->tss_seen_sel &&
+        s->cr3 == v->tss_seen_cr3)
+        return 0;
+    v->tss_seen_base = s->tr.base;
+    v->tss_seen_sel = s->tr.selector;
+    v->tss_seen_cr3 = s->cr3;
+    if ((s->efer & (1ULL << 10)) && (s->tr.selector & ~7) && s->tr.present &&
+        hv_gva_to_gpa(v, s->tr.base, 0, &first) == 0 &&
+        hv_gva_to_gpa(v, s->tr.base + 0x67, 0, &last) == 0 &&     /* a 64-bit TSS's end */
+        last + 1 <= v->dom->ram_bytes) {
+        want[0] = first & ~(HV_PAGE_SIZE - 1);
+        want[1] = last & ~(HV_PAGE_SIZE - 1);
+        if (want[1] == want[0])
+            want[1] = HV_NO_PAGE;
+    }
+    if (want[0] == v->tss_trap[0] && want[1] == v->tss_trap[1])
+        return 0;
+    v->tss_trap[0] = want[0];
+    v->tss_trap[1] = want[1];
+    return layout_ram_slots(v->dom, err, err_len);
+}
+
+/* A guest access to a page kept from KVM: RAM all the same. (Any page of RAM: while
+ * layout_ram_slots() moves a hole, another vCPU may find its page between slots.) */
+static int pvh_hole_mmio(struct hv_vcpu *v, struct kvm_run *run)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t gpa = run->mmio.phys_addr, len = run->mmio.len;
+
+    if (d->guest_type != HV_GUEST_PVH || len > 8 || gpa + len > d->ram_bytes)
+        return 0;
+    if (run->mmio.is_write)
+        memcpy(d->ram + gpa, run->mmio.data, len);
+    else
+        memcpy(run->mmio.data, d->ram + gpa, len);
+    return 1;
+}
+
+static int pvh_tss_trapped(struct hv_vcpu *v)
+{
+    return v->dom->guest_type == HV_GUEST_PVH && v->tss_trap[0] != HV_NO_PAGE;
+}
+
+/* CPUID faulting (MSR_PLATFORM_INFO bit 31): KVM offers it, but ring-3 code runs
+ * natively on a KVM-PVM host and its cpuid never faults, and trapless cannot see it
+ * either; so a PVH guest is not told it exists (XTF cpuid-faulting then skips). */
+#define MSR_PLATFORM_INFO               0xce
+#define PLATFORM_INFO_CPUID_FAULTING    (1ULL << 31)
+
+static int pvh_vcpu_msrs(struct hv_vcpu *v, char *err, int err_len)
+{
+    struct { struct kvm_msrs hdr; struct kvm_msr_entry e; } msrs = {
+        .hdr.nmsrs = 1, .e.index = MSR_PLATFORM_INFO,
+    };
+    if (ioctl(v->fd, KVM_GET_MSRS, &msrs) != 1)
+        return 0;                       /* no such MSR: nothing is offered */
+    if (!(msrs.e.data & PLATFORM_INFO_CPUID_FAULTING))
+        return 0;
+    msrs.e.data &= ~PLATFORM_INFO_CPUID_FAULTING;
+    if (ioctl(v->fd, KVM_SET_MSRS, &msrs) != 1) {
+        hv_set_error(err, err_len, "KVM_SET_MSRS (MSR_PLATFORM_INFO): %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- end of PVH ---- */
 
 static void kvm_destroy_vm(struct hv_domain *d)
@@ -349,6 +501,9 @@ static int kvm_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
  * some hosts (PVM). The run loop applies them right after (apply_pending). vCPU thread
  * only, hence thread-local. */
 static __thread int in_exit, pending_set_cr3, pending_flush;
+/* the vector KVM_INTERRUPT gave KVM for the next entry, -1 if none: KVM delivers it
+ * before any instruction, so a KVM_EXIT_SHUTDOWN right after is that delivery's */
+static __thread int injected_vector = -1;
 static __thread uint64_t pending_cr3;
 
 /* A ring-3 guest kernel's tables are shadowed by a KVM that shadows (KVM-PVM): trapless
@@ -518,6 +673,9 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 {
     v->ops = &kvm_ops;
     v->run_size = (size_t)kvm_run_size;
+    v->tss_trap[0] = v->tss_trap[1] = HV_NO_PAGE;
+    v->tss_seen_base = v->tss_seen_cr3 = 0;
+    v->tss_seen_sel = 0;
     v->fd = ioctl(v->dom->kvm_vm_fd, KVM_CREATE_VCPU, v->id);
     if (v->fd < 0) {
         hv_set_error(err, err_len, "KVM_CREATE_VCPU: %s", strerror(errno));
@@ -535,7 +693,8 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
     if (v->dom->pv_model == HV_PV_XEN || v->dom->guest_type == HV_GUEST_PVH)
         v->run->kvm_valid_regs |= KVM_SYNC_X86_SREGS;
     /* the PV clock first: a PVH guest's CPUID time leaf tells its scale */
-    if (pvclock_setup(v, err, err_len) < 0 || set_cpuid(v, err, err_len) < 0) {
+    if (pvclock_setup(v, err, err_len) < 0 || set_cpuid(v, err, err_len) < 0 ||
+        (v->dom->guest_type == HV_GUEST_PVH && pvh_vcpu_msrs(v, err, err_len) < 0)) {
         munmap(v->run, v->run_size);
         v->run = NULL;
         close(v->fd);
@@ -923,8 +1082,8 @@ static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
 }
 
 /* Inject the next vector if the vCPU can take it now; otherwise ask KVM for an exit
- * as soon as it can (interrupt window). */
-static int deliver_interrupt(struct hv_vcpu *v)
+ * as soon as it can (interrupt window). -1: KVM_INTERRUPT failed; -2: stop is filled. */
+static int deliver_interrupt(struct hv_vcpu *v, struct hv_stop *stop)
 {
     struct kvm_run *run = v->run;
     int is_upcall, vector = hv_next_vector(v, &is_upcall);
@@ -935,8 +1094,20 @@ static int deliver_interrupt(struct hv_vcpu *v)
     }
     if (run->ready_for_interrupt_injection && run->if_flag) {
         struct kvm_interrupt irq = { .irq = (uint32_t)vector };
+        if (pvh_tss_trapped(v) && run->s.regs.sregs.cs.dpl == 3) {
+            char why[160] = "";
+            if (hv_kvm_deliver_interrupt(v, (unsigned)vector, why, sizeof(why)) < 0) {
+                hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_IRQ_WINDOW_OPEN, run->s.regs.regs.rip,
+                             "interrupt %d in ring 3: %s", vector, why);
+                return -2;
+            }
+            hv_vector_taken(v, vector, is_upcall);
+            run->request_interrupt_window = 0;
+            return 0;
+        }
         if (ioctl(v->fd, KVM_INTERRUPT, &irq) < 0)
             return -1;
+        injected_vector = vector;
         hv_vector_taken(v, vector, is_upcall);
         run->request_interrupt_window = 0;
         return 0;
@@ -977,6 +1148,7 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
     struct hv_counters *c = &d->counters;
 
     for (;;) {
+        int irq_rc;
         if (__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE))
             return hv_stop_with(stop, HV_STOP_SHUTDOWN, d->shutdown_reason, run->s.regs.regs.rip,
                              "shutdown");
@@ -992,7 +1164,9 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
         if (d->pv_model == HV_PV_XEN) {
             if (pv_events(v, stop) < 0)
                 return stop->reason;
-        } else if (deliver_interrupt(v) < 0) {
+        } else if ((irq_rc = deliver_interrupt(v, stop)) < 0) {
+            if (irq_rc == -2)
+                return stop->reason;
             return hv_stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
                              "KVM_INTERRUPT failed: %s", strerror(errno));
         }
@@ -1003,14 +1177,20 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             return hv_stop_with(stop, HV_STOP_ERROR, errno, run->s.regs.regs.rip,
                                 "cannot flush the vCPU's TLB: %s", strerror(errno));
 
-        int rc = ioctl(v->fd, KVM_RUN, 0);
+        int rc = ioctl(v->fd, KVM_RUN, 0), just_injected = injected_vector;
         __atomic_store_n(&v->in_guest, 0, __ATOMIC_SEQ_CST);
+        injected_vector = -1;
         /* Xen's model reads cr3 from sync regs; the ring-0 one asks when it needs it */
         v->cr3 = run->s.regs.sregs.cr3;
         v->cr3_valid = d->pv_model == HV_PV_XEN;
         if (rc < 0) {
             if (errno == EINTR || errno == EAGAIN) {
+                struct kvm_vcpu_events ev;
                 c->exits[HV_EXIT_INTR]++;
+                /* stopped before the entry that delivers it: still KVM's to deliver */
+                if (just_injected >= 0 && ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) == 0 &&
+                    ev.interrupt.injected)
+                    injected_vector = just_injected;
                 __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
                 continue;
             }
@@ -1018,6 +1198,12 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                              "KVM_RUN failed: %s", strerror(errno));
         }
         uint64_t rip = run->s.regs.regs.rip;
+        if (d->guest_type == HV_GUEST_PVH) {
+            char why[160] = "";
+            v->cr3_valid = 1;           /* synced with the other sregs */
+            if (pvh_track_tss(v, why, sizeof(why)) < 0)
+                return hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "%s", why);
+        }
 
         switch (run->exit_reason) {
         case KVM_EXIT_IO:
@@ -1049,6 +1235,8 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             break;
         case KVM_EXIT_MMIO:
             c->exits[HV_EXIT_MMIO]++;
+            if (pvh_hole_mmio(v, run))
+                break;
             if (hv_devices_mmio(v, run->mmio.phys_addr, (int)run->mmio.len, run->mmio.is_write,
                                 run->mmio.data))
                 break;
@@ -1070,6 +1258,42 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
             run->msr.error = hv_pvh_wrmsr(v, run->msr.index, run->msr.data) < 0;
             break;
         case KVM_EXIT_SHUTDOWN:
+            if (pvh_tss_trapped(v)) {
+                /* an event KVM could not deliver without the TSS (above) */
+                char why[160] = "";
+                int r = just_injected >= 0
+                        ? hv_kvm_deliver_interrupt(v, (unsigned)just_injected, why, sizeof(why))
+                        : hv_kvm_deliver_stopped_event(v, why, sizeof(why));
+                if (r == 0) {
+                    c->exits[HV_EXIT_EXCEPTION]++;
+                    break;
+                }
+                if (r == 1) {
+                    /* ring-3 port I/O: the TSS's I/O bitmap is KVM's to read. It gets
+                     * the pages back for this instruction; the next exit (the port's
+                     * own when the bitmap lets it through) takes them again. */
+                    c->exits[HV_EXIT_OTHER]++;
+                    v->tss_trap[0] = v->tss_trap[1] = HV_NO_PAGE;
+                    v->tss_seen_base = ~0ULL;
+                    if (layout_ram_slots(d, why, sizeof(why)) < 0)
+                        return hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "%s", why);
+                    break;
+                }
+                if (why[0]) {
+                    c->exits[HV_EXIT_SHUTDOWN]++;
+                    return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_SHUTDOWN, rip,
+                                        "triple fault: %s", why);
+                }
+                /* Not an event from ring 3: KVM read something else on the TSS's pages
+                 * outside its emulator (a GDT or IDT beside the TSS). Give them back
+                 * until TR or cr3 changes, and run the instruction again: ring-3 int n
+                 * is then this host's #UD again, and a real triple fault comes back. */
+                c->exits[HV_EXIT_OTHER]++;
+                v->tss_trap[0] = v->tss_trap[1] = HV_NO_PAGE;
+                if (layout_ram_slots(d, why, sizeof(why)) < 0)
+                    return hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "%s", why);
+                break;
+            }
             c->exits[HV_EXIT_SHUTDOWN]++;
             return hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_SHUTDOWN, rip, "triple fault");
         case KVM_EXIT_FAIL_ENTRY:

@@ -46,24 +46,86 @@ static uint64_t *gpr(struct kvm_regs *r, unsigned n)
     return map[n & 15];
 }
 
-/* Deliver `vector` through the guest's 64-bit IDT at CPL 0, `rip` the frame's return
- * address. 0 on success, -1 with `why` filled when we cannot do it as the CPU would. */
+/* Write the sregs a delivery changed back: through sync regs where the vCPU syncs
+ * them, else with KVM_SET_SREGS. */
+static int sregs_changed(struct hv_vcpu *v, char *why, int why_len)
+{
+    if (v->run->kvm_valid_regs & KVM_SYNC_X86_SREGS) {
+        v->run->kvm_dirty_regs |= KVM_SYNC_X86_SREGS;
+        return 0;
+    }
+    if (ioctl(v->fd, KVM_SET_SREGS, &v->run->s.regs.sregs) < 0) {
+        hv_set_error(why, why_len, "KVM_SET_SREGS: %s", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* The code segment a gate names: a present, non-conforming 64-bit code segment in the
+ * GDT whose DPL is not above the current ring (the ring the handler runs in). */
+static int gate_code_segment(struct hv_vcpu *v, uint16_t sel, struct kvm_segment *cs,
+                             char *why, int why_len)
+{
+    struct kvm_sregs *s = &v->run->s.regs.sregs;
+    uint64_t desc;
+
+    if ((sel & 4) || (sel & ~7) == 0 || (uint64_t)(sel & ~7) + 7 > s->gdt.limit ||
+        hv_copy_from_guest(v, &desc, s->gdt.base + (sel & ~7), 8) < 0) {
+        hv_set_error(why, why_len, "gate selector %#x: not a GDT entry we can read", sel);
+        return -1;
+    }
+    unsigned type = (desc >> 40) & 0xf, dpl = (desc >> 45) & 3;
+    if (!((desc >> 44) & 1) || !(type & 8) || (type & 4) || !((desc >> 47) & 1) ||
+        !((desc >> 53) & 1) || dpl > s->cs.dpl) {
+        hv_set_error(why, why_len, "gate selector %#x: descriptor %#llx is not a present "
+                     "64-bit code segment for this ring (not emulated)", sel,
+                     (unsigned long long)desc);
+        return -1;
+    }
+    memset(cs, 0, sizeof(*cs));
+    cs->selector = (uint16_t)((sel & ~3) | dpl);
+    cs->limit = 0xffffffff;
+    cs->type = (uint8_t)(type | 1);     /* accessed */
+    cs->present = 1;
+    cs->s = 1;
+    cs->dpl = (uint8_t)dpl;
+    cs->l = 1;
+    cs->g = 1;
+    return 0;
+}
+
+/* Deliver `vector` through the guest's 64-bit IDT as the CPU does in IA-32e mode, from
+ * ring 0 or from ring 3 (then on the TSS's RSP0, with the user's SS:RSP in the frame
+ * and a NULL SS after); `rip` is the frame's return address, regs->rip the
+ * instruction a fault is reported at. `soft`: int n / int3, which the caller checked
+ * against the gate's DPL. 0 on success, -1 with `why` filled when we cannot do it as
+ * the CPU would. */
 static int deliver(struct hv_vcpu *v, unsigned vector, int has_err, uint64_t err,
                    uint64_t rip, int fault, int soft, char *why, int why_len)
 {
     struct kvm_regs *regs = &v->run->s.regs.regs;
     struct kvm_sregs *s = &v->run->s.regs.sregs;
+    struct kvm_segment new_cs;
     uint8_t gate[16];
     uint64_t frame[6], rsp;
-    int n = 0;
+    unsigned cpl = s->cs.dpl;
+    int n = 0, same_cs;
 
-    if (!(s->efer & EFER_LMA) || !s->cs.l || s->cs.dpl != 0) {
-        hv_set_error(why, why_len, "vector %u outside 64-bit ring 0 is not delivered", vector);
+    if (!(s->efer & EFER_LMA) || (cpl == 0 && !s->cs.l)) {
+        hv_set_error(why, why_len, "vector %u outside long mode or in 32-bit ring 0 is not "
+                     "delivered", vector);
         return -1;
     }
-    if (vector * 16 + 15 > s->idt.limit ||
-        hv_copy_from_guest(v, gate, s->idt.base + vector * 16, 16) < 0) {
-        hv_set_error(why, why_len, "vector %u: IDT entry outside the IDT or unreadable", vector);
+    /* a bad gate raises #GP/#NP with the IDT's error code (EXT unless software) */
+    uint64_t idt_err = (uint64_t)vector << 3 | 2 | (soft ? 0 : 1);
+    int nested = vector == 13 || vector == 11 || vector == 10 || vector == 8;
+    if (vector * 16 + 15 > s->idt.limit) {
+        if (nested)
+            goto nested;
+        return deliver(v, 13, 1, idt_err, regs->rip, 1, 0, why, why_len);
+    }
+    if (hv_copy_from_guest(v, gate, s->idt.base + vector * 16, 16) < 0) {
+        hv_set_error(why, why_len, "vector %u: IDT entry unreadable", vector);
         return -1;
     }
     unsigned type = gate[5] & 0xf, ist = gate[4] & 7;
@@ -72,28 +134,37 @@ static int deliver(struct hv_vcpu *v, unsigned vector, int has_err, uint64_t err
                       (uint64_t)gate[7] << 24 | (uint64_t)gate[8] << 32 |
                       (uint64_t)gate[9] << 40 | (uint64_t)gate[10] << 48 |
                       (uint64_t)gate[11] << 56;
-    /* a software int (int3, int n) checks the gate's DPL against CPL 0 (always passes);
-     * a bad gate raises #GP/#NP with the IDT's error code (EXT unless software) */
-    uint64_t idt_err = (uint64_t)vector << 3 | 2 | (soft ? 0 : 1);
     if (type != 0xe && type != 0xf) {
-        if (vector == 13 || vector == 11 || vector == 8)
+        if (nested)
             goto nested;
-        return deliver(v, 13, 1, idt_err, v->run->s.regs.regs.rip, 1, 0, why, why_len);
+        return deliver(v, 13, 1, idt_err, regs->rip, 1, 0, why, why_len);
     }
     if (!(gate[5] & 0x80)) {
-        if (vector == 13 || vector == 11 || vector == 8)
+        if (nested)
             goto nested;
-        return deliver(v, 11, 1, idt_err, v->run->s.regs.regs.rip, 1, 0, why, why_len);
+        return deliver(v, 11, 1, idt_err, regs->rip, 1, 0, why, why_len);
     }
-    if ((sel & ~3) != (s->cs.selector & ~3)) {
-        hv_set_error(why, why_len, "vector %u: gate selector %#x is not the current CS %#x",
-                     vector, sel, s->cs.selector);
+    same_cs = cpl == 0 && (sel & ~3) == (s->cs.selector & ~3);
+    if (same_cs)
+        new_cs = s->cs;
+    else if (gate_code_segment(v, sel, &new_cs, why, why_len) < 0)
         return -1;
-    }
+    /* the stack: the gate's IST slot, else the TSS's RSP for a more privileged ring;
+     * a slot beyond the TSS's limit is #TS(TSS) */
     rsp = regs->rsp;
-    if (ist && hv_copy_from_guest(v, &rsp, s->tr.base + 36 + (ist - 1) * 8, 8) < 0) {
-        hv_set_error(why, why_len, "vector %u: cannot read IST%u from the TSS", vector, ist);
-        return -1;
+    if (ist || new_cs.dpl < cpl) {
+        uint32_t at = ist ? 36 + (ist - 1) * 8 : 4 + 8 * new_cs.dpl;
+        if (at + 7 > s->tr.limit) {
+            if (nested)
+                goto nested;
+            return deliver(v, 10, 1, (s->tr.selector & ~3) | (soft ? 0 : 1), regs->rip, 1, 0,
+                           why, why_len);
+        }
+        if (hv_copy_from_guest(v, &rsp, s->tr.base + at, 8) < 0) {
+            hv_set_error(why, why_len, "vector %u: cannot read the TSS's stack pointer at "
+                         "+%#x", vector, at);
+            return -1;
+        }
     }
     rsp &= ~0xfULL;
     if (has_err)
@@ -113,11 +184,33 @@ static int deliver(struct hv_vcpu *v, unsigned vector, int has_err, uint64_t err
     regs->rip = target;
     regs->rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM |
                       (type == 0xe ? RFLAGS_IF : 0));
-    return 0;
+    if (same_cs)
+        return 0;
+    if (new_cs.dpl < cpl) {     /* into a more privileged ring: SS becomes NULL */
+        s->ss.selector = new_cs.dpl;
+        s->ss.dpl = new_cs.dpl;
+        s->ss.unusable = 0;
+    }
+    s->cs = new_cs;
+    return sregs_changed(v, why, why_len);
 nested:
     hv_set_error(why, why_len, "vector %u: IDT entry not a present 64-bit gate while "
                  "delivering a fault (double fault not emulated)", vector);
     return -1;
+}
+
+/* A software interrupt (int n, int3): the gate's DPL must let the current ring in,
+ * else #GP(vector*8 + 2) at the instruction (regs->rip); `next` is the return address. */
+static int soft_int(struct hv_vcpu *v, unsigned vector, uint64_t next, char *why, int why_len)
+{
+    struct kvm_sregs *s = &v->run->s.regs.sregs;
+    uint8_t gate[16];
+    if (vector * 16 + 15 <= s->idt.limit &&
+        hv_copy_from_guest(v, gate, s->idt.base + vector * 16, 16) == 0 &&
+        ((gate[5] >> 5) & 3) < s->cs.dpl)
+        return deliver(v, 13, 1, (uint64_t)vector << 3 | 2, v->run->s.regs.regs.rip, 1, 0,
+                       why, why_len);
+    return deliver(v, vector, 0, 0, next, 0, 1, why, why_len);
 }
 
 /* cmpxchg16b on the host mapping: atomic against the other vCPUs and the backends. */
@@ -318,13 +411,13 @@ int hv_kvm_emulate(struct hv_vcpu *v, char *why, int why_len)
         goto unknown;               /* only 64-bit code is decoded */
 
     if (i < n && b[i] == 0xcc) {        /* int3 */
-        int rc = deliver(v, 3, 0, 0, regs->rip + i + 1, 0, 1, why, why_len);
+        int rc = soft_int(v, 3, regs->rip + i + 1, why, why_len);
         if (rc == 0)
             v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
         return rc;
     }
-    if (i + 1 < n && b[i] == 0xcd) {    /* int imm8: a trap, CPL 0 passes any gate DPL */
-        int rc = deliver(v, b[i + 1], 0, 0, regs->rip + i + 2, 0, 1, why, why_len);
+    if (i + 1 < n && b[i] == 0xcd) {    /* int imm8 */
+        int rc = soft_int(v, b[i + 1], regs->rip + i + 2, why, why_len);
         if (rc == 0)
             v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
         return rc;
@@ -428,4 +521,139 @@ unknown:;
         pos += snprintf(hex + pos, sizeof(hex) - (size_t)pos, "%s%02x", k ? " " : "", b[k]);
     hv_set_error(why, why_len, "cannot emulate [%s]", n ? hex : "unreadable");
     return -1;
+}
+
+/* ---- events KVM stopped on (kvm.c keeps the guest's TSS from it) ---- */
+
+/* How many legacy and REX prefixes start the bytes at b (64-bit code). */
+static int prefixes(const uint8_t *b, int n)
+{
+    int i = 0;
+    while (i < n && (b[i] == 0x66 || b[i] == 0x67 || b[i] == 0xf0 || b[i] == 0xf2 ||
+                     b[i] == 0xf3 || b[i] == 0x2e || b[i] == 0x36 || b[i] == 0x3e ||
+                     b[i] == 0x26 || b[i] == 0x64 || b[i] == 0x65))
+        i++;
+    if (i < n && (b[i] & 0xf0) == 0x40)
+        i++;
+    return i;
+}
+
+/* Whether ring 3 may access `size` ports from `port`: CPL <= IOPL, or every one of
+ * their bits in the TSS's I/O bitmap clear and inside the TSS limit. */
+static int port_allowed(struct hv_vcpu *v, uint32_t port, unsigned size)
+{
+    struct kvm_sregs *s = &v->run->s.regs.sregs;
+    uint16_t base;
+
+    if (((v->run->s.regs.regs.rflags >> 12) & 3) >= s->cs.dpl)
+        return 1;
+    if (s->tr.limit < 0x67 || hv_copy_from_guest(v, &base, s->tr.base + 0x66, 2) < 0)
+        return 0;
+    for (uint32_t p = port; p < port + size; p++) {
+        uint8_t bits;
+        uint32_t at = base + p / 8;
+        if (at + 1 > s->tr.limit ||     /* the CPU reads two bytes of the bitmap */
+            hv_copy_from_guest(v, &bits, s->tr.base + at, 1) < 0 ||
+            (bits >> (p & 7)) & 1)
+            return 0;
+    }
+    return 1;
+}
+
+int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len)
+{
+    struct kvm_regs *regs = &v->run->s.regs.regs;
+    struct kvm_sregs *s = &v->run->s.regs.sregs;
+    struct kvm_vcpu_events ev;
+    uint8_t b[15], gate[16];
+    unsigned vector;
+    int rc, n, i;
+
+    if (ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) < 0) {
+        hv_set_error(why, why_len, "KVM_GET_VCPU_EVENTS: %s", strerror(errno));
+        return -1;
+    }
+    v->cr3 = s->cr3;
+    v->cr3_valid = 1;
+    vector = ev.exception.nr;
+    regs->rflags &= ~RFLAGS_RF;     /* KVM set it for the fault it meant to deliver */
+    /* Only an event from ring 3 or through an IST gate reads the TSS: without either,
+     * KVM's triple fault is the guest's own (why stays empty). */
+    if (s->cs.dpl != 3 && (vector * 16 + 15 > s->idt.limit ||
+                           hv_copy_from_guest(v, gate, s->idt.base + vector * 16, 16) < 0 ||
+                           !(gate[4] & 7)))
+        return -1;
+    if (vector == 6 && s->cs.l) {
+        /* this host's #UD for int n (PVM-HOST.md): the int n the CPU would have done */
+        n = fetch(v, regs->rip, b);
+        i = prefixes(b, n);
+        if (i + 1 < n && b[i] == 0xcd) {
+            rc = soft_int(v, b[i + 1], regs->rip + (uint64_t)i + 2, why, why_len);
+            goto out;
+        }
+    }
+    if (vector == 1 && s->cs.l) {
+        /* this host reports ring 3's icebp (f1) at the instruction, a trap after it on
+         * the CPU; an instruction breakpoint there would say so in DR6 */
+        struct kvm_debugregs dbg;
+        n = fetch(v, regs->rip, b);
+        i = prefixes(b, n);
+        if (i < n && b[i] == 0xf1 && ioctl(v->fd, KVM_GET_DEBUGREGS, &dbg) == 0 &&
+            !(dbg.dr6 & 0xf)) {
+            rc = deliver(v, 1, 0, 0, regs->rip + (uint64_t)i + 1, 0, 0, why, why_len);
+            goto out;
+        }
+    }
+    if (vector == 3 && s->cs.l) {
+        /* a trap after int3 (cc) or int 3 (cd 03), with the DPL check KVM skipped; a
+         * fault is reported at the instruction, prefixes and all */
+        uint64_t next = regs->rip;
+        n = fetch(v, next - 15, b) == 15 ? 15 : 0;
+        int at = n - 1;
+        if (n && b[n - 2] == 0xcd && b[n - 1] == 3)
+            at = n - 2;
+        if (at > 0 && (b[at - 1] & 0xf0) == 0x40)
+            at--;                       /* REX */
+        while (at > 0 && prefixes(b + at - 1, 1) == 1 && (b[at - 1] & 0xf0) != 0x40)
+            at--;
+        regs->rip = next - (uint64_t)(n - at);
+        if (!n)
+            regs->rip = next - 1;
+        rc = soft_int(v, 3, next, why, why_len);
+        goto out;
+    }
+    if (vector == 13 && s->cs.dpl == 3 && ev.exception.error_code == 0 && s->cs.l) {
+        /* in, out, ins, outs: KVM's #GP may only say it could not read the TSS's I/O
+         * bitmap. Denied, it is the #GP; let through, KVM does the access with the
+         * TSS back (the caller) */
+        n = fetch(v, regs->rip, b);
+        i = prefixes(b, n);
+        if (i + 1 < n && ((b[i] >= 0xe4 && b[i] <= 0xe7) || (b[i] >= 0xec && b[i] <= 0xef) ||
+                          (b[i] >= 0x6c && b[i] <= 0x6f))) {
+            int wide = b[i] & 1, data16 = 0;
+            for (int k = 0; k < i; k++)
+                data16 |= b[k] == 0x66;
+            uint32_t port = b[i] <= 0xe7 && b[i] >= 0xe4 ? b[i + 1] : (uint16_t)regs->rdx;
+            if (port_allowed(v, port, wide ? (data16 ? 2 : 4) : 1))
+                return 1;
+        }
+    }
+    /* everything else as KVM meant it: #DB and #OF are traps, the rest faults */
+    rc = deliver(v, vector, ev.exception.has_error_code, ev.exception.error_code, regs->rip,
+                 vector != 1 && vector != 4, 0, why, why_len);
+out:
+    if (rc == 0)
+        v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+    return rc;
+}
+
+int hv_kvm_deliver_interrupt(struct hv_vcpu *v, unsigned vector, char *why, int why_len)
+{
+    struct kvm_regs *regs = &v->run->s.regs.regs;
+    v->cr3 = v->run->s.regs.sregs.cr3;
+    v->cr3_valid = 1;
+    int rc = deliver(v, vector, 0, 0, regs->rip, 0, 0, why, why_len);
+    if (rc == 0)
+        v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+    return rc;
 }
