@@ -326,14 +326,41 @@ static int ring3_only(int kind)
            kind == BT_STORE_SS || kind == BT_FAR_RET;
 }
 
+/* mov cr4, reg: the register number, or -1 for any other instruction */
+static int insn_cr4_write(const struct bt_insn *in)
+{
+    if (in->map != 1 || in->opcode != 0x22 || ((in->modrm >> 3) & 7) != 4 || (in->rex & 4))
+        return -1;
+    return (in->modrm & 7) | ((in->rex & 1) << 3);
+}
+
 /* mov cr4, reg at a site: the register number, or -1 for any other instruction */
 static int cr4_write(const struct bt_site *s)
 {
     struct bt_insn in;
-    if (bt_decode(s->bytes, s->len, &in) < 0 || in.map != 1 || in.opcode != 0x22 ||
-        ((in.modrm >> 3) & 7) != 4 || (in.rex & 4))
+    if (bt_decode(s->bytes, s->len, &in) < 0)
         return -1;
-    return (in.modrm & 7) | ((in.rex & 1) << 3);
+    return insn_cr4_write(&in);
+}
+
+/* Whether a PVH guest's sensitive instruction needs a site. Its cli, lgdt, invlpg, mov
+ * to cr3, wbinvd ... are TCG's to run, as they run in place on kvm (no exit): a site
+ * would only count them, and every code hook costs: Unicorn walks the list of all of
+ * them for each instruction it translates and each site it runs. What the VMM decides
+ * keeps its site: hlt, vmcall, rdmsr/wrmsr (the platform's MSRs), mov to cr4 (the
+ * CPUID's bits), sti/popf/iret (a waiting interrupt), int n and icebp (their
+ * delivery). */
+static int pvh_needs_site(const struct bt_insn *in)
+{
+    switch (in->kind) {
+    case BT_CLI: case BT_MOV_DR: case BT_LGDT: case BT_LIDT: case BT_LLDT: case BT_LTR:
+    case BT_INVLPG: case BT_CLTS: case BT_CACHE:
+        return 0;
+    case BT_MOV_CR:
+        return insn_cr4_write(in) >= 0;
+    default:
+        return 1;
+    }
 }
 
 /* The CR4 bits a PVH guest may set: Xen's hvm_cr4_guest_valid_bits(), from the CPUID
@@ -518,8 +545,9 @@ static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
         /* in ring 3 (Xen's PV model) port I/O and control-register reads are
          * sensitive too: they fault */
         int ring3_site = ring3_only(in.kind) && b->v->dom->pv_model == HV_PV_XEN;
-        if (in.kind != BT_PLAIN && (!ring3_only(in.kind) || ring3_site) && !site_at(b, pc + off) &&
-            add_site(b, pc + off, &in, buf + off) == 0)
+        int wanted = b->v->dom->guest_type != HV_GUEST_PVH || pvh_needs_site(&in);
+        if (in.kind != BT_PLAIN && (!ring3_only(in.kind) || ring3_site) && wanted &&
+            !site_at(b, pc + off) && add_site(b, pc + off, &in, buf + off) == 0)
             added++;
         off += in.len;
     }

@@ -70,6 +70,26 @@ class RegularFile:
             raise self.error(f"{self.name}: cannot read ({e.strerror})") from None
         return b"".join(chunks)
 
+    def read_rest(self, head: bytes) -> bytearray:
+        """head (what was read so far) and the rest of the file, as big as it was when
+        opened, in one buffer filled in place: a kernel image is tens of MiB, and
+        joining chunks would copy it again."""
+        buf = bytearray(max(self.size, len(head)))
+        buf[:len(head)] = head
+        view, got = memoryview(buf), len(head)
+        try:
+            while got < len(buf):
+                n = os.readv(self.fd, [view[got:]])
+                if not n:
+                    break
+                got += n
+        except OSError as e:
+            raise self.error(f"{self.name}: cannot read ({e.strerror})") from None
+        finally:
+            view.release()
+        del buf[got:]
+        return buf
+
     def __enter__(self):
         return self
 

@@ -49,7 +49,7 @@ class Segment:
     """One loaded PT_LOAD segment."""
     vaddr: int       # guest virtual address
     paddr: int       # pseudo-physical address: vaddr - virt_base
-    data: bytes      # file contents (p_filesz bytes); the rest up to memsz is zero
+    data: bytes | memoryview  # file contents (p_filesz bytes); the rest up to memsz is zero
     memsz: int
     flags: str       # subset of "rwx", in that order
 
@@ -107,18 +107,25 @@ class _Reader:
     def fail(self, problem: str) -> ImageError:
         return ImageError(f"{self.name}: {problem}")
 
-    def span(self, offset: int, size: int, what: str) -> bytes:
+    def _within(self, offset: int, size: int, what: str) -> int:
         end = offset + size
         if end > len(self.data):
             raise self.fail(f"truncated: {what} {_range(offset, end)} runs past the end "
                             f"of the file ({len(self.data):#x} bytes)")
-        return self.data[offset:end]
+        return end
+
+    def span(self, offset: int, size: int, what: str) -> bytes:
+        return self.data[offset:self._within(offset, size, what)]
+
+    def view(self, offset: int, size: int, what: str) -> memoryview:
+        """As span, without a copy (a segment's contents: most of a kernel image)."""
+        return memoryview(self.data)[offset:self._within(offset, size, what)]
 
     def parse(self, layout: Layout, offset: int, what: str) -> Record:
         return layout.parse(self.span(offset, layout.sizeof(), what))
 
 
-def _read_source(source: str | Path | bytes, name: str | None) -> tuple[str, bytes]:
+def _read_source(source: str | Path | bytes, name: str | None) -> tuple[str, bytes | bytearray]:
     """The image's bytes. A file is read whole only once its ELF header has passed
     _check_header and its size is known to be sane."""
     if isinstance(source, (bytes, bytearray)):
@@ -130,7 +137,7 @@ def _read_source(source: str | Path | bytes, name: str | None) -> tuple[str, byt
         if f.size > MAX_IMAGE_BYTES:
             raise ImageError(f"{name}: {f.size:,} bytes; kernel images above "
                              f"{MAX_IMAGE_BYTES >> 20} MiB are refused")
-        return name, head + f.read(MAX_IMAGE_BYTES - len(head))
+        return name, f.read_rest(head)
 
 
 ELF64_LAYOUTS = dict(ehdr=Elf64_Ehdr, phdr=Elf64_Phdr, shdr=Elf64_Shdr, sym=Elf64_Sym,
@@ -291,7 +298,7 @@ def load_image(source: str | Path | bytes, mem_bytes: int, name: str | None = No
         if ph.p_filesz > ph.p_memsz:
             raise rd.fail(f"segment {i}: file size {ph.p_filesz:#x} exceeds memory size "
                           f"{ph.p_memsz:#x}")
-        contents = rd.span(ph.p_offset, ph.p_filesz, f"segment {i} data")
+        contents = rd.view(ph.p_offset, ph.p_filesz, f"segment {i} data")
         vaddr = ph.p_paddr + virt_base - paddr_offset
         if ph.p_paddr + ph.p_memsz > ADDRESS_LIMIT or not 0 <= vaddr <= ADDRESS_LIMIT - ph.p_memsz:
             raise rd.fail(f"segment {i}: address range wraps around (p_paddr {ph.p_paddr:#x}, "

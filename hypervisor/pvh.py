@@ -183,8 +183,8 @@ def _set_params(dom, params) -> None:
 def uses_vmcall(image: PVImage) -> bool:
     """Does the image's code hold vmcall or vmmcall (byte patterns in its executable
     segments)? Such a guest calls Xen directly, without the hypercall page."""
-    return any("x" in seg.flags and (VMCALL in seg.data or VMMCALL in seg.data)
-               for seg in image.segments)
+    code = [bytes(seg.data) for seg in image.segments if "x" in seg.flags]
+    return any(VMCALL in c or VMMCALL in c for c in code)
 
 
 def _kvm_problem(image: PVImage) -> str | None:

@@ -237,7 +237,7 @@ def test_the_32bit_entry_decodes_to_objdumps_lengths(guests):
                          capture_output=True, text=True, check=True).stdout
     lengths = [len(line.split("\t")[1].split()) for line in out.splitlines()
                if line.startswith("  ") and line.count("\t") >= 2]
-    code = next(s.data for s in image.segments if s.paddr <= image.entry < s.paddr + s.memsz)
+    code = next(bytes(s.data) for s in image.segments if s.paddr <= image.entry < s.paddr + s.memsz)
     at, kind = 0, hv_ffi.new("int *")
     for n in lengths:
         assert lib.hv_bt_insn_length32(code[at:at + 15] + b"\x90" * 15, 30, kind) == n, hex(at)
