@@ -323,7 +323,7 @@ static int ring3_only(int kind)
 {
     return kind == BT_PORT_IO || kind == BT_READ_CRDR || kind == BT_WRSEGBASE ||
            kind == BT_PRIV_RING3 || kind == BT_LOAD_SS ||
-           kind == BT_STORE_SS || kind == BT_FAR_RET;
+           kind == BT_STORE_SS || kind == BT_FAR_RET || kind == BT_FAR_JMP;
 }
 
 /* mov cr4, reg at a site: the register number, or -1 for any other instruction */
@@ -724,7 +724,8 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e,
     uint64_t gpa;
     int perms, present;
 
-    if (b->tramp_active && (va & ~(HV_PAGE_SIZE - 1)) == BT_TRAMP_VA) {
+    if (b->tramp_active && ((va & ~(HV_PAGE_SIZE - 1)) == BT_TRAMP_VA ||
+                            (va & ~(HV_PAGE_SIZE - 1)) == BT_TRAMP32_VA)) {
         e->paddr = BT_TRAMP_GPA;    /* the VMM's page, while its instruction runs */
         e->perms = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC;
         return true;
@@ -1178,6 +1179,7 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         memcpy(b->tramp->code, "\x48\xff\x1d", 3);
         memcpy(b->tramp->code + 3, &disp, 4);
         memcpy(b->tramp->iret, "\x48\xcf", 2);
+        b->tramp->iret32[0] = 0xcf;     /* iretd, run in compat mode */
         /* cpuid; jmp landing */
         int8_t back = (int8_t)((int)offsetof(struct bt_tramp, landing) -
                                (int)(offsetof(struct bt_tramp, cpuid) + 4));

@@ -200,6 +200,10 @@ int     pv_write_cr(struct hv_vcpu *v, int cr, uint64_t value);
 uint64_t pv_read_cr(struct hv_vcpu *v, int cr);
 /* The descriptor sel names in the vCPU's GDT: 0, or -1 (an LDT selector, beyond it). */
 int     pv_gdt_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc);
+/* The descriptor sel names in the vCPU's GDT or LDT: 0, or -1 (beyond either). */
+int     pv_segment_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc);
+/* 1 if cs names a compat-mode code segment (a code descriptor with L clear). */
+int     pv_compat_code(struct hv_vcpu *v, uint64_t cs);
 /* May the current mode use port I/O (and cli/sti) under the virtual IOPL? */
 int     pv_iopl_ok(struct hv_vcpu *v);
 /* ... and these ports (the IOPL or, for in/out, the guest's I/O bitmap)? */

@@ -293,13 +293,24 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
         r->rflags = r->r11 | 2;
         return 0;
     }
+    /* From user mode: Xen's lstar_enter (64-bit code) or cstar_enter (compat mode)
+     * builds the frame with fixed selectors, whatever the guest ran with, and
+     * switch_to_kernel picks the syscall32 callback for the compat one. */
+    int compat = pv_compat_code(v, r->cs);
+    uint64_t callback = p->callback[compat ? CALLBACKTYPE_syscall32 : CALLBACKTYPE_syscall];
     r->rip = r->rcx;
     r->rflags = r->r11 | 2;
-    if (!p->callback[CALLBACKTYPE_syscall]) {
-        r->rip -= 2;                    /* #UD at the syscall itself */
+    r->cs = compat ? FLAT_USER_CS32 : FLAT_KERNEL_CS;
+    r->ss = compat ? FLAT_USER_SS32 : FLAT_KERNEL_SS;
+    if (!callback) {
+        r->rip -= 2;                    /* #UD at the syscall itself, DF kept */
         return pv_exception(v, r, 6, 0, 0, stop);
     }
-    if (bounce(v, r, p->callback[CALLBACKTYPE_syscall], -1, 0, 0,
+    /* Both take their event mask from the syscall callback's flag: switch_to_kernel
+     * tests VGCF_syscall_disables_events for either (the syscall32 flag Xen stores is
+     * read only on the way in of a 32-bit PV domain, compat_syscall), so the code,
+     * not the header's per-callback flag, decides here. */
+    if (bounce(v, r, callback, -1, 0, 0,
                p->callback_flags[CALLBACKTYPE_syscall] & CALLBACKF_mask_events, stop) < 0)
         return -1;
     r->rflags &= ~RFLAGS_DF;
