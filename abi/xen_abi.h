@@ -1036,6 +1036,7 @@ struct multicall_entry {
  * descriptors live in the hypervisor's reserved GDT page (entries from 0xe000 up). */
 #define FLAT_RING3_CS32      0xe023
 #define FLAT_RING3_SS64      0xe02b
+#define FLAT_RING3_DS32      0xe02b
 #define FLAT_RING3_CS64      0xe033
 #define FLAT_KERNEL_CS       0xe033
 #define FLAT_KERNEL_SS       0xe02b

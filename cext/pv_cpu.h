@@ -42,7 +42,7 @@ enum pv_frame {
     PVF_TSS, PVF_TSS_END = PVF_TSS + 2,   /* the TSS and its I/O bitmap */
     PVF_STUBS,                  /* CPL0 exception stubs: push rax, `out` to PV_TRAP_PORT,
                                  * pop rax, iretq */
-    PVF_LANDING,                /* LSTAR: user-readable, `out` to PV_SYSCALL_PORT */
+    PVF_LANDING,                /* LSTAR and CSTAR: user-readable, `out` to PV_SYSCALL_PORT */
     PVF_STACK, PVF_STACK_END = PVF_STACK + 1,
     PVF_M2P_L2,                 /* the M2P's L2; its L1s and its pages come after */
     PVF_NR
@@ -56,6 +56,7 @@ enum pv_frame {
 #define PV_TSS_LIMIT    (0x68 + 8192)                   /* the TSS, the bitmap, its 0xff end byte */
 #define PV_STUBS_VA     (PV_AREA_VA + 20 * 4096ULL)
 #define PV_LANDING_VA   (PV_AREA_VA + 21 * 4096ULL)
+#define PV_LANDING32_VA (PV_LANDING_VA + 16)            /* CSTAR: `syscall` from compat code */
 #define PV_STACK_VA     (PV_AREA_VA + 23 * 4096ULL)     /* page 22 stays unmapped: a guard */
 #define PV_STACK_TOP    (PV_STACK_VA + 2 * 4096ULL)
 #define PV_AREA_END     PV_STACK_TOP

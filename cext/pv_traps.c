@@ -269,8 +269,12 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
 {
     struct pv_vcpu *p = &v->pv;
 
+    /* Xen's cstar_enter bounces to the syscall32 callback from either mode: only a
+     * 64-bit `syscall` from guest kernel mode is a hypercall */
+    int compat = pv_compat_code(v, r->cs);
+
     p->syscalls++;
-    if (!p->user_mode) {
+    if (!p->user_mode && !compat) {
         /* A hypercall: rcx and r11 hold the return rip and rflags, as syscall left them. */
         struct hv_hcall h = { .nr = r->rax, .a1 = r->rdi, .a2 = r->rsi, .a3 = r->rdx,
                               .a4 = r->r10, .a5 = r->r8 };
@@ -293,10 +297,9 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
         r->rflags = r->r11 | 2;
         return 0;
     }
-    /* From user mode: Xen's lstar_enter (64-bit code) or cstar_enter (compat mode)
-     * builds the frame with fixed selectors, whatever the guest ran with, and
-     * switch_to_kernel picks the syscall32 callback for the compat one. */
-    int compat = pv_compat_code(v, r->cs);
+    /* Xen's lstar_enter (64-bit code) or cstar_enter (compat mode) builds the frame
+     * with fixed selectors, whatever the guest ran with, and switch_to_kernel picks
+     * the syscall32 callback for the compat one. */
     uint64_t callback = p->callback[compat ? CALLBACKTYPE_syscall32 : CALLBACKTYPE_syscall];
     r->rip = r->rcx;
     r->rflags = r->r11 | 2;

@@ -426,3 +426,177 @@ def unhandled_guest() -> GuestImage:
     g.a.ud2()
     g.print("after\n")
     return g.finish()
+
+
+VGCF_IN_SYSCALL = 0x100
+
+
+def _to_compat(a, label: str) -> None:
+    """64-bit code: flat data segments in DS and ES (compat code, unlike 64-bit code,
+    faults on a null one), then a far return to FLAT_RING3_CS32 at label (32-bit code
+    follows)."""
+    a.mov(eax, C.FLAT_RING3_DS32)
+    a.db(0x8E, 0xD8)                                # mov ds, eax
+    a.db(0x8E, 0xC0)                                # mov es, eax
+    a.push(C.FLAT_RING3_CS32)
+    a.lea(rax, ptr[label])
+    a.push(rax)
+    a.db(0x48, 0xCB)                                # lretq
+
+
+def _to_user(g: XenPVGuest, user_label: str, resume_kernel: str, cs: int) -> None:
+    """From the guest kernel: iret to user code at user_label on the user stack, with
+    code selector cs; the 64-bit syscall that ends it resumes the kernel at
+    resume_kernel."""
+    a = g.a
+    a.lea(rax, ptr[resume_kernel])
+    a.mov(qword["kernel_next"], rax)
+    a.mov(qword["main_rsp"], rsp)
+    a.push(C.FLAT_RING3_SS64)
+    a.lea(rax, ptr["user_stack_top"])
+    a.push(rax)
+    a.push(0x202)
+    a.push(cs)
+    a.lea(rax, ptr[user_label])
+    a.push(rax)
+    a.push(0)
+    a.jmp("hypercall_iret")
+
+
+def compat_guest() -> GuestImage:
+    """32-bit compat-mode user code inside a 64-bit PV guest, as Xen runs it: the kernel
+    enters it with the iret hypercall to FLAT_RING3_CS32 (round 1), 64-bit user code
+    with an lretq to it (round 2); it leaves with an ljmp to FLAT_RING3_CS64. In between
+    its 32-bit code (written as bytes: the assembler speaks 64-bit code) stores to memory, makes a `syscall` (first with no syscall32 callback:
+    Xen's #UD at the instruction; then to the syscall32 callback, which returns into
+    the compat code through the iret hypercall with VGCF_in_syscall) and an `int $0x80`
+    (the trap table's entry). Every frame is recorded for the host side to check."""
+    g = XenPVGuest("pv-compat")
+    a = g.a
+    g.map_shared_info()
+    g.trap_table("set_trap_table", [(6, 0, "on_ud"), (0x80, 3, "on_int80")])
+    a.section(".data")
+    a.align(8)
+    a.label("user_base")                                   # struct mmuext_op
+    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
+    a.dq(0, 0)
+    a.section(".bss")
+    a.align(16)
+    a.reserve(4096)
+    a.label("kernel_stack_top")
+    a.reserve(4096)
+    a.label("user_stack_top")
+    a.reserve(4096)
+    a.label("user_stack2_top")
+    for var in ("main_rsp", "kernel_next", "compat_word1", "compat_word2", "eax_after_iret",
+                "syscall32_mask", "syscall32_rax"):
+        a.label(var)
+        a.reserve(8)
+    a.section(".text")
+    g.start_info_field(rax, "pt_base")
+    a.shr(rax, 12)                                          # VIRT_BASE 0: VA = PA
+    a.mov(qword[rip_("user_base", 8)], rax)
+    g.call("new_user_baseptr", "mmuext_op", "user_base", 1, 0, C.DOMID_SELF,
+           subop=C.MMUEXT_NEW_USER_BASEPTR)
+    g.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+    g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64",
+               C.CALLBACKF_mask_events)
+
+    # Round 1, no syscall32 callback: the compat syscall is a #UD at the instruction.
+    # The kernel enters the compat code itself, flat data segments loaded first (compat
+    # code, unlike 64-bit code, faults on a null DS)
+    g.resume_at("c1_after_syscall")
+    a.mov(eax, C.FLAT_RING3_DS32)
+    a.db(0x8E, 0xD8)                                        # mov ds, eax
+    a.db(0x8E, 0xC0)                                        # mov es, eax
+    _to_user(g, "c1", "kernel1", C.FLAT_RING3_CS32)
+    a.label("kernel1")
+    g.report_word("compat_store1", "compat_word1")
+    g.report_word("ud_count", "on_ud.count")
+    g.report_address("ud_rip", "on_ud.frame", 16, "c1_syscall")
+    g.report_word("ud_cs", "on_ud.frame", 24)
+    g.report_address("ud_rsp", "on_ud.frame", 40, "user_stack_top")
+    g.report_word("ud_ss", "on_ud.frame", 48)
+    g.report_word("syscall64_1_rax", "saved_rax")
+    g.report_address("syscall64_1_rip", "on_syscall64.frame", 16, "user1_after_syscall")
+    g.report_word("syscall64_1_cs", "on_syscall64.frame", 24)
+
+    # Round 2: the syscall32 callback (flags 0), int $0x80
+    g.callback("register_syscall32", C.CALLBACKTYPE_syscall32, "on_syscall32")
+    _to_user(g, "user2", "kernel2", C.FLAT_RING3_CS64)
+    a.label("kernel2")
+    g.report_word("compat_store2", "compat_word2")
+    g.report_word("syscall32_count", "on_syscall32.count")
+    g.report_word("syscall32_rax", "syscall32_rax")
+    g.report_address("syscall32_rcx", "on_syscall32.frame", 0, "c2_after_syscall")
+    g.report_word("syscall32_r11", "on_syscall32.frame", 8)
+    g.report_address("syscall32_rip", "on_syscall32.frame", 16, "c2_after_syscall")
+    g.report_word("syscall32_cs", "on_syscall32.frame", 24)
+    g.report_word("syscall32_rflags", "on_syscall32.frame", 32)
+    g.report_address("syscall32_rsp", "on_syscall32.frame", 40, "user_stack2_top")
+    g.report_word("syscall32_ss", "on_syscall32.frame", 48)
+    g.report_word("syscall32_mask", "syscall32_mask")
+    g.report_word("eax_after_iret", "eax_after_iret")
+    g.report_word("int80_count", "on_int80.count")
+    g.report_address("int80_rip", "on_int80.frame", 16, "c2_after_int80")
+    g.report_word("int80_cs", "on_int80.frame", 24)
+    g.report_address("int80_rsp", "on_int80.frame", 40, "user_stack2_top")
+    g.report_word("int80_ss", "on_int80.frame", 48)
+    g.report_word("syscall64_2_rax", "saved_rax")
+    g.report_address("syscall64_2_rip", "on_syscall64.frame", 16, "user2_after_syscall")
+    g.report_word("syscall64_count", "on_syscall64.count")
+
+    def user_code():                                # guest user mode
+        a.label("c1")                                   # 32-bit
+        a.db(0xC7, 0x05); a.dd("compat_word1", 0x12345678)  # mov dword [compat_word1], imm32
+        a.db(0xB8); a.dd(0xC0DE)                        # mov eax, 0xc0de
+        a.label("c1_syscall")
+        a.db(0x0F, 0x05)                                # syscall: #UD, resumed after it
+        a.label("c1_after_syscall")
+        a.db(0xEA); a.dd("user1_back"); a.dw(C.FLAT_RING3_CS64)    # jmp far 0xe033:user1_back
+        a.label("user1_back")                           # 64-bit again
+        a.mov(eax, 0x64)
+        a.syscall()
+        a.label("user1_after_syscall")
+        a.ud2()                                         # not reached
+
+        a.label("user2")                                # 64-bit
+        _to_compat(a, "c2")
+        a.label("c2")                                   # 32-bit
+        a.db(0xC7, 0x05); a.dd("compat_word2", 0x9ABCDEF0)  # mov dword [compat_word2], imm32
+        a.db(0xBC); a.dd("user_stack2_top")             # mov esp, user_stack2_top
+        a.db(0xB8); a.dd(0x32)                          # mov eax, 0x32
+        a.db(0x0F, 0x05)                                # syscall: the syscall32 callback
+        a.label("c2_after_syscall")
+        a.db(0xA3); a.dd("eax_after_iret")              # mov [eax_after_iret], eax
+        a.db(0xCD, 0x80)                                # int $0x80
+        a.label("c2_after_int80")
+        a.db(0xEA); a.dd("user2_back"); a.dw(C.FLAT_RING3_CS64)    # jmp far 0xe033:user2_back
+        a.label("user2_back")                           # 64-bit again
+        a.mov(eax, 0x65)
+        a.syscall()
+        a.label("user2_after_syscall")
+        a.ud2()                                         # not reached
+
+    def handlers():
+        user_code()
+        g.recording_handler("on_ud", False)
+        g.recording_handler("on_int80", False)
+        # the 64-bit syscall callback: record, then on in the kernel on its own stack
+        g.record_frame("on_syscall64", False)
+        a.mov(rsp, qword["main_rsp"])
+        a.jmp(qword["kernel_next"])
+        # the syscall32 callback: record, then back to the compat code as Xen's sysret
+        # would return (VGCF_in_syscall), with eax = 0x7777
+        g.record_frame("on_syscall32", False)
+        a.mov(rax, qword["saved_rax"])
+        a.mov(qword["syscall32_rax"], rax)
+        a.movzx(eax, byte[rip_("shared_info", UPCALL_MASK)])
+        a.mov(qword["syscall32_mask"], rax)
+        a.pop(rcx)
+        a.pop(r11)
+        a.push(VGCF_IN_SYSCALL)
+        a.mov(eax, 0x7777)
+        a.jmp("hypercall_iret")
+    g.handlers(handlers)
+    return g.finish()
