@@ -1208,8 +1208,10 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
             goto fail;
         }
         if ((e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)bt_pv_on_syscall, b, 1, 0,
-                                UC_X86_INS_SYSCALL)) != UC_ERR_OK) {
-            uc_fail(err, err_len, "cannot add the syscall hook", e);
+                                UC_X86_INS_SYSCALL)) != UC_ERR_OK ||
+            (e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)bt_pv_on_sysenter, b, 1, 0,
+                                UC_X86_INS_SYSENTER)) != UC_ERR_OK) {
+            uc_fail(err, err_len, "cannot add the syscall hooks", e);
             goto fail;
         }
     }
@@ -1568,8 +1570,9 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         }
         hv_events_flush(v);     /* events other threads raised: the guest is stopped */
         if (b->syscall_pending) {
+            int sysenter = b->syscall_pending == 2;
             b->syscall_pending = 0;
-            if (bt_pv_syscall(b, stop) < 0)
+            if (bt_pv_syscall(b, sysenter, stop) < 0)
                 return stop->reason;
             continue;
         }

@@ -76,7 +76,7 @@ enum {                              /* uc_x86_reg (the ones we use) */
 };
 
 enum { UC_X86_INS_IN = 218, UC_X86_INS_OUT = 500, UC_X86_INS_SYSCALL = 699,
-       UC_X86_INS_CPUID = 113 };
+       UC_X86_INS_SYSENTER = 700, UC_X86_INS_CPUID = 113 };
 
 /* uc_ctl commands: type | (number of arguments << 26) | (1 << 30) for a write. */
 #define BT_UC_CTL_WRITE(type, nargs) ((int)((type) | ((nargs) << 26) | (1 << 30)))
@@ -269,7 +269,8 @@ struct bt_vcpu {
     struct bt_site *skip_once;      /* let this one run as it is, once */
     uint64_t retranslate_start, retranslate_end;    /* drop these blocks: new hooks */
     struct bt_event exception;      /* raised by the emulated instruction */
-    int syscall_pending;            /* Xen's PV model: the guest ran `syscall` (bt_pv.c) */
+    int syscall_pending;            /* Xen's PV model: the guest ran `syscall` (1) or
+                                     * `sysenter` (2) (bt_pv.c) */
     int fatal;                      /* stop the domain with fatal_stop */
     struct hv_stop fatal_stop;
 
@@ -348,7 +349,9 @@ void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
 /* bt_pv.c: Xen's PV CPU model on this engine. Each returns 0, or -1 with stop filled. */
 int  bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len);
 void bt_pv_on_syscall(uc_engine *uc, void *user);
-int  bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop);
+void bt_pv_on_sysenter(uc_engine *uc, void *user);
+/* `syscall`, or `sysenter` (sysenter = 1), that the hook saw. */
+int  bt_pv_syscall(struct bt_vcpu *b, int sysenter, struct hv_stop *stop);
 int  bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
 int  bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop);
 int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);

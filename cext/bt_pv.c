@@ -129,19 +129,38 @@ void bt_pv_on_syscall(uc_engine *uc, void *user)
     bt_uc.emu_stop(uc);
 }
 
-int bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop)
+/* The sysenter hook: Unicorn, for a CPU whose CPUID says Intel (which runs sysenter in
+ * long mode), calls it and moves on; as for syscall, the block ends there. */
+void bt_pv_on_sysenter(uc_engine *uc, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->syscall_pending = 2;
+    bt_uc.emu_stop(uc);
+}
+
+int bt_pv_syscall(struct bt_vcpu *b, int sysenter, struct hv_stop *stop)
 {
     struct pv_regs r, old;
     uint8_t insn[2];
 
     read_regs(b, &r);
     /* Unicorn may stop before or after moving past it: find the instruction */
-    if (bt_read_virt(b, r.rip, insn, 2) == 0 && insn[0] == 0x0f && insn[1] == 0x05)
+    if (bt_read_virt(b, r.rip, insn, 2) == 0 && insn[0] == 0x0f &&
+        insn[1] == (sysenter ? 0x34 : 0x05))
         r.rip += 2;
     old = r;
+    b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+    if (sysenter) {
+        /* sysenter leaves rcx and r11 alone; IF, VM and RF are cleared, and Xen sets
+         * IF again in the frame */
+        r.rflags &= ~(RFLAGS_VM | RFLAGS_RF);
+        if (pv_sysenter(b->v, &r, stop) < 0 || pv_deliver_events(b->v, &r, stop) < 0)
+            return -1;
+        write_regs(b, &r, &old);
+        return 0;
+    }
     r.rcx = r.rip;                      /* what the CPU's syscall leaves */
     r.r11 = r.rflags;
-    b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
     if (pv_syscall(b->v, &r, stop) < 0 || pv_deliver_events(b->v, &r, stop) < 0)
         return -1;
     write_regs(b, &r, &old);

@@ -891,8 +891,10 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     if (rc == 0)
         rc = pv_deliver_events(v, &r, stop);
     in_exit = 0;
-    if (rc < 0 || pv_compat_refused(v, &r, stop) < 0)
+    if (rc < 0 || pv_compat_refused(v, &r, stop) < 0) {
+        pending_set_cr3 = pending_flush = 0;    /* this thread may run another domain */
         return -1;
+    }
     if (frame) {
         *saved_rax = r.rax;
         frame[0] = r.rip;

@@ -163,6 +163,8 @@ void pv_map_ldt(struct hv_domain *d, const uint64_t *mfns, unsigned n, uint64_t 
 /* ---- pv_traps.c: what happens at each way into the hypervisor ---- */
 /* Each returns 0 (resume the guest with *r) or -1 (the domain crashed; stop filled). */
 int  pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
+/* `sysenter`, where the CPU runs it in long mode (Intel's; AMD's raise #UD). */
+int  pv_sysenter(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
 /* An exception at r->rip (faults) or after it (traps); cr2 for #PF. */
 int  pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t error,
                   uint64_t cr2, struct hv_stop *stop);

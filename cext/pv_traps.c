@@ -320,6 +320,25 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
     return 0;
 }
 
+int pv_sysenter(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
+{
+    struct pv_vcpu *p = &v->pv;
+    uint64_t callback = p->callback[CALLBACKTYPE_sysenter];
+
+    /* Xen's sysenter_entry, from either mode: the CPU kept no return address, so the
+     * frame says rip 0, CS 3 (a null ring-3 selector), rsp 0, SS FLAT_USER_SS; the
+     * sysenter callback gets it, or #GP(0) does without one */
+    p->syscalls++;
+    r->rip = 0;
+    r->cs = 3;
+    r->rsp = 0;
+    r->ss = FLAT_RING3_SS64;
+    if (!callback)
+        return pv_exception(v, r, 13, 0, 0, stop);
+    return bounce(v, r, callback, -1, 0, 0,
+                  p->callback_flags[CALLBACKTYPE_sysenter] & CALLBACKF_mask_events, stop);
+}
+
 /* iret as an entry of a multicall (a plain iret never reaches the table): it returns
  * the vCPU to the frame on the guest stack, like the hypercall itself, and ends the
  * multicall there, as Xen does since XSA-213; the entries after it do not run. */

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import byte, dword, eax, ecx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
+from .asm import byte, dword, eax, ebx, ecx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
 from .conformance import ConformanceGuest, GuestImage
 from .pvlib import emit_mask_console_port
 
@@ -599,4 +599,111 @@ def compat_guest() -> GuestImage:
         a.mov(eax, 0x7777)
         a.jmp("hypercall_iret")
     g.handlers(handlers)
+    return g.finish()
+
+
+def _user_fault_handler(g: XenPVGuest, label: str, error_code: bool) -> None:
+    """A handler for a fault of user code whose frame may hold Xen's sysenter values
+    (rip 0, CS 3, rsp 0): records it, then returns to 64-bit user code at `resume_at`
+    on the user stack."""
+    a = g.a
+    g.record_frame(label, error_code)
+    at = 24 if error_code else 16                   # the frame's rip
+    a.mov(rax, qword["resume_at"])
+    a.mov(qword[rsp + at], rax)
+    a.mov(qword[rsp + at + 8], C.FLAT_RING3_CS64)
+    a.lea(rax, ptr["user_stack_top"])
+    a.mov(qword[rsp + at + 24], rax)
+    a.mov(rax, qword["saved_rax"])
+    g.iret(error_code)
+
+
+def sysenter_guest() -> GuestImage:
+    """`sysenter` from guest user mode, first with no sysenter callback, then with one.
+    Where the CPU runs sysenter in long mode (Intel's) Xen's sysenter_entry bounces a
+    frame of rip 0, CS 3, rsp 0, SS FLAT_USER_SS to the callback, or raises #GP(0)
+    without one; AMD's CPUs raise #UD at the instruction. The guest reports its CPUID
+    vendor and every frame."""
+    g = XenPVGuest("pv-sysenter")
+    a = g.a
+    g.map_shared_info()
+    a.xor(eax, eax)
+    a.xor(ecx, ecx)
+    a.cpuid()
+    a.mov(eax, ebx)
+    g.report("vendor_ebx")
+    g.trap_table("set_trap_table", [(6, 0, "on_ud"), (13, 0, "on_gp")])
+    a.section(".data")
+    a.align(8)
+    a.label("user_base")                                   # struct mmuext_op
+    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
+    a.dq(0, 0)
+    a.section(".bss")
+    a.align(16)
+    a.reserve(4096)
+    a.label("kernel_stack_top")
+    a.reserve(4096)
+    a.label("user_stack_top")
+    for var in ("main_rsp", "kernel_next", "sysenter_mask"):
+        a.label(var)
+        a.reserve(8)
+    a.section(".text")
+    g.start_info_field(rax, "pt_base")
+    a.shr(rax, 12)                                          # VIRT_BASE 0: VA = PA
+    a.mov(qword[rip_("user_base", 8)], rax)
+    g.call("new_user_baseptr", "mmuext_op", "user_base", 1, 0, C.DOMID_SELF,
+           subop=C.MMUEXT_NEW_USER_BASEPTR)
+    g.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+    g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64")
+
+    # Round 1: no sysenter callback
+    g.resume_at("s1_resume")
+    _to_user(g, "s1", "kernel1", C.FLAT_RING3_CS64)
+    a.label("kernel1")
+    for name, frame, error in (("ud", "on_ud", False), ("gp", "on_gp", True)):
+        at = 8 if error else 0
+        g.report_word(f"{name}_count", f"{frame}.count")
+        if error:
+            g.report_word(f"{name}_error", f"{frame}.frame", 16)
+        g.report_word(f"{name}_rip", f"{frame}.frame", 16 + at)
+        g.report_address(f"{name}_rip_from_insn", f"{frame}.frame", 16 + at, "s1_insn")
+        g.report_word(f"{name}_cs", f"{frame}.frame", 24 + at)
+        g.report_word(f"{name}_rsp", f"{frame}.frame", 40 + at)
+        g.report_word(f"{name}_ss", f"{frame}.frame", 48 + at)
+
+    # Round 2: the sysenter callback, masking events
+    g.callback("register_sysenter", C.CALLBACKTYPE_sysenter, "on_sysenter",
+               C.CALLBACKF_mask_events)
+    g.resume_at("s2_resume")
+    _to_user(g, "s2", "kernel2", C.FLAT_RING3_CS64)
+    a.label("kernel2")
+    g.report_word("ud_count_2", "on_ud.count")
+    g.report_word("sysenter_count", "on_sysenter.count")
+    for i, word in enumerate(("rcx", "r11", "rip", "cs", "rflags", "rsp", "ss")):
+        g.report_word(f"sysenter_{word}", "on_sysenter.frame", 8 * i)
+    g.report_word("sysenter_mask", "sysenter_mask")
+
+    def code():
+        a.label("s1")                                       # guest user mode
+        a.label("s1_insn")
+        a.db(0x0F, 0x34)                                    # sysenter
+        a.label("s1_resume")
+        a.syscall()                                         # back to the kernel
+        a.label("s2")
+        a.mov(ecx, 0x1111)
+        a.mov(r11, 0x2222)
+        a.db(0x0F, 0x34)                                    # sysenter
+        a.label("s2_resume")                                # (after a #UD)
+        a.syscall()
+        _user_fault_handler(g, "on_ud", False)
+        _user_fault_handler(g, "on_gp", True)
+        g.record_frame("on_syscall64", False)
+        a.mov(rsp, qword["main_rsp"])
+        a.jmp(qword["kernel_next"])
+        g.record_frame("on_sysenter", False)
+        a.movzx(eax, byte[rip_("shared_info", UPCALL_MASK)])
+        a.mov(qword["sysenter_mask"], rax)
+        a.mov(rsp, qword["main_rsp"])
+        a.jmp(qword["kernel_next"])
+    g.handlers(code)
     return g.finish()

@@ -6,7 +6,8 @@ from abi import C
 
 from guest_kernel.conformance import parse
 from guest_kernel.pv_kernel import build_pv_kernel
-from guest_kernel.xen_pv import compat_guest, cpu_model_guest, region_guest, unhandled_guest
+from guest_kernel.xen_pv import (compat_guest, cpu_model_guest, region_guest, sysenter_guest,
+                                 unhandled_guest)
 from hypervisor import builder
 from hypervisor.image import load_image
 
@@ -168,3 +169,32 @@ def test_compat_mode_user_code(run_guest, engine):
     assert (r["int80_count"], r["int80_rip"], r["int80_rsp"]) == (1, 0, 0)
     assert (r["int80_cs"], r["int80_ss"]) == (C.FLAT_RING3_CS32, C.FLAT_RING3_DS32)
     assert (r["syscall64_2_rax"], r["syscall64_2_rip"], r["syscall64_count"]) == (0x65, 0, 2)
+
+
+VENDOR_INTEL_EBX, VENDOR_AMD_EBX = 0x756E6547, 0x68747541     # "Genu", "Auth"
+
+
+def test_sysenter_from_user_mode(run_guest):
+    """sysenter as Xen takes it on the guest's CPU: where it runs in long mode (Intel's:
+    bt's CPUID) Xen's frame of rip 0, CS 3, rsp 0, SS FLAT_USER_SS goes to the sysenter
+    callback, or #GP(0) without one; AMD's (this kvm host's) raise #UD at it."""
+    image = sysenter_guest()
+    r, dom = run_clean(run_guest, image)
+    symbols = load_image(image, 64 << 20).symbols
+    assert (r["new_user_baseptr"], r["stack_switch"], r["register_sysenter"]) == (0, 0, 0)
+    if r["vendor_ebx"] == VENDOR_AMD_EBX:
+        assert (r["ud_count"], r["ud_rip_from_insn"], r["gp_count"]) == (1, 0, 0)
+        assert (r["ud_cs"], r["ud_ss"]) == (C.FLAT_RING3_CS64, C.FLAT_RING3_SS64)
+        assert r["ud_rsp"] == symbols["user_stack_top"]
+        assert (r["ud_count_2"], r["sysenter_count"]) == (2, 0)
+        return
+    assert r["vendor_ebx"] == VENDOR_INTEL_EBX
+    assert (r["gp_count"], r["gp_error"], r["ud_count"]) == (1, 0, 0)
+    assert (r["gp_rip"], r["gp_cs"], r["gp_rsp"], r["gp_ss"]) == (0, 3, 0, C.FLAT_RING3_SS64)
+    # with the callback: the same frame, the user's rcx and r11 kept, events masked
+    assert (r["ud_count_2"], r["sysenter_count"]) == (0, 1)
+    assert (r["sysenter_rcx"], r["sysenter_r11"]) == (0x1111, 0x2222)
+    assert (r["sysenter_rip"], r["sysenter_cs"], r["sysenter_rsp"], r["sysenter_ss"]) == (
+        0, 3, 0, C.FLAT_RING3_SS64)
+    assert r["sysenter_rflags"] == 0x202
+    assert r["sysenter_mask"] == 1
