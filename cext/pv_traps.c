@@ -270,8 +270,9 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
     struct pv_vcpu *p = &v->pv;
 
     /* Xen's cstar_enter bounces to the syscall32 callback from either mode: only a
-     * 64-bit `syscall` from guest kernel mode is a hypercall */
-    int compat = pv_compat_code(v, r->cs);
+     * 64-bit `syscall` from guest kernel mode is a hypercall (Xen's flat 64-bit
+     * selector, the hypercalls' usual one, needs no descriptor lookup) */
+    int compat = r->cs != FLAT_RING3_CS64 && pv_compat_code(v, r->cs);
 
     p->syscalls++;
     if (!p->user_mode && !compat) {

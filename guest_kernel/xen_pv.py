@@ -466,7 +466,8 @@ def _to_user(g: XenPVGuest, user_label: str, resume_kernel: str, cs: int) -> Non
 def compat_guest() -> GuestImage:
     """32-bit compat-mode user code inside a 64-bit PV guest, as Xen runs it: the kernel
     enters it with the iret hypercall to FLAT_RING3_CS32 (round 1), 64-bit user code
-    with an lretq to it (round 2); it leaves with an ljmp to FLAT_RING3_CS64. In between
+    with an lretq to it (round 2); it leaves with an ljmp to FLAT_RING3_CS64 (and calls
+    64-bit code with an lcall, which returns with a 32-bit lret). In between
     its 32-bit code (written as bytes: the assembler speaks 64-bit code) stores to memory, makes a `syscall` (first with no syscall32 callback:
     Xen's #UD at the instruction; then to the syscall32 callback, which returns into
     the compat code through the iret hypercall with VGCF_in_syscall) and an `int $0x80`
@@ -489,7 +490,7 @@ def compat_guest() -> GuestImage:
     a.reserve(4096)
     a.label("user_stack2_top")
     for var in ("main_rsp", "kernel_next", "compat_word1", "compat_word2", "eax_after_iret",
-                "syscall32_mask", "syscall32_rax"):
+                "syscall32_mask", "syscall32_rax", "lcall_return", "esp_after_lret"):
         a.label(var)
         a.reserve(8)
     a.section(".text")
@@ -542,6 +543,16 @@ def compat_guest() -> GuestImage:
     g.report_word("int80_cs", "on_int80.frame", 24)
     g.report_address("int80_rsp", "on_int80.frame", 40, "user_stack2_top")
     g.report_word("int80_ss", "on_int80.frame", 48)
+    # lcall from compat code to 64-bit code pushed CS and eip as two dwords; the 64-bit
+    # code's 32-bit lret popped them (back on the stack it started from)
+    a.mov(rax, qword["lcall_return"])
+    a.shr(rax, 32)
+    g.report("lcall_cs")
+    a.mov(eax, dword["lcall_return"])
+    a.lea(rcx, ptr["c2_after_lcall"])
+    a.sub(rax, rcx)
+    g.report("lcall_eip")
+    g.report_address("esp_after_lret", "esp_after_lret", 0, "user_stack2_top")
     g.report_word("syscall64_2_rax", "saved_rax")
     g.report_address("syscall64_2_rip", "on_syscall64.frame", 16, "user2_after_syscall")
     g.report_word("syscall64_count", "on_syscall64.count")
@@ -571,12 +582,20 @@ def compat_guest() -> GuestImage:
         a.db(0xA3); a.dd("eax_after_iret")              # mov [eax_after_iret], eax
         a.db(0xCD, 0x80)                                # int $0x80
         a.label("c2_after_int80")
+        a.db(0x9A); a.dd("far64"); a.dw(C.FLAT_RING3_CS64)     # call far 0xe033:far64
+        a.label("c2_after_lcall")
+        a.db(0x89, 0x25); a.dd("esp_after_lret")        # mov [esp_after_lret], esp
         a.db(0xEA); a.dd("user2_back"); a.dw(C.FLAT_RING3_CS64)    # jmp far 0xe033:user2_back
         a.label("user2_back")                           # 64-bit again
         a.mov(eax, 0x65)
         a.syscall()
         a.label("user2_after_syscall")
         a.ud2()                                         # not reached
+
+        a.label("far64")                                # 64-bit, called from compat code
+        a.mov(rax, qword[rsp])                          # the 32-bit return eip and CS
+        a.mov(qword["lcall_return"], rax)
+        a.db(0xCB)                                      # lret: a 32-bit far return
 
     def handlers():
         user_code()
