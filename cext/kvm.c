@@ -727,8 +727,8 @@ static int pv_sregs_changed(struct hv_vcpu *v, const struct pv_regs *r, const st
  * of the host's own. So a return into compat code stops the domain in one line. */
 static int pv_compat_refused(struct hv_vcpu *v, const struct pv_regs *r, struct hv_stop *stop)
 {
-    if (!pv_compat_code(v, r->cs))
-        return 0;
+    if ((r->cs | 3) == FLAT_RING3_CS64 || !pv_compat_code(v, r->cs))
+        return 0;                       /* Xen's flat 64-bit selector: no lookup */
     hv_stop_with(stop, HV_STOP_FAULT, 0, r->rip, "compat mode (CS %#llx at rip %#llx): this "
                  "KVM-PVM host does not run 32-bit code in ring 3; the bt engine does",
                  (unsigned long long)r->cs, (unsigned long long)r->rip);
