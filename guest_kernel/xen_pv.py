@@ -466,16 +466,17 @@ def _to_user(g: XenPVGuest, user_label: str, resume_kernel: str, cs: int) -> Non
 def compat_guest() -> GuestImage:
     """32-bit compat-mode user code inside a 64-bit PV guest, as Xen runs it: the kernel
     enters it with the iret hypercall to FLAT_RING3_CS32 (round 1), 64-bit user code
-    with an lretq to it (round 2); it leaves with an ljmp to FLAT_RING3_CS64 (and calls
-    64-bit code with an lcall, which returns with a 32-bit lret). In between
-    its 32-bit code (written as bytes: the assembler speaks 64-bit code) stores to memory, makes a `syscall` (first with no syscall32 callback:
-    Xen's #UD at the instruction; then to the syscall32 callback, which returns into
-    the compat code through the iret hypercall with VGCF_in_syscall) and an `int $0x80`
-    (the trap table's entry). Every frame is recorded for the host side to check."""
+    with an lretq to it (round 2); it leaves with an ljmp to FLAT_RING3_CS64, and calls
+    64-bit code with an lcall, which returns with a 32-bit lret (a far jump to a data
+    segment is its #GP). In between its 32-bit code (written as bytes: the assembler
+    speaks 64-bit code) stores to memory, makes a `syscall` (first with no syscall32
+    callback: Xen's #UD at the instruction; then to the syscall32 callback, which returns
+    into the compat code through the iret hypercall with VGCF_in_syscall) and an
+    `int $0x80` (the trap table's entry). Every frame is recorded for the host side."""
     g = XenPVGuest("pv-compat")
     a = g.a
     g.map_shared_info()
-    g.trap_table("set_trap_table", [(6, 0, "on_ud"), (0x80, 3, "on_int80")])
+    g.trap_table("set_trap_table", [(6, 0, "on_ud"), (13, 0, "on_gp"), (0x80, 3, "on_int80")])
     a.section(".data")
     a.align(8)
     a.label("user_base")                                   # struct mmuext_op
@@ -553,6 +554,11 @@ def compat_guest() -> GuestImage:
     a.sub(rax, rcx)
     g.report("lcall_eip")
     g.report_address("esp_after_lret", "esp_after_lret", 0, "user_stack2_top")
+    # a far jump to a data segment: #GP(selector) at the jump, in compat mode
+    g.report_word("gp_count", "on_gp.count")
+    g.report_word("gp_error", "on_gp.frame", 16)
+    g.report_address("gp_rip", "on_gp.frame", 24, "c2_bad_ljmp")
+    g.report_word("gp_cs", "on_gp.frame", 32)
     g.report_word("syscall64_2_rax", "saved_rax")
     g.report_address("syscall64_2_rip", "on_syscall64.frame", 16, "user2_after_syscall")
     g.report_word("syscall64_count", "on_syscall64.count")
@@ -585,6 +591,9 @@ def compat_guest() -> GuestImage:
         a.db(0x9A); a.dd("far64"); a.dw(C.FLAT_RING3_CS64)     # call far 0xe033:far64
         a.label("c2_after_lcall")
         a.db(0x89, 0x25); a.dd("esp_after_lret")        # mov [esp_after_lret], esp
+        a.label("c2_bad_ljmp")
+        a.db(0xEA); a.dd("c2_after_lcall"); a.dw(C.FLAT_RING3_DS32)    # jmp far to a data segment
+        a.label("c2_after_bad_ljmp")                    # (on_gp resumes here)
         a.db(0xEA); a.dd("user2_back"); a.dw(C.FLAT_RING3_CS64)    # jmp far 0xe033:user2_back
         a.label("user2_back")                           # 64-bit again
         a.mov(eax, 0x65)
@@ -599,6 +608,12 @@ def compat_guest() -> GuestImage:
 
     def handlers():
         user_code()
+        # #GP from the far jump to a data segment: record, resume after it (compat code)
+        g.record_frame("on_gp", True)
+        a.lea(rax, ptr["c2_after_bad_ljmp"])
+        a.mov(qword[rsp + 24], rax)
+        a.mov(rax, qword["saved_rax"])
+        g.iret(True)
         g.recording_handler("on_ud", False)
         g.recording_handler("on_int80", False)
         # the 64-bit syscall callback: record, then on in the kernel on its own stack

@@ -130,10 +130,10 @@ def test_a_kernel_that_requires_ring_0_still_gets_it(run_guest):
 
 def test_compat_mode_user_code(run_guest, engine):
     """32-bit user code in a 64-bit PV guest: entered by the iret hypercall and by an
-    lretq to FLAT_RING3_CS32, left by an ljmp to FLAT_RING3_CS64 (and an lcall to 64-bit
-    code that returns with a 32-bit lret); its syscall reaches
-    the syscall32 callback (a #UD without one), int $0x80 the trap table; each frame
-    holds the 32-bit selector and the 32-bit rip and rsp."""
+    lretq to FLAT_RING3_CS32, left by an ljmp to FLAT_RING3_CS64, calling 64-bit code
+    with an lcall that returns by a 32-bit lret (an ljmp to a data segment is a #GP);
+    its syscall reaches the syscall32 callback (a #UD without one), int $0x80 the trap
+    table; each frame holds the 32-bit selector and the 32-bit rip and rsp."""
     image = compat_guest()
     if engine == "kvm":
         # this KVM-PVM host runs ring 3 on its own 64-bit user segment only (kvm.c)
@@ -171,6 +171,9 @@ def test_compat_mode_user_code(run_guest, engine):
     assert (r["int80_cs"], r["int80_ss"]) == (C.FLAT_RING3_CS32, C.FLAT_RING3_DS32)
     # lcall from compat to 64-bit code: CS and eip pushed as dwords, a 32-bit lret back
     assert (r["lcall_cs"], r["lcall_eip"], r["esp_after_lret"]) == (C.FLAT_RING3_CS32, 0, 0)
+    # ljmp to a data segment: #GP(selector) at the jump, still in compat code
+    assert (r["gp_count"], r["gp_error"], r["gp_rip"]) == (1, C.FLAT_RING3_DS32 & ~3, 0)
+    assert r["gp_cs"] == C.FLAT_RING3_CS32
     assert (r["syscall64_2_rax"], r["syscall64_2_rip"], r["syscall64_count"]) == (0x65, 0, 2)
 
 
