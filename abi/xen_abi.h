@@ -1036,9 +1036,14 @@ struct multicall_entry {
  * descriptors live in the hypervisor's reserved GDT page (entries from 0xe000 up). */
 #define FLAT_RING3_CS32      0xe023
 #define FLAT_RING3_SS64      0xe02b
+#define FLAT_RING3_DS32      0xe02b
 #define FLAT_RING3_CS64      0xe033
 #define FLAT_KERNEL_CS       0xe033
 #define FLAT_KERNEL_SS       0xe02b
+/* What Xen's compat `syscall` entry (cstar_enter) saves in the frame, whatever 32-bit
+ * code selector and stack selector the guest ran with. */
+#define FLAT_USER_CS32       0xe023
+#define FLAT_USER_SS32       0xe02b
 #define FIRST_RESERVED_GDT_PAGE   14
 #define FIRST_RESERVED_GDT_ENTRY  7168
 /* The read-only machine-to-phys table: L4 slot 256, the start of Xen's reserved range. */

@@ -323,7 +323,7 @@ static int ring3_only(int kind)
 {
     return kind == BT_PORT_IO || kind == BT_READ_CRDR || kind == BT_WRSEGBASE ||
            kind == BT_PRIV_RING3 || kind == BT_LOAD_SS ||
-           kind == BT_STORE_SS || kind == BT_FAR_RET;
+           kind == BT_STORE_SS || kind == BT_FAR_RET || kind == BT_FAR_JMP;
 }
 
 /* mov cr4, reg: the register number, or -1 for any other instruction */
@@ -752,7 +752,8 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e,
     uint64_t gpa;
     int perms, present;
 
-    if (b->tramp_active && (va & ~(HV_PAGE_SIZE - 1)) == BT_TRAMP_VA) {
+    if (b->tramp_active && ((va & ~(HV_PAGE_SIZE - 1)) == BT_TRAMP_VA ||
+                            (va & ~(HV_PAGE_SIZE - 1)) == BT_TRAMP32_VA)) {
         e->paddr = BT_TRAMP_GPA;    /* the VMM's page, while its instruction runs */
         e->perms = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC;
         return true;
@@ -1206,6 +1207,7 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         memcpy(b->tramp->code, "\x48\xff\x1d", 3);
         memcpy(b->tramp->code + 3, &disp, 4);
         memcpy(b->tramp->iret, "\x48\xcf", 2);
+        b->tramp->iret32[0] = 0xcf;     /* iretd, run in compat mode */
         /* cpuid; jmp landing */
         int8_t back = (int8_t)((int)offsetof(struct bt_tramp, landing) -
                                (int)(offsetof(struct bt_tramp, cpuid) + 4));
@@ -1234,8 +1236,10 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
             goto fail;
         }
         if ((e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)bt_pv_on_syscall, b, 1, 0,
-                                UC_X86_INS_SYSCALL)) != UC_ERR_OK) {
-            uc_fail(err, err_len, "cannot add the syscall hook", e);
+                                UC_X86_INS_SYSCALL)) != UC_ERR_OK ||
+            (e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)bt_pv_on_sysenter, b, 1, 0,
+                                UC_X86_INS_SYSENTER)) != UC_ERR_OK) {
+            uc_fail(err, err_len, "cannot add the syscall hooks", e);
             goto fail;
         }
     }
@@ -1594,8 +1598,9 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         }
         hv_events_flush(v);     /* events other threads raised: the guest is stopped */
         if (b->syscall_pending) {
+            int sysenter = b->syscall_pending == 2;
             b->syscall_pending = 0;
-            if (bt_pv_syscall(b, stop) < 0)
+            if (bt_pv_syscall(b, sysenter, stop) < 0)
                 return stop->reason;
             continue;
         }

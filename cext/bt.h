@@ -76,7 +76,7 @@ enum {                              /* uc_x86_reg (the ones we use) */
 };
 
 enum { UC_X86_INS_IN = 218, UC_X86_INS_OUT = 500, UC_X86_INS_SYSCALL = 699,
-       UC_X86_INS_CPUID = 113 };
+       UC_X86_INS_SYSENTER = 700, UC_X86_INS_CPUID = 113 };
 
 /* uc_ctl commands: type | (number of arguments << 26) | (1 << 30) for a write. */
 #define BT_UC_CTL_WRITE(type, nargs) ((int)((type) | ((nargs) << 26) | (1 << 30)))
@@ -163,6 +163,8 @@ enum bt_kind {
                                      * Unicorn's ring-0 one (Xen's PV model only) */
     BT_FAR_RET,                     /* lret: TCG refuses an RPL-3 CS from its ring 0
                                      * (Xen's PV model only) */
+    BT_FAR_JMP,                     /* ljmp and lcall, direct (32-bit code) or through
+                                     * memory: the same (Xen's PV model only) */
 };
 
 struct bt_insn {
@@ -209,9 +211,14 @@ struct bt_site {
 #define BT_TRAMP_GPA 0xfffff000ULL
 #define BT_TRAMP_VA  0x7ffffffff000ULL
 #define BT_TRAMP_GDT_ENTRIES 256
+/* The same page seen below 4 GiB, where compat-mode code can reach it (bt_load_code_mode):
+ * the last page there, also mapped only while the VMM's code runs. */
+#define BT_TRAMP32_VA 0xfffff000ULL
 struct bt_tramp {
     uint8_t  code[16];              /* rex.w call far [far_ptr] */
-    uint8_t  iret[16];              /* iretq (bt_iret_to_user) */
+    uint8_t  iret[16];              /* iretq (bt_iret_to_user, bt_load_code_mode) */
+    uint8_t  iret32[16];            /* iretd (bt_load_code_mode from compat mode) */
+    uint32_t iret32_frame[4];       /* eip (the landing), cs, eflags */
     uint8_t  landing[16];           /* where both arrive: emu_start stops here */
     uint8_t  far_ptr[16];           /* m16:64: an ignored offset, the gate's selector */
     uint8_t  cpuid[16];             /* cpuid (bt_guest_cpuid) */
@@ -221,7 +228,7 @@ struct bt_tramp {
         struct __attribute__((packed)) { uint32_t reserved; uint64_t rsp0; };
     };
     uint64_t gdt[BT_TRAMP_GDT_ENTRIES];
-    uint8_t  stack[4096 - 128 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
+    uint8_t  stack[4096 - 160 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
     uint8_t  stack_top[8];
 } __attribute__((aligned(4096)));
 
@@ -262,7 +269,8 @@ struct bt_vcpu {
     struct bt_site *skip_once;      /* let this one run as it is, once */
     uint64_t retranslate_start, retranslate_end;    /* drop these blocks: new hooks */
     struct bt_event exception;      /* raised by the emulated instruction */
-    int syscall_pending;            /* Xen's PV model: the guest ran `syscall` (bt_pv.c) */
+    int syscall_pending;            /* Xen's PV model: the guest ran `syscall` (1) or
+                                     * `sysenter` (2) (bt_pv.c) */
     int fatal;                      /* stop the domain with fatal_stop */
     struct hv_stop fatal_stop;
 
@@ -292,6 +300,8 @@ struct bt_vcpu {
      * TF is set the run loop steps one instruction at a time */
     uint16_t pv_ss;                 /* the guest's SS selector: Unicorn runs at its own
                                      * ring 0, where an RPL-3 SS cannot be loaded */
+    uint8_t  uc_code_bits;          /* L (bit 0) and D (bit 1) of the code descriptor
+                                     * Unicorn runs a PV guest with: 1 = 64-bit code */
     uc_hook db_mem_hook;            /* the data-breakpoint access hook, 0 if none */
     uint32_t db_hits;               /* B0-B3 of the data breakpoints this step touched */
     uint32_t db_shadow;             /* a #DB held by a mov-SS shadow: its DR6 bits */
@@ -324,6 +334,10 @@ int  bt_enter_ring0(struct bt_vcpu *b, uint16_t cs, uint64_t desc);
  * would pop, done by the CPU from the VMM's page so that the emulator stops right
  * after it (an interrupt waits): 0, or -1 if the CPU refused (nothing changed). */
 int  bt_iret_to_user(struct bt_vcpu *b, const uint64_t frame[5]);
+/* Make Unicorn run the code of descriptor desc (its L and D bits: 64-bit, 32-bit or
+ * 16-bit compat code) at its own ring 0, without changing rip, rsp, rflags or the CS
+ * selector: 0, or -1 if the CPU did not get there. Xen's PV model only. */
+int  bt_load_code_mode(struct bt_vcpu *b, uint64_t desc);
 /* CPUID as the guest sees it (Unicorn's CPU model, with the VMM's leaves): the CPU
  * runs one cpuid from the VMM's page. */
 void bt_guest_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
@@ -335,7 +349,9 @@ void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
 /* bt_pv.c: Xen's PV CPU model on this engine. Each returns 0, or -1 with stop filled. */
 int  bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len);
 void bt_pv_on_syscall(uc_engine *uc, void *user);
-int  bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop);
+void bt_pv_on_sysenter(uc_engine *uc, void *user);
+/* `syscall`, or `sysenter` (sysenter = 1), that the hook saw. */
+int  bt_pv_syscall(struct bt_vcpu *b, int sysenter, struct hv_stop *stop);
 int  bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
 int  bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop);
 int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);

@@ -184,12 +184,8 @@ int bt_code32(struct bt_vcpu *b)
     uint16_t cs;
     uint64_t desc;
 
-    if (b->v->dom->pv_model == HV_PV_XEN) {
-        /* the guest's CS, from its own GDT or Xen's (compat mode: a 32-bit one) */
-        cs = (uint16_t)bt_reg(b, UC_X86_REG_CS);
-        return (cs & 4) == 0 && pv_gdt_descriptor(b->v, cs, &desc) == 0 &&
-               !((desc >> 53) & 1);
-    }
+    if (b->v->dom->pv_model == HV_PV_XEN)
+        return !(b->uc_code_bits & 1);      /* what bt_load_code_mode last loaded */
     if (b->v->dom->guest_type != HV_GUEST_PVH)
         return 0;
     if (!(efer(b) & (1ULL << 10)))             /* EFER.LMA */
@@ -505,6 +501,70 @@ int bt_iret_to_user(struct bt_vcpu *b, const uint64_t frame[5])
         return -1;
     }
     bt_set_reg(b, UC_X86_REG_RIP, frame[0]);
+    return 0;
+}
+
+/* ---- compat mode: the code descriptor of a PV guest ----
+ *
+ * Unicorn runs a PV guest at its own ring 0 and takes 64-bit or compat mode from CS's
+ * cached descriptor, which a register write leaves alone (in 64-bit mode it sets the
+ * selector only). The CPU's own iret loads it: from the VMM's page, at ring 0, to a
+ * copy of the guest's descriptor with DPL 0 (the ring stays 0), and SS with a flat
+ * stack segment of DPL 0 whose B bit makes compat code push and pop through ESP. From
+ * 64-bit code that is the page's iretq; from compat code, whose EIP cannot reach the
+ * page's usual place, an iretd from its second view below 4 GiB. Both end at the
+ * landing of that view. The copy is flat (base 0, 4 GiB), as Xen's FLAT_RING3_CS32 and
+ * every 32-bit ABI's code segment are; only L and D come from the guest's. */
+#define TRAMP_CODE_SEL  0x08
+#define TRAMP_STACK_SEL 0x10
+
+int bt_load_code_mode(struct bt_vcpu *b, uint64_t desc)
+{
+    struct bt_tramp *t = b->tramp;
+    uint64_t landing = BT_TRAMP32_VA + offsetof(struct bt_tramp, landing), begin;
+    uint64_t rip = bt_reg(b, UC_X86_REG_RIP), rsp = bt_reg(b, UC_X86_REG_RSP);
+    uint64_t rflags = bt_reg(b, UC_X86_REG_RFLAGS);
+    uint8_t bits = (uint8_t)((desc >> 53) & 3);
+    uc_x86_mmr gdtr, own_gdtr;
+    uc_err e;
+    int ok;
+
+    memset(&gdtr, 0, sizeof(gdtr));
+    bt_uc.reg_read(b->uc, UC_X86_REG_GDTR, &gdtr);
+    memset(t->gdt, 0, 3 * sizeof(t->gdt[0]));
+    /* code, DPL 0, present, G, limit 0xfffff; L and D as the guest's */
+    t->gdt[TRAMP_CODE_SEL >> 3] = 0x008f9b000000ffffULL | (uint64_t)bits << 53;
+    t->gdt[TRAMP_STACK_SEL >> 3] = 0x00cf93000000ffffULL;   /* data, DPL 0, B, G */
+    own_gdtr = (uc_x86_mmr){ .base = BT_TRAMP_VA + offsetof(struct bt_tramp, gdt),
+                             .limit = sizeof(t->gdt) - 1 };
+    if (b->uc_code_bits & 1) {
+        const uint64_t frame[5] = { landing, TRAMP_CODE_SEL, 2,
+                                    BT_TRAMP_VA + offsetof(struct bt_tramp, stack_top),
+                                    TRAMP_STACK_SEL };
+        memcpy(t->iret_frame, frame, sizeof(frame));
+        bt_set_reg(b, UC_X86_REG_RSP, BT_TRAMP_VA + offsetof(struct bt_tramp, iret_frame));
+        begin = BT_TRAMP_VA + offsetof(struct bt_tramp, iret);
+    } else {
+        const uint32_t frame[3] = { (uint32_t)landing, TRAMP_CODE_SEL, 2 };
+        memcpy(t->iret32_frame, frame, sizeof(frame));
+        bt_set_reg(b, UC_X86_REG_RSP, BT_TRAMP32_VA + offsetof(struct bt_tramp, iret32_frame));
+        begin = BT_TRAMP32_VA + offsetof(struct bt_tramp, iret32);
+    }
+    bt_uc.reg_write(b->uc, UC_X86_REG_GDTR, &own_gdtr);
+    b->tramp_active = 1;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    e = bt_uc.emu_start(b->uc, begin, landing, 0, 0);
+    b->tramp_active = 0;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    ok = e == UC_ERR_OK && bt_reg(b, UC_X86_REG_RIP) == landing;
+    bt_uc.reg_write(b->uc, UC_X86_REG_GDTR, &gdtr);
+    bt_set_reg(b, UC_X86_REG_RSP, rsp);
+    bt_set_reg(b, UC_X86_REG_RIP, rip);
+    bt_set_reg(b, UC_X86_REG_RFLAGS, rflags);
+    b->exception.vector = -1;   /* nothing of the guest's happened in there */
+    if (!ok)
+        return -1;
+    b->uc_code_bits = bits;
     return 0;
 }
 

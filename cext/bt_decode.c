@@ -218,6 +218,8 @@ static enum bt_kind classify(const struct bt_insn *in)
         case 0x8e: return reg == 2 ? BT_LOAD_SS : BT_PLAIN;
         case 0x8c: return reg == 2 ? BT_STORE_SS : BT_PLAIN;
         case 0xca: case 0xcb: return BT_FAR_RET;
+        case 0xea: case 0x9a: return BT_FAR_JMP;       /* 32-bit code only */
+        case 0xff: return mod != 3 && (reg == 3 || reg == 5) ? BT_FAR_JMP : BT_PLAIN;
         case 0xe4: case 0xe5: case 0xe6: case 0xe7:
         case 0xec: case 0xed: case 0xee: case 0xef:
         case 0x6c: case 0x6d: case 0x6e: case 0x6f:

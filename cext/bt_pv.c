@@ -63,20 +63,23 @@ static void load_control(struct bt_vcpu *b)
     p->hw_dirty = 0;
 }
 
-/* A new CS (a far return, iret, bounce). In 64-bit mode Unicorn's reg_write changes
- * only CS's selector, not the descriptor TCG runs with, which stays the flat 64-bit
- * one: right for every 64-bit code segment, wrong for a compat-mode one, which only a
- * far transfer by the CPU itself could load, and the CPU's would drop to its ring 3.
- * So compat mode stops the domain in one line instead of running 32-bit code as 64. */
+/* A new CS (a far transfer, iret, bounce). Unicorn's register write sets the selector
+ * alone, so where the new code segment's mode (64-bit or compat, from its L and D
+ * bits) is not the one Unicorn runs, the CPU loads it first (bt_load_code_mode). */
 static void set_code_selector(struct bt_vcpu *b, const struct pv_regs *r)
 {
-    bt_set_reg(b, UC_X86_REG_CS, r->cs);
-    if (bt_code32(b) && !b->fatal) {
+    uint64_t desc = 1ULL << 53;         /* 64-bit code, unless cs is compat code */
+
+    if (pv_compat_code(b->v, r->cs))
+        pv_segment_descriptor(b->v, (unsigned)r->cs & 0xffff, &desc);
+    if (((desc >> 53) & 3) != b->uc_code_bits && bt_load_code_mode(b, desc) < 0 &&
+        !b->fatal) {
         b->fatal = 1;
-        hv_stop_with(&b->fatal_stop, HV_STOP_FAULT, 0, r->rip, "compat mode (CS %#llx at "
-                     "rip %#llx) is not supported by the bt engine for PV guests",
+        hv_stop_with(&b->fatal_stop, HV_STOP_FAULT, 0, r->rip, "bt: Unicorn did not switch "
+                     "to the mode of code selector %#llx (rip %#llx)",
                      (unsigned long long)r->cs, (unsigned long long)r->rip);
     }
+    bt_set_reg(b, UC_X86_REG_CS, r->cs);
 }
 
 static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
@@ -112,6 +115,7 @@ int bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int
     bt_uc.reg_write(b->uc, UC_X86_REG_ES, &null);
     bt_set_reg(b, UC_X86_REG_RFLAGS, 0x202);        /* IF on; events masked instead */
     b->pv_ss = FLAT_KERNEL_SS;
+    b->uc_code_bits = 1;                            /* 64-bit code */
     pv_vcpu_boot(b->v, bs->rsp);
     return 0;
 }
@@ -125,19 +129,38 @@ void bt_pv_on_syscall(uc_engine *uc, void *user)
     bt_uc.emu_stop(uc);
 }
 
-int bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop)
+/* The sysenter hook: Unicorn, for a CPU whose CPUID says Intel (which runs sysenter in
+ * long mode), calls it and moves on; as for syscall, the block ends there. */
+void bt_pv_on_sysenter(uc_engine *uc, void *user)
+{
+    struct bt_vcpu *b = user;
+    b->syscall_pending = 2;
+    bt_uc.emu_stop(uc);
+}
+
+int bt_pv_syscall(struct bt_vcpu *b, int sysenter, struct hv_stop *stop)
 {
     struct pv_regs r, old;
     uint8_t insn[2];
 
     read_regs(b, &r);
     /* Unicorn may stop before or after moving past it: find the instruction */
-    if (bt_read_virt(b, r.rip, insn, 2) == 0 && insn[0] == 0x0f && insn[1] == 0x05)
+    if (bt_read_virt(b, r.rip, insn, 2) == 0 && insn[0] == 0x0f &&
+        insn[1] == (sysenter ? 0x34 : 0x05))
         r.rip += 2;
     old = r;
+    b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+    if (sysenter) {
+        /* sysenter leaves rcx and r11 alone; IF, VM and RF are cleared, and Xen sets
+         * IF again in the frame */
+        r.rflags &= ~(RFLAGS_VM | RFLAGS_RF);
+        if (pv_sysenter(b->v, &r, stop) < 0 || pv_deliver_events(b->v, &r, stop) < 0)
+            return -1;
+        write_regs(b, &r, &old);
+        return 0;
+    }
     r.rcx = r.rip;                      /* what the CPU's syscall leaves */
     r.r11 = r.rflags;
-    b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
     if (pv_syscall(b->v, &r, stop) < 0 || pv_deliver_events(b->v, &r, stop) < 0)
         return -1;
     write_regs(b, &r, &old);
@@ -161,14 +184,14 @@ static uint64_t gpr(const struct pv_regs *r, int reg)
 /* The address of in's memory operand (in decoded at r->rip), with its FS/GS base:
  * 0, or -1 if it has none. *base is its base register, -1 if none, 16 for rip. */
 static int operand_address(const struct pv_regs *r, const struct bt_insn *in, uint64_t *va,
-                           int *base)
+                           int *base, int code32)
 {
     int mod = in->modrm >> 6;
     uint64_t ea = 0;
 
     *base = -1;
-    if (!in->has_modrm || mod == 3)
-        return -1;
+    if (!in->has_modrm || mod == 3 || (code32 && in->addr32))
+        return -1;                      /* no memory operand; 16-bit addressing */
     if ((in->modrm & 7) == 4) {
         int index = ((in->sib >> 3) & 7) | (in->rex & 2) << 2;
         if (!((in->sib & 7) == 5 && mod == 0)) {
@@ -178,14 +201,14 @@ static int operand_address(const struct pv_regs *r, const struct bt_insn *in, ui
         if (index != 4)
             ea += gpr(r, index) << (in->sib >> 6);
     } else if ((in->modrm & 7) == 5 && mod == 0) {
-        *base = 16;
-        ea = r->rip + in->len;
+        *base = in->disp_at_end_rel ? 16 : -1;      /* rip-relative; absolute in 32-bit code */
+        ea = in->disp_at_end_rel ? r->rip + in->len : 0;
     } else {
         *base = (in->modrm & 7) | (in->rex & 1) << 3;
         ea = gpr(r, *base);
     }
     ea += (uint64_t)(int64_t)in->disp;
-    if (in->addr32)
+    if (in->addr32 || code32)
         ea = (uint32_t)ea;
     if (in->seg == 0x64)
         ea += r->fs_base;
@@ -207,8 +230,8 @@ static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
 
     while (avail > 0 && bt_read_virt(b, r->rip, code, avail) < 0)
         avail--;
-    if (avail == 0 || bt_decode(code, avail, &in) < 0 || in.seg ||
-        operand_address(r, &in, &ea, &base) < 0)
+    if (avail == 0 || bt_decode_mode(code, avail, &in, bt_code32(b)) < 0 || in.seg ||
+        operand_address(r, &in, &ea, &base, bt_code32(b)) < 0)
         return 0;
     return (base == 4 || base == 5) && !canonical(ea);
 }
@@ -256,21 +279,44 @@ static int emulate_popf(struct bt_vcpu *b, struct pv_regs *r, const struct bt_si
     return 1;
 }
 
-/* iretq from ring 3 to ring 3: cannot change IF or IOPL, and needs an RPL-3 CS. */
-static int emulate_iretq(struct bt_vcpu *b, struct pv_regs *r, const struct bt_site *s,
-                         int *gp_error)
+static int ring3_code_segment(struct hv_vcpu *v, uint16_t sel, int *vector, uint32_t *error);
+
+/* iret from ring 3 to ring 3: cannot change IF or IOPL, and needs a ring-3 code
+ * segment; 64-bit code pops rip, cs, rflags, rsp and ss (of the operand size), compat
+ * code only eip, cs and eflags (no ring change). The new CS may be compat code or
+ * 64-bit code. 1 if done, 0 if the stack cannot be read (TCG faults), -1 with *vector
+ * and *error for the fault. */
+static int emulate_iret(struct bt_vcpu *b, struct pv_regs *r, const struct bt_site *s,
+                        int *vector, uint32_t *error)
 {
-    uint64_t frame[5];                  /* rip, cs, rflags, rsp, ss */
-    if (bt_read_virt(b, r->rsp, frame, sizeof(frame)) < 0)
-        return 0;
-    if ((frame[1] & 3) != 3) {
-        *gp_error = (int)(frame[1] & 0xfffc);
+    uint64_t frame[5] = { 0 };          /* rip, cs, rflags, rsp, ss */
+    struct bt_insn in;
+    int code32 = bt_code32(b), width, n = code32 ? 3 : 5;
+    uint64_t kept = RFLAGS_IF | RFLAGS_IOPL, flags;
+
+    *vector = 13;
+    *error = 0;
+    if (bt_decode_mode(s->bytes, s->len, &in, code32) < 0)
         return -1;
-    }
+    width = in.opsize;
+    for (int i = 0; i < n; i++)
+        if (bt_read_virt(b, r->rsp + (uint64_t)(i * width), &frame[i], width) < 0)
+            return 0;
+    if (ring3_code_segment(b->v, (uint16_t)frame[1], vector, error) < 0)
+        return -1;
+    if (width == 2)
+        kept |= ~0xffffULL;             /* iretw: the low 16 bits only */
+    flags = (frame[2] & ~kept & 0x3f7fd5ULL) | (r->rflags & kept) | 2;
     r->rip = frame[0];
-    r->rflags = (frame[2] & ~(RFLAGS_IF | RFLAGS_IOPL) & 0x3f7fd5ULL) |
-                (r->rflags & (RFLAGS_IF | RFLAGS_IOPL)) | 2;
-    r->rsp = frame[3];
+    r->cs = frame[1] & 0xffff;
+    r->rflags = flags;
+    if (code32) {
+        r->rsp = (uint32_t)(r->rsp + 3 * (uint64_t)width);
+    } else {
+        r->rsp = frame[3];
+        if ((frame[4] & 3) == 3 && (frame[4] & 0xfffc))
+            r->ss = frame[4] & 0xffff;
+    }
     return 1;
 }
 
@@ -316,9 +362,9 @@ static int emulate_load_ss(struct bt_vcpu *b, struct pv_regs *r, const struct bt
 
     *vector = 13;
     *error = 0;
-    if (bt_decode(s->bytes, s->len, &in) < 0)
+    if (bt_decode_mode(s->bytes, s->len, &in, bt_code32(b)) < 0)
         return -1;
-    if (operand_address(r, &in, &va, &base) == 0) {
+    if (operand_address(r, &in, &va, &base, bt_code32(b)) == 0) {
         if (!canonical(va) || bt_read_virt(b, va, &sel, 2) < 0)
             return 0;
         hits = bt_debug_data_hits(b, va, 2, 0);
@@ -361,9 +407,9 @@ static int emulate_store_ss(struct bt_vcpu *b, struct pv_regs *r, const struct b
     uint16_t sel = (uint16_t)r->ss;
     int base;
 
-    if (bt_decode(s->bytes, s->len, &in) < 0)
+    if (bt_decode_mode(s->bytes, s->len, &in, bt_code32(b)) < 0)
         return 0;
-    if (operand_address(r, &in, &va, &base) == 0) {
+    if (operand_address(r, &in, &va, &base, bt_code32(b)) == 0) {
         if (!canonical(va) || hv_copy_to_guest(b->v, va, &sel, 2) < 0)
             return 0;
         b->db_hits |= bt_debug_data_hits(b, va, 2, 1);
@@ -431,6 +477,60 @@ static int emulate_far_ret(struct bt_vcpu *b, struct pv_regs *r, const struct bt
     return 1;
 }
 
+#define VENDOR_AMD_EBX 0x68747541u      /* "Auth" */
+
+/* ljmp and lcall from ring 3 to a ring-3 code segment (TCG, at its own ring 0, would
+ * refuse the RPL-3 selector): EA and 9A with a ptr16:16/32 (32-bit code), FF /5 and FF /3
+ * through an m16:16/32, m16:64 with REX.W on Intel only (AMD reads m16:32 there). The
+ * loaded CS gets RPL 3; a call pushes CS and the return address at the operand size.
+ * 1 if done, 0 if the pointer or the stack cannot be reached (TCG faults), -1 with
+ * *vector and *error for the fault. */
+static int emulate_far_jmp(struct bt_vcpu *b, struct pv_regs *r, const struct bt_site *s,
+                           int *vector, uint32_t *error)
+{
+    struct bt_insn in;
+    int code32 = bt_code32(b), call, width, base;
+    uint64_t ip = 0, va, next, sp, ret_cs = r->cs;
+    uint32_t vendor[4];
+    uint16_t sel = 0;
+
+    *vector = 13;
+    *error = 0;
+    if (bt_decode_mode(s->bytes, s->len, &in, code32) < 0)
+        return -1;
+    call = in.opcode == 0x9a || (in.opcode == 0xff && ((in.modrm >> 3) & 7) == 3);
+    width = in.opsize;
+    pv_cpuid(b->v, 0, 0, vendor);
+    if (width == 8 && vendor[1] == VENDOR_AMD_EBX)
+        width = 4;
+    if (in.opcode == 0xea || in.opcode == 0x9a) {
+        memcpy(&ip, s->bytes + in.len - 2 - width, (size_t)width);
+        memcpy(&sel, s->bytes + in.len - 2, 2);
+    } else {
+        if (operand_address(r, &in, &va, &base, code32) < 0)
+            return 0;
+        if (bt_read_virt(b, va, &ip, width) < 0 || bt_read_virt(b, va + (uint64_t)width, &sel, 2) < 0)
+            return 0;
+    }
+    if (ring3_code_segment(b->v, sel | 3, vector, error) < 0)
+        return -1;
+    next = r->rip + in.len;
+    if (code32)
+        next = (uint32_t)next;
+    if (call) {
+        sp = r->rsp - 2 * (uint64_t)width;
+        if (code32)
+            sp = (uint32_t)sp;
+        if (hv_copy_to_guest(b->v, sp, &next, (uint64_t)width) < 0 ||
+            hv_copy_to_guest(b->v, sp + (uint64_t)width, &ret_cs, (uint64_t)width) < 0)
+            return 0;
+        r->rsp = sp;
+    }
+    r->rip = ip;
+    r->cs = (uint64_t)(sel | 3);
+    return 1;
+}
+
 int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
 {
     struct pv_regs r, old;
@@ -444,7 +544,7 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
     if (s->kind == BT_POPF)
         done = emulate_popf(b, &r, s);
     else if (s->kind == BT_IRET)
-        done = emulate_iretq(b, &r, s, &gp_error);
+        done = emulate_iret(b, &r, s, &vector, &error);
     else if (s->kind == BT_WRSEGBASE)
         done = emulate_wrsegbase(b, &r, s);
     else if (s->kind == BT_LOAD_SS)
@@ -453,6 +553,8 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
         done = emulate_store_ss(b, &r, s);
     else if (s->kind == BT_FAR_RET)
         done = emulate_far_ret(b, &r, s, &vector, &error);
+    else if (s->kind == BT_FAR_JMP)
+        done = emulate_far_jmp(b, &r, s, &vector, &error);
     else
         done = -1;                      /* privileged in ring 3: #GP(0) */
     if (done == 0) {
@@ -462,7 +564,8 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
     b->v->dom->counters.exits[HV_EXIT_PRIV_INSN]++;
     if (done == -2 && pv_exception(b->v, &r, 6, 0, 0, stop) < 0)
         return -1;
-    if (done == -1 && (s->kind == BT_LOAD_SS || s->kind == BT_FAR_RET)) {
+    if (done == -1 && (s->kind == BT_LOAD_SS || s->kind == BT_FAR_RET ||
+                       s->kind == BT_FAR_JMP || s->kind == BT_IRET)) {
         if (pv_exception(b->v, &r, vector, error, 0, stop) < 0)
             return -1;
     } else if (done == -1 && pv_exception(b->v, &r, 13, (uint32_t)gp_error, 0, stop) < 0) {

@@ -730,13 +730,14 @@ static int pv_boot_sregs(struct hv_vcpu *v, struct kvm_sregs *sregs, char *err, 
 {
     struct {
         struct kvm_msrs hdr;
-        struct kvm_msr_entry e[3];
+        struct kvm_msr_entry e[4];
     } msrs = {
-        .hdr.nmsrs = 3,
+        .hdr.nmsrs = 4,
         .e = {
             /* STAR names Xen's selectors; this host keeps ring 3 on syscall anyway */
             { .index = 0xc0000081, .data = (uint64_t)FLAT_RING3_CS32 << 48 | (uint64_t)PV_HYPER_CS << 32 },
             { .index = 0xc0000082, .data = PV_LANDING_VA },             /* LSTAR */
+            { .index = 0xc0000083, .data = PV_LANDING32_VA },           /* CSTAR */
             { .index = 0xc0000084, .data = 0x44500 },   /* SFMASK: TF DF NT AC; IF stays */
         },
     };
@@ -761,7 +762,7 @@ static int pv_boot_sregs(struct hv_vcpu *v, struct kvm_sregs *sregs, char *err, 
     sregs->idt.base = PV_IDT_VA;
     sregs->idt.limit = 256 * 16 - 1;
     sregs->efer |= 1;               /* SCE */
-    if (ioctl(v->fd, KVM_SET_MSRS, &msrs) != 3) {
+    if (ioctl(v->fd, KVM_SET_MSRS, &msrs) != (int)msrs.hdr.nmsrs) {
         hv_set_error(err, err_len, "KVM_SET_MSRS (syscall MSRs): %s", strerror(errno));
         return -1;
     }
@@ -876,6 +877,21 @@ static int pv_sregs_changed(struct hv_vcpu *v, const struct pv_regs *r, const st
 {
     return r->fs_base != old->fs_base || r->gs_base != old->gs_base ||
            r->gs_sel != old->gs_sel || v->pv.hw_dirty;
+}
+
+/* This KVM-PVM host runs a ring-3 guest on its own 64-bit user code segment only:
+ * compat code that the model enters (a bounce's return, the iret hypercall, with CS
+ * loaded by KVM_SET_SREGS or the stub's iretq) takes a #GP(0) at its first
+ * instruction, and a far transfer the guest makes itself leaves the vCPU in a state
+ * of the host's own. So a return into compat code stops the domain in one line. */
+static int pv_compat_refused(struct hv_vcpu *v, const struct pv_regs *r, struct hv_stop *stop)
+{
+    if ((r->cs | 3) == FLAT_RING3_CS64 || !pv_compat_code(v, r->cs))
+        return 0;                       /* Xen's flat 64-bit selector: no lookup */
+    hv_stop_with(stop, HV_STOP_FAULT, 0, r->rip, "compat mode (CS %#llx at rip %#llx): this "
+                 "KVM-PVM host does not run 32-bit code in ring 3; the bt engine does",
+                 (unsigned long long)r->cs, (unsigned long long)r->rip);
+    return -1;
 }
 
 /* Load them. On this KVM-PVM host ring-3 code runs natively under the host's own
@@ -995,10 +1011,14 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         r.rsp = frame[3];
         r.ss = frame[4];
         before = r;
-        if (vector == 14 && r.rip == PV_LANDING_VA && run->s.regs.sregs.cr2 == PV_LANDING_VA) {
+        if (vector == 14 && (r.rip == PV_LANDING_VA || r.rip == PV_LANDING32_VA) &&
+            run->s.regs.sregs.cr2 == r.rip) {
             /* `syscall` on a host that cannot fetch the landing page from ring 3
-             * (KVM-PVM refuses ring 3 in L4 slot 256): the #PF at LSTAR is the syscall */
+             * (KVM-PVM refuses ring 3 in L4 slot 256): the #PF at LSTAR (CSTAR from
+             * compat code, whose CS Xen's cstar_enter records) is the syscall */
             d->counters.exits[HV_EXIT_HYPERCALL]++;
+            if (r.rip == PV_LANDING32_VA)
+                r.cs = FLAT_USER_CS32;
             rc = pv_syscall(v, &r, stop);
         } else {
             d->counters.exits[HV_EXIT_EXCEPTION]++;
@@ -1010,7 +1030,12 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
             }
             rc = pv_exception(v, &r, vector, error, run->s.regs.sregs.cr2, stop);
         }
-    } else if (rip >= PV_LANDING_VA && rip <= PV_LANDING_VA + 2) {
+    } else if ((rip >= PV_LANDING_VA && rip <= PV_LANDING_VA + 2) ||
+               (rip >= PV_LANDING32_VA && rip <= PV_LANDING32_VA + 2)) {
+        /* CSTAR's landing: `syscall` from compat code, which Xen's cstar_enter records
+         * with FLAT_USER_CS32 whatever selector the CPU left */
+        if (rip >= PV_LANDING32_VA)
+            r.cs = FLAT_USER_CS32;
         before = r;
         d->counters.exits[HV_EXIT_HYPERCALL]++;
         rc = pv_syscall(v, &r, stop);
@@ -1026,8 +1051,10 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     if (rc == 0)
         rc = pv_deliver_events(v, &r, stop);
     in_exit = 0;
-    if (rc < 0)
+    if (rc < 0 || pv_compat_refused(v, &r, stop) < 0) {
+        pending_set_cr3 = pending_flush = 0;    /* this thread may run another domain */
         return -1;
+    }
     if (frame) {
         *saved_rax = r.rax;
         frame[0] = r.rip;
@@ -1071,7 +1098,7 @@ static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
         return 0;
     pv_regs_from_run(v, &r);
     first = r;
-    if (pv_deliver_events(v, &r, stop) < 0)
+    if (pv_deliver_events(v, &r, stop) < 0 || pv_compat_refused(v, &r, stop) < 0)
         return -1;
     if (pv_regs_to_run(v, &r, 0, &first) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot set the vCPU's registers: %s",

@@ -42,7 +42,7 @@ enum pv_frame {
     PVF_TSS, PVF_TSS_END = PVF_TSS + 2,   /* the TSS and its I/O bitmap */
     PVF_STUBS,                  /* CPL0 exception stubs: push rax, `out` to PV_TRAP_PORT,
                                  * pop rax, iretq */
-    PVF_LANDING,                /* LSTAR: user-readable, `out` to PV_SYSCALL_PORT */
+    PVF_LANDING,                /* LSTAR and CSTAR: user-readable, `out` to PV_SYSCALL_PORT */
     PVF_STACK, PVF_STACK_END = PVF_STACK + 1,
     PVF_M2P_L2,                 /* the M2P's L2; its L1s and its pages come after */
     PVF_NR
@@ -56,6 +56,7 @@ enum pv_frame {
 #define PV_TSS_LIMIT    (0x68 + 8192)                   /* the TSS, the bitmap, its 0xff end byte */
 #define PV_STUBS_VA     (PV_AREA_VA + 20 * 4096ULL)
 #define PV_LANDING_VA   (PV_AREA_VA + 21 * 4096ULL)
+#define PV_LANDING32_VA (PV_LANDING_VA + 16)            /* CSTAR: `syscall` from compat code */
 #define PV_STACK_VA     (PV_AREA_VA + 23 * 4096ULL)     /* page 22 stays unmapped: a guard */
 #define PV_STACK_TOP    (PV_STACK_VA + 2 * 4096ULL)
 #define PV_AREA_END     PV_STACK_TOP
@@ -170,6 +171,8 @@ uint8_t *pv_vcpu_stack(struct hv_vcpu *v);
 /* ---- pv_traps.c: what happens at each way into the hypervisor ---- */
 /* Each returns 0 (resume the guest with *r) or -1 (the domain crashed; stop filled). */
 int  pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
+/* `sysenter`, where the CPU runs it in long mode (Intel's; AMD's raise #UD). */
+int  pv_sysenter(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
 /* An exception at r->rip (faults) or after it (traps); cr2 for #PF. */
 int  pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t error,
                   uint64_t cr2, struct hv_stop *stop);
@@ -211,6 +214,10 @@ int     pv_write_cr(struct hv_vcpu *v, int cr, uint64_t value);
 uint64_t pv_read_cr(struct hv_vcpu *v, int cr);
 /* The descriptor sel names in the vCPU's GDT: 0, or -1 (an LDT selector, beyond it). */
 int     pv_gdt_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc);
+/* The descriptor sel names in the vCPU's GDT or LDT: 0, or -1 (beyond either). */
+int     pv_segment_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc);
+/* 1 if cs names a compat-mode code segment (a code descriptor with L clear). */
+int     pv_compat_code(struct hv_vcpu *v, uint64_t cs);
 /* May the current mode use port I/O (and cli/sti) under the virtual IOPL? */
 int     pv_iopl_ok(struct hv_vcpu *v);
 /* ... and these ports (the IOPL or, for in/out, the guest's I/O bitmap)? */

@@ -314,6 +314,25 @@ int pv_gdt_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc)
     return 0;
 }
 
+int pv_segment_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc)
+{
+    if (!(sel & 4))
+        return pv_gdt_descriptor(v, sel, desc);
+    if ((uint64_t)(sel >> 3) >= v->pv.ldt_ents ||
+        hv_copy_from_guest(v, desc, v->pv.ldt_base + (sel & ~7u), 8) < 0)
+        return -1;
+    return 0;
+}
+
+int pv_compat_code(struct hv_vcpu *v, uint64_t cs)
+{
+    uint64_t desc;
+
+    /* a code segment (S=1, code=1) with L clear */
+    return pv_segment_descriptor(v, (unsigned)cs & 0xffff, &desc) == 0 &&
+           ((desc >> 43) & 3) == 3 && !((desc >> 53) & 1);
+}
+
 static int gs_selector_base(struct hv_vcpu *v, unsigned sel, uint64_t *base)
 {
     uint64_t desc;

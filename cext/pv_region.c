@@ -294,10 +294,13 @@ static void build_landing(struct hv_domain *d)
 {
     uint8_t *page = (uint8_t *)frame_of(d, PVF_LANDING);
     memset(page, 0xcc, PAGE);
-    page[0] = 0xe6;                     /* out %al, $PV_SYSCALL_PORT */
-    page[1] = PV_SYSCALL_PORT;
-    page[2] = 0x0f;                     /* ud2: never reached, the VMM sets rip */
-    page[3] = 0x0b;
+    /* LSTAR's, then CSTAR's (compat mode): which one exited tells them apart */
+    for (uint64_t at = 0; at <= PV_LANDING32_VA - PV_LANDING_VA; at += PV_LANDING32_VA - PV_LANDING_VA) {
+        page[at] = 0xe6;                /* out %al, $PV_SYSCALL_PORT */
+        page[at + 1] = PV_SYSCALL_PORT;
+        page[at + 2] = 0x0f;            /* ud2: never reached, the VMM sets rip */
+        page[at + 3] = 0x0b;
+    }
 }
 
 int pv_domain_init(struct hv_domain *d, int model, char *err, int err_len)

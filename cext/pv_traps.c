@@ -280,8 +280,13 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
 {
     struct pv_vcpu *p = &v->pv;
 
+    /* Xen's cstar_enter bounces to the syscall32 callback from either mode: only a
+     * 64-bit `syscall` from guest kernel mode is a hypercall (Xen's flat 64-bit
+     * selector, the hypercalls' usual one, needs no descriptor lookup) */
+    int compat = r->cs != FLAT_RING3_CS64 && pv_compat_code(v, r->cs);
+
     p->syscalls++;
-    if (!p->user_mode) {
+    if (!p->user_mode && !compat) {
         /* A hypercall: rcx and r11 hold the return rip and rflags, as syscall left them. */
         struct hv_hcall h = { .nr = r->rax, .a1 = r->rdi, .a2 = r->rsi, .a3 = r->rdx,
                               .a4 = r->r10, .a5 = r->r8 };
@@ -304,17 +309,46 @@ int pv_syscall(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
         r->rflags = r->r11 | 2;
         return 0;
     }
+    /* Xen's lstar_enter (64-bit code) or cstar_enter (compat mode) builds the frame
+     * with fixed selectors, whatever the guest ran with, and switch_to_kernel picks
+     * the syscall32 callback for the compat one. */
+    uint64_t callback = p->callback[compat ? CALLBACKTYPE_syscall32 : CALLBACKTYPE_syscall];
     r->rip = r->rcx;
     r->rflags = r->r11 | 2;
-    if (!p->callback[CALLBACKTYPE_syscall]) {
-        r->rip -= 2;                    /* #UD at the syscall itself */
+    r->cs = compat ? FLAT_USER_CS32 : FLAT_KERNEL_CS;
+    r->ss = compat ? FLAT_USER_SS32 : FLAT_KERNEL_SS;
+    if (!callback) {
+        r->rip -= 2;                    /* #UD at the syscall itself, DF kept */
         return pv_exception(v, r, 6, 0, 0, stop);
     }
-    if (bounce(v, r, p->callback[CALLBACKTYPE_syscall], -1, 0, 0,
+    /* Both take their event mask from the syscall callback's flag: switch_to_kernel
+     * tests VGCF_syscall_disables_events for either (the syscall32 flag Xen stores is
+     * read only on the way in of a 32-bit PV domain, compat_syscall), so the code,
+     * not the header's per-callback flag, decides here. */
+    if (bounce(v, r, callback, -1, 0, 0,
                p->callback_flags[CALLBACKTYPE_syscall] & CALLBACKF_mask_events, stop) < 0)
         return -1;
     r->rflags &= ~RFLAGS_DF;
     return 0;
+}
+
+int pv_sysenter(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
+{
+    struct pv_vcpu *p = &v->pv;
+    uint64_t callback = p->callback[CALLBACKTYPE_sysenter];
+
+    /* Xen's sysenter_entry, from either mode: the CPU kept no return address, so the
+     * frame says rip 0, CS 3 (a null ring-3 selector), rsp 0, SS FLAT_USER_SS; the
+     * sysenter callback gets it, or #GP(0) does without one */
+    p->syscalls++;
+    r->rip = 0;
+    r->cs = 3;
+    r->rsp = 0;
+    r->ss = FLAT_RING3_SS64;
+    if (!callback)
+        return pv_exception(v, r, 13, 0, 0, stop);
+    return bounce(v, r, callback, -1, 0, 0,
+                  p->callback_flags[CALLBACKTYPE_sysenter] & CALLBACKF_mask_events, stop);
 }
 
 /* iret as an entry of a multicall (a plain iret never reaches the table): it returns

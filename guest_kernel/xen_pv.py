@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import byte, dword, eax, ecx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
+from .asm import byte, dword, eax, ebx, ecx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
 from .conformance import ConformanceGuest, GuestImage
 from .pvlib import emit_mask_console_port
 
@@ -425,4 +425,319 @@ def unhandled_guest() -> GuestImage:
     g.a.label("ud2_insn")
     g.a.ud2()
     g.print("after\n")
+    return g.finish()
+
+
+VGCF_IN_SYSCALL = 0x100
+
+
+def _to_compat(a, label: str) -> None:
+    """64-bit code: flat data segments in DS and ES (compat code, unlike 64-bit code,
+    faults on a null one), then a far return to FLAT_RING3_CS32 at label (32-bit code
+    follows)."""
+    a.mov(eax, C.FLAT_RING3_DS32)
+    a.db(0x8E, 0xD8)                                # mov ds, eax
+    a.db(0x8E, 0xC0)                                # mov es, eax
+    a.push(C.FLAT_RING3_CS32)
+    a.lea(rax, ptr[label])
+    a.push(rax)
+    a.db(0x48, 0xCB)                                # lretq
+
+
+def _to_user(g: XenPVGuest, user_label: str, resume_kernel: str, cs: int) -> None:
+    """From the guest kernel: iret to user code at user_label on the user stack, with
+    code selector cs; the 64-bit syscall that ends it resumes the kernel at
+    resume_kernel."""
+    a = g.a
+    a.lea(rax, ptr[resume_kernel])
+    a.mov(qword["kernel_next"], rax)
+    a.mov(qword["main_rsp"], rsp)
+    a.push(C.FLAT_RING3_SS64)
+    a.lea(rax, ptr["user_stack_top"])
+    a.push(rax)
+    a.push(0x202)
+    a.push(cs)
+    a.lea(rax, ptr[user_label])
+    a.push(rax)
+    a.push(0)
+    a.jmp("hypercall_iret")
+
+
+def compat_guest() -> GuestImage:
+    """32-bit compat-mode user code inside a 64-bit PV guest, as Xen runs it: the kernel
+    enters it with the iret hypercall to FLAT_RING3_CS32 (round 1), 64-bit user code
+    with an lretq to it (round 2); it leaves with an ljmp to FLAT_RING3_CS64, and calls
+    64-bit code with an lcall, which returns with a 32-bit lret (a far jump to a data
+    segment is its #GP). In between its 32-bit code (written as bytes: the assembler
+    speaks 64-bit code) stores to memory, makes a `syscall` (first with no syscall32
+    callback: Xen's #UD at the instruction; then to the syscall32 callback, which returns
+    into the compat code through the iret hypercall with VGCF_in_syscall) and an
+    `int $0x80` (the trap table's entry). Every frame is recorded for the host side."""
+    g = XenPVGuest("pv-compat")
+    a = g.a
+    g.map_shared_info()
+    g.trap_table("set_trap_table", [(6, 0, "on_ud"), (13, 0, "on_gp"), (0x80, 3, "on_int80")])
+    a.section(".data")
+    a.align(8)
+    a.label("user_base")                                   # struct mmuext_op
+    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
+    a.dq(0, 0)
+    a.section(".bss")
+    a.align(16)
+    a.reserve(4096)
+    a.label("kernel_stack_top")
+    a.reserve(4096)
+    a.label("user_stack_top")
+    a.reserve(4096)
+    a.label("user_stack2_top")
+    for var in ("main_rsp", "kernel_next", "compat_word1", "compat_word2", "eax_after_iret",
+                "syscall32_mask", "syscall32_rax", "lcall_return", "esp_after_lret"):
+        a.label(var)
+        a.reserve(8)
+    a.section(".text")
+    g.start_info_field(rax, "pt_base")
+    a.shr(rax, 12)                                          # VIRT_BASE 0: VA = PA
+    a.mov(qword[rip_("user_base", 8)], rax)
+    g.call("new_user_baseptr", "mmuext_op", "user_base", 1, 0, C.DOMID_SELF,
+           subop=C.MMUEXT_NEW_USER_BASEPTR)
+    g.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+    g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64",
+               C.CALLBACKF_mask_events)
+
+    # Round 1, no syscall32 callback: the compat syscall is a #UD at the instruction.
+    # The kernel enters the compat code itself, flat data segments loaded first (compat
+    # code, unlike 64-bit code, faults on a null DS)
+    g.resume_at("c1_after_syscall")
+    a.mov(eax, C.FLAT_RING3_DS32)
+    a.db(0x8E, 0xD8)                                        # mov ds, eax
+    a.db(0x8E, 0xC0)                                        # mov es, eax
+    _to_user(g, "c1", "kernel1", C.FLAT_RING3_CS32)
+    a.label("kernel1")
+    g.report_word("compat_store1", "compat_word1")
+    g.report_word("ud_count", "on_ud.count")
+    g.report_address("ud_rip", "on_ud.frame", 16, "c1_syscall")
+    g.report_word("ud_cs", "on_ud.frame", 24)
+    g.report_address("ud_rsp", "on_ud.frame", 40, "user_stack_top")
+    g.report_word("ud_ss", "on_ud.frame", 48)
+    g.report_word("syscall64_1_rax", "saved_rax")
+    g.report_address("syscall64_1_rip", "on_syscall64.frame", 16, "user1_after_syscall")
+    g.report_word("syscall64_1_cs", "on_syscall64.frame", 24)
+
+    # Round 2: the syscall32 callback (flags 0), int $0x80
+    g.callback("register_syscall32", C.CALLBACKTYPE_syscall32, "on_syscall32")
+    _to_user(g, "user2", "kernel2", C.FLAT_RING3_CS64)
+    a.label("kernel2")
+    g.report_word("compat_store2", "compat_word2")
+    g.report_word("syscall32_count", "on_syscall32.count")
+    g.report_word("syscall32_rax", "syscall32_rax")
+    g.report_address("syscall32_rcx", "on_syscall32.frame", 0, "c2_after_syscall")
+    g.report_word("syscall32_r11", "on_syscall32.frame", 8)
+    g.report_address("syscall32_rip", "on_syscall32.frame", 16, "c2_after_syscall")
+    g.report_word("syscall32_cs", "on_syscall32.frame", 24)
+    g.report_word("syscall32_rflags", "on_syscall32.frame", 32)
+    g.report_address("syscall32_rsp", "on_syscall32.frame", 40, "user_stack2_top")
+    g.report_word("syscall32_ss", "on_syscall32.frame", 48)
+    g.report_word("syscall32_mask", "syscall32_mask")
+    g.report_word("eax_after_iret", "eax_after_iret")
+    g.report_word("int80_count", "on_int80.count")
+    g.report_address("int80_rip", "on_int80.frame", 16, "c2_after_int80")
+    g.report_word("int80_cs", "on_int80.frame", 24)
+    g.report_address("int80_rsp", "on_int80.frame", 40, "user_stack2_top")
+    g.report_word("int80_ss", "on_int80.frame", 48)
+    # lcall from compat code to 64-bit code pushed CS and eip as two dwords; the 64-bit
+    # code's 32-bit lret popped them (back on the stack it started from)
+    a.mov(rax, qword["lcall_return"])
+    a.shr(rax, 32)
+    g.report("lcall_cs")
+    a.mov(eax, dword["lcall_return"])
+    a.lea(rcx, ptr["c2_after_lcall"])
+    a.sub(rax, rcx)
+    g.report("lcall_eip")
+    g.report_address("esp_after_lret", "esp_after_lret", 0, "user_stack2_top")
+    # a far jump to a data segment: #GP(selector) at the jump, in compat mode
+    g.report_word("gp_count", "on_gp.count")
+    g.report_word("gp_error", "on_gp.frame", 16)
+    g.report_address("gp_rip", "on_gp.frame", 24, "c2_bad_ljmp")
+    g.report_word("gp_cs", "on_gp.frame", 32)
+    g.report_word("syscall64_2_rax", "saved_rax")
+    g.report_address("syscall64_2_rip", "on_syscall64.frame", 16, "user2_after_syscall")
+    g.report_word("syscall64_count", "on_syscall64.count")
+
+    def user_code():                                # guest user mode
+        a.label("c1")                                   # 32-bit
+        a.db(0xC7, 0x05); a.dd("compat_word1", 0x12345678)  # mov dword [compat_word1], imm32
+        a.db(0xB8); a.dd(0xC0DE)                        # mov eax, 0xc0de
+        a.label("c1_syscall")
+        a.db(0x0F, 0x05)                                # syscall: #UD, resumed after it
+        a.label("c1_after_syscall")
+        a.db(0xEA); a.dd("user1_back"); a.dw(C.FLAT_RING3_CS64)    # jmp far 0xe033:user1_back
+        a.label("user1_back")                           # 64-bit again
+        a.mov(eax, 0x64)
+        a.syscall()
+        a.label("user1_after_syscall")
+        a.ud2()                                         # not reached
+
+        a.label("user2")                                # 64-bit
+        _to_compat(a, "c2")
+        a.label("c2")                                   # 32-bit
+        a.db(0xC7, 0x05); a.dd("compat_word2", 0x9ABCDEF0)  # mov dword [compat_word2], imm32
+        a.db(0xBC); a.dd("user_stack2_top")             # mov esp, user_stack2_top
+        a.db(0xB8); a.dd(0x32)                          # mov eax, 0x32
+        a.db(0x0F, 0x05)                                # syscall: the syscall32 callback
+        a.label("c2_after_syscall")
+        a.db(0xA3); a.dd("eax_after_iret")              # mov [eax_after_iret], eax
+        a.db(0xCD, 0x80)                                # int $0x80
+        a.label("c2_after_int80")
+        a.db(0x9A); a.dd("far64"); a.dw(C.FLAT_RING3_CS64)     # call far 0xe033:far64
+        a.label("c2_after_lcall")
+        a.db(0x89, 0x25); a.dd("esp_after_lret")        # mov [esp_after_lret], esp
+        a.label("c2_bad_ljmp")
+        a.db(0xEA); a.dd("c2_after_lcall"); a.dw(C.FLAT_RING3_DS32)    # jmp far to a data segment
+        a.label("c2_after_bad_ljmp")                    # (on_gp resumes here)
+        a.db(0xEA); a.dd("user2_back"); a.dw(C.FLAT_RING3_CS64)    # jmp far 0xe033:user2_back
+        a.label("user2_back")                           # 64-bit again
+        a.mov(eax, 0x65)
+        a.syscall()
+        a.label("user2_after_syscall")
+        a.ud2()                                         # not reached
+
+        a.label("far64")                                # 64-bit, called from compat code
+        a.mov(rax, qword[rsp])                          # the 32-bit return eip and CS
+        a.mov(qword["lcall_return"], rax)
+        a.db(0xCB)                                      # lret: a 32-bit far return
+
+    def handlers():
+        user_code()
+        # #GP from the far jump to a data segment: record, resume after it (compat code)
+        g.record_frame("on_gp", True)
+        a.lea(rax, ptr["c2_after_bad_ljmp"])
+        a.mov(qword[rsp + 24], rax)
+        a.mov(rax, qword["saved_rax"])
+        g.iret(True)
+        g.recording_handler("on_ud", False)
+        g.recording_handler("on_int80", False)
+        # the 64-bit syscall callback: record, then on in the kernel on its own stack
+        g.record_frame("on_syscall64", False)
+        a.mov(rsp, qword["main_rsp"])
+        a.jmp(qword["kernel_next"])
+        # the syscall32 callback: record, then back to the compat code as Xen's sysret
+        # would return (VGCF_in_syscall), with eax = 0x7777
+        g.record_frame("on_syscall32", False)
+        a.mov(rax, qword["saved_rax"])
+        a.mov(qword["syscall32_rax"], rax)
+        a.movzx(eax, byte[rip_("shared_info", UPCALL_MASK)])
+        a.mov(qword["syscall32_mask"], rax)
+        a.pop(rcx)
+        a.pop(r11)
+        a.push(VGCF_IN_SYSCALL)
+        a.mov(eax, 0x7777)
+        a.jmp("hypercall_iret")
+    g.handlers(handlers)
+    return g.finish()
+
+
+def _user_fault_handler(g: XenPVGuest, label: str, error_code: bool) -> None:
+    """A handler for a fault of user code whose frame may hold Xen's sysenter values
+    (rip 0, CS 3, rsp 0): records it, then returns to 64-bit user code at `resume_at`
+    on the user stack."""
+    a = g.a
+    g.record_frame(label, error_code)
+    at = 24 if error_code else 16                   # the frame's rip
+    a.mov(rax, qword["resume_at"])
+    a.mov(qword[rsp + at], rax)
+    a.mov(qword[rsp + at + 8], C.FLAT_RING3_CS64)
+    a.lea(rax, ptr["user_stack_top"])
+    a.mov(qword[rsp + at + 24], rax)
+    a.mov(rax, qword["saved_rax"])
+    g.iret(error_code)
+
+
+def sysenter_guest() -> GuestImage:
+    """`sysenter` from guest user mode, first with no sysenter callback, then with one.
+    Where the CPU runs sysenter in long mode (Intel's) Xen's sysenter_entry bounces a
+    frame of rip 0, CS 3, rsp 0, SS FLAT_USER_SS to the callback, or raises #GP(0)
+    without one; AMD's CPUs raise #UD at the instruction. The guest reports its CPUID
+    vendor and every frame."""
+    g = XenPVGuest("pv-sysenter")
+    a = g.a
+    g.map_shared_info()
+    a.xor(eax, eax)
+    a.xor(ecx, ecx)
+    a.cpuid()
+    a.mov(eax, ebx)
+    g.report("vendor_ebx")
+    g.trap_table("set_trap_table", [(6, 0, "on_ud"), (13, 0, "on_gp")])
+    a.section(".data")
+    a.align(8)
+    a.label("user_base")                                   # struct mmuext_op
+    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
+    a.dq(0, 0)
+    a.section(".bss")
+    a.align(16)
+    a.reserve(4096)
+    a.label("kernel_stack_top")
+    a.reserve(4096)
+    a.label("user_stack_top")
+    for var in ("main_rsp", "kernel_next", "sysenter_mask"):
+        a.label(var)
+        a.reserve(8)
+    a.section(".text")
+    g.start_info_field(rax, "pt_base")
+    a.shr(rax, 12)                                          # VIRT_BASE 0: VA = PA
+    a.mov(qword[rip_("user_base", 8)], rax)
+    g.call("new_user_baseptr", "mmuext_op", "user_base", 1, 0, C.DOMID_SELF,
+           subop=C.MMUEXT_NEW_USER_BASEPTR)
+    g.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+    g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64")
+
+    # Round 1: no sysenter callback
+    g.resume_at("s1_resume")
+    _to_user(g, "s1", "kernel1", C.FLAT_RING3_CS64)
+    a.label("kernel1")
+    for name, frame, error in (("ud", "on_ud", False), ("gp", "on_gp", True)):
+        at = 8 if error else 0
+        g.report_word(f"{name}_count", f"{frame}.count")
+        if error:
+            g.report_word(f"{name}_error", f"{frame}.frame", 16)
+        g.report_word(f"{name}_rip", f"{frame}.frame", 16 + at)
+        g.report_address(f"{name}_rip_from_insn", f"{frame}.frame", 16 + at, "s1_insn")
+        g.report_word(f"{name}_cs", f"{frame}.frame", 24 + at)
+        g.report_word(f"{name}_rsp", f"{frame}.frame", 40 + at)
+        g.report_word(f"{name}_ss", f"{frame}.frame", 48 + at)
+
+    # Round 2: the sysenter callback, masking events
+    g.callback("register_sysenter", C.CALLBACKTYPE_sysenter, "on_sysenter",
+               C.CALLBACKF_mask_events)
+    g.resume_at("s2_resume")
+    _to_user(g, "s2", "kernel2", C.FLAT_RING3_CS64)
+    a.label("kernel2")
+    g.report_word("ud_count_2", "on_ud.count")
+    g.report_word("sysenter_count", "on_sysenter.count")
+    for i, word in enumerate(("rcx", "r11", "rip", "cs", "rflags", "rsp", "ss")):
+        g.report_word(f"sysenter_{word}", "on_sysenter.frame", 8 * i)
+    g.report_word("sysenter_mask", "sysenter_mask")
+
+    def code():
+        a.label("s1")                                       # guest user mode
+        a.label("s1_insn")
+        a.db(0x0F, 0x34)                                    # sysenter
+        a.label("s1_resume")
+        a.syscall()                                         # back to the kernel
+        a.label("s2")
+        a.mov(ecx, 0x1111)
+        a.mov(r11, 0x2222)
+        a.db(0x0F, 0x34)                                    # sysenter
+        a.label("s2_resume")                                # (after a #UD)
+        a.syscall()
+        _user_fault_handler(g, "on_ud", False)
+        _user_fault_handler(g, "on_gp", True)
+        g.record_frame("on_syscall64", False)
+        a.mov(rsp, qword["main_rsp"])
+        a.jmp(qword["kernel_next"])
+        g.record_frame("on_sysenter", False)
+        a.movzx(eax, byte[rip_("shared_info", UPCALL_MASK)])
+        a.mov(qword["sysenter_mask"], rax)
+        a.mov(rsp, qword["main_rsp"])
+        a.jmp(qword["kernel_next"])
+    g.handlers(code)
     return g.finish()

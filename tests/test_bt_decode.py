@@ -116,6 +116,8 @@ AWKWARD = [
     ("lmsw ax", True), ("clts", True), ("wbinvd", True), ("invd", True),
     ("in al, 0x60", True), ("in eax, dx", True), ("out 0x80, al", True), ("out dx, ax", True),
     ("rep insb", True), ("outsd", True),
+    # far jmp and call through memory: TCG refuses a ring-3 CS at its ring 0 (PV model)
+    ("jmp fword ptr [rax]", True), ("call fword ptr [rbx+8]", True),
 ]
 
 

@@ -6,7 +6,8 @@ from abi import C
 
 from guest_kernel.conformance import parse
 from guest_kernel.pv_kernel import build_pv_kernel
-from guest_kernel.xen_pv import cpu_model_guest, region_guest, unhandled_guest
+from guest_kernel.xen_pv import (compat_guest, cpu_model_guest, region_guest, sysenter_guest,
+                                 unhandled_guest)
 from hypervisor import builder
 from hypervisor.image import load_image
 
@@ -125,3 +126,81 @@ def test_a_kernel_that_requires_ring_0_still_gets_it(run_guest):
     assert any(line.startswith("3 ticks at 100 Hz in ") for line in lines)
     assert lines[-1] == "powering off"
     assert "set_trap_table" not in dom.counters().hypercalls and dom.counters().upcalls >= 3
+
+
+def test_compat_mode_user_code(run_guest, engine):
+    """32-bit user code in a 64-bit PV guest: entered by the iret hypercall and by an
+    lretq to FLAT_RING3_CS32, left by an ljmp to FLAT_RING3_CS64, calling 64-bit code
+    with an lcall that returns by a 32-bit lret (an ljmp to a data segment is a #GP);
+    its syscall reaches the syscall32 callback (a #UD without one), int $0x80 the trap
+    table; each frame holds the 32-bit selector and the 32-bit rip and rsp."""
+    image = compat_guest()
+    if engine == "kvm":
+        # this KVM-PVM host runs ring 3 on its own 64-bit user segment only (kvm.c)
+        stop, console, _ = run_guest(image, console_ring=False)
+        c1 = load_image(image, 64 << 20).symbols["c1"]
+        assert (stop.kind, stop.message) == ("fault", (
+            f"compat mode (CS {C.FLAT_RING3_CS32:#x} at rip {c1:#x}): this KVM-PVM host "
+            "does not run 32-bit code in ring 3; the bt engine does")), f"{stop}\n{console}"
+        return
+    r, dom = run_clean(run_guest, image)
+    for case in ("new_user_baseptr", "stack_switch", "register_syscall", "register_syscall32"):
+        assert r[case] == 0, case
+    # round 1 (entered by the iret hypercall): the store, then no syscall32 callback:
+    # Xen's #UD at the syscall itself, bounced with the compat selectors
+    assert r["compat_store1"] == 0x12345678
+    assert (r["ud_count"], r["ud_rip"], r["ud_rsp"]) == (1, 0, 0)
+    assert (r["ud_cs"], r["ud_ss"]) == (C.FLAT_RING3_CS32, C.FLAT_RING3_DS32)
+    # ... back in 64-bit code by ljmp: its syscall is the 64-bit callback's
+    assert (r["syscall64_1_rax"], r["syscall64_1_rip"]) == (0x64, 0)
+    assert r["syscall64_1_cs"] == C.FLAT_RING3_CS64
+    # round 2 (entered by lretq): the syscall32 callback's frame word by word, as Xen's
+    # cstar_enter builds it: rcx = rip = the next instruction, r11 = rflags, CS
+    # FLAT_USER_CS32, the 32-bit rsp, SS FLAT_USER_SS32; events masked by the syscall
+    # callback's flag (Xen's switch_to_kernel), though syscall32 was registered without
+    assert r["compat_store2"] == 0x9ABCDEF0
+    assert (r["syscall32_count"], r["syscall32_rax"]) == (1, 0x32)
+    assert (r["syscall32_rcx"], r["syscall32_rip"], r["syscall32_rsp"]) == (0, 0, 0)
+    assert r["syscall32_r11"] == r["syscall32_rflags"] == 0x202
+    assert (r["syscall32_cs"], r["syscall32_ss"]) == (C.FLAT_USER_CS32, C.FLAT_USER_SS32)
+    assert r["syscall32_mask"] == 1
+    # the iret hypercall (VGCF_in_syscall) returned into the compat code with its rax
+    assert r["eax_after_iret"] == 0x7777
+    # int $0x80 from compat code: trap_table[0x80], rip after it, the compat selectors
+    assert (r["int80_count"], r["int80_rip"], r["int80_rsp"]) == (1, 0, 0)
+    assert (r["int80_cs"], r["int80_ss"]) == (C.FLAT_RING3_CS32, C.FLAT_RING3_DS32)
+    # lcall from compat to 64-bit code: CS and eip pushed as dwords, a 32-bit lret back
+    assert (r["lcall_cs"], r["lcall_eip"], r["esp_after_lret"]) == (C.FLAT_RING3_CS32, 0, 0)
+    # ljmp to a data segment: #GP(selector) at the jump, still in compat code
+    assert (r["gp_count"], r["gp_error"], r["gp_rip"]) == (1, C.FLAT_RING3_DS32 & ~3, 0)
+    assert r["gp_cs"] == C.FLAT_RING3_CS32
+    assert (r["syscall64_2_rax"], r["syscall64_2_rip"], r["syscall64_count"]) == (0x65, 0, 2)
+
+
+VENDOR_INTEL_EBX, VENDOR_AMD_EBX = 0x756E6547, 0x68747541     # "Genu", "Auth"
+
+
+def test_sysenter_from_user_mode(run_guest):
+    """sysenter as Xen takes it on the guest's CPU: where it runs in long mode (Intel's:
+    bt's CPUID) Xen's frame of rip 0, CS 3, rsp 0, SS FLAT_USER_SS goes to the sysenter
+    callback, or #GP(0) without one; AMD's (this kvm host's) raise #UD at it."""
+    image = sysenter_guest()
+    r, dom = run_clean(run_guest, image)
+    symbols = load_image(image, 64 << 20).symbols
+    assert (r["new_user_baseptr"], r["stack_switch"], r["register_sysenter"]) == (0, 0, 0)
+    if r["vendor_ebx"] == VENDOR_AMD_EBX:
+        assert (r["ud_count"], r["ud_rip_from_insn"], r["gp_count"]) == (1, 0, 0)
+        assert (r["ud_cs"], r["ud_ss"]) == (C.FLAT_RING3_CS64, C.FLAT_RING3_SS64)
+        assert r["ud_rsp"] == symbols["user_stack_top"]
+        assert (r["ud_count_2"], r["sysenter_count"]) == (2, 0)
+        return
+    assert r["vendor_ebx"] == VENDOR_INTEL_EBX
+    assert (r["gp_count"], r["gp_error"], r["ud_count"]) == (1, 0, 0)
+    assert (r["gp_rip"], r["gp_cs"], r["gp_rsp"], r["gp_ss"]) == (0, 3, 0, C.FLAT_RING3_SS64)
+    # with the callback: the same frame, the user's rcx and r11 kept, events masked
+    assert (r["ud_count_2"], r["sysenter_count"]) == (0, 1)
+    assert (r["sysenter_rcx"], r["sysenter_r11"]) == (0x1111, 0x2222)
+    assert (r["sysenter_rip"], r["sysenter_cs"], r["sysenter_rsp"], r["sysenter_ss"]) == (
+        0, 3, 0, C.FLAT_RING3_SS64)
+    assert r["sysenter_rflags"] == 0x202
+    assert r["sysenter_mask"] == 1
