@@ -477,6 +477,12 @@ static int set_cpuid(struct hv_vcpu *v, char *err, int err_len)
     }
     if (v->dom->guest_type == HV_GUEST_PVH)
         pvh_cpuid(v, cpuid, nent);
+    if (v->dom->pv_model == HV_PV_XEN) {
+        /* a native cpuid tells what the PV policy does (pv_cpuid): no FSGSBASE */
+        for (uint32_t i = 0; i < cpuid->nent; i++)
+            if (cpuid->entries[i].function == 7 && cpuid->entries[i].index == 0)
+                cpuid->entries[i].ebx &= ~1u;
+    }
     if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
         hv_set_error(err, err_len, "KVM_SET_CPUID2: %s", strerror(errno));
     else
@@ -1098,6 +1104,8 @@ const struct hv_engine_impl hv_kvm_engine = {
     .set_boot_state = kvm_set_boot_state,
     .run = kvm_run_loop,
     .guest_atomics = 1,
+    /* KVM-PVM runs ring 3 natively under the host's own CR4, FSGSBASE set */
+    .cr4_fsgsbase = 0,
 };
 
 int hv_kvm_available(char *why, int why_len)
