@@ -166,8 +166,8 @@ static int x87_operand(uint8_t op, int reg_field, uint32_t *size)
         *size = 10;                     /* an 80-bit real */
     if (op == 0xdf && (reg_field == 5 || reg_field == 7))
         *size = 8;                      /* a 64-bit integer */
-    if (op == 0xd9 && (reg_field == 5 || reg_field == 7))
-        *size = 2;                      /* the control word */
+    if ((op == 0xd9 && (reg_field == 5 || reg_field == 7)) || (op == 0xdd && reg_field == 7))
+        *size = 2;                      /* the control word, the status word */
     return reg_field == 0 || reg_field == 5 ? ACC_R : ACC_W;
 }
 

@@ -273,3 +273,51 @@ def test_breakpoint_stepping_is_invisible(run_cases):
     assert run["tf_db_count"] == 3
     assert run["dr6_after_tf_write"] == DR6_DEFAULT | DR6_BS
     assert run["dr7_off"] == 0
+
+
+def test_emulated_instruction_under_tf_traps_after_it(run_cases):
+    """An instruction the PV model emulates after a #GP (`mov %cr0, %rax`) or a #UD
+    (the forced-emulation `cpuid`) ends as the CPU would end it under the guest's TF:
+    a #DB trap after it with BS, as Xen's emulator injects one."""
+    g = XenPVGuest("emulated_under_tf")
+    a = g.a
+    g.trap_table("traps", [(1, 0, "on_step")])
+    a.db(0x9C)                                 # flags without TF, for the last popfq
+    a.db(0x9C)
+    a.or_(qword[rsp], RFLAGS_TF)
+    a.db(0x9D)                                 # TF on: a trap after the next one
+    a.label("mov_cr0")
+    a.db(0x0F, 0x20, 0xC0)                     # mov %cr0, %rax: #GP, emulated
+    a.label("after_mov_cr0")
+    a.db(0x0F, 0x0B, 0x78, 0x65, 0x6E)         # ud2; .ascii "xen"
+    a.cpuid()
+    a.label("after_cpuid")
+    a.db(0x9D)                                 # TF off: a trap after it
+    a.label("after_popf")
+    g.report_word("step_count", "on_step.count")
+    g.report_address("last_trap_rip", "on_step.frame", 16, "after_popf")
+    g.report_address("cpuid_trap_rip", "rips", 8, "after_cpuid")
+    g.report_address("mov_cr0_trap_rip", "rips", 0, "after_mov_cr0")
+    g.call("dr6", "get_debugreg", 6)
+    a.section(".bss")
+    a.align(8)
+    a.label("rips")
+    a.reserve(32)
+    a.section(".text")
+
+    def handler():
+        # record each trap's rip by its count (1, 2, 3) into rips[count - 1]
+        g.record_frame("on_step", False)
+        a.mov(rax, qword["on_step.count"])
+        a.lea(rdx, g.ptr("rips"))
+        a.db(0x48, 0x8B, 0x4C, 0x24, 0x10)     # mov 0x10(%rsp), %rcx: the frame's rip
+        a.db(0x48, 0x89, 0x4C, 0xC2, 0xF8)     # mov %rcx, -8(%rdx,%rax,8)
+        a.mov(rax, qword["saved_rax"])
+        g.iret(False)
+    g.handlers(handler)
+    run = run_cases(g.finish())
+    assert run["step_count"] == 3
+    assert run["mov_cr0_trap_rip"] == 0
+    assert run["cpuid_trap_rip"] == 0
+    assert run["last_trap_rip"] == 0
+    assert run["dr6"] == DR6_DEFAULT | DR6_BS
