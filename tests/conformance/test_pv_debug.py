@@ -12,7 +12,7 @@ import pytest
 
 from abi import C
 
-from guest_kernel.asm import dword, ecx, qword, rax, rdx, rsp
+from guest_kernel.asm import dword, ecx, qword, rax, rbx, rdi, rdx, rsp
 from guest_kernel.xen_pv import XenPVGuest, rip_
 
 RW_EXEC, RW_WRITE, RW_IO, RW_READ_WRITE = 0, 1, 2, 3
@@ -321,3 +321,50 @@ def test_emulated_instruction_under_tf_traps_after_it(run_cases):
     assert run["cpuid_trap_rip"] == 0
     assert run["last_trap_rip"] == 0
     assert run["dr6"] == DR6_DEFAULT | DR6_BS
+
+
+def test_mov_ss_shadow_holds_the_db(run_cases):
+    """A `mov` to %ss from a watched word holds its #DB until the next instruction is
+    done (the CPU's shadow): one trap after that one, with B0. When the next one is a
+    hypercall (`syscall`), the #DB would come in the hypervisor, and is dropped, as
+    Xen's do_debug drops it since XSA-260."""
+    g = XenPVGuest("mov_ss_shadow")
+    a = g.a
+    g.trap_table("traps", [(1, 0, "on_db")])
+    a.lea(rbx, g.ptr("ss_word"))
+    a.db(0x8C, 0x13)                           # mov %ss, (%rbx)
+    set_dr_to(g, "set_dr0", 0, "ss_word")
+    g.call("set_dr7_rw2", "set_debugreg", 7, dr7(0, RW_READ_WRITE, LEN2))
+    a.lea(rbx, g.ptr("ss_word"))
+    a.db(0x8E, 0x13)                           # mov (%rbx), %ss
+    a.label("in_shadow")
+    a.nop()
+    a.label("after_shadow")
+    g.report_word("count_after_nop", "on_db.count")
+    g.report_address("trap_rip", "on_db.frame", 16, "after_shadow")
+    g.call("dr6_after_nop", "get_debugreg", 6)
+    g.call("dr6_clear", "set_debugreg", 6, 0)
+    a.mov(rax, C.__HYPERVISOR_xen_version)
+    a.mov(rdi, C.XENVER_version)
+    a.lea(rbx, g.ptr("ss_word"))
+    a.db(0x8E, 0x13)                           # mov (%rbx), %ss
+    a.db(0x0F, 0x05)                           # syscall: xen_version in the shadow
+    g.report("version_in_shadow")
+    g.report_word("count_after_syscall", "on_db.count")
+    g.call("dr6_after_syscall", "get_debugreg", 6)
+    g.call("dr7_off", "set_debugreg", 7, 0)
+    a.section(".data")
+    a.align(8)
+    a.label("ss_word")
+    a.dq(0)
+    a.section(".text")
+    g.handlers(lambda: g.recording_handler("on_db", False))
+    run = run_cases(g.finish())
+    assert run["set_dr7_rw2"] == 0
+    assert run["count_after_nop"] == 1
+    assert run["trap_rip"] == 0
+    assert run["dr6_after_nop"] == DR6_DEFAULT | 0x1
+    assert run["version_in_shadow"] == (4 << 16) | 19
+    assert run["count_after_syscall"] == 1
+    assert run["dr6_after_syscall"] == DR6_DEFAULT
+    assert run["dr7_off"] == 0
