@@ -99,8 +99,9 @@ int bt_debug_after(struct bt_vcpu *b, uint64_t rip_before, int tf_before, struct
         return 0;
     }
     if (b->stopped_at || b->retranslate_end || b->fatal ||
-        bt_reg(b, UC_X86_REG_RIP) == rip_before)
-        return 0;                       /* it did not run (yet) */
+        (bt_reg(b, UC_X86_REG_RIP) == rip_before && !bits))
+        return 0;                       /* it did not run (yet); an iteration of a rep
+                                         * string instruction that hit one did */
     if (tf_before)
         bits |= DR6_BS;
     if (b->db_shadow_armed) {

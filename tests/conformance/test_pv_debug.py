@@ -12,7 +12,7 @@ import pytest
 
 from abi import C
 
-from guest_kernel.asm import dword, ecx, qword, rax, rbx, rdi, rdx, rsp
+from guest_kernel.asm import byte, dword, ecx, qword, rax, rbx, rcx, rdi, rdx, rsi, rsp
 from guest_kernel.xen_pv import XenPVGuest, rip_
 
 RW_EXEC, RW_WRITE, RW_IO, RW_READ_WRITE = 0, 1, 2, 3
@@ -368,3 +368,74 @@ def test_mov_ss_shadow_holds_the_db(run_cases):
     assert run["count_after_syscall"] == 1
     assert run["dr6_after_syscall"] == DR6_DEFAULT
     assert run["dr7_off"] == 0
+
+
+def test_data_breakpoints_see_each_kind_of_access(run_cases):
+    """One #DB per instruction whose accesses overlap a watched range, none for the
+    others: reads and writes through a ModRM operand (mov, add, xchg, movzx, lea that
+    touches nothing), the stack (push, call, pushf write; pop, ret read) and a string
+    instruction, one element a step (rep movsb). bt sees the accesses TCG makes; kvm
+    works them out from the decoded instruction: both must count the same."""
+    g = XenPVGuest("access_kinds")
+    a = g.a
+    g.trap_table("traps", [(1, 0, "on_db")])
+    set_dr_to(g, "set_dr0", 0, "w")                    # w: read/write, 8 bytes
+    set_dr_to(g, "set_dr1", 1, "x")                    # x: write, 8 bytes
+    a.lea(rax, qword[rsp - 8])                         # the next stack slot: write
+    g.hypercall_regs("set_dr2", "set_debugreg", 2, rax)
+    set_dr_to(g, "set_dr3", 3, "dst", 5)               # dst+5: write, 1 byte
+    g.call("set_dr7", "set_debugreg", 7,
+           dr7(0, RW_READ_WRITE, LEN8) | dr7(1, RW_WRITE, LEN8) | dr7(2, RW_WRITE, LEN8) |
+           dr7(3, RW_WRITE, LEN1))
+    steps = []
+
+    def count(name):
+        """the #DB count after the instruction before: a result of its own"""
+        a.mov(rax, qword["on_db.count"])
+        a.mov(qword[rip_("counts", 8 * len(steps))], rax)
+        steps.append(name)
+
+    count("base")                              # set_dr7's report made calls: hits
+    a.mov(rcx, qword["w"]); count("read_w")
+    a.mov(qword["x"], rcx); count("write_x")
+    a.mov(rcx, qword["x"]); count("read_x")
+    a.add(qword["w"], rcx); count("add_w")
+    a.lea(rcx, qword["w"]); count("lea_w")
+    a.xchg(qword["x"], rcx); count("xchg_x")
+    a.movzx(ecx, byte[rip_("w", 3)]); count("movzx_w3")
+    a.push(rax); count("push")
+    a.pop(rax); count("pop")
+    a.call("callee"); count("call_ret")
+    a.db(0x9C); count("pushf")
+    a.db(0x9D); count("popf")
+    a.lea(rsi, g.ptr("src"))
+    a.lea(rdi, g.ptr("dst"))
+    a.mov(rcx, 16)
+    a.db(0xF3, 0xA4); count("rep_movsb")
+    g.call("dr7_off", "set_debugreg", 7, 0)
+    for i, name in enumerate(steps):
+        g.report_word(name, "counts", 8 * i)
+    a.section(".data")
+    a.align(8)
+    for label in ("w", "x"):
+        a.label(label)
+        a.dq(0)
+    a.label("src")
+    a.db(*range(16))
+    a.label("dst")
+    a.db(*([0] * 16))
+    a.label("counts")
+    a.db(*([0] * 8 * 16))
+    a.section(".text")
+
+    def out_of_line():
+        g.recording_handler("on_db", False)
+        a.label("callee")
+        a.ret()
+    g.handlers(out_of_line)
+    run = run_cases(g.finish())
+    assert run["set_dr7"] == 0
+    expected = {"read_w": 1, "write_x": 2, "read_x": 2, "add_w": 3, "lea_w": 3,
+                "xchg_x": 4, "movzx_w3": 5, "push": 6, "pop": 6, "call_ret": 7,
+                "pushf": 8, "popf": 8, "rep_movsb": 9}
+    assert {name: run[name] - run["base"] for name in expected} == expected
