@@ -83,6 +83,10 @@ int bt_debug_after(struct bt_vcpu *b, uint64_t rip_before, int tf_before, struct
     uint32_t bits = b->db_hits;
 
     b->db_hits = 0;
+    if (b->syscall_pending && b->exception.vector == 1 && !b->exception.soft)
+        b->exception.vector = -1;       /* TCG's single-step trap after a `syscall`: in
+                                         * Xen it comes at its entry point, and do_debug
+                                         * drops it */
     if (b->exception.vector == 1 && !b->exception.soft && tf_before) {
         /* TCG's own single-step trap, which knows nothing of the guest's DR6: ours */
         b->exception.vector = -1;

@@ -275,6 +275,25 @@ def test_breakpoint_stepping_is_invisible(run_cases):
     assert run["dr7_off"] == 0
 
 
+def step_logging_handler(g: XenPVGuest, label: str) -> None:
+    """A #DB handler that records each trap's rip by its count (1, 2, ...) into
+    rips[count - 1] (8 slots), leaving TF as the frame has it."""
+    a = g.a
+    a.section(".bss")
+    a.align(8)
+    a.label("rips")
+    a.reserve(64)
+    a.section(".text")
+    g.record_frame(label, False)
+    a.mov(rax, qword[f"{label}.count"])
+    a.and_(rax, 7)
+    a.lea(rdx, g.ptr("rips"))
+    a.db(0x48, 0x8B, 0x4C, 0x24, 0x10)         # mov 0x10(%rsp), %rcx: the frame's rip
+    a.db(0x48, 0x89, 0x4C, 0xC2, 0xF8)         # mov %rcx, -8(%rdx,%rax,8)
+    a.mov(rax, qword["saved_rax"])
+    g.iret(False)
+
+
 def test_emulated_instruction_under_tf_traps_after_it(run_cases):
     """An instruction the PV model emulates after a #GP (`mov %cr0, %rax`) or a #UD
     (the forced-emulation `cpuid`) ends as the CPU would end it under the guest's TF:
@@ -299,22 +318,7 @@ def test_emulated_instruction_under_tf_traps_after_it(run_cases):
     g.report_address("cpuid_trap_rip", "rips", 8, "after_cpuid")
     g.report_address("mov_cr0_trap_rip", "rips", 0, "after_mov_cr0")
     g.call("dr6", "get_debugreg", 6)
-    a.section(".bss")
-    a.align(8)
-    a.label("rips")
-    a.reserve(32)
-    a.section(".text")
-
-    def handler():
-        # record each trap's rip by its count (1, 2, 3) into rips[count - 1]
-        g.record_frame("on_step", False)
-        a.mov(rax, qword["on_step.count"])
-        a.lea(rdx, g.ptr("rips"))
-        a.db(0x48, 0x8B, 0x4C, 0x24, 0x10)     # mov 0x10(%rsp), %rcx: the frame's rip
-        a.db(0x48, 0x89, 0x4C, 0xC2, 0xF8)     # mov %rcx, -8(%rdx,%rax,8)
-        a.mov(rax, qword["saved_rax"])
-        g.iret(False)
-    g.handlers(handler)
+    g.handlers(lambda: step_logging_handler(g, "on_step"))
     run = run_cases(g.finish())
     assert run["step_count"] == 3
     assert run["mov_cr0_trap_rip"] == 0
@@ -439,3 +443,37 @@ def test_data_breakpoints_see_each_kind_of_access(run_cases):
                 "xchg_x": 4, "movzx_w3": 5, "push": 6, "pop": 6, "call_ret": 7,
                 "pushf": 8, "popf": 8, "rep_movsb": 9}
     assert {name: run[name] - run["base"] for name in expected} == expected
+
+
+def test_tf_over_a_hypercall(run_cases):
+    """The guest's TF across a hypercall (`syscall` in guest kernel mode): no #DB for
+    the syscall itself (in Xen it comes at the hypervisor's entry point, and do_debug
+    drops it); the guest returns with TF and traps after its next instruction."""
+    g = XenPVGuest("tf_over_hypercall")
+    a = g.a
+    g.trap_table("traps", [(1, 0, "on_step")])
+    a.db(0x9C)                                 # flags without TF, for the last popfq
+    a.db(0x9C)
+    a.or_(qword[rsp], RFLAGS_TF)
+    a.db(0x9D)                                 # TF on
+    a.mov(rax, C.__HYPERVISOR_xen_version)
+    a.label("at_mov_rdi")
+    a.mov(rdi, C.XENVER_version)
+    a.label("at_syscall")
+    a.db(0x0F, 0x05)
+    a.label("after_syscall")
+    a.mov(rbx, rax)
+    a.label("after_mov")
+    a.db(0x9D)                                 # TF off: a trap after it
+    a.label("after_popf")
+    a.mov(rax, rbx)
+    g.report("version")
+    g.report_word("step_count", "on_step.count")
+    for i, label in enumerate(("at_mov_rdi", "at_syscall", "after_mov", "after_popf")):
+        g.report_address(f"trap_{i + 1}_at_{label}", "rips", 8 * i, label)
+    g.handlers(lambda: step_logging_handler(g, "on_step"))
+    run = run_cases(g.finish())
+    assert run["version"] == (4 << 16) | 19
+    assert run["step_count"] == 4
+    for i, label in enumerate(("at_mov_rdi", "at_syscall", "after_mov", "after_popf")):
+        assert run[f"trap_{i + 1}_at_{label}"] == 0
