@@ -1713,6 +1713,7 @@ const struct hv_engine_impl hv_bt_engine = {
     .set_boot_state = bt_set_boot_state,
     .run = bt_run,
     .guest_atomics = 0,             /* TCG runs locked instructions as plain ones */
+    .cr4_fsgsbase = 1,              /* TCG honours CR4.FSGSBASE (bt_pv.c) */
 };
 
 int hv_bt_insn_length(const uint8_t *code, int avail, int *kind)

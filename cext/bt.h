@@ -365,8 +365,6 @@ int  bt_debug_stepping(struct bt_vcpu *b);
 int  bt_debug_before(struct bt_vcpu *b, struct hv_stop *stop);
 /* After it ran alone: the #DB trap its data accesses or TF call for. 0, or -1 stop. */
 int  bt_debug_after(struct bt_vcpu *b, uint64_t rip_before, int tf_before, struct hv_stop *stop);
-/* B0-B3 of the data breakpoints an access of size bytes at va hits. */
-uint32_t bt_debug_data_hits(struct bt_vcpu *b, uint64_t va, int size, int write);
 
 #define RFLAGS_TF (1ULL << 8)
 #define RFLAGS_IF (1ULL << 9)

@@ -12,61 +12,15 @@
  *   - after it: the data hits and, if TF was set before it, BS make a #DB trap (rip
  *     past the instruction).
  * The #DB goes to the guest's trap table with the bits in its virtual DR6, as Xen's
- * pv_inject_DB does (bt_pv_debug_exception). I/O breakpoints are the PV model's own
- * (pv_emul.c): the guest's port I/O is always emulated.
+ * pv_inject_DB does (bt_pv_debug_exception). Which breakpoints an access or rip hits is
+ * the PV model's (pv_debug.c, which kvm uses too). I/O breakpoints are the PV model's
+ * own (pv_emul.c): the guest's port I/O is always emulated.
  */
 #include <string.h>
 
 #include "bt.h"
 
 #define DR6_BS      (1u << 14)
-#define DR7_RW_EXEC 0
-#define DR7_RW_IO   2
-
-static int dr7_enabled(uint64_t dr7, int i)
-{
-    return (dr7 >> (2 * i)) & 3;
-}
-
-static unsigned dr7_rw(uint64_t dr7, int i)
-{
-    return (dr7 >> (16 + 4 * i)) & 3;
-}
-
-/* LEN encodings 00, 01, 10, 11: 1, 2, 8, 4 bytes */
-static uint64_t dr7_len(uint64_t dr7, int i)
-{
-    static const uint8_t bytes[4] = { 1, 2, 8, 4 };
-    return bytes[(dr7 >> (18 + 4 * i)) & 3];
-}
-
-/* The enabled breakpoints of one kind: DR_EXEC (R/W 00) or data (01, 11). */
-static int armed(const struct pv_vcpu *p, int data)
-{
-    for (int i = 0; i < 4; i++) {
-        unsigned rw = dr7_rw(p->dr[7], i);
-        if (dr7_enabled(p->dr[7], i) && rw != DR7_RW_IO && (rw != DR7_RW_EXEC) == data)
-            return 1;
-    }
-    return 0;
-}
-
-uint32_t bt_debug_data_hits(struct bt_vcpu *b, uint64_t va, int size, int write)
-{
-    const struct pv_vcpu *p = &b->v->pv;
-    uint32_t hits = 0;
-
-    for (int i = 0; i < 4; i++) {
-        unsigned rw = dr7_rw(p->dr[7], i);
-        uint64_t len = dr7_len(p->dr[7], i), start = p->dr[i] & ~(len - 1);
-        if (!dr7_enabled(p->dr[7], i) || rw == DR7_RW_EXEC || rw == DR7_RW_IO ||
-            (rw == 1 && !write))
-            continue;
-        if (va < start + len && va + (uint64_t)size > start)
-            hits |= 1u << i;
-    }
-    return hits;
-}
 
 static void on_access(uc_engine *uc, int type, uint64_t va, int size, int64_t value, void *user)
 {
@@ -74,7 +28,7 @@ static void on_access(uc_engine *uc, int type, uint64_t va, int size, int64_t va
     (void)uc;
     (void)value;
     if (!b->tramp_active && !b->kernel_view)
-        b->db_hits |= bt_debug_data_hits(b, va, size, type == UC_MEM_WRITE);
+        b->db_hits |= pv_debug_data_hits(&b->v->pv, va, (uint64_t)size, type == UC_MEM_WRITE);
 }
 
 /* The access hook exists only while data breakpoints are armed: it sends every load
@@ -99,18 +53,17 @@ static void set_access_hook(struct bt_vcpu *b, int on)
 int bt_debug_stepping(struct bt_vcpu *b)
 {
     const struct pv_vcpu *p = &b->v->pv;
-    int data = armed(p, 1);
+    int data = pv_debug_armed(p, 1);
 
     set_access_hook(b, data);
-    return data || armed(p, 0) || b->db_shadow_armed ||
+    return data || pv_debug_armed(p, 0) || b->db_shadow_armed ||
            (bt_reg(b, UC_X86_REG_RFLAGS) & RFLAGS_TF);
 }
 
 int bt_debug_before(struct bt_vcpu *b, struct hv_stop *stop)
 {
-    const struct pv_vcpu *p = &b->v->pv;
     uint64_t rip = bt_reg(b, UC_X86_REG_RIP), rflags = bt_reg(b, UC_X86_REG_RFLAGS);
-    uint32_t hits = 0;
+    uint32_t hits;
 
     b->db_hits = 0;
     if (rflags & RFLAGS_RF) {
@@ -119,9 +72,7 @@ int bt_debug_before(struct bt_vcpu *b, struct hv_stop *stop)
         bt_set_reg(b, UC_X86_REG_RFLAGS, rflags & ~RFLAGS_RF);
         return 0;
     }
-    for (int i = 0; i < 4; i++)
-        if (dr7_enabled(p->dr[7], i) && dr7_rw(p->dr[7], i) == DR7_RW_EXEC && p->dr[i] == rip)
-            hits |= 1u << i;
+    hits = pv_debug_exec_hits(&b->v->pv, rip);
     if (!hits)
         return 0;
     return bt_pv_debug_exception(b, hits, stop) < 0 ? -1 : 1;
@@ -132,6 +83,10 @@ int bt_debug_after(struct bt_vcpu *b, uint64_t rip_before, int tf_before, struct
     uint32_t bits = b->db_hits;
 
     b->db_hits = 0;
+    if (b->syscall_pending && b->exception.vector == 1 && !b->exception.soft)
+        b->exception.vector = -1;       /* TCG's single-step trap after a `syscall`: in
+                                         * Xen it comes at its entry point, and do_debug
+                                         * drops it */
     if (b->exception.vector == 1 && !b->exception.soft && tf_before) {
         /* TCG's own single-step trap, which knows nothing of the guest's DR6: ours */
         b->exception.vector = -1;
@@ -148,8 +103,9 @@ int bt_debug_after(struct bt_vcpu *b, uint64_t rip_before, int tf_before, struct
         return 0;
     }
     if (b->stopped_at || b->retranslate_end || b->fatal ||
-        bt_reg(b, UC_X86_REG_RIP) == rip_before)
-        return 0;                       /* it did not run (yet) */
+        (bt_reg(b, UC_X86_REG_RIP) == rip_before && !bits))
+        return 0;                       /* it did not run (yet); an iteration of a rep
+                                         * string instruction that hit one did */
     if (tf_before)
         bits |= DR6_BS;
     if (b->db_shadow_armed) {

@@ -367,7 +367,7 @@ static int emulate_load_ss(struct bt_vcpu *b, struct pv_regs *r, const struct bt
     if (operand_address(r, &in, &va, &base, bt_code32(b)) == 0) {
         if (!canonical(va) || bt_read_virt(b, va, &sel, 2) < 0)
             return 0;
-        hits = bt_debug_data_hits(b, va, 2, 0);
+        hits = pv_debug_data_hits(&b->v->pv, va, 2, 0);
     } else {
         sel = (uint16_t)gpr(r, (in.modrm & 7) | (in.rex & 1) << 3);
     }
@@ -412,7 +412,7 @@ static int emulate_store_ss(struct bt_vcpu *b, struct pv_regs *r, const struct b
     if (operand_address(r, &in, &va, &base, bt_code32(b)) == 0) {
         if (!canonical(va) || hv_copy_to_guest(b->v, va, &sel, 2) < 0)
             return 0;
-        b->db_hits |= bt_debug_data_hits(b, va, 2, 1);
+        b->db_hits |= pv_debug_data_hits(&b->v->pv, va, 2, 1);
     } else {
         uint64_t *reg = &(&r->rax)[gpr_slot[(in.modrm & 7) | (in.rex & 1) << 3]];
         *reg = in.opsize == 2 ? (*reg & ~0xffffULL) | sel : sel;
@@ -577,8 +577,7 @@ int bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop)
     db = b->db_hits | ((old.rflags & RFLAGS_TF) ? DR6_BS : 0);
     b->db_hits = 0;
     if (db && s->kind != BT_LOAD_SS && b->v->pv.bounces == bounces) {
-        b->v->pv.dr[6] = (b->v->pv.dr[6] & ~0xfULL) | db;
-        if (pv_exception(b->v, &r, 1, 0, 0, stop) < 0)
+        if (pv_inject_db(b->v, &r, db, stop) < 0)
             return -1;
     }
     write_regs(b, &r, &old);
@@ -599,18 +598,15 @@ int bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop)
     return 0;
 }
 
-/* Xen's pv_inject_DB: B0-B3 are the CPU's for this #DB alone, BS and BD stay until the
- * guest clears them; the guest's handler reads the result with get_debugreg(6). */
+/* Xen's pv_inject_DB (pv_debug.c), with the events due on the way back. */
 int bt_pv_debug_exception(struct bt_vcpu *b, uint32_t dr6_bits, struct hv_stop *stop)
 {
-    struct pv_vcpu *p = &b->v->pv;
     struct pv_regs r, old;
 
     read_regs(b, &r);
     old = r;
-    p->dr[6] = (p->dr[6] & ~0xfULL) | dr6_bits;
     b->v->dom->counters.exits[HV_EXIT_EXCEPTION]++;
-    if (pv_exception(b->v, &r, 1, 0, 0, stop) < 0 || pv_deliver_events(b->v, &r, stop) < 0)
+    if (pv_inject_db(b->v, &r, dr6_bits, stop) < 0 || pv_deliver_events(b->v, &r, stop) < 0)
         return -1;
     write_regs(b, &r, &old);
     return 0;

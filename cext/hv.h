@@ -109,6 +109,10 @@ struct hv_engine_impl {
      * on hardware); 0: only the vCPU thread may write the guest's event words
      * (events.c, hv_events_flush). */
     int guest_atomics;
+    /* 1 if the CPU running a PV guest's ring 3 honours the guest's CR4.FSGSBASE
+     * (rdfsbase and co. #UD while it is clear); 0: the PV CPUID policy does not offer
+     * FSGSBASE, as Xen offers only what it can virtualize (pv_emul.c) */
+    int cr4_fsgsbase;
 };
 
 extern const struct hv_engine_impl hv_kvm_engine;

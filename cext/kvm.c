@@ -632,6 +632,12 @@ static int set_cpuid(struct hv_vcpu *v, char *err, int err_len)
     }
     if (v->dom->guest_type == HV_GUEST_PVH)
         pvh_cpuid(v, cpuid, nent);
+    if (v->dom->pv_model == HV_PV_XEN) {
+        /* a native cpuid tells what the PV policy does (pv_cpuid): no FSGSBASE */
+        for (uint32_t i = 0; i < cpuid->nent; i++)
+            if (cpuid->entries[i].function == 7 && cpuid->entries[i].index == 0)
+                cpuid->entries[i].ebx &= ~1u;
+    }
     if (ioctl(v->fd, KVM_SET_CPUID2, cpuid) < 0)
         hv_set_error(err, err_len, "KVM_SET_CPUID2: %s", strerror(errno));
     else
@@ -897,13 +903,23 @@ static int pv_compat_refused(struct hv_vcpu *v, const struct pv_regs *r, struct 
 /* Load them. On this KVM-PVM host ring-3 code runs natively under the host's own
  * CR4, so CR4.FSGSBASE there is the host's (rdfsbase works whatever the guest's CR4
  * says); trapless loads the bit anyway for hosts that honour it. */
-static int pv_load_sregs(struct hv_vcpu *v, const struct pv_regs *r, const struct pv_regs *old)
+static int pv_load_sregs(struct hv_vcpu *v, const struct pv_regs *r, const struct pv_regs *old,
+                         int in_stub)
 {
     struct kvm_sregs sregs;
     const struct pv_vcpu *p = &v->pv;
 
     if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
         return -1;
+    if (!in_stub && sregs.cs.dpl != 3) {
+        /* a `syscall` this host ran as the architecture says (with a non-canonical rsp,
+         * or under TF) loaded STAR's ring-0 selectors on the landing page: the guest
+         * goes back to ring 3 on Xen's flat ones */
+        flat_segment(&sregs.cs, (uint16_t)(r->cs | 3), 1);
+        sregs.cs.dpl = 3;
+        flat_segment(&sregs.ss, (uint16_t)(r->ss | 3), 0);
+        sregs.ss.dpl = 3;
+    }
     sregs.fs.base = r->fs_base;
     sregs.gs.base = r->gs_base;
     if (r->gs_sel != old->gs_sel) {
@@ -961,7 +977,8 @@ static int pv_regs_to_run(struct hv_vcpu *v, const struct pv_regs *r, int in_stu
     }
     v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
     /* a mode switch swapped the GS bases; or set_segment_base, a control register */
-    if (pv_sregs_changed(v, r, old) && pv_load_sregs(v, r, old) < 0)
+    if ((pv_sregs_changed(v, r, old) || (!in_stub && v->run->s.regs.sregs.cs.dpl != 3)) &&
+        pv_load_sregs(v, r, old, in_stub) < 0)
         return -1;
     return 0;
 }
@@ -1010,6 +1027,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         r.rflags = frame[2];
         r.rsp = frame[3];
         r.ss = frame[4];
+        pv_step_entry(v, &r, vector == 1);
         before = r;
         if (vector == 14 && (r.rip == PV_LANDING_VA || r.rip == PV_LANDING32_VA) &&
             run->s.regs.sregs.cr2 == r.rip) {
@@ -1020,15 +1038,20 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
             if (r.rip == PV_LANDING32_VA)
                 r.cs = FLAT_USER_CS32;
             rc = pv_syscall(v, &r, stop);
+        } else if (vector == 1 && v->pv.step.on) {
+            d->counters.exits[HV_EXIT_EXCEPTION]++;
+            rc = pv_step_trap(v, &r, stop);     /* trapless's single-step (pv_debug.c) */
         } else {
             d->counters.exits[HV_EXIT_EXCEPTION]++;
             if (vector == 1) {
-                /* what hit goes into the guest's virtual DR6, as Xen merges it */
+                /* the guest's own TF (or int1): what the CPU's DR6 says goes into the
+                 * guest's, as Xen's pv_inject_DB merges it (B0-B3 replaced) */
                 struct kvm_debugregs dbg;
-                if (ioctl(v->fd, KVM_GET_DEBUGREGS, &dbg) == 0)
-                    v->pv.dr[6] |= dbg.dr6 & 0xe00f;
+                uint32_t bits = ioctl(v->fd, KVM_GET_DEBUGREGS, &dbg) == 0 ? dbg.dr6 & 0xe00f : 0;
+                rc = pv_inject_db(v, &r, bits, stop);
+            } else {
+                rc = pv_exception(v, &r, vector, error, run->s.regs.sregs.cr2, stop);
             }
-            rc = pv_exception(v, &r, vector, error, run->s.regs.sregs.cr2, stop);
         }
     } else if ((rip >= PV_LANDING_VA && rip <= PV_LANDING_VA + 2) ||
                (rip >= PV_LANDING32_VA && rip <= PV_LANDING32_VA + 2)) {
@@ -1036,6 +1059,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
          * with FLAT_USER_CS32 whatever selector the CPU left */
         if (rip >= PV_LANDING32_VA)
             r.cs = FLAT_USER_CS32;
+        pv_step_entry(v, &r, 0);
         before = r;
         d->counters.exits[HV_EXIT_HYPERCALL]++;
         rc = pv_syscall(v, &r, stop);
@@ -1043,13 +1067,17 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         /* The I/O bitmap opens this port to ring 3 for the landing page; an `out` to
          * it from anywhere else is the #GP Xen would raise for a denied port. */
         r.rip = rip - 2;
+        pv_step_entry(v, &r, 0);
         before = r;
         d->counters.exits[HV_EXIT_EXCEPTION]++;
         rc = pv_exception(v, &r, 13, 0, 0, stop);
     }
-    /* Xen delivers pending events on every way back to the guest */
+    /* Xen delivers pending events on every way back to the guest; armed breakpoints
+     * make it a single step */
     if (rc == 0)
         rc = pv_deliver_events(v, &r, stop);
+    if (rc == 0)
+        rc = pv_step_resume(v, &r, stop);
     in_exit = 0;
     if (rc < 0 || pv_compat_refused(v, &r, stop) < 0) {
         pending_set_cr3 = pending_flush = 0;    /* this thread may run another domain */
@@ -1070,7 +1098,8 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     /* The landing page's `out` ran natively in ring 3: KVM sees the new rip and drops
      * the instruction's completion, so sync regs alone resume the guest. Anything that
      * needs KVM_SET_SREGS (a page-table switch, a flush) completes the `out` first. */
-    if (!frame && !pending_set_cr3 && !pending_flush && !pv_sregs_changed(v, &r, &first)) {
+    if (!frame && !pending_set_cr3 && !pending_flush && !pv_sregs_changed(v, &r, &first) &&
+        run->s.regs.sregs.cs.dpl == 3) {
         memcpy(&run->s.regs.regs, &r, 18 * sizeof(uint64_t));
         run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
         return 0;
@@ -1097,8 +1126,10 @@ static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
     if (!v->cr3_valid || !pv_upcall_due(v) || pv_in_area(v->run->s.regs.regs.rip))
         return 0;
     pv_regs_from_run(v, &r);
+    pv_step_entry(v, &r, 0);
     first = r;
-    if (pv_deliver_events(v, &r, stop) < 0 || pv_compat_refused(v, &r, stop) < 0)
+    if (pv_deliver_events(v, &r, stop) < 0 || pv_step_resume(v, &r, stop) < 0 ||
+        pv_compat_refused(v, &r, stop) < 0)
         return -1;
     if (pv_regs_to_run(v, &r, 0, &first) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot set the vCPU's registers: %s",
@@ -1360,6 +1391,8 @@ const struct hv_engine_impl hv_kvm_engine = {
     .set_boot_state = kvm_set_boot_state,
     .run = kvm_run_loop,
     .guest_atomics = 1,
+    /* KVM-PVM runs ring 3 natively under the host's own CR4, FSGSBASE set */
+    .cr4_fsgsbase = 0,
 };
 
 int hv_kvm_available(char *why, int why_len)

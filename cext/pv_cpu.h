@@ -94,6 +94,26 @@ struct pv_trap {
 
 #define PV_NR_CALLBACKS 8
 
+/* The single-step trapless takes while the guest's breakpoints are armed on a CPU that
+ * does not take them itself (pv_debug.c): the instruction the step runs, as decoded
+ * before it. */
+struct pv_step {
+    int      on;                        /* the CPU's RFLAGS.TF is trapless's */
+    int      guest_tf;                  /* ... and this the guest's own */
+    int      decoded;                   /* the fields below describe the step */
+    uint64_t rip;
+    uint8_t  len;
+    int      tf_before;                 /* the guest's TF as it starts: DR6.BS after */
+    uint32_t hits;                      /* B0-B3 its memory accesses hit */
+    int      pushes_flags;              /* pushf: the stored TF must be the guest's */
+    int      sets_tf;                   /* popf, iretq: TF after it is the guest's */
+    int      icebp;                     /* int1: its #DB is the guest's whatever it hit */
+    int      load_ss;                   /* mov to SS: the next instruction shares the step */
+    uint32_t next_hits;                 /* ... and its hits */
+    uint32_t shadow;                    /* DR6 bits a mov-SS shadow holds for one more step */
+    int      shadow_held;
+};
+
 struct pv_vcpu {
     int      user_mode;                 /* Xen's guest user mode; 0 = guest kernel mode */
     struct pv_trap traps[256];          /* the virtual IDT (set_trap_table) */
@@ -118,6 +138,7 @@ struct pv_vcpu {
     uint32_t iobmp_ports;
     uint64_t vm_assist;                 /* enabled VMASST_TYPE_ bits */
     int      hw_dirty;                  /* the engine must load cr0.TS, cr4 and the DRs */
+    struct pv_step step;                /* pv_debug.c, engines that step (kvm) */
     struct pv_regs *regs;               /* the registers of the exit being handled */
     int      iret_done;                 /* a multicall's iret has replaced them */
     uint64_t bounces, syscalls;         /* counters (tests, stats) */
@@ -222,6 +243,24 @@ int     pv_compat_code(struct hv_vcpu *v, uint64_t cs);
 int     pv_iopl_ok(struct hv_vcpu *v);
 /* ... and these ports (the IOPL or, for in/out, the guest's I/O bitmap)? */
 int     pv_ports_ok(struct hv_vcpu *v, unsigned port, unsigned bytes);
+
+/* ---- pv_debug.c: breakpoints as the CPU takes them, for engines whose CPU does not ---- */
+/* 1 if DR7 enables a data (data = 1) or instruction (data = 0) breakpoint. */
+int      pv_debug_armed(const struct pv_vcpu *p, int data);
+/* B0-B3 of the data breakpoints an access of size bytes at va hits. */
+uint32_t pv_debug_data_hits(const struct pv_vcpu *p, uint64_t va, uint64_t size, int write);
+/* B0-B3 of the instruction breakpoints at rip. */
+uint32_t pv_debug_exec_hits(const struct pv_vcpu *p, uint64_t rip);
+/* Xen's pv_inject_DB: the bits into the guest's DR6, then #DB through its trap table. */
+int      pv_inject_db(struct hv_vcpu *v, struct pv_regs *r, uint32_t dr6_bits, struct hv_stop *stop);
+/* Stepping with the CPU's TF (kvm). pv_step_entry: the guest left the CPU with r (a #DB
+ * if debug_trap): its rflags (and a syscall's r11) get the guest's own TF back.
+ * pv_step_trap: the step's #DB: deliver what the instruction hit, and BS. pv_step_resume:
+ * r is about to run: raise an instruction breakpoint at it, decode the step and set the
+ * CPU's TF in r->rflags while breakpoints are armed. 0, or -1 if the domain crashed. */
+void     pv_step_entry(struct hv_vcpu *v, struct pv_regs *r, int debug_trap);
+int      pv_step_trap(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
+int      pv_step_resume(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
 
 /* ---- pv_emul.c: instructions Xen emulates for a PV guest ---- */
 /* Xen's PV CPUID policy for leaf/subleaf: out = eax, ebx, ecx, edx. */

@@ -28,6 +28,8 @@ static const uint8_t forced_cpuid[7] = { 0x0f, 0x0b, 0x78, 0x65, 0x6e, 0x0f, 0xa
 #define LEAF1_ECX_HYPERVISOR (1u << 31)
 /* leaf 1 edx: ACPI thermal control, TM, PBE */
 #define LEAF1_EDX_HIDDEN ((1u << 22) | (1u << 29) | (1u << 31))
+/* leaf 7 ebx: FSGSBASE */
+#define LEAF7_EBX_FSGSBASE (1u << 0)
 
 void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
 {
@@ -42,6 +44,11 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
         out[2] = (out[2] & ~LEAF1_ECX_HIDDEN) | LEAF1_ECX_HYPERVISOR;
         out[3] &= ~LEAF1_EDX_HIDDEN;
     }
+    /* FSGSBASE only where the engine makes the instructions #UD while the guest's
+     * CR4.FSGSBASE is clear; without it pv_write_cr drops the CR4 bit, as Xen's
+     * pv_fixup_guest_cr4 drops a bit whose feature the policy lacks */
+    if (leaf == 7 && subleaf == 0 && !v->dom->engine->cr4_fsgsbase)
+        out[1] &= ~LEAF7_EBX_FSGSBASE;
 }
 
 /* Registers by their number in an instruction encoding, in struct pv_regs. */

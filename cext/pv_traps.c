@@ -26,6 +26,8 @@
 #define RFLAGS_VM   (1ULL << 17)
 #define RFLAGS_AC   (1ULL << 18)
 
+#define DR6_BS      (1u << 14)
+
 #define PF_P    (1u << 0)
 #define PF_W    (1u << 1)
 #define PF_U    (1u << 2)
@@ -154,20 +156,22 @@ int pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t erro
     const struct pv_trap *t = &p->traps[vector & 255];
     char name[16];
 
+    /* An instruction Xen emulates ends as the CPU would end it: with a #DB trap after
+     * it for the guest's TF (DR6.BS) and for the I/O breakpoints an in/out hit, both
+     * through pv_inject_DB, unless it went elsewhere (int n bounces, TF cleared). */
+    uint64_t bounces = p->bounces;
+    uint32_t step = (r->rflags & RFLAGS_TF) ? DR6_BS : 0;
     if (vector == 6) {
         int done = pv_emulate_ud(v, r, stop);
+        if (done < 0)
+            return -1;
         if (done)
-            return done < 0 ? -1 : 0;
+            return step && p->bounces == bounces ? pv_inject_db(v, r, step, stop) : 0;
     }
     if (vector == 13 && error == 0 && pv_emulate_gp(v, r)) {
-        /* an emulated in/out that hit an I/O breakpoint: Xen's pv_inject_DB, a trap
-         * after the instruction with the hits in the guest's DR6 */
-        uint32_t hits = p->io_db_hits;
+        uint32_t hits = p->io_db_hits | step;
         p->io_db_hits = 0;
-        if (!hits)
-            return 0;
-        p->dr[6] = (p->dr[6] & ~0xfULL) | hits;
-        return pv_exception(v, r, 1, 0, 0, stop);
+        return hits ? pv_inject_db(v, r, hits, stop) : 0;
     }
     if (vector == 13 && error == 0)
         error = pv_far_branch_error(v, r);

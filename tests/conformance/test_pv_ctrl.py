@@ -7,7 +7,7 @@ import pytest
 
 from abi import C
 
-from guest_kernel.asm import ecx, qword, rax, rcx, rdx
+from guest_kernel.asm import eax, ecx, qword, rax, rbx, rcx, rdx
 from guest_kernel.conformance import NON_CANONICAL, UNMAPPED, ConformanceGuest
 from guest_kernel.xen_pv import XenPVGuest
 
@@ -317,3 +317,40 @@ def test_privileged_instructions_as_xen_emulates_them(run_cases):
     assert run["cr2_roundtrip"] == 0x123000
     assert run["cr3_is_pt_base"] == 0
     assert run["gp_cr3_not_a_table"] == 5
+
+
+CR4_FSGSBASE = 1 << 16
+
+
+def host_has_fsgsbase() -> bool:
+    """CPUID.7.0:EBX bit 0 of the host, from /proc/cpuinfo."""
+    with open("/proc/cpuinfo") as f:
+        return any(line.startswith("flags") and " fsgsbase" in line for line in f)
+
+
+def test_fsgsbase_offered_only_where_the_engine_enforces_cr4(run_cases, engine):
+    """Xen's PV CPUID policy offers only what Xen can virtualize, and a CR4 bit whose
+    feature the policy lacks is dropped. bt makes rdfsbase & co. #UD while the guest's
+    CR4.FSGSBASE is clear, so it offers FSGSBASE where the host has it; kvm on a
+    KVM-PVM host runs ring 3 under the host's CR4, so it does not offer it, and a
+    guest's `mov %cr4` setting the bit leaves it clear."""
+    g = XenPVGuest("fsgsbase_policy")
+    a = g.a
+    a.mov(eax, 7)
+    a.xor(ecx, ecx)
+    a.db(0x0F, 0x0B, 0x78, 0x65, 0x6E)         # ud2; .ascii "xen": Xen's policy
+    a.cpuid()
+    a.mov(rax, rbx)
+    a.and_(rax, 1)
+    g.report("leaf7_fsgsbase")
+    a.db(0x0F, 0x20, 0xE0)                     # mov %cr4, %rax
+    a.mov(rcx, CR4_FSGSBASE)
+    a.or_(rax, rcx)
+    a.db(0x0F, 0x22, 0xE0)                     # mov %rax, %cr4
+    a.db(0x0F, 0x20, 0xE0)
+    a.and_(rax, rcx)
+    g.report("cr4_fsgsbase_after_set")
+    run = run_cases(g.finish())
+    offered = engine == "bt" and host_has_fsgsbase()
+    assert run["leaf7_fsgsbase"] == int(offered)
+    assert run["cr4_fsgsbase_after_set"] == (CR4_FSGSBASE if offered else 0)
