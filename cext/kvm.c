@@ -1193,7 +1193,7 @@ static int load_context(struct hv_vcpu *v, struct hv_stop *stop)
     old.gs_sel = ~0ULL;                 /* load every segment register the model keeps */
     memcpy(&v->run->s.regs.regs, &r, 18 * sizeof(uint64_t));
     v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
-    if (pv_load_sregs(v, &r, &old) < 0)
+    if (pv_load_sregs(v, &r, &old, 0) < 0)
         return hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot set vCPU %d's "
                             "segments: %s", v->id, strerror(errno)), -1;
     return 0;
