@@ -129,11 +129,8 @@ static int64_t set_context(struct hv_vcpu *t, const struct vcpu_guest_context *c
     p->gs_base_other = p->user_mode ? c->gs_base_kernel : c->gs_base_user;
     t->initialised = 1;
     /* Xen's VGCF_online: up at once */
-    if (c->flags & VGCF_online) {
-        rc = hv_vcpu_bring_up(t);
-        if (rc < 0)
-            return rc == -2 ? -XEN_EOPNOTSUPP : -XEN_EINVAL;
-    }
+    if ((c->flags & VGCF_online) && hv_vcpu_bring_up(t) < 0)
+        return -XEN_EINVAL;             /* the domain is ending */
     return 0;
 }
 
@@ -206,10 +203,7 @@ static int64_t vcpu_up(struct hv_vcpu *t)
     else if (!t->down)
         rc = 0;
     else
-    {
-        int up = hv_vcpu_bring_up(t);
-        rc = up == -2 ? -XEN_EOPNOTSUPP : up < 0 ? -XEN_EINVAL : 0;
-    }
+        rc = hv_vcpu_bring_up(t) < 0 ? -XEN_EINVAL : 0;     /* -1: the domain is ending */
     pthread_mutex_unlock(&t->dom->vcpu_lock);
     return rc;
 }
