@@ -561,12 +561,42 @@ static void on_code_marker(uc_engine *uc, int type, uint64_t gpa, int size, int6
 {
 }
 
+/* Several vCPUs: each Unicorn has its own translated code, which only its own stores
+ * invalidate. They run one at a time (the guest lock), so a store by one into a chunk
+ * another has code in marks that one's code stale, and it drops its translations
+ * before it runs again (tb_stale). The store is seen because its TLB fill is: when a
+ * vCPU first translates code from a chunk, the others flush their TLBs, so no writable
+ * entry for the chunk filled before survives in them. */
+static void others_note_written(struct bt_vcpu *b, uint64_t chunk)
+{
+    struct hv_domain *d = b->v->dom;
+    for (uint32_t i = 0; i < d->max_vcpus; i++) {
+        struct hv_vcpu *o = d->vcpus[i];
+        struct bt_vcpu *ob = o && o != b->v && o->engine_ready ? bt_of(o) : NULL;
+        if (ob && chunk_bit(ob->code_chunks, chunk))
+            ob->tb_stale = 1;
+    }
+}
+
+static void others_flush_tlb(struct bt_vcpu *b)
+{
+    struct hv_domain *d = b->v->dom;
+    for (uint32_t i = 0; i < d->max_vcpus; i++) {
+        struct hv_vcpu *o = d->vcpus[i];
+        if (o && o != b->v && o->engine_ready)
+            __atomic_store_n(&o->flush_wanted, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
 /* The TLB fill gave a writable entry without execute for guest-physical gpa. */
 static void note_written(struct bt_vcpu *b, uint64_t gpa)
 {
     uint64_t chunk = gpa / BT_CODE_CHUNK;
-    if (chunk / 8 < b->chunk_map_bytes)
+    if (chunk / 8 < b->chunk_map_bytes) {
         b->written_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
+        if (b->v->dom->max_vcpus > 1)
+            others_note_written(b, chunk);
+    }
 }
 
 /* A block was translated from guest-virtual va (just fetched from). */
@@ -588,6 +618,8 @@ static void note_code(struct bt_vcpu *b, uint64_t va)
         return;
     }
     b->code_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
+    if (b->v->dom->max_vcpus > 1)
+        others_flush_tlb(b);
     if (chunk_bit(b->written_chunks, chunk)) {
         bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
         memset(b->written_chunks, 0, b->chunk_map_bytes);
@@ -1559,6 +1591,10 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
         if (hv_guest_lock_yield(d))
             b->slice_blocks = 0;
         b->slice_over = 0;
+        if (b->tb_stale) {              /* another vCPU stored into our code */
+            b->tb_stale = 0;
+            bt_uc.ctl(b->uc, UC_CTL_TB_FLUSH_W);
+        }
         if (v->context_pending && bt_pv_load_context(b, stop) < 0)
             return stop->reason;
         rip = bt_reg(b, UC_X86_REG_RIP);

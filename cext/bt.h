@@ -268,6 +268,7 @@ struct bt_vcpu {
      * with another vCPU waiting, the block hook ends the slice (slice_over) */
     uint32_t slice_blocks;
     int slice_over;
+    int tb_stale;                   /* another vCPU stored into code translated here */
     struct hv_stop fatal_stop;
 
     /* the last guest-virtual access the TLB fill refused, for #PF/#GP */

@@ -254,7 +254,9 @@ struct hv_vcpu {
     /* another vCPU changed page tables or types: flush before entering the guest */
     int flush_wanted;
     int in_guest;                   /* inside KVM_RUN or Unicorn now (flush_wanted's ack) */
-    int context_pending;            /* VCPUOP_up: load init_regs before its first entry */       /* sched_state became HV_SCHED_DONE */
+    int context_pending;            /* VCPUOP_up: load init_regs before its first entry */
+    int engine_ready;               /* the engine's part exists (ops set): vCPU 0 from
+                                     * creation, another from VCPUOP_initialise */       /* sched_state became HV_SCHED_DONE */
 
     /* Xen's life of a vCPU (vcpu_op.c), under the domain's vcpu_lock: the builder
      * initialises vCPU 0 and starts it; the others exist down and uninitialised until
@@ -388,6 +390,8 @@ int  hv_vcpu_before_entry(struct hv_vcpu *v, int (*flush)(struct hv_vcpu *v));
 /* The vCPU's thread changed page tables or frame types: every other running vCPU of
  * the domain drops its cached translations before this returns (Xen's flush_tlb_mask). */
 int  hv_vcpu_flush_others(struct hv_vcpu *v);
+/* Create the engine's part of the vCPU if it has none yet: 0, or -1 with err filled. */
+int  hv_vcpu_engine_ready(struct hv_vcpu *v, char *err, int err_len);
 /* The domain's guest lock (engines without guest_atomics): held around every slice of
  * guest code and what the vCPU does between slices; recursive on one thread. */
 void hv_guest_lock(struct hv_domain *d);

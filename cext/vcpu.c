@@ -76,7 +76,12 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
     }
     /* Visible to the services before the engine part runs: the PV clock needs it. */
     d->vcpus[id] = v;
-    if (d->engine->vcpu_create(v, err, err_len) < 0) {
+    /* vCPU 0 runs from the start; another needs its engine part (a KVM vCPU, or a
+     * whole Unicorn instance of some megabytes) only once VCPUOP_initialise gives it
+     * a context to run (hv_vcpu_engine_ready) */
+    if (id > 0)
+        return v;
+    if (hv_vcpu_engine_ready(v, err, err_len) < 0) {
         d->vcpus[id] = NULL;
         hv_lapic_destroy(v);
         pthread_mutex_destroy(&v->kick_lock);
@@ -87,6 +92,16 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
         return NULL;
     }
     return v;
+}
+
+int hv_vcpu_engine_ready(struct hv_vcpu *v, char *err, int err_len)
+{
+    if (v->engine_ready)
+        return 0;
+    if (v->dom->engine->vcpu_create(v, err, err_len) < 0)
+        return -1;
+    v->engine_ready = 1;
+    return 0;
 }
 
 /* Stops the vCPU if it was started and waits until no worker touches it. */
@@ -101,7 +116,8 @@ void hv_vcpu_destroy(struct hv_vcpu *v)
             pthread_cond_wait(&v->done_cond, &v->wait_lock);
     }
     pthread_mutex_unlock(&v->wait_lock);
-    v->dom->engine->vcpu_destroy(v);
+    if (v->engine_ready)
+        v->dom->engine->vcpu_destroy(v);
     v->dom->vcpus[v->id] = NULL;
     hv_lapic_destroy(v);
     pthread_mutex_destroy(&v->kick_lock);
@@ -565,8 +581,8 @@ int hv_vcpu_flush_others(struct hv_vcpu *v)
 
     for (uint32_t i = 0; i < d->max_vcpus; i++) {
         struct hv_vcpu *t = d->vcpus[i];
-        if (!t || t == v)
-            continue;
+        if (!t || t == v || !t->engine_ready)
+            continue;                   /* no engine part: nothing cached */
         __atomic_store_n(&t->flush_wanted, 1, __ATOMIC_SEQ_CST);
         if (!__atomic_load_n(&t->in_guest, __ATOMIC_SEQ_CST))
             continue;                   /* it flushes before it enters again */

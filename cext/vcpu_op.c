@@ -175,6 +175,7 @@ static int64_t vcpu_initialise(struct hv_vcpu *v, struct hv_vcpu *t, uint64_t ar
 {
     struct hv_domain *d = v->dom;
     struct vcpu_guest_context *c;
+    char why[128];
     int64_t rc;
 
     if (d->guest_type != HV_GUEST_PV || d->pv_model != HV_PV_XEN)
@@ -187,7 +188,12 @@ static int64_t vcpu_initialise(struct hv_vcpu *v, struct hv_vcpu *t, uint64_t ar
         return -XEN_EFAULT;
     }
     pthread_mutex_lock(&d->vcpu_lock);
-    rc = t->initialised ? -XEN_EEXIST : set_context(t, c);
+    if (t->initialised)
+        rc = -XEN_EEXIST;
+    else if (hv_vcpu_engine_ready(t, why, sizeof(why)) < 0)
+        rc = -XEN_ENOMEM;               /* no host memory (or KVM vCPU) for it */
+    else
+        rc = set_context(t, c);
     pthread_mutex_unlock(&d->vcpu_lock);
     free(c);
     return rc;

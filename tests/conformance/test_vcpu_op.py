@@ -223,3 +223,61 @@ def test_two_vcpus_exchange_ipis_and_vcpu_1_takes_itself_down(run_cases, engine)
         "result v0_is_up_1_after_down 0", "result v0_send_to_1 0", "result v0_is_up_0 1",
     ], run.console
     assert (run.stop.kind, run.stop.reason) == ("shutdown", C.SHUTDOWN_poweroff)
+
+
+def test_code_one_vcpu_patches_runs_patched_on_the_other(run_cases):
+    """vCPU 1 runs a function (mov eax, 1; ret); vCPU 0 then stores 2 into its
+    immediate, and vCPU 1's next call returns 2: a store by one vCPU reaches the code
+    the other runs (on bt each vCPU has its own translated code). Both wait by spinning
+    on memory, so on bt each must hand the CPU to the other in turn."""
+    g = ConformanceGuest("vcpu_op smc")
+    a = g.a
+    regs = offsetof(CTX, "user_regs")
+    context(g, "ap_context", kernel_ss=C.FLAT_KERNEL_SS)
+    a.section(".bss")
+    for name in ("stage", "ap_first", "ap_second"):
+        a.label(name)
+        a.reserve(8)
+    a.align(16)
+    a.reserve(4096)
+    a.label("ap_stack_top")
+    a.section(".text")
+    a.lea(rax, qword[rip + "ap_entry"])
+    a.mov(qword[rip + "ap_context" + regs + offsetof("xen_user_regs", "rip")], rax)
+    a.lea(rax, qword[rip + "ap_stack_top"])
+    a.mov(qword[rip + "ap_context" + regs + offsetof("xen_user_regs", "rsp")], rax)
+    a.mov(qword[rip + "ap_context" + offsetof(CTX, "kernel_sp")], rax)
+    g.hypercall("vcpu_op", C.VCPUOP_initialise, 1, "ap_context")
+    g.hypercall("vcpu_op", C.VCPUOP_up, 1, 0)
+    a.label("v0_wait_first")
+    a.cmp(qword[rip + "stage"], 1)
+    a.jne("v0_wait_first")
+    a.mov(dword[rip + "patchme" + 1], 2)                # mov eax, imm32: the immediate
+    a.mov(qword[rip + "stage"], 2)
+    a.label("v0_wait_down")
+    g.hypercall("vcpu_op", C.VCPUOP_is_up, 1, 0)
+    a.test(rax, rax)
+    a.jne("v0_wait_down")
+    a.mov(rax, qword[rip + "ap_first"])
+    g.report("ap_first")
+    a.mov(rax, qword[rip + "ap_second"])
+    g.report("ap_second")
+
+    def ap(g):
+        a.label("patchme")
+        a.mov(eax, 1)
+        a.ret()
+        a.label("ap_entry")
+        a.call("patchme")
+        a.mov(qword[rip + "ap_first"], rax)
+        a.mov(qword[rip + "stage"], 1)
+        a.label("ap_wait_patch")
+        a.cmp(qword[rip + "stage"], 2)
+        a.jne("ap_wait_patch")
+        a.call("patchme")
+        a.mov(qword[rip + "ap_second"], rax)
+        g.hypercall("vcpu_op", C.VCPUOP_down, 1, 0)
+        a.ud2()
+    g._emit_later = (*g._emit_later, ap)
+    run = run_cases(g.finish(), vcpus=2)
+    assert (run["ap_first"], run["ap_second"]) == (1, 2), run.console
