@@ -134,13 +134,25 @@ static void ask_stop(struct bt_vcpu *b)
     __atomic_store_n(&b->stop_asked, 1, __ATOMIC_RELEASE);
 }
 
+/* Blocks a vCPU runs before it lets another vCPU of its domain that waits for the guest
+ * lock have its turn (vcpu.c): some milliseconds of guest code. */
+#define BT_SLICE_BLOCKS 20000
+
 static void on_block(uc_engine *uc, uint64_t address, uint32_t size, void *user)
 {
     struct bt_vcpu *b = user;
     /* the VMM's own ring-change code (bt_cpu.c) runs to its end: the kick waits */
-    if (!b->tramp_active && __atomic_load_n(&b->stop_asked, __ATOMIC_ACQUIRE)) {
+    if (b->tramp_active)
+        return;
+    if (__atomic_load_n(&b->stop_asked, __ATOMIC_ACQUIRE)) {
         __atomic_store_n(&b->stop_asked, 0, __ATOMIC_RELAXED);
         bt_uc.emu_stop(uc);
+    } else if (++b->slice_blocks >= BT_SLICE_BLOCKS) {
+        b->slice_blocks = 0;
+        if (__atomic_load_n(&b->v->dom->guest_waiters, __ATOMIC_RELAXED)) {
+            b->slice_over = 1;
+            bt_uc.emu_stop(uc);
+        }
     }
 }
 
@@ -577,12 +589,42 @@ static void on_code_marker(uc_engine *uc, int type, uint64_t gpa, int size, int6
 {
 }
 
+/* Several vCPUs: each Unicorn has its own translated code, which only its own stores
+ * invalidate. They run one at a time (the guest lock), so a store by one into a chunk
+ * another has code in marks that one's code stale, and it drops its translations
+ * before it runs again (tb_stale). The store is seen because its TLB fill is: when a
+ * vCPU first translates code from a chunk, the others flush their TLBs, so no writable
+ * entry for the chunk filled before survives in them. */
+static void others_note_written(struct bt_vcpu *b, uint64_t chunk)
+{
+    struct hv_domain *d = b->v->dom;
+    for (uint32_t i = 0; i < d->max_vcpus; i++) {
+        struct hv_vcpu *o = d->vcpus[i];
+        struct bt_vcpu *ob = o && o != b->v && o->engine_ready ? bt_of(o) : NULL;
+        if (ob && chunk_bit(ob->code_chunks, chunk))
+            ob->tb_stale = 1;
+    }
+}
+
+static void others_flush_tlb(struct bt_vcpu *b)
+{
+    struct hv_domain *d = b->v->dom;
+    for (uint32_t i = 0; i < d->max_vcpus; i++) {
+        struct hv_vcpu *o = d->vcpus[i];
+        if (o && o != b->v && o->engine_ready)
+            __atomic_store_n(&o->flush_wanted, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
 /* The TLB fill gave a writable entry without execute for guest-physical gpa. */
 static void note_written(struct bt_vcpu *b, uint64_t gpa)
 {
     uint64_t chunk = gpa / BT_CODE_CHUNK;
-    if (chunk / 8 < b->chunk_map_bytes)
+    if (chunk / 8 < b->chunk_map_bytes) {
         b->written_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
+        if (b->v->dom->max_vcpus > 1)
+            others_note_written(b, chunk);
+    }
 }
 
 /* A block was translated from guest-virtual va (just fetched from). */
@@ -604,6 +646,8 @@ static void note_code(struct bt_vcpu *b, uint64_t va)
         return;
     }
     b->code_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
+    if (b->v->dom->max_vcpus > 1)
+        others_flush_tlb(b);
     if (chunk_bit(b->written_chunks, chunk)) {
         bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
         memset(b->written_chunks, 0, b->chunk_map_bytes);
@@ -1560,7 +1604,10 @@ static int deliver_interrupt(struct bt_vcpu *b, struct hv_stop *stop)
     return 0;
 }
 
-static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
+static int bt_flush_before_entry(struct hv_vcpu *v);
+
+/* Caller holds the domain's guest lock. */
+static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
 {
     struct bt_vcpu *b = bt_of(v);
     struct hv_domain *d = v->dom;
@@ -1568,9 +1615,21 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
     uint64_t last_unexplained = ~0ULL;
 
     for (;;) {
-        uint64_t rip = bt_reg(b, UC_X86_REG_RIP);
-        int kicked, stepping, tf_before = 0;
+        uint64_t rip;
+        int kicked, stepping, tf_before = 0, entry;
         uc_err e;
+
+        /* another vCPU of the domain waits: its turn first */
+        if (hv_guest_lock_yield(d))
+            b->slice_blocks = 0;
+        b->slice_over = 0;
+        if (b->tb_stale) {              /* another vCPU stored into our code */
+            b->tb_stale = 0;
+            bt_uc.ctl(b->uc, UC_CTL_TB_FLUSH_W);
+        }
+        if (v->context_pending && bt_pv_load_context(b, stop) < 0)
+            return stop->reason;
+        rip = bt_reg(b, UC_X86_REG_RIP);
 
         if (b->fatal) {
             *stop = b->fatal_stop;
@@ -1631,6 +1690,11 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
             tf_before = (bt_reg(b, UC_X86_REG_RFLAGS) & RFLAGS_TF) != 0;
         }
 
+        entry = hv_vcpu_before_entry(v, bt_flush_before_entry);
+        if (entry > 0)
+            return HV_STOP_PARKED;
+        if (entry < 0)
+            return hv_stop_with(stop, HV_STOP_ERROR, 0, rip, "cannot flush the vCPU's TLB");
         /* A kick that came while we were outside the emulator is counted here, as
          * KVM counts the KVM_RUN it cuts short (immediate_exit). */
         pthread_mutex_lock(&b->kick_lock);
@@ -1643,6 +1707,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         }
         pthread_mutex_unlock(&b->kick_lock);
         if (kicked) {
+            __atomic_store_n(&v->in_guest, 0, __ATOMIC_SEQ_CST);
             c->exits[HV_EXIT_INTR]++;
             continue;           /* something changed since the checks above */
         }
@@ -1654,6 +1719,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         b->in_emu = 0;
         kicked = b->kick_pending;   /* left set: counted on the way back in */
         pthread_mutex_unlock(&b->kick_lock);
+        __atomic_store_n(&v->in_guest, 0, __ATOMIC_SEQ_CST);
 
         switch (e) {
         case UC_ERR_OK:
@@ -1679,7 +1745,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         /* A stop nobody asked for: TCG ran a hlt we had no hook on yet, or QEMU's own
          * exception latch turned a fault into a silent halt. */
         if (!b->stopped_at && b->exception.vector < 0 && !b->fatal && !b->retranslate_end &&
-            !b->syscall_pending && !b->pvh_syscall_pending &&
+            !b->syscall_pending && !b->pvh_syscall_pending && !b->slice_over &&
             !kicked && !__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE) &&
             !__atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) &&
             !__atomic_load_n(&v->paused, __ATOMIC_ACQUIRE) && !deliverable(b)) {
@@ -1701,6 +1767,22 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
             last_unexplained = ~0ULL;
         }
     }
+}
+
+/* Another vCPU changed page tables or types (hv_vcpu_flush_others). */
+static int bt_flush_before_entry(struct hv_vcpu *v)
+{
+    return bt_flush_tlb(v);
+}
+
+/* One vCPU of a domain runs guest code at a time (the guest lock, vcpu.c). */
+static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    int rc;
+    hv_guest_lock(v->dom);
+    rc = bt_run_locked(v, stop);
+    hv_guest_unlock(v->dom);
+    return rc;
 }
 
 const struct hv_engine_impl hv_bt_engine = {

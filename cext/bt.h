@@ -272,6 +272,11 @@ struct bt_vcpu {
     int syscall_pending;            /* Xen's PV model: the guest ran `syscall` (1) or
                                      * `sysenter` (2) (bt_pv.c) */
     int fatal;                      /* stop the domain with fatal_stop */
+    /* blocks run since this vCPU took the domain's guest lock; past BT_SLICE_BLOCKS
+     * with another vCPU waiting, the block hook ends the slice (slice_over) */
+    uint32_t slice_blocks;
+    int slice_over;
+    int tb_stale;                   /* another vCPU stored into code translated here */
     struct hv_stop fatal_stop;
 
     /* the last guest-virtual access the TLB fill refused, for #PF/#GP */
@@ -347,6 +352,7 @@ int  bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc);
 void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
 
 /* bt_pv.c: Xen's PV CPU model on this engine. Each returns 0, or -1 with stop filled. */
+int  bt_pv_load_context(struct bt_vcpu *b, struct hv_stop *stop);
 int  bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len);
 void bt_pv_on_syscall(uc_engine *uc, void *user);
 void bt_pv_on_sysenter(uc_engine *uc, void *user);

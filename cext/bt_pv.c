@@ -120,6 +120,22 @@ int bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int
     return 0;
 }
 
+/* VCPUOP_up: the context VCPUOP_initialise gave the vCPU, before its first entry. */
+int bt_pv_load_context(struct bt_vcpu *b, struct hv_stop *stop)
+{
+    struct pv_regs r, old;
+    char err[128];
+
+    if (hv_vcpu_load_context(b->v, &r, err, sizeof(err)) < 0) {
+        hv_stop_with(stop, HV_STOP_ERROR, 0, b->v->init_regs.rip, "%s", err);
+        return -1;
+    }
+    read_regs(b, &old);
+    old.gs_sel = ~0ULL;                 /* load %gs and its base whatever they hold */
+    write_regs(b, &r, &old);
+    return 0;
+}
+
 /* The syscall hook: Unicorn runs no syscall of its own while it is there. The block
  * ends at a syscall, so the stop lands right after it. */
 void bt_pv_on_syscall(uc_engine *uc, void *user)

@@ -141,6 +141,8 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
         pthread_mutex_init(&d->mm_lock, &recursive);
         pthread_mutexattr_destroy(&recursive);
     }
+    pthread_mutex_init(&d->guest_mutex, NULL);
+    pthread_cond_init(&d->guest_cond, NULL);
     memcpy(d->handle, cfg->handle, sizeof(d->handle));
     pthread_mutex_init(&d->console_lock, NULL);
 
@@ -217,6 +219,8 @@ void hv_domain_destroy(struct hv_domain *d)
     pthread_mutex_destroy(&d->console_lock);
     pthread_mutex_destroy(&d->vcpu_lock);
     pthread_mutex_destroy(&d->mm_lock);
+    pthread_mutex_destroy(&d->guest_mutex);
+    pthread_cond_destroy(&d->guest_cond);
     free(d);
 }
 

@@ -205,8 +205,9 @@ static void raise_port(struct hv_domain *d, struct hv_vcpu *v, uint32_t port)
  * the guest's event words: other threads leave the port in a host-side set and kick
  * it, and the vCPU applies the set before it runs the guest again or sleeps
  * (hv_events_flush). The event words (shared_info's bitmaps, every vcpu_info) are the
- * whole domain's, so the vCPU that writes them is the one that runs guest code: vCPU 0,
- * the only one that runs (vcpu_op.c), also for ports bound to another vCPU. */
+ * whole domain's, so whichever vCPU thread holds the domain's guest lock (vcpu.c), when
+ * no vCPU of it runs guest code, writes them, for ports bound to any vCPU; other threads
+ * defer to vCPU 0, which a deferred event wakes even when it is down or blocked. */
 static struct hv_vcpu *event_writer(struct hv_domain *d)
 {
     return d->vcpus[0];
@@ -214,7 +215,7 @@ static struct hv_vcpu *event_writer(struct hv_domain *d)
 
 static int must_defer(struct hv_domain *d, struct hv_vcpu *writer)
 {
-    return writer && !d->engine->guest_atomics && !pthread_equal(writer->thread, pthread_self());
+    return writer && !d->engine->guest_atomics && !hv_guest_lock_held(d);
 }
 
 static struct hv_vcpu *port_vcpu(struct hv_domain *d, uint32_t port)
@@ -244,6 +245,8 @@ void hv_events_flush(struct hv_vcpu *v)
 
     if (!__atomic_exchange_n(&v->deferred_events, 0, __ATOMIC_SEQ_CST))
         return;
+    if (!d->engine->guest_atomics)
+        hv_guest_lock(d);               /* no vCPU of the domain runs guest code now */
     pthread_mutex_lock(&d->ev_lock);
     for (uint32_t w = 0; w < (d->max_ports + BITS - 1) / BITS; w++) {
         uint64_t bits = d->deferred[w];
@@ -255,6 +258,8 @@ void hv_events_flush(struct hv_vcpu *v)
         }
     }
     pthread_mutex_unlock(&d->ev_lock);
+    if (!d->engine->guest_atomics)
+        hv_guest_unlock(d);
 }
 
 int hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq)

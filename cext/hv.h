@@ -209,6 +209,13 @@ struct hv_domain {
     /* page tables, frame types and descriptor tables change under this (recursive)
      * lock, one vCPU at a time, as Xen serialises much of it per domain */
     pthread_mutex_t mm_lock;
+    /* engines without guest_atomics (bt): the guest lock, which the vCPU running guest
+     * code or touching guest state holds, so that one vCPU of the domain runs at a
+     * time (vcpu.c, hv_guest_lock); a fair ticket lock, handed over in turn */
+    pthread_mutex_t guest_mutex;
+    pthread_cond_t guest_cond;
+    uint64_t guest_next, guest_serving;
+    int guest_waiters;              /* threads waiting for it: the holder should yield */
 };
 
 #define HV_NO_PAGE (~0ULL)
@@ -258,7 +265,9 @@ struct hv_vcpu {
     /* another vCPU changed page tables or types: flush before entering the guest */
     int flush_wanted;
     int in_guest;                   /* inside KVM_RUN or Unicorn now (flush_wanted's ack) */
-    int context_pending;            /* VCPUOP_up: load init_regs before its first entry */       /* sched_state became HV_SCHED_DONE */
+    int context_pending;            /* VCPUOP_up: load init_regs before its first entry */
+    int engine_ready;               /* the engine's part exists (ops set): vCPU 0 from
+                                     * creation, another from VCPUOP_initialise */       /* sched_state became HV_SCHED_DONE */
 
     /* Xen's life of a vCPU (vcpu_op.c), under the domain's vcpu_lock: the builder
      * initialises vCPU 0 and starts it; the others exist down and uninitialised until
@@ -398,8 +407,16 @@ int  hv_vcpu_before_entry(struct hv_vcpu *v, int (*flush)(struct hv_vcpu *v));
 /* The vCPU's thread changed page tables or frame types: every other running vCPU of
  * the domain drops its cached translations before this returns (Xen's flush_tlb_mask). */
 int  hv_vcpu_flush_others(struct hv_vcpu *v);
-/* VCPUOP_up of vCPU t (vcpu_op.c): its first run (0), -1 if the domain is ending, -2
- * if the engine cannot run a second vCPU (bt, for now: -EOPNOTSUPP). */
+/* Create the engine's part of the vCPU if it has none yet: 0, or -1 with err filled. */
+int  hv_vcpu_engine_ready(struct hv_vcpu *v, char *err, int err_len);
+/* The domain's guest lock (engines without guest_atomics): held around every slice of
+ * guest code and what the vCPU does between slices; recursive on one thread. */
+void hv_guest_lock(struct hv_domain *d);
+void hv_guest_unlock(struct hv_domain *d);
+int  hv_guest_lock_held(struct hv_domain *d);   /* by this thread */
+/* The holder lets a waiting vCPU of the domain have its turn (0 if none waits). */
+int  hv_guest_lock_yield(struct hv_domain *d);
+/* VCPUOP_up of vCPU t (vcpu_op.c): its first run (0), or -1 if the domain is ending. */
 int  hv_vcpu_bring_up(struct hv_vcpu *t);
 /* Something it may wait for happened: wake it if parked, kick it if it runs. */
 void hv_vcpu_notify(struct hv_vcpu *v);

@@ -76,7 +76,12 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
     }
     /* Visible to the services before the engine part runs: the PV clock needs it. */
     d->vcpus[id] = v;
-    if (d->engine->vcpu_create(v, err, err_len) < 0) {
+    /* vCPU 0 runs from the start; another needs its engine part (a KVM vCPU, or a
+     * whole Unicorn instance of some megabytes) only once VCPUOP_initialise gives it
+     * a context to run (hv_vcpu_engine_ready) */
+    if (id > 0)
+        return v;
+    if (hv_vcpu_engine_ready(v, err, err_len) < 0) {
         d->vcpus[id] = NULL;
         hv_lapic_destroy(v);
         pthread_mutex_destroy(&v->kick_lock);
@@ -87,6 +92,16 @@ struct hv_vcpu *hv_vcpu_create(struct hv_domain *d, int id, char *err, int err_l
         return NULL;
     }
     return v;
+}
+
+int hv_vcpu_engine_ready(struct hv_vcpu *v, char *err, int err_len)
+{
+    if (v->engine_ready)
+        return 0;
+    if (v->dom->engine->vcpu_create(v, err, err_len) < 0)
+        return -1;
+    v->engine_ready = 1;
+    return 0;
 }
 
 /* Stops the vCPU if it was started and waits until no worker touches it. */
@@ -101,7 +116,8 @@ void hv_vcpu_destroy(struct hv_vcpu *v)
             pthread_cond_wait(&v->done_cond, &v->wait_lock);
     }
     pthread_mutex_unlock(&v->wait_lock);
-    v->dom->engine->vcpu_destroy(v);
+    if (v->engine_ready)
+        v->dom->engine->vcpu_destroy(v);
     v->dom->vcpus[v->id] = NULL;
     hv_lapic_destroy(v);
     pthread_mutex_destroy(&v->kick_lock);
@@ -460,11 +476,6 @@ int hv_vcpu_start(struct hv_vcpu *v)
  * down goes on where it stopped, as in Xen; one that never ran loads its context first. */
 int hv_vcpu_bring_up(struct hv_vcpu *t)
 {
-    /* An engine whose guest atomics are not atomic across host threads (bt: TCG runs
-     * locked instructions as plain ones) cannot run two vCPUs of a domain at once
-     * until it serialises them; it does not load a VCPUOP_initialise context yet. */
-    if (!t->dom->engine->guest_atomics)
-        return -2;
     if (t->sched_state == HV_SCHED_NEW) {
         t->context_pending = 1;
         t->down = 0;
@@ -477,6 +488,65 @@ int hv_vcpu_bring_up(struct hv_vcpu *t)
     t->down = 0;
     hv_vcpu_notify(t);
     return 0;
+}
+
+/* ---- the guest lock ----
+ *
+ * On an engine whose locked instructions are not atomic against another host thread
+ * (bt), two vCPUs of a domain running guest code at once would lose each other's
+ * updates of a spinlock or an event word. So one runs at a time, as QEMU's
+ * single-threaded TCG runs its vCPUs in turn: the engine holds the domain's guest lock
+ * while it runs guest code and while it handles what the guest did, and hands it over
+ * when another vCPU waits (the engine's slice check) or when it parks. Tickets make the
+ * hand-over fair: the releasing vCPU queues behind the one that waited. A thread holds
+ * at most one domain's guest lock (only that domain's vCPU threads take it). */
+static __thread struct hv_domain *guest_lock_dom;
+static __thread int guest_lock_depth;
+
+void hv_guest_lock(struct hv_domain *d)
+{
+    uint64_t ticket;
+    if (guest_lock_dom == d) {
+        guest_lock_depth++;
+        return;
+    }
+    pthread_mutex_lock(&d->guest_mutex);
+    ticket = d->guest_next++;
+    __atomic_add_fetch(&d->guest_waiters, 1, __ATOMIC_SEQ_CST);
+    while (ticket != d->guest_serving)
+        pthread_cond_wait(&d->guest_cond, &d->guest_mutex);
+    __atomic_sub_fetch(&d->guest_waiters, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&d->guest_mutex);
+    guest_lock_dom = d;
+    guest_lock_depth = 1;
+}
+
+void hv_guest_unlock(struct hv_domain *d)
+{
+    if (--guest_lock_depth > 0)
+        return;
+    guest_lock_dom = NULL;
+    pthread_mutex_lock(&d->guest_mutex);
+    d->guest_serving++;
+    pthread_cond_broadcast(&d->guest_cond);
+    pthread_mutex_unlock(&d->guest_mutex);
+}
+
+int hv_guest_lock_held(struct hv_domain *d)
+{
+    return guest_lock_dom == d;
+}
+
+int hv_guest_lock_yield(struct hv_domain *d)
+{
+    int depth = guest_lock_depth;
+    if (!__atomic_load_n(&d->guest_waiters, __ATOMIC_SEQ_CST))
+        return 0;
+    guest_lock_depth = 1;
+    hv_guest_unlock(d);
+    hv_guest_lock(d);
+    guest_lock_depth = depth;
+    return 1;
 }
 
 /* The domain's end: what the first vCPU to stop said, once every vCPU has stopped. */
@@ -511,8 +581,8 @@ int hv_vcpu_flush_others(struct hv_vcpu *v)
 
     for (uint32_t i = 0; i < d->max_vcpus; i++) {
         struct hv_vcpu *t = d->vcpus[i];
-        if (!t || t == v)
-            continue;
+        if (!t || t == v || !t->engine_ready)
+            continue;                   /* no engine part: nothing cached */
         __atomic_store_n(&t->flush_wanted, 1, __ATOMIC_SEQ_CST);
         if (!__atomic_load_n(&t->in_guest, __ATOMIC_SEQ_CST))
             continue;                   /* it flushes before it enters again */

@@ -129,11 +129,8 @@ static int64_t set_context(struct hv_vcpu *t, const struct vcpu_guest_context *c
     p->gs_base_other = p->user_mode ? c->gs_base_kernel : c->gs_base_user;
     t->initialised = 1;
     /* Xen's VGCF_online: up at once */
-    if (c->flags & VGCF_online) {
-        rc = hv_vcpu_bring_up(t);
-        if (rc < 0)
-            return rc == -2 ? -XEN_EOPNOTSUPP : -XEN_EINVAL;
-    }
+    if ((c->flags & VGCF_online) && hv_vcpu_bring_up(t) < 0)
+        return -XEN_EINVAL;             /* the domain is ending */
     return 0;
 }
 
@@ -178,6 +175,7 @@ static int64_t vcpu_initialise(struct hv_vcpu *v, struct hv_vcpu *t, uint64_t ar
 {
     struct hv_domain *d = v->dom;
     struct vcpu_guest_context *c;
+    char why[128];
     int64_t rc;
 
     if (d->guest_type != HV_GUEST_PV || d->pv_model != HV_PV_XEN)
@@ -190,7 +188,12 @@ static int64_t vcpu_initialise(struct hv_vcpu *v, struct hv_vcpu *t, uint64_t ar
         return -XEN_EFAULT;
     }
     pthread_mutex_lock(&d->vcpu_lock);
-    rc = t->initialised ? -XEN_EEXIST : set_context(t, c);
+    if (t->initialised)
+        rc = -XEN_EEXIST;
+    else if (hv_vcpu_engine_ready(t, why, sizeof(why)) < 0)
+        rc = -XEN_ENOMEM;               /* no host memory (or KVM vCPU) for it */
+    else
+        rc = set_context(t, c);
     pthread_mutex_unlock(&d->vcpu_lock);
     free(c);
     return rc;
@@ -206,10 +209,7 @@ static int64_t vcpu_up(struct hv_vcpu *t)
     else if (!t->down)
         rc = 0;
     else
-    {
-        int up = hv_vcpu_bring_up(t);
-        rc = up == -2 ? -XEN_EOPNOTSUPP : up < 0 ? -XEN_EINVAL : 0;
-    }
+        rc = hv_vcpu_bring_up(t) < 0 ? -XEN_EINVAL : 0;     /* -1: the domain is ending */
     pthread_mutex_unlock(&t->dom->vcpu_lock);
     return rc;
 }

@@ -32,6 +32,45 @@ def spinning_guest() -> bytes:
     return p.elf()
 
 
+def two_spinning_vcpus_guest() -> bytes:
+    """vCPU 0 brings vCPU 1 up on its own stack; once vCPU 1 spins (it says so in
+    memory), vCPU 0 prints and spins too."""
+    from abi import offsetof
+    from guest_kernel.asm import qword, rax, rip
+    from guest_kernel.conformance import ConformanceGuest
+    ctx, regs = "vcpu_guest_context", offsetof("vcpu_guest_context", "user_regs")
+    p = ConformanceGuest("spin2")
+    a = p.a
+    p.struct("ap_context", ctx, flags=C.VGCF_in_kernel, kernel_ss=C.FLAT_KERNEL_SS)
+    a.section(".bss")
+    a.label("ap_running")
+    a.reserve(8)
+    a.align(16)
+    a.reserve(4096)
+    a.label("ap_stack_top")
+    a.section(".text")
+    p.start_info_field(rax, "pt_base")          # virtual = physical here: the L4's address
+    a.mov(qword[rip + "ap_context" + offsetof(ctx, "ctrlreg") + 3 * 8], rax)
+    a.lea(rax, qword[rip + "ap_spin"])
+    a.mov(qword[rip + "ap_context" + regs + offsetof("xen_user_regs", "rip")], rax)
+    a.lea(rax, qword[rip + "ap_stack_top"])
+    a.mov(qword[rip + "ap_context" + regs + offsetof("xen_user_regs", "rsp")], rax)
+    a.mov(qword[rip + "ap_context" + offsetof(ctx, "kernel_sp")], rax)
+    p.hypercall("vcpu_op", C.VCPUOP_initialise, 1, "ap_context")
+    p.hypercall("vcpu_op", C.VCPUOP_up, 1, 0)
+    a.label("wait_ap")
+    a.cmp(qword[rip + "ap_running"], 0)
+    a.je("wait_ap")
+    p.print("spinning on 2 vCPUs\n")
+    a.label("spin")
+    a.jmp("spin")
+    a.label("ap_spin")
+    a.mov(qword[rip + "ap_running"], 1)
+    a.label("ap_spin.loop")
+    a.jmp("ap_spin.loop")
+    return p.elf()
+
+
 def blocked_guest() -> bytes:
     """Blocks with nothing that could ever wake it. It prints through console_io: the
     console ring's notification would leave an event pending, and SCHEDOP_block
@@ -62,7 +101,8 @@ def flooding_guest() -> bytes:
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("images")
     out = {}
-    for name, build in (("spin", spinning_guest), ("block", blocked_guest),
+    for name, build in (("spin", spinning_guest), ("spin2", two_spinning_vcpus_guest),
+                        ("block", blocked_guest),
                         ("flood", flooding_guest), ("pv", build_pv_kernel)):
         out[name] = d / f"{name}.elf"
         out[name].write_bytes(build())
@@ -79,13 +119,15 @@ def start_run(image, engine, *extra):
 
 @pytest.mark.parametrize("guest,cmdline,first_line", [
     ("spin", "", b"spinning\n"),
+    ("spin2", "", b"spinning on 2 vCPUs\n"),
     ("block", "", b"blocking\n"),
     ("pv", "interactive", b"trapless PV kernel: Xen 4.19.0-trapless\n"),
 ])
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_the_guest_with_a_documented_status(images, engine, guest, cmdline,
                                                             first_line, sig, status):
-    proc = start_run(images[guest], engine, "--cmdline", cmdline)
+    extra = ("--vcpus", "2") if guest == "spin2" else ()
+    proc = start_run(images[guest], engine, "--cmdline", cmdline, *extra)
     # the guest is running (or blocked, or at its prompt) once its first line is out
     assert proc.stdout.readline() == first_line
     time.sleep(0.2)
@@ -117,6 +159,20 @@ def test_a_domain_is_started_once_and_unusable_after_destroy(images, engine):
                 lambda: dom.read_guest(dom.layout.virt_base + dom.layout.image_start, 8)):
         with pytest.raises(DomainError, match="domain d1 is destroyed"):
             use()
+
+
+def test_destroy_stops_both_spinning_vcpus_of_a_domain(images, engine):
+    dom = Domain(images["spin2"], memory_mib=16, engine=engine, vcpus=2)
+    dom.start()
+    assert dom.wait(0.5) is None                   # both spin: nothing ends by itself
+    assert dom.cpu_ns > 0
+    # destroy returns only once every vCPU stopped: one left spinning would hang it
+    import threading
+    destroyer = threading.Thread(target=dom.destroy, daemon=True)
+    destroyer.start()
+    destroyer.join(20)
+    assert not destroyer.is_alive(), "destroy hung: a vCPU kept running"
+    assert (dom.stop_info.kind, dom.stop_info.message) == ("stopped", "stopped by the toolstack")
 
 
 def test_destroy_of_a_domain_never_started(images, engine):

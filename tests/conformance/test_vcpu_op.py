@@ -7,7 +7,7 @@ import struct
 
 from abi import C, offsetof
 
-from guest_kernel.asm import qword, rax, rdi, rdx, rip, rsi
+from guest_kernel.asm import dword, eax, qword, rax, rdi, rdx, rip, rsi
 from guest_kernel.conformance import NON_CANONICAL, NULL, UNMAPPED, ConformanceGuest
 from mm_guest import audit
 
@@ -133,3 +133,151 @@ def test_a_refused_initialise_leaves_its_gdt_frames_alone(run_cases):
     assert run["initialise_good_cr3"] == 0
     assert run["writable_while_a_gdt"] == EINVAL
     assert audit(run.domain) == ""
+
+
+def test_two_vcpus_exchange_ipis_and_vcpu_1_takes_itself_down(run_cases, engine):
+    """vCPU 0 initialises vCPU 1 (its own entry and stack) and brings it up. Each binds an
+    IPI port for itself and waits in SCHEDOP_poll until the other's IPI arrives; each
+    reports through the console only after the other's IPI, so the lines come in one
+    order. vCPU 1 then takes itself down, and vCPU 0 waits until is_up says 0."""
+    g = ConformanceGuest("vcpu_op two vcpus")
+    a = g.a
+    regs = offsetof(CTX, "user_regs")
+    rip_at = regs + offsetof("xen_user_regs", "rip")
+    rsp_at = regs + offsetof("xen_user_regs", "rsp")
+    port_at = offsetof("evtchn_bind_ipi", "port")
+    poll_ports_at = offsetof("sched_poll", "ports")
+    context(g, "ap_context", kernel_ss=C.FLAT_KERNEL_SS)
+    for n in (0, 1):
+        g.struct(f"bind{n}", "evtchn_bind_ipi", vcpu=n)
+        g.struct(f"poll{n}", "sched_poll", nr_ports=1)    # ports: bind<n>.port, below
+        g.struct(f"send_to{n}", "evtchn_send")
+    a.section(".bss")
+    a.align(16)
+    a.label("ap_stack")
+    a.reserve(8192)
+    a.label("ap_stack_top")
+    a.section(".text")
+    for n in (0, 1):
+        a.lea(rax, qword[rip + f"bind{n}" + port_at])
+        a.mov(qword[rip + f"poll{n}" + poll_ports_at], rax)
+    a.lea(rax, qword[rip + "ap_entry"])
+    a.mov(qword[rip + "ap_context" + rip_at], rax)
+    a.lea(rax, qword[rip + "ap_stack_top"])
+    a.mov(qword[rip + "ap_context" + rsp_at], rax)
+    a.mov(qword[rip + "ap_context" + offsetof(CTX, "kernel_sp")], rax)
+
+    g.call("v0_bind_ipi", "event_channel_op", C.EVTCHNOP_bind_ipi, "bind0")
+    g.call("v0_initialise_1", "vcpu_op", C.VCPUOP_initialise, 1, "ap_context")
+    g.call("v0_is_up_1_before", "vcpu_op", C.VCPUOP_is_up, 1, 0)
+    # from here vCPU 0 prints only while vCPU 1 waits for it or is down
+    g.hypercall("vcpu_op", C.VCPUOP_up, 1, 0)
+    a.mov(qword[rip + "v0_up_result"], rax)
+    g.hypercall("sched_op", C.SCHEDOP_poll, "poll0")
+    g.report("v0_poll")
+    a.mov(rax, qword[rip + "v0_up_result"])
+    g.report("v0_up_1")
+    g.call("v0_is_up_1_running", "vcpu_op", C.VCPUOP_is_up, 1, 0)
+    a.mov(eax, dword[rip + "bind1" + port_at])          # vCPU 1 bound it before its IPI
+    a.mov(dword[rip + "send_to1"], eax)
+    g.hypercall("event_channel_op", C.EVTCHNOP_send, "send_to1")
+    a.mov(qword[rip + "v0_send_result"], rax)       # reported once vCPU 1 is quiet
+    a.section(".bss")
+    a.label("v0_send_result")
+    a.reserve(8)
+    a.label("v0_up_result")
+    a.reserve(8)
+    a.section(".text")
+    a.label("v0_wait_down")
+    g.hypercall("vcpu_op", C.VCPUOP_is_up, 1, 0)
+    a.test(rax, rax)
+    a.je("v0_saw_down")
+    g.hypercall("sched_op", C.SCHEDOP_yield, 0)
+    a.jmp("v0_wait_down")
+    a.label("v0_saw_down")
+    g.report("v0_is_up_1_after_down")
+    a.mov(rax, qword[rip + "v0_send_result"])
+    g.report("v0_send_to_1")
+    g.call("v0_is_up_0", "vcpu_op", C.VCPUOP_is_up, 0, 0)
+
+    def ap(g):
+        a.label("ap_entry")
+        g.call("v1_is_up_1", "vcpu_op", C.VCPUOP_is_up, 1, 0)
+        g.call("v1_bind_ipi", "event_channel_op", C.EVTCHNOP_bind_ipi, "bind1")
+        a.mov(eax, dword[rip + "bind0" + port_at])
+        a.mov(dword[rip + "send_to0"], eax)
+        g.hypercall("event_channel_op", C.EVTCHNOP_send, "send_to0")
+        g.hypercall("sched_op", C.SCHEDOP_poll, "poll1")
+        g.report("v1_poll")
+        g.call("v1_is_up_0", "vcpu_op", C.VCPUOP_is_up, 0, 0)
+        g.hypercall("vcpu_op", C.VCPUOP_down, 1, 0)
+        a.ud2()                                          # never runs: it stays down
+    g._emit_later = (*g._emit_later, ap)
+    run = run_cases(g.finish(), vcpus=2)
+    lines = [line for line in run.console.splitlines() if line.startswith("result ")]
+    assert lines == [
+        "result v0_bind_ipi 0", "result v0_initialise_1 0", "result v0_is_up_1_before 0",
+        "result v1_is_up_1 1", "result v1_bind_ipi 0",
+        "result v0_poll 0", "result v0_up_1 0", "result v0_is_up_1_running 1",
+        "result v1_poll 0", "result v1_is_up_0 1",
+        "result v0_is_up_1_after_down 0", "result v0_send_to_1 0", "result v0_is_up_0 1",
+    ], run.console
+    assert (run.stop.kind, run.stop.reason) == ("shutdown", C.SHUTDOWN_poweroff)
+
+
+def test_code_one_vcpu_patches_runs_patched_on_the_other(run_cases):
+    """vCPU 1 runs a function (mov eax, 1; ret); vCPU 0 then stores 2 into its
+    immediate, and vCPU 1's next call returns 2: a store by one vCPU reaches the code
+    the other runs (on bt each vCPU has its own translated code). Both wait by spinning
+    on memory, so on bt each must hand the CPU to the other in turn."""
+    g = ConformanceGuest("vcpu_op smc")
+    a = g.a
+    regs = offsetof(CTX, "user_regs")
+    context(g, "ap_context", kernel_ss=C.FLAT_KERNEL_SS)
+    a.section(".bss")
+    for name in ("stage", "ap_first", "ap_second"):
+        a.label(name)
+        a.reserve(8)
+    a.align(16)
+    a.reserve(4096)
+    a.label("ap_stack_top")
+    a.section(".text")
+    a.lea(rax, qword[rip + "ap_entry"])
+    a.mov(qword[rip + "ap_context" + regs + offsetof("xen_user_regs", "rip")], rax)
+    a.lea(rax, qword[rip + "ap_stack_top"])
+    a.mov(qword[rip + "ap_context" + regs + offsetof("xen_user_regs", "rsp")], rax)
+    a.mov(qword[rip + "ap_context" + offsetof(CTX, "kernel_sp")], rax)
+    g.hypercall("vcpu_op", C.VCPUOP_initialise, 1, "ap_context")
+    g.hypercall("vcpu_op", C.VCPUOP_up, 1, 0)
+    a.label("v0_wait_first")
+    a.cmp(qword[rip + "stage"], 1)
+    a.jne("v0_wait_first")
+    a.mov(dword[rip + "patchme" + 1], 2)                # mov eax, imm32: the immediate
+    a.mov(qword[rip + "stage"], 2)
+    a.label("v0_wait_down")
+    g.hypercall("vcpu_op", C.VCPUOP_is_up, 1, 0)
+    a.test(rax, rax)
+    a.jne("v0_wait_down")
+    a.mov(rax, qword[rip + "ap_first"])
+    g.report("ap_first")
+    a.mov(rax, qword[rip + "ap_second"])
+    g.report("ap_second")
+
+    def ap(g):
+        a.label("patchme")
+        a.mov(eax, 1)
+        a.ret()
+        a.label("ap_entry")
+        a.call("patchme")
+        a.mov(qword[rip + "ap_first"], rax)
+        a.mov(qword[rip + "stage"], 1)
+        a.label("ap_wait_patch")
+        a.cmp(qword[rip + "stage"], 2)
+        a.jne("ap_wait_patch")
+        a.call("patchme")
+        a.mov(qword[rip + "ap_second"], rax)
+        g.hypercall("vcpu_op", C.VCPUOP_down, 1, 0)
+        a.ud2()
+    g._emit_later = (*g._emit_later, ap)
+    run = run_cases(g.finish(), vcpus=2)
+    assert (run["ap_first"], run["ap_second"]) == (1, 2), run.console
