@@ -619,7 +619,7 @@ static void set_fatal(struct bt_vcpu *b, int code, const char *what, uint64_t gp
 }
 
 /* After an exit handled inside a hook: leave the emulator if the loop has work. */
-static void after_exit(struct bt_vcpu *b)
+void bt_after_exit(struct bt_vcpu *b)
 {
     struct hv_vcpu *v = b->v;
     if (__atomic_load_n(&v->dom->shutting_down, __ATOMIC_ACQUIRE) ||
@@ -643,7 +643,7 @@ static uint32_t hypercall(struct bt_vcpu *b)
     b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
     ret = hv_hypercall(b->v, &h);
     result = ret == (int32_t)ret ? (int32_t)ret : -XEN_EOVERFLOW;
-    after_exit(b);
+    bt_after_exit(b);
     return (uint32_t)result;
 }
 
@@ -692,7 +692,7 @@ static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user)
         memset(data, 0xff, sizeof(data));
     }
     memcpy(&value, data, (size_t)(size < 4 ? size : 4));
-    after_exit(b);
+    bt_after_exit(b);
     return value;
 }
 
@@ -704,14 +704,14 @@ static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void 
 
     if (v->dom->guest_type == HV_GUEST_PVH && port == TRAPLESS_HYPERCALL_PORT && size == 4) {
         pvh_hypercall(b);       /* the PVH hypercall page's `out` */
-        after_exit(b);
+        bt_after_exit(b);
         return;
     }
     memcpy(data, &value, 4);
     v->dom->counters.exits[HV_EXIT_IO]++;
     if (!hv_devices_port_io(v, (uint16_t)port, size, 1, data))
         v->dom->counters.unknown_port_io++;    /* writes vanish */
-    after_exit(b);
+    bt_after_exit(b);
 }
 
 /* ---- memory: the TLB, the page-table pool, the world outside RAM ---- */
@@ -768,7 +768,7 @@ static bool on_pool_write(uc_engine *uc, int type, uint64_t gpa, int size, int64
     memcpy(data, &value, sizeof(data));
     v->dom->counters.exits[HV_EXIT_MMIO]++;
     if (size <= 8 && hv_devices_mmio(v, gpa, size, 1, data)) {
-        after_exit(b);
+        bt_after_exit(b);
         return true;
     }
     set_fatal(b, UC_ERR_WRITE_PROT, "direct write to page-table frame at guest-physical %#llx "
@@ -1615,6 +1615,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
         }
 
         rip = bt_reg(b, UC_X86_REG_RIP);
+        b->stepping = stepping;
         e = bt_uc.emu_start(b->uc, rip, 0, 0, stepping ? 1 : 0);
 
         pthread_mutex_lock(&b->kick_lock);

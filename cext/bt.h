@@ -263,6 +263,7 @@ struct bt_vcpu {
     uint64_t retranslate_start, retranslate_end;    /* drop these blocks: new hooks */
     struct bt_event exception;      /* raised by the emulated instruction */
     int syscall_pending;            /* Xen's PV model: the guest ran `syscall` (bt_pv.c) */
+    int stepping;                   /* this run of the emulator is one instruction */
     int fatal;                      /* stop the domain with fatal_stop */
     struct hv_stop fatal_stop;
 
@@ -331,6 +332,8 @@ void bt_guest_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t
 int  bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc);
 /* The #PF for the access the TLB fill refused last (cr2, error code). */
 void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
+/* After an exit handled inside a hook: leave the emulator if the loop has work. */
+void bt_after_exit(struct bt_vcpu *b);
 
 /* bt_pv.c: Xen's PV CPU model on this engine. Each returns 0, or -1 with stop filled. */
 int  bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len);

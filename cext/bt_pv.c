@@ -116,11 +116,66 @@ int bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int
     return 0;
 }
 
+/* The hypercalls that touch nothing Unicorn holds but rax (no other register, no
+ * mapping, TLB entry, descriptor table or control state), so that they can be done
+ * while the emulator runs: the ones a running kernel makes most (events, timers,
+ * scheduling, the console) and a few set-ups. The rest (the MMU's, segment bases,
+ * iret and a multicall that may hold one, debug registers, CR0.TS) take the run
+ * loop's path, as every hypercall did before. */
+static int hook_safe(uint64_t nr)
+{
+    switch (nr) {
+    case __HYPERVISOR_xen_version: case __HYPERVISOR_console_io:
+    case __HYPERVISOR_event_channel_op: case __HYPERVISOR_sched_op:
+    case __HYPERVISOR_set_timer_op: case __HYPERVISOR_vcpu_op:
+    case __HYPERVISOR_stack_switch: case __HYPERVISOR_set_trap_table:
+    case __HYPERVISOR_set_callbacks: case __HYPERVISOR_callback_op:
+    case __HYPERVISOR_get_debugreg: case __HYPERVISOR_physdev_op:
+    case __HYPERVISOR_hvm_op: case __HYPERVISOR_vm_assist:
+        return 1;
+    }
+    return 0;
+}
+
+/* A hypercall from guest kernel mode, done inside the syscall hook as a ring-0
+ * kernel's hypercall is (bt.c's `in` hook), without stopping and restarting the
+ * emulator: 1 if done. Unicorn's hook sees rip at the syscall and adds its length
+ * afterwards, which is where a hypercall returns, so only rax, rcx and r11 are
+ * written. Not for the calls hook_safe leaves out, the guest's user mode (its syscall
+ * callback), a single step, or a CS that Xen's syscall would replace; events the call
+ * made deliverable stop the emulator (bt_after_exit). Registers are few here: each
+ * read costs. */
+static int syscall_in_hook(struct bt_vcpu *b)
+{
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX,
+                               UC_X86_REG_R10, UC_X86_REG_R8, UC_X86_REG_RIP, UC_X86_REG_RFLAGS,
+                               UC_X86_REG_CS };
+    struct hv_vcpu *v = b->v;
+    struct hv_hcall h;
+    uint64_t rip, rflags, cs = 0;
+    void *vals[] = { &h.nr, &h.a1, &h.a2, &h.a3, &h.a4, &h.a5, &rip, &rflags, &cs };
+
+    if (b->stepping || v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS)
+        return 0;
+    bt_uc.reg_read_batch(b->uc, ids, vals, 9);
+    if (!hook_safe(h.nr) || (cs & 0xffff) != FLAT_KERNEL_CS)
+        return 0;
+    v->pv.syscalls++;
+    v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+    bt_set_reg(b, UC_X86_REG_RAX, (uint64_t)hv_hypercall(v, &h));
+    bt_set_reg(b, UC_X86_REG_RCX, rip + 2); /* what the CPU's syscall leaves */
+    bt_set_reg(b, UC_X86_REG_R11, rflags);
+    bt_after_exit(b);
+    return 1;
+}
+
 /* The syscall hook: Unicorn runs no syscall of its own while it is there. The block
  * ends at a syscall, so the stop lands right after it. */
 void bt_pv_on_syscall(uc_engine *uc, void *user)
 {
     struct bt_vcpu *b = user;
+    if (syscall_in_hook(b))
+        return;
     b->syscall_pending = 1;
     bt_uc.emu_stop(uc);
 }
