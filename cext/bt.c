@@ -104,9 +104,15 @@ static int bt_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
 }
 
 /* Called from the hypercall hook, mid-block: TCG flushes its TLB and the rest of the
- * stub (cdqe; ret) already runs on the new tables, as after a guest mov to cr3. */
+ * stub (cdqe; ret) already runs on the new tables, as after a guest mov to cr3. The
+ * same tables again change nothing: TCG's TLB is untagged, so a switch between guest
+ * kernel and user mode that share their L4 keeps it rather than walk every page
+ * again (Xen with PCID does not flush on such a switch either; a flush the guest
+ * asks for is flush_tlb). */
 static int bt_set_cr3(struct hv_vcpu *v, uint64_t cr3)
 {
+    if (bt_reg(bt_of(v), UC_X86_REG_CR3) == cr3)
+        return 0;
     return bt_uc.reg_write(bt_of(v)->uc, UC_X86_REG_CR3, &cr3) == UC_ERR_OK ? 0 : -1;
 }
 
