@@ -268,8 +268,24 @@ def measure(iterations: int = 100_000, engine: str | None = None, rounds: int = 
             "mmu_update_512": mmu_batch_vs_single(engine)}
 
 
+def pv_paths_only(args) -> int:
+    """`bench --pv-paths`: only the PV CPU model's rows, for tuning those paths."""
+    from . import engines
+    names = [args.engine] if args.engine else engines.available()
+    result = {"engines": names}
+    for name in names:
+        result[name] = pv_paths(args.iterations, name, args.rounds or ROUNDS)
+    if args.json:
+        print(json.dumps({"pv_paths": result}))
+    else:
+        Console(file=sys.stdout).print(pv_paths_table(result))
+    return 0
+
+
 def main(args) -> int:
-    result = measure(args.iterations, args.engine, samples=args.samples)
+    if args.pv_paths:
+        return pv_paths_only(args)
+    result = measure(args.iterations, args.engine, args.rounds or ROUNDS, samples=args.samples)
     if args.engine is None:
         result["side_by_side"] = side_by_side(args.iterations)
         result["pv_cpu_models"] = cpu_models(min(args.iterations, 20_000))

@@ -185,6 +185,22 @@ def test_bench_json_has_the_promised_keys(engine):
         assert result["scale"]["bt"]["ticking"]["domains"] == 3
 
 
+def test_bench_pv_paths_runs_only_the_pv_cpu_models_rows(engine):
+    import json
+    r = hv("bench", "--pv-paths", "--json", "--engine", engine, "--iterations", "200",
+           "--rounds", "1", timeout=120)
+    assert r.returncode == 0, r.stderr
+    paths = json.loads(r.stdout)["pv_paths"]
+    assert set(json.loads(r.stdout)) == {"pv_paths"}
+    assert paths["engines"] == [engine]
+    assert (paths[engine]["iterations"], paths[engine]["rounds"]) == (200, 1)
+    assert [paths[engine][k]["exits"] for k in ("bare_exit", "hypercall", "exception_bounce",
+                                                "syscall_bounce")] == [1, 1, 2, 2]
+    bad = hv("bench", "--pv-paths", "--rounds", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "argument --rounds: '0': must be a whole number above 0")
+
+
 def test_a_reader_that_goes_away_does_not_disturb_the_guest(engine):
     """`run | head -1`: the guest still powers off (status 0) and nothing is printed
     on stderr about the closed pipe."""
