@@ -872,6 +872,13 @@ static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
     } else if (ev->vector == 7 && nm_is_ud(b, rip)) {
         ev->vector = 6;
     }
+    if (b->v->dom->pv_model == HV_PV_XEN && !b->tramp_active) {
+        struct bt_event soft = *ev;
+        ev->vector = -1;
+        if (bt_pv_soft_interrupt(b, &soft))
+            return;
+        *ev = soft;
+    }
     bt_uc.emu_stop(uc);
 }
 

@@ -340,6 +340,8 @@ int  bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, in
 void bt_pv_on_syscall(uc_engine *uc, void *user);
 int  bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop);
 int  bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
+/* From the interrupt hook: 1 if it bounced ev (a software interrupt) there and then. */
+int  bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev);
 int  bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop);
 int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);
 /* A #DB for the guest's trap table, with dr6_bits (B0-B3, BS) merged into its DR6. */

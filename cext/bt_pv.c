@@ -40,6 +40,26 @@ static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
     r->gs_sel = bt_reg(b, UC_X86_REG_GS) & 0xffff;
 }
 
+/* The registers a bounce (bounce frame, mode switch, events on the way out) and the
+ * iret hypercall read or write: rax, rcx, r11, rip, rflags, rsp, CS and the GS base;
+ * the others stay 0 in r and, copied, in the caller's old, so write_regs, which writes
+ * only what changed, leaves them alone. Each register read costs, the hooks' paths
+ * take only these. */
+static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
+{
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_R11,
+                               UC_X86_REG_RIP, UC_X86_REG_RFLAGS, UC_X86_REG_RSP,
+                               UC_X86_REG_CS, UC_X86_REG_GS_BASE };
+    uint64_t cs = 0;
+    void *vals[] = { &r->rax, &r->rcx, &r->r11, &r->rip, &r->rflags, &r->rsp, &cs,
+                     &r->gs_base };
+
+    memset(r, 0, sizeof(*r));
+    bt_uc.reg_read_batch(b->uc, ids, vals, 8);
+    r->cs = cs & 0xffff;
+    r->ss = b->pv_ss;
+}
+
 /* CR0.TS, CR4.FSGSBASE and the debug registers, as the model last set them. TCG
  * honours TS (#NM) and FSGSBASE (#UD); Unicorn takes the debug registers but never
  * turns them into breakpoints, so no #DB comes from them on bt. */
@@ -169,12 +189,60 @@ static int syscall_in_hook(struct bt_vcpu *b)
     return 1;
 }
 
+/* After a bounce or an iret done inside a hook: the run loop takes over where it
+ * must step (TF, breakpoints, a mov-SS shadow), or where it has work. */
+static void resume_or_stop(struct bt_vcpu *b)
+{
+    if (bt_debug_stepping(b))
+        bt_uc.emu_stop(b->uc);
+    else
+        bt_after_exit(b);
+}
+
+/* A domain_crash met inside a hook: the run loop returns its stop first thing. */
+static void stop_fatal(struct bt_vcpu *b, const struct hv_stop *stop)
+{
+    b->fatal = 1;
+    b->fatal_stop = *stop;
+    bt_uc.emu_stop(b->uc);
+}
+
+/* The iret hypercall from guest kernel mode (to the kernel, or to user mode), inside
+ * the syscall hook: the end of every bounce, done without stopping and restarting the
+ * emulator. 1 if done. rip is at the syscall here, and Unicorn adds the syscall's
+ * length to whatever rip the hook leaves, so the new rip is written 2 short of where
+ * the frame returns to (a rip write also makes Unicorn look up its next block afresh). */
+static int iret_in_hook(struct bt_vcpu *b)
+{
+    struct pv_regs r, old;
+    struct hv_stop stop;
+
+    if (b->stepping || b->v->pv.user_mode ||
+        bt_reg(b, UC_X86_REG_RAX) != __HYPERVISOR_iret)
+        return 0;
+    read_bounce_regs(b, &r);
+    old = r;                            /* Unicorn's rcx and r11 are the guest's own */
+    r.rip += 2;
+    r.rcx = r.rip;                      /* what the CPU's syscall leaves */
+    r.r11 = r.rflags;
+    b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+    if (pv_syscall(b->v, &r, &stop) < 0 || pv_deliver_events(b->v, &r, &stop) < 0) {
+        stop_fatal(b, &stop);
+        return 1;
+    }
+    old.rip = r.rip;                    /* written below, always */
+    write_regs(b, &r, &old);
+    bt_set_reg(b, UC_X86_REG_RIP, r.rip - 2);
+    resume_or_stop(b);
+    return 1;
+}
+
 /* The syscall hook: Unicorn runs no syscall of its own while it is there. The block
  * ends at a syscall, so the stop lands right after it. */
 void bt_pv_on_syscall(uc_engine *uc, void *user)
 {
     struct bt_vcpu *b = user;
-    if (syscall_in_hook(b))
+    if (syscall_in_hook(b) || iret_in_hook(b))
         return;
     b->syscall_pending = 1;
     bt_uc.emu_stop(uc);
@@ -186,10 +254,10 @@ int bt_pv_syscall(struct bt_vcpu *b, struct hv_stop *stop)
     uint8_t insn[2];
 
     read_regs(b, &r);
+    old = r;                            /* Unicorn's rcx and r11 are the guest's own */
     /* Unicorn may stop before or after moving past it: find the instruction */
     if (bt_read_virt(b, r.rip, insn, 2) == 0 && insn[0] == 0x0f && insn[1] == 0x05)
         r.rip += 2;
-    old = r;
     r.rcx = r.rip;                      /* what the CPU's syscall leaves */
     r.r11 = r.rflags;
     b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
@@ -273,7 +341,12 @@ int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop
     struct pv_regs r, old;
     int rc, vector = ev->vector;
 
-    read_regs(b, &r);
+    /* int3, into, int n from 32 up: a bounce, or #GP(sel) and its bounce. An int n
+     * below 32 may reach the model's #UD, #GP or #PF emulation, which reads more. */
+    if (ev->soft && (vector == 3 || vector == 4 || vector >= 32))
+        read_bounce_regs(b, &r);
+    else
+        read_regs(b, &r);
     old = r;
     b->v->dom->counters.exits[HV_EXIT_EXCEPTION]++;
     if (vector == 13 && ev->has_error && ev->error == 0 && !ev->soft &&
@@ -290,6 +363,24 @@ int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop
         return -1;
     write_regs(b, &r, &old);
     return 0;
+}
+
+/* A software interrupt (int3, into, int n) bounced to the trap table inside the
+ * interrupt hook, without stopping and restarting the emulator: 1 if done. Unicorn has
+ * already moved rip past the instruction, as the model expects, and takes the rip the
+ * hook leaves. Faults keep the run loop's path: their fix-ups (the #SS of a stack
+ * reference, emulated #UD and #GP, #PF's cr2) read more than the registers. */
+int bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev)
+{
+    struct hv_stop stop;
+
+    if (!ev->soft || b->stepping)
+        return 0;
+    if (bt_pv_exception(b, ev, &stop) < 0)
+        stop_fatal(b, &stop);
+    else
+        resume_or_stop(b);
+    return 1;
 }
 
 /* popf in ring 3 with IOPL 0 changes neither IF nor IOPL, and does not trap. */
