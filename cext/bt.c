@@ -874,8 +874,12 @@ static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
     }
     if (b->v->dom->pv_model == HV_PV_XEN && !b->tramp_active) {
         struct bt_event soft = *ev;
+        int done;
         ev->vector = -1;
-        if (bt_pv_soft_interrupt(b, &soft))
+        b->in_intr_hook = 1;
+        done = bt_pv_soft_interrupt(b, &soft);
+        b->in_intr_hook = 0;
+        if (done)
             return;
         *ev = soft;
     }

@@ -120,6 +120,7 @@ struct bt_uc_api {
     uc_err (*reg_read)(uc_engine *uc, int regid, void *value);
     uc_err (*reg_write)(uc_engine *uc, int regid, const void *value);
     uc_err (*reg_read_batch)(uc_engine *uc, int const *regs, void **vals, int count);
+    uc_err (*reg_write_batch)(uc_engine *uc, int const *regs, void *const *vals, int count);
     uc_err (*mem_map_ptr)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms, void *ptr);
     uc_err (*mem_protect)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms);
     uc_err (*mmio_map)(uc_engine *uc, uint64_t address, uint64_t size,
@@ -264,6 +265,7 @@ struct bt_vcpu {
     struct bt_event exception;      /* raised by the emulated instruction */
     int syscall_pending;            /* Xen's PV model: the guest ran `syscall` (bt_pv.c) */
     int stepping;                   /* this run of the emulator is one instruction */
+    int in_intr_hook;               /* the interrupt hook is bouncing (bt_set_reg) */
     int fatal;                      /* stop the domain with fatal_stop */
     struct hv_stop fatal_stop;
 

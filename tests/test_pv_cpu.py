@@ -125,3 +125,21 @@ def test_a_kernel_that_requires_ring_0_still_gets_it(run_guest):
     assert any(line.startswith("3 ticks at 100 Hz in ") for line in lines)
     assert lines[-1] == "powering off"
     assert "set_trap_table" not in dom.counters().hypercalls and dom.counters().upcalls >= 3
+
+
+def test_trap_handlers_that_make_hypercalls_return_exactly(run_guest):
+    """int3 and int $0x81 from guest kernel mode, each handler calling xen_version
+    before its iret: every call returns where it was made with Xen's answer, every
+    trap comes back to the instruction after it with the carry it had."""
+    import struct
+    from guest_kernel.xen_pv import handler_hypercall_guest
+    image = handler_hypercall_guest(rounds=3)
+    stop, console, dom = run_guest(image, console_ring=False)
+    assert (stop.kind, stop.reason) == ("shutdown", 0), f"{stop}\n{console}"
+    at = load_image(image, 64 << 20).symbols["handler_results"]
+    bp_version, int81_version, bp_count, int81_count, carries, rbx = struct.unpack(
+        "<6q", dom.read_guest(at, 48))
+    assert (bp_version, int81_version) == ((4 << 16) | 19, (4 << 16) | 19)
+    assert (bp_count, int81_count, carries, rbx) == (3, 3, 6, 0x5A5A_1234_5678)
+    c = dom.counters()
+    assert c.hypercalls["iret"] == 6 and c.hypercalls["xen_version"] == 6
