@@ -207,18 +207,23 @@ static void stop_fatal(struct bt_vcpu *b, const struct hv_stop *stop)
     bt_uc.emu_stop(b->uc);
 }
 
-/* The iret hypercall from guest kernel mode (to the kernel, or to user mode), inside
- * the syscall hook: the end of every bounce, done without stopping and restarting the
- * emulator. 1 if done. rip is at the syscall here, and Unicorn adds the syscall's
- * length to whatever rip the hook leaves, so the new rip is written 2 short of where
- * the frame returns to (a rip write also makes Unicorn look up its next block afresh). */
-static int iret_in_hook(struct bt_vcpu *b)
+/* Inside the syscall hook, without stopping and restarting the emulator: the iret
+ * hypercall from guest kernel mode (to the kernel, or to user mode), the end of every
+ * bounce; and a guest user's syscall, bounced to the kernel's syscall callback (without
+ * one it is a #UD, which the run loop's path raises). 1 if done. rip is at the syscall
+ * here, and Unicorn adds the syscall's length to whatever rip the hook leaves, so the
+ * new rip is written 2 short of where it goes (a rip write also makes Unicorn look up
+ * its next block afresh). */
+static int bounce_in_hook(struct bt_vcpu *b)
 {
+    const struct pv_vcpu *p = &b->v->pv;
     struct pv_regs r, old;
     struct hv_stop stop;
 
-    if (b->stepping || b->v->pv.user_mode ||
-        bt_reg(b, UC_X86_REG_RAX) != __HYPERVISOR_iret)
+    if (b->stepping)
+        return 0;
+    if (p->user_mode ? !p->callback[CALLBACKTYPE_syscall]
+                     : bt_reg(b, UC_X86_REG_RAX) != __HYPERVISOR_iret)
         return 0;
     read_bounce_regs(b, &r);
     old = r;                            /* Unicorn's rcx and r11 are the guest's own */
@@ -242,7 +247,7 @@ static int iret_in_hook(struct bt_vcpu *b)
 void bt_pv_on_syscall(uc_engine *uc, void *user)
 {
     struct bt_vcpu *b = user;
-    if (syscall_in_hook(b) || iret_in_hook(b))
+    if (syscall_in_hook(b) || bounce_in_hook(b))
         return;
     b->syscall_pending = 1;
     bt_uc.emu_stop(uc);
