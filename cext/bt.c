@@ -104,9 +104,15 @@ static int bt_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
 }
 
 /* Called from the hypercall hook, mid-block: TCG flushes its TLB and the rest of the
- * stub (cdqe; ret) already runs on the new tables, as after a guest mov to cr3. */
+ * stub (cdqe; ret) already runs on the new tables, as after a guest mov to cr3. The
+ * same tables again change nothing: TCG's TLB is untagged, so a switch between guest
+ * kernel and user mode that share their L4 keeps it rather than walk every page
+ * again (Xen with PCID does not flush on such a switch either; a flush the guest
+ * asks for is flush_tlb). */
 static int bt_set_cr3(struct hv_vcpu *v, uint64_t cr3)
 {
+    if (bt_reg(bt_of(v), UC_X86_REG_CR3) == cr3)
+        return 0;
     return bt_uc.reg_write(bt_of(v)->uc, UC_X86_REG_CR3, &cr3) == UC_ERR_OK ? 0 : -1;
 }
 
@@ -691,7 +697,7 @@ static void set_fatal(struct bt_vcpu *b, int code, const char *what, uint64_t gp
 }
 
 /* After an exit handled inside a hook: leave the emulator if the loop has work. */
-static void after_exit(struct bt_vcpu *b)
+void bt_after_exit(struct bt_vcpu *b)
 {
     struct hv_vcpu *v = b->v;
     if (__atomic_load_n(&v->dom->shutting_down, __ATOMIC_ACQUIRE) ||
@@ -715,7 +721,7 @@ static uint32_t hypercall(struct bt_vcpu *b)
     b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
     ret = hv_hypercall(b->v, &h);
     result = ret == (int32_t)ret ? (int32_t)ret : -XEN_EOVERFLOW;
-    after_exit(b);
+    bt_after_exit(b);
     return (uint32_t)result;
 }
 
@@ -764,7 +770,7 @@ static uint32_t on_in(uc_engine *uc, uint32_t port, int size, void *user)
         memset(data, 0xff, sizeof(data));
     }
     memcpy(&value, data, (size_t)(size < 4 ? size : 4));
-    after_exit(b);
+    bt_after_exit(b);
     return value;
 }
 
@@ -776,14 +782,14 @@ static void on_out(uc_engine *uc, uint32_t port, int size, uint32_t value, void 
 
     if (v->dom->guest_type == HV_GUEST_PVH && port == TRAPLESS_HYPERCALL_PORT && size == 4) {
         pvh_hypercall(b);       /* the PVH hypercall page's `out` */
-        after_exit(b);
+        bt_after_exit(b);
         return;
     }
     memcpy(data, &value, 4);
     v->dom->counters.exits[HV_EXIT_IO]++;
     if (!hv_devices_port_io(v, (uint16_t)port, size, 1, data))
         v->dom->counters.unknown_port_io++;    /* writes vanish */
-    after_exit(b);
+    bt_after_exit(b);
 }
 
 /* ---- memory: the TLB, the page-table pool, the world outside RAM ---- */
@@ -841,7 +847,7 @@ static bool on_pool_write(uc_engine *uc, int type, uint64_t gpa, int size, int64
     memcpy(data, &value, sizeof(data));
     v->dom->counters.exits[HV_EXIT_MMIO]++;
     if (size <= 8 && hv_devices_mmio(v, gpa, size, 1, data)) {
-        after_exit(b);
+        bt_after_exit(b);
         return true;
     }
     set_fatal(b, UC_ERR_WRITE_PROT, "direct write to page-table frame at guest-physical %#llx "
@@ -938,6 +944,17 @@ static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
         ev->has_error = 1;      /* QEMU keeps the code to itself; #GP(0) is the usual one */
     } else if (ev->vector == 7 && nm_is_ud(b, rip)) {
         ev->vector = 6;
+    }
+    if (b->v->dom->pv_model == HV_PV_XEN && !b->tramp_active) {
+        struct bt_event soft = *ev;
+        int done;
+        ev->vector = -1;
+        b->in_intr_hook = 1;
+        done = bt_pv_soft_interrupt(b, &soft);
+        b->in_intr_hook = 0;
+        if (done)
+            return;
+        *ev = soft;
     }
     bt_uc.emu_stop(uc);
 }
@@ -1713,6 +1730,7 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
         }
 
         rip = bt_reg(b, UC_X86_REG_RIP);
+        b->stepping = stepping;
         e = bt_uc.emu_start(b->uc, rip, 0, 0, stepping ? 1 : 0);
 
         pthread_mutex_lock(&b->kick_lock);

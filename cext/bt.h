@@ -120,6 +120,7 @@ struct bt_uc_api {
     uc_err (*reg_read)(uc_engine *uc, int regid, void *value);
     uc_err (*reg_write)(uc_engine *uc, int regid, const void *value);
     uc_err (*reg_read_batch)(uc_engine *uc, int const *regs, void **vals, int count);
+    uc_err (*reg_write_batch)(uc_engine *uc, int const *regs, void *const *vals, int count);
     uc_err (*mem_map_ptr)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms, void *ptr);
     uc_err (*mem_protect)(uc_engine *uc, uint64_t address, uint64_t size, uint32_t perms);
     uc_err (*mmio_map)(uc_engine *uc, uint64_t address, uint64_t size,
@@ -271,6 +272,8 @@ struct bt_vcpu {
     struct bt_event exception;      /* raised by the emulated instruction */
     int syscall_pending;            /* Xen's PV model: the guest ran `syscall` (1) or
                                      * `sysenter` (2) (bt_pv.c) */
+    int stepping;                   /* this run of the emulator is one instruction */
+    int in_intr_hook;               /* the interrupt hook is bouncing (bt_set_reg) */
     int fatal;                      /* stop the domain with fatal_stop */
     /* blocks run since this vCPU took the domain's guest lock; past BT_SLICE_BLOCKS
      * with another vCPU waiting, the block hook ends the slice (slice_over) */
@@ -350,6 +353,8 @@ void bt_guest_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t
 int  bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc);
 /* The #PF for the access the TLB fill refused last (cr2, error code). */
 void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
+/* After an exit handled inside a hook: leave the emulator if the loop has work. */
+void bt_after_exit(struct bt_vcpu *b);
 
 /* bt_pv.c: Xen's PV CPU model on this engine. Each returns 0, or -1 with stop filled. */
 int  bt_pv_load_context(struct bt_vcpu *b, struct hv_stop *stop);
@@ -359,6 +364,8 @@ void bt_pv_on_sysenter(uc_engine *uc, void *user);
 /* `syscall`, or `sysenter` (sysenter = 1), that the hook saw. */
 int  bt_pv_syscall(struct bt_vcpu *b, int sysenter, struct hv_stop *stop);
 int  bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
+/* From the interrupt hook: 1 if it bounced ev (a software interrupt) there and then. */
+int  bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev);
 int  bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop);
 int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);
 /* A #DB for the guest's trap table, with dr6_bits (B0-B3, BS) merged into its DR6. */

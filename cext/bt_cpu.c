@@ -44,8 +44,18 @@ uint64_t bt_reg(struct bt_vcpu *b, int regid)
     return value;
 }
 
+/* Unicorn's uc_reg_write of rip also notes that its next exit from translated code
+ * must not sync the pc from the host's return address, which is right inside
+ * translated code (the syscall hook) but not in the interrupt hook, which runs outside
+ * it: a note left over could outlive the exit it was for. Its batch write moves rip
+ * without that note. */
 void bt_set_reg(struct bt_vcpu *b, int regid, uint64_t value)
 {
+    if (regid == UC_X86_REG_RIP && b->in_intr_hook) {
+        void *vals[] = { &value };
+        bt_uc.reg_write_batch(b->uc, &regid, vals, 1);
+        return;
+    }
     bt_uc.reg_write(b->uc, regid, &value);
 }
 

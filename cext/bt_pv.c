@@ -40,6 +40,26 @@ static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
     r->gs_sel = bt_reg(b, UC_X86_REG_GS) & 0xffff;
 }
 
+/* The registers a bounce (bounce frame, mode switch, events on the way out) and the
+ * iret hypercall read or write: rax, rcx, r11, rip, rflags, rsp, CS and the GS base;
+ * the others stay 0 in r and, copied, in the caller's old, so write_regs, which writes
+ * only what changed, leaves them alone. Each register read costs, the hooks' paths
+ * take only these. */
+static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
+{
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_R11,
+                               UC_X86_REG_RIP, UC_X86_REG_RFLAGS, UC_X86_REG_RSP,
+                               UC_X86_REG_CS, UC_X86_REG_GS_BASE };
+    uint64_t cs = 0;
+    void *vals[] = { &r->rax, &r->rcx, &r->r11, &r->rip, &r->rflags, &r->rsp, &cs,
+                     &r->gs_base };
+
+    memset(r, 0, sizeof(*r));
+    bt_uc.reg_read_batch(b->uc, ids, vals, 8);
+    r->cs = cs & 0xffff;
+    r->ss = b->pv_ss;
+}
+
 /* CR0.TS, CR4.FSGSBASE and the debug registers, as the model last set them. TCG
  * honours TS (#NM) and FSGSBASE (#UD); Unicorn takes the debug registers but never
  * turns them into breakpoints, so no #DB comes from them on bt. */
@@ -136,11 +156,136 @@ int bt_pv_load_context(struct bt_vcpu *b, struct hv_stop *stop)
     return 0;
 }
 
+/* The hypercalls that touch nothing Unicorn holds but rax (no other register, no
+ * mapping, TLB entry, descriptor table or control state), so that they can be done
+ * while the emulator runs: the ones a running kernel makes most (events, timers,
+ * scheduling, the console) and a few set-ups. The rest (the MMU's, segment bases,
+ * iret and a multicall that may hold one, debug registers, CR0.TS) take the run
+ * loop's path, as every hypercall did before. */
+static int hook_safe(uint64_t nr)
+{
+    switch (nr) {
+    case __HYPERVISOR_xen_version: case __HYPERVISOR_console_io:
+    case __HYPERVISOR_event_channel_op: case __HYPERVISOR_sched_op:
+    case __HYPERVISOR_set_timer_op: case __HYPERVISOR_vcpu_op:
+    case __HYPERVISOR_stack_switch: case __HYPERVISOR_set_trap_table:
+    case __HYPERVISOR_set_callbacks: case __HYPERVISOR_callback_op:
+    case __HYPERVISOR_get_debugreg: case __HYPERVISOR_physdev_op:
+    case __HYPERVISOR_hvm_op: case __HYPERVISOR_vm_assist:
+        return 1;
+    }
+    return 0;
+}
+
+/* A hypercall from guest kernel mode, done inside the syscall hook as a ring-0
+ * kernel's hypercall is (bt.c's `in` hook), without stopping and restarting the
+ * emulator: 1 if done. Unicorn's hook sees rip at the syscall and adds its length
+ * afterwards, which is where a hypercall returns, so only rax, rcx and r11 are
+ * written. Not for the calls hook_safe leaves out, the guest's user mode (its syscall
+ * callback), a single step, or a CS that Xen's syscall would replace; events the call
+ * made deliverable stop the emulator (bt_after_exit). Registers are few here: each
+ * read costs. */
+static int syscall_in_hook(struct bt_vcpu *b)
+{
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX,
+                               UC_X86_REG_R10, UC_X86_REG_R8, UC_X86_REG_RIP, UC_X86_REG_RFLAGS,
+                               UC_X86_REG_CS };
+    struct hv_vcpu *v = b->v;
+    struct hv_hcall h;
+    uint64_t rip, rflags, cs = 0;
+    void *vals[] = { &h.nr, &h.a1, &h.a2, &h.a3, &h.a4, &h.a5, &rip, &rflags, &cs };
+
+    if (b->stepping || v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS)
+        return 0;
+    bt_uc.reg_read_batch(b->uc, ids, vals, 9);
+    if (!hook_safe(h.nr) || (cs & 0xffff) != FLAT_KERNEL_CS)
+        return 0;
+    /* bringing a vCPU up or down: VCPUOP_initialise creates the vCPU's own Unicorn,
+     * which must not happen inside a hook of this one, and up/down change who runs */
+    if (h.nr == __HYPERVISOR_vcpu_op && (h.a1 == VCPUOP_initialise || h.a1 == VCPUOP_up ||
+                                         h.a1 == VCPUOP_down))
+        return 0;
+    v->pv.syscalls++;
+    v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+    bt_set_reg(b, UC_X86_REG_RAX, (uint64_t)hv_hypercall(v, &h));
+    bt_set_reg(b, UC_X86_REG_RCX, rip + 2); /* what the CPU's syscall leaves */
+    bt_set_reg(b, UC_X86_REG_R11, rflags);
+    bt_after_exit(b);
+    return 1;
+}
+
+/* After a bounce or an iret done inside a hook: the run loop takes over where it
+ * must step (TF, breakpoints, a mov-SS shadow), or where it has work. */
+static void resume_or_stop(struct bt_vcpu *b)
+{
+    if (bt_debug_stepping(b))
+        bt_uc.emu_stop(b->uc);
+    else
+        bt_after_exit(b);
+}
+
+/* A domain_crash met inside a hook: the run loop returns its stop first thing. */
+static void stop_fatal(struct bt_vcpu *b, const struct hv_stop *stop)
+{
+    b->fatal = 1;
+    b->fatal_stop = *stop;
+    bt_uc.emu_stop(b->uc);
+}
+
+/* Inside the syscall hook, without stopping and restarting the emulator: the iret
+ * hypercall from guest kernel mode (to the kernel, or to user mode), the end of every
+ * bounce; and a guest user's syscall, bounced to the kernel's syscall callback (without
+ * one it is a #UD, which the run loop's path raises). 1 if done. rip is at the syscall
+ * here, and Unicorn adds the syscall's length to whatever rip the hook leaves, so the
+ * new rip is written 2 short of where it goes (a rip write also makes Unicorn look up
+ * its next block afresh). */
+static int bounce_in_hook(struct bt_vcpu *b)
+{
+    const struct pv_vcpu *p = &b->v->pv;
+    struct pv_regs r, old;
+    struct hv_stop stop;
+
+    if (b->stepping)
+        return 0;
+    if (p->user_mode ? !p->callback[CALLBACKTYPE_syscall]
+                     : bt_reg(b, UC_X86_REG_RAX) != __HYPERVISOR_iret)
+        return 0;
+    read_bounce_regs(b, &r);
+    /* Where the guest will be traced (its TF now, or in the iret frame) or will change
+     * between 64-bit and compat code (which bt switches by running an iret of its own),
+     * the run loop does it: neither can happen inside a hook. */
+    if ((r.rflags & RFLAGS_TF) || pv_compat_code(b->v, r.cs))
+        return 0;
+    if (!p->user_mode) {
+        uint64_t frame[2];              /* struct iret_context's cs and rflags */
+        if (bt_read_virt(b, r.rsp + offsetof(struct iret_context, cs), frame,
+                         sizeof(frame)) < 0 ||
+            (frame[1] & RFLAGS_TF) || pv_compat_code(b->v, frame[0]))
+            return 0;
+    }
+    old = r;                            /* Unicorn's rcx and r11 are the guest's own */
+    r.rip += 2;
+    r.rcx = r.rip;                      /* what the CPU's syscall leaves */
+    r.r11 = r.rflags;
+    b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
+    if (pv_syscall(b->v, &r, &stop) < 0 || pv_deliver_events(b->v, &r, &stop) < 0) {
+        stop_fatal(b, &stop);
+        return 1;
+    }
+    old.rip = r.rip;                    /* written below, always */
+    write_regs(b, &r, &old);
+    bt_set_reg(b, UC_X86_REG_RIP, r.rip - 2);
+    resume_or_stop(b);
+    return 1;
+}
+
 /* The syscall hook: Unicorn runs no syscall of its own while it is there. The block
  * ends at a syscall, so the stop lands right after it. */
 void bt_pv_on_syscall(uc_engine *uc, void *user)
 {
     struct bt_vcpu *b = user;
+    if (syscall_in_hook(b) || bounce_in_hook(b))
+        return;
     b->syscall_pending = 1;
     bt_uc.emu_stop(uc);
 }
@@ -160,11 +305,11 @@ int bt_pv_syscall(struct bt_vcpu *b, int sysenter, struct hv_stop *stop)
     uint8_t insn[2];
 
     read_regs(b, &r);
+    old = r;                            /* Unicorn's rcx and r11 are the guest's own */
     /* Unicorn may stop before or after moving past it: find the instruction */
     if (bt_read_virt(b, r.rip, insn, 2) == 0 && insn[0] == 0x0f &&
         insn[1] == (sysenter ? 0x34 : 0x05))
         r.rip += 2;
-    old = r;
     b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
     if (sysenter) {
         /* sysenter leaves rcx and r11 alone; IF, VM and RF are cleared, and Xen sets
@@ -257,7 +402,12 @@ int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop
     struct pv_regs r, old;
     int rc, vector = ev->vector;
 
-    read_regs(b, &r);
+    /* int3, into, int n from 32 up: a bounce, or #GP(sel) and its bounce. An int n
+     * below 32 may reach the model's #UD, #GP or #PF emulation, which reads more. */
+    if (ev->soft && (vector == 3 || vector == 4 || vector >= 32))
+        read_bounce_regs(b, &r);
+    else
+        read_regs(b, &r);
     old = r;
     b->v->dom->counters.exits[HV_EXIT_EXCEPTION]++;
     if (vector == 13 && ev->has_error && ev->error == 0 && !ev->soft &&
@@ -274,6 +424,24 @@ int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop
         return -1;
     write_regs(b, &r, &old);
     return 0;
+}
+
+/* A software interrupt (int3, into, int n) bounced to the trap table inside the
+ * interrupt hook, without stopping and restarting the emulator: 1 if done. Unicorn has
+ * already moved rip past the instruction, as the model expects, and takes the rip the
+ * hook leaves. Faults keep the run loop's path: their fix-ups (the #SS of a stack
+ * reference, emulated #UD and #GP, #PF's cr2) read more than the registers. */
+int bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev)
+{
+    struct hv_stop stop;
+
+    if (!ev->soft || b->stepping || pv_compat_code(b->v, bt_reg(b, UC_X86_REG_CS)))
+        return 0;                       /* compat code: the bounce switches mode (above) */
+    if (bt_pv_exception(b, ev, &stop) < 0)
+        stop_fatal(b, &stop);
+    else
+        resume_or_stop(b);
+    return 1;
 }
 
 /* popf in ring 3 with IOPL 0 changes neither IF nor IOPL, and does not trap. */

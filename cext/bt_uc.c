@@ -32,6 +32,7 @@ int hv_bt_init(const char *library, char *err, int err_len)
         { "uc_reg_read", (void **)&bt_uc.reg_read },
         { "uc_reg_write", (void **)&bt_uc.reg_write },
         { "uc_reg_read_batch", (void **)&bt_uc.reg_read_batch },
+        { "uc_reg_write_batch", (void **)&bt_uc.reg_write_batch },
         { "uc_mem_map_ptr", (void **)&bt_uc.mem_map_ptr },
         { "uc_mem_protect", (void **)&bt_uc.mem_protect },
         { "uc_mmio_map", (void **)&bt_uc.mmio_map },

@@ -307,7 +307,8 @@ int hv_kvm_emulate(struct hv_vcpu *v, char *why, int why_len);
 /* kvm_emul.c: the event KVM stopped on (KVM_EXIT_SHUTDOWN) because delivering it from
  * ring 3 needed the guest's TSS, which kvm.c keeps out of KVM's reach; and an
  * interrupt for a vCPU in ring 3. 0 delivered, -1 with why filled (empty: not an event
- * the TSS stopped), 1: a port access from ring 3 that KVM must judge with the TSS. */
+ * the TSS stopped), 1: a string port access from ring 3 that KVM must judge with the
+ * TSS, 2: a ring-3 in/out the I/O bitmap allows, done here and counted as port I/O. */
 int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len);
 int hv_kvm_deliver_interrupt(struct hv_vcpu *v, unsigned vector, char *why, int why_len);
 

@@ -1096,10 +1096,27 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
             return 0;
     }
     /* The landing page's `out` ran natively in ring 3: KVM sees the new rip and drops
-     * the instruction's completion, so sync regs alone resume the guest. Anything that
-     * needs KVM_SET_SREGS (a page-table switch, a flush) completes the `out` first. */
-    if (!frame && !pending_set_cr3 && !pending_flush && !pv_sregs_changed(v, &r, &first) &&
+     * the instruction's completion, so sync regs alone resume the guest; a switch
+     * between guest kernel and user mode (cr3 and the GS bases) goes with them as
+     * sync sregs, applied by the same KVM_RUN. Anything else that needs
+     * KVM_SET_SREGS (a flush, a %gs selector, control state) completes the `out`
+     * first. */
+    if (!frame && !pending_flush && r.gs_sel == first.gs_sel && !v->pv.hw_dirty &&
         run->s.regs.sregs.cs.dpl == 3) {
+        struct kvm_sregs *sregs = &run->s.regs.sregs;
+        if (pending_set_cr3 || r.fs_base != first.fs_base || r.gs_base != first.gs_base) {
+            if (pending_set_cr3 && drop_shadows(d) < 0) {
+                hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot drop KVM's shadow "
+                             "page tables: %s", strerror(errno));
+                return -1;
+            }
+            if (pending_set_cr3)
+                sregs->cr3 = pending_cr3;
+            sregs->fs.base = r.fs_base;
+            sregs->gs.base = r.gs_base;
+            pending_set_cr3 = 0;
+            run->kvm_dirty_regs |= KVM_SYNC_X86_SREGS;
+        }
         memcpy(&run->s.regs.regs, &r, 18 * sizeof(uint64_t));
         run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
         return 0;
@@ -1326,6 +1343,8 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                     c->exits[HV_EXIT_EXCEPTION]++;
                     break;
                 }
+                if (r == 2)
+                    break;              /* ring-3 in/out, done and counted as port I/O */
                 if (r == 1) {
                     /* ring-3 port I/O: the TSS's I/O bitmap is KVM's to read. It gets
                      * the pages back for this instruction; the next exit (the port's

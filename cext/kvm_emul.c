@@ -560,6 +560,35 @@ static int port_allowed(struct hv_vcpu *v, uint32_t port, unsigned size)
     return 1;
 }
 
+/* A ring-3 `in` or `out` the guest's I/O bitmap lets through, done for KVM (which
+ * would need the TSS back to read that bitmap): the device's access, the value into
+ * al/ax/eax for `in` (eax zero-extends into rax, as the CPU's 32-bit write does), rip
+ * past the instruction. */
+static void port_in_out(struct hv_vcpu *v, uint16_t port, unsigned size, int out, uint64_t next)
+{
+    struct kvm_regs *regs = &v->run->s.regs.regs;
+    uint8_t data[4];
+    uint32_t value = (uint32_t)regs->rax;
+
+    memcpy(data, &value, 4);
+    v->dom->counters.exits[HV_EXIT_IO]++;
+    if (!hv_devices_port_io(v, port, (int)size, out, data)) {
+        v->dom->counters.unknown_port_io++;     /* reads float high, writes vanish */
+        if (!out)
+            memset(data, 0xff, sizeof(data));
+    }
+    if (!out) {
+        memcpy(&value, data, 4);
+        if (size == 4)
+            regs->rax = value;
+        else if (size == 2)
+            regs->rax = (regs->rax & ~0xffffULL) | (value & 0xffff);
+        else
+            regs->rax = (regs->rax & ~0xffULL) | (value & 0xff);
+    }
+    regs->rip = next;
+}
+
 int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len)
 {
     struct kvm_regs *regs = &v->run->s.regs.regs;
@@ -633,9 +662,18 @@ int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len)
             int wide = b[i] & 1, data16 = 0;
             for (int k = 0; k < i; k++)
                 data16 |= b[k] == 0x66;
-            uint32_t port = b[i] <= 0xe7 && b[i] >= 0xe4 ? b[i + 1] : (uint16_t)regs->rdx;
-            if (port_allowed(v, port, wide ? (data16 ? 2 : 4) : 1))
-                return 1;
+            int imm = b[i] >= 0xe4 && b[i] <= 0xe7, string = b[i] <= 0x6f;
+            unsigned size = wide ? (data16 ? 2 : 4) : 1;
+            uint32_t port = imm ? b[i + 1] : (uint16_t)regs->rdx;
+            if (port_allowed(v, port, size)) {
+                if (string)
+                    return 1;
+                /* in/out: done here, one exit as the port's own would be */
+                port_in_out(v, (uint16_t)port, size, !(b[i] & 2) ? 0 : 1,
+                            regs->rip + (uint64_t)i + (imm ? 2 : 1));
+                v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+                return 2;
+            }
         }
     }
     /* everything else as KVM meant it: #DB and #OF are traps, the rest faults */

@@ -357,8 +357,8 @@ static int new_baseptr(struct hv_vcpu *v, uint64_t mfn)
     uint64_t old = v->base_mfn;
     int rc;
 
-    if (mfn == old)
-        return v->ops->set_cr3(v, mfn << HV_PAGE_SHIFT) < 0 ? -XEN_EIO : 0;
+    if (mfn == old)                     /* Xen's write_ptbase: the same tables, a flush */
+        return v->ops->flush_tlb(v) < 0 ? -XEN_EIO : 0;
     rc = take_table(d, mfn, HV_FT_L4);
     if (rc)
         return rc;

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import byte, dword, eax, ebx, ecx, edi, esi, ptr, qword, r12, r13, rax, rbx, rcx, rdi, rdx, rip
+from .asm import byte, word, dword, eax, ebx, ecx, edi, esi, ptr, qword, r11, r12, r13, rax, rbx, rcx, rdi, rdx, rip, rsi, rsp
 from .runtime import PVProgram
 
 UNCLAIMED_PORT = 0x80  # the POST-code port: no device model claims it
@@ -71,7 +71,249 @@ def bare_exit_loop(iterations: int) -> bytes:
     return p.elf()
 
 
+# The ring-3 bare exit's CPU set-up (a PVH guest's own): null, kernel code64, kernel
+# data, user code32 (unused), user data, user code64, then the TSS (filled at run time)
+RING3_KERNEL_CS, RING3_KERNEL_DS, RING3_USER_DS, RING3_USER_CS, RING3_TSS_SEL = 0x08, 0x10, 0x23, 0x2B, 0x30
+RING3_GDT = (0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFFB000000FFFF,
+             0x00CFF3000000FFFF, 0x00AFFB000000FFFF, 0, 0)
+# The TSS's I/O bitmap covers ports 0 to 8 * IOMAP_BYTES - 1 and opens only the four
+# that a 32-bit `out` to UNCLAIMED_PORT touches; ports past it are denied, and the byte
+# after a bitmap must be all ones.
+IOMAP_BYTES = UNCLAIMED_PORT // 8 + 1
+TSS_LIMIT = 0x68 + IOMAP_BYTES + 1 - 1
 
+
+def ring3_bare_exit_loop(iterations: int) -> bytes:
+    """`out` to a port nobody claims, `iterations` times, from ring 3: the bare exit of
+    the ring a Xen-model PV kernel runs in.
+
+    A Xen PV kernel cannot exit bare (its port I/O is a #GP that the hypervisor
+    emulates), so this is a PVH guest: its kernel, in ring 0, gives itself a TSS whose
+    I/O bitmap opens UNCLAIMED_PORT and drops to ring 3, where the loop calls a stub on
+    a page of its own doing the `out`, as bare_exit_loop does; the CPU checks the
+    bitmap and the `out` exits to the VMM with nothing else to do. An `int3` (a DPL-3
+    gate) brings the loop's end back to ring 0, which powers off.
+    """
+    from .elf import build_elf
+    from .pvh_guest import MSG32, _entry32
+    from .pvlib import emit_traps
+
+    p = PVProgram(guest_os="trapless-bench-ring3-bare-exit", xen_pv=False, console_ring=False)
+    a = p.a
+    a.call("idt_init")
+    # the TSS: its ring-0 stack, the bitmap's offset; then its descriptor (limit, type 9
+    # available 64-bit TSS, present, base = tss) and ltr
+    a.lea(rax, ptr["kstack_top"])
+    a.mov(qword[rip + "tss" + 4], rax)
+    a.mov(word[rip + "tss" + 0x66], 0x68)
+    a.lea(rdx, ptr["tss"])
+    a.mov(rax, rdx)
+    a.and_(eax, 0xFFFFFF)
+    a.shl(rax, 16)
+    a.or_(rax, TSS_LIMIT)
+    a.mov(rcx, 0x89 << 40)
+    a.or_(rax, rcx)
+    a.mov(rcx, rdx)
+    a.shr(rcx, 24)
+    a.and_(ecx, 0xFF)
+    a.shl(rcx, 56)
+    a.or_(rax, rcx)
+    a.mov(qword[rip + "gdt" + RING3_TSS_SEL], rax)
+    a.shr(rdx, 32)
+    a.mov(qword[rip + "gdt" + RING3_TSS_SEL + 8], rdx)
+    a.mov(eax, RING3_TSS_SEL)
+    a.db(0x0F, 0x00, 0xD8)                          # ltr ax
+    a.mov(edi, 3)                                   # int3 from ring 3: the loop is over
+    a.lea(rsi, ptr["on_int3"])
+    a.call("idt_set_gate")
+    a.mov(byte[rip + "idt" + 3 * 16 + 5], 0xEE)     # DPL 3
+    # iretq to the loop in ring 3, interrupts on
+    a.mov(qword["kernel_rsp"], rsp)
+    a.push(RING3_USER_DS)
+    a.lea(rax, ptr["user_stack_top"])
+    a.push(rax)
+    a.push(0x202)
+    a.push(RING3_USER_CS)
+    a.lea(rax, ptr["user_loop"])
+    a.push(rax)
+    a.iretq()
+
+    a.label("on_int3")                              # back in ring 0: main returns 0
+    a.mov(rsp, qword["kernel_rsp"])
+    a.cli()
+    a.xor(eax, eax)
+    a.ret()
+
+    a.label("user_loop")
+    a.mov(r12, iterations)
+    a.label("user_loop.next")
+    a.call("ring3_exit_stub")
+    a.dec(r12)
+    a.jne("user_loop.next")
+    a.int3()
+    a.align(4096)
+    a.label("ring3_exit_stub")
+    a.mov(eax, C.__HYPERVISOR_xen_version)
+    a.out(UNCLAIMED_PORT, eax)
+    a.ret()
+
+    a.label("start64")
+    a.mov(eax, RING3_KERNEL_DS)
+    a.db(0x8E, 0xD8)                                # mov ds, eax
+    a.db(0x8E, 0xC0)                                # mov es, eax
+    a.db(0x8E, 0xD0)                                # mov ss, eax
+    a.jmp("_start")
+
+    a.section(".data")
+    a.label("si32")
+    a.dd(0)
+    a.label("rc32")
+    a.dd(0)
+    a.label("msg32")
+    a.ascii(MSG32)
+    a.align(8)
+    a.label("kernel_rsp")
+    a.dq(0)
+    a.align(16)
+    a.label("gdt")
+    a.dq(*RING3_GDT)
+    a.label("gdt_desc")
+    a.dw(len(RING3_GDT) * 8 - 1)
+    a.dd("gdt")
+    a.align(16)
+    a.label("tss")
+    a.db(*([0] * 0x68))
+    iomap = [0xFF] * (IOMAP_BYTES + 1)
+    for port in range(UNCLAIMED_PORT, UNCLAIMED_PORT + 4):
+        iomap[port // 8] &= ~(1 << (port % 8))
+    a.db(*iomap)
+    # page tables: the first GiB identity-mapped with user-accessible 2 MiB pages
+    a.align(4096)
+    a.label("pml4")
+    a.dq(a.ref("pdpt") + 0x7)
+    a.dq(*([0] * 511))
+    a.label("pdpt")
+    a.dq(a.ref("pd") + 0x7)
+    a.dq(*([0] * 511))
+    a.label("pd")
+    a.dq(*[(i << 21) | 0x87 for i in range(512)])
+    a.section(".bss")
+    a.align(16)
+    a.reserve(4096)
+    a.label("kstack_top")
+    a.reserve(4096)
+    a.label("user_stack_top")
+
+    emit_traps(p, "ring-3 bare-exit guest")
+    a.section(".text32", "rx")
+    _entry32(a)
+    img = p.image()
+    notes = [(C.XEN_ELFNOTE_GUEST_OS, "trapless-bench-ring3-bare-exit"),
+             (C.XEN_ELFNOTE_PHYS32_ENTRY, img.symbols["_start32"])]
+    return build_elf(img.sections, img.symbols, img.symbols["_start32"], notes)
+
+
+def exception_bounce_loop(iterations: int) -> bytes:
+    """`int3` `iterations` times in a Xen-model PV kernel (ring 3): each is an exception
+    the hypervisor bounces to the kernel's trap-table handler for #BP, which returns
+    with the iret hypercall, as Linux's and XTF's handlers do."""
+    p = PVProgram(guest_os="trapless-bench-exception-bounce")
+    a = p.a
+    p.hypercall("set_trap_table", "bounce_traps")
+    a.mov(r12, iterations)
+    a.label("loop")
+    a.int3()
+    a.dec(r12)
+    a.jne("loop")
+    a.xor(eax, eax)
+    a.ret()
+    # the bounce frame: rcx, r11, then the iret frame (int3's rip is the next
+    # instruction): take rcx and r11 back, return with iret (flags 0: restore them)
+    a.label("on_bp")
+    a.pop(rcx)
+    a.pop(r11)
+    a.push(0)
+    a.jmp("hypercall_iret")
+    a.section(".data")
+    a.align(16)
+    a.label("bounce_traps")                         # struct trap_info[], address 0 ends it
+    a.db(3, 3)                                      # #BP, DPL 3: `int3` may raise it
+    a.dw(C.FLAT_KERNEL_CS)
+    a.dd(0)
+    a.dq("on_bp")
+    a.dq(0, 0)
+    a.section(".text")
+    return p.elf()
+
+
+def syscall_bounce_loop(iterations: int) -> bytes:
+    """`syscall` `iterations` times from guest user mode of a Xen-model PV kernel: each
+    enters the kernel's syscall callback through the hypervisor, and the callback goes
+    back to user mode with the iret hypercall and VGCF_in_syscall, as Linux's sysret
+    path does. One L4 serves kernel and user (MMUEXT_NEW_USER_BASEPTR names pt_base);
+    the user's last syscall (rax 1) tells the kernel to power off."""
+    p = PVProgram(guest_os="trapless-bench-syscall-bounce")
+    a = p.a
+    a.mov(rax, qword["start_info_ptr"])
+    a.mov(rax, qword[rax + offsetof("start_info", "pt_base")])
+    a.shr(rax, 12)                                  # VIRT_BASE 0: VA = PA
+    a.mov(qword[rip + "user_base" + 8], rax)
+    p.hypercall("mmuext_op", "user_base", 1, 0, C.DOMID_SELF)
+    p.hypercall("stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+    p.hypercall("callback_op", C.CALLBACKOP_register, "syscall_callback")
+    a.mov(qword["main_rsp"], rsp)
+    a.push(C.FLAT_RING3_SS64)                       # iret to user mode, events on
+    a.lea(rax, ptr["user_stack_top"])
+    a.push(rax)
+    a.push(0x202)
+    a.push(C.FLAT_RING3_CS64)
+    a.lea(rax, ptr["user_loop"])
+    a.push(rax)
+    a.push(0)
+    a.jmp("hypercall_iret")
+
+    a.label("user_loop")                            # guest user mode
+    a.mov(r12, iterations)
+    a.label("user_loop.next")
+    a.xor(eax, eax)
+    a.syscall()
+    a.dec(r12)
+    a.jne("user_loop.next")
+    a.mov(eax, 1)
+    a.syscall()
+
+    # the callback, on kernel_stack_top: rcx, r11, then the iret frame. Back to user
+    # with the frame as it is: VGCF_in_syscall (rcx and r11 the user may lose)
+    a.label("on_syscall")
+    a.cmp(eax, 1)
+    a.je("on_syscall.done")
+    a.add(rsp, 16)
+    a.push(C.VGCF_in_syscall)
+    a.jmp("hypercall_iret")
+    a.label("on_syscall.done")
+    a.mov(rsp, qword["main_rsp"])
+    a.xor(eax, eax)
+    a.ret()
+
+    a.section(".data")
+    a.align(8)
+    a.label("user_base")                            # struct mmuext_op
+    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
+    a.dq(0, 0)
+    a.label("syscall_callback")                     # struct callback_register
+    a.dw(C.CALLBACKTYPE_syscall, C.CALLBACKF_mask_events)
+    a.dd(0)
+    a.dq("on_syscall")
+    a.label("main_rsp")
+    a.dq(0)
+    a.section(".bss")
+    a.align(16)
+    a.reserve(4096)
+    a.label("kernel_stack_top")
+    a.reserve(4096)
+    a.label("user_stack_top")
+    a.section(".text")
+    return p.elf()
 
 
 def _measuring_program(name: str, samples: int) -> PVProgram:

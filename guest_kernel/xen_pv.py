@@ -741,3 +741,65 @@ def sysenter_guest() -> GuestImage:
         a.jmp(qword["kernel_next"])
     g.handlers(code)
     return g.finish()
+
+
+def handler_hypercall_guest(rounds: int = 3) -> bytes:
+    """`rounds` times: the carry set, then int3 and int $0x81 from guest kernel mode, whose trap
+    table handlers each make a hypercall (xen_version) before they return with the iret
+    hypercall; after each trap `adc` counts the carry the bounce and the iret kept.
+    The handlers store what xen_version returned in `handler_results` (the #BP one at
+    +0, int $0x81's at +8) and count themselves (+16, +24); main stores its carry count
+    (+32) and a register no trap touches (+40). A hypercall right after a bounce is
+    where a hypervisor that bounces without leaving its emulator could lose track of
+    the instruction pointer."""
+    from .asm import edi, esi, r12, r13
+    from .runtime import PVProgram
+
+    p = PVProgram(guest_os="trapless-handler-hypercall")
+    a = p.a
+    p.hypercall("set_trap_table", "handler_traps")
+    a.xor(r12, r12)
+    a.mov(rbx, 0x5A5A_1234_5678)
+    a.mov(r13, rounds)
+    a.label("round")
+    a.xor(eax, eax)
+    a.cmp(eax, 1)                                   # the carry set: 0 - 1 borrows
+    a.int3()
+    a.adc(r12, 0)
+    a.xor(eax, eax)
+    a.cmp(eax, 1)
+    a.int_(0x81)
+    a.adc(r12, 0)
+    a.dec(r13)
+    a.jne("round")
+    a.mov(qword[rip + "handler_results" + 32], r12)
+    a.mov(qword[rip + "handler_results" + 40], rbx)
+    a.xor(eax, eax)
+    a.ret()
+    for name, slot in (("bp", 0), ("int81", 8)):
+        a.label(f"on_{name}")
+        a.mov(edi, C.XENVER_version)
+        a.xor(esi, esi)
+        p.a.call("hypercall_xen_version")
+        a.mov(qword[rip + "handler_results" + slot], rax)
+        a.add(qword[rip + "handler_results" + (16 + slot)], 1)
+        a.pop(rcx)                                  # the bounce frame's rcx and r11
+        a.pop(r11)
+        a.push(0)                                   # iret flags: restore rcx and r11
+        a.jmp("hypercall_iret")
+    a.section(".data")
+    a.align(16)
+    a.label("handler_results")
+    a.dq(0, 0, 0, 0, 0, 0)
+    a.label("handler_traps")                        # struct trap_info[], address 0 ends it
+    a.db(3, 3)                                      # #BP, DPL 3
+    a.dw(C.FLAT_KERNEL_CS)
+    a.dd(0)
+    a.dq("on_bp")
+    a.db(0x81, 3)                                   # int $0x81, DPL 3
+    a.dw(C.FLAT_KERNEL_CS)
+    a.dd(0)
+    a.dq("on_int81")
+    a.dq(0, 0)
+    a.section(".text")
+    return p.elf()

@@ -1,8 +1,14 @@
 """`python -m hypervisor bench`: what the hypercall path and the services cost.
 
-- hypercall vs bare exit: a guest calling xen_version(XENVER_version) N times and a
-  guest doing `out` to an unclaimed port N times, one process, one C run loop; rounds
-  alternate so both see the same machine; the median round of each is reported.
+- the PV CPU model's paths, from ring 3 (where a Xen PV kernel runs), on the engine
+  asked for or on every available one: a bare exit (`out` to an unclaimed port that the
+  guest's TSS I/O bitmap opens to ring 3; a PVH guest, as no Xen PV kernel can exit
+  bare), the null hypercall xen_version(XENVER_version), an exception bounce (`int3`
+  to the trap table's #BP handler, which returns with the iret hypercall) and a
+  guest-user syscall bounce (user `syscall` to the kernel's syscall callback, back with
+  iret and VGCF_in_syscall), each as ns per iteration (a run of N minus a run of 1,
+  so boot is left out), as exits per iteration and as multiples of the bare exit;
+  rounds alternate so all see the same machine; the median round is reported.
 - timer lateness: delivery minus deadline of one-shot timers 1 ms ahead, as the guest
   sees it through the PV clock; median and p99, and as multiples of one bare exit.
 - upcall latency: from just before EVTCHNOP_send (an IPI to itself) to the guest's
@@ -55,6 +61,63 @@ def sampled(image: bytes, samples: int, engine: str | None) -> list[int]:
     return list(struct.unpack(f"<{samples}q", raw))
 
 
+# The PV CPU model's paths (pv_paths): name, what, guest of n iterations.
+PV_PATHS = (
+    ("bare_exit", "bare exit (`out`, port open in the TSS I/O bitmap)",
+     workloads.ring3_bare_exit_loop),
+    ("hypercall", "hypercall xen_version(XENVER_version)",
+     lambda n: workloads.hypercall_loop(n, xen_pv=True)),
+    ("exception_bounce", "#BP bounce to the trap table + iret",
+     workloads.exception_bounce_loop),
+    ("syscall_bounce", "user syscall bounce + iret (VGCF_in_syscall)",
+     workloads.syscall_bounce_loop),
+)
+
+
+def run_counted(image: bytes, engine: str | None) -> tuple[int, int]:
+    """One run of a guest that powers off: (wall ns, exits)."""
+    with Domain(image, memory_mib=16, engine=engine) as dom:
+        stop = dom.run(timeout=600)
+        if stop.kind != "shutdown" or stop.reason != 0:
+            raise TraplessError(f"benchmark guest did not power off: {stop.kind} {stop.message}")
+        return stop.elapsed_ns, dom.counters().total_exits
+
+
+def pv_paths(iterations: int, engine: str | None, rounds: int = ROUNDS) -> dict:
+    """ns and exits per iteration of each of PV_PATHS (a run of `iterations` minus a run
+    of 1), the median of `rounds` alternating rounds, and each over the bare exit."""
+    images = {name: (build(1), build(iterations)) for name, _, build in PV_PATHS}
+    ns = {name: [] for name in images}
+    exits = {}
+    for _ in range(rounds):
+        for name, (one, many) in images.items():
+            t1, e1 = run_counted(one, engine)
+            tn, en = run_counted(many, engine)
+            ns[name].append((tn - t1) / (iterations - 1))
+            exits[name] = round((en - e1) / (iterations - 1), 3)
+    out = {"iterations": iterations, "rounds": rounds}
+    bare = statistics.median(ns["bare_exit"])
+    for name in images:
+        median = statistics.median(ns[name])
+        out[name] = {"ns": round(median, 1), "exits": exits[name],
+                     "x_bare_exit": round(median / bare, 3)}
+    return out
+
+
+def pv_paths_table(r: dict) -> Table:
+    table = Table(title="Xen's PV CPU model, from ring 3: each path against a bare exit "
+                        "from ring 3 (same run, ns per iteration)")
+    for col in ("engine", "what", "iterations", "exits each", "ns each", "/ bare exit"):
+        table.add_column(col, justify="left" if col in ("engine", "what") else "right")
+    for engine in r["engines"]:
+        e = r[engine]
+        for name, what, _ in PV_PATHS:
+            table.add_row(engine, what, f"{e['iterations']:,}", f"{e[name]['exits']:g}",
+                          f"{e[name]['ns']:.1f}", f"{e[name]['x_bare_exit']:.3f}",
+                          style="bold" if name != "bare_exit" else None)
+    return table
+
+
 def mmu_batch_vs_single(engine: str | None, entries: int = 512) -> dict:
     """Exits and guest-measured time of 512 PTE updates: one hypercall vs 512."""
     from .image import load_image
@@ -100,10 +163,11 @@ def compute_ns_per_round(engine: str, target_ms: float, rounds: int,
 
 def side_by_side(iterations: int, rounds: int = 3, target_ms: float = 200,
                  compute_start: int = 100_000) -> dict:
-    """The null hypercall and the compute workload on every available engine."""
+    """The null hypercall (Xen's PV model) and the compute workload on every available
+    engine."""
     from . import engines
     names = engines.available()
-    hyper_img = workloads.hypercall_loop(iterations)
+    hyper_img = workloads.hypercall_loop(iterations, xen_pv=True)
     hyper = {name: [] for name in names}
     for _ in range(rounds):                     # interleaved: both see the same machine
         for name in names:
@@ -187,23 +251,41 @@ def percentiles(values: list[int], bare_exit_ns: float) -> dict:
 
 def measure(iterations: int = 100_000, engine: str | None = None, rounds: int = ROUNDS,
             samples: int = 500) -> dict:
-    hyper_img = workloads.hypercall_loop(iterations)
-    bare_img = workloads.bare_exit_loop(iterations)
-    hyper, bare = [], []
-    for _ in range(rounds):
-        hyper.append(time_guest(hyper_img, iterations, engine))
-        bare.append(time_guest(bare_img, iterations, engine))
-    h, b = statistics.median(hyper), statistics.median(bare)
-    return {"hypercall_ns": round(h, 1), "bare_exit_ns": round(b, 1), "ratio": round(h / b, 3),
-            "iterations": iterations, "rounds": rounds,
+    """The hypercall/bare exit pair and the other paths of pv_paths on `engine` (None:
+    every available engine, the first one's figures at the top level)."""
+    from . import engines
+    names = [engine] if engine else engines.available()
+    paths = {"engines": names}
+    for name in names:
+        paths[name] = pv_paths(iterations, name, rounds)
+    first = paths[names[0]]
+    h, b = first["hypercall"]["ns"], first["bare_exit"]["ns"]
+    return {"hypercall_ns": h, "bare_exit_ns": b, "ratio": first["hypercall"]["x_bare_exit"],
+            "iterations": iterations, "rounds": rounds, "pv_paths": paths,
             "timer_lateness": percentiles(sampled(workloads.timer_lateness(samples), samples, engine), b),
             "upcall_latency": percentiles(sampled(workloads.upcall_latency(samples), samples, engine), b),
             "clock_read": percentiles(sampled(workloads.clock_read_cost(samples), samples, engine), b),
             "mmu_update_512": mmu_batch_vs_single(engine)}
 
 
+def pv_paths_only(args) -> int:
+    """`bench --pv-paths`: only the PV CPU model's rows, for tuning those paths."""
+    from . import engines
+    names = [args.engine] if args.engine else engines.available()
+    result = {"engines": names}
+    for name in names:
+        result[name] = pv_paths(args.iterations, name, args.rounds or ROUNDS)
+    if args.json:
+        print(json.dumps({"pv_paths": result}))
+    else:
+        Console(file=sys.stdout).print(pv_paths_table(result))
+    return 0
+
+
 def main(args) -> int:
-    result = measure(args.iterations, args.engine, samples=args.samples)
+    if args.pv_paths:
+        return pv_paths_only(args)
+    result = measure(args.iterations, args.engine, args.rounds or ROUNDS, samples=args.samples)
     if args.engine is None:
         result["side_by_side"] = side_by_side(args.iterations)
         result["pv_cpu_models"] = cpu_models(min(args.iterations, 20_000))
@@ -216,15 +298,8 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    table = Table(title=f"hypercall round trip vs bare exit ({result['iterations']:,} each, "
-                        f"median of {result['rounds']} rounds)")
-    table.add_column("what")
-    table.add_column("ns per round trip", justify="right")
-    table.add_row("xen_version(XENVER_version) hypercall", f"{result['hypercall_ns']:.1f}")
-    table.add_row("bare exit (out to an unclaimed port)", f"{result['bare_exit_ns']:.1f}")
-    table.add_row("ratio hypercall / bare exit", f"{result['ratio']:.3f}", style="bold")
     console = Console(file=sys.stdout)
-    console.print(table)
+    console.print(pv_paths_table(result["pv_paths"]))
     lat = Table(title="event delivery as the guest sees it (PV clock)")
     for col in ("what", "median µs", "p99 µs", "median / bare exit", "p99 / bare exit"):
         lat.add_column(col, justify="right" if col != "what" else "left")

@@ -204,3 +204,21 @@ def test_sysenter_from_user_mode(run_guest):
         0, 3, 0, C.FLAT_RING3_SS64)
     assert r["sysenter_rflags"] == 0x202
     assert r["sysenter_mask"] == 1
+
+
+def test_trap_handlers_that_make_hypercalls_return_exactly(run_guest):
+    """int3 and int $0x81 from guest kernel mode, each handler calling xen_version
+    before its iret: every call returns where it was made with Xen's answer, every
+    trap comes back to the instruction after it with the carry it had."""
+    import struct
+    from guest_kernel.xen_pv import handler_hypercall_guest
+    image = handler_hypercall_guest(rounds=3)
+    stop, console, dom = run_guest(image, console_ring=False)
+    assert (stop.kind, stop.reason) == ("shutdown", 0), f"{stop}\n{console}"
+    at = load_image(image, 64 << 20).symbols["handler_results"]
+    bp_version, int81_version, bp_count, int81_count, carries, rbx = struct.unpack(
+        "<6q", dom.read_guest(at, 48))
+    assert (bp_version, int81_version) == ((4 << 16) | 19, (4 << 16) | 19)
+    assert (bp_count, int81_count, carries, rbx) == (3, 3, 6, 0x5A5A_1234_5678)
+    c = dom.counters()
+    assert c.hypercalls["iret"] == 6 and c.hypercalls["xen_version"] == 6
