@@ -28,8 +28,10 @@ def test_deprivileged_kernel_takes_traps_events_and_syscalls(run_guest):
     assert dom.pv_model == builder.XEN_PV
     assert r["start_info_shared_info"] == dom.layout.shared_info != 0
     assert r["boot_upcall_mask"] == 1
-    # no supervisor_mode_kernel, no callback vector: of Xen's PV set, preserve-A/D
-    assert (r["get_features"], r["features_submap_0"]) == (0, 1 << C.XENFEAT_mmu_pt_update_preserve_ad)
+    # no supervisor_mode_kernel, no callback vector: Xen's PV bits
+    assert (r["get_features"], r["features_submap_0"]) == (
+        0, 1 << C.XENFEAT_mmu_pt_update_preserve_ad | 1 << C.XENFEAT_highmem_assist |
+        1 << C.XENFEAT_gnttab_map_avail_bits)
     # forced-emulation cpuid answers with Xen's leaves
     assert (r["cpuid_0_eax"], r["cpuid_0_ebx"], r["cpuid_0_ecx"], r["cpuid_0_edx"]) == (
         C.XEN_CPUID_BASE + 5, *XEN_SIGNATURE)
