@@ -353,24 +353,28 @@ static __thread uint64_t pending_cr3;
 
 /* A ring-3 guest kernel's tables are shadowed by a KVM that shadows (KVM-PVM): trapless
  * writes their entries from the host, which KVM does not see, and no CR4.PGE toggle
- * drops a shadow page KVM believes in sync. Taking the pool's memslot away and back
- * makes KVM forget every shadow of it (ring-0 guests do not need this: KVM-PVM
- * emulates their code and walks the tables afresh). It costs about 1 ms here, so only
- * after a present entry of a table in use changed (mm.c). */
+ * drops a shadow page KVM believes in sync. Taking the memslot that holds the tables
+ * away and back makes KVM forget every shadow of it (ring-0 guests do not need this:
+ * KVM-PVM emulates their code and walks the tables afresh). Under Xen's model any frame
+ * of RAM may be a table, so that is the RAM slot (2); a ring-0 kernel's tables are in
+ * the pool's (1). Only after a present entry of a table in use changed (mm.c): it costs
+ * about 1 ms here, and KVM then rebuilds the shadows it needs. */
 static int drop_shadows(struct hv_domain *d)
 {
     if (d->pv_model != HV_PV_XEN ||
         !__atomic_exchange_n(&d->mm.live_entry_changed, 0, __ATOMIC_ACQ_REL))
         return 0;
+    int pool = d->pt_pool_end > d->pt_pool_start;
+    uint64_t start = pool ? d->pt_pool_start : d->pt_pool_end;
+    uint64_t end = pool ? d->pt_pool_end : d->ram_bytes + d->gnt_bytes;
     struct kvm_userspace_memory_region r = {
-        .slot = 1, .flags = KVM_MEM_READONLY, .guest_phys_addr = d->pt_pool_start,
-        .memory_size = 0, .userspace_addr = (uint64_t)(uintptr_t)(d->ram + d->pt_pool_start),
+        .slot = pool ? 1 : 2, .flags = pool ? KVM_MEM_READONLY : 0,
+        .guest_phys_addr = start, .memory_size = 0,
+        .userspace_addr = (uint64_t)(uintptr_t)(d->ram + start),
     };
-    if (d->pt_pool_end == d->pt_pool_start)
-        return 0;
     if (ioctl(d->kvm_vm_fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
         return -1;
-    r.memory_size = d->pt_pool_end - d->pt_pool_start;
+    r.memory_size = end - start;
     return ioctl(d->kvm_vm_fd, KVM_SET_USER_MEMORY_REGION, &r);
 }
 

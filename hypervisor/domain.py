@@ -215,8 +215,8 @@ class Domain:
         As with Xen's toolstack, the store's port is the domain's first, the console's next.
         guest_type: "pv" or "pvh" (None: as the image's notes say, image.py); ramdisk:
         an initramfs (a PVH guest's module 0, a PV guest's start_info.mod_start);
-        disks: config.Disk entries, each a virtual block device whose xenstore directories are written with the domain's
-        keys (needs xenstore); vifs: config.Vif entries, each a virtual network card
+        disks: config.Disk entries, each a virtual block device whose xenstore
+        directories are written with the domain's keys (needs xenstore); vifs: config.Vif entries, each a virtual network card
         plugged into its software bridge (cext/netback.c), found the same way."""
         self._dom = None
         self._lock = threading.RLock()
@@ -271,8 +271,15 @@ class Domain:
         cfg.engine = engines.ENGINES[self.engine]
         cfg.domid = domid
         cfg.ram_bytes = ram_bytes
-        cfg.pt_pool_start = self.layout.pt_start
-        cfg.pt_pool_end = self.layout.pt_end
+        # A read-only pool of page-table frames keeps trapless's ring-0 kernels from
+        # writing their tables. Under Xen's model the frame types do that, and the
+        # bootstrap tables are ordinary frames: Linux unpins them and maps them
+        # writable for reuse, which a pool frame could never be.
+        if self.pv_model == builder.XEN_PV:
+            cfg.pt_pool_start = cfg.pt_pool_end = 0
+        else:
+            cfg.pt_pool_start = self.layout.pt_start
+            cfg.pt_pool_end = self.layout.pt_end
         cfg.console_fd = console_w
         cfg.handle = self.uuid.bytes
         cfg.max_evtchn_ports = max_evtchn_ports
