@@ -216,8 +216,9 @@ class Domain:
         guest_type: "pv" or "pvh" (None: as the image's notes say, image.py); ramdisk:
         an initramfs (a PVH guest's module 0, a PV guest's start_info.mod_start);
         disks: config.Disk entries, each a virtual block device whose xenstore
-        directories are written with the domain's keys (needs xenstore); vifs: config.Vif entries, each a virtual network card
-        plugged into its software bridge (cext/netback.c), found the same way."""
+        directories are written with the domain's keys (needs xenstore); vifs:
+        config.Vif entries, each a virtual network card plugged into its software
+        bridge (cext/netback.c), found the same way."""
         self._dom = None
         self._lock = threading.RLock()
         self._state = "building"
