@@ -152,8 +152,8 @@ enum bt_kind {
                                      * ring 0, privileged in ring 3 (Xen's PV model only) */
     BT_WRSEGBASE,                   /* wrfsbase/wrgsbase: TCG does not check the base is
                                      * canonical (Xen's PV model only) */
-    BT_PRIV_RING3,                  /* swapgs, sysret, sysexit, rdpmc: fine for a ring-0
-                                     * kernel, #GP(0) in ring 3 (Xen's PV model only) */
+    BT_PRIV_RING3,                  /* swapgs, sysret, sysexit, rdpmc, xsetbv: fine for a
+                                     * ring-0 kernel, #GP(0) in ring 3 (Xen's PV model only) */
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
     BT_INT_N,                       /* int3, int n, into: software interrupts, and their length */
     BT_ICEBP,                       /* icebp (int1): #DB as a trap; TCG has no icebp */

@@ -758,9 +758,19 @@ static int pv_load_sregs(struct hv_vcpu *v, const struct pv_regs *r, const struc
         }
     }
     sregs.cr0 = (sregs.cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0);
-    sregs.cr4 = (sregs.cr4 & ~PV_CR4_FSGSBASE) | (p->cr4 & PV_CR4_FSGSBASE);
+    sregs.cr4 = (sregs.cr4 & ~(PV_CR4_FSGSBASE | PV_CR4_OSXSAVE)) |
+                (p->cr4 & (PV_CR4_FSGSBASE | PV_CR4_OSXSAVE));
     if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
         return -1;
+    if (p->hw_dirty && (p->cr4 & PV_CR4_OSXSAVE)) {
+        struct kvm_xcrs xcrs;
+        memset(&xcrs, 0, sizeof(xcrs));
+        xcrs.nr_xcrs = 1;
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = p->xcr0;
+        if (ioctl(v->fd, KVM_SET_XCRS, &xcrs) < 0)
+            return -1;
+    }
     if (p->hw_dirty) {
         struct kvm_debugregs dbg;
         memset(&dbg, 0, sizeof(dbg));

@@ -21,13 +21,72 @@
 /* ud2; .ascii "xen"; cpuid */
 static const uint8_t forced_cpuid[7] = { 0x0f, 0x0b, 0x78, 0x65, 0x6e, 0x0f, 0xa2 };
 
-/* leaf 1 ecx: what a PV domU cannot use: MONITOR/MWAIT, VMX, SMX, EIST, TM2, PDCM,
- * x2APIC, TSC-deadline; and the hypervisor bit set */
-#define LEAF1_ECX_HIDDEN ((1u << 3) | (1u << 5) | (1u << 6) | (1u << 7) | (1u << 8) | \
-                          (1u << 15) | (1u << 21) | (1u << 24))
+/* Xen's default PV CPUID policy: of the host's features, those Xen's featureset
+ * (public/arch-x86/cpufeatureset.h) marks 'A', available to every guest by default.
+ * 'S' and 'H' features are HVM-only: a PV kernel cannot use them in ring 3 under Xen's
+ * page-table rules, and Linux reads them to choose how to run (PSE or 1 GiB pages for
+ * its direct map, which a PV L2/L3 entry may not hold; x2APIC, MTRR, VME, PGE...). */
+enum {
+    PV_1D  = 0x1fc9cbf5,    /* leaf 1 edx: FPU DE TSC MSR PAE MCE CX8 APIC SEP MCA CMOV PAT
+                             * CLFLUSH ACPI MMX FXSR SSE SSE2 SS HTT */
+    PV_1C  = 0xf6d83203,    /* leaf 1 ecx: SSE3 PCLMULQDQ SSSE3 FMA CX16 SSE4.1/4.2 MOVBE
+                             * POPCNT AESNI XSAVE AVX F16C RDRAND HYPERVISOR */
+    PV_E1D = 0xea500800,    /* 0x80000001 edx: SYSCALL NX MMXEXT FFXSR RDTSCP LM 3DNOW(EXT) */
+    PV_E1C = 0x442109e3,    /* 0x80000001 ecx: LAHF_LM CMP_LEGACY ABM SSE4A MISALIGNSSE
+                             * 3DNOWPREFETCH XOP FMA4 TBM DBEXT ADDR_MSK_EXT */
+    PV_DA1 = 0x00000007,    /* 0xd:1 eax: XSAVEOPT XSAVEC XGETBV1 */
+    PV_7B0 = 0xf1af0b29,    /* 7:0 ebx: FSGSBASE BMI1 AVX2 BMI2 ERMS RTM AVX512F/DQ/IFMA/CD/
+                             * BW/VL RDSEED ADX CLFLUSHOPT CLWB SHA */
+    PV_7C0 = 0x02405f43,    /* 7:0 ecx: PREFETCHWT1 AVX512_VBMI(2) GFNI VAES VPCLMULQDQ
+                             * AVX512_VNNI/BITALG/VPOPCNTDQ RDPID CLDEMOTE */
+    PV_7D0 = 0xac804410,    /* 7:0 edx: FSRM MD_CLEAR SERIALIZE AVX512_FP16 IBRSB STIBP
+                             * ARCH_CAPS SSBD */
+    PV_7A1 = 0x00801c37,    /* 7:1 eax: SHA512 SM3 SM4 AVX_VNNI AVX512_BF16 FZRM FSRS FSRCS
+                             * AVX_IFMA */
+    PV_E8B = 0x64001005,    /* 0x80000008 ebx: CLZERO RSTR_FP_ERR_PTRS IBPB SSB_NO BTC_NO
+                             * IBPB_RET */
+};
+/* AMD repeats these leaf 1 edx bits in 0x80000001 edx; Xen fills them from leaf 1's. */
+#define COMMON_1D 0x0183f3ffu
+#define LEAF1_ECX_OSXSAVE (1u << 27)    /* Xen lets its own CR4.OSXSAVE show (cpuid.c) */
 #define LEAF1_ECX_HYPERVISOR (1u << 31)
-/* leaf 1 edx: ACPI thermal control, TM, PBE */
-#define LEAF1_EDX_HIDDEN ((1u << 22) | (1u << 29) | (1u << 31))
+
+/* Leaf 0xd, XSAVE, as Xen fills it from the policy and the vCPU's own XCR0: no
+ * supervisor components (XSS is 0 for PV: no XSAVES), and the sizes of the areas for
+ * the components the guest enabled (0:ebx standard format, 1:ebx compacted). out holds
+ * the host's answer. */
+#define XSAVE_LEGACY_AND_HEADER 576
+static void xsave_leaf(struct hv_vcpu *v, uint32_t subleaf, uint32_t out[4])
+{
+    uint32_t main[4], part[4], size = XSAVE_LEGACY_AND_HEADER;
+    uint64_t supported, xcr0 = v->pv.xcr0;
+
+    __cpuid_count(0xd, 0, main[0], main[1], main[2], main[3]);
+    supported = (uint64_t)main[3] << 32 | main[0];
+    if (subleaf >= 2) {
+        if (subleaf >= 63 || !(supported >> subleaf & 1) || (out[2] & 1))
+            out[0] = out[1] = out[2] = out[3] = 0;
+        return;
+    }
+    for (uint32_t i = 2; i < 63; i++) {
+        if (!((xcr0 & supported) >> i & 1))
+            continue;
+        __cpuid_count(0xd, i, part[0], part[1], part[2], part[3]);
+        if (subleaf == 0) {
+            if (part[1] + part[0] > size)
+                size = part[1] + part[0];       /* offset + size, standard format */
+        } else {
+            if (part[2] & 2)
+                size = (size + 63) & ~63u;      /* aligned to 64 when compacted */
+            size += part[0];
+        }
+    }
+    out[1] = size;
+    if (subleaf == 1) {
+        out[0] &= PV_DA1;
+        out[2] = out[3] = 0;                    /* no XSS components */
+    }
+}
 
 void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
 {
@@ -37,10 +96,39 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
         return;
     }
     __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
-    if (leaf == 1) {
+    switch (leaf) {
+    case 1:
         out[1] = (out[1] & 0x00ffffff) | (uint32_t)(v->id * 2) << 24;   /* APIC id, as Xen */
-        out[2] = (out[2] & ~LEAF1_ECX_HIDDEN) | LEAF1_ECX_HYPERVISOR;
-        out[3] &= ~LEAF1_EDX_HIDDEN;
+        out[2] = (out[2] & (PV_1C | LEAF1_ECX_OSXSAVE)) | LEAF1_ECX_HYPERVISOR;
+        out[3] &= PV_1D;
+        break;
+    case 7:
+        if (subleaf == 0) {
+            out[1] &= PV_7B0;
+            out[2] &= PV_7C0;
+            out[3] &= PV_7D0;
+        } else {
+            out[0] = subleaf == 1 ? out[0] & PV_7A1 : 0;
+            out[1] = out[2] = out[3] = 0;
+        }
+        break;
+    case 0xd:
+        xsave_leaf(v, subleaf, out);
+        break;
+    case 0x80000001: {
+        uint32_t l1[4];
+        __cpuid_count(1, 0, l1[0], l1[1], l1[2], l1[3]);
+        out[2] &= PV_E1C;
+        out[3] = (out[3] & PV_E1D & ~COMMON_1D) |
+                 ((out[3] & COMMON_1D) ? l1[3] & PV_1D & COMMON_1D : 0);
+        break;
+    }
+    case 0x80000007:
+        out[3] = 0;                 /* no 'A' feature in its edx (invariant TSC is 'a') */
+        break;
+    case 0x80000008:
+        out[1] &= PV_E8B;
+        break;
     }
 }
 
@@ -208,6 +296,11 @@ int pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r)
         r->rdx = value >> 32;
         r->rip += (uint64_t)at + 2;
         return 1;
+    case 0x01:                          /* xsetbv: 0F 01 D1, with CR4.OSXSAVE set */
+        if (modrm != 0xd1 || !(v->pv.cr4 & PV_CR4_OSXSAVE) ||
+            pv_write_xcr(v, (uint32_t)r->rcx, (uint32_t)r->rax | r->rdx << 32) < 0)
+            return 0;
+        break;
     case 0x30:                          /* wrmsr */
         if (write_msr(v, r, (uint32_t)r->rcx, (uint32_t)r->rax | r->rdx << 32) < 0)
             return 0;
