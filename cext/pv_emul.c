@@ -407,12 +407,36 @@ uint32_t pv_far_branch_error(struct hv_vcpu *v, struct pv_regs *r)
     return sel & 0xfffc;
 }
 
+/* Arithmetic flags of a logical result (and/or/xor): CF = OF = 0, ZF, SF, PF. */
+#define RFLAGS_LOGIC (0x1ULL | 0x4ULL | 0x40ULL | 0x80ULL | 0x800ULL)
+static uint64_t logic_flags(uint64_t result, int size)
+{
+    uint64_t flags = 0, bits = (uint64_t)size * 8;
+    uint64_t v = bits == 64 ? result : result & ((1ULL << bits) - 1);
+    if (!v)
+        flags |= 0x40;                                  /* ZF */
+    if (v >> (bits - 1) & 1)
+        flags |= 0x80;                                  /* SF */
+    if (!(__builtin_popcount((unsigned)(v & 0xff)) & 1))
+        flags |= 0x4;                                   /* PF */
+    return flags;
+}
+
+/* VMASST writable_pagetables (Xen's ptwr): a guest kernel store into an L1 table it
+ * maps read-only is applied as that entry's MMU_NORMAL_PT_UPDATE, validated like one,
+ * or the #PF stands. Xen runs its whole emulator here; trapless decodes the forms a
+ * kernel uses on a PTE: mov (89, C7 /0), xchg (87), cmpxchg (0F B1), and the
+ * read-modify-write logic ops and/or/xor with a register (21, 09, 31) or an immediate
+ * (80, 81, 83 /4 /1 /6), any of them locked or with a segment prefix (Linux patches
+ * `lock` into `ds` on one CPU), on a byte, dword or qword within one entry. */
 int pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
 {
     struct hv_domain *d = v->dom;
     uint8_t code[16];
-    int at = 0, rex = 0, opsize16 = 0, len, avail = sizeof(code), size, reg;
-    uint64_t gpa, mfn, value, old, merged;
+    int at = 0, rex = 0, opsize16 = 0, len, avail = sizeof(code), size, reg, imm_bytes = 0;
+    int logic = 0;                      /* 1 and, 2 or, 3 xor */
+    uint64_t gpa, mfn, value, old, cur, merged, mask;
+    unsigned shift;
     const struct hv_frame *f;
     uint8_t op;
 
@@ -425,45 +449,75 @@ int pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
         return 0;                       /* only an L1 table's writes are emulated */
     while (avail > 0 && hv_copy_from_guest(v, code, r->rip, (uint64_t)avail) < 0)
         avail--;
-    for (; at < 3 && at < avail && (code[at] == 0xf0 || code[at] == 0x66); at++)
-        opsize16 |= code[at] == 0x66;
+    for (; at < 4 && at < avail; at++) {        /* lock, operand size, segments */
+        uint8_t p = code[at];
+        if (p == 0x66)
+            opsize16 = 1;
+        else if (p != 0xf0 && p != 0x2e && p != 0x36 && p != 0x3e && p != 0x26)
+            break;
+    }
     if (at < avail && (code[at] & 0xf0) == 0x40)
         rex = code[at++];
     if (at + 2 > avail)
         return 0;
     op = code[at];
-    if (op == 0x0f) {                   /* cmpxchg r/m, r: 0F B1 /r */
+    reg = ((code[at + 1] >> 3) & 7) | (rex & 4) << 1;
+    size = (rex & 8) ? 8 : opsize16 ? 2 : 4;
+    switch (op) {
+    case 0x0f:                          /* cmpxchg r/m, r: 0F B1 /r */
         if (code[++at] != 0xb1)
             return 0;
-    } else if (op != 0x89 && op != 0x87 && !(op == 0xc7 && ((code[at + 1] >> 3) & 7) == 0)) {
-        return 0;                       /* mov r/m, r; xchg; mov r/m, imm32 */
+        reg = ((code[at + 1] >> 3) & 7) | (rex & 4) << 1;
+        break;
+    case 0x89: case 0x87:               /* mov r/m, r; xchg */
+        break;
+    case 0xc7:                          /* mov r/m, imm32 */
+        if (((code[at + 1] >> 3) & 7) != 0)
+            return 0;
+        imm_bytes = 4;
+        break;
+    case 0x21: logic = 1; break;        /* and r/m, r */
+    case 0x09: logic = 2; break;        /* or r/m, r */
+    case 0x31: logic = 3; break;        /* xor r/m, r */
+    case 0x80: case 0x81: case 0x83: {  /* and/or/xor r/m, imm */
+        int ext = (code[at + 1] >> 3) & 7;
+        logic = ext == 4 ? 1 : ext == 1 ? 2 : ext == 6 ? 3 : 0;
+        if (!logic)
+            return 0;
+        if (op == 0x80)
+            size = 1;
+        imm_bytes = op == 0x81 ? 4 : 1;
+        break;
     }
-    if ((len = modrm_length(code + at + 1)) < 0 || at + 1 + len + (op == 0xc7 ? 4 : 0) > avail)
+    default:
         return 0;
-    size = (rex & 8) ? 8 : opsize16 ? 2 : 4;
+    }
+    if ((len = modrm_length(code + at + 1)) < 0 || at + 1 + len + imm_bytes > avail)
+        return 0;
     if (size == 2 || (cr2 & (uint64_t)(size - 1)))
-        return 0;                       /* a whole entry, or an aligned half of one */
-    reg = ((code[at + 1] >> 3) & 7) | (rex & 4) << 1;
-    if (op == 0xc7) {
+        return 0;                       /* a byte, an aligned half or a whole entry */
+    if (imm_bytes == 4) {
         int32_t imm;
         memcpy(&imm, code + at + 1 + len, 4);
         value = (uint64_t)(int64_t)imm;
+    } else if (imm_bytes == 1) {
+        value = (uint64_t)(int64_t)(int8_t)code[at + 1 + len];
     } else {
         value = *gpr(r, reg);
     }
     old = *(const uint64_t *)(d->ram + (gpa & ~7ULL));
-    if (size == 4) {
-        unsigned shift = (unsigned)(cr2 & 4) * 8;
-        value &= 0xffffffffULL;
-        merged = (old & ~(0xffffffffULL << shift)) | value << shift;
-    } else {
-        merged = value;
+    shift = (unsigned)(cr2 & 7) * 8;
+    mask = size == 8 ? ~0ULL : ((1ULL << (size * 8)) - 1) << shift;
+    cur = (old & mask) >> shift;        /* the operand as it is now */
+    if (logic) {
+        value = logic == 1 ? cur & value : logic == 2 ? cur | value : cur ^ value;
+        r->rflags = (r->rflags & ~RFLAGS_LOGIC) | logic_flags(value, size);
     }
+    merged = (old & ~mask) | ((value << shift) & mask);
     if (op == 0x0f) {                   /* cmpxchg: only if rax holds what is there */
-        uint64_t now = size == 8 ? old : (old >> ((cr2 & 4) * 8)) & 0xffffffffULL;
         uint64_t want = size == 8 ? r->rax : r->rax & 0xffffffffULL;
-        if (now != want) {
-            r->rax = now;               /* a 32-bit one zero-extends */
+        if (cur != want) {
+            r->rax = cur;               /* a 32-bit one zero-extends */
             r->rflags &= ~0x40ULL;      /* ZF clear */
             r->rip += (uint64_t)at + 1 + (uint64_t)len;
             return 1;
@@ -474,8 +528,8 @@ int pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
     if (hv_mm_write_pte(d, gpa & ~7ULL, merged) < 0)
         return 0;
     if (op == 0x87)                     /* xchg hands the old value back */
-        *gpr(r, reg) = size == 8 ? old : (old >> ((cr2 & 4) * 8)) & 0xffffffffULL;
-    r->rip += (uint64_t)at + 1 + (uint64_t)len + (op == 0xc7 ? 4 : 0);
+        *gpr(r, reg) = cur;
+    r->rip += (uint64_t)at + 1 + (uint64_t)len + (uint64_t)imm_bytes;
     return 1;
 }
 
