@@ -915,13 +915,27 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     return 0;
 }
 
+/* An exception KVM has taken but not yet delivered through the IDT (an exit came
+ * between the two): it belongs to the instruction at rip, and its stub exits as soon
+ * as the guest runs, delivering events then. */
+static int exception_in_flight(struct hv_vcpu *v)
+{
+    struct kvm_vcpu_events ev;
+    if (ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) < 0)
+        return 1;                       /* unknown: let the next exit deliver */
+    return ev.exception.injected || ev.exception.pending;
+}
+
 /* An event upcall due while the guest runs its own code (not inside a stub or the
- * landing page, which exit at once and deliver it themselves). */
+ * landing page, which exit at once and deliver it themselves). Not while an exception
+ * is in flight: the bounce would move rip to the callback, and KVM would then deliver
+ * that exception with the callback's address as the faulting one. */
 static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
 {
     struct pv_regs r, first;
 
-    if (!v->cr3_valid || !pv_upcall_due(v) || pv_in_area(v->run->s.regs.regs.rip))
+    if (!v->cr3_valid || !pv_upcall_due(v) || pv_in_area(v->run->s.regs.regs.rip) ||
+        exception_in_flight(v))
         return 0;
     pv_regs_from_run(v, &r);
     first = r;
