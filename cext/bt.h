@@ -215,13 +215,14 @@ struct bt_tramp {
     uint8_t  landing[16];           /* where both arrive: emu_start stops here */
     uint8_t  far_ptr[16];           /* m16:64: an ignored offset, the gate's selector */
     uint8_t  cpuid[16];             /* cpuid (bt_guest_cpuid) */
+    uint8_t  xsetbv[16];            /* xsetbv (bt_set_xcr0) */
     uint64_t iret_frame[6];         /* rip (the landing), cs, rflags, rsp, ss */
     union {
         uint8_t tss[0x68];          /* a 64-bit TSS: only RSP0 is read */
         struct __attribute__((packed)) { uint32_t reserved; uint64_t rsp0; };
     };
     uint64_t gdt[BT_TRAMP_GDT_ENTRIES];
-    uint8_t  stack[4096 - 128 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
+    uint8_t  stack[4096 - 144 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
     uint8_t  stack_top[8];
 } __attribute__((aligned(4096)));
 
@@ -327,6 +328,7 @@ int  bt_iret_to_user(struct bt_vcpu *b, const uint64_t frame[5]);
 /* CPUID as the guest sees it (Unicorn's CPU model, with the VMM's leaves): the CPU
  * runs one cpuid from the VMM's page. */
 void bt_guest_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+int  bt_set_xcr0(struct bt_vcpu *b, uint64_t xcr0);
 /* The GDT descriptor a selector names: 0, or -1 (null, LDT, beyond the limit, unmapped). */
 int  bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc);
 /* The #PF for the access the TLB fill refused last (cr2, error code). */

@@ -21,7 +21,7 @@
 /* ud2; .ascii "xen"; cpuid */
 static const uint8_t forced_cpuid[7] = { 0x0f, 0x0b, 0x78, 0x65, 0x6e, 0x0f, 0xa2 };
 
-/* Xen's default PV CPUID policy: of the host's features, those Xen's featureset
+/* Xen's default PV CPUID policy: of the host's features (the engine's CPU's here), those Xen's featureset
  * (public/arch-x86/cpufeatureset.h) marks 'A', available to every guest by default.
  * 'S' and 'H' features are HVM-only: a PV kernel cannot use them in ring 3 under Xen's
  * page-table rules, and Linux reads them to choose how to run (PSE or 1 GiB pages for
@@ -51,6 +51,15 @@ enum {
 #define LEAF1_ECX_OSXSAVE (1u << 27)    /* Xen lets its own CR4.OSXSAVE show (cpuid.c) */
 #define LEAF1_ECX_HYPERVISOR (1u << 31)
 
+/* The CPUID of the CPU the guest runs on: the host's under KVM, TCG's model on bt. */
+static void base_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
+{
+    if (v->ops && v->ops->cpuid)
+        v->ops->cpuid(v, leaf, subleaf, out);
+    else
+        __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
+}
+
 /* Leaf 0xd, XSAVE, as Xen fills it from the policy and the vCPU's own XCR0: no
  * supervisor components (XSS is 0 for PV: no XSAVES), and the sizes of the areas for
  * the components the guest enabled (0:ebx standard format, 1:ebx compacted). out holds
@@ -61,7 +70,7 @@ static void xsave_leaf(struct hv_vcpu *v, uint32_t subleaf, uint32_t out[4])
     uint32_t main[4], part[4], size = XSAVE_LEGACY_AND_HEADER;
     uint64_t supported, xcr0 = v->pv.xcr0;
 
-    __cpuid_count(0xd, 0, main[0], main[1], main[2], main[3]);
+    base_cpuid(v, 0xd, 0, main);
     supported = (uint64_t)main[3] << 32 | main[0];
     if (subleaf >= 2) {
         if (subleaf >= 63 || !(supported >> subleaf & 1) || (out[2] & 1))
@@ -71,7 +80,7 @@ static void xsave_leaf(struct hv_vcpu *v, uint32_t subleaf, uint32_t out[4])
     for (uint32_t i = 2; i < 63; i++) {
         if (!((xcr0 & supported) >> i & 1))
             continue;
-        __cpuid_count(0xd, i, part[0], part[1], part[2], part[3]);
+        base_cpuid(v, 0xd, i, part);
         if (subleaf == 0) {
             if (part[1] + part[0] > size)
                 size = part[1] + part[0];       /* offset + size, standard format */
@@ -95,7 +104,7 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
         hv_xen_cpuid(v, leaf - XEN_CPUID_BASE, subleaf, out);
         return;
     }
-    __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
+    base_cpuid(v, leaf, subleaf, out);
     switch (leaf) {
     case 1:
         out[1] = (out[1] & 0x00ffffff) | (uint32_t)(v->id * 2) << 24;   /* APIC id, as Xen */
@@ -117,7 +126,7 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
         break;
     case 0x80000001: {
         uint32_t l1[4];
-        __cpuid_count(1, 0, l1[0], l1[1], l1[2], l1[3]);
+        base_cpuid(v, 1, 0, l1);
         out[2] &= PV_E1C;
         out[3] = (out[3] & PV_E1D & ~COMMON_1D) |
                  ((out[3] & COMMON_1D) ? l1[3] & PV_1D & COMMON_1D : 0);

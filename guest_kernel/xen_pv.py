@@ -279,6 +279,9 @@ def cpu_model_guest() -> GuestImage:
     a.xor(edx, edx)
     a.xor(ecx, ecx)
     a.db(0x0F, 0x01, 0xD1)                  # xsetbv
+    a.xor(ecx, ecx)
+    a.db(0x0F, 0x01, 0xD0)                  # xgetbv runs natively: the engine's XCR0
+    g.report("xgetbv")
     forced_cpuid("xsave0_after", 0xD, 0, ("ebx",))
     forced_cpuid("xsave1_after", 0xD, 1, ("ebx",))
     for name, value in (("xsetbv_no_x87", 2), ("xsetbv_avx_without_sse", 5)):

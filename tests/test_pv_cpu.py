@@ -59,6 +59,7 @@ def test_deprivileged_kernel_takes_traps_events_and_syscalls(run_guest):
     avx = 256 if r["xsave0_eax"] & 4 else 0
     assert (r["xsave0_ebx"], r["xsave1_ebx"]) == (576, 576)
     assert (r["xsave0_after_ebx"], r["xsave1_after_ebx"]) == (576 + avx, 576 + avx)
+    assert r["xgetbv"] == r["xsave0_eax"] & 7       # loaded into the CPU (kvm) or TCG (bt)
     # xsetbv without x87, or AVX without SSE: #GP(0) at the instruction
     assert (r["gp_xsetbv_no_x87_rip"], r["gp_xsetbv_avx_without_sse_rip"]) == (0, 0)
     assert r["gp_count_after_xsetbv"] == 5
