@@ -9,7 +9,8 @@ tables, and ends on a 4 MiB boundary with at least 512 KiB of padding.
 
 trapless keeps page tables in a pool of guest-physical frames the guest cannot write
 (a read-only memslot on kvm): the bootstrap tables come first, then zeroed spare frames
-the guest may turn into new tables later. start_info.nr_pt_frames covers the pool.
+the guest may turn into new tables later. start_info.nr_pt_frames covers the pool
+(and, under Xen's model, the shared_info frame between the two: see plan()).
 
 The CPU model comes from the image (cpu_model): a PV kernel runs deprivileged, in ring
 3 under Xen's PV CPU model, unless its FEATURES note requires supervisor_mode_kernel,
@@ -114,8 +115,7 @@ class Layout:
     stack_top: int
     gdt: int
     region_end: int
-    # Xen's model: the shared_info frame start_info names. Xen keeps it outside the
-    # domain's memory; trapless gives it the page after the console ring.
+    # Xen's model: the shared_info frame start_info names (plan() says where it goes)
     shared_info: int | None = None
     # where the start-of-day mapping begins (pseudo-physical; virtual = virt_base + it)
     map_start: int | None = None
@@ -154,13 +154,19 @@ def plan(image: PVImage, ram_bytes: int, model: int = RING0, ramdisk_size: int =
     start_info = page_up(mfn_list + nr_pages * 8)
     xenstore = start_info + PAGE
     console = xenstore + PAGE
-    shared_info = console + PAGE if model == XEN_PV else None
-    pt_start = (shared_info or console) + PAGE
+    pt_start = console + PAGE
+    # Xen's model: the shared_info frame start_info names. Xen keeps it outside the
+    # domain's memory, so a guest never takes it for free RAM; trapless gives it the
+    # frame after the bootstrap tables, inside the area start_info.nr_pt_frames covers,
+    # which a PV kernel keeps reserved as its bootstrap page tables (Linux reuses any
+    # other frame of its start-of-day region it does not know, and did: module text
+    # overwrote the event channels). The spare frames stay the last ones.
+    extra = 1 if model == XEN_PV else 0
     # The number of bootstrap tables depends on the region's size, which depends on it:
     # grow until it stops changing.
     boot = 4
     while True:
-        pt_end = pt_start + (boot + SPARE_PT_FRAMES) * PAGE
+        pt_end = pt_start + (boot + extra + SPARE_PT_FRAMES) * PAGE
         stack_bottom = pt_end
         stack_top = stack_bottom + BOOT_STACK_PAGES * PAGE
         gdt = stack_top
@@ -176,6 +182,7 @@ def plan(image: PVImage, ram_bytes: int, model: int = RING0, ramdisk_size: int =
     if why:
         raise ImageError(f"the start-of-day region at VIRT_BASE {image.virt_base:#x} "
                          f"cannot be mapped: {why}")
+    shared_info = pt_start + boot * PAGE if model == XEN_PV else None
     if region_end > ram_bytes:
         what = f" (with a {ramdisk_size:,}-byte ramdisk)" if ramdisk_size else ""
         raise ImageError(
