@@ -289,7 +289,8 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
     pt = PageTableWriter(ram, layout)
     map_start = layout.image_start if layout.map_start is None else layout.map_start
     for phys in range(map_start, layout.region_end, PAGE):
-        writable = not layout.pt_start <= phys < layout.pt_end
+        # tables read-only; shared_info, which sits among them, writable as before
+        writable = not layout.pt_start <= phys < layout.pt_end or phys == layout.shared_info
         pt.map_page(layout.virt(phys), phys, writable)
 
     struct.pack_into(f"<{len(GDT_ENTRIES)}Q", ram, layout.gdt, *GDT_ENTRIES)
