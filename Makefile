@@ -1,5 +1,5 @@
 # trapless: make setup · make run-guest · make test · make stress · make bench · make conformance · make compare
-#           make xtf · make xtf-run · make linux-guest · make run-linux · make run-linux-disk
+#           make xtf · make xtf-run · make linux-guest · make run-linux · make run-linux-pv · make run-linux-disk
 #           make bench-linux · make bench-blk · make bench-net
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 KERNEL := build/pv-kernel.elf
 CMDLINE ?= console=hvc0 ticks=20 hello from make run-guest
 
-.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux run-linux-disk compare-linux bench-blk bench-linux bench-net
+.PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux run-linux-pv run-linux-disk compare-linux bench-blk bench-linux bench-net
 
 # A virtualenv with trapless installed in editable mode; the C extension is rebuilt
 # whenever a C source or the ABI header changes.
@@ -84,6 +84,14 @@ linux-guest: setup
 run-linux: linux-guest
 	$(BIN)/python -m hypervisor run build/linux/vmlinux --type pvh --engine bt --memory 256 \
 	    --ramdisk build/linux/initramfs.cpio --cmdline "$(LINUX_CMDLINE)"
+
+# The same kernel as a Xen PV domU: its kernel in ring 3 under Xen's PV CPU model, the
+# initramfs at start_info.mod_start. LINUX_PV_ENGINE=kvm runs it on kvm (slower on this
+# host: every M2P read and page-table flush is an exit there).
+LINUX_PV_ENGINE ?= bt
+run-linux-pv: linux-guest
+	$(BIN)/python -m hypervisor run build/linux/vmlinux --type pv --engine $(LINUX_PV_ENGINE) \
+	    --memory 256 --ramdisk build/linux/initramfs.cpio --cmdline "$(LINUX_CMDLINE)"
 
 # The same Linux with a disk: an ext4 image made here (mkfs.ext4 -d, no root mount)
 # holding hello.txt, given as xl's disk spec; /init (`disktest` on the command line)

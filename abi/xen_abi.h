@@ -173,6 +173,8 @@ struct xen_feature_info {
 #define XENFEAT_supervisor_mode_kernel      3
 #define XENFEAT_pae_pgdir_above_4gb         4
 #define XENFEAT_mmu_pt_update_preserve_ad   5
+#define XENFEAT_highmem_assist              6   /* mmuext_op CLEAR_PAGE / COPY_PAGE */
+#define XENFEAT_gnttab_map_avail_bits       7   /* PV grant maps keep GNTMAP_guest_avail bits */
 #define XENFEAT_hvm_callback_vector         8
 #define XENFEAT_hvm_safe_pvclock            9
 #define XENFEAT_NR_SUBMAPS                  1

@@ -300,7 +300,14 @@ static int bt_get_mode(struct hv_vcpu *v, struct hv_cpu_mode *m)
     return 0;
 }
 
+/* TCG's CPU: the features it can run (AVX and others the host has may be missing). */
+static void bt_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
+{
+    bt_guest_cpuid(bt_of(v), leaf, subleaf, out);
+}
+
 static const struct hv_engine_ops bt_ops = {
+    .cpuid = bt_cpuid,
     .get_cr3 = bt_get_cr3,
     .kick = bt_kick,
     .set_cr3 = bt_set_cr3,
@@ -1274,6 +1281,11 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
                                (int)(offsetof(struct bt_tramp, cpuid) + 4));
         memcpy(b->tramp->cpuid, "\x0f\xa2\xeb", 3);
         memcpy(b->tramp->cpuid + 3, &back, 1);
+        /* xsetbv; jmp landing */
+        back = (int8_t)((int)offsetof(struct bt_tramp, landing) -
+                        (int)(offsetof(struct bt_tramp, xsetbv) + 5));
+        memcpy(b->tramp->xsetbv, "\x0f\x01\xd1\xeb", 4);
+        memcpy(b->tramp->xsetbv + 4, &back, 1);
         memset(b->tramp->far_ptr, 0, sizeof(b->tramp->far_ptr));
     }
     if ((e = bt_uc.mem_map_ptr(b->uc, BT_TRAMP_GPA, HV_PAGE_SIZE,

@@ -153,8 +153,8 @@ enum bt_kind {
                                      * ring 0, privileged in ring 3 (Xen's PV model only) */
     BT_WRSEGBASE,                   /* wrfsbase/wrgsbase: TCG does not check the base is
                                      * canonical (Xen's PV model only) */
-    BT_PRIV_RING3,                  /* swapgs, sysret, sysexit, rdpmc: fine for a ring-0
-                                     * kernel, #GP(0) in ring 3 (Xen's PV model only) */
+    BT_PRIV_RING3,                  /* swapgs, sysret, sysexit, rdpmc, xsetbv: fine for a
+                                     * ring-0 kernel, #GP(0) in ring 3 (Xen's PV model only) */
     BT_VMCALL,                      /* vmcall/vmmcall: a PVH guest's hypercall */
     BT_INT_N,                       /* int3, int n, into: software interrupts, and their length */
     BT_ICEBP,                       /* icebp (int1): #DB as a trap; TCG has no icebp */
@@ -223,13 +223,14 @@ struct bt_tramp {
     uint8_t  landing[16];           /* where both arrive: emu_start stops here */
     uint8_t  far_ptr[16];           /* m16:64: an ignored offset, the gate's selector */
     uint8_t  cpuid[16];             /* cpuid (bt_guest_cpuid) */
+    uint8_t  xsetbv[16];            /* xsetbv (bt_set_xcr0) */
     uint64_t iret_frame[6];         /* rip (the landing), cs, rflags, rsp, ss */
     union {
         uint8_t tss[0x68];          /* a 64-bit TSS: only RSP0 is read */
         struct __attribute__((packed)) { uint32_t reserved; uint64_t rsp0; };
     };
     uint64_t gdt[BT_TRAMP_GDT_ENTRIES];
-    uint8_t  stack[4096 - 160 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
+    uint8_t  stack[4096 - 176 - 0x68 - 8 * BT_TRAMP_GDT_ENTRIES - 8];
     uint8_t  stack_top[8];
 } __attribute__((aligned(4096)));
 
@@ -349,6 +350,7 @@ int  bt_load_code_mode(struct bt_vcpu *b, uint64_t desc);
 /* CPUID as the guest sees it (Unicorn's CPU model, with the VMM's leaves): the CPU
  * runs one cpuid from the VMM's page. */
 void bt_guest_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+int  bt_set_xcr0(struct bt_vcpu *b, uint64_t xcr0);
 /* The GDT descriptor a selector names: 0, or -1 (null, LDT, beyond the limit, unmapped). */
 int  bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc);
 /* The #PF for the access the TLB fill refused last (cr2, error code). */

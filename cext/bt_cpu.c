@@ -604,6 +604,33 @@ void bt_guest_cpuid(struct bt_vcpu *b, uint32_t leaf, uint32_t subleaf, uint32_t
         out[i] = (uint32_t)got[i];
 }
 
+/* Load XCR0 into TCG: Unicorn has no register for it, so the trampoline executes
+ * xsetbv in TCG's ring 0 (CR4.OSXSAVE must be on). -1 if TCG refused the value. */
+int bt_set_xcr0(struct bt_vcpu *b, uint64_t xcr0)
+{
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RIP };
+    uint64_t saved[4];
+    void *saved_p[] = { &saved[0], &saved[1], &saved[2], &saved[3] };
+    uint64_t landing = BT_TRAMP_VA + offsetof(struct bt_tramp, landing);
+    int refused;
+
+    bt_uc.reg_read_batch(b->uc, ids, saved_p, 4);
+    bt_set_reg(b, UC_X86_REG_RAX, (uint32_t)xcr0);
+    bt_set_reg(b, UC_X86_REG_RDX, xcr0 >> 32);
+    bt_set_reg(b, UC_X86_REG_RCX, 0);
+    b->exception.vector = -1;
+    b->tramp_active = 1;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    bt_uc.emu_start(b->uc, BT_TRAMP_VA + offsetof(struct bt_tramp, xsetbv), landing, 0, 0);
+    b->tramp_active = 0;
+    bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+    refused = b->exception.vector >= 0;
+    for (int i = 0; i < 4; i++)
+        bt_set_reg(b, ids[i], saved[i]);
+    b->exception.vector = -1;
+    return refused ? -1 : 0;
+}
+
 /* The GDT descriptor of a selector (no LDT here): 0, or -1 if outside the table. */
 int bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc)
 {

@@ -235,8 +235,9 @@ static enum bt_kind classify(const struct bt_insn *in)
     case 0x01:
         if (in->modrm == 0xc1 || in->modrm == 0xd9)
             return BT_VMCALL;   /* vmcall (Intel), vmmcall (AMD): a PVH guest's hypercall */
-        if (in->modrm == 0xf8)
-            return BT_PRIV_RING3;   /* swapgs */
+        if (in->modrm == 0xf8 || in->modrm == 0xd1)
+            return BT_PRIV_RING3;   /* swapgs; xsetbv, which TCG would #UD in ring 3
+                                     * without CR4.OSXSAVE instead of the CPU's #GP */
         if (mod == 3)           /* lmsw from a register; rdtscp, monitor ... are not ours */
             return reg == 6 ? BT_MOV_CR : BT_PLAIN;
         return reg == 2 ? BT_LGDT : reg == 3 ? BT_LIDT : reg == 6 ? BT_MOV_CR :

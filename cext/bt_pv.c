@@ -60,8 +60,8 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
     r->ss = b->pv_ss;
 }
 
-/* CR0.TS, CR4.FSGSBASE and the debug registers, as the model last set them. TCG
- * honours TS (#NM) and FSGSBASE (#UD); Unicorn takes the debug registers but never
+/* CR0.TS, CR4.FSGSBASE/OSXSAVE, XCR0 and the debug registers, as the model last set
+ * them. TCG honours TS (#NM), FSGSBASE and OSXSAVE (#UD); Unicorn takes the debug registers but never
  * turns them into breakpoints, so no #DB comes from them on bt. */
 static void load_control(struct bt_vcpu *b)
 {
@@ -72,7 +72,10 @@ static void load_control(struct bt_vcpu *b)
     uint64_t cr0 = bt_reg(b, UC_X86_REG_CR0), cr4 = bt_reg(b, UC_X86_REG_CR4);
 
     bt_set_reg(b, UC_X86_REG_CR0, (cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0));
-    bt_set_reg(b, UC_X86_REG_CR4, (cr4 & ~PV_CR4_FSGSBASE) | (p->cr4 & PV_CR4_FSGSBASE));
+    bt_set_reg(b, UC_X86_REG_CR4, (cr4 & ~(PV_CR4_FSGSBASE | PV_CR4_OSXSAVE)) |
+                                  (p->cr4 & (PV_CR4_FSGSBASE | PV_CR4_OSXSAVE)));
+    if (p->cr4 & PV_CR4_OSXSAVE)
+        bt_set_xcr0(b, p->xcr0);        /* the policy is TCG's CPUID: it takes it */
     uc_x86_mmr ldtr = { .selector = p->ldt_ents ? PV_LDT_SEL : 0, .base = PV_VCPU_VA(b->v->id, PV_LDT_VA),
                         .limit = p->ldt_ents ? (uint32_t)(p->ldt_ents * 8 - 1) : 0,
                         .flags = p->ldt_ents ? 0x8200 : 0 };      /* present, type 2 */

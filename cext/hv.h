@@ -52,6 +52,9 @@ struct hv_engine_ops {
     /* The CPU mode (PVH guests, which switch modes themselves; NULL: always 64-bit
      * long mode with paging on, as a PV vCPU). */
     int  (*get_mode)(struct hv_vcpu *v, struct hv_cpu_mode *mode);
+    /* CPUID of the CPU the engine runs the guest on, before Xen's PV policy masks it
+     * (NULL: the host's own, as KVM runs the guest on it). */
+    void (*cpuid)(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
 };
 
 /* What a parked vCPU waits for (vcpu.c). */

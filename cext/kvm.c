@@ -508,24 +508,28 @@ static __thread uint64_t pending_cr3;
 
 /* A ring-3 guest kernel's tables are shadowed by a KVM that shadows (KVM-PVM): trapless
  * writes their entries from the host, which KVM does not see, and no CR4.PGE toggle
- * drops a shadow page KVM believes in sync. Taking the pool's memslot away and back
- * makes KVM forget every shadow of it (ring-0 guests do not need this: KVM-PVM
- * emulates their code and walks the tables afresh). It costs about 1 ms here, so only
- * after a present entry of a table in use changed (mm.c). */
+ * drops a shadow page KVM believes in sync. Taking the memslot that holds the tables
+ * away and back makes KVM forget every shadow of it (ring-0 guests do not need this:
+ * KVM-PVM emulates their code and walks the tables afresh). Under Xen's model any frame
+ * of RAM may be a table, so that is the RAM slot (2); a ring-0 kernel's tables are in
+ * the pool's (1). Only after a present entry of a table in use changed (mm.c): it costs
+ * about 1 ms here, and KVM then rebuilds the shadows it needs. */
 static int drop_shadows(struct hv_domain *d)
 {
     if (d->pv_model != HV_PV_XEN ||
         !__atomic_exchange_n(&d->mm.live_entry_changed, 0, __ATOMIC_ACQ_REL))
         return 0;
+    int pool = d->pt_pool_end > d->pt_pool_start;
+    uint64_t start = pool ? d->pt_pool_start : d->pt_pool_end;
+    uint64_t end = pool ? d->pt_pool_end : d->ram_bytes + d->gnt_bytes;
     struct kvm_userspace_memory_region r = {
-        .slot = 1, .flags = KVM_MEM_READONLY, .guest_phys_addr = d->pt_pool_start,
-        .memory_size = 0, .userspace_addr = (uint64_t)(uintptr_t)(d->ram + d->pt_pool_start),
+        .slot = pool ? 1 : 2, .flags = pool ? KVM_MEM_READONLY : 0,
+        .guest_phys_addr = start, .memory_size = 0,
+        .userspace_addr = (uint64_t)(uintptr_t)(d->ram + start),
     };
-    if (d->pt_pool_end == d->pt_pool_start)
-        return 0;
     if (ioctl(d->kvm_vm_fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
         return -1;
-    r.memory_size = d->pt_pool_end - d->pt_pool_start;
+    r.memory_size = end - start;
     return ioctl(d->kvm_vm_fd, KVM_SET_USER_MEMORY_REGION, &r);
 }
 
@@ -945,9 +949,19 @@ static int pv_load_sregs(struct hv_vcpu *v, const struct pv_regs *r, const struc
         }
     }
     sregs.cr0 = (sregs.cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0);
-    sregs.cr4 = (sregs.cr4 & ~PV_CR4_FSGSBASE) | (p->cr4 & PV_CR4_FSGSBASE);
+    sregs.cr4 = (sregs.cr4 & ~(PV_CR4_FSGSBASE | PV_CR4_OSXSAVE)) |
+                (p->cr4 & (PV_CR4_FSGSBASE | PV_CR4_OSXSAVE));
     if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
         return -1;
+    if (p->hw_dirty && (p->cr4 & PV_CR4_OSXSAVE)) {
+        struct kvm_xcrs xcrs;
+        memset(&xcrs, 0, sizeof(xcrs));
+        xcrs.nr_xcrs = 1;
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = p->xcr0;
+        if (ioctl(v->fd, KVM_SET_XCRS, &xcrs) < 0)
+            return -1;
+    }
     if (p->hw_dirty) {
         struct kvm_debugregs dbg;
         memset(&dbg, 0, sizeof(dbg));
@@ -1134,13 +1148,27 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     return 0;
 }
 
+/* An exception KVM has taken but not yet delivered through the IDT (an exit came
+ * between the two): it belongs to the instruction at rip, and its stub exits as soon
+ * as the guest runs, delivering events then. */
+static int exception_in_flight(struct hv_vcpu *v)
+{
+    struct kvm_vcpu_events ev;
+    if (ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) < 0)
+        return 1;                       /* unknown: let the next exit deliver */
+    return ev.exception.injected || ev.exception.pending;
+}
+
 /* An event upcall due while the guest runs its own code (not inside a stub or the
- * landing page, which exit at once and deliver it themselves). */
+ * landing page, which exit at once and deliver it themselves). Not while an exception
+ * is in flight: the bounce would move rip to the callback, and KVM would then deliver
+ * that exception with the callback's address as the faulting one. */
 static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
 {
     struct pv_regs r, first;
 
-    if (!v->cr3_valid || !pv_upcall_due(v) || pv_in_area(v->run->s.regs.regs.rip))
+    if (!v->cr3_valid || !pv_upcall_due(v) || pv_in_area(v->run->s.regs.regs.rip) ||
+        exception_in_flight(v))
         return 0;
     pv_regs_from_run(v, &r);
     pv_step_entry(v, &r, 0);

@@ -668,10 +668,10 @@ int hv_mm_init(struct hv_domain *d, uint64_t cr3, char *err, int err_len)
     if (d->guest_type == HV_GUEST_PVH)
         return 0;       /* its page tables are its own, in ordinary RAM: nothing to type */
 
-    if ((cr3 & (HV_PAGE_SIZE - 1)) || !hv_mm_in_pool(mm, root)) {
-        hv_set_error(err, err_len, "cr3 %#llx is not a frame of the page-table pool [%#llx, %#llx)",
-                     (unsigned long long)cr3, (unsigned long long)d->pt_pool_start,
-                     (unsigned long long)d->pt_pool_end);
+    if ((cr3 & (HV_PAGE_SIZE - 1)) || root >= mm->nr_pages || !may_hold_table(d, root)) {
+        hv_set_error(err, err_len, "cr3 %#llx is not a frame that may hold the bootstrap page "
+                     "tables (pool [%#llx, %#llx))", (unsigned long long)cr3,
+                     (unsigned long long)d->pt_pool_start, (unsigned long long)d->pt_pool_end);
         hv_mm_destroy(d);
         return -1;
     }

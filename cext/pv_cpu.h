@@ -132,12 +132,13 @@ struct pv_vcpu {
     uint64_t dr7_io;                    /* DR7 enables of I/O breakpoints (emulated) */
     uint32_t io_db_hits;                /* B0-B3 the port I/O just emulated hit */
     uint64_t cr4;                       /* the CR4 bits a PV guest controls (PV_CR4_GUEST) */
+    uint64_t xcr0;                      /* XCR0, set by the emulated xsetbv */
     int      cr0_ts;                    /* virtual CR0.TS (fpu_taskswitch, clts, mov cr0) */
     unsigned iopl;                      /* virtual IOPL (set_iopl, or iret with the assist) */
     uint64_t iobmp;                     /* set_iobitmap: guest pointer, ports it covers */
     uint32_t iobmp_ports;
     uint64_t vm_assist;                 /* enabled VMASST_TYPE_ bits */
-    int      hw_dirty;                  /* the engine must load cr0.TS, cr4 and the DRs */
+    int      hw_dirty;                  /* the engine must load cr0.TS, cr4, XCR0 and the DRs */
     struct pv_step step;                /* pv_debug.c, engines that step (kvm) */
     struct pv_regs *regs;               /* the registers of the exit being handled */
     int      iret_done;                 /* a multicall's iret has replaced them */
@@ -161,6 +162,11 @@ struct pv_regs {
 #define PV_CR4_DE        (1ULL << 3)
 #define PV_CR4_FSGSBASE  (1ULL << 16)
 #define PV_CR4_OSXSAVE   (1ULL << 18)
+/* XCR0 state components: x87, SSE, AVX, and AVX-512's three */
+#define PV_XCR0_X87      (1ULL << 0)
+#define PV_XCR0_SSE      (1ULL << 1)
+#define PV_XCR0_YMM      (1ULL << 2)
+#define PV_XCR0_AVX512   (7ULL << 5)
 #define PV_CR4_GUEST     (PV_CR4_TSD | PV_CR4_DE | PV_CR4_FSGSBASE | PV_CR4_OSXSAVE)
 #define PV_CR4_VISIBLE   0x620ULL       /* OSXMMEXCPT OSFXSR PAE: what trapless runs with */
 #define PV_CR0           0x80050033ULL  /* PG WP NE ET MP PE; TS is the guest's */
@@ -232,6 +238,7 @@ int     pv_set_debugreg(struct hv_vcpu *v, int reg, uint64_t value);
 int     pv_get_debugreg(struct hv_vcpu *v, int reg, uint64_t *value);
 /* A write of the guest's CR0 or CR4 (mov to CRn): 0, or -1 for the #GP Xen raises. */
 int     pv_write_cr(struct hv_vcpu *v, int cr, uint64_t value);
+int     pv_write_xcr(struct hv_vcpu *v, uint32_t index, uint64_t value);
 uint64_t pv_read_cr(struct hv_vcpu *v, int cr);
 /* The descriptor sel names in the vCPU's GDT: 0, or -1 (an LDT selector, beyond it). */
 int     pv_gdt_descriptor(struct hv_vcpu *v, unsigned sel, uint64_t *desc);

@@ -193,6 +193,27 @@ int pv_write_cr(struct hv_vcpu *v, int cr, uint64_t value)
     return -1;
 }
 
+/* xsetbv from the guest kernel (Xen's x86emul write_xcr -> handle_xsetbv): XCR0 only;
+ * x87 always on; only components the CPUID policy's leaf 0xd offers; AVX needs SSE and
+ * AVX-512's three go together, on top of AVX. -1: the #GP. */
+int pv_write_xcr(struct hv_vcpu *v, uint32_t index, uint64_t value)
+{
+    uint32_t xsave[4];
+
+    pv_cpuid(v, 0xd, 0, xsave);
+    if (index != 0 || !(value & PV_XCR0_X87) ||
+        (value & ~((uint64_t)xsave[3] << 32 | xsave[0])) ||
+        ((value & PV_XCR0_YMM) && !(value & PV_XCR0_SSE)) ||
+        ((value & PV_XCR0_AVX512) && (value & PV_XCR0_AVX512) != PV_XCR0_AVX512) ||
+        ((value & PV_XCR0_AVX512) && !(value & PV_XCR0_YMM)))
+        return -1;
+    if (value != v->pv.xcr0) {
+        v->pv.xcr0 = value;
+        v->pv.hw_dirty = 1;
+    }
+    return 0;
+}
+
 int64_t do_fpu_taskswitch(struct hv_vcpu *v, const struct hv_hcall *h)
 {
     if (!pv_only(v))

@@ -21,15 +21,83 @@
 /* ud2; .ascii "xen"; cpuid */
 static const uint8_t forced_cpuid[7] = { 0x0f, 0x0b, 0x78, 0x65, 0x6e, 0x0f, 0xa2 };
 
-/* leaf 1 ecx: what a PV domU cannot use: MONITOR/MWAIT, VMX, SMX, EIST, TM2, PDCM,
- * x2APIC, TSC-deadline; and the hypervisor bit set */
-#define LEAF1_ECX_HIDDEN ((1u << 3) | (1u << 5) | (1u << 6) | (1u << 7) | (1u << 8) | \
-                          (1u << 15) | (1u << 21) | (1u << 24))
+/* Xen's default PV CPUID policy: of the host's features (the engine's CPU's here), those Xen's featureset
+ * (public/arch-x86/cpufeatureset.h) marks 'A', available to every guest by default.
+ * 'S' and 'H' features are HVM-only: a PV kernel cannot use them in ring 3 under Xen's
+ * page-table rules, and Linux reads them to choose how to run (PSE or 1 GiB pages for
+ * its direct map, which a PV L2/L3 entry may not hold; x2APIC, MTRR, VME, PGE...). */
+enum {
+    PV_1D  = 0x1fc9cbf5,    /* leaf 1 edx: FPU DE TSC MSR PAE MCE CX8 APIC SEP MCA CMOV PAT
+                             * CLFLUSH ACPI MMX FXSR SSE SSE2 SS HTT */
+    PV_1C  = 0xf6d83203,    /* leaf 1 ecx: SSE3 PCLMULQDQ SSSE3 FMA CX16 SSE4.1/4.2 MOVBE
+                             * POPCNT AESNI XSAVE AVX F16C RDRAND HYPERVISOR */
+    PV_E1D = 0xea500800,    /* 0x80000001 edx: SYSCALL NX MMXEXT FFXSR RDTSCP LM 3DNOW(EXT) */
+    PV_E1C = 0x442109e3,    /* 0x80000001 ecx: LAHF_LM CMP_LEGACY ABM SSE4A MISALIGNSSE
+                             * 3DNOWPREFETCH XOP FMA4 TBM DBEXT ADDR_MSK_EXT */
+    PV_DA1 = 0x00000007,    /* 0xd:1 eax: XSAVEOPT XSAVEC XGETBV1 */
+    PV_7B0 = 0xf1af0b29,    /* 7:0 ebx: FSGSBASE BMI1 AVX2 BMI2 ERMS RTM AVX512F/DQ/IFMA/CD/
+                             * BW/VL RDSEED ADX CLFLUSHOPT CLWB SHA */
+    PV_7C0 = 0x02405f43,    /* 7:0 ecx: PREFETCHWT1 AVX512_VBMI(2) GFNI VAES VPCLMULQDQ
+                             * AVX512_VNNI/BITALG/VPOPCNTDQ RDPID CLDEMOTE */
+    PV_7D0 = 0xac804410,    /* 7:0 edx: FSRM MD_CLEAR SERIALIZE AVX512_FP16 IBRSB STIBP
+                             * ARCH_CAPS SSBD */
+    PV_7A1 = 0x00801c37,    /* 7:1 eax: SHA512 SM3 SM4 AVX_VNNI AVX512_BF16 FZRM FSRS FSRCS
+                             * AVX_IFMA */
+    PV_E8B = 0x64001005,    /* 0x80000008 ebx: CLZERO RSTR_FP_ERR_PTRS IBPB SSB_NO BTC_NO
+                             * IBPB_RET */
+};
+/* AMD repeats these leaf 1 edx bits in 0x80000001 edx; Xen fills them from leaf 1's. */
+#define COMMON_1D 0x0183f3ffu
+#define LEAF1_ECX_OSXSAVE (1u << 27)    /* Xen lets its own CR4.OSXSAVE show (cpuid.c) */
 #define LEAF1_ECX_HYPERVISOR (1u << 31)
-/* leaf 1 edx: ACPI thermal control, TM, PBE */
-#define LEAF1_EDX_HIDDEN ((1u << 22) | (1u << 29) | (1u << 31))
 /* leaf 7 ebx: FSGSBASE */
 #define LEAF7_EBX_FSGSBASE (1u << 0)
+
+/* The CPUID of the CPU the guest runs on: the host's under KVM, TCG's model on bt. */
+static void base_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
+{
+    if (v->ops && v->ops->cpuid)
+        v->ops->cpuid(v, leaf, subleaf, out);
+    else
+        __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
+}
+
+/* Leaf 0xd, XSAVE, as Xen fills it from the policy and the vCPU's own XCR0: no
+ * supervisor components (XSS is 0 for PV: no XSAVES), and the sizes of the areas for
+ * the components the guest enabled (0:ebx standard format, 1:ebx compacted). out holds
+ * the host's answer. */
+#define XSAVE_LEGACY_AND_HEADER 576
+static void xsave_leaf(struct hv_vcpu *v, uint32_t subleaf, uint32_t out[4])
+{
+    uint32_t main[4], part[4], size = XSAVE_LEGACY_AND_HEADER;
+    uint64_t supported, xcr0 = v->pv.xcr0;
+
+    base_cpuid(v, 0xd, 0, main);
+    supported = (uint64_t)main[3] << 32 | main[0];
+    if (subleaf >= 2) {
+        if (subleaf >= 63 || !(supported >> subleaf & 1) || (out[2] & 1))
+            out[0] = out[1] = out[2] = out[3] = 0;
+        return;
+    }
+    for (uint32_t i = 2; i < 63; i++) {
+        if (!((xcr0 & supported) >> i & 1))
+            continue;
+        base_cpuid(v, 0xd, i, part);
+        if (subleaf == 0) {
+            if (part[1] + part[0] > size)
+                size = part[1] + part[0];       /* offset + size, standard format */
+        } else {
+            if (part[2] & 2)
+                size = (size + 63) & ~63u;      /* aligned to 64 when compacted */
+            size += part[0];
+        }
+    }
+    out[1] = size;
+    if (subleaf == 1) {
+        out[0] &= PV_DA1;
+        out[2] = out[3] = 0;                    /* no XSS components */
+    }
+}
 
 void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4])
 {
@@ -38,11 +106,40 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
         hv_xen_cpuid(v, leaf - XEN_CPUID_BASE, subleaf, out);
         return;
     }
-    __cpuid_count(leaf, subleaf, out[0], out[1], out[2], out[3]);
-    if (leaf == 1) {
+    base_cpuid(v, leaf, subleaf, out);
+    switch (leaf) {
+    case 1:
         out[1] = (out[1] & 0x00ffffff) | (uint32_t)(v->id * 2) << 24;   /* APIC id, as Xen */
-        out[2] = (out[2] & ~LEAF1_ECX_HIDDEN) | LEAF1_ECX_HYPERVISOR;
-        out[3] &= ~LEAF1_EDX_HIDDEN;
+        out[2] = (out[2] & (PV_1C | LEAF1_ECX_OSXSAVE)) | LEAF1_ECX_HYPERVISOR;
+        out[3] &= PV_1D;
+        break;
+    case 7:
+        if (subleaf == 0) {
+            out[1] &= PV_7B0;
+            out[2] &= PV_7C0;
+            out[3] &= PV_7D0;
+        } else {
+            out[0] = subleaf == 1 ? out[0] & PV_7A1 : 0;
+            out[1] = out[2] = out[3] = 0;
+        }
+        break;
+    case 0xd:
+        xsave_leaf(v, subleaf, out);
+        break;
+    case 0x80000001: {
+        uint32_t l1[4];
+        base_cpuid(v, 1, 0, l1);
+        out[2] &= PV_E1C;
+        out[3] = (out[3] & PV_E1D & ~COMMON_1D) |
+                 ((out[3] & COMMON_1D) ? l1[3] & PV_1D & COMMON_1D : 0);
+        break;
+    }
+    case 0x80000007:
+        out[3] = 0;                 /* no 'A' feature in its edx (invariant TSC is 'a') */
+        break;
+    case 0x80000008:
+        out[1] &= PV_E8B;
+        break;
     }
     /* FSGSBASE only where the engine makes the instructions #UD while the guest's
      * CR4.FSGSBASE is clear; without it pv_write_cr drops the CR4 bit, as Xen's
@@ -215,6 +312,11 @@ int pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r)
         r->rdx = value >> 32;
         r->rip += (uint64_t)at + 2;
         return 1;
+    case 0x01:                          /* xsetbv: 0F 01 D1, with CR4.OSXSAVE set */
+        if (modrm != 0xd1 || !(v->pv.cr4 & PV_CR4_OSXSAVE) ||
+            pv_write_xcr(v, (uint32_t)r->rcx, (uint32_t)r->rax | r->rdx << 32) < 0)
+            return 0;
+        break;
     case 0x30:                          /* wrmsr */
         if (write_msr(v, r, (uint32_t)r->rcx, (uint32_t)r->rax | r->rdx << 32) < 0)
             return 0;
@@ -321,12 +423,36 @@ uint32_t pv_far_branch_error(struct hv_vcpu *v, struct pv_regs *r)
     return sel & 0xfffc;
 }
 
+/* Arithmetic flags of a logical result (and/or/xor): CF = OF = 0, ZF, SF, PF. */
+#define RFLAGS_LOGIC (0x1ULL | 0x4ULL | 0x40ULL | 0x80ULL | 0x800ULL)
+static uint64_t logic_flags(uint64_t result, int size)
+{
+    uint64_t flags = 0, bits = (uint64_t)size * 8;
+    uint64_t v = bits == 64 ? result : result & ((1ULL << bits) - 1);
+    if (!v)
+        flags |= 0x40;                                  /* ZF */
+    if (v >> (bits - 1) & 1)
+        flags |= 0x80;                                  /* SF */
+    if (!(__builtin_popcount((unsigned)(v & 0xff)) & 1))
+        flags |= 0x4;                                   /* PF */
+    return flags;
+}
+
+/* VMASST writable_pagetables (Xen's ptwr): a guest kernel store into an L1 table it
+ * maps read-only is applied as that entry's MMU_NORMAL_PT_UPDATE, validated like one,
+ * or the #PF stands. Xen runs its whole emulator here; trapless decodes the forms a
+ * kernel uses on a PTE: mov (89, C7 /0), xchg (87), cmpxchg (0F B1), and the
+ * read-modify-write logic ops and/or/xor with a register (21, 09, 31) or an immediate
+ * (80, 81, 83 /4 /1 /6), any of them locked or with a segment prefix (Linux patches
+ * `lock` into `ds` on one CPU), on a byte, dword or qword within one entry. */
 int pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
 {
     struct hv_domain *d = v->dom;
     uint8_t code[16];
-    int at = 0, rex = 0, opsize16 = 0, len, avail = sizeof(code), size, reg;
-    uint64_t gpa, mfn, value, old, merged;
+    int at = 0, rex = 0, opsize16 = 0, len, avail = sizeof(code), size, reg, imm_bytes = 0;
+    int logic = 0;                      /* 1 and, 2 or, 3 xor */
+    uint64_t gpa, mfn, value, old, cur, merged, mask;
+    unsigned shift;
     const struct hv_frame *f;
     uint8_t op;
 
@@ -339,45 +465,75 @@ int pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
         return 0;                       /* only an L1 table's writes are emulated */
     while (avail > 0 && hv_copy_from_guest(v, code, r->rip, (uint64_t)avail) < 0)
         avail--;
-    for (; at < 3 && at < avail && (code[at] == 0xf0 || code[at] == 0x66); at++)
-        opsize16 |= code[at] == 0x66;
+    for (; at < 4 && at < avail; at++) {        /* lock, operand size, segments */
+        uint8_t p = code[at];
+        if (p == 0x66)
+            opsize16 = 1;
+        else if (p != 0xf0 && p != 0x2e && p != 0x36 && p != 0x3e && p != 0x26)
+            break;
+    }
     if (at < avail && (code[at] & 0xf0) == 0x40)
         rex = code[at++];
     if (at + 2 > avail)
         return 0;
     op = code[at];
-    if (op == 0x0f) {                   /* cmpxchg r/m, r: 0F B1 /r */
+    reg = ((code[at + 1] >> 3) & 7) | (rex & 4) << 1;
+    size = (rex & 8) ? 8 : opsize16 ? 2 : 4;
+    switch (op) {
+    case 0x0f:                          /* cmpxchg r/m, r: 0F B1 /r */
         if (code[++at] != 0xb1)
             return 0;
-    } else if (op != 0x89 && op != 0x87 && !(op == 0xc7 && ((code[at + 1] >> 3) & 7) == 0)) {
-        return 0;                       /* mov r/m, r; xchg; mov r/m, imm32 */
+        reg = ((code[at + 1] >> 3) & 7) | (rex & 4) << 1;
+        break;
+    case 0x89: case 0x87:               /* mov r/m, r; xchg */
+        break;
+    case 0xc7:                          /* mov r/m, imm32 */
+        if (((code[at + 1] >> 3) & 7) != 0)
+            return 0;
+        imm_bytes = 4;
+        break;
+    case 0x21: logic = 1; break;        /* and r/m, r */
+    case 0x09: logic = 2; break;        /* or r/m, r */
+    case 0x31: logic = 3; break;        /* xor r/m, r */
+    case 0x80: case 0x81: case 0x83: {  /* and/or/xor r/m, imm */
+        int ext = (code[at + 1] >> 3) & 7;
+        logic = ext == 4 ? 1 : ext == 1 ? 2 : ext == 6 ? 3 : 0;
+        if (!logic)
+            return 0;
+        if (op == 0x80)
+            size = 1;
+        imm_bytes = op == 0x81 ? 4 : 1;
+        break;
     }
-    if ((len = modrm_length(code + at + 1)) < 0 || at + 1 + len + (op == 0xc7 ? 4 : 0) > avail)
+    default:
         return 0;
-    size = (rex & 8) ? 8 : opsize16 ? 2 : 4;
+    }
+    if ((len = modrm_length(code + at + 1)) < 0 || at + 1 + len + imm_bytes > avail)
+        return 0;
     if (size == 2 || (cr2 & (uint64_t)(size - 1)))
-        return 0;                       /* a whole entry, or an aligned half of one */
-    reg = ((code[at + 1] >> 3) & 7) | (rex & 4) << 1;
-    if (op == 0xc7) {
+        return 0;                       /* a byte, an aligned half or a whole entry */
+    if (imm_bytes == 4) {
         int32_t imm;
         memcpy(&imm, code + at + 1 + len, 4);
         value = (uint64_t)(int64_t)imm;
+    } else if (imm_bytes == 1) {
+        value = (uint64_t)(int64_t)(int8_t)code[at + 1 + len];
     } else {
         value = *gpr(r, reg);
     }
     old = *(const uint64_t *)(d->ram + (gpa & ~7ULL));
-    if (size == 4) {
-        unsigned shift = (unsigned)(cr2 & 4) * 8;
-        value &= 0xffffffffULL;
-        merged = (old & ~(0xffffffffULL << shift)) | value << shift;
-    } else {
-        merged = value;
+    shift = (unsigned)(cr2 & 7) * 8;
+    mask = size == 8 ? ~0ULL : ((1ULL << (size * 8)) - 1) << shift;
+    cur = (old & mask) >> shift;        /* the operand as it is now */
+    if (logic) {
+        value = logic == 1 ? cur & value : logic == 2 ? cur | value : cur ^ value;
+        r->rflags = (r->rflags & ~RFLAGS_LOGIC) | logic_flags(value, size);
     }
+    merged = (old & ~mask) | ((value << shift) & mask);
     if (op == 0x0f) {                   /* cmpxchg: only if rax holds what is there */
-        uint64_t now = size == 8 ? old : (old >> ((cr2 & 4) * 8)) & 0xffffffffULL;
         uint64_t want = size == 8 ? r->rax : r->rax & 0xffffffffULL;
-        if (now != want) {
-            r->rax = now;               /* a 32-bit one zero-extends */
+        if (cur != want) {
+            r->rax = cur;               /* a 32-bit one zero-extends */
             r->rflags &= ~0x40ULL;      /* ZF clear */
             r->rip += (uint64_t)at + 1 + (uint64_t)len;
             return 1;
@@ -388,8 +544,8 @@ int pv_emulate_ptwr(struct hv_vcpu *v, struct pv_regs *r, uint64_t cr2)
     if (hv_mm_write_pte(d, gpa & ~7ULL, merged) < 0)
         return 0;
     if (op == 0x87)                     /* xchg hands the old value back */
-        *gpr(r, reg) = size == 8 ? old : (old >> ((cr2 & 4) * 8)) & 0xffffffffULL;
-    r->rip += (uint64_t)at + 1 + (uint64_t)len + (op == 0xc7 ? 4 : 0);
+        *gpr(r, reg) = cur;
+    r->rip += (uint64_t)at + 1 + (uint64_t)len + (uint64_t)imm_bytes;
     return 1;
 }
 

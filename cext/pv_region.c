@@ -363,5 +363,6 @@ void pv_vcpu_boot(struct hv_vcpu *v, uint64_t rsp)
     v->pv.kernel_sp = rsp;
     v->pv.dr[6] = 0xffff0ff0;           /* Xen's start-of-day DR6 and DR7 */
     v->pv.dr[7] = 0x400;
+    v->pv.xcr0 = PV_XCR0_X87;           /* the reset value */
     __atomic_store_n(&hv_vcpu_info(v)->evtchn_upcall_mask, 1, __ATOMIC_RELEASE);
 }

@@ -33,10 +33,13 @@ static uint32_t feature_submap(struct hv_vcpu *v, uint32_t idx)
     if (v->dom->guest_type == HV_GUEST_PVH)
         return (1u << XENFEAT_writable_page_tables) | (1u << XENFEAT_auto_translated_physmap) |
                (1u << XENFEAT_hvm_callback_vector) | (1u << XENFEAT_hvm_safe_pvclock);
-    /* Xen's PV CPU model: of what Xen gives a PV domU, what trapless has so far (Xen
-     * also sets gnttab_map_avail_bits and others that need grant tables). */
+    /* Xen's PV CPU model: Xen's three PV bits (common/kernel.c), each of which trapless
+     * has: preserve-A/D, mmuext_op's CLEAR_PAGE/COPY_PAGE, and grant maps that keep the
+     * guest-available PTE bits (grant_table.c). Linux panics without the first and the
+     * last. (Xen's PV set also names sub-ops trapless lacks: vNUMA, the phys areas.) */
     if (v->dom->pv_model == HV_PV_XEN)
-        return 1u << XENFEAT_mmu_pt_update_preserve_ad;
+        return (1u << XENFEAT_mmu_pt_update_preserve_ad) | (1u << XENFEAT_highmem_assist) |
+               (1u << XENFEAT_gnttab_map_avail_bits);
     /* A ring-0 PV kernel runs in ring 0 of its own VM, and takes upcalls on a vector. */
     return (1u << XENFEAT_supervisor_mode_kernel) | (1u << XENFEAT_hvm_callback_vector);
 }

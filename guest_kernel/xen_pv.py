@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import byte, dword, eax, ebx, ecx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
+from .asm import byte, dword, eax, ebx, ecx, edx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
 from .conformance import ConformanceGuest, GuestImage
 from .pvlib import emit_mask_console_port
 
@@ -257,6 +257,43 @@ def cpu_model_guest() -> GuestImage:
         g.report_word(f"gp_{name}_error", "on_gp.frame", 16)
         g.report_address(f"gp_{name}_rip", "on_gp.frame", 24, f"{name}_insn")
     g.report_word("gp_count", "on_gp.count")
+
+    # Xen's PV CPUID policy for the host's leaves, and XCR0 through the emulated xsetbv
+    def forced_cpuid(case: str, leaf: int, subleaf: int, regs: tuple[str, ...]) -> None:
+        a.mov(eax, leaf)
+        a.mov(ecx, subleaf)
+        a.db(0x0F, 0x0B, 0x78, 0x65, 0x6E, 0x0F, 0xA2)     # ud2; "xen"; cpuid
+        for i, reg in enumerate((rax, rbx, rcx, rdx)):     # reporting clobbers them
+            a.mov(qword[rip_("cpuid_out", 8 * i)], reg)
+        for name in regs:
+            g.report_word(f"{case}_{name}", "cpuid_out", 8 * ("eax", "ebx", "ecx", "edx").index(name))
+    forced_cpuid("leaf1", 1, 0, ("ecx", "edx"))
+    forced_cpuid("ext1", 0x80000001, 0, ("edx",))
+    forced_cpuid("xsave0", 0xD, 0, ("eax", "ebx"))
+    forced_cpuid("xsave1", 0xD, 1, ("ebx", "ecx"))
+    a.db(0x0F, 0x20, 0xE0)                  # mov rax, cr4
+    a.or_(rax, 1 << 18)                     # OSXSAVE
+    a.db(0x0F, 0x22, 0xE0)                  # mov cr4, rax
+    forced_cpuid("xsave0", 0xD, 0, ("eax",))
+    a.and_(eax, 7)                          # x87, SSE and AVX where the policy has them
+    a.xor(edx, edx)
+    a.xor(ecx, ecx)
+    a.db(0x0F, 0x01, 0xD1)                  # xsetbv
+    a.xor(ecx, ecx)
+    a.db(0x0F, 0x01, 0xD0)                  # xgetbv runs natively: the engine's XCR0
+    g.report("xgetbv")
+    forced_cpuid("xsave0_after", 0xD, 0, ("ebx",))
+    forced_cpuid("xsave1_after", 0xD, 1, ("ebx",))
+    for name, value in (("xsetbv_no_x87", 2), ("xsetbv_avx_without_sse", 5)):
+        g.resume_at(f"{name}_done")
+        a.mov(eax, value)
+        a.xor(edx, edx)
+        a.xor(ecx, ecx)
+        a.label(f"{name}_insn")
+        a.db(0x0F, 0x01, 0xD1)
+        a.label(f"{name}_done")
+        g.report_address(f"gp_{name}_rip", "on_gp.frame", 24, f"{name}_insn")
+    g.report_word("gp_count_after_xsetbv", "on_gp.count")
 
     # int $0x80 through trap_table[0x80] (DPL 3): rip after the instruction
     a.int_(0x80)

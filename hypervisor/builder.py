@@ -1,14 +1,16 @@
 """Domain builder: lays out a PV domain's memory and the state its vCPU starts in.
 
 Follows Xen's x86-64 PV start-of-day layout (XEN-ABI-FACTS §17). After the kernel
-image, each element 4 KiB-aligned: the page-frame list (mfn_list), start_info, the
+image, each element 4 KiB-aligned: the initial ramdisk (start_info.mod_start/mod_len,
+when there is one), the page-frame list (mfn_list), start_info, the
 xenstore and console ring pages, the page tables (pt_base), the boot stack and the
 boot GDT. The whole region is mapped 1:1 from VIRT_BASE, writable except the page
 tables, and ends on a 4 MiB boundary with at least 512 KiB of padding.
 
 trapless keeps page tables in a pool of guest-physical frames the guest cannot write
 (a read-only memslot on kvm): the bootstrap tables come first, then zeroed spare frames
-the guest may turn into new tables later. start_info.nr_pt_frames covers the pool.
+the guest may turn into new tables later. start_info.nr_pt_frames covers the pool
+(and, under Xen's model, the shared_info frame between the two: see plan()).
 
 The CPU model comes from the image (cpu_model): a PV kernel runs deprivileged, in ring
 3 under Xen's PV CPU model, unless its FEATURES note requires supervisor_mode_kernel,
@@ -113,11 +115,13 @@ class Layout:
     stack_top: int
     gdt: int
     region_end: int
-    # Xen's model: the shared_info frame start_info names. Xen keeps it outside the
-    # domain's memory; trapless gives it the page after the console ring.
+    # Xen's model: the shared_info frame start_info names (plan() says where it goes)
     shared_info: int | None = None
     # where the start-of-day mapping begins (pseudo-physical; virtual = virt_base + it)
     map_start: int | None = None
+    # the initial ramdisk (module 0), right after the image; size 0: none
+    ramdisk: int = 0
+    ramdisk_size: int = 0
 
     def virt(self, phys: int) -> int:
         return self.virt_base + phys
@@ -134,8 +138,9 @@ def tables_needed(start: int, end: int) -> int:
     return 1 + spans(39) + spans(30) + spans(21)
 
 
-def plan(image: PVImage, ram_bytes: int, model: int = RING0) -> Layout:
-    """Choose the layout; one-line ImageError if the domain's memory is too small."""
+def plan(image: PVImage, ram_bytes: int, model: int = RING0, ramdisk_size: int = 0) -> Layout:
+    """Choose the layout; one-line ImageError if the domain's memory is too small.
+    ramdisk_size: bytes of the initial ramdisk, which goes right after the image."""
     first = min(s.paddr for s in image.segments) & ~(PAGE - 1)
     # Xen's builder maps the whole start-of-day region from VIRT_BASE, pseudo-physical
     # frame 0, up: what lies below the kernel is the guest's too (XTF writes there and
@@ -144,17 +149,24 @@ def plan(image: PVImage, ram_bytes: int, model: int = RING0) -> Layout:
     map_start = 0 if model == XEN_PV else first
     img_end = page_up(max(s.paddr + s.memsz for s in image.segments))
     nr_pages = ram_bytes // PAGE
-    mfn_list = img_end
+    ramdisk = img_end
+    mfn_list = page_up(ramdisk + ramdisk_size)
     start_info = page_up(mfn_list + nr_pages * 8)
     xenstore = start_info + PAGE
     console = xenstore + PAGE
-    shared_info = console + PAGE if model == XEN_PV else None
-    pt_start = (shared_info or console) + PAGE
+    pt_start = console + PAGE
+    # Xen's model: the shared_info frame start_info names. Xen keeps it outside the
+    # domain's memory, so a guest never takes it for free RAM; trapless gives it the
+    # frame after the bootstrap tables, inside the area start_info.nr_pt_frames covers,
+    # which a PV kernel keeps reserved as its bootstrap page tables (Linux reuses any
+    # other frame of its start-of-day region it does not know, and did: module text
+    # overwrote the event channels). The spare frames stay the last ones.
+    extra = 1 if model == XEN_PV else 0
     # The number of bootstrap tables depends on the region's size, which depends on it:
     # grow until it stops changing.
     boot = 4
     while True:
-        pt_end = pt_start + (boot + SPARE_PT_FRAMES) * PAGE
+        pt_end = pt_start + (boot + extra + SPARE_PT_FRAMES) * PAGE
         stack_bottom = pt_end
         stack_top = stack_bottom + BOOT_STACK_PAGES * PAGE
         gdt = stack_top
@@ -170,13 +182,15 @@ def plan(image: PVImage, ram_bytes: int, model: int = RING0) -> Layout:
     if why:
         raise ImageError(f"the start-of-day region at VIRT_BASE {image.virt_base:#x} "
                          f"cannot be mapped: {why}")
+    shared_info = pt_start + boot * PAGE if model == XEN_PV else None
     if region_end > ram_bytes:
+        what = f" (with a {ramdisk_size:,}-byte ramdisk)" if ramdisk_size else ""
         raise ImageError(
-            f"{ram_bytes >> 20} MiB of guest memory is too small: the start-of-day region "
-            f"needs {region_end >> 20} MiB")
+            f"{ram_bytes >> 20} MiB of guest memory is too small: the start-of-day region"
+            f"{what} needs {region_end >> 20} MiB")
     return Layout(image.virt_base, ram_bytes, first, img_end, mfn_list, start_info, xenstore,
                   console, pt_start, boot, pt_end, stack_bottom, stack_top, gdt, region_end,
-                  shared_info, map_start)
+                  shared_info, map_start, ramdisk, ramdisk_size)
 
 
 class PageTableWriter:
@@ -246,13 +260,15 @@ def cmdline_problem(cmdline: str) -> str | None:
 
 
 def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
-          model: int = RING0, console_evtchn: int = 0, store_evtchn: int = 0) -> BootState:
+          model: int = RING0, console_evtchn: int = 0, store_evtchn: int = 0,
+          ramdisk: bytes | None = None) -> BootState:
     """Write the image and the start-of-day region into zeroed guest RAM.
 
     model: the PV CPU model the domain runs (its hypercall page differs);
     console_evtchn: the guest's port of the console ring (0: the domain has no ring, and
     start_info names no console page, as for Xen's dom0); store_evtchn likewise for the
-    xenstore ring."""
+    xenstore ring; ramdisk: the initial ramdisk, layout.ramdisk_size bytes, whose
+    virtual address start_info.mod_start names (flags without SIF_MOD_START_PFN)."""
     why = cmdline_problem(cmdline)
     if why:
         raise ImageError(why)
@@ -262,6 +278,10 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
     if image.hypercall_page is not None:
         hp = image.hypercall_page - layout.virt_base
         ram[hp:hp + PAGE] = hypercall_page(model)
+    if len(ramdisk or b"") != layout.ramdisk_size:
+        raise AssertionError("the layout was planned for another ramdisk")
+    if ramdisk:
+        ram[layout.ramdisk:layout.ramdisk + len(ramdisk)] = ramdisk
 
     # mfn_list: trapless domains are auto-translated, so pfn == mfn.
     struct.pack_into(f"<{layout.nr_pages}Q", ram, layout.mfn_list, *range(layout.nr_pages))
@@ -269,7 +289,8 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
     pt = PageTableWriter(ram, layout)
     map_start = layout.image_start if layout.map_start is None else layout.map_start
     for phys in range(map_start, layout.region_end, PAGE):
-        writable = not layout.pt_start <= phys < layout.pt_end
+        # tables read-only; shared_info, which sits among them, writable as before
+        writable = not layout.pt_start <= phys < layout.pt_end or phys == layout.shared_info
         pt.map_page(layout.virt(phys), phys, writable)
 
     struct.pack_into(f"<{len(GDT_ENTRIES)}Q", ram, layout.gdt, *GDT_ENTRIES)
@@ -287,6 +308,9 @@ def build(ram: memoryview, image: PVImage, layout: Layout, cmdline: str,
     si.pt_base = layout.virt(layout.pt_start)
     si.nr_pt_frames = (layout.pt_end - layout.pt_start) // PAGE
     si.mfn_list = layout.virt(layout.mfn_list)
+    if ramdisk:
+        si.mod_start = layout.virt(layout.ramdisk)
+        si.mod_len = len(ramdisk)
     si.cmd_line = encoded
     raw = bytes(ffi.buffer(si))
     ram[layout.start_info:layout.start_info + len(raw)] = raw

@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="boot the image as a PV or a PVH guest (default: an image with only "
                           "a PHYS32_ENTRY note is PVH, any other PV)")
     run.add_argument("--ramdisk", metavar="PATH",
-                     help="an initramfs for a PVH guest (hvm_start_info module 0)")
+                     help="an initramfs (PVH: hvm_start_info module 0; PV: start_info.mod_start)")
     run.add_argument("--disk", type=disk, action="append", metavar="SPEC",
                      help="a virtual block device, in xl's disk syntax (as a config file's "
                           "disk = [...]), e.g. 'format=raw, vdev=xvda, access=rw, "

@@ -202,7 +202,7 @@ class DomainConfig:
     vcpus: int = 1
     maxvcpus: int | None = None          # None: the same as vcpus
     type: str | None = None              # "pv" or "pvh"; None: as the image's notes say
-    ramdisk: Path | None = None          # a PVH guest's initramfs (hvm_start_info module 0)
+    ramdisk: Path | None = None          # an initramfs (PVH module 0, PV mod_start)
     on_poweroff: str = "destroy"
     on_reboot: str = "restart"
     on_crash: str = "destroy"

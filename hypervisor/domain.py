@@ -224,10 +224,11 @@ class Domain:
         builder gives every domU; xenstore: give it a ring on the store (cext/xenstore.c).
         As with Xen's toolstack, the store's port is the domain's first, the console's next.
         guest_type: "pv" or "pvh" (None: as the image's notes say, image.py); ramdisk:
-        a PVH guest's module 0 (an initramfs); disks: config.Disk entries, each a
-        virtual block device whose xenstore directories are written with the domain's
-        keys (needs xenstore); vifs: config.Vif entries, each a virtual network card
-        plugged into its software bridge (cext/netback.c), found the same way.
+        an initramfs (a PVH guest's module 0, a PV guest's start_info.mod_start);
+        disks: config.Disk entries, each a virtual block device whose xenstore
+        directories are written with the domain's keys (needs xenstore); vifs:
+        config.Vif entries, each a virtual network card plugged into its software
+        bridge (cext/netback.c), found the same way.
         vcpus: how many vCPUs the domain has (xl's maxvcpus=, else vcpus=): vCPU 0 runs
         the image, the others wait, down, for the guest's VCPUOP_initialise
         (cext/vcpu_op.c); vcpus_online (xl's vcpus=, default all): how many xenstore
@@ -266,11 +267,9 @@ class Domain:
             self.engine, self.engine_note = pvh.choose_engine(engine, self.image)
             self.layout = pvh.plan(self.image, start_bytes, len(ramdisk or b""))
         else:
-            if ramdisk:
-                raise ImageError("a ramdisk is for PVH guests (hvm_start_info module 0); "
-                                 "this image boots as PV")
             self.engine = engines.choose(engine)
-            self.layout = builder.plan(self.image, start_bytes, self.pv_model)
+            self.layout = builder.plan(self.image, start_bytes, self.pv_model,
+                                       len(ramdisk or b""))
         self.domid, self.name, self.cmdline = domid, name or f"d{domid}", cmdline
         self.disks = list(disks or ())
         if self.disks and not xenstore:
@@ -290,8 +289,15 @@ class Domain:
         cfg.engine = engines.ENGINES[self.engine]
         cfg.domid = domid
         cfg.ram_bytes = ram_bytes
-        cfg.pt_pool_start = self.layout.pt_start
-        cfg.pt_pool_end = self.layout.pt_end
+        # A read-only pool of page-table frames keeps trapless's ring-0 kernels from
+        # writing their tables. Under Xen's model the frame types do that, and the
+        # bootstrap tables are ordinary frames: Linux unpins them and maps them
+        # writable for reuse, which a pool frame could never be.
+        if self.pv_model == builder.XEN_PV:
+            cfg.pt_pool_start = cfg.pt_pool_end = 0
+        else:
+            cfg.pt_pool_start = self.layout.pt_start
+            cfg.pt_pool_end = self.layout.pt_end
         cfg.console_fd = console_w
         cfg.handle = self.uuid.bytes
         cfg.max_evtchn_ports = max_evtchn_ports
@@ -343,7 +349,7 @@ class Domain:
             else:
                 boot = builder.build(memoryview(ram), self.image, self.layout, cmdline,
                                      self.pv_model, console_evtchn=self.console_evtchn,
-                                     store_evtchn=self.store_evtchn)
+                                     store_evtchn=self.store_evtchn, ramdisk=ramdisk)
             if lib.hv_mm_init(self._dom, boot.cr3, err, len(err)) < 0 or (
                     ram_bytes > start_bytes and
                     lib.hv_mm_set_reservation(self._dom, start_bytes >> 12, err, len(err)) < 0) or (

@@ -178,7 +178,11 @@ def introduce(domid: int, name: str, uuid: str, memory_kib: int, maxmem_kib: int
                            "limit": str(CONSOLE_LIMIT), "type": "xenconsoled"}
     write_tree(home, keys, read_only)
     write_tree(f"{home}/control", {}, read_only)
-    for sub in ("control/shutdown", "device", "data", "drivers", "feature", "attr", "error"):
+    # the control nodes libxl makes the domain's (libxl__domain_make): Linux writes the
+    # feature-* ones to say which requests it handles
+    for sub in ("control/shutdown", "control/feature-poweroff", "control/feature-reboot",
+                "control/feature-suspend", "control/sysrq", "device", "data", "drivers",
+                "feature", "attr", "error"):
         mkdir(f"{home}/{sub}")
         set_perms(f"{home}/{sub}", own)
 

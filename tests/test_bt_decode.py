@@ -110,7 +110,7 @@ AWKWARD = [
     ("mov cr3, rax", True), ("mov cr0, rbx", True), ("mov cr8, rax", True), ("mov dr7, rax", True),
     ("mov rax, cr3", True), ("mov rbx, dr7", True),     # privileged in ring 3 (Xen's PV model)
     ("wrfsbase rax", True), ("wrgsbase r9", True), ("rdfsbase rax", False),
-    ("swapgs", True), ("sysretq", True), ("rdpmc", True),
+    ("swapgs", True), ("sysretq", True), ("rdpmc", True), ("xsetbv", True), ("xgetbv", False),
     ("wrmsr", True), ("rdmsr", True), ("lgdt [rax]", True), ("lidt [rip+0x40]", True),
     ("lldt ax", True), ("ltr word ptr [rsp]", True), ("invlpg [rdi+0x1000]", True),
     ("lmsw ax", True), ("clts", True), ("wbinvd", True), ("invd", True),

@@ -5,12 +5,13 @@ import errno
 import os
 import random
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from abi import C
+from abi import C, ffi
 from guest_kernel.asm import Section   # the assembler's own section objects
 from guest_kernel.elf import (
     EHDR_SIZE, ELFCLASS32, ELFDATA2MSB, ET_DYN, ET_REL, NHDR_SIZE, PHDR_SIZE, PT_LOAD, PT_NOTE,
@@ -503,6 +504,43 @@ def test_a_start_of_day_region_that_cannot_be_mapped_is_refused(virt_base, probl
         builder.plan(image, MEM)
     assert str(e.value) == (f"the start-of-day region at VIRT_BASE {virt_base:#x} cannot be "
                             f"mapped: {problem}")
+
+
+def test_a_pv_ramdisk_follows_the_image_and_start_info_names_it():
+    """Xen's start-of-day order: image, ramdisk (mod_start is its virtual address,
+    mod_len its size), then the page-frame list; all of it mapped by the bootstrap
+    tables. A ramdisk the memory cannot hold is one ImageError."""
+    from hypervisor import builder
+    image = load_image(good_image(), MEM)
+    ramdisk = bytes(range(256)) * 4097            # 1 MiB and 256 bytes: a partial page
+    layout = builder.plan(image, MEM, builder.XEN_PV, len(ramdisk))
+    assert layout.ramdisk == layout.image_end and layout.ramdisk_size == len(ramdisk)
+    assert layout.mfn_list == builder.page_up(layout.ramdisk + len(ramdisk))
+    ram = bytearray(MEM)
+    boot = builder.build(memoryview(ram), image, layout, "x", builder.XEN_PV, ramdisk=ramdisk)
+    si = ffi.from_buffer("struct start_info *", ram[layout.start_info:])
+    assert (si.mod_start, si.mod_len, si.flags) == (layout.virt(layout.ramdisk), len(ramdisk), 0)
+    assert ram[layout.ramdisk:layout.ramdisk + len(ramdisk)] == ramdisk
+
+    def walk(va: int) -> int:
+        table = boot.cr3
+        for shift in (39, 30, 21, 12):
+            entry = struct.unpack_from("<Q", ram, table + ((va >> shift) & 511) * 8)[0]
+            assert entry & 1, f"{va:#x} is not mapped"
+            table = entry & 0x000FFFFFFFFFF000
+        return table
+    for offset in (0, len(ramdisk) - 1):
+        assert walk(si.mod_start + offset) == (layout.ramdisk + offset) & ~0xFFF
+    # without a ramdisk: no module
+    layout = builder.plan(image, MEM, builder.XEN_PV)
+    ram = bytearray(MEM)
+    builder.build(memoryview(ram), image, layout, "x", builder.XEN_PV)
+    si = ffi.from_buffer("struct start_info *", ram[layout.start_info:])
+    assert (si.mod_start, si.mod_len) == (0, 0)
+    with pytest.raises(ImageError) as e:
+        builder.plan(image, MEM, builder.XEN_PV, MEM)
+    assert str(e.value) == (f"16 MiB of guest memory is too small: the start-of-day region "
+                            f"(with a {MEM:,}-byte ramdisk) needs 20 MiB")
 
 
 def test_corrupt_images_raise_only_image_error():

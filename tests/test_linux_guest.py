@@ -1,4 +1,4 @@
-"""Debian's Linux as a PVH guest (issue 13, part 5): taking vmlinux out of a bzImage,
+"""Debian's Linux as a PVH guest and as a PV domU (issue 13, part 5): taking vmlinux out of a bzImage,
 the busybox initramfs, and the boot itself where `make linux-guest` has fetched them."""
 from __future__ import annotations
 
@@ -154,6 +154,33 @@ def test_debian_linux_boots_as_pvh_on_bt():
     assert "Kernel/User page tables isolation" not in out     # IA32_ARCH_CAPABILITIES: RDCL_NO
     assert "Run /init as init process" in out
     assert "trapless: /init of a busybox initramfs" in out
+    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), stop
+
+
+@pytest.mark.skipif(not (LINUX / "vmlinux").is_file(),
+                    reason=f"no Debian kernel at {LINUX}: `make linux-guest` fetches it "
+                           f"(apt-get download; needs Debian's archive)")
+@pytest.mark.skipif(engines.why_unavailable("bt") is not None, reason="needs the bt engine")
+def test_debian_linux_boots_as_a_pv_domu_on_bt():
+    """The same kernel as a Xen PV domU (its kernel in ring 3 under Xen's PV CPU model):
+    start_info with the initramfs at mod_start, Xen's PV CPUID policy through the
+    forced-emulation prefix, its own page tables through mmu_update and the writable
+    page-table assist, events on the PV callback; /init's line comes back and it powers
+    off through SCHEDOP_shutdown."""
+    from hypervisor.domain import Domain
+    ramdisk = (LINUX / "initramfs.cpio").read_bytes()
+    with Domain(LINUX / "vmlinux", memory_mib=256, engine="bt", guest_type="pv",
+                ramdisk=ramdisk, cmdline="console=hvc0") as dom:
+        stop = dom.run(timeout=400)
+        out = dom.console_output.decode(errors="replace")
+    assert "Hypervisor detected: Xen PV" in out
+    assert "Booting kernel on Xen" in out and "Xen version: 4.19." in out
+    assert "RAMDISK: [mem " in out
+    assert "installing Xen timer for CPU 0" in out and "clocksource: Switched to clocksource xen" in out
+    assert "Run /init as init process" in out
+    assert "trapless: /init of a busybox initramfs" in out
+    for bad in ("WARNING:", "BUG:", "Oops", "Bad FPU state"):
+        assert bad not in out, bad
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), stop
 
 

@@ -29,8 +29,10 @@ def test_deprivileged_kernel_takes_traps_events_and_syscalls(run_guest):
     assert dom.pv_model == builder.XEN_PV
     assert r["start_info_shared_info"] == dom.layout.shared_info != 0
     assert r["boot_upcall_mask"] == 1
-    # no supervisor_mode_kernel, no callback vector: of Xen's PV set, preserve-A/D
-    assert (r["get_features"], r["features_submap_0"]) == (0, 1 << C.XENFEAT_mmu_pt_update_preserve_ad)
+    # no supervisor_mode_kernel, no callback vector: Xen's PV bits
+    assert (r["get_features"], r["features_submap_0"]) == (
+        0, 1 << C.XENFEAT_mmu_pt_update_preserve_ad | 1 << C.XENFEAT_highmem_assist |
+        1 << C.XENFEAT_gnttab_map_avail_bits)
     # forced-emulation cpuid answers with Xen's leaves
     assert (r["cpuid_0_eax"], r["cpuid_0_ebx"], r["cpuid_0_ecx"], r["cpuid_0_edx"]) == (
         C.XEN_CPUID_BASE + 5, *XEN_SIGNATURE)
@@ -48,6 +50,20 @@ def test_deprivileged_kernel_takes_traps_events_and_syscalls(run_guest):
     for insn in ("cli", "hlt", "in"):
         assert (r[f"gp_{insn}_error"], r[f"gp_{insn}_rip"]) == (0, 0), insn
     assert r["gp_count"] == 3
+    # Xen's PV CPUID policy: no VME, PSE, PGE, MTRR, PSE36 (HVM-only), no 1 GiB pages;
+    # the hypervisor bit; no XSS components (no XSAVES for PV)
+    hidden_1d = 1 << 1 | 1 << 3 | 1 << 12 | 1 << 13 | 1 << 17
+    assert r["leaf1_edx"] & hidden_1d == 0 and r["leaf1_ecx"] & 1 << 31
+    assert r["ext1_edx"] & (1 << 26 | hidden_1d) == 0
+    assert r["xsave1_ecx"] == 0
+    # XSAVE sizes follow the guest's own XCR0: x87 alone before xsetbv, then + AVX
+    avx = 256 if r["xsave0_eax"] & 4 else 0
+    assert (r["xsave0_ebx"], r["xsave1_ebx"]) == (576, 576)
+    assert (r["xsave0_after_ebx"], r["xsave1_after_ebx"]) == (576 + avx, 576 + avx)
+    assert r["xgetbv"] == r["xsave0_eax"] & 7       # loaded into the CPU (kvm) or TCG (bt)
+    # xsetbv without x87, or AVX without SSE: #GP(0) at the instruction
+    assert (r["gp_xsetbv_no_x87_rip"], r["gp_xsetbv_avx_without_sse_rip"]) == (0, 0)
+    assert r["gp_count_after_xsetbv"] == 5
     # int $0x80 through the trap table: a trap, rip after the instruction
     assert (r["int80_count"], r["int80_rip"]) == (1, 0)
     # an event upcall on the way back from EVTCHNOP_send, once unmasked; the iret
@@ -65,7 +81,7 @@ def test_deprivileged_kernel_takes_traps_events_and_syscalls(run_guest):
     assert r["syscall_kernel_rsp"] == -56          # a 7-word frame under kernel_sp
     assert r["syscall_mask"] == 1
     counters = dom.counters()
-    assert counters.hypercalls["iret"] == 8        # 6 handlers, 1 upcall, 1 to user mode
+    assert counters.hypercalls["iret"] == 10       # 8 handlers, 1 upcall, 1 to user mode
     assert counters.exits["exception"] >= 6
 
 

@@ -150,17 +150,6 @@ def test_bad_type_choices_are_one_line_errors(guests, tmp_path, which, guest_typ
     assert r.stderr == f"trapless: {path}: {message}\n"
 
 
-def test_a_ramdisk_is_refused_for_a_pv_guest(tmp_path):
-    from guest_kernel.pv_kernel import build_pv_kernel
-    (tmp_path / "pv.elf").write_bytes(build_pv_kernel())
-    (tmp_path / "initrd").write_bytes(b"x")
-    r = hv("run", tmp_path / "pv.elf", "--ramdisk", tmp_path / "initrd",
-           env={"TRAPLESS_NO_KVM": "1"})
-    assert r.returncode == 2
-    assert r.stderr == ("trapless: a ramdisk is for PVH guests (hvm_start_info module 0); this "
-                        "image boots as PV\n")
-
-
 def test_hvm_start_info_and_the_memory_map(guests):
     image = load_image(guests["page"], MEM)
     ramdisk = bytes(range(256)) * 20

@@ -230,7 +230,7 @@ def test_transactions_commit_and_conflict(xs_guest):
 
 def test_refusals_change_nothing(xs_guest):
     xenstore.write("/local/domain/42/secret", "s")
-    owned = 7                           # the directories introduce gives the domain
+    owned = 11                          # the directories introduce gives the domain
     s = Steps()
     s.ask(C.XS_READ, b"/local/domain/42/secret\0")
     s.ask(C.XS_WRITE, b"/local/domain/42/x\0v")
@@ -505,11 +505,14 @@ def test_toolstack_writes_the_keys_and_removes_them(tmp_path):
             (f"{home}/console/ring-ref", str(dom.layout.console >> 12).encode()),
             (f"{home}/console/port", b"2"), (f"{home}/console/limit", b"1048576"),
             (f"{home}/console/type", b"xenconsoled"), (f"{home}/control", b""),
-            (f"{home}/control/shutdown", b""), (f"{home}/device", b""), (f"{home}/data", b""),
+            (f"{home}/control/shutdown", b""), (f"{home}/control/feature-poweroff", b""),
+            (f"{home}/control/feature-reboot", b""), (f"{home}/control/feature-suspend", b""),
+            (f"{home}/control/sysrq", b""), (f"{home}/device", b""), (f"{home}/data", b""),
             (f"{home}/drivers", b""), (f"{home}/feature", b""), (f"{home}/attr", b""),
             (f"{home}/error", b"")]
         assert xenstore.get_perms(home) == ["n0", f"r{rec.domid}"]
         assert xenstore.get_perms(f"{home}/device") == [f"n{rec.domid}"]
+        assert xenstore.get_perms(f"{home}/control/feature-poweroff") == [f"n{rec.domid}"]
         assert xenstore.walk(vm) == [(vm, b""), (f"{vm}/uuid", str(dom.uuid).encode()),
                                      (f"{vm}/name", b"keys")]
         ts.destroy(rec)

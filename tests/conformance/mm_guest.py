@@ -33,9 +33,9 @@ def stored(level: int, value: int) -> int:
     accessed and dirty set, and, as the guests run under Xen's PV CPU model (a kernel
     in ring 3), with user access added where the guest left it out; an L1 entry so
     changed also gets Xen's kernel-page mark (Xen's adjust_guest_l1e / _l2e...).
-    level 0: a pool frame not in use as a table (nothing is checked or added yet but
-    accessed and dirty)."""
-    if not value & PTE_P:
+    level 0: a frame not in use as a table: a plain store (Xen's PGT_writable_page
+    case of do_mmu_update), checked when the frame becomes a table."""
+    if not value & PTE_P or level == 0:
         return value
     value |= FORCED
     if level and not value & PTE_US:

@@ -37,7 +37,8 @@ L1_CASES = [  # (case, value, expected result); a rejected value leaves the entr
     ("outside_ram", RAM_END | PTE_P, EPERM),
     ("addr_bit51", (1 << 51) | PTE_P, EPERM),
     ("pool_rw", ("mm_l4", PRW), EBUSY),
-    ("unused_table_rw", MMGuest.spare(SPARE_UNUSED, PRW), EBUSY),
+    # a spare frame no table uses is an ordinary frame under Xen's model: writable
+    ("unused_table_rw", MMGuest.spare(SPARE_UNUSED, PRW), 0),
     ("pool_ro", ("mm_l4", PTE_P), 0),
     ("pwt", FREE2 | PTE_P | PTE_PWT, EINVAL),
     ("pcd", FREE2 | PTE_P | PTE_PCD, EINVAL),
@@ -71,7 +72,7 @@ def reject_guest() -> bytes:
     l2e_next = MMGuest.var("mm_l2", (SLOT + 1) * 8)
     va = l2_slot_va(SLOT)
 
-    # A pool frame not in use as a table takes any write; it is checked when it is used.
+    # A frame not in use as a table takes any write; it is checked when it is used.
     g.mmu("unused_write", s0, FREE | PRW)
     g.pte("unused_write", s0)
     g.mmu("bad_entry_in_unused", MMGuest.spare(SPARE_BAD), ("mm_l4", PRW))
@@ -174,7 +175,8 @@ def test_mmu_update_validates_every_entry(run_cases):
     assert run["through_mapping"] == 0
     assert run["release_for_unpopulated"] == 1 and run["repopulate"] == 1
 
-    values = {"pool_ro": stored(1, lay.l4 | PTE_P)}
+    values = {"pool_ro": stored(1, lay.l4 | PTE_P),
+              "unused_table_rw": stored(1, lay.spare(SPARE_UNUSED) | PRW)}
     for case, val, expected in L1_CASES:
         assert run[case] == expected, case
         assert run[f"{case}.done"] == (1 if expected == 0 else 0), case
@@ -269,7 +271,8 @@ def test_a_512_entry_batch_maps_a_whole_table(run_cases):
 
 def test_bootstrap_tables_are_typed_and_checked(engine):
     """hv_mm_init (run by Domain) types the builder's tables from cr3; it refuses a cr3
-    outside the pool and tables that map a page table writable."""
+    that is no frame of the domain and tables that map a page table writable. (Under
+    Xen's model the bootstrap tables are ordinary frames, as any frame may be a table.)"""
     from hypervisor._hv import ffi, lib
     from hypervisor.domain import Domain
 
@@ -277,8 +280,10 @@ def test_bootstrap_tables_are_typed_and_checked(engine):
     try:
         lay, err = Layout(dom), ffi.new("char[256]")
         assert audit(dom) == ""
-        assert lib.hv_mm_init(dom._dom, FREE, err, len(err)) == -1
-        assert "not a frame of the page-table pool" in ffi.string(err).decode()
+        for cr3 in (64 << 20, FREE | 8):          # beyond RAM; not page-aligned
+            assert lib.hv_mm_init(dom._dom, cr3, err, len(err)) == -1
+            assert "is not a frame that may hold the bootstrap page tables" in \
+                ffi.string(err).decode()
         # A bootstrap L1 entry turned into a writable mapping of the L4 itself.
         ram = guest_ram(dom)
         l1 = u64(ram[lay.l2:lay.l2 + 8]) & ~0xFFF & ((1 << 52) - 1)

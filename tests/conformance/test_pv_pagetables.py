@@ -6,7 +6,7 @@ store to it faults, and it changes only through mmu_update; unpinned, it is plai
 again. (trapless's ring-0 kernels keep their tables in the read-only pool.)"""
 from abi import C
 
-from guest_kernel.asm import qword, rax, rcx
+from guest_kernel.asm import byte, qword, rax, rcx
 from guest_kernel.xen_pv import XenPVGuest, rip_
 
 EINVAL, EBUSY = -C.XEN_EINVAL, -C.XEN_EBUSY
@@ -119,8 +119,13 @@ def test_writable_pagetables_assist_applies_the_kernels_own_stores(run_cases):
         a.or_(rcx, flags)
         if insn == "mov":
             a.mov(qword[rip_("tbl", offset)], rcx)
-        else:
+        elif insn == "xchg":
             a.xchg(qword[rip_("tbl", offset)], rcx)
+        elif insn == "or":                  # or qword [entry], imm8: sets RW
+            a.or_(qword[rip_("tbl", offset)], RW)
+        else:                               # ds; and byte [entry], ~RW: Linux's
+            a.db(0x3e)                      # clear_bit with `lock` patched to `ds`
+            a.and_(byte[rip_("tbl", offset)], 0xFF & ~RW)
         a.label(f"{case}.after")
         a.mov(qword["resume_at"], 0)
         if insn == "xchg":
@@ -140,6 +145,10 @@ def test_writable_pagetables_assist_applies_the_kernels_own_stores(run_cases):
     store("xchg", 8, "victim", P | US, insn="xchg")
     g.report_word("entry_1_after_xchg", "tbl", 8)
     g.report_word("xchg_old_value", "xchg_old")
+    store("or_imm", 8, "victim", 0, insn="or")
+    g.report_word("entry_1_after_or", "tbl", 8)
+    store("and_byte", 8, "victim", 0, insn="and")
+    g.report_word("entry_1_after_and", "tbl", 8)
     g.handlers(lambda: g.recording_handler("on_pf", True))
     run = run_cases(g.finish())
     assert (run["remap_read_only"], run["pin"], run["enable"]) == (0, 0, 0)
@@ -151,3 +160,6 @@ def test_writable_pagetables_assist_applies_the_kernels_own_stores(run_cases):
     assert run["xchg"] == 2
     assert run["entry_1_after_xchg"] & 0xFFF == P | US | A | D
     assert run["xchg_old_value"] == run["entry_1"]
+    # read-modify-write logic ops on an entry, as Linux's set_bit/clear_bit are
+    assert run["or_imm"] == 2 and run["entry_1_after_or"] == run["entry_1_after_xchg"] | RW
+    assert run["and_byte"] == 2 and run["entry_1_after_and"] == run["entry_1_after_xchg"]

@@ -70,9 +70,11 @@ def test_xen_version(run_cases):
     assert run["get_features"] == 0
     idx, submap = struct.unpack("<II", run.dumps["get_features"])
     assert idx == 0
-    # a kernel under Xen's PV model: of Xen's PV set, trapless offers preserve-A/D (a
-    # ring-0 kernel is told supervisor_mode_kernel and hvm_callback_vector instead)
-    assert submap == 1 << C.XENFEAT_mmu_pt_update_preserve_ad
+    # a kernel under Xen's PV model: Xen's three PV bits, preserve-A/D, highmem assist
+    # and grant-map avail bits (a ring-0 kernel is told supervisor_mode_kernel and
+    # hvm_callback_vector instead)
+    assert submap == (1 << C.XENFEAT_mmu_pt_update_preserve_ad | 1 << C.XENFEAT_highmem_assist |
+                      1 << C.XENFEAT_gnttab_map_avail_bits)
     assert run["get_features_bad_index"] == EINVAL
     assert run["get_features_null"] == EFAULT
     assert run["commandline"] == EPERM and run["build_id"] == EPERM
