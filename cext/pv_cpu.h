@@ -272,6 +272,8 @@ int      pv_step_resume(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *st
 /* ---- pv_emul.c: instructions Xen emulates for a PV guest ---- */
 /* Xen's PV CPUID policy for leaf/subleaf: out = eax, ebx, ecx, edx. */
 void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+/* Where a general register is in struct pv_regs, by its number in an encoding. */
+size_t pv_gpr_offset(int n);
 /* #UD at r->rip: the forced-emulation prefix + cpuid, or `int n` on hosts that report
  * it as #UD. 1 if handled (r updated), 0 if it is a real #UD for the guest, -1 crash. */
 int  pv_emulate_ud(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);

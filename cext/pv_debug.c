@@ -105,20 +105,10 @@ struct access {
     int      how;                       /* ACC_R, ACC_W, ACC_RW */
 };
 
-/* pv_regs by register number in an encoding (rax rcx rdx rbx rsp rbp rsi rdi r8..r15) */
+/* pv_regs by register number in an encoding */
 static uint64_t reg(const struct pv_regs *r, int n)
 {
-    static const size_t at[16] = {
-        offsetof(struct pv_regs, rax), offsetof(struct pv_regs, rcx),
-        offsetof(struct pv_regs, rdx), offsetof(struct pv_regs, rbx),
-        offsetof(struct pv_regs, rsp), offsetof(struct pv_regs, rbp),
-        offsetof(struct pv_regs, rsi), offsetof(struct pv_regs, rdi),
-        offsetof(struct pv_regs, r8), offsetof(struct pv_regs, r9),
-        offsetof(struct pv_regs, r10), offsetof(struct pv_regs, r11),
-        offsetof(struct pv_regs, r12), offsetof(struct pv_regs, r13),
-        offsetof(struct pv_regs, r14), offsetof(struct pv_regs, r15),
-    };
-    return *(const uint64_t *)((const uint8_t *)r + at[n & 15]);
+    return *(const uint64_t *)((const uint8_t *)r + pv_gpr_offset(n));
 }
 
 /* An fs: or gs: override adds its base; in 64-bit mode the others add nothing. */

@@ -148,8 +148,10 @@ void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4
         out[1] &= ~LEAF7_EBX_FSGSBASE;
 }
 
-/* Registers by their number in an instruction encoding, in struct pv_regs. */
-static uint64_t *gpr(struct pv_regs *r, int n)
+/* Where a register is in struct pv_regs, by its number in an instruction encoding (rax
+ * rcx rdx rbx rsp rbp rsi rdi r8..r15): the emulator's, and the stepping decoder's
+ * (pv_debug.c). */
+size_t pv_gpr_offset(int n)
 {
     static const size_t at[16] = {
         offsetof(struct pv_regs, rax), offsetof(struct pv_regs, rcx),
@@ -161,7 +163,12 @@ static uint64_t *gpr(struct pv_regs *r, int n)
         offsetof(struct pv_regs, r12), offsetof(struct pv_regs, r13),
         offsetof(struct pv_regs, r14), offsetof(struct pv_regs, r15),
     };
-    return (uint64_t *)((uint8_t *)r + at[n & 15]);
+    return at[n & 15];
+}
+
+static uint64_t *gpr(struct pv_regs *r, int n)
+{
+    return (uint64_t *)((uint8_t *)r + pv_gpr_offset(n));
 }
 
 #define MSR_DEBUGCTL        0x1d9
