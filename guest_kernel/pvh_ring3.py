@@ -43,6 +43,28 @@ TSS_LIMIT, IO_BITMAP, IO_PORT_OK, IO_PORT_DENIED = 0x78, 0x68, 0x70, 0x3F8
 WORDS = 6
 
 
+def emit_load_tss(a, limit: int, selector: int) -> None:
+    """The descriptor of the guest's `tss` (limit, type 9: an available 64-bit TSS,
+    present, base = tss) in its `gdt` at selector, then `ltr`. Uses rax, rcx, rdx."""
+    a.lea(rdx, ptr["tss"])
+    a.mov(rax, rdx)
+    a.and_(eax, 0xFFFFFF)
+    a.shl(rax, 16)
+    a.or_(rax, limit)
+    a.mov(rcx, 0x89 << 40)
+    a.or_(rax, rcx)
+    a.mov(rcx, rdx)
+    a.shr(rcx, 24)
+    a.and_(ecx, 0xFF)
+    a.shl(rcx, 56)
+    a.or_(rax, rcx)
+    a.mov(qword[rip + "gdt" + selector], rax)
+    a.shr(rdx, 32)
+    a.mov(qword[rip + "gdt" + selector + 8], rdx)
+    a.mov(eax, selector)
+    a.db(0x0F, 0x00, 0xD8)                          # ltr ax
+
+
 def build_pvh_ring3_guest(with_io: bool = True) -> tuple[bytes, dict[str, int]]:
     """The ELF image and its symbols (the test computes the expected frames from them).
     with_io: run the io case (bt does not check ring 3's port accesses yet)."""
@@ -62,24 +84,7 @@ def build_pvh_ring3_guest(with_io: bool = True) -> tuple[bytes, dict[str, int]]:
     a.mov(qword[rip + "tss" + 0x24], rax)
     a.mov(dword[rip + "tss" + 0x64], IO_BITMAP << 16)
     a.mov(byte[rip + "tss" + TSS_LIMIT], 0xFF)
-    # its descriptor: limit TSS_LIMIT, type 9 (available 64-bit TSS), present, base = tss
-    a.lea(rdx, ptr["tss"])
-    a.mov(rax, rdx)
-    a.and_(eax, 0xFFFFFF)
-    a.shl(rax, 16)
-    a.or_(rax, TSS_LIMIT)
-    a.mov(rcx, 0x89 << 40)
-    a.or_(rax, rcx)
-    a.mov(rcx, rdx)
-    a.shr(rcx, 24)
-    a.and_(ecx, 0xFF)
-    a.shl(rcx, 56)
-    a.or_(rax, rcx)
-    a.mov(qword[rip + "gdt" + TSS_SEL], rax)
-    a.shr(rdx, 32)
-    a.mov(qword[rip + "gdt" + TSS_SEL + 8], rdx)
-    a.mov(eax, TSS_SEL)
-    a.db(0x0F, 0x00, 0xD8)                          # ltr ax
+    emit_load_tss(a, TSS_LIMIT, TSS_SEL)
     a.call("idt_init")
     a.call("events_init")
     a.test(rax, rax)

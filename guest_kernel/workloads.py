@@ -9,6 +9,7 @@ from __future__ import annotations
 from abi import C, offsetof
 
 from .asm import byte, word, dword, eax, ebx, ecx, edi, esi, ptr, qword, r11, r12, r13, rax, rbx, rcx, rdi, rdx, rip, rsi, rsp
+from .pvh_ring3 import emit_load_tss
 from .runtime import PVProgram
 
 UNCLAIMED_PORT = 0x80  # the POST-code port: no device model claims it
@@ -101,28 +102,11 @@ def ring3_bare_exit_loop(iterations: int) -> bytes:
     p = PVProgram(guest_os="trapless-bench-ring3-bare-exit", xen_pv=False, console_ring=False)
     a = p.a
     a.call("idt_init")
-    # the TSS: its ring-0 stack, the bitmap's offset; then its descriptor (limit, type 9
-    # available 64-bit TSS, present, base = tss) and ltr
+    # the TSS: its ring-0 stack, the bitmap's offset; then its descriptor and ltr
     a.lea(rax, ptr["kstack_top"])
     a.mov(qword[rip + "tss" + 4], rax)
     a.mov(word[rip + "tss" + 0x66], 0x68)
-    a.lea(rdx, ptr["tss"])
-    a.mov(rax, rdx)
-    a.and_(eax, 0xFFFFFF)
-    a.shl(rax, 16)
-    a.or_(rax, TSS_LIMIT)
-    a.mov(rcx, 0x89 << 40)
-    a.or_(rax, rcx)
-    a.mov(rcx, rdx)
-    a.shr(rcx, 24)
-    a.and_(ecx, 0xFF)
-    a.shl(rcx, 56)
-    a.or_(rax, rcx)
-    a.mov(qword[rip + "gdt" + RING3_TSS_SEL], rax)
-    a.shr(rdx, 32)
-    a.mov(qword[rip + "gdt" + RING3_TSS_SEL + 8], rdx)
-    a.mov(eax, RING3_TSS_SEL)
-    a.db(0x0F, 0x00, 0xD8)                          # ltr ax
+    emit_load_tss(a, TSS_LIMIT, RING3_TSS_SEL)
     a.mov(edi, 3)                                   # int3 from ring 3: the loop is over
     a.lea(rsi, ptr["on_int3"])
     a.call("idt_set_gate")
