@@ -13,7 +13,9 @@ fails means trapless is wrong or lacks something.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +26,9 @@ from . import engines
 from .errors import ConfigError, TraplessError
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "build" / "xtf"
+BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "xtf-build.sh"
+BUILD_ENVS = ("pv64", "hvm64")  # what trapless runs (hvm64 boots as PVH); as `make xtf`
+BUILT_FROM = ".trapless-built-from"     # in a build: which source it was built from
 MEMORY_MIB = 128            # XTF's config/default-*.cfg.in
 VERDICTS = ("SUCCESS", "SKIP", "ERROR", "FAILURE")
 # xtf-runner counts a test that never reported as a crash; so do we.
@@ -31,6 +36,7 @@ BAD = {"ERROR", "FAILURE", "crashed", "timed out", "no verdict"}
 RESULT = re.compile(r"^Test result: (SUCCESS|SKIP|ERROR|FAILURE)( with warnings)?\s*$", re.M)
 PANIC = re.compile(r"^PANIC: (.*)$", re.M)
 IMAGE = re.compile(r"^test-([a-z0-9]+)-(.+)$")
+ENV_NAME = re.compile(r"^(pv|hvm|pvh)(32|64)[a-z]*$")          # pv64, hvm32pae, pvh64, ...
 VARY_CFG = re.compile(r"^VARY-CFG\s*:=\s*(.*?)\s*$", re.M)     # a test's Makefile
 MAKE_VCPUS = re.compile(r"^VCPUS\s*:=\s*(\d+)", re.M)           # ... and its vCPUs
 CFG_VCPUS = re.compile(r"^vcpus\s*=\s*(\d+)", re.M)              # a generated .cfg
@@ -126,6 +132,9 @@ def find_images(xtf_dir: Path, envs: list[str] | None = None,
     root = xtf_dir / "tests"
     if not root.is_dir():
         raise ConfigError(f"{xtf_dir}: no XTF build there (run `make xtf`, or pass --xtf DIR)")
+    if (xtf_dir / "build" / "gen.mk").is_file() and not any(root.glob("*/test-*")):
+        raise ConfigError(f"{xtf_dir}: an XTF checkout that is not built "
+                          f"(pass it as --src {xtf_dir} to build and run it)")
     found = []
     for path in sorted(root.glob("*/test-*")):
         m = IMAGE.match(path.name)
@@ -149,6 +158,51 @@ def find_images(xtf_dir: Path, envs: list[str] | None = None,
     if not found:
         raise ConfigError(f"no XTF images in {root} for environment {', '.join(envs or ['any'])}")
     return found
+
+
+def source_fingerprint(src: Path) -> str:
+    """Says which source (and which state of it) a build came from: the tarball's path,
+    size and time, or the checkout's path and its newest file's time."""
+    if src.is_dir():
+        newest = 0
+        for root, dirs, files in os.walk(src):
+            dirs[:] = [d for d in dirs if d != ".git"]
+            for f in files:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(root, f)).st_mtime_ns)
+                except OSError:
+                    pass
+        return f"checkout {src} {newest}"
+    st = src.stat()
+    return f"tarball {src} {st.st_size} {st.st_mtime_ns}"
+
+
+def build(src: Path, dest: Path, out=None) -> None:
+    """Builds XTF from a checkout or tarball into dest with the system toolchain (what
+    `make xtf` does), unless dest already holds a build of that same source. A build that
+    fails is one line: the build's own last complaint."""
+    src = src.expanduser().resolve()
+    if not src.exists():
+        raise ConfigError(f"{src}: no such XTF checkout or tarball (get one with "
+                          "`git clone https://xenbits.xen.org/git-http/xtf.git`)")
+    if src.is_dir() and not (src / "build" / "gen.mk").is_file():
+        raise ConfigError(f"{src}: not an XTF checkout (no build/gen.mk)")
+    stamp = dest / BUILT_FROM
+    want = source_fingerprint(src) + " envs " + " ".join(BUILD_ENVS)
+    try:
+        if stamp.read_text() == want:
+            return
+    except OSError:
+        pass
+    if out:
+        out(f"building XTF from {src} into {dest} (a few minutes) ...")
+    done = subprocess.run(["sh", str(BUILD_SCRIPT), str(src), str(dest), *BUILD_ENVS],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        raise ConfigError(f"building XTF from {src} failed: "
+                          f"{lines[-1].strip() if lines else f'exit status {done.returncode}'}")
+    stamp.write_text(want)
 
 
 def reason_before(console: str, end: int) -> str:
@@ -253,7 +307,13 @@ def main(args) -> int:
     if not args.timeout > 0:
         raise ConfigError(f"--timeout {args.timeout:g}: must be more than 0 seconds")
     xtf_dir = Path(args.xtf) if args.xtf else DEFAULT_DIR
-    images = find_images(xtf_dir, args.env, args.test)
+    if args.src:
+        build(Path(args.src), xtf_dir, out=print)
+    # `--env pv64 NAME` hands NAME to --env (it takes several): what is not the name of an
+    # XTF environment there is a test.
+    envs = [e for e in args.env or [] if ENV_NAME.match(e)]
+    tests = (args.test or []) + (args.tests or []) + [e for e in args.env or [] if e not in envs]
+    images = find_images(xtf_dir, envs or None, tests or None)
     if args.engine:
         engines.choose(args.engine)        # one line if it cannot run here
         engine_names = [args.engine]
@@ -285,8 +345,12 @@ def add_parser(sub) -> None:
                        "of XTF's verdicts",
                        epilog="exit status: 0 if no test failed, errored, crashed, timed out "
                               "or ended without a verdict; 1 otherwise; 2 usage error")
+    p.add_argument("tests", nargs="*", metavar="TEST", help="only these tests (as --test)")
+    p.add_argument("--src", metavar="DIR|TARBALL",
+                   help="an XTF checkout or tarball: build it with the system gcc into the "
+                        "--xtf directory first (skipped when that build is of this source)")
     p.add_argument("--xtf", metavar="DIR", help=f"a built XTF tree (default: {DEFAULT_DIR}, "
-                   "made by `make xtf`)")
+                   "made by `make xtf` or --src)")
     p.add_argument("--env", action="extend", nargs="+", metavar="ENV",
                    help="only these XTF environments, e.g. pv64 hvm64 (pvh64: the hvm64 "
                         "images, which boot as PVH guests)")

@@ -269,3 +269,62 @@ def test_variants_run_as_tests_of_their_own_with_their_command_line(engine, tmp_
     got = {(r["test"], r["status"], r["detail"]) for r in json.loads(out.read_text())}
     assert got == {("varied~alpha", "SKIP", "first variant"),
                    ("varied~beta", "SKIP", "second variant")}
+
+
+def fake_xtf_source(root: Path, tests: dict[str, str]) -> Path:
+    """An XTF checkout in miniature: build/gen.mk, and per test a Makefile that answers
+    what scripts/xtf-build.sh asks (NAMEvar, TEST-ENVSvar) and 'builds' its pv64 image
+    by copying a guest that prints the verdict text."""
+    (root / "build").mkdir(parents=True)
+    (root / "build" / "gen.mk").write_text("# XTF's generic rules\n")
+    for name, text in tests.items():
+        d = root / "tests" / name
+        d.mkdir(parents=True)
+        (d / "guest.elf").write_bytes(printing_guest(BANNER + text))
+        (d / "Makefile").write_text(
+            f"NAMEvar:\n\t@echo 'NAME = {name}'\n"
+            "TEST-ENVSvar:\n\t@echo 'TEST-ENVS = pv64 pv32pae'\n"
+            f"test-pv64-{name}: guest.elf\n\tcp guest.elf $@\n")
+    return root
+
+
+def test_src_builds_a_checkout_once_then_runs_it(tmp_path, capsys):
+    src = fake_xtf_source(tmp_path / "xtf", {"good": "Test result: SUCCESS\n",
+                                             "skipped": "Skip: nope\nTest result: SKIP\n"})
+    out = tmp_path / "built"
+    argv = ["xtf", "--src", str(src), "--xtf", str(out), "--engine", "bt", "--env", "pv64"]
+    assert cli.main(argv + ["good"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"building XTF from {src} into {out} (a few minutes) ...\n")
+    assert printed.endswith("1 runs: 1 SUCCESS\n")
+    assert (out / "tests" / "good" / "test-pv64-good").is_file()
+    assert not (src / "tests" / "good" / "test-pv64-good").exists()   # the checkout untouched
+    # the same source again: no second build
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "building" not in printed and printed.endswith("2 runs: 1 SKIP, 1 SUCCESS\n")
+
+
+def test_src_takes_a_tarball(tmp_path, capsys):
+    import tarfile
+    src = fake_xtf_source(tmp_path / "xtf-main", {"good": "Test result: SUCCESS\n"})
+    tarball = tmp_path / "xtf.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(src, arcname="xtf-main")
+    assert cli.main(["xtf", "--src", str(tarball), "--xtf", str(tmp_path / "b"),
+                     "--engine", "bt", "--test", "good"]) == 0
+    assert capsys.readouterr().out.endswith("1 runs: 1 SUCCESS\n")
+
+
+def test_src_that_is_not_xtf_or_does_not_build_is_one_line(tmp_path, capsys):
+    assert cli.main(["xtf", "--src", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"trapless: {tmp_path}: not an XTF checkout (no build/gen.mk)\n"
+    src = fake_xtf_source(tmp_path / "xtf", {"good": "Test result: SUCCESS\n"})
+    (src / "tests" / "good" / "guest.elf").unlink()          # its image cannot be made
+    assert cli.main(["xtf", "--src", str(src), "--xtf", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"trapless: building XTF from {src} failed: ") and err.count("\n") == 1
+    # an unbuilt checkout given as --xtf says how to build it
+    assert cli.main(["xtf", "--xtf", str(src)]) == 2
+    assert capsys.readouterr().err == (f"trapless: {src}: an XTF checkout that is not built "
+                                       f"(pass it as --src {src} to build and run it)\n")
