@@ -419,12 +419,17 @@ def set_port_handler(p: PVProgram, port_reg, handler: str) -> None:
     a.mov(qword[rcx + port_reg * 8], rdx)
 
 
-def emit_pvclock(p: PVProgram) -> None:
-    """pvclock_read -> rax = ns of system time. Clobbers rcx, rdx, rsi, r8."""
+def emit_pvclock(p: PVProgram, shared_info_at: str | None = None) -> None:
+    """pvclock_read -> rax = ns of system time. Clobbers rcx, rdx, rsi, r8. The clock is
+    read from the page at the label shared_info, or from the page whose address the
+    qword at label shared_info_at holds."""
     a = p.a
     t = TIME
     a.label("pvclock_read")
-    a.lea(rsi, ptr["shared_info"])
+    if shared_info_at:
+        a.mov(rsi, qword[shared_info_at])
+    else:
+        a.lea(rsi, ptr["shared_info"])
     a.label("pvclock_read.retry")
     a.mov(r8d, dword[rsi + t + offsetof("vcpu_time_info", "version")])
     a.test(r8d, 1)
