@@ -133,9 +133,13 @@ def test_ticks(both):
     assert without(r["pv"][0], *VARIABLE) == {
         "hypercall": 1 + 3 + 1 + 1 + blocks + upcalls + 1 + 1}
     # native: PIC init (10), PIT start (3), unmask, an EOI per tick, mask, PIT stop,
-    # exit port; a hlt per tick
-    assert without(r["native"][0], *VARIABLE) == {"io": 10 + 3 + 1 + count + 1 + 1 + 1,
-                                                  "hlt": count}
+    # exit port; a hlt per tick, except that a tick already pending when the guest comes
+    # back to its hlt (a loaded host delivers late ticks back to back) is taken without
+    # one, as on the PV side
+    native = without(r["native"][0], *VARIABLE)
+    hlts = native.pop("hlt")
+    assert count // 2 <= hlts <= count
+    assert native == {"io": 10 + 3 + 1 + count + 1 + 1 + 1}
     stats = r["native"][3].device_stats()
     assert stats["irqs_delivered"] == stats["eois"] == count
     assert stats["pit_edges"] >= count
