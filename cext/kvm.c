@@ -471,6 +471,15 @@ static int pvh_vcpu_msrs(struct hv_vcpu *v, char *err, int err_len)
 
 /* ---- end of PVH ---- */
 
+int hv_kvm_vcpu_events(struct hv_vcpu *v, struct kvm_vcpu_events *ev)
+{
+    if (v->run->kvm_valid_regs & KVM_SYNC_X86_EVENTS) {
+        *ev = v->run->s.regs.events;
+        return 0;
+    }
+    return ioctl(v->fd, KVM_GET_VCPU_EVENTS, ev) < 0 ? -1 : 0;
+}
+
 static void kvm_destroy_vm(struct hv_domain *d)
 {
     if (d->kvm_vm_fd >= 0)
@@ -698,10 +707,16 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         close(v->fd);
         return -1;
     }
-    /* Xen's PV model needs cr2, cr3 and the segments at every exit, PVH its mode */
+    /* Xen's PV model needs cr2, cr3 and the segments at every exit, PVH its mode; and
+     * PVH the event KVM stopped on at each ring-3 exception or port access (kvm_emul.c),
+     * which sync regs hand over without an ioctl of its own (one costs about a third
+     * of an exit on a nested host) */
     v->run->kvm_valid_regs = KVM_SYNC_X86_REGS;
     if (v->dom->pv_model == HV_PV_XEN || v->dom->guest_type == HV_GUEST_PVH)
         v->run->kvm_valid_regs |= KVM_SYNC_X86_SREGS;
+    if (v->dom->guest_type == HV_GUEST_PVH &&
+        (ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_EVENTS))
+        v->run->kvm_valid_regs |= KVM_SYNC_X86_EVENTS;
     /* the PV clock first: a PVH guest's CPUID time leaf tells its scale */
     if (pvclock_setup(v, err, err_len) < 0 || set_cpuid(v, err, err_len) < 0 ||
         (v->dom->guest_type == HV_GUEST_PVH && pvh_vcpu_msrs(v, err, err_len) < 0)) {
@@ -1157,7 +1172,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
 static int exception_in_flight(struct hv_vcpu *v)
 {
     struct kvm_vcpu_events ev;
-    if (ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) < 0)
+    if (hv_kvm_vcpu_events(v, &ev) < 0)
         return 1;                       /* unknown: let the next exit deliver */
     return ev.exception.injected || ev.exception.pending;
 }
@@ -1294,7 +1309,7 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                 struct kvm_vcpu_events ev;
                 c->exits[HV_EXIT_INTR]++;
                 /* stopped before the entry that delivers it: still KVM's to deliver */
-                if (just_injected >= 0 && ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) == 0 &&
+                if (just_injected >= 0 && hv_kvm_vcpu_events(v, &ev) == 0 &&
                     ev.interrupt.injected)
                     injected_vector = just_injected;
                 __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
