@@ -314,6 +314,10 @@ int hv_kvm_emulate(struct hv_vcpu *v, char *why, int why_len);
  * TSS, 2: a ring-3 in/out the I/O bitmap allows, done here and counted as port I/O. */
 int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len);
 int hv_kvm_deliver_interrupt(struct hv_vcpu *v, unsigned vector, char *why, int why_len);
+/* kvm.c: the vCPU's pending events (struct kvm_vcpu_events): from sync regs where
+ * KVM stores them at every exit, else KVM_GET_VCPU_EVENTS. 0, or -1 with errno. */
+struct kvm_vcpu_events;
+int hv_kvm_vcpu_events(struct hv_vcpu *v, struct kvm_vcpu_events *ev);
 
 /* ---- hypercall dispatch (hypercall.c) and the services ---- */
 int64_t hv_hypercall(struct hv_vcpu *v, const struct hv_hcall *h);

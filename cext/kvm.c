@@ -471,6 +471,15 @@ static int pvh_vcpu_msrs(struct hv_vcpu *v, char *err, int err_len)
 
 /* ---- end of PVH ---- */
 
+int hv_kvm_vcpu_events(struct hv_vcpu *v, struct kvm_vcpu_events *ev)
+{
+    if (v->run->kvm_valid_regs & KVM_SYNC_X86_EVENTS) {
+        *ev = v->run->s.regs.events;
+        return 0;
+    }
+    return ioctl(v->fd, KVM_GET_VCPU_EVENTS, ev) < 0 ? -1 : 0;
+}
+
 static void kvm_destroy_vm(struct hv_domain *d)
 {
     if (d->kvm_vm_fd >= 0)
@@ -698,10 +707,16 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         close(v->fd);
         return -1;
     }
-    /* Xen's PV model needs cr2, cr3 and the segments at every exit, PVH its mode */
+    /* Xen's PV model needs cr2, cr3 and the segments at every exit, PVH its mode; and
+     * PVH the event KVM stopped on at each ring-3 exception or port access (kvm_emul.c),
+     * which sync regs hand over without an ioctl of its own (one costs about a third
+     * of an exit on a nested host) */
     v->run->kvm_valid_regs = KVM_SYNC_X86_REGS;
     if (v->dom->pv_model == HV_PV_XEN || v->dom->guest_type == HV_GUEST_PVH)
         v->run->kvm_valid_regs |= KVM_SYNC_X86_SREGS;
+    if (v->dom->guest_type == HV_GUEST_PVH &&
+        (ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS) & KVM_SYNC_X86_EVENTS))
+        v->run->kvm_valid_regs |= KVM_SYNC_X86_EVENTS;
     /* the PV clock first: a PVH guest's CPUID time leaf tells its scale */
     if (pvclock_setup(v, err, err_len) < 0 || set_cpuid(v, err, err_len) < 0 ||
         (v->dom->guest_type == HV_GUEST_PVH && pvh_vcpu_msrs(v, err, err_len) < 0)) {
@@ -997,11 +1012,14 @@ static int pv_regs_to_run(struct hv_vcpu *v, const struct pv_regs *r, int in_stu
     return 0;
 }
 
-/* Only rax (which the stub pops) and the iret frame changed: the stub resumes the
- * guest without a register write. */
-static int only_rax_changed(const struct pv_regs *a, const struct pv_regs *b)
+/* Only what the exception stub restores itself changed: rax (which it pops) and the
+ * iret frame's rip, cs, rflags, rsp and ss (a bounce moves rsp to its frame). The stub
+ * then resumes the guest with no register write and no extra KVM_RUN to complete its
+ * `out` first, which costs as much as a third of an exit here. */
+static int only_stub_regs_changed(const struct pv_regs *a, const struct pv_regs *b)
 {
-    return !memcmp(&a->rbx, &b->rbx, offsetof(struct pv_regs, rip) - offsetof(struct pv_regs, rbx)) &&
+    return !memcmp(&a->rbx, &b->rbx, offsetof(struct pv_regs, rsp) - offsetof(struct pv_regs, rbx)) &&
+           !memcmp(&a->rbp, &b->rbp, offsetof(struct pv_regs, rip) - offsetof(struct pv_regs, rbp)) &&
            a->fs_base == b->fs_base && a->gs_base == b->gs_base && a->gs_sel == b->gs_sel;
 }
 
@@ -1105,7 +1123,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         frame[3] = r.rsp;
         frame[4] = r.ss | 3;
         /* the common case (a hypercall, a bounce): the stub does the rest */
-        if (only_rax_changed(&r, &before) && !pending_set_cr3 && !pending_flush &&
+        if (only_stub_regs_changed(&r, &before) && !pending_set_cr3 && !pending_flush &&
             !v->pv.hw_dirty)
             return 0;
     }
@@ -1154,7 +1172,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
 static int exception_in_flight(struct hv_vcpu *v)
 {
     struct kvm_vcpu_events ev;
-    if (ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) < 0)
+    if (hv_kvm_vcpu_events(v, &ev) < 0)
         return 1;                       /* unknown: let the next exit deliver */
     return ev.exception.injected || ev.exception.pending;
 }
@@ -1291,7 +1309,7 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
                 struct kvm_vcpu_events ev;
                 c->exits[HV_EXIT_INTR]++;
                 /* stopped before the entry that delivers it: still KVM's to deliver */
-                if (just_injected >= 0 && ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) == 0 &&
+                if (just_injected >= 0 && hv_kvm_vcpu_events(v, &ev) == 0 &&
                     ev.interrupt.injected)
                     injected_vector = just_injected;
                 __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);

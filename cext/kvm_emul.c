@@ -598,7 +598,7 @@ int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len)
     unsigned vector;
     int rc, n, i;
 
-    if (ioctl(v->fd, KVM_GET_VCPU_EVENTS, &ev) < 0) {
+    if (hv_kvm_vcpu_events(v, &ev) < 0) {
         hv_set_error(why, why_len, "KVM_GET_VCPU_EVENTS: %s", strerror(errno));
         return -1;
     }
