@@ -268,6 +268,19 @@ static int16_t do_request(struct blkback *b, const struct blkif_request *r)
     }
 }
 
+/* The operation a response names. io/blkif.h says it is copied from the request, but
+ * the backend of Xen's dom0 (Linux's xen-blkback, dispatch_rw_block_io) answers an
+ * indirect request with its indirect_op, the READ or WRITE it carried, and Linux's
+ * blkfront (blkif_interrupt) checks that: any other value, BLKIF_OP_INDIRECT included,
+ * is a broken backend to it, and it disables the disk with every request still on it
+ * unanswered for ever. We follow the code. */
+static uint8_t response_operation(const struct blkif_request *r)
+{
+    if (r->operation == BLKIF_OP_INDIRECT)
+        return ((const struct blkif_request_indirect *)r)->indirect_op;
+    return r->operation;
+}
+
 /* Publish the responses made so far and notify the frontend if it asked to be told of
  * one of them (io/ring.h's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY): a frontend busy
  * consuming leaves rsp_event behind and costs no event. */
@@ -311,7 +324,7 @@ static void serve(struct blkback *b)
             ring_copy(b, slot(b, b->req_cons), &r, sizeof(r), 0);
             b->req_cons++;
             rsp.id = r.id;
-            rsp.operation = r.operation;
+            rsp.operation = response_operation(&r);
             rsp.status = do_request(b, &r);
             ring_copy(b, slot(b, b->rsp_prod), &rsp, sizeof(rsp), 1);
             b->rsp_prod++;
