@@ -281,19 +281,33 @@ static uint8_t response_operation(const struct blkif_request *r)
     return r->operation;
 }
 
+/* Did the frontend ask to be told of a response past old (its rsp_event)? */
+static int response_wanted(struct blkback *b, uint32_t old)
+{
+    return b->rsp_prod - sring(b)->rsp_event < b->rsp_prod - old;
+}
+
 /* Publish the responses made so far and notify the frontend if it asked to be told of
  * one of them (io/ring.h's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY): a frontend busy
- * consuming leaves rsp_event behind and costs no event. */
+ * consuming leaves rsp_event behind and costs no event. Before we conclude it did not
+ * ask, the barrier that holds against the guest's own (it may be setting rsp_event and
+ * about to read the rsp_prod we just wrote, vcpu.c's hv_guest_barrier). */
 static void push_responses(struct blkback *b)
 {
     volatile struct blkif_sring_header *s = sring(b);
     uint32_t old = b->rsp_pushed;
+    int notify;
     if (old == b->rsp_prod)
         return;
     __atomic_store_n(&s->rsp_prod, b->rsp_prod, __ATOMIC_RELEASE);
     b->rsp_pushed = b->rsp_prod;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (b->rsp_prod - s->rsp_event < b->rsp_prod - old) {
+    notify = response_wanted(b, old);
+    if (!notify) {
+        hv_guest_barrier(b->d);
+        notify = response_wanted(b, old);
+    }
+    if (notify) {
         hv_evtchn_backend_notify(b->d, b->port);
         count(b, &b->stats.notifies, 1);
     }
@@ -333,9 +347,10 @@ static void serve(struct blkback *b)
         }
         if (b->stopping)
             return;
-        /* ask to be notified of the next request, then look once more */
+        /* ask to be notified of the next request, then look once more, after the
+         * barrier that holds against the guest's own (vcpu.c, hv_guest_barrier) */
         s->req_event = b->req_cons + 1;
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        hv_guest_barrier(b->d);
         more = __atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE) != b->req_cons;
     } while (more);
 }
