@@ -282,6 +282,8 @@ static void *entry(struct hv_grant_use *ring, uint32_t idx, uint32_t size, uint3
 static int push(struct netback *nb, struct hv_grant_use *ring, uint32_t rsp, uint32_t old)
 {
     volatile struct blkif_sring_header *s = header(ring);
+    if (rsp == old)
+        return 0;                       /* nothing new to publish */
     __atomic_store_n(&s->rsp_prod, rsp, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (rsp - s->rsp_event < rsp - old)
