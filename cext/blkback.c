@@ -268,19 +268,46 @@ static int16_t do_request(struct blkback *b, const struct blkif_request *r)
     }
 }
 
+/* The operation a response names. io/blkif.h says it is copied from the request, but
+ * the backend of Xen's dom0 (Linux's xen-blkback, dispatch_rw_block_io) answers an
+ * indirect request with its indirect_op, the READ or WRITE it carried, and Linux's
+ * blkfront (blkif_interrupt) checks that: any other value, BLKIF_OP_INDIRECT included,
+ * is a broken backend to it, and it disables the disk with every request still on it
+ * unanswered for ever. We follow the code. */
+static uint8_t response_operation(const struct blkif_request *r)
+{
+    if (r->operation == BLKIF_OP_INDIRECT)
+        return ((const struct blkif_request_indirect *)r)->indirect_op;
+    return r->operation;
+}
+
+/* Did the frontend ask to be told of a response past old (its rsp_event)? */
+static int response_wanted(struct blkback *b, uint32_t old)
+{
+    return b->rsp_prod - sring(b)->rsp_event < b->rsp_prod - old;
+}
+
 /* Publish the responses made so far and notify the frontend if it asked to be told of
  * one of them (io/ring.h's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY): a frontend busy
- * consuming leaves rsp_event behind and costs no event. */
+ * consuming leaves rsp_event behind and costs no event. Before we conclude it did not
+ * ask, the barrier that holds against the guest's own (it may be setting rsp_event and
+ * about to read the rsp_prod we just wrote, vcpu.c's hv_guest_barrier). */
 static void push_responses(struct blkback *b)
 {
     volatile struct blkif_sring_header *s = sring(b);
     uint32_t old = b->rsp_pushed;
+    int notify;
     if (old == b->rsp_prod)
         return;
     __atomic_store_n(&s->rsp_prod, b->rsp_prod, __ATOMIC_RELEASE);
     b->rsp_pushed = b->rsp_prod;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (b->rsp_prod - s->rsp_event < b->rsp_prod - old) {
+    notify = response_wanted(b, old);
+    if (!notify) {
+        hv_guest_barrier(b->d);
+        notify = response_wanted(b, old);
+    }
+    if (notify) {
         hv_evtchn_backend_notify(b->d, b->port);
         count(b, &b->stats.notifies, 1);
     }
@@ -311,7 +338,7 @@ static void serve(struct blkback *b)
             ring_copy(b, slot(b, b->req_cons), &r, sizeof(r), 0);
             b->req_cons++;
             rsp.id = r.id;
-            rsp.operation = r.operation;
+            rsp.operation = response_operation(&r);
             rsp.status = do_request(b, &r);
             ring_copy(b, slot(b, b->rsp_prod), &rsp, sizeof(rsp), 1);
             b->rsp_prod++;
@@ -320,9 +347,10 @@ static void serve(struct blkback *b)
         }
         if (b->stopping)
             return;
-        /* ask to be notified of the next request, then look once more */
+        /* ask to be notified of the next request, then look once more, after the
+         * barrier that holds against the guest's own (vcpu.c, hv_guest_barrier) */
         s->req_event = b->req_cons + 1;
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        hv_guest_barrier(b->d);
         more = __atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE) != b->req_cons;
     } while (more);
 }

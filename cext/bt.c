@@ -1825,6 +1825,7 @@ const struct hv_engine_impl hv_bt_engine = {
     .set_boot_state = bt_set_boot_state,
     .run = bt_run,
     .guest_atomics = 0,             /* TCG runs locked instructions as plain ones */
+    .guest_fences = 0,              /* ... and emits no host fence for them or mfence */
     .cr4_fsgsbase = 1,              /* TCG honours CR4.FSGSBASE (bt_pv.c) */
 };
 

@@ -112,6 +112,12 @@ struct hv_engine_impl {
      * on hardware); 0: only the vCPU thread may write the guest's event words
      * (events.c, hv_events_flush). */
     int guest_atomics;
+    /* 1 if the guest's own barriers (mfence, a locked instruction) order its stores and
+     * loads against other host threads, as on hardware; 0: the engine drops them (Unicorn's
+     * TCG emits no host fence outside its parallel mode, which Unicorn never uses), and a
+     * thread that needs the guest's store-then-load ordered must force it (vcpu.c,
+     * hv_guest_barrier). */
+    int guest_fences;
     /* 1 if the CPU running a PV guest's ring 3 honours the guest's CR4.FSGSBASE
      * (rdfsbase and co. #UD while it is clear); 0: the PV CPUID policy does not offer
      * FSGSBASE, as Xen offers only what it can virtualize (pv_emul.c) */
@@ -424,6 +430,10 @@ void hv_guest_unlock(struct hv_domain *d);
 int  hv_guest_lock_held(struct hv_domain *d);   /* by this thread */
 /* The holder lets a waiting vCPU of the domain have its turn (0 if none waits). */
 int  hv_guest_lock_yield(struct hv_domain *d);
+/* A full barrier between a host thread's store to memory it shares with the guest and
+ * its next load from there, which also holds against the guest's own store-then-load
+ * (io/ring.h's final checks) on an engine without guest_fences. */
+void hv_guest_barrier(struct hv_domain *d);
 /* VCPUOP_up of vCPU t (vcpu_op.c): its first run (0), or -1 if the domain is ending. */
 int  hv_vcpu_bring_up(struct hv_vcpu *t);
 /* Something it may wait for happened: wake it if parked, kick it if it runs. */

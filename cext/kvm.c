@@ -1456,6 +1456,7 @@ const struct hv_engine_impl hv_kvm_engine = {
     .set_boot_state = kvm_set_boot_state,
     .run = kvm_run_loop,
     .guest_atomics = 1,
+    .guest_fences = 1,
     /* KVM-PVM runs ring 3 natively under the host's own CR4, FSGSBASE set */
     .cr4_fsgsbase = 0,
 };

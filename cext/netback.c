@@ -276,12 +276,19 @@ static void *entry(struct hv_grant_use *ring, uint32_t idx, uint32_t size, uint3
     return ring->page + NET_RING_HEADER + (size_t)(idx & (slots - 1)) * size;
 }
 
-/* Publish rsp (io/ring.h's push): 1 if the frontend asked to be told. */
-static int push(struct hv_grant_use *ring, uint32_t rsp, uint32_t old)
+/* Publish rsp (io/ring.h's push): 1 if the frontend asked to be told. Before we
+ * conclude it did not, the barrier that holds against the guest's own (vcpu.c,
+ * hv_guest_barrier). */
+static int push(struct netback *nb, struct hv_grant_use *ring, uint32_t rsp, uint32_t old)
 {
     volatile struct blkif_sring_header *s = header(ring);
+    if (rsp == old)
+        return 0;                       /* nothing new to publish */
     __atomic_store_n(&s->rsp_prod, rsp, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (rsp - s->rsp_event < rsp - old)
+        return 1;
+    hv_guest_barrier(nb->d);
     return rsp - s->rsp_event < rsp - old;
 }
 
@@ -404,12 +411,12 @@ static int serve_tx(struct netback *nb)
         }
         while (nb->tx_cons != prod && !nb->stopping && tx_frame(nb, prod) == 0)
             ;
-        notify |= push(&nb->tx_ring, nb->tx_rsp, old);
+        notify |= push(nb, &nb->tx_ring, nb->tx_rsp, old);
         if (nb->stopping)
             return notify;
         /* told of the next request (a frame cut short: of its next piece), look again */
         s->req_event = nb->tx_cons + 1;
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        hv_guest_barrier(nb->d);
         more = __atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE) != prod;
     } while (more);
     return notify;
@@ -440,7 +447,7 @@ static int serve_rx(struct netback *nb)
         } else if (prod - nb->rx_cons < pages) {
             /* too few buffers: be told when it posts more, then look again */
             s->req_event = nb->rx_cons + pages;
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            hv_guest_barrier(nb->d);
             if (__atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE) - nb->rx_cons < pages)
                 break;
             continue;
@@ -478,7 +485,7 @@ static int serve_rx(struct netback *nb)
         pthread_mutex_unlock(&nb->queue_lock);
         free(f);
     }
-    return push(&nb->rx_ring, nb->rx_rsp, old);
+    return push(nb, &nb->rx_ring, nb->rx_rsp, old);
 }
 
 /* ---- the handshake ---- */

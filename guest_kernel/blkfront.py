@@ -395,6 +395,8 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.and_(eax, dword["blk_mask"])
     a.imul(eax, eax, REQ_SIZE)
     a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
+    a.movzx(ecx, byte[rbx + rax + 8])   # operation
+    a.mov(dword["blk_rsp_op"], ecx)
     a.movsx(rax, word[rbx + rax + 10])  # status
     a.inc(dword["blk_rsp_cons"])
     a.pop(rbx)
@@ -694,6 +696,11 @@ def emit_blkfront(p: PVProgram, bench: bool = False, writer: bool = False) -> No
     p.print("blkfront: indirect read of sectors 0-15: ")
     a.mov(rdi, rbx)
     a.call("print_sdec")
+    # the response names the indirect_op (READ), as Xen's blkback answers and Linux's
+    # blkfront insists, not BLKIF_OP_INDIRECT
+    p.print(", operation ")
+    a.mov(edi, dword["blk_rsp_op"])
+    a.call("print_sdec")
     a.mov(rbx, FNV_OFFSET)
     a.lea(rsi, ptr["data"])
     a.mov(rdi, FNV_PRIME)
@@ -910,6 +917,8 @@ def emit_blkfront(p: PVProgram, bench: bool = False, writer: bool = False) -> No
     a.label("blk_rsp_cons")
     a.dd(0)
     a.label("blk_wait_n")               # blk_wait's n
+    a.dd(0)
+    a.label("blk_rsp_op")               # the operation the last response named
     a.dd(0)
     a.align(8)
     a.label("disk_sectors")
