@@ -311,7 +311,11 @@ static void serve(struct blkback *b)
             ring_copy(b, slot(b, b->req_cons), &r, sizeof(r), 0);
             b->req_cons++;
             rsp.id = r.id;
-            rsp.operation = r.operation;
+            /* an indirect request is answered as the operation it carries (Linux's
+             * blkback does so, and its blkfront disables a disk whose answer says
+             * BLKIF_OP_INDIRECT); blkif.h does not say */
+            rsp.operation = r.operation == BLKIF_OP_INDIRECT
+                ? ((const struct blkif_request_indirect *)&r)->indirect_op : r.operation;
             rsp.status = do_request(b, &r);
             ring_copy(b, slot(b, b->rsp_prod), &rsp, sizeof(rsp), 1);
             b->rsp_prod++;

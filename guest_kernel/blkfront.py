@@ -395,7 +395,10 @@ def _emit_blk_request(p: PVProgram) -> None:
     a.and_(eax, dword["blk_mask"])
     a.imul(eax, eax, REQ_SIZE)
     a.lea(rbx, ptr[rip + "blk_ring" + RING_HEADER])
-    a.movsx(rax, word[rbx + rax + 10])  # status
+    a.add(rbx, rax)
+    a.movzx(eax, byte[rbx + 8])         # operation
+    a.mov(dword["blk_rsp_op"], eax)
+    a.movsx(rax, word[rbx + 10])        # status
     a.inc(dword["blk_rsp_cons"])
     a.pop(rbx)
     a.ret()
@@ -692,6 +695,12 @@ def emit_blkfront(p: PVProgram, bench: bool = False, writer: bool = False) -> No
     p.print("blkfront: indirect read of sectors 0-15: ")
     a.mov(rdi, rbx)
     a.call("print_sdec")
+    # the response names the indirect request's operation, not BLKIF_OP_INDIRECT (as
+    # Linux's blkfront checks)
+    p.print(" (response operation ")
+    a.mov(edi, dword["blk_rsp_op"])
+    a.call("print_dec")
+    p.print(")")
     a.mov(rbx, FNV_OFFSET)
     a.lea(rsi, ptr["data"])
     a.mov(rdi, FNV_PRIME)
@@ -906,6 +915,8 @@ def emit_blkfront(p: PVProgram, bench: bool = False, writer: bool = False) -> No
     a.label("blk_req_prod")
     a.dd(0)
     a.label("blk_rsp_cons")
+    a.dd(0)
+    a.label("blk_rsp_op")               # the operation of the last response blk_submit took
     a.dd(0)
     a.label("blk_wait_n")               # blk_wait's n
     a.dd(0)
