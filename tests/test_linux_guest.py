@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from hypervisor import engines
-from hypervisor.linux_guest import (DISKTEST_READ, DISKTEST_WRITTEN, MODULE_ORDER,
-                                    LinuxGuestError, build_initramfs, collect_modules,
-                                    extract_vmlinux, module_depends, unlz4_legacy)
+from hypervisor.linux_guest import (DISKTEST_BIG, DISKTEST_COPY, DISKTEST_READ, DISKTEST_WRITTEN,
+                                    INIT_SCRIPT, MODULE_ORDER, LinuxGuestError, build_initramfs,
+                                    collect_modules, extract_vmlinux, module_depends,
+                                    unlz4_legacy, with_current_init)
 
 LINUX = Path(os.environ.get("TRAPLESS_LINUX", Path(__file__).parent.parent / "build" / "linux"))
 FAKE_ELF = b"\x7fELF" + bytes(range(256)) * 40
@@ -102,6 +103,22 @@ def test_initramfs_carries_modules_and_their_load_order():
     assert names[MODULE_ORDER] == ("0o100644", b"libdep\nxen-blkfront\n")
     init = names["init"][1].decode()
     assert "insmod /lib/modules/$m.ko" in init and "grep -qw disktest" in init
+
+
+def test_an_initramfs_with_an_older_init_gets_the_current_one():
+    modules = [("libdep", b"KO1"), ("xen-blkfront", b"KO2")]
+    old = build_initramfs(b"BUSYBOX", init="#!/bin/busybox sh\necho old\n", modules=modules)
+    new = with_current_init(old)
+    names = read_newc(new)
+    assert names["init"] == ("0o100755", INIT_SCRIPT.encode())
+    assert names["bin/busybox"] == ("0o100755", b"BUSYBOX")
+    assert names["lib/modules/xen-blkfront.ko"] == ("0o100644", b"KO2")
+    assert names[MODULE_ORDER] == ("0o100644", b"libdep\nxen-blkfront\n")
+    assert with_current_init(new) is new                # already current: kept as it is
+    with pytest.raises(LinuxGuestError, match="not a complete newc archive"):
+        with_current_init(old[:len(old) // 2])
+    with pytest.raises(LinuxGuestError, match="no bin/busybox"):
+        with_current_init(build_initramfs(b"BB", init="x").replace(b"bin/busybox", b"bin/bu5ybox"))
 
 
 def compile_module(where: Path, name: str, depends: str) -> None:
@@ -239,8 +256,11 @@ def test_debian_linux_mounts_reads_and_writes_an_ext4_disk(tmp_path, guest_type)
     its unpopulated-alloc put it, 4 GiB; PV: in the frames GNTTABOP_setup_table gave it,
     mapped through its own page tables, the grants naming machine frames), gets
     /dev/xvda from blkback; /init (`disktest`) mounts it, prints the host's file, writes
-    one, unmounts and powers off. The host reads the guest's file back and e2fsck finds
-    the image clean."""
+    one, takes the MD5 of the host's 512 KiB file and copies it (blkfront's indirect
+    requests, read and write), unmounts and powers off. The host reads the guest's file
+    and the copy back and e2fsck finds the image clean."""
+    import hashlib
+    import random
     import subprocess
 
     from hypervisor.config import parse_disk
@@ -250,12 +270,14 @@ def test_debian_linux_mounts_reads_and_writes_an_ext4_disk(tmp_path, guest_type)
     files.mkdir()
     said = f"hello from the host, {os.getpid()}"
     (files / DISKTEST_READ).write_text(said + "\n")
+    big = random.Random(os.getpid()).randbytes(512 * 1024)     # indirect requests both ways
+    (files / DISKTEST_BIG).write_bytes(big)
     image = tmp_path / "disk.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(files), str(image), "16M"], check=True,
                    capture_output=True)
     disk = parse_disk(f"format=raw, vdev=xvda, access=rw, target={image}")
     with Domain(LINUX / "vmlinux", memory_mib=256, engine="bt", guest_type=guest_type,
-                ramdisk=(LINUX / "initramfs.cpio").read_bytes(), disks=[disk],
+                ramdisk=with_current_init((LINUX / "initramfs.cpio").read_bytes()), disks=[disk],
                 cmdline="console=hvc0 disktest") as dom:
         stop = dom.run(timeout=300)
         out = dom.console_output.decode(errors="replace")
@@ -266,11 +288,18 @@ def test_debian_linux_mounts_reads_and_writes_an_ext4_disk(tmp_path, guest_type)
     assert "blkfront: xvda: flush diskcache: enabled" in out
     assert "EXT4-fs (xvda): mounted filesystem" in out
     assert f"disktest: read: {said}\n" in out.replace("\r\n", "\n")
+    assert (f"disktest: {DISKTEST_BIG} md5 {hashlib.md5(big).hexdigest()}, copied to "
+            f"{DISKTEST_COPY}\n") in out.replace("\r\n", "\n")
+    assert "response has wrong operation" not in out
     assert f"disktest: wrote {DISKTEST_WRITTEN}, unmounted" in out
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), stop
     back = subprocess.run(["debugfs", "-R", f"cat /{DISKTEST_WRITTEN}", str(image)],
                           capture_output=True, text=True, check=True).stdout
     assert back == f"{release} read: {said}\n"
+    copy = tmp_path / "copy"
+    subprocess.run(["debugfs", "-R", f"dump /{DISKTEST_COPY} {copy}", str(image)],
+                   capture_output=True, check=True)
+    assert copy.read_bytes() == big
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
