@@ -29,9 +29,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # the long runs: a thousand domains per engine, a hundred ticking for tens of seconds,
-# the timer-lateness guest hundreds of times (a few minutes)
+# the timer-lateness guest hundreds of times, two Linux PV domUs pinging each other
+# (a few minutes)
 stress: setup
-	$(BIN)/python -m pytest -q -m stress tests/test_stress.py
+	$(BIN)/python -m pytest -q -m stress tests/test_stress.py tests/test_linux_guest.py
 
 bench: setup
 	$(BIN)/python -m hypervisor bench
