@@ -29,9 +29,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # the long runs: a thousand domains per engine, a hundred ticking for tens of seconds,
-# the timer-lateness guest hundreds of times (a few minutes)
+# the timer-lateness guest hundreds of times, two Linux PV domUs pinging each other
+# (a few minutes)
 stress: setup
-	$(BIN)/python -m pytest -q -m stress tests/test_stress.py
+	$(BIN)/python -m pytest -q -m stress tests/test_stress.py tests/test_linux_guest.py
 
 bench: setup
 	$(BIN)/python -m hypervisor bench
@@ -94,19 +95,26 @@ run-linux-pv: linux-guest
 	    --memory 256 --ramdisk build/linux/initramfs.cpio --cmdline "$(LINUX_CMDLINE)"
 
 # The same Linux with a disk: an ext4 image made here (mkfs.ext4 -d, no root mount)
-# holding hello.txt, given as xl's disk spec; /init (`disktest` on the command line)
-# mounts /dev/xvda, prints hello.txt, writes guest.txt, unmounts and powers off; the
-# host then prints guest.txt out of the image (debugfs).
+# holding hello.txt and 512 KiB of random.bin, given as xl's disk spec; /init
+# (`disktest` on the command line) mounts /dev/xvda, prints hello.txt, writes guest.txt,
+# prints random.bin's MD5 and copies it to copy.bin, unmounts and powers off; the host
+# then prints guest.txt out of the image (debugfs) and the MD5s of both files.
+# LINUX_TYPE=pv runs it as a PV domU.
 LINUX_DISK := build/linux/disk.img
+LINUX_TYPE ?= pvh
 run-linux-disk: linux-guest
 	rm -rf build/linux/disk-files && mkdir -p build/linux/disk-files
 	echo "hello from the host, $$(date -u)" > build/linux/disk-files/hello.txt
+	head -c 524288 /dev/urandom > build/linux/disk-files/random.bin
 	mkfs.ext4 -q -F -d build/linux/disk-files $(LINUX_DISK) 16M
-	$(BIN)/python -m hypervisor run build/linux/vmlinux --type pvh --engine bt --memory 256 \
-	    --ramdisk build/linux/initramfs.cpio --cmdline "console=hvc0 disktest" \
+	$(BIN)/python -m hypervisor run build/linux/vmlinux --type $(LINUX_TYPE) --engine bt \
+	    --memory 256 --ramdisk build/linux/initramfs.cpio --cmdline "console=hvc0 disktest" \
 	    --disk "format=raw, vdev=xvda, access=rw, target=$(LINUX_DISK)"
 	@echo "--- guest.txt, read back from $(LINUX_DISK) by the host:"
 	@debugfs -R 'cat /guest.txt' $(LINUX_DISK) 2>/dev/null
+	@echo "--- MD5 of random.bin as the host wrote it, and of the guest's copy.bin:"
+	@md5sum < build/linux/disk-files/random.bin
+	@debugfs -R 'cat /copy.bin' $(LINUX_DISK) 2>/dev/null | md5sum
 
 # the same kernel and initramfs under trapless (bt) and QEMU's TCG (microvm, PVH entry):
 # wall time to the kernel banner, to `Run /init`, to /init's line, to the end

@@ -19,8 +19,10 @@ kernel package, and /init insmods them in dependency order.
 
 `disktest` on the command line: /init waits for /dev/xvda, mounts it (ext4), prints
 the file hello.txt of its root as `disktest: read: ...`, writes guest.txt (the kernel
-release and what it read), unmounts, syncs and powers off; the host then reads
-guest.txt back out of the image.
+release and what it read), and, if the host put random.bin there, prints its MD5 and
+copies it to copy.bin (a file of a few hundred KiB goes to and from the disk in
+requests larger than a ring slot holds: blkfront's indirect requests); then it unmounts,
+syncs and powers off; the host reads guest.txt and copy.bin back out of the image.
 
 `nettest=LOCAL,PEER`: /init waits for eth0, gives it LOCAL/24, waits (up to a minute)
 until PEER answers, pings it three times, prints ping's exit status and stays on the
@@ -49,6 +51,8 @@ FRONTENDS = ("xen-blkfront", "xen-netfront")
 MODULE_ORDER = "lib/modules/order"          # the initramfs's list of modules to load
 DISKTEST_READ = "hello.txt"                 # what `disktest` prints from xvda's root
 DISKTEST_WRITTEN = "guest.txt"              # and what it writes there
+DISKTEST_BIG = "random.bin"                 # what it takes the MD5 of, if it is there
+DISKTEST_COPY = "copy.bin"                  # and copies it to
 INIT_SCRIPT = """#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev
 /bin/busybox mount -t proc proc /proc
@@ -68,6 +72,11 @@ if /bin/busybox grep -qw disktest /proc/cmdline; then
         read=$(cat /mnt/""" + DISKTEST_READ + """)
         echo "disktest: read: $read"
         echo "$(uname -r) read: $read" > /mnt/""" + DISKTEST_WRITTEN + """
+        if [ -f /mnt/""" + DISKTEST_BIG + """ ]; then
+            set -- $(md5sum /mnt/""" + DISKTEST_BIG + """)
+            cp /mnt/""" + DISKTEST_BIG + """ /mnt/""" + DISKTEST_COPY + """ &&
+                echo "disktest: """ + DISKTEST_BIG + """ md5 $1, copied to """ + DISKTEST_COPY + """"
+        fi
         umount /mnt && echo "disktest: wrote """ + DISKTEST_WRITTEN + """, unmounted"
     else
         echo "disktest: cannot mount /dev/xvda"
@@ -223,6 +232,46 @@ def build_initramfs(busybox: bytes, init: str = INIT_SCRIPT,
     return out + _cpio_entry("TRAILER!!!", 0, b"", 0)
 
 
+def newc_files(archive: bytes) -> dict[str, bytes]:
+    """name -> data of the regular files in a newc archive."""
+    files, at = {}, 0
+    while archive[at:at + 6] == b"070701" and at + 110 <= len(archive):
+        try:
+            fields = [int(archive[at + 6 + 8 * i:at + 14 + 8 * i], 16) for i in range(13)]
+            mode, filesize, namesize = fields[1], fields[6], fields[11]
+            name = archive[at + 110:at + 110 + namesize - 1].decode()
+        except ValueError:
+            break
+        at += 110 + namesize
+        at += -at % 4
+        if name == "TRAILER!!!":
+            return files
+        if at + filesize > len(archive):
+            break
+        if stat.S_ISREG(mode):
+            files[name] = archive[at:at + filesize]
+        at += filesize
+        at += -at % 4
+    raise LinuxGuestError("the initramfs is not a complete newc archive")
+
+
+def with_current_init(archive: bytes) -> bytes:
+    """An initramfs this module built, with INIT_SCRIPT as its /init: the same busybox
+    and modules (an archive made before /init last changed needs no fetching again)."""
+    files = newc_files(archive)
+    if files.get("init") == INIT_SCRIPT.encode():
+        return archive
+    if "bin/busybox" not in files:
+        raise LinuxGuestError("the initramfs has no bin/busybox")
+    order = files.get(MODULE_ORDER, b"").decode().split()
+    modules = []
+    for name in order:
+        if f"lib/modules/{name}.ko" not in files:
+            raise LinuxGuestError(f"the initramfs lists module {name} but does not hold it")
+        modules.append((name, files[f"lib/modules/{name}.ko"]))
+    return build_initramfs(files["bin/busybox"], modules=modules)
+
+
 # ---- kernel modules ----
 
 def module_depends(ko: bytes) -> list[str]:
@@ -299,10 +348,15 @@ def _deb_extract(deb: Path, into: Path) -> None:
 def fetch(out: Path) -> tuple[Path, Path]:
     """vmlinux and initramfs.cpio in out, from Debian's packages (kept once made). An
     initramfs made before it carried the frontends (no initramfs.modules beside it) is
-    made again, with the modules of the kernel package kernel-version names."""
+    made again, with the modules of the kernel package kernel-version names; one with an
+    older /init gets the current one."""
     vmlinux, initramfs = out / "vmlinux", out / "initramfs.cpio"
     version_file, stamp = out / "kernel-version", out / "initramfs.modules"
     if vmlinux.is_file() and initramfs.is_file() and stamp.is_file():
+        archive = initramfs.read_bytes()
+        current = with_current_init(archive)
+        if current != archive:
+            initramfs.write_bytes(current)
         return vmlinux, initramfs
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from hypervisor import engines
-from hypervisor.linux_guest import (DISKTEST_READ, DISKTEST_WRITTEN, MODULE_ORDER,
-                                    LinuxGuestError, build_initramfs, collect_modules,
-                                    extract_vmlinux, module_depends, unlz4_legacy)
+from hypervisor.linux_guest import (DISKTEST_BIG, DISKTEST_COPY, DISKTEST_READ, DISKTEST_WRITTEN,
+                                    INIT_SCRIPT, MODULE_ORDER, LinuxGuestError, build_initramfs,
+                                    collect_modules, extract_vmlinux, module_depends,
+                                    unlz4_legacy, with_current_init)
 
 LINUX = Path(os.environ.get("TRAPLESS_LINUX", Path(__file__).parent.parent / "build" / "linux"))
 FAKE_ELF = b"\x7fELF" + bytes(range(256)) * 40
+XEN_DETECTED = {"pvh": "Xen HVM", "pv": "Xen PV"}      # what Linux says it runs on, by type
 
 
 def bzimage(payload: bytes, setup_sects: int = 3, version: int = 0x20F) -> bytes:
@@ -101,6 +103,22 @@ def test_initramfs_carries_modules_and_their_load_order():
     assert names[MODULE_ORDER] == ("0o100644", b"libdep\nxen-blkfront\n")
     init = names["init"][1].decode()
     assert "insmod /lib/modules/$m.ko" in init and "grep -qw disktest" in init
+
+
+def test_an_initramfs_with_an_older_init_gets_the_current_one():
+    modules = [("libdep", b"KO1"), ("xen-blkfront", b"KO2")]
+    old = build_initramfs(b"BUSYBOX", init="#!/bin/busybox sh\necho old\n", modules=modules)
+    new = with_current_init(old)
+    names = read_newc(new)
+    assert names["init"] == ("0o100755", INIT_SCRIPT.encode())
+    assert names["bin/busybox"] == ("0o100755", b"BUSYBOX")
+    assert names["lib/modules/xen-blkfront.ko"] == ("0o100644", b"KO2")
+    assert names[MODULE_ORDER] == ("0o100644", b"libdep\nxen-blkfront\n")
+    assert with_current_init(new) is new                # already current: kept as it is
+    with pytest.raises(LinuxGuestError, match="not a complete newc archive"):
+        with_current_init(old[:len(old) // 2])
+    with pytest.raises(LinuxGuestError, match="no bin/busybox"):
+        with_current_init(build_initramfs(b"BB", init="x").replace(b"bin/busybox", b"bin/bu5ybox"))
 
 
 def compile_module(where: Path, name: str, depends: str) -> None:
@@ -230,13 +248,19 @@ def test_debian_linux_shell_through_the_console(tmp_path):
 @pytest.mark.skipif(engines.why_unavailable("bt") is not None, reason="needs the bt engine")
 @pytest.mark.skipif(not all(shutil.which(t) for t in ("mkfs.ext4", "debugfs", "e2fsck")),
                     reason="needs e2fsprogs (mkfs.ext4, debugfs, e2fsck) to make and read the image")
-def test_debian_linux_mounts_reads_and_writes_an_ext4_disk(tmp_path):
-    """xl's `disk = [...]` gives Debian's Linux (PVH, bt) an ext4 image the host made:
-    its xen-blkfront (insmod from the initramfs) finds the vbd through xenstore, maps
-    the grant table where its unpopulated-alloc put it (4 GiB), gets /dev/xvda from
-    blkback; /init (`disktest`) mounts it, prints the host's file, writes one, unmounts
-    and powers off. The host reads the guest's file back and e2fsck finds the image
-    clean."""
+@pytest.mark.parametrize("guest_type", ["pvh", "pv"])
+def test_debian_linux_mounts_reads_and_writes_an_ext4_disk(tmp_path, guest_type):
+    """xl's `disk = [...]` gives Debian's Linux (bt; PVH or a PV domU) an ext4 image the
+    host made: its xen-blkfront (insmod from the initramfs) finds the vbd through
+    xenstore and grants its ring and data pages (PVH: in a grant table it mapped where
+    its unpopulated-alloc put it, 4 GiB; PV: in the frames GNTTABOP_setup_table gave it,
+    mapped through its own page tables, the grants naming machine frames), gets
+    /dev/xvda from blkback; /init (`disktest`) mounts it, prints the host's file, writes
+    one, takes the MD5 of the host's 512 KiB file and copies it (blkfront's indirect
+    requests, read and write), unmounts and powers off. The host reads the guest's file
+    and the copy back and e2fsck finds the image clean."""
+    import hashlib
+    import random
     import subprocess
 
     from hypervisor.config import parse_disk
@@ -246,24 +270,36 @@ def test_debian_linux_mounts_reads_and_writes_an_ext4_disk(tmp_path):
     files.mkdir()
     said = f"hello from the host, {os.getpid()}"
     (files / DISKTEST_READ).write_text(said + "\n")
+    big = random.Random(os.getpid()).randbytes(512 * 1024)     # indirect requests both ways
+    (files / DISKTEST_BIG).write_bytes(big)
     image = tmp_path / "disk.img"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(files), str(image), "16M"], check=True,
                    capture_output=True)
     disk = parse_disk(f"format=raw, vdev=xvda, access=rw, target={image}")
-    with Domain(LINUX / "vmlinux", memory_mib=256, engine="bt", guest_type="pvh",
-                ramdisk=(LINUX / "initramfs.cpio").read_bytes(), disks=[disk],
+    with Domain(LINUX / "vmlinux", memory_mib=256, engine="bt", guest_type=guest_type,
+                ramdisk=with_current_init((LINUX / "initramfs.cpio").read_bytes()), disks=[disk],
                 cmdline="console=hvc0 disktest") as dom:
         stop = dom.run(timeout=300)
         out = dom.console_output.decode(errors="replace")
     assert "grant table add_to_physmap failed" not in out
+    assert f"Hypervisor detected: {XEN_DETECTED[guest_type]}" in out
+    for bad in ("WARNING:", "BUG:", "Oops"):
+        assert bad not in out, bad
     assert "blkfront: xvda: flush diskcache: enabled" in out
     assert "EXT4-fs (xvda): mounted filesystem" in out
     assert f"disktest: read: {said}\n" in out.replace("\r\n", "\n")
+    assert (f"disktest: {DISKTEST_BIG} md5 {hashlib.md5(big).hexdigest()}, copied to "
+            f"{DISKTEST_COPY}\n") in out.replace("\r\n", "\n")
+    assert "response has wrong operation" not in out
     assert f"disktest: wrote {DISKTEST_WRITTEN}, unmounted" in out
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), stop
     back = subprocess.run(["debugfs", "-R", f"cat /{DISKTEST_WRITTEN}", str(image)],
                           capture_output=True, text=True, check=True).stdout
     assert back == f"{release} read: {said}\n"
+    copy = tmp_path / "copy"
+    subprocess.run(["debugfs", "-R", f"dump /{DISKTEST_COPY} {copy}", str(image)],
+                   capture_output=True, check=True)
+    assert copy.read_bytes() == big
     fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
@@ -272,11 +308,12 @@ def test_debian_linux_mounts_reads_and_writes_an_ext4_disk(tmp_path):
                     reason=f"no Debian kernel with its Xen frontends at {LINUX}: `make "
                            f"linux-guest` fetches them (apt-get download; needs Debian's archive)")
 @pytest.mark.skipif(engines.why_unavailable("bt") is not None, reason="needs the bt engine")
-def test_debian_linux_pings_the_pv_kernel_through_netfront(tmp_path):
+@pytest.mark.parametrize("guest_type", ["pvh", "pv"])
+def test_debian_linux_pings_the_pv_kernel_through_netfront(tmp_path, guest_type):
     """Two domains from xl configs on one bridge: trapless's PV kernel answering on
-    10.0.0.1 and Debian's Linux (PVH, bt), whose xen-netfront (insmod from the
-    initramfs) connects to netback; /init (`nettest=`) gives eth0 10.0.0.2 and busybox's
-    ping gets three replies; the PV kernel saw the three requests."""
+    10.0.0.1 and Debian's Linux (bt; PVH or a PV domU), whose xen-netfront (insmod from
+    the initramfs) connects to netback; /init (`nettest=`) gives eth0 10.0.0.2 and
+    busybox's ping gets three replies; the PV kernel saw the three requests."""
     import time
 
     from guest_kernel.pv_kernel import build_pv_kernel
@@ -289,7 +326,7 @@ def test_debian_linux_pings_the_pv_kernel_through_netfront(tmp_path):
         f"vif = [ 'mac=00:16:3e:00:00:01' ]\n")
     (tmp_path / "linux.cfg").write_text(
         f'name = "linux"\nkernel = "{LINUX / "vmlinux"}"\nramdisk = "{LINUX / "initramfs.cpio"}"\n'
-        f'type = "pvh"\nmemory = 256\non_poweroff = "preserve"\n'
+        f'type = "{guest_type}"\nengine = "bt"\nmemory = 256\non_poweroff = "preserve"\n'
         f'cmdline = "console=hvc0 nettest=10.0.0.2,10.0.0.1"\n'
         f"vif = [ 'mac=00:16:3e:00:00:02' ]\n")
     ts = Toolstack()
@@ -319,10 +356,12 @@ def test_debian_linux_pings_the_pv_kernel_through_netfront(tmp_path):
                     reason=f"no Debian kernel with its Xen frontends at {LINUX}: `make "
                            f"linux-guest` fetches them (apt-get download; needs Debian's archive)")
 @pytest.mark.skipif(engines.why_unavailable("bt") is not None, reason="needs the bt engine")
-def test_two_debian_linux_domains_ping_each_other_on_one_bridge(tmp_path):
-    """Two Debian Linux domUs (PVH, bt) from xl configs with a vif each on one bridge:
-    each /init (`nettest=`) waits for the other, pings it three times and gets three
-    replies through both xen-netfronts, netback and the software bridge."""
+# two PV boots side by side took 34 to 61 s on a shared 2-core host: make stress runs them
+@pytest.mark.parametrize("guest_type", ["pvh", pytest.param("pv", marks=pytest.mark.stress)])
+def test_two_debian_linux_domains_ping_each_other_on_one_bridge(tmp_path, guest_type):
+    """Two Debian Linux domUs (bt; both PVH or both PV) from xl configs with a vif each
+    on one bridge: each /init (`nettest=`) waits for the other, pings it three times and
+    gets three replies through both xen-netfronts, netback and the software bridge."""
     import time
 
     from hypervisor import config
@@ -332,7 +371,7 @@ def test_two_debian_linux_domains_ping_each_other_on_one_bridge(tmp_path):
         (tmp_path / f"{name}.cfg").write_text(
             f'name = "{name}"\nkernel = "{LINUX / "vmlinux"}"\n'
             f'ramdisk = "{LINUX / "initramfs.cpio"}"\n'
-            f'type = "pvh"\nmemory = 256\non_poweroff = "preserve"\n'
+            f'type = "{guest_type}"\nengine = "bt"\nmemory = 256\non_poweroff = "preserve"\n'
             f'cmdline = "console=hvc0 nettest={local},{peer}"\n'
             f"vif = [ 'mac=00:16:3e:00:01:0{n}, bridge=xenbr1' ]\n")
     ts = Toolstack()
