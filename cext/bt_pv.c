@@ -664,8 +664,6 @@ static int emulate_far_ret(struct bt_vcpu *b, struct pv_regs *r, const struct bt
     return 1;
 }
 
-#define VENDOR_AMD_EBX 0x68747541u      /* "Auth" */
-
 /* ljmp and lcall from ring 3 to a ring-3 code segment (TCG, at its own ring 0, would
  * refuse the RPL-3 selector): EA and 9A with a ptr16:16/32 (32-bit code), FF /5 and FF /3
  * through an m16:16/32, m16:64 with REX.W on Intel only (AMD reads m16:32 there). The

@@ -272,6 +272,9 @@ int      pv_step_resume(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *st
 /* ---- pv_emul.c: instructions Xen emulates for a PV guest ---- */
 /* Xen's PV CPUID policy for leaf/subleaf: out = eax, ebx, ecx, edx. */
 void pv_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+/* CPUID leaf 0's EBX: the first four letters of the vendor string */
+#define VENDOR_AMD_EBX   0x68747541u    /* "Auth" */
+#define VENDOR_INTEL_EBX 0x756e6547u    /* "Genu" */
 /* Where a general register is in struct pv_regs, by its number in an encoding. */
 size_t pv_gpr_offset(int n);
 /* #UD at r->rip: the forced-emulation prefix + cpuid, or `int n` on hosts that report

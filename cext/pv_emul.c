@@ -171,6 +171,7 @@ static uint64_t *gpr(struct pv_regs *r, int n)
     return (uint64_t *)((uint8_t *)r + pv_gpr_offset(n));
 }
 
+#define MSR_UCODE_REV       0x8b        /* Intel's IA32_UCODE_REV, AMD's PATCHLEVEL */
 #define MSR_DEBUGCTL        0x1d9
 #define MSR_FS_BASE         0xc0000100
 #define MSR_GS_BASE         0xc0000101
@@ -182,22 +183,43 @@ static int canonical(uint64_t va)
     return top == 0 || top == 0x1ffff;
 }
 
+static uint32_t guest_vendor_ebx(struct hv_vcpu *v)
+{
+    uint32_t vendor[4];
+    pv_cpuid(v, 0, 0, vendor);
+    return vendor[1];
+}
+
 /* The MSRs Xen lets a PV kernel read: the segment bases (the shadow GS base is the
- * user one, inactive in kernel mode) and DEBUGCTL, which reads 0. -1: the #GP. */
+ * user one, inactive in kernel mode), DEBUGCTL, which reads 0, and the microcode
+ * revision for an Intel or AMD guest (Xen's guest_rdmsr forwards the host's last
+ * load; trapless's virtual CPU has had no microcode loaded: 0). -1: the #GP. */
 static int read_msr(struct hv_vcpu *v, struct pv_regs *r, uint32_t msr, uint64_t *value)
 {
+    uint32_t vendor;
+
     switch (msr) {
     case MSR_FS_BASE:        *value = r->fs_base; return 0;
     case MSR_GS_BASE:        *value = r->gs_base; return 0;
     case MSR_SHADOW_GS_BASE: *value = v->pv.gs_base_other; return 0;
     case MSR_DEBUGCTL:       *value = 0; return 0;
+    case MSR_UCODE_REV:
+        vendor = guest_vendor_ebx(v);
+        if (vendor != VENDOR_INTEL_EBX && vendor != VENDOR_AMD_EBX)
+            return -1;
+        *value = 0;
+        return 0;
     }
     return -1;
 }
 
-/* ... and write: the segment bases, canonical ones only. */
+/* ... and write: the segment bases, canonical ones only; and 0 to the microcode
+ * revision from an Intel guest, which Intel's manual tells an OS to write before it
+ * reads the revision (Xen's guest_wrmsr allows exactly that). */
 static int write_msr(struct hv_vcpu *v, struct pv_regs *r, uint32_t msr, uint64_t value)
 {
+    if (msr == MSR_UCODE_REV)
+        return value == 0 && guest_vendor_ebx(v) == VENDOR_INTEL_EBX ? 0 : -1;
     if (!canonical(value))
         return -1;
     switch (msr) {
@@ -384,8 +406,6 @@ static uint64_t effective_address(struct pv_regs *r, const uint8_t *code, int re
         memcpy(&disp, code + at, 4);
     return ea + (uint64_t)(int64_t)disp;
 }
-
-#define VENDOR_AMD_EBX 0x68747541u      /* "Auth" */
 
 uint32_t pv_far_branch_error(struct hv_vcpu *v, struct pv_regs *r)
 {

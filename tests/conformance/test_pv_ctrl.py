@@ -7,7 +7,7 @@ import pytest
 
 from abi import C
 
-from guest_kernel.asm import eax, ecx, qword, rax, rbx, rcx, rdx
+from guest_kernel.asm import eax, ebx, ecx, edx, qword, rax, rbx, rcx, rdx
 from guest_kernel.conformance import NON_CANONICAL, UNMAPPED, ConformanceGuest
 from guest_kernel.xen_pv import XenPVGuest
 
@@ -305,8 +305,34 @@ def test_privileged_instructions_as_xen_emulates_them(run_cases):
     a.lea(rax, g.ptr("word"))
     a.and_(rax, ~0xFFF)
     gp_case("gp_cr3_not_a_table", 0x0F, 0x22, 0xD8)
+    # the microcode revision (0x8b): reads 0; 0 may be written by an Intel guest only
+    # (Intel's "write 0, cpuid, read" sequence), nothing else by anyone
+    a.mov(eax, 0)
+    a.db(0x0F, 0x0B, ord("x"), ord("e"), ord("n"), 0x0F, 0xA2)   # Xen's forced cpuid
+    a.mov(eax, ebx)
+    g.report("vendor_ebx")
+    a.mov(ecx, 0x8B)
+    a.mov(rax, -1)
+    a.mov(rdx, -1)
+    a.db(0x0F, 0x32)                                    # rdmsr
+    a.shl(rdx, 32)
+    a.or_(rax, rdx)
+    g.report("ucode_rev")
+    for case, value in (("gp_wrmsr_ucode_rev_0", 0), ("gp_wrmsr_ucode_rev_1", 1)):
+        g.resume_at(f"{case}.after")                    # (uses rax)
+        a.mov(ecx, 0x8B)
+        a.mov(eax, value)
+        a.xor(edx, edx)
+        a.db(0x0F, 0x30)                                # wrmsr
+        a.label(f"{case}.after")
+        a.mov(qword["resume_at"], 0)
+        g.report_word(case, "on_gp.count")
     g.handlers(lambda: g.recording_handler("on_gp", True))
     run = run_cases(g.finish())
+    intel = run["vendor_ebx"] == 0x756E6547                # "Genu"
+    assert run["ucode_rev"] == 0
+    assert run["gp_wrmsr_ucode_rev_0"] == (5 if intel else 6)
+    assert run["gp_wrmsr_ucode_rev_1"] == (6 if intel else 7)
     assert run["read_through_fs_msr"] == 0x0A0B0C0D0E0F1011
     assert run["rdmsr_fs_base_minus_word"] == 0
     assert run["gp_after_fs_msr"] == 0
