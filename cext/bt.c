@@ -604,9 +604,10 @@ static int frame_bit(const uint8_t *map, uint64_t frame)
 /* Several vCPUs: each Unicorn has its own translated code, which only its own stores
  * invalidate. They run one at a time (the guest lock), so a store by one into a frame
  * another has code in marks that one's code stale, and it drops its translations
- * before it runs again (tb_stale). The store is seen because its TLB fill is: when a
- * vCPU first translates code from a frame, the others flush their TLBs, so no writable
- * entry for the frame filled before survives in them. */
+ * before it runs again (tb_stale). The store is seen because its TLB fill is: only a
+ * store's fill gives a writable entry (note_writable), and when a vCPU first
+ * translates code from a frame, the others flush their TLBs, so no writable entry for
+ * the frame filled before survives in them. */
 static void others_note_written(struct bt_vcpu *b, uint64_t frame)
 {
     struct hv_domain *d = b->v->dom;
@@ -628,15 +629,18 @@ static void others_flush_tlb(struct bt_vcpu *b)
     }
 }
 
-/* The TLB fill gave a writable entry without execute for guest-physical gpa. */
-static void note_written(struct bt_vcpu *b, uint64_t gpa)
+/* The TLB fill gives an entry with perms for guest-physical gpa: note a writable one.
+ * Without execute its stores go fast after the first (written_frames); with several
+ * vCPUs the others' code in the frame goes stale whatever this entry's checks. */
+static void note_writable(struct bt_vcpu *b, uint64_t gpa, int perms)
 {
     uint64_t frame = gpa / HV_PAGE_SIZE;
-    if (frame / 8 < b->frame_map_bytes) {
+    if (!(perms & UC_PROT_WRITE) || frame / 8 >= b->frame_map_bytes)
+        return;
+    if (!(perms & UC_PROT_EXEC))
         b->written_frames[frame / 8] |= (uint8_t)(1u << (frame % 8));
-        if (b->v->dom->max_vcpus > 1)
-            others_note_written(b, frame);
-    }
+    if (b->v->dom->max_vcpus > 1)
+        others_note_written(b, frame);
 }
 
 /* The permissions of the TLB entry for a data access to guest-physical gpa, whose
@@ -875,8 +879,9 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e,
          * from the page fills it again); see data_entry_perms. */
         if (access != UC_MEM_FETCH)
             perms = data_entry_perms(b, gpa, access, perms);
-        if ((perms & (UC_PROT_WRITE | UC_PROT_EXEC)) == UC_PROT_WRITE)
-            note_written(b, gpa);
+        if (b->v->dom->max_vcpus > 1 && access != UC_MEM_WRITE)
+            perms &= ~UC_PROT_WRITE;    /* a store fills again, and is noted */
+        note_writable(b, gpa, perms);
         e->paddr = gpa;
         e->perms = perms;
         return true;
