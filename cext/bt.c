@@ -1469,7 +1469,8 @@ static int pvh_boot_state(struct bt_vcpu *b, const struct hv_boot_state *bs, cha
         bt_uc.reg_write(b->uc, UC_X86_REG_FPCW, &fcw);
         bt_uc.reg_write(b->uc, UC_X86_REG_MXCSR, &mxcsr);
     }
-    scan(b, bs->rip, 4096);
+    scan(b, bs->rip, 4096);     /* the first block, as in bt_set_boot_state */
+    note_code(b, bs->rip);
     return 0;
 }
 
@@ -1523,8 +1524,10 @@ static int bt_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, 
     if (v->dom->pv_model == HV_PV_XEN && bt_pv_boot(b, bs, err, err_len) < 0)
         return -1;
     /* The very first block has no predecessor, so no edge hook sees it: hook the
-     * sensitive instructions near the entry point before anything is translated. */
+     * sensitive instructions near the entry point before anything is translated, and
+     * count its frame as code. */
     scan(b, bs->rip, 4096);
+    note_code(b, bs->rip);
     return 0;
 }
 
