@@ -585,36 +585,36 @@ static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
  * translated code at the bytes stored. QEMU then lets later stores through that entry
  * take the fast path only while the frame holds no translated code; Unicorn lacks that
  * bookkeeping and instead lets them through whenever the entry cannot fetch and no
- * memory hook covers the frame. A block in the frame would then miss the stores that
- * change it. So each BT_CODE_CHUNK of RAM that code is translated from gets a marker
- * hook (one that never fires: every region is readable), which keeps the stores to it
- * on the slow path; and if the TLB may already hold such entries for the chunk, the
- * TLB is flushed, so that they are filled again and obey the marker. */
+ * memory hook covers the frame (its own re-arming after a translation only covers the
+ * block's virtual page, and not at all above the end of RAM, where our unmapped hook
+ * starts). A block in the frame would then miss the stores that change it. So the
+ * engine keeps QEMU's bookkeeping itself, per 4 KiB frame (code_frames), in the TLB
+ * fill: a data access to a frame of code gets an entry that can fetch, which keeps
+ * every store through it on the slow path, as QEMU does; a frame without code gets
+ * one without execute, whose stores go fast after the first (written_frames notes
+ * it). When code is first translated from a frame, a fast entry filled before may
+ * still sit in the TLB: then the TLB is flushed, so that it is filled again and obeys
+ * the rule. So stacks and data next to code take the fast path. */
 
-static void set_fatal(struct bt_vcpu *b, int code, const char *what, uint64_t gpa);
-
-static int chunk_bit(const uint8_t *map, uint64_t chunk)
+static int frame_bit(const uint8_t *map, uint64_t frame)
 {
-    return (map[chunk / 8] >> (chunk % 8)) & 1;
-}
-
-static void on_code_marker(uc_engine *uc, int type, uint64_t gpa, int size, int64_t value, void *user)
-{
+    return (map[frame / 8] >> (frame % 8)) & 1;
 }
 
 /* Several vCPUs: each Unicorn has its own translated code, which only its own stores
- * invalidate. They run one at a time (the guest lock), so a store by one into a chunk
+ * invalidate. They run one at a time (the guest lock), so a store by one into a frame
  * another has code in marks that one's code stale, and it drops its translations
- * before it runs again (tb_stale). The store is seen because its TLB fill is: when a
- * vCPU first translates code from a chunk, the others flush their TLBs, so no writable
- * entry for the chunk filled before survives in them. */
-static void others_note_written(struct bt_vcpu *b, uint64_t chunk)
+ * before it runs again (tb_stale). The store is seen because its TLB fill is: only a
+ * store's fill gives a writable entry (note_writable), and when a vCPU first
+ * translates code from a frame, the others flush their TLBs, so no writable entry for
+ * the frame filled before survives in them. */
+static void others_note_written(struct bt_vcpu *b, uint64_t frame)
 {
     struct hv_domain *d = b->v->dom;
     for (uint32_t i = 0; i < d->max_vcpus; i++) {
         struct hv_vcpu *o = d->vcpus[i];
         struct bt_vcpu *ob = o && o != b->v && o->engine_ready ? bt_of(o) : NULL;
-        if (ob && chunk_bit(ob->code_chunks, chunk))
+        if (ob && frame_bit(ob->code_frames, frame))
             ob->tb_stale = 1;
     }
 }
@@ -629,41 +629,87 @@ static void others_flush_tlb(struct bt_vcpu *b)
     }
 }
 
-/* The TLB fill gave a writable entry without execute for guest-physical gpa. */
-static void note_written(struct bt_vcpu *b, uint64_t gpa)
+/* The TLB fill gives an entry with perms for guest-physical gpa: note a writable one.
+ * Without execute its stores go fast after the first (written_frames); with several
+ * vCPUs the others' code in the frame goes stale whatever this entry's checks. */
+static void note_writable(struct bt_vcpu *b, uint64_t gpa, int perms)
 {
-    uint64_t chunk = gpa / BT_CODE_CHUNK;
-    if (chunk / 8 < b->chunk_map_bytes) {
-        b->written_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
-        if (b->v->dom->max_vcpus > 1)
-            others_note_written(b, chunk);
+    uint64_t frame = gpa / HV_PAGE_SIZE;
+    if (!(perms & UC_PROT_WRITE) || frame / 8 >= b->frame_map_bytes)
+        return;
+    if (!(perms & UC_PROT_EXEC))
+        b->written_frames[frame / 8] |= (uint8_t)(1u << (frame % 8));
+    if (b->v->dom->max_vcpus > 1)
+        others_note_written(b, frame);
+}
+
+/* The permissions of the TLB entry for a data access to guest-physical gpa, whose
+ * walk allowed perms (see above). */
+static int data_entry_perms(struct bt_vcpu *b, uint64_t gpa, int access, int perms)
+{
+    uint64_t frame = gpa / HV_PAGE_SIZE;
+    if (frame / 8 >= b->frame_map_bytes || !frame_bit(b->code_frames, frame))
+        return perms & ~UC_PROT_EXEC;
+    if ((perms & (UC_PROT_WRITE | UC_PROT_EXEC)) != UC_PROT_WRITE)
+        return perms;           /* can fetch: its stores stay checked */
+    /* A mapping without execute of a frame of code (Linux's direct map, a temporary
+     * mapping to patch code through). Its entry cannot be given execute, which the
+     * guest's fetches through it must not find; a load gets a read-only entry, and a
+     * store, whose entry will let later ones through unchecked, drops the frame's
+     * blocks before the next block runs (drop_stale_frames; the frame then counts as
+     * written, and its code as new when it is translated again). The first store
+     * through the entry is checked, as any: the rest of this block sees its effect. */
+    if (access != UC_MEM_WRITE)
+        return perms & ~UC_PROT_WRITE;
+    for (int i = 0; i < b->nr_stale_frames; i++)
+        if (b->stale_frames[i] == frame)
+            return perms;
+    if (b->nr_stale_frames < BT_STALE_FRAMES)
+        b->stale_frames[b->nr_stale_frames++] = frame;
+    else
+        b->tb_stale = 1;
+    ask_stop(b);
+    return perms;
+}
+
+/* Drop the blocks of the frames data_entry_perms noted (outside the emulator). Unicorn
+ * removes blocks by the virtual address of their page, found through a fetch from the
+ * TLB: the TLB fill shows each frame at BT_TRAMP_VA, fetchable, for that moment only. */
+static void drop_stale_frames(struct bt_vcpu *b)
+{
+    for (int i = 0; i < b->nr_stale_frames; i++) {
+        uint64_t frame = b->stale_frames[i];
+        if (!b->tb_stale) {
+            b->dropping_gpa = frame * HV_PAGE_SIZE;
+            b->dropping = 1;
+            bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
+            bt_uc.ctl(b->uc, UC_CTL_TB_REMOVE_CACHE_W, (uint64_t)BT_TRAMP_VA,
+                      (uint64_t)BT_TRAMP_VA + HV_PAGE_SIZE);
+            b->dropping = 0;
+            bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);     /* the page leaves the guest's view */
+        }
+        b->code_frames[frame / 8] &= (uint8_t)~(1u << (frame % 8));
     }
+    b->nr_stale_frames = 0;
 }
 
 /* A block was translated from guest-virtual va (just fetched from). */
 static void note_code(struct bt_vcpu *b, uint64_t va)
 {
-    uint64_t gpa, chunk;
+    uint64_t gpa, frame;
     int perms, present;
-    uc_hook hh;
 
     if (bt_walk(b, va, UC_MEM_FETCH, &gpa, &perms, &present) < 0)
         return;
-    chunk = gpa / BT_CODE_CHUNK;
-    if (chunk / 8 >= b->chunk_map_bytes || chunk_bit(b->code_chunks, chunk))
+    frame = gpa / HV_PAGE_SIZE;
+    if (frame / 8 >= b->frame_map_bytes || frame_bit(b->code_frames, frame))
         return;
-    if (bt_uc.hook_add(b->uc, &hh, UC_HOOK_MEM_READ_PROT, (void *)on_code_marker, b,
-                       chunk * BT_CODE_CHUNK, chunk * BT_CODE_CHUNK + BT_CODE_CHUNK - 1) != UC_ERR_OK) {
-        set_fatal(b, UC_ERR_NOMEM, "cannot watch translated code at guest-physical %#llx", gpa);
-        bt_uc.emu_stop(b->uc);
-        return;
-    }
-    b->code_chunks[chunk / 8] |= (uint8_t)(1u << (chunk % 8));
+    b->code_frames[frame / 8] |= (uint8_t)(1u << (frame % 8));
     if (b->v->dom->max_vcpus > 1)
         others_flush_tlb(b);
-    if (chunk_bit(b->written_chunks, chunk)) {
+    if (frame_bit(b->written_frames, frame)) {
         bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
-        memset(b->written_chunks, 0, b->chunk_map_bytes);
+        memset(b->written_frames, 0, b->frame_map_bytes);
     }
 }
 
@@ -815,6 +861,11 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e,
         e->perms = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC;
         return true;
     }
+    if (b->dropping && (va & ~(HV_PAGE_SIZE - 1)) == BT_TRAMP_VA) {
+        e->paddr = b->dropping_gpa;     /* drop_stale_frames' lookup */
+        e->perms = UC_PROT_READ | UC_PROT_EXEC;
+        return true;
+    }
     if (bt_walk(b, va, access, &gpa, &perms, &present) == 0) {
         if (gpa == BT_TRAMP_GPA) {
             /* the VMM's page is no guest memory: as any address outside RAM */
@@ -823,13 +874,14 @@ static bool on_tlb_fill(uc_engine *uc, uint64_t va, int access, uc_tlb_entry *e,
                         gpa, 0, 0, b);
             return false;
         }
-        /* Execute only for a fetch: Unicorn sends every store through an entry that
-         * may fetch down the slow path, so a data access's entry leaves execute out
-         * (a fetch from the page fills it again); see note_code for the stores. */
+        /* Unicorn sends every store through an entry that may fetch down the slow
+         * path: a data access's entry has execute only for a frame of code (a fetch
+         * from the page fills it again); see data_entry_perms. */
         if (access != UC_MEM_FETCH)
-            perms &= ~UC_PROT_EXEC;
-        if ((perms & (UC_PROT_WRITE | UC_PROT_EXEC)) == UC_PROT_WRITE)
-            note_written(b, gpa);
+            perms = data_entry_perms(b, gpa, access, perms);
+        if (b->v->dom->max_vcpus > 1 && access != UC_MEM_WRITE)
+            perms &= ~UC_PROT_WRITE;    /* a store fills again, and is noted */
+        note_writable(b, gpa, perms);
         e->paddr = gpa;
         e->perms = perms;
         return true;
@@ -1062,8 +1114,8 @@ static void bt_vcpu_destroy(struct hv_vcpu *v)
         }
     }
     pthread_mutex_destroy(&b->kick_lock);
-    free(b->written_chunks);
-    free(b->code_chunks);
+    free(b->written_frames);
+    free(b->code_frames);
     free(b->tramp);
     free(b);
     v->engine_priv = NULL;
@@ -1262,10 +1314,10 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         hv_set_error(err, err_len, "out of host memory");
         goto fail;
     }
-    b->chunk_map_bytes = ((d->ram_bytes + d->gnt_bytes) / BT_CODE_CHUNK + 8) / 8;
-    b->written_chunks = calloc(b->chunk_map_bytes, 1);
-    b->code_chunks = calloc(b->chunk_map_bytes, 1);
-    if (!b->written_chunks || !b->code_chunks) {
+    b->frame_map_bytes = ((d->ram_bytes + d->gnt_bytes) / HV_PAGE_SIZE + 8) / 8;
+    b->written_frames = calloc(b->frame_map_bytes, 1);
+    b->code_frames = calloc(b->frame_map_bytes, 1);
+    if (!b->written_frames || !b->code_frames) {
         hv_set_error(err, err_len, "out of host memory");
         goto fail;
     }
@@ -1417,7 +1469,8 @@ static int pvh_boot_state(struct bt_vcpu *b, const struct hv_boot_state *bs, cha
         bt_uc.reg_write(b->uc, UC_X86_REG_FPCW, &fcw);
         bt_uc.reg_write(b->uc, UC_X86_REG_MXCSR, &mxcsr);
     }
-    scan(b, bs->rip, 4096);
+    scan(b, bs->rip, 4096);     /* the first block, as in bt_set_boot_state */
+    note_code(b, bs->rip);
     return 0;
 }
 
@@ -1471,8 +1524,10 @@ static int bt_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, 
     if (v->dom->pv_model == HV_PV_XEN && bt_pv_boot(b, bs, err, err_len) < 0)
         return -1;
     /* The very first block has no predecessor, so no edge hook sees it: hook the
-     * sensitive instructions near the entry point before anything is translated. */
+     * sensitive instructions near the entry point before anything is translated, and
+     * count its frame as code. */
     scan(b, bs->rip, 4096);
+    note_code(b, bs->rip);
     return 0;
 }
 
@@ -1652,9 +1707,12 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
         if (hv_guest_lock_yield(d))
             b->slice_blocks = 0;
         b->slice_over = 0;
-        if (b->tb_stale) {              /* another vCPU stored into our code */
+        if (b->nr_stale_frames)
+            drop_stale_frames(b);
+        if (b->tb_stale) {              /* stores our code may have missed */
             b->tb_stale = 0;
             bt_uc.ctl(b->uc, UC_CTL_TB_FLUSH_W);
+            memset(b->code_frames, 0, b->frame_map_bytes);
         }
         if (v->context_pending && bt_pv_load_context(b, stop) < 0)
             return stop->reason;
@@ -1775,6 +1833,7 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
         /* A stop nobody asked for: TCG ran a hlt we had no hook on yet, or QEMU's own
          * exception latch turned a fault into a silent halt. */
         if (!b->stopped_at && b->exception.vector < 0 && !b->fatal && !b->retranslate_end &&
+            !b->tb_stale && !b->nr_stale_frames &&
             !b->syscall_pending && !b->pvh_syscall_pending && !b->slice_over &&
             !kicked && !__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE) &&
             !__atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) &&

@@ -234,6 +234,8 @@ struct bt_tramp {
     uint8_t  stack_top[8];
 } __attribute__((aligned(4096)));
 
+#define BT_STALE_FRAMES 8
+
 /* An exception or interrupt waiting to go through the guest's IDT. */
 struct bt_event {
     int      vector;                /* -1: none */
@@ -245,8 +247,6 @@ struct bt_event {
     int      set_cr2;
     uint64_t cr2;
 };
-
-#define BT_CODE_CHUNK (64u << 10)   /* guest-physical bytes a code marker covers */
 
 struct bt_vcpu {
     struct hv_vcpu *v;
@@ -281,6 +281,13 @@ struct bt_vcpu {
     uint32_t slice_blocks;
     int slice_over;
     int tb_stale;                   /* another vCPU stored into code translated here */
+    /* frames of code this vCPU took a writable TLB entry without execute for: their
+     * blocks go before the next block runs (bt.c, data_entry_perms); more than
+     * BT_STALE_FRAMES at once: all blocks go (tb_stale) */
+    uint64_t stale_frames[BT_STALE_FRAMES];
+    int nr_stale_frames;
+    uint64_t dropping_gpa;          /* the frame drop_stale_frames shows at BT_TRAMP_VA */
+    int dropping;
     struct hv_stop fatal_stop;
 
     /* the last guest-virtual access the TLB fill refused, for #PF/#GP */
@@ -319,10 +326,11 @@ struct bt_vcpu {
     struct bt_site *sites[BT_SITE_BUCKETS];
     uint64_t nr_sites;
 
-    /* stores and translated code, a bit per BT_CODE_CHUNK of RAM (bt.c): the TLB may
-     * hold a writable entry without execute there; translated code came from there */
-    uint8_t *written_chunks, *code_chunks;
-    uint64_t chunk_map_bytes;
+    /* stores and translated code, a bit per 4 KiB frame of RAM (bt.c): the TLB may
+     * hold a writable entry without execute for the frame; translated code came from
+     * the frame */
+    uint8_t *written_frames, *code_frames;
+    uint64_t frame_map_bytes;
 };
 
 /* bt_cpu.c: the MMU walk, guest memory reads by virtual address, IDT delivery. */

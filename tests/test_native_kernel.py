@@ -385,10 +385,13 @@ def test_an_exception_in_a_native_guest_is_reported_on_its_uart(run):
     assert console == f"\nnative kernel: exception 6 error 0x0 at rip {rip:#x}\n".encode()
 
 
-def test_code_changed_through_another_mapping_runs_as_changed(run):
+@pytest.mark.parametrize("alias_nx", [False, True], ids=["alias-exec", "alias-nx"])
+def test_code_changed_through_another_mapping_runs_as_changed(run, alias_nx):
     """The guest runs code in a page of its own through its usual mapping, rewrites it
     through a second mapping of the frame (virtual page 1, whose TLB entry has already
-    taken stores), and runs it again: the new code runs (bt must drop its translation)."""
+    taken stores), and runs it again: the new code runs (bt must drop its translation).
+    The second mapping may forbid execute (as Linux's direct map does), so that bt
+    cannot keep its stores checked by letting its entry fetch."""
     code_one = int.from_bytes(b"\xb8\x01\x00\x00\x00\xc3\x00\x00", "little")    # mov eax, 1; ret
     code_two = int.from_bytes(b"\xb8\x02\x00\x00\x00\xc3\x00\x00", "little")    # mov eax, 2; ret
 
@@ -404,6 +407,9 @@ def test_code_changed_through_another_mapping_runs_as_changed(run):
             a.and_(rax, rcx)
         a.lea(rdi, ptr["code_page"])
         a.lea(rdx, ptr[rdi + 0x3])
+        if alias_nx:
+            a.mov(rsi, 1 << 63)
+            a.or_(rdx, rsi)                 # NX
         a.mov(qword[rax + 8], rdx)          # virtual page 1 -> the frame of code_page
         a.mov(rbx, 0x1000)
         a.mov(rax, code_one)
