@@ -1054,6 +1054,12 @@ struct multicall_entry {
 #define MACH2PHYS_VIRT_START    0xffff800000000000
 #define MACH2PHYS_VIRT_END      0xffff804000000000
 
+/* XENMEM_machphys_mapping: where the read-only machine-to-phys table is mapped. */
+struct xen_machphys_mapping {
+    uint64_t v_start, v_end;        /* start and end of the table's virtual window */
+    uint64_t max_mfn;               /* the last entry the window holds */
+};
+
 /* set_trap_table: one virtual IDT entry; a zero address ends the list. */
 struct trap_info {
     uint8_t  vector;

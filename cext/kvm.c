@@ -1188,6 +1188,14 @@ static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
     if (!v->cr3_valid || !pv_upcall_due(v) || pv_in_area(v->run->s.regs.regs.rip) ||
         exception_in_flight(v))
         return 0;
+    /* The last exit's fast path (pv_port_exit) may have left a mode switch, its cr3 and
+     * GS bases, in sync sregs for the next KVM_RUN. KVM takes them first: otherwise a
+     * bounce from the user mode the guest just returned to would read the old (kernel)
+     * state back with KVM_GET_SREGS, see nothing to switch, and KVM_RUN would then load
+     * the user L4 and GS base under the kernel's callback. */
+    if ((v->run->kvm_dirty_regs & KVM_SYNC_X86_SREGS) && complete_io(v) < 0)
+        return hv_stop_with(stop, HV_STOP_ERROR, errno, v->run->s.regs.regs.rip,
+                            "cannot complete a PV exit: %s", strerror(errno)), -1;
     pv_regs_from_run(v, &r);
     pv_step_entry(v, &r, 0);
     first = r;

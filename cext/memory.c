@@ -251,6 +251,12 @@ int64_t do_memory_op(struct hv_vcpu *v, const struct hv_hcall *h)
         return (int64_t)d->mm.nr_pages - 1;
     case XENMEM_add_to_physmap:
         return add_to_physmap(v, start, h->a2);
+    case XENMEM_machphys_mapping: {
+        struct xen_machphys_mapping m;
+        if (start || pv_machphys_mapping(d, &m) < 0)
+            return -XEN_ENOSYS;
+        return hv_copy_to_guest(v, h->a2, &m, sizeof(m)) < 0 ? -XEN_EFAULT : 0;
+    }
     case XENMEM_memory_map:
         /* Xen hands this one the whole cmd: a start makes it an unknown command. */
         return start ? -XEN_ENOSYS : memory_map(v, h->a2);

@@ -24,6 +24,7 @@ struct hv_domain;
 struct hv_vcpu;
 struct hv_hcall;
 struct hv_stop;
+struct xen_machphys_mapping;
 
 /* ---- the hypervisor's region ---- */
 
@@ -60,6 +61,9 @@ enum pv_frame {
 #define PV_STACK_VA     (PV_AREA_VA + 23 * 4096ULL)     /* page 22 stays unmapped: a guard */
 #define PV_STACK_TOP    (PV_STACK_VA + 2 * 4096ULL)
 #define PV_AREA_END     PV_STACK_TOP
+/* The M2P again, in slot 271's second GiB (the same L2): where XENMEM_machphys_mapping
+ * says it is, because this KVM-PVM host lets ring 3 read slot 271 but not slot 256. */
+#define PV_M2P_VA       (PV_AREA_VA + (1ULL << 30))
 #define PV_LDT_VA       (PV_AREA_VA + 32 * 4096ULL)     /* 16 pages: the guest's LDT frames */
 #define PV_LDT_PAGES    16                              /* 8192 descriptors, Xen's maximum */
 /* Each vCPU has its own GDT, TSS, ring-0 stack and LDT mapping, as Xen gives each its
@@ -186,6 +190,8 @@ uint64_t pv_l4_entry(int slot);
 int  pv_in_area(uint64_t va);
 /* Walk the hypervisor's tables for va in Xen's reserved slots: 0 with the guest-physical
  * page (a region frame, or a guest GDT frame) and whether ring 3 may read it, or -1. */
+/* XENMEM_machphys_mapping's answer; -1 for a domain without the region (no M2P). */
+int  pv_machphys_mapping(struct hv_domain *d, struct xen_machphys_mapping *m);
 int  pv_region_walk(struct hv_domain *d, uint64_t va, uint64_t *gpa, int *user);
 /* Map the guest's GDT frames into the first pages of the GDT (the rest: not present). */
 void pv_map_gdt(struct hv_vcpu *v, const uint64_t *mfns, unsigned n);

@@ -68,6 +68,19 @@ static uint64_t m2p_l1s(uint64_t frames)
     return (m2p_pages(frames) + 511) / 512;
 }
 
+int pv_machphys_mapping(struct hv_domain *d, struct xen_machphys_mapping *m)
+{
+    uint64_t frames = d->ram_bytes / PAGE;
+    if (!d->pv_region)
+        return -1;
+    /* Xen names its whole table's window; ours holds this domain's frames only (the
+     * identity), so the window and max_mfn end where its pages end. */
+    m->v_start = PV_M2P_VA;
+    m->v_end = PV_M2P_VA + m2p_pages(frames) * PAGE;
+    m->max_mfn = frames - 1;
+    return 0;
+}
+
 int pv_xen_l4_slot(int slot)
 {
     return slot >= 256 && slot < 272;       /* HYPERVISOR_VIRT_START .. _END */
@@ -186,6 +199,7 @@ static void build_tables(struct hv_domain *d, uint64_t frames)
 
     /* the M2P: read-only, readable from ring 3, the identity */
     frame_of(d, PVF_M2P_L3)[(MACH2PHYS_VIRT_START >> 30) & 511] = frame_gpa(PVF_M2P_L2) | upper;
+    frame_of(d, PVF_L3)[(PV_M2P_VA >> 30) & 511] = frame_gpa(PVF_M2P_L2) | upper;
     for (uint64_t i = 0; i < l1s; i++)
         frame_of(d, PVF_M2P_L2)[i] = frame_gpa((int)(PVF_NR + i)) | upper;
     for (uint64_t p = 0; p < m2p_pages(frames); p++)

@@ -441,6 +441,16 @@ def region_guest() -> GuestImage:
     a.mov(rcx, C.MACH2PHYS_VIRT_START)      # report() keeps only rax
     a.mov(eax, dword[rcx + 8 * 0x7])
     g.report("m2p_0x7_low")
+    # and where XENMEM_machphys_mapping says it is (slot 271 here: see pv_cpu.h)
+    a.section(".data")
+    a.align(8)
+    a.label("machphys")                     # struct xen_machphys_mapping
+    a.dq(0, 0, 0)
+    a.section(".text")
+    g.call("machphys_mapping", "memory_op", C.XENMEM_machphys_mapping, "machphys")
+    a.mov(rcx, qword["machphys"])
+    a.mov(rax, qword[rcx + 8 * 0x123])
+    g.report("m2p_window_0x123")
     # mmu_update of L4 slot 256 of the running L4 (pt_base; VIRT_BASE 0: VA = PA)
     a.section(".data")
     a.align(8)

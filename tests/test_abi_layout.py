@@ -101,6 +101,7 @@ XEN_LAYOUTS = [
     ("xen_memory_map", 16, dict(nr_entries=0, buffer=8)),
     ("e820_entry", 20, dict(addr_lo=0, size_lo=8, type=16)),
     ("xen_add_to_physmap", 24, dict(domid=0, size=2, space=4, idx=8, gpfn=16)),
+    ("xen_machphys_mapping", 24, dict(v_start=0, v_end=8, max_mfn=16)),   # 3 xen_ulong_t
     ("mmu_update", 16, dict(ptr=0, val=8)),
     # public/grant_table.h (XEN-ABI-FACTS §12, §29)
     ("grant_entry_v1", 8, dict(flags=0, domid=2, frame=4)),

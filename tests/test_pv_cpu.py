@@ -91,6 +91,7 @@ def test_hypervisor_region_is_out_of_the_guests_reach(run_guest):
     assert (r["store_count"], r["store_error"], r["store_rip"], r["store_cr2"]) == (1, 3, 0, 0xe030)
     assert r["console_from_region"] == EFAULT
     assert (r["m2p_0x123"], r["m2p_0x7_low"]) == (0x123, 0x7)   # the identity M2P
+    assert (r["machphys_mapping"], r["m2p_window_0x123"]) == (0, 0x123)
     assert r["mmu_update_slot256"] == EINVAL        # Xen's "L4 update in Xen-private area"
 
 

@@ -44,6 +44,8 @@ def info_guest() -> bytes:
     a.dq(0)
     a.label("mapbuf")
     a.db(bytes(48))
+    a.label("machphys")                 # struct xen_machphys_mapping
+    a.dq(0, 0, 0)
     a.section(".text")
 
     def memory_map(case, capacity, buffer, arg="map"):
@@ -79,7 +81,12 @@ def info_guest() -> bytes:
         g.call(f"{op}.start", "memory_op", cmd | (1 << 6), "dom_self")
     g.call("maximum_ram_page", "memory_op", C.XENMEM_maximum_ram_page, 0)
     g.call("maximum_ram_page.start", "memory_op", C.XENMEM_maximum_ram_page | (1 << 6), 0)
-    for op in (5, 8, 10, 11, 12, 13, 15, 16, 23, 24, 28, 63):
+    g.call("machphys_mapping", "memory_op", C.XENMEM_machphys_mapping, "machphys")
+    g.dump("machphys_mapping.buf", "machphys", 24)
+    g.call("machphys_mapping.null", "memory_op", C.XENMEM_machphys_mapping, NULL)
+    g.call("machphys_mapping.start", "memory_op", C.XENMEM_machphys_mapping | (1 << 6),
+           "machphys")
+    for op in (5, 8, 10, 11, 13, 15, 16, 23, 24, 28, 63):
         g.call(f"subop{op}", "memory_op", op, "map")
     return g.finish()
 
@@ -107,7 +114,15 @@ def test_memory_map_and_reservation_sizes(run_cases):
         assert run[f"{op}.null"] == EFAULT
         assert run[f"{op}.start"] == EINVAL
     assert run["maximum_ram_page"] == N and run["maximum_ram_page.start"] == EINVAL
-    for op in (5, 8, 10, 11, 12, 13, 15, 16, 23, 24, 28, 63):
+    # where the read-only M2P is: inside Xen's reserved range, one u64 for each of the
+    # domain's frames (the identity: test_pv_cpu.py reads it through this window)
+    assert run["machphys_mapping"] == 0
+    v_start, v_end, max_mfn = struct.unpack("<QQQ", run.dumps["machphys_mapping.buf"])
+    assert C.HYPERVISOR_VIRT_START <= v_start < v_end <= C.HYPERVISOR_VIRT_END
+    assert (v_end - v_start, max_mfn) == (N * 8, N - 1)
+    assert run["machphys_mapping.null"] == EFAULT
+    assert run["machphys_mapping.start"] == ENOSYS     # Xen's arch_memory_op: the whole cmd
+    for op in (5, 8, 10, 11, 13, 15, 16, 23, 24, 28, 63):
         assert run[f"subop{op}"] == ENOSYS, op
 
 
