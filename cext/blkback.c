@@ -67,6 +67,7 @@ struct blkback {
     uint32_t ring_pages, nr_ents;       /* nr_ents: a power of two */
     uint32_t req_cons, rsp_prod;        /* ours: the ring's copies are the guest's to change */
     uint32_t rsp_pushed;                /* the rsp_prod last published */
+    uint32_t rsp_settled;               /* responses before it: notified, or known unwanted */
 
     pthread_mutex_t stats_lock;
     struct hv_blkback_stats stats;
@@ -287,30 +288,41 @@ static int response_wanted(struct blkback *b, uint32_t old)
     return b->rsp_prod - sring(b)->rsp_event < b->rsp_prod - old;
 }
 
+static void notify_frontend(struct blkback *b)
+{
+    hv_evtchn_backend_notify(b->d, b->port);
+    b->rsp_settled = b->rsp_prod;
+    count(b, &b->stats.notifies, 1);
+}
+
 /* Publish the responses made so far and notify the frontend if it asked to be told of
  * one of them (io/ring.h's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY): a frontend busy
- * consuming leaves rsp_event behind and costs no event. Before we conclude it did not
- * ask, the barrier that holds against the guest's own (it may be setting rsp_event and
- * about to read the rsp_prod we just wrote, vcpu.c's hv_guest_barrier). */
+ * consuming leaves rsp_event behind and costs no event. The check here is after our
+ * own fence only: on an engine whose guest stores may still sit in its CPU's store
+ * buffer (bt), an rsp_event just set can be missed, so "not asked" is not settled
+ * until settle_responses, once a pass, after the barrier that holds against the
+ * guest's (vcpu.c's hv_guest_barrier: a membarrier on bt, costly once per response). */
 static void push_responses(struct blkback *b)
 {
     volatile struct blkif_sring_header *s = sring(b);
-    uint32_t old = b->rsp_pushed;
-    int notify;
-    if (old == b->rsp_prod)
+    if (b->rsp_pushed == b->rsp_prod)
         return;
     __atomic_store_n(&s->rsp_prod, b->rsp_prod, __ATOMIC_RELEASE);
     b->rsp_pushed = b->rsp_prod;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    notify = response_wanted(b, old);
-    if (!notify) {
-        hv_guest_barrier(b->d);
-        notify = response_wanted(b, old);
-    }
-    if (notify) {
-        hv_evtchn_backend_notify(b->d, b->port);
-        count(b, &b->stats.notifies, 1);
-    }
+    if (response_wanted(b, b->rsp_settled))
+        notify_frontend(b);
+}
+
+/* After hv_guest_barrier: every rsp_event the guest set before it is seen, so any
+ * response not yet settled that it asked for gets its event now. A frontend sleeping
+ * on one is woken at the latest here, before this thread looks for more work or
+ * sleeps itself. */
+static void settle_responses(struct blkback *b)
+{
+    if (b->rsp_settled != b->rsp_prod && response_wanted(b, b->rsp_settled))
+        notify_frontend(b);
+    b->rsp_settled = b->rsp_prod;
 }
 
 /* Take every request on the ring, answer each as it is done (the frontend can refill
@@ -348,9 +360,11 @@ static void serve(struct blkback *b)
         if (b->stopping)
             return;
         /* ask to be notified of the next request, then look once more, after the
-         * barrier that holds against the guest's own (vcpu.c, hv_guest_barrier) */
+         * barrier that holds against the guest's own (vcpu.c, hv_guest_barrier); the
+         * same barrier settles the responses of this pass */
         s->req_event = b->req_cons + 1;
         hv_guest_barrier(b->d);
+        settle_responses(b);
         more = __atomic_load_n(&s->req_prod, __ATOMIC_ACQUIRE) != b->req_cons;
     } while (more);
 }
@@ -398,7 +412,7 @@ static int connect(struct blkback *b)
     for (b->nr_ents = 1; b->nr_ents * 2 <= slots; b->nr_ents *= 2)
         ;
     /* the indexes start where the frontend left them (it zeroes them on setup) */
-    b->req_cons = b->rsp_prod = b->rsp_pushed = __atomic_load_n(&sring(b)->rsp_prod,
+    b->req_cons = b->rsp_prod = b->rsp_pushed = b->rsp_settled = __atomic_load_n(&sring(b)->rsp_prod,
                                                                 __ATOMIC_ACQUIRE);
     if (hv_evtchn_bind_backend_port(b->d, (uint32_t)port, wake, b) < 0) {
         release_all(b->ring, pages);
