@@ -1,4 +1,7 @@
 """End to end: `python -m hypervisor` as a user runs it — output and exit status."""
+import os
+from pathlib import Path
+
 import pytest
 
 from guest_kernel.asm import rax
@@ -214,3 +217,20 @@ def test_a_reader_that_goes_away_does_not_disturb_the_guest(engine):
     assert r.stdout == "trapless PV kernel: Xen 4.19.0-trapless\n"
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
+
+
+def test_an_extension_older_than_the_header_is_one_line(tmp_path):
+    """After a pull that changed abi/xen_abi.h, without `make setup`: one line, exit 2."""
+    import shutil
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "abi", tmp_path / "abi", ignore=shutil.ignore_patterns("__pycache__"))
+    header = tmp_path / "abi" / "xen_abi.h"
+    header.write_text(header.read_text() + "/* changed after the build */\n")
+    done = subprocess.run([sys.executable, "-m", "hypervisor", "--help"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}:{repo}"},
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == (f"trapless: {header} changed since hypervisor._hv was built "
+                           "from it: rebuild it (make setup)\n")
