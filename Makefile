@@ -89,7 +89,7 @@ run-linux: linux-guest
 # The same kernel as a Xen PV domU: its kernel in ring 3 under Xen's PV CPU model, the
 # initramfs at start_info.mod_start. LINUX_PV_ENGINE=kvm runs it on kvm (slower on this
 # host: a flush after a page-table change drops KVM's shadows, and port reads are
-# exception exits; see the README).
+# exception exits; see docs/measurements.md).
 LINUX_PV_ENGINE ?= bt
 run-linux-pv: linux-guest
 	$(BIN)/python -m hypervisor run build/linux/vmlinux --type pv --engine $(LINUX_PV_ENGINE) \
@@ -117,7 +117,8 @@ run-linux-disk: linux-guest
 	@md5sum < build/linux/disk-files/random.bin
 	@debugfs -R 'cat /copy.bin' $(LINUX_DISK) 2>/dev/null | md5sum
 
-# the same kernel and initramfs under trapless (bt) and QEMU's TCG (microvm, PVH entry):
+# the same kernel and initramfs under trapless (bt) and QEMU's TCG (`pc`, PVH entry; see
+# docs/measurements.md):
 # wall time to the kernel banner, to `Run /init`, to /init's line, to the end
 # The package's bytecode is compiled first, as an installed package has it: with
 # PYTHONDONTWRITEBYTECODE set, each run would otherwise compile it again in its time.

@@ -158,7 +158,7 @@ def test_real_xtf_images(engine, tmp_path):
             assert (r["status"], r["detail"]) == ("SUCCESS", ""), r
 
 
-# What XTF's pv64 tests say today on both engines (the README's table). A change that
+# What XTF's pv64 tests say today on both engines (docs/xtf.md's table). A change that
 # makes one of them fail is a regression in trapless; more passing is progress.
 PV64_PASSING = {
     "SUCCESS": ["cpuid", "debug-regs", "example", "msr", "pv-iopl~hypercall", "pv-iopl~vmassist",
@@ -168,7 +168,7 @@ PV64_PASSING = {
     "SKIP": ["argo", "cpuid-faulting", "livepatch-priv-check", "xsa-167", "xsa-182",
              "xsa-444"],
 }
-# ... and on one engine only, for what the other cannot do (README's table says why):
+# ... and on one engine only, for what the other cannot do (docs/xtf.md says why):
 # bt: TCG takes CR4.FSGSBASE and trapless corrects its #GP/#SS, and it runs xsa-260's
 # compat half, which this KVM-PVM host cannot run in ring 3; kvm: this host runs
 # ring 3 natively (rdfsbase works whatever CR4 says, so kvm's PV CPUID policy hides
@@ -208,7 +208,7 @@ def test_xtf_gives_each_test_the_vcpus_its_makefile_asks_for(tmp_path):
     assert got == {"two": 2, "one": 1, "cfg": 3}
 
 
-# What XTF's hvm64 tests (booted as PVH) say today on each engine (the README's table).
+# What XTF's hvm64 tests (booted as PVH) say today on each engine (docs/xtf.md's table).
 # On kvm, events from ring 3 (exec_user's int $0x20, icebp, int3's DPL check, lm-ts's
 # #TS) are delivered by trapless (cext/kvm.c, kvm_emul.c)
 HVM64_COMMON_SUCCESS = ["cpuid", "debug-regs", "example", "invlpg~hap", "invlpg~shadow",
@@ -224,7 +224,7 @@ HVM64_COMMON_SKIP = ["argo", "cpuid-faulting", "fpu-exception-emulation",
                      "xsa-462", "xsa-470"]
 HVM64_PASSING = {
     # kvm: memop-seg gets its AMD CPU's #SS where XTF expects #GP; xsa-269's 2^30-turn
-    # ring-0 loop runs in KVM's instruction emulator (README)
+    # ring-0 loop runs in KVM's instruction emulator (docs/xtf.md)
     "kvm": {"SUCCESS": HVM64_COMMON_SUCCESS, "SKIP": HVM64_COMMON_SKIP},
     # bt also: #SS for the stack segment (memop-seg), the ring-0 loop at TCG's speed
     "bt": {"SUCCESS": HVM64_COMMON_SUCCESS + ["memop-seg", "xsa-269"],
