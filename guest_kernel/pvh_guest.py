@@ -76,6 +76,45 @@ def _entry32(a) -> None:
     a.db(0xEA); a.dd("start64"); a.dw(0x08)         # jmp far 0x08:start64
 
 
+def emit_start64(a, data_selector: int | None = None) -> None:
+    """The 64-bit landing of _entry32's far jump: load the data segments with
+    data_selector (if given: the far jump loads only CS), then the runtime's _start."""
+    a.label("start64")
+    if data_selector is not None:
+        a.mov(eax, data_selector)
+        a.db(0x8E, 0xD8)                            # mov ds, eax
+        a.db(0x8E, 0xC0)                            # mov es, eax
+        a.db(0x8E, 0xD0)                            # mov ss, eax
+    a.jmp("_start")
+
+
+def emit_entry32_data(a) -> None:
+    """What _entry32 stores (hvm_start_info's address, its 32-bit hypercall's result)
+    and the message that hypercall prints; in .data."""
+    a.label("si32")
+    a.dd(0)
+    a.label("rc32")
+    a.dd(0)
+    a.label("msg32")
+    a.ascii(MSG32)
+
+
+def emit_first_gib_tables(a, user: bool, supervisor_page: int | None = None) -> None:
+    """pml4, pdpt, pd: the first GiB identity-mapped with 2 MiB pages, user-accessible
+    if user (but for the one at supervisor_page), page-aligned."""
+    upper = 0x7 if user else 0x3
+    a.align(4096)
+    a.label("pml4")
+    a.dq(a.ref("pdpt") + upper)
+    a.dq(*([0] * 511))
+    a.label("pdpt")
+    a.dq(a.ref("pd") + upper)
+    a.dq(*([0] * 511))
+    a.label("pd")
+    a.dq(*[(i << 21) | (0x87 if user and i << 21 != supervisor_page else 0x83)
+           for i in range(512)])
+
+
 XS_REQUEST = struct.pack("<IIII", C.XS_READ, 7, 0, 6) + b"domid\0"    # req_id 7, relative
 XS_REPLY_MAX = 64
 XS_RING = C.XENSTORE_RING_SIZE
@@ -397,15 +436,10 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh",
     a.inc(qword["timer_fired"])
     a.ret()
 
-    # the 64-bit landing of the far jump: the runtime's _start takes it from here
-    a.label("start64")
-    a.jmp("_start")
+    emit_start64(a)
 
     a.section(".data")
-    a.label("si32")
-    a.dd(0)
-    a.label("rc32")
-    a.dd(0)
+    emit_entry32_data(a)
     a.label("sig")
     a.dd(0, 0, 0)
     a.label("features")                 # struct xen_feature_info: submap_idx, submap
@@ -426,8 +460,6 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh",
     a.db(XS_REQUEST)
     a.label("xs_rsp")
     a.db(bytes(16 + XS_REPLY_MAX))
-    a.label("msg32")
-    a.ascii(MSG32)
     a.label("msg_vmcall")
     a.ascii(MSG_VMCALL)
     a.align(8)
@@ -436,16 +468,7 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh",
     a.label("gdt_desc")
     a.dw(len(GDT64) * 8 - 1)
     a.dd("gdt")
-    # the guest's own page tables: the first GiB, identity-mapped with 2 MiB pages
-    a.align(4096)
-    a.label("pml4")
-    a.dq(a.ref("pdpt") + 0x3)
-    a.dq(*([0] * 511))
-    a.label("pdpt")
-    a.dq(a.ref("pd") + 0x3)
-    a.dq(*([0] * 511))
-    a.label("pd")
-    a.dq(*[(i << 21) | 0x83 for i in range(512)])
+    emit_first_gib_tables(a, user=False)      # the guest's own page tables
 
     emit_traps(p, "trapless PVH guest")
     emit_events(p)

@@ -22,7 +22,7 @@ from abi import C
 from .asm import byte, dword, ptr, qword, rip
 from .asm import cr2, eax, ecx, edi, edx, rax, rcx, rdi, rdx, rsi, rsp, r11
 from .elf import build_elf
-from .pvh_guest import MSG32, _entry32
+from .pvh_guest import _entry32, emit_entry32_data, emit_first_gib_tables, emit_start64
 from .pvlib import UPCALL_MASK, UPCALL_PENDING, UPCALL_VECTOR, emit_events, emit_pvclock, emit_traps
 from .runtime import PVProgram
 
@@ -278,20 +278,10 @@ def build_pvh_ring3_guest(with_io: bool = True) -> tuple[bytes, dict[str, int]]:
     a.label("u_event.spin")
     a.jmp("u_event.spin")
 
-    a.label("start64")
-    a.mov(eax, KERNEL_DS)
-    a.db(0x8E, 0xD8)                                # mov ds, eax
-    a.db(0x8E, 0xC0)                                # mov es, eax
-    a.db(0x8E, 0xD0)                                # mov ss, eax
-    a.jmp("_start")
+    emit_start64(a, KERNEL_DS)
 
     a.section(".data")
-    a.label("si32")
-    a.dd(0)
-    a.label("rc32")
-    a.dd(0)
-    a.label("msg32")
-    a.ascii(MSG32)
+    emit_entry32_data(a)
     a.align(8)
     a.label("kernel_rsp")
     a.dq(0)
@@ -316,17 +306,7 @@ def build_pvh_ring3_guest(with_io: bool = True) -> tuple[bytes, dict[str, int]]:
     a.align(4096)
     a.label("tss")
     a.db(*([0] * (TSS_LIMIT + 1)))
-    # page tables: the first GiB identity-mapped with user-accessible 2 MiB pages,
-    # but for the one at SUPERVISOR_PAGE
-    a.align(4096)
-    a.label("pml4")
-    a.dq(a.ref("pdpt") + 0x7)
-    a.dq(*([0] * 511))
-    a.label("pdpt")
-    a.dq(a.ref("pd") + 0x7)
-    a.dq(*([0] * 511))
-    a.label("pd")
-    a.dq(*[(i << 21) | (0x83 if i << 21 == SUPERVISOR_PAGE else 0x87) for i in range(512)])
+    emit_first_gib_tables(a, user=True, supervisor_page=SUPERVISOR_PAGE)
     a.section(".bss")
     a.align(16)
     a.reserve(4096)

@@ -96,7 +96,7 @@ def ring3_bare_exit_loop(iterations: int) -> bytes:
     gate) brings the loop's end back to ring 0, which powers off.
     """
     from .elf import build_elf
-    from .pvh_guest import MSG32, _entry32
+    from .pvh_guest import _entry32, emit_entry32_data, emit_first_gib_tables, emit_start64
     from .pvlib import emit_traps
 
     p = PVProgram(guest_os="trapless-bench-ring3-bare-exit", xen_pv=False, console_ring=False)
@@ -141,20 +141,10 @@ def ring3_bare_exit_loop(iterations: int) -> bytes:
     a.out(UNCLAIMED_PORT, eax)
     a.ret()
 
-    a.label("start64")
-    a.mov(eax, RING3_KERNEL_DS)
-    a.db(0x8E, 0xD8)                                # mov ds, eax
-    a.db(0x8E, 0xC0)                                # mov es, eax
-    a.db(0x8E, 0xD0)                                # mov ss, eax
-    a.jmp("_start")
+    emit_start64(a, RING3_KERNEL_DS)
 
     a.section(".data")
-    a.label("si32")
-    a.dd(0)
-    a.label("rc32")
-    a.dd(0)
-    a.label("msg32")
-    a.ascii(MSG32)
+    emit_entry32_data(a)
     a.align(8)
     a.label("kernel_rsp")
     a.dq(0)
@@ -171,16 +161,7 @@ def ring3_bare_exit_loop(iterations: int) -> bytes:
     for port in range(UNCLAIMED_PORT, UNCLAIMED_PORT + 4):
         iomap[port // 8] &= ~(1 << (port % 8))
     a.db(*iomap)
-    # page tables: the first GiB identity-mapped with user-accessible 2 MiB pages
-    a.align(4096)
-    a.label("pml4")
-    a.dq(a.ref("pdpt") + 0x7)
-    a.dq(*([0] * 511))
-    a.label("pdpt")
-    a.dq(a.ref("pd") + 0x7)
-    a.dq(*([0] * 511))
-    a.label("pd")
-    a.dq(*[(i << 21) | 0x87 for i in range(512)])
+    emit_first_gib_tables(a, user=True)
     a.section(".bss")
     a.align(16)
     a.reserve(4096)

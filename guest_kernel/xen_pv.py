@@ -82,6 +82,34 @@ class XenPVGuest(ConformanceGuest):
         a.section(".text")
         self.call(case, "callback_op", C.CALLBACKOP_register, f"{case}.cb")
 
+    def share_l4_with_user_mode(self, user_stacks: tuple[str, ...] = ("user_stack_top",),
+                                words: tuple[str, ...] = ()) -> None:
+        """Set up guest user mode: MMUEXT_NEW_USER_BASEPTR with the start-of-day L4 (one
+        L4 serves both modes), a 4 KiB kernel stack for events from user mode
+        (stack_switch; reports `new_user_baseptr` and `stack_switch`), a 4 KiB stack
+        for each label of user_stacks (its top) and an 8-byte word for each of words."""
+        a = self.a
+        a.section(".data")
+        a.align(8)
+        a.label("user_base")                                   # struct mmuext_op
+        a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
+        a.dq(0, 0)
+        a.section(".bss")
+        a.align(16)
+        for top in ("kernel_stack_top",) + user_stacks:
+            a.reserve(4096)
+            a.label(top)
+        for word in words:
+            a.label(word)
+            a.reserve(8)
+        a.section(".text")
+        self.start_info_field(rax, "pt_base")
+        a.shr(rax, 12)                                          # VIRT_BASE 0: VA = PA
+        a.mov(qword[rip_("user_base", 8)], rax)
+        self.call("new_user_baseptr", "mmuext_op", "user_base", 1, 0, C.DOMID_SELF,
+                  subop=C.MMUEXT_NEW_USER_BASEPTR)
+        self.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+
     # ---- handlers ------------------------------------------------------------
     def record_frame(self, label: str, error_code: bool) -> None:
         """Handler entry: save rax, copy the bounce frame at rsp to `<label>.frame`
@@ -323,26 +351,7 @@ def cpu_model_guest() -> GuestImage:
 
     # guest user mode: one L4 for both, a kernel stack, the syscall callback, then
     # iret to ring 3 user code that makes a syscall
-    a.section(".data")
-    a.align(8)
-    a.label("user_base")                                   # struct mmuext_op
-    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
-    a.dq(0, 0)
-    a.section(".bss")
-    a.align(16)
-    a.reserve(4096)
-    a.label("kernel_stack_top")
-    a.reserve(4096)
-    a.label("user_stack_top")
-    a.label("main_rsp")
-    a.reserve(8)
-    a.section(".text")
-    g.start_info_field(rax, "pt_base")
-    a.shr(rax, 12)                                          # VIRT_BASE 0: VA = PA
-    a.mov(qword[rip_("user_base", 8)], rax)
-    g.call("new_user_baseptr", "mmuext_op", "user_base", 1, 0, C.DOMID_SELF,
-           subop=C.MMUEXT_NEW_USER_BASEPTR)
-    g.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+    g.share_l4_with_user_mode(words=("main_rsp",))
     g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall",
                C.CALLBACKF_mask_events)
     a.mov(qword["main_rsp"], rsp)
@@ -524,30 +533,10 @@ def compat_guest() -> GuestImage:
     a = g.a
     g.map_shared_info()
     g.trap_table("set_trap_table", [(6, 0, "on_ud"), (13, 0, "on_gp"), (0x80, 3, "on_int80")])
-    a.section(".data")
-    a.align(8)
-    a.label("user_base")                                   # struct mmuext_op
-    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
-    a.dq(0, 0)
-    a.section(".bss")
-    a.align(16)
-    a.reserve(4096)
-    a.label("kernel_stack_top")
-    a.reserve(4096)
-    a.label("user_stack_top")
-    a.reserve(4096)
-    a.label("user_stack2_top")
-    for var in ("main_rsp", "kernel_next", "compat_word1", "compat_word2", "eax_after_iret",
-                "syscall32_mask", "syscall32_rax", "lcall_return", "esp_after_lret"):
-        a.label(var)
-        a.reserve(8)
-    a.section(".text")
-    g.start_info_field(rax, "pt_base")
-    a.shr(rax, 12)                                          # VIRT_BASE 0: VA = PA
-    a.mov(qword[rip_("user_base", 8)], rax)
-    g.call("new_user_baseptr", "mmuext_op", "user_base", 1, 0, C.DOMID_SELF,
-           subop=C.MMUEXT_NEW_USER_BASEPTR)
-    g.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+    g.share_l4_with_user_mode(("user_stack_top", "user_stack2_top"),
+                              ("main_rsp", "kernel_next", "compat_word1", "compat_word2",
+                               "eax_after_iret", "syscall32_mask", "syscall32_rax",
+                               "lcall_return", "esp_after_lret"))
     g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64",
                C.CALLBACKF_mask_events)
 
@@ -714,27 +703,7 @@ def sysenter_guest() -> GuestImage:
     a.mov(eax, ebx)
     g.report("vendor_ebx")
     g.trap_table("set_trap_table", [(6, 0, "on_ud"), (13, 0, "on_gp")])
-    a.section(".data")
-    a.align(8)
-    a.label("user_base")                                   # struct mmuext_op
-    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
-    a.dq(0, 0)
-    a.section(".bss")
-    a.align(16)
-    a.reserve(4096)
-    a.label("kernel_stack_top")
-    a.reserve(4096)
-    a.label("user_stack_top")
-    for var in ("main_rsp", "kernel_next", "sysenter_mask"):
-        a.label(var)
-        a.reserve(8)
-    a.section(".text")
-    g.start_info_field(rax, "pt_base")
-    a.shr(rax, 12)                                          # VIRT_BASE 0: VA = PA
-    a.mov(qword[rip_("user_base", 8)], rax)
-    g.call("new_user_baseptr", "mmuext_op", "user_base", 1, 0, C.DOMID_SELF,
-           subop=C.MMUEXT_NEW_USER_BASEPTR)
-    g.call("stack_switch", "stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
+    g.share_l4_with_user_mode(words=("main_rsp", "kernel_next", "sysenter_mask"))
     g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64")
 
     # Round 1: no sysenter callback
