@@ -50,7 +50,9 @@ class Result(int):
     def __eq__(self, expected):
         ok = int(self) == expected
         if isinstance(expected, int):
-            self._record(expected, int(self), ok)
+            # int(): the expected value may be another case's Result, which the JSON
+            # report (dataclasses.asdict deep-copies) could not copy
+            self._record(int(expected), int(self), ok)
         return ok
 
     def __ne__(self, expected):
