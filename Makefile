@@ -88,8 +88,8 @@ run-linux: linux-guest
 
 # The same kernel as a Xen PV domU: its kernel in ring 3 under Xen's PV CPU model, the
 # initramfs at start_info.mod_start. LINUX_PV_ENGINE=kvm runs it on kvm (slower on this
-# host: a flush after a page-table change drops KVM's shadows, and port reads are
-# exception exits; see the README).
+# host: every hypercall and emulated instruction is an exit, and Linux's PIT calibration
+# alone reads a port about 100,000 times; see the README).
 LINUX_PV_ENGINE ?= bt
 run-linux-pv: linux-guest
 	$(BIN)/python -m hypervisor run build/linux/vmlinux --type pv --engine $(LINUX_PV_ENGINE) \
