@@ -548,7 +548,9 @@ static int drop_shadows(struct hv_domain *d)
  * drop_shadows). KVM-PVM emulates ring-0 code, and an emulated write to a table it
  * shadows updates its shadow of that one entry: so the way back to the guest goes
  * through the rewrite routine (pv_region.c), about ten emulated instructions where
- * dropping the memslot costs about 1.2 ms and every shadow. */
+ * dropping the memslot costs about 1.2 ms and every shadow. An event that comes due
+ * while the routine runs waits for the next exit (pv_events leaves the area alone), as
+ * one due in a stub's last two instructions does. */
 
 /* From an exception stub: its `out` returns into the routine, which jumps back. */
 static void rewrite_from_stub(struct hv_vcpu *v, const struct hv_mm_changed *c)
