@@ -521,8 +521,10 @@ static __thread uint64_t pending_cr3;
  * away and back makes KVM forget every shadow of it (ring-0 guests do not need this:
  * KVM-PVM emulates their code and walks the tables afresh). Under Xen's model any frame
  * of RAM may be a table, so that is the RAM slot (2); a ring-0 kernel's tables are in
- * the pool's (1). Only after a present entry of a table in use changed (mm.c): it costs
- * about 1 ms here, and KVM then rebuilds the shadows it needs. */
+ * the pool's (1). Only after a present entry of a table in use changed (mm.c) and was
+ * not shown to KVM entry by entry (the rewrite routine below, which an exit of a
+ * Xen-model domain normally takes): it costs about 1.2 ms here, and KVM then rebuilds
+ * the shadows it needs. */
 static int drop_shadows(struct hv_domain *d)
 {
     if (d->pv_model != HV_PV_XEN ||
@@ -540,6 +542,63 @@ static int drop_shadows(struct hv_domain *d)
         return -1;
     r.memory_size = end - start;
     return ioctl(d->kvm_vm_fd, KVM_SET_USER_MEMORY_REGION, &r);
+}
+
+/* Showing KVM the entries of tables in use that an exit changed from the host (see
+ * drop_shadows). KVM-PVM emulates ring-0 code, and an emulated write to a table it
+ * shadows updates its shadow of that one entry: so the way back to the guest goes
+ * through the rewrite routine (pv_region.c), about ten emulated instructions where
+ * dropping the memslot costs about 1.2 ms and every shadow. An event that comes due
+ * while the routine runs waits for the next exit (pv_events leaves the area alone), as
+ * one due in a stub's last two instructions does. */
+
+/* From an exception stub: its `out` returns into the routine, which jumps back. */
+static void rewrite_from_stub(struct hv_vcpu *v, const struct hv_mm_changed *c)
+{
+    struct kvm_regs *kr = &v->run->s.regs.regs;
+    kr->rip = pv_rewrite_entries(v, c->gpa, c->n, kr->rip);
+    v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+}
+
+/* From the landing page's exit in ring 3 (the registers already r's in sync regs): the
+ * guest goes back as from a stub, with r's iret frame and rax on its ring-0 stack, cs
+ * and ss ring 0's in *sregs, and the routine jumping to stub 0's pop %rax; iretq. */
+static void rewrite_from_ring3(struct hv_vcpu *v, const struct hv_mm_changed *c,
+                               const struct pv_regs *r, struct kvm_sregs *sregs)
+{
+    struct kvm_regs *kr = &v->run->s.regs.regs;
+    uint64_t *frame = (uint64_t *)(pv_vcpu_stack(v) + 2 * 4096) - 6;
+
+    frame[0] = r->rax;
+    frame[1] = r->rip;
+    frame[2] = r->cs | 3;
+    frame[3] = r->rflags;
+    frame[4] = r->rsp;
+    frame[5] = r->ss | 3;
+    kr->rip = pv_rewrite_entries(v, c->gpa, c->n, PV_STUB_RESUME_VA);
+    kr->rsp = PV_VCPU_VA(v->id, PV_STACK_TOP) - 6 * 8;
+    kr->rflags = 0x2;                   /* as an interrupt gate leaves it */
+    v->run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+    flat_segment(&sregs->cs, PV_HYPER_CS, 1);
+    flat_segment(&sregs->ss, PV_HYPER_DS, 0);
+}
+
+/* The same once the exit's `out` is complete, with the segments set by ioctl. */
+static int rewrite_from_ring3_now(struct hv_vcpu *v, const struct hv_mm_changed *c,
+                                  const struct pv_regs *r)
+{
+    struct kvm_sregs sregs;
+    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+        return -1;
+    rewrite_from_ring3(v, c, r, &sregs);
+    return ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0 ? -1 : 0;
+}
+
+/* Where neither can be done, the next flush or new cr3 drops the memslot. */
+static void drop_at_next_flush(struct hv_domain *d, const struct hv_mm_changed *c)
+{
+    if (c->n)
+        __atomic_store_n(&d->mm.live_entry_changed, 1, __ATOMIC_RELEASE);
 }
 
 static int apply_sregs(struct hv_vcpu *v, int set_cr3, uint64_t cr3, int flush)
@@ -1031,11 +1090,13 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     struct kvm_run *run = v->run;
     uint64_t rip = run->s.regs.regs.rip, sp = run->s.regs.regs.rsp, *frame = NULL, *saved_rax = NULL;
     struct pv_regs r, before, first;
+    struct hv_mm_changed changed = { .n = 0 };
     int rc;
 
     pv_regs_from_run(v, &r);
     first = r;
     in_exit = 1;
+    hv_mm_note_changes(&changed);
     if (run->io.port == PV_TRAP_PORT) {
         int vector = (int)((rip - PV_STUBS_VA) / PV_STUB_SIZE), with_error;
         uint32_t error;
@@ -1043,6 +1104,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         if (rip < PV_STUBS_VA || vector >= 32 || sp < stack ||
             sp + (6 + (uint64_t)pv_has_error_code(vector)) * 8 > top) {
             in_exit = 0;
+            hv_mm_note_changes(NULL);
             hv_stop_with(stop, HV_STOP_FAULT, KVM_EXIT_IO, rip,
                          "exit on the trap port outside an exception stub");
             return -1;
@@ -1111,7 +1173,9 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     if (rc == 0)
         rc = pv_step_resume(v, &r, stop);
     in_exit = 0;
+    hv_mm_note_changes(NULL);
     if (rc < 0 || pv_compat_refused(v, &r, stop) < 0) {
+        drop_at_next_flush(d, &changed);
         pending_set_cr3 = pending_flush = 0;    /* this thread may run another domain */
         return -1;
     }
@@ -1124,8 +1188,11 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         frame[4] = r.ss | 3;
         /* the common case (a hypercall, a bounce): the stub does the rest */
         if (only_stub_regs_changed(&r, &before) && !pending_set_cr3 && !pending_flush &&
-            !v->pv.hw_dirty)
+            !v->pv.hw_dirty) {
+            if (changed.n)
+                rewrite_from_stub(v, &changed);
             return 0;
+        }
     }
     /* The landing page's `out` ran natively in ring 3: KVM sees the new rip and drops
      * the instruction's completion, so sync regs alone resume the guest; a switch
@@ -1151,6 +1218,10 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         }
         memcpy(&run->s.regs.regs, &r, 18 * sizeof(uint64_t));
         run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+        if (changed.n) {
+            rewrite_from_ring3(v, &changed, &r, sregs);
+            run->kvm_dirty_regs |= KVM_SYNC_X86_SREGS;
+        }
         return 0;
     }
     if (complete_io(v) < 0 || apply_pending(v, 1) < 0) {
@@ -1161,6 +1232,13 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     if (pv_regs_to_run(v, &r, frame != NULL, &first) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot set the vCPU's registers: %s",
                      strerror(errno));
+        return -1;
+    }
+    if (changed.n && frame) {
+        rewrite_from_stub(v, &changed);
+    } else if (changed.n && rewrite_from_ring3_now(v, &changed, &r) < 0) {
+        hv_stop_with(stop, HV_STOP_ERROR, errno, rip, "cannot send the vCPU through the "
+                     "rewrite routine: %s", strerror(errno));
         return -1;
     }
     return 0;

@@ -247,6 +247,24 @@ static void drop_table(struct hv_domain *d, uint64_t mfn)
 
 /* ---- mmu_update ---- */
 
+static __thread struct hv_mm_changed *noted_changes;
+
+void hv_mm_note_changes(struct hv_mm_changed *c)
+{
+    noted_changes = c;
+}
+
+/* A present entry of a table in use at gpa no longer holds what it held: whoever
+ * caches translations (a shadowing KVM) must learn of it before the next flush. */
+static void live_entry_changed(struct hv_mm *mm, uint64_t gpa)
+{
+    struct hv_mm_changed *c = noted_changes;
+    if (c && c->n < HV_MM_CHANGED_MAX)
+        c->gpa[c->n++] = gpa;
+    else
+        __atomic_store_n(&mm->live_entry_changed, 1, __ATOMIC_RELEASE);
+}
+
 static int update_entry(struct hv_domain *d, uint64_t ptr, uint64_t val)
 {
     struct hv_mm *mm = &d->mm;
@@ -281,7 +299,7 @@ static int update_entry(struct hv_domain *d, uint64_t ptr, uint64_t val)
     }
     __atomic_store_n(slot, val, __ATOMIC_RELEASE);
     if (f->type_count && (old & PTE_P) && old != val)
-        __atomic_store_n(&mm->live_entry_changed, 1, __ATOMIC_RELEASE);
+        live_entry_changed(mm, ptr);
     if (f->type_count)
         drop_entry(d, f->type, old);
     return 0;
@@ -576,6 +594,10 @@ int hv_mm_move_l1e(struct hv_domain *d, uint64_t from, uint64_t to)
     dst = (uint64_t *)(d->ram + to);
     e = __atomic_exchange_n(src, 0, __ATOMIC_ACQ_REL);
     old = __atomic_exchange_n(dst, e, __ATOMIC_ACQ_REL);
+    if (e & PTE_P)
+        live_entry_changed(&d->mm, from);
+    if ((old & PTE_P) && old != e)
+        live_entry_changed(&d->mm, to);
     drop_entry(d, 1, old);
     return 0;
 }

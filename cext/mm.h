@@ -53,6 +53,18 @@ struct hv_mm {
 
 struct hv_domain;
 
+/* The entries of tables in use whose present value changed while one PV exit was
+ * handled, by guest-physical address (kvm.c shows each write to a KVM that shadows
+ * the guest's tables). */
+#define HV_MM_CHANGED_MAX 240
+struct hv_mm_changed {
+    unsigned n;
+    uint64_t gpa[HV_MM_CHANGED_MAX];
+};
+/* From now on this thread notes such entries in *c (NULL: it stops). Changes noted
+ * nowhere, or past a full list, set live_entry_changed instead. */
+void hv_mm_note_changes(struct hv_mm_changed *c);
+
 /* Shared between memory.c (memory_op) and mm.c (page tables). */
 int  hv_mm_in_pool(const struct hv_mm *mm, uint64_t mfn);
 /* 1 if the whole guest-virtual range lies in one canonical half (Xen's guest_handle_okay). */

@@ -80,6 +80,18 @@ enum pv_frame {
 #define PV_LDT_SEL      0xe050          /* the LDT descriptor (16 bytes) for MMUEXT_SET_LDT */
 
 #define PV_STUB_SIZE    16
+/* Guest RAM once more, whole, in 2 MiB pages, supervisor-only and writable, from slot
+ * 271's fifth GiB: for the rewrite routine alone. */
+#define PV_RAM_VA       (PV_AREA_VA + (4ULL << 30))
+/* After the 32 stubs, ring-0 code that rewrites (a locked `or $0`) the page-table
+ * entries listed in the lower half of the vCPU's top stack page, then jumps back into
+ * the stub that was sent there (pv_rewrite_entries). On a host whose KVM shadows a
+ * ring-3 kernel's tables it emulates ring-0 code, and an emulated write to a shadowed
+ * table updates KVM's shadow of that entry: the entries trapless changed from the host
+ * reach KVM that way (kvm.c). */
+#define PV_REWRITE_VA   (PV_STUBS_VA + 32 * PV_STUB_SIZE)
+/* Stub 0 (no error code) past its exit: pop %rax; iretq. */
+#define PV_STUB_RESUME_VA (PV_STUBS_VA + 3)
 #define PV_TRAP_PORT    0xCB    /* the exception stubs' exit (CPL0) */
 #define PV_SYSCALL_PORT 0xCC    /* the syscall landing page's exit (CPL3, in the I/O bitmap) */
 
@@ -198,6 +210,9 @@ void pv_map_gdt(struct hv_vcpu *v, const uint64_t *mfns, unsigned n);
 /* Map the guest's LDT frames at PV_LDT_VA and describe them at PV_LDT_SEL (n = 0: no
  * LDT); the engine loads LDTR from the vCPU's ldt_ents (hw_dirty). */
 void pv_map_ldt(struct hv_vcpu *v, const uint64_t *mfns, unsigned n, uint64_t ents);
+/* List the entries at gpas[0..n) (guest RAM, n from 1 to HV_MM_CHANGED_MAX) for the
+ * rewrite routine, which is to return to `back` in a stub: its address, for rip. */
+uint64_t pv_rewrite_entries(struct hv_vcpu *v, const uint64_t *gpas, unsigned n, uint64_t back);
 /* The host address of the vCPU's ring-0 stack (its lowest byte, at PV_STACK_VA). */
 uint8_t *pv_vcpu_stack(struct hv_vcpu *v);
 

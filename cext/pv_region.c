@@ -1,7 +1,8 @@
 /*
  * pv_region.c - the hypervisor's region of a Xen-model PV domain: the real GDT, IDT,
  * TSS, exception stubs, syscall landing page and ring-0 stack, and the page tables
- * that map them at PV_AREA_VA in L4 slot 271 of every L4 the guest uses, and the M2P
+ * that map them at PV_AREA_VA in L4 slot 271 of every L4 the guest uses (with the
+ * M2P again and a ring-0 map of guest RAM for the stubs' rewrite routine), and the M2P
  * in slot 256.
  *
  * The region is host memory of its own, seen by the engines at guest-physical
@@ -22,6 +23,7 @@
 #define PTE_US   (1ULL << 2)
 #define PTE_A    (1ULL << 5)
 #define PTE_D    (1ULL << 6)
+#define PTE_PS   (1ULL << 7)
 #define PTE_NX   (1ULL << 63)
 
 #define PAGE 4096ULL
@@ -34,6 +36,23 @@ enum { VF_L1, VF_GDT, VF_TSS, VF_STACK = VF_TSS + 3, VCPU_FRAMES = VF_STACK + 2 
 
 static uint64_t m2p_l1s(uint64_t frames);
 static uint64_t m2p_pages(uint64_t frames);
+
+#define GIB (1ULL << 30)
+#define MIB2 (2ULL << 20)
+
+/* The L2 tables of the ring-0 map of guest RAM (PV_RAM_VA), one per GiB, after the
+ * last vCPU's frames. */
+static uint64_t ram_map_l2s(struct hv_domain *d)
+{
+    return (d->ram_bytes + GIB - 1) / GIB;
+}
+
+static uint64_t ram_map_l2(struct hv_domain *d, uint64_t i)
+{
+    uint64_t frames = d->ram_bytes / 4096ULL;
+    return PVF_NR + m2p_l1s(frames) + m2p_pages(frames) +
+           (uint64_t)(d->max_vcpus - 1) * VCPU_FRAMES + i;
+}
 
 static uint64_t vcpu_frame(struct hv_domain *d, int id, int which)
 {
@@ -208,6 +227,16 @@ static void build_tables(struct hv_domain *d, uint64_t frames)
     for (uint64_t mfn = 0; mfn < frames; mfn++)
         m2p[mfn] = mfn;
 
+    /* RAM for the rewrite routine: supervisor-only, no execute, pre-set accessed and
+     * dirty. The last 2 MiB page may reach past RAM; the routine only ever writes
+     * entries of the guest's tables, which are in RAM. */
+    for (uint64_t i = 0; i < ram_map_l2s(d); i++) {
+        uint64_t *l2 = frame_of(d, ram_map_l2(d, i));
+        frame_of(d, PVF_L3)[((PV_RAM_VA + i * GIB) >> 30) & 511] = frame_gpa(ram_map_l2(d, i)) | upper;
+        for (uint64_t gpa = i * GIB; gpa < d->ram_bytes && gpa < (i + 1) * GIB; gpa += MIB2)
+            l2[(gpa >> 21) & 511] = gpa | PTE_P | PTE_RW | PTE_A | PTE_D | PTE_PS | PTE_NX;
+    }
+
     frame_of(d, PVF_L3)[(PV_AREA_VA >> 30) & 511] = frame_gpa(PVF_L2) | upper;
     for (uint32_t id = 0; id < d->max_vcpus; id++) {
         uint64_t l1 = vcpu_frame(d, (int)id, VF_L1);
@@ -288,6 +317,37 @@ static void build_idt_and_stubs(struct hv_domain *d)
                        (uint64_t)(0x8e | dpl << 5) << 40 | ((target >> 16) & 0xffff) << 48;
         idt[vec * 2 + 1] = target >> 32;
     }
+    /* The rewrite routine. rax is free (the stub saved it); the list sits in the lower
+     * half of the page rsp is in, the top page of this vCPU's stack:
+     * [0] where to go back to, [1] how many, [2..] the entries' PV_RAM_VA addresses. */
+    static const uint8_t rewrite[] = {
+        0x51,                               /* push %rcx */
+        0x52,                               /* push %rdx */
+        0x48, 0x89, 0xe0,                   /* mov %rsp, %rax */
+        0x48, 0x25, 0x00, 0xf0, 0xff, 0xff, /* and $-4096, %rax */
+        0x48, 0x8b, 0x48, 0x08,             /* mov 8(%rax), %rcx */
+        0x48, 0x8b, 0x54, 0xc8, 0x08,       /* 1: mov 8(%rax,%rcx,8), %rdx */
+        0xf0, 0x48, 0x83, 0x0a, 0x00,       /* lock orq $0, (%rdx) */
+        0x48, 0xff, 0xc9,                   /* dec %rcx */
+        0x75, 0xf1,                         /* jnz 1b */
+        0x5a,                               /* pop %rdx */
+        0x59,                               /* pop %rcx */
+        0xff, 0x20,                         /* jmp *(%rax) */
+    };
+    memcpy(stubs + (PV_REWRITE_VA - PV_STUBS_VA), rewrite, sizeof(rewrite));
+}
+
+/* the list and the stubs' frames share the page: the list keeps to its lower half */
+_Static_assert((2 + HV_MM_CHANGED_MAX) * 8 <= PAGE / 2, "the rewrite list outgrows its half page");
+
+uint64_t pv_rewrite_entries(struct hv_vcpu *v, const uint64_t *gpas, unsigned n, uint64_t back)
+{
+    uint64_t *list = (uint64_t *)(pv_vcpu_stack(v) + PAGE);     /* the top page */
+    list[0] = back;
+    list[1] = n;
+    for (unsigned i = 0; i < n; i++)
+        list[2 + i] = PV_RAM_VA + gpas[i];
+    return PV_REWRITE_VA;
 }
 
 static void build_tss(struct hv_domain *d, int id)
@@ -334,8 +394,7 @@ int pv_domain_init(struct hv_domain *d, int model, char *err, int err_len)
         return -1;
     }
     frames = d->ram_bytes / PAGE;
-    d->pv_region_bytes = (PVF_NR + m2p_l1s(frames) + m2p_pages(frames) +
-                          (uint64_t)(d->max_vcpus - 1) * VCPU_FRAMES) * PAGE;
+    d->pv_region_bytes = (ram_map_l2(d, 0) + ram_map_l2s(d)) * PAGE;
     d->pv_region = mmap(NULL, d->pv_region_bytes, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (d->pv_region == MAP_FAILED) {

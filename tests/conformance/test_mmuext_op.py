@@ -4,7 +4,7 @@ import struct
 
 from abi import C
 
-from guest_kernel.asm import cr3, dword, ptr, qword, r12, rax
+from guest_kernel.asm import cr3, dword, ptr, qword, r12, rax, rcx
 from guest_kernel.conformance import NON_CANONICAL, NULL
 from hypervisor.builder import XEN_PV
 
@@ -169,6 +169,15 @@ def other_ops_guest() -> bytes:
     g.mmuext("remap.flush", C.MMUEXT_TLB_FLUSH_LOCAL)
     a.mov(rax, qword[va])
     g.report("remap.read")
+    # Back to the first frame by the kernel's own store into the live L1 (readable at
+    # its physical address): the writable page-table assist applies it from the #PF
+    g.call("ptwr.enable", "vm_assist", C.VMASST_CMD_enable, C.VMASST_TYPE_writable_pagetables)
+    g.load(rcx, MMGuest.spare(SPARE_REMAP))
+    a.mov(rax, FREE | PRW)
+    a.mov(qword[rcx], rax)
+    g.mmuext("ptwr.flush", C.MMUEXT_TLB_FLUSH_LOCAL)
+    a.mov(rax, qword[va])
+    g.report("ptwr.read")
 
     for name in ("FLUSH_CACHE", "MARK_SUPER", "UNMARK_SUPER", "SET_LDT", "NEW_USER_BASEPTR"):
         g.mmuext(name.lower(), getattr(C, f"MMUEXT_{name}"), 0)
@@ -213,6 +222,8 @@ def test_flushes_and_other_commands(run_cases):
     for case in ("remap.pin", "remap.e0", "remap.e1", "remap.link", "remap", "remap.flush"):
         assert run[case] == 0, case
     assert run["remap.read"] == 0x12        # the second page's frame, through the first page
+    assert (run["ptwr.enable"], run["ptwr.flush"]) == (0, 0)
+    assert run["ptwr.read"] == 0x11         # the first page's frame again
     assert run["flush_cache"] == EACCES
     assert run["mark_super"] == EOPNOTSUPP and run["unmark_super"] == EOPNOTSUPP
     # a kernel under Xen's PV model has a user L4: frame 0 clears it, as in Xen
