@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -396,6 +397,7 @@ static void *worker_main(void *arg)
 {
     struct worker *w = arg;
 
+    prctl(PR_SET_NAME, "vcpu worker");  /* what top, perf and /proc/PID/task call it */
     pthread_mutex_lock(&rq_lock);
     for (;;) {
         struct hv_vcpu *v = rq_head;
