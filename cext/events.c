@@ -267,11 +267,13 @@ int hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq)
     uint32_t port;
     if (vcpu >= HV_MAX_VCPUS || !d->vcpus[vcpu] || virq >= NR_VIRQS)
         return -XEN_EINVAL;
+    hv_wakes_hold();                    /* the vCPU woken once ev_lock is let go */
     pthread_mutex_lock(&d->ev_lock);
     port = d->vcpus[vcpu]->virq_to_port[virq];
     if (port)
         set_pending(d, port);
     pthread_mutex_unlock(&d->ev_lock);
+    hv_wakes_release();
     return port ? 0 : -XEN_ENOENT;
 }
 
@@ -496,7 +498,7 @@ static int evtchn_close(struct hv_domain *d, uint32_t port)
     return rc;
 }
 
-static int evtchn_send(struct hv_domain *d, uint32_t port)
+static int send_event(struct hv_domain *d, uint32_t port)
 {
     struct hv_evtchn c;
     struct hv_domain *r;
@@ -537,6 +539,15 @@ static int evtchn_send(struct hv_domain *d, uint32_t port)
     default:
         return -XEN_EINVAL;
     }
+}
+
+static int evtchn_send(struct hv_domain *d, uint32_t port)
+{
+    int rc;
+    hv_wakes_hold();                    /* a vCPU woken once the ev_locks are let go */
+    rc = send_event(d, port);
+    hv_wakes_release();
+    return rc;
 }
 
 static int evtchn_status(struct hv_domain *d, struct evtchn_status *st)
@@ -669,11 +680,13 @@ void hv_evtchn_unbind_backend(struct hv_domain *d, uint32_t port)
 /* The backend raises the guest's port (unless the guest has closed it meanwhile). */
 void hv_evtchn_backend_notify(struct hv_domain *d, uint32_t port)
 {
+    hv_wakes_hold();                    /* the vCPU woken once ev_lock is let go */
     pthread_mutex_lock(&d->ev_lock);
     if (port_ok(d, port) && d->ports[port].state == EVTCHNSTAT_interdomain &&
         (d->ports[port].backend || d->ports[port].backend_fn))
         set_pending(d, port);
     pthread_mutex_unlock(&d->ev_lock);
+    hv_wakes_release();
 }
 
 /* Copy the argument in, run op, copy it back out when the op has outputs. */
