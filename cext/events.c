@@ -498,13 +498,14 @@ static int evtchn_close(struct hv_domain *d, uint32_t port)
     return rc;
 }
 
-static int send_event(struct hv_domain *d, uint32_t port)
+static int evtchn_send(struct hv_domain *d, uint32_t port)
 {
     struct hv_evtchn c;
     struct hv_domain *r;
 
     if (!port_ok(d, port))
         return -XEN_EINVAL;
+    hv_wakes_hold();                    /* a vCPU woken once ev_lock is let go */
     pthread_mutex_lock(&d->ev_lock);
     c = d->ports[port];
     if (c.state == EVTCHNSTAT_ipi)
@@ -514,6 +515,7 @@ static int send_event(struct hv_domain *d, uint32_t port)
     if (c.state == EVTCHNSTAT_interdomain && c.backend_fn)
         c.backend_fn(c.backend_arg);
     pthread_mutex_unlock(&d->ev_lock);
+    hv_wakes_release();
 
     if (c.state == EVTCHNSTAT_interdomain && c.backend_fn)
         return 0;
@@ -526,6 +528,7 @@ static int send_event(struct hv_domain *d, uint32_t port)
     case EVTCHNSTAT_unbound:            /* nobody listens yet: silently dropped, as in Xen */
         return 0;
     case EVTCHNSTAT_interdomain:
+        hv_wakes_hold();                /* its vCPU woken once the locks are let go */
         pthread_mutex_lock(&registry_lock);
         r = hv_domain_lookup(c.remote_dom);
         if (r) {
@@ -535,19 +538,11 @@ static int send_event(struct hv_domain *d, uint32_t port)
             pthread_mutex_unlock(&r->ev_lock);
         }
         pthread_mutex_unlock(&registry_lock);
+        hv_wakes_release();
         return 0;
     default:
         return -XEN_EINVAL;
     }
-}
-
-static int evtchn_send(struct hv_domain *d, uint32_t port)
-{
-    int rc;
-    hv_wakes_hold();                    /* a vCPU woken once the ev_locks are let go */
-    rc = send_event(d, port);
-    hv_wakes_release();
-    return rc;
 }
 
 static int evtchn_status(struct hv_domain *d, struct evtchn_status *st)
