@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -466,6 +467,7 @@ static void *run(void *arg)
 {
     struct blkback *b = arg;
     uint64_t n;
+    prctl(PR_SET_NAME, "blkback");      /* what top, perf and /proc/PID/task call it */
     step(b);
     while (!b->stopping) {
         if (read(b->wake_fd, &n, sizeof(n)) < 0 && errno != EINTR)

@@ -26,6 +26,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <x86intrin.h>
 
@@ -186,6 +187,7 @@ static void kq_unlink(struct bt_vcpu *b)
 
 static void *kicker_main(void *unused)
 {
+    prctl(PR_SET_NAME, "bt kicker");    /* what top, perf and /proc/PID/task call it */
     pthread_mutex_lock(&kq_lock);
     for (;;) {
         uint64_t now = hv_now_ns(), next = ~0ULL;

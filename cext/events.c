@@ -267,11 +267,13 @@ int hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq)
     uint32_t port;
     if (vcpu >= HV_MAX_VCPUS || !d->vcpus[vcpu] || virq >= NR_VIRQS)
         return -XEN_EINVAL;
+    hv_wakes_hold();                    /* the vCPU woken once ev_lock is let go */
     pthread_mutex_lock(&d->ev_lock);
     port = d->vcpus[vcpu]->virq_to_port[virq];
     if (port)
         set_pending(d, port);
     pthread_mutex_unlock(&d->ev_lock);
+    hv_wakes_release();
     return port ? 0 : -XEN_ENOENT;
 }
 
@@ -503,6 +505,7 @@ static int evtchn_send(struct hv_domain *d, uint32_t port)
 
     if (!port_ok(d, port))
         return -XEN_EINVAL;
+    hv_wakes_hold();                    /* a vCPU woken once ev_lock is let go */
     pthread_mutex_lock(&d->ev_lock);
     c = d->ports[port];
     if (c.state == EVTCHNSTAT_ipi)
@@ -512,6 +515,7 @@ static int evtchn_send(struct hv_domain *d, uint32_t port)
     if (c.state == EVTCHNSTAT_interdomain && c.backend_fn)
         c.backend_fn(c.backend_arg);
     pthread_mutex_unlock(&d->ev_lock);
+    hv_wakes_release();
 
     if (c.state == EVTCHNSTAT_interdomain && c.backend_fn)
         return 0;
@@ -524,6 +528,7 @@ static int evtchn_send(struct hv_domain *d, uint32_t port)
     case EVTCHNSTAT_unbound:            /* nobody listens yet: silently dropped, as in Xen */
         return 0;
     case EVTCHNSTAT_interdomain:
+        hv_wakes_hold();                /* its vCPU woken once the locks are let go */
         pthread_mutex_lock(&registry_lock);
         r = hv_domain_lookup(c.remote_dom);
         if (r) {
@@ -533,6 +538,7 @@ static int evtchn_send(struct hv_domain *d, uint32_t port)
             pthread_mutex_unlock(&r->ev_lock);
         }
         pthread_mutex_unlock(&registry_lock);
+        hv_wakes_release();
         return 0;
     default:
         return -XEN_EINVAL;
@@ -669,11 +675,13 @@ void hv_evtchn_unbind_backend(struct hv_domain *d, uint32_t port)
 /* The backend raises the guest's port (unless the guest has closed it meanwhile). */
 void hv_evtchn_backend_notify(struct hv_domain *d, uint32_t port)
 {
+    hv_wakes_hold();                    /* the vCPU woken once ev_lock is let go */
     pthread_mutex_lock(&d->ev_lock);
     if (port_ok(d, port) && d->ports[port].state == EVTCHNSTAT_interdomain &&
         (d->ports[port].backend || d->ports[port].backend_fn))
         set_pending(d, port);
     pthread_mutex_unlock(&d->ev_lock);
+    hv_wakes_release();
 }
 
 /* Copy the argument in, run op, copy it back out when the op has outputs. */

@@ -439,6 +439,11 @@ int  hv_vcpu_bring_up(struct hv_vcpu *t);
 /* Something it may wait for happened: wake it if parked, kick it if it runs. */
 void hv_vcpu_notify(struct hv_vcpu *v);
 void hv_vcpu_wake_poller(struct hv_vcpu *v);
+/* Between these (nested, per thread), a vCPU made runnable gets its worker signalled
+ * only at the last release: call hold before taking the locks a wake happens under,
+ * release after letting them go (vcpu.c). */
+void hv_wakes_hold(void);
+void hv_wakes_release(void);
 void hv_vcpu_deadline_passed(struct hv_vcpu *v);   /* the timer thread */
 int  hv_next_vector(struct hv_vcpu *v, int *is_upcall);   /* -1: nothing to take */
 int  hv_interrupt_due(struct hv_vcpu *v, void *unused);

@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include "hv.h"
@@ -587,6 +588,7 @@ static void *run(void *arg)
 {
     struct netback *nb = arg;
     uint64_t n;
+    prctl(PR_SET_NAME, "netback");      /* what top, perf and /proc/PID/task call it */
     step(nb);
     while (!nb->stopping) {
         if (read(nb->wake_fd, &n, sizeof(n)) < 0 && errno != EINTR)

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <x86intrin.h>
 
@@ -252,6 +253,7 @@ static void serve(struct hv_domain *d, uint64_t now)
 
 static void *timer_main(void *unused)
 {
+    prctl(PR_SET_NAME, "timers");       /* what top, perf and /proc/PID/task call it */
     pthread_mutex_lock(&tq_lock);
     for (;;) {
         uint64_t now = hv_system_time();
