@@ -2,10 +2,13 @@
  * bt_platform.c - what the bt engine's virtual CPU truthfully is, where TCG's CPU model
  * (a Haswell-era Intel part) says less: TCG executes one instruction at a time with no
  * speculation, no shared fill buffers and no L1 cache to leak, so it is not affected by
- * Meltdown, L1TF, MDS, TAA, the MMIO stale-data or store-bypass families. A hypervisor
+ * Meltdown, L1TF, MDS, TAA, the MMIO stale-data or store-bypass families, nor by indirect
+ * target selection (it has no branch predictor to select a target from). A hypervisor
  * says so through IA32_ARCH_CAPABILITIES (CPUID.7.0:EDX[29], MSR 0x10a), as Xen does for
  * a guest whose hardware is not affected; Linux then skips page-table isolation, which
- * on bt costs a page-table switch and a TLB flush at every kernel entry and exit.
+ * on bt costs a page-table switch and a TLB flush at every kernel entry and exit, and
+ * the ITS mitigation, which on bt turns every function return into a jump to a thunk:
+ * one more translated block to run per return.
  *
  * Leaf 7 is TCG's own answer (asked once, of a scratch CPU) with the one bit added.
  */
@@ -30,11 +33,13 @@
 #define ARCH_CAP_PBRSB_NO       (1ULL << 24)
 #define ARCH_CAP_GDS_NO         (1ULL << 26)
 #define ARCH_CAP_RFDS_NO        (1ULL << 27)
+#define ARCH_CAP_ITS_NO         (1ULL << 62)    /* indirect target selection */
 
 static const uint64_t arch_capabilities =
     ARCH_CAP_RDCL_NO | ARCH_CAP_SSB_NO | ARCH_CAP_MDS_NO | ARCH_CAP_PSCHANGE_MC_NO |
     ARCH_CAP_TAA_NO | ARCH_CAP_SBDR_SSDP_NO | ARCH_CAP_FBSDP_NO | ARCH_CAP_PSDP_NO |
-    ARCH_CAP_BHI_NO | ARCH_CAP_PBRSB_NO | ARCH_CAP_GDS_NO | ARCH_CAP_RFDS_NO;
+    ARCH_CAP_BHI_NO | ARCH_CAP_PBRSB_NO | ARCH_CAP_GDS_NO | ARCH_CAP_RFDS_NO |
+    ARCH_CAP_ITS_NO;
 
 static uint32_t tcg_leaf7[4];
 static int tcg_leaf7_known;

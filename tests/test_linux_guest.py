@@ -183,6 +183,7 @@ def test_debian_linux_boots_as_pvh_on_bt():
     assert "ACPI: Using ACPI for processor (LAPIC) configuration information" in out
     assert "installing Xen timer for CPU 0" in out and "clocksource: Switched to clocksource xen" in out
     assert "Kernel/User page tables isolation" not in out     # IA32_ARCH_CAPABILITIES: RDCL_NO
+    assert "ITS: Mitigation" not in out                       # ... and ITS_NO
     assert "Run /init as init process" in out
     assert "trapless: /init of a busybox initramfs" in out
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), stop
