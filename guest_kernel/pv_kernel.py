@@ -213,6 +213,8 @@ def emit_events_and_ticks(p: PVProgram) -> None:
     emit_block_until(p, enough_ticks, "ticks.done")
     a.label("ticks.done")
     a.mov(byte[rip + "shared_info" + UPCALL_MASK], 0)
+    if not p.xen_pv:
+        a.sti()                         # a ring-0 kernel's wait ends with interrupts off
     p.hypercall("vcpu_op", C.VCPUOP_stop_periodic_timer, 0, 0)
     a.call("pvclock_read")
     a.sub(rax, r13)

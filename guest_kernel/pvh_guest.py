@@ -21,7 +21,7 @@ from abi import C, offsetof
 from .asm import byte, dword, ptr, qword, rip
 from .asm import al, eax, ebx, ecx, edi, edx, esi, r12, r13, r14, rax, rbx, rcx, rdi, rdx, rsi
 from .elf import build_elf
-from .pvlib import (UPCALL_MASK, UPCALL_VECTOR, emit_block_until, emit_events, emit_pvclock,
+from .pvlib import (UPCALL_VECTOR, emit_block_until, emit_events, emit_events_on, emit_pvclock,
                     emit_traps, set_port_handler)
 from .runtime import PVProgram
 
@@ -405,7 +405,7 @@ def build_pvh_guest(vmcall: bool = True, guest_os: str = "trapless-pvh",
         a.jne("timer.done")
     emit_block_until(p, fired, "timer.done")
     a.label("timer.done")
-    a.mov(byte[rip + "shared_info" + UPCALL_MASK], 0)
+    emit_events_on(p)
     a.call("pvclock_read")
     a.sub(rax, qword["sshot"])
     a.mov(r13, rax)

@@ -20,7 +20,8 @@ Upcalls arrive while events are on and the vcpu_info upcall mask is clear;
 SCHEDOP_block clears the mask and sleeps until an event is pending. Xen's rule for
 waiting: set the mask, check the condition, then SCHEDOP_block (emit_block_until). An
 upcall that lands between an unmasked check and the block is handled before the block,
-which then sleeps for an event that already came.
+which then sleeps for an event that already came. A ring-0 kernel waits with cli, the
+check, then sti; hlt: a PVH vCPU's callback vector ignores the mask.
 
 Under Xen's model the guest kernel runs in ring 3: an exception or an upcall arrives as
 a bounce frame on its stack (rcx, r11, [error code], rip, cs with the saved upcall mask,
@@ -394,17 +395,38 @@ def emit_events_on(p: PVProgram) -> None:
     a.label(done)
 
 
-def emit_block_until(p: PVProgram, check, done: str) -> None:
-    """Sleep in SCHEDOP_block until a condition holds, losing no event: with upcalls
-    masked, check() emits a test that jumps to `done` when the condition holds; the
-    block unmasks and returns at once if an event is pending; the upcall runs; repeat.
-    Upcalls are masked again at `done` (the caller unmasks when it wants them)."""
+def emit_block_until(p: PVProgram, check, done: str, window=None) -> None:
+    """Sleep until a condition holds, losing no event: with events off, check() emits a
+    test that jumps to `done` when the condition holds; then the wait, which returns at
+    once if an event is pending; the upcall runs; repeat. Events are off again at `done`
+    (the caller turns them on with emit_events_on when it wants them). window(), if
+    given, emits code to run between the check and the sleep (a test widens there the
+    window an event may land in).
+
+    Xen's model: the upcall mask holds upcalls off and SCHEDOP_block clears it as it
+    sleeps. Ring 0: cli, then sti; hlt, whose one-instruction interrupt shadow lets the
+    hlt begin before an interrupt held since the check arrives and ends it. The upcall
+    mask cannot do that there: the callback vector of a PVH vCPU ignores it (RFLAGS.IF
+    alone gates it, as in Xen's hvm_vcpu_has_pending_irq), so an upcall taken between
+    the check and a SCHEDOP_block would leave the block waiting for an event that
+    already came. The mask is cleared before the sti for a ring-0 PV kernel, whose
+    upcalls it gates as well as IF."""
     a = p.a
     loop = f"block_until.{next(_block_ids)}"
     a.label(loop)
-    a.mov(byte[rip + "shared_info" + UPCALL_MASK], 1)
+    if p.xen_pv:
+        a.mov(byte[rip + "shared_info" + UPCALL_MASK], 1)
+    else:
+        a.cli()
     check()
-    p.hypercall("sched_op", C.SCHEDOP_block, 0)
+    if window:
+        window()
+    if p.xen_pv:
+        p.hypercall("sched_op", C.SCHEDOP_block, 0)
+    else:
+        a.mov(byte[rip + "shared_info" + UPCALL_MASK], 0)
+        a.sti()
+        a.hlt()
     a.jmp(loop)
 
 
