@@ -217,7 +217,10 @@ static int can_go_on(struct hv_vcpu *v)
         return 1;
     switch (v->park_kind) {
     case HV_WAIT_UPCALL:
-        return __atomic_load_n(&hv_vcpu_info(v)->evtchn_upcall_pending, __ATOMIC_ACQUIRE);
+        /* A PVH vCPU blocks as an HVM one does in Xen: any interrupt its local APIC
+         * raises wakes it (vlapic_set_irq kicks the vCPU), not only an event upcall. */
+        return __atomic_load_n(&hv_vcpu_info(v)->evtchn_upcall_pending, __ATOMIC_ACQUIRE) ||
+               (v->lapic && hv_lapic_pending(v) >= 0);
     case HV_WAIT_POLL:
         return poll_port_pending(v) || __atomic_load_n(&v->park_expired, __ATOMIC_ACQUIRE) ||
                (v->park_deadline && hv_system_time() >= v->park_deadline);

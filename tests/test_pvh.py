@@ -318,6 +318,79 @@ def test_an_event_between_the_wait_check_and_the_sleep_wakes_the_sleep(run_guest
                         "powering off\n")
 
 
+LAPIC_TIMER_VECTOR = 0x40
+
+
+def emit_block_for_the_lapic_timer(p) -> None:
+    """With interrupts off and no event channel pending, arm the local APIC's one-shot
+    timer (5 ms) and SCHEDOP_block: the block must end when the timer raises its vector,
+    as Xen's does for an HVM vCPU; the interrupt itself is taken at the sti after."""
+    from guest_kernel.asm import cr3, dword, edi, ptr, qword, rax, rcx, rdi, rsi
+    a = p.a
+    a.cli()
+    a.lea(rax, ptr["lapic_pd"])                     # pdpt[3]: the 4th GiB, for 0xfee00000
+    a.or_(rax, 0x3)
+    a.lea(rcx, ptr["pdpt"])
+    a.mov(qword[rcx + 24], rax)
+    a.mov(rax, cr3)
+    a.mov(cr3, rax)
+    a.mov(edi, LAPIC_TIMER_VECTOR)
+    a.lea(rsi, ptr["lapic_timer_isr"])
+    a.call("idt_set_gate")
+    a.mov(rcx, 0xfee00000)
+    a.mov(dword[rcx + 0xf0], 0x1ff)                 # spurious vector register: enabled
+    a.mov(dword[rcx + 0x3e0], 0xb)                  # divide by 1: one tick a ns
+    a.mov(dword[rcx + 0x320], LAPIC_TIMER_VECTOR)   # LVT timer: one-shot, unmasked
+    a.mov(dword[rcx + 0x380], 5_000_000)            # initial count: 5 ms
+    p.hypercall("sched_op", C.SCHEDOP_block, 0)
+    a.mov(rdi, rax)
+    a.push(rdi)
+    p.print("SCHEDOP_block with interrupts off returned ")
+    a.pop(rdi)
+    a.call("print_sdec")
+    p.print(", LAPIC timer interrupts taken: ")
+    a.mov(rdi, qword["lapic_ticks"])
+    a.call("print_dec")
+    a.sti()
+    a.hlt()                                         # ended at once by the pending vector
+    a.cli()
+    p.print(", after sti; hlt: ")
+    a.mov(rdi, qword["lapic_ticks"])
+    a.call("print_dec")
+    p.print("\n")
+    a.jmp("lapic.done")
+
+    a.label("lapic_timer_isr")
+    a.push(rcx)
+    a.inc(qword["lapic_ticks"])
+    a.mov(rcx, 0xfee00000)
+    a.mov(dword[rcx + 0xb0], 0)                     # EOI
+    a.pop(rcx)
+    a.iretq()
+
+    a.section(".data")
+    a.align(8)
+    a.label("lapic_ticks")
+    a.dq(0)
+    a.align(4096)
+    a.label("lapic_pd")                             # 0xfee00000 as a 2 MiB uncached page
+    a.dq(*[(0xfee00000 >> 21 << 21) | 0x9b if i == (0xfee00000 >> 21) & 511 else 0
+           for i in range(512)])
+    a.section(".text")
+    a.label("lapic.done")
+
+
+def test_schedop_block_wakes_for_a_local_apic_interrupt(run_guest, engine):
+    """Xen's SCHEDOP_block on an HVM/PVH vCPU ends for any interrupt its local APIC
+    raises (vlapic_set_irq kicks the vCPU), not only for an event channel upcall."""
+    image = build_pvh_guest(vmcall=False, extra=emit_block_for_the_lapic_timer)
+    stop, out, _ = run_guest(image, timeout=20)
+    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out[-200:])
+    assert out.endswith("SCHEDOP_block with interrupts off returned 0, LAPIC timer "
+                        "interrupts taken: 0, after sti; hlt: 1\n"
+                        "powering off\n")
+
+
 def test_elf32_pvh_guest_with_a_ramdisk(guests, run_guest, engine):
     ramdisk = b"\x5a" + bytes(9999)
     image = load_image(guests["elf32"], MEM)
