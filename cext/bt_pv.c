@@ -172,20 +172,24 @@ int bt_pv_load_context(struct bt_vcpu *b, struct hv_stop *stop)
 /* The hypercalls that touch nothing Unicorn holds but rax (no other register, no
  * mapping, TLB entry, descriptor table or control state), so that they can be done
  * while the emulator runs: the ones a running kernel makes most (events, timers,
- * scheduling, the console) and a few set-ups. The rest (the MMU's, segment bases,
- * iret and a multicall that may hold one, debug registers, CR0.TS) take the run
- * loop's path, as every hypercall did before. */
-static int hook_safe(uint64_t nr)
+ * scheduling, the console) and a few set-ups; for each, how many arguments it takes
+ * (Xen's hypercall_args_table), as only those are read: 0 for the rest (the MMU's,
+ * segment bases, iret and a multicall that may hold one, debug registers, CR0.TS),
+ * which take the run loop's path, as every hypercall did before. */
+static int hook_args(uint64_t nr)
 {
     switch (nr) {
-    case __HYPERVISOR_xen_version: case __HYPERVISOR_console_io:
-    case __HYPERVISOR_event_channel_op: case __HYPERVISOR_sched_op:
-    case __HYPERVISOR_set_timer_op: case __HYPERVISOR_vcpu_op:
-    case __HYPERVISOR_stack_switch: case __HYPERVISOR_set_trap_table:
-    case __HYPERVISOR_set_callbacks: case __HYPERVISOR_callback_op:
-    case __HYPERVISOR_get_debugreg: case __HYPERVISOR_physdev_op:
-    case __HYPERVISOR_hvm_op: case __HYPERVISOR_vm_assist:
+    case __HYPERVISOR_set_trap_table: case __HYPERVISOR_set_timer_op:
+    case __HYPERVISOR_get_debugreg:
         return 1;
+    case __HYPERVISOR_xen_version: case __HYPERVISOR_event_channel_op:
+    case __HYPERVISOR_sched_op: case __HYPERVISOR_stack_switch:
+    case __HYPERVISOR_callback_op: case __HYPERVISOR_physdev_op:
+    case __HYPERVISOR_hvm_op: case __HYPERVISOR_vm_assist:
+        return 2;
+    case __HYPERVISOR_console_io: case __HYPERVISOR_vcpu_op:
+    case __HYPERVISOR_set_callbacks:
+        return 3;
     }
     return 0;
 }
@@ -202,7 +206,7 @@ struct syscall_regs {
  * kernel's hypercall is (bt.c's `in` hook), without stopping and restarting the
  * emulator: 1 if done. Unicorn's hook sees rip at the syscall and adds its length
  * afterwards, which is where a hypercall returns, so only rax, rcx and r11 are
- * written. Not for the calls hook_safe leaves out, the guest's user mode (its syscall
+ * written. Not for the calls hook_args leaves out, the guest's user mode (its syscall
  * callback), or a CS that Xen's syscall would replace; events the call made
  * deliverable stop the emulator (bt_after_exit). */
 static int syscall_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
@@ -215,11 +219,11 @@ static int syscall_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     void *args[] = { &h.a1, &h.a2, &h.a3, &h.a4, &h.a5 };
     uint64_t out[3];
     void *outs[] = { &out[0], &out[1], &out[2] };
+    int nargs = hook_args(h.nr);
 
-    if (v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS || !hook_safe(h.nr) ||
-        s->cs != FLAT_KERNEL_CS)
+    if (v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS || !nargs || s->cs != FLAT_KERNEL_CS)
         return 0;
-    bt_uc.reg_read_batch(b->uc, arg_ids, args, 5);
+    bt_uc.reg_read_batch(b->uc, arg_ids, args, nargs);   /* the others stay 0 */
     /* bringing a vCPU up or down: VCPUOP_initialise creates the vCPU's own Unicorn,
      * which must not happen inside a hook of this one, and up/down change who runs */
     if (h.nr == __HYPERVISOR_vcpu_op && (h.a1 == VCPUOP_initialise || h.a1 == VCPUOP_up ||
