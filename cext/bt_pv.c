@@ -40,6 +40,10 @@ static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
     r->gs_sel = bt_reg(b, UC_X86_REG_GS) & 0xffff;
 }
 
+/* All 0, to start the registers a hook reads from: copied, not memset, whose string
+ * store the loads of write_regs right after would wait for. */
+static const struct pv_regs no_regs;
+
 /* The registers an exception's bounce (its frame, a mode switch from user mode,
  * events on the way out) reads or writes: rcx, r11, rip, rflags, rsp, CS and, from
  * user mode only, the GS base (the switch swaps it). The others stay 0 in r and,
@@ -54,7 +58,7 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
     uint64_t cs = 0;
     void *vals[] = { &r->rcx, &r->r11, &r->rip, &r->rflags, &r->rsp, &cs, &r->gs_base };
 
-    memset(r, 0, sizeof(*r));
+    *r = no_regs;
     bt_uc.reg_read_batch(b->uc, ids, vals, b->v->pv.user_mode ? 7 : 6);
     r->cs = cs & 0xffff;
     r->ss = b->pv_ss;
@@ -281,7 +285,7 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
      * the run loop does it: neither can happen inside a hook. */
     if ((s->rflags & RFLAGS_TF) || pv_compat_code(b->v, s->cs))
         return 0;
-    memset(&r, 0, sizeof(r));
+    r = no_regs;
     bt_uc.reg_read_batch(b->uc, ids, vals, 2);
     if (!p->user_mode) {
         uint64_t frame[2];              /* struct iret_context's cs and rflags */
@@ -440,6 +444,10 @@ static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
         return 0;
     return (base == 4 || base == 5) && !canonical(ea);
 }
+
+/* All 0, to start the registers a hook reads from: copied, not memset, whose string
+ * store the loads of write_regs right after would wait for. */
+static const struct pv_regs no_regs;
 
 /* The registers an exception's bounce needs: int3, into, int n from 32 up are a
  * bounce, or #GP(sel) and its bounce (read_bounce_regs); an int n below 32 may reach
