@@ -118,11 +118,11 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
     int ids[18], n = 0;
     void *vals[18];
 
-    for (int i = 0; i < 18; i++)
-        if (now[i] != was[i]) {
-            ids[n] = gpr_ids[i];
-            vals[n++] = (void *)&now[i];
-        }
+    for (int i = 0; i < 18; i++) {      /* without a branch: which ones differ varies */
+        ids[n] = gpr_ids[i];
+        vals[n] = (void *)&now[i];
+        n += now[i] != was[i];
+    }
     if (n)
         bt_uc.reg_write_batch(b->uc, ids, vals, n);
     if (r->cs != old->cs)
