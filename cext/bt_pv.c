@@ -268,8 +268,9 @@ static void stop_fatal(struct bt_vcpu *b, const struct hv_stop *stop)
  * one it is a #UD, which the run loop's path raises). 1 if done. rip is at the syscall
  * here, and Unicorn adds the syscall's length to whatever rip the hook leaves, so the
  * new rip is written 2 short of where it goes (a rip write also makes Unicorn look up
- * its next block afresh). The model reads and writes only the registers of
- * read_bounce_regs; rcx and r11 going in are what the CPU's syscall leaves. */
+ * its next block afresh). The model reads and writes only rax (the iret restores it),
+ * rcx, r11, rip, rflags, rsp, CS and the GS base here; rcx and r11 going in are what
+ * the CPU's syscall leaves. */
 static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
 {
     static const int ids[] = { UC_X86_REG_RSP, UC_X86_REG_GS_BASE };
