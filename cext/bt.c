@@ -100,7 +100,7 @@ static struct bt_vcpu *bt_of(struct hv_vcpu *v)
 
 static int bt_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
 {
-    *cr3 = bt_reg(bt_of(v), UC_X86_REG_CR3);
+    *cr3 = bt_cr3(bt_of(v));
     return 0;
 }
 
@@ -112,9 +112,9 @@ static int bt_get_cr3(struct hv_vcpu *v, uint64_t *cr3)
  * asks for is flush_tlb). */
 static int bt_set_cr3(struct hv_vcpu *v, uint64_t cr3)
 {
-    if (bt_reg(bt_of(v), UC_X86_REG_CR3) == cr3)
+    if (bt_cr3(bt_of(v)) == cr3)
         return 0;
-    return bt_uc.reg_write(bt_of(v)->uc, UC_X86_REG_CR3, &cr3) == UC_ERR_OK ? 0 : -1;
+    return bt_write_cr3(bt_of(v), cr3);
 }
 
 static int bt_flush_tlb(struct hv_vcpu *v)
@@ -458,6 +458,8 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
         memcpy(s->bytes, code, in.len);
     }
     if (s->kind == BT_INT_N) {
+        if (b->v->dom->pv_model == HV_PV_XEN && bt_pv_int_at_site(b, s))
+            return;
         b->soft_int_end = addr + s->len;
         b->soft_int_len = s->len;
         return;
@@ -1488,17 +1490,16 @@ static int bt_set_boot_state(struct hv_vcpu *v, const struct hv_boot_state *bs, 
     };
     uint16_t code = bs->code_selector, data = bs->data_selector;
     uint64_t zero = 0;
-    struct { int reg; uint64_t value; } setup[] = {
-        { UC_X86_REG_CR3, bs->cr3 },
-        { UC_X86_REG_CR4, 0x620 },      /* OSXMMEXCPT OSFXSR PAE */
-    };
+    uint64_t cr4 = 0x620;               /* OSXMMEXCPT OSFXSR PAE */
     uc_err e;
 
     if (bs->mode == HV_BOOT_PVH32)
         return pvh_boot_state(b, bs, err, err_len);
-    for (size_t i = 0; i < sizeof(setup) / sizeof(setup[0]); i++)
-        if ((e = bt_uc.reg_write(b->uc, setup[i].reg, &setup[i].value)) != UC_ERR_OK)
-            return uc_fail(err, err_len, "cannot set a control register", e);
+    if (bt_write_cr3(b, bs->cr3) < 0 ||
+        (e = bt_uc.reg_write(b->uc, UC_X86_REG_CR4, &cr4)) != UC_ERR_OK) {
+        hv_set_error(err, err_len, "cannot set a control register");
+        return -1;
+    }
     if ((e = bt_uc.reg_write(b->uc, UC_X86_REG_MSR, &efer)) != UC_ERR_OK)
         return uc_fail(err, err_len, "cannot set EFER", e);
     bt_set_reg(b, UC_X86_REG_CR0, 0x80050033);      /* PG WP NE ET MP PE */

@@ -290,6 +290,11 @@ struct bt_vcpu {
     int dropping;
     struct hv_stop fatal_stop;
 
+    /* cr3 as bt_write_cr3 last set it, where that is all that sets it (cr3_known:
+     * Xen's PV model, whose guest's own mov to cr3 is the model's) */
+    uint64_t cr3;
+    int cr3_known;
+
     /* the last guest-virtual access the TLB fill refused, for #PF/#GP */
     uint64_t fault_va;
     int fault_access;               /* UC_MEM_READ, UC_MEM_WRITE or UC_MEM_FETCH */
@@ -336,6 +341,10 @@ struct bt_vcpu {
 /* bt_cpu.c: the MMU walk, guest memory reads by virtual address, IDT delivery. */
 int  bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perms, int *present);
 int  bt_read_virt(struct bt_vcpu *b, uint64_t va, void *dst, int len);
+/* cr3 without asking Unicorn where the VMM alone writes it (Xen's PV model). */
+uint64_t bt_cr3(struct bt_vcpu *b);
+/* Set cr3 (Unicorn flushes its TLB): 0, or -1 if Unicorn refused. */
+int  bt_write_cr3(struct bt_vcpu *b, uint64_t cr3);
 /* 1 if the vCPU runs 32-bit code now (a PVH guest before long mode, or compat mode). */
 int  bt_code32(struct bt_vcpu *b);
 uint64_t bt_reg(struct bt_vcpu *b, int regid);
@@ -376,6 +385,9 @@ int  bt_pv_syscall(struct bt_vcpu *b, int sysenter, struct hv_stop *stop);
 int  bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop);
 /* From the interrupt hook: 1 if it bounced ev (a software interrupt) there and then. */
 int  bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev);
+/* From the code hook of an int3 or int n site: 1 if it bounced it there, before TCG
+ * raised it. */
+int  bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s);
 int  bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop);
 int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);
 /* A #DB for the guest's trap table, with dr6_bits (B0-B3, BS) merged into its DR6. */
@@ -384,6 +396,8 @@ int  bt_pv_debug_exception(struct bt_vcpu *b, uint32_t dr6_bits, struct hv_stop 
 /* bt_debug.c: breakpoints and single-step of Xen's PV model (the run loop steps). */
 /* 1 if the next instruction must run alone (breakpoints armed, TF, a mov-SS shadow). */
 int  bt_debug_stepping(struct bt_vcpu *b);
+/* The same with the guest's rflags already known (no register read). */
+int  bt_debug_stepping_flags(struct bt_vcpu *b, uint64_t rflags);
 /* Before it: an instruction breakpoint at rip. 0 run it, 1 a #DB was delivered, -1 stop. */
 int  bt_debug_before(struct bt_vcpu *b, struct hv_stop *stop);
 /* After it ran alone: the #DB trap its data accesses or TF call for. 0, or -1 stop. */

@@ -97,15 +97,32 @@ static void set_accessed_dirty(struct hv_domain *d, const uint64_t *at, int leve
  * guest-physical page and the permissions the whole walk grants (UC_PROT_*), or -1 with
  * *present saying whether a translation exists at all. The walk reads the page tables
  * straight from guest RAM and never leaves it. */
+uint64_t bt_cr3(struct bt_vcpu *b)
+{
+    return b->cr3_known ? b->cr3 : bt_reg(b, UC_X86_REG_CR3);
+}
+
+int bt_write_cr3(struct bt_vcpu *b, uint64_t cr3)
+{
+    if (bt_uc.reg_write(b->uc, UC_X86_REG_CR3, &cr3) != UC_ERR_OK)
+        return -1;
+    b->cr3 = cr3;
+    b->cr3_known = b->v->dom->pv_model == HV_PV_XEN;
+    return 0;
+}
+
 int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perms, int *present)
 {
     struct hv_domain *d = b->v->dom;
-    uint64_t cr0 = bt_reg(b, UC_X86_REG_CR0), table, entry = 0;
-    /* Xen's PV model: the guest kernel is in ring 3 too (Unicorn runs it in ring 0).
-     * kernel_view: the CPU's own accesses of a delivery (IDT, TSS, the new stack) are
-     * ring 0's whatever ring was running. */
-    int user = ((bt_reg(b, UC_X86_REG_CS) & 3) == 3 && !b->kernel_view) ||
-               d->pv_model == HV_PV_XEN;
+    /* Xen's PV model: the guest kernel is in ring 3 too (Unicorn runs it in ring 0),
+     * and paging with NX is on for good (bt_set_boot_state; the guest's writes of CR0
+     * and EFER are the model's, which changes CR0.TS only): no register to read but
+     * cr3, which bt_cr3 knows. Each register read costs, and a bounce walks several
+     * times. kernel_view: the CPU's own accesses of a delivery (IDT, TSS, the new
+     * stack) are ring 0's whatever ring was running. */
+    int xen_pv = d->pv_model == HV_PV_XEN;
+    uint64_t cr0 = xen_pv ? CR0_PG : bt_reg(b, UC_X86_REG_CR0), table, entry = 0;
+    int user = xen_pv || ((bt_reg(b, UC_X86_REG_CS) & 3) == 3 && !b->kernel_view);
     int writable = 1, executable = 1, user_ok = 1, nx, levels = 0;
     uint64_t at_level[4];           /* where each entry of the walk is, for A and D */
 
@@ -128,7 +145,7 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
     }
     if (!canonical(va))
         return -1;
-    nx = (efer(b) & EFER_NXE) != 0;
+    nx = xen_pv || (efer(b) & EFER_NXE) != 0;
     if (!b->rsvd_addr_bits) {
         /* an entry's address bits at and above MAXPHYADDR (the guest's CPUID) are
          * reserved: the CPU's walk stops with #PF, P and RSVD set */
@@ -140,7 +157,7 @@ int bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perm
             maxphys = 36;
         b->rsvd_addr_bits = PTE_ADDR & ~((1ULL << maxphys) - 1);
     }
-    table = bt_reg(b, UC_X86_REG_CR3) & PTE_ADDR;
+    table = bt_cr3(b) & PTE_ADDR;
     for (int level = 4; level >= 1; level--) {
         unsigned shift = 12 + 9 * (level - 1);
         uint64_t at = table + ((va >> shift) & 511) * 8;

@@ -50,14 +50,20 @@ static void set_access_hook(struct bt_vcpu *b, int on)
     bt_uc.ctl(b->uc, UC_CTL_TB_FLUSH_W);
 }
 
-int bt_debug_stepping(struct bt_vcpu *b)
+int bt_debug_stepping_flags(struct bt_vcpu *b, uint64_t rflags)
 {
     const struct pv_vcpu *p = &b->v->pv;
-    int data = pv_debug_armed(p, 1);
+    /* no L0-3/G0-3 enable bit in DR7: no breakpoint at all (every bounce asks) */
+    int armed = (p->dr[7] & 0xff) != 0, data = armed && pv_debug_armed(p, 1);
 
     set_access_hook(b, data);
-    return data || pv_debug_armed(p, 0) || b->db_shadow_armed ||
-           (bt_reg(b, UC_X86_REG_RFLAGS) & RFLAGS_TF);
+    return data || (armed && pv_debug_armed(p, 0)) || b->db_shadow_armed ||
+           (rflags & RFLAGS_TF);
+}
+
+int bt_debug_stepping(struct bt_vcpu *b)
+{
+    return bt_debug_stepping_flags(b, bt_reg(b, UC_X86_REG_RFLAGS));
 }
 
 int bt_debug_before(struct bt_vcpu *b, struct hv_stop *stop)

@@ -40,22 +40,26 @@ static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
     r->gs_sel = bt_reg(b, UC_X86_REG_GS) & 0xffff;
 }
 
-/* The registers a bounce (bounce frame, mode switch, events on the way out) and the
- * iret hypercall read or write: rax, rcx, r11, rip, rflags, rsp, CS and the GS base;
- * the others stay 0 in r and, copied, in the caller's old, so write_regs, which writes
- * only what changed, leaves them alone. Each register read costs, the hooks' paths
- * take only these. */
+/* All 0, to start the registers a hook reads from: copied, not memset, whose string
+ * store the loads of write_regs right after would wait for. */
+static const struct pv_regs no_regs;
+
+/* The registers an exception's bounce (its frame, a mode switch from user mode,
+ * events on the way out) reads or writes: rcx, r11, rip, rflags, rsp, CS and, from
+ * user mode only, the GS base (the switch swaps it). The others stay 0 in r and,
+ * copied, in the caller's old, so write_regs, which writes only what changed, leaves
+ * them alone. Each register read costs (Unicorn's reg_read is a switch over all of
+ * them): the hooks' paths take only these. */
 static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
 {
-    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_R11,
-                               UC_X86_REG_RIP, UC_X86_REG_RFLAGS, UC_X86_REG_RSP,
-                               UC_X86_REG_CS, UC_X86_REG_GS_BASE };
+    static const int ids[] = { UC_X86_REG_RCX, UC_X86_REG_R11, UC_X86_REG_RIP,
+                               UC_X86_REG_RFLAGS, UC_X86_REG_RSP, UC_X86_REG_CS,
+                               UC_X86_REG_GS_BASE };
     uint64_t cs = 0;
-    void *vals[] = { &r->rax, &r->rcx, &r->r11, &r->rip, &r->rflags, &r->rsp, &cs,
-                     &r->gs_base };
+    void *vals[] = { &r->rcx, &r->r11, &r->rip, &r->rflags, &r->rsp, &cs, &r->gs_base };
 
-    memset(r, 0, sizeof(*r));
-    bt_uc.reg_read_batch(b->uc, ids, vals, 8);
+    *r = no_regs;
+    bt_uc.reg_read_batch(b->uc, ids, vals, b->v->pv.user_mode ? 7 : 6);
     r->cs = cs & 0xffff;
     r->ss = b->pv_ss;
 }
@@ -105,12 +109,22 @@ static void set_code_selector(struct bt_vcpu *b, const struct pv_regs *r)
     bt_set_reg(b, UC_X86_REG_CS, r->cs);
 }
 
+/* What changed of the general registers, rip and rflags goes to Unicorn in one batch
+ * (a write of rip among them ends its cpu_exec, as uc_reg_write's does, but leaves no
+ * note to skip the pc sync behind: see bt_set_reg). Then CS, %gs and the bases. */
 static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
 {
     const uint64_t *now = &r->rax, *was = &old->rax;
-    for (int i = 0; i < 18; i++)
-        if (now[i] != was[i])
-            bt_set_reg(b, gpr_ids[i], now[i]);
+    int ids[18], n = 0;
+    void *vals[18];
+
+    for (int i = 0; i < 18; i++) {      /* without a branch: which ones differ varies */
+        ids[n] = gpr_ids[i];
+        vals[n] = (void *)&now[i];
+        n += now[i] != was[i];
+    }
+    if (n)
+        bt_uc.reg_write_batch(b->uc, ids, vals, n);
     if (r->cs != old->cs)
         set_code_selector(b, r);
     if (r->gs_sel != old->gs_sel)
@@ -162,47 +176,58 @@ int bt_pv_load_context(struct bt_vcpu *b, struct hv_stop *stop)
 /* The hypercalls that touch nothing Unicorn holds but rax (no other register, no
  * mapping, TLB entry, descriptor table or control state), so that they can be done
  * while the emulator runs: the ones a running kernel makes most (events, timers,
- * scheduling, the console) and a few set-ups. The rest (the MMU's, segment bases,
- * iret and a multicall that may hold one, debug registers, CR0.TS) take the run
- * loop's path, as every hypercall did before. */
-static int hook_safe(uint64_t nr)
+ * scheduling, the console) and a few set-ups; for each, how many arguments it takes
+ * (Xen's hypercall_args_table), as only those are read: 0 for the rest (the MMU's,
+ * segment bases, iret and a multicall that may hold one, debug registers, CR0.TS),
+ * which take the run loop's path, as every hypercall did before. */
+static int hook_args(uint64_t nr)
 {
     switch (nr) {
-    case __HYPERVISOR_xen_version: case __HYPERVISOR_console_io:
-    case __HYPERVISOR_event_channel_op: case __HYPERVISOR_sched_op:
-    case __HYPERVISOR_set_timer_op: case __HYPERVISOR_vcpu_op:
-    case __HYPERVISOR_stack_switch: case __HYPERVISOR_set_trap_table:
-    case __HYPERVISOR_set_callbacks: case __HYPERVISOR_callback_op:
-    case __HYPERVISOR_get_debugreg: case __HYPERVISOR_physdev_op:
-    case __HYPERVISOR_hvm_op: case __HYPERVISOR_vm_assist:
+    case __HYPERVISOR_set_trap_table: case __HYPERVISOR_set_timer_op:
+    case __HYPERVISOR_get_debugreg:
         return 1;
+    case __HYPERVISOR_xen_version: case __HYPERVISOR_event_channel_op:
+    case __HYPERVISOR_sched_op: case __HYPERVISOR_stack_switch:
+    case __HYPERVISOR_callback_op: case __HYPERVISOR_physdev_op:
+    case __HYPERVISOR_hvm_op: case __HYPERVISOR_vm_assist:
+        return 2;
+    case __HYPERVISOR_console_io: case __HYPERVISOR_vcpu_op:
+    case __HYPERVISOR_set_callbacks:
+        return 3;
     }
     return 0;
 }
+
+/* What the syscall hook reads first, enough to tell what the syscall is: rax (the
+ * hypercall number), rip (at the syscall), rflags and CS. Each register read costs
+ * (Unicorn's reg_read is a switch over all of them), so the hook reads these once and
+ * the rest only for the path it takes. */
+struct syscall_regs {
+    uint64_t rax, rip, rflags, cs;
+};
 
 /* A hypercall from guest kernel mode, done inside the syscall hook as a ring-0
  * kernel's hypercall is (bt.c's `in` hook), without stopping and restarting the
  * emulator: 1 if done. Unicorn's hook sees rip at the syscall and adds its length
  * afterwards, which is where a hypercall returns, so only rax, rcx and r11 are
- * written. Not for the calls hook_safe leaves out, the guest's user mode (its syscall
- * callback), a single step, or a CS that Xen's syscall would replace; events the call
- * made deliverable stop the emulator (bt_after_exit). Registers are few here: each
- * read costs. */
-static int syscall_in_hook(struct bt_vcpu *b)
+ * written. Not for the calls hook_args leaves out, the guest's user mode (its syscall
+ * callback), or a CS that Xen's syscall would replace; events the call made
+ * deliverable stop the emulator (bt_after_exit). */
+static int syscall_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
 {
-    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX,
-                               UC_X86_REG_R10, UC_X86_REG_R8, UC_X86_REG_RIP, UC_X86_REG_RFLAGS,
-                               UC_X86_REG_CS };
+    static const int arg_ids[] = { UC_X86_REG_RDI, UC_X86_REG_RSI, UC_X86_REG_RDX,
+                                   UC_X86_REG_R10, UC_X86_REG_R8 };
+    static const int out_ids[] = { UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_R11 };
     struct hv_vcpu *v = b->v;
-    struct hv_hcall h;
-    uint64_t rip, rflags, cs = 0;
-    void *vals[] = { &h.nr, &h.a1, &h.a2, &h.a3, &h.a4, &h.a5, &rip, &rflags, &cs };
+    struct hv_hcall h = { .nr = s->rax };
+    void *args[] = { &h.a1, &h.a2, &h.a3, &h.a4, &h.a5 };
+    uint64_t out[3];
+    void *outs[] = { &out[0], &out[1], &out[2] };
+    int nargs = hook_args(h.nr);
 
-    if (b->stepping || v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS)
+    if (v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS || !nargs || s->cs != FLAT_KERNEL_CS)
         return 0;
-    bt_uc.reg_read_batch(b->uc, ids, vals, 9);
-    if (!hook_safe(h.nr) || (cs & 0xffff) != FLAT_KERNEL_CS)
-        return 0;
+    bt_uc.reg_read_batch(b->uc, arg_ids, args, nargs);   /* the others stay 0 */
     /* bringing a vCPU up or down: VCPUOP_initialise creates the vCPU's own Unicorn,
      * which must not happen inside a hook of this one, and up/down change who runs */
     if (h.nr == __HYPERVISOR_vcpu_op && (h.a1 == VCPUOP_initialise || h.a1 == VCPUOP_up ||
@@ -210,18 +235,20 @@ static int syscall_in_hook(struct bt_vcpu *b)
         return 0;
     v->pv.syscalls++;
     v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
-    bt_set_reg(b, UC_X86_REG_RAX, (uint64_t)hv_hypercall(v, &h));
-    bt_set_reg(b, UC_X86_REG_RCX, rip + 2); /* what the CPU's syscall leaves */
-    bt_set_reg(b, UC_X86_REG_R11, rflags);
+    out[0] = (uint64_t)hv_hypercall(v, &h);
+    out[1] = s->rip + 2;                /* what the CPU's syscall leaves */
+    out[2] = s->rflags;
+    bt_uc.reg_write_batch(b->uc, out_ids, outs, 3);
     bt_after_exit(b);
     return 1;
 }
 
 /* After a bounce or an iret done inside a hook: the run loop takes over where it
- * must step (TF, breakpoints, a mov-SS shadow), or where it has work. */
-static void resume_or_stop(struct bt_vcpu *b)
+ * must step (TF, breakpoints, a mov-SS shadow), or where it has work. rflags: the
+ * guest's, as just written. */
+static void resume_or_stop(struct bt_vcpu *b, uint64_t rflags)
 {
-    if (bt_debug_stepping(b))
+    if (bt_debug_stepping_flags(b, rflags))
         bt_uc.emu_stop(b->uc);
     else
         bt_after_exit(b);
@@ -241,24 +268,26 @@ static void stop_fatal(struct bt_vcpu *b, const struct hv_stop *stop)
  * one it is a #UD, which the run loop's path raises). 1 if done. rip is at the syscall
  * here, and Unicorn adds the syscall's length to whatever rip the hook leaves, so the
  * new rip is written 2 short of where it goes (a rip write also makes Unicorn look up
- * its next block afresh). */
-static int bounce_in_hook(struct bt_vcpu *b)
+ * its next block afresh). The model reads and writes only rax (the iret restores it),
+ * rcx, r11, rip, rflags, rsp, CS and the GS base here; rcx and r11 going in are what
+ * the CPU's syscall leaves. */
+static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
 {
+    static const int ids[] = { UC_X86_REG_RSP, UC_X86_REG_GS_BASE };
     const struct pv_vcpu *p = &b->v->pv;
     struct pv_regs r, old;
     struct hv_stop stop;
+    void *vals[] = { &r.rsp, &r.gs_base };
 
-    if (b->stepping)
+    if (p->user_mode ? !p->callback[CALLBACKTYPE_syscall] : s->rax != __HYPERVISOR_iret)
         return 0;
-    if (p->user_mode ? !p->callback[CALLBACKTYPE_syscall]
-                     : bt_reg(b, UC_X86_REG_RAX) != __HYPERVISOR_iret)
-        return 0;
-    read_bounce_regs(b, &r);
     /* Where the guest will be traced (its TF now, or in the iret frame) or will change
      * between 64-bit and compat code (which bt switches by running an iret of its own),
      * the run loop does it: neither can happen inside a hook. */
-    if ((r.rflags & RFLAGS_TF) || pv_compat_code(b->v, r.cs))
+    if ((s->rflags & RFLAGS_TF) || pv_compat_code(b->v, s->cs))
         return 0;
+    r = no_regs;
+    bt_uc.reg_read_batch(b->uc, ids, vals, 2);
     if (!p->user_mode) {
         uint64_t frame[2];              /* struct iret_context's cs and rflags */
         if (bt_read_virt(b, r.rsp + offsetof(struct iret_context, cs), frame,
@@ -266,7 +295,12 @@ static int bounce_in_hook(struct bt_vcpu *b)
             (frame[1] & RFLAGS_TF) || pv_compat_code(b->v, frame[0]))
             return 0;
     }
-    old = r;                            /* Unicorn's rcx and r11 are the guest's own */
+    r.rax = s->rax;
+    r.rip = s->rip;
+    r.rflags = s->rflags;
+    r.cs = s->cs;
+    r.ss = b->pv_ss;
+    old = r;
     r.rip += 2;
     r.rcx = r.rip;                      /* what the CPU's syscall leaves */
     r.r11 = r.rflags;
@@ -275,20 +309,32 @@ static int bounce_in_hook(struct bt_vcpu *b)
         stop_fatal(b, &stop);
         return 1;
     }
-    old.rip = r.rip;                    /* written below, always */
+    r.rip -= 2;                         /* Unicorn adds the syscall's length */
+    old.rip = ~r.rip;                   /* written whatever it is, as rcx and r11, */
+    old.rcx = ~r.rcx;                   /* which were not read */
+    old.r11 = ~r.r11;
     write_regs(b, &r, &old);
-    bt_set_reg(b, UC_X86_REG_RIP, r.rip - 2);
-    resume_or_stop(b);
+    resume_or_stop(b, r.rflags);
     return 1;
 }
 
 /* The syscall hook: Unicorn runs no syscall of its own while it is there. The block
- * ends at a syscall, so the stop lands right after it. */
+ * ends at a syscall, so the stop lands right after it. A single step (the run loop's)
+ * takes the loop's path. */
 void bt_pv_on_syscall(uc_engine *uc, void *user)
 {
+    static const int ids[] = { UC_X86_REG_RAX, UC_X86_REG_RIP, UC_X86_REG_RFLAGS,
+                               UC_X86_REG_CS };
     struct bt_vcpu *b = user;
-    if (syscall_in_hook(b) || bounce_in_hook(b))
-        return;
+    struct syscall_regs s = { 0 };
+    void *vals[] = { &s.rax, &s.rip, &s.rflags, &s.cs };
+
+    if (!b->stepping) {
+        bt_uc.reg_read_batch(b->uc, ids, vals, 4);
+        s.cs &= 0xffff;
+        if (syscall_in_hook(b, &s) || bounce_in_hook(b, &s))
+            return;
+    }
     b->syscall_pending = 1;
     bt_uc.emu_stop(uc);
 }
@@ -400,30 +446,50 @@ static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
     return (base == 4 || base == 5) && !canonical(ea);
 }
 
+/* All 0, to start the registers a hook reads from: copied, not memset, whose string
+ * store the loads of write_regs right after would wait for. */
+static const struct pv_regs no_regs;
+
+/* The registers an exception's bounce needs: int3, into, int n from 32 up are a
+ * bounce, or #GP(sel) and its bounce (read_bounce_regs); an int n below 32 may reach
+ * the model's #UD, #GP or #PF emulation, which reads more, as faults do. */
+static void read_exception_regs(struct bt_vcpu *b, const struct bt_event *ev, struct pv_regs *r)
+{
+    if (ev->soft && (ev->vector == 3 || ev->vector == 4 || ev->vector >= 32))
+        read_bounce_regs(b, r);
+    else
+        read_regs(b, r);
+}
+
+/* ev to the trap table, r holding the registers (rip past a software interrupt). */
+static int exception_bounce(struct bt_vcpu *b, struct pv_regs *r, const struct bt_event *ev,
+                            struct hv_stop *stop)
+{
+    int rc, vector = ev->vector;
+
+    b->v->dom->counters.exits[HV_EXIT_EXCEPTION]++;
+    if (vector == 13 && ev->has_error && ev->error == 0 && !ev->soft &&
+        stack_reference_fault(b, r))
+        vector = 12;
+    if (ev->soft && ev->vector != 3 && ev->vector != 4) {
+        r->rip -= 2;                    /* int imm8: the model wants it at the instruction */
+        rc = pv_int_n(b->v, r, ev->vector, 2, stop);
+    } else {
+        rc = pv_exception(b->v, r, vector, ev->has_error ? ev->error : 0,
+                          ev->set_cr2 ? ev->cr2 : 0, stop);
+    }
+    if (rc < 0 || pv_deliver_events(b->v, r, stop) < 0)
+        return -1;
+    return 0;
+}
+
 int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop *stop)
 {
     struct pv_regs r, old;
-    int rc, vector = ev->vector;
 
-    /* int3, into, int n from 32 up: a bounce, or #GP(sel) and its bounce. An int n
-     * below 32 may reach the model's #UD, #GP or #PF emulation, which reads more. */
-    if (ev->soft && (vector == 3 || vector == 4 || vector >= 32))
-        read_bounce_regs(b, &r);
-    else
-        read_regs(b, &r);
+    read_exception_regs(b, ev, &r);
     old = r;
-    b->v->dom->counters.exits[HV_EXIT_EXCEPTION]++;
-    if (vector == 13 && ev->has_error && ev->error == 0 && !ev->soft &&
-        stack_reference_fault(b, &r))
-        vector = 12;
-    if (ev->soft && ev->vector != 3 && ev->vector != 4) {
-        r.rip -= 2;                     /* int imm8: the model wants it at the instruction */
-        rc = pv_int_n(b->v, &r, ev->vector, 2, stop);
-    } else {
-        rc = pv_exception(b->v, &r, vector, ev->has_error ? ev->error : 0,
-                          ev->set_cr2 ? ev->cr2 : 0, stop);
-    }
-    if (rc < 0 || pv_deliver_events(b->v, &r, stop) < 0)
+    if (exception_bounce(b, &r, ev, stop) < 0)
         return -1;
     write_regs(b, &r, &old);
     return 0;
@@ -436,14 +502,58 @@ int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop
  * reference, emulated #UD and #GP, #PF's cr2) read more than the registers. */
 int bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev)
 {
+    struct pv_regs r, old;
     struct hv_stop stop;
 
-    if (!ev->soft || b->stepping || pv_compat_code(b->v, bt_reg(b, UC_X86_REG_CS)))
+    if (!ev->soft || b->stepping)
+        return 0;
+    read_exception_regs(b, ev, &r);
+    if (pv_compat_code(b->v, r.cs))
         return 0;                       /* compat code: the bounce switches mode (above) */
-    if (bt_pv_exception(b, ev, &stop) < 0)
+    old = r;
+    if (exception_bounce(b, &r, ev, &stop) < 0) {
         stop_fatal(b, &stop);
+        return 1;
+    }
+    write_regs(b, &r, &old);
+    resume_or_stop(b, r.rflags);
+    return 1;
+}
+
+/* int3 and `int imm8` bounced in the code hook of their site, before TCG runs them:
+ * 1 if done. TCG would raise the interrupt by leaving its translated code, and
+ * Unicorn would hand it to the interrupt hook after it left; here the hook bounces it
+ * and the write of rip makes Unicorn leave right after the hook, at the instruction
+ * (uc_reg_write notes that its exit must not sync the pc back to it). rip is at the
+ * instruction here, and the model wants it past. Only 64-bit code, without prefixes
+ * (into and prefixed forms keep TCG's way). */
+int bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s)
+{
+    struct bt_event ev = { .soft = 1, .insn_len = s->len };
+    struct pv_regs r, old;
+    struct hv_stop stop;
+    uint64_t rip;
+
+    if (b->stepping || bt_code32(b))
+        return 0;
+    if (s->len == 1 && s->bytes[0] == 0xcc)
+        ev.vector = 3;
+    else if (s->len == 2 && s->bytes[0] == 0xcd)
+        ev.vector = s->bytes[1];
     else
-        resume_or_stop(b);
+        return 0;
+    read_exception_regs(b, &ev, &r);
+    old = r;
+    r.rip += (uint64_t)s->len;
+    if (exception_bounce(b, &r, &ev, &stop) < 0) {
+        stop_fatal(b, &stop);
+        return 1;
+    }
+    rip = r.rip;
+    r.rip = old.rip;                    /* rip on its own, below */
+    write_regs(b, &r, &old);
+    bt_uc.reg_write(b->uc, UC_X86_REG_RIP, &rip);
+    resume_or_stop(b, r.rflags);
     return 1;
 }
 

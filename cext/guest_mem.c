@@ -17,13 +17,6 @@
 #define PTE_PS   (1ULL << 7)
 #define PTE_ADDR 0x000ffffffffff000ULL
 
-/* RAM and, after it, the domain's grant region (grant_table.h). */
-int hv_gpa_valid(struct hv_domain *d, uint64_t gpa, uint64_t len)
-{
-    uint64_t end = d->ram_bytes + d->gnt_bytes;
-    return gpa < end && len <= end - gpa;
-}
-
 static int read_pte(struct hv_domain *d, uint64_t table, unsigned idx, uint64_t *pte)
 {
     uint64_t gpa = (table & PTE_ADDR) + idx * 8ULL;
@@ -117,6 +110,13 @@ int hv_copy_to_guest(struct hv_vcpu *v, uint64_t gva, const void *src, uint64_t 
     uint64_t gpa, end = gva + len, va = gva;
     if (len && end < gva)
         return -XEN_EFAULT;
+    /* within one page (a bounce frame, most results): one walk checks and places it */
+    if (len && (gva >> HV_PAGE_SHIFT) == ((end - 1) >> HV_PAGE_SHIFT)) {
+        if (hv_gva_to_gpa(v, gva, 1, &gpa) < 0 || !hv_gpa_valid(v->dom, gpa, len))
+            return -XEN_EFAULT;
+        memcpy(v->dom->ram + gpa, src, len);
+        return 0;
+    }
     while (len && va < end) {
         if (hv_gva_to_gpa(v, va, 1, &gpa) < 0)
             return -XEN_EFAULT;

@@ -310,7 +310,13 @@ struct hv_vcpu {
 int hv_gva_to_gpa(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa);
 int hv_copy_from_guest(struct hv_vcpu *v, void *dst, uint64_t gva, uint64_t len);
 int hv_copy_to_guest(struct hv_vcpu *v, uint64_t gva, const void *src, uint64_t len);
-int hv_gpa_valid(struct hv_domain *d, uint64_t gpa, uint64_t len);
+/* RAM and, after it, the domain's grant region (grant_table.h). Inline: the walks
+ * call it for every entry. */
+static inline int hv_gpa_valid(const struct hv_domain *d, uint64_t gpa, uint64_t len)
+{
+    uint64_t end = d->ram_bytes + d->gnt_bytes;
+    return gpa < end && len <= end - gpa;
+}
 /* kvm_emul.c: an instruction KVM could not emulate; 0 done, -1 with why filled */
 int hv_kvm_emulate(struct hv_vcpu *v, char *why, int why_len);
 /* kvm_emul.c: the event KVM stopped on (KVM_EXIT_SHUTDOWN) because delivering it from

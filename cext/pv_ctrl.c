@@ -349,6 +349,10 @@ int pv_compat_code(struct hv_vcpu *v, uint64_t cs)
 {
     uint64_t desc;
 
+    /* Xen's flat 64-bit selector (the hypercalls' and a user's usual one) is one of
+     * Xen's reserved GDT entries, which no guest changes: 64-bit code, no lookup */
+    if (((unsigned)cs & 0xfffc) == (FLAT_RING3_CS64 & 0xfffc))
+        return 0;
     /* a code segment (S=1, code=1) with L clear */
     return pv_segment_descriptor(v, (unsigned)cs & 0xffff, &desc) == 0 &&
            ((desc >> 43) & 3) == 3 && !((desc >> 53) & 1);

@@ -819,3 +819,110 @@ def handler_hypercall_guest(rounds: int = 3) -> bytes:
     a.dq(0, 0)
     a.section(".text")
     return p.elf()
+
+
+def user_mode_gs_guest() -> bytes:
+    """Guest user mode reads %gs:0 (its own GS base, set with SEGBASE_GS_USER), then
+    enters the kernel three ways: int3 (#BP), int $0x82 (both trap-table entries of DPL
+    3) and `syscall` (the syscall callback); each kernel handler reads %gs:0 (the
+    kernel's base, SEGBASE_GS_KERNEL) and goes back to user mode with the iret
+    hypercall. Every mode switch swaps the GS bases, so the user's reads, after each
+    return, and the kernel's see their own words: `gs_results` holds the user's four
+    reads at +0..+24 and the kernel's three at +32..+48. A last `syscall` (rax 1)
+    powers off. One L4 serves both modes (MMUEXT_NEW_USER_BASEPTR names pt_base)."""
+    from .asm import r12
+    from .runtime import PVProgram
+
+    p = PVProgram(guest_os="trapless-user-mode-gs")
+    a = p.a
+
+    def read_gs0_into(slot: int) -> None:
+        a.db(0x65, 0x48, 0x8B, 0x04, 0x25, 0, 0, 0, 0)     # mov rax, gs:[0]
+        a.mov(qword[rip + "gs_results" + slot], rax)
+
+    p.hypercall("set_trap_table", "gs_traps")
+    p.hypercall("set_segment_base", C.SEGBASE_GS_KERNEL, "kernel_gs_word")
+    p.hypercall("set_segment_base", C.SEGBASE_GS_USER, "user_gs_word")
+    a.mov(rax, qword["start_info_ptr"])
+    a.mov(rax, qword[rax + offsetof("start_info", "pt_base")])
+    a.shr(rax, 12)                                  # VIRT_BASE 0: VA = PA
+    a.mov(qword[rip + "gs_user_base" + 8], rax)
+    p.hypercall("mmuext_op", "gs_user_base", 1, 0, C.DOMID_SELF)
+    p.hypercall("stack_switch", C.FLAT_KERNEL_SS, "gs_kernel_stack_top")
+    p.hypercall("callback_op", C.CALLBACKOP_register, "gs_syscall_callback")
+    a.mov(qword["gs_main_rsp"], rsp)
+    a.push(C.FLAT_RING3_SS64)                       # iret to user mode
+    a.lea(rax, ptr["gs_user_stack_top"])
+    a.push(rax)
+    a.push(0x202)
+    a.push(C.FLAT_RING3_CS64)
+    a.lea(rax, ptr["gs_user_code"])
+    a.push(rax)
+    a.push(0)
+    a.jmp("hypercall_iret")
+
+    a.label("gs_user_code")                         # guest user mode
+    read_gs0_into(0)
+    a.int3()
+    read_gs0_into(8)
+    a.int_(0x82)
+    read_gs0_into(16)
+    a.xor(eax, eax)
+    a.syscall()
+    read_gs0_into(24)
+    a.mov(eax, 1)
+    a.syscall()
+
+    for name, slot in (("on_gs_bp", 32), ("on_gs_int82", 40)):
+        a.label(name)                               # rcx, r11, then the iret frame
+        a.mov(r12, rax)
+        read_gs0_into(slot)
+        a.mov(rax, r12)
+        a.pop(rcx)
+        a.pop(r11)
+        a.push(0)                                   # iret flags: restore rcx and r11
+        a.jmp("hypercall_iret")
+    a.label("on_gs_syscall")
+    a.cmp(eax, 1)
+    a.je("on_gs_syscall.done")
+    read_gs0_into(48)
+    a.add(rsp, 16)
+    a.push(C.VGCF_in_syscall)
+    a.jmp("hypercall_iret")
+    a.label("on_gs_syscall.done")
+    a.mov(rsp, qword["gs_main_rsp"])
+    a.xor(eax, eax)
+    a.ret()
+
+    a.section(".data")
+    a.align(16)
+    a.label("gs_results")
+    a.dq(0, 0, 0, 0, 0, 0, 0)
+    a.label("kernel_gs_word")
+    a.dq(0x4B45_524E_454C_0001)
+    a.label("user_gs_word")
+    a.dq(0x5553_4552_0000_0002)
+    a.label("gs_traps")                             # struct trap_info[], address 0 ends it
+    for vector, handler in ((3, "on_gs_bp"), (0x82, "on_gs_int82")):
+        a.db(vector, 3)                             # DPL 3: user mode may raise it
+        a.dw(C.FLAT_KERNEL_CS)
+        a.dd(0)
+        a.dq(handler)
+    a.dq(0, 0)
+    a.label("gs_user_base")                         # struct mmuext_op
+    a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
+    a.dq(0, 0)
+    a.label("gs_syscall_callback")                  # struct callback_register
+    a.dw(C.CALLBACKTYPE_syscall, 0)
+    a.dd(0)
+    a.dq("on_gs_syscall")
+    a.label("gs_main_rsp")
+    a.dq(0)
+    a.section(".bss")
+    a.align(16)
+    a.reserve(4096)
+    a.label("gs_kernel_stack_top")
+    a.reserve(4096)
+    a.label("gs_user_stack_top")
+    a.section(".text")
+    return p.elf()

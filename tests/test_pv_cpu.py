@@ -239,3 +239,21 @@ def test_trap_handlers_that_make_hypercalls_return_exactly(run_guest):
     assert (bp_count, int81_count, carries, rbx) == (3, 3, 6, 0x5A5A_1234_5678)
     c = dom.counters()
     assert c.hypercalls["iret"] == 6 and c.hypercalls["xen_version"] == 6
+
+
+def test_user_mode_and_kernel_keep_their_gs_bases_across_bounces(run_guest):
+    """int3, int $0x82 and syscall from guest user mode, each back with the iret
+    hypercall: the kernel's handlers read %gs:0 through the kernel's GS base, the user
+    through its own after every return (the mode switch swaps the two bases, on bt
+    inside the hooks that bounce)."""
+    import struct
+    from guest_kernel.xen_pv import user_mode_gs_guest
+    image = user_mode_gs_guest()
+    stop, console, dom = run_guest(image, console_ring=False)
+    assert (stop.kind, stop.reason) == ("shutdown", 0), f"{stop}\n{console}"
+    at = load_image(image, 64 << 20).symbols["gs_results"]
+    seen = struct.unpack("<7Q", dom.read_guest(at, 56))
+    user_word, kernel_word = 0x5553_4552_0000_0002, 0x4B45_524E_454C_0001
+    assert seen == (user_word,) * 4 + (kernel_word,) * 3
+    c = dom.counters()
+    assert c.hypercalls["iret"] == 4        # to user mode, then back from each entry
