@@ -676,6 +676,10 @@ static void kvm_kick(struct hv_vcpu *v)
     if (v->in_run && !pthread_equal(v->thread, pthread_self()))
         pthread_kill(v->thread, KICK_SIGNAL);
     pthread_mutex_unlock(&v->kick_lock);
+    /* and its twin, which may run the vCPU now (a kick it did not need is counted on its
+     * way in, as KVM counts an immediate_exit) */
+    if (v->engine_priv)
+        hv_twin_kick(v);
 }
 
 static const struct hv_engine_ops kvm_ops = {
@@ -789,6 +793,7 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 
 static void kvm_vcpu_destroy(struct hv_vcpu *v)
 {
+    hv_twin_destroy(v);
     if (v->run)
         munmap(v->run, v->run_size);
     close(v->fd);
@@ -963,21 +968,6 @@ static int pv_sregs_changed(struct hv_vcpu *v, const struct pv_regs *r, const st
            r->gs_sel != old->gs_sel || v->pv.hw_dirty;
 }
 
-/* This KVM-PVM host runs a ring-3 guest on its own 64-bit user code segment only:
- * compat code that the model enters (a bounce's return, the iret hypercall, with CS
- * loaded by KVM_SET_SREGS or the stub's iretq) takes a #GP(0) at its first
- * instruction, and a far transfer the guest makes itself leaves the vCPU in a state
- * of the host's own. So a return into compat code stops the domain in one line. */
-static int pv_compat_refused(struct hv_vcpu *v, const struct pv_regs *r, struct hv_stop *stop)
-{
-    if ((r->cs | 3) == FLAT_RING3_CS64 || !pv_compat_code(v, r->cs))
-        return 0;                       /* Xen's flat 64-bit selector: no lookup */
-    hv_stop_with(stop, HV_STOP_FAULT, 0, r->rip, "compat mode (CS %#llx at rip %#llx): this "
-                 "KVM-PVM host does not run 32-bit code in ring 3; the bt engine does",
-                 (unsigned long long)r->cs, (unsigned long long)r->rip);
-    return -1;
-}
-
 /* Load them. On this KVM-PVM host ring-3 code runs natively under the host's own
  * CR4, so CR4.FSGSBASE there is the host's (rdfsbase works whatever the guest's CR4
  * says); trapless loads the bit anyway for hosts that honour it. */
@@ -1082,6 +1072,144 @@ static int only_stub_regs_changed(const struct pv_regs *a, const struct pv_regs 
            a->fs_base == b->fs_base && a->gs_base == b->gs_base && a->gs_sel == b->gs_sel;
 }
 
+/* ---- compat mode: the vCPU's Unicorn twin (bt_twin.c) ----
+ * This KVM-PVM host runs a ring-3 guest's code on its own user segments: a CS of compat
+ * code that the model loads (the iret hypercall, a bounce's return: KVM_SET_SREGS or the
+ * stub's iretq) does not take, and the 64-bit code at the new rip runs in its place; a
+ * far transfer of the guest's own does reach compat mode, whose `syscall` the host then
+ * runs as the architecture would from ring 0 (STAR's selectors, CSTAR's low half as
+ * rip), faulting there. So while a vCPU of Xen's model runs compat code it runs on its
+ * twin, with bt's vCPU code and the same PV model, and comes back when the twin finds
+ * it in 64-bit code. Each way costs the state transfer and a flush of the other side's
+ * translations (docs/engines.md has the measured round trip). */
+
+static struct hv_engine_ops twin_ops;   /* bt's, with kvm's kick (which kicks both) */
+static pthread_once_t twin_ops_once = PTHREAD_ONCE_INIT;
+
+static void twin_ops_init(void)
+{
+    twin_ops = *hv_twin_ops();
+    twin_ops.kick = kvm_kick;
+    twin_ops.cpuid = NULL;              /* the PV CPUID policy stays the host's, as on kvm */
+}
+
+/* Move the vCPU, whose registers the model left in r, onto its twin. KVM's pending
+ * `out` completes first (no register set may overtake it); a cr3 the exit switched to
+ * is the twin's. 0, or -1 with stop filled. */
+static int twin_enter(struct hv_vcpu *v, const struct pv_regs *r, struct hv_stop *stop)
+{
+    struct kvm_sregs sregs;
+    struct kvm_fpu fpu;
+    struct hv_twin_segs segs;
+    struct pv_step *step = &v->pv.step;
+    char err[160] = "";
+    uint64_t cr3;
+
+    if (complete_io(v) < 0 || ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0 ||
+        ioctl(v->fd, KVM_GET_FPU, &fpu) < 0) {
+        pending_set_cr3 = pending_flush = 0;
+        return hv_stop_with(stop, HV_STOP_ERROR, errno, r->rip, "cannot take the vCPU off "
+                            "KVM for compat mode: %s", strerror(errno)), -1;
+    }
+    cr3 = pending_set_cr3 ? pending_cr3 : sregs.cr3;
+    pending_set_cr3 = pending_flush = 0;
+    segs.ds = sregs.ds.selector;
+    segs.es = sregs.es.selector;
+    segs.fs = sregs.fs.selector;
+    /* the twin steps breakpoints its own way (bt_debug.c): kvm's step is over */
+    step->on = step->decoded = 0;
+    step->shadow = 0;
+    step->shadow_held = 0;
+    pthread_once(&twin_ops_once, twin_ops_init);
+    if (hv_twin_enter(v, r, &segs, cr3, &fpu, err, sizeof(err)) < 0)
+        return hv_stop_with(stop, HV_STOP_FAULT, 0, r->rip, "compat mode (CS %#llx at rip "
+                            "%#llx): this KVM-PVM host does not run 32-bit code in ring 3, "
+                            "and its Unicorn twin cannot: %s", (unsigned long long)r->cs,
+                            (unsigned long long)r->rip, err), -1;
+    v->ops = &twin_ops;
+    v->on_twin = 1;
+    v->dom->counters.twin_entries++;
+    return 0;
+}
+
+/* The vCPU is in 64-bit code again: its state back into KVM, 64-bit ring-3 segments of
+ * the selectors it has, and a flush of KVM's translations (the tables may have changed
+ * meanwhile: a new cr3 flushes, the same one is flushed before the next entry). Then
+ * run->s.regs holds it too, for the checks before the entry. 0, or -1 with stop. */
+static int twin_leave(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    struct kvm_run *run = v->run;
+    struct kvm_sregs sregs;
+    struct kvm_fpu fpu;
+    struct hv_twin_segs segs;
+    struct pv_regs r, old;
+    uint64_t cr3;
+    struct kvm_segment *data[3] = { &sregs.ds, &sregs.es, &sregs.fs };
+
+    hv_twin_leave(v, &r, &segs, &cr3, &fpu);
+    v->ops = &kvm_ops;
+    v->on_twin = 0;
+    if (pv_step_resume(v, &r, stop) < 0)    /* breakpoints armed: kvm's step again */
+        return -1;
+    if (drop_shadows(v->dom) < 0 || ioctl(v->fd, KVM_SET_FPU, &fpu) < 0 ||
+        ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+        goto fail;
+    flat_segment(&sregs.cs, (uint16_t)(r.cs | 3), 1);
+    sregs.cs.dpl = 3;
+    flat_segment(&sregs.ss, (uint16_t)(r.ss | 3), 0);
+    sregs.ss.dpl = 3;
+    for (int i = 0; i < 3; i++) {
+        uint16_t want = i == 0 ? segs.ds : i == 1 ? segs.es : segs.fs;
+        flat_segment(data[i], want, 0);
+        data[i]->dpl = 3;
+        data[i]->present = want > 3;
+        data[i]->unusable = want <= 3;
+    }
+    if (sregs.cr3 == cr3)
+        __atomic_store_n(&v->flush_wanted, 1, __ATOMIC_SEQ_CST);
+    sregs.cr3 = cr3;
+    if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
+        goto fail;
+    memcpy(&run->s.regs.regs, &r, 18 * sizeof(uint64_t));
+    if (ioctl(v->fd, KVM_SET_REGS, &run->s.regs.regs) < 0)
+        goto fail;
+    /* the FS and GS bases, %gs, the LDT, CR0.TS, CR4, XCR0 and the DRs, as the model has
+     * them */
+    memset(&old, 0, sizeof(old));
+    old.gs_sel = ~0ULL;
+    v->pv.hw_dirty = 1;
+    if (pv_load_sregs(v, &r, &old, 0) < 0 || ioctl(v->fd, KVM_GET_SREGS, &run->s.regs.sregs) < 0)
+        goto fail;
+    run->kvm_dirty_regs = 0;
+    v->cr3 = cr3;
+    v->cr3_valid = 1;
+    return 0;
+fail:
+    return hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot hand the vCPU back to "
+                        "KVM after compat mode: %s", strerror(errno)), -1;
+}
+
+/* Compat code that a far transfer of the guest's own took there runs natively here, and
+ * this host runs its `syscall` as the architecture says: in ring 0 on STAR's selectors at
+ * CSTAR's low half, where the fetch faults, and the #PF's frame and the stub's rax go on
+ * the guest's stack (sp, below its rsp; i386 code keeps nothing there). 1, and r the
+ * registers of that syscall from compat code (rcx and r11 as it set them), if so. */
+static int host_compat_syscall(struct hv_vcpu *v, uint64_t sp, struct pv_regs *r)
+{
+    uint64_t f[7];                      /* rax, error, rip, cs, rflags, rsp, ss */
+
+    if (hv_copy_from_guest(v, f, sp, sizeof(f)) < 0 || f[2] != (uint32_t)PV_LANDING32_VA ||
+        (f[3] & 0xffff) != PV_HYPER_CS)
+        return 0;
+    r->rax = f[0];
+    r->rsp = f[5];
+    r->rip = r->rcx;
+    r->rflags = r->r11;
+    r->cs = FLAT_USER_CS32;             /* what Xen's cstar_enter records */
+    r->ss = FLAT_USER_SS32;
+    return 1;
+}
+
 /* An exit on PV_TRAP_PORT (an exception stub) or PV_SYSCALL_PORT (the landing page).
  * 0 to run on, or -1 with stop filled. */
 static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
@@ -1091,7 +1219,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     uint64_t rip = run->s.regs.regs.rip, sp = run->s.regs.regs.rsp, *frame = NULL, *saved_rax = NULL;
     struct pv_regs r, before, first;
     struct hv_mm_changed changed = { .n = 0 };
-    int rc;
+    int rc, compat;
 
     pv_regs_from_run(v, &r);
     first = r;
@@ -1101,6 +1229,14 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         int vector = (int)((rip - PV_STUBS_VA) / PV_STUB_SIZE), with_error;
         uint32_t error;
         uint64_t stack = PV_VCPU_VA(v->id, PV_STACK_VA), top = PV_VCPU_VA(v->id, PV_STACK_TOP);
+        if (rip >= PV_STUBS_VA && vector == 14 && (sp < stack || sp + 7 * 8 > top) &&
+            host_compat_syscall(v, sp, &r)) {
+            pv_step_entry(v, &r, 0);
+            before = r;
+            d->counters.exits[HV_EXIT_HYPERCALL]++;
+            rc = pv_syscall(v, &r, stop);
+            goto out;
+        }
         if (rip < PV_STUBS_VA || vector >= 32 || sp < stack ||
             sp + (6 + (uint64_t)pv_has_error_code(vector)) * 8 > top) {
             in_exit = 0;
@@ -1123,6 +1259,17 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         r.ss = frame[4];
         pv_step_entry(v, &r, vector == 1);
         before = r;
+        if (vector != 1 && vector != 3 && vector != 4 && (r.cs | 3) != FLAT_RING3_CS64 &&
+            pv_compat_code(v, r.cs)) {
+            /* a fault of compat code that got there by a far transfer of its own (and ran
+             * here until it faulted): the twin runs the instruction again, and a fault
+             * of the guest's own comes from there */
+            in_exit = 0;
+            hv_mm_note_changes(NULL);
+            drop_at_next_flush(d, &changed);
+            d->counters.exits[HV_EXIT_EXCEPTION]++;
+            return twin_enter(v, &r, stop);
+        }
         if (vector == 14 && (r.rip == PV_LANDING_VA || r.rip == PV_LANDING32_VA) &&
             run->s.regs.sregs.cr2 == r.rip) {
             /* `syscall` on a host that cannot fetch the landing page from ring 3
@@ -1166,16 +1313,20 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         d->counters.exits[HV_EXIT_EXCEPTION]++;
         rc = pv_exception(v, &r, 13, 0, 0, stop);
     }
+out:
     /* Xen delivers pending events on every way back to the guest; armed breakpoints
-     * make it a single step */
+     * make it a single step, unless it goes to compat code, which the twin runs */
     if (rc == 0)
         rc = pv_deliver_events(v, &r, stop);
-    if (rc == 0)
+    compat = rc == 0 && (r.cs | 3) != FLAT_RING3_CS64 && pv_compat_code(v, r.cs);
+    if (rc == 0 && !compat)
         rc = pv_step_resume(v, &r, stop);
     in_exit = 0;
     hv_mm_note_changes(NULL);
-    if (rc < 0 || pv_compat_refused(v, &r, stop) < 0) {
+    if (rc < 0 || compat) {
         drop_at_next_flush(d, &changed);
+        if (rc == 0)
+            return twin_enter(v, &r, stop);     /* takes the pending cr3 */
         pending_set_cr3 = pending_flush = 0;    /* this thread may run another domain */
         return -1;
     }
@@ -1277,8 +1428,11 @@ static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
     pv_regs_from_run(v, &r);
     pv_step_entry(v, &r, 0);
     first = r;
-    if (pv_deliver_events(v, &r, stop) < 0 || pv_step_resume(v, &r, stop) < 0 ||
-        pv_compat_refused(v, &r, stop) < 0)
+    if (pv_deliver_events(v, &r, stop) < 0)
+        return -1;
+    if ((r.cs | 3) != FLAT_RING3_CS64 && pv_compat_code(v, r.cs))
+        return twin_enter(v, &r, stop);
+    if (pv_step_resume(v, &r, stop) < 0)
         return -1;
     if (pv_regs_to_run(v, &r, 0, &first) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot set the vCPU's registers: %s",
@@ -1338,6 +1492,8 @@ static int load_context(struct hv_vcpu *v, struct hv_stop *stop)
 
     if (hv_vcpu_load_context(v, &r, err, sizeof(err)) < 0)
         return hv_stop_with(stop, HV_STOP_ERROR, 0, v->init_regs.rip, "%s", err), -1;
+    if ((r.cs | 3) != FLAT_RING3_CS64 && pv_compat_code(v, r.cs))
+        return twin_enter(v, &r, stop);        /* VCPUOP_initialise in compat code */
     memset(&old, 0, sizeof(old));
     old.gs_sel = ~0ULL;                 /* load every segment register the model keeps */
     memcpy(&v->run->s.regs.regs, &r, 18 * sizeof(uint64_t));
@@ -1356,6 +1512,14 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
 
     for (;;) {
         int irq_rc;
+        if (v->on_twin) {
+            /* compat code: the twin runs it until the vCPU is in 64-bit code again */
+            int rc = hv_twin_run(v, stop);
+            if (rc != HV_TWIN_BACK)
+                return rc;
+            if (twin_leave(v, stop) < 0)
+                return stop->reason;
+        }
         if (__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE))
             return hv_stop_with(stop, HV_STOP_SHUTDOWN, d->shutdown_reason, run->s.regs.regs.rip,
                              "shutdown");

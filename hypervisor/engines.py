@@ -55,6 +55,10 @@ def why_unavailable(name: str) -> str | None:
             return "KVM disabled by TRAPLESS_NO_KVM"
         if not lib.hv_kvm_available(why, len(why)):
             return ffi.string(why).decode()
+        # a kvm vCPU's compat-mode code runs on a Unicorn twin (cext/bt_twin.c): load the
+        # library too where it is there (without it, such code stops the domain)
+        if not os.environ.get("TRAPLESS_NO_BT"):
+            _load_unicorn()
     if name == "bt":
         if os.environ.get("TRAPLESS_NO_BT"):
             return "bt disabled by TRAPLESS_NO_BT"
