@@ -1083,6 +1083,51 @@ static int only_stub_regs_changed(const struct pv_regs *a, const struct pv_regs 
  * it in 64-bit code. Each way costs the state transfer and a flush of the other side's
  * translations (docs/engines.md has the measured round trip). */
 
+/* The x87/SSE state in struct kvm_fpu's terms, through the XSAVE area's legacy region
+ * (FXSAVE's layout): this host's KVM_GET_FPU answers MXCSR 0 whatever the guest set
+ * (measured: 0 where KVM_GET_XSAVE has the guest's 0x3f80), and KVM_SET_XSAVE leaves
+ * the other components (the YMM upper halves) as they are. */
+static int get_fpu(struct hv_vcpu *v, struct kvm_fpu *f, struct kvm_xsave *xs)
+{
+    const uint8_t *x = (const uint8_t *)xs->region;
+
+    if (ioctl(v->fd, KVM_GET_XSAVE, xs) < 0)
+        return -1;
+    memset(f, 0, sizeof(*f));
+    memcpy(&f->fcw, x + 0, 2);
+    memcpy(&f->fsw, x + 2, 2);
+    f->ftwx = x[4];
+    memcpy(&f->last_opcode, x + 6, 2);
+    memcpy(&f->last_ip, x + 8, 8);
+    memcpy(&f->last_dp, x + 16, 8);
+    memcpy(&f->mxcsr, x + 24, 4);
+    memcpy(f->fpr, x + 32, sizeof(f->fpr));
+    memcpy(f->xmm, x + 160, sizeof(f->xmm));
+    return 0;
+}
+
+static int set_fpu(struct hv_vcpu *v, const struct kvm_fpu *f, struct kvm_xsave *xs)
+{
+    uint8_t *x = (uint8_t *)xs->region;
+    uint64_t bv;
+
+    if (ioctl(v->fd, KVM_GET_XSAVE, xs) < 0)
+        return -1;
+    memcpy(x + 0, &f->fcw, 2);
+    memcpy(x + 2, &f->fsw, 2);
+    x[4] = f->ftwx;
+    memcpy(x + 6, &f->last_opcode, 2);
+    memcpy(x + 8, &f->last_ip, 8);
+    memcpy(x + 16, &f->last_dp, 8);
+    memcpy(x + 24, &f->mxcsr, 4);
+    memcpy(x + 32, f->fpr, sizeof(f->fpr));
+    memcpy(x + 160, f->xmm, sizeof(f->xmm));
+    memcpy(&bv, x + 512, 8);            /* XSTATE_BV: x87 and SSE come from the area */
+    bv |= 3;
+    memcpy(x + 512, &bv, 8);
+    return ioctl(v->fd, KVM_SET_XSAVE, xs) < 0 ? -1 : 0;
+}
+
 static struct hv_engine_ops twin_ops;   /* bt's, with kvm's kick (which kicks both) */
 static pthread_once_t twin_ops_once = PTHREAD_ONCE_INIT;
 
@@ -1100,13 +1145,14 @@ static int twin_enter(struct hv_vcpu *v, const struct pv_regs *r, struct hv_stop
 {
     struct kvm_sregs sregs;
     struct kvm_fpu fpu;
+    struct kvm_xsave xsave;
     struct hv_twin_segs segs;
     struct pv_step *step = &v->pv.step;
     char err[160] = "";
     uint64_t cr3;
 
     if (complete_io(v) < 0 || ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0 ||
-        ioctl(v->fd, KVM_GET_FPU, &fpu) < 0) {
+        get_fpu(v, &fpu, &xsave) < 0) {
         pending_set_cr3 = pending_flush = 0;
         return hv_stop_with(stop, HV_STOP_ERROR, errno, r->rip, "cannot take the vCPU off "
                             "KVM for compat mode: %s", strerror(errno)), -1;
@@ -1141,6 +1187,7 @@ static int twin_leave(struct hv_vcpu *v, struct hv_stop *stop)
     struct kvm_run *run = v->run;
     struct kvm_sregs sregs;
     struct kvm_fpu fpu;
+    struct kvm_xsave xsave;
     struct hv_twin_segs segs;
     struct pv_regs r, old;
     uint64_t cr3;
@@ -1151,7 +1198,7 @@ static int twin_leave(struct hv_vcpu *v, struct hv_stop *stop)
     v->on_twin = 0;
     if (pv_step_resume(v, &r, stop) < 0)    /* breakpoints armed: kvm's step again */
         return -1;
-    if (drop_shadows(v->dom) < 0 || ioctl(v->fd, KVM_SET_FPU, &fpu) < 0 ||
+    if (drop_shadows(v->dom) < 0 || set_fpu(v, &fpu, &xsave) < 0 ||
         ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
         goto fail;
     flat_segment(&sregs.cs, (uint16_t)(r.cs | 3), 1);

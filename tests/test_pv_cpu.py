@@ -238,3 +238,23 @@ def test_trap_handlers_that_make_hypercalls_return_exactly(run_guest):
     assert (bp_count, int81_count, carries, rbx) == (3, 3, 6, 0x5A5A_1234_5678)
     c = dom.counters()
     assert c.hypercalls["iret"] == 6 and c.hypercalls["xen_version"] == 6
+
+
+def test_compat_round_trips_keep_the_vcpus_state(run_guest, engine):
+    """A 64-bit PV kernel enters 32-bit compat code with the iret hypercall; it makes a
+    `syscall` to the syscall32 callback three times, summing the answers (1, 2, 3), adds
+    xmm1 to xmm0 and the two x87 values the kernel loaded, stores MXCSR and goes back to
+    64-bit code by ljmp. On kvm every stretch of compat code runs on the vCPU's Unicorn
+    twin, so the registers, the x87 stack, the SSE registers and MXCSR go over and back
+    each time; r12, which compat code cannot reach, comes back as it was."""
+    from guest_kernel.xen_pv import (COMPAT_MXCSR, COMPAT_R12, COMPAT_XMM_ADD, COMPAT_XMM_IN,
+                                     compat_roundtrip_guest)
+    r, dom = run_clean(run_guest, compat_roundtrip_guest(rounds=3))
+    xmm = [x + y for x, y in zip(COMPAT_XMM_IN, COMPAT_XMM_ADD)]
+    assert (r["register_syscall"], r["register_syscall32"]) == (0, 0)
+    assert (r["sum"], r["syscall32_count"]) == (1 + 2 + 3, 3)
+    assert (r["xmm0_low"], r["xmm0_high"]) == (xmm[0] | xmm[1] << 32, xmm[2] | xmm[3] << 32)
+    assert r["x87_sum"] == 0x4014_0000_0000_0000            # 2.0 + 3.0 = 5.0
+    assert (r["mxcsr"], r["r12"]) == (COMPAT_MXCSR, COMPAT_R12)
+    # kvm: the twin ran the compat code from the first iret and from each callback's
+    assert dom.counters().twin_entries == (4 if engine == "kvm" else 0)
