@@ -1118,6 +1118,7 @@ void bt_vcpu_destroy(struct hv_vcpu *v)
     pthread_mutex_destroy(&b->kick_lock);
     free(b->written_frames);
     free(b->code_frames);
+    free(b->twin_code);
     free(b->tramp);
     free(b);
     v->engine_priv = NULL;
@@ -1872,10 +1873,11 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
     }
 }
 
-/* Another vCPU changed page tables or types (hv_vcpu_flush_others). */
+/* Another vCPU changed page tables or types (hv_vcpu_flush_others). Through the ops: a
+ * kvm vCPU's twin notes that KVM's translations need the flush too. */
 static int bt_flush_before_entry(struct hv_vcpu *v)
 {
-    return bt_flush_tlb(v);
+    return v->ops->flush_tlb(v);
 }
 
 /* One vCPU of a domain runs guest code at a time (the guest lock, vcpu.c). */

@@ -324,6 +324,7 @@ struct bt_vcpu {
     int db_shadow_armed;            /* the next instruction runs in that shadow */
 
     int twin;                       /* a kvm vCPU's twin (bt_twin.c): run until 64-bit code */
+    struct bt_twin_code *twin_code; /* ... and the code it translated, as it left it */
 
     struct bt_site *sites[BT_SITE_BUCKETS];
     uint64_t nr_sites;

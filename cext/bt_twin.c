@@ -14,6 +14,7 @@
  * leaves them alone on the CPU too.
  */
 #include <linux/kvm.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bt.h"
@@ -115,6 +116,54 @@ static void fpu_from_twin(struct bt_vcpu *b, struct kvm_fpu *f)
     f->last_dp = fdp;
 }
 
+/* The frames the twin translated code from, as they were when it last left: up to
+ * TWIN_CODE_FRAMES of them (a compat program's hot pages; more and the blocks all go
+ * each time). Dropping every block costs about 25 us here, comparing a few pages far
+ * less. */
+#define TWIN_CODE_FRAMES 16
+struct bt_twin_code {
+    int n;                              /* -1: nothing kept */
+    uint64_t frame[TWIN_CODE_FRAMES];
+    uint8_t bytes[TWIN_CODE_FRAMES][4096];
+};
+
+static void keep_code(struct bt_vcpu *b)
+{
+    struct bt_twin_code *c = b->twin_code;
+    struct hv_domain *d = b->v->dom;
+
+    if (!c && !(c = b->twin_code = malloc(sizeof(*c))))
+        return;
+    c->n = 0;
+    for (uint64_t i = 0; i < b->frame_map_bytes; i++) {
+        if (!b->code_frames[i])
+            continue;
+        for (int bit = 0; bit < 8; bit++) {
+            uint64_t frame = i * 8 + (uint64_t)bit;
+            if (!((b->code_frames[i] >> bit) & 1))
+                continue;
+            if (c->n == TWIN_CODE_FRAMES || !hv_gpa_valid(d, frame * 4096, 4096)) {
+                c->n = -1;
+                return;
+            }
+            c->frame[c->n] = frame;
+            memcpy(c->bytes[c->n++], d->ram + frame * 4096, 4096);
+        }
+    }
+}
+
+static int code_unchanged(struct bt_vcpu *b)
+{
+    const struct bt_twin_code *c = b->twin_code;
+
+    if (!c || c->n < 0)
+        return 0;
+    for (int i = 0; i < c->n; i++)
+        if (memcmp(c->bytes[i], b->v->dom->ram + c->frame[i] * 4096, 4096))
+            return 0;
+    return 1;
+}
+
 int hv_twin_enter(struct hv_vcpu *v, const struct pv_regs *r, const struct hv_twin_segs *segs,
                   uint64_t cr3, const struct kvm_fpu *fpu, char *err, int err_len)
 {
@@ -132,14 +181,17 @@ int hv_twin_enter(struct hv_vcpu *v, const struct pv_regs *r, const struct hv_tw
     b->db_shadow_armed = 0;
     b->soft_int_end = ~0ULL;
     /* The guest ran under KVM meanwhile and may have written over code this Unicorn
-     * translated (a new process in the same frames): every block goes, and every
-     * translation of the TLB (the tables may have changed too). */
-    bt_uc.ctl(b->uc, UC_CTL_TB_FLUSH_W);
-    memset(b->code_frames, 0, b->frame_map_bytes);
-    memset(b->written_frames, 0, b->frame_map_bytes);
-    b->nr_stale_frames = 0;
-    b->tb_stale = 0;
-    b->retranslate_start = b->retranslate_end = 0;
+     * translated (a new process in the same frames): unless its frames hold what they
+     * held when the twin left, every block goes. The TLB goes in any case (the tables
+     * may have changed too; a block is found again through it). */
+    if (!code_unchanged(b)) {
+        bt_uc.ctl(b->uc, UC_CTL_TB_FLUSH_W);
+        memset(b->code_frames, 0, b->frame_map_bytes);
+        memset(b->written_frames, 0, b->frame_map_bytes);
+        b->nr_stale_frames = 0;
+        b->tb_stale = 0;
+        b->retranslate_start = b->retranslate_end = 0;
+    }
     bt_set_reg(b, UC_X86_REG_CR3, cr3);
     bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
     /* data selectors first: a selector write loads its descriptor, and the FS base
@@ -174,6 +226,7 @@ void hv_twin_leave(struct hv_vcpu *v, struct pv_regs *r, struct hv_twin_segs *se
     segs->fs = (uint16_t)bt_reg(b, UC_X86_REG_FS);
     *cr3 = bt_reg(b, UC_X86_REG_CR3);
     fpu_from_twin(b, fpu);
+    keep_code(b);
 }
 
 void hv_twin_kick(struct hv_vcpu *v)

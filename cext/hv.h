@@ -251,6 +251,9 @@ struct hv_vcpu {
     /* Xen's PV model on kvm: compat-mode code runs on a Unicorn twin of the vCPU
      * (bt_twin.c), kept in engine_priv once made; on_twin while it runs there */
     int on_twin;
+    struct kvm_xsave *twin_xsave;   /* KVM's XSAVE area as the twin took it (bt_twin.c) */
+    uint64_t twin_dr[8], twin_xcr0; /* ... and the debug registers and XCR0 KVM has */
+    int twin_flushed;               /* a flush KVM's translations still owe */
 
     /* the worker thread running it now (vcpu.c); kick_lock guards thread and in_run */
     pthread_mutex_t kick_lock;
@@ -331,6 +334,7 @@ int hv_kvm_deliver_interrupt(struct hv_vcpu *v, unsigned vector, char *why, int 
  * HV_TWIN_BACK once the vCPU runs 64-bit code again (or a stop, or HV_STOP_PARKED). */
 #define HV_TWIN_BACK 100
 struct kvm_fpu;
+struct kvm_xsave;
 struct hv_twin_segs { uint16_t ds, es, fs; };
 int  hv_twin_enter(struct hv_vcpu *v, const struct pv_regs *r, const struct hv_twin_segs *segs,
                    uint64_t cr3, const struct kvm_fpu *fpu, char *err, int err_len);

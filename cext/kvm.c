@@ -794,6 +794,7 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 static void kvm_vcpu_destroy(struct hv_vcpu *v)
 {
     hv_twin_destroy(v);
+    free(v->twin_xsave);
     if (v->run)
         munmap(v->run, v->run_size);
     close(v->fd);
@@ -1131,37 +1132,47 @@ static int set_fpu(struct hv_vcpu *v, const struct kvm_fpu *f, struct kvm_xsave 
 static struct hv_engine_ops twin_ops;   /* bt's, with kvm's kick (which kicks both) */
 static pthread_once_t twin_ops_once = PTHREAD_ONCE_INIT;
 
+/* A flush on the twin (a hypercall's, another vCPU's) is owed to KVM's translations. */
+static int twin_flush_tlb(struct hv_vcpu *v)
+{
+    v->twin_flushed = 1;
+    return hv_twin_ops()->flush_tlb(v);
+}
+
 static void twin_ops_init(void)
 {
     twin_ops = *hv_twin_ops();
     twin_ops.kick = kvm_kick;
+    twin_ops.flush_tlb = twin_flush_tlb;
     twin_ops.cpuid = NULL;              /* the PV CPUID policy stays the host's, as on kvm */
 }
 
-/* Move the vCPU, whose registers the model left in r, onto its twin. KVM's pending
- * `out` completes first (no register set may overtake it); a cr3 the exit switched to
- * is the twin's. 0, or -1 with stop filled. */
+/* Move the vCPU, whose registers the model left in r, onto its twin. KVM's state is
+ * the exit's, in sync regs; a cr3 or flush the exit asked for is the twin's. KVM's
+ * pending `out`, if any, stays: the way back gives a new rip by sync regs, and KVM
+ * then drops the instruction's completion (as the landing page's fast path does).
+ * 0, or -1 with stop filled. */
 static int twin_enter(struct hv_vcpu *v, const struct pv_regs *r, struct hv_stop *stop)
 {
-    struct kvm_sregs sregs;
+    const struct kvm_sregs *sregs = &v->run->s.regs.sregs;
     struct kvm_fpu fpu;
-    struct kvm_xsave xsave;
     struct hv_twin_segs segs;
     struct pv_step *step = &v->pv.step;
     char err[160] = "";
-    uint64_t cr3;
+    uint64_t cr3 = pending_set_cr3 ? pending_cr3 : sregs->cr3;
 
-    if (complete_io(v) < 0 || ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0 ||
-        get_fpu(v, &fpu, &xsave) < 0) {
-        pending_set_cr3 = pending_flush = 0;
+    v->twin_flushed = pending_flush;
+    pending_set_cr3 = pending_flush = 0;
+    if (!v->twin_xsave && !(v->twin_xsave = calloc(1, sizeof(*v->twin_xsave))))
+        return hv_stop_with(stop, HV_STOP_ERROR, 0, r->rip, "out of host memory"), -1;
+    if (get_fpu(v, &fpu, v->twin_xsave) < 0)
         return hv_stop_with(stop, HV_STOP_ERROR, errno, r->rip, "cannot take the vCPU off "
                             "KVM for compat mode: %s", strerror(errno)), -1;
-    }
-    cr3 = pending_set_cr3 ? pending_cr3 : sregs.cr3;
-    pending_set_cr3 = pending_flush = 0;
-    segs.ds = sregs.ds.selector;
-    segs.es = sregs.es.selector;
-    segs.fs = sregs.fs.selector;
+    segs.ds = sregs->ds.selector;
+    segs.es = sregs->es.selector;
+    segs.fs = sregs->fs.selector;
+    memcpy(v->twin_dr, v->pv.dr, sizeof(v->twin_dr));
+    v->twin_xcr0 = v->pv.xcr0;
     /* the twin steps breakpoints its own way (bt_debug.c): kvm's step is over */
     step->on = step->decoded = 0;
     step->shadow = 0;
@@ -1178,56 +1189,82 @@ static int twin_enter(struct hv_vcpu *v, const struct pv_regs *r, struct hv_stop
     return 0;
 }
 
-/* The vCPU is in 64-bit code again: its state back into KVM, 64-bit ring-3 segments of
- * the selectors it has, and a flush of KVM's translations (the tables may have changed
- * meanwhile: a new cr3 flushes, the same one is flushed before the next entry). Then
- * run->s.regs holds it too, for the checks before the entry. 0, or -1 with stop. */
+static void ring3_data_segment(struct kvm_segment *s, uint16_t selector)
+{
+    flat_segment(s, selector, 0);
+    s->dpl = 3;
+    s->present = selector > 3;
+    s->unusable = selector <= 3;
+}
+
+/* The vCPU is in 64-bit code again: its state back into KVM by sync regs (applied by
+ * the next KVM_RUN), on ring-3 64-bit segments of the selectors it has, with the
+ * control state the model keeps; the XSAVE area it was taken from with the twin's x87
+ * and SSE state; the debug registers and XCR0 only if the twin's model changed them.
+ * KVM's translations: a new cr3 flushes them, the same one gets a flush before the
+ * entry if the twin was asked for one. 0, or -1 with stop filled. */
 static int twin_leave(struct hv_vcpu *v, struct hv_stop *stop)
 {
     struct kvm_run *run = v->run;
-    struct kvm_sregs sregs;
+    struct kvm_sregs *s = &run->s.regs.sregs;
+    const struct pv_vcpu *p = &v->pv;
     struct kvm_fpu fpu;
-    struct kvm_xsave xsave;
     struct hv_twin_segs segs;
-    struct pv_regs r, old;
+    struct pv_regs r;
     uint64_t cr3;
-    struct kvm_segment *data[3] = { &sregs.ds, &sregs.es, &sregs.fs };
 
     hv_twin_leave(v, &r, &segs, &cr3, &fpu);
     v->ops = &kvm_ops;
     v->on_twin = 0;
     if (pv_step_resume(v, &r, stop) < 0)    /* breakpoints armed: kvm's step again */
         return -1;
-    if (drop_shadows(v->dom) < 0 || set_fpu(v, &fpu, &xsave) < 0 ||
-        ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
+    if (drop_shadows(v->dom) < 0 || set_fpu(v, &fpu, v->twin_xsave) < 0)
         goto fail;
-    flat_segment(&sregs.cs, (uint16_t)(r.cs | 3), 1);
-    sregs.cs.dpl = 3;
-    flat_segment(&sregs.ss, (uint16_t)(r.ss | 3), 0);
-    sregs.ss.dpl = 3;
-    for (int i = 0; i < 3; i++) {
-        uint16_t want = i == 0 ? segs.ds : i == 1 ? segs.es : segs.fs;
-        flat_segment(data[i], want, 0);
-        data[i]->dpl = 3;
-        data[i]->present = want > 3;
-        data[i]->unusable = want <= 3;
+    if (memcmp(v->twin_dr, p->dr, sizeof(v->twin_dr)) || v->twin_xcr0 != p->xcr0) {
+        struct kvm_debugregs dbg;
+        memset(&dbg, 0, sizeof(dbg));
+        memcpy(dbg.db, p->dr, sizeof(dbg.db));
+        dbg.dr6 = p->dr[6];
+        dbg.dr7 = p->dr[7];
+        if (ioctl(v->fd, KVM_SET_DEBUGREGS, &dbg) < 0)
+            goto fail;
+        if (p->cr4 & PV_CR4_OSXSAVE) {
+            struct kvm_xcrs xcrs;
+            memset(&xcrs, 0, sizeof(xcrs));
+            xcrs.nr_xcrs = 1;
+            xcrs.xcrs[0].value = p->xcr0;
+            if (ioctl(v->fd, KVM_SET_XCRS, &xcrs) < 0)
+                goto fail;
+        }
     }
-    if (sregs.cr3 == cr3)
+    flat_segment(&s->cs, (uint16_t)(r.cs | 3), 1);
+    s->cs.dpl = 3;
+    flat_segment(&s->ss, (uint16_t)(r.ss | 3), 0);
+    s->ss.dpl = 3;
+    ring3_data_segment(&s->ds, segs.ds);
+    ring3_data_segment(&s->es, segs.es);
+    ring3_data_segment(&s->fs, segs.fs);
+    ring3_data_segment(&s->gs, (uint16_t)r.gs_sel);
+    s->fs.base = r.fs_base;
+    s->gs.base = r.gs_base;
+    memset(&s->ldt, 0, sizeof(s->ldt));    /* MMUEXT_SET_LDT's, as pv_load_sregs */
+    s->ldt.unusable = !p->ldt_ents;
+    if (p->ldt_ents) {
+        s->ldt.selector = PV_LDT_SEL;
+        s->ldt.base = PV_VCPU_VA(v->id, PV_LDT_VA);
+        s->ldt.limit = (uint32_t)(p->ldt_ents * 8 - 1);
+        s->ldt.type = 2;
+        s->ldt.present = 1;
+    }
+    s->cr0 = (s->cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0);
+    s->cr4 = (s->cr4 & ~(PV_CR4_FSGSBASE | PV_CR4_OSXSAVE)) |
+             (p->cr4 & (PV_CR4_FSGSBASE | PV_CR4_OSXSAVE));
+    if (s->cr3 == cr3 && v->twin_flushed)
         __atomic_store_n(&v->flush_wanted, 1, __ATOMIC_SEQ_CST);
-    sregs.cr3 = cr3;
-    if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
-        goto fail;
+    s->cr3 = cr3;
     memcpy(&run->s.regs.regs, &r, 18 * sizeof(uint64_t));
-    if (ioctl(v->fd, KVM_SET_REGS, &run->s.regs.regs) < 0)
-        goto fail;
-    /* the FS and GS bases, %gs, the LDT, CR0.TS, CR4, XCR0 and the DRs, as the model has
-     * them */
-    memset(&old, 0, sizeof(old));
-    old.gs_sel = ~0ULL;
-    v->pv.hw_dirty = 1;
-    if (pv_load_sregs(v, &r, &old, 0) < 0 || ioctl(v->fd, KVM_GET_SREGS, &run->s.regs.sregs) < 0)
-        goto fail;
-    run->kvm_dirty_regs = 0;
+    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;
+    v->pv.hw_dirty = 0;
     v->cr3 = cr3;
     v->cr3_valid = 1;
     return 0;
