@@ -737,6 +737,11 @@ static int pvclock_setup(struct hv_vcpu *v, char *err, int err_len)
         hv_set_error(err, err_len, "KVM_GET_TSC_KHZ: %s", strerror(errno));
         return -1;
     }
+    /* Xen's model: the guest's TSC is the host's, as a Xen PV guest's rdtsc runs
+     * natively there; so is the TSC of the Unicorn twin that runs its compat code
+     * (bt_twin.c: TCG's rdtsc reads the host's). Where KVM will not, its offset stays. */
+    if (v->dom->pv_model == HV_PV_XEN)
+        ioctl(v->fd, KVM_SET_DEVICE_ATTR, &attr);
     if (ioctl(v->fd, KVM_GET_DEVICE_ATTR, &attr) < 0) {
         struct { struct kvm_msrs hdr; struct kvm_msr_entry e; } msrs = {
             .hdr.nmsrs = 1, .e.index = 0x10,   /* IA32_TSC */

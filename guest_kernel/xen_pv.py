@@ -686,6 +686,14 @@ def _abs32(a, prefix: tuple[int, ...], modrm_reg: int, label: str) -> None:
     a.dd(label)
 
 
+def _rdtsc_to(a, label: str) -> None:
+    """64-bit code: the TSC into the qword at label (rax, rdx clobbered)."""
+    a.db(0x0F, 0x31)                                # rdtsc
+    a.shl(rdx, 32)
+    a.or_(rax, rdx)
+    a.mov(qword[label], rax)
+
+
 def compat_roundtrip_guest(rounds: int) -> GuestImage:
     """A round trip into 32-bit compat code, `rounds` times, from a 64-bit PV kernel that
     keeps its state in registers across it. The kernel loads xmm0/xmm1, two values on the
@@ -695,12 +703,14 @@ def compat_roundtrip_guest(rounds: int) -> GuestImage:
     hypercall; the compat code sums the answers in esi. Then it adds xmm1 to xmm0
     (paddd), adds the two x87 values (faddp), stores esi and MXCSR, and leaves for 64-bit
     user code with an ljmp, whose syscall brings the kernel back: it reports the sum, the
-    callback count, xmm0, the x87 result (fstp, a double), MXCSR and r12."""
+    callback count, xmm0, the x87 result (fstp, a double), MXCSR and r12, and how the TSC
+    compat code read compares with the kernel's reads before and after it."""
     g = XenPVGuest("pv-compat-roundtrip")
     a = g.a
     g.share_l4_with_user_mode(("user_stack_top",),
                               ("main_rsp", "kernel_next", "sum_out", "mxcsr_out", "x87_out",
-                               "xmm_out", "xmm_out_hi", "r12_out", "s32_count"))
+                               "xmm_out", "xmm_out_hi", "r12_out", "s32_count", "tsc_before",
+                               "tsc_compat", "tsc_compat_hi", "tsc_after"))
     g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64",
                C.CALLBACKF_mask_events)
     g.callback("register_syscall32", C.CALLBACKTYPE_syscall32, "on_syscall32")
@@ -724,10 +734,12 @@ def compat_roundtrip_guest(rounds: int) -> GuestImage:
     _abs32(a, (0xDD,), 0, "three")                  # fld qword [three]
     _abs32(a, (0x0F, 0xAE), 2, "mxcsr_in")          # ldmxcsr [mxcsr_in]
     a.mov(r12, COMPAT_R12)
+    _rdtsc_to(a, "tsc_before")
     a.mov(ebx, rounds)
     a.xor(esi, esi)
     _to_user(g, "c_entry", "k_done", C.FLAT_RING3_CS32)
     a.label("k_done")
+    _rdtsc_to(a, "tsc_after")
     _abs32(a, (0xF3, 0x0F, 0x7F), 0, "xmm_out")     # movdqu [xmm_out], xmm0
     _abs32(a, (0xDD,), 3, "x87_out")                # fstp qword [x87_out]
     a.mov(qword["r12_out"], r12)
@@ -738,6 +750,16 @@ def compat_roundtrip_guest(rounds: int) -> GuestImage:
     g.report_word("x87_sum", "x87_out")
     g.report_word("mxcsr", "mxcsr_out")
     g.report_word("r12", "r12_out")
+    # the TSC compat code read (edx:eax), against the kernel's reads before and after
+    a.mov(rax, qword["tsc_compat_hi"])
+    a.shl(rax, 32)
+    a.or_(rax, qword["tsc_compat"])
+    a.mov(qword["tsc_compat"], rax)
+    a.sub(rax, qword["tsc_before"])
+    g.report("tsc_compat_minus_before")
+    a.mov(rax, qword["tsc_after"])
+    a.sub(rax, qword["tsc_compat"])
+    g.report("tsc_after_minus_compat")
 
     def handlers():
         a.label("c_entry")                              # 32-bit user code
@@ -751,6 +773,9 @@ def compat_roundtrip_guest(rounds: int) -> GuestImage:
         a.db(0xDE, 0xC1)                                # faddp st(1), st
         a.db(0x89, 0x35); a.dd("sum_out")               # mov [sum_out], esi
         a.db(0x0F, 0xAE, 0x1D); a.dd("mxcsr_out")       # stmxcsr [mxcsr_out]
+        a.db(0x0F, 0x31)                                # rdtsc
+        a.db(0xA3); a.dd("tsc_compat")                  # mov [tsc_compat], eax
+        a.db(0x89, 0x15); a.dd("tsc_compat_hi")         # mov [tsc_compat + 4], edx
         a.db(0xEA); a.dd("c_back"); a.dw(C.FLAT_RING3_CS64)    # jmp far 0xe033:c_back
         a.label("c_back")                               # 64-bit user code
         a.mov(eax, 0x64)
