@@ -797,6 +797,57 @@ def compat_roundtrip_guest(rounds: int) -> GuestImage:
     return g.finish()
 
 
+def compat_spin_guest() -> GuestImage:
+    """32-bit compat code that waits for an event: the kernel binds VIRQ_DEBUG (the host
+    sends it), enters the compat code with the iret hypercall, events unmasked; the
+    compat code sets `spinning` and spins until the event callback (64-bit kernel code)
+    sets `woken`, then sets `spin_done` and leaves for 64-bit code by ljmp, whose
+    syscall brings the kernel back to report the event's count and the CS its frame
+    holds (the compat selector it interrupted)."""
+    g = XenPVGuest("pv-compat-spin")
+    a = g.a
+    g.map_shared_info()
+    g.share_l4_with_user_mode(("user_stack_top",),
+                              ("main_rsp", "kernel_next", "spinning", "woken", "spin_done"))
+    g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64",
+               C.CALLBACKF_mask_events)
+    g.callback("register_event", C.CALLBACKTYPE_event, "on_event")
+    bind = g.struct("bind_virq", "evtchn_bind_virq", virq=C.VIRQ_DEBUG, vcpu=0)
+    g.call("bind_virq", "event_channel_op", C.EVTCHNOP_bind_virq, bind)
+    _to_user(g, "spin_entry", "k_done", C.FLAT_RING3_CS32)
+    a.label("k_done")
+    g.report_word("spin_done", "spin_done")
+    g.report_word("event_count", "on_event.count")
+    g.report_word("event_cs", "on_event.frame", 24)
+
+    def handlers():
+        a.label("spin_entry")                           # 32-bit user code
+        a.db(0xC7, 0x05); a.dd("spinning", 1)           # mov dword [spinning], 1
+        a.label("spin")
+        a.db(0x83, 0x3D); a.dd("woken"); a.db(0)        # cmp dword [woken], 0
+        a.db(0x74, 0xF7)                                # je spin
+        a.db(0xC7, 0x05); a.dd("spin_done", 1)          # mov dword [spin_done], 1
+        a.db(0xEA); a.dd("spin_back"); a.dw(C.FLAT_RING3_CS64)     # jmp far 0xe033:spin_back
+        a.label("spin_back")                            # 64-bit user code
+        a.mov(eax, 0x64)
+        a.syscall()
+        a.ud2()                                         # not reached
+        a.label("on_syscall64")
+        a.mov(rsp, qword["main_rsp"])
+        a.jmp(qword["kernel_next"])
+        # the event callback: wake the compat code, acknowledge, back into it
+        g.record_frame("on_event", False)
+        a.mov(qword["woken"], 1)
+        a.mov(byte[rip_("shared_info", UPCALL_PENDING)], 0)
+        a.mov(qword[rip_("shared_info", PENDING_SEL)], 0)
+        for i in range(4):
+            a.mov(qword[rip_("shared_info", EVTCHN_PENDING + 8 * i)], 0)
+        a.mov(rax, qword["saved_rax"])
+        g.iret(False)
+    g.handlers(handlers)
+    return g.finish()
+
+
 def _user_fault_handler(g: XenPVGuest, label: str, error_code: bool) -> None:
     """A handler for a fault of user code whose frame may hold Xen's sysenter values
     (rip 0, CS 3, rsp 0): records it, then returns to 64-bit user code at `resume_at`

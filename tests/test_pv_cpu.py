@@ -261,3 +261,43 @@ def test_compat_round_trips_keep_the_vcpus_state(run_guest, engine):
     assert r["tsc_compat_minus_before"] > 0 and r["tsc_after_minus_compat"] > 0
     # kvm: the twin ran the compat code from the first iret and from each callback's
     assert dom.counters().twin_entries == (4 if engine == "kvm" else 0)
+
+
+def test_compat_code_can_be_paused_woken_by_an_event_and_destroyed(engine):
+    """32-bit code spinning in user mode (on kvm, on the vCPU's Unicorn twin): a pause
+    holds it (under 1% of the CPU time spinning takes passes), an unpause lets it go on, a VIRQ the host sends
+    reaches it as an event upcall (its frame holds the compat selector) whose handler
+    wakes it; a second domain spinning there is destroyed."""
+    import time
+
+    from guest_kernel.xen_pv import compat_spin_guest
+    from hypervisor.domain import Domain
+    from hypervisor.image import load_image
+    from tests.helpers import wait_for
+    image = compat_spin_guest()
+    spinning = load_image(image, 64 << 20).symbols["spinning"]
+
+    def started(dom):
+        dom.start()
+        assert wait_for(lambda: dom.read_guest(spinning, 4) == b"\x01\0\0\0")
+
+    with Domain(image, engine=engine, console_ring=False) as dom:
+        started(dom)
+        dom.pause()
+        assert wait_for(lambda: dom.vcpu_state == "paused")
+        cpu = dom.cpu_ns
+        time.sleep(0.2)                 # spinning, it would take all of that
+        assert dom.vcpu_state == "paused" and dom.cpu_ns - cpu < 2_000_000
+        dom.unpause()
+        assert wait_for(lambda: dom.cpu_ns > cpu)
+        assert dom.send_virq(C.VIRQ_DEBUG) == 0
+        stop = dom.wait(20)
+        assert (stop.kind, stop.reason) == ("shutdown", 0), stop
+        r = parse(dom.console_output.decode())[0]
+        assert r["bind_virq"] == 0
+        assert (r["spin_done"], r["event_count"], r["event_cs"]) == (1, 1, C.FLAT_RING3_CS32)
+        assert dom.counters().twin_entries == (2 if engine == "kvm" else 0)
+    with Domain(image, engine=engine, console_ring=False) as dom:
+        started(dom)
+        dom.destroy()
+        assert dom.stop_info.kind == "stopped"
