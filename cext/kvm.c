@@ -1581,8 +1581,14 @@ static int load_context(struct hv_vcpu *v, struct hv_stop *stop)
 
     if (hv_vcpu_load_context(v, &r, err, sizeof(err)) < 0)
         return hv_stop_with(stop, HV_STOP_ERROR, 0, v->init_regs.rip, "%s", err), -1;
-    if ((r.cs | 3) != FLAT_RING3_CS64 && pv_compat_code(v, r.cs))
-        return twin_enter(v, &r, stop);        /* VCPUOP_initialise in compat code */
+    if ((r.cs | 3) != FLAT_RING3_CS64 && pv_compat_code(v, r.cs)) {
+        /* VCPUOP_initialise in compat code: a KVM_RUN that enters nothing fills sync
+         * regs with the vCPU's state first (the twin starts from them) */
+        if (complete_io(v) < 0)
+            return hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot read vCPU %d's "
+                                "state: %s", v->id, strerror(errno)), -1;
+        return twin_enter(v, &r, stop);
+    }
     memset(&old, 0, sizeof(old));
     old.gs_sel = ~0ULL;                 /* load every segment register the model keeps */
     memcpy(&v->run->s.regs.regs, &r, 18 * sizeof(uint64_t));

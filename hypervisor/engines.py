@@ -70,6 +70,17 @@ def why_unavailable(name: str) -> str | None:
     return None
 
 
+def compat_mode_unavailable(name: str) -> str | None:
+    """None if engine `name` runs a Xen PV guest's 32-bit compat-mode code: bt does it
+    itself, kvm on a Unicorn twin of the vCPU (cext/bt_twin.c), so only where bt can
+    run too; else why not."""
+    if name == "kvm":
+        why = why_unavailable("bt")
+        if why:
+            return f"kvm runs compat-mode code on a Unicorn twin, and {why}"
+    return None
+
+
 def available() -> list[str]:
     return [name for name in ENGINES if why_unavailable(name) is None]
 

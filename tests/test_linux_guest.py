@@ -243,6 +243,8 @@ def test_debian_linux_pv_domu_runs_a_32_bit_program(tmp_path, engine):
     import subprocess
     from hypervisor.domain import Domain
     from hypervisor.linux_guest import newc_files
+    if engines.compat_mode_unavailable(engine):
+        pytest.skip(engines.compat_mode_unavailable(engine))
     (tmp_path / "hello32.s").write_text(HELLO32)
     subprocess.run(["as", "--32", "-o", tmp_path / "hello32.o", tmp_path / "hello32.s"], check=True)
     subprocess.run(["ld", "-m", "elf_i386", "-static", "-o", tmp_path / "hello32",

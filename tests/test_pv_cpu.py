@@ -2,13 +2,15 @@
 trapless by `syscall`, takes exceptions and events as bounce frames through its trap
 table and callbacks, returns with the iret hypercall, and cannot touch the hypervisor's
 region (cext/pv_*.c, guest_kernel/xen_pv.py)."""
+import pytest
+
 from abi import C
 
 from guest_kernel.conformance import parse
 from guest_kernel.pv_kernel import build_pv_kernel
 from guest_kernel.xen_pv import (compat_guest, cpu_model_guest, region_guest, sysenter_guest,
                                  unhandled_guest)
-from hypervisor import builder
+from hypervisor import builder, engines
 from hypervisor.image import load_image
 
 EFAULT, EINVAL = -C.XEN_EFAULT, -C.XEN_EINVAL
@@ -22,6 +24,14 @@ def run_clean(run_guest, image):
     stop, console, dom = run_guest(image, console_ring=False)
     assert (stop.kind, stop.reason) == ("shutdown", 0), f"{stop}\n{console}"
     return parse(console)[0], dom
+
+
+def needs_compat_mode(engine):
+    """Skip, saying why, where the engine cannot run compat-mode code (kvm without Unicorn
+    for its twin)."""
+    why = engines.compat_mode_unavailable(engine)
+    if why:
+        pytest.skip(why)
 
 
 def test_deprivileged_kernel_takes_traps_events_and_syscalls(run_guest):
@@ -151,6 +161,7 @@ def test_compat_mode_user_code(run_guest, engine):
     with an lcall that returns by a 32-bit lret (an ljmp to a data segment is a #GP);
     its syscall reaches the syscall32 callback (a #UD without one), int $0x80 the trap
     table; each frame holds the 32-bit selector and the 32-bit rip and rsp."""
+    needs_compat_mode(engine)
     image = compat_guest()
     r, dom = run_clean(run_guest, image)
     for case in ("new_user_baseptr", "stack_switch", "register_syscall", "register_syscall32"):
@@ -249,6 +260,7 @@ def test_compat_round_trips_keep_the_vcpus_state(run_guest, engine):
     each time; r12, which compat code cannot reach, comes back as it was."""
     from guest_kernel.xen_pv import (COMPAT_MXCSR, COMPAT_R12, COMPAT_XMM_ADD, COMPAT_XMM_IN,
                                      compat_roundtrip_guest)
+    needs_compat_mode(engine)
     r, dom = run_clean(run_guest, compat_roundtrip_guest(rounds=3))
     xmm = [x + y for x, y in zip(COMPAT_XMM_IN, COMPAT_XMM_ADD)]
     assert (r["register_syscall"], r["register_syscall32"]) == (0, 0)
@@ -274,6 +286,7 @@ def test_compat_code_can_be_paused_woken_by_an_event_and_destroyed(engine):
     from hypervisor.domain import Domain
     from hypervisor.image import load_image
     from tests.helpers import wait_for
+    needs_compat_mode(engine)
     image = compat_spin_guest()
     spinning = load_image(image, 64 << 20).symbols["spinning"]
 
