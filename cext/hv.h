@@ -234,7 +234,7 @@ struct hv_vcpu {
     int id;
     const struct hv_engine_ops *ops;
 
-    void *engine_priv;              /* engine-specific per-vCPU state (not kvm's) */
+    void *engine_priv;              /* bt's per-vCPU state; kvm's: the Unicorn twin */
 
     /* kvm engine */
     int fd;

@@ -1079,15 +1079,14 @@ static int only_stub_regs_changed(const struct pv_regs *a, const struct pv_regs 
 }
 
 /* ---- compat mode: the vCPU's Unicorn twin (bt_twin.c) ----
- * This KVM-PVM host runs a ring-3 guest's code on its own user segments: a CS of compat
- * code that the model loads (the iret hypercall, a bounce's return: KVM_SET_SREGS or the
- * stub's iretq) does not take, and the 64-bit code at the new rip runs in its place; a
- * far transfer of the guest's own does reach compat mode, whose `syscall` the host then
- * runs as the architecture would from ring 0 (STAR's selectors, CSTAR's low half as
- * rip), faulting there. So while a vCPU of Xen's model runs compat code it runs on its
- * twin, with bt's vCPU code and the same PV model, and comes back when the twin finds
- * it in 64-bit code. Each way costs the state transfer and a flush of the other side's
- * translations (docs/engines.md has the measured round trip). */
+ * This KVM-PVM host does not run a compat CS that the model loads (the iret hypercall,
+ * a bounce's return) as compat code (measured before: a #GP(0) at its first
+ * instruction); a far transfer of the guest's own does reach compat mode, but its
+ * `syscall` the host then runs as the architecture would from ring 0 (STAR's selectors,
+ * CSTAR's low half as rip), faulting there. So while a vCPU of Xen's model runs compat
+ * code it runs on its twin, with bt's vCPU code and the same PV model, and comes back
+ * when the twin finds it in 64-bit code. Each way costs the state transfer and a flush
+ * of the other side's translations (docs/engines.md has the measured round trip). */
 
 /* The x87/SSE state in struct kvm_fpu's terms, through the XSAVE area's legacy region
  * (FXSAVE's layout): this host's KVM_GET_FPU answers MXCSR 0 whatever the guest set
