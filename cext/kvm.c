@@ -1111,13 +1111,12 @@ static int get_fpu(struct hv_vcpu *v, struct kvm_fpu *f, struct kvm_xsave *xs)
     return 0;
 }
 
+/* xs: the area get_fpu read, which KVM still holds (the vCPU has not run there since). */
 static int set_fpu(struct hv_vcpu *v, const struct kvm_fpu *f, struct kvm_xsave *xs)
 {
     uint8_t *x = (uint8_t *)xs->region;
     uint64_t bv;
 
-    if (ioctl(v->fd, KVM_GET_XSAVE, xs) < 0)
-        return -1;
     memcpy(x + 0, &f->fcw, 2);
     memcpy(x + 2, &f->fsw, 2);
     x[4] = f->ftwx;
