@@ -240,9 +240,10 @@ buf_end: .byte  10
                                     pytest.param("kvm", marks=on_engine("kvm"))])
 def test_debian_linux_pv_domu_runs_a_32_bit_program(tmp_path, engine):
     """A static i386 program (GNU as --32, ld -m elf_i386) in the initramfs of a Linux PV
-    domU: Linux runs it in compat mode, its `int $0x80` calls reach the kernel through
-    the trap table, and its output and exit status come back, twice. On kvm its code runs
-    on the vCPU's Unicorn twin (this KVM-PVM host cannot run 32-bit code in ring 3)."""
+    domU with two vCPUs: Linux runs it in compat mode, its `int $0x80` calls reach the
+    kernel through the trap table, and its output and exit status come back; then four
+    copies at once, on both vCPUs. On kvm its code runs on each vCPU's Unicorn twin
+    (this KVM-PVM host cannot run 32-bit code in ring 3)."""
     import subprocess
     from hypervisor.domain import Domain
     from hypervisor.linux_guest import newc_files
@@ -253,19 +254,24 @@ def test_debian_linux_pv_domu_runs_a_32_bit_program(tmp_path, engine):
     subprocess.run(["ld", "-m", "elf_i386", "-static", "-o", tmp_path / "hello32",
                     tmp_path / "hello32.o"], check=True)
     busybox = newc_files((LINUX / "initramfs.cpio").read_bytes())["bin/busybox"]
-    init = ("#!/bin/busybox sh\n/bin/hello32\n/bin/busybox echo \"hello32 exit status $?\"\n"
-            "/bin/hello32\n/bin/busybox poweroff -f\n")
+    init = ("#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
+            "/bin/busybox mount -t devtmpfs dev /dev\n"
+            "/bin/hello32\n/bin/busybox echo \"hello32 exit status $?\"\n"
+            "/bin/hello32 & /bin/hello32 & /bin/hello32 & /bin/hello32 &\nwait\n"
+            "/bin/busybox echo \"cpus: $(/bin/busybox grep -c ^processor /proc/cpuinfo)\"\n"
+            "/bin/busybox poweroff -f\n")
     ramdisk = build_initramfs(busybox, init=init,
                               programs={"hello32": (tmp_path / "hello32").read_bytes()})
     with Domain(LINUX / "vmlinux", memory_mib=256, engine=engine, guest_type="pv",
-                ramdisk=ramdisk, cmdline="console=hvc0") as dom:
+                ramdisk=ramdisk, cmdline="console=hvc0", vcpus=2) as dom:
         stop = dom.run(timeout=400)
         out = dom.console_output.decode(errors="replace")
         twin_entries = dom.counters().twin_entries
     line = "hello from 32-bit user code: sum 1..100 = 5050"
     lines = [x.rstrip("\r") for x in out.splitlines()]
-    assert lines.count(line) == 2 and "hello32 exit status 7" in lines, out[-2000:]
+    assert lines.count(line) == 5 and "hello32 exit status 7" in lines, out[-2000:]
     assert lines.index("hello32 exit status 7") == lines.index(line) + 1
+    assert "cpus: 2" in lines
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), stop
     assert (twin_entries > 0) == (engine == "kvm")
 
