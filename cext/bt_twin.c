@@ -168,9 +168,13 @@ int hv_twin_enter(struct hv_vcpu *v, const struct pv_regs *r, const struct hv_tw
                   uint64_t cr3, const struct kvm_fpu *fpu, char *err, int err_len)
 {
     struct bt_vcpu *b;
+    int rc = -1;
 
+    /* Under the domain's guest lock, as the twins run: another vCPU's twin looks at this
+     * one's translated code (bt.c, others_note_written) and must not find it half made */
+    hv_guest_lock(v->dom);
     if (!twin_of(v) && twin_create(v, err, err_len) < 0)
-        return -1;
+        goto out;
     b = twin_of(v);
     /* nothing of the last visit is left to do: the vCPU went on in KVM since */
     b->exception.vector = -1;
@@ -205,9 +209,12 @@ int hv_twin_enter(struct hv_vcpu *v, const struct pv_regs *r, const struct hv_tw
     if (b->fatal) {                     /* Unicorn did not switch to CS's mode */
         hv_set_error(err, err_len, "%s", b->fatal_stop.message);
         b->fatal = 0;
-        return -1;
+        goto out;
     }
-    return 0;
+    rc = 0;
+out:
+    hv_guest_unlock(v->dom);
+    return rc;
 }
 
 int hv_twin_run(struct hv_vcpu *v, struct hv_stop *stop)
@@ -220,6 +227,7 @@ void hv_twin_leave(struct hv_vcpu *v, struct pv_regs *r, struct hv_twin_segs *se
 {
     struct bt_vcpu *b = twin_of(v);
 
+    hv_guest_lock(v->dom);
     bt_pv_get_regs(b, r);
     segs->ds = (uint16_t)bt_reg(b, UC_X86_REG_DS);
     segs->es = (uint16_t)bt_reg(b, UC_X86_REG_ES);
@@ -227,6 +235,7 @@ void hv_twin_leave(struct hv_vcpu *v, struct pv_regs *r, struct hv_twin_segs *se
     *cr3 = bt_reg(b, UC_X86_REG_CR3);
     fpu_from_twin(b, fpu);
     keep_code(b);
+    hv_guest_unlock(v->dom);
 }
 
 void hv_twin_kick(struct hv_vcpu *v)
