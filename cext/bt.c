@@ -308,7 +308,7 @@ static void bt_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_
     bt_guest_cpuid(bt_of(v), leaf, subleaf, out);
 }
 
-static const struct hv_engine_ops bt_ops = {
+const struct hv_engine_ops bt_vcpu_ops = {
     .cpuid = bt_cpuid,
     .get_cr3 = bt_get_cr3,
     .kick = bt_kick,
@@ -1101,7 +1101,7 @@ static int uc_fail(char *err, int err_len, const char *what, uc_err e)
     return -1;
 }
 
-static void bt_vcpu_destroy(struct hv_vcpu *v)
+void bt_vcpu_destroy(struct hv_vcpu *v)
 {
     struct bt_vcpu *b = bt_of(v);
     if (!b)
@@ -1120,6 +1120,7 @@ static void bt_vcpu_destroy(struct hv_vcpu *v)
     pthread_mutex_destroy(&b->kick_lock);
     free(b->written_frames);
     free(b->code_frames);
+    free(b->twin_code);
     free(b->tramp);
     free(b);
     v->engine_priv = NULL;
@@ -1280,7 +1281,9 @@ static int add_memory_hooks(struct bt_vcpu *b, char *err, int err_len)
     return 0;
 }
 
-static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
+/* A Unicorn CPU for v with guest memory and every hook, as engine_priv: a bt vCPU's,
+ * or a kvm vCPU's twin (bt_twin.c). 0, or -1 with err filled (nothing left behind). */
+int bt_vcpu_open(struct hv_vcpu *v, char *err, int err_len)
 {
     struct hv_domain *d = v->dom;
     struct bt_vcpu *b;
@@ -1299,8 +1302,7 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
     b->soft_int_end = ~0ULL;
     pthread_mutex_init(&b->kick_lock, NULL);
     v->engine_priv = b;
-    v->ops = &bt_ops;
-
+    
     if ((e = bt_uc.open(UC_ARCH_X86, UC_MODE_64, &b->uc)) != UC_ERR_OK) {
         b->uc = NULL;
         uc_fail(err, err_len, "cannot start an x86-64 CPU", e);
@@ -1410,17 +1412,25 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         hv_set_error(err, err_len, "cannot start the kicker thread");
         goto fail;
     }
-
-    /* Guest rdtsc in TCG is the host's TSC, unscaled: offset 0, the host's rate. */
-    pthread_once(&tsc_once, calibrate_tsc);
-    if (hv_pvclock_init(v, 0, tsc_khz) < 0) {
-        hv_set_error(err, err_len, "cannot measure the host TSC rate");
-        goto fail;
-    }
     return 0;
 fail:
     bt_vcpu_destroy(v);
     return -1;
+}
+
+static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
+{
+    if (bt_vcpu_open(v, err, err_len) < 0)
+        return -1;
+    v->ops = &bt_vcpu_ops;
+    /* Guest rdtsc in TCG is the host's TSC, unscaled: offset 0, the host's rate. */
+    pthread_once(&tsc_once, calibrate_tsc);
+    if (hv_pvclock_init(v, 0, tsc_khz) < 0) {
+        hv_set_error(err, err_len, "cannot measure the host TSC rate");
+        bt_vcpu_destroy(v);
+        return -1;
+    }
+    return 0;
 }
 
 /* A PVH guest's entry: 32-bit flat protected mode, paging off, ebx = hvm_start_info.
@@ -1780,6 +1790,9 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
             tf_before = (bt_reg(b, UC_X86_REG_RFLAGS) & RFLAGS_TF) != 0;
         }
 
+        /* a kvm vCPU's twin (bt_twin.c) is done once the vCPU runs 64-bit code again */
+        if (b->twin && !bt_code32(b))
+            return BT_TWIN_BACK;
         entry = hv_vcpu_before_entry(v, bt_flush_before_entry);
         if (entry > 0)
             return HV_STOP_PARKED;
@@ -1861,10 +1874,11 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
     }
 }
 
-/* Another vCPU changed page tables or types (hv_vcpu_flush_others). */
+/* Another vCPU changed page tables or types (hv_vcpu_flush_others). Through the ops: a
+ * kvm vCPU's twin notes that KVM's translations need the flush too. */
 static int bt_flush_before_entry(struct hv_vcpu *v)
 {
-    return bt_flush_tlb(v);
+    return v->ops->flush_tlb(v);
 }
 
 /* One vCPU of a domain runs guest code at a time (the guest lock, vcpu.c). */

@@ -328,6 +328,9 @@ struct bt_vcpu {
     uint32_t db_shadow;             /* a #DB held by a mov-SS shadow: its DR6 bits */
     int db_shadow_armed;            /* the next instruction runs in that shadow */
 
+    int twin;                       /* a kvm vCPU's twin (bt_twin.c): run until 64-bit code */
+    struct bt_twin_code *twin_code; /* ... and the code it translated, as it left it */
+
     struct bt_site *sites[BT_SITE_BUCKETS];
     uint64_t nr_sites;
 
@@ -337,6 +340,14 @@ struct bt_vcpu {
     uint8_t *written_frames, *code_frames;
     uint64_t frame_map_bytes;
 };
+
+/* bt.c: a Unicorn CPU with guest memory and the hooks, as v->engine_priv (0, or -1 with
+ * err filled), and its end; the engine ops a bt vCPU runs with. */
+int  bt_vcpu_open(struct hv_vcpu *v, char *err, int err_len);
+void bt_vcpu_destroy(struct hv_vcpu *v);
+extern const struct hv_engine_ops bt_vcpu_ops;
+/* What the run loop of a twin returns once the vCPU runs 64-bit code again. */
+#define BT_TWIN_BACK HV_TWIN_BACK
 
 /* bt_cpu.c: the MMU walk, guest memory reads by virtual address, IDT delivery. */
 int  bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perms, int *present);
@@ -390,6 +401,10 @@ int  bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev);
 int  bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s);
 int  bt_pv_site(struct bt_vcpu *b, struct bt_site *s, struct hv_stop *stop);
 int  bt_pv_events(struct bt_vcpu *b, struct hv_stop *stop);
+/* All of the model's registers out of Unicorn, and into it (CS's mode loaded, GS and
+ * FS with their bases, the control state when hw_dirty). */
+void bt_pv_get_regs(struct bt_vcpu *b, struct pv_regs *r);
+void bt_pv_set_regs(struct bt_vcpu *b, const struct pv_regs *r);
 /* A #DB for the guest's trap table, with dr6_bits (B0-B3, BS) merged into its DR6. */
 int  bt_pv_debug_exception(struct bt_vcpu *b, uint32_t dr6_bits, struct hv_stop *stop);
 

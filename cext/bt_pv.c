@@ -906,3 +906,21 @@ int bt_pv_debug_exception(struct bt_vcpu *b, uint32_t dr6_bits, struct hv_stop *
     write_regs(b, &r, &old);
     return 0;
 }
+
+void bt_pv_get_regs(struct bt_vcpu *b, struct pv_regs *r)
+{
+    read_regs(b, r);
+}
+
+void bt_pv_set_regs(struct bt_vcpu *b, const struct pv_regs *r)
+{
+    struct pv_regs old;
+
+    read_regs(b, &old);
+    old.cs = old.gs_sel = ~0ULL;        /* load CS's mode and %gs whatever they hold */
+    old.gs_base = ~r->gs_base;
+    old.fs_base = ~r->fs_base;
+    for (int i = 0; i < 18; i++)        /* and every register */
+        (&old.rax)[i] = ~(&r->rax)[i];
+    write_regs(b, r, &old);
+}

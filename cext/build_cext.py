@@ -17,7 +17,7 @@ SOURCES = ["guest_mem.c", "hypercall.c", "console.c", "version.c", "sched.c", "d
            "dev_exit.c", "dev_ptw.c", "dev_lapic.c", "vcpu.c",
            "bt.c", "bt_cpu.c", "bt_decode.c", "bt_uc.c", "bt_platform.c", "pvh.c",
            "pv_region.c", "pv_traps.c", "pv_emul.c", "pv_desc.c", "pv_ctrl.c", "pv_debug.c", "bt_pv.c",
-           "bt_debug.c", "vcpu_op.c"]
+           "bt_debug.c", "bt_twin.c", "vcpu_op.c"]
 SOURCES += ["console_ring.c", "xenstore.c", "backend.c", "blkback.c", "netback.c"]  # backends
 SOURCES += ["xen_cpuid.c"]
 SOURCES += ["grant_table.c"]

@@ -37,6 +37,8 @@ int hv_gva_to_gpa(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa)
     struct hv_domain *d = v->dom;
     uint64_t entry, cr3;
 
+    if (!v->ops)
+        return -XEN_EFAULT;             /* a vCPU not brought up yet has no page tables */
     /* PVH: the guest sets its own mode; before paging is on, addresses are physical
      * (32 bits of them). Only 4-level paging is walked. */
     if (d->guest_type == HV_GUEST_PVH && v->ops->get_mode) {

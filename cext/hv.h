@@ -234,7 +234,7 @@ struct hv_vcpu {
     int id;
     const struct hv_engine_ops *ops;
 
-    void *engine_priv;              /* engine-specific per-vCPU state (not kvm's) */
+    void *engine_priv;              /* bt's per-vCPU state; kvm's: the Unicorn twin */
 
     /* kvm engine */
     int fd;
@@ -248,6 +248,12 @@ struct hv_vcpu {
     uint64_t tss_trap[2];
     uint64_t tss_seen_base, tss_seen_cr3;
     uint16_t tss_seen_sel;
+    /* Xen's PV model on kvm: compat-mode code runs on a Unicorn twin of the vCPU
+     * (bt_twin.c), kept in engine_priv once made; on_twin while it runs there */
+    int on_twin;
+    struct kvm_xsave *twin_xsave;   /* KVM's XSAVE area as the twin took it (bt_twin.c) */
+    uint64_t twin_dr[8], twin_xcr0; /* ... and the debug registers and XCR0 KVM has */
+    int twin_flushed;               /* a flush KVM's translations still owe */
 
     /* the worker thread running it now (vcpu.c); kick_lock guards thread and in_run */
     pthread_mutex_t kick_lock;
@@ -326,6 +332,26 @@ int hv_kvm_emulate(struct hv_vcpu *v, char *why, int why_len);
  * TSS, 2: a ring-3 in/out the I/O bitmap allows, done here and counted as port I/O. */
 int hv_kvm_deliver_stopped_event(struct hv_vcpu *v, char *why, int why_len);
 int hv_kvm_deliver_interrupt(struct hv_vcpu *v, unsigned vector, char *why, int why_len);
+/* bt_twin.c: the Unicorn twin of a kvm vCPU of Xen's PV model, which runs the vCPU while
+ * it is in compat-mode code (this KVM-PVM host cannot). The state goes over whole: the
+ * model's registers, the data selectors, cr3 and the x87/SSE state (struct kvm_fpu's
+ * layout); the control state the model keeps (CR0.TS, CR4, XCR0, DR0-DR7, the LDT) is
+ * loaded from v->pv. hv_twin_run runs it as the bt engine runs a vCPU, and returns
+ * HV_TWIN_BACK once the vCPU runs 64-bit code again (or a stop, or HV_STOP_PARKED). */
+#define HV_TWIN_BACK 100
+struct kvm_fpu;
+struct kvm_xsave;
+struct hv_twin_segs { uint16_t ds, es, fs; };
+int  hv_twin_enter(struct hv_vcpu *v, const struct pv_regs *r, const struct hv_twin_segs *segs,
+                   uint64_t cr3, const struct kvm_fpu *fpu, char *err, int err_len);
+int  hv_twin_run(struct hv_vcpu *v, struct hv_stop *stop);
+void hv_twin_leave(struct hv_vcpu *v, struct pv_regs *r, struct hv_twin_segs *segs,
+                   uint64_t *cr3, struct kvm_fpu *fpu);
+void hv_twin_kick(struct hv_vcpu *v);
+void hv_twin_destroy(struct hv_vcpu *v);
+/* The engine ops while on the twin: bt's (its cr3, TLB); the caller sets kick. */
+const struct hv_engine_ops *hv_twin_ops(void);
+
 /* kvm.c: the vCPU's pending events (struct kvm_vcpu_events): from sync regs where
  * KVM stores them at every exit, else KVM_GET_VCPU_EVENTS. 0, or -1 with errno. */
 struct kvm_vcpu_events;

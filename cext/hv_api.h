@@ -55,6 +55,7 @@ struct hv_counters {
     uint64_t unknown_port_io;                   /* port I/O nobody claims */
     uint64_t upcalls;                           /* callback vectors injected */
     uint64_t blocks;                            /* SCHEDOP_block / poll / hlt sleeps */
+    uint64_t twin_entries;                      /* kvm: compat code moved to a Unicorn twin */
 };
 
 /* The state a vCPU starts in: 64-bit long mode, flat segments, paging on (PV); or,

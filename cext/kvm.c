@@ -676,6 +676,10 @@ static void kvm_kick(struct hv_vcpu *v)
     if (v->in_run && !pthread_equal(v->thread, pthread_self()))
         pthread_kill(v->thread, KICK_SIGNAL);
     pthread_mutex_unlock(&v->kick_lock);
+    /* and its twin, which may run the vCPU now (a kick it did not need is counted on its
+     * way in, as KVM counts an immediate_exit) */
+    if (v->engine_priv)
+        hv_twin_kick(v);
 }
 
 static const struct hv_engine_ops kvm_ops = {
@@ -733,6 +737,11 @@ static int pvclock_setup(struct hv_vcpu *v, char *err, int err_len)
         hv_set_error(err, err_len, "KVM_GET_TSC_KHZ: %s", strerror(errno));
         return -1;
     }
+    /* Xen's model: the guest's TSC is the host's, as a Xen PV guest's rdtsc runs
+     * natively there; so is the TSC of the Unicorn twin that runs its compat code
+     * (bt_twin.c: TCG's rdtsc reads the host's). Where KVM will not, its offset stays. */
+    if (v->dom->pv_model == HV_PV_XEN)
+        ioctl(v->fd, KVM_SET_DEVICE_ATTR, &attr);
     if (ioctl(v->fd, KVM_GET_DEVICE_ATTR, &attr) < 0) {
         struct { struct kvm_msrs hdr; struct kvm_msr_entry e; } msrs = {
             .hdr.nmsrs = 1, .e.index = 0x10,   /* IA32_TSC */
@@ -789,6 +798,8 @@ static int kvm_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
 
 static void kvm_vcpu_destroy(struct hv_vcpu *v)
 {
+    hv_twin_destroy(v);
+    free(v->twin_xsave);
     if (v->run)
         munmap(v->run, v->run_size);
     close(v->fd);
@@ -963,21 +974,6 @@ static int pv_sregs_changed(struct hv_vcpu *v, const struct pv_regs *r, const st
            r->gs_sel != old->gs_sel || v->pv.hw_dirty;
 }
 
-/* This KVM-PVM host runs a ring-3 guest on its own 64-bit user code segment only:
- * compat code that the model enters (a bounce's return, the iret hypercall, with CS
- * loaded by KVM_SET_SREGS or the stub's iretq) takes a #GP(0) at its first
- * instruction, and a far transfer the guest makes itself leaves the vCPU in a state
- * of the host's own. So a return into compat code stops the domain in one line. */
-static int pv_compat_refused(struct hv_vcpu *v, const struct pv_regs *r, struct hv_stop *stop)
-{
-    if ((r->cs | 3) == FLAT_RING3_CS64 || !pv_compat_code(v, r->cs))
-        return 0;                       /* Xen's flat 64-bit selector: no lookup */
-    hv_stop_with(stop, HV_STOP_FAULT, 0, r->rip, "compat mode (CS %#llx at rip %#llx): this "
-                 "KVM-PVM host does not run 32-bit code in ring 3; the bt engine does",
-                 (unsigned long long)r->cs, (unsigned long long)r->rip);
-    return -1;
-}
-
 /* Load them. On this KVM-PVM host ring-3 code runs natively under the host's own
  * CR4, so CR4.FSGSBASE there is the host's (rdfsbase works whatever the guest's CR4
  * says); trapless loads the bit anyway for hosts that honour it. */
@@ -1082,6 +1078,225 @@ static int only_stub_regs_changed(const struct pv_regs *a, const struct pv_regs 
            a->fs_base == b->fs_base && a->gs_base == b->gs_base && a->gs_sel == b->gs_sel;
 }
 
+/* ---- compat mode: the vCPU's Unicorn twin (bt_twin.c) ----
+ * This KVM-PVM host does not run a compat CS that the model loads (the iret hypercall,
+ * a bounce's return) as compat code (measured before: a #GP(0) at its first
+ * instruction); a far transfer of the guest's own does reach compat mode, but its
+ * `syscall` the host then runs as the architecture would from ring 0 (STAR's selectors,
+ * CSTAR's low half as rip), faulting there. So while a vCPU of Xen's model runs compat
+ * code it runs on its twin, with bt's vCPU code and the same PV model, and comes back
+ * when the twin finds it in 64-bit code. Each way costs the state transfer and a flush
+ * of the other side's translations (docs/engines.md has the measured round trip). */
+
+/* The x87/SSE state in struct kvm_fpu's terms, through the XSAVE area's legacy region
+ * (FXSAVE's layout): this host's KVM_GET_FPU answers MXCSR 0 whatever the guest set
+ * (measured: 0 where KVM_GET_XSAVE has the guest's 0x3f80), and KVM_SET_XSAVE leaves
+ * the other components (the YMM upper halves) as they are. */
+static int get_fpu(struct hv_vcpu *v, struct kvm_fpu *f, struct kvm_xsave *xs)
+{
+    const uint8_t *x = (const uint8_t *)xs->region;
+
+    if (ioctl(v->fd, KVM_GET_XSAVE, xs) < 0)
+        return -1;
+    memset(f, 0, sizeof(*f));
+    memcpy(&f->fcw, x + 0, 2);
+    memcpy(&f->fsw, x + 2, 2);
+    f->ftwx = x[4];
+    memcpy(&f->last_opcode, x + 6, 2);
+    memcpy(&f->last_ip, x + 8, 8);
+    memcpy(&f->last_dp, x + 16, 8);
+    memcpy(&f->mxcsr, x + 24, 4);
+    memcpy(f->fpr, x + 32, sizeof(f->fpr));
+    memcpy(f->xmm, x + 160, sizeof(f->xmm));
+    return 0;
+}
+
+/* xs: the area get_fpu read, which KVM still holds (the vCPU has not run there since). */
+static int set_fpu(struct hv_vcpu *v, const struct kvm_fpu *f, struct kvm_xsave *xs)
+{
+    uint8_t *x = (uint8_t *)xs->region;
+    uint64_t bv;
+
+    memcpy(x + 0, &f->fcw, 2);
+    memcpy(x + 2, &f->fsw, 2);
+    x[4] = f->ftwx;
+    memcpy(x + 6, &f->last_opcode, 2);
+    memcpy(x + 8, &f->last_ip, 8);
+    memcpy(x + 16, &f->last_dp, 8);
+    memcpy(x + 24, &f->mxcsr, 4);
+    memcpy(x + 32, f->fpr, sizeof(f->fpr));
+    memcpy(x + 160, f->xmm, sizeof(f->xmm));
+    memcpy(&bv, x + 512, 8);            /* XSTATE_BV: x87 and SSE come from the area */
+    bv |= 3;
+    memcpy(x + 512, &bv, 8);
+    return ioctl(v->fd, KVM_SET_XSAVE, xs) < 0 ? -1 : 0;
+}
+
+static struct hv_engine_ops twin_ops;   /* bt's, with kvm's kick (which kicks both) */
+static pthread_once_t twin_ops_once = PTHREAD_ONCE_INIT;
+
+/* A flush on the twin (a hypercall's, another vCPU's) is owed to KVM's translations. */
+static int twin_flush_tlb(struct hv_vcpu *v)
+{
+    v->twin_flushed = 1;
+    return hv_twin_ops()->flush_tlb(v);
+}
+
+static void twin_ops_init(void)
+{
+    twin_ops = *hv_twin_ops();
+    twin_ops.kick = kvm_kick;
+    twin_ops.flush_tlb = twin_flush_tlb;
+    twin_ops.cpuid = NULL;              /* the PV CPUID policy stays the host's, as on kvm */
+}
+
+/* Move the vCPU, whose registers the model left in r, onto its twin. KVM's state is
+ * the exit's, in sync regs; a cr3 or flush the exit asked for is the twin's. KVM's
+ * pending `out`, if any, stays: the way back gives a new rip by sync regs, and KVM
+ * then drops the instruction's completion (as the landing page's fast path does).
+ * 0, or -1 with stop filled. */
+static int twin_enter(struct hv_vcpu *v, const struct pv_regs *r, struct hv_stop *stop)
+{
+    const struct kvm_sregs *sregs = &v->run->s.regs.sregs;
+    struct kvm_fpu fpu;
+    struct hv_twin_segs segs;
+    struct pv_step *step = &v->pv.step;
+    char err[160] = "";
+    uint64_t cr3 = pending_set_cr3 ? pending_cr3 : sregs->cr3;
+
+    v->twin_flushed = pending_flush;
+    pending_set_cr3 = pending_flush = 0;
+    if (!v->twin_xsave && !(v->twin_xsave = calloc(1, sizeof(*v->twin_xsave))))
+        return hv_stop_with(stop, HV_STOP_ERROR, 0, r->rip, "out of host memory"), -1;
+    if (get_fpu(v, &fpu, v->twin_xsave) < 0)
+        return hv_stop_with(stop, HV_STOP_ERROR, errno, r->rip, "cannot take the vCPU off "
+                            "KVM for compat mode: %s", strerror(errno)), -1;
+    segs.ds = sregs->ds.selector;
+    segs.es = sregs->es.selector;
+    segs.fs = sregs->fs.selector;
+    memcpy(v->twin_dr, v->pv.dr, sizeof(v->twin_dr));
+    v->twin_xcr0 = v->pv.xcr0;
+    /* the twin steps breakpoints its own way (bt_debug.c): kvm's step is over */
+    step->on = step->decoded = 0;
+    step->shadow = 0;
+    step->shadow_held = 0;
+    pthread_once(&twin_ops_once, twin_ops_init);
+    if (hv_twin_enter(v, r, &segs, cr3, &fpu, err, sizeof(err)) < 0)
+        return hv_stop_with(stop, HV_STOP_FAULT, 0, r->rip, "compat mode (CS %#llx at rip "
+                            "%#llx): this KVM-PVM host does not run 32-bit code in ring 3, "
+                            "and its Unicorn twin cannot: %s", (unsigned long long)r->cs,
+                            (unsigned long long)r->rip, err), -1;
+    v->ops = &twin_ops;
+    v->on_twin = 1;
+    v->dom->counters.twin_entries++;
+    return 0;
+}
+
+static void ring3_data_segment(struct kvm_segment *s, uint16_t selector)
+{
+    flat_segment(s, selector, 0);
+    s->dpl = 3;
+    s->present = selector > 3;
+    s->unusable = selector <= 3;
+}
+
+/* The vCPU is in 64-bit code again: its state back into KVM by sync regs (applied by
+ * the next KVM_RUN), on ring-3 64-bit segments of the selectors it has, with the
+ * control state the model keeps; the XSAVE area it was taken from with the twin's x87
+ * and SSE state; the debug registers and XCR0 only if the twin's model changed them.
+ * KVM's translations: a new cr3 flushes them, the same one gets a flush before the
+ * entry if the twin was asked for one. 0, or -1 with stop filled. */
+static int twin_leave(struct hv_vcpu *v, struct hv_stop *stop)
+{
+    struct kvm_run *run = v->run;
+    struct kvm_sregs *s = &run->s.regs.sregs;
+    const struct pv_vcpu *p = &v->pv;
+    struct kvm_fpu fpu;
+    struct hv_twin_segs segs;
+    struct pv_regs r;
+    uint64_t cr3;
+
+    hv_twin_leave(v, &r, &segs, &cr3, &fpu);
+    v->ops = &kvm_ops;
+    v->on_twin = 0;
+    if (pv_step_resume(v, &r, stop) < 0)    /* breakpoints armed: kvm's step again */
+        return -1;
+    if (drop_shadows(v->dom) < 0 || set_fpu(v, &fpu, v->twin_xsave) < 0)
+        goto fail;
+    if (memcmp(v->twin_dr, p->dr, sizeof(v->twin_dr)) || v->twin_xcr0 != p->xcr0) {
+        struct kvm_debugregs dbg;
+        memset(&dbg, 0, sizeof(dbg));
+        memcpy(dbg.db, p->dr, sizeof(dbg.db));
+        dbg.dr6 = p->dr[6];
+        dbg.dr7 = p->dr[7];
+        if (ioctl(v->fd, KVM_SET_DEBUGREGS, &dbg) < 0)
+            goto fail;
+        if (p->cr4 & PV_CR4_OSXSAVE) {
+            struct kvm_xcrs xcrs;
+            memset(&xcrs, 0, sizeof(xcrs));
+            xcrs.nr_xcrs = 1;
+            xcrs.xcrs[0].value = p->xcr0;
+            if (ioctl(v->fd, KVM_SET_XCRS, &xcrs) < 0)
+                goto fail;
+        }
+    }
+    flat_segment(&s->cs, (uint16_t)(r.cs | 3), 1);
+    s->cs.dpl = 3;
+    flat_segment(&s->ss, (uint16_t)(r.ss | 3), 0);
+    s->ss.dpl = 3;
+    ring3_data_segment(&s->ds, segs.ds);
+    ring3_data_segment(&s->es, segs.es);
+    ring3_data_segment(&s->fs, segs.fs);
+    ring3_data_segment(&s->gs, (uint16_t)r.gs_sel);
+    s->fs.base = r.fs_base;
+    s->gs.base = r.gs_base;
+    memset(&s->ldt, 0, sizeof(s->ldt));    /* MMUEXT_SET_LDT's, as pv_load_sregs */
+    s->ldt.unusable = !p->ldt_ents;
+    if (p->ldt_ents) {
+        s->ldt.selector = PV_LDT_SEL;
+        s->ldt.base = PV_VCPU_VA(v->id, PV_LDT_VA);
+        s->ldt.limit = (uint32_t)(p->ldt_ents * 8 - 1);
+        s->ldt.type = 2;
+        s->ldt.present = 1;
+    }
+    s->cr0 = (s->cr0 & ~PV_CR0_TS) | (p->cr0_ts ? PV_CR0_TS : 0);
+    s->cr4 = (s->cr4 & ~(PV_CR4_FSGSBASE | PV_CR4_OSXSAVE)) |
+             (p->cr4 & (PV_CR4_FSGSBASE | PV_CR4_OSXSAVE));
+    if (s->cr3 == cr3 && v->twin_flushed)
+        __atomic_store_n(&v->flush_wanted, 1, __ATOMIC_SEQ_CST);
+    s->cr3 = cr3;
+    memcpy(&run->s.regs.regs, &r, 18 * sizeof(uint64_t));
+    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;
+    v->pv.hw_dirty = 0;
+    v->cr3 = cr3;
+    v->cr3_valid = 1;
+    return 0;
+fail:
+    return hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot hand the vCPU back to "
+                        "KVM after compat mode: %s", strerror(errno)), -1;
+}
+
+/* Compat code that a far transfer of the guest's own took there runs natively here, and
+ * this host runs its `syscall` as the architecture says: in ring 0 on STAR's selectors at
+ * CSTAR's low half, where the fetch faults, and the #PF's frame and the stub's rax go on
+ * the guest's stack (sp, below its rsp; i386 code keeps nothing there). 1, and r the
+ * registers of that syscall from compat code (rcx and r11 as it set them), if so. */
+static int host_compat_syscall(struct hv_vcpu *v, uint64_t sp, struct pv_regs *r)
+{
+    uint64_t f[7];                      /* rax, error, rip, cs, rflags, rsp, ss */
+
+    if (hv_copy_from_guest(v, f, sp, sizeof(f)) < 0 || f[2] != (uint32_t)PV_LANDING32_VA ||
+        (f[3] & 0xffff) != PV_HYPER_CS)
+        return 0;
+    r->rax = f[0];
+    r->rsp = f[5];
+    r->rip = r->rcx;
+    r->rflags = r->r11;
+    r->cs = FLAT_USER_CS32;             /* what Xen's cstar_enter records */
+    r->ss = FLAT_USER_SS32;
+    return 1;
+}
+
 /* An exit on PV_TRAP_PORT (an exception stub) or PV_SYSCALL_PORT (the landing page).
  * 0 to run on, or -1 with stop filled. */
 static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
@@ -1091,7 +1306,7 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
     uint64_t rip = run->s.regs.regs.rip, sp = run->s.regs.regs.rsp, *frame = NULL, *saved_rax = NULL;
     struct pv_regs r, before, first;
     struct hv_mm_changed changed = { .n = 0 };
-    int rc;
+    int rc, compat;
 
     pv_regs_from_run(v, &r);
     first = r;
@@ -1101,6 +1316,14 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         int vector = (int)((rip - PV_STUBS_VA) / PV_STUB_SIZE), with_error;
         uint32_t error;
         uint64_t stack = PV_VCPU_VA(v->id, PV_STACK_VA), top = PV_VCPU_VA(v->id, PV_STACK_TOP);
+        if (rip >= PV_STUBS_VA && vector == 14 && (sp < stack || sp + 7 * 8 > top) &&
+            host_compat_syscall(v, sp, &r)) {
+            pv_step_entry(v, &r, 0);
+            before = r;
+            d->counters.exits[HV_EXIT_HYPERCALL]++;
+            rc = pv_syscall(v, &r, stop);
+            goto out;
+        }
         if (rip < PV_STUBS_VA || vector >= 32 || sp < stack ||
             sp + (6 + (uint64_t)pv_has_error_code(vector)) * 8 > top) {
             in_exit = 0;
@@ -1123,6 +1346,17 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         r.ss = frame[4];
         pv_step_entry(v, &r, vector == 1);
         before = r;
+        if (vector != 1 && vector != 3 && vector != 4 && (r.cs | 3) != FLAT_RING3_CS64 &&
+            pv_compat_code(v, r.cs)) {
+            /* a fault of compat code that got there by a far transfer of its own (and ran
+             * here until it faulted): the twin runs the instruction again, and a fault
+             * of the guest's own comes from there */
+            in_exit = 0;
+            hv_mm_note_changes(NULL);
+            drop_at_next_flush(d, &changed);
+            d->counters.exits[HV_EXIT_EXCEPTION]++;
+            return twin_enter(v, &r, stop);
+        }
         if (vector == 14 && (r.rip == PV_LANDING_VA || r.rip == PV_LANDING32_VA) &&
             run->s.regs.sregs.cr2 == r.rip) {
             /* `syscall` on a host that cannot fetch the landing page from ring 3
@@ -1166,16 +1400,20 @@ static int pv_port_exit(struct hv_vcpu *v, struct hv_stop *stop)
         d->counters.exits[HV_EXIT_EXCEPTION]++;
         rc = pv_exception(v, &r, 13, 0, 0, stop);
     }
+out:
     /* Xen delivers pending events on every way back to the guest; armed breakpoints
-     * make it a single step */
+     * make it a single step, unless it goes to compat code, which the twin runs */
     if (rc == 0)
         rc = pv_deliver_events(v, &r, stop);
-    if (rc == 0)
+    compat = rc == 0 && (r.cs | 3) != FLAT_RING3_CS64 && pv_compat_code(v, r.cs);
+    if (rc == 0 && !compat)
         rc = pv_step_resume(v, &r, stop);
     in_exit = 0;
     hv_mm_note_changes(NULL);
-    if (rc < 0 || pv_compat_refused(v, &r, stop) < 0) {
+    if (rc < 0 || compat) {
         drop_at_next_flush(d, &changed);
+        if (rc == 0)
+            return twin_enter(v, &r, stop);     /* takes the pending cr3 */
         pending_set_cr3 = pending_flush = 0;    /* this thread may run another domain */
         return -1;
     }
@@ -1277,8 +1515,11 @@ static int pv_events(struct hv_vcpu *v, struct hv_stop *stop)
     pv_regs_from_run(v, &r);
     pv_step_entry(v, &r, 0);
     first = r;
-    if (pv_deliver_events(v, &r, stop) < 0 || pv_step_resume(v, &r, stop) < 0 ||
-        pv_compat_refused(v, &r, stop) < 0)
+    if (pv_deliver_events(v, &r, stop) < 0)
+        return -1;
+    if ((r.cs | 3) != FLAT_RING3_CS64 && pv_compat_code(v, r.cs))
+        return twin_enter(v, &r, stop);
+    if (pv_step_resume(v, &r, stop) < 0)
         return -1;
     if (pv_regs_to_run(v, &r, 0, &first) < 0) {
         hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot set the vCPU's registers: %s",
@@ -1338,6 +1579,14 @@ static int load_context(struct hv_vcpu *v, struct hv_stop *stop)
 
     if (hv_vcpu_load_context(v, &r, err, sizeof(err)) < 0)
         return hv_stop_with(stop, HV_STOP_ERROR, 0, v->init_regs.rip, "%s", err), -1;
+    if ((r.cs | 3) != FLAT_RING3_CS64 && pv_compat_code(v, r.cs)) {
+        /* VCPUOP_initialise in compat code: a KVM_RUN that enters nothing fills sync
+         * regs with the vCPU's state first (the twin starts from them) */
+        if (complete_io(v) < 0)
+            return hv_stop_with(stop, HV_STOP_ERROR, errno, r.rip, "cannot read vCPU %d's "
+                                "state: %s", v->id, strerror(errno)), -1;
+        return twin_enter(v, &r, stop);
+    }
     memset(&old, 0, sizeof(old));
     old.gs_sel = ~0ULL;                 /* load every segment register the model keeps */
     memcpy(&v->run->s.regs.regs, &r, 18 * sizeof(uint64_t));
@@ -1356,6 +1605,14 @@ static int kvm_run_loop(struct hv_vcpu *v, struct hv_stop *stop)
 
     for (;;) {
         int irq_rc;
+        if (v->on_twin) {
+            /* compat code: the twin runs it until the vCPU is in 64-bit code again */
+            int rc = hv_twin_run(v, stop);
+            if (rc != HV_TWIN_BACK)
+                return rc;
+            if (twin_leave(v, stop) < 0)
+                return stop->reason;
+        }
         if (__atomic_load_n(&d->shutting_down, __ATOMIC_ACQUIRE))
             return hv_stop_with(stop, HV_STOP_SHUTDOWN, d->shutdown_reason, run->s.regs.regs.rip,
                              "shutdown");

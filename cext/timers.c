@@ -449,22 +449,24 @@ static int64_t runstate_info(struct hv_vcpu *v, struct hv_vcpu *target, uint64_t
  * processor to itself, so it is running whenever it can look: the area is written when
  * it is registered and whenever the guest asks for its runstate. As in Xen, the handle
  * is taken as it is and a write that faults is not an error. */
-static int64_t register_runstate_area(struct hv_vcpu *v, uint64_t arg)
+static int64_t register_runstate_area(struct hv_vcpu *caller, struct hv_vcpu *v, uint64_t arg)
 {
     struct vcpu_register_runstate_memory_area area;
-    if (hv_copy_from_guest(v, &area, arg, sizeof(area)) < 0)
+    /* the argument is in the caller's memory: the target may not run yet (no engine) */
+    if (hv_copy_from_guest(caller, &area, arg, sizeof(area)) < 0)
         return -XEN_EFAULT;
     v->runstate_area = area.addr;
     hv_runstate_publish(v, 1);
     return 0;
 }
 
-static int64_t register_vcpu_info(struct hv_vcpu *v, uint64_t arg)
+static int64_t register_vcpu_info(struct hv_vcpu *caller, struct hv_vcpu *v, uint64_t arg)
 {
     struct vcpu_register_vcpu_info r;
     uint64_t gpa;
 
-    if (hv_copy_from_guest(v, &r, arg, sizeof(r)) < 0)
+    /* the argument is in the caller's memory: the target may not run yet (no engine) */
+    if (hv_copy_from_guest(caller, &r, arg, sizeof(r)) < 0)
         return -XEN_EFAULT;
     if (r.offset > HV_PAGE_SIZE - sizeof(struct vcpu_info))
         return -XEN_EINVAL;
@@ -501,7 +503,7 @@ int64_t do_vcpu_op(struct hv_vcpu *v, const struct hv_hcall *h)
     case VCPUOP_get_runstate_info:
         return runstate_info(v, target, h->a3);
     case VCPUOP_register_runstate_memory_area:
-        return register_runstate_area(target, h->a3);
+        return register_runstate_area(v, target, h->a3);
     case VCPUOP_set_periodic_timer: {
         struct vcpu_set_periodic_timer p;
         if (hv_copy_from_guest(v, &p, h->a3, sizeof(p)) < 0)
@@ -531,7 +533,7 @@ int64_t do_vcpu_op(struct hv_vcpu *v, const struct hv_hcall *h)
         set_singleshot(v, 0);
         return 0;
     case VCPUOP_register_vcpu_info:
-        return register_vcpu_info(target, h->a3);
+        return register_vcpu_info(v, target, h->a3);
     default:
         return -XEN_ENOSYS;
     }

@@ -73,6 +73,7 @@ static int64_t set_context(struct hv_vcpu *t, const struct vcpu_guest_context *c
         return rc;
 
     memset(p, 0, sizeof(*p));
+    p->xcr0 = PV_XCR0_X87;              /* the reset value, as vCPU 0's (pv_vcpu_boot) */
     rc = pv_set_gdt(t, c->gdt_frames, c->gdt_ents, 0);
     if (rc)
         return rc;

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from abi import C, offsetof
 
-from .asm import byte, dword, eax, ebx, ecx, edx, ptr, qword, r11, rax, rbx, rcx, rdx, rip, rsp
+from .asm import (byte, dword, eax, ebx, ecx, edx, esi, ptr, qword, r11, r12, rax, rbx, rcx,
+                  rdx, rip, rsp)
 from .conformance import ConformanceGuest, GuestImage
 from .pvlib import emit_mask_console_port
 
@@ -668,6 +669,181 @@ def compat_guest() -> GuestImage:
         a.push(VGCF_IN_SYSCALL)
         a.mov(eax, 0x7777)
         a.jmp("hypercall_iret")
+    g.handlers(handlers)
+    return g.finish()
+
+
+COMPAT_XMM_IN = (1, 2, 3, 4)           # dwords of xmm0 before the compat code
+COMPAT_XMM_ADD = (10, 20, 30, 40)      # ... of xmm1, which it adds
+COMPAT_MXCSR = 0x3F80                  # round down, exceptions masked
+COMPAT_R12 = 0x1122_3344_5566_7788     # a register compat code cannot reach
+
+
+def _abs32(a, prefix: tuple[int, ...], modrm_reg: int, label: str) -> None:
+    """prefix bytes, then a ModRM with reg modrm_reg and an absolute 32-bit address
+    (64-bit code: mod 00, rm 100 and SIB 0x25, no base, no index)."""
+    a.db(*prefix, modrm_reg << 3 | 4, 0x25)
+    a.dd(label)
+
+
+def _rdtsc_to(a, label: str) -> None:
+    """64-bit code: the TSC into the qword at label (rax, rdx clobbered)."""
+    a.db(0x0F, 0x31)                                # rdtsc
+    a.shl(rdx, 32)
+    a.or_(rax, rdx)
+    a.mov(qword[label], rax)
+
+
+def compat_roundtrip_guest(rounds: int) -> GuestImage:
+    """A round trip into 32-bit compat code, `rounds` times, from a 64-bit PV kernel that
+    keeps its state in registers across it. The kernel loads xmm0/xmm1, two values on the
+    x87 stack, MXCSR and r12, then enters the compat code with the iret hypercall (ebx =
+    rounds, esi = 0). Each round there makes a `syscall`, which the syscall32 callback
+    (64-bit kernel code) answers with its call count in eax, returning through the iret
+    hypercall; the compat code sums the answers in esi. Then it adds xmm1 to xmm0
+    (paddd), adds the two x87 values (faddp), stores esi and MXCSR, and leaves for 64-bit
+    user code with an ljmp, whose syscall brings the kernel back: it reports the sum, the
+    callback count, xmm0, the x87 result (fstp, a double), MXCSR and r12, and how the TSC
+    compat code read compares with the kernel's reads before and after it."""
+    g = XenPVGuest("pv-compat-roundtrip")
+    a = g.a
+    g.share_l4_with_user_mode(("user_stack_top",),
+                              ("main_rsp", "kernel_next", "sum_out", "mxcsr_out", "x87_out",
+                               "xmm_out", "xmm_out_hi", "r12_out", "s32_count", "tsc_before",
+                               "tsc_compat", "tsc_compat_hi", "tsc_after"))
+    g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64",
+               C.CALLBACKF_mask_events)
+    g.callback("register_syscall32", C.CALLBACKTYPE_syscall32, "on_syscall32")
+    a.section(".data")
+    a.align(16)
+    a.label("xmm_in")
+    a.dd(*COMPAT_XMM_IN)
+    a.label("xmm_add")
+    a.dd(*COMPAT_XMM_ADD)
+    a.label("two")
+    a.dq(0x4000_0000_0000_0000)                     # 2.0
+    a.label("three")
+    a.dq(0x4008_0000_0000_0000)                     # 3.0
+    a.label("mxcsr_in")
+    a.dd(COMPAT_MXCSR)
+    a.section(".text")
+    # the state compat code finds, and what it cannot touch
+    _abs32(a, (0xF3, 0x0F, 0x6F), 0, "xmm_in")      # movdqu xmm0, [xmm_in]
+    _abs32(a, (0xF3, 0x0F, 0x6F), 1, "xmm_add")     # movdqu xmm1, [xmm_add]
+    _abs32(a, (0xDD,), 0, "two")                    # fld qword [two]
+    _abs32(a, (0xDD,), 0, "three")                  # fld qword [three]
+    _abs32(a, (0x0F, 0xAE), 2, "mxcsr_in")          # ldmxcsr [mxcsr_in]
+    a.mov(r12, COMPAT_R12)
+    _rdtsc_to(a, "tsc_before")
+    a.mov(ebx, rounds)
+    a.xor(esi, esi)
+    _to_user(g, "c_entry", "k_done", C.FLAT_RING3_CS32)
+    a.label("k_done")
+    _rdtsc_to(a, "tsc_after")
+    _abs32(a, (0xF3, 0x0F, 0x7F), 0, "xmm_out")     # movdqu [xmm_out], xmm0
+    _abs32(a, (0xDD,), 3, "x87_out")                # fstp qword [x87_out]
+    a.mov(qword["r12_out"], r12)
+    g.report_word("sum", "sum_out")
+    g.report_word("syscall32_count", "s32_count")
+    g.report_word("xmm0_low", "xmm_out")
+    g.report_word("xmm0_high", "xmm_out_hi")
+    g.report_word("x87_sum", "x87_out")
+    g.report_word("mxcsr", "mxcsr_out")
+    g.report_word("r12", "r12_out")
+    # the TSC compat code read (edx:eax), against the kernel's reads before and after
+    a.mov(rax, qword["tsc_compat_hi"])
+    a.shl(rax, 32)
+    a.or_(rax, qword["tsc_compat"])
+    a.mov(qword["tsc_compat"], rax)
+    a.sub(rax, qword["tsc_before"])
+    g.report("tsc_compat_minus_before")
+    a.mov(rax, qword["tsc_after"])
+    a.sub(rax, qword["tsc_compat"])
+    g.report("tsc_after_minus_compat")
+
+    def handlers():
+        a.label("c_entry")                              # 32-bit user code
+        a.label("c_loop")
+        a.db(0xB8); a.dd(0x32)                          # mov eax, 0x32
+        a.db(0x0F, 0x05)                                # syscall: the syscall32 callback
+        a.db(0x01, 0xC6)                                # add esi, eax
+        a.db(0x4B)                                      # dec ebx
+        a.db(0x75, 0xF4)                                # jnz c_loop (-12)
+        a.db(0x66, 0x0F, 0xFE, 0xC1)                    # paddd xmm0, xmm1
+        a.db(0xDE, 0xC1)                                # faddp st(1), st
+        a.db(0x89, 0x35); a.dd("sum_out")               # mov [sum_out], esi
+        a.db(0x0F, 0xAE, 0x1D); a.dd("mxcsr_out")       # stmxcsr [mxcsr_out]
+        a.db(0x0F, 0x31)                                # rdtsc
+        a.db(0xA3); a.dd("tsc_compat")                  # mov [tsc_compat], eax
+        a.db(0x89, 0x15); a.dd("tsc_compat_hi")         # mov [tsc_compat + 4], edx
+        a.db(0xEA); a.dd("c_back"); a.dw(C.FLAT_RING3_CS64)    # jmp far 0xe033:c_back
+        a.label("c_back")                               # 64-bit user code
+        a.mov(eax, 0x64)
+        a.syscall()
+        a.ud2()                                         # not reached
+        # the 64-bit syscall callback: on in the kernel on its own stack
+        a.label("on_syscall64")
+        a.mov(rsp, qword["main_rsp"])
+        a.jmp(qword["kernel_next"])
+        # the syscall32 callback: eax = how many calls so far, back as Xen's sysret
+        a.label("on_syscall32")
+        a.inc(qword["s32_count"])
+        a.mov(rax, qword["s32_count"])
+        a.pop(rcx)
+        a.pop(r11)
+        a.push(VGCF_IN_SYSCALL)
+        a.jmp("hypercall_iret")
+    g.handlers(handlers)
+    return g.finish()
+
+
+def compat_spin_guest() -> GuestImage:
+    """32-bit compat code that waits for an event: the kernel binds VIRQ_DEBUG (the host
+    sends it), enters the compat code with the iret hypercall, events unmasked; the
+    compat code sets `spinning` and spins until the event callback (64-bit kernel code)
+    sets `woken`, then sets `spin_done` and leaves for 64-bit code by ljmp, whose
+    syscall brings the kernel back to report the event's count and the CS its frame
+    holds (the compat selector it interrupted)."""
+    g = XenPVGuest("pv-compat-spin")
+    a = g.a
+    g.map_shared_info()
+    g.share_l4_with_user_mode(("user_stack_top",),
+                              ("main_rsp", "kernel_next", "spinning", "woken", "spin_done"))
+    g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall64",
+               C.CALLBACKF_mask_events)
+    g.callback("register_event", C.CALLBACKTYPE_event, "on_event")
+    bind = g.struct("bind_virq", "evtchn_bind_virq", virq=C.VIRQ_DEBUG, vcpu=0)
+    g.call("bind_virq", "event_channel_op", C.EVTCHNOP_bind_virq, bind)
+    _to_user(g, "spin_entry", "k_done", C.FLAT_RING3_CS32)
+    a.label("k_done")
+    g.report_word("spin_done", "spin_done")
+    g.report_word("event_count", "on_event.count")
+    g.report_word("event_cs", "on_event.frame", 24)
+
+    def handlers():
+        a.label("spin_entry")                           # 32-bit user code
+        a.db(0xC7, 0x05); a.dd("spinning", 1)           # mov dword [spinning], 1
+        a.label("spin")
+        a.db(0x83, 0x3D); a.dd("woken"); a.db(0)        # cmp dword [woken], 0
+        a.db(0x74, 0xF7)                                # je spin
+        a.db(0xC7, 0x05); a.dd("spin_done", 1)          # mov dword [spin_done], 1
+        a.db(0xEA); a.dd("spin_back"); a.dw(C.FLAT_RING3_CS64)     # jmp far 0xe033:spin_back
+        a.label("spin_back")                            # 64-bit user code
+        a.mov(eax, 0x64)
+        a.syscall()
+        a.ud2()                                         # not reached
+        a.label("on_syscall64")
+        a.mov(rsp, qword["main_rsp"])
+        a.jmp(qword["kernel_next"])
+        # the event callback: wake the compat code, acknowledge, back into it
+        g.record_frame("on_event", False)
+        a.mov(qword["woken"], 1)
+        a.mov(byte[rip_("shared_info", UPCALL_PENDING)], 0)
+        a.mov(qword[rip_("shared_info", PENDING_SEL)], 0)
+        for i in range(4):
+            a.mov(qword[rip_("shared_info", EVTCHN_PENDING + 8 * i)], 0)
+        a.mov(rax, qword["saved_rax"])
+        g.iret(False)
     g.handlers(handlers)
     return g.finish()
 

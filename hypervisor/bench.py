@@ -6,7 +6,9 @@
   bare), the null hypercall xen_version(XENVER_version), an exception bounce (`int3`
   to the trap table's #BP handler, which returns with the iret hypercall) and a
   guest-user syscall bounce (user `syscall` to the kernel's syscall callback, back with
-  iret and VGCF_in_syscall), each as ns per iteration (a run of N minus a run of 1,
+  iret and VGCF_in_syscall), the same from 32-bit compat-mode user code (on kvm that
+  code runs on the vCPU's Unicorn twin: each round trip moves the vCPU there and back),
+  each as ns per iteration (a run of N minus a run of 1,
   so boot is left out), as exits per iteration and as multiples of the bare exit;
   rounds alternate so all see the same machine; the median round is reported. Each
   also as the CPU time the process spent per iteration (likewise N minus 1), which a
@@ -34,7 +36,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from guest_kernel import workloads
+from guest_kernel import workloads, xen_pv
 
 from . import bench_startup
 from .domain import Domain
@@ -74,6 +76,9 @@ PV_PATHS = (
      workloads.exception_bounce_loop),
     ("syscall_bounce", "user syscall bounce + iret (VGCF_in_syscall)",
      workloads.syscall_bounce_loop),
+    ("compat_syscall_bounce", "compat-mode user syscall bounce + iret back into compat "
+     "code (kvm: compat code on the vCPU's Unicorn twin)",
+     xen_pv.compat_roundtrip_guest),
 )
 
 
@@ -93,7 +98,9 @@ def pv_paths(iterations: int, engine: str | None, rounds: int = ROUNDS) -> dict:
     """ns (wall clock and process CPU time) and exits per iteration of each of PV_PATHS
     (a run of `iterations` minus a run of 1), the median of `rounds` alternating rounds,
     and each over the bare exit."""
-    images = {name: (build(1), build(iterations)) for name, _, build in PV_PATHS}
+    from .engines import compat_mode_unavailable
+    images = {name: (build(1), build(iterations)) for name, _, build in PV_PATHS
+              if name != "compat_syscall_bounce" or not compat_mode_unavailable(engine)}
     ns = {name: [] for name in images}
     cpu_ns = {name: [] for name in images}
     exits = {}
@@ -126,6 +133,8 @@ def pv_paths_table(r: dict) -> Table:
     for engine in r["engines"]:
         e = r[engine]
         for name, what, _ in PV_PATHS:
+            if name not in e:
+                continue                # compat code, where the engine cannot run it
             cpu_x = e[name]["cpu_x_bare_exit"]
             table.add_row(engine, what, f"{e['iterations']:,}", f"{e[name]['exits']:g}",
                           f"{e[name]['ns']:.1f}", f"{e[name]['x_bare_exit']:.3f}",

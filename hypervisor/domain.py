@@ -139,6 +139,7 @@ class Counters:
     unknown_port_io: int
     upcalls: int = 0                # callback vectors injected
     blocks: int = 0                 # sleeps in SCHEDOP_block / poll / hlt
+    twin_entries: int = 0           # kvm: times compat-mode code moved to the Unicorn twin
     total_exits: int = field(init=False)
 
     def __post_init__(self):
@@ -581,7 +582,7 @@ class Domain:
             he = {HYPERCALL_NAMES.get(n, "out_of_range"): c.hypercall_errors[n]
                   for n in range(len(c.hypercall_errors)) if c.hypercall_errors[n]}
             exits = {EXIT_REASON_NAMES[i]: c.exits[i] for i in range(lib.HV_EXIT_NR)}
-            return Counters(exits, hc, he, c.unknown_port_io, c.upcalls, c.blocks)
+            return Counters(exits, hc, he, c.unknown_port_io, c.upcalls, c.blocks, c.twin_entries)
 
     # ---- teardown ----
     def destroy(self) -> None:

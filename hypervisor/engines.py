@@ -55,6 +55,10 @@ def why_unavailable(name: str) -> str | None:
             return "KVM disabled by TRAPLESS_NO_KVM"
         if not lib.hv_kvm_available(why, len(why)):
             return ffi.string(why).decode()
+        # a kvm vCPU's compat-mode code runs on a Unicorn twin (cext/bt_twin.c): load the
+        # library too where it is there (without it, such code stops the domain)
+        if not os.environ.get("TRAPLESS_NO_BT"):
+            _load_unicorn()
     if name == "bt":
         if os.environ.get("TRAPLESS_NO_BT"):
             return "bt disabled by TRAPLESS_NO_BT"
@@ -63,6 +67,17 @@ def why_unavailable(name: str) -> str | None:
             return reason
         if not lib.hv_bt_available(why, len(why)):
             return ffi.string(why).decode()
+    return None
+
+
+def compat_mode_unavailable(name: str) -> str | None:
+    """None if engine `name` runs a Xen PV guest's 32-bit compat-mode code: bt does it
+    itself, kvm on a Unicorn twin of the vCPU (cext/bt_twin.c), so only where bt can
+    run too; else why not."""
+    if name == "kvm":
+        why = why_unavailable("bt")
+        if why:
+            return f"kvm runs compat-mode code on a Unicorn twin, and {why}"
     return None
 
 

@@ -213,13 +213,17 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1) -> bytes:
 
 
 def build_initramfs(busybox: bytes, init: str = INIT_SCRIPT,
-                    modules: list[tuple[str, bytes]] = ()) -> bytes:
-    """A newc cpio archive: /bin/busybox, /init, the directories they need, and the
-    kernel modules (name, .ko) under /lib/modules with their load order."""
+                    modules: list[tuple[str, bytes]] = (),
+                    programs: dict[str, bytes] | None = None) -> bytes:
+    """A newc cpio archive: /bin/busybox, /init, the directories they need, the kernel
+    modules (name, .ko) under /lib/modules with their load order, and `programs`
+    ({name: executable}) in /bin."""
     entries = [("bin", stat.S_IFDIR | 0o755, b""), ("dev", stat.S_IFDIR | 0o755, b""),
                ("proc", stat.S_IFDIR | 0o755, b""), ("sys", stat.S_IFDIR | 0o755, b""),
                ("bin/busybox", stat.S_IFREG | 0o755, busybox),
                ("init", stat.S_IFREG | 0o755, init.encode())]
+    entries += [(f"bin/{name}", stat.S_IFREG | 0o755, data)
+                for name, data in (programs or {}).items()]
     if modules:
         entries += [("lib", stat.S_IFDIR | 0o755, b""),
                     ("lib/modules", stat.S_IFDIR | 0o755, b"")]

@@ -189,6 +189,93 @@ def test_debian_linux_boots_as_pvh_on_bt():
     assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), stop
 
 
+# A static i386 program for Linux's 32-bit ABI (int $0x80): it sums 1..100 and writes
+# the answer in decimal.
+HELLO32 = r"""
+        .code32
+        .globl _start
+        .text
+_start: xor     %esi, %esi
+        mov     $100, %ecx
+1:      add     %ecx, %esi
+        loop    1b
+        mov     %esi, %eax
+        mov     $buf_end, %edi
+        mov     $10, %ebx
+2:      xor     %edx, %edx
+        div     %ebx
+        add     $'0', %dl
+        dec     %edi
+        mov     %dl, (%edi)
+        test    %eax, %eax
+        jnz     2b
+        mov     $4, %eax                # write(1, msg, msg_end - msg)
+        mov     $1, %ebx
+        mov     $msg, %ecx
+        mov     $msg_end - msg, %edx
+        int     $0x80
+        mov     $4, %eax                # write(1, the digits and a newline)
+        mov     $1, %ebx
+        mov     %edi, %ecx
+        mov     $buf_end + 1, %edx
+        sub     %edi, %edx
+        int     $0x80
+        mov     $1, %eax                # exit(7)
+        mov     $7, %ebx
+        int     $0x80
+        .data
+msg:    .ascii  "hello from 32-bit user code: sum 1..100 = "
+msg_end:
+        .space  16
+buf_end: .byte  10
+"""
+
+
+@pytest.mark.skipif(not (LINUX / "vmlinux").is_file(),
+                    reason=f"no Debian kernel at {LINUX}: `make linux-guest` fetches it "
+                           f"(apt-get download; needs Debian's archive)")
+# kvm in `make test` (its twin is what this test is for); bt, whose compat mode
+# tests/test_pv_cpu.py covers, in `make stress`
+@pytest.mark.parametrize("engine", [pytest.param("bt", marks=[on_engine("bt"), pytest.mark.stress]),
+                                    pytest.param("kvm", marks=on_engine("kvm"))])
+def test_debian_linux_pv_domu_runs_a_32_bit_program(tmp_path, engine):
+    """A static i386 program (GNU as --32, ld -m elf_i386) in the initramfs of a Linux PV
+    domU with two vCPUs: Linux runs it in compat mode, its `int $0x80` calls reach the
+    kernel through the trap table, and its output and exit status come back; then four
+    copies at once, on both vCPUs. On kvm its code runs on each vCPU's Unicorn twin
+    (this KVM-PVM host cannot run 32-bit code in ring 3)."""
+    import subprocess
+    from hypervisor.domain import Domain
+    from hypervisor.linux_guest import newc_files
+    if engines.compat_mode_unavailable(engine):
+        pytest.skip(engines.compat_mode_unavailable(engine))
+    (tmp_path / "hello32.s").write_text(HELLO32)
+    subprocess.run(["as", "--32", "-o", tmp_path / "hello32.o", tmp_path / "hello32.s"], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-static", "-o", tmp_path / "hello32",
+                    tmp_path / "hello32.o"], check=True)
+    busybox = newc_files((LINUX / "initramfs.cpio").read_bytes())["bin/busybox"]
+    init = ("#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n"
+            "/bin/busybox mount -t devtmpfs dev /dev\n"
+            "/bin/hello32\n/bin/busybox echo \"hello32 exit status $?\"\n"
+            "/bin/hello32 & /bin/hello32 & /bin/hello32 & /bin/hello32 &\nwait\n"
+            "/bin/busybox echo \"cpus: $(/bin/busybox grep -c ^processor /proc/cpuinfo)\"\n"
+            "/bin/busybox poweroff -f\n")
+    ramdisk = build_initramfs(busybox, init=init,
+                              programs={"hello32": (tmp_path / "hello32").read_bytes()})
+    with Domain(LINUX / "vmlinux", memory_mib=256, engine=engine, guest_type="pv",
+                ramdisk=ramdisk, cmdline="console=hvc0", vcpus=2) as dom:
+        stop = dom.run(timeout=400)
+        out = dom.console_output.decode(errors="replace")
+        twin_entries = dom.counters().twin_entries
+    line = "hello from 32-bit user code: sum 1..100 = 5050"
+    lines = [x.rstrip("\r") for x in out.splitlines()]
+    assert lines.count(line) == 5 and "hello32 exit status 7" in lines, out[-2000:]
+    assert lines.index("hello32 exit status 7") == lines.index(line) + 1
+    assert "cpus: 2" in lines
+    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), stop
+    assert (twin_entries > 0) == (engine == "kvm")
+
+
 def boot_pv_domu(engine: str) -> None:
     """Debian's kernel as a Xen PV domU on `engine`, to /init's line and the poweroff."""
     from hypervisor.domain import Domain

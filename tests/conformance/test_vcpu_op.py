@@ -82,6 +82,26 @@ def test_initialise_up_down_is_up(run_cases, request):
     assert audit(run.domain) == ""
 
 
+def test_a_vcpu_not_up_yet_takes_its_vcpu_info_and_runstate_area(run_cases):
+    """Linux registers every possible vCPU's vcpu_info and runstate area from vCPU 0
+    before it brings the others up: the arguments are vCPU 0's to read (the target has
+    no page tables yet), and Xen takes both."""
+    g = ConformanceGuest("vcpu_op areas of a vCPU not up")
+    g.struct("info", "vcpu_register_vcpu_info")
+    g.struct("area", "vcpu_register_runstate_memory_area")
+    g.a.lea(rax, qword[rip + "scratch"])
+    g.a.shr(rax, 12)                                # virtual = physical: its frame
+    g.a.mov(qword[rip + "info"], rax)
+    g.a.lea(rax, qword[rip + "scratch"])
+    g.a.add(rax, 2048)                              # the runstate area, apart from it
+    g.a.mov(qword[rip + "area"], rax)
+    g.call("vcpu_info_1", "vcpu_op", C.VCPUOP_register_vcpu_info, 1, "info")
+    g.call("runstate_area_1", "vcpu_op", C.VCPUOP_register_runstate_memory_area, 1, "area")
+    g.call("is_up_1", "vcpu_op", C.VCPUOP_is_up, 1, 0)
+    run = run_cases(g.finish(), vcpus=2)
+    assert (run["vcpu_info_1"], run["runstate_area_1"], run["is_up_1"]) == (0, 0, 0)
+
+
 def test_taking_down_the_last_vcpu_up_powers_the_domain_off(run_cases):
     g = ConformanceGuest("vcpu_op last down")
     g.call("down_0", "vcpu_op", C.VCPUOP_down, 0, 0)
