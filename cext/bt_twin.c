@@ -196,7 +196,7 @@ int hv_twin_enter(struct hv_vcpu *v, const struct pv_regs *r, const struct hv_tw
         b->tb_stale = 0;
         b->retranslate_start = b->retranslate_end = 0;
     }
-    bt_set_reg(b, UC_X86_REG_CR3, cr3);
+    bt_write_cr3(b, cr3);      /* and the copy bt_cr3 answers the walks from */
     bt_uc.ctl(b->uc, UC_CTL_TLB_FLUSH_W);
     /* data selectors first: a selector write loads its descriptor, and the FS base
      * the model keeps goes over it (bt_pv_set_regs) */
@@ -232,7 +232,7 @@ void hv_twin_leave(struct hv_vcpu *v, struct pv_regs *r, struct hv_twin_segs *se
     segs->ds = (uint16_t)bt_reg(b, UC_X86_REG_DS);
     segs->es = (uint16_t)bt_reg(b, UC_X86_REG_ES);
     segs->fs = (uint16_t)bt_reg(b, UC_X86_REG_FS);
-    *cr3 = bt_reg(b, UC_X86_REG_CR3);
+    *cr3 = bt_cr3(b);
     fpu_from_twin(b, fpu);
     keep_code(b);
     hv_guest_unlock(v->dom);
