@@ -209,12 +209,14 @@ _start: xor     %esi, %esi
         mov     %dl, (%edi)
         test    %eax, %eax
         jnz     2b
-        mov     $4, %eax                # write(1, msg, msg_end - msg)
-        mov     $1, %ebx
-        mov     $msg, %ecx
-        mov     $msg_end - msg, %edx
-        int     $0x80
-        mov     $4, %eax                # write(1, the digits and a newline)
+        dec     %edi                    # the message moved up to just before the digits
+        mov     $msg_end - 1, %esi      # (backwards: the two overlap), so that one write
+        mov     $msg_end - msg, %ecx    # prints the line and copies running at once
+        std                             # cannot interleave their halves
+        rep movsb
+        cld
+        inc     %edi
+        mov     $4, %eax                # write(1, the line, its length)
         mov     $1, %ebx
         mov     %edi, %ecx
         mov     $buf_end + 1, %edx
