@@ -1808,8 +1808,6 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
             b->in_emu = 1;
             b->emu_gen++;
             b->stop_asked = 0;  /* a kick answered on another path */
-            if (bt_uc.kick_take)
-                bt_uc.kick_take(b->uc);     /* one that landed after the last run ended */
         }
         pthread_mutex_unlock(&b->kick_lock);
         if (kicked) {
@@ -1825,6 +1823,11 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
         pthread_mutex_lock(&b->kick_lock);
         b->in_emu = 0;
         kicked = b->kick_pending;   /* left set: counted on the way back in */
+        /* A uc_kick that landed after the run ended would stop the next emu_start at
+         * its first block, a ring change's (bt_cpu.c) too: drop it. None comes now
+         * that in_emu is 0. */
+        if (bt_uc.kick_take)
+            bt_uc.kick_take(b->uc);
         pthread_mutex_unlock(&b->kick_lock);
         __atomic_store_n(&v->in_guest, 0, __ATOMIC_SEQ_CST);
 
