@@ -22,7 +22,7 @@
  *
  * The run loop mirrors kvm.c's: shutdown, kick and pause checks, interrupt delivery
  * (hv_next_vector) when RFLAGS.IF allows, hlt parks the vCPU (hv_vcpu_park), faults reported
- * with hv_stop_with. Timers and other threads stop the emulator with uc_emu_stop.
+ * with hv_stop_with. Timers and other threads stop the emulator with a kick (below).
  */
 #include <stdlib.h>
 #include <string.h>
