@@ -1386,7 +1386,7 @@ static int bt_vcpu_create(struct hv_vcpu *v, char *err, int err_len)
         { UC_HOOK_INTR, (void *)on_interrupt, 0 },
         { UC_HOOK_TLB_FILL, (void *)on_tlb_fill, 0 },
         { UC_HOOK_EDGE_GENERATED, (void *)on_new_block, 0 },
-        { UC_HOOK_BLOCK, (void *)on_block, 0 },
+        { UC_HOOK_BLOCK, (void *)on_block, 0 },     /* last: may be left out (below) */
     };
     /* The block hook answers kicks with a stock libunicorn and counts the blocks of a
      * time slice (BT_SLICE_BLOCKS) for a domain whose vCPUs take turns; a
