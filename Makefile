@@ -10,12 +10,18 @@ CMDLINE ?= console=hvc0 ticks=20 hello from make run-guest
 .PHONY: setup run-guest test stress bench conformance compare kernel clean linux-guest run-linux run-linux-pv run-linux-disk compare-linux bench-blk bench-linux bench-net
 
 # A virtualenv with trapless installed in editable mode; the C extension is rebuilt
-# whenever a C source or the ABI header changes.
-setup: $(VENV)/.installed
+# whenever a C source or the ABI header changes. Then the patched Unicorn the bt engine
+# runs on (third_party/unicorn: kicks from other threads without a per-block hook),
+# built once from Unicorn's source distribution; without it bt runs on the unicorn
+# package's library.
+UNICORN_LIB := build/unicorn/libunicorn.so.2
+setup: $(VENV)/.installed $(UNICORN_LIB)
 $(VENV)/.installed: pyproject.toml setup.py cext/*.c cext/*.h cext/build_cext.py abi/xen_abi.h
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
+$(UNICORN_LIB): third_party/unicorn/uc-kick.patch scripts/unicorn-build.sh | $(VENV)/.installed
+	scripts/unicorn-build.sh $(BIN)
 
 kernel: $(KERNEL)
 $(KERNEL): $(VENV)/.installed guest_kernel/*.py abi/xen_abi.h

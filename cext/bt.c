@@ -22,7 +22,7 @@
  *
  * The run loop mirrors kvm.c's: shutdown, kick and pause checks, interrupt delivery
  * (hv_next_vector) when RFLAGS.IF allows, hlt parks the vCPU (hv_vcpu_park), faults reported
- * with hv_stop_with. Timers and other threads stop the emulator with uc_emu_stop.
+ * with hv_stop_with. Timers and other threads stop the emulator with a kick (below).
  */
 #include <stdlib.h>
 #include <string.h>
@@ -127,18 +127,27 @@ static int bt_flush_tlb(struct hv_vcpu *v)
  * Another thread never calls uc_emu_stop itself: a stop from outside lands at a TB
  * boundary, and when that boundary is a chained jump Unicorn leaves the PC of an earlier
  * block in RIP (it skips the PC sync once a stop is requested; unicorn-engine/unicorn
- * issue 1355), so the guest would run instructions twice after an interrupt there.
- * Instead the kick sets stop_asked, and the block hook (on_block), which Unicorn runs at
- * the start of every block with the PC written back, stops the emulator exactly there.
+ * issue 1355), so the guest would run instructions twice after an interrupt there; and
+ * until the stop lands, Unicorn skips our code hooks (TCG would run a vmcall itself).
+ * With trapless's patched libunicorn (third_party/unicorn) the kick is uc_kick, QEMU's
+ * own cpu_exit: every block tests a flag at its start, and the outermost emu_start
+ * returns there with RIP exact; a run nested in a hook (bt_cpu.c's ring changes) runs to
+ * its end first. With a stock one the kick sets stop_asked, and the block hook
+ * (on_block), which Unicorn runs at the start of every block with the PC written back,
+ * stops the emulator exactly there: a call per block, some 150 million in a Linux boot.
  * One thread for the whole process repeats an unanswered kick with a growing pause
  * (0.1, 0.8, 6.4, 51 ms) until the vCPU leaves the emulator. Lock order: a vCPU's
  * kick_lock, then kq_lock.
  */
 
-/* From any thread: stop at the start of the next block. */
+/* From another thread holding b->kick_lock, or from a hook of the vCPU's own thread:
+ * stop at the start of the next block. Outside the main run (a ring change run from the
+ * run loop) only stop_asked is set: the run loop looks at everything before it enters. */
 static void ask_stop(struct bt_vcpu *b)
 {
     __atomic_store_n(&b->stop_asked, 1, __ATOMIC_RELEASE);
+    if (bt_uc.kick && b->in_emu)
+        bt_uc.kick(b->uc);
 }
 
 /* Blocks a vCPU runs before it lets another vCPU of its domain that waits for the guest
@@ -1381,9 +1390,15 @@ int bt_vcpu_open(struct hv_vcpu *v, char *err, int err_len)
         { UC_HOOK_INTR, (void *)on_interrupt, 0 },
         { UC_HOOK_TLB_FILL, (void *)on_tlb_fill, 0 },
         { UC_HOOK_EDGE_GENERATED, (void *)on_new_block, 0 },
-        { UC_HOOK_BLOCK, (void *)on_block, 0 },
+        { UC_HOOK_BLOCK, (void *)on_block, 0 },     /* last: may be left out (below) */
     };
-    for (size_t i = 0; i < sizeof(hooks) / sizeof(hooks[0]); i++) {
+    /* The block hook answers kicks with a stock libunicorn and counts the blocks of a
+     * time slice (BT_SLICE_BLOCKS) for a domain whose vCPUs take turns; a
+     * one-vCPU domain on the patched build runs without it. */
+    size_t nr_hooks = sizeof(hooks) / sizeof(hooks[0]);
+    if (bt_uc.kick && d->max_vcpus <= 1)
+        nr_hooks--;
+    for (size_t i = 0; i < nr_hooks; i++) {
         if (hooks[i].type == UC_HOOK_INSN)
             e = bt_uc.hook_add(b->uc, &hh, hooks[i].type, hooks[i].cb, b, 1, 0, hooks[i].insn);
         else
@@ -1822,6 +1837,11 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
         pthread_mutex_lock(&b->kick_lock);
         b->in_emu = 0;
         kicked = b->kick_pending;   /* left set: counted on the way back in */
+        /* A uc_kick that landed after the run ended would stop the next emu_start at
+         * its first block, a ring change's (bt_cpu.c) too: drop it. None comes now
+         * that in_emu is 0. */
+        if (bt_uc.kick_take)
+            bt_uc.kick_take(b->uc);
         pthread_mutex_unlock(&b->kick_lock);
         __atomic_store_n(&v->in_guest, 0, __ATOMIC_SEQ_CST);
 

@@ -133,6 +133,11 @@ struct bt_uc_api {
     uc_err (*hook_add)(uc_engine *uc, uc_hook *hh, int type, void *callback, void *user_data,
                        uint64_t begin, uint64_t end, ...);
     uc_err (*hook_del)(uc_engine *uc, uc_hook hh);
+    /* Only in trapless's patched build (third_party/unicorn): a stop from any thread
+     * at the next block start with RIP exact, and whether one is pending (cleared).
+     * NULL with a stock libunicorn: kicks then go through the block hook (bt.c). */
+    void (*kick)(uc_engine *uc);
+    int (*kick_take)(uc_engine *uc);
 };
 
 extern struct bt_uc_api bt_uc;

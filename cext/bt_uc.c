@@ -1,7 +1,7 @@
 /*
- * bt_uc.c - loading Unicorn for the bt engine: dlopen the libunicorn that the unicorn
- * Python package ships (Python finds it and passes its path) and resolve the entry
- * points bt.h declares. Nothing links against Unicorn at build time, so the extension
+ * bt_uc.c - loading Unicorn for the bt engine: dlopen a libunicorn (trapless's patched
+ * build in build/unicorn, else the one the unicorn Python package ships; Python finds it
+ * and passes its path) and resolve the entry points bt.h declares. Nothing links against Unicorn at build time, so the extension
  * builds and the kvm engine works on a host without it.
  */
 #include <dlfcn.h>
@@ -68,6 +68,11 @@ int hv_bt_init(const char *library, char *err, int err_len)
         dlclose(h);
         goto fail;
     }
+    /* the patched build's exact kick: both entry points or neither */
+    *(void **)&bt_uc.kick = dlsym(h, "uc_kick");
+    *(void **)&bt_uc.kick_take = dlsym(h, "uc_kick_take");
+    if (!bt_uc.kick || !bt_uc.kick_take)
+        bt_uc.kick = NULL, bt_uc.kick_take = NULL;
     bt_uc_loaded = 1;
     bt_uc_why[0] = 0;
     pthread_mutex_unlock(&load_lock);
@@ -76,4 +81,9 @@ fail:
     hv_set_error(err, err_len, "%s", bt_uc_why);
     pthread_mutex_unlock(&load_lock);
     return -1;
+}
+
+int hv_bt_exact_kicks(void)
+{
+    return bt_uc_loaded && bt_uc.kick != NULL;
 }

@@ -140,6 +140,9 @@ int  hv_kvm_has_xen_hvm(void);
  * hv_bt_available says why bt cannot run. */
 int  hv_bt_init(const char *library, char *err, int err_len);
 int  hv_bt_available(char *why, int why_len);
+/* 1 if the loaded libunicorn stops from another thread by itself (uc_kick, trapless's
+ * patched build), so bt runs without a block hook; 0 with a stock one. */
+int  hv_bt_exact_kicks(void);
 /* bt's instruction decoder, for tests: the length of the instruction at code (and its
  * kind: 0 plain, else sensitive), or -1 if it is not a valid x86-64 instruction. */
 int  hv_bt_insn_length(const uint8_t *code, int avail, int *kind);

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import select
 import shutil
 import subprocess
@@ -25,14 +26,19 @@ import sys
 import time
 from pathlib import Path
 
+from .engines import bt_library_note
+
 MILESTONES = (("banner", b"Linux version "),
               ("run /init", b"Run /init as init process"),
               ("/init", b"trapless: /init of a busybox initramfs"))
 MEMORY_MIB = 256
 
 
-def timed_run(argv: list[str], timeout: float) -> tuple[dict[str, float], float, int, bytes]:
-    """Run argv; seconds to each milestone, to the end, the exit status, the output."""
+def timed_run(argv: list[str], timeout: float) -> tuple[dict[str, float], float, int, bytes,
+                                                        tuple[float, float]]:
+    """Run argv; seconds to each milestone, to the end, the exit status, the output, and
+    the process's CPU time (user, sys; the runs go one at a time)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
@@ -57,7 +63,9 @@ def timed_run(argv: list[str], timeout: float) -> tuple[dict[str, float], float,
             if name not in seen and text in out:
                 seen[name] = now
     status = proc.wait()
-    return seen, time.monotonic() - start, status, bytes(out)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime)
+    return seen, time.monotonic() - start, status, bytes(out), cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,13 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                      str(vmlinux), "-initrd", str(initrd), "-append", "console=ttyS0",
                      "-nographic", "-no-reboot"],
     }
+    print(bt_library_note())
     results = {name: timed_run(cmd, args.timeout) for name, cmd in runs.items()}
     names = list(runs)
     print(f"{'milestone':<14}" + "".join(f"{n:>18}" for n in names) + f"{'ratio':>10}")
     for milestone, _ in MILESTONES + (("end", None),):
         cells, values = [], []
         for n in names:
-            seen, total, status, _ = results[n]
+            seen, total, status, _, _ = results[n]
             value = total if milestone == "end" else seen.get(milestone)
             values.append(value)
             cells.append(f"{value:>17.2f}s" if value is not None else f"{'not reached':>18}")
@@ -98,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                  (milestone != "end" or all(results[n][2] == 0 for n in names)) else f"{'-':>10}")
         print(f"{milestone:<14}" + "".join(cells) + ratio)
     for n in names:
-        seen, total, status, out = results[n]
+        seen, total, status, out, (user, sys_) = results[n]
         tail = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        print(f"{n}: exit status {status}; last line: {tail[0][:120]}")
+        print(f"{n}: exit status {status}; CPU {user:.2f} s user + {sys_:.2f} s sys; "
+              f"last line: {tail[0][:120]}")
     return 0
 
 

@@ -18,8 +18,20 @@ from .errors import EngineError
 ENGINES = {"kvm": lib.HV_ENGINE_KVM, "bt": lib.HV_ENGINE_BT}
 
 
+# trapless's patched Unicorn (third_party/unicorn, built by `make setup`): kicks from
+# other threads stop it exactly, so bt needs no per-block hook
+PATCHED_UNICORN = Path(__file__).resolve().parent.parent / "build" / "unicorn" / "libunicorn.so.2"
+
+
 def unicorn_library() -> Path | None:
-    """libunicorn as the unicorn package ships it (found without importing the package)."""
+    """The libunicorn bt runs on: TRAPLESS_UNICORN if set to a path, else the patched
+    build when `make setup` made it (unless TRAPLESS_UNICORN=stock), else the one the
+    unicorn package ships (found without importing the package)."""
+    chosen = os.environ.get("TRAPLESS_UNICORN", "")
+    if chosen and chosen != "stock":
+        return Path(chosen)
+    if chosen != "stock" and PATCHED_UNICORN.is_file():
+        return PATCHED_UNICORN
     spec = importlib.util.find_spec("unicorn")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -43,6 +55,16 @@ def _load_unicorn() -> str | None:
     if lib.hv_bt_init(str(path).encode(), err, len(err)) < 0:
         return ffi.string(err).decode()
     return None
+
+
+def bt_library_note() -> str:
+    """One line: which libunicorn bt runs on, and how it stops for a kick."""
+    why = why_unavailable("bt")
+    if why:
+        return f"bt unavailable: {why}"
+    how = ("exact kicks (uc_kick), no block hook" if lib.hv_bt_exact_kicks()
+           else "stock: kicks through a block hook")
+    return f"bt runs on {unicorn_library()} ({how})"
 
 
 def why_unavailable(name: str) -> str | None:

@@ -393,12 +393,22 @@ def test_without_the_unicorn_library_bt_is_unavailable_in_one_line(tmp_path):
     fake = tmp_path / "unicorn"
     fake.mkdir()
     (fake / "__init__.py").write_text("")           # a unicorn package without libunicorn
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TRAPLESS_NO_KVM": "1"}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TRAPLESS_NO_KVM": "1",
+           "TRAPLESS_UNICORN": "stock"}     # not the patched build either
     r = subprocess.run([sys.executable, "-m", "hypervisor", "run", "--engine", "bt"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2
     assert r.stderr == ("trapless: engine bt: the unicorn package has no libunicorn "
                         "(pip install unicorn==2.1.4)\n")
+
+
+def test_a_library_that_is_not_there_makes_bt_unavailable_in_one_line(tmp_path):
+    env = {**os.environ, "TRAPLESS_NO_KVM": "1", "TRAPLESS_UNICORN": str(tmp_path / "no.so")}
+    r = subprocess.run([sys.executable, "-m", "hypervisor", "run", "--engine", "bt"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("trapless: engine bt: cannot load the Unicorn library: ")
+    assert r.stderr.count("\n") == 1 and "no.so" in r.stderr
 
 
 @needs_bt
