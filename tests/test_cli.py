@@ -106,6 +106,26 @@ def test_timeout_stops_a_spinning_guest(tmp_path, engine):
     assert r.stderr.startswith("trapless: d1 timed out after 0.5 s (rip=0x")
 
 
+@needs_bt
+def test_bt_on_the_unicorn_packages_own_library_takes_timer_events_and_stops(kernel, tmp_path):
+    """TRAPLESS_UNICORN=stock: bt on the unicorn wheel's library, where kicks from other
+    threads go through the per-block hook instead of the patched library's uc_kick:
+    timer upcalls still arrive, and a spinning guest is still stopped by its timeout."""
+    from guest_kernel.runtime import PVProgram
+    stock = {"TRAPLESS_UNICORN": "stock"}
+    r = hv("run", "--engine", "bt", kernel, "--cmdline", "ticks=5", env=stock)
+    assert r.returncode == 0, r.stderr
+    assert any(line.startswith("5 ticks at 100 Hz in ") for line in r.stdout.splitlines())
+    p = PVProgram("spin")
+    p.a.label("spin")
+    p.a.jmp("spin")
+    image = tmp_path / "spin.elf"
+    image.write_bytes(p.elf())
+    r = hv("run", "--engine", "bt", image, "--timeout", "0.5", env=stock)
+    assert r.returncode == 9
+    assert r.stderr.startswith("trapless: d1 timed out after 0.5 s (rip=0x")
+
+
 @pytest.mark.parametrize("content,message", [
     (b"", "empty file"),
     (b"#!/bin/sh\necho hi\n" + b"\0" * 64, "not an ELF file"),
