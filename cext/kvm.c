@@ -968,6 +968,17 @@ static void pv_regs_from_run(struct hv_vcpu *v, struct pv_regs *r)
 
 /* Did the model change what only KVM_SET_SREGS / KVM_SET_DEBUGREGS can load: the FS
  * and GS bases, the %gs selector, CR0.TS, CR4 or the debug registers? */
+/* The debug registers the PV model keeps (set_debugreg), into KVM. */
+static int set_debugregs(struct hv_vcpu *v, const uint64_t dr[8])
+{
+    struct kvm_debugregs dbg;
+    memset(&dbg, 0, sizeof(dbg));
+    memcpy(dbg.db, dr, sizeof(dbg.db));
+    dbg.dr6 = dr[6];
+    dbg.dr7 = dr[7];
+    return ioctl(v->fd, KVM_SET_DEBUGREGS, &dbg) < 0 ? -1 : 0;
+}
+
 static int pv_sregs_changed(struct hv_vcpu *v, const struct pv_regs *r, const struct pv_regs *old)
 {
     return r->fs_base != old->fs_base || r->gs_base != old->gs_base ||
@@ -1033,12 +1044,7 @@ static int pv_load_sregs(struct hv_vcpu *v, const struct pv_regs *r, const struc
             return -1;
     }
     if (p->hw_dirty) {
-        struct kvm_debugregs dbg;
-        memset(&dbg, 0, sizeof(dbg));
-        memcpy(dbg.db, p->dr, sizeof(dbg.db));
-        dbg.dr6 = p->dr[6];
-        dbg.dr7 = p->dr[7];
-        if (ioctl(v->fd, KVM_SET_DEBUGREGS, &dbg) < 0)
+        if (set_debugregs(v, p->dr) < 0)
             return -1;
         v->pv.hw_dirty = 0;
     }
@@ -1224,12 +1230,7 @@ static int twin_leave(struct hv_vcpu *v, struct hv_stop *stop)
     if (drop_shadows(v->dom) < 0 || set_fpu(v, &fpu, v->twin_xsave) < 0)
         goto fail;
     if (memcmp(v->twin_dr, p->dr, sizeof(v->twin_dr)) || v->twin_xcr0 != p->xcr0) {
-        struct kvm_debugregs dbg;
-        memset(&dbg, 0, sizeof(dbg));
-        memcpy(dbg.db, p->dr, sizeof(dbg.db));
-        dbg.dr6 = p->dr[6];
-        dbg.dr7 = p->dr[7];
-        if (ioctl(v->fd, KVM_SET_DEBUGREGS, &dbg) < 0)
+        if (set_debugregs(v, p->dr) < 0)
             goto fail;
         if (p->cr4 & PV_CR4_OSXSAVE) {
             struct kvm_xcrs xcrs;

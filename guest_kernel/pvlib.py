@@ -433,6 +433,22 @@ def emit_block_until(p: PVProgram, check, done: str, window=None) -> None:
 _block_ids = itertools.count()
 
 
+def emit_iret_to_user(a, stack_top: str, code: str, cs: int = C.FLAT_RING3_CS64) -> None:
+    """From the guest kernel, under Xen's PV model: into guest user mode at `code`, on
+    the stack ending at `stack_top`, with code selector cs (Xen's flat ring-3 ones) and
+    events on, through the iret hypercall (its frame: rip, cs, rflags, rsp, ss above a
+    zero flags word)."""
+    a.push(C.FLAT_RING3_SS64)
+    a.lea(rax, ptr[stack_top])
+    a.push(rax)
+    a.push(0x202)
+    a.push(cs)
+    a.lea(rax, ptr[code])
+    a.push(rax)
+    a.push(0)
+    a.jmp("hypercall_iret")
+
+
 def set_port_handler(p: PVProgram, port_reg, handler: str) -> None:
     """port_handlers[port_reg] = handler (port_reg holds a port below 256)."""
     a = p.a

@@ -217,6 +217,7 @@ def syscall_bounce_loop(iterations: int) -> bytes:
     back to user mode with the iret hypercall and VGCF_in_syscall, as Linux's sysret
     path does. One L4 serves kernel and user (MMUEXT_NEW_USER_BASEPTR names pt_base);
     the user's last syscall (rax 1) tells the kernel to power off."""
+    from .pvlib import emit_iret_to_user
     p = PVProgram(guest_os="trapless-bench-syscall-bounce")
     a = p.a
     a.mov(rax, qword["start_info_ptr"])
@@ -227,15 +228,7 @@ def syscall_bounce_loop(iterations: int) -> bytes:
     p.hypercall("stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
     p.hypercall("callback_op", C.CALLBACKOP_register, "syscall_callback")
     a.mov(qword["main_rsp"], rsp)
-    a.push(C.FLAT_RING3_SS64)                       # iret to user mode, events on
-    a.lea(rax, ptr["user_stack_top"])
-    a.push(rax)
-    a.push(0x202)
-    a.push(C.FLAT_RING3_CS64)
-    a.lea(rax, ptr["user_loop"])
-    a.push(rax)
-    a.push(0)
-    a.jmp("hypercall_iret")
+    emit_iret_to_user(a, "user_stack_top", "user_loop")
 
     a.label("user_loop")                            # guest user mode
     a.mov(r12, iterations)

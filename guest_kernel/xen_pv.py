@@ -14,7 +14,7 @@ from abi import C, offsetof
 from .asm import (byte, dword, eax, ebx, ecx, edx, esi, ptr, qword, r11, r12, rax, rbx, rcx,
                   rdx, rip, rsp)
 from .conformance import ConformanceGuest, GuestImage
-from .pvlib import emit_mask_console_port
+from .pvlib import emit_iret_to_user, emit_mask_console_port
 
 # Offsets inside shared_info of vCPU 0's vcpu_info.
 UPCALL_PENDING = offsetof("vcpu_info", "evtchn_upcall_pending")
@@ -356,15 +356,7 @@ def cpu_model_guest() -> GuestImage:
     g.callback("register_syscall", C.CALLBACKTYPE_syscall, "on_syscall",
                C.CALLBACKF_mask_events)
     a.mov(qword["main_rsp"], rsp)
-    a.push(C.FLAT_RING3_SS64)
-    a.lea(rax, ptr["user_stack_top"])
-    a.push(rax)
-    a.push(0x202)
-    a.push(C.FLAT_RING3_CS64)
-    a.lea(rax, ptr["user_code"])
-    a.push(rax)
-    a.push(0)
-    a.jmp("hypercall_iret")
+    emit_iret_to_user(a, "user_stack_top", "user_code")
 
     a.label("user_code")                    # ring 3, guest user mode
     a.mov(eax, 0x1234)
@@ -509,15 +501,7 @@ def _to_user(g: XenPVGuest, user_label: str, resume_kernel: str, cs: int) -> Non
     a.lea(rax, ptr[resume_kernel])
     a.mov(qword["kernel_next"], rax)
     a.mov(qword["main_rsp"], rsp)
-    a.push(C.FLAT_RING3_SS64)
-    a.lea(rax, ptr["user_stack_top"])
-    a.push(rax)
-    a.push(0x202)
-    a.push(cs)
-    a.lea(rax, ptr[user_label])
-    a.push(rax)
-    a.push(0)
-    a.jmp("hypercall_iret")
+    emit_iret_to_user(a, "user_stack_top", user_label, cs)
 
 
 def compat_guest() -> GuestImage:
@@ -1027,15 +1011,7 @@ def user_mode_gs_guest() -> bytes:
     p.hypercall("stack_switch", C.FLAT_KERNEL_SS, "gs_kernel_stack_top")
     p.hypercall("callback_op", C.CALLBACKOP_register, "gs_syscall_callback")
     a.mov(qword["gs_main_rsp"], rsp)
-    a.push(C.FLAT_RING3_SS64)                       # iret to user mode
-    a.lea(rax, ptr["gs_user_stack_top"])
-    a.push(rax)
-    a.push(0x202)
-    a.push(C.FLAT_RING3_CS64)
-    a.lea(rax, ptr["gs_user_code"])
-    a.push(rax)
-    a.push(0)
-    a.jmp("hypercall_iret")
+    emit_iret_to_user(a, "gs_user_stack_top", "gs_user_code")
 
     a.label("gs_user_code")                         # guest user mode
     read_gs0_into(0)
