@@ -433,6 +433,24 @@ def emit_block_until(p: PVProgram, check, done: str, window=None) -> None:
 _block_ids = itertools.count()
 
 
+def emit_enter_user_mode(p: PVProgram, code: str, prefix: str = "") -> None:
+    """From a Xen-model PV kernel whose one L4 serves both modes, its first entry to
+    guest user mode: pt_base named the user L4 (MMUEXT_NEW_USER_BASEPTR, through the
+    mmuext_op struct at {prefix}user_base), the kernel stack for entries from user mode
+    ({prefix}kernel_stack_top), the syscall callback ({prefix}syscall_callback), rsp kept
+    in {prefix}main_rsp; then user code at `code` on {prefix}user_stack_top."""
+    a = p.a
+    a.mov(rax, qword["start_info_ptr"])
+    a.mov(rax, qword[rax + offsetof("start_info", "pt_base")])
+    a.shr(rax, 12)                                  # VIRT_BASE 0: VA = PA
+    a.mov(qword[rip + f"{prefix}user_base" + 8], rax)
+    p.hypercall("mmuext_op", f"{prefix}user_base", 1, 0, C.DOMID_SELF)
+    p.hypercall("stack_switch", C.FLAT_KERNEL_SS, f"{prefix}kernel_stack_top")
+    p.hypercall("callback_op", C.CALLBACKOP_register, f"{prefix}syscall_callback")
+    a.mov(qword[f"{prefix}main_rsp"], rsp)
+    emit_iret_to_user(a, f"{prefix}user_stack_top", code)
+
+
 def emit_iret_to_user(a, stack_top: str, code: str, cs: int = C.FLAT_RING3_CS64) -> None:
     """From the guest kernel, under Xen's PV model: into guest user mode at `code`, on
     the stack ending at `stack_top`, with code selector cs (Xen's flat ring-3 ones) and

@@ -217,18 +217,10 @@ def syscall_bounce_loop(iterations: int) -> bytes:
     back to user mode with the iret hypercall and VGCF_in_syscall, as Linux's sysret
     path does. One L4 serves kernel and user (MMUEXT_NEW_USER_BASEPTR names pt_base);
     the user's last syscall (rax 1) tells the kernel to power off."""
-    from .pvlib import emit_iret_to_user
+    from .pvlib import emit_enter_user_mode
     p = PVProgram(guest_os="trapless-bench-syscall-bounce")
     a = p.a
-    a.mov(rax, qword["start_info_ptr"])
-    a.mov(rax, qword[rax + offsetof("start_info", "pt_base")])
-    a.shr(rax, 12)                                  # VIRT_BASE 0: VA = PA
-    a.mov(qword[rip + "user_base" + 8], rax)
-    p.hypercall("mmuext_op", "user_base", 1, 0, C.DOMID_SELF)
-    p.hypercall("stack_switch", C.FLAT_KERNEL_SS, "kernel_stack_top")
-    p.hypercall("callback_op", C.CALLBACKOP_register, "syscall_callback")
-    a.mov(qword["main_rsp"], rsp)
-    emit_iret_to_user(a, "user_stack_top", "user_loop")
+    emit_enter_user_mode(p, "user_loop")
 
     a.label("user_loop")                            # guest user mode
     a.mov(r12, iterations)

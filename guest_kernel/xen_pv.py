@@ -14,7 +14,7 @@ from abi import C, offsetof
 from .asm import (byte, dword, eax, ebx, ecx, edx, esi, ptr, qword, r11, r12, rax, rbx, rcx,
                   rdx, rip, rsp)
 from .conformance import ConformanceGuest, GuestImage
-from .pvlib import emit_iret_to_user, emit_mask_console_port
+from .pvlib import emit_enter_user_mode, emit_iret_to_user, emit_mask_console_port
 
 # Offsets inside shared_info of vCPU 0's vcpu_info.
 UPCALL_PENDING = offsetof("vcpu_info", "evtchn_upcall_pending")
@@ -1003,15 +1003,7 @@ def user_mode_gs_guest() -> bytes:
     p.hypercall("set_trap_table", "gs_traps")
     p.hypercall("set_segment_base", C.SEGBASE_GS_KERNEL, "kernel_gs_word")
     p.hypercall("set_segment_base", C.SEGBASE_GS_USER, "user_gs_word")
-    a.mov(rax, qword["start_info_ptr"])
-    a.mov(rax, qword[rax + offsetof("start_info", "pt_base")])
-    a.shr(rax, 12)                                  # VIRT_BASE 0: VA = PA
-    a.mov(qword[rip + "gs_user_base" + 8], rax)
-    p.hypercall("mmuext_op", "gs_user_base", 1, 0, C.DOMID_SELF)
-    p.hypercall("stack_switch", C.FLAT_KERNEL_SS, "gs_kernel_stack_top")
-    p.hypercall("callback_op", C.CALLBACKOP_register, "gs_syscall_callback")
-    a.mov(qword["gs_main_rsp"], rsp)
-    emit_iret_to_user(a, "gs_user_stack_top", "gs_user_code")
+    emit_enter_user_mode(p, "gs_user_code", prefix="gs_")
 
     a.label("gs_user_code")                         # guest user mode
     read_gs0_into(0)
