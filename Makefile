@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml setup.py cext/*.c cext/*.h cext/build_cext.py
 	touch $@
 # A build that fails says so in one line and is not fatal: bt then runs on the package's
 # library (with the per-block hook), and the next make tries again.
-$(UNICORN_LIB): third_party/unicorn/uc-kick.patch scripts/unicorn-build.sh | $(VENV)/.installed
+$(UNICORN_LIB): third_party/unicorn/*.patch scripts/unicorn-build.sh | $(VENV)/.installed
 	scripts/unicorn-build.sh $(BIN) || true
 
 kernel: $(KERNEL)

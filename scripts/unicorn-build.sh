@@ -1,7 +1,7 @@
 #!/bin/sh
 # Build trapless's patched libunicorn (third_party/unicorn) into build/unicorn: Unicorn
 # 2.1.4's source distribution from the package index (pip download, checked against its
-# sha256), our patch, x86 only (about a minute and a half of two cores). On failure: one
+# sha256), our patches (third_party/unicorn/*.patch, in name order), x86 only (about a minute and a half of two cores). On failure: one
 # line saying so, the log in build/unicorn/build.log, nothing half-built left where bt
 # would load it (bt then runs on the unicorn package's own library).
 #
@@ -10,7 +10,7 @@ set -eu
 bin=$1
 version=2.1.4
 sha256=00567a70e323f749b419cd86bee4f9115beab7ebba32194581c090cbb7c59cff
-patch=$(pwd)/third_party/unicorn/uc-kick.patch
+patches=$(ls "$(pwd)"/third_party/unicorn/*.patch)
 out=build/unicorn
 log=$out/build.log
 work=$out/work
@@ -45,11 +45,13 @@ rm -rf "$work"
 mkdir -p "$work"
 tar xzf "$sdist" -C "$work" >>"$log" 2>&1 || fail "cannot unpack $sdist"
 src=$work/unicorn-$version/src
-patch -p1 -d "$src" <"$patch" >>"$log" 2>&1 || fail "the patch does not apply"
+for patch in $patches; do
+    patch -p1 -d "$src" <"$patch" >>"$log" 2>&1 || fail "$(basename "$patch") does not apply"
+done
 "$cmake" -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DUNICORN_BUILD_TESTS=off \
     -DUNICORN_ARCH=x86 >>"$log" 2>&1 || fail "cmake"
 make -C "$src/build" -j"$(nproc)" unicorn >>"$log" 2>&1 || fail "make"
 cp "$src/build/libunicorn.so.2" "$out/libunicorn.so.2.new" &&
     mv "$out/libunicorn.so.2.new" "$out/libunicorn.so.2" || fail "cannot install the library"
 rm -rf "$work"
-echo "make setup: built $out/libunicorn.so.2 (Unicorn $version with third_party/unicorn/uc-kick.patch)"
+echo "make setup: built $out/libunicorn.so.2 (Unicorn $version with $(cd third_party/unicorn && echo *.patch))"
