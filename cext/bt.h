@@ -194,6 +194,14 @@ struct bt_insn {
 int bt_decode(const uint8_t *code, int avail, struct bt_insn *out);
 /* The same for 32-bit code (code32 = 1: a PVH guest before it enters long mode). */
 int bt_decode_mode(const uint8_t *code, int avail, struct bt_insn *out, int code32);
+/* How a 64-bit instruction reaches memory through SS (which decides #SS(0) against
+ * #GP(0) for a non-canonical address): BT_STACK_IMPLICIT for push, pop, call, ret,
+ * enter, leave, pushf, popf; BT_STACK_OPERAND for a memory operand based on rsp or rbp
+ * without an FS or GS override (in 64-bit mode an ES, CS, SS or DS override changes
+ * nothing: the default segment stays). 0 if neither. */
+#define BT_STACK_IMPLICIT 1
+#define BT_STACK_OPERAND  2
+int bt_stack_access(const struct bt_insn *in);
 /* 1 if the instruction is a div/idiv (the source of #DE). */
 int bt_is_divide(const struct bt_insn *in);
 

@@ -356,38 +356,16 @@ static int access_address(struct bt_vcpu *b, uint64_t rip, int access, uint64_t 
     }
 }
 
-/* Does the instruction at rip reach memory through SS: push, pop, call, ret, enter,
- * leave, or a memory operand based on rsp or rbp? (In 64-bit mode an override other
- * than fs or gs changes nothing: the default segment stays.) */
+/* Does the instruction at rip reach memory through SS (bt_stack_access)? */
 static int stack_segment_access(struct bt_vcpu *b, uint64_t rip)
 {
     uint8_t code[15];
     struct bt_insn in;
-    int avail = 15, base;
+    int avail = 15;
 
     while (avail > 0 && bt_read_virt(b, rip, code, avail) < 0)
         avail--;
-    if (avail == 0 || bt_decode(code, avail, &in) < 0 || in.seg)
-        return 0;
-    if (in.map == 0) {
-        uint8_t op = in.opcode, reg = (in.modrm >> 3) & 7;
-        if ((op >= 0x50 && op <= 0x5f) || op == 0x68 || op == 0x6a || op == 0x9c ||
-            op == 0x9d || op == 0xc2 || op == 0xc3 || op == 0xc8 || op == 0xc9 || op == 0xe8 ||
-            (op == 0xff && (reg == 2 || reg == 6)) || (op == 0x8f && reg == 0))
-            return 1;
-    }
-    if (!in.has_modrm || (in.modrm >> 6) == 3)
-        return 0;
-    if ((in.modrm & 7) == 4) {
-        if ((in.sib & 7) == 5 && (in.modrm >> 6) == 0)
-            return 0;           /* no base: disp32 */
-        base = (in.sib & 7) | ((in.rex & 1) << 3);
-    } else {
-        if ((in.modrm & 7) == 5 && (in.modrm >> 6) == 0)
-            return 0;           /* rip-relative */
-        base = (in.modrm & 7) | ((in.rex & 1) << 3);
-    }
-    return base == 4 || base == 5;
+    return avail > 0 && bt_decode(code, avail, &in) == 0 && bt_stack_access(&in) != 0;
 }
 
 void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev)

@@ -382,3 +382,28 @@ int bt_is_divide(const struct bt_insn *in)
     int reg = (in->modrm >> 3) & 7;
     return in->map == 0 && (in->opcode == 0xf6 || in->opcode == 0xf7) && (reg == 6 || reg == 7);
 }
+
+int bt_stack_access(const struct bt_insn *in)
+{
+    int access = 0, mod = in->modrm >> 6, base;
+
+    if (in->map == 0) {
+        uint8_t op = in->opcode, reg = (in->modrm >> 3) & 7;
+        if ((op >= 0x50 && op <= 0x5f) || op == 0x68 || op == 0x6a || op == 0x9c ||
+            op == 0x9d || op == 0xc2 || op == 0xc3 || op == 0xc8 || op == 0xc9 || op == 0xe8 ||
+            (op == 0xff && (reg == 2 || reg == 6)) || (op == 0x8f && reg == 0))
+            access |= BT_STACK_IMPLICIT;
+    }
+    if (!in->has_modrm || mod == 3 || in->seg)
+        return access;              /* no memory operand, or through FS or GS */
+    if ((in->modrm & 7) == 4) {
+        if ((in->sib & 7) == 5 && mod == 0)
+            return access;          /* no base: disp32 */
+        base = (in->sib & 7) | ((in->rex & 1) << 3);
+    } else {
+        if ((in->modrm & 7) == 5 && mod == 0)
+            return access;          /* rip-relative */
+        base = (in->modrm & 7) | ((in->rex & 1) << 3);
+    }
+    return base == 4 || base == 5 ? access | BT_STACK_OPERAND : access;
+}

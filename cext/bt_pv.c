@@ -429,8 +429,8 @@ static int operand_address(const struct pv_regs *r, const struct bt_insn *in, ui
 }
 
 /* TCG raises #GP for every non-canonical address; the CPU raises #SS(0) when the
- * memory operand's base register is rsp or rbp (a stack reference), unless FS or GS
- * overrides it. 1 if the #GP(0) at r->rip is such a stack reference. */
+ * memory operand is a reference through SS (bt_stack_access: a base register of rsp or
+ * rbp, no FS or GS override). 1 if the #GP(0) at r->rip is such a stack reference. */
 static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
 {
     uint8_t code[15];
@@ -440,10 +440,10 @@ static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
 
     while (avail > 0 && bt_read_virt(b, r->rip, code, avail) < 0)
         avail--;
-    if (avail == 0 || bt_decode_mode(code, avail, &in, bt_code32(b)) < 0 || in.seg ||
+    if (avail == 0 || bt_decode_mode(code, avail, &in, bt_code32(b)) < 0 ||
         operand_address(r, &in, &ea, &base, bt_code32(b)) < 0)
         return 0;
-    return (base == 4 || base == 5) && !canonical(ea);
+    return (bt_stack_access(&in) & BT_STACK_OPERAND) && !canonical(ea);
 }
 
 /* All 0, to start the registers a hook reads from: copied, not memset, whose string

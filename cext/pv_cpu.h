@@ -301,6 +301,11 @@ size_t pv_gpr_offset(int n);
 /* #UD at r->rip: the forced-emulation prefix + cpuid, or `int n` on hosts that report
  * it as #UD. 1 if handled (r updated), 0 if it is a real #UD for the guest, -1 crash. */
 int  pv_emulate_ud(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop);
+/* #SS(0) at r->rip, raised by the engine: 12 if the instruction reaches memory
+ * through SS in 64-bit mode (bt_stack_access), else 13, the #GP(0) its non-canonical
+ * address raises (an ES, CS, SS or DS override changes nothing in 64-bit mode; some
+ * hosts raise #SS for an %ss: override all the same: this KVM-PVM host does). */
+int  pv_stack_fault_vector(struct hv_vcpu *v, const struct pv_regs *r);
 /* #GP(0) at r->rip: 1 if Xen would emulate it (r updated), else 0 (port I/O and
  * cli/sti in either mode, the rest in guest kernel mode only). */
 int  pv_emulate_gp(struct hv_vcpu *v, struct pv_regs *r);

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "hv.h"
+#include "bt.h"                         /* the x86-64 instruction decoder (bt_decode.c) */
 
 #define RFLAGS_RF (1ULL << 16)
 
@@ -624,4 +625,19 @@ int pv_emulate_ud(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
         return 1;
     }
     return 0;
+}
+
+int pv_stack_fault_vector(struct hv_vcpu *v, const struct pv_regs *r)
+{
+    uint8_t code[15];
+    struct bt_insn in;
+    int avail = sizeof(code);
+
+    if ((r->cs | 3) != FLAT_RING3_CS64 && pv_compat_code(v, r->cs))
+        return 12;                      /* compat code keeps its segments' limits */
+    while (avail > 0 && hv_copy_from_guest(v, code, r->rip, (uint64_t)avail) < 0)
+        avail--;
+    if (avail == 0 || bt_decode(code, avail, &in) < 0)
+        return 12;
+    return bt_stack_access(&in) ? 12 : 13;
 }

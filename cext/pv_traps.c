@@ -153,8 +153,12 @@ int pv_exception(struct hv_vcpu *v, struct pv_regs *r, int vector, uint32_t erro
                  uint64_t cr2, struct hv_stop *stop)
 {
     struct pv_vcpu *p = &v->pv;
-    const struct pv_trap *t = &p->traps[vector & 255];
+    const struct pv_trap *t;
     char name[16];
+
+    if (vector == 12 && error == 0)
+        vector = pv_stack_fault_vector(v, r);
+    t = &p->traps[vector & 255];
 
     /* An instruction Xen emulates ends as the CPU would end it: with a #DB trap after
      * it for the guest's TF (DR6.BS) and for the I/O breakpoints an in/out hit, both

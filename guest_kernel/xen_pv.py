@@ -12,7 +12,7 @@ from __future__ import annotations
 from abi import C, offsetof
 
 from .asm import (byte, dword, eax, ebx, ecx, edx, esi, ptr, qword, r11, r12, rax, rbx, rcx,
-                  rdx, rip, rsp)
+                  rbp, rdx, rip, rsp)
 from .conformance import ConformanceGuest, GuestImage
 from .pvlib import emit_enter_user_mode, emit_iret_to_user, emit_mask_console_port
 
@@ -245,6 +245,7 @@ def cpu_model_guest() -> GuestImage:
 
     g.trap_table("set_trap_table", [
         (0, 0, "on_de"),
+        (12, 0, "on_ss"),
         (13, 0, "on_gp"),
         (14, 0, "on_pf"),
         (0x80, 3, "on_int80"),
@@ -324,6 +325,23 @@ def cpu_model_guest() -> GuestImage:
         g.report_address(f"gp_{name}_rip", "on_gp.frame", 24, f"{name}_insn")
     g.report_word("gp_count_after_xsetbv", "on_gp.count")
 
+    # A non-canonical address: #SS(0) through the stack segment (a base of rsp or rbp),
+    # #GP(0) through any other; in 64-bit mode an %ss: or %ds: override changes nothing
+    for name, vector, code in (("ss_override", "gp", (0x36, 0x48, 0x8B, 0x03)),    # mov rax, ss:[rbx]
+                               ("rbp_base", "ss", (0x48, 0x8B, 0x45, 0x00)),      # mov rax, [rbp]
+                               ("ds_override_rbp", "ss", (0x3E, 0x48, 0x8B, 0x45, 0x00))):
+        g.resume_at(f"{name}_done")
+        a.mov(rbx, 0x8000_0000_4000_0000)
+        a.mov(rbp, rbx)
+        a.label(f"{name}_insn")
+        a.db(*code)
+        a.label(f"{name}_done")
+        a.xor(rbp, rbp)
+        g.report_word(f"{vector}_{name}_error", f"on_{vector}.frame", 16)
+        g.report_address(f"{vector}_{name}_rip", f"on_{vector}.frame", 24, f"{name}_insn")
+    g.report_word("ss_count", "on_ss.count")
+    g.report_word("gp_count_after_noncanonical", "on_gp.count")
+
     # int $0x80 through trap_table[0x80] (DPL 3): rip after the instruction
     a.int_(0x80)
     a.label("int80_after")
@@ -390,6 +408,7 @@ def cpu_model_guest() -> GuestImage:
 
     g.handlers(lambda: (
         g.recording_handler("on_de", False),
+        g.recording_handler("on_ss", True),
         g.recording_handler("on_gp", True),
         g.recording_handler("on_pf", True),
         g.recording_handler("on_int80", False),
