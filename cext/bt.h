@@ -138,6 +138,11 @@ struct bt_uc_api {
      * NULL with a stock libunicorn: kicks then go through the block hook (bt.c). */
     void (*kick)(uc_engine *uc);
     int (*kick_take)(uc_engine *uc);
+    /* Only in trapless's patched build (uc-path.patch): uc_reg_write_batch for a code,
+     * syscall or interrupt hook, where a rip written takes effect without leaving
+     * Unicorn's cpu_exec. NULL with another libunicorn: bt_pv.c then writes rip
+     * through reg_write_batch / reg_write, which leave it. */
+    uc_err (*reg_write_batch_goto)(uc_engine *uc, int const *regs, void *const *vals, int count);
 };
 
 extern struct bt_uc_api bt_uc;

@@ -109,22 +109,30 @@ static void set_code_selector(struct bt_vcpu *b, const struct pv_regs *r)
     bt_set_reg(b, UC_X86_REG_CS, r->cs);
 }
 
-/* What changed of the general registers, rip and rflags goes to Unicorn in one batch
- * (a write of rip among them ends its cpu_exec, as uc_reg_write's does, but leaves no
- * note to skip the pc sync behind: see bt_set_reg). Then CS, %gs and the bases. */
-static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+/* Which of the general registers, rip and rflags changed: their ids and values, for
+ * one batch write; how many. The comparisons first, into a mask, without a branch
+ * (which ones differ varies), then one store per register that changed: stores at an
+ * index each comparison moves kept the loads of the next waiting. */
+static int changed_gprs(const struct pv_regs *r, const struct pv_regs *old, int ids[18],
+                        void *vals[18])
 {
     const uint64_t *now = &r->rax, *was = &old->rax;
-    int ids[18], n = 0;
-    void *vals[18];
+    uint32_t changed = 0;
+    int n = 0;
 
-    for (int i = 0; i < 18; i++) {      /* without a branch: which ones differ varies */
+    for (int i = 0; i < 18; i++)
+        changed |= (uint32_t)(now[i] != was[i]) << i;
+    for (; changed; changed &= changed - 1, n++) {
+        int i = __builtin_ctz(changed);
         ids[n] = gpr_ids[i];
         vals[n] = (void *)&now[i];
-        n += now[i] != was[i];
     }
-    if (n)
-        bt_uc.reg_write_batch(b->uc, ids, vals, n);
+    return n;
+}
+
+/* CS, %gs and the bases, SS and the control state, where they changed. */
+static void write_segments(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+{
     if (r->cs != old->cs)
         set_code_selector(b, r);
     if (r->gs_sel != old->gs_sel)
@@ -136,6 +144,40 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
     b->pv_ss = (uint16_t)r->ss;
     if (b->v->pv.hw_dirty)
         load_control(b);
+}
+
+/* What changed of the general registers, rip and rflags goes to Unicorn in one batch
+ * (a write of rip among them ends its cpu_exec, as uc_reg_write's does, but leaves no
+ * note to skip the pc sync behind: see bt_set_reg). Then CS, %gs and the bases. */
+static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+{
+    int ids[18], n;
+    void *vals[18];
+
+    n = changed_gprs(r, old, ids, vals);
+    if (n)
+        bt_uc.reg_write_batch(b->uc, ids, vals, n);
+    write_segments(b, r, old);
+}
+
+/* The same from a code, `syscall` or interrupt hook that moves the guest (a bounce,
+ * an iret) with the patched library's goto batch (uc-path.patch): the new rip takes
+ * effect without Unicorn leaving its cpu_exec and entering it again. The batch goes
+ * last, as a load of CS's mode or of XCR0 runs the trampoline (a nested emu_start,
+ * which would drop a goto made before it). 1 if written so, 0 if the library has no
+ * goto (nothing written). */
+static int goto_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+{
+    int ids[18], n;
+    void *vals[18];
+
+    if (!bt_uc.reg_write_batch_goto)
+        return 0;
+    n = changed_gprs(r, old, ids, vals);
+    write_segments(b, r, old);
+    if (n)
+        bt_uc.reg_write_batch_goto(b->uc, ids, vals, n);
+    return 1;
 }
 
 int bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len)
@@ -267,8 +309,8 @@ static void stop_fatal(struct bt_vcpu *b, const struct hv_stop *stop)
  * bounce; and a guest user's syscall, bounced to the kernel's syscall callback (without
  * one it is a #UD, which the run loop's path raises). 1 if done. rip is at the syscall
  * here, and Unicorn adds the syscall's length to whatever rip the hook leaves, so the
- * new rip is written 2 short of where it goes (a rip write also makes Unicorn look up
- * its next block afresh). The model reads and writes only rax (the iret restores it),
+ * new rip is written 2 short of where it goes (the block ends at the syscall, and its
+ * next one is looked up at that rip: goto_regs). The model reads and writes only rax (the iret restores it),
  * rcx, r11, rip, rflags, rsp, CS and the GS base here; rcx and r11 going in are what
  * the CPU's syscall leaves. */
 static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
@@ -313,7 +355,8 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     old.rip = ~r.rip;                   /* written whatever it is, as rcx and r11, */
     old.rcx = ~r.rcx;                   /* which were not read */
     old.r11 = ~r.r11;
-    write_regs(b, &r, &old);
+    if (!goto_regs(b, &r, &old))
+        write_regs(b, &r, &old);
     resume_or_stop(b, r.rflags);
     return 1;
 }
@@ -515,7 +558,8 @@ int bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev)
         stop_fatal(b, &stop);
         return 1;
     }
-    write_regs(b, &r, &old);
+    if (!goto_regs(b, &r, &old))
+        write_regs(b, &r, &old);
     resume_or_stop(b, r.rflags);
     return 1;
 }
@@ -523,8 +567,9 @@ int bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev)
 /* int3 and `int imm8` bounced in the code hook of their site, before TCG runs them:
  * 1 if done. TCG would raise the interrupt by leaving its translated code, and
  * Unicorn would hand it to the interrupt hook after it left; here the hook bounces it
- * and the write of rip makes Unicorn leave right after the hook, at the instruction
- * (uc_reg_write notes that its exit must not sync the pc back to it). rip is at the
+ * and the write of rip makes Unicorn leave the block right after the hook, for the
+ * new rip (goto_regs; without it, uc_reg_write's exit, which it notes must not sync
+ * the pc back to the instruction). rip is at the
  * instruction here, and the model wants it past. Only 64-bit code, without prefixes
  * (into and prefixed forms keep TCG's way). */
 int bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s)
@@ -549,10 +594,12 @@ int bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s)
         stop_fatal(b, &stop);
         return 1;
     }
-    rip = r.rip;
-    r.rip = old.rip;                    /* rip on its own, below */
-    write_regs(b, &r, &old);
-    bt_uc.reg_write(b->uc, UC_X86_REG_RIP, &rip);
+    if (!goto_regs(b, &r, &old)) {
+        rip = r.rip;
+        r.rip = old.rip;                /* rip on its own, below */
+        write_regs(b, &r, &old);
+        bt_uc.reg_write(b->uc, UC_X86_REG_RIP, &rip);
+    }
     resume_or_stop(b, r.rflags);
     return 1;
 }
