@@ -26,6 +26,13 @@ static const int gpr_ids[18] = {
     UC_X86_REG_R15, UC_X86_REG_RIP, UC_X86_REG_RFLAGS,
 };
 
+/* Unicorn's own general registers and rip in place (uc_x86_regs, bt_vcpu.uc_regs):
+ * the instruction encoding's order, then rip. uc_slot: where each of pv_regs' first
+ * 17 (rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip) sits there. */
+enum { UC_RAX = 0, UC_RCX = 1, UC_RDX = 2, UC_RSP = 4, UC_RSI = 6, UC_RDI = 7, UC_R8 = 8,
+       UC_R10 = 10, UC_R11 = 11, UC_RIP = 16 };
+static const uint8_t uc_slot[17] = { 0, 3, 1, 2, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16 };
+
 static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
 {
     void *vals[18];
@@ -52,14 +59,27 @@ static const struct pv_regs no_regs;
  * them): the hooks' paths take only these. */
 static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
 {
-    static const int ids[] = { UC_X86_REG_RCX, UC_X86_REG_R11, UC_X86_REG_RIP,
-                               UC_X86_REG_RFLAGS, UC_X86_REG_RSP, UC_X86_REG_CS,
-                               UC_X86_REG_GS_BASE };
+    static const int ids[] = { UC_X86_REG_RFLAGS, UC_X86_REG_CS, UC_X86_REG_GS_BASE,
+                               UC_X86_REG_RCX, UC_X86_REG_R11, UC_X86_REG_RIP,
+                               UC_X86_REG_RSP };
+    const uint64_t *g = b->uc_regs;
     uint64_t cs = 0;
-    void *vals[] = { &r->rcx, &r->r11, &r->rip, &r->rflags, &r->rsp, &cs, &r->gs_base };
+    void *vals[] = { &r->rflags, &cs, &r->gs_base, &r->rcx, &r->r11, &r->rip, &r->rsp };
+    int user = b->v->pv.user_mode;
 
     *r = no_regs;
-    bt_uc.reg_read_batch(b->uc, ids, vals, b->v->pv.user_mode ? 7 : 6);
+    if (g) {                            /* in place: only the others through the API */
+        r->rcx = g[UC_RCX];
+        r->r11 = g[UC_R11];
+        r->rip = g[UC_RIP];
+        r->rsp = g[UC_RSP];
+        bt_uc.reg_read_batch(b->uc, ids, vals, user ? 3 : 2);
+    } else if (user) {
+        bt_uc.reg_read_batch(b->uc, ids, vals, 7);
+    } else {
+        bt_uc.reg_read_batch(b->uc, ids, vals, 2);
+        bt_uc.reg_read_batch(b->uc, ids + 3, vals + 3, 4);
+    }
     r->cs = cs & 0xffff;
     r->ss = b->pv_ss;
 }
@@ -168,15 +188,20 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
  * goto (nothing written). */
 static int goto_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
 {
-    int ids[18], n;
-    void *vals[18];
+    const uint64_t *now = &r->rax, *was = &old->rax;
+    uint64_t *g = b->uc_regs;
 
-    if (!bt_uc.reg_write_batch_goto)
+    if (!bt_uc.reg_write_batch_goto || !g)
         return 0;
-    n = changed_gprs(r, old, ids, vals);
     write_segments(b, r, old);
-    if (n)
-        bt_uc.reg_write_batch_goto(b->uc, ids, vals, n);
+    for (int i = 0; i < 17; i++) {      /* in place, without a branch */
+        uint64_t *to = &g[uc_slot[i]];
+        *to = now[i] != was[i] ? now[i] : *to;
+    }
+    if (r->rflags != old->rflags)
+        bt_set_reg(b, UC_X86_REG_RFLAGS, r->rflags);
+    if (r->rip != old->rip)
+        bt_uc.go(b->uc);
     return 1;
 }
 
@@ -269,7 +294,13 @@ static int syscall_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
 
     if (v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS || !nargs || s->cs != FLAT_KERNEL_CS)
         return 0;
-    bt_uc.reg_read_batch(b->uc, arg_ids, args, nargs);   /* the others stay 0 */
+    if (b->uc_regs) {                   /* the others stay 0 */
+        static const uint8_t arg_slots[] = { UC_RDI, UC_RSI, UC_RDX, UC_R10, UC_R8 };
+        for (int i = 0; i < nargs; i++)
+            *(uint64_t *)args[i] = b->uc_regs[arg_slots[i]];
+    } else {
+        bt_uc.reg_read_batch(b->uc, arg_ids, args, nargs);
+    }
     /* bringing a vCPU up or down: VCPUOP_initialise creates the vCPU's own Unicorn,
      * which must not happen inside a hook of this one, and up/down change who runs */
     if (h.nr == __HYPERVISOR_vcpu_op && (h.a1 == VCPUOP_initialise || h.a1 == VCPUOP_up ||
@@ -280,7 +311,13 @@ static int syscall_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     out[0] = (uint64_t)hv_hypercall(v, &h);
     out[1] = s->rip + 2;                /* what the CPU's syscall leaves */
     out[2] = s->rflags;
-    bt_uc.reg_write_batch(b->uc, out_ids, outs, 3);
+    if (b->uc_regs) {
+        b->uc_regs[UC_RAX] = out[0];
+        b->uc_regs[UC_RCX] = out[1];
+        b->uc_regs[UC_R11] = out[2];
+    } else {
+        bt_uc.reg_write_batch(b->uc, out_ids, outs, 3);
+    }
     bt_after_exit(b);
     return 1;
 }
@@ -310,16 +347,15 @@ static void stop_fatal(struct bt_vcpu *b, const struct hv_stop *stop)
  * one it is a #UD, which the run loop's path raises). 1 if done. rip is at the syscall
  * here, and Unicorn adds the syscall's length to whatever rip the hook leaves, so the
  * new rip is written 2 short of where it goes (the block ends at the syscall, and its
- * next one is looked up at that rip: goto_regs). The model reads and writes only rax (the iret restores it),
- * rcx, r11, rip, rflags, rsp, CS and the GS base here; rcx and r11 going in are what
- * the CPU's syscall leaves. */
+ * next one is looked up at that rip: goto_regs). The model reads and writes only rax
+ * (the iret restores it), rcx, r11, rip, rflags, rsp, CS and, where the mode switches,
+ * the GS base here; rcx and r11 going in are what the CPU's syscall leaves. */
 static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
 {
-    static const int ids[] = { UC_X86_REG_RSP, UC_X86_REG_GS_BASE };
     const struct pv_vcpu *p = &b->v->pv;
     struct pv_regs r, old;
     struct hv_stop stop;
-    void *vals[] = { &r.rsp, &r.gs_base };
+    int switches = p->user_mode;        /* between kernel and user mode: swaps GS bases */
 
     if (p->user_mode ? !p->callback[CALLBACKTYPE_syscall] : s->rax != __HYPERVISOR_iret)
         return 0;
@@ -329,14 +365,17 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     if ((s->rflags & RFLAGS_TF) || pv_compat_code(b->v, s->cs))
         return 0;
     r = no_regs;
-    bt_uc.reg_read_batch(b->uc, ids, vals, 2);
+    r.rsp = b->uc_regs ? b->uc_regs[UC_RSP] : bt_reg(b, UC_X86_REG_RSP);
     if (!p->user_mode) {
         uint64_t frame[2];              /* struct iret_context's cs and rflags */
         if (bt_read_virt(b, r.rsp + offsetof(struct iret_context, cs), frame,
                          sizeof(frame)) < 0 ||
             (frame[1] & RFLAGS_TF) || pv_compat_code(b->v, frame[0]))
             return 0;
+        switches = (frame[0] & 3) == 3; /* an iret to user mode (do_iret) */
     }
+    if (switches)
+        r.gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
     r.rax = s->rax;
     r.rip = s->rip;
     r.rflags = s->rflags;
@@ -373,7 +412,13 @@ void bt_pv_on_syscall(uc_engine *uc, void *user)
     void *vals[] = { &s.rax, &s.rip, &s.rflags, &s.cs };
 
     if (!b->stepping) {
-        bt_uc.reg_read_batch(b->uc, ids, vals, 4);
+        if (b->uc_regs) {
+            s.rax = b->uc_regs[UC_RAX];
+            s.rip = b->uc_regs[UC_RIP];
+            bt_uc.reg_read_batch(b->uc, ids + 2, vals + 2, 2);
+        } else {
+            bt_uc.reg_read_batch(b->uc, ids, vals, 4);
+        }
         s.cs &= 0xffff;
         if (syscall_in_hook(b, &s) || bounce_in_hook(b, &s))
             return;
