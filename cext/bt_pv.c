@@ -190,13 +190,16 @@ static int goto_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv
 {
     const uint64_t *now = &r->rax, *was = &old->rax;
     uint64_t *g = b->uc_regs;
+    uint32_t changed = 0;
 
     if (!bt_uc.reg_write_batch_goto || !g)
         return 0;
     write_segments(b, r, old);
-    for (int i = 0; i < 17; i++) {      /* in place, without a branch */
-        uint64_t *to = &g[uc_slot[i]];
-        *to = now[i] != was[i] ? now[i] : *to;
+    for (int i = 0; i < 17; i++)        /* which changed, without a branch; then those */
+        changed |= (uint32_t)(now[i] != was[i]) << i;
+    for (; changed; changed &= changed - 1) {
+        int i = __builtin_ctz(changed);
+        g[uc_slot[i]] = now[i];
     }
     if (r->rflags != old->rflags)
         bt_set_reg(b, UC_X86_REG_RFLAGS, r->rflags);
