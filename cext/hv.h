@@ -191,6 +191,7 @@ struct hv_domain {
     struct hv_trace_entry trace[HV_TRACE_ENTRIES];
     uint64_t trace_seq;             /* the newest entry written */
     uint64_t trace_next;            /* the last seq handed out */
+    uint64_t trace_tsc0, trace_ns0; /* the TSC and system time as the domain was made */
 
     /* device models of native guests (devices.c); NULL when the domain has none */
     struct hv_devices *devices;
