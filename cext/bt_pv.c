@@ -51,13 +51,29 @@ static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
  * store the loads of write_regs right after would wait for. */
 static const struct pv_regs no_regs;
 
+/* *to = *from, a word at a time: the hooks' paths copy registers they have just
+ * stored one by one, and a copy in 16-byte loads (the compiler's for a struct) cannot
+ * take its data from those 8-byte stores but waits for them to reach the cache. The
+ * empty asm keeps the loop from becoming such a copy again. */
+static void copy_regs(struct pv_regs *to, const struct pv_regs *from)
+{
+    const uint64_t *src = &from->rax;
+    uint64_t *dst = &to->rax;
+
+    for (size_t i = 0; i < sizeof(*to) / 8; i++) {
+        uint64_t word = src[i];
+        __asm__("" : "+r"(word));
+        dst[i] = word;
+    }
+}
+
 /* The registers an exception's bounce (its frame, a mode switch from user mode,
  * events on the way out) reads or writes: rcx, r11, rip, rflags, rsp, CS and, from
  * user mode only, the GS base (the switch swaps it). The others stay 0 in r and,
  * copied, in the caller's old, so write_regs, which writes only what changed, leaves
  * them alone. Each register read costs (Unicorn's reg_read is a switch over all of
  * them): the hooks' paths take only these. */
-static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
+static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_regs *old)
 {
     static const int ids[] = { UC_X86_REG_RFLAGS, UC_X86_REG_CS, UC_X86_REG_GS_BASE,
                                UC_X86_REG_RCX, UC_X86_REG_R11, UC_X86_REG_RIP,
@@ -68,6 +84,7 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
     int user = b->v->pv.user_mode;
 
     *r = no_regs;
+    *old = no_regs;
     if (g) {                            /* in place: only the others through the API */
         r->rcx = g[UC_RCX];
         r->r11 = g[UC_R11];
@@ -82,6 +99,15 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
     }
     r->cs = cs & 0xffff;
     r->ss = b->pv_ss;
+    /* old the same, filled field by field (no copy: see copy_regs) */
+    old->rcx = r->rcx;
+    old->r11 = r->r11;
+    old->rip = r->rip;
+    old->rsp = r->rsp;
+    old->rflags = r->rflags;
+    old->gs_base = r->gs_base;
+    old->cs = r->cs;
+    old->ss = r->ss;
 }
 
 /* CR0.TS, CR4.FSGSBASE/OSXSAVE, XCR0 and the debug registers, as the model last set
@@ -359,6 +385,7 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     struct pv_regs r, old;
     struct hv_stop stop;
     int switches = p->user_mode;        /* between kernel and user mode: swaps GS bases */
+    uint64_t rsp, gs_base = 0;
 
     if (p->user_mode ? !p->callback[CALLBACKTYPE_syscall] : s->rax != __HYPERVISOR_iret)
         return 0;
@@ -367,24 +394,27 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
      * the run loop does it: neither can happen inside a hook. */
     if ((s->rflags & RFLAGS_TF) || pv_compat_code(b->v, s->cs))
         return 0;
-    r = no_regs;
-    r.rsp = b->uc_regs ? b->uc_regs[UC_RSP] : bt_reg(b, UC_X86_REG_RSP);
+    rsp = b->uc_regs ? b->uc_regs[UC_RSP] : bt_reg(b, UC_X86_REG_RSP);
     if (!p->user_mode) {
         uint64_t frame[2];              /* struct iret_context's cs and rflags */
-        if (bt_read_virt(b, r.rsp + offsetof(struct iret_context, cs), frame,
+        if (bt_read_virt(b, rsp + offsetof(struct iret_context, cs), frame,
                          sizeof(frame)) < 0 ||
             (frame[1] & RFLAGS_TF) || pv_compat_code(b->v, frame[0]))
             return 0;
         switches = (frame[0] & 3) == 3; /* an iret to user mode (do_iret) */
     }
     if (switches)
-        r.gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
-    r.rax = s->rax;
-    r.rip = s->rip;
-    r.rflags = s->rflags;
-    r.cs = s->cs;
-    r.ss = b->pv_ss;
-    old = r;
+        gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
+    /* r and old the same, each filled as it is (no copy: see copy_regs) */
+    r = no_regs;
+    old = no_regs;
+    r.rsp = old.rsp = rsp;
+    r.gs_base = old.gs_base = gs_base;
+    r.rax = old.rax = s->rax;
+    r.rip = old.rip = s->rip;
+    r.rflags = old.rflags = s->rflags;
+    r.cs = old.cs = s->cs;
+    r.ss = old.ss = b->pv_ss;
     r.rip += 2;
     r.rcx = r.rip;                      /* what the CPU's syscall leaves */
     r.r11 = r.rflags;
@@ -537,19 +567,19 @@ static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
     return (base == 4 || base == 5) && !canonical(ea);
 }
 
-/* All 0, to start the registers a hook reads from: copied, not memset, whose string
- * store the loads of write_regs right after would wait for. */
-static const struct pv_regs no_regs;
 
 /* The registers an exception's bounce needs: int3, into, int n from 32 up are a
  * bounce, or #GP(sel) and its bounce (read_bounce_regs); an int n below 32 may reach
  * the model's #UD, #GP or #PF emulation, which reads more, as faults do. */
-static void read_exception_regs(struct bt_vcpu *b, const struct bt_event *ev, struct pv_regs *r)
+static void read_exception_regs(struct bt_vcpu *b, const struct bt_event *ev, struct pv_regs *r,
+                                struct pv_regs *old)
 {
-    if (ev->soft && (ev->vector == 3 || ev->vector == 4 || ev->vector >= 32))
-        read_bounce_regs(b, r);
-    else
+    if (ev->soft && (ev->vector == 3 || ev->vector == 4 || ev->vector >= 32)) {
+        read_bounce_regs(b, r, old);
+    } else {
         read_regs(b, r);
+        copy_regs(old, r);
+    }
 }
 
 /* ev to the trap table, r holding the registers (rip past a software interrupt). */
@@ -578,8 +608,7 @@ int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop
 {
     struct pv_regs r, old;
 
-    read_exception_regs(b, ev, &r);
-    old = r;
+    read_exception_regs(b, ev, &r, &old);
     if (exception_bounce(b, &r, ev, stop) < 0)
         return -1;
     write_regs(b, &r, &old);
@@ -598,10 +627,9 @@ int bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev)
 
     if (!ev->soft || b->stepping)
         return 0;
-    read_exception_regs(b, ev, &r);
+    read_exception_regs(b, ev, &r, &old);
     if (pv_compat_code(b->v, r.cs))
         return 0;                       /* compat code: the bounce switches mode (above) */
-    old = r;
     if (exception_bounce(b, &r, ev, &stop) < 0) {
         stop_fatal(b, &stop);
         return 1;
@@ -635,8 +663,7 @@ int bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s)
         ev.vector = s->bytes[1];
     else
         return 0;
-    read_exception_regs(b, &ev, &r);
-    old = r;
+    read_exception_regs(b, &ev, &r, &old);
     r.rip += (uint64_t)s->len;
     if (exception_bounce(b, &r, &ev, &stop) < 0) {
         stop_fatal(b, &stop);
