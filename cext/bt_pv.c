@@ -386,6 +386,8 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     struct hv_stop stop;
     int switches = p->user_mode;        /* between kernel and user mode: swaps GS bases */
     uint64_t rsp, gs_base = 0;
+    struct iret_context frame;
+    int rc;
 
     if (p->user_mode ? !p->callback[CALLBACKTYPE_syscall] : s->rax != __HYPERVISOR_iret)
         return 0;
@@ -396,12 +398,11 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
         return 0;
     rsp = b->uc_regs ? b->uc_regs[UC_RSP] : bt_reg(b, UC_X86_REG_RSP);
     if (!p->user_mode) {
-        uint64_t frame[2];              /* struct iret_context's cs and rflags */
-        if (bt_read_virt(b, rsp + offsetof(struct iret_context, cs), frame,
-                         sizeof(frame)) < 0 ||
-            (frame[1] & RFLAGS_TF) || pv_compat_code(b->v, frame[0]))
+        /* the frame, read as do_iret would, which then takes it from here */
+        if (hv_copy_from_guest(b->v, &frame, rsp, sizeof(frame)) < 0 ||
+            (frame.rflags & RFLAGS_TF) || pv_compat_code(b->v, frame.cs))
             return 0;
-        switches = (frame[0] & 3) == 3; /* an iret to user mode (do_iret) */
+        switches = (frame.cs & 3) == 3; /* an iret to user mode (do_iret) */
     }
     if (switches)
         gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
@@ -419,7 +420,10 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     r.rcx = r.rip;                      /* what the CPU's syscall leaves */
     r.r11 = r.rflags;
     b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
-    if (pv_syscall(b->v, &r, &stop) < 0 || pv_deliver_events(b->v, &r, &stop) < 0) {
+    b->v->pv.iret_frame = p->user_mode ? NULL : &frame;
+    rc = pv_syscall(b->v, &r, &stop);
+    b->v->pv.iret_frame = NULL;
+    if (rc < 0 || pv_deliver_events(b->v, &r, &stop) < 0) {
         stop_fatal(b, &stop);
         return 1;
     }
