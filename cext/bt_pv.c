@@ -33,6 +33,13 @@ enum { UC_RAX = 0, UC_RCX = 1, UC_RDX = 2, UC_RSP = 4, UC_RSI = 6, UC_RDI = 7, U
        UC_R10 = 10, UC_R11 = 11, UC_RIP = 16 };
 static const uint8_t uc_slot[17] = { 0, 3, 1, 2, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16 };
 
+/* The general registers and rip from where Unicorn keeps them into r and old. */
+static void take_in_place(const uint64_t *g, struct pv_regs *r, struct pv_regs *old)
+{
+    for (int i = 0; i < 17; i++)
+        (&r->rax)[i] = (&old->rax)[i] = g[uc_slot[i]];
+}
+
 static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
 {
     void *vals[18];
@@ -69,10 +76,11 @@ static void copy_regs(struct pv_regs *to, const struct pv_regs *from)
 
 /* The registers an exception's bounce (its frame, a mode switch from user mode,
  * events on the way out) reads or writes: rcx, r11, rip, rflags, rsp, CS and, from
- * user mode only, the GS base (the switch swaps it). The others stay 0 in r and,
- * copied, in the caller's old, so write_regs, which writes only what changed, leaves
- * them alone. Each register read costs (Unicorn's reg_read is a switch over all of
- * them): the hooks' paths take only these. */
+ * user mode only, the GS base (the switch swaps it). Through the API the others stay 0
+ * in r and in old, so write_regs, which writes only what changed, leaves them alone
+ * (each register read there costs: Unicorn's reg_read is a switch over all of them).
+ * In place (uc_regs) all the general registers and rip come, as cheap as a few, and
+ * goto_regs writes them all back. */
 static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_regs *old)
 {
     static const int ids[] = { UC_X86_REG_RFLAGS, UC_X86_REG_CS, UC_X86_REG_GS_BASE,
@@ -85,11 +93,8 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_reg
 
     *r = no_regs;
     *old = no_regs;
-    if (g) {                            /* in place: only the others through the API */
-        r->rcx = g[UC_RCX];
-        r->r11 = g[UC_R11];
-        r->rip = g[UC_RIP];
-        r->rsp = g[UC_RSP];
+    if (g) {
+        take_in_place(g, r, old);
         bt_uc.reg_read_batch(b->uc, ids, vals, user ? 3 : 2);
     } else if (user) {
         bt_uc.reg_read_batch(b->uc, ids, vals, 7);
@@ -210,23 +215,18 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
  * an iret) with the patched library's goto batch (uc-path.patch): the new rip takes
  * effect without Unicorn leaving its cpu_exec and entering it again. The batch goes
  * last, as a load of CS's mode or of XCR0 runs the trampoline (a nested emu_start,
- * which would drop a goto made before it). 1 if written so, 0 if the library has no
- * goto (nothing written). */
+ * which would drop a goto made before it). r must hold every general register and
+ * rip (take_in_place). 1 if written so, 0 if the library has no goto (nothing
+ * written). */
 static int goto_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
 {
-    const uint64_t *now = &r->rax, *was = &old->rax;
     uint64_t *g = b->uc_regs;
-    uint32_t changed = 0;
 
     if (!bt_uc.reg_write_batch_goto || !g)
         return 0;
     write_segments(b, r, old);
-    for (int i = 0; i < 17; i++)        /* which changed, without a branch; then those */
-        changed |= (uint32_t)(now[i] != was[i]) << i;
-    for (; changed; changed &= changed - 1) {
-        int i = __builtin_ctz(changed);
-        g[uc_slot[i]] = now[i];
-    }
+    for (int i = 0; i < 17; i++)        /* all: the hooks took them all (take_in_place) */
+        g[uc_slot[i]] = (&r->rax)[i];
     if (r->rflags != old->rflags)
         bt_set_reg(b, UC_X86_REG_RFLAGS, r->rflags);
     if (r->rip != old->rip)
@@ -409,6 +409,8 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     /* r and old the same, each filled as it is (no copy: see copy_regs) */
     r = no_regs;
     old = no_regs;
+    if (b->uc_regs)
+        take_in_place(b->uc_regs, &r, &old);
     r.rsp = old.rsp = rsp;
     r.gs_base = old.gs_base = gs_base;
     r.rax = old.rax = s->rax;
