@@ -148,6 +148,8 @@ struct bt_uc_api {
      * write in place; and, after a rip written there, the goto above. */
     uint64_t *(*x86_regs)(uc_engine *uc);
     void (*go)(uc_engine *uc);
+    /* uc-path.patch's too: rflags and the CS selector in one call (NULL: the API's) */
+    uc_err (*flags_cs)(uc_engine *uc, uint64_t *rflags, uint64_t *cs);
 };
 
 extern struct bt_uc_api bt_uc;

@@ -95,7 +95,13 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_reg
     *old = no_regs;
     if (g) {
         take_in_place(g, r, old);
-        bt_uc.reg_read_batch(b->uc, ids, vals, user ? 3 : 2);
+        if (bt_uc.flags_cs) {
+            bt_uc.flags_cs(b->uc, &r->rflags, &cs);
+            if (user)
+                r->gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
+        } else {
+            bt_uc.reg_read_batch(b->uc, ids, vals, user ? 3 : 2);
+        }
     } else if (user) {
         bt_uc.reg_read_batch(b->uc, ids, vals, 7);
     } else {
@@ -454,7 +460,10 @@ void bt_pv_on_syscall(uc_engine *uc, void *user)
         if (b->uc_regs) {
             s.rax = b->uc_regs[UC_RAX];
             s.rip = b->uc_regs[UC_RIP];
-            bt_uc.reg_read_batch(b->uc, ids + 2, vals + 2, 2);
+            if (bt_uc.flags_cs)
+                bt_uc.flags_cs(b->uc, &s.rflags, &s.cs);
+            else
+                bt_uc.reg_read_batch(b->uc, ids + 2, vals + 2, 2);
         } else {
             bt_uc.reg_read_batch(b->uc, ids, vals, 4);
         }
