@@ -58,22 +58,6 @@ static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
  * store the loads of write_regs right after would wait for. */
 static const struct pv_regs no_regs;
 
-/* *to = *from, a word at a time: the hooks' paths copy registers they have just
- * stored one by one, and a copy in 16-byte loads (the compiler's for a struct) cannot
- * take its data from those 8-byte stores but waits for them to reach the cache. The
- * empty asm keeps the loop from becoming such a copy again. */
-static void copy_regs(struct pv_regs *to, const struct pv_regs *from)
-{
-    const uint64_t *src = &from->rax;
-    uint64_t *dst = &to->rax;
-
-    for (size_t i = 0; i < sizeof(*to) / 8; i++) {
-        uint64_t word = src[i];
-        __asm__("" : "+r"(word));
-        dst[i] = word;
-    }
-}
-
 /* The registers an exception's bounce (its frame, a mode switch from user mode,
  * events on the way out) reads or writes: rcx, r11, rip, rflags, rsp, CS and, from
  * user mode only, the GS base (the switch swaps it). Through the API the others stay 0
@@ -110,7 +94,8 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_reg
     }
     r->cs = cs & 0xffff;
     r->ss = b->pv_ss;
-    /* old the same, filled field by field (no copy: see copy_regs) */
+    /* old the same, filled field by field: a copy of r right after the stores that
+     * filled it waited for them (perf: most of a bounce's time in its hook) */
     old->rcx = r->rcx;
     old->r11 = r->r11;
     old->rip = r->rip;
@@ -412,7 +397,7 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     }
     if (switches)
         gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
-    /* r and old the same, each filled as it is (no copy: see copy_regs) */
+    /* r and old the same, each filled as it is (no copy: see read_bounce_regs) */
     r = no_regs;
     old = no_regs;
     if (b->uc_regs)
@@ -593,7 +578,7 @@ static void read_exception_regs(struct bt_vcpu *b, const struct bt_event *ev, st
         read_bounce_regs(b, r, old);
     } else {
         read_regs(b, r);
-        copy_regs(old, r);
+        *old = *r;
     }
 }
 
