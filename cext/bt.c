@@ -1382,6 +1382,7 @@ int bt_vcpu_open(struct hv_vcpu *v, char *err, int err_len)
             uc_fail(err, err_len, "cannot add the syscall hooks", e);
             goto fail;
         }
+        b->uc_regs = bt_uc.x86_regs ? bt_uc.x86_regs(b->uc) : NULL;
     }
 
     struct { int type; void *cb; int insn; } hooks[] = {

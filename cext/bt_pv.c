@@ -26,6 +26,20 @@ static const int gpr_ids[18] = {
     UC_X86_REG_R15, UC_X86_REG_RIP, UC_X86_REG_RFLAGS,
 };
 
+/* Unicorn's own general registers and rip in place (uc_x86_regs, bt_vcpu.uc_regs):
+ * the instruction encoding's order, then rip. uc_slot: where each of pv_regs' first
+ * 17 (rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip) sits there. */
+enum { UC_RAX = 0, UC_RCX = 1, UC_RDX = 2, UC_RSP = 4, UC_RSI = 6, UC_RDI = 7, UC_R8 = 8,
+       UC_R10 = 10, UC_R11 = 11, UC_RIP = 16 };
+static const uint8_t uc_slot[17] = { 0, 3, 1, 2, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16 };
+
+/* The general registers and rip from where Unicorn keeps them into r and old. */
+static void take_in_place(const uint64_t *g, struct pv_regs *r, struct pv_regs *old)
+{
+    for (int i = 0; i < 17; i++)
+        (&r->rax)[i] = (&old->rax)[i] = g[uc_slot[i]];
+}
+
 static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
 {
     void *vals[18];
@@ -46,22 +60,50 @@ static const struct pv_regs no_regs;
 
 /* The registers an exception's bounce (its frame, a mode switch from user mode,
  * events on the way out) reads or writes: rcx, r11, rip, rflags, rsp, CS and, from
- * user mode only, the GS base (the switch swaps it). The others stay 0 in r and,
- * copied, in the caller's old, so write_regs, which writes only what changed, leaves
- * them alone. Each register read costs (Unicorn's reg_read is a switch over all of
- * them): the hooks' paths take only these. */
-static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r)
+ * user mode only, the GS base (the switch swaps it). Through the API the others stay 0
+ * in r and in old, so write_regs, which writes only what changed, leaves them alone
+ * (each register read there costs: Unicorn's reg_read is a switch over all of them).
+ * In place (uc_regs) all the general registers and rip come, as cheap as a few, and
+ * goto_regs writes them all back. */
+static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_regs *old)
 {
-    static const int ids[] = { UC_X86_REG_RCX, UC_X86_REG_R11, UC_X86_REG_RIP,
-                               UC_X86_REG_RFLAGS, UC_X86_REG_RSP, UC_X86_REG_CS,
-                               UC_X86_REG_GS_BASE };
+    static const int ids[] = { UC_X86_REG_RFLAGS, UC_X86_REG_CS, UC_X86_REG_GS_BASE,
+                               UC_X86_REG_RCX, UC_X86_REG_R11, UC_X86_REG_RIP,
+                               UC_X86_REG_RSP };
+    const uint64_t *g = b->uc_regs;
     uint64_t cs = 0;
-    void *vals[] = { &r->rcx, &r->r11, &r->rip, &r->rflags, &r->rsp, &cs, &r->gs_base };
+    void *vals[] = { &r->rflags, &cs, &r->gs_base, &r->rcx, &r->r11, &r->rip, &r->rsp };
+    int user = b->v->pv.user_mode;
 
     *r = no_regs;
-    bt_uc.reg_read_batch(b->uc, ids, vals, b->v->pv.user_mode ? 7 : 6);
+    *old = no_regs;
+    if (g) {
+        take_in_place(g, r, old);
+        if (bt_uc.flags_cs) {
+            bt_uc.flags_cs(b->uc, &r->rflags, &cs);
+            if (user)
+                r->gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
+        } else {
+            bt_uc.reg_read_batch(b->uc, ids, vals, user ? 3 : 2);
+        }
+    } else if (user) {
+        bt_uc.reg_read_batch(b->uc, ids, vals, 7);
+    } else {
+        bt_uc.reg_read_batch(b->uc, ids, vals, 2);
+        bt_uc.reg_read_batch(b->uc, ids + 3, vals + 3, 4);
+    }
     r->cs = cs & 0xffff;
     r->ss = b->pv_ss;
+    /* old the same, filled field by field: a copy of r right after the stores that
+     * filled it waited for them (perf: most of a bounce's time in its hook) */
+    old->rcx = r->rcx;
+    old->r11 = r->r11;
+    old->rip = r->rip;
+    old->rsp = r->rsp;
+    old->rflags = r->rflags;
+    old->gs_base = r->gs_base;
+    old->cs = r->cs;
+    old->ss = r->ss;
 }
 
 /* CR0.TS, CR4.FSGSBASE/OSXSAVE, XCR0 and the debug registers, as the model last set
@@ -109,22 +151,30 @@ static void set_code_selector(struct bt_vcpu *b, const struct pv_regs *r)
     bt_set_reg(b, UC_X86_REG_CS, r->cs);
 }
 
-/* What changed of the general registers, rip and rflags goes to Unicorn in one batch
- * (a write of rip among them ends its cpu_exec, as uc_reg_write's does, but leaves no
- * note to skip the pc sync behind: see bt_set_reg). Then CS, %gs and the bases. */
-static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+/* Which of the general registers, rip and rflags changed: their ids and values, for
+ * one batch write; how many. The comparisons first, into a mask, without a branch
+ * (which ones differ varies), then one store per register that changed: stores at an
+ * index each comparison moves kept the loads of the next waiting. */
+static int changed_gprs(const struct pv_regs *r, const struct pv_regs *old, int ids[18],
+                        void *vals[18])
 {
     const uint64_t *now = &r->rax, *was = &old->rax;
-    int ids[18], n = 0;
-    void *vals[18];
+    uint32_t changed = 0;
+    int n = 0;
 
-    for (int i = 0; i < 18; i++) {      /* without a branch: which ones differ varies */
+    for (int i = 0; i < 18; i++)
+        changed |= (uint32_t)(now[i] != was[i]) << i;
+    for (; changed; changed &= changed - 1, n++) {
+        int i = __builtin_ctz(changed);
         ids[n] = gpr_ids[i];
         vals[n] = (void *)&now[i];
-        n += now[i] != was[i];
     }
-    if (n)
-        bt_uc.reg_write_batch(b->uc, ids, vals, n);
+    return n;
+}
+
+/* CS, %gs and the bases, SS and the control state, where they changed. */
+static void write_segments(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+{
     if (r->cs != old->cs)
         set_code_selector(b, r);
     if (r->gs_sel != old->gs_sel)
@@ -136,6 +186,43 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
     b->pv_ss = (uint16_t)r->ss;
     if (b->v->pv.hw_dirty)
         load_control(b);
+}
+
+/* What changed of the general registers, rip and rflags goes to Unicorn in one batch
+ * (a write of rip among them ends its cpu_exec, as uc_reg_write's does, but leaves no
+ * note to skip the pc sync behind: see bt_set_reg). Then CS, %gs and the bases. */
+static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+{
+    int ids[18], n;
+    void *vals[18];
+
+    n = changed_gprs(r, old, ids, vals);
+    if (n)
+        bt_uc.reg_write_batch(b->uc, ids, vals, n);
+    write_segments(b, r, old);
+}
+
+/* The same from a code, `syscall` or interrupt hook that moves the guest (a bounce,
+ * an iret) with the patched library's goto batch (uc-path.patch): the new rip takes
+ * effect without Unicorn leaving its cpu_exec and entering it again. The batch goes
+ * last, as a load of CS's mode or of XCR0 runs the trampoline (a nested emu_start,
+ * which would drop a goto made before it). r must hold every general register and
+ * rip (take_in_place). 1 if written so, 0 if the library has no goto (nothing
+ * written). */
+static int goto_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+{
+    uint64_t *g = b->uc_regs;
+
+    if (!bt_uc.reg_write_batch_goto || !g)
+        return 0;
+    write_segments(b, r, old);
+    for (int i = 0; i < 17; i++)        /* all: the hooks took them all (take_in_place) */
+        g[uc_slot[i]] = (&r->rax)[i];
+    if (r->rflags != old->rflags)
+        bt_set_reg(b, UC_X86_REG_RFLAGS, r->rflags);
+    if (r->rip != old->rip)
+        bt_uc.go(b->uc);
+    return 1;
 }
 
 int bt_pv_boot(struct bt_vcpu *b, const struct hv_boot_state *bs, char *err, int err_len)
@@ -227,7 +314,13 @@ static int syscall_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
 
     if (v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS || !nargs || s->cs != FLAT_KERNEL_CS)
         return 0;
-    bt_uc.reg_read_batch(b->uc, arg_ids, args, nargs);   /* the others stay 0 */
+    if (b->uc_regs) {                   /* the others stay 0 */
+        static const uint8_t arg_slots[] = { UC_RDI, UC_RSI, UC_RDX, UC_R10, UC_R8 };
+        for (int i = 0; i < nargs; i++)
+            *(uint64_t *)args[i] = b->uc_regs[arg_slots[i]];
+    } else {
+        bt_uc.reg_read_batch(b->uc, arg_ids, args, nargs);
+    }
     /* bringing a vCPU up or down: VCPUOP_initialise creates the vCPU's own Unicorn,
      * which must not happen inside a hook of this one, and up/down change who runs */
     if (h.nr == __HYPERVISOR_vcpu_op && (h.a1 == VCPUOP_initialise || h.a1 == VCPUOP_up ||
@@ -238,7 +331,13 @@ static int syscall_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     out[0] = (uint64_t)hv_hypercall(v, &h);
     out[1] = s->rip + 2;                /* what the CPU's syscall leaves */
     out[2] = s->rflags;
-    bt_uc.reg_write_batch(b->uc, out_ids, outs, 3);
+    if (b->uc_regs) {
+        b->uc_regs[UC_RAX] = out[0];
+        b->uc_regs[UC_RCX] = out[1];
+        b->uc_regs[UC_R11] = out[2];
+    } else {
+        bt_uc.reg_write_batch(b->uc, out_ids, outs, 3);
+    }
     bt_after_exit(b);
     return 1;
 }
@@ -267,17 +366,19 @@ static void stop_fatal(struct bt_vcpu *b, const struct hv_stop *stop)
  * bounce; and a guest user's syscall, bounced to the kernel's syscall callback (without
  * one it is a #UD, which the run loop's path raises). 1 if done. rip is at the syscall
  * here, and Unicorn adds the syscall's length to whatever rip the hook leaves, so the
- * new rip is written 2 short of where it goes (a rip write also makes Unicorn look up
- * its next block afresh). The model reads and writes only rax (the iret restores it),
- * rcx, r11, rip, rflags, rsp, CS and the GS base here; rcx and r11 going in are what
- * the CPU's syscall leaves. */
+ * new rip is written 2 short of where it goes (the block ends at the syscall, and its
+ * next one is looked up at that rip: goto_regs). The model reads and writes only rax
+ * (the iret restores it), rcx, r11, rip, rflags, rsp, CS and, where the mode switches,
+ * the GS base here; rcx and r11 going in are what the CPU's syscall leaves. */
 static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
 {
-    static const int ids[] = { UC_X86_REG_RSP, UC_X86_REG_GS_BASE };
     const struct pv_vcpu *p = &b->v->pv;
     struct pv_regs r, old;
     struct hv_stop stop;
-    void *vals[] = { &r.rsp, &r.gs_base };
+    int switches = p->user_mode;        /* between kernel and user mode: swaps GS bases */
+    uint64_t rsp, gs_base = 0;
+    struct iret_context frame;
+    int rc;
 
     if (p->user_mode ? !p->callback[CALLBACKTYPE_syscall] : s->rax != __HYPERVISOR_iret)
         return 0;
@@ -286,26 +387,36 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
      * the run loop does it: neither can happen inside a hook. */
     if ((s->rflags & RFLAGS_TF) || pv_compat_code(b->v, s->cs))
         return 0;
-    r = no_regs;
-    bt_uc.reg_read_batch(b->uc, ids, vals, 2);
+    rsp = b->uc_regs ? b->uc_regs[UC_RSP] : bt_reg(b, UC_X86_REG_RSP);
     if (!p->user_mode) {
-        uint64_t frame[2];              /* struct iret_context's cs and rflags */
-        if (bt_read_virt(b, r.rsp + offsetof(struct iret_context, cs), frame,
-                         sizeof(frame)) < 0 ||
-            (frame[1] & RFLAGS_TF) || pv_compat_code(b->v, frame[0]))
+        /* the frame, read as do_iret would, which then takes it from here */
+        if (hv_copy_from_guest(b->v, &frame, rsp, sizeof(frame)) < 0 ||
+            (frame.rflags & RFLAGS_TF) || pv_compat_code(b->v, frame.cs))
             return 0;
+        switches = (frame.cs & 3) == 3; /* an iret to user mode (do_iret) */
     }
-    r.rax = s->rax;
-    r.rip = s->rip;
-    r.rflags = s->rflags;
-    r.cs = s->cs;
-    r.ss = b->pv_ss;
-    old = r;
+    if (switches)
+        gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
+    /* r and old the same, each filled as it is (no copy: see read_bounce_regs) */
+    r = no_regs;
+    old = no_regs;
+    if (b->uc_regs)
+        take_in_place(b->uc_regs, &r, &old);
+    r.rsp = old.rsp = rsp;
+    r.gs_base = old.gs_base = gs_base;
+    r.rax = old.rax = s->rax;
+    r.rip = old.rip = s->rip;
+    r.rflags = old.rflags = s->rflags;
+    r.cs = old.cs = s->cs;
+    r.ss = old.ss = b->pv_ss;
     r.rip += 2;
     r.rcx = r.rip;                      /* what the CPU's syscall leaves */
     r.r11 = r.rflags;
     b->v->dom->counters.exits[HV_EXIT_HYPERCALL]++;
-    if (pv_syscall(b->v, &r, &stop) < 0 || pv_deliver_events(b->v, &r, &stop) < 0) {
+    b->v->pv.iret_frame = p->user_mode ? NULL : &frame;
+    rc = pv_syscall(b->v, &r, &stop);
+    b->v->pv.iret_frame = NULL;
+    if (rc < 0 || pv_deliver_events(b->v, &r, &stop) < 0) {
         stop_fatal(b, &stop);
         return 1;
     }
@@ -313,7 +424,8 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     old.rip = ~r.rip;                   /* written whatever it is, as rcx and r11, */
     old.rcx = ~r.rcx;                   /* which were not read */
     old.r11 = ~r.r11;
-    write_regs(b, &r, &old);
+    if (!goto_regs(b, &r, &old))
+        write_regs(b, &r, &old);
     resume_or_stop(b, r.rflags);
     return 1;
 }
@@ -330,7 +442,16 @@ void bt_pv_on_syscall(uc_engine *uc, void *user)
     void *vals[] = { &s.rax, &s.rip, &s.rflags, &s.cs };
 
     if (!b->stepping) {
-        bt_uc.reg_read_batch(b->uc, ids, vals, 4);
+        if (b->uc_regs) {
+            s.rax = b->uc_regs[UC_RAX];
+            s.rip = b->uc_regs[UC_RIP];
+            if (bt_uc.flags_cs)
+                bt_uc.flags_cs(b->uc, &s.rflags, &s.cs);
+            else
+                bt_uc.reg_read_batch(b->uc, ids + 2, vals + 2, 2);
+        } else {
+            bt_uc.reg_read_batch(b->uc, ids, vals, 4);
+        }
         s.cs &= 0xffff;
         if (syscall_in_hook(b, &s) || bounce_in_hook(b, &s))
             return;
@@ -446,19 +567,19 @@ static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
     return (bt_stack_access(&in) & BT_STACK_OPERAND) && !canonical(ea);
 }
 
-/* All 0, to start the registers a hook reads from: copied, not memset, whose string
- * store the loads of write_regs right after would wait for. */
-static const struct pv_regs no_regs;
 
 /* The registers an exception's bounce needs: int3, into, int n from 32 up are a
  * bounce, or #GP(sel) and its bounce (read_bounce_regs); an int n below 32 may reach
  * the model's #UD, #GP or #PF emulation, which reads more, as faults do. */
-static void read_exception_regs(struct bt_vcpu *b, const struct bt_event *ev, struct pv_regs *r)
+static void read_exception_regs(struct bt_vcpu *b, const struct bt_event *ev, struct pv_regs *r,
+                                struct pv_regs *old)
 {
-    if (ev->soft && (ev->vector == 3 || ev->vector == 4 || ev->vector >= 32))
-        read_bounce_regs(b, r);
-    else
+    if (ev->soft && (ev->vector == 3 || ev->vector == 4 || ev->vector >= 32)) {
+        read_bounce_regs(b, r, old);
+    } else {
         read_regs(b, r);
+        *old = *r;
+    }
 }
 
 /* ev to the trap table, r holding the registers (rip past a software interrupt). */
@@ -487,8 +608,7 @@ int bt_pv_exception(struct bt_vcpu *b, const struct bt_event *ev, struct hv_stop
 {
     struct pv_regs r, old;
 
-    read_exception_regs(b, ev, &r);
-    old = r;
+    read_exception_regs(b, ev, &r, &old);
     if (exception_bounce(b, &r, ev, stop) < 0)
         return -1;
     write_regs(b, &r, &old);
@@ -507,15 +627,15 @@ int bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev)
 
     if (!ev->soft || b->stepping)
         return 0;
-    read_exception_regs(b, ev, &r);
+    read_exception_regs(b, ev, &r, &old);
     if (pv_compat_code(b->v, r.cs))
         return 0;                       /* compat code: the bounce switches mode (above) */
-    old = r;
     if (exception_bounce(b, &r, ev, &stop) < 0) {
         stop_fatal(b, &stop);
         return 1;
     }
-    write_regs(b, &r, &old);
+    if (!goto_regs(b, &r, &old))
+        write_regs(b, &r, &old);
     resume_or_stop(b, r.rflags);
     return 1;
 }
@@ -523,8 +643,9 @@ int bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev)
 /* int3 and `int imm8` bounced in the code hook of their site, before TCG runs them:
  * 1 if done. TCG would raise the interrupt by leaving its translated code, and
  * Unicorn would hand it to the interrupt hook after it left; here the hook bounces it
- * and the write of rip makes Unicorn leave right after the hook, at the instruction
- * (uc_reg_write notes that its exit must not sync the pc back to it). rip is at the
+ * and the write of rip makes Unicorn leave the block right after the hook, for the
+ * new rip (goto_regs; without it, uc_reg_write's exit, which it notes must not sync
+ * the pc back to the instruction). rip is at the
  * instruction here, and the model wants it past. Only 64-bit code, without prefixes
  * (into and prefixed forms keep TCG's way). */
 int bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s)
@@ -542,17 +663,18 @@ int bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s)
         ev.vector = s->bytes[1];
     else
         return 0;
-    read_exception_regs(b, &ev, &r);
-    old = r;
+    read_exception_regs(b, &ev, &r, &old);
     r.rip += (uint64_t)s->len;
     if (exception_bounce(b, &r, &ev, &stop) < 0) {
         stop_fatal(b, &stop);
         return 1;
     }
-    rip = r.rip;
-    r.rip = old.rip;                    /* rip on its own, below */
-    write_regs(b, &r, &old);
-    bt_uc.reg_write(b->uc, UC_X86_REG_RIP, &rip);
+    if (!goto_regs(b, &r, &old)) {
+        rip = r.rip;
+        r.rip = old.rip;                /* rip on its own, below */
+        write_regs(b, &r, &old);
+        bt_uc.reg_write(b->uc, UC_X86_REG_RIP, &rip);
+    }
     resume_or_stop(b, r.rflags);
     return 1;
 }

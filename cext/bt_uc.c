@@ -73,6 +73,12 @@ int hv_bt_init(const char *library, char *err, int err_len)
     *(void **)&bt_uc.kick_take = dlsym(h, "uc_kick_take");
     if (!bt_uc.kick || !bt_uc.kick_take)
         bt_uc.kick = NULL, bt_uc.kick_take = NULL;
+    *(void **)&bt_uc.reg_write_batch_goto = dlsym(h, "uc_reg_write_batch_goto");
+    *(void **)&bt_uc.x86_regs = dlsym(h, "uc_x86_regs");
+    *(void **)&bt_uc.go = dlsym(h, "uc_goto");
+    *(void **)&bt_uc.flags_cs = dlsym(h, "uc_x86_flags_cs");
+    if (!bt_uc.reg_write_batch_goto || !bt_uc.x86_regs || !bt_uc.go)
+        bt_uc.reg_write_batch_goto = NULL, bt_uc.x86_regs = NULL, bt_uc.go = NULL;
     bt_uc_loaded = 1;
     bt_uc_why[0] = 0;
     pthread_mutex_unlock(&load_lock);
@@ -86,4 +92,9 @@ fail:
 int hv_bt_exact_kicks(void)
 {
     return bt_uc_loaded && bt_uc.kick != NULL;
+}
+
+int hv_bt_hook_goto(void)
+{
+    return bt_uc_loaded && bt_uc.reg_write_batch_goto != NULL;
 }

@@ -11,6 +11,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <x86intrin.h>
+
 #include "hv.h"
 
 uint64_t hv_now_ns(void)
@@ -125,6 +127,8 @@ struct hv_domain *hv_domain_create(const struct hv_domain_config *cfg, char *err
         return NULL;
     }
     d->domid = cfg->domid;
+    d->trace_tsc0 = __rdtsc();          /* the hypercall trace's time base (hypercall.c) */
+    d->trace_ns0 = hv_now_ns();
     d->guest_type = cfg->guest_type;
     d->ram_bytes = cfg->ram_bytes;
     d->pt_pool_start = cfg->pt_pool_start;

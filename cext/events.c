@@ -50,20 +50,6 @@ struct hv_domain *hv_domain_lookup(uint32_t domid)
 
 /* ---- shared_info and vcpu_info ---- */
 
-struct shared_info *hv_shared_info(struct hv_domain *d)
-{
-    if (d->shared_info_gpa == HV_NO_PAGE)
-        return (struct shared_info *)d->shared_info_private;
-    return (struct shared_info *)(d->ram + d->shared_info_gpa);
-}
-
-struct vcpu_info *hv_vcpu_info(struct hv_vcpu *v)
-{
-    if (v->vcpu_info_gpa != HV_NO_PAGE)
-        return (struct vcpu_info *)(v->dom->ram + v->vcpu_info_gpa);
-    return &hv_shared_info(v->dom)->vcpu_info[v->id];
-}
-
 static void wallclock_write(struct hv_domain *d)
 {
     struct shared_info *s = hv_shared_info(d);

@@ -191,6 +191,7 @@ struct hv_domain {
     struct hv_trace_entry trace[HV_TRACE_ENTRIES];
     uint64_t trace_seq;             /* the newest entry written */
     uint64_t trace_next;            /* the last seq handed out */
+    uint64_t trace_tsc0, trace_ns0; /* the TSC and system time as the domain was made */
 
     /* device models of native guests (devices.c); NULL when the domain has none */
     struct hv_devices *devices;
@@ -379,8 +380,21 @@ int64_t do_event_channel_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int64_t do_hvm_op(struct hv_vcpu *v, const struct hv_hcall *h);
 int  hv_events_init(struct hv_domain *d, uint32_t max_ports, char *err, int err_len);
 void hv_events_destroy(struct hv_domain *d);
-struct shared_info *hv_shared_info(struct hv_domain *d);
-struct vcpu_info *hv_vcpu_info(struct hv_vcpu *v);
+/* Where shared_info and a vCPU's vcpu_info are (inline: every bounce and hypercall
+ * looks at its vcpu_info). */
+static inline struct shared_info *hv_shared_info(struct hv_domain *d)
+{
+    if (d->shared_info_gpa == HV_NO_PAGE)
+        return (struct shared_info *)d->shared_info_private;
+    return (struct shared_info *)(d->ram + d->shared_info_gpa);
+}
+
+static inline struct vcpu_info *hv_vcpu_info(struct hv_vcpu *v)
+{
+    if (v->vcpu_info_gpa != HV_NO_PAGE)
+        return (struct vcpu_info *)(v->dom->ram + v->vcpu_info_gpa);
+    return &hv_shared_info(v->dom)->vcpu_info[v->id];
+}
 void hv_shared_info_placed(struct hv_domain *d, uint64_t old_gpa);
 int  hv_send_virq(struct hv_domain *d, uint32_t vcpu, uint32_t virq);
 /* A port whose remote end is a backend inside trapless: allocate it, and raise it. */

@@ -143,6 +143,9 @@ int  hv_bt_available(char *why, int why_len);
 /* 1 if the loaded libunicorn stops from another thread by itself (uc_kick, trapless's
  * patched build), so bt runs without a block hook; 0 with a stock one. */
 int  hv_bt_exact_kicks(void);
+/* 1 if the loaded libunicorn lets a hook move rip without leaving its cpu_exec
+ * (uc_reg_write_batch_goto, trapless's patched build): bt's PV bounces use it. */
+int  hv_bt_hook_goto(void);
 /* bt's instruction decoder, for tests: the length of the instruction at code (and its
  * kind: 0 plain, else sensitive), or -1 if it is not a valid x86-64 instruction. */
 int  hv_bt_insn_length(const uint8_t *code, int avail, int *kind);

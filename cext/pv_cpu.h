@@ -158,6 +158,9 @@ struct pv_vcpu {
     struct pv_step step;                /* pv_debug.c, engines that step (kvm) */
     struct pv_regs *regs;               /* the registers of the exit being handled */
     int      iret_done;                 /* a multicall's iret has replaced them */
+    /* the iret hypercall's frame at rsp, where the engine has read it already (bt's
+     * syscall hook, which checks where it goes): do_iret takes it instead */
+    const struct iret_context *iret_frame;
     uint64_t bounces, syscalls;         /* counters (tests, stats) */
 };
 

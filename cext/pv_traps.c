@@ -258,7 +258,9 @@ static int do_iret(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
     struct vcpu_info *vi = hv_vcpu_info(v);
 
     v->dom->counters.hypercalls[__HYPERVISOR_iret]++;
-    if (hv_copy_from_guest(v, &c, r->rsp, sizeof(c)) < 0)
+    if (v->pv.iret_frame)
+        c = *v->pv.iret_frame;
+    else if (hv_copy_from_guest(v, &c, r->rsp, sizeof(c)) < 0)
         return crash(v, stop, r->rcx, "iret: cannot read the iret frame at rsp %#llx",
                      (unsigned long long)r->rsp);
     if ((c.cs & 3) == 3 && switch_mode(v, r, 1) < 0)

@@ -1000,6 +1000,59 @@ def handler_hypercall_guest(rounds: int = 3) -> bytes:
     return p.elf()
 
 
+def trap_flags_guest() -> bytes:
+    """int3 and int $0x81 from guest kernel mode with the carry and the direction flag
+    set, each handler returning with the iret hypercall (whose frame restores both):
+    `flags_results` holds, per trap (int3 at +0 and +8, int $0x81 at +16 and +24), the
+    flags pushfq sees right after the trap, then after `test` and `cld` have cleared
+    the arithmetic flags and DF. An iret that leaves the restored flags anywhere but
+    where the CPU's next flag changes reach shows them again in the second."""
+    from .runtime import PVProgram
+
+    p = PVProgram(guest_os="trapless-trap-flags")
+    a = p.a
+    p.hypercall("set_trap_table", "flags_traps")
+    for trap, slot in (("int3", 0), ("int81", 16)):
+        a.xor(eax, eax)
+        a.cmp(eax, 1)                               # CF, SF, AF, PF set: 0 - 1
+        a.db(0xFD)                                  # std
+        if trap == "int3":
+            a.int3()
+        else:
+            a.int_(0x81)
+        a.db(0x9C)                                  # pushfq
+        a.pop(qword[rip + "flags_results" + slot])
+        a.mov(eax, 1)
+        a.test(eax, eax)                            # all of them clear: 1 is positive, odd parity
+        a.db(0xFC)                                  # cld
+        a.db(0x9C)
+        a.pop(qword[rip + "flags_results" + (slot + 8)])
+    a.xor(eax, eax)
+    a.ret()
+    a.label("on_trap")
+    a.db(0xFC)                                      # the handler's own string direction
+    a.pop(rcx)                                      # the bounce frame's rcx and r11
+    a.pop(r11)
+    a.push(0)                                       # iret flags: restore rcx and r11
+    a.jmp("hypercall_iret")
+    a.section(".data")
+    a.align(16)
+    a.label("flags_results")
+    a.dq(0, 0, 0, 0)
+    a.label("flags_traps")                          # struct trap_info[], address 0 ends it
+    a.db(3, 3)                                      # #BP, DPL 3
+    a.dw(C.FLAT_KERNEL_CS)
+    a.dd(0)
+    a.dq("on_trap")
+    a.db(0x81, 3)                                   # int $0x81, DPL 3
+    a.dw(C.FLAT_KERNEL_CS)
+    a.dd(0)
+    a.dq("on_trap")
+    a.dq(0, 0)
+    a.section(".text")
+    return p.elf()
+
+
 def user_mode_gs_guest() -> bytes:
     """Guest user mode reads %gs:0 (its own GS base, set with SEGBASE_GS_USER), then
     enters the kernel three ways: int3 (#BP), int $0x82 (both trap-table entries of DPL

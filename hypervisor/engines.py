@@ -64,6 +64,8 @@ def bt_library_note() -> str:
         return f"bt unavailable: {why}"
     how = ("exact kicks (uc_kick), no block hook" if lib.hv_bt_exact_kicks()
            else "stock: kicks through a block hook")
+    if lib.hv_bt_hook_goto():
+        how += "; hooks move rip within cpu_exec (uc_reg_write_batch_goto)"
     return f"bt runs on {unicorn_library()} ({how})"
 
 

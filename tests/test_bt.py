@@ -411,6 +411,64 @@ def test_a_library_that_is_not_there_makes_bt_unavailable_in_one_line(tmp_path):
     assert r.stderr.count("\n") == 1 and "no.so" in r.stderr
 
 
+# Xen PV guests whose bounces and irets bt does inside its hooks: what each leaves in
+# guest memory (symbol, 8-byte words) and its exits, in a process of its own (the library
+# is loaded once per process).
+HOOK_PATH_PROBE = """
+import json, struct, sys
+from guest_kernel import workloads, xen_pv
+from hypervisor.domain import Domain
+from hypervisor.engines import bt_library_note
+from hypervisor.image import load_image
+out = {"note": bt_library_note()}
+for name, image, symbol, words in (
+        ("flags", xen_pv.trap_flags_guest(), "flags_results", 4),
+        ("handlers", xen_pv.handler_hypercall_guest(rounds=3), "handler_results", 6),
+        ("gs", xen_pv.user_mode_gs_guest(), "gs_results", 7),
+        ("exception_loop", workloads.exception_bounce_loop(1000), None, 0),
+        ("syscall_loop", workloads.syscall_bounce_loop(1000), None, 0)):
+    with Domain(image, memory_mib=64, engine="bt") as dom:
+        stop = dom.run(timeout=60)
+        seen = []
+        if symbol:
+            at = load_image(image, 64 << 20).symbols[symbol]
+            seen = list(struct.unpack(f"<{words}Q", dom.read_guest(at, 8 * words)))
+        c = dom.counters()
+        out[name] = [stop.kind, stop.reason, seen, c.total_exits, c.hypercalls.get("iret", 0)]
+print(json.dumps(out))
+"""
+
+
+@needs_bt
+def test_hook_bounces_are_the_same_with_the_patched_librarys_goto_and_without():
+    """The PV bounces, irets and user syscalls bt does inside its hooks move rip with
+    uc_reg_write_batch_goto on the patched library (uc-path.patch) and through Unicorn's
+    register writes, which leave its cpu_exec, on the unicorn package's own: the same
+    guests leave the same results and take the same exits on both."""
+    import json
+    from pathlib import Path
+    patched = Path(engines.__file__).resolve().parent.parent / "build" / "unicorn" / "libunicorn.so.2"
+    if not patched.exists():
+        pytest.skip("the patched Unicorn is not built (make setup)")
+    runs = {}
+    for which in (str(patched), "stock"):
+        env = {**os.environ, "TRAPLESS_NO_KVM": "1", "TRAPLESS_UNICORN": which}
+        r = subprocess.run([sys.executable, "-c", HOOK_PATH_PROBE], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[which] = json.loads(r.stdout)
+    goto, stock = runs[str(patched)], runs["stock"]
+    assert "uc_reg_write_batch_goto" in goto.pop("note")
+    assert "uc_reg_write_batch_goto" not in stock.pop("note")
+    assert goto == stock
+    arith_df = [0x95 | 0x400, 0]                    # CF PF AF SF and DF, then none
+    assert [f & (0x8D5 | 0x400) for f in goto["flags"][2]] == arith_df * 2
+    assert goto["handlers"][2][2:] == [3, 3, 6, 0x5A5A_1234_5678]
+    assert goto["gs"][2] == [0x5553_4552_0000_0002] * 4 + [0x4B45_524E_454C_0001] * 3
+    for name in goto:
+        assert goto[name][:2] == ["shutdown", 0], (name, goto[name])
+
+
 @needs_bt
 @pytest.mark.skipif(engines.why_unavailable("kvm") is not None, reason="needs kvm as well")
 @pytest.mark.parametrize("sender_engine,receiver_engine", [("kvm", "bt"), ("bt", "kvm")])

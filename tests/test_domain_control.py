@@ -37,10 +37,18 @@ def test_blocked_state_and_destroy_while_blocked(engine):
 
 
 def test_trace_records_the_latest_hypercalls_decoded(engine):
+    import time
+    before = time.monotonic_ns()            # CLOCK_MONOTONIC: the domain's system time
     with Domain(build_pv_kernel(), cmdline="ticks=3", engine=engine) as dom:
         stop = dom.run(timeout=20)
         assert stop.kind == "shutdown"
         trace = dom.trace()
+        after = time.monotonic_ns()
+        # each call's time is system time, in call order, the three 100 Hz ticks
+        # at least 20 ms apart from the first call to the last
+        times = [e.time_ns for e in trace]
+        assert before <= times[0] and times == sorted(times) and times[-1] <= after
+        assert times[-1] - times[0] >= 20_000_000
         assert trace[-1].name == "sched_op"
         assert trace[-1].args[0] == C.SCHEDOP_shutdown and trace[-1].ret == 0
         assert [e.seq for e in trace] == list(range(trace[0].seq, trace[-1].seq + 1))

@@ -258,6 +258,25 @@ def test_trap_handlers_that_make_hypercalls_return_exactly(run_guest):
     assert c.hypercalls["iret"] == 6 and c.hypercalls["xen_version"] == 6
 
 
+def test_flags_an_iret_restores_give_way_to_the_next_ones(run_guest):
+    """int3 and int $0x81 from guest kernel mode with CF and DF set, back with the iret
+    hypercall: pushfq right after each trap shows the arithmetic flags and DF the
+    frame restored, and after `test` and `cld` none of them (on bt the iret is done
+    inside Unicorn's syscall hook, which must leave the flags where TCG's next
+    instructions change them)."""
+    import struct
+    from guest_kernel.xen_pv import trap_flags_guest
+    image = trap_flags_guest()
+    stop, console, dom = run_guest(image, console_ring=False)
+    assert (stop.kind, stop.reason) == ("shutdown", 0), f"{stop}\n{console}"
+    at = load_image(image, 64 << 20).symbols["flags_results"]
+    seen = struct.unpack("<4Q", dom.read_guest(at, 32))
+    arith_df = 0x8D5 | 0x400                # OF SF ZF AF PF CF, and DF
+    cf, pf, af, sf, df = 0x1, 0x4, 0x10, 0x80, 0x400
+    assert [f & arith_df for f in seen] == [cf | pf | af | sf | df, 0] * 2, [hex(f) for f in seen]
+    assert dom.counters().hypercalls["iret"] == 2
+
+
 def test_user_mode_and_kernel_keep_their_gs_bases_across_bounces(run_guest):
     """int3, int $0x82 and syscall from guest user mode, each back with the iret
     hypercall: the kernel's handlers read %gs:0 through the kernel's GS base, the user
