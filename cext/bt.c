@@ -1749,6 +1749,9 @@ static int bt_run_locked(struct hv_vcpu *v, struct hv_stop *stop)
 
         if (b->fatal) {
             *stop = b->fatal_stop;
+            stop->rip = rip;    /* where the emulator stopped, at the instruction: a
+                                 * TLB fill's read of it was the last synced rip's
+                                 * (the patched Unicorn restores it on a fault only) */
             b->fatal = 0;
             return stop->reason;
         }

