@@ -138,17 +138,17 @@ struct bt_uc_api {
      * NULL with a stock libunicorn: kicks then go through the block hook (bt.c). */
     void (*kick)(uc_engine *uc);
     int (*kick_take)(uc_engine *uc);
-    /* Only in trapless's patched build (uc-path.patch): uc_reg_write_batch for a code,
+    /* Only in trapless's patched build (uc-3-path.patch): uc_reg_write_batch for a code,
      * syscall or interrupt hook, where a rip written takes effect without leaving
      * Unicorn's cpu_exec. NULL with another libunicorn: bt_pv.c then writes rip
      * through reg_write_batch / reg_write, which leave it. */
     uc_err (*reg_write_batch_goto)(uc_engine *uc, int const *regs, void *const *vals, int count);
-    /* Also uc-path.patch's, both or neither: where the vCPU keeps its 16 general
+    /* Also uc-3-path.patch's, both or neither: where the vCPU keeps its 16 general
      * registers (rax rcx rdx rbx rsp rbp rsi rdi r8-r15) and rip, for hooks to read and
      * write in place; and, after a rip written there, the goto above. */
     uint64_t *(*x86_regs)(uc_engine *uc);
     void (*go)(uc_engine *uc);
-    /* uc-path.patch's too: rflags and the CS selector in one call (NULL: the API's) */
+    /* uc-3-path.patch's too: rflags and the CS selector in one call (NULL: the API's) */
     uc_err (*flags_cs)(uc_engine *uc, uint64_t *rflags, uint64_t *cs);
 };
 
@@ -320,7 +320,7 @@ struct bt_vcpu {
     uint64_t cr3;
     int cr3_known;
 
-    /* Unicorn's own general registers and rip (uc-path.patch's uc_x86_regs; NULL with
+    /* Unicorn's own general registers and rip (uc-3-path.patch's uc_x86_regs; NULL with
      * another library): a hook of Xen's PV model reads and writes them in place */
     uint64_t *uc_regs;
 

@@ -203,7 +203,7 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
 }
 
 /* The same from a code, `syscall` or interrupt hook that moves the guest (a bounce,
- * an iret) with the patched library's goto batch (uc-path.patch): the new rip takes
+ * an iret) with the patched library's goto batch (uc-3-path.patch): the new rip takes
  * effect without Unicorn leaving its cpu_exec and entering it again. The batch goes
  * last, as a load of CS's mode or of XCR0 runs the trampoline (a nested emu_start,
  * which would drop a goto made before it). r must hold every general register and

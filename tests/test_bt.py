@@ -442,7 +442,7 @@ print(json.dumps(out))
 @needs_bt
 def test_hook_bounces_are_the_same_with_the_patched_librarys_goto_and_without():
     """The PV bounces, irets and user syscalls bt does inside its hooks move rip with
-    uc_reg_write_batch_goto on the patched library (uc-path.patch) and through Unicorn's
+    uc_reg_write_batch_goto on the patched library (uc-3-path.patch) and through Unicorn's
     register writes, which leave its cpu_exec, on the unicorn package's own: the same
     guests leave the same results and take the same exits on both."""
     import json
