@@ -82,18 +82,26 @@ def _emit_exception_report(p: PVProgram, who: str) -> None:
     a.call("shutdown")
 
 
+def emit_trap_info(a, label: str, entries) -> None:
+    """A struct trap_info[] at label, for set_trap_table: (vector, flags, handler label
+    or address) entries, each on Xen's flat kernel CS (flags: the DPL `int n` needs, 4 to
+    mask events), then the terminator Xen stops at (address 0)."""
+    a.label(label)
+    for vector, flags, handler in entries:
+        a.db(vector, flags)
+        a.dw(C.FLAT_KERNEL_CS)
+        a.dd(0)
+        a.dq(handler)
+    a.dq(0, 0)
+
+
 def _emit_trap_table(p: PVProgram, who: str) -> None:
     """Xen's model: traps_init -> rax = set_trap_table's result, for vectors 0-31."""
     a = p.a
     a.section(".data")
     a.align(16)
-    a.label("trap_table")                       # struct trap_info[], address 0 ends it
-    for vector in range(32):
-        a.db(vector, 0)                         # flags: DPL 0 (no `int n`), events as they are
-        a.dw(C.FLAT_KERNEL_CS)
-        a.dd(0)
-        a.dq(f"exception_{vector}")
-    a.dq(0, 0)
+    # flags 0: DPL 0 (no `int n`), events as they are
+    emit_trap_info(a, "trap_table", [(vector, 0, f"exception_{vector}") for vector in range(32)])
     a.section(".text")
 
     a.label("traps_init")
@@ -377,6 +385,14 @@ def emit_iret(p: PVProgram) -> None:
     which pushes rcx, r11 and rax, as Linux and XTF return."""
     p.a.push(0)
     p.a.jmp("hypercall_iret")
+
+
+def emit_bounce_return(p: PVProgram) -> None:
+    """Return from a bounce frame without an error code at rsp (rcx, r11, then the iret
+    frame): take rcx and r11 back and leave through emit_iret."""
+    p.a.pop(rcx)
+    p.a.pop(r11)
+    emit_iret(p)
 
 
 def emit_events_on(p: PVProgram) -> None:

@@ -182,6 +182,8 @@ def exception_bounce_loop(iterations: int) -> bytes:
     """`int3` `iterations` times in a Xen-model PV kernel (ring 3): each is an exception
     the hypervisor bounces to the kernel's trap-table handler for #BP, which returns
     with the iret hypercall, as Linux's and XTF's handlers do."""
+    from .pvlib import emit_bounce_return, emit_trap_info
+
     p = PVProgram(guest_os="trapless-bench-exception-bounce")
     a = p.a
     p.hypercall("set_trap_table", "bounce_traps")
@@ -193,20 +195,12 @@ def exception_bounce_loop(iterations: int) -> bytes:
     a.xor(eax, eax)
     a.ret()
     # the bounce frame: rcx, r11, then the iret frame (int3's rip is the next
-    # instruction): take rcx and r11 back, return with iret (flags 0: restore them)
+    # instruction)
     a.label("on_bp")
-    a.pop(rcx)
-    a.pop(r11)
-    a.push(0)
-    a.jmp("hypercall_iret")
+    emit_bounce_return(p)
     a.section(".data")
     a.align(16)
-    a.label("bounce_traps")                         # struct trap_info[], address 0 ends it
-    a.db(3, 3)                                      # #BP, DPL 3: `int3` may raise it
-    a.dw(C.FLAT_KERNEL_CS)
-    a.dd(0)
-    a.dq("on_bp")
-    a.dq(0, 0)
+    emit_trap_info(a, "bounce_traps", [(3, 3, "on_bp")])   # #BP, DPL 3: `int3` may raise it
     a.section(".text")
     return p.elf()
 

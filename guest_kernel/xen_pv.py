@@ -14,7 +14,8 @@ from abi import C, offsetof
 from .asm import (byte, dword, eax, ebx, ecx, edx, esi, ptr, qword, r11, r12, rax, rbx, rcx,
                   rbp, rdx, rip, rsp)
 from .conformance import ConformanceGuest, GuestImage
-from .pvlib import emit_enter_user_mode, emit_iret_to_user, emit_mask_console_port
+from .pvlib import (emit_bounce_return, emit_enter_user_mode, emit_iret_to_user,
+                    emit_mask_console_port, emit_trap_info)
 
 # Offsets inside shared_info of vCPU 0's vcpu_info.
 UPCALL_PENDING = offsetof("vcpu_info", "evtchn_upcall_pending")
@@ -61,13 +62,7 @@ class XenPVGuest(ConformanceGuest):
         a = self.a
         a.section(".data")
         a.align(16)
-        a.label(f"{case}.table")
-        for vector, flags, handler in entries:
-            a.db(vector, flags)
-            a.dw(C.FLAT_KERNEL_CS)
-            a.dd(0)
-            a.dq(handler)
-        a.dq(0, 0)                          # the terminator: address 0
+        emit_trap_info(a, f"{case}.table", entries)
         a.section(".text")
         self.call(case, "set_trap_table", f"{case}.table")
 
@@ -978,24 +973,12 @@ def handler_hypercall_guest(rounds: int = 3) -> bytes:
         p.a.call("hypercall_xen_version")
         a.mov(qword[rip + "handler_results" + slot], rax)
         a.add(qword[rip + "handler_results" + (16 + slot)], 1)
-        a.pop(rcx)                                  # the bounce frame's rcx and r11
-        a.pop(r11)
-        a.push(0)                                   # iret flags: restore rcx and r11
-        a.jmp("hypercall_iret")
+        emit_bounce_return(p)
     a.section(".data")
     a.align(16)
     a.label("handler_results")
     a.dq(0, 0, 0, 0, 0, 0)
-    a.label("handler_traps")                        # struct trap_info[], address 0 ends it
-    a.db(3, 3)                                      # #BP, DPL 3
-    a.dw(C.FLAT_KERNEL_CS)
-    a.dd(0)
-    a.dq("on_bp")
-    a.db(0x81, 3)                                   # int $0x81, DPL 3
-    a.dw(C.FLAT_KERNEL_CS)
-    a.dd(0)
-    a.dq("on_int81")
-    a.dq(0, 0)
+    emit_trap_info(a, "handler_traps", [(3, 3, "on_bp"), (0x81, 3, "on_int81")])  # DPL 3
     a.section(".text")
     return p.elf()
 
@@ -1031,24 +1014,12 @@ def trap_flags_guest() -> bytes:
     a.ret()
     a.label("on_trap")
     a.db(0xFC)                                      # the handler's own string direction
-    a.pop(rcx)                                      # the bounce frame's rcx and r11
-    a.pop(r11)
-    a.push(0)                                       # iret flags: restore rcx and r11
-    a.jmp("hypercall_iret")
+    emit_bounce_return(p)
     a.section(".data")
     a.align(16)
     a.label("flags_results")
     a.dq(0, 0, 0, 0)
-    a.label("flags_traps")                          # struct trap_info[], address 0 ends it
-    a.db(3, 3)                                      # #BP, DPL 3
-    a.dw(C.FLAT_KERNEL_CS)
-    a.dd(0)
-    a.dq("on_trap")
-    a.db(0x81, 3)                                   # int $0x81, DPL 3
-    a.dw(C.FLAT_KERNEL_CS)
-    a.dd(0)
-    a.dq("on_trap")
-    a.dq(0, 0)
+    emit_trap_info(a, "flags_traps", [(3, 3, "on_trap"), (0x81, 3, "on_trap")])  # DPL 3
     a.section(".text")
     return p.elf()
 
@@ -1094,10 +1065,7 @@ def user_mode_gs_guest() -> bytes:
         a.mov(r12, rax)
         read_gs0_into(slot)
         a.mov(rax, r12)
-        a.pop(rcx)
-        a.pop(r11)
-        a.push(0)                                   # iret flags: restore rcx and r11
-        a.jmp("hypercall_iret")
+        emit_bounce_return(p)
     a.label("on_gs_syscall")
     a.cmp(eax, 1)
     a.je("on_gs_syscall.done")
@@ -1118,13 +1086,8 @@ def user_mode_gs_guest() -> bytes:
     a.dq(0x4B45_524E_454C_0001)
     a.label("user_gs_word")
     a.dq(0x5553_4552_0000_0002)
-    a.label("gs_traps")                             # struct trap_info[], address 0 ends it
-    for vector, handler in ((3, "on_gs_bp"), (0x82, "on_gs_int82")):
-        a.db(vector, 3)                             # DPL 3: user mode may raise it
-        a.dw(C.FLAT_KERNEL_CS)
-        a.dd(0)
-        a.dq(handler)
-    a.dq(0, 0)
+    # DPL 3: user mode may raise them
+    emit_trap_info(a, "gs_traps", [(3, 3, "on_gs_bp"), (0x82, 3, "on_gs_int82")])
     a.label("gs_user_base")                         # struct mmuext_op
     a.dd(C.MMUEXT_NEW_USER_BASEPTR, 0)
     a.dq(0, 0)
