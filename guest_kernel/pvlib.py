@@ -387,6 +387,27 @@ def emit_iret(p: PVProgram) -> None:
     p.a.jmp("hypercall_iret")
 
 
+def emit_syscall_callback(p: PVProgram, label: str, main_rsp: str, body=None) -> None:
+    """A syscall callback at label (on the kernel stack: rcx, r11, then the iret frame)
+    for guests whose user mode ends with `syscall` and rax 1: that returns from the
+    kernel's main (rsp from main_rsp, rax 0); any other runs body() and goes back to user
+    mode with the frame as it is, through iret with VGCF_in_syscall (rcx and r11 the
+    user may lose, as after Xen's sysret)."""
+    a = p.a
+    a.label(label)
+    a.cmp(eax, 1)
+    a.je(f"{label}.done")
+    if body:
+        body()
+    a.add(rsp, 16)
+    a.push(C.VGCF_in_syscall)
+    a.jmp("hypercall_iret")
+    a.label(f"{label}.done")
+    a.mov(rsp, qword[main_rsp])
+    a.xor(eax, eax)
+    a.ret()
+
+
 def emit_bounce_return(p: PVProgram) -> None:
     """Return from a bounce frame without an error code at rsp (rcx, r11, then the iret
     frame): take rcx and r11 back and leave through emit_iret."""

@@ -211,7 +211,7 @@ def syscall_bounce_loop(iterations: int) -> bytes:
     back to user mode with the iret hypercall and VGCF_in_syscall, as Linux's sysret
     path does. One L4 serves kernel and user (MMUEXT_NEW_USER_BASEPTR names pt_base);
     the user's last syscall (rax 1) tells the kernel to power off."""
-    from .pvlib import emit_enter_user_mode
+    from .pvlib import emit_enter_user_mode, emit_syscall_callback
     p = PVProgram(guest_os="trapless-bench-syscall-bounce")
     a = p.a
     emit_enter_user_mode(p, "user_loop")
@@ -226,18 +226,7 @@ def syscall_bounce_loop(iterations: int) -> bytes:
     a.mov(eax, 1)
     a.syscall()
 
-    # the callback, on kernel_stack_top: rcx, r11, then the iret frame. Back to user
-    # with the frame as it is: VGCF_in_syscall (rcx and r11 the user may lose)
-    a.label("on_syscall")
-    a.cmp(eax, 1)
-    a.je("on_syscall.done")
-    a.add(rsp, 16)
-    a.push(C.VGCF_in_syscall)
-    a.jmp("hypercall_iret")
-    a.label("on_syscall.done")
-    a.mov(rsp, qword["main_rsp"])
-    a.xor(eax, eax)
-    a.ret()
+    emit_syscall_callback(p, "on_syscall", "main_rsp")      # on kernel_stack_top
 
     a.section(".data")
     a.align(8)

@@ -15,7 +15,7 @@ from .asm import (byte, dword, eax, ebx, ecx, edx, esi, ptr, qword, r11, r12, ra
                   rbp, rdx, rip, rsp)
 from .conformance import ConformanceGuest, GuestImage
 from .pvlib import (emit_bounce_return, emit_enter_user_mode, emit_iret_to_user,
-                    emit_mask_console_port, emit_trap_info)
+                    emit_mask_console_port, emit_syscall_callback, emit_trap_info)
 
 # Offsets inside shared_info of vCPU 0's vcpu_info.
 UPCALL_PENDING = offsetof("vcpu_info", "evtchn_upcall_pending")
@@ -1066,17 +1066,7 @@ def user_mode_gs_guest() -> bytes:
         read_gs0_into(slot)
         a.mov(rax, r12)
         emit_bounce_return(p)
-    a.label("on_gs_syscall")
-    a.cmp(eax, 1)
-    a.je("on_gs_syscall.done")
-    read_gs0_into(48)
-    a.add(rsp, 16)
-    a.push(C.VGCF_in_syscall)
-    a.jmp("hypercall_iret")
-    a.label("on_gs_syscall.done")
-    a.mov(rsp, qword["gs_main_rsp"])
-    a.xor(eax, eax)
-    a.ret()
+    emit_syscall_callback(p, "on_gs_syscall", "gs_main_rsp", lambda: read_gs0_into(48))
 
     a.section(".data")
     a.align(16)

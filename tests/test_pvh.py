@@ -305,14 +305,20 @@ def emit_timer_inside_the_wait(p) -> None:
     p.print("\n")
 
 
+def run_to_poweroff(run_guest, extra, timeout: float) -> str:
+    """Our PVH guest (hypercall page, no vmcall) with extra() in its body, run until it
+    powers off: its console output."""
+    stop, out, _ = run_guest(build_pvh_guest(vmcall=False, extra=extra), timeout=timeout)
+    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out[-200:])
+    return out
+
+
 def test_an_event_between_the_wait_check_and_the_sleep_wakes_the_sleep(run_guest, engine):
     """The callback vector of a PVH guest ignores evtchn_upcall_mask (RFLAGS.IF alone
     gates it, as Xen's hvm_vcpu_has_pending_irq), so the guest waits as a ring-0 kernel
     does: check with interrupts off, then sti; hlt. An upcall taken between the check
     and a SCHEDOP_block would leave the block sleeping for an event that already came."""
-    image = build_pvh_guest(vmcall=False, extra=emit_timer_inside_the_wait)
-    stop, out, _ = run_guest(image, timeout=10)
-    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out[-200:])
+    out = run_to_poweroff(run_guest, emit_timer_inside_the_wait, timeout=10)
     assert out.endswith("set_singleshot_timer: 0, VIRQ_TIMER upcalls: 1, not early: yes\n"
                         "a timer inside the wait's window: VIRQ_TIMER upcalls 2\n"
                         "powering off\n")
@@ -383,9 +389,7 @@ def emit_block_for_the_lapic_timer(p) -> None:
 def test_schedop_block_wakes_for_a_local_apic_interrupt(run_guest, engine):
     """Xen's SCHEDOP_block on an HVM/PVH vCPU ends for any interrupt its local APIC
     raises (vlapic_set_irq kicks the vCPU), not only for an event channel upcall."""
-    image = build_pvh_guest(vmcall=False, extra=emit_block_for_the_lapic_timer)
-    stop, out, _ = run_guest(image, timeout=20)
-    assert (stop.kind, stop.shutdown_name) == ("shutdown", "poweroff"), (stop, out[-200:])
+    out = run_to_poweroff(run_guest, emit_block_for_the_lapic_timer, timeout=20)
     assert out.endswith("SCHEDOP_block with interrupts off returned 0, LAPIC timer "
                         "interrupts taken: 0, after sti; hlt: 1\n"
                         "powering off\n")
