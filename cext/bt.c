@@ -317,6 +317,11 @@ static void bt_cpuid(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_
     bt_guest_cpuid(bt_of(v), leaf, subleaf, out);
 }
 
+static int bt_engine_tlb_gpa(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa)
+{
+    return bt_tlb_gpa(bt_of(v), gva, write ? UC_MEM_WRITE : UC_MEM_READ, gpa);
+}
+
 const struct hv_engine_ops bt_vcpu_ops = {
     .cpuid = bt_cpuid,
     .get_cr3 = bt_get_cr3,
@@ -324,6 +329,7 @@ const struct hv_engine_ops bt_vcpu_ops = {
     .set_cr3 = bt_set_cr3,
     .flush_tlb = bt_flush_tlb,
     .get_mode = bt_get_mode,
+    .tlb_gpa = bt_engine_tlb_gpa,
 };
 
 /* ---- sensitive instructions: the sites the translator found ---- */
@@ -438,6 +444,19 @@ static uint64_t cr4_valid_bits(struct bt_vcpu *b)
 }
 
 /* The code hook of one site: runs just before the guest would execute it. */
+/* Whether the bytes at addr are still the site's, read where the guest fetches them
+ * (TCG's TLB, if it holds them, as it does for the block running; else a walk). now:
+ * room for them. */
+static int same_code(struct bt_vcpu *b, uint64_t addr, const struct bt_site *s, uint8_t *now)
+{
+    uint64_t gpa;
+
+    if ((addr & (HV_PAGE_SIZE - 1)) + s->len <= HV_PAGE_SIZE &&
+        bt_tlb_gpa(b, addr, UC_MEM_FETCH, &gpa) == 0 && hv_gpa_valid(b->v->dom, gpa, s->len))
+        return memcmp(b->v->dom->ram + gpa, s->bytes, s->len) == 0;
+    return bt_read_virt(b, addr, now, s->len) == 0 && memcmp(now, s->bytes, s->len) == 0;
+}
+
 static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
 {
     struct bt_site *s = user;
@@ -452,7 +471,7 @@ static void on_site(uc_engine *uc, uint64_t addr, uint32_t size, void *user)
         return;
     }
     /* The hook is on an address: make sure the same instruction is still there. */
-    if (bt_read_virt(b, addr, now, s->len) < 0 || memcmp(now, s->bytes, s->len) != 0) {
+    if (!same_code(b, addr, s, now)) {
         struct bt_insn in;
         uint8_t code[15];
         int avail = 15;
@@ -563,6 +582,15 @@ static int add_site(struct bt_vcpu *b, uint64_t addr, const struct bt_insn *in, 
     return 0;
 }
 
+/* int3, and `int n` from 32 up, without prefixes, in 64-bit code: TCG raises them
+ * and the interrupt hook (on_interrupt) knows each from its vector alone, and its
+ * length, so no site is needed to bounce them. The others (into, int 0-31, which the
+ * hook would take for the exception, prefixed forms) keep theirs. */
+static int interrupt_tells_all(const uint8_t *bytes, int len)
+{
+    return (len == 1 && bytes[0] == 0xcc) || (len == 2 && bytes[0] == 0xcd && bytes[1] >= 32);
+}
+
 /* Decode [pc, pc + size) and hook each sensitive instruction not hooked yet; returns
  * how many were added. Port I/O is left to the port hooks. */
 static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
@@ -583,7 +611,9 @@ static int scan(struct bt_vcpu *b, uint64_t pc, uint64_t size)
         /* in ring 3 (Xen's PV model) port I/O and control-register reads are
          * sensitive too: they fault */
         int ring3_site = ring3_only(in.kind) && b->v->dom->pv_model == HV_PV_XEN;
-        int wanted = b->v->dom->guest_type != HV_GUEST_PVH || pvh_needs_site(&in);
+        int wanted = (b->v->dom->guest_type != HV_GUEST_PVH || pvh_needs_site(&in)) &&
+                     !(b->v->dom->pv_model == HV_PV_XEN && !code32 &&
+                       interrupt_tells_all(buf + off, in.len));
         if (in.kind != BT_PLAIN && (!ring3_only(in.kind) || ring3_site) && wanted &&
             !site_at(b, pc + off) && add_site(b, pc + off, &in, buf + off) == 0)
             added++;
@@ -1910,7 +1940,10 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
 {
     int rc;
     hv_guest_lock(v->dom);
+    bt_of(v)->running = 1;
+    bt_of(v)->run_thread = pthread_self();
     rc = bt_run_locked(v, stop);
+    bt_of(v)->running = 0;
     hv_guest_unlock(v->dom);
     return rc;
 }

@@ -150,6 +150,14 @@ struct bt_uc_api {
     void (*go)(uc_engine *uc);
     /* uc-3-path.patch's too: rflags and the CS selector in one call (NULL: the API's) */
     uc_err (*flags_cs)(uc_engine *uc, uint64_t *rflags, uint64_t *cs);
+    /* uc-4-tlb.patch's: the host address of a guest byte as the vCPU's TLB holds it for
+     * an access (0 read, 1 write, 2 fetch) of its current mode, NULL where the TLB has
+     * no plain RAM entry for it (bt_tlb_host; NULL: always walk). */
+    void *(*tlb_host)(uc_engine *uc, uint64_t va, int access);
+    /* and flags_cs without the arithmetic flags (they read 0), for a hook that needs
+     * only the control ones; and rflags written as reg_write writes it (NULL: the API) */
+    uc_err (*control_flags_cs)(uc_engine *uc, uint64_t *rflags, uint64_t *cs);
+    uc_err (*set_flags)(uc_engine *uc, uint64_t rflags);
 };
 
 extern struct bt_uc_api bt_uc;
@@ -358,6 +366,8 @@ struct bt_vcpu {
     int db_shadow_armed;            /* the next instruction runs in that shadow */
 
     int twin;                       /* a kvm vCPU's twin (bt_twin.c): run until 64-bit code */
+    int running;                    /* inside bt_run, on run_thread */
+    pthread_t run_thread;
     struct bt_twin_code *twin_code; /* ... and the code it translated, as it left it */
 
     struct bt_site *sites[BT_SITE_BUCKETS];
@@ -381,6 +391,7 @@ extern const struct hv_engine_ops bt_vcpu_ops;
 /* bt_cpu.c: the MMU walk, guest memory reads by virtual address, IDT delivery. */
 int  bt_walk(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa, int *perms, int *present);
 int  bt_read_virt(struct bt_vcpu *b, uint64_t va, void *dst, int len);
+int  bt_tlb_gpa(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa);
 /* cr3 without asking Unicorn where the VMM alone writes it (Xen's PV model). */
 uint64_t bt_cr3(struct bt_vcpu *b);
 /* Set cr3 (Unicorn flushes its TLB): 0, or -1 if Unicorn refused. */

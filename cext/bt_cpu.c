@@ -202,6 +202,30 @@ mapped:
     return 0;
 }
 
+/* Where TCG's TLB puts va now for an access (UC_MEM_READ, _WRITE or _FETCH) of the
+ * guest's current mode: 0 with the guest-physical address of its page's byte, or -1
+ * (a miss, an entry the guest's access would take the slow path for, not the guest's
+ * RAM, no such entry point in the library): then walk. Only Xen's PV model, whose
+ * accesses are all ring 3's and whose tables change only through the model, which
+ * flushes the TLB where a change must reach the guest; not a kvm vCPU's twin, whose
+ * TLB kvm's flushes reach only when it next runs; and only on the thread running the
+ * vCPU (bt_run), which alone may touch its Unicorn. */
+int bt_tlb_gpa(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa)
+{
+    struct hv_domain *d = b->v->dom;
+    int which = access == UC_MEM_WRITE ? 1 : access == UC_MEM_FETCH ? 2 : 0;
+    uint8_t *host;
+
+    if (!b->running || b->twin || !bt_uc.tlb_host || d->pv_model != HV_PV_XEN ||
+        !pthread_equal(b->run_thread, pthread_self()))
+        return -1;
+    host = bt_uc.tlb_host(b->uc, va, which);
+    if (!host || host < d->ram || (uint64_t)(host - d->ram) >= d->ram_bytes + d->gnt_bytes)
+        return -1;
+    *gpa = (uint64_t)(host - d->ram);
+    return 0;
+}
+
 /* A PVH guest runs 32-bit code until it enters long mode, and compat-mode code when
  * its CS descriptor has L clear; Unicorn keeps the descriptor to itself, so the GDT
  * entry CS names tells (the guest does not change a loaded entry under itself). */
@@ -235,9 +259,11 @@ int bt_read_virt(struct bt_vcpu *b, uint64_t va, void *dst, int len)
         int perms, present, chunk = (int)(HV_PAGE_SIZE - (va & (HV_PAGE_SIZE - 1)));
         if (chunk > len)
             chunk = len;
-        if (bt_walk(b, va, UC_MEM_READ, &gpa, &perms, &present) < 0)
-            return -1;
-        gpa |= va & (HV_PAGE_SIZE - 1);
+        if (bt_tlb_gpa(b, va, UC_MEM_READ, &gpa) < 0) {
+            if (bt_walk(b, va, UC_MEM_READ, &gpa, &perms, &present) < 0)
+                return -1;
+            gpa |= va & (HV_PAGE_SIZE - 1);
+        }
         if (!hv_gpa_valid(b->v->dom, gpa, (uint64_t)chunk))
             return -1;
         memcpy(out, b->v->dom->ram + gpa, (size_t)chunk);

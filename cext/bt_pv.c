@@ -27,17 +27,48 @@ static const int gpr_ids[18] = {
 };
 
 /* Unicorn's own general registers and rip in place (uc_x86_regs, bt_vcpu.uc_regs):
- * the instruction encoding's order, then rip. uc_slot: where each of pv_regs' first
- * 17 (rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip) sits there. */
-enum { UC_RAX = 0, UC_RCX = 1, UC_RDX = 2, UC_RSP = 4, UC_RSI = 6, UC_RDI = 7, UC_R8 = 8,
-       UC_R10 = 10, UC_R11 = 11, UC_RIP = 16 };
-static const uint8_t uc_slot[17] = { 0, 3, 1, 2, 6, 7, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16 };
+ * the instruction encoding's order, then rip. */
+enum { UC_RAX = 0, UC_RCX = 1, UC_RDX = 2, UC_RBX = 3, UC_RSP = 4, UC_RBP = 5, UC_RSI = 6,
+       UC_RDI = 7, UC_R8 = 8, UC_R9 = 9, UC_R10 = 10, UC_R11 = 11, UC_R12 = 12, UC_R13 = 13,
+       UC_R14 = 14, UC_R15 = 15, UC_RIP = 16 };
 
-/* The general registers and rip from where Unicorn keeps them into r and old. */
-static void take_in_place(const uint64_t *g, struct pv_regs *r, struct pv_regs *old)
+/* The general registers a bounce or an iret reads or writes (read_bounce_regs), from
+ * where Unicorn keeps them into r and old, and back: one load and store each. */
+static void bounce_gprs_in_place(const uint64_t *g, struct pv_regs *r, struct pv_regs *old)
 {
-    for (int i = 0; i < 17; i++)
-        (&r->rax)[i] = (&old->rax)[i] = g[uc_slot[i]];
+    r->rax = old->rax = g[UC_RAX];
+    r->rcx = old->rcx = g[UC_RCX];
+    r->rsp = old->rsp = g[UC_RSP];
+    r->r11 = old->r11 = g[UC_R11];
+    r->rip = old->rip = g[UC_RIP];
+}
+
+static void bounce_gprs_to_place(uint64_t *g, const struct pv_regs *r)
+{
+    g[UC_RAX] = r->rax;
+    g[UC_RCX] = r->rcx;
+    g[UC_RSP] = r->rsp;
+    g[UC_R11] = r->r11;
+    g[UC_RIP] = r->rip;
+}
+
+/* All of them and rip, for what the model may change any register in (its emulation
+ * of a faulting instruction). */
+static void gprs_to_place(uint64_t *g, const struct pv_regs *r)
+{
+    bounce_gprs_to_place(g, r);
+    g[UC_RDX] = r->rdx;
+    g[UC_RBX] = r->rbx;
+    g[UC_RBP] = r->rbp;
+    g[UC_RSI] = r->rsi;
+    g[UC_RDI] = r->rdi;
+    g[UC_R8] = r->r8;
+    g[UC_R9] = r->r9;
+    g[UC_R10] = r->r10;
+    g[UC_R12] = r->r12;
+    g[UC_R13] = r->r13;
+    g[UC_R14] = r->r14;
+    g[UC_R15] = r->r15;
 }
 
 static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
@@ -60,11 +91,10 @@ static const struct pv_regs no_regs;
 
 /* The registers an exception's bounce (its frame, a mode switch from user mode,
  * events on the way out) reads or writes: rcx, r11, rip, rflags, rsp, CS and, from
- * user mode only, the GS base (the switch swaps it). Through the API the others stay 0
- * in r and in old, so write_regs, which writes only what changed, leaves them alone
- * (each register read there costs: Unicorn's reg_read is a switch over all of them).
- * In place (uc_regs) all the general registers and rip come, as cheap as a few, and
- * goto_regs writes them all back. */
+ * user mode only, the GS base (the switch swaps it); and rax, which the iret restores.
+ * The others stay 0 in r and in old, so write_regs, which writes only what changed,
+ * leaves them alone (each register read through the API costs: Unicorn's reg_read is
+ * a switch over all of them), and goto_regs writes back only these (bounce_gprs_*). */
 static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_regs *old)
 {
     static const int ids[] = { UC_X86_REG_RFLAGS, UC_X86_REG_CS, UC_X86_REG_GS_BASE,
@@ -78,7 +108,7 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_reg
     *r = no_regs;
     *old = no_regs;
     if (g) {
-        take_in_place(g, r, old);
+        bounce_gprs_in_place(g, r, old);
         if (bt_uc.flags_cs) {
             bt_uc.flags_cs(b->uc, &r->rflags, &cs);
             if (user)
@@ -206,20 +236,27 @@ static void write_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct 
  * an iret) with the patched library's goto batch (uc-3-path.patch): the new rip takes
  * effect without Unicorn leaving its cpu_exec and entering it again. The batch goes
  * last, as a load of CS's mode or of XCR0 runs the trampoline (a nested emu_start,
- * which would drop a goto made before it). r must hold every general register and
- * rip (take_in_place). 1 if written so, 0 if the library has no goto (nothing
- * written). */
-static int goto_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old)
+ * which would drop a goto made before it). r holds every general register and rip
+ * (all), or those of a bounce (read_bounce_regs). 1 if written so, 0 if the library
+ * has no goto (nothing written). */
+static int goto_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv_regs *old,
+                     int all)
 {
     uint64_t *g = b->uc_regs;
 
     if (!bt_uc.reg_write_batch_goto || !g)
         return 0;
     write_segments(b, r, old);
-    for (int i = 0; i < 17; i++)        /* all: the hooks took them all (take_in_place) */
-        g[uc_slot[i]] = (&r->rax)[i];
-    if (r->rflags != old->rflags)
-        bt_set_reg(b, UC_X86_REG_RFLAGS, r->rflags);
+    if (all)
+        gprs_to_place(g, r);
+    else
+        bounce_gprs_to_place(g, r);
+    if (r->rflags != old->rflags) {
+        if (bt_uc.set_flags)
+            bt_uc.set_flags(b->uc, r->rflags);
+        else
+            bt_set_reg(b, UC_X86_REG_RFLAGS, r->rflags);
+    }
     if (r->rip != old->rip)
         bt_uc.go(b->uc);
     return 1;
@@ -400,8 +437,6 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     /* r and old the same, each filled as it is (no copy: see read_bounce_regs) */
     r = no_regs;
     old = no_regs;
-    if (b->uc_regs)
-        take_in_place(b->uc_regs, &r, &old);
     r.rsp = old.rsp = rsp;
     r.gs_base = old.gs_base = gs_base;
     r.rax = old.rax = s->rax;
@@ -422,9 +457,10 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
     }
     r.rip -= 2;                         /* Unicorn adds the syscall's length */
     old.rip = ~r.rip;                   /* written whatever it is, as rcx and r11, */
-    old.rcx = ~r.rcx;                   /* which were not read */
-    old.r11 = ~r.r11;
-    if (!goto_regs(b, &r, &old))
+    old.rcx = ~r.rcx;                   /* which were not read, and rflags, which */
+    old.r11 = ~r.r11;                   /* may have been read without its arithmetic */
+    old.rflags = ~r.rflags;             /* flags (bt_pv_on_syscall) */
+    if (!goto_regs(b, &r, &old, 0))
         write_regs(b, &r, &old);
     resume_or_stop(b, r.rflags);
     return 1;
@@ -445,7 +481,12 @@ void bt_pv_on_syscall(uc_engine *uc, void *user)
         if (b->uc_regs) {
             s.rax = b->uc_regs[UC_RAX];
             s.rip = b->uc_regs[UC_RIP];
-            if (bt_uc.flags_cs)
+            /* the iret from kernel mode replaces rflags (and rcx and r11, where the
+             * others put it): its control flags are all it reads of them, and the
+             * arithmetic ones cost a computation each time */
+            if (bt_uc.control_flags_cs && s.rax == __HYPERVISOR_iret && !b->v->pv.user_mode)
+                bt_uc.control_flags_cs(b->uc, &s.rflags, &s.cs);
+            else if (bt_uc.flags_cs)
                 bt_uc.flags_cs(b->uc, &s.rflags, &s.cs);
             else
                 bt_uc.reg_read_batch(b->uc, ids + 2, vals + 2, 2);
@@ -570,16 +611,18 @@ static int stack_reference_fault(struct bt_vcpu *b, const struct pv_regs *r)
 
 /* The registers an exception's bounce needs: int3, into, int n from 32 up are a
  * bounce, or #GP(sel) and its bounce (read_bounce_regs); an int n below 32 may reach
- * the model's #UD, #GP or #PF emulation, which reads more, as faults do. */
-static void read_exception_regs(struct bt_vcpu *b, const struct bt_event *ev, struct pv_regs *r,
-                                struct pv_regs *old)
+ * the model's #UD, #GP or #PF emulation, which reads more, as faults do. 1 if all of
+ * them were read (for goto_regs), 0 if a bounce's. */
+static int read_exception_regs(struct bt_vcpu *b, const struct bt_event *ev, struct pv_regs *r,
+                               struct pv_regs *old)
 {
     if (ev->soft && (ev->vector == 3 || ev->vector == 4 || ev->vector >= 32)) {
         read_bounce_regs(b, r, old);
-    } else {
-        read_regs(b, r);
-        *old = *r;
+        return 0;
     }
+    read_regs(b, r);
+    *old = *r;
+    return 1;
 }
 
 /* ev to the trap table, r holding the registers (rip past a software interrupt). */
@@ -624,17 +667,18 @@ int bt_pv_soft_interrupt(struct bt_vcpu *b, const struct bt_event *ev)
 {
     struct pv_regs r, old;
     struct hv_stop stop;
+    int all;
 
     if (!ev->soft || b->stepping)
         return 0;
-    read_exception_regs(b, ev, &r, &old);
+    all = read_exception_regs(b, ev, &r, &old);
     if (pv_compat_code(b->v, r.cs))
         return 0;                       /* compat code: the bounce switches mode (above) */
     if (exception_bounce(b, &r, ev, &stop) < 0) {
         stop_fatal(b, &stop);
         return 1;
     }
-    if (!goto_regs(b, &r, &old))
+    if (!goto_regs(b, &r, &old, all))
         write_regs(b, &r, &old);
     resume_or_stop(b, r.rflags);
     return 1;
@@ -654,6 +698,7 @@ int bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s)
     struct pv_regs r, old;
     struct hv_stop stop;
     uint64_t rip;
+    int all;
 
     if (b->stepping || bt_code32(b))
         return 0;
@@ -663,13 +708,13 @@ int bt_pv_int_at_site(struct bt_vcpu *b, const struct bt_site *s)
         ev.vector = s->bytes[1];
     else
         return 0;
-    read_exception_regs(b, &ev, &r, &old);
+    all = read_exception_regs(b, &ev, &r, &old);
     r.rip += (uint64_t)s->len;
     if (exception_bounce(b, &r, &ev, &stop) < 0) {
         stop_fatal(b, &stop);
         return 1;
     }
-    if (!goto_regs(b, &r, &old)) {
+    if (!goto_regs(b, &r, &old, all)) {
         rip = r.rip;
         r.rip = old.rip;                /* rip on its own, below */
         write_regs(b, &r, &old);

@@ -39,6 +39,10 @@ int hv_gva_to_gpa(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa)
 
     if (!v->ops)
         return -XEN_EFAULT;             /* a vCPU not brought up yet has no page tables */
+    /* what the guest's own access would use, without a walk: most guest pointers (a
+     * bounce frame, an iret frame, a hypercall's arguments) were just touched by it */
+    if (v->ops->tlb_gpa && v->ops->tlb_gpa(v, gva, write, gpa) == 0)
+        goto found;
     /* PVH: the guest sets its own mode; before paging is on, addresses are physical
      * (32 bits of them). Only 4-level paging is walked. */
     if (d->guest_type == HV_GUEST_PVH && v->ops->get_mode) {
@@ -81,6 +85,21 @@ found:
     return 0;
 }
 
+/* A buffer within one page that the engine's TLB holds (tlb_gpa) for the access:
+ * where it is in RAM, else NULL (then walk). Most guest pointers are so: a bounce frame,
+ * an iret frame, a hypercall's arguments, all just touched by the guest. */
+static uint8_t *in_tlb(struct hv_vcpu *v, uint64_t gva, uint64_t len, int write)
+{
+    struct hv_domain *d = v->dom;
+    uint64_t gpa;
+
+    if (!len || ((gva ^ (gva + len - 1)) >> HV_PAGE_SHIFT) || !v->ops || !v->ops->tlb_gpa ||
+        v->ops->tlb_gpa(v, gva, write, &gpa) < 0 || !hv_gpa_valid(d, gpa, len) ||
+        (write && gpa >= d->pt_pool_start && gpa < d->pt_pool_end))
+        return NULL;
+    return d->ram + gpa;
+}
+
 /* Copy page by page: a buffer may straddle pages that map anywhere (or nowhere). */
 static int copy_guest(struct hv_vcpu *v, uint64_t gva, uint8_t *host, uint64_t len, int write)
 {
@@ -103,6 +122,12 @@ static int copy_guest(struct hv_vcpu *v, uint64_t gva, uint8_t *host, uint64_t l
 
 int hv_copy_from_guest(struct hv_vcpu *v, void *dst, uint64_t gva, uint64_t len)
 {
+    uint8_t *at = in_tlb(v, gva, len, 0);
+
+    if (at) {
+        memcpy(dst, at, len);
+        return 0;
+    }
     return copy_guest(v, gva, dst, len, 0);
 }
 
@@ -110,6 +135,12 @@ int hv_copy_to_guest(struct hv_vcpu *v, uint64_t gva, const void *src, uint64_t 
 {
     /* Check the whole range first so a fault half-way leaves guest memory untouched. */
     uint64_t gpa, end = gva + len, va = gva;
+    uint8_t *at = in_tlb(v, gva, len, 1);
+
+    if (at) {
+        memcpy(at, src, len);
+        return 0;
+    }
     if (len && end < gva)
         return -XEN_EFAULT;
     /* within one page (a bounce frame, most results): one walk checks and places it */

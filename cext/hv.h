@@ -55,6 +55,11 @@ struct hv_engine_ops {
     /* CPUID of the CPU the engine runs the guest on, before Xen's PV policy masks it
      * (NULL: the host's own, as KVM runs the guest on it). */
     void (*cpuid)(struct hv_vcpu *v, uint32_t leaf, uint32_t subleaf, uint32_t out[4]);
+    /* The guest-physical address the engine's own TLB holds for gva now, for a read or
+     * a write as the guest would make it: 0 with *gpa set, or -1 to walk the page
+     * tables (NULL: always walk). It is as current as the guest's own accesses: every
+     * change of the tables that must reach the guest flushes it (flush_tlb, set_cr3). */
+    int  (*tlb_gpa)(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa);
 };
 
 /* What a parked vCPU waits for (vcpu.c). */
