@@ -793,14 +793,27 @@ static void set_fatal(struct bt_vcpu *b, int code, const char *what, uint64_t gp
 }
 
 /* After an exit handled inside a hook: leave the emulator if the loop has work. */
+/* Whether the run loop has work before the guest goes on: another thread's (a
+ * shutdown, a kick, a pause, events it raised) or the vCPU's (it parks). */
+static int work_waits(struct hv_vcpu *v)
+{
+    return __atomic_load_n(&v->dom->shutting_down, __ATOMIC_ACQUIRE) ||
+           __atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) ||
+           __atomic_load_n(&v->paused, __ATOMIC_ACQUIRE) ||
+           __atomic_load_n(&v->deferred_events, __ATOMIC_ACQUIRE) || hv_vcpu_must_park(v);
+}
+
 void bt_after_exit(struct bt_vcpu *b)
 {
-    struct hv_vcpu *v = b->v;
-    if (__atomic_load_n(&v->dom->shutting_down, __ATOMIC_ACQUIRE) ||
-        __atomic_load_n(&v->kicked, __ATOMIC_ACQUIRE) ||
-        __atomic_load_n(&v->paused, __ATOMIC_ACQUIRE) ||
-        __atomic_load_n(&v->deferred_events, __ATOMIC_ACQUIRE) ||
-        hv_vcpu_must_park(v) || deliverable(b))
+    if (work_waits(b->v) || deliverable(b))
+        bt_uc.emu_stop(b->uc);
+}
+
+/* The same after the PV model delivered what was due (pv_deliver_events): nothing it
+ * left is deliverable, and an event another thread raises since comes with a kick. */
+void bt_after_delivery(struct bt_vcpu *b)
+{
+    if (work_waits(b->v))
         bt_uc.emu_stop(b->uc);
 }
 
@@ -1031,7 +1044,7 @@ static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
 {
     struct bt_vcpu *b = user;
     struct bt_event *ev = &b->exception;
-    uint64_t rip = bt_reg(b, UC_X86_REG_RIP);
+    uint64_t rip = b->uc_regs ? b->uc_regs[16] : bt_reg(b, UC_X86_REG_RIP);
     int int_n = b->soft_int_end == rip;     /* the hooked int3/int n/into just ran */
 
     b->soft_int_end = ~0ULL;

@@ -425,6 +425,7 @@ int  bt_gdt_entry(struct bt_vcpu *b, uint16_t sel, uint64_t *desc);
 void bt_page_fault_event(struct bt_vcpu *b, struct bt_event *ev);
 /* After an exit handled inside a hook: leave the emulator if the loop has work. */
 void bt_after_exit(struct bt_vcpu *b);
+void bt_after_delivery(struct bt_vcpu *b);
 
 /* bt_pv.c: Xen's PV CPU model on this engine. Each returns 0, or -1 with stop filled. */
 int  bt_pv_load_context(struct bt_vcpu *b, struct hv_stop *stop);

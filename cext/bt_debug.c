@@ -54,7 +54,11 @@ int bt_debug_stepping_flags(struct bt_vcpu *b, uint64_t rflags)
 {
     const struct pv_vcpu *p = &b->v->pv;
     /* no L0-3/G0-3 enable bit in DR7: no breakpoint at all (every bounce asks) */
-    int armed = (p->dr[7] & 0xff) != 0, data = armed && pv_debug_armed(p, 1);
+    int armed = (p->dr[7] & 0xff) != 0, data;
+
+    if (!armed && !b->db_mem_hook && !b->db_shadow_armed)
+        return (rflags & RFLAGS_TF) != 0;
+    data = armed && pv_debug_armed(p, 1);
 
     set_access_hook(b, data);
     return data || (armed && pv_debug_armed(p, 0)) || b->db_shadow_armed ||

@@ -102,25 +102,26 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_reg
                                UC_X86_REG_RSP };
     const uint64_t *g = b->uc_regs;
     uint64_t cs = 0;
-    void *vals[] = { &r->rflags, &cs, &r->gs_base, &r->rcx, &r->r11, &r->rip, &r->rsp };
     int user = b->v->pv.user_mode;
 
     *r = no_regs;
     *old = no_regs;
-    if (g) {
+    if (g && bt_uc.flags_cs) {
         bounce_gprs_in_place(g, r, old);
-        if (bt_uc.flags_cs) {
-            bt_uc.flags_cs(b->uc, &r->rflags, &cs);
-            if (user)
-                r->gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
-        } else {
-            bt_uc.reg_read_batch(b->uc, ids, vals, user ? 3 : 2);
-        }
-    } else if (user) {
-        bt_uc.reg_read_batch(b->uc, ids, vals, 7);
+        bt_uc.flags_cs(b->uc, &r->rflags, &cs);
+        if (user)
+            r->gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
     } else {
-        bt_uc.reg_read_batch(b->uc, ids, vals, 2);
-        bt_uc.reg_read_batch(b->uc, ids + 3, vals + 3, 4);
+        void *vals[] = { &r->rflags, &cs, &r->gs_base, &r->rcx, &r->r11, &r->rip, &r->rsp };
+        if (g) {
+            bounce_gprs_in_place(g, r, old);
+            bt_uc.reg_read_batch(b->uc, ids, vals, user ? 3 : 2);
+        } else if (user) {
+            bt_uc.reg_read_batch(b->uc, ids, vals, 7);
+        } else {
+            bt_uc.reg_read_batch(b->uc, ids, vals, 2);
+            bt_uc.reg_read_batch(b->uc, ids + 3, vals + 3, 4);
+        }
     }
     r->cs = cs & 0xffff;
     r->ss = b->pv_ss;
@@ -246,7 +247,11 @@ static int goto_regs(struct bt_vcpu *b, const struct pv_regs *r, const struct pv
 
     if (!bt_uc.reg_write_batch_goto || !g)
         return 0;
-    write_segments(b, r, old);
+    if (r->cs != old->cs || r->gs_sel != old->gs_sel || r->gs_base != old->gs_base ||
+        r->fs_base != old->fs_base || b->v->pv.hw_dirty)
+        write_segments(b, r, old);
+    else
+        b->pv_ss = (uint16_t)r->ss;
     if (all)
         gprs_to_place(g, r);
     else
@@ -343,14 +348,14 @@ static int syscall_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
                                    UC_X86_REG_R10, UC_X86_REG_R8 };
     static const int out_ids[] = { UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_R11 };
     struct hv_vcpu *v = b->v;
+    int nargs = hook_args(s->rax);
+
+    if (v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS || !nargs || s->cs != FLAT_KERNEL_CS)
+        return 0;
     struct hv_hcall h = { .nr = s->rax };
     void *args[] = { &h.a1, &h.a2, &h.a3, &h.a4, &h.a5 };
     uint64_t out[3];
     void *outs[] = { &out[0], &out[1], &out[2] };
-    int nargs = hook_args(h.nr);
-
-    if (v->pv.user_mode || b->pv_ss != FLAT_KERNEL_SS || !nargs || s->cs != FLAT_KERNEL_CS)
-        return 0;
     if (b->uc_regs) {                   /* the others stay 0 */
         static const uint8_t arg_slots[] = { UC_RDI, UC_RSI, UC_RDX, UC_R10, UC_R8 };
         for (int i = 0; i < nargs; i++)
@@ -387,7 +392,7 @@ static void resume_or_stop(struct bt_vcpu *b, uint64_t rflags)
     if (bt_debug_stepping_flags(b, rflags))
         bt_uc.emu_stop(b->uc);
     else
-        bt_after_exit(b);
+        bt_after_delivery(b);
 }
 
 /* A domain_crash met inside a hook: the run loop returns its stop first thing. */
@@ -475,7 +480,6 @@ void bt_pv_on_syscall(uc_engine *uc, void *user)
                                UC_X86_REG_CS };
     struct bt_vcpu *b = user;
     struct syscall_regs s = { 0 };
-    void *vals[] = { &s.rax, &s.rip, &s.rflags, &s.cs };
 
     if (!b->stepping) {
         if (b->uc_regs) {
@@ -489,9 +493,9 @@ void bt_pv_on_syscall(uc_engine *uc, void *user)
             else if (bt_uc.flags_cs)
                 bt_uc.flags_cs(b->uc, &s.rflags, &s.cs);
             else
-                bt_uc.reg_read_batch(b->uc, ids + 2, vals + 2, 2);
+                bt_uc.reg_read_batch(b->uc, ids + 2, (void *[]){ &s.rflags, &s.cs }, 2);
         } else {
-            bt_uc.reg_read_batch(b->uc, ids, vals, 4);
+            bt_uc.reg_read_batch(b->uc, ids, (void *[]){ &s.rax, &s.rip, &s.rflags, &s.cs }, 4);
         }
         s.cs &= 0xffff;
         if (syscall_in_hook(b, &s) || bounce_in_hook(b, &s))

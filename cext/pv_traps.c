@@ -269,10 +269,12 @@ static int do_iret(struct hv_vcpu *v, struct pv_regs *r, struct hv_stop *stop)
     if (v->pv.vm_assist & (1ULL << VMASST_TYPE_architectural_iopl))
         v->pv.iopl = (unsigned)(c.rflags >> 12) & 3;
     r->rip = c.rip;
-    r->cs = c.cs | 3;
+    /* Xen's cpu_user_regs keeps 16 bits of each: the frame's CS slot carries the
+     * saved upcall mask above them (bounce), which the new CS must not */
+    r->cs = (c.cs | 3) & 0xffff;
     r->rflags = (c.rflags & ~(RFLAGS_IOPL | RFLAGS_VM)) | RFLAGS_IF | 2;
     r->rsp = c.rsp;
-    r->ss = c.ss | 3;
+    r->ss = (c.ss | 3) & 0xffff;
     if (c.flags & VGCF_in_syscall) {
         r->rcx = r->rip;                /* as a sysret would leave them */
         r->r11 = r->rflags;
