@@ -425,6 +425,37 @@ def event_handler(g: XenPVGuest) -> None:
     g.iret(False)
 
 
+def iret_then_event_guest() -> GuestImage:
+    """Events masked and one pending, then int3: the #BP handler sets IF in its frame
+    and returns with the iret hypercall, which unmasks, so the event is delivered on
+    the way out, its bounce frame built from the state the iret restored. Reports the
+    CS slot of both frames (Xen keeps the interrupted upcall mask above the selector
+    there) and how many events came."""
+    g = XenPVGuest("iret-then-event")
+    a = g.a
+    g.map_shared_info()
+    g.trap_table("set_trap_table", [(3, 3, "on_bp")])
+    g.callback("register_event", C.CALLBACKTYPE_event, "on_event")
+    a.mov(byte[rip_("shared_info", UPCALL_MASK)], 1)
+    a.mov(byte[rip_("shared_info", UPCALL_PENDING)], 1)
+    a.int3()
+    g.report_word("bp_count", "on_bp.count")
+    g.report_word("bp_frame_cs", "on_bp.frame", 24)
+    g.report_word("event_count", "on_event.count")
+    g.report_word("event_frame_cs", "on_event.frame", 24)
+    a.movzx(eax, byte[rip_("shared_info", UPCALL_MASK)])
+    g.report("mask_after")
+
+    def bp_handler() -> None:
+        g.record_frame("on_bp", False)
+        a.or_(qword[rsp + 32], 0x200)       # IF in the frame: the iret unmasks
+        a.mov(rax, qword["saved_rax"])
+        g.iret(False)
+
+    g.handlers(lambda: (bp_handler(), event_handler(g)))
+    return g.finish()
+
+
 # The hypervisor's area (cext/pv_cpu.h PV_AREA_VA): the GDT's first page.
 PV_AREA_VA = 0xffff878000000000
 

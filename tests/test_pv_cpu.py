@@ -277,6 +277,20 @@ def test_flags_an_iret_restores_give_way_to_the_next_ones(run_guest):
     assert dom.counters().hypercalls["iret"] == 2
 
 
+def test_an_event_the_iret_unmasks_is_bounced_with_the_cs_it_restored(run_guest):
+    """An iret whose frame sets IF while an event is pending delivers it on the way out:
+    the event's frame holds the kernel's CS with RPL 0 and the upcall mask it interrupted
+    (0, as the iret just cleared it) above it, not the mask the iret's own frame carried
+    in its CS slot (Xen keeps 16 bits of a frame's CS)."""
+    from guest_kernel.xen_pv import iret_then_event_guest
+    r, dom = run_clean(run_guest, iret_then_event_guest())
+    kernel_cs_rpl0 = C.FLAT_KERNEL_CS & ~3
+    assert (r["bp_count"], r["bp_frame_cs"]) == (1, kernel_cs_rpl0 | 1 << 32)
+    assert (r["event_count"], r["event_frame_cs"]) == (1, kernel_cs_rpl0)
+    assert r["mask_after"] == 0
+    assert dom.counters().hypercalls["iret"] == 2
+
+
 def test_user_mode_and_kernel_keep_their_gs_bases_across_bounces(run_guest):
     """int3, int $0x82 and syscall from guest user mode, each back with the iret
     hypercall: the kernel's handlers read %gs:0 through the kernel's GS base, the user
