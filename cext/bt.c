@@ -1426,6 +1426,11 @@ int bt_vcpu_open(struct hv_vcpu *v, char *err, int err_len)
             goto fail;
         }
         b->uc_regs = bt_uc.x86_regs ? bt_uc.x86_regs(b->uc) : NULL;
+        /* int3 and int n bounce from the interrupt hook inside the translated code,
+         * as syscall's hooks run, where the library can (uc-4-tlb.patch) */
+        if (bt_uc.soft_int_in_place)
+            bt_uc.soft_int_in_place(b->uc, true);
+        b->tlb_gen = bt_uc.tlb_gen ? bt_uc.tlb_gen(b->uc) : NULL;
     }
 
     struct { int type; void *cb; int insn; } hooks[] = {
@@ -1953,10 +1958,9 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
 {
     int rc;
     hv_guest_lock(v->dom);
-    bt_of(v)->running = 1;
-    bt_of(v)->run_thread = pthread_self();
+    bt_of(v)->run_thread = __builtin_thread_pointer();
     rc = bt_run_locked(v, stop);
-    bt_of(v)->running = 0;
+    bt_of(v)->run_thread = NULL;
     hv_guest_unlock(v->dom);
     return rc;
 }

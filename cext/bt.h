@@ -158,6 +158,11 @@ struct bt_uc_api {
      * only the control ones; and rflags written as reg_write writes it (NULL: the API) */
     uc_err (*control_flags_cs)(uc_engine *uc, uint64_t *rflags, uint64_t *cs);
     uc_err (*set_flags)(uc_engine *uc, uint64_t rflags);
+    /* and int3 / int n calling the interrupt hooks in place, the block going on at the
+     * rip they leave, as after a syscall (NULL: TCG leaves the block for them) */
+    uc_err (*soft_int_in_place)(uc_engine *uc, bool on);
+    /* and a count of the TLB's flushes: what tlb_host gave holds while it stays */
+    const volatile uint64_t *(*tlb_gen)(uc_engine *uc);
 };
 
 extern struct bt_uc_api bt_uc;
@@ -366,8 +371,13 @@ struct bt_vcpu {
     int db_shadow_armed;            /* the next instruction runs in that shadow */
 
     int twin;                       /* a kvm vCPU's twin (bt_twin.c): run until 64-bit code */
-    int running;                    /* inside bt_run, on run_thread */
-    pthread_t run_thread;
+    void *run_thread;               /* inside bt_run: that thread's pointer, else NULL */
+    /* The last page bt_tlb_gpa found in TCG's TLB, while the TLB's flush count
+     * (tlb_gen) stays what it was then: a bounce frame and the iret frame after it
+     * are on the same page. */
+    const volatile uint64_t *tlb_gen;
+    uint64_t last_va_page, last_gpa_page, last_gen;
+    int last_writable;
     struct bt_twin_code *twin_code; /* ... and the code it translated, as it left it */
 
     struct bt_site *sites[BT_SITE_BUCKETS];

@@ -209,21 +209,42 @@ mapped:
  * accesses are all ring 3's and whose tables change only through the model, which
  * flushes the TLB where a change must reach the guest; not a kvm vCPU's twin, whose
  * TLB kvm's flushes reach only when it next runs; and only on the thread running the
- * vCPU (bt_run), which alone may touch its Unicorn. */
-int bt_tlb_gpa(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa)
+ * vCPU (bt_run), which alone may touch its Unicorn. The last page found is kept
+ * for as long as the TLB is not flushed (tlb_gen): the same answer, without asking. */
+/* The TLB's answer (bt_tlb_gpa), kept as the last page found where it can be. */
+static __attribute__((noinline)) int tlb_lookup(struct bt_vcpu *b, uint64_t va, int access,
+                                                uint64_t *gpa)
 {
     struct hv_domain *d = b->v->dom;
-    int which = access == UC_MEM_WRITE ? 1 : access == UC_MEM_FETCH ? 2 : 0;
-    uint8_t *host;
+    uint8_t *host = bt_uc.tlb_host(b->uc, va, access == UC_MEM_WRITE ? 1 :
+                                              access == UC_MEM_FETCH ? 2 : 0);
+    uint64_t at;
 
-    if (!b->running || b->twin || !bt_uc.tlb_host || d->pv_model != HV_PV_XEN ||
-        !pthread_equal(b->run_thread, pthread_self()))
-        return -1;
-    host = bt_uc.tlb_host(b->uc, va, which);
     if (!host || host < d->ram || (uint64_t)(host - d->ram) >= d->ram_bytes + d->gnt_bytes)
         return -1;
-    *gpa = (uint64_t)(host - d->ram);
+    at = (uint64_t)(host - d->ram);
+    if (b->tlb_gen && access != UC_MEM_FETCH) {
+        b->last_va_page = va & ~(HV_PAGE_SIZE - 1);
+        b->last_gpa_page = at & ~(HV_PAGE_SIZE - 1);
+        b->last_gen = *b->tlb_gen;
+        b->last_writable = access == UC_MEM_WRITE;
+    }
+    *gpa = at;
     return 0;
+}
+
+int bt_tlb_gpa(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa)
+{
+    if (b->run_thread != __builtin_thread_pointer() || b->twin || !bt_uc.tlb_host ||
+        b->v->dom->pv_model != HV_PV_XEN)
+        return -1;
+    if (b->tlb_gen && (va & ~(HV_PAGE_SIZE - 1)) == b->last_va_page &&
+        *b->tlb_gen == b->last_gen &&
+        (access == UC_MEM_READ || (access == UC_MEM_WRITE && b->last_writable))) {
+        *gpa = b->last_gpa_page | (va & (HV_PAGE_SIZE - 1));
+        return 0;
+    }
+    return tlb_lookup(b, va, access, gpa);
 }
 
 /* A PVH guest runs 32-bit code until it enters long mode, and compat-mode code when
