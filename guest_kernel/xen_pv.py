@@ -964,6 +964,59 @@ def sysenter_guest() -> GuestImage:
     return g.finish()
 
 
+def remap_then_read_guest() -> bytes:
+    """One page of the guest's, `window`, written through its own mapping, then mapped
+    over frame_a and frame_b in turn, twice (update_va_mapping with UVMF_INVLPG): after
+    each, the guest reads a byte there and console_io writes 8 bytes from `window`,
+    which the hypervisor reads through
+    the guest's translation as it is now. The console shows "window!\n", then the two
+    frames' own lines, twice."""
+    from .asm import al, rdi, rsi
+    from .runtime import PVProgram
+
+    pte_flags = 0x1 | 0x2 | 0x4 | 0x20 | 0x40       # P RW U A D (U: the kernel is in ring 3)
+    p = PVProgram(guest_os="trapless-remap-read")
+    a = p.a
+    for i, ch in enumerate(b"window!\n"):
+        a.mov(byte[rip + "window" + i], ch)
+    p.hypercall("console_io", C.CONSOLEIO_write, 8, "window")
+    a.xor(ebx, ebx)                                 # the second time round, no
+    a.label("remap.loop")                           # new code is translated between
+    a.lea(rsi, ptr["frame_a"])                      # VIRT_BASE 0: its address is its frame's
+    a.test(ebx, 1)
+    a.je("remap.map")
+    a.lea(rsi, ptr["frame_b"])
+    a.label("remap.map")
+    a.or_(rsi, pte_flags)
+    a.lea(rdi, ptr["window"])
+    p.hypercall("update_va_mapping", rdi, rsi, C.UVMF_INVLPG)
+    a.test(rax, rax)
+    a.jne("remap.failed")
+    a.mov(al, byte[rip + "window"])                 # the guest reads it: in its TLB now
+    p.hypercall("console_io", C.CONSOLEIO_write, 8, "window")
+    a.inc(ebx)
+    a.cmp(ebx, 4)
+    a.jne("remap.loop")
+    a.xor(eax, eax)
+    a.ret()
+    a.label("remap.failed")
+    a.mov(eax, 1)
+    a.ret()
+    a.section(".data")
+    a.align(4096)
+    a.label("frame_a")
+    a.db(*b"frame A\n")
+    a.align(4096)
+    a.label("frame_b")
+    a.db(*b"frame B\n")
+    a.section(".bss")
+    a.align(4096)
+    a.label("window")
+    a.reserve(4096)
+    a.section(".text")
+    return p.elf()
+
+
 def handler_hypercall_guest(rounds: int = 3) -> bytes:
     """`rounds` times: the carry set, then int3 and int $0x81 from guest kernel mode, whose trap
     table handlers each make a hypercall (xen_version) before they return with the iret

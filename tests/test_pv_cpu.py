@@ -277,6 +277,16 @@ def test_flags_an_iret_restores_give_way_to_the_next_ones(run_guest):
     assert dom.counters().hypercalls["iret"] == 2
 
 
+def test_a_hypercall_reads_a_remapped_page_through_its_new_frame(run_guest):
+    """A page the guest wrote, then mapped over two other frames in turn with UVMF_INVLPG:
+    console_io reads its buffer there through the guest's translation as it is after
+    each flush (on bt through TCG's TLB, which the guest's own read there just filled)."""
+    from guest_kernel.xen_pv import remap_then_read_guest
+    stop, console, dom = run_guest(remap_then_read_guest(), console_ring=False)
+    assert (stop.kind, stop.reason) == ("shutdown", 0), f"{stop}\n{console}"
+    assert console == "window!\n" + "frame A\nframe B\n" * 2
+
+
 def test_an_event_the_iret_unmasks_is_bounced_with_the_cs_it_restored(run_guest):
     """An iret whose frame sets IF while an event is pending delivers it on the way out:
     the event's frame holds the kernel's CS with RPL 0 and the upcall mask it interrupted
