@@ -1043,13 +1043,11 @@ static int nm_is_ud(struct bt_vcpu *b, uint64_t rip)
 static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
 {
     struct bt_vcpu *b = user;
-    struct bt_event *ev = &b->exception;
+    struct bt_event event = { .vector = (int)intno }, *ev = &event;
     uint64_t rip = b->uc_regs ? b->uc_regs[16] : bt_reg(b, UC_X86_REG_RIP);
     int int_n = b->soft_int_end == rip;     /* the hooked int3/int n/into just ran */
 
     b->soft_int_end = ~0ULL;
-    memset(ev, 0, sizeof(*ev));
-    ev->vector = (int)intno;
     if (intno == 8 && !int_n) {
         fault_of_instruction(b, rip, ev);
     } else if (int_n || ev->vector == 3 || ev->vector == 4 || ev->vector >= 32) {
@@ -1060,17 +1058,16 @@ static void on_interrupt(uc_engine *uc, uint32_t intno, void *user)
     } else if (ev->vector == 7 && nm_is_ud(b, rip)) {
         ev->vector = 6;
     }
+    b->exception.vector = -1;
     if (b->v->dom->pv_model == HV_PV_XEN && !b->tramp_active) {
-        struct bt_event soft = *ev;
         int done;
-        ev->vector = -1;
         b->in_intr_hook = 1;
-        done = bt_pv_soft_interrupt(b, &soft);
+        done = bt_pv_soft_interrupt(b, ev);
         b->in_intr_hook = 0;
         if (done)
             return;
-        *ev = soft;
     }
+    b->exception = *ev;                 /* the run loop's to deliver */
     bt_uc.emu_stop(uc);
 }
 
@@ -1431,6 +1428,7 @@ int bt_vcpu_open(struct hv_vcpu *v, char *err, int err_len)
         if (bt_uc.soft_int_in_place)
             bt_uc.soft_int_in_place(b->uc, true);
         b->tlb_gen = bt_uc.tlb_gen ? bt_uc.tlb_gen(b->uc) : NULL;
+        b->uc_gs_base = bt_uc.gs_base ? bt_uc.gs_base(b->uc) : NULL;
     }
 
     struct { int type; void *cb; int insn; } hooks[] = {

@@ -163,6 +163,8 @@ struct bt_uc_api {
     uc_err (*soft_int_in_place)(uc_engine *uc, bool on);
     /* and a count of the TLB's flushes: what tlb_host gave holds while it stays */
     const volatile uint64_t *(*tlb_gen)(uc_engine *uc);
+    /* and where the vCPU keeps its GS base, in place (NULL: the API) */
+    uint64_t *(*gs_base)(uc_engine *uc);
 };
 
 extern struct bt_uc_api bt_uc;
@@ -376,6 +378,7 @@ struct bt_vcpu {
      * (tlb_gen) stays what it was then: a bounce frame and the iret frame after it
      * are on the same page. */
     const volatile uint64_t *tlb_gen;
+    uint64_t *uc_gs_base;           /* bt_uc.gs_base's, or NULL */
     uint64_t last_va_page, last_gpa_page, last_gen;
     int last_writable;
     struct bt_twin_code *twin_code; /* ... and the code it translated, as it left it */

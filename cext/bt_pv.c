@@ -71,6 +71,21 @@ static void gprs_to_place(uint64_t *g, const struct pv_regs *r)
     g[UC_R15] = r->r15;
 }
 
+/* The GS base, which a switch between guest kernel and user mode swaps: in place
+ * where the library tells where (uc-4-tlb.patch), else through the API. */
+static uint64_t gs_base_now(struct bt_vcpu *b)
+{
+    return b->uc_gs_base ? *b->uc_gs_base : bt_reg(b, UC_X86_REG_GS_BASE);
+}
+
+static void set_gs_base(struct bt_vcpu *b, uint64_t base)
+{
+    if (b->uc_gs_base)
+        *b->uc_gs_base = base;
+    else
+        bt_set_reg(b, UC_X86_REG_GS_BASE, base);
+}
+
 static void read_regs(struct bt_vcpu *b, struct pv_regs *r)
 {
     void *vals[18];
@@ -105,12 +120,13 @@ static void read_bounce_regs(struct bt_vcpu *b, struct pv_regs *r, struct pv_reg
     int user = b->v->pv.user_mode;
 
     *r = no_regs;
-    *old = no_regs;
+    *old = no_regs;                     /* write_regs compares every field (the run
+                                         * loop's bt_pv_exception) */
     if (g && bt_uc.flags_cs) {
         bounce_gprs_in_place(g, r, old);
         bt_uc.flags_cs(b->uc, &r->rflags, &cs);
         if (user)
-            r->gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
+            r->gs_base = gs_base_now(b);
     } else {
         void *vals[] = { &r->rflags, &cs, &r->gs_base, &r->rcx, &r->r11, &r->rip, &r->rsp };
         if (g) {
@@ -211,7 +227,7 @@ static void write_segments(struct bt_vcpu *b, const struct pv_regs *r, const str
     if (r->gs_sel != old->gs_sel)
         bt_set_reg(b, UC_X86_REG_GS, r->gs_sel);     /* loads its base: set ours after */
     if (r->gs_base != old->gs_base || r->gs_sel != old->gs_sel)
-        bt_set_reg(b, UC_X86_REG_GS_BASE, r->gs_base);
+        set_gs_base(b, r->gs_base);
     if (r->fs_base != old->fs_base)
         bt_set_reg(b, UC_X86_REG_FS_BASE, r->fs_base);
     b->pv_ss = (uint16_t)r->ss;
@@ -389,7 +405,12 @@ static int syscall_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
  * guest's, as just written. */
 static void resume_or_stop(struct bt_vcpu *b, uint64_t rflags)
 {
-    if (bt_debug_stepping_flags(b, rflags))
+    /* nothing armed (DR7's enables, a data breakpoint's hook, a mov-SS shadow) and no
+     * TF: the usual case, without asking bt_debug.c */
+    if (!(b->v->pv.dr[7] & 0xff) && !b->db_mem_hook && !b->db_shadow_armed &&
+        !(rflags & RFLAGS_TF))
+        bt_after_delivery(b);
+    else if (bt_debug_stepping_flags(b, rflags))
         bt_uc.emu_stop(b->uc);
     else
         bt_after_delivery(b);
@@ -438,7 +459,7 @@ static int bounce_in_hook(struct bt_vcpu *b, const struct syscall_regs *s)
         switches = (frame.cs & 3) == 3; /* an iret to user mode (do_iret) */
     }
     if (switches)
-        gs_base = bt_reg(b, UC_X86_REG_GS_BASE);
+        gs_base = gs_base_now(b);
     /* r and old the same, each filled as it is (no copy: see read_bounce_regs) */
     r = no_regs;
     old = no_regs;

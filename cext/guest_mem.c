@@ -93,7 +93,7 @@ static uint8_t *in_tlb(struct hv_vcpu *v, uint64_t gva, uint64_t len, int write)
     struct hv_domain *d = v->dom;
     uint64_t gpa;
 
-    if (!len || ((gva ^ (gva + len - 1)) >> HV_PAGE_SHIFT) || !v->ops || !v->ops->tlb_gpa ||
+    if (!v->ops || !v->ops->tlb_gpa || !len || ((gva ^ (gva + len - 1)) >> HV_PAGE_SHIFT) ||
         v->ops->tlb_gpa(v, gva, write, &gpa) < 0 || !hv_gpa_valid(d, gpa, len) ||
         (write && gpa >= d->pt_pool_start && gpa < d->pt_pool_end))
         return NULL;

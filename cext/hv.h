@@ -465,7 +465,10 @@ void hv_vcpu_destroy(struct hv_vcpu *v);
  * none). The engine's run returns HV_STOP_PARKED at its next check (hv_vcpu_must_park);
  * the scheduler parks the vCPU, holding no thread, until it can go on. */
 void hv_vcpu_park(struct hv_vcpu *v, int kind, uint64_t deadline);
-int  hv_vcpu_must_park(struct hv_vcpu *v);
+static inline int hv_vcpu_must_park(struct hv_vcpu *v)
+{
+    return v->park_kind != HV_WAIT_NONE;
+}
 /* Engines, before entering the guest: park if down; flush if another vCPU asked. 1 if
  * the vCPU must leave run (it parks), else 0; flush is the engine's TLB flush. */
 int  hv_vcpu_before_entry(struct hv_vcpu *v, int (*flush)(struct hv_vcpu *v));

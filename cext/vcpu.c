@@ -196,11 +196,6 @@ void hv_vcpu_park(struct hv_vcpu *v, int kind, uint64_t deadline)
     hv_timers_set_wait(v, deadline);
 }
 
-int hv_vcpu_must_park(struct hv_vcpu *v)
-{
-    return v->park_kind != HV_WAIT_NONE;
-}
-
 static int poll_port_pending(struct hv_vcpu *v)
 {
     for (uint32_t i = 0; i < v->poll.n; i++)
