@@ -10,7 +10,8 @@
   code runs on the vCPU's Unicorn twin: each round trip moves the vCPU there and back),
   each as ns per iteration (a run of N minus a run of 1,
   so boot is left out), as exits per iteration and as multiples of the bare exit;
-  rounds alternate so all see the same machine; the median round is reported. Each
+  rounds alternate so all see the same machine; the median round is reported, and the
+  median of each round's ratio to that round's bare exit. Each
   also as the CPU time the process spent per iteration (likewise N minus 1), which a
   machine shared with other work moves far less than the wall clock.
 - timer lateness: delivery minus deadline of one-shot timers 1 ms ahead, as the guest
@@ -42,7 +43,7 @@ from . import bench_startup
 from .domain import Domain
 from .errors import TraplessError
 
-ROUNDS = 5
+ROUNDS = 9
 
 
 def time_guest(image: bytes, iterations: int, engine: str | None) -> float:
@@ -94,10 +95,19 @@ def run_counted(image: bytes, engine: str | None) -> tuple[int, int, int]:
         return stop.elapsed_ns, time.process_time_ns() - cpu, dom.counters().total_exits
 
 
+def paired_ratio(times: list[float], bare: list[float]) -> float | None:
+    """The median over rounds of a path's time over the bare exit's time in the same
+    round. This host's speed drifts by up to 2x over a second or so (the same bare-exit
+    loop, sampled every 250 ms: 88-160 ns): two runs a few ms apart see the same
+    machine, two medians taken over a whole run need not."""
+    ratios = [t / b for t, b in zip(times, bare) if b > 0]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
 def pv_paths(iterations: int, engine: str | None, rounds: int = ROUNDS) -> dict:
     """ns (wall clock and process CPU time) and exits per iteration of each of PV_PATHS
     (a run of `iterations` minus a run of 1), the median of `rounds` alternating rounds,
-    and each over the bare exit."""
+    and each over the bare exit of its own round (paired_ratio)."""
     from .engines import compat_mode_unavailable
     images = {name: (build(1), build(iterations)) for name, _, build in PV_PATHS
               if name != "compat_syscall_bounce" or not compat_mode_unavailable(engine)}
@@ -112,15 +122,11 @@ def pv_paths(iterations: int, engine: str | None, rounds: int = ROUNDS) -> dict:
             cpu_ns[name].append((cn - c1) / (iterations - 1))
             exits[name] = round((en - e1) / (iterations - 1), 3)
     out = {"iterations": iterations, "rounds": rounds}
-    bare = statistics.median(ns["bare_exit"])
-    bare_cpu = statistics.median(cpu_ns["bare_exit"])
     for name in images:
-        median = statistics.median(ns[name])
-        median_cpu = statistics.median(cpu_ns[name])
-        out[name] = {"ns": round(median, 1), "exits": exits[name],
-                     "x_bare_exit": round(median / bare, 3),
-                     "cpu_ns": round(median_cpu, 1),
-                     "cpu_x_bare_exit": round(median_cpu / bare_cpu, 3) if bare_cpu > 0 else None}
+        out[name] = {"ns": round(statistics.median(ns[name]), 1), "exits": exits[name],
+                     "x_bare_exit": paired_ratio(ns[name], ns["bare_exit"]),
+                     "cpu_ns": round(statistics.median(cpu_ns[name]), 1),
+                     "cpu_x_bare_exit": paired_ratio(cpu_ns[name], cpu_ns["bare_exit"])}
     return out
 
 

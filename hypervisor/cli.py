@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine", choices=list(ENGINES))
     bench.add_argument("--rounds", type=count,
                        help="alternating rounds of the PV CPU model's rows, median reported "
-                            "(default 5)")
+                            "(default 9)")
     bench.add_argument("--pv-paths", action="store_true",
                        help="only the PV CPU model's rows (bare exit, hypercall, bounces)")
     bench.add_argument("--domains", type=domain_count, default=1000, metavar="N",
