@@ -1415,8 +1415,12 @@ int bt_vcpu_open(struct hv_vcpu *v, char *err, int err_len)
             uc_fail(err, err_len, "cannot map the hypervisor region", e);
             goto fail;
         }
-        if ((e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)bt_pv_on_syscall, b, 1, 0,
-                                UC_X86_INS_SYSCALL)) != UC_ERR_OK ||
+        /* syscall's hook as the library's one syscall callback where it has one
+         * (uc-5-syscall.patch): a hypercall then walks no list of hooks */
+        if ((bt_uc.syscall_callback ?
+             (e = bt_uc.syscall_callback(b->uc, bt_pv_on_syscall, b)) :
+             (e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)bt_pv_on_syscall, b, 1, 0,
+                                 UC_X86_INS_SYSCALL))) != UC_ERR_OK ||
             (e = bt_uc.hook_add(b->uc, &hh, UC_HOOK_INSN, (void *)bt_pv_on_sysenter, b, 1, 0,
                                 UC_X86_INS_SYSENTER)) != UC_ERR_OK) {
             uc_fail(err, err_len, "cannot add the syscall hooks", e);
@@ -1958,6 +1962,7 @@ static int bt_run(struct hv_vcpu *v, struct hv_stop *stop)
     hv_guest_lock(v->dom);
     bt_of(v)->run_thread = __builtin_thread_pointer();
     rc = bt_run_locked(v, stop);
+    v->tlb_page.gen = NULL;             /* TCG's TLB answers only inside a run */
     bt_of(v)->run_thread = NULL;
     hv_guest_unlock(v->dom);
     return rc;

@@ -165,6 +165,9 @@ struct bt_uc_api {
     const volatile uint64_t *(*tlb_gen)(uc_engine *uc);
     /* and where the vCPU keeps its GS base, in place (NULL: the API) */
     uint64_t *(*gs_base)(uc_engine *uc);
+    /* uc-5-syscall.patch's: the one callback for syscall, in place of a walk over
+     * every instruction hook (NULL: syscall's hook is one of them) */
+    uc_err (*syscall_callback)(uc_engine *uc, void (*cb)(uc_engine *, void *), void *user);
 };
 
 extern struct bt_uc_api bt_uc;
@@ -374,13 +377,10 @@ struct bt_vcpu {
 
     int twin;                       /* a kvm vCPU's twin (bt_twin.c): run until 64-bit code */
     void *run_thread;               /* inside bt_run: that thread's pointer, else NULL */
-    /* The last page bt_tlb_gpa found in TCG's TLB, while the TLB's flush count
-     * (tlb_gen) stays what it was then: a bounce frame and the iret frame after it
-     * are on the same page. */
+    /* TCG's TLB flush count (bt_uc.tlb_gen's, or NULL): the last page bt_tlb_gpa
+     * found holds while it stays (hv_vcpu.tlb_page) */
     const volatile uint64_t *tlb_gen;
     uint64_t *uc_gs_base;           /* bt_uc.gs_base's, or NULL */
-    uint64_t last_va_page, last_gpa_page, last_gen;
-    int last_writable;
     struct bt_twin_code *twin_code; /* ... and the code it translated, as it left it */
 
     struct bt_site *sites[BT_SITE_BUCKETS];

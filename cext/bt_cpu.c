@@ -211,11 +211,13 @@ mapped:
  * TLB kvm's flushes reach only when it next runs; and only on the thread running the
  * vCPU (bt_run), which alone may touch its Unicorn. The last page found is kept
  * for as long as the TLB is not flushed (tlb_gen): the same answer, without asking. */
-/* The TLB's answer (bt_tlb_gpa), kept as the last page found where it can be. */
+/* The TLB's answer (bt_tlb_gpa), kept as the vCPU's last page (hv_tlb_page) where it
+ * can be: a plain RAM page, for a read or write. */
 static __attribute__((noinline)) int tlb_lookup(struct bt_vcpu *b, uint64_t va, int access,
                                                 uint64_t *gpa)
 {
     struct hv_domain *d = b->v->dom;
+    struct hv_tlb_page *t = &b->v->tlb_page;
     uint8_t *host = bt_uc.tlb_host(b->uc, va, access == UC_MEM_WRITE ? 1 :
                                               access == UC_MEM_FETCH ? 2 : 0);
     uint64_t at;
@@ -224,10 +226,13 @@ static __attribute__((noinline)) int tlb_lookup(struct bt_vcpu *b, uint64_t va, 
         return -1;
     at = (uint64_t)(host - d->ram);
     if (b->tlb_gen && access != UC_MEM_FETCH) {
-        b->last_va_page = va & ~(HV_PAGE_SIZE - 1);
-        b->last_gpa_page = at & ~(HV_PAGE_SIZE - 1);
-        b->last_gen = *b->tlb_gen;
-        b->last_writable = access == UC_MEM_WRITE;
+        t->thread = b->run_thread;
+        t->va_page = va & ~(HV_PAGE_SIZE - 1);
+        t->gpa_page = at & ~(HV_PAGE_SIZE - 1);
+        t->at_gen = *b->tlb_gen;
+        t->writable = access == UC_MEM_WRITE &&
+                      !(t->gpa_page >= d->pt_pool_start && t->gpa_page < d->pt_pool_end);
+        t->gen = b->tlb_gen;            /* only the running thread uses it */
     }
     *gpa = at;
     return 0;
@@ -238,12 +243,8 @@ int bt_tlb_gpa(struct bt_vcpu *b, uint64_t va, int access, uint64_t *gpa)
     if (b->run_thread != __builtin_thread_pointer() || b->twin || !bt_uc.tlb_host ||
         b->v->dom->pv_model != HV_PV_XEN)
         return -1;
-    if (b->tlb_gen && (va & ~(HV_PAGE_SIZE - 1)) == b->last_va_page &&
-        *b->tlb_gen == b->last_gen &&
-        (access == UC_MEM_READ || (access == UC_MEM_WRITE && b->last_writable))) {
-        *gpa = b->last_gpa_page | (va & (HV_PAGE_SIZE - 1));
+    if (access != UC_MEM_FETCH && hv_tlb_page_hit(b->v, va, access == UC_MEM_WRITE, gpa))
         return 0;
-    }
     return tlb_lookup(b, va, access, gpa);
 }
 

@@ -83,6 +83,7 @@ int hv_bt_init(const char *library, char *err, int err_len)
     *(void **)&bt_uc.soft_int_in_place = dlsym(h, "uc_x86_soft_int_in_place");
     *(void **)&bt_uc.tlb_gen = dlsym(h, "uc_x86_tlb_gen");
     *(void **)&bt_uc.gs_base = dlsym(h, "uc_x86_gs_base");
+    *(void **)&bt_uc.syscall_callback = dlsym(h, "uc_x86_syscall_callback");
     if (!bt_uc.reg_write_batch_goto || !bt_uc.x86_regs || !bt_uc.go)
         bt_uc.reg_write_batch_goto = NULL, bt_uc.x86_regs = NULL, bt_uc.go = NULL;
     bt_uc_loaded = 1;

@@ -87,17 +87,29 @@ found:
 
 /* A buffer within one page that the engine's TLB holds (tlb_gpa) for the access:
  * where it is in RAM, else NULL (then walk). Most guest pointers are so: a bounce frame,
- * an iret frame, a hypercall's arguments, all just touched by the guest. */
-static uint8_t *in_tlb(struct hv_vcpu *v, uint64_t gva, uint64_t len, int write)
+ * an iret frame, a hypercall's arguments, all just touched by the guest. The engine's
+ * last page first (hv_tlb_page_hit): it was in RAM, and not a table if writable. */
+static uint8_t *tlb_lookup(struct hv_vcpu *v, uint64_t gva, uint64_t len, int write)
 {
     struct hv_domain *d = v->dom;
     uint64_t gpa;
 
-    if (!v->ops || !v->ops->tlb_gpa || !len || ((gva ^ (gva + len - 1)) >> HV_PAGE_SHIFT) ||
-        v->ops->tlb_gpa(v, gva, write, &gpa) < 0 || !hv_gpa_valid(d, gpa, len) ||
+    if (!v->ops || !v->ops->tlb_gpa || v->ops->tlb_gpa(v, gva, write, &gpa) < 0 ||
+        !hv_gpa_valid(d, gpa, len) ||
         (write && gpa >= d->pt_pool_start && gpa < d->pt_pool_end))
         return NULL;
     return d->ram + gpa;
+}
+
+static inline uint8_t *in_tlb(struct hv_vcpu *v, uint64_t gva, uint64_t len, int write)
+{
+    uint64_t gpa;
+
+    if (!len || ((gva ^ (gva + len - 1)) >> HV_PAGE_SHIFT))
+        return NULL;
+    if (hv_tlb_page_hit(v, gva, write, &gpa))
+        return v->dom->ram + gpa;
+    return tlb_lookup(v, gva, len, write);
 }
 
 /* Copy page by page: a buffer may straddle pages that map anywhere (or nowhere). */

@@ -62,6 +62,16 @@ struct hv_engine_ops {
     int  (*tlb_gpa)(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa);
 };
 
+/* The last page tlb_gpa found (the engine fills it): its answer for that page holds on
+ * the engine's running thread while the TLB's flush count stays at at_gen. A bounce
+ * frame and the iret frame after it are on one page (hv_tlb_page_hit). */
+struct hv_tlb_page {
+    const volatile uint64_t *gen;   /* the engine's flush count; NULL: nothing kept */
+    const void *thread;             /* the thread it holds on (__builtin_thread_pointer) */
+    uint64_t at_gen, va_page, gpa_page;
+    int writable;                   /* found for a write: a plain RAM page, not a table */
+};
+
 /* What a parked vCPU waits for (vcpu.c). */
 enum hv_wait {
     HV_WAIT_NONE,
@@ -299,6 +309,7 @@ struct hv_vcpu {
     struct xen_user_regs init_regs; /* VCPUOP_initialise's registers, for its first slice */
     uint64_t init_fs_base, init_gs_base;    /* ... and its active segment bases */
 
+    struct hv_tlb_page tlb_page;    /* the engine's last tlb_gpa answer */
     uint64_t vcpu_info_gpa;         /* HV_NO_PAGE: the slot in shared_info */
     struct pv_vcpu pv;              /* Xen PV CPU state (pv_traps.c); unused in ring-0 PV */
     uint64_t runstate_area;         /* guest virtual address of its runstate_info, 0: none */
@@ -317,6 +328,20 @@ struct hv_vcpu {
     int8_t   tsc_shift;
     uint32_t time_version;
 };
+
+/* The guest-physical address of va from the engine's last tlb_gpa page: 1 if it holds
+ * for this access here and now. Inline: a hypercall's guest accesses ask it first. */
+static inline int hv_tlb_page_hit(const struct hv_vcpu *v, uint64_t va, int write,
+                                  uint64_t *gpa)
+{
+    const struct hv_tlb_page *t = &v->tlb_page;
+
+    if (!t->gen || (va & ~(HV_PAGE_SIZE - 1)) != t->va_page || *t->gen != t->at_gen ||
+        (write && !t->writable) || t->thread != __builtin_thread_pointer())
+        return 0;
+    *gpa = t->gpa_page | (va & (HV_PAGE_SIZE - 1));
+    return 1;
+}
 
 /* ---- guest memory: the one door (guest_mem.c) ---- */
 int hv_gva_to_gpa(struct hv_vcpu *v, uint64_t gva, int write, uint64_t *gpa);
