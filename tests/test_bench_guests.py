@@ -71,3 +71,12 @@ def test_block_bench_guest_times_both_parts_with_its_own_clock(engine, tmp_path)
     assert all(0 < run[what] < 60 for what in ("read", "write")), run
     # the backend's thread, found by its name, served the run and says how
     assert 0 < run["backend_cpu_s"] < 60 and 0 <= run["backend_wait_s"] < 600, run
+
+
+def test_bench_pairs_each_round_with_its_own_bare_exit():
+    from hypervisor.bench import paired_ratio
+    # the machine slow in round 2 only: the rounds' ratios are 2, 2 and 2.6, their median
+    # 2; the ratio of the two medians (260 / 100) would be 2.6
+    assert paired_ratio([200.0, 400.0, 260.0], [100.0, 200.0, 100.0]) == 2.0
+    assert paired_ratio([200.0, 400.0, 900.0], [100.0, 100.0, 100.0]) == 4.0   # the median round
+    assert paired_ratio([200.0], [0.0]) is None       # no bare-exit time: no ratio
