@@ -97,7 +97,7 @@ def run_counted(image: bytes, engine: str | None) -> tuple[int, int, int]:
 
 def paired_ratio(times: list[float], bare: list[float]) -> float | None:
     """The median over rounds of a path's time over the bare exit's time in the same
-    round. This host's speed drifts by up to 2x over a second or so (the same bare-exit
+    round (None where no round left the bare exit any time: a short run's noise). This host's speed drifts by up to 2x over a second or so (the same bare-exit
     loop, sampled every 250 ms: 88-160 ns): two runs a few ms apart see the same
     machine, two medians taken over a whole run need not."""
     ratios = [t / b for t, b in zip(times, bare) if b > 0]
@@ -141,9 +141,9 @@ def pv_paths_table(r: dict) -> Table:
         for name, what, _ in PV_PATHS:
             if name not in e:
                 continue                # compat code, where the engine cannot run it
-            cpu_x = e[name]["cpu_x_bare_exit"]
+            x, cpu_x = e[name]["x_bare_exit"], e[name]["cpu_x_bare_exit"]
             table.add_row(engine, what, f"{e['iterations']:,}", f"{e[name]['exits']:g}",
-                          f"{e[name]['ns']:.1f}", f"{e[name]['x_bare_exit']:.3f}",
+                          f"{e[name]['ns']:.1f}", "-" if x is None else f"{x:.3f}",
                           f"{e[name]['cpu_ns']:.1f}", "-" if cpu_x is None else f"{cpu_x:.3f}",
                           style="bold" if name != "bare_exit" else None)
     return table
