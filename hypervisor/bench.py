@@ -67,19 +67,14 @@ def sampled(image: bytes, samples: int, engine: str | None) -> list[int]:
     return list(struct.unpack(f"<{samples}q", raw))
 
 
-# The PV CPU model's paths (pv_paths): name, what, guest of n iterations.
+# The PV CPU model's paths (pv_paths): name, what (short: a table column; the module's
+# docstring says more), guest of n iterations.
 PV_PATHS = (
-    ("bare_exit", "bare exit (`out`, port open in the TSS I/O bitmap)",
-     workloads.ring3_bare_exit_loop),
-    ("hypercall", "hypercall xen_version(XENVER_version)",
-     lambda n: workloads.hypercall_loop(n, xen_pv=True)),
-    ("exception_bounce", "#BP bounce to the trap table + iret",
-     workloads.exception_bounce_loop),
-    ("syscall_bounce", "user syscall bounce + iret (VGCF_in_syscall)",
-     workloads.syscall_bounce_loop),
-    ("compat_syscall_bounce", "compat-mode user syscall bounce + iret back into compat "
-     "code (kvm: compat code on the vCPU's Unicorn twin)",
-     xen_pv.compat_roundtrip_guest),
+    ("bare_exit", "bare exit (`out`)", workloads.ring3_bare_exit_loop),
+    ("hypercall", "hypercall (xen_version)", lambda n: workloads.hypercall_loop(n, xen_pv=True)),
+    ("exception_bounce", "#BP bounce + iret", workloads.exception_bounce_loop),
+    ("syscall_bounce", "user syscall bounce + iret", workloads.syscall_bounce_loop),
+    ("compat_syscall_bounce", "compat syscall bounce + iret", xen_pv.compat_roundtrip_guest),
 )
 
 
@@ -131,10 +126,12 @@ def pv_paths(iterations: int, engine: str | None, rounds: int = ROUNDS) -> dict:
 
 
 def pv_paths_table(r: dict) -> Table:
+    iterations = sorted({r[e]["iterations"] for e in r["engines"]})
     table = Table(title="Xen's PV CPU model, from ring 3: each path against a bare exit "
-                        "from ring 3 (same run, ns per iteration)")
-    for col in ("engine", "what", "iterations", "exits each", "ns each", "/ bare exit",
-                "CPU ns each", "CPU / bare exit"):
+                        "from ring 3 (same run, ns per iteration of "
+                        f"{' / '.join(f'{n:,}' for n in iterations)}; the median round)")
+    for col in ("engine", "what", "exits each", "ns each", "/ bare exit", "CPU ns each",
+                "CPU / bare exit"):
         table.add_column(col, justify="left" if col in ("engine", "what") else "right")
     for engine in r["engines"]:
         e = r[engine]
@@ -142,7 +139,7 @@ def pv_paths_table(r: dict) -> Table:
             if name not in e:
                 continue                # compat code, where the engine cannot run it
             x, cpu_x = e[name]["x_bare_exit"], e[name]["cpu_x_bare_exit"]
-            table.add_row(engine, what, f"{e['iterations']:,}", f"{e[name]['exits']:g}",
+            table.add_row(engine, what, f"{e[name]['exits']:g}",
                           f"{e[name]['ns']:.1f}", "-" if x is None else f"{x:.3f}",
                           f"{e[name]['cpu_ns']:.1f}", "-" if cpu_x is None else f"{cpu_x:.3f}",
                           style="bold" if name != "bare_exit" else None)
